@@ -1,0 +1,122 @@
+//! The one classification of upstream failures (DESIGN §5).
+//!
+//! Every failure of an attempt is put in exactly one [`ErrorClass`]; the retry
+//! and fallback machinery acts on the class only, never on raw statuses.
+
+use http::StatusCode;
+
+/// What the retry and fallback machinery may do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Try the same target again after backoff.
+    Retryable,
+    /// Skip to the next target in the route; retrying this one cannot help.
+    FallbackOnly,
+    /// Return to the client unchanged.
+    Fatal,
+}
+
+impl ErrorClass {
+    /// Lowercase name for events and metrics (`retryable`, `fallback_only`, `fatal`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retryable => "retryable",
+            Self::FallbackOnly => "fallback_only",
+            Self::Fatal => "fatal",
+        }
+    }
+}
+
+/// Why a non-success HTTP answer failed, read from the provider's error body.
+///
+/// Providers use the OpenAI error shape `{"error":{"code","type","message"}}`
+/// with varying codes; [`ErrorHint::from_body`] maps the known spellings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorHint {
+    /// The prompt does not fit the model's context window.
+    ContextTooLong,
+    /// The provider does not serve the requested model.
+    ModelNotFound,
+    /// The provider's content filter refused the request.
+    ContentFilter,
+    /// Nothing recognised.
+    None,
+}
+
+impl ErrorHint {
+    /// Reads the hint from an error body (any JSON or text; unknown shapes give `None`).
+    pub fn from_body(body: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+        if text.contains("context_length_exceeded")
+            || text.contains("maximum context length")
+            || text.contains("context window")
+            || text.contains("too many tokens")
+        {
+            Self::ContextTooLong
+        } else if text.contains("model_not_found")
+            || (text.contains("model") && text.contains("does not exist"))
+        {
+            Self::ModelNotFound
+        } else if text.contains("content_filter")
+            || text.contains("content_policy_violation")
+            || text.contains("content management policy")
+        {
+            Self::ContentFilter
+        } else {
+            Self::None
+        }
+    }
+}
+
+/// Classifies an upstream HTTP answer that was not a success.
+///
+/// Retryable: 408, 429, 500, 502, 503, 504. Fallback-only: context too long,
+/// model not found at that provider, content filter (whatever status carries
+/// them). Fatal: every other status, 400, 401, 403, 404 and 422 among them.
+pub fn classify_status(status: StatusCode, hint: ErrorHint) -> ErrorClass {
+    match hint {
+        ErrorHint::ContextTooLong | ErrorHint::ModelNotFound | ErrorHint::ContentFilter => {
+            return ErrorClass::FallbackOnly;
+        }
+        ErrorHint::None => {}
+    }
+    match status.as_u16() {
+        408 | 429 | 500 | 502 | 503 | 504 => ErrorClass::Retryable,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        let model_gone = br#"{"error":{"code":"model_not_found","message":"The model `x` does not exist"}}"#;
+        let too_long = br#"{"error":{"code":"context_length_exceeded","message":"maximum context length is 8192 tokens"}}"#;
+        let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
+        let plain = br#"{"error":{"message":"bad"}}"#;
+        let table: &[(u16, &[u8], ErrorClass)] = &[
+            (408, plain, ErrorClass::Retryable),
+            (429, plain, ErrorClass::Retryable),
+            (500, plain, ErrorClass::Retryable),
+            (502, b"<html>bad gateway</html>", ErrorClass::Retryable),
+            (503, b"", ErrorClass::Retryable),
+            (504, plain, ErrorClass::Retryable),
+            (400, too_long, ErrorClass::FallbackOnly),
+            (404, model_gone, ErrorClass::FallbackOnly),
+            (400, filtered, ErrorClass::FallbackOnly),
+            (400, plain, ErrorClass::Fatal),
+            (401, plain, ErrorClass::Fatal),
+            (403, plain, ErrorClass::Fatal),
+            (404, plain, ErrorClass::Fatal),
+            (422, plain, ErrorClass::Fatal),
+            (501, plain, ErrorClass::Fatal),
+        ];
+        for (status, body, want) in table {
+            let status = StatusCode::from_u16(*status).unwrap();
+            let got = classify_status(status, ErrorHint::from_body(body));
+            assert_eq!(got, *want, "status {status} body {}", String::from_utf8_lossy(body));
+        }
+    }
+}

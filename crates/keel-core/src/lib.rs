@@ -1,0 +1,10 @@
+//! keel's shared vocabulary: the event kinds of the log (DESIGN §6) and the
+//! single classification of upstream failures (DESIGN §5).
+//!
+//! This crate owns names and meanings only; it does no I/O.
+
+pub mod class;
+pub mod event;
+
+pub use class::ErrorClass;
+pub use event::{EventKind, NewEvent};
