@@ -1,1 +1,112 @@
-//! placeholder
+//! keel.toml: raw serde structs, loading, and validation into typed [`Settings`].
+//!
+//! Each table has a raw `XConfig` (`#[serde(deny_unknown_fields)]`, durations as humantime
+//! strings, defaults filled in) and a `validate()` that turns it into `XSettings` whose fields
+//! cannot be invalid. Validation collects every problem it finds; each becomes a
+//! [`ConfigError`] naming file, line and key:
+//!
+//! ```text
+//! keel.toml:23: routes.smart.retry.base: 20s is larger than cap 10s
+//! ```
+//!
+//! Parsing is a pure function of the text and an environment lookup (for `*_env` keys), so
+//! tests never touch the process environment. This crate does not open listeners, stores or
+//! connections, and does not compile tool rules.
+//!
+//! ```
+//! let text = r#"
+//! [providers.openai]
+//! kind = "openai"
+//! base_url = "https://api.openai.com/v1"
+//! api_key_env = "OPENAI_API_KEY"
+//!
+//! [routes.smart]
+//! targets = [{ provider = "openai", model = "gpt-5" }]
+//! "#;
+//! let env = |name: &str| (name == "OPENAI_API_KEY").then(|| "sk-test".to_owned());
+//! let settings = keel_config::parse(text, "keel.toml", &env)?;
+//! assert_eq!(settings.routes["smart"].targets[0].model, "gpt-5");
+//! # Ok::<(), keel_config::ConfigErrors>(())
+//! ```
+
+mod agent;
+mod breaker;
+mod duration;
+mod error;
+mod locate;
+mod provider;
+mod route;
+mod secret;
+mod server;
+mod settings;
+mod tool;
+
+use std::path::Path;
+
+pub use agent::{AgentConfig, AgentSettings, BudgetConfig, BudgetSettings};
+pub use breaker::{BreakerConfig, DEFAULT_BREAKER, WindowKind};
+pub use error::{ConfigError, ConfigErrors, Invalid, KeyPath, Segment};
+pub use provider::{ProviderConfig, ProviderKind, ProviderSettings};
+pub use route::{
+    RetryConfig, RetrySettings, RouteConfig, RouteSettings, TargetConfig, TargetSettings,
+    TimeoutConfig, TimeoutSettings,
+};
+pub use secret::Secret;
+pub use server::{
+    DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE_URL, Durability,
+    ServerConfig, ServerSettings, StoreBackend, StoreConfig, StoreSettings,
+};
+pub use settings::{KeelConfig, Settings};
+pub use tool::{
+    ProfileAction, ProfileConfig, ProfileSettings, ToolConfig, ToolEndpoint, ToolSettings,
+};
+
+use crate::locate::Locator;
+
+/// Reads and validates the config file at `path`; `*_env` keys are looked up with `env`.
+///
+/// Errors name the file as given in `path`; an unreadable file is one error without a line.
+pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: None,
+        key: String::new(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    parse(&text, &file, env)
+}
+
+/// Parses and validates config `text`, naming `file` in errors; `*_env` keys are looked up
+/// with `env`. Pure: no file or process-environment access.
+///
+/// A TOML syntax error or a serde error (unknown key, wrong type, bad duration) stops at the
+/// first; validation errors are all reported, in file order.
+pub fn parse(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigErrors> {
+    let locator = Locator::new(text);
+    let config: KeelConfig =
+        toml::from_str(text).map_err(|e| ConfigErrors::from(locator.place_toml_error(file, &e)))?;
+    config.validate(env).map_err(|problems| {
+        let mut errors: Vec<ConfigError> = problems
+            .into_iter()
+            .map(|invalid| locator.place(file, invalid))
+            .collect();
+        // Stable: problems on one line keep the order validation found them in.
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        ConfigErrors(errors)
+    })
+}
+
+/// The settings of `keel serve` without `--config`: listen on [`DEFAULT_LISTEN`], SQLite at
+/// `keel-data/keel.db` with fsync durability, [`DEFAULT_BREAKER`], no admin token, no
+/// providers, routes, agents or tools. The same as parsing an empty file.
+pub fn embedded_default() -> Settings {
+    Settings::default()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,140 @@
-//! placeholder
+//! keel's OpenAI-compatible gateway.
+//!
+//! A client's `model` names a *route*; a route is an ordered chain of *targets*
+//! (provider + model). [`Gateway::build`] turns validated settings into live
+//! routes, providers, breakers and budgets; [`router`] serves them over HTTP.
+//! The policies themselves are pure state machines from `keel-policy`; this
+//! crate does the I/O around them ([`route`]) and records events and metrics.
+
+pub mod agents;
+pub mod error;
+mod http;
+pub mod metrics;
+pub mod provider;
+pub mod route;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use keel_config::{ProviderKind, Settings};
+use keel_policy::Clock;
+use keel_policy::breaker::Breaker;
+use keel_policy::clock::SystemClock;
+use keel_store::EventStore;
+use parking_lot::Mutex;
+use tokio_util::task::TaskTracker;
+
+pub use http::router;
+
+use crate::agents::Agents;
+use crate::metrics::{Metrics, TargetLabel};
+use crate::provider::Provider;
+use crate::provider::openai::OpenAiProvider;
+use crate::route::{Route, Target};
+
+/// Everything the gateway needs at run time, built once from settings.
+pub struct Gateway {
+    routes: BTreeMap<String, Route>,
+    agents: Agents,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn EventStore>,
+    clock: Arc<dyn Clock>,
+    tasks: TaskTracker,
+    max_body_bytes: usize,
+}
+
+/// Why the gateway could not be built from settings.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A provider's client could not be constructed.
+    #[error("{0}")]
+    Provider(String),
+    /// A provider kind this build does not support yet.
+    #[error("providers.{name}.kind: provider kind {kind:?} is not supported yet")]
+    UnsupportedKind {
+        /// Provider name.
+        name: String,
+        /// The kind.
+        kind: &'static str,
+    },
+}
+
+impl Gateway {
+    /// Builds routes, provider clients, breakers and budgets from `settings`.
+    ///
+    /// Targets with the same `provider/model` share one breaker across routes; its
+    /// settings are those of the first route (in name order) that uses the target.
+    /// `tasks` tracks background work (stream pumps) so shutdown can wait for it.
+    pub fn build(
+        settings: &Settings,
+        store: Arc<dyn EventStore>,
+        tasks: TaskTracker,
+    ) -> Result<Self, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        for (name, p) in &settings.providers {
+            // The connect timeout is a client setting: use the tightest of the
+            // routes that reach this provider.
+            let connect = settings
+                .routes
+                .values()
+                .filter(|r| r.targets.iter().any(|t| &t.provider == name))
+                .map(|r| r.timeouts.connect)
+                .min()
+                .unwrap_or(std::time::Duration::from_secs(2));
+            let provider: Arc<dyn Provider> = match p.kind {
+                ProviderKind::OpenAi => {
+                    Arc::new(OpenAiProvider::try_new(p, connect).map_err(BuildError::Provider)?)
+                }
+                ProviderKind::Anthropic => {
+                    return Err(BuildError::UnsupportedKind { name: name.clone(), kind: "anthropic" });
+                }
+            };
+            providers.insert(name.clone(), provider);
+        }
+        let mut targets: HashMap<String, Arc<Target>> = HashMap::new();
+        let mut routes = BTreeMap::new();
+        for (name, r) in &settings.routes {
+            let mut chain = Vec::with_capacity(r.targets.len());
+            for t in &r.targets {
+                let id = format!("{}/{}", t.provider, t.model);
+                let Some(provider) = providers.get(&t.provider) else {
+                    return Err(BuildError::Provider(format!(
+                        "routes.{name}.targets: unknown provider {:?}",
+                        t.provider
+                    )));
+                };
+                let target = targets.entry(id.clone()).or_insert_with(|| {
+                    metrics.breaker_state.get_or_create(&TargetLabel { target: id.clone() }).set(0);
+                    Arc::new(Target {
+                        id: id.clone(),
+                        model: t.model.clone(),
+                        provider: Arc::clone(provider),
+                        breaker: Arc::new(Mutex::new(Breaker::new(r.breaker))),
+                    })
+                });
+                chain.push(Arc::clone(target));
+            }
+            routes.insert(name.clone(), Route::new(r, chain));
+        }
+        Ok(Self {
+            routes,
+            agents: Agents::new(settings.agents.values()),
+            metrics,
+            store,
+            clock: Arc::new(SystemClock::new()),
+            tasks,
+            max_body_bytes: settings.server.max_body_bytes,
+        })
+    }
+
+    /// Route names, in order.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}

@@ -1,1 +1,44 @@
-//! placeholder
+//! A simulated OpenAI-compatible model server with scriptable fault injection.
+//!
+//! keel's tests and benchmarks talk to it over real loopback HTTP, as to an outside
+//! provider: it depends on no keel crate. Without faults it answers deterministically:
+//!
+//! - `POST /v1/chat/completions`: `"sim reply to: <last user message>"`, a tool call of the
+//!   first offered tool (arguments built from its schema's required properties) when the
+//!   last message is the user's, `"sim saw tool result: ..."` after a tool message, a JSON
+//!   object for `response_format` `json_object` / `json_schema`; `stream: true` answers in
+//!   OpenAI's SSE shape, with a usage chunk when `stream_options.include_usage` is set.
+//! - `POST /v1/embeddings`: unit vectors of 8 floats hashed from each input.
+//! - `GET /v1/models`: the models seen, plus `sim-model`.
+//!
+//! Faults ([`Fault`]) are queued per model with [`SimHandle::script`] or made sticky with
+//! [`SimHandle::set_always`]; the same control surface is served over HTTP for other
+//! processes: `POST /_sim/script {"model", "faults": [..]}`,
+//! `POST /_sim/always {"model", "fault": {..} | null}`, `GET /_sim/calls` →
+//! `{"calls": {"model": n}}`, `POST /_sim/reset`. The model `"*"` matches every model; a
+//! model's own entry wins.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use keel_sim::{Fault, SimServer};
+//! let sim = SimServer::start("127.0.0.1:0".parse().unwrap()).await?;
+//! sim.script("gpt-x", vec![Fault::status(503).with_retry_after("1")]);
+//! // ... point a client at sim.base_url(): its first call gets 503, the next succeeds.
+//! assert_eq!(sim.calls("gpt-x"), 0);
+//! sim.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod chat;
+mod embeddings;
+mod fault;
+mod routes;
+mod server;
+mod state;
+
+pub use fault::{DEFAULT_STALL, Fault};
+pub use server::{SimHandle, SimServer};
+pub use state::WILDCARD;
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,156 @@
-//! placeholder
+//! keel's append-only, hash-chained event log (DESIGN §6).
+//!
+//! The log is the truth: task state is derived from it. This crate owns the
+//! [`EventStore`] trait, the embedded SQLite implementation ([`SqliteStore`]),
+//! the hash chain ([`chain`]) and a conformance suite every implementation must
+//! pass (`conformance`, with the `conformance` feature). It does not know what
+//! events mean; that belongs to the gateway and the supervisor.
+//!
+//! One chain covers the whole log: `seq` is global and starts at 1, and each
+//! event's `hash` covers its content and the previous event's hash (layout in
+//! [`chain`]). `keel audit verify` is [`EventStore::verify`].
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub mod chain;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+mod error;
+mod sqlite;
+
+pub use chain::GENESIS_HASH;
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+/// One event of the log, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log: global, from 1, without gaps.
+    pub seq: u64,
+    /// Task the event belongs to, when it was attributed to one.
+    pub task_id: Option<String>,
+    /// When the store committed the event: RFC 3339 UTC with milliseconds
+    /// (`2026-11-23T13:00:00.123Z`). Never goes backwards along `seq`.
+    pub at: String,
+    /// The same instant as `at`, in Unix milliseconds.
+    pub at_ms: i64,
+    /// Event kind name, one of DESIGN §6 (`llm_call`).
+    pub kind: String,
+    /// Facts of the event, with object keys in canonical (sorted) order.
+    pub data: serde_json::Value,
+    /// `hash` of the event at `seq - 1`, or [`GENESIS_HASH`] for `seq` 1.
+    pub prev_hash: String,
+    /// Lowercase hex SHA-256 over this event (layout in [`chain`]).
+    pub hash: String,
+}
+
+impl Event {
+    /// Recomputes this event's hash from its content; equals `hash` when intact.
+    pub fn compute_hash(&self) -> String {
+        let data = chain::canonical_json(&self.data);
+        chain::HashInput {
+            prev_hash: &self.prev_hash,
+            seq: self.seq,
+            task_id: self.task_id.as_deref(),
+            at: &self.at,
+            at_ms: self.at_ms,
+            kind: &self.kind,
+            data: &data,
+        }
+        .hash()
+    }
+}
+
+/// Which events [`EventStore::events`] returns. Every filter given must match;
+/// the default returns the whole log.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only events of this task.
+    pub task_id: Option<String>,
+    /// Only events of this kind (`llm_call`).
+    pub kind: Option<String>,
+    /// Only events with `seq` strictly greater than this.
+    pub after_seq: Option<u64>,
+    /// At most this many events (the lowest `seq`s that match).
+    pub limit: Option<usize>,
+}
+
+/// When an append counts as done.
+///
+/// Both survive `kill -9` of the process once acknowledged: the commit is in the
+/// OS's page cache. They differ on power loss or an OS crash.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge after the commit is synced to disk (SQLite `synchronous=FULL`).
+    /// Survives power loss.
+    #[default]
+    Fsync,
+    /// Acknowledge after the commit is written to the OS (SQLite WAL with
+    /// `synchronous=NORMAL`). A power loss may drop the newest commits, never
+    /// corrupt the log.
+    Relaxed,
+}
+
+/// What [`EventStore::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// Every link holds.
+    Intact {
+        /// Number of events checked.
+        events: u64,
+    },
+    /// The first event whose link does not hold.
+    Broken {
+        /// Its `seq` (for a gap: the `seq` found where another was expected).
+        seq: u64,
+        /// Why, in lowercase words.
+        reason: String,
+    },
+}
+
+/// An append-only, hash-chained event log.
+///
+/// Implementations must pass the conformance suite (`conformance::run_all`).
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` in order, as one atomic unit, and returns them as stored.
+    ///
+    /// Assigns `seq`, `at`, `prev_hash` and `hash`. Returns once the events are
+    /// durable per the store's [`Durability`]; concurrent appends may share one
+    /// commit. Events of one call get consecutive `seq`s. An empty `events`
+    /// returns an empty list without writing. If the future is dropped after the
+    /// request reached the store, the events may still be written.
+    async fn append(&self, events: Vec<keel_core::NewEvent>) -> Result<Vec<Event>, StoreError>;
+
+    /// The events matching `query`, in ascending `seq`.
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Recomputes the whole chain in `seq` order and names the first broken link.
+    ///
+    /// An error means the log could not be read, not that it is broken.
+    async fn verify(&self) -> Result<Verify, StoreError>;
+
+    /// Succeeds when the store can read and its writer is running (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<S: EventStore + ?Sized> EventStore for Arc<S> {
+    async fn append(&self, events: Vec<keel_core::NewEvent>) -> Result<Vec<Event>, StoreError> {
+        (**self).append(events).await
+    }
+
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
+        (**self).events(query).await
+    }
+
+    async fn verify(&self) -> Result<Verify, StoreError> {
+        (**self).verify().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        (**self).ping().await
+    }
+}

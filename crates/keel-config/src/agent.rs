@@ -1,0 +1,144 @@
+//! `[agents.NAME]`: who may call keel, with which keys, and the limits of their tasks.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration;
+use crate::error::{Invalid, KeyPath, Problems};
+use crate::route::{DEFAULT_MAX_ATTEMPTS, at_least_one};
+use crate::secret::{self, Secret};
+
+/// `[agents.NAME]` as written in keel.toml. Nothing here is trusted yet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Environment variables that each hold one key of this agent.
+    #[serde(default)]
+    pub keys_env: Vec<String>,
+    /// `budget = { ... }`.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+    /// Steps a task may take.
+    #[serde(default)]
+    pub max_steps: Option<u32>,
+    /// Wall-clock limit of a task.
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub task_timeout: Option<Duration>,
+    /// Attempts of a task before it goes to the dead-letter queue.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS.get()
+}
+
+/// `budget = { ... }` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Tokens (prompt + completion) per rolling hour.
+    #[serde(default)]
+    pub tokens_per_hour: Option<u64>,
+    /// Spend in US dollars per rolling day.
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+}
+
+/// A validated agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSettings {
+    /// The table name, `NAME` in `[agents.NAME]`.
+    pub name: String,
+    /// Bearer keys that identify this agent; no two agents share a key.
+    pub keys: Vec<Secret>,
+    /// Spending limits; `None` fields are unlimited.
+    pub budget: BudgetSettings,
+    /// Steps a task may take (at least 1); `None` is unlimited.
+    pub max_steps: Option<u32>,
+    /// Wall-clock limit of a task (longer than 0); `None` is unlimited.
+    pub task_timeout: Option<Duration>,
+    /// Attempts of a task before it goes to the dead-letter queue (default 3).
+    pub max_attempts: NonZeroU32,
+}
+
+/// Validated spending limits of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BudgetSettings {
+    /// Tokens per rolling hour, at least 1; `None` is unlimited.
+    pub tokens_per_hour: Option<u64>,
+    /// US dollars per rolling day, finite and greater than 0; `None` is unlimited.
+    pub usd_per_day: Option<f64>,
+}
+
+impl AgentConfig {
+    /// Checks every rule and reads the keys from `env`.
+    pub fn validate(
+        self,
+        name: &str,
+        at: &KeyPath,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<AgentSettings, Vec<Invalid>> {
+        let mut problems = Problems::default();
+        let keys: Vec<Option<Secret>> = self
+            .keys_env
+            .iter()
+            .enumerate()
+            .map(|(i, var)| {
+                problems.one(secret::from_env(var, &at.child("keys_env").index(i), env))
+            })
+            .collect();
+        let budget = problems.take(self.budget.validate(&at.child("budget")));
+        if self.max_steps == Some(0) {
+            problems.push(
+                at.child("max_steps")
+                    .invalid("must be at least 1; leave it out for no limit"),
+            );
+        }
+        if self.task_timeout.is_some_and(|t| t.is_zero()) {
+            problems.push(
+                at.child("task_timeout")
+                    .invalid("must be longer than 0s; leave it out for no limit"),
+            );
+        }
+        let max_attempts = problems.one(at_least_one(self.max_attempts, &at.child("max_attempts")));
+        problems.finish(at, || {
+            Some(AgentSettings {
+                name: name.to_owned(),
+                keys: keys.into_iter().collect::<Option<Vec<_>>>()?,
+                budget: budget?,
+                max_steps: self.max_steps,
+                task_timeout: self.task_timeout,
+                max_attempts: max_attempts?,
+            })
+        })
+    }
+}
+
+impl BudgetConfig {
+    /// Checks that every limit given can be met by some spend.
+    pub fn validate(self, at: &KeyPath) -> Result<BudgetSettings, Vec<Invalid>> {
+        let mut problems = Problems::default();
+        if self.tokens_per_hour == Some(0) {
+            problems.push(
+                at.child("tokens_per_hour")
+                    .invalid("must be at least 1; leave it out for no limit"),
+            );
+        }
+        if let Some(usd) = self.usd_per_day
+            && !(usd.is_finite() && usd > 0.0)
+        {
+            problems.push(at.child("usd_per_day").invalid(format!(
+                "{usd} is not a positive amount; leave it out for no limit"
+            )));
+        }
+        problems.finish(at, || {
+            Some(BudgetSettings {
+                tokens_per_hour: self.tokens_per_hour,
+                usd_per_day: self.usd_per_day,
+            })
+        })
+    }
+}

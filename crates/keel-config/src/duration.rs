@@ -1,0 +1,56 @@
+//! Durations in keel.toml: strings like `"250ms"`, `"30s"`, `"10m"` (humantime syntax).
+//!
+//! A serde helper rather than `humantime_serde` so that a bad value says what is wrong with
+//! it and how to write it, not only "expected a duration".
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserializer;
+use serde::de::{Error, Visitor};
+
+/// Deserializes a required duration string.
+pub(crate) fn required<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    deserializer.deserialize_str(DurationVisitor)
+}
+
+/// Deserializes an optional duration string; use with `#[serde(default)]`.
+pub(crate) fn optional<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    required(deserializer).map(Some)
+}
+
+/// Renders a duration the way it is written in keel.toml (`200ms`, `1m 30s`).
+pub(crate) fn show(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"a duration string like "250ms", "30s" or "10m""#)
+    }
+
+    fn visit_str<E: Error>(self, text: &str) -> Result<Duration, E> {
+        humantime::parse_duration(text).map_err(|e| {
+            E::custom(format!(
+                r#"invalid duration {text:?}: {e}; write durations like "250ms", "30s" or "10m""#
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shows_durations_as_written() {
+        assert_eq!(show(Duration::from_millis(200)), "200ms");
+        assert_eq!(show(Duration::from_secs(90)), "1m 30s");
+    }
+}

@@ -1,0 +1,147 @@
+//! `[providers.NAME]`: upstream model APIs that route targets point at.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::error::{Invalid, KeyPath, Problems};
+use crate::secret::{self, Secret};
+
+/// The wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible API (OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp, ...).
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic's Messages API.
+    #[serde(rename = "anthropic")]
+    Anthropic,
+}
+
+/// `[providers.NAME]` as written in keel.toml. Nothing here is trusted yet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// `"openai"` or `"anthropic"`.
+    pub kind: ProviderKind,
+    /// Base URL, like `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the API key; none for keyless local servers.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Extra headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Extra query parameters sent with every request (Azure's `api-version`).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+}
+
+/// A validated provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderSettings {
+    /// The table name, `NAME` in `[providers.NAME]`.
+    pub name: String,
+    /// The wire protocol.
+    pub kind: ProviderKind,
+    /// `http(s)://` base URL without trailing `/`.
+    pub base_url: String,
+    /// The API key, read from the environment.
+    pub api_key: Option<Secret>,
+    /// Extra headers, sorted by name; names are valid HTTP tokens, values have no control
+    /// characters.
+    pub headers: Vec<(String, String)>,
+    /// Extra query parameters, sorted by name; names are non-empty.
+    pub query: Vec<(String, String)>,
+}
+
+impl ProviderConfig {
+    /// Checks every rule and reads the API key from `env`.
+    pub fn validate(
+        self,
+        name: &str,
+        at: &KeyPath,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ProviderSettings, Vec<Invalid>> {
+        let mut problems = Problems::default();
+        let base_url = problems.one(check_http_url(&self.base_url, &at.child("base_url")));
+        let api_key = match &self.api_key_env {
+            Some(var) => problems
+                .one(secret::from_env(var, &at.child("api_key_env"), env))
+                .map(Some),
+            None => Some(None),
+        };
+        for (header, value) in &self.headers {
+            let key = at.child("headers").child(header);
+            if !is_token(header) {
+                problems.push(key.invalid(format!("{header:?} is not a valid header name")));
+            } else if value.chars().any(|c| c.is_control() && c != '\t') {
+                problems.push(key.invalid("header value must not contain control characters"));
+            }
+        }
+        if self.query.contains_key("") {
+            problems.push(
+                at.child("query")
+                    .child("")
+                    .invalid("query parameter name is empty"),
+            );
+        }
+        problems.finish(at, || {
+            Some(ProviderSettings {
+                name: name.to_owned(),
+                kind: self.kind,
+                base_url: base_url?,
+                api_key: api_key?,
+                headers: self.headers.into_iter().collect(),
+                query: self.query.into_iter().collect(),
+            })
+        })
+    }
+}
+
+/// Checks an `http(s)://host...` URL and returns it without trailing slashes.
+pub(crate) fn check_http_url(url: &str, at: &KeyPath) -> Result<String, Invalid> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
+            Ok(url.trim_end_matches('/').to_owned())
+        }
+        _ => Err(at.invalid(format!(
+            "{url:?} is not an http(s) URL; write it like \"https://api.openai.com/v1\""
+        ))),
+    }
+}
+
+/// RFC 9110 token: the characters allowed in a header name.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_url_loses_trailing_slashes() {
+        let at = KeyPath::root();
+        assert_eq!(
+            check_http_url("http://127.0.0.1:8000/v1//", &at),
+            Ok("http://127.0.0.1:8000/v1".into())
+        );
+        assert!(check_http_url("api.openai.com/v1", &at).is_err());
+        assert!(check_http_url("https://", &at).is_err());
+    }
+
+    #[test]
+    fn header_names_are_tokens() {
+        assert!(is_token("x-foo"));
+        assert!(is_token("api-key"));
+        assert!(!is_token("x foo"));
+        assert!(!is_token(""));
+    }
+}

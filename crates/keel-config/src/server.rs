@@ -1,0 +1,273 @@
+//! `[server]` (listen address, admin token, body limit) and `[store]` (event store backend).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::error::{Invalid, KeyPath, Problems};
+use crate::secret::{self, Secret};
+
+/// The address `keel serve` listens on when no config says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8420";
+
+/// [`DEFAULT_LISTEN`] as a socket address.
+pub const DEFAULT_LISTEN_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8420));
+
+/// Default limit on a request body: 4 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The store used when no config says otherwise.
+pub const DEFAULT_STORE_URL: &str = "sqlite://keel-data/keel.db";
+
+// === server ===
+
+/// `[server]` as written in keel.toml. Nothing here is trusted yet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `IP:PORT` to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Environment variable holding the admin API bearer token.
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_token_env: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_owned()
+}
+
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Address of the HTTP listener (gateway, task API, admin API, metrics, UI).
+    pub listen: SocketAddr,
+    /// Bearer token for the admin API; `None` leaves it open (loopback setups).
+    pub admin_token: Option<Secret>,
+    /// Largest accepted request body in bytes; at least 1.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN_ADDR,
+            admin_token: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks every rule and reads the admin token from `env`.
+    pub fn validate(
+        self,
+        at: &KeyPath,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ServerSettings, Vec<Invalid>> {
+        let mut problems = Problems::default();
+        let listen = problems.one(self.listen.parse::<SocketAddr>().map_err(|_| {
+            at.child("listen").invalid(format!(
+                "{:?} is not a socket address; write IP:PORT, like \"{DEFAULT_LISTEN}\"",
+                self.listen
+            ))
+        }));
+        let admin_token = match &self.admin_token_env {
+            Some(var) => problems
+                .one(secret::from_env(var, &at.child("admin_token_env"), env))
+                .map(Some),
+            None => Some(None),
+        };
+        if self.max_body_bytes == 0 {
+            problems.push(at.child("max_body_bytes").invalid("must be at least 1"));
+        }
+        problems.finish(at, || {
+            Some(ServerSettings {
+                listen: listen?,
+                admin_token: admin_token?,
+                max_body_bytes: self.max_body_bytes,
+            })
+        })
+    }
+}
+
+// === store ===
+
+/// How hard the store works to keep an acknowledged event across a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// An acknowledged event is on disk (SQLite `synchronous=FULL`; PostgreSQL
+    /// `synchronous_commit=on`): it survives `kill -9` and power loss.
+    #[default]
+    Fsync,
+    /// Faster; an acknowledged event survives `kill -9` of keel but may be lost on power
+    /// loss (SQLite WAL with `synchronous=NORMAL`; PostgreSQL `synchronous_commit=off`).
+    Relaxed,
+}
+
+/// `[store]` as written in keel.toml. Nothing here is trusted yet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://relative/path.db`, `sqlite:///absolute/path.db` or `postgres://...`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+    /// `"fsync"` (default) or `"relaxed"`.
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: default_store_url(),
+            durability: Durability::default(),
+        }
+    }
+}
+
+fn default_store_url() -> String {
+    DEFAULT_STORE_URL.to_owned()
+}
+
+/// Which database holds the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// A SQLite file; a relative path is relative to the working directory.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A PostgreSQL database, for several keel nodes sharing one log.
+    Postgres {
+        /// The connection URL as written (`postgres://user@host/db`); it may hold a password.
+        url: String,
+    },
+}
+
+/// Validated `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// The database.
+    pub backend: StoreBackend,
+    /// The durability of an acknowledged append.
+    pub durability: Durability,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sqlite {
+                path: PathBuf::from("keel-data/keel.db"),
+            },
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks the URL and returns the backend it names.
+    pub fn validate(self, at: &KeyPath) -> Result<StoreSettings, Vec<Invalid>> {
+        let backend =
+            parse_store_url(&self.url).map_err(|message| vec![at.child("url").invalid(message)])?;
+        Ok(StoreSettings {
+            backend,
+            durability: self.durability,
+        })
+    }
+}
+
+/// Parses a store URL. The message never repeats the URL past its scheme: it may hold a
+/// password.
+fn parse_store_url(url: &str) -> Result<StoreBackend, String> {
+    let usage = "use \"sqlite://PATH\" or \"postgres://USER@HOST/DB\"";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("not a store url; {usage}"));
+    };
+    match scheme {
+        "sqlite" if rest.is_empty() => Err(format!("the sqlite url has no path; {usage}")),
+        "sqlite" => Ok(StoreBackend::Sqlite {
+            path: PathBuf::from(rest),
+        }),
+        "postgres" | "postgresql" => Ok(StoreBackend::Postgres {
+            url: url.to_owned(),
+        }),
+        other => Err(format!("unsupported store url scheme {other:?}; {usage}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_listen_constants_agree() {
+        assert_eq!(
+            DEFAULT_LISTEN.parse::<SocketAddr>().ok(),
+            Some(DEFAULT_LISTEN_ADDR)
+        );
+    }
+
+    #[test]
+    fn sqlite_urls_give_relative_and_absolute_paths() {
+        assert_eq!(
+            parse_store_url("sqlite://keel-data/keel.db"),
+            Ok(StoreBackend::Sqlite {
+                path: "keel-data/keel.db".into()
+            })
+        );
+        assert_eq!(
+            parse_store_url("sqlite:///var/lib/keel/keel.db"),
+            Ok(StoreBackend::Sqlite {
+                path: "/var/lib/keel/keel.db".into()
+            })
+        );
+    }
+
+    #[test]
+    fn postgres_url_is_kept_whole() {
+        for url in [
+            "postgres://keel@db/keel",
+            "postgresql://keel:pw@db:5432/keel",
+        ] {
+            assert_eq!(
+                parse_store_url(url),
+                Ok(StoreBackend::Postgres { url: url.into() })
+            );
+        }
+    }
+
+    #[test]
+    fn bad_store_urls_do_not_echo_credentials() {
+        let err = parse_store_url("mysql://root:hunter2@db/keel")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("unsupported store url scheme \"mysql\""),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"));
+        assert!(parse_store_url("keel.db").is_err());
+        assert!(parse_store_url("sqlite://").is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! The whole of keel.toml: the raw top-level table and the validated [`Settings`], plus the
+//! rules that span tables (targets name providers, agents do not share keys).
+
+use std::collections::BTreeMap;
+
+use keel_policy::breaker::BreakerSettings;
+use serde::Deserialize;
+
+use crate::agent::{AgentConfig, AgentSettings};
+use crate::breaker::{BreakerConfig, DEFAULT_BREAKER};
+use crate::error::{Invalid, KeyPath, Problems};
+use crate::provider::{ProviderConfig, ProviderSettings};
+use crate::route::{RouteConfig, RouteSettings};
+use crate::secret::Secret;
+use crate::server::{ServerConfig, ServerSettings, StoreConfig, StoreSettings};
+use crate::tool::{ToolConfig, ToolSettings};
+
+/// keel.toml as written. Every table is optional. Nothing here is trusted yet.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeelConfig {
+    /// `[server]`.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[store]`.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// `[providers.NAME]`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// `[routes.NAME]`.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// `[breaker]`.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// `[agents.NAME]`.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// `[tools.NAME]`.
+    #[serde(default)]
+    pub tools: BTreeMap<String, ToolConfig>,
+}
+
+/// A validated keel.toml: every field is usable without further checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[store]`.
+    pub store: StoreSettings,
+    /// `[providers.NAME]`, by name.
+    pub providers: BTreeMap<String, ProviderSettings>,
+    /// `[routes.NAME]`, by name (what clients send as `model`). Every target's provider is a
+    /// key of `providers`.
+    pub routes: BTreeMap<String, RouteSettings>,
+    /// `[breaker]`: the breaker of every target whose route does not override it.
+    pub breaker: BreakerSettings,
+    /// `[agents.NAME]`, by name.
+    pub agents: BTreeMap<String, AgentSettings>,
+    /// `[tools.NAME]`, by name.
+    pub tools: BTreeMap<String, ToolSettings>,
+}
+
+impl Default for Settings {
+    /// What `keel serve` runs with when given no config; see [`crate::embedded_default`].
+    fn default() -> Self {
+        Self {
+            server: ServerSettings::default(),
+            store: StoreSettings::default(),
+            providers: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            breaker: DEFAULT_BREAKER,
+            agents: BTreeMap::new(),
+            tools: BTreeMap::new(),
+        }
+    }
+}
+
+impl KeelConfig {
+    /// Checks every rule of every table, reading secrets through `env`, and returns every
+    /// problem found, not only the first.
+    pub fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Vec<Invalid>> {
+        let root = KeyPath::root();
+        let mut problems = Problems::default();
+        let server = problems.take(self.server.validate(&root.child("server"), env));
+        let store = problems.take(self.store.validate(&root.child("store")));
+
+        // Routes are checked against the provider names as written, so that a provider with
+        // its own problem (say, a missing API key) does not also make every route using it fail.
+        let provider_names: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        let breaker = problems
+            .take(
+                self.breaker
+                    .validate(&root.child("breaker"), &DEFAULT_BREAKER),
+            )
+            .unwrap_or(DEFAULT_BREAKER);
+        let mut routes = BTreeMap::new();
+        for (name, route) in self.routes {
+            let at = root.child("routes").child(&name);
+            if let Some(route) =
+                problems.take(route.validate(&name, &at, &provider_names, &breaker))
+            {
+                routes.insert(name, route);
+            }
+        }
+        let mut providers = BTreeMap::new();
+        for (name, provider) in self.providers {
+            let at = root.child("providers").child(&name);
+            if let Some(provider) = problems.take(provider.validate(&name, &at, env)) {
+                providers.insert(name, provider);
+            }
+        }
+
+        let key_vars: BTreeMap<String, Vec<String>> = self
+            .agents
+            .iter()
+            .map(|(name, agent)| (name.clone(), agent.keys_env.clone()))
+            .collect();
+        let mut agents = BTreeMap::new();
+        for (name, agent) in self.agents {
+            let at = root.child("agents").child(&name);
+            if let Some(agent) = problems.take(agent.validate(&name, &at, env)) {
+                agents.insert(name, agent);
+            }
+        }
+        check_shared_keys(&agents, &key_vars, &mut problems);
+
+        let mut tools = BTreeMap::new();
+        for (name, tool) in self.tools {
+            let at = root.child("tools").child(&name);
+            if let Some(tool) = problems.take(tool.validate(&name, &at)) {
+                tools.insert(name, tool);
+            }
+        }
+        problems.finish(&root, || {
+            Some(Settings {
+                server: server?,
+                store: store?,
+                providers,
+                routes,
+                breaker,
+                agents,
+                tools,
+            })
+        })
+    }
+}
+
+/// A bearer key names one agent: two agents with the same key (even from different
+/// variables) would make attribution and budgets ambiguous.
+fn check_shared_keys(
+    agents: &BTreeMap<String, AgentSettings>,
+    key_vars: &BTreeMap<String, Vec<String>>,
+    problems: &mut Problems,
+) {
+    let mut seen: Vec<(&Secret, &str, &str)> = Vec::new();
+    for (name, agent) in agents {
+        let vars = key_vars.get(name).map(Vec::as_slice).unwrap_or_default();
+        for (i, (key, var)) in agent.keys.iter().zip(vars).enumerate() {
+            if let Some((_, other, other_var)) = seen.iter().find(|(k, _, _)| *k == key) {
+                let at = KeyPath::root()
+                    .child("agents")
+                    .child(name)
+                    .child("keys_env")
+                    .index(i);
+                problems.push(at.invalid(format!(
+                    "the key in {var} is also the key in {other_var} of agent {other:?}; \
+                     each key must name one agent"
+                )));
+            } else {
+                seen.push((key, name, var));
+            }
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Whole-file tests: parse + validate + placement of every error in the file.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keel_policy::backoff::Jitter;
+use keel_policy::breaker::{BreakerSettings, Window};
+
+use super::*;
+
+/// The environment of every test: a closure, never the process environment.
+fn env(name: &str) -> Option<String> {
+    match name {
+        "OPENAI_API_KEY" => Some("sk-openai".into()),
+        "KEEL_ADMIN_TOKEN" => Some("admin-token".into()),
+        "KEEL_KEY_SUPPORT" => Some("key-support".into()),
+        "KEEL_KEY_OPS" => Some("key-ops".into()),
+        "KEEL_KEY_COPY" => Some("key-support".into()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    }
+}
+
+fn settings(text: &str) -> Settings {
+    match parse(text, "keel.toml", &env) {
+        Ok(settings) => settings,
+        Err(e) => panic!("config should be valid:\n{e}"),
+    }
+}
+
+/// Every error of `text`, one per line, as `keel config check` prints them.
+fn errors(text: &str) -> String {
+    match parse(text, "keel.toml", &env) {
+        Ok(_) => panic!("config should be invalid"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// The example config shipped in the repository.
+const EXAMPLE: &str = include_str!("../../../../examples/keel.toml");
+
+const PROVIDER: &str = r#"
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+"#;
+
+/// DESIGN.md §4, verbatim.
+const DESIGN_EXAMPLE: &str = r#"[server]
+listen = "127.0.0.1:8420"
+admin_token_env = "KEEL_ADMIN_TOKEN"
+
+[store]
+url = "sqlite://keel-data/keel.db"        # or "postgres://user@host/db"
+
+[providers.openai]
+kind = "openai"                           # any OpenAI-compatible API; also "anthropic"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+
+[routes.smart]                            # clients send "model": "smart"
+targets = [
+  { provider = "openai", model = "gpt-5" },
+  { provider = "openai", model = "gpt-5-mini" },   # the small "reflex" model
+]
+degraded_reply = "I'm busy right now; please try again shortly."
+retry    = { max_attempts = 3, base = "200ms", cap = "10s", jitter = "full", respect_retry_after = true, budget_ratio = 0.2 }
+timeouts = { connect = "2s", first_token = "20s", idle = "15s", attempt = "60s", total = "120s" }
+
+[breaker]                                 # per target; resilience4j's meaning for each field
+window = "count"                          # or "time"
+window_size = 100
+min_calls = 20
+failure_rate = 0.05
+slow_call_rate = 0.5
+slow_call = "30s"
+open_for = "30s"
+half_open_calls = 5
+
+[agents.support]
+keys_env = ["KEEL_KEY_SUPPORT"]
+budget = { tokens_per_hour = 200000, usd_per_day = 50.0 }
+max_steps = 40
+task_timeout = "10m"
+max_attempts = 3
+
+[tools.refund]
+url = "http://127.0.0.1:9001/refund"      # or wasm = "tools/refund.wasm"
+side_effects = true                       # never retried without an idempotency key
+rules = ["args.amount <= 500", "args.currency in ['USD','EUR']"]   # CEL
+profile = { args = ["amount"], action = "approve" }                # histogram guard
+"#;
+
+// === whole files ===
+
+#[test]
+fn design_example_parses_to_expected_settings() {
+    let breaker = BreakerSettings {
+        window: Window::Count(100),
+        min_calls: 20,
+        failure_rate: 0.05,
+        slow_call_rate: 0.5,
+        slow_call: secs(30),
+        open_for: secs(30),
+        half_open_calls: 5,
+    };
+    let three = NonZeroU32::new(3).unwrap();
+    let expected = Settings {
+        server: ServerSettings {
+            listen: DEFAULT_LISTEN_ADDR,
+            admin_token: Some(Secret::new("admin-token".into())),
+            max_body_bytes: 4 * 1024 * 1024,
+        },
+        store: StoreSettings {
+            backend: StoreBackend::Sqlite {
+                path: PathBuf::from("keel-data/keel.db"),
+            },
+            durability: Durability::Fsync,
+        },
+        providers: BTreeMap::from([(
+            "openai".to_owned(),
+            ProviderSettings {
+                name: "openai".into(),
+                kind: ProviderKind::OpenAi,
+                base_url: "https://api.openai.com/v1".into(),
+                api_key: Some(Secret::new("sk-openai".into())),
+                headers: vec![],
+                query: vec![],
+            },
+        )]),
+        routes: BTreeMap::from([(
+            "smart".to_owned(),
+            RouteSettings {
+                name: "smart".into(),
+                targets: vec![
+                    TargetSettings {
+                        provider: "openai".into(),
+                        model: "gpt-5".into(),
+                    },
+                    TargetSettings {
+                        provider: "openai".into(),
+                        model: "gpt-5-mini".into(),
+                    },
+                ],
+                degraded_reply: Some("I'm busy right now; please try again shortly.".into()),
+                retry: RetrySettings {
+                    max_attempts: three,
+                    base: Duration::from_millis(200),
+                    cap: secs(10),
+                    jitter: Jitter::Full,
+                    respect_retry_after: true,
+                    budget_ratio: 0.2,
+                    budget_min_per_sec: 10,
+                },
+                timeouts: TimeoutSettings {
+                    connect: secs(2),
+                    first_token: secs(20),
+                    idle: secs(15),
+                    attempt: secs(60),
+                    total: secs(120),
+                },
+                breaker,
+            },
+        )]),
+        breaker,
+        agents: BTreeMap::from([(
+            "support".to_owned(),
+            AgentSettings {
+                name: "support".into(),
+                keys: vec![Secret::new("key-support".into())],
+                budget: BudgetSettings {
+                    tokens_per_hour: Some(200_000),
+                    usd_per_day: Some(50.0),
+                },
+                max_steps: Some(40),
+                task_timeout: Some(secs(600)),
+                max_attempts: three,
+            },
+        )]),
+        tools: BTreeMap::from([(
+            "refund".to_owned(),
+            ToolSettings {
+                name: "refund".into(),
+                endpoint: ToolEndpoint::Http {
+                    url: "http://127.0.0.1:9001/refund".into(),
+                },
+                side_effects: true,
+                rules: vec![
+                    "args.amount <= 500".into(),
+                    "args.currency in ['USD','EUR']".into(),
+                ],
+                profile: Some(ProfileSettings {
+                    args: vec!["amount".into()],
+                    action: ProfileAction::Approve,
+                }),
+            },
+        )]),
+    };
+    assert_eq!(settings(DESIGN_EXAMPLE), expected);
+}
+
+#[test]
+fn example_file_passes_validation_with_its_env_vars_set() {
+    let settings = settings(EXAMPLE);
+    assert_eq!(settings.providers.len(), 2);
+    assert_eq!(settings.providers["local"].api_key, None);
+    assert_eq!(
+        settings.providers["local"].base_url,
+        "http://127.0.0.1:11434/v1"
+    );
+    assert_eq!(settings.routes["smart"].targets.len(), 3);
+    let fast = &settings.routes["fast"];
+    assert_eq!(fast.retry.jitter, Jitter::Decorrelated);
+    assert_eq!(fast.breaker.failure_rate, 0.3);
+    assert_eq!(fast.breaker.slow_call_rate, 0.8, "inherited from [breaker]");
+    assert_eq!(settings.routes["smart"].breaker, settings.breaker);
+    assert_eq!(settings.agents["support"].keys[0].expose(), "key-support");
+}
+
+#[test]
+fn example_file_names_every_missing_env_var() {
+    let Err(errors) = parse(EXAMPLE, "examples/keel.toml", &|_| None) else {
+        panic!("should fail without env");
+    };
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "server.admin_token_env",
+            "providers.openai.api_key_env",
+            "agents.support.keys_env[0]"
+        ]
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.line.is_some() && e.file == "examples/keel.toml")
+    );
+}
+
+#[test]
+fn load_reads_the_file_and_names_it_in_errors() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/keel.toml");
+    assert!(load(&path, &env).is_ok());
+    let missing = std::path::Path::new("/nonexistent/keel.toml");
+    let rendered = load(missing, &env).unwrap_err().to_string();
+    assert!(
+        rendered.starts_with("/nonexistent/keel.toml: cannot read the config file: "),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn empty_file_is_the_embedded_default() {
+    assert_eq!(settings(""), embedded_default());
+}
+
+#[test]
+fn embedded_default_listens_on_loopback_with_sqlite() {
+    let d = embedded_default();
+    assert_eq!(d.server.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(d.server.admin_token, None);
+    assert_eq!(d.server.max_body_bytes, 4 * 1024 * 1024);
+    assert_eq!(
+        d.store.backend,
+        StoreBackend::Sqlite {
+            path: "keel-data/keel.db".into()
+        }
+    );
+    assert_eq!(d.store.durability, Durability::Fsync);
+    assert!(d.providers.is_empty() && d.routes.is_empty() && d.agents.is_empty());
+    assert_eq!(d.breaker, DEFAULT_BREAKER);
+    assert_eq!(d.breaker.window, Window::Count(100));
+    assert_eq!(d.breaker.slow_call_rate, 1.0);
+}
+
+#[test]
+fn route_defaults_fill_retry_and_timeouts() {
+    let s = settings(&format!(
+        "{PROVIDER}\n[routes.r]\ntargets = [{{ provider = \"openai\", model = \"m\" }}]\n"
+    ));
+    let route = &s.routes["r"];
+    assert_eq!(route.retry, RetrySettings::default());
+    assert_eq!(route.retry.max_attempts.get(), 3);
+    assert_eq!(route.retry.base, Duration::from_millis(200));
+    assert_eq!(route.timeouts, TimeoutSettings::default());
+    assert_eq!(route.timeouts.total, secs(120));
+    assert_eq!(route.degraded_reply, None);
+}
+
+#[test]
+fn provider_trims_base_url_and_keeps_headers_and_query() {
+    let s = settings(
+        r#"
+[providers.azure]
+kind = "openai"
+base_url = "https://x.openai.azure.com/openai/deployments/gpt-4o/"
+headers = { "x-foo" = "bar" }
+query = { "api-version" = "2024-06-01" }
+
+[providers.claude]
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+"#,
+    );
+    let azure = &s.providers["azure"];
+    assert_eq!(
+        azure.base_url,
+        "https://x.openai.azure.com/openai/deployments/gpt-4o"
+    );
+    assert_eq!(azure.headers, vec![("x-foo".to_owned(), "bar".to_owned())]);
+    assert_eq!(
+        azure.query,
+        vec![("api-version".to_owned(), "2024-06-01".to_owned())]
+    );
+    assert_eq!(s.providers["claude"].kind, ProviderKind::Anthropic);
+}
+
+#[test]
+fn store_accepts_postgres_and_relaxed_durability() {
+    let s = settings("[store]\nurl = \"postgres://keel@db/keel\"\ndurability = \"relaxed\"\n");
+    assert_eq!(
+        s.store.backend,
+        StoreBackend::Postgres {
+            url: "postgres://keel@db/keel".into()
+        }
+    );
+    assert_eq!(s.store.durability, Durability::Relaxed);
+    let s = settings("[store]\nurl = \"sqlite:///var/lib/keel.db\"\n");
+    assert_eq!(
+        s.store.backend,
+        StoreBackend::Sqlite {
+            path: "/var/lib/keel.db".into()
+        }
+    );
+}
+
+#[test]
+fn time_window_size_is_seconds() {
+    let s = settings("[breaker]\nwindow = \"time\"\nwindow_size = 60\n");
+    assert_eq!(s.breaker.window, Window::Time(secs(60)));
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output() {
+    let s = settings(DESIGN_EXAMPLE);
+    let debug = format!("{s:?}");
+    for secret in ["sk-openai", "admin-token", "key-support"] {
+        assert!(!debug.contains(secret), "{secret} leaked");
+    }
+    assert!(debug.contains("[redacted]"));
+}
+
+mod rules;

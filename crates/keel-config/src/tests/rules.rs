@@ -1,0 +1,482 @@
+//! One test per validation rule, asserting the exact rendered message, line included.
+
+use super::errors;
+
+/// A provider on lines 1-3, so route tests can start at line 5.
+const OPENAI: &str = "[providers.openai]
+kind = \"openai\"
+base_url = \"https://api.openai.com/v1\"
+";
+
+fn with_openai(rest: &str) -> String {
+    format!("{OPENAI}\n{rest}")
+}
+
+// === syntax and serde ===
+
+#[test]
+fn syntax_error_names_its_line() {
+    let text = "[server]\nlisten = \"127.0.0.1:8420\"\n[routes.smart\n";
+    assert_eq!(
+        errors(text),
+        "keel.toml:3: invalid TOML: unclosed table, expected `]`"
+    );
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_line() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+retry = { max_attempts = 3, bse = \"200ms\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.retry.bse: unknown field `bse`, expected one of \
+         `max_attempts`, `base`, `cap`, `jitter`, `respect_retry_after`, `budget_ratio`, \
+         `budget_min_per_sec`"
+    );
+}
+
+#[test]
+fn unknown_table_is_rejected_with_its_line() {
+    assert_eq!(
+        errors("[server]\nlisten = \"127.0.0.1:1\"\n\n[chaos]\n"),
+        "keel.toml:4: chaos: unknown field `chaos`, expected one of `server`, `store`, \
+         `providers`, `routes`, `breaker`, `agents`, `tools`"
+    );
+}
+
+#[test]
+fn duration_must_parse() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { connect = \"2 parsecs\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.timeouts.connect: invalid duration \"2 parsecs\": unknown \
+         time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, \
+         months, years (and few variations); write durations like \"250ms\", \"30s\" or \"10m\""
+    );
+}
+
+#[test]
+fn duration_must_be_a_string() {
+    assert_eq!(
+        errors("[agents.a]\ntask_timeout = 600\n"),
+        "keel.toml:2: agents.a.task_timeout: invalid type: integer `600`, expected a duration \
+         string like \"250ms\", \"30s\" or \"10m\""
+    );
+}
+
+#[test]
+fn unknown_provider_kind_is_rejected() {
+    assert_eq!(
+        errors("[providers.x]\nkind = \"gemini\"\nbase_url = \"https://x\"\n"),
+        "keel.toml:2: providers.x.kind: unknown variant `gemini`, expected `openai` or `anthropic`"
+    );
+}
+
+#[test]
+fn missing_target_field_names_the_target() {
+    let text = with_openai("[routes.smart]\ntargets = [{ provider = \"openai\" }]\n");
+    assert_eq!(
+        errors(&text),
+        "keel.toml:6: routes.smart.targets[0]: missing field `model`"
+    );
+}
+
+// === server and store ===
+
+#[test]
+fn listen_must_be_a_socket_address() {
+    assert_eq!(
+        errors("[server]\nlisten = \"localhost:8420\"\n"),
+        "keel.toml:2: server.listen: \"localhost:8420\" is not a socket address; write IP:PORT, \
+         like \"127.0.0.1:8420\""
+    );
+}
+
+#[test]
+fn admin_token_env_must_be_set() {
+    assert_eq!(
+        errors("[server]\nadmin_token_env = \"KEEL_ADMIN\"\n"),
+        "keel.toml:2: server.admin_token_env: environment variable KEEL_ADMIN is not set"
+    );
+}
+
+#[test]
+fn empty_env_var_counts_as_missing() {
+    assert_eq!(
+        errors("[server]\nadmin_token_env = \"EMPTY\"\n"),
+        "keel.toml:2: server.admin_token_env: environment variable EMPTY is empty"
+    );
+}
+
+#[test]
+fn max_body_bytes_must_be_positive() {
+    assert_eq!(
+        errors("[server]\nmax_body_bytes = 0\n"),
+        "keel.toml:2: server.max_body_bytes: must be at least 1"
+    );
+}
+
+#[test]
+fn store_url_scheme_must_be_known() {
+    assert_eq!(
+        errors("[store]\nurl = \"mysql://root:pw@db/keel\"\n"),
+        "keel.toml:2: store.url: unsupported store url scheme \"mysql\"; use \"sqlite://PATH\" \
+         or \"postgres://USER@HOST/DB\""
+    );
+}
+
+// === providers ===
+
+#[test]
+fn api_key_env_must_be_set() {
+    let text = "[providers.openai]
+kind = \"openai\"
+base_url = \"https://api.openai.com/v1\"
+api_key_env = \"OPENAI_KEY_TYPO\"
+";
+    assert_eq!(
+        errors(text),
+        "keel.toml:4: providers.openai.api_key_env: environment variable OPENAI_KEY_TYPO is not set"
+    );
+}
+
+#[test]
+fn base_url_must_be_http() {
+    assert_eq!(
+        errors("[providers.x]\nkind = \"openai\"\nbase_url = \"api.openai.com/v1\"\n"),
+        "keel.toml:3: providers.x.base_url: \"api.openai.com/v1\" is not an http(s) URL; write \
+         it like \"https://api.openai.com/v1\""
+    );
+}
+
+#[test]
+fn header_names_must_be_tokens() {
+    let text = "[providers.x]
+kind = \"openai\"
+base_url = \"http://x\"
+headers = { \"x foo\" = \"bar\" }
+";
+    assert_eq!(
+        errors(text),
+        "keel.toml:4: providers.x.headers.\"x foo\": \"x foo\" is not a valid header name"
+    );
+}
+
+// === routes ===
+
+#[test]
+fn targets_must_not_be_empty() {
+    let text = with_openai("[routes.smart]\ntargets = []\n");
+    assert_eq!(
+        errors(&text),
+        "keel.toml:6: routes.smart.targets: must list at least one target, like \
+         { provider = \"openai\", model = \"gpt-5\" }"
+    );
+}
+
+#[test]
+fn missing_targets_point_at_the_route() {
+    let text = with_openai("[routes.smart]\ndegraded_reply = \"busy\"\n");
+    assert_eq!(
+        errors(&text),
+        "keel.toml:5: routes.smart.targets: must list at least one target, like \
+         { provider = \"openai\", model = \"gpt-5\" }"
+    );
+}
+
+#[test]
+fn target_provider_must_exist() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [
+  { provider = \"openai\", model = \"gpt-5\" },
+  { provider = \"opnai\", model = \"gpt-5-mini\" },
+]
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:8: routes.smart.targets[1].provider: unknown provider \"opnai\"; known: openai"
+    );
+}
+
+#[test]
+fn target_provider_without_any_providers() {
+    assert_eq!(
+        errors("[routes.r]\ntargets = [{ provider = \"openai\", model = \"m\" }]\n"),
+        "keel.toml:2: routes.r.targets[0].provider: unknown provider \"openai\"; no providers \
+         are configured"
+    );
+}
+
+#[test]
+fn retry_base_must_not_exceed_cap() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+retry = { base = \"20s\", cap = \"10s\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.retry.base: 20s is larger than cap 10s"
+    );
+}
+
+#[test]
+fn multi_line_inline_tables_keep_their_lines() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+retry = {
+  base = \"20s\",
+  cap = \"10s\",
+}
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:8: routes.smart.retry.base: 20s is larger than cap 10s"
+    );
+}
+
+#[test]
+fn retry_base_above_default_cap_points_at_base() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+
+[routes.smart.retry]
+max_attempts = 2
+base = \"1m\"
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:10: routes.smart.retry.base: 1m is larger than cap 10s"
+    );
+}
+
+#[test]
+fn retry_max_attempts_must_be_positive() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+retry = { max_attempts = 0 }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.retry.max_attempts: must be at least 1"
+    );
+}
+
+#[test]
+fn retry_budget_ratio_must_be_a_fraction() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+retry = { budget_ratio = 1.5 }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.retry.budget_ratio: 1.5 is outside [0, 1]"
+    );
+}
+
+#[test]
+fn attempt_timeout_must_fit_in_total() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { attempt = \"90s\", total = \"60s\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.timeouts.attempt: 1m 30s is longer than total 1m"
+    );
+}
+
+#[test]
+fn default_attempt_longer_than_written_total_points_at_the_table() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+
+[routes.smart.timeouts]
+total = \"30s\"
+",
+    );
+    // `attempt` is not written (default 60s): the error points at its table.
+    assert_eq!(
+        errors(&text),
+        "keel.toml:8: routes.smart.timeouts.attempt: 1m is longer than total 30s"
+    );
+}
+
+#[test]
+fn first_token_and_connect_must_fit_in_attempt() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { connect = \"10s\", first_token = \"30s\", attempt = \"5s\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.timeouts.connect: 10s is longer than attempt 5s\n\
+         keel.toml:7: routes.smart.timeouts.first_token: 30s is longer than attempt 5s"
+    );
+}
+
+#[test]
+fn timeouts_must_be_positive() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { idle = \"0s\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.timeouts.idle: must be longer than 0s"
+    );
+}
+
+// === breaker ===
+
+#[test]
+fn failure_rate_must_be_in_zero_one() {
+    assert_eq!(
+        errors("[breaker]\nfailure_rate = 0.0\nslow_call_rate = 1.5\n"),
+        "keel.toml:2: breaker.failure_rate: 0 is outside (0, 1]\n\
+         keel.toml:3: breaker.slow_call_rate: 1.5 is outside (0, 1]"
+    );
+}
+
+#[test]
+fn breaker_counts_must_be_positive() {
+    assert_eq!(
+        errors("[breaker]\nwindow_size = 0\nmin_calls = 0\nhalf_open_calls = 0\n"),
+        "keel.toml:2: breaker.window_size: must be at least 1\n\
+         keel.toml:3: breaker.min_calls: must be at least 1\n\
+         keel.toml:4: breaker.half_open_calls: must be at least 1"
+    );
+}
+
+#[test]
+fn route_breaker_override_is_validated_at_its_key() {
+    let text = with_openai(
+        "[routes.fast]
+targets = [{ provider = \"openai\", model = \"gpt-5-mini\" }]
+breaker = { failure_rate = 2.0 }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.fast.breaker.failure_rate: 2 is outside (0, 1]"
+    );
+}
+
+// === agents and tools ===
+
+#[test]
+fn every_agent_key_env_must_be_set() {
+    let text = "[agents.support]
+keys_env = [
+  \"KEEL_KEY_SUPPORT\",
+  \"KEEL_KEY_SUPPORT_2\",
+]
+";
+    assert_eq!(
+        errors(text),
+        "keel.toml:4: agents.support.keys_env[1]: environment variable KEEL_KEY_SUPPORT_2 is not set"
+    );
+}
+
+#[test]
+fn agent_limits_must_be_positive() {
+    let text = "[agents.a]
+budget = { tokens_per_hour = 0, usd_per_day = -1.0 }
+max_steps = 0
+task_timeout = \"0s\"
+max_attempts = 0
+";
+    assert_eq!(
+        errors(text),
+        "keel.toml:2: agents.a.budget.tokens_per_hour: must be at least 1; leave it out for no limit\n\
+         keel.toml:2: agents.a.budget.usd_per_day: -1 is not a positive amount; leave it out for no limit\n\
+         keel.toml:3: agents.a.max_steps: must be at least 1; leave it out for no limit\n\
+         keel.toml:4: agents.a.task_timeout: must be longer than 0s; leave it out for no limit\n\
+         keel.toml:5: agents.a.max_attempts: must be at least 1"
+    );
+}
+
+#[test]
+fn two_agents_may_not_share_a_key() {
+    let text = "[agents.ops]
+keys_env = [\"KEEL_KEY_OPS\", \"KEEL_KEY_COPY\"]
+
+[agents.support]
+keys_env = [\"KEEL_KEY_SUPPORT\"]
+";
+    assert_eq!(
+        errors(text),
+        "keel.toml:5: agents.support.keys_env[0]: the key in KEEL_KEY_SUPPORT is also the key \
+         in KEEL_KEY_COPY of agent \"ops\"; each key must name one agent"
+    );
+}
+
+#[test]
+fn tool_needs_exactly_one_endpoint() {
+    assert_eq!(
+        errors(
+            "[tools.a]\nside_effects = true\n\n[tools.b]\nurl = \"http://x\"\nwasm = \"b.wasm\"\n"
+        ),
+        "keel.toml:1: tools.a: needs url = \"http://...\" or wasm = \"path.wasm\"\n\
+         keel.toml:6: tools.b.wasm: give either url or wasm, not both"
+    );
+}
+
+// === many at once ===
+
+#[test]
+fn all_validation_errors_are_reported_in_file_order() {
+    let text = "[server]
+listen = \"nope\"
+admin_token_env = \"UNSET_TOKEN\"
+
+[providers.openai]
+kind = \"openai\"
+base_url = \"https://api.openai.com/v1\"
+api_key_env = \"UNSET_KEY\"
+
+[routes.smart]
+targets = [{ provider = \"opnai\", model = \"gpt-5\" }]
+retry = { base = \"20s\", cap = \"10s\", budget_ratio = -0.1 }
+
+[breaker]
+min_calls = 0
+";
+    assert_eq!(
+        errors(text),
+        "keel.toml:2: server.listen: \"nope\" is not a socket address; write IP:PORT, like \"127.0.0.1:8420\"\n\
+         keel.toml:3: server.admin_token_env: environment variable UNSET_TOKEN is not set\n\
+         keel.toml:8: providers.openai.api_key_env: environment variable UNSET_KEY is not set\n\
+         keel.toml:11: routes.smart.targets[0].provider: unknown provider \"opnai\"; known: openai\n\
+         keel.toml:12: routes.smart.retry.base: 20s is larger than cap 10s\n\
+         keel.toml:12: routes.smart.retry.budget_ratio: -0.1 is outside [0, 1]\n\
+         keel.toml:15: breaker.min_calls: must be at least 1"
+    );
+}

@@ -1,0 +1,594 @@
+//! HTTP surface of the gateway: OpenAI-compatible endpoints, health and metrics.
+//!
+//! Handlers parse and check the request, name the agent, run the route
+//! executor, and turn its [`Answer`] into a response with keel's headers. All
+//! events of a call are appended in one batch before the answer is released, so
+//! a client that saw a response can find its `llm_call` in the log.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures::StreamExt;
+use keel_core::{EventKind, NewEvent};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::Gateway;
+use crate::error::{ApiError, UpstreamError};
+use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel, TokenLabels};
+use crate::provider::{ChunkStream, Endpoint};
+use crate::route::{Answer, Attribution, CallLog, Executor, Route, Target};
+
+/// The gateway's router: `/v1/...`, the same under `/tasks/{task_id}/v1/...`,
+/// and `/metrics`, `/healthz`, `/readyz`. Unknown paths answer 404 in OpenAI shape.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/tasks/{task_id}/v1/chat/completions", post(task_chat))
+        .route("/tasks/{task_id}/v1/embeddings", post(task_embeddings))
+        .route("/tasks/{task_id}/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+type Gw = State<Arc<Gateway>>;
+
+async fn chat(State(gw): Gw, request: Request) -> Response {
+    handle(gw, Endpoint::ChatCompletions, None, request).await
+}
+
+async fn embeddings(State(gw): Gw, request: Request) -> Response {
+    handle(gw, Endpoint::Embeddings, None, request).await
+}
+
+async fn task_chat(State(gw): Gw, Path(task): Path<String>, request: Request) -> Response {
+    handle(gw, Endpoint::ChatCompletions, Some(task), request).await
+}
+
+async fn task_embeddings(State(gw): Gw, Path(task): Path<String>, request: Request) -> Response {
+    handle(gw, Endpoint::Embeddings, Some(task), request).await
+}
+
+async fn models(State(gw): Gw) -> Response {
+    let data: Vec<Value> = gw
+        .route_names()
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "keel"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics(State(gw): Gw) -> Response {
+    let mut response = gw.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(gw): Gw) -> Response {
+    match gw.store.ping().await {
+        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            let mut err = ApiError::unavailable(format!("store is not ready: {e}"));
+            err.code = Some("store_unavailable");
+            err.into_response()
+        }
+    }
+}
+
+async fn not_found(request: Request) -> Response {
+    ApiError::not_found(
+        format!("no such endpoint: {} {}", request.method(), request.uri().path()),
+        "unknown_url",
+    )
+    .into_response()
+}
+
+/// A parsed, checked gateway request.
+struct Parsed {
+    body: Map<String, Value>,
+    route: String,
+    stream: bool,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed), ApiError> {
+    let (parts, body) = request.into_parts();
+    let limit = gw.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        }
+    })?;
+    let parsed = parse_body(&bytes)?;
+    Ok((parts.headers, parsed))
+}
+
+fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(ApiError::bad_request(format!(
+            "request body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        )));
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request(format!("request body is not valid JSON: {e}"))
+    })?;
+    let Value::Object(body) = value else {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    };
+    let route = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request("'model' must be a non-empty string naming a route")
+                .with_param("model"));
+        }
+        None => {
+            return Err(ApiError::bad_request("missing required parameter: 'model'").with_param("model"));
+        }
+    };
+    let stream = matches!(body.get("stream"), Some(Value::Bool(true)));
+    Ok(Parsed { body, route, stream })
+}
+
+async fn handle(gw: Arc<Gateway>, endpoint: Endpoint, task: Option<String>, request: Request) -> Response {
+    match handle_inner(&gw, endpoint, task, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle_inner(
+    gw: &Arc<Gateway>,
+    endpoint: Endpoint,
+    task: Option<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    // Authenticate before reading the body, so an unauthenticated client cannot make us buffer 4 MiB.
+    let agent = gw.agents.identify(
+        header_str(request.headers(), "authorization"),
+        header_str(request.headers(), "x-keel-agent"),
+    )?;
+    let (headers, parsed) = read_body(gw, request).await?;
+    let Some(route) = gw.routes.get(&parsed.route) else {
+        let known: Vec<&str> = gw.route_names().collect();
+        return Err(ApiError::not_found(
+            format!(
+                "the model {:?} does not exist: it is not a route of this keel (routes: {})",
+                parsed.route,
+                if known.is_empty() { "none configured".to_owned() } else { known.join(", ") }
+            ),
+            "model_not_found",
+        )
+        .with_param("model"));
+    };
+    let who = Attribution {
+        agent,
+        task: task.or_else(|| header_str(&headers, "x-keel-task").map(str::to_owned)),
+        step: header_str(&headers, "x-keel-step").map(str::to_owned),
+    };
+    let mut log = CallLog::new(who);
+    if let Err(over) = gw.agents.check(&log.who.agent, gw.clock.now()) {
+        log.push(
+            EventKind::BudgetExceeded,
+            json!({"agent": log.who.agent, "unit": "tokens", "limit": over.limit, "used": over.used, "route": route.name}),
+        );
+        gw.append(std::mem::take(&mut log.events)).await;
+        count_request(gw, route, "none", "rejected");
+        return Err(ApiError::budget(
+            format!(
+                "agent {:?} has used {} of its {} tokens per hour; retry after {}s",
+                log.who.agent, over.used, over.limit, over.retry_after
+            ),
+            over.retry_after,
+        ));
+    }
+    let executor = Executor { route, metrics: &gw.metrics, clock: gw.clock.as_ref() };
+    let answer = executor.run(endpoint, &parsed.body, parsed.stream, &mut log).await;
+    let ctx = Finish { gw: Arc::clone(gw), route_name: route.name.clone(), started, stream: parsed.stream };
+    Ok(match answer {
+        Answer::Json { target, body, fallback } => ctx.json(route, log, &target, body, fallback).await,
+        Answer::Stream { target, first, rest, fallback } => ctx.stream(log, target, first, rest, fallback),
+        Answer::Exhausted { last, timed_out } => {
+            ctx.exhausted(route, endpoint, log, last, timed_out).await?
+        }
+        Answer::Fatal(e) => ctx.fatal(route, log, e).await,
+    })
+}
+
+impl Gateway {
+    /// Appends a call's events in one batch; a store failure is logged, never hidden as success.
+    async fn append(&self, events: Vec<NewEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append(events).await {
+            tracing::error!(error = %e, "could not record gateway events");
+        }
+    }
+}
+
+fn count_request(gw: &Gateway, route: &Route, target: &str, outcome: &str) {
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.name.clone(),
+            target: target.to_owned(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+}
+
+/// Token counts from an OpenAI `usage` object.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct WithUsage {
+    usage: Option<Usage>,
+}
+
+fn usage_of(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// What is needed to finish a call after the executor answered.
+struct Finish {
+    gw: Arc<Gateway>,
+    route_name: String,
+    started: Instant,
+    stream: bool,
+}
+
+impl Finish {
+    fn llm_call(&self, log: &CallLog, target: &str, outcome: &str, fallback: bool, usage: Option<Usage>) -> NewEvent {
+        let latency = self.started.elapsed();
+        NewEvent::new(
+            EventKind::LlmCall,
+            log.who.task.clone(),
+            json!({
+                "route": self.route_name,
+                "target": target,
+                "agent": log.who.agent,
+                "step": log.who.step,
+                "attempts": log.attempts,
+                "fallback": fallback,
+                "outcome": outcome,
+                "stream": self.stream,
+                "latency_ms": latency.as_millis() as u64,
+                "usage": usage.map(|u| json!({
+                    "prompt_tokens": u.prompt_tokens,
+                    "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.total_tokens,
+                })),
+            }),
+        )
+    }
+
+    fn observe(&self, usage: Option<Usage>, agent: &str) {
+        let m = &self.gw.metrics;
+        m.request_duration
+            .get_or_create(&RouteLabel { route: self.route_name.clone() })
+            .observe(self.started.elapsed().as_secs_f64());
+        let Some(u) = usage else { return };
+        for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
+            m.token_usage
+                .get_or_create(&TokenLabels { gen_ai_token_type: kind.to_owned(), route: self.route_name.clone() })
+                .observe(n as f64);
+        }
+        let total = if u.total_tokens > 0 { u.total_tokens } else { u.prompt_tokens + u.completion_tokens };
+        if let Some(left) = self.gw.agents.spend(agent, total, self.gw.clock.now()) {
+            m.budget_remaining
+                .get_or_create(&BudgetLabels { agent: agent.to_owned(), unit: "tokens".to_owned() })
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn count_fallback(&self, fallback: bool) {
+        if fallback {
+            self.gw.metrics.fallbacks.get_or_create(&RouteLabel { route: self.route_name.clone() }).inc();
+        }
+    }
+
+    async fn json(self, route: &Route, mut log: CallLog, target: &Target, body: Bytes, fallback: bool) -> Response {
+        let usage = usage_of(&body);
+        let event = self.llm_call(&log, &target.id, "ok", fallback, usage);
+        log.events.push(event);
+        self.gw.append(std::mem::take(&mut log.events)).await;
+        count_request(&self.gw, route, &target.id, "ok");
+        self.count_fallback(fallback);
+        self.observe(usage, &log.who.agent);
+        let mut response = Response::new(Body::from(body));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        keel_headers(&mut response, &target.id, log.attempts, fallback, false);
+        response
+    }
+
+    /// Streams the rest of the upstream's chunks; retries are over once this is called.
+    fn stream(self, mut log: CallLog, target: Arc<Target>, first: Bytes, rest: ChunkStream, fallback: bool) -> Response {
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let attempts = log.attempts;
+        let idle = self.gw.routes.get(&self.route_name).map_or(Duration::from_secs(15), |r| r.timeouts.idle);
+        let total = self
+            .gw
+            .routes
+            .get(&self.route_name)
+            .map_or(Duration::from_secs(120), |r| r.timeouts.total);
+        let deadline = self.started + total;
+        let gw = Arc::clone(&self.gw);
+        let target_id = target.id.clone();
+        gw.tasks.spawn(async move {
+            let (outcome, usage) = pump(first, rest, &tx, idle, deadline, &target_id).await;
+            let event = self.llm_call(&log, &target_id, outcome, fallback, usage);
+            log.events.push(event);
+            self.gw.append(std::mem::take(&mut log.events)).await;
+            let metric_outcome = if outcome == "ok" { "ok" } else { "stream_error" };
+            if let Some(route) = self.gw.routes.get(&self.route_name) {
+                count_request(&self.gw, route, &target_id, metric_outcome);
+            }
+            if outcome != "ok" {
+                self.gw.metrics.stream_errors.get_or_create(&RouteLabel { route: self.route_name.clone() }).inc();
+            }
+            self.count_fallback(fallback);
+            self.observe(usage, &log.who.agent);
+            // `[DONE]` only after the call is recorded: a client that saw the
+            // end of the stream can find its `llm_call`.
+            if outcome == "ok" {
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            }
+        });
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+        });
+        let mut response = Response::new(Body::from_stream(body));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        keel_headers(&mut response, &target.id, attempts, fallback, false);
+        response
+    }
+
+    async fn exhausted(
+        self,
+        route: &Route,
+        endpoint: Endpoint,
+        mut log: CallLog,
+        last: Option<UpstreamError>,
+        timed_out: bool,
+    ) -> Result<Response, ApiError> {
+        let why = last.as_ref().map_or_else(|| "every target's circuit is open".to_owned(), ToString::to_string);
+        let degraded = match (&route.degraded_reply, endpoint) {
+            (Some(reply), Endpoint::ChatCompletions) => Some(reply.clone()),
+            _ => None,
+        };
+        let Some(reply) = degraded else {
+            let event = self.llm_call(&log, "none", if timed_out { "timeout" } else { "unavailable" }, false, None);
+            log.events.push(event);
+            self.gw.append(std::mem::take(&mut log.events)).await;
+            count_request(&self.gw, route, "none", "error");
+            self.observe(None, &log.who.agent);
+            let message = format!("route {:?} could not be served: {why}", route.name);
+            let mut err = if timed_out { ApiError::timeout(message) } else { ApiError::unavailable(message) };
+            if let Some(UpstreamError::Status { retry_after: Some(after), .. }) = &last {
+                err.retry_after = Some(after.as_secs().max(1));
+            }
+            return Err(err);
+        };
+        log.push(EventKind::DegradedReply, json!({"route": route.name, "agent": log.who.agent, "reason": why}));
+        let event = self.llm_call(&log, "degraded", "degraded", false, None);
+        log.events.push(event);
+        self.gw.append(std::mem::take(&mut log.events)).await;
+        count_request(&self.gw, route, "none", "degraded");
+        self.gw.metrics.degraded.get_or_create(&RouteLabel { route: route.name.clone() }).inc();
+        self.observe(None, &log.who.agent);
+        let mut response = if self.stream {
+            let chunks = degraded_chunks(&route.name, &reply);
+            let mut r = Response::new(Body::from(chunks));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            r
+        } else {
+            axum::Json(degraded_completion(&route.name, &reply)).into_response()
+        };
+        keel_headers(&mut response, "degraded", log.attempts, false, true);
+        Ok(response)
+    }
+
+    /// A fatal upstream error goes back to the client as the upstream said it.
+    async fn fatal(self, route: &Route, mut log: CallLog, error: UpstreamError) -> Response {
+        let target = target_of(&error);
+        let event = self.llm_call(&log, &target, "fatal", false, None);
+        log.events.push(event);
+        self.gw.append(std::mem::take(&mut log.events)).await;
+        count_request(&self.gw, route, &target, "error");
+        self.observe(None, &log.who.agent);
+        let mut response = match error {
+            UpstreamError::Status { status, body, .. } => {
+                let mut r = Response::new(Body::from(body));
+                *r.status_mut() = status;
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            other => {
+                let mut err = ApiError::unavailable(other.to_string());
+                err.status = StatusCode::BAD_GATEWAY;
+                err.into_response()
+            }
+        };
+        keel_headers(&mut response, &target, log.attempts, false, false);
+        response
+    }
+}
+
+fn target_of(error: &UpstreamError) -> String {
+    match error {
+        UpstreamError::Connect { target, .. }
+        | UpstreamError::Timeout { target, .. }
+        | UpstreamError::Status { target, .. }
+        | UpstreamError::Malformed { target, .. }
+        | UpstreamError::StreamCut { target }
+        | UpstreamError::BreakerOpen { target } => target.clone(),
+    }
+}
+
+/// Forwards chunks to the client until the upstream ends, fails, goes idle, or
+/// the client leaves. Returns the outcome (`ok`, `stream_error`, `client_gone`) and usage.
+async fn pump(
+    first: Bytes,
+    mut rest: ChunkStream,
+    tx: &mpsc::Sender<Bytes>,
+    idle: Duration,
+    deadline: Instant,
+    target: &str,
+) -> (&'static str, Option<Usage>) {
+    let mut usage = usage_of(&first);
+    if tx.send(sse_frame(&first)).await.is_err() {
+        return ("client_gone", usage);
+    }
+    loop {
+        let wait_until = deadline.min(Instant::now() + idle);
+        let next = tokio::time::timeout_at(wait_until, rest.next()).await;
+        let failure = match next {
+            Ok(Some(Ok(chunk))) => {
+                if let Some(u) = usage_of(&chunk) {
+                    usage = Some(u);
+                }
+                if tx.send(sse_frame(&chunk)).await.is_err() {
+                    // Dropping `rest` closes the upstream connection: the client left.
+                    return ("client_gone", usage);
+                }
+                continue;
+            }
+            Ok(None) => return ("ok", usage),
+            Ok(Some(Err(e))) => e.to_string(),
+            Err(_) if wait_until == deadline => format!("stream from {target} exceeded the total deadline"),
+            Err(_) => format!("stream from {target} was silent for longer than the idle timeout of {idle:?}"),
+        };
+        tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
+        let error = json!({"error": {
+            "message": format!("upstream stream failed after it started: {failure}"),
+            "type": "api_error",
+            "code": "stream_interrupted",
+            "param": null,
+        }});
+        let _ = tx.send(sse_frame(error.to_string().as_bytes())).await;
+        return ("stream_error", usage);
+    }
+}
+
+fn sse_frame(data: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(data.len() + 8);
+    frame.extend_from_slice(b"data: ");
+    frame.extend_from_slice(data);
+    frame.extend_from_slice(b"\n\n");
+    Bytes::from(frame)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn degraded_completion(route: &str, reply: &str) -> Value {
+    json!({
+        "id": format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple()),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": route,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": reply},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    })
+}
+
+fn degraded_chunks(route: &str, reply: &str) -> Bytes {
+    let id = format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": route,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let mut out = Vec::new();
+    for c in [
+        chunk(json!({"role": "assistant", "content": reply}), Value::Null),
+        chunk(json!({}), json!("stop")),
+    ] {
+        out.extend_from_slice(&sse_frame(c.to_string().as_bytes()));
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    Bytes::from(out)
+}
+
+fn keel_headers(response: &mut Response, target: &str, attempts: u32, fallback: bool, degraded: bool) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(target) {
+        headers.insert("x-keel-target", v);
+    }
+    headers.insert("x-keel-attempts", HeaderValue::from(attempts));
+    headers.insert("x-keel-fallback", HeaderValue::from_static(if fallback { "true" } else { "false" }));
+    headers.insert("x-keel-degraded", HeaderValue::from_static(if degraded { "true" } else { "false" }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_bodies_with_clear_messages() {
+        let e = parse_body(b"{not json").err().unwrap();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        let e = parse_body(b"[1]").err().unwrap();
+        assert!(e.message.contains("JSON object"));
+        let e = parse_body(br#"{"messages": []}"#).err().unwrap();
+        assert_eq!(e.param, Some("model"));
+        let e = parse_body(b"{\"model\": \"\xff\"}").err().unwrap();
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
+    }
+
+    #[test]
+    fn reads_stream_flag_and_route() {
+        let p = parse_body(br#"{"model": "smart", "stream": true, "x-unknown": 1}"#).unwrap();
+        assert_eq!(p.route, "smart");
+        assert!(p.stream);
+        assert_eq!(p.body["x-unknown"], 1);
+    }
+}

@@ -1,0 +1,222 @@
+//! The gateway's Prometheus metrics (DESIGN §7), in one registry.
+//!
+//! Owns the metric families and their label sets; it does not decide when to
+//! count (the route executor does) and does not serve HTTP (the router does).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `keel_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route the client named.
+    pub route: String,
+    /// `provider/model` that answered, or `none`.
+    pub target: String,
+    /// `ok`, `degraded`, `error`, `stream_error`, `rejected`.
+    pub outcome: String,
+}
+
+/// Labels of `keel_attempts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// `provider/model`.
+    pub target: String,
+    /// `ok`, or the error class of the failure (`retryable`, `fallback_only`, `fatal`).
+    pub outcome: String,
+}
+
+/// A label set with only `route`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route name.
+    pub route: String,
+}
+
+/// A label set with only `target`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    /// `provider/model`.
+    pub target: String,
+}
+
+/// Labels of `gen_ai_client_token_usage` (OTel GenAI semantic conventions).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// `input` or `output`.
+    pub gen_ai_token_type: String,
+    /// Route name.
+    pub route: String,
+}
+
+/// Labels of `keel_budget_remaining`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// Agent name.
+    pub agent: String,
+    /// `tokens`.
+    pub unit: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s: model calls are slow, the gateway's own work is not.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn token_histogram() -> Histogram {
+    // 1 .. ~4M tokens, OTel's advised boundaries are powers of 4.
+    Histogram::new(exponential_buckets(1.0, 4.0, 12))
+}
+
+/// Every gateway metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    /// `keel_requests_total{route,target,outcome}`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `keel_request_duration_seconds{route}`.
+    pub request_duration: HistogramFamily<RouteLabel>,
+    /// `keel_attempts_total{target,outcome}`.
+    pub attempts: Family<AttemptLabels, Counter>,
+    /// `keel_retries_total{route}`.
+    pub retries: Family<RouteLabel, Counter>,
+    /// `keel_fallbacks_total{route}`.
+    pub fallbacks: Family<RouteLabel, Counter>,
+    /// `keel_degraded_total{route}`.
+    pub degraded: Family<RouteLabel, Counter>,
+    /// `keel_stream_errors_total{route}`: streams ended by an error event after the first byte.
+    pub stream_errors: Family<RouteLabel, Counter>,
+    /// `keel_breaker_state{target}`: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Family<TargetLabel, Gauge>,
+    /// `gen_ai_client_token_usage{gen_ai_token_type,route}`.
+    pub token_usage: HistogramFamily<TokenLabels>,
+    /// `keel_budget_remaining{agent,unit}`.
+    pub budget_remaining: Family<BudgetLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration: HistogramFamily<RouteLabel> =
+            Family::new_with_constructor(latency_histogram);
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        let retries = Family::<RouteLabel, Counter>::default();
+        let fallbacks = Family::<RouteLabel, Counter>::default();
+        let degraded = Family::<RouteLabel, Counter>::default();
+        let stream_errors = Family::<RouteLabel, Counter>::default();
+        let breaker_state = Family::<TargetLabel, Gauge>::default();
+        let token_usage: HistogramFamily<TokenLabels> =
+            Family::new_with_constructor(token_histogram);
+        let budget_remaining = Family::<BudgetLabels, Gauge>::default();
+        // prometheus-client appends `_total` to counters itself.
+        registry.register(
+            "keel_requests",
+            "Gateway requests by route, answering target and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "keel_request_duration_seconds",
+            "Time from request to the end of the answer, per route",
+            request_duration.clone(),
+        );
+        registry.register(
+            "keel_attempts",
+            "Upstream attempts by target and outcome",
+            attempts.clone(),
+        );
+        registry.register("keel_retries", "Retries scheduled, per route", retries.clone());
+        registry.register(
+            "keel_fallbacks",
+            "Calls answered by a target other than the first, per route",
+            fallbacks.clone(),
+        );
+        registry.register(
+            "keel_degraded",
+            "Static degraded replies served, per route",
+            degraded.clone(),
+        );
+        registry.register(
+            "keel_stream_errors",
+            "Streams ended with an error event after the first byte, per route",
+            stream_errors.clone(),
+        );
+        registry.register(
+            "keel_breaker_state",
+            "Circuit breaker state per target: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens used per call, by token type (input, output)",
+            token_usage.clone(),
+        );
+        registry.register(
+            "keel_budget_remaining",
+            "Budget left in the current window, per agent and unit",
+            budget_remaining.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            attempts,
+            retries,
+            fallbacks,
+            degraded,
+            stream_errors,
+            breaker_state,
+            token_usage,
+            budget_remaining,
+        }
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an error here would be a bug in
+        // the encoder, and an empty scrape is the honest answer to it.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_design_names() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "smart".into(),
+                target: "openai/gpt".into(),
+                outcome: "ok".into(),
+            })
+            .inc();
+        m.breaker_state
+            .get_or_create(&TargetLabel { target: "openai/gpt".into() })
+            .set(2);
+        let text = m.render();
+        assert!(text.contains(
+            "keel_requests_total{route=\"smart\",target=\"openai/gpt\",outcome=\"ok\"} 1"
+        ));
+        assert!(text.contains("keel_breaker_state{target=\"openai/gpt\"} 2"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,450 @@
+//! The route executor: one client call through a route's chain of targets.
+//!
+//! Order of policies for one call (outermost first):
+//! 1. total deadline (`timeouts.total`) over everything below;
+//! 2. fallback chain: targets in order, a target whose breaker is open is skipped;
+//! 3. per target, retry with backoff and jitter, gated by the route's retry budget;
+//! 4. per attempt, the circuit breaker permit, then the attempt deadline
+//!    (`timeouts.attempt`, and `first_token` for streams), then the provider call.
+//!
+//! Errors are classified once ([`UpstreamError::class`]): retryable errors are
+//! retried on the same target, fallback-only errors move to the next target,
+//! fatal errors go back to the client unchanged. Everything that happens is
+//! collected as events in the [`CallLog`] and written by the caller in one append.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use keel_config::{RetrySettings, RouteSettings, TimeoutSettings};
+use keel_core::{ErrorClass, EventKind, NewEvent};
+use keel_policy::Clock;
+use keel_policy::backoff::{Backoff, retry_after_delay};
+use keel_policy::breaker::{Breaker, Outcome, Transition};
+use keel_policy::budget::RetryBudget;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::error::UpstreamError;
+use crate::metrics::{AttemptLabels, Metrics, RouteLabel, TargetLabel};
+use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
+
+/// How long the retry budget remembers calls (tower's `TpsBudget` default).
+const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// One target of a route: a provider and the model to ask it for.
+pub struct Target {
+    /// `provider/model`, the name in headers, events and metrics.
+    pub id: String,
+    /// The model name sent upstream.
+    pub model: String,
+    /// The provider client.
+    pub provider: Arc<dyn Provider>,
+    /// The target's breaker, shared by every route that uses this target.
+    pub breaker: Arc<Mutex<Breaker>>,
+}
+
+/// A route with its live policy state.
+pub struct Route {
+    /// Route name (what clients send as `model`).
+    pub name: String,
+    /// Targets in fallback order.
+    pub targets: Vec<Arc<Target>>,
+    /// Static reply when every target fails.
+    pub degraded_reply: Option<String>,
+    /// Retry settings.
+    pub retry: RetrySettings,
+    /// Deadlines.
+    pub timeouts: TimeoutSettings,
+    budget: Mutex<RetryBudget>,
+}
+
+impl Route {
+    /// Builds a route over already-built targets.
+    pub fn new(settings: &RouteSettings, targets: Vec<Arc<Target>>) -> Self {
+        let budget = RetryBudget::new(
+            RETRY_BUDGET_WINDOW,
+            settings.retry.budget_min_per_sec,
+            settings.retry.budget_ratio,
+        );
+        Self {
+            name: settings.name.clone(),
+            targets,
+            degraded_reply: settings.degraded_reply.clone(),
+            retry: settings.retry.clone(),
+            timeouts: settings.timeouts.clone(),
+            budget: Mutex::new(budget),
+        }
+    }
+}
+
+/// Who a call is for, as recorded in its events.
+#[derive(Debug, Clone, Default)]
+pub struct Attribution {
+    /// Agent name.
+    pub agent: String,
+    /// Task id, from `x-keel-task` or the `/tasks/{id}/v1` path.
+    pub task: Option<String>,
+    /// Step label, from `x-keel-step`.
+    pub step: Option<String>,
+}
+
+/// Events and counters of one call, written by the caller in one append.
+pub struct CallLog {
+    /// Who the call is for.
+    pub who: Attribution,
+    /// Events so far, in order.
+    pub events: Vec<NewEvent>,
+    /// Attempts made over all targets.
+    pub attempts: u32,
+}
+
+impl CallLog {
+    /// An empty log for `who`.
+    pub fn new(who: Attribution) -> Self {
+        Self { who, events: Vec::new(), attempts: 0 }
+    }
+
+    /// Appends an event of this call's task.
+    pub fn push(&mut self, kind: EventKind, data: serde_json::Value) {
+        self.events.push(NewEvent::new(kind, self.who.task.clone(), data));
+    }
+}
+
+/// What the chain produced.
+pub enum Answer {
+    /// A complete JSON body from `target`.
+    Json {
+        /// The target that answered.
+        target: Arc<Target>,
+        /// The body, unchanged.
+        body: Bytes,
+        /// Whether `target` is not the route's first.
+        fallback: bool,
+    },
+    /// A stream whose first chunk has arrived (nothing sent to the client yet).
+    Stream {
+        /// The target that answered.
+        target: Arc<Target>,
+        /// The first chunk.
+        first: Bytes,
+        /// The rest.
+        rest: ChunkStream,
+        /// Whether `target` is not the route's first.
+        fallback: bool,
+    },
+    /// Every target failed or was open; the last failure, if any attempt was made.
+    Exhausted {
+        /// The last error seen.
+        last: Option<UpstreamError>,
+        /// Whether the total deadline ran out.
+        timed_out: bool,
+    },
+    /// A fatal error to return to the client unchanged.
+    Fatal(UpstreamError),
+}
+
+/// Runs one call through `route`. `body` is the client's JSON object.
+pub struct Executor<'a> {
+    /// The route.
+    pub route: &'a Route,
+    /// Metrics.
+    pub metrics: &'a Metrics,
+    /// Clock for breakers and budgets.
+    pub clock: &'a dyn Clock,
+}
+
+impl Executor<'_> {
+    /// Tries the chain; see the module docs for the order of policies.
+    pub async fn run(
+        &self,
+        endpoint: Endpoint,
+        body: &serde_json::Map<String, serde_json::Value>,
+        stream: bool,
+        log: &mut CallLog,
+    ) -> Answer {
+        let route = self.route;
+        let deadline = Instant::now() + route.timeouts.total;
+        route.budget.lock().deposit(self.clock.now());
+        let mut last: Option<UpstreamError> = None;
+        let mut previous: Option<&Arc<Target>> = None;
+        for (index, target) in route.targets.iter().enumerate() {
+            if let Some(prev) = previous {
+                let reason = last.as_ref().map_or("breaker_open", UpstreamError::reason);
+                log.push(
+                    EventKind::FallbackUsed,
+                    json!({"route": route.name, "from": prev.id, "to": target.id, "reason": reason}),
+                );
+            }
+            previous = Some(target);
+            let request_body = match with_model(body, &target.model) {
+                Ok(b) => b,
+                Err(e) => return Answer::Fatal(e.into_upstream(&target.id)),
+            };
+            let request = ProviderRequest {
+                endpoint,
+                body: request_body,
+                stream,
+                target: target.id.clone(),
+            };
+            match self.try_target(target, request, deadline, log).await {
+                TargetResult::Answered(reply) => {
+                    let fallback = index > 0;
+                    return match reply {
+                        Reply::Json(body) => Answer::Json { target: Arc::clone(target), body, fallback },
+                        Reply::Stream(first, rest) => Answer::Stream {
+                            target: Arc::clone(target),
+                            first,
+                            rest,
+                            fallback,
+                        },
+                    };
+                }
+                TargetResult::Fatal(e) => return Answer::Fatal(e),
+                TargetResult::Next(e) => {
+                    if let Some(e) = e {
+                        last = Some(e);
+                    }
+                }
+                TargetResult::OutOfTime(e) => {
+                    return Answer::Exhausted { last: e.or(last), timed_out: true };
+                }
+            }
+        }
+        Answer::Exhausted { last, timed_out: false }
+    }
+
+    async fn try_target(
+        &self,
+        target: &Arc<Target>,
+        request: ProviderRequest,
+        deadline: Instant,
+        log: &mut CallLog,
+    ) -> TargetResult {
+        let route = self.route;
+        let mut backoff = Backoff::new(route.retry.base, route.retry.cap, route.retry.jitter);
+        let max_attempts = route.retry.max_attempts.get();
+        let mut last = None;
+        for attempt in 0..max_attempts {
+            let permit = {
+                let mut breaker = target.breaker.lock();
+                let permit = breaker.try_acquire(self.clock.now());
+                let transitions = breaker.take_transitions();
+                drop(breaker);
+                self.note_transitions(target, &transitions, log);
+                permit
+            };
+            let Ok(permit) = permit else {
+                let skipped = UpstreamError::BreakerOpen { target: target.id.clone() };
+                return TargetResult::Next(last.or(Some(skipped)));
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                target.breaker.lock().release(permit);
+                return TargetResult::OutOfTime(last);
+            }
+            log.attempts += 1;
+            let started = self.clock.now();
+            let result = self.attempt(target, request.clone(), deadline).await;
+            let took = self.clock.now().saturating_sub(started);
+            let outcome_for_breaker = match &result {
+                Ok(_) => Some(true),
+                Err(e) if e.counts_against_target() => Some(false),
+                Err(_) => None,
+            };
+            {
+                let mut breaker = target.breaker.lock();
+                match outcome_for_breaker {
+                    Some(success) => breaker.record(permit, self.clock.now(), Outcome { success, duration: took }),
+                    None => breaker.release(permit),
+                }
+                let transitions = breaker.take_transitions();
+                drop(breaker);
+                self.note_transitions(target, &transitions, log);
+            }
+            let error = match result {
+                Ok(reply) => {
+                    self.count_attempt(target, "ok");
+                    return TargetResult::Answered(reply);
+                }
+                Err(e) => e,
+            };
+            let class = error.class();
+            self.count_attempt(target, class.as_str());
+            log.push(
+                EventKind::LlmAttemptFailed,
+                json!({
+                    "route": route.name,
+                    "target": target.id,
+                    "attempt": attempt + 1,
+                    "class": class.as_str(),
+                    "reason": error.reason(),
+                    "status": error.status().map(|s| s.as_u16()),
+                    "error": error.to_string(),
+                    "latency_ms": took.as_millis() as u64,
+                }),
+            );
+            match class {
+                ErrorClass::Fatal => return TargetResult::Fatal(error),
+                ErrorClass::FallbackOnly => return TargetResult::Next(Some(error)),
+                ErrorClass::Retryable => {}
+            }
+            if attempt + 1 >= max_attempts {
+                return TargetResult::Next(Some(error));
+            }
+            let delay = self.retry_delay(&mut backoff, attempt, &error);
+            if Instant::now() + delay >= deadline {
+                return TargetResult::OutOfTime(Some(error));
+            }
+            if !route.budget.lock().withdraw(self.clock.now()) {
+                log.push(
+                    EventKind::RetryScheduled,
+                    json!({"route": route.name, "target": target.id, "skipped": "retry budget exhausted"}),
+                );
+                return TargetResult::Next(Some(error));
+            }
+            self.metrics.retries.get_or_create(&RouteLabel { route: route.name.clone() }).inc();
+            log.push(
+                EventKind::RetryScheduled,
+                json!({
+                    "route": route.name,
+                    "target": target.id,
+                    "attempt": attempt + 2,
+                    "delay_ms": delay.as_millis() as u64,
+                    "after": error.reason(),
+                }),
+            );
+            tokio::time::sleep(delay).await;
+            last = Some(error);
+        }
+        TargetResult::Next(last)
+    }
+
+    /// One attempt under the tightest of the attempt and total deadlines; for a
+    /// stream, also waits (under `first_token`) for the first chunk.
+    async fn attempt(
+        &self,
+        target_ref: &Target,
+        request: ProviderRequest,
+        deadline: Instant,
+    ) -> Result<Reply, UpstreamError> {
+        let timeouts = &self.route.timeouts;
+        let start = Instant::now();
+        let attempt_deadline = deadline.min(start + timeouts.attempt);
+        let mut phase = if attempt_deadline == deadline { "total" } else { "attempt" };
+        let target = request.target.clone();
+        let stream = request.stream;
+        // A stream must show its first chunk within `first_token`, headers included.
+        let first_deadline = if stream {
+            let first = attempt_deadline.min(start + timeouts.first_token);
+            if first < attempt_deadline {
+                phase = "first_token";
+            }
+            first
+        } else {
+            attempt_deadline
+        };
+        let timed_out = |after: Duration| UpstreamError::Timeout { target: target.clone(), phase, after };
+        let reply = match tokio::time::timeout_at(first_deadline, target_ref.provider.send(request)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out(start.elapsed())),
+        };
+        match reply {
+            ProviderReply::Json(body) => {
+                if !stream {
+                    check_json(&body, &target)?;
+                }
+                Ok(Reply::Json(body))
+            }
+            ProviderReply::Stream(mut rest) => match tokio::time::timeout_at(first_deadline, rest.next()).await {
+                Ok(Some(Ok(first))) => Ok(Reply::Stream(first, rest)),
+                Ok(Some(Err(_)) | None) => Err(UpstreamError::StreamCut { target: target.clone() }),
+                Err(_) => Err(timed_out(start.elapsed())),
+            },
+        }
+    }
+
+    fn retry_delay(&self, backoff: &mut Backoff, attempt: u32, error: &UpstreamError) -> Duration {
+        let retry = &self.route.retry;
+        if retry.respect_retry_after {
+            if let UpstreamError::Status { retry_after: Some(after), .. } = error {
+                return retry_after_delay(*after, retry.cap);
+            }
+        }
+        backoff.delay(attempt, &mut rand::rng())
+    }
+
+    fn count_attempt(&self, target: &Target, outcome: &str) {
+        self.metrics
+            .attempts
+            .get_or_create(&AttemptLabels { target: target.id.clone(), outcome: outcome.to_owned() })
+            .inc();
+    }
+
+    fn note_transitions(&self, target: &Target, transitions: &[Transition], log: &mut CallLog) {
+        for t in transitions {
+            let kind = match t.to.as_str() {
+                "open" => EventKind::BreakerOpened,
+                "half_open" => EventKind::BreakerHalfOpened,
+                _ => EventKind::BreakerClosed,
+            };
+            self.metrics
+                .breaker_state
+                .get_or_create(&TargetLabel { target: target.id.clone() })
+                .set(t.to.gauge());
+            // Breaker transitions belong to the target, not to the task that saw them.
+            log.events.push(NewEvent::new(
+                kind,
+                None,
+                json!({
+                    "target": target.id,
+                    "from": t.from.as_str(),
+                    "to": t.to.as_str(),
+                    "failure_rate": t.failure_rate,
+                    "slow_call_rate": t.slow_call_rate,
+                    "route": self.route.name,
+                }),
+            ));
+            tracing::warn!(target_id = %target.id, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
+        }
+    }
+}
+
+enum Reply {
+    Json(Bytes),
+    Stream(Bytes, ChunkStream),
+}
+
+enum TargetResult {
+    Answered(Reply),
+    Fatal(UpstreamError),
+    Next(Option<UpstreamError>),
+    OutOfTime(Option<UpstreamError>),
+}
+
+/// A 200 body that is not JSON is the upstream's failure, and retryable.
+fn check_json(body: &[u8], target: &str) -> Result<(), UpstreamError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| UpstreamError::Malformed { target: target.to_owned(), detail: e.to_string() })
+}
+
+/// The client's body with `model` replaced by the target's model.
+fn with_model(body: &serde_json::Map<String, serde_json::Value>, model: &str) -> Result<Bytes, serde_json::Error> {
+    let mut body = body.clone();
+    body.insert("model".to_owned(), serde_json::Value::String(model.to_owned()));
+    serde_json::to_vec(&body).map(Bytes::from)
+}
+
+trait IntoUpstream {
+    fn into_upstream(self, target: &str) -> UpstreamError;
+}
+
+impl IntoUpstream for serde_json::Error {
+    fn into_upstream(self, target: &str) -> UpstreamError {
+        UpstreamError::Malformed { target: target.to_owned(), detail: self.to_string() }
+    }
+}
+

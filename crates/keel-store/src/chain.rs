@@ -1,0 +1,316 @@
+//! The hash chain: canonical JSON, the exact bytes that are hashed, and a
+//! verifier that walks a log in `seq` order.
+//!
+//! This module is pure (no I/O) so every store implementation, and `keel audit
+//! verify`, compute the same hashes. It does not know how events are stored.
+//!
+//! # Byte layout
+//!
+//! `hash = lowercase_hex(sha256(bytes))` where `bytes` is, in order:
+//!
+//! | field       | encoding                                                        |
+//! | ----------- | --------------------------------------------------------------- |
+//! | domain      | the 14 ASCII bytes `keel.event.v1` followed by one `0x00`       |
+//! | `prev_hash` | `str`                                                           |
+//! | `seq`       | 8 bytes, unsigned big-endian                                    |
+//! | `task_id`   | `0x00` when absent; `0x01` then `str` when present              |
+//! | `at`        | `str` (RFC 3339, UTC, milliseconds: `2026-11-23T13:00:00.123Z`) |
+//! | `at_ms`     | 8 bytes, signed big-endian (two's complement)                   |
+//! | `kind`      | `str` (`llm_call`)                                              |
+//! | `data`      | `str` holding the canonical JSON of `data`                      |
+//!
+//! where `str` is the UTF-8 length as 8 bytes unsigned big-endian followed by the
+//! UTF-8 bytes. Every variable-length field is length-prefixed, so no field can
+//! be shifted into its neighbour, and an absent `task_id` differs from `""`.
+//! The first event's `prev_hash` is [`GENESIS_HASH`] (64 `'0'`s).
+//!
+//! # Canonical JSON
+//!
+//! [`canonical_json`] sorts the keys of every object (recursively, by their
+//! UTF-8 bytes) and prints compactly, with serde_json's number and string
+//! formatting. Parsing canonical JSON and printing it canonically again gives
+//! the same text, so a stored row verifies the same way every time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+/// `prev_hash` of the first event of a log: 64 ASCII `'0'`s.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Domain separator hashed before every event, so the hash of an event can never
+/// be confused with the hash of some other structure.
+const DOMAIN: &[u8] = b"keel.event.v1\0";
+
+/// The fields of one event that its hash covers, borrowed.
+///
+/// `data` is the canonical JSON text ([`canonical_json`]) exactly as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct HashInput<'a> {
+    /// Hash of the previous event, or [`GENESIS_HASH`].
+    pub prev_hash: &'a str,
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// Task the event belongs to.
+    pub task_id: Option<&'a str>,
+    /// RFC 3339 time, as stored.
+    pub at: &'a str,
+    /// The same time in Unix milliseconds.
+    pub at_ms: i64,
+    /// Event kind name (`llm_call`).
+    pub kind: &'a str,
+    /// Canonical JSON of the event's data.
+    pub data: &'a str,
+}
+
+impl HashInput<'_> {
+    /// The event's hash: lowercase hex of SHA-256 over the layout in the module doc.
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(DOMAIN);
+        put_str(&mut h, self.prev_hash);
+        h.update(self.seq.to_be_bytes());
+        match self.task_id {
+            None => h.update([0u8]),
+            Some(task_id) => {
+                h.update([1u8]);
+                put_str(&mut h, task_id);
+            }
+        }
+        put_str(&mut h, self.at);
+        h.update(self.at_ms.to_be_bytes());
+        put_str(&mut h, self.kind);
+        put_str(&mut h, self.data);
+        hex::encode(h.finalize())
+    }
+}
+
+fn put_str(h: &mut Sha256, s: &str) {
+    // usize -> u64 is lossless on every platform Rust supports.
+    h.update((s.len() as u64).to_be_bytes());
+    h.update(s.as_bytes());
+}
+
+/// `value` with the keys of every object sorted, recursively.
+///
+/// Needed because this workspace enables serde_json's `preserve_order`, under
+/// which objects keep insertion order.
+pub fn canonicalize(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, canonicalize(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(canonicalize).collect()),
+        scalar @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)) => scalar,
+    }
+}
+
+/// The canonical JSON text of `value`: sorted keys, compact.
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    canonicalize(value.clone()).to_string()
+}
+
+/// Checks a log event by event, in `seq` order, and names the first broken link.
+///
+/// Feed it every event from `seq` 1 upwards with [`ChainVerifier::check`]; the
+/// first error it returns is the answer of `verify`.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    next_seq: u64,
+    prev_hash: String,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChainVerifier {
+    /// A verifier expecting `seq` 1 with `prev_hash` [`GENESIS_HASH`].
+    pub fn new() -> Self {
+        Self {
+            next_seq: 1,
+            prev_hash: GENESIS_HASH.to_owned(),
+        }
+    }
+
+    /// Number of events checked and found intact so far.
+    pub fn checked(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Checks the next event, given the hash it claims for itself.
+    ///
+    /// Errors with a lowercase reason when the `seq` is not the next one, the
+    /// `prev_hash` is not the previous event's hash, or `hash` does not match
+    /// the content.
+    pub fn check(&mut self, input: &HashInput<'_>, hash: &str) -> Result<(), String> {
+        if input.seq != self.next_seq {
+            return Err(format!(
+                "expected seq {} but found seq {}",
+                self.next_seq, input.seq
+            ));
+        }
+        if input.prev_hash != self.prev_hash {
+            return Err(format!(
+                "prev_hash {} does not match the hash {} of the previous event",
+                input.prev_hash, self.prev_hash
+            ));
+        }
+        let computed = input.hash();
+        if computed != hash {
+            return Err(format!(
+                "stored hash {hash} does not match the content, which hashes to {computed}"
+            ));
+        }
+        self.next_seq += 1;
+        self.prev_hash = computed;
+        Ok(())
+    }
+}
+
+/// The current wall-clock time in Unix milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC with milliseconds (`2026-11-23T13:00:00.123Z`).
+pub fn format_rfc3339_ms(at_ms: i64) -> String {
+    let millis = at_ms.rem_euclid(1000);
+    let secs = at_ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        sod / 3600,
+        (sod % 3600) / 60,
+        sod % 60
+    )
+}
+
+/// Gregorian (year, month, day) of a count of days since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn input<'a>(task_id: Option<&'a str>, kind: &'a str, data: &'a str) -> HashInput<'a> {
+        HashInput {
+            prev_hash: GENESIS_HASH,
+            seq: 1,
+            task_id,
+            at: "2026-11-23T13:00:00.123Z",
+            at_ms: 1_795_438_800_123,
+            kind,
+            data,
+        }
+    }
+
+    #[test]
+    fn formats_rfc3339_with_millis() {
+        assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339_ms(1_795_438_800_123),
+            "2026-11-23T13:00:00.123Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(format_rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_recursively() {
+        let value = json!({"b": 1, "a": {"z": [{"y": 1, "x": 2}], "c": null}});
+        assert_eq!(
+            canonical_json(&value),
+            r#"{"a":{"c":null,"z":[{"x":2,"y":1}]},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn canonical_json_is_stable_through_a_parse() {
+        let value = json!({"n": 1.5e300, "f": 0.1, "s": "é\u{1}\"", "i": -7, "u": 18_446_744_073_709_551_615u64});
+        let text = canonical_json(&value);
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(canonical_json(&parsed), text);
+    }
+
+    #[test]
+    fn hash_is_lowercase_hex_sha256() {
+        let hash = input(None, "llm_call", "{}").hash();
+        assert_eq!(hash.len(), 64);
+        assert!(hash.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+    }
+
+    #[test]
+    fn absent_task_differs_from_empty_task() {
+        assert_ne!(
+            input(None, "llm_call", "{}").hash(),
+            input(Some(""), "llm_call", "{}").hash()
+        );
+    }
+
+    #[test]
+    fn fields_cannot_be_shifted_into_neighbours() {
+        assert_ne!(
+            input(Some("ab"), "c", "{}").hash(),
+            input(Some("a"), "bc", "{}").hash()
+        );
+    }
+
+    #[test]
+    fn verifier_names_first_broken_link() {
+        let mut verifier = ChainVerifier::new();
+        let first = input(None, "llm_call", "{}");
+        let hash = first.hash();
+        assert_eq!(verifier.check(&first, &hash), Ok(()));
+        let second = HashInput {
+            prev_hash: &hash,
+            seq: 2,
+            ..first
+        };
+        assert!(verifier.check(&second, "bad").is_err());
+        assert_eq!(verifier.checked(), 1);
+    }
+
+    #[test]
+    fn verifier_rejects_gap_in_seq() {
+        let mut verifier = ChainVerifier::new();
+        let first = HashInput {
+            seq: 2,
+            ..input(None, "llm_call", "{}")
+        };
+        let err = verifier.check(&first, &first.hash()).unwrap_err();
+        assert!(err.contains("expected seq 1"), "{err}");
+    }
+}

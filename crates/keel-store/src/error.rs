@@ -1,0 +1,110 @@
+//! Failures of an event store. Messages are lowercase and name the database.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory that should hold the database could not be created.
+    #[error("create directory {} for the event store failed", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened or configured.
+    #[error("open event store {} failed", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A schema migration failed; the database was left at version `from`.
+    #[error("migrate event store {} from schema version {from} to {to} failed", path.display())]
+    Migrate {
+        /// The database file.
+        path: PathBuf,
+        /// Schema version found.
+        from: u32,
+        /// Schema version this build wanted.
+        to: u32,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer keel.
+    #[error(
+        "event store {} has schema version {found}, newer than the {known} this keel knows",
+        path.display()
+    )]
+    SchemaTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Schema version found.
+        found: u32,
+        /// Newest schema version this build knows.
+        known: u32,
+    },
+    /// The writer thread could not be started.
+    #[error("start the writer thread for event store {} failed", path.display())]
+    SpawnWriter {
+        /// The database file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A group commit failed; none of its events were written.
+    ///
+    /// Every appender that shared the commit gets this error, hence the `Arc`.
+    #[error("commit of {events} events to event store {} failed", path.display())]
+    Commit {
+        /// The database file.
+        path: PathBuf,
+        /// Number of events in the failed commit (all appenders together).
+        events: usize,
+        /// What SQLite said.
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
+    /// Reading events failed.
+    #[error("read from event store {} failed", path.display())]
+    Read {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A stored row could not be turned back into an event.
+    #[error("event {seq} in event store {} is malformed: {reason}", path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// The row's `seq`.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The writer thread is gone (the store was closed, or the thread died);
+    /// the append was not written.
+    #[error("the writer of event store {} has stopped", path.display())]
+    WriterStopped {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A blocking read task panicked or was cancelled.
+    #[error("a read task on event store {} failed", path.display())]
+    Task {
+        /// The database file.
+        path: PathBuf,
+        /// What tokio said.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}

@@ -1,0 +1,225 @@
+//! The embedded SQLite event store: one file, WAL mode, one writer thread with
+//! group commit, a small pool of readers.
+//!
+//! Durability: the database runs in WAL mode. A commit is appended to the WAL
+//! with `write()` before it is acknowledged, so it survives `kill -9` of the
+//! process under both [`Durability`] settings; [`Durability::Fsync`]
+//! (`synchronous=FULL`) also syncs the WAL before acknowledging, so it survives
+//! power loss too. Group commit ([`writer`]) keeps that to one sync per batch of
+//! concurrent appends rather than one per request.
+//!
+//! One process should own a database file: the writer serialises appends within
+//! the process, and re-reads the chain head inside each write transaction, so a
+//! second writer would be safe but slow.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use keel_core::NewEvent;
+
+use crate::{Durability, Event, EventQuery, EventStore, StoreError, Verify};
+
+mod migrate;
+mod read;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use read::{BUSY_TIMEOUT, Readers};
+use writer::{AppendRequest, QUEUE_CAPACITY, WriterStats};
+
+/// The SQLite [`EventStore`].
+///
+/// Dropping it (or [`SqliteStore::close`]) lets the writer finish every append
+/// already queued, then closes the file; `drop` waits for that.
+pub struct SqliteStore {
+    path: PathBuf,
+    durability: Durability,
+    /// `None` only while closing.
+    queue: Option<mpsc::Sender<AppendRequest>>,
+    /// `None` only while closing.
+    writer: Option<JoinHandle<()>>,
+    readers: Arc<Readers>,
+    stats: Arc<WriterStats>,
+}
+
+// === impl SqliteStore ===
+
+impl SqliteStore {
+    /// Opens or creates the database file (creating parent directories), runs
+    /// migrations, and starts the writer thread.
+    ///
+    /// Errors if the directory or file cannot be created or opened, the schema
+    /// is newer than this build, or a migration fails.
+    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let mut conn = open_writer(path, durability)?;
+        migrate::migrate(&mut conn, path, migrate::MIGRATIONS)?;
+        let readers = Arc::new(Readers::open(path)?);
+        let stats = Arc::new(WriterStats::default());
+        let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = {
+            let writer_path = path.to_owned();
+            let stats = Arc::clone(&stats);
+            std::thread::Builder::new()
+                .name("keel-store-writer".to_owned())
+                .spawn(move || writer::run(conn, writer_path, rx, stats))
+                .map_err(|source| StoreError::SpawnWriter {
+                    path: path.to_owned(),
+                    source,
+                })?
+        };
+        tracing::debug!(path = %path.display(), ?durability, "opened event store");
+        Ok(Self {
+            path: path.to_owned(),
+            durability,
+            queue: Some(queue),
+            writer: Some(writer),
+            readers,
+            stats,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The durability this store acknowledges appends with.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Number of successful commits since open. Concurrent appends share
+    /// commits, so this grows more slowly than the number of `append` calls.
+    pub fn commits(&self) -> u64 {
+        self.stats.commits.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting appends, waits for the writer to commit everything
+    /// already queued, and closes the database.
+    ///
+    /// Errors only if the writer thread had died.
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        self.queue = None;
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let joined = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|source| self.task_err(source))?;
+        joined.map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> StoreError {
+        StoreError::WriterStopped {
+            path: self.path.clone(),
+        }
+    }
+
+    fn task_err(&self, source: tokio::task::JoinError) -> StoreError {
+        StoreError::Task {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Runs a blocking read on the pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Readers) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || f(&readers))
+            .await
+            .map_err(|source| self.task_err(source))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer once the queue is drained.
+        self.queue = None;
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "event store writer panicked");
+        }
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
+            .field("commits", &self.commits())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the write connection: WAL, the durability's `synchronous`, a busy timeout.
+fn open_writer(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), %mode, "event store could not switch to WAL mode");
+    }
+    let synchronous = match durability {
+        Durability::Fsync => "FULL",
+        Durability::Relaxed => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+#[async_trait::async_trait]
+impl EventStore for SqliteStore {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(AppendRequest { events, reply })
+            .await
+            .map_err(|_| self.stopped())?;
+        // A writer that dies drops `reply`, so this never hangs.
+        answer.await.map_err(|_| self.stopped())?
+    }
+
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
+        self.read(move |readers| readers.events(&query)).await
+    }
+
+    async fn verify(&self) -> Result<Verify, StoreError> {
+        self.read(Readers::verify).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.queue.as_ref().is_none_or(mpsc::Sender::is_closed) {
+            return Err(self.stopped());
+        }
+        self.read(Readers::ping).await
+    }
+}

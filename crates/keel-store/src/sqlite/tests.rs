@@ -1,0 +1,428 @@
+//! SQLite-specific tests, plus the conformance suite run against [`SqliteStore`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde_json::json;
+use tempfile::TempDir;
+use tokio::task::JoinSet;
+
+use keel_core::{EventKind, NewEvent};
+
+use super::migrate::{self, MIGRATIONS};
+use super::*;
+use crate::chain::{GENESIS_HASH, HashInput};
+use crate::conformance;
+
+fn open(dir: &TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("keel.db"), Durability::Fsync).unwrap()
+}
+
+fn step(task: &str, i: u64) -> NewEvent {
+    NewEvent::new(
+        EventKind::StepRecorded,
+        Some(task.to_owned()),
+        json!({"i": i}),
+    )
+}
+
+fn seqs_of(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+async fn all(store: &SqliteStore) -> Vec<Event> {
+    store.events(EventQuery::default()).await.unwrap()
+}
+
+// === conformance ===
+
+#[tokio::test]
+async fn conformance_append_assigns_consecutive_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::append_assigns_consecutive_seqs(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn conformance_append_links_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::append_links_the_chain(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn conformance_appended_events_read_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::appended_events_read_back_unchanged(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn conformance_events_by_task_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::events_by_task_in_order(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn conformance_filters_kind_after_seq_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::filters_kind_after_seq_and_limit(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_concurrent_appends_form_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    conformance::concurrent_appends_form_one_chain(Arc::clone(&store))
+        .await
+        .unwrap();
+    assert!(
+        store.commits() < 500,
+        "{} commits for 500 appends",
+        store.commits()
+    );
+}
+
+#[tokio::test]
+async fn conformance_verify_reports_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::verify_reports_intact(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn conformance_ping_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::ping_succeeds(&open(&dir)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_run_all_with_relaxed_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    conformance::run_all(|| {
+        let path = dir
+            .path()
+            .join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
+        SqliteStore::open(&path, Durability::Relaxed).unwrap()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn conformance_holds_through_a_dyn_arc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(open(&dir));
+    conformance::append_assigns_consecutive_seqs(&store)
+        .await
+        .unwrap();
+}
+
+// === open, reopen, migrations ===
+
+#[tokio::test]
+async fn open_creates_parent_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/keel.db");
+    let store = SqliteStore::open(&path, Durability::Fsync).unwrap();
+    store.ping().await.unwrap();
+    assert!(path.exists());
+}
+
+#[tokio::test]
+async fn open_puts_the_database_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    let _store = SqliteStore::open(&path, Durability::Relaxed).unwrap();
+    let raw = Connection::open(&path).unwrap();
+    let mode: String = raw
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn reopen_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(&dir);
+    let before = first
+        .append(vec![step("t", 0), step("t", 1)])
+        .await
+        .unwrap();
+    first.close().await.unwrap();
+
+    let second = open(&dir);
+    let after = second.append(vec![step("t", 2)]).await.unwrap();
+    assert_eq!(after[0].seq, 3);
+    assert_eq!(after[0].prev_hash, before[1].hash);
+    assert_eq!(second.verify().await.unwrap(), Verify::Intact { events: 3 });
+}
+
+#[tokio::test]
+async fn acknowledged_events_are_present_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    let mut set = JoinSet::new();
+    for t in 0..8 {
+        let store = Arc::clone(&store);
+        set.spawn(async move { store.append(vec![step(&format!("t{t}"), t)]).await.unwrap() });
+    }
+    let mut acked = Vec::new();
+    while let Some(stored) = set.join_next().await {
+        acked.extend(stored.unwrap());
+    }
+    acked.sort_by_key(|e| e.seq);
+    drop(store);
+
+    let reopened = open(&dir);
+    assert_eq!(all(&reopened).await, acked);
+}
+
+#[tokio::test]
+async fn opens_a_database_created_at_schema_version_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    // Build a version-1 file by hand, as the first release wrote it.
+    let mut prev = GENESIS_HASH.to_owned();
+    {
+        let mut raw = Connection::open(&path).unwrap();
+        migrate::migrate(&mut raw, &path, &MIGRATIONS[..1]).unwrap();
+        for seq in 1..=2u64 {
+            let at = "2026-11-23T13:00:00.123Z";
+            let at_ms = 1_795_438_800_123;
+            let data = format!(r#"{{"seq":{seq}}}"#);
+            let hash = HashInput {
+                prev_hash: &prev,
+                seq,
+                task_id: Some("old"),
+                at,
+                at_ms,
+                kind: "task_created",
+                data: &data,
+            }
+            .hash();
+            raw.execute(
+                "INSERT INTO events (seq, task_id, at, at_ms, kind, data, prev_hash, hash) VALUES (?1, 'old', ?2, ?3, 'task_created', ?4, ?5, ?6)",
+                rusqlite::params![seq, at, at_ms, data, prev, hash],
+            )
+            .unwrap();
+            prev = hash;
+        }
+    }
+
+    let store = SqliteStore::open(&path, Durability::Fsync).unwrap();
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 2 });
+    let old = all(&store).await;
+    assert_eq!(old[1].data, json!({"seq": 2}));
+    let new = store.append(vec![step("new", 3)]).await.unwrap();
+    assert_eq!((new[0].seq, new[0].prev_hash.as_str()), (3, prev.as_str()));
+    assert!(new[0].at_ms >= 1_795_438_800_123, "time went backwards");
+    store.close().await.unwrap();
+
+    let raw = Connection::open(&path).unwrap();
+    assert_eq!(
+        migrate::user_version(&raw).unwrap() as usize,
+        MIGRATIONS.len()
+    );
+}
+
+#[test]
+fn refuses_a_database_from_a_newer_keel() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.db");
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 999)
+        .unwrap();
+    let err = SqliteStore::open(&path, Durability::Fsync).unwrap_err();
+    assert!(err.to_string().contains("schema version 999"), "{err}");
+    assert!(err.to_string().contains("keel.db"), "{err}");
+}
+
+// === tampering ===
+
+#[tokio::test]
+async fn edited_data_breaks_verify_at_that_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .append((0..5).map(|i| step("t", i)).collect())
+        .await
+        .unwrap();
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute(r#"UPDATE events SET data = '{"i":99}' WHERE seq = 3"#, [])
+        .unwrap();
+
+    match store.verify().await.unwrap() {
+        Verify::Broken { seq, reason } => {
+            assert_eq!(seq, 3);
+            assert!(reason.contains("does not match the content"), "{reason}");
+        }
+        intact @ Verify::Intact { .. } => panic!("tampered log verified as {intact:?}"),
+    }
+}
+
+#[tokio::test]
+async fn deleted_row_breaks_verify_at_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .append((0..5).map(|i| step("t", i)).collect())
+        .await
+        .unwrap();
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute("DELETE FROM events WHERE seq = 2", []).unwrap();
+
+    let verdict = store.verify().await.unwrap();
+    assert!(
+        matches!(&verdict, Verify::Broken { seq: 3, reason } if reason.contains("expected seq 2")),
+        "{verdict:?}"
+    );
+}
+
+#[tokio::test]
+async fn rewritten_chain_link_breaks_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .append((0..3).map(|i| step("t", i)).collect())
+        .await
+        .unwrap();
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute(
+        "UPDATE events SET prev_hash = ?1 WHERE seq = 2",
+        [GENESIS_HASH],
+    )
+    .unwrap();
+
+    let verdict = store.verify().await.unwrap();
+    assert!(
+        matches!(&verdict, Verify::Broken { seq: 2, reason } if reason.contains("prev_hash")),
+        "{verdict:?}"
+    );
+}
+
+// === group commit and the writer ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_commits() {
+    const CALLERS: u64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    // Hold the write lock so every caller queues behind one blocked commit.
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut set = JoinSet::new();
+    for i in 0..CALLERS {
+        let store = Arc::clone(&store);
+        set.spawn(async move { store.append(vec![step("t", i)]).await.unwrap() });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.execute_batch("COMMIT").unwrap();
+    while let Some(stored) = set.join_next().await {
+        assert_eq!(stored.unwrap().len(), 1);
+    }
+
+    let commits = store.commits();
+    assert!(
+        (1..CALLERS / 10).contains(&commits),
+        "{commits} commits for {CALLERS} callers"
+    );
+    assert_eq!(
+        store.verify().await.unwrap(),
+        Verify::Intact { events: CALLERS }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_error_reaches_every_waiting_appender() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    store.append(vec![step("t", 0)]).await.unwrap();
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute_batch("ALTER TABLE events RENAME TO hidden")
+        .unwrap();
+
+    let mut set = JoinSet::new();
+    for i in 0..20 {
+        let store = Arc::clone(&store);
+        set.spawn(async move { store.append(vec![step("t", i)]).await });
+    }
+    while let Some(result) = set.join_next().await {
+        let err = result.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::Commit { .. }), "{err}");
+        assert!(err.to_string().contains("keel.db"), "{err}");
+    }
+
+    // The writer survives the failure and the chain resumes where it was.
+    raw.execute_batch("ALTER TABLE hidden RENAME TO events")
+        .unwrap();
+    let stored = store.append(vec![step("t", 1)]).await.unwrap();
+    assert_eq!(stored[0].seq, 2);
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 2 });
+}
+
+#[tokio::test]
+async fn append_larger_than_a_batch_is_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let big: Vec<NewEvent> = (0..3000).map(|i| step("t", i)).collect();
+    let stored = store.append(big).await.unwrap();
+    assert_eq!(seqs_of(&stored), (1..=3000).collect::<Vec<_>>());
+    assert_eq!(store.commits(), 1);
+    assert_eq!(
+        store.verify().await.unwrap(),
+        Verify::Intact { events: 3000 }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_drains_appends_already_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let path = store.path().to_owned();
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The caller gives up waiting, but its request is already queued.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(50), store.append(vec![step("t", 0)])).await;
+    assert!(gave_up.is_err());
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        raw.execute_batch("COMMIT").unwrap();
+    });
+    store.close().await.unwrap();
+    release.join().unwrap();
+
+    let reopened = SqliteStore::open(&path, Durability::Fsync).unwrap();
+    assert_eq!(seqs_of(&all(&reopened).await), [1]);
+}
+
+#[tokio::test]
+async fn data_is_stored_as_canonical_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut data = serde_json::Map::new();
+    data.insert("b".to_owned(), json!(1));
+    data.insert("a".to_owned(), json!({"d": 1, "c": 2}));
+    store
+        .append(vec![NewEvent::new(EventKind::LlmCall, None, data.into())])
+        .await
+        .unwrap();
+    let raw = Connection::open(store.path()).unwrap();
+    let text: String = raw
+        .query_row("SELECT data FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(text, r#"{"a":{"c":2,"d":1},"b":1}"#);
+}

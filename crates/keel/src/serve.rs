@@ -1,0 +1,112 @@
+//! `keel serve`: load and validate config, open the store, build the gateway,
+//! serve until Ctrl-C or SIGTERM, then drain.
+//!
+//! Nothing listens until every part is built, so a bad config or an unusable
+//! store never half-starts a server.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use keel_config::{Settings, StoreBackend};
+use keel_gateway::Gateway;
+use keel_store::{EventStore, SqliteStore};
+use tokio_util::task::TaskTracker;
+
+use crate::output;
+
+/// Runs the server; returns when it has shut down.
+pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let settings = match config {
+        Some(path) => match keel_config::load(path, &|name| std::env::var(name).ok()) {
+            Ok(s) => s,
+            Err(errors) => {
+                for e in &errors.0 {
+                    output::error(&e.to_string());
+                }
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => keel_config::embedded_default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(settings, config.is_none()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
+    match &settings.store.backend {
+        StoreBackend::Sqlite { path } => {
+            let durability = match settings.store.durability {
+                keel_config::Durability::Fsync => keel_store::Durability::Fsync,
+                keel_config::Durability::Relaxed => keel_store::Durability::Relaxed,
+            };
+            let store = SqliteStore::open(path, durability)
+                .with_context(|| format!("cannot open the SQLite store at {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreBackend::Postgres { .. } => {
+            anyhow::bail!("store.url: PostgreSQL is not supported by this build yet; use sqlite://")
+        }
+    }
+}
+
+async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    let tasks = TaskTracker::new();
+    let gateway = Gateway::build(&settings, Arc::clone(&store), tasks.clone())?;
+    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", settings.server.listen))?;
+    let addr = listener.local_addr().context("listener has no local address")?;
+    if embedded {
+        tracing::info!("no --config given: using the embedded default (no routes; see examples/keel.toml)");
+    }
+    let routes: Vec<&str> = gateway.route_names().collect();
+    output::line(&format!("keel listening on http://{addr} (routes: {})", if routes.is_empty() { "none".to_owned() } else { routes.join(", ") }));
+    let app = keel_gateway::router(Arc::new(gateway));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")?;
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("keel stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

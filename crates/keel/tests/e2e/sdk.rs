@@ -1,0 +1,287 @@
+//! What an agent using the `openai` Python SDK sees while providers fail.
+
+use std::time::{Duration, Instant};
+
+use keel_sim::Fault;
+
+use crate::common::{Keel, PROVIDER_KEY, TWO_TARGETS, sdk, sim};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_call_passes_through_and_is_recorded() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &["--header", "x-keel-task=task-42", "--header", "x-keel-step=plan"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert!(out["content"].as_str().unwrap().contains("hello keel"), "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/primary");
+    assert_eq!(out["headers"]["x-keel-attempts"], "1");
+    assert_eq!(out["headers"]["x-keel-fallback"], "false");
+    assert_eq!(out["headers"]["x-keel-degraded"], "false");
+    assert!(out["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    // The upstream saw the target's model, the client's unknown field, and keel's provider key.
+    let upstream = sim.last_request("primary").unwrap();
+    assert_eq!(upstream["model"], "primary");
+    assert_eq!(upstream["keel_test_unknown_field"]["kept"], true);
+    assert_eq!(sim.last_authorization("primary").unwrap(), format!("Bearer {PROVIDER_KEY}"));
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["route"], "smart");
+    assert_eq!(calls[0]["target"], "sim/primary");
+    assert_eq!(calls[0]["step"], "plan");
+    assert!(calls[0]["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    let db = std::fs::read(keel.db_path()).unwrap();
+    let wal = std::fs::read(keel.db_path().with_extension("db-wal")).unwrap_or_default();
+    let needle = PROVIDER_KEY.as_bytes();
+    assert!(!db.windows(needle.len()).any(|w| w == needle), "provider key stored in the database");
+    assert!(!wal.windows(needle.len()).any(|w| w == needle), "provider key stored in the WAL");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_delivers_the_same_content_as_a_plain_call() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert!(out["chunks"].as_u64().unwrap() >= 3, "{out}");
+    assert_eq!(out["finish_reason"], "stop");
+    assert!(out["content"].as_str().unwrap().contains("stream to me please"), "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/primary");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["outcome"], "ok");
+    assert_eq!(calls[0]["stream"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_calls_and_response_format_pass_through() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let out = sdk("tools", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["finish_reason"], "tool_calls");
+    assert_eq!(out["tool_calls"][0]["name"], "get_weather");
+    assert!(out["tool_calls"][0]["arguments"].get("city").is_some(), "{out}");
+    let upstream = sim.last_request("primary").unwrap();
+    assert_eq!(upstream["tools"][0]["function"]["name"], "get_weather");
+    assert_eq!(upstream["response_format"]["type"], "text");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_503_is_retried_and_the_second_attempt_answers() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::status(503)]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/primary");
+    assert_eq!(sim.calls("primary"), 2);
+    assert_eq!(keel.events_of("llm_attempt_failed").len(), 1);
+    assert_eq!(keel.events_of("retry_scheduled").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_retry_after_is_honoured() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("patient", vec![Fault::status(429).with_retry_after("1")]);
+    let started = Instant::now();
+    let out = sdk("chat", &keel.base_url(), &["--model", "patient"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "retried before Retry-After");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2");
+    let retries = keel.events_of("retry_scheduled");
+    assert_eq!(retries[0]["delay_ms"], 1000, "{retries:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_400_is_not_retried_and_reaches_the_sdk() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::status(400)]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["exception"], "BadRequestError", "{out}");
+    assert_eq!(sim.calls("primary"), 1);
+    assert_eq!(sim.calls("secondary"), 0, "a fatal error must not fall back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_down_falls_back_to_the_second_target() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.set_always("primary", Some(Fault::status(503)));
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/secondary");
+    assert_eq!(out["headers"]["x-keel-fallback"], "true");
+    assert_eq!(out["headers"]["x-keel-attempts"], "4");
+    let fallbacks = keel.events_of("fallback_used");
+    assert_eq!(fallbacks[0]["from"], "sim/primary");
+    assert_eq!(fallbacks[0]["to"], "sim/secondary");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn context_too_long_falls_back_without_retrying() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::status(400).with_error_code("context_length_exceeded")]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/secondary");
+    assert_eq!(sim.calls("primary"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn breaker_opens_skips_the_primary_then_half_opens() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.set_always("primary", Some(Fault::status(503)));
+    // Call 1: three failed attempts; call 2: the fourth failure opens the breaker.
+    for _ in 0..2 {
+        let out = sdk("chat", &keel.base_url(), &[]).await;
+        assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
+    }
+    let opened = Instant::now();
+    assert_eq!(sim.calls("primary"), 4);
+    assert_eq!(keel.events_of("breaker_opened").len(), 1);
+    // While open (open_for = 4s), the primary is not called at all.
+    for _ in 0..2 {
+        let out = sdk("chat", &keel.base_url(), &[]).await;
+        assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
+        assert_eq!(out["headers"]["x-keel-attempts"], "1", "{out}");
+    }
+    assert_eq!(sim.calls("primary"), 4, "an open breaker must keep calls away from the primary");
+    assert!(opened.elapsed() < Duration::from_secs(4), "the calls while open took too long to prove anything");
+    // After open_for, one trial call goes through; the primary has healed.
+    sim.set_always("primary", None);
+    tokio::time::sleep(Duration::from_millis(4200).saturating_sub(opened.elapsed())).await;
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["headers"]["x-keel-target"], "sim/primary", "{out}");
+    assert_eq!(sim.calls("primary"), 5);
+    assert_eq!(keel.events_of("breaker_half_opened").len(), 1);
+    assert_eq!(keel.events_of("breaker_closed").len(), 1);
+    let metrics = reqwest::get(format!("{}/metrics", keel.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keel_breaker_state{target=\"sim/primary\"} 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_targets_down_serves_the_degraded_reply() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.set_always("fragile-a", Some(Fault::status(500)));
+    sim.set_always("fragile-b", Some(Fault::drop_connection()));
+    let out = sdk("chat", &keel.base_url(), &["--model", "fragile"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["content"], "I'm busy right now; please try again shortly.");
+    assert_eq!(out["headers"]["x-keel-degraded"], "true");
+    assert_eq!(keel.events_of("degraded_reply").len(), 1);
+    // Without a degraded reply, the SDK gets a 503 it understands.
+    sim.set_always("primary", Some(Fault::status(503)));
+    sim.set_always("secondary", Some(Fault::status(503)));
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["exception"], "InternalServerError", "{out}");
+    assert_eq!(out["status"], 503);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::cut_after(2)]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], false, "the SDK must see an error: {out}");
+    assert_eq!(out["exception"], "APIError", "{out}");
+    assert!(out["chunks"].as_u64().unwrap() >= 1, "{out}");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls[0]["outcome"], "stream_error");
+    assert_eq!(sim.calls("primary"), 1, "no retry after the first byte");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stream_ends_as_a_failure_after_idle() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::stall_after(2, Duration::from_secs(30))]);
+    let started = Instant::now();
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], false, "{out}");
+    assert!(out["message"].as_str().unwrap().contains("idle"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(10), "the stall was not cut by the idle timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_failing_before_its_first_byte_is_retried() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::drop_connection()]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2");
+    // A first token slower than `first_token` (2s) is a failed attempt, retried.
+    sim.script("primary", vec![Fault::delay(Duration::from_secs(4))]);
+    let started = Instant::now();
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2");
+    assert!(started.elapsed() < Duration::from_secs(4), "waited for the slow first token");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.last().unwrap()["reason"], "first_token", "{failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_route_is_not_found_for_the_sdk() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &["--model", "gpt-nonexistent"]).await;
+    assert_eq!(out["exception"], "NotFoundError", "{out}");
+    assert!(out["message"].as_str().unwrap().contains("smart"), "the message lists the routes: {out}");
+}
+
+const WITH_AGENT_KEYS: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite://{dir}/keel.db"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+[routes.smart]
+targets = [{ provider = "sim", model = "primary" }]
+[agents.support]
+keys_env = ["KEEL_KEY_SUPPORT"]
+budget = { tokens_per_hour = 100000 }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_keys_are_required_when_configured() {
+    let sim = sim().await;
+    let keel = Keel::start(WITH_AGENT_KEYS, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-wrong"]).await;
+    assert_eq!(out["exception"], "AuthenticationError", "{out}");
+    assert_eq!(sim.calls("primary"), 0);
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(keel.events_of("llm_call")[0]["agent"], "support");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_models_and_task_paths_work() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let out = sdk("embed", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["count"], 2);
+    let out = sdk("models", &keel.base_url(), &[]).await;
+    assert_eq!(out["models"], serde_json::json!(["fragile", "patient", "smart"]));
+    let task_url = format!("{}/tasks/task-7/v1", keel.url);
+    let out = sdk("chat", &task_url, &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let events = keel.events();
+    let last = events.iter().rev().find(|(k, _)| k == "llm_call").unwrap();
+    assert_eq!(last.1["route"], "smart");
+    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM events WHERE task_id = 'task-7' AND kind = 'llm_call'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}

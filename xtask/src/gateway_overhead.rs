@@ -1,0 +1,486 @@
+//! The gateway-overhead benchmark: what keel adds in front of a model server.
+//!
+//! It starts the simulated model server in-process on loopback, builds and starts the release
+//! `keel serve` with a temporary config whose one route, `bench`, targets that server, and then
+//! drives the same load at the server directly and through keel ([`crate::bench_gateway`]):
+//! open loop at [`FIXED_RATE`] requests/s, then closed loop with [`SATURATE_CONNECTIONS`]
+//! connections. It reports the p50/p99 latency keel adds, the throughput ratio, and keel's peak
+//! resident memory (`VmHWM`). Everything runs on loopback and stops by itself.
+//!
+//! The load generator, the simulated server and keel share the machine's cores, so the figures
+//! compare the two paths with each other, not with a dedicated load-test rig.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout_at};
+
+use crate::bench_cmd::BenchResult;
+use crate::bench_gateway::{LoadResult, fixed_rate, saturate};
+use crate::process::{cargo_command, run_passthrough, strip_ansi};
+
+/// Requests per second of the open-loop phase.
+const FIXED_RATE: u32 = 2000;
+
+/// Connections of the closed-loop phase.
+const SATURATE_CONNECTIONS: usize = 64;
+
+/// How long keel may take to print its `listening on` line.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The route the temporary config defines, and the model it sends to the simulated server.
+const ROUTE: &str = "bench";
+const SIM_MODEL: &str = "sim-model";
+
+/// Builds release keel, measures, and returns the `gateway_overhead/...` entries.
+pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> {
+    let keel = build_keel(root)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(measure(&keel, duration))
+}
+
+/// `cargo build --release -p keel`; returns the binary's path.
+fn build_keel(root: &Path) -> anyhow::Result<PathBuf> {
+    println!("    building release keel");
+    let built = run_passthrough(cargo_command(root).args(["build", "--release", "-p", "keel"]))?;
+    if !built {
+        bail!("cargo build --release -p keel failed");
+    }
+    let metadata = cargo_command(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    if !metadata.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&metadata.stderr)
+        );
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&metadata.stdout).context("parsing cargo metadata")?;
+    let target_dir = metadata["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    Ok(Path::new(target_dir).join("release").join("keel"))
+}
+
+async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> {
+    let sim = start_sim().await?;
+    let dir = tempfile::tempdir().context("creating a temp dir")?;
+    let config = write_config(dir.path(), &sim.base_url)?;
+    let mut keel = KeelProcess::start(keel_bin, &config).await?;
+    println!("    sim at {}, keel at {}", sim.base_url, keel.base_url);
+
+    let direct = Endpoint {
+        url: chat_completions_url(&sim.base_url),
+        body: request_body(SIM_MODEL),
+    };
+    let through = Endpoint {
+        url: chat_completions_url(&keel.base_url),
+        body: request_body(ROUTE),
+    };
+    let warm_up = Duration::from_secs(1);
+    for path in [&direct, &through] {
+        saturate(&path.url, path.body.clone(), 8, warm_up).await?;
+    }
+    println!(
+        "    open loop, {FIXED_RATE} req/s for {}s each",
+        duration.as_secs()
+    );
+    let direct_fixed = fixed_rate(&direct.url, direct.body.clone(), FIXED_RATE, duration).await?;
+    let keel_fixed = fixed_rate(&through.url, through.body.clone(), FIXED_RATE, duration).await?;
+    println!(
+        "    closed loop, {SATURATE_CONNECTIONS} connections for {}s each",
+        duration.as_secs()
+    );
+    let direct_sat = saturate(
+        &direct.url,
+        direct.body.clone(),
+        SATURATE_CONNECTIONS,
+        duration,
+    )
+    .await?;
+    let keel_sat = saturate(
+        &through.url,
+        through.body.clone(),
+        SATURATE_CONNECTIONS,
+        duration,
+    )
+    .await?;
+    let peak_rss_mib = keel.peak_rss_kib()? as f64 / 1024.0;
+    keel.stop().await;
+    drop(sim);
+
+    let fixed_name = format!("gateway_overhead/fixed_rate_{FIXED_RATE}rps");
+    let sat_name = format!("gateway_overhead/saturate_{SATURATE_CONNECTIONS}conn");
+    print_table(&[
+        (fixed_name.as_str(), &direct_fixed, &keel_fixed),
+        (sat_name.as_str(), &direct_sat, &keel_sat),
+    ]);
+    println!("    keel peak RSS (VmHWM): {peak_rss_mib:.1} MiB");
+
+    let command = format!(
+        "cargo xtask bench gateway --duration {}",
+        duration.as_secs()
+    );
+    let mut entries = latency_entries(&fixed_name, &direct_fixed, &keel_fixed, &command);
+    entries.extend(latency_entries(&sat_name, &direct_sat, &keel_sat, &command));
+    entries.push(BenchResult::new(
+        sat_name,
+        "throughput",
+        keel_sat.throughput,
+        "req/s",
+        Some(direct_sat.throughput),
+        &command,
+    ));
+    entries.push(BenchResult::new(
+        "gateway_overhead/keel_memory",
+        "peak_rss",
+        peak_rss_mib,
+        "MiB",
+        None,
+        &command,
+    ));
+    Ok(entries)
+}
+
+/// Where one path of the comparison sends, and what.
+struct Endpoint {
+    url: String,
+    body: Bytes,
+}
+
+/// p50/p99 through keel against direct, the latency keel adds, and errors.
+fn latency_entries(
+    name: &str,
+    direct: &LoadResult,
+    keel: &LoadResult,
+    command: &str,
+) -> Vec<BenchResult> {
+    let (d50, d99) = (direct.p50_us as f64, direct.p99_us as f64);
+    let (k50, k99) = (keel.p50_us as f64, keel.p99_us as f64);
+    vec![
+        BenchResult::new(name, "p50_latency", k50, "us", Some(d50), command),
+        BenchResult::new(name, "p99_latency", k99, "us", Some(d99), command),
+        BenchResult::new(name, "added_p50_latency", k50 - d50, "us", None, command),
+        BenchResult::new(name, "added_p99_latency", k99 - d99, "us", None, command),
+        BenchResult::new(
+            name,
+            "errors",
+            keel.errors as f64,
+            "requests",
+            Some(direct.errors as f64),
+            command,
+        ),
+    ]
+}
+
+fn print_table(rows: &[(&str, &LoadResult, &LoadResult)]) {
+    println!(
+        "    {:<36} {:<6} {:>9} {:>9} {:>9} {:>11} {:>7}",
+        "case", "path", "p50 us", "p99 us", "max us", "req/s", "errors"
+    );
+    for (name, direct, keel) in rows {
+        for (path, result) in [("direct", direct), ("keel", keel)] {
+            println!(
+                "    {:<36} {:<6} {:>9} {:>9} {:>9} {:>11.0} {:>7}",
+                name,
+                path,
+                result.p50_us,
+                result.p99_us,
+                result.max_us,
+                result.throughput,
+                result.errors
+            );
+        }
+    }
+}
+
+// === the simulated model server ===
+
+/// The running simulated model server; dropping it stops an in-process one.
+struct Sim {
+    /// OpenAI-style base URL (with or without the trailing `/v1`).
+    base_url: String,
+    _handle: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// Starts the simulated model server on `127.0.0.1:0`.
+///
+/// `KEEL_BENCH_SIM_URL` points the benchmark at an already running OpenAI-compatible server.
+async fn start_sim() -> anyhow::Result<Sim> {
+    if let Ok(base_url) = std::env::var("KEEL_BENCH_SIM_URL") {
+        return Ok(Sim {
+            base_url,
+            _handle: None,
+        });
+    }
+    // Wire-in point for keel-sim (add `keel-sim.workspace = true` to xtask/Cargo.toml):
+    //     let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    //     let handle = keel_sim::SimServer::start(addr).await;
+    //     Ok(Sim { base_url: handle.base_url(), _handle: Some(Box::new(handle)) })
+    bail!(
+        "keel-sim's SimServer is not wired into xtask yet; \
+         set KEEL_BENCH_SIM_URL to a running OpenAI-compatible server to measure against it"
+    )
+}
+
+/// `POST` target for chat completions under an OpenAI-style base URL.
+fn chat_completions_url(base_url: &str) -> String {
+    let base = base_url.trim_end_matches('/');
+    if base.ends_with("/v1") {
+        format!("{base}/chat/completions")
+    } else {
+        format!("{base}/v1/chat/completions")
+    }
+}
+
+fn request_body(model: &str) -> Bytes {
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello in one word."}],
+        "max_tokens": 8,
+    });
+    Bytes::from(body.to_string())
+}
+
+// === keel ===
+
+/// A temp `keel.toml`: listen on a free port, SQLite in `dir`, one route to the simulator.
+fn write_config(dir: &Path, sim_base_url: &str) -> anyhow::Result<PathBuf> {
+    let db = dir.join("keel.db");
+    let text = format!(
+        "[server]\n\
+         listen = \"127.0.0.1:0\"\n\
+         \n\
+         [store]\n\
+         url = {store}\n\
+         \n\
+         [providers.sim]\n\
+         kind = \"openai\"\n\
+         base_url = {sim}\n\
+         \n\
+         [routes.{ROUTE}]\n\
+         targets = [{{ provider = \"sim\", model = \"{SIM_MODEL}\" }}]\n",
+        store = toml_string(&format!("sqlite://{}", db.display())),
+        sim = toml_string(sim_base_url),
+    );
+    let path = dir.join("keel.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// `value` as a TOML basic string.
+fn toml_string(value: &str) -> String {
+    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{escaped}\"")
+}
+
+/// A running `keel serve`, killed when dropped.
+struct KeelProcess {
+    child: Child,
+    base_url: String,
+    /// Drains keel's stdout and stderr so a chatty keel never blocks on a full pipe.
+    _drain: JoinSet<()>,
+}
+
+impl KeelProcess {
+    async fn start(bin: &Path, config: &Path) -> anyhow::Result<KeelProcess> {
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let (lines, mut output) = mpsc::unbounded_channel();
+        let mut drain = JoinSet::new();
+        if let Some(stdout) = child.stdout.take() {
+            drain.spawn(forward_lines(stdout, lines.clone()));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            drain.spawn(forward_lines(stderr, lines));
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut recent = VecDeque::new();
+        loop {
+            match timeout_at(deadline, output.recv()).await {
+                Ok(Some(line)) => {
+                    if let Some(addr) = listening_addr(&line) {
+                        return Ok(KeelProcess {
+                            child,
+                            base_url: format!("http://{addr}"),
+                            _drain: drain,
+                        });
+                    }
+                    if recent.len() == 20 {
+                        recent.pop_front();
+                    }
+                    recent.push_back(line);
+                }
+                Ok(None) => {
+                    let status = child.wait().await.context("waiting for keel")?;
+                    let recent = Vec::from(recent).join("\n");
+                    bail!("keel exited ({status}) before listening; its output:\n{recent}");
+                }
+                Err(_) => {
+                    let recent = Vec::from(recent).join("\n");
+                    bail!(
+                        "keel printed no `listening on` line within {STARTUP_TIMEOUT:?}; its output:\n{recent}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// keel's peak resident set size so far, from `VmHWM` in `/proc/<pid>/status`.
+    fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("keel has already exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .context("reading keel's /proc status")?;
+        parse_vm_hwm_kib(&status).context("no VmHWM in keel's /proc status")
+    }
+
+    async fn stop(&mut self) {
+        // A benchmark's keel has nothing worth a graceful shutdown.
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+async fn forward_lines(from: impl AsyncRead + Unpin, to: mpsc::UnboundedSender<String>) {
+    let mut lines = BufReader::new(from).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        // Once keel is up nobody listens; keep draining anyway.
+        let _ = to.send(line);
+    }
+}
+
+/// The address in keel's `listening on http://127.0.0.1:PORT` line.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let line = strip_ansi(line);
+    let rest = line.split("listening on http://").nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    addr.parse().ok()
+}
+
+fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_address_in_keels_listening_line() {
+        let addr = "127.0.0.1:38411".parse().ok();
+        assert_eq!(
+            listening_addr("keel listening on http://127.0.0.1:38411"),
+            addr
+        );
+        assert_eq!(
+            listening_addr(
+                "2026-01-01T00:00:00Z  INFO keel: listening on http://127.0.0.1:38411/ (gateway)"
+            ),
+            addr
+        );
+        assert_eq!(
+            listening_addr("\u{1b}[32mINFO\u{1b}[0m listening on http://127.0.0.1:38411, ready"),
+            addr
+        );
+        assert_eq!(listening_addr("starting keel"), None);
+    }
+
+    #[test]
+    fn chat_url_accepts_base_urls_with_and_without_v1() {
+        assert_eq!(
+            chat_completions_url("http://127.0.0.1:9/v1/"),
+            "http://127.0.0.1:9/v1/chat/completions"
+        );
+        assert_eq!(
+            chat_completions_url("http://127.0.0.1:9"),
+            "http://127.0.0.1:9/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn reads_vm_hwm_in_kib() {
+        let status = "Name:\tkeel\nVmPeak:\t  999 kB\nVmHWM:\t   20480 kB\nVmRSS:\t 100 kB\n";
+        assert_eq!(parse_vm_hwm_kib(status), Some(20480));
+        assert_eq!(parse_vm_hwm_kib("Name:\tkeel\n"), None);
+    }
+
+    #[test]
+    fn config_is_valid_toml_with_one_route_to_the_simulator() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "http://127.0.0.1:9/v1").unwrap();
+        let text = std::fs::read_to_string(path).unwrap();
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(doc["server"]["listen"].as_str(), Some("127.0.0.1:0"));
+        assert_eq!(
+            doc["providers"]["sim"]["base_url"].as_str(),
+            Some("http://127.0.0.1:9/v1")
+        );
+        assert_eq!(
+            doc["routes"]["bench"]["targets"][0]["model"].as_str(),
+            Some("sim-model")
+        );
+        let store = doc["store"]["url"].as_str().unwrap();
+        assert!(store.starts_with("sqlite:///") && store.ends_with("/keel.db"));
+    }
+
+    /// A stand-in for the keel binary: a shell script with `body`.
+    fn fake_keel(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("keel");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn keel_process_reads_the_port_from_its_output_and_reports_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_keel(
+            dir.path(),
+            "echo starting >&2; echo \"$1 $2\" >&2; echo 'INFO listening on http://127.0.0.1:4321'; exec sleep 30",
+        );
+        let mut keel = KeelProcess::start(&bin, Path::new("keel.toml"))
+            .await
+            .unwrap();
+        assert_eq!(keel.base_url, "http://127.0.0.1:4321");
+        assert!(keel.peak_rss_kib().unwrap() > 0);
+        keel.stop().await;
+    }
+
+    #[tokio::test]
+    async fn keel_exiting_before_listening_is_an_error_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_keel(dir.path(), "echo 'keel.toml:3: store.url: bad' >&2; exit 2");
+        let Err(err) = KeelProcess::start(&bin, Path::new("keel.toml")).await else {
+            panic!("a keel that exits must not start");
+        };
+        let message = format!("{err:#}");
+        assert!(message.contains("store.url: bad"), "{message}");
+    }
+}
