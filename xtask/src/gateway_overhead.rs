@@ -227,14 +227,14 @@ async fn start_sim() -> anyhow::Result<Sim> {
             _handle: None,
         });
     }
-    // Wire-in point for keel-sim (add `keel-sim.workspace = true` to xtask/Cargo.toml):
-    //     let addr: SocketAddr = "127.0.0.1:0".parse()?;
-    //     let handle = keel_sim::SimServer::start(addr).await;
-    //     Ok(Sim { base_url: handle.base_url(), _handle: Some(Box::new(handle)) })
-    bail!(
-        "keel-sim's SimServer is not wired into xtask yet; \
-         set KEEL_BENCH_SIM_URL to a running OpenAI-compatible server to measure against it"
-    )
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let handle = keel_sim::SimServer::start(addr)
+        .await
+        .context("starting the simulated model server")?;
+    Ok(Sim {
+        base_url: handle.base_url(),
+        _handle: Some(Box::new(handle)),
+    })
 }
 
 /// `POST` target for chat completions under an OpenAI-style base URL.

@@ -28,10 +28,13 @@ pub fn cargo() -> OsString {
     std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"))
 }
 
-/// A `cargo` command run from the workspace root with stdin closed.
+/// A `cargo` command run from the workspace root with stdin closed (and, under CI, no colour).
 pub fn cargo_command(root: &Path) -> Command {
     let mut cmd = Command::new(cargo());
     cmd.current_dir(root).stdin(Stdio::null());
+    if ci() {
+        cmd.env("CARGO_TERM_COLOR", "never");
+    }
     cmd
 }
 

@@ -147,7 +147,15 @@ impl Gate<'_> {
                 }
                 Ok(true)
             }
-            Step::Fmt => run_passthrough(self.cargo().args(["fmt", "--all", "--check"])),
+            Step::Fmt => {
+                let mut cmd = self.cargo();
+                cmd.args(["fmt", "--all", "--check"]);
+                if ci() {
+                    // rustfmt colours its diff even into a pipe unless told not to.
+                    cmd.args(["--", "--color", "never"]);
+                }
+                run_passthrough(&mut cmd)
+            }
             Step::Clippy => run_passthrough(self.cargo().args([
                 "clippy",
                 "--workspace",

@@ -92,7 +92,8 @@ mod tests {
 
     #[test]
     fn classification_table() {
-        let model_gone = br#"{"error":{"code":"model_not_found","message":"The model `x` does not exist"}}"#;
+        let model_gone =
+            br#"{"error":{"code":"model_not_found","message":"The model `x` does not exist"}}"#;
         let too_long = br#"{"error":{"code":"context_length_exceeded","message":"maximum context length is 8192 tokens"}}"#;
         let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
         let plain = br#"{"error":{"message":"bad"}}"#;
@@ -116,7 +117,12 @@ mod tests {
         for (status, body, want) in table {
             let status = StatusCode::from_u16(*status).unwrap();
             let got = classify_status(status, ErrorHint::from_body(body));
-            assert_eq!(got, *want, "status {status} body {}", String::from_utf8_lossy(body));
+            assert_eq!(
+                got,
+                *want,
+                "status {status} body {}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

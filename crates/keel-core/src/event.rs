@@ -136,7 +136,11 @@ mod tests {
 
     #[test]
     fn serde_name_matches_as_str() {
-        for kind in [EventKind::LlmCall, EventKind::BreakerHalfOpened, EventKind::TaskHandedOff] {
+        for kind in [
+            EventKind::LlmCall,
+            EventKind::BreakerHalfOpened,
+            EventKind::TaskHandedOff,
+        ] {
             let json = serde_json::to_value(kind).unwrap();
             assert_eq!(json, serde_json::Value::String(kind.as_str().to_owned()));
         }

@@ -70,9 +70,16 @@ impl Agents {
     }
 
     /// The agent a request belongs to, from its `Authorization` and `x-keel-agent` headers.
-    pub fn identify(&self, authorization: Option<&str>, agent_header: Option<&str>) -> Result<String, ApiError> {
+    pub fn identify(
+        &self,
+        authorization: Option<&str>,
+        agent_header: Option<&str>,
+    ) -> Result<String, ApiError> {
         if !self.auth_required() {
-            return Ok(agent_header.filter(|a| !a.is_empty()).unwrap_or(ANONYMOUS).to_owned());
+            return Ok(agent_header
+                .filter(|a| !a.is_empty())
+                .unwrap_or(ANONYMOUS)
+                .to_owned());
         }
         let Some(value) = authorization else {
             return Err(ApiError::unauthorized(
@@ -95,7 +102,11 @@ impl Agents {
         w.roll(now);
         if w.used >= w.limit {
             let left = (w.started + w.window).saturating_sub(now);
-            return Err(OverBudget { limit: w.limit, used: w.used, retry_after: left.as_secs().max(1) });
+            return Err(OverBudget {
+                limit: w.limit,
+                used: w.used,
+                retry_after: left.as_secs().max(1),
+            });
         }
         Ok(Some(w.limit - w.used))
     }

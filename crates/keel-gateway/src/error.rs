@@ -65,7 +65,9 @@ impl ApiError {
         let mut e = Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
-            format!("request body is larger than the limit of {limit} bytes (server.max_body_bytes)"),
+            format!(
+                "request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+            ),
         );
         e.code = Some("request_too_large");
         e
@@ -122,7 +124,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -238,7 +242,8 @@ mod tests {
 
     #[test]
     fn api_error_has_openai_shape() {
-        let e = ApiError::not_found("route \"x\" does not exist", "model_not_found").with_param("model");
+        let e = ApiError::not_found("route \"x\" does not exist", "model_not_found")
+            .with_param("model");
         let body = e.body();
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["code"], "model_not_found");
@@ -249,12 +254,30 @@ mod tests {
     #[test]
     fn transport_failures_are_retryable_and_open_breaker_falls_back() {
         let t = || "p/m".to_owned();
-        assert_eq!(UpstreamError::Connect { target: t(), detail: String::new() }.class(), ErrorClass::Retryable);
         assert_eq!(
-            UpstreamError::Timeout { target: t(), phase: "attempt", after: Duration::from_secs(1) }.class(),
+            UpstreamError::Connect {
+                target: t(),
+                detail: String::new()
+            }
+            .class(),
             ErrorClass::Retryable
         );
-        assert_eq!(UpstreamError::StreamCut { target: t() }.class(), ErrorClass::Retryable);
-        assert_eq!(UpstreamError::BreakerOpen { target: t() }.class(), ErrorClass::FallbackOnly);
+        assert_eq!(
+            UpstreamError::Timeout {
+                target: t(),
+                phase: "attempt",
+                after: Duration::from_secs(1)
+            }
+            .class(),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            UpstreamError::StreamCut { target: t() }.class(),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            UpstreamError::BreakerOpen { target: t() }.class(),
+            ErrorClass::FallbackOnly
+        );
     }
 }

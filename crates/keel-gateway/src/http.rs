@@ -70,12 +70,25 @@ async fn models(State(gw): Gw) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn metrics(State(gw): Gw) -> Response {
-    let mut response = gw.metrics.render().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+/// Prometheus text by default; OpenMetrics when the scraper asks for it.
+async fn metrics(State(gw): Gw, headers: HeaderMap) -> Response {
+    let openmetrics =
+        header_str(&headers, "accept").is_some_and(|a| a.contains("application/openmetrics-text"));
+    let (body, content_type) = if openmetrics {
+        (
+            gw.metrics.render_openmetrics(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            gw.metrics.render(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut response = body.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -96,7 +109,11 @@ async fn readyz(State(gw): Gw) -> Response {
 
 async fn not_found(request: Request) -> Response {
     ApiError::not_found(
-        format!("no such endpoint: {} {}", request.method(), request.uri().path()),
+        format!(
+            "no such endpoint: {} {}",
+            request.method(),
+            request.uri().path()
+        ),
         "unknown_url",
     )
     .into_response()
@@ -136,27 +153,39 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
             e.valid_up_to()
         )));
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad_request(format!("request body is not valid JSON: {e}"))
-    })?;
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
     let Value::Object(body) = value else {
         return Err(ApiError::bad_request("request body must be a JSON object"));
     };
     let route = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(_) => {
-            return Err(ApiError::bad_request("'model' must be a non-empty string naming a route")
-                .with_param("model"));
+            return Err(
+                ApiError::bad_request("'model' must be a non-empty string naming a route")
+                    .with_param("model"),
+            );
         }
         None => {
-            return Err(ApiError::bad_request("missing required parameter: 'model'").with_param("model"));
+            return Err(
+                ApiError::bad_request("missing required parameter: 'model'").with_param("model")
+            );
         }
     };
     let stream = matches!(body.get("stream"), Some(Value::Bool(true)));
-    Ok(Parsed { body, route, stream })
+    Ok(Parsed {
+        body,
+        route,
+        stream,
+    })
 }
 
-async fn handle(gw: Arc<Gateway>, endpoint: Endpoint, task: Option<String>, request: Request) -> Response {
+async fn handle(
+    gw: Arc<Gateway>,
+    endpoint: Endpoint,
+    task: Option<String>,
+    request: Request,
+) -> Response {
     match handle_inner(&gw, endpoint, task, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -182,7 +211,11 @@ async fn handle_inner(
             format!(
                 "the model {:?} does not exist: it is not a route of this keel (routes: {})",
                 parsed.route,
-                if known.is_empty() { "none configured".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none configured".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ),
             "model_not_found",
         )
@@ -209,12 +242,32 @@ async fn handle_inner(
             over.retry_after,
         ));
     }
-    let executor = Executor { route, metrics: &gw.metrics, clock: gw.clock.as_ref() };
-    let answer = executor.run(endpoint, &parsed.body, parsed.stream, &mut log).await;
-    let ctx = Finish { gw: Arc::clone(gw), route_name: route.name.clone(), started, stream: parsed.stream };
+    let executor = Executor {
+        route,
+        metrics: &gw.metrics,
+        clock: gw.clock.as_ref(),
+    };
+    let answer = executor
+        .run(endpoint, &parsed.body, parsed.stream, &mut log)
+        .await;
+    let ctx = Finish {
+        gw: Arc::clone(gw),
+        route_name: route.name.clone(),
+        started,
+        stream: parsed.stream,
+    };
     Ok(match answer {
-        Answer::Json { target, body, fallback } => ctx.json(route, log, &target, body, fallback).await,
-        Answer::Stream { target, first, rest, fallback } => ctx.stream(log, target, first, rest, fallback),
+        Answer::Json {
+            target,
+            body,
+            fallback,
+        } => ctx.json(route, log, &target, body, fallback).await,
+        Answer::Stream {
+            target,
+            first,
+            rest,
+            fallback,
+        } => ctx.stream(log, target, first, rest, fallback),
         Answer::Exhausted { last, timed_out } => {
             ctx.exhausted(route, endpoint, log, last, timed_out).await?
         }
@@ -274,7 +327,14 @@ struct Finish {
 }
 
 impl Finish {
-    fn llm_call(&self, log: &CallLog, target: &str, outcome: &str, fallback: bool, usage: Option<Usage>) -> NewEvent {
+    fn llm_call(
+        &self,
+        log: &CallLog,
+        target: &str,
+        outcome: &str,
+        fallback: bool,
+        usage: Option<Usage>,
+    ) -> NewEvent {
         let latency = self.started.elapsed();
         NewEvent::new(
             EventKind::LlmCall,
@@ -301,29 +361,54 @@ impl Finish {
     fn observe(&self, usage: Option<Usage>, agent: &str) {
         let m = &self.gw.metrics;
         m.request_duration
-            .get_or_create(&RouteLabel { route: self.route_name.clone() })
+            .get_or_create(&RouteLabel {
+                route: self.route_name.clone(),
+            })
             .observe(self.started.elapsed().as_secs_f64());
         let Some(u) = usage else { return };
         for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
             m.token_usage
-                .get_or_create(&TokenLabels { gen_ai_token_type: kind.to_owned(), route: self.route_name.clone() })
+                .get_or_create(&TokenLabels {
+                    gen_ai_token_type: kind.to_owned(),
+                    route: self.route_name.clone(),
+                })
                 .observe(n as f64);
         }
-        let total = if u.total_tokens > 0 { u.total_tokens } else { u.prompt_tokens + u.completion_tokens };
+        let total = if u.total_tokens > 0 {
+            u.total_tokens
+        } else {
+            u.prompt_tokens + u.completion_tokens
+        };
         if let Some(left) = self.gw.agents.spend(agent, total, self.gw.clock.now()) {
             m.budget_remaining
-                .get_or_create(&BudgetLabels { agent: agent.to_owned(), unit: "tokens".to_owned() })
+                .get_or_create(&BudgetLabels {
+                    agent: agent.to_owned(),
+                    unit: "tokens".to_owned(),
+                })
                 .set(i64::try_from(left).unwrap_or(i64::MAX));
         }
     }
 
     fn count_fallback(&self, fallback: bool) {
         if fallback {
-            self.gw.metrics.fallbacks.get_or_create(&RouteLabel { route: self.route_name.clone() }).inc();
+            self.gw
+                .metrics
+                .fallbacks
+                .get_or_create(&RouteLabel {
+                    route: self.route_name.clone(),
+                })
+                .inc();
         }
     }
 
-    async fn json(self, route: &Route, mut log: CallLog, target: &Target, body: Bytes, fallback: bool) -> Response {
+    async fn json(
+        self,
+        route: &Route,
+        mut log: CallLog,
+        target: &Target,
+        body: Bytes,
+        fallback: bool,
+    ) -> Response {
         let usage = usage_of(&body);
         let event = self.llm_call(&log, &target.id, "ok", fallback, usage);
         log.events.push(event);
@@ -332,18 +417,30 @@ impl Finish {
         self.count_fallback(fallback);
         self.observe(usage, &log.who.agent);
         let mut response = Response::new(Body::from(body));
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         keel_headers(&mut response, &target.id, log.attempts, fallback, false);
         response
     }
 
     /// Streams the rest of the upstream's chunks; retries are over once this is called.
-    fn stream(self, mut log: CallLog, target: Arc<Target>, first: Bytes, rest: ChunkStream, fallback: bool) -> Response {
+    fn stream(
+        self,
+        mut log: CallLog,
+        target: Arc<Target>,
+        first: Bytes,
+        rest: ChunkStream,
+        fallback: bool,
+    ) -> Response {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let attempts = log.attempts;
-        let idle = self.gw.routes.get(&self.route_name).map_or(Duration::from_secs(15), |r| r.timeouts.idle);
+        let idle = self
+            .gw
+            .routes
+            .get(&self.route_name)
+            .map_or(Duration::from_secs(15), |r| r.timeouts.idle);
         let total = self
             .gw
             .routes
@@ -357,12 +454,22 @@ impl Finish {
             let event = self.llm_call(&log, &target_id, outcome, fallback, usage);
             log.events.push(event);
             self.gw.append(std::mem::take(&mut log.events)).await;
-            let metric_outcome = if outcome == "ok" { "ok" } else { "stream_error" };
+            let metric_outcome = if outcome == "ok" {
+                "ok"
+            } else {
+                "stream_error"
+            };
             if let Some(route) = self.gw.routes.get(&self.route_name) {
                 count_request(&self.gw, route, &target_id, metric_outcome);
             }
             if outcome != "ok" {
-                self.gw.metrics.stream_errors.get_or_create(&RouteLabel { route: self.route_name.clone() }).inc();
+                self.gw
+                    .metrics
+                    .stream_errors
+                    .get_or_create(&RouteLabel {
+                        route: self.route_name.clone(),
+                    })
+                    .inc();
             }
             self.count_fallback(fallback);
             self.observe(usage, &log.who.agent);
@@ -377,7 +484,10 @@ impl Finish {
         });
         let mut response = Response::new(Body::from_stream(body));
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         keel_headers(&mut response, &target.id, attempts, fallback, false);
         response
@@ -391,35 +501,64 @@ impl Finish {
         last: Option<UpstreamError>,
         timed_out: bool,
     ) -> Result<Response, ApiError> {
-        let why = last.as_ref().map_or_else(|| "every target's circuit is open".to_owned(), ToString::to_string);
+        let why = last.as_ref().map_or_else(
+            || "every target's circuit is open".to_owned(),
+            ToString::to_string,
+        );
         let degraded = match (&route.degraded_reply, endpoint) {
             (Some(reply), Endpoint::ChatCompletions) => Some(reply.clone()),
             _ => None,
         };
         let Some(reply) = degraded else {
-            let event = self.llm_call(&log, "none", if timed_out { "timeout" } else { "unavailable" }, false, None);
+            let event = self.llm_call(
+                &log,
+                "none",
+                if timed_out { "timeout" } else { "unavailable" },
+                false,
+                None,
+            );
             log.events.push(event);
             self.gw.append(std::mem::take(&mut log.events)).await;
             count_request(&self.gw, route, "none", "error");
             self.observe(None, &log.who.agent);
             let message = format!("route {:?} could not be served: {why}", route.name);
-            let mut err = if timed_out { ApiError::timeout(message) } else { ApiError::unavailable(message) };
-            if let Some(UpstreamError::Status { retry_after: Some(after), .. }) = &last {
+            let mut err = if timed_out {
+                ApiError::timeout(message)
+            } else {
+                ApiError::unavailable(message)
+            };
+            if let Some(UpstreamError::Status {
+                retry_after: Some(after),
+                ..
+            }) = &last
+            {
                 err.retry_after = Some(after.as_secs().max(1));
             }
             return Err(err);
         };
-        log.push(EventKind::DegradedReply, json!({"route": route.name, "agent": log.who.agent, "reason": why}));
+        log.push(
+            EventKind::DegradedReply,
+            json!({"route": route.name, "agent": log.who.agent, "reason": why}),
+        );
         let event = self.llm_call(&log, "degraded", "degraded", false, None);
         log.events.push(event);
         self.gw.append(std::mem::take(&mut log.events)).await;
         count_request(&self.gw, route, "none", "degraded");
-        self.gw.metrics.degraded.get_or_create(&RouteLabel { route: route.name.clone() }).inc();
+        self.gw
+            .metrics
+            .degraded
+            .get_or_create(&RouteLabel {
+                route: route.name.clone(),
+            })
+            .inc();
         self.observe(None, &log.who.agent);
         let mut response = if self.stream {
             let chunks = degraded_chunks(&route.name, &reply);
             let mut r = Response::new(Body::from(chunks));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             r
         } else {
             axum::Json(degraded_completion(&route.name, &reply)).into_response()
@@ -440,7 +579,10 @@ impl Finish {
             UpstreamError::Status { status, body, .. } => {
                 let mut r = Response::new(Body::from(body));
                 *r.status_mut() = status;
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 r
             }
             other => {
@@ -495,8 +637,12 @@ async fn pump(
             }
             Ok(None) => return ("ok", usage),
             Ok(Some(Err(e))) => e.to_string(),
-            Err(_) if wait_until == deadline => format!("stream from {target} exceeded the total deadline"),
-            Err(_) => format!("stream from {target} was silent for longer than the idle timeout of {idle:?}"),
+            Err(_) if wait_until == deadline => {
+                format!("stream from {target} exceeded the total deadline")
+            }
+            Err(_) => format!(
+                "stream from {target} was silent for longer than the idle timeout of {idle:?}"
+            ),
         };
         tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
         let error = json!({"error": {
@@ -519,7 +665,9 @@ fn sse_frame(data: &[u8]) -> Bytes {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn degraded_completion(route: &str, reply: &str) -> Value {
@@ -557,14 +705,26 @@ fn degraded_chunks(route: &str, reply: &str) -> Bytes {
     Bytes::from(out)
 }
 
-fn keel_headers(response: &mut Response, target: &str, attempts: u32, fallback: bool, degraded: bool) {
+fn keel_headers(
+    response: &mut Response,
+    target: &str,
+    attempts: u32,
+    fallback: bool,
+    degraded: bool,
+) {
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(target) {
         headers.insert("x-keel-target", v);
     }
     headers.insert("x-keel-attempts", HeaderValue::from(attempts));
-    headers.insert("x-keel-fallback", HeaderValue::from_static(if fallback { "true" } else { "false" }));
-    headers.insert("x-keel-degraded", HeaderValue::from_static(if degraded { "true" } else { "false" }));
+    headers.insert(
+        "x-keel-fallback",
+        HeaderValue::from_static(if fallback { "true" } else { "false" }),
+    );
+    headers.insert(
+        "x-keel-degraded",
+        HeaderValue::from_static(if degraded { "true" } else { "false" }),
+    );
 }
 
 #[cfg(test)]

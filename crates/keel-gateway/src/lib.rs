@@ -87,7 +87,10 @@ impl Gateway {
                     Arc::new(OpenAiProvider::try_new(p, connect).map_err(BuildError::Provider)?)
                 }
                 ProviderKind::Anthropic => {
-                    return Err(BuildError::UnsupportedKind { name: name.clone(), kind: "anthropic" });
+                    return Err(BuildError::UnsupportedKind {
+                        name: name.clone(),
+                        kind: "anthropic",
+                    });
                 }
             };
             providers.insert(name.clone(), provider);
@@ -105,7 +108,10 @@ impl Gateway {
                     )));
                 };
                 let target = targets.entry(id.clone()).or_insert_with(|| {
-                    metrics.breaker_state.get_or_create(&TargetLabel { target: id.clone() }).set(0);
+                    metrics
+                        .breaker_state
+                        .get_or_create(&TargetLabel { target: id.clone() })
+                        .set(0);
                     Arc::new(Target {
                         id: id.clone(),
                         model: t.model.clone(),

@@ -131,7 +131,11 @@ impl Metrics {
             "Upstream attempts by target and outcome",
             attempts.clone(),
         );
-        registry.register("keel_retries", "Retries scheduled, per route", retries.clone());
+        registry.register(
+            "keel_retries",
+            "Retries scheduled, per route",
+            retries.clone(),
+        );
         registry.register(
             "keel_fallbacks",
             "Calls answered by a target other than the first, per route",
@@ -177,8 +181,14 @@ impl Metrics {
         }
     }
 
-    /// Renders the Prometheus text exposition format.
+    /// Renders the Prometheus text exposition format (version 0.0.4), which
+    /// every Prometheus tool reads; see [`Metrics::render_openmetrics`].
     pub fn render(&self) -> String {
+        to_prometheus_text(&self.render_openmetrics())
+    }
+
+    /// Renders the OpenMetrics text format (what `prometheus-client` speaks natively).
+    pub fn render_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail; an error here would be a bug in
         // the encoder, and an empty scrape is the honest answer to it.
@@ -187,6 +197,35 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family's
+/// `# HELP`/`# TYPE` name gains its samples' `_total` suffix, and the
+/// OpenMetrics-only `# UNIT` and `# EOF` lines go.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match rewritten {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {
@@ -210,13 +249,24 @@ mod tests {
             })
             .inc();
         m.breaker_state
-            .get_or_create(&TargetLabel { target: "openai/gpt".into() })
+            .get_or_create(&TargetLabel {
+                target: "openai/gpt".into(),
+            })
             .set(2);
         let text = m.render();
         assert!(text.contains(
             "keel_requests_total{route=\"smart\",target=\"openai/gpt\",outcome=\"ok\"} 1"
         ));
         assert!(text.contains("keel_breaker_state{target=\"openai/gpt\"} 2"));
-        assert!(text.ends_with("# EOF\n"));
+        assert!(
+            text.contains("# TYPE keel_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP keel_requests_total Gateway requests"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        assert!(m.render_openmetrics().ends_with("# EOF\n"));
     }
 }

@@ -73,8 +73,8 @@ impl Route {
             name: settings.name.clone(),
             targets,
             degraded_reply: settings.degraded_reply.clone(),
-            retry: settings.retry.clone(),
-            timeouts: settings.timeouts.clone(),
+            retry: settings.retry,
+            timeouts: settings.timeouts,
             budget: Mutex::new(budget),
         }
     }
@@ -104,12 +104,17 @@ pub struct CallLog {
 impl CallLog {
     /// An empty log for `who`.
     pub fn new(who: Attribution) -> Self {
-        Self { who, events: Vec::new(), attempts: 0 }
+        Self {
+            who,
+            events: Vec::new(),
+            attempts: 0,
+        }
     }
 
     /// Appends an event of this call's task.
     pub fn push(&mut self, kind: EventKind, data: serde_json::Value) {
-        self.events.push(NewEvent::new(kind, self.who.task.clone(), data));
+        self.events
+            .push(NewEvent::new(kind, self.who.task.clone(), data));
     }
 }
 
@@ -193,7 +198,11 @@ impl Executor<'_> {
                 TargetResult::Answered(reply) => {
                     let fallback = index > 0;
                     return match reply {
-                        Reply::Json(body) => Answer::Json { target: Arc::clone(target), body, fallback },
+                        Reply::Json(body) => Answer::Json {
+                            target: Arc::clone(target),
+                            body,
+                            fallback,
+                        },
                         Reply::Stream(first, rest) => Answer::Stream {
                             target: Arc::clone(target),
                             first,
@@ -209,11 +218,17 @@ impl Executor<'_> {
                     }
                 }
                 TargetResult::OutOfTime(e) => {
-                    return Answer::Exhausted { last: e.or(last), timed_out: true };
+                    return Answer::Exhausted {
+                        last: e.or(last),
+                        timed_out: true,
+                    };
                 }
             }
         }
-        Answer::Exhausted { last, timed_out: false }
+        Answer::Exhausted {
+            last,
+            timed_out: false,
+        }
     }
 
     async fn try_target(
@@ -237,7 +252,9 @@ impl Executor<'_> {
                 permit
             };
             let Ok(permit) = permit else {
-                let skipped = UpstreamError::BreakerOpen { target: target.id.clone() };
+                let skipped = UpstreamError::BreakerOpen {
+                    target: target.id.clone(),
+                };
                 return TargetResult::Next(last.or(Some(skipped)));
             };
             let now = Instant::now();
@@ -257,7 +274,14 @@ impl Executor<'_> {
             {
                 let mut breaker = target.breaker.lock();
                 match outcome_for_breaker {
-                    Some(success) => breaker.record(permit, self.clock.now(), Outcome { success, duration: took }),
+                    Some(success) => breaker.record(
+                        permit,
+                        self.clock.now(),
+                        Outcome {
+                            success,
+                            duration: took,
+                        },
+                    ),
                     None => breaker.release(permit),
                 }
                 let transitions = breaker.take_transitions();
@@ -305,7 +329,12 @@ impl Executor<'_> {
                 );
                 return TargetResult::Next(Some(error));
             }
-            self.metrics.retries.get_or_create(&RouteLabel { route: route.name.clone() }).inc();
+            self.metrics
+                .retries
+                .get_or_create(&RouteLabel {
+                    route: route.name.clone(),
+                })
+                .inc();
             log.push(
                 EventKind::RetryScheduled,
                 json!({
@@ -333,7 +362,11 @@ impl Executor<'_> {
         let timeouts = &self.route.timeouts;
         let start = Instant::now();
         let attempt_deadline = deadline.min(start + timeouts.attempt);
-        let mut phase = if attempt_deadline == deadline { "total" } else { "attempt" };
+        let mut phase = if attempt_deadline == deadline {
+            "total"
+        } else {
+            "attempt"
+        };
         let target = request.target.clone();
         let stream = request.stream;
         // A stream must show its first chunk within `first_token`, headers included.
@@ -346,8 +379,14 @@ impl Executor<'_> {
         } else {
             attempt_deadline
         };
-        let timed_out = |after: Duration| UpstreamError::Timeout { target: target.clone(), phase, after };
-        let reply = match tokio::time::timeout_at(first_deadline, target_ref.provider.send(request)).await {
+        let timed_out = |after: Duration| UpstreamError::Timeout {
+            target: target.clone(),
+            phase,
+            after,
+        };
+        let reply = match tokio::time::timeout_at(first_deadline, target_ref.provider.send(request))
+            .await
+        {
             Ok(r) => r?,
             Err(_) => return Err(timed_out(start.elapsed())),
         };
@@ -358,20 +397,29 @@ impl Executor<'_> {
                 }
                 Ok(Reply::Json(body))
             }
-            ProviderReply::Stream(mut rest) => match tokio::time::timeout_at(first_deadline, rest.next()).await {
-                Ok(Some(Ok(first))) => Ok(Reply::Stream(first, rest)),
-                Ok(Some(Err(_)) | None) => Err(UpstreamError::StreamCut { target: target.clone() }),
-                Err(_) => Err(timed_out(start.elapsed())),
-            },
+            ProviderReply::Stream(mut rest) => {
+                match tokio::time::timeout_at(first_deadline, rest.next()).await {
+                    Ok(Some(Ok(first))) => Ok(Reply::Stream(first, rest)),
+                    Ok(Some(Err(_)) | None) => Err(UpstreamError::StreamCut {
+                        target: target.clone(),
+                    }),
+                    Err(_) => Err(timed_out(start.elapsed())),
+                }
+            }
         }
     }
 
     fn retry_delay(&self, backoff: &mut Backoff, attempt: u32, error: &UpstreamError) -> Duration {
         let retry = &self.route.retry;
-        if retry.respect_retry_after {
-            if let UpstreamError::Status { retry_after: Some(after), .. } = error {
-                return retry_after_delay(*after, retry.cap);
-            }
+        if let (
+            true,
+            UpstreamError::Status {
+                retry_after: Some(after),
+                ..
+            },
+        ) = (retry.respect_retry_after, error)
+        {
+            return retry_after_delay(*after, retry.cap);
         }
         backoff.delay(attempt, &mut rand::rng())
     }
@@ -379,7 +427,10 @@ impl Executor<'_> {
     fn count_attempt(&self, target: &Target, outcome: &str) {
         self.metrics
             .attempts
-            .get_or_create(&AttemptLabels { target: target.id.clone(), outcome: outcome.to_owned() })
+            .get_or_create(&AttemptLabels {
+                target: target.id.clone(),
+                outcome: outcome.to_owned(),
+            })
             .inc();
     }
 
@@ -392,7 +443,9 @@ impl Executor<'_> {
             };
             self.metrics
                 .breaker_state
-                .get_or_create(&TargetLabel { target: target.id.clone() })
+                .get_or_create(&TargetLabel {
+                    target: target.id.clone(),
+                })
                 .set(t.to.gauge());
             // Breaker transitions belong to the target, not to the task that saw them.
             log.events.push(NewEvent::new(
@@ -428,13 +481,22 @@ enum TargetResult {
 fn check_json(body: &[u8], target: &str) -> Result<(), UpstreamError> {
     serde_json::from_slice::<serde::de::IgnoredAny>(body)
         .map(|_| ())
-        .map_err(|e| UpstreamError::Malformed { target: target.to_owned(), detail: e.to_string() })
+        .map_err(|e| UpstreamError::Malformed {
+            target: target.to_owned(),
+            detail: e.to_string(),
+        })
 }
 
 /// The client's body with `model` replaced by the target's model.
-fn with_model(body: &serde_json::Map<String, serde_json::Value>, model: &str) -> Result<Bytes, serde_json::Error> {
+fn with_model(
+    body: &serde_json::Map<String, serde_json::Value>,
+    model: &str,
+) -> Result<Bytes, serde_json::Error> {
     let mut body = body.clone();
-    body.insert("model".to_owned(), serde_json::Value::String(model.to_owned()));
+    body.insert(
+        "model".to_owned(),
+        serde_json::Value::String(model.to_owned()),
+    );
     serde_json::to_vec(&body).map(Bytes::from)
 }
 
@@ -444,7 +506,9 @@ trait IntoUpstream {
 
 impl IntoUpstream for serde_json::Error {
     fn into_upstream(self, target: &str) -> UpstreamError {
-        UpstreamError::Malformed { target: target.to_owned(), detail: self.to_string() }
+        UpstreamError::Malformed {
+            target: target.to_owned(),
+            detail: self.to_string(),
+        }
     }
 }
-

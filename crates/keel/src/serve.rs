@@ -71,13 +71,29 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
     let gateway = Gateway::build(&settings, Arc::clone(&store), tasks.clone())?;
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (server.listen)", settings.server.listen))?;
-    let addr = listener.local_addr().context("listener has no local address")?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.listen)",
+                settings.server.listen
+            )
+        })?;
+    let addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
     if embedded {
-        tracing::info!("no --config given: using the embedded default (no routes; see examples/keel.toml)");
+        tracing::info!(
+            "no --config given: using the embedded default (no routes; see examples/keel.toml)"
+        );
     }
     let routes: Vec<&str> = gateway.route_names().collect();
-    output::line(&format!("keel listening on http://{addr} (routes: {})", if routes.is_empty() { "none".to_owned() } else { routes.join(", ") }));
+    output::line(&format!(
+        "keel listening on http://{addr} (routes: {})",
+        if routes.is_empty() {
+            "none".to_owned()
+        } else {
+            routes.join(", ")
+        }
+    ));
     let app = keel_gateway::router(Arc::new(gateway));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

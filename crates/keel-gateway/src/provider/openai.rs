@@ -8,7 +8,9 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use keel_config::ProviderSettings;
 use keel_core::class::ErrorHint;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{
+    AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+};
 
 use super::{ChunkStream, Provider, ProviderReply, ProviderRequest};
 use crate::error::UpstreamError;
@@ -26,16 +28,29 @@ impl OpenAiProvider {
     pub fn try_new(settings: &ProviderSettings, connect: Duration) -> Result<Self, String> {
         let mut headers = HeaderMap::new();
         if let Some(key) = &settings.api_key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                .map_err(|_| format!("providers.{}: api key is not a valid header value", settings.name))?;
+            let mut value =
+                HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                    format!(
+                        "providers.{}: api key is not a valid header value",
+                        settings.name
+                    )
+                })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
         for (name, value) in &settings.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("providers.{}.headers: {name:?} is not a header name", settings.name))?;
-            let mut value = HeaderValue::from_str(value)
-                .map_err(|_| format!("providers.{}.headers.{name}: not a valid header value", settings.name))?;
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                format!(
+                    "providers.{}.headers: {name:?} is not a header name",
+                    settings.name
+                )
+            })?;
+            let mut value = HeaderValue::from_str(value).map_err(|_| {
+                format!(
+                    "providers.{}.headers.{name}: not a valid header value",
+                    settings.name
+                )
+            })?;
             value.set_sensitive(true);
             headers.insert(name, value);
         }
@@ -80,7 +95,13 @@ impl Provider for OpenAiProvider {
                 .and_then(parse_retry_after);
             let body = response.bytes().await.unwrap_or_default();
             let hint = ErrorHint::from_body(&body);
-            return Err(UpstreamError::Status { target, status, retry_after, body, hint });
+            return Err(UpstreamError::Status {
+                target,
+                status,
+                retry_after,
+                body,
+                hint,
+            });
         }
         if request.stream {
             return Ok(ProviderReply::Stream(sse_chunks(response, target)));
@@ -187,7 +208,10 @@ impl SseParser {
 /// Position and length of the first blank-line separator.
 fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),

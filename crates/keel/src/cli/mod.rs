@@ -48,7 +48,9 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Serve { config } => serve::run(config.as_deref()),
-            Command::Config { command: ConfigCommand::Check { file } } => Ok(check(&file)),
+            Command::Config {
+                command: ConfigCommand::Check { file },
+            } => Ok(check(&file)),
         }
     }
 }

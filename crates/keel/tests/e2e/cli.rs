@@ -15,12 +15,22 @@ fn config_check_names_file_line_and_key() {
         "[providers.openai]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\n[routes.smart]\ntargets = [{ provider = \"opnai\", model = \"m\" }]\nretry = { base = \"20s\", cap = \"10s\" }\n",
     )
     .unwrap();
-    let out = keel().args(["config", "check"]).arg(&path).output().unwrap();
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("keel.toml:6: routes.smart.targets[0].provider"), "{stderr}");
+    assert!(
+        stderr.contains("keel.toml:6: routes.smart.targets[0].provider"),
+        "{stderr}"
+    );
     assert!(stderr.contains("opnai"), "{stderr}");
-    assert!(stderr.contains("keel.toml:7: routes.smart.retry.base"), "{stderr}");
+    assert!(
+        stderr.contains("keel.toml:7: routes.smart.retry.base"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -31,14 +41,24 @@ fn config_check_accepts_the_example() {
     let mut cmd = keel();
     for (i, _) in text.match_indices("_env") {
         let rest = &text[i..];
-        let Some(start) = rest.find('"') else { continue };
+        let Some(start) = rest.find('"') else {
+            continue;
+        };
         let rest = &rest[start + 1..];
-        for name in rest.split('"').step_by(2).take_while(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit()) && !n.is_empty()) {
+        for name in rest.split('"').step_by(2).take_while(|n| {
+            n.chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+                && !n.is_empty()
+        }) {
             cmd.env(name, "dummy-value");
         }
     }
     let out = cmd.args(["config", "check", example]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -47,7 +67,11 @@ fn serve_with_a_bad_config_exits_without_listening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keel.toml");
     std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n").unwrap();
-    let out = keel().args(["serve", "--config"]).arg(&path).output().unwrap();
+    let out = keel()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("keel.toml:3"), "{stderr}");

@@ -2,7 +2,6 @@
 //! port with a temp config against an in-process simulated model server, and
 //! drive it with the real `openai` Python SDK.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -80,14 +79,22 @@ impl Keel {
 
     /// Events of one kind.
     pub fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
-        self.events().into_iter().filter(|(k, _)| k == kind).map(|(_, d)| d).collect()
+        self.events()
+            .into_iter()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, d)| d)
+            .collect()
     }
 }
 
 /// Reads every event from a keel SQLite store.
 pub fn read_events(db: &Path) -> Vec<(String, serde_json::Value)> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let mut stmt = conn.prepare("SELECT kind, data FROM events ORDER BY seq").unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT kind, data FROM events ORDER BY seq")
+        .unwrap();
     stmt.query_map([], |row| {
         let kind: String = row.get(0)?;
         let data: String = row.get(1)?;
@@ -100,7 +107,9 @@ pub fn read_events(db: &Path) -> Vec<(String, serde_json::Value)> {
 
 /// Starts the simulated model server on a free loopback port.
 pub async fn sim() -> SimHandle {
-    SimServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
+    SimServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
 }
 
 /// The Python interpreter with `openai` installed (`cargo xtask test` makes it).
@@ -134,7 +143,8 @@ pub async fn sdk(mode: &str, base_url: &str, extra: &[&str]) -> serde_json::Valu
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad JSON from sdk_client.py ({e}): {stdout}"))
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("bad JSON from sdk_client.py ({e}): {stdout}"))
 }
 
 /// A config with one route `smart` over two targets of the simulator, fast retries
@@ -170,6 +180,10 @@ targets = [
 ]
 degraded_reply = "I'm busy right now; please try again shortly."
 retry = { max_attempts = 2, base = "10ms", cap = "50ms" }
+
+[routes.stubborn]
+targets = [{ provider = "sim", model = "stubborn" }]
+retry = { max_attempts = 5, base = "700ms", cap = "700ms", jitter = "none", budget_min_per_sec = 100 }
 
 [breaker]
 window = "count"

@@ -34,21 +34,32 @@ async fn every_answered_call_survives_kill_9() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = keel.child.id().unwrap();
-    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     keel.child.wait().await.unwrap();
     let mut answered = HashSet::new();
     for w in workers {
         answered.extend(w.await.unwrap());
     }
-    assert!(answered.len() > 50, "too little load before the kill: {}", answered.len());
+    assert!(
+        answered.len() > 50,
+        "too little load before the kill: {}",
+        answered.len()
+    );
     let recorded: HashSet<String> = read_events(&keel.db_path())
         .into_iter()
         .filter(|(k, _)| k == "llm_call")
         .filter_map(|(_, d)| d["step"].as_str().map(str::to_owned))
         .collect();
     let lost: Vec<_> = answered.difference(&recorded).collect();
-    assert!(lost.is_empty(), "{} answered calls have no llm_call event: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} answered calls have no llm_call event: {lost:?}",
+        lost.len()
+    );
     // keel starts again over the same store and keeps appending to the chain.
     let dir = std::mem::replace(&mut keel.dir, tempfile::tempdir().unwrap());
     let keel = Keel::start_in(dir, TWO_TARGETS, &sim).await;

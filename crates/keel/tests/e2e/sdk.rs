@@ -10,9 +10,22 @@ use crate::common::{Keel, PROVIDER_KEY, TWO_TARGETS, sdk, sim};
 async fn plain_call_passes_through_and_is_recorded() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
-    let out = sdk("chat", &keel.base_url(), &["--header", "x-keel-task=task-42", "--header", "x-keel-step=plan"]).await;
+    let out = sdk(
+        "chat",
+        &keel.base_url(),
+        &[
+            "--header",
+            "x-keel-task=task-42",
+            "--header",
+            "x-keel-step=plan",
+        ],
+    )
+    .await;
     assert_eq!(out["ok"], true, "{out}");
-    assert!(out["content"].as_str().unwrap().contains("hello keel"), "{out}");
+    assert!(
+        out["content"].as_str().unwrap().contains("hello keel"),
+        "{out}"
+    );
     assert_eq!(out["headers"]["x-keel-target"], "sim/primary");
     assert_eq!(out["headers"]["x-keel-attempts"], "1");
     assert_eq!(out["headers"]["x-keel-fallback"], "false");
@@ -22,7 +35,10 @@ async fn plain_call_passes_through_and_is_recorded() {
     let upstream = sim.last_request("primary").unwrap();
     assert_eq!(upstream["model"], "primary");
     assert_eq!(upstream["keel_test_unknown_field"]["kept"], true);
-    assert_eq!(sim.last_authorization("primary").unwrap(), format!("Bearer {PROVIDER_KEY}"));
+    assert_eq!(
+        sim.last_authorization("primary").unwrap(),
+        format!("Bearer {PROVIDER_KEY}")
+    );
     let calls = keel.events_of("llm_call");
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0]["route"], "smart");
@@ -32,8 +48,14 @@ async fn plain_call_passes_through_and_is_recorded() {
     let db = std::fs::read(keel.db_path()).unwrap();
     let wal = std::fs::read(keel.db_path().with_extension("db-wal")).unwrap_or_default();
     let needle = PROVIDER_KEY.as_bytes();
-    assert!(!db.windows(needle.len()).any(|w| w == needle), "provider key stored in the database");
-    assert!(!wal.windows(needle.len()).any(|w| w == needle), "provider key stored in the WAL");
+    assert!(
+        !db.windows(needle.len()).any(|w| w == needle),
+        "provider key stored in the database"
+    );
+    assert!(
+        !wal.windows(needle.len()).any(|w| w == needle),
+        "provider key stored in the WAL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -44,7 +66,13 @@ async fn stream_delivers_the_same_content_as_a_plain_call() {
     assert_eq!(out["ok"], true, "{out}");
     assert!(out["chunks"].as_u64().unwrap() >= 3, "{out}");
     assert_eq!(out["finish_reason"], "stop");
-    assert!(out["content"].as_str().unwrap().contains("stream to me please"), "{out}");
+    assert!(
+        out["content"]
+            .as_str()
+            .unwrap()
+            .contains("stream to me please"),
+        "{out}"
+    );
     assert_eq!(out["headers"]["x-keel-target"], "sim/primary");
     let calls = keel.events_of("llm_call");
     assert_eq!(calls.len(), 1);
@@ -60,7 +88,10 @@ async fn tool_calls_and_response_format_pass_through() {
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["finish_reason"], "tool_calls");
     assert_eq!(out["tool_calls"][0]["name"], "get_weather");
-    assert!(out["tool_calls"][0]["arguments"].get("city").is_some(), "{out}");
+    assert!(
+        out["tool_calls"][0]["arguments"].get("city").is_some(),
+        "{out}"
+    );
     let upstream = sim.last_request("primary").unwrap();
     assert_eq!(upstream["tools"][0]["function"]["name"], "get_weather");
     assert_eq!(upstream["response_format"]["type"], "text");
@@ -88,7 +119,10 @@ async fn a_429_retry_after_is_honoured() {
     let started = Instant::now();
     let out = sdk("chat", &keel.base_url(), &["--model", "patient"]).await;
     assert_eq!(out["ok"], true, "{out}");
-    assert!(started.elapsed() >= Duration::from_secs(1), "retried before Retry-After");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retried before Retry-After"
+    );
     assert_eq!(out["headers"]["x-keel-attempts"], "2");
     let retries = keel.events_of("retry_scheduled");
     assert_eq!(retries[0]["delay_ms"], 1000, "{retries:?}");
@@ -102,7 +136,11 @@ async fn a_400_is_not_retried_and_reaches_the_sdk() {
     let out = sdk("chat", &keel.base_url(), &[]).await;
     assert_eq!(out["exception"], "BadRequestError", "{out}");
     assert_eq!(sim.calls("primary"), 1);
-    assert_eq!(sim.calls("secondary"), 0, "a fatal error must not fall back");
+    assert_eq!(
+        sim.calls("secondary"),
+        0,
+        "a fatal error must not fall back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,7 +162,10 @@ async fn primary_down_falls_back_to_the_second_target() {
 async fn context_too_long_falls_back_without_retrying() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
-    sim.script("primary", vec![Fault::status(400).with_error_code("context_length_exceeded")]);
+    sim.script(
+        "primary",
+        vec![Fault::status(400).with_error_code("context_length_exceeded")],
+    );
     let out = sdk("chat", &keel.base_url(), &[]).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["headers"]["x-keel-target"], "sim/secondary");
@@ -150,8 +191,15 @@ async fn breaker_opens_skips_the_primary_then_half_opens() {
         assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
         assert_eq!(out["headers"]["x-keel-attempts"], "1", "{out}");
     }
-    assert_eq!(sim.calls("primary"), 4, "an open breaker must keep calls away from the primary");
-    assert!(opened.elapsed() < Duration::from_secs(4), "the calls while open took too long to prove anything");
+    assert_eq!(
+        sim.calls("primary"),
+        4,
+        "an open breaker must keep calls away from the primary"
+    );
+    assert!(
+        opened.elapsed() < Duration::from_secs(4),
+        "the calls while open took too long to prove anything"
+    );
     // After open_for, one trial call goes through; the primary has healed.
     sim.set_always("primary", None);
     tokio::time::sleep(Duration::from_millis(4200).saturating_sub(opened.elapsed())).await;
@@ -160,8 +208,16 @@ async fn breaker_opens_skips_the_primary_then_half_opens() {
     assert_eq!(sim.calls("primary"), 5);
     assert_eq!(keel.events_of("breaker_half_opened").len(), 1);
     assert_eq!(keel.events_of("breaker_closed").len(), 1);
-    let metrics = reqwest::get(format!("{}/metrics", keel.url)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("keel_breaker_state{target=\"sim/primary\"} 0"), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", keel.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_breaker_state{target=\"sim/primary\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -172,7 +228,10 @@ async fn all_targets_down_serves_the_degraded_reply() {
     sim.set_always("fragile-b", Some(Fault::drop_connection()));
     let out = sdk("chat", &keel.base_url(), &["--model", "fragile"]).await;
     assert_eq!(out["ok"], true, "{out}");
-    assert_eq!(out["content"], "I'm busy right now; please try again shortly.");
+    assert_eq!(
+        out["content"],
+        "I'm busy right now; please try again shortly."
+    );
     assert_eq!(out["headers"]["x-keel-degraded"], "true");
     assert_eq!(keel.events_of("degraded_reply").len(), 1);
     // Without a degraded reply, the SDK gets a 503 it understands.
@@ -201,12 +260,18 @@ async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
 async fn a_stalled_stream_ends_as_a_failure_after_idle() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
-    sim.script("primary", vec![Fault::stall_after(2, Duration::from_secs(30))]);
+    sim.script(
+        "primary",
+        vec![Fault::stall_after(2, Duration::from_secs(30))],
+    );
     let started = Instant::now();
     let out = sdk("stream", &keel.base_url(), &[]).await;
     assert_eq!(out["ok"], false, "{out}");
     assert!(out["message"].as_str().unwrap().contains("idle"), "{out}");
-    assert!(started.elapsed() < Duration::from_secs(10), "the stall was not cut by the idle timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the stall was not cut by the idle timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -223,9 +288,16 @@ async fn a_stream_failing_before_its_first_byte_is_retried() {
     let out = sdk("stream", &keel.base_url(), &[]).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["headers"]["x-keel-attempts"], "2");
-    assert!(started.elapsed() < Duration::from_secs(4), "waited for the slow first token");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited for the slow first token"
+    );
     let failed = keel.events_of("llm_attempt_failed");
-    assert_eq!(failed.last().unwrap()["reason"], "first_token", "{failed:?}");
+    assert_eq!(
+        failed.last().unwrap()["reason"],
+        "first_token",
+        "{failed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -234,7 +306,10 @@ async fn an_unknown_route_is_not_found_for_the_sdk() {
     let keel = Keel::start(TWO_TARGETS, &sim).await;
     let out = sdk("chat", &keel.base_url(), &["--model", "gpt-nonexistent"]).await;
     assert_eq!(out["exception"], "NotFoundError", "{out}");
-    assert!(out["message"].as_str().unwrap().contains("smart"), "the message lists the routes: {out}");
+    assert!(
+        out["message"].as_str().unwrap().contains("smart"),
+        "the message lists the routes: {out}"
+    );
 }
 
 const WITH_AGENT_KEYS: &str = r#"
@@ -272,7 +347,10 @@ async fn embeddings_models_and_task_paths_work() {
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["count"], 2);
     let out = sdk("models", &keel.base_url(), &[]).await;
-    assert_eq!(out["models"], serde_json::json!(["fragile", "patient", "smart"]));
+    assert_eq!(
+        out["models"],
+        serde_json::json!(["fragile", "patient", "smart", "stubborn"])
+    );
     let task_url = format!("{}/tasks/task-7/v1", keel.url);
     let out = sdk("chat", &task_url, &[]).await;
     assert_eq!(out["ok"], true, "{out}");
@@ -281,7 +359,38 @@ async fn embeddings_models_and_task_paths_work() {
     assert_eq!(last.1["route"], "smart");
     let db = rusqlite::Connection::open(keel.db_path()).unwrap();
     let n: i64 = db
-        .query_row("SELECT count(*) FROM events WHERE task_id = 'task-7' AND kind = 'llm_call'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM events WHERE task_id = 'task-7' AND kind = 'llm_call'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_example_agent_runs() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/agent.py");
+    let out = tokio::process::Command::new(crate::common::python())
+        .args([script, "--base-url", &keel.base_url(), "--model", "smart"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("answered by sim/primary after 1 attempt(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stream: sim reply to: Count from one to five."),
+        "{stdout}"
+    );
+    assert_eq!(keel.events_of("llm_call").len(), 2);
 }
