@@ -267,14 +267,22 @@ fn write_config(dir: &Path, sim_base_url: &str) -> anyhow::Result<PathBuf> {
          \n\
          [store]\n\
          url = {store}\n\
+         durability = \"{durability}\"\n\
          \n\
          [providers.sim]\n\
          kind = \"openai\"\n\
          base_url = {sim}\n\
          \n\
          [routes.{ROUTE}]\n\
-         targets = [{{ provider = \"sim\", model = \"{SIM_MODEL}\" }}]\n",
+         targets = [{{ provider = \"sim\", model = \"{SIM_MODEL}\" }}]\n\
+         retry = {{ max_attempts = 3, base = \"200ms\", cap = \"10s\", jitter = \"full\" }}\n\
+         \n\
+         # Unauthenticated calls belong to the agent \"anonymous\": a budget makes\n\
+         # every call pay for the budget check and the spend accounting.\n\
+         [agents.anonymous]\n\
+         budget = {{ tokens_per_hour = 1000000000000 }}\n",
         store = toml_string(&format!("sqlite://{}", db.display())),
+        durability = std::env::var("KEEL_BENCH_DURABILITY").unwrap_or_else(|_| "fsync".to_owned()),
         sim = toml_string(sim_base_url),
     );
     let path = dir.join("keel.toml");

@@ -3,8 +3,10 @@
 //!
 //! This crate owns names and meanings only; it does no I/O.
 
+pub mod api_error;
 pub mod class;
 pub mod event;
 
+pub use api_error::ApiError;
 pub use class::ErrorClass;
 pub use event::{EventKind, NewEvent};

@@ -6,131 +6,11 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
 use bytes::Bytes;
+pub use keel_core::ApiError;
 use keel_core::ErrorClass;
 use keel_core::class::{ErrorHint, classify_status};
-
-/// An error answered to the client as `{"error":{"message","type","code","param"}}`.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Human-readable message.
-    pub message: String,
-    /// OpenAI error type (`invalid_request_error`, `authentication_error`, ...).
-    pub kind: &'static str,
-    /// Machine-readable code (`model_not_found`, `invalid_api_key`, ...).
-    pub code: Option<&'static str>,
-    /// The request parameter at fault, when one is.
-    pub param: Option<&'static str>,
-    /// `Retry-After` seconds, for 429 and 503.
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            code: None,
-            param: None,
-            retry_after: None,
-        }
-    }
-
-    /// 400: the request cannot be understood.
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-    }
-
-    /// 401: no or wrong agent key.
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message);
-        e.code = Some("invalid_api_key");
-        e
-    }
-
-    /// 404: no such route or path.
-    pub fn not_found(message: impl Into<String>, code: &'static str) -> Self {
-        let mut e = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message);
-        e.code = Some(code);
-        e
-    }
-
-    /// 413: body over `max_body_bytes`.
-    pub fn too_large(limit: usize) -> Self {
-        let mut e = Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!(
-                "request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
-            ),
-        );
-        e.code = Some("request_too_large");
-        e
-    }
-
-    /// 429: an agent's budget is spent.
-    pub fn budget(message: impl Into<String>, retry_after: u64) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
-        e.code = Some("budget_exceeded");
-        e.retry_after = Some(retry_after);
-        e
-    }
-
-    /// 503: every target failed or is open and no degraded reply is configured.
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", message);
-        e.code = Some("upstream_unavailable");
-        e
-    }
-
-    /// 504: the call's total deadline passed.
-    pub fn timeout(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", message);
-        e.code = Some("timeout");
-        e
-    }
-
-    /// Sets `param`.
-    pub fn with_param(mut self, param: &'static str) -> Self {
-        self.param = Some(param);
-        self
-    }
-
-    /// Sets `code`.
-    pub fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-
-    /// The JSON body.
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "code": self.code,
-                "param": self.param,
-            }
-        })
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
-    }
-}
 
 /// One failed attempt at one target.
 #[derive(Debug, thiserror::Error)]
@@ -239,17 +119,6 @@ impl UpstreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_error_has_openai_shape() {
-        let e = ApiError::not_found("route \"x\" does not exist", "model_not_found")
-            .with_param("model");
-        let body = e.body();
-        assert_eq!(body["error"]["type"], "invalid_request_error");
-        assert_eq!(body["error"]["code"], "model_not_found");
-        assert_eq!(body["error"]["param"], "model");
-        assert_eq!(e.status, StatusCode::NOT_FOUND);
-    }
 
     #[test]
     fn transport_failures_are_retryable_and_open_breaker_falls_back() {

@@ -6,6 +6,12 @@
 //!
 //! # Byte layout
 //!
+//! Two layouts exist. Each stored event names its own (`layout` column), so
+//! a log written before schema version 2 keeps verifying with layout 1 while
+//! every event appended since uses layout 2.
+//!
+//! ## Layout 1 (`keel.event.v1`, events appended before schema version 2)
+//!
 //! `hash = lowercase_hex(sha256(bytes))` where `bytes` is, in order:
 //!
 //! | field       | encoding                                                        |
@@ -24,6 +30,22 @@
 //! be shifted into its neighbour, and an absent `task_id` differs from `""`.
 //! The first event's `prev_hash` is [`GENESIS_HASH`] (64 `'0'`s).
 //!
+//! ## Layout 2 (`keel.event.v2`, events appended since schema version 2)
+//!
+//! The same as layout 1 with the domain `keel.event.v2` (again followed by one
+//! `0x00`) and, in place of `data`, `str` holding `data_hash`: the lowercase hex
+//! SHA-256 of the canonical JSON text of `data` ([`data_hash`]).
+//!
+//! # How pruning keeps the chain verifiable
+//!
+//! Because a layout-2 hash covers `data_hash` and not `data`, retention can
+//! blank the `data` of a finished task's events while the row keeps `seq`,
+//! `kind`, `data_hash`, `prev_hash` and `hash`: every link still recomputes.
+//! `verify` checks the chain over `data_hash`, and wherever `data` is still
+//! present also checks that it hashes to `data_hash`. So data that is there is
+//! proven authentic; data that was pruned is gone but cannot be forged back in.
+//! Layout-1 events cover their `data` directly, so they are never blanked.
+//!
 //! # Canonical JSON
 //!
 //! [`canonical_json`] sorts the keys of every object (recursively, by their
@@ -41,6 +63,15 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// Domain separator hashed before every event, so the hash of an event can never
 /// be confused with the hash of some other structure.
 const DOMAIN: &[u8] = b"keel.event.v1\0";
+
+/// Domain separator of layout 2.
+const DOMAIN_V2: &[u8] = b"keel.event.v2\0";
+
+/// Hash layout of events appended before schema version 2: the hash covers `data`.
+pub const LAYOUT_V1: u32 = 1;
+
+/// Hash layout of events appended since schema version 2: the hash covers `data_hash`.
+pub const LAYOUT_V2: u32 = 2;
 
 /// The fields of one event that its hash covers, borrowed.
 ///
@@ -83,6 +114,58 @@ impl HashInput<'_> {
         put_str(&mut h, self.data);
         hex::encode(h.finalize())
     }
+}
+
+/// The fields of one layout-2 event that its hash covers, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct HashInputV2<'a> {
+    /// Hash of the previous event, or [`GENESIS_HASH`].
+    pub prev_hash: &'a str,
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// Task the event belongs to.
+    pub task_id: Option<&'a str>,
+    /// RFC 3339 time, as stored.
+    pub at: &'a str,
+    /// The same time in Unix milliseconds.
+    pub at_ms: i64,
+    /// Event kind name (`llm_call`).
+    pub kind: &'a str,
+    /// [`data_hash`] of the event's canonical data.
+    pub data_hash: &'a str,
+}
+
+impl HashInputV2<'_> {
+    /// The event's hash: lowercase hex of SHA-256 over layout 2 (module doc).
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(DOMAIN_V2);
+        put_str(&mut h, self.prev_hash);
+        h.update(self.seq.to_be_bytes());
+        match self.task_id {
+            None => h.update([0u8]),
+            Some(task_id) => {
+                h.update([1u8]);
+                put_str(&mut h, task_id);
+            }
+        }
+        put_str(&mut h, self.at);
+        h.update(self.at_ms.to_be_bytes());
+        put_str(&mut h, self.kind);
+        put_str(&mut h, self.data_hash);
+        hex::encode(h.finalize())
+    }
+}
+
+/// Lowercase hex SHA-256 of the canonical JSON text of an event's data
+/// ([`canonical_json`]); what a layout-2 hash covers in place of the data.
+pub fn data_hash(canonical_data: &str) -> String {
+    hex::encode(Sha256::digest(canonical_data.as_bytes()))
+}
+
+/// Lowercase hex SHA-256 of `bytes`: the key under which a blob is stored.
+pub fn blob_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 fn put_str(h: &mut Sha256, s: &str) {
@@ -154,19 +237,34 @@ impl ChainVerifier {
     /// `prev_hash` is not the previous event's hash, or `hash` does not match
     /// the content.
     pub fn check(&mut self, input: &HashInput<'_>, hash: &str) -> Result<(), String> {
-        if input.seq != self.next_seq {
+        self.link(input.seq, input.prev_hash, hash, || input.hash())
+    }
+
+    /// [`ChainVerifier::check`] for a layout-2 event.
+    pub fn check_v2(&mut self, input: &HashInputV2<'_>, hash: &str) -> Result<(), String> {
+        self.link(input.seq, input.prev_hash, hash, || input.hash())
+    }
+
+    fn link(
+        &mut self,
+        seq: u64,
+        prev_hash: &str,
+        hash: &str,
+        compute: impl FnOnce() -> String,
+    ) -> Result<(), String> {
+        if seq != self.next_seq {
             return Err(format!(
-                "expected seq {} but found seq {}",
-                self.next_seq, input.seq
+                "expected seq {} but found seq {seq}",
+                self.next_seq
             ));
         }
-        if input.prev_hash != self.prev_hash {
+        if prev_hash != self.prev_hash {
             return Err(format!(
-                "prev_hash {} does not match the hash {} of the previous event",
-                input.prev_hash, self.prev_hash
+                "prev_hash {prev_hash} does not match the hash {} of the previous event",
+                self.prev_hash
             ));
         }
-        let computed = input.hash();
+        let computed = compute();
         if computed != hash {
             return Err(format!(
                 "stored hash {hash} does not match the content, which hashes to {computed}"
@@ -301,6 +399,33 @@ mod tests {
         };
         assert!(verifier.check(&second, "bad").is_err());
         assert_eq!(verifier.checked(), 1);
+    }
+
+    #[test]
+    fn layouts_differ_for_the_same_event() {
+        let data = "{}";
+        let v1 = input(None, "llm_call", data);
+        let digest = data_hash(data);
+        let v2 = HashInputV2 {
+            prev_hash: v1.prev_hash,
+            seq: v1.seq,
+            task_id: v1.task_id,
+            at: v1.at,
+            at_ms: v1.at_ms,
+            kind: v1.kind,
+            data_hash: &digest,
+        };
+        assert_ne!(v1.hash(), v2.hash());
+        let mut verifier = ChainVerifier::new();
+        assert_eq!(verifier.check_v2(&v2, &v2.hash()), Ok(()));
+    }
+
+    #[test]
+    fn blob_hash_is_sha256_hex() {
+        assert_eq!(
+            blob_hash(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

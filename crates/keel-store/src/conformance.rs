@@ -1,10 +1,12 @@
-//! The conformance suite: properties every [`EventStore`] must have, generic
-//! over the implementation. Enabled in this crate's tests and by the
-//! `conformance` feature for other implementations' tests.
+//! The conformance suite: properties every [`EventStore`] and every
+//! [`TaskStore`] must have, generic over the implementation. Enabled in this
+//! crate's tests and by the `conformance` feature for other implementations'
+//! tests.
 //!
 //! Each property takes a fresh, empty store and returns `Err` naming what did
 //! not hold (no panics, so the suite is ordinary library code); a test calls
-//! `.unwrap()` on it. [`run_all`] runs every property, each on its own store.
+//! `.unwrap()` on it. [`run_all`] runs every event-log property and
+//! [`run_all_tasks`] every task property, each on its own store.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +16,10 @@ use tokio::task::JoinSet;
 
 use keel_core::{EventKind, NewEvent};
 
-use crate::{Event, EventQuery, EventStore, GENESIS_HASH, StoreError, Verify};
+use crate::{
+    BlobRef, Event, EventQuery, EventStore, GENESIS_HASH, IdempotencyRecord, PrunePolicy,
+    StoreError, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, blob_hash,
+};
 
 /// Why a conformance property failed.
 #[derive(Debug, thiserror::Error)]
@@ -362,5 +367,648 @@ pub async fn verify_reports_intact<S: EventStore>(store: &S) -> Outcome {
 /// `ping` succeeds on a working store.
 pub async fn ping_succeeds<S: EventStore>(store: &S) -> Outcome {
     store.ping().await?;
+    Ok(())
+}
+
+// === task properties ===
+
+/// Runs every task property, each on a store from `make` (which must be new and empty).
+pub async fn run_all_tasks<S: TaskStore>(make: impl Fn() -> S) -> Outcome {
+    task_create_then_read(&make()).await?;
+    task_version_conflict_changes_nothing(&make()).await?;
+    task_create_of_existing_id_conflicts(&make()).await?;
+    task_wrong_row_version_is_refused(&make()).await?;
+    task_duplicate_idempotency_key_changes_nothing(&make()).await?;
+    concurrent_task_writes_all_land(Arc::new(make())).await?;
+    same_task_concurrent_writers_one_wins(Arc::new(make())).await?;
+    blobs_are_stored_once(&make()).await?;
+    task_list_pagination_visits_each_once(&make()).await?;
+    next_queued_is_fifo(&make()).await?;
+    expired_leases_and_approvals_filter(&make()).await?;
+    task_events_read_back_in_order(&make()).await?;
+    prune_keeps_the_chain_verifiable(&make()).await?;
+    prune_keeps_newest_checkpoints(&make()).await?;
+    Ok(())
+}
+
+/// A task row with the given fields; no lease, no approval.
+fn row(id: &str, agent: &str, state: &str, version: u64, created_at_ms: i64) -> TaskRow {
+    TaskRow {
+        id: id.to_owned(),
+        agent: agent.to_owned(),
+        state: state.to_owned(),
+        version,
+        snapshot: json!({"id": id, "state": state, "version": version}),
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+        lease_expires_at_ms: None,
+        approval_expires_at_ms: None,
+    }
+}
+
+/// A write of `row` after `expected`, with one event per version step.
+fn write(row: TaskRow, expected: Option<u64>) -> TaskWrite {
+    let from = expected.unwrap_or(0);
+    let events = (from..row.version)
+        .map(|v| {
+            let kind = if v == 0 {
+                EventKind::TaskCreated
+            } else {
+                EventKind::StepRecorded
+            };
+            event(kind, Some(&row.id), json!({"v": v + 1}))
+        })
+        .collect();
+    TaskWrite {
+        row,
+        expected_version: expected,
+        events,
+        blobs: Vec::new(),
+        blob_refs: Vec::new(),
+        idempotency: None,
+    }
+}
+
+/// A create of a `queued` task of `agent` at `created_at_ms`.
+fn create(id: &str, agent: &str, created_at_ms: i64) -> TaskWrite {
+    write(row(id, agent, "queued", 1, created_at_ms), None)
+}
+
+async fn event_count<S: TaskStore>(store: &S) -> Result<usize, ConformanceError> {
+    Ok(store.events(EventQuery::default()).await?.len())
+}
+
+/// A created task reads back exactly as written, and its events are returned.
+pub async fn task_create_then_read<S: TaskStore>(store: &S) -> Outcome {
+    let mut created = create("t1", "a", 1_000);
+    created.row.lease_expires_at_ms = Some(5);
+    created.row.approval_expires_at_ms = Some(6);
+    created.row.snapshot = json!({"nested": {"b": [1, 2.5], "a": "é"}, "z": null});
+    let events = store.write_task(created.clone()).await?;
+    ensure!(
+        events.len() == 1 && events[0].task_id.as_deref() == Some("t1"),
+        "create returned {events:?}"
+    );
+    let read = store.task("t1").await?;
+    ensure!(
+        read.as_ref() == Some(&created.row),
+        "read back {read:?}, wrote {:?}",
+        created.row
+    );
+    ensure!(
+        store.task("nobody").await?.is_none(),
+        "unknown task has a row"
+    );
+    let verdict = store.verify().await?;
+    ensure!(
+        verdict == Verify::Intact { events: 1 },
+        "verify: {verdict:?}"
+    );
+    Ok(())
+}
+
+/// A write with a stale version fails with `Conflict` and changes nothing.
+pub async fn task_version_conflict_changes_nothing<S: TaskStore>(store: &S) -> Outcome {
+    store.write_task(create("t", "a", 1)).await?;
+    store
+        .write_task(write(row("t", "a", "running", 2, 1), Some(1)))
+        .await?;
+    let before = store.task("t").await?;
+    let events_before = event_count(store).await?;
+    let mut stale = write(row("t", "a", "succeeded", 2, 1), Some(1));
+    stale.blobs = vec![bytes::Bytes::from_static(b"stale")];
+    stale.idempotency = Some(IdempotencyRecord {
+        scope: "s".to_owned(),
+        key: "k".to_owned(),
+        status: 200,
+        body: json!({}),
+    });
+    match store.write_task(stale).await {
+        Err(StoreError::Conflict {
+            task,
+            expected: Some(1),
+            found: Some(2),
+        }) if task == "t" => {}
+        other => {
+            return Err(ConformanceError::Check(format!(
+                "stale write answered {other:?}"
+            )));
+        }
+    }
+    ensure!(
+        store.task("t").await? == before,
+        "row changed by a conflict"
+    );
+    ensure!(
+        event_count(store).await? == events_before,
+        "events appended by a conflict"
+    );
+    ensure!(
+        store.idempotent("s", "k").await?.is_none(),
+        "idempotency record kept by a conflict"
+    );
+    ensure!(store.stats().await?.blobs == 0, "blob kept by a conflict");
+    Ok(())
+}
+
+/// Creating a task whose id exists fails with `Conflict` (found the version).
+pub async fn task_create_of_existing_id_conflicts<S: TaskStore>(store: &S) -> Outcome {
+    store.write_task(create("t", "a", 1)).await?;
+    let again = store.write_task(create("t", "b", 2)).await;
+    ensure!(
+        matches!(
+            &again,
+            Err(StoreError::Conflict {
+                expected: None,
+                found: Some(1),
+                ..
+            })
+        ),
+        "second create answered {again:?}"
+    );
+    let update_missing = store
+        .write_task(write(row("missing", "a", "running", 2, 1), Some(1)))
+        .await;
+    ensure!(
+        matches!(
+            &update_missing,
+            Err(StoreError::Conflict {
+                expected: Some(1),
+                found: None,
+                ..
+            })
+        ),
+        "update of a missing task answered {update_missing:?}"
+    );
+    let row = store.task("t").await?;
+    ensure!(
+        row.as_ref().is_some_and(|r| r.agent == "a"),
+        "row overwritten: {row:?}"
+    );
+    ensure!(event_count(store).await? == 1, "events appended");
+    Ok(())
+}
+
+/// A row version that is not expected + events is refused; a snapshot-only
+/// write (no events) keeps the version.
+pub async fn task_wrong_row_version_is_refused<S: TaskStore>(store: &S) -> Outcome {
+    store.write_task(create("t", "a", 1)).await?;
+    let mut wrong = write(row("t", "a", "running", 2, 1), Some(1));
+    wrong.row.version = 5;
+    let answer = store.write_task(wrong).await;
+    ensure!(
+        matches!(&answer, Err(StoreError::InvalidWrite { .. })),
+        "wrong version answered {answer:?}"
+    );
+    // A lease renewal: no events, same version.
+    let mut renew = write(row("t", "a", "queued", 1, 1), Some(1));
+    renew.row.lease_expires_at_ms = Some(99);
+    renew.row.updated_at_ms = 50;
+    let events = store.write_task(renew).await?;
+    ensure!(events.is_empty(), "renewal appended {events:?}");
+    let read = store.task("t").await?;
+    ensure!(
+        read.as_ref()
+            .is_some_and(|r| r.version == 1 && r.lease_expires_at_ms == Some(99)),
+        "renewal read back {read:?}"
+    );
+    Ok(())
+}
+
+/// A repeated idempotency key fails with `DuplicateKey`, applies nothing, and
+/// the first record stays.
+pub async fn task_duplicate_idempotency_key_changes_nothing<S: TaskStore>(store: &S) -> Outcome {
+    let record = |status: u16, body| IdempotencyRecord {
+        scope: "create".to_owned(),
+        key: "key-1".to_owned(),
+        status,
+        body,
+    };
+    let mut first = create("t1", "a", 1);
+    first.idempotency = Some(record(201, json!({"id": "t1"})));
+    store.write_task(first).await?;
+    let events_before = event_count(store).await?;
+
+    let mut repeat = create("t2", "a", 2);
+    repeat.blobs = vec![bytes::Bytes::from_static(b"x")];
+    repeat.idempotency = Some(record(202, json!({"id": "t2"})));
+    let answer = store.write_task(repeat).await;
+    ensure!(
+        matches!(&answer, Err(StoreError::DuplicateKey { scope, key }) if scope == "create" && key == "key-1"),
+        "repeat answered {answer:?}"
+    );
+    ensure!(store.task("t2").await?.is_none(), "repeat created its task");
+    ensure!(
+        event_count(store).await? == events_before,
+        "repeat appended events"
+    );
+    ensure!(store.stats().await?.blobs == 0, "repeat stored its blob");
+    let kept = store.idempotent("create", "key-1").await?;
+    ensure!(
+        kept == Some(record(201, json!({"id": "t1"}))),
+        "idempotent returned {kept:?}"
+    );
+    ensure!(
+        store.idempotent("create", "other").await?.is_none(),
+        "unknown key has a record"
+    );
+    Ok(())
+}
+
+/// 50 tasks written concurrently, each a create plus 10 updates: every write
+/// lands, versions are right, each task's events are in order, the chain is intact.
+pub async fn concurrent_task_writes_all_land<S: TaskStore>(store: Arc<S>) -> Outcome {
+    const TASKS: u64 = 50;
+    const UPDATES: u64 = 10;
+    let mut set = JoinSet::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        set.spawn(async move {
+            let id = format!("task-{t}");
+            let created = i64::try_from(t).unwrap_or(0);
+            store.write_task(create(&id, "a", created)).await?;
+            for v in 1..=UPDATES {
+                store
+                    .write_task(write(row(&id, "a", "running", v + 1, created), Some(v)))
+                    .await?;
+            }
+            Ok::<_, StoreError>(())
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        joined.map_err(|e| ConformanceError::Check(format!("writer task failed: {e}")))??;
+    }
+    for t in 0..TASKS {
+        let id = format!("task-{t}");
+        let row = store.task(&id).await?;
+        ensure!(
+            row.as_ref().is_some_and(|r| r.version == UPDATES + 1),
+            "{id}: row {row:?}"
+        );
+        let events = store
+            .events(EventQuery {
+                task_id: Some(id.clone()),
+                ..EventQuery::default()
+            })
+            .await?;
+        let order: Vec<u64> = events
+            .iter()
+            .map(|e| e.data["v"].as_u64().unwrap_or(0))
+            .collect();
+        ensure!(
+            order == (1..=UPDATES + 1).collect::<Vec<_>>(),
+            "{id}: events {order:?}"
+        );
+    }
+    let total = TASKS * (UPDATES + 1);
+    let verdict = store.verify().await?;
+    ensure!(
+        verdict == Verify::Intact { events: total },
+        "verify: {verdict:?}"
+    );
+    Ok(())
+}
+
+/// Two writers racing on one task with the same expected version: exactly one wins.
+pub async fn same_task_concurrent_writers_one_wins<S: TaskStore>(store: Arc<S>) -> Outcome {
+    store.write_task(create("t", "a", 1)).await?;
+    for round in 1..=5u64 {
+        let mut set = JoinSet::new();
+        for w in 0..2 {
+            let store = Arc::clone(&store);
+            set.spawn(async move {
+                let mut next = write(row("t", "a", "running", round + 1, 1), Some(round));
+                next.row.snapshot = json!({"writer": w});
+                store.write_task(next).await
+            });
+        }
+        let (mut wins, mut conflicts) = (0, 0);
+        while let Some(joined) = set.join_next().await {
+            match joined.map_err(|e| ConformanceError::Check(format!("writer failed: {e}")))? {
+                Ok(_) => wins += 1,
+                Err(StoreError::Conflict { .. }) => conflicts += 1,
+                Err(other) => return Err(other.into()),
+            }
+        }
+        ensure!(
+            (wins, conflicts) == (1, 1),
+            "round {round}: {wins} wins, {conflicts} conflicts"
+        );
+    }
+    let row = store.task("t").await?;
+    ensure!(row.as_ref().is_some_and(|r| r.version == 6), "row {row:?}");
+    ensure!(event_count(&*store).await? == 6, "events appended twice");
+    Ok(())
+}
+
+/// The same bytes written twice are stored once and read back by their hash.
+pub async fn blobs_are_stored_once<S: TaskStore>(store: &S) -> Outcome {
+    let payload = bytes::Bytes::from_static(b"a conversation prefix repeated in every call");
+    let mut first = create("t1", "a", 1);
+    first.blobs = vec![payload.clone(), payload.clone()];
+    store.write_task(first).await?;
+    let mut second = create("t2", "a", 2);
+    second.blobs = vec![payload.clone()];
+    store.write_task(second).await?;
+    let stats = store.stats().await?;
+    ensure!(
+        stats.blobs == 1 && stats.blob_bytes == payload.len() as u64,
+        "stats after two writes of one blob: {stats:?}"
+    );
+    ensure!(
+        stats.tasks == 2 && stats.events == 2 && stats.db_bytes > 0,
+        "stats: {stats:?}"
+    );
+    let read = store.blob(&blob_hash(&payload)).await?;
+    ensure!(read == Some(payload), "blob read back as {read:?}");
+    ensure!(
+        store.blob(&blob_hash(b"never stored")).await?.is_none(),
+        "unknown blob found"
+    );
+    Ok(())
+}
+
+/// Paging through `tasks` (with and without filters) visits every matching
+/// task exactly once, in (`created_at_ms`, `id`) order; a bad cursor is refused.
+pub async fn task_list_pagination_visits_each_once<S: TaskStore>(store: &S) -> Outcome {
+    // Ties on created_at_ms, so the order must fall back to the id.
+    for i in 0..23i64 {
+        let agent = if i % 3 == 0 { "b" } else { "a" };
+        store
+            .write_task(create(&format!("t{i:02}"), agent, i / 4))
+            .await?;
+    }
+    for (agent, limit, want) in [(None, 5, 23), (Some("a"), 4, 15), (Some("b"), 0, 8)] {
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let page = store
+                .tasks(TaskQuery {
+                    state: Some("queued".to_owned()),
+                    agent: agent.map(str::to_owned),
+                    limit,
+                    cursor: cursor.take(),
+                })
+                .await?;
+            pages += 1;
+            ensure!(pages < 100, "pagination does not end");
+            seen.extend(page.tasks.iter().map(|t| (t.created_at_ms, t.id.clone())));
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        ensure!(
+            seen == sorted && seen.len() == want,
+            "agent {agent:?} limit {limit}: visited {seen:?}"
+        );
+    }
+    let none = store
+        .tasks(TaskQuery {
+            state: Some("running".to_owned()),
+            ..TaskQuery::default()
+        })
+        .await?;
+    ensure!(
+        none.tasks.is_empty() && none.next.is_none(),
+        "state filter: {none:?}"
+    );
+    let bad = store
+        .tasks(TaskQuery {
+            cursor: Some("not a cursor".to_owned()),
+            ..TaskQuery::default()
+        })
+        .await;
+    ensure!(
+        matches!(bad, Err(StoreError::InvalidCursor)),
+        "bad cursor answered {bad:?}"
+    );
+    let counts = store.count_by_state().await?;
+    ensure!(
+        counts == [("queued".to_owned(), 23)],
+        "count_by_state: {counts:?}"
+    );
+    Ok(())
+}
+
+/// `next_queued` returns an agent's queued tasks oldest first, nothing else.
+pub async fn next_queued_is_fifo<S: TaskStore>(store: &S) -> Outcome {
+    for (id, agent, created) in [
+        ("c", "a", 30),
+        ("a", "a", 10),
+        ("x", "b", 5),
+        ("b", "a", 20),
+    ] {
+        store.write_task(create(id, agent, created)).await?;
+    }
+    store
+        .write_task(write(row("a", "a", "running", 2, 10), Some(1)))
+        .await?;
+    let ids = |rows: Vec<TaskRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let got = ids(store.next_queued("a", 10).await?);
+    ensure!(got == ["b", "c"], "next_queued(a): {got:?}");
+    let got = ids(store.next_queued("a", 1).await?);
+    ensure!(got == ["b"], "next_queued(a, 1): {got:?}");
+    let got = ids(store.next_queued("nobody", 10).await?);
+    ensure!(got.is_empty(), "next_queued(nobody): {got:?}");
+    Ok(())
+}
+
+/// `expired_leases` and `expired_approvals` return only tasks in the right
+/// state whose deadline is at or before `now`, soonest first.
+pub async fn expired_leases_and_approvals_filter<S: TaskStore>(store: &S) -> Outcome {
+    let cases: [(&str, &str, Option<i64>, Option<i64>); 7] = [
+        ("run-early", "running", Some(100), None),
+        ("run-now", "running", Some(200), None),
+        ("run-later", "running", Some(300), None),
+        ("queued-lease", "queued", Some(50), None),
+        ("wait-early", "awaiting_human", None, Some(150)),
+        ("wait-later", "awaiting_human", None, Some(250)),
+        ("dead-approval", "dead", None, Some(10)),
+    ];
+    for (i, (id, state, lease, approval)) in cases.into_iter().enumerate() {
+        let mut created = write(row(id, "a", state, 1, i64::try_from(i).unwrap_or(0)), None);
+        created.row.lease_expires_at_ms = lease;
+        created.row.approval_expires_at_ms = approval;
+        store.write_task(created).await?;
+    }
+    let ids = |rows: Vec<TaskRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let got = ids(store.expired_leases(200, 10).await?);
+    ensure!(
+        got == ["run-early", "run-now"],
+        "expired_leases(200): {got:?}"
+    );
+    let got = ids(store.expired_leases(1000, 1).await?);
+    ensure!(got == ["run-early"], "expired_leases(1000, 1): {got:?}");
+    let got = ids(store.expired_approvals(200, 10).await?);
+    ensure!(got == ["wait-early"], "expired_approvals(200): {got:?}");
+    let got = ids(store.expired_approvals(99, 10).await?);
+    ensure!(got.is_empty(), "expired_approvals(99): {got:?}");
+    Ok(())
+}
+
+/// A task's events (`EventQuery::task_id`) are its writes' events in order,
+/// interleaved with other appends in the log.
+pub async fn task_events_read_back_in_order<S: TaskStore>(store: &S) -> Outcome {
+    let mut appended = store.write_task(create("t", "a", 1)).await?;
+    store
+        .append(vec![event(EventKind::LlmCall, None, json!({}))])
+        .await?;
+    store.write_task(create("other", "a", 2)).await?;
+    appended.extend(
+        store
+            .write_task(write(row("t", "a", "running", 3, 1), Some(1)))
+            .await?,
+    );
+    let read = store
+        .events(EventQuery {
+            task_id: Some("t".to_owned()),
+            ..EventQuery::default()
+        })
+        .await?;
+    ensure!(
+        read == appended,
+        "task events read {read:?}, written {appended:?}"
+    );
+    ensure!(
+        seqs(&read) == [1, 4, 5],
+        "task event seqs {:?}",
+        seqs(&read)
+    );
+    Ok(())
+}
+
+/// Pruning finished tasks deletes their rows and blobs, keeps `dead` and
+/// unfinished ones, blanks their events' data, and leaves the chain intact.
+pub async fn prune_keeps_the_chain_verifiable<S: TaskStore>(store: &S) -> Outcome {
+    let blob = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
+    let cases = [
+        ("old-ok", "succeeded", 100, "p-ok"),
+        ("old-cancel", "cancelled", 100, "p-cancel"),
+        ("old-dead", "dead", 100, "p-dead"),
+        ("old-running", "running", 100, "p-running"),
+        ("new-ok", "succeeded", 900, "p-new"),
+    ];
+    for (id, state, at, payload) in cases {
+        let mut created = write(row(id, "a", state, 2, at), None);
+        created.blobs = vec![blob(payload), blob("shared")];
+        store.write_task(created).await?;
+    }
+    let report = store
+        .prune(PrunePolicy {
+            finished_before_ms: Some(500),
+            keep_checkpoints: None,
+        })
+        .await?;
+    ensure!(
+        report.tasks == 2 && report.events == 4 && report.blobs == 2,
+        "report {report:?}"
+    );
+    for (id, _, _, payload) in cases {
+        let kept = store.task(id).await?.is_some();
+        let pruned = id == "old-ok" || id == "old-cancel";
+        ensure!(kept != pruned, "{id}: row kept = {kept}");
+        let blob_kept = store.blob(&blob_hash(payload.as_bytes())).await?.is_some();
+        ensure!(blob_kept != pruned, "{id}: blob kept = {blob_kept}");
+        let events = store
+            .events(EventQuery {
+                task_id: Some(id.to_owned()),
+                ..EventQuery::default()
+            })
+            .await?;
+        ensure!(
+            events.len() == 2 && events.iter().all(|e| e.pruned == pruned),
+            "{id}: events {events:?}"
+        );
+        ensure!(
+            events
+                .iter()
+                .all(|e| e.hash == e.compute_hash() && e.data_matches_hash()),
+            "{id}: events do not match their hashes"
+        );
+    }
+    ensure!(
+        store.blob(&blob_hash(b"shared")).await?.is_some(),
+        "blob still referenced by kept tasks was deleted"
+    );
+    let verdict = store.verify().await?;
+    ensure!(
+        verdict == Verify::Intact { events: 10 },
+        "verify after prune: {verdict:?}"
+    );
+    let again = store.prune(PrunePolicy::default()).await?;
+    ensure!(
+        again == Default::default(),
+        "second prune removed {again:?}"
+    );
+    Ok(())
+}
+
+/// `keep_checkpoints` keeps the newest N checkpoints of every task and
+/// deletes the blobs only older checkpoints referenced.
+pub async fn prune_keeps_newest_checkpoints<S: TaskStore>(store: &S) -> Outcome {
+    let checkpoint = |task: &str, n: u64| bytes::Bytes::from(format!("{task} checkpoint {n}"));
+    for task in ["t1", "t2"] {
+        store.write_task(create(task, "a", 1)).await?;
+        for n in 1..=4u64 {
+            let body = checkpoint(task, n);
+            let mut next = write(row(task, "a", "running", n + 1, 1), Some(n));
+            next.blob_refs = vec![BlobRef {
+                hash: blob_hash(&body),
+                kind: "checkpoint".to_owned(),
+                seq: n,
+            }];
+            next.blobs = vec![body];
+            store.write_task(next).await?;
+        }
+    }
+    // The same bytes as t1's oldest checkpoint, also held by t2 as a payload.
+    let mut shared = write(row("t2", "a", "running", 6, 1), Some(5));
+    shared.blobs = vec![checkpoint("t1", 1)];
+    store.write_task(shared).await?;
+
+    let report = store
+        .prune(PrunePolicy {
+            finished_before_ms: None,
+            keep_checkpoints: Some(2),
+        })
+        .await?;
+    ensure!(
+        report.checkpoints == 4 && report.blobs == 3 && report.tasks == 0,
+        "report {report:?}"
+    );
+    for task in ["t1", "t2"] {
+        for n in 1..=4u64 {
+            let kept = store
+                .blob(&blob_hash(&checkpoint(task, n)))
+                .await?
+                .is_some();
+            let want = n >= 3 || (task == "t1" && n == 1);
+            ensure!(kept == want, "{task} checkpoint {n}: kept = {kept}");
+        }
+    }
+    let refused = store
+        .write_task(TaskWrite {
+            blob_refs: vec![BlobRef {
+                hash: blob_hash(b"missing"),
+                kind: "checkpoint".to_owned(),
+                seq: 9,
+            }],
+            ..write(row("t1", "a", "running", 6, 1), Some(5))
+        })
+        .await;
+    ensure!(
+        matches!(refused, Err(StoreError::InvalidWrite { .. })),
+        "ref to a missing blob answered {refused:?}"
+    );
+    let verdict = store.verify().await?;
+    ensure!(
+        matches!(verdict, Verify::Intact { .. }),
+        "verify: {verdict:?}"
+    );
     Ok(())
 }

@@ -107,4 +107,53 @@ pub enum StoreError {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// A task write expected another version of the task; nothing was written.
+    #[error(
+        "task {task}: the write expected {}, the store has {}",
+        show_version(.expected),
+        show_version(.found)
+    )]
+    Conflict {
+        /// The task id.
+        task: String,
+        /// The version the write expected (`None`: that the task does not exist).
+        expected: Option<u64>,
+        /// The version stored (`None`: the task does not exist).
+        found: Option<u64>,
+    },
+    /// The idempotency key was already used; nothing of the write was applied.
+    #[error("idempotency key {key} in scope {scope} was already used")]
+    DuplicateKey {
+        /// Namespace of the key.
+        scope: String,
+        /// The key.
+        key: String,
+    },
+    /// A task write is inconsistent in itself (wrong row version, a blob ref
+    /// to an unknown blob); nothing was written.
+    #[error("invalid write to task {task}: {reason}")]
+    InvalidWrite {
+        /// The task id.
+        task: String,
+        /// What is wrong, in lowercase words.
+        reason: String,
+    },
+    /// A task list cursor that this store did not hand out.
+    #[error("invalid task list cursor")]
+    InvalidCursor,
+    /// A stored task row could not be read back.
+    #[error("task {task} in event store {} is malformed: {reason}", path.display())]
+    CorruptTask {
+        /// The database file.
+        path: PathBuf,
+        /// The task id.
+        task: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// `version 3` or `no task`, for [`StoreError::Conflict`].
+fn show_version(version: &Option<u64>) -> String {
+    version.map_or_else(|| "no task".to_owned(), |v| format!("version {v}"))
 }

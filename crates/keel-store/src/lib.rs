@@ -1,14 +1,19 @@
 //! keel's append-only, hash-chained event log (DESIGN §6).
 //!
 //! The log is the truth: task state is derived from it. This crate owns the
-//! [`EventStore`] trait, the embedded SQLite implementation ([`SqliteStore`]),
-//! the hash chain ([`chain`]) and a conformance suite every implementation must
-//! pass (`conformance`, with the `conformance` feature). It does not know what
-//! events mean; that belongs to the gateway and the supervisor.
+//! [`EventStore`] trait, the [`TaskStore`] trait for durable tasks (a derived
+//! task table written atomically with the task's events, content-addressed
+//! blobs, idempotency records, retention), the embedded SQLite implementation
+//! ([`SqliteStore`]), the hash chain ([`chain`]) and a conformance suite every
+//! implementation must pass (`conformance`, with the `conformance` feature). It
+//! does not know what events or task snapshots mean; that belongs to the
+//! gateway and the supervisor.
 //!
 //! One chain covers the whole log: `seq` is global and starts at 1, and each
 //! event's `hash` covers its content and the previous event's hash (layout in
-//! [`chain`]). `keel audit verify` is [`EventStore::verify`].
+//! [`chain`]). `keel audit verify` is [`EventStore::verify`]. Retention
+//! ([`TaskStore::prune`]) blanks the data of finished tasks' events without
+//! breaking the chain; [`chain`] explains how.
 
 use std::sync::Arc;
 
@@ -19,10 +24,15 @@ pub mod chain;
 pub mod conformance;
 mod error;
 mod sqlite;
+mod task;
 
-pub use chain::GENESIS_HASH;
+pub use chain::{GENESIS_HASH, blob_hash};
 pub use error::StoreError;
 pub use sqlite::SqliteStore;
+pub use task::{
+    BlobRef, IdempotencyRecord, PrunePolicy, PruneReport, StoreStats, TaskPage, TaskQuery, TaskRow,
+    TaskStore, TaskWrite,
+};
 
 /// One event of the log, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,16 +49,54 @@ pub struct Event {
     /// Event kind name, one of DESIGN §6 (`llm_call`).
     pub kind: String,
     /// Facts of the event, with object keys in canonical (sorted) order.
+    /// `null` when `pruned`.
     pub data: serde_json::Value,
     /// `hash` of the event at `seq - 1`, or [`GENESIS_HASH`] for `seq` 1.
     pub prev_hash: String,
     /// Lowercase hex SHA-256 over this event (layout in [`chain`]).
     pub hash: String,
+    /// Hash layout of this event: [`chain::LAYOUT_V1`] or [`chain::LAYOUT_V2`].
+    #[serde(default = "layout_v1")]
+    pub layout: u32,
+    /// [`chain::data_hash`] of `data`, which the hash covers (layout 2 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_hash: Option<String>,
+    /// Retention removed `data` ([`TaskStore::prune`]); `data_hash` remains.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pruned: bool,
+}
+
+fn layout_v1() -> u32 {
+    chain::LAYOUT_V1
 }
 
 impl Event {
     /// Recomputes this event's hash from its content; equals `hash` when intact.
+    ///
+    /// For a layout-2 event the hash covers `data_hash`; it is taken as stored
+    /// when present and computed from `data` otherwise. Use
+    /// [`Event::data_matches_hash`] to check `data` against `data_hash`.
     pub fn compute_hash(&self) -> String {
+        if self.layout == chain::LAYOUT_V2 {
+            let computed;
+            let data_hash = match &self.data_hash {
+                Some(h) => h.as_str(),
+                None => {
+                    computed = chain::data_hash(&chain::canonical_json(&self.data));
+                    computed.as_str()
+                }
+            };
+            return chain::HashInputV2 {
+                prev_hash: &self.prev_hash,
+                seq: self.seq,
+                task_id: self.task_id.as_deref(),
+                at: &self.at,
+                at_ms: self.at_ms,
+                kind: &self.kind,
+                data_hash,
+            }
+            .hash();
+        }
         let data = chain::canonical_json(&self.data);
         chain::HashInput {
             prev_hash: &self.prev_hash,
@@ -60,6 +108,15 @@ impl Event {
             data: &data,
         }
         .hash()
+    }
+
+    /// Whether `data` is what `data_hash` records. True for a pruned event and
+    /// for layout 1 (whose hash covers `data` itself).
+    pub fn data_matches_hash(&self) -> bool {
+        match (&self.data_hash, self.pruned) {
+            (_, true) | (None, false) => true,
+            (Some(h), false) => *h == chain::data_hash(&chain::canonical_json(&self.data)),
+        }
     }
 }
 

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use keel_config::{Settings, StoreBackend};
 use keel_gateway::Gateway;
-use keel_store::{EventStore, SqliteStore};
+use keel_store::{SqliteStore, TaskStore};
+use keel_supervisor::service::{AgentLimits, Supervisor, SupervisorSettings};
 use tokio_util::task::TaskTracker;
 
 use crate::output;
@@ -48,7 +49,7 @@ fn init_tracing() {
         .init();
 }
 
-fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
+fn open_store(settings: &Settings) -> anyhow::Result<Arc<SqliteStore>> {
     match &settings.store.backend {
         StoreBackend::Sqlite { path } => {
             let durability = match settings.store.durability {
@@ -65,10 +66,36 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn EventStore>> {
     }
 }
 
+fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
+    let agents = settings
+        .agents
+        .values()
+        .map(|a| {
+            let limits = AgentLimits {
+                max_attempts: a.max_attempts.get(),
+                max_steps: a.max_steps,
+                task_timeout: a.task_timeout,
+            };
+            (a.name.clone(), limits)
+        })
+        .collect();
+    SupervisorSettings {
+        agents,
+        ..SupervisorSettings::default()
+    }
+}
+
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
     let store = open_store(&settings)?;
     let tasks = TaskTracker::new();
-    let gateway = Gateway::build(&settings, Arc::clone(&store), tasks.clone())?;
+    let gateway = Gateway::build(&settings, store.clone(), tasks.clone())?;
+    let task_store: Arc<dyn TaskStore> = store.clone();
+    let supervisor = Arc::new(Supervisor::new(task_store, supervisor_settings(&settings)));
+    let stop_sweeping = tokio_util::sync::CancellationToken::new();
+    tasks.spawn(
+        Arc::clone(&supervisor)
+            .sweep_forever(std::time::Duration::from_millis(250), stop_sweeping.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| {
@@ -94,11 +121,13 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
             routes.join(", ")
         }
     ));
-    let app = keel_gateway::router(Arc::new(gateway));
+    let app = keel_gateway::router(Arc::new(gateway))
+        .merge(keel_supervisor::service::http::router(supervisor));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("server failed")?;
+    stop_sweeping.cancel();
     tasks.close();
     tasks.wait().await;
     tracing::info!("keel stopped");

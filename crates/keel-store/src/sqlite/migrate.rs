@@ -27,8 +27,61 @@ CREATE INDEX events_task_seq ON events (task_id, seq);
 CREATE INDEX events_kind_seq ON events (kind, seq);
 ";
 
+/// Version 2: durable tasks and hash layout 2.
+///
+/// Existing events keep layout 1 (their hash covers `data`); events appended
+/// from now on use layout 2 (their hash covers `data_hash`, so retention can
+/// blank `data`; see [`chain`](crate::chain)). `events.data` stays `NOT NULL`:
+/// a pruned layout-2 event holds the empty string.
+const V2: &str = "
+ALTER TABLE events ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE events ADD COLUMN data_hash TEXT;
+
+CREATE TABLE tasks (
+    id                     TEXT    PRIMARY KEY,
+    agent                  TEXT    NOT NULL,
+    state                  TEXT    NOT NULL,
+    version                INTEGER NOT NULL,
+    snapshot               TEXT    NOT NULL,
+    created_at_ms          INTEGER NOT NULL,
+    updated_at_ms          INTEGER NOT NULL,
+    lease_expires_at_ms    INTEGER,
+    approval_expires_at_ms INTEGER
+);
+CREATE INDEX tasks_created ON tasks (created_at_ms, id);
+CREATE INDEX tasks_state_agent_created ON tasks (state, agent, created_at_ms, id);
+CREATE INDEX tasks_agent_created ON tasks (agent, created_at_ms, id);
+CREATE INDEX tasks_state_updated ON tasks (state, updated_at_ms);
+CREATE INDEX tasks_lease ON tasks (lease_expires_at_ms) WHERE state = 'running';
+CREATE INDEX tasks_approval ON tasks (approval_expires_at_ms) WHERE state = 'awaiting_human';
+
+CREATE TABLE blobs (
+    hash  TEXT    PRIMARY KEY,
+    size  INTEGER NOT NULL,
+    bytes BLOB    NOT NULL
+);
+
+CREATE TABLE task_blobs (
+    task_id TEXT    NOT NULL,
+    kind    TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    hash    TEXT    NOT NULL,
+    PRIMARY KEY (task_id, kind, seq, hash)
+) WITHOUT ROWID;
+CREATE INDEX task_blobs_hash ON task_blobs (hash);
+
+CREATE TABLE idempotency (
+    scope         TEXT    NOT NULL,
+    key           TEXT    NOT NULL,
+    status        INTEGER NOT NULL,
+    body          TEXT    NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Brings the database at `path` to version `migrations.len()` and returns that version.
 ///

@@ -1,5 +1,5 @@
-//! The embedded SQLite event store: one file, WAL mode, one writer thread with
-//! group commit, a small pool of readers.
+//! The embedded SQLite event and task store: one file, WAL mode, one writer
+//! thread with group commit, a small pool of readers.
 //!
 //! Durability: the database runs in WAL mode. A commit is appended to the WAL
 //! with `write()` before it is acknowledged, so it survives `kill -9` of the
@@ -22,7 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use keel_core::NewEvent;
 
-use crate::{Durability, Event, EventQuery, EventStore, StoreError, Verify};
+use crate::{
+    Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
+    StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify,
+};
 
 mod migrate;
 mod read;
@@ -32,9 +35,9 @@ mod writer;
 mod tests;
 
 use read::{BUSY_TIMEOUT, Readers};
-use writer::{AppendRequest, QUEUE_CAPACITY, WriterStats};
+use writer::{QUEUE_CAPACITY, Reply, Request, WriterStats};
 
-/// The SQLite [`EventStore`].
+/// The SQLite [`EventStore`] and [`TaskStore`].
 ///
 /// Dropping it (or [`SqliteStore::close`]) lets the writer finish every append
 /// already queued, then closes the file; `drop` waits for that.
@@ -42,7 +45,7 @@ pub struct SqliteStore {
     path: PathBuf,
     durability: Durability,
     /// `None` only while closing.
-    queue: Option<mpsc::Sender<AppendRequest>>,
+    queue: Option<mpsc::Sender<Request>>,
     /// `None` only while closing.
     writer: Option<JoinHandle<()>>,
     readers: Arc<Readers>,
@@ -135,6 +138,18 @@ impl SqliteStore {
         }
     }
 
+    /// Queues a write for the writer thread and waits for its answer.
+    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(request(reply))
+            .await
+            .map_err(|_| self.stopped())?;
+        // A writer that dies drops `reply`, so this never hangs.
+        answer.await.map_err(|_| self.stopped())?
+    }
+
     /// Runs a blocking read on the pool.
     async fn read<T: Send + 'static>(
         &self,
@@ -198,14 +213,7 @@ impl EventStore for SqliteStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(AppendRequest { events, reply })
-            .await
-            .map_err(|_| self.stopped())?;
-        // A writer that dies drops `reply`, so this never hangs.
-        answer.await.map_err(|_| self.stopped())?
+        self.submit(|reply| Request::Append(events, reply)).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -221,5 +229,72 @@ impl EventStore for SqliteStore {
             return Err(self.stopped());
         }
         self.read(Readers::ping).await
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskStore for SqliteStore {
+    async fn write_task(&self, write: TaskWrite) -> Result<Vec<Event>, StoreError> {
+        self.submit(|reply| Request::Task(Box::new(write), reply))
+            .await
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |readers| readers.task(&id)).await
+    }
+
+    async fn tasks(&self, query: TaskQuery) -> Result<TaskPage, StoreError> {
+        self.read(move |readers| readers.tasks(&query)).await
+    }
+
+    async fn next_queued(&self, agent: &str, limit: usize) -> Result<Vec<TaskRow>, StoreError> {
+        let agent = agent.to_owned();
+        self.read(move |readers| readers.next_queued(&agent, limit))
+            .await
+    }
+
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<TaskRow>, StoreError> {
+        self.read(move |readers| readers.expired("running", "lease_expires_at_ms", now_ms, limit))
+            .await
+    }
+
+    async fn expired_approvals(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        self.read(move |readers| {
+            readers.expired("awaiting_human", "approval_expires_at_ms", now_ms, limit)
+        })
+        .await
+    }
+
+    async fn idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let (scope, key) = (scope.to_owned(), key.to_owned());
+        self.read(move |readers| readers.idempotent(&scope, &key))
+            .await
+    }
+
+    async fn blob(&self, hash: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+        let hash = hash.to_owned();
+        let blob = self.read(move |readers| readers.blob(&hash)).await?;
+        Ok(blob.map(bytes::Bytes::from))
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(Readers::count_by_state).await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.read(Readers::stats).await
+    }
+
+    async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, StoreError> {
+        self.submit(|reply| Request::Prune(policy, reply)).await
     }
 }

@@ -1,5 +1,5 @@
-//! Reading the log: a small pool of read-only connections, queries, and the
-//! chain walk of `verify`.
+//! Reading the log and the task tables: a small pool of read-only
+//! connections, queries, and the chain walk of `verify`.
 //!
 //! Everything here blocks; the store calls it from `spawn_blocking`. In WAL mode
 //! readers see the last committed state and never wait for the writer.
@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, OpenFlags, Row};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
-use crate::chain::{ChainVerifier, HashInput};
-use crate::{Event, EventQuery, StoreError, Verify};
+use crate::chain::{self, ChainVerifier, HashInput, HashInputV2, LAYOUT_V1, LAYOUT_V2};
+use crate::task::{DEFAULT_PAGE, MAX_PAGE};
+use crate::{
+    Event, EventQuery, IdempotencyRecord, StoreError, StoreStats, TaskPage, TaskQuery, TaskRow,
+    Verify,
+};
 
 /// Idle read connections kept for reuse; more are opened under load and closed after.
 const MAX_IDLE_READERS: usize = 4;
@@ -20,7 +24,10 @@ const MAX_IDLE_READERS: usize = 4;
 /// How long a connection waits for a lock (schema changes, checkpoints) before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const COLUMNS: &str = "seq, task_id, at, at_ms, kind, data, prev_hash, hash";
+const COLUMNS: &str = "seq, task_id, at, at_ms, kind, data, prev_hash, hash, layout, data_hash";
+
+const TASK_COLUMNS: &str = "id, agent, state, version, snapshot, created_at_ms, updated_at_ms, \
+                            lease_expires_at_ms, approval_expires_at_ms";
 
 /// Read connections to one database file.
 pub(crate) struct Readers {
@@ -131,8 +138,13 @@ impl Readers {
             reason,
         };
         let fields = RowFields::read(row).map_err(corrupt)?;
-        let data = serde_json::from_str(fields.data)
-            .map_err(|e| corrupt(format!("data is not JSON: {e}")))?;
+        let pruned = fields.layout == LAYOUT_V2 && fields.data.is_empty();
+        let data = if pruned {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(fields.data)
+                .map_err(|e| corrupt(format!("data is not JSON: {e}")))?
+        };
         Ok(Event {
             seq,
             task_id: fields.task_id.map(str::to_owned),
@@ -142,6 +154,9 @@ impl Readers {
             data,
             prev_hash: fields.prev_hash.to_owned(),
             hash: fields.hash.to_owned(),
+            layout: fields.layout,
+            data_hash: fields.data_hash.map(str::to_owned),
+            pruned,
         })
     }
 
@@ -157,19 +172,8 @@ impl Readers {
                     ValueRef::Integer(seq) => u64::try_from(seq).unwrap_or(0),
                     _ => 0,
                 };
-                let checked = RowFields::read(row).and_then(|fields| {
-                    let input = HashInput {
-                        prev_hash: fields.prev_hash,
-                        seq,
-                        task_id: fields.task_id,
-                        at: fields.at,
-                        at_ms: fields.at_ms,
-                        kind: fields.kind,
-                        // The stored text is what was hashed; no re-serialisation.
-                        data: fields.data,
-                    };
-                    verifier.check(&input, fields.hash)
-                });
+                let checked =
+                    RowFields::read(row).and_then(|fields| check_row(&mut verifier, seq, &fields));
                 if let Err(reason) = checked {
                     return Ok(Verify::Broken { seq, reason });
                 }
@@ -178,6 +182,263 @@ impl Readers {
                 events: verifier.checked(),
             })
         })
+    }
+
+    /// Runs a task query and reads every row.
+    fn task_rows(&self, sql: &str, args: Vec<Value>) -> Result<Vec<TaskRow>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached(sql).map_err(|e| self.read_err(e))?;
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(args))
+                .map_err(|e| self.read_err(e))?;
+            let mut tasks = Vec::new();
+            while let Some(row) = rows.next().map_err(|e| self.read_err(e))? {
+                tasks.push(self.task_from_row(row)?);
+            }
+            Ok(tasks)
+        })
+    }
+
+    fn task_from_row(&self, row: &Row<'_>) -> Result<TaskRow, StoreError> {
+        let id: String = row.get(0).map_err(|e| self.read_err(e))?;
+        let corrupt = |reason: String| StoreError::CorruptTask {
+            path: self.path.clone(),
+            task: id.clone(),
+            reason,
+        };
+        let snapshot: String = row.get(4).map_err(|e| corrupt(e.to_string()))?;
+        let snapshot = serde_json::from_str(&snapshot)
+            .map_err(|e| corrupt(format!("snapshot is not JSON: {e}")))?;
+        Ok(TaskRow {
+            agent: row.get(1).map_err(|e| corrupt(e.to_string()))?,
+            state: row.get(2).map_err(|e| corrupt(e.to_string()))?,
+            version: row.get(3).map_err(|e| corrupt(e.to_string()))?,
+            snapshot,
+            created_at_ms: row.get(5).map_err(|e| corrupt(e.to_string()))?,
+            updated_at_ms: row.get(6).map_err(|e| corrupt(e.to_string()))?,
+            lease_expires_at_ms: row.get(7).map_err(|e| corrupt(e.to_string()))?,
+            approval_expires_at_ms: row.get(8).map_err(|e| corrupt(e.to_string()))?,
+            id,
+        })
+    }
+
+    /// The row of task `id`.
+    pub(crate) fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1");
+        let mut rows = self.task_rows(&sql, vec![Value::Text(id.to_owned())])?;
+        Ok(rows.pop())
+    }
+
+    /// One page of tasks by (`created_at_ms`, `id`).
+    pub(crate) fn tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
+        let limit = match query.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+        let mut args = Vec::new();
+        if let Some(state) = &query.state {
+            args.push(Value::Text(state.clone()));
+            sql.push_str(&format!(" AND state = ?{}", args.len()));
+        }
+        if let Some(agent) = &query.agent {
+            args.push(Value::Text(agent.clone()));
+            sql.push_str(&format!(" AND agent = ?{}", args.len()));
+        }
+        if let Some(cursor) = &query.cursor {
+            let (created, id) = decode_cursor(cursor).ok_or(StoreError::InvalidCursor)?;
+            args.push(Value::Integer(created));
+            args.push(Value::Text(id));
+            let (c, i) = (args.len() - 1, args.len());
+            sql.push_str(&format!(" AND (created_at_ms, id) > (?{c}, ?{i})"));
+        }
+        // One more than the page, to know whether there is a next one.
+        args.push(Value::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(
+            " ORDER BY created_at_ms, id LIMIT ?{}",
+            args.len()
+        ));
+        let mut tasks = self.task_rows(&sql, args)?;
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(|t| encode_cursor(t.created_at_ms, &t.id))
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    }
+
+    /// The oldest `queued` tasks of `agent`.
+    pub(crate) fn next_queued(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND agent = ?1
+             ORDER BY created_at_ms, id LIMIT ?2"
+        );
+        self.task_rows(&sql, vec![Value::Text(agent.to_owned()), sql_limit(limit)])
+    }
+
+    /// Tasks in `state` whose `column` (a deadline) is at or before `now_ms`.
+    pub(crate) fn expired(
+        &self,
+        state: &'static str,
+        column: &'static str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = '{state}' AND {column} <= ?1
+             ORDER BY {column}, id LIMIT ?2"
+        );
+        self.task_rows(&sql, vec![Value::Integer(now_ms), sql_limit(limit)])
+    }
+
+    /// The idempotency record under `(scope, key)`.
+    pub(crate) fn idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let found: Option<(u16, String)> = self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT status, body FROM idempotency WHERE scope = ?1 AND key = ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([scope, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(|e| self.read_err(e))
+        })?;
+        let Some((status, body)) = found else {
+            return Ok(None);
+        };
+        let body = serde_json::from_str(&body).map_err(|e| StoreError::CorruptTask {
+            path: self.path.clone(),
+            task: format!("(idempotency {scope}/{key})"),
+            reason: format!("body is not JSON: {e}"),
+        })?;
+        Ok(Some(IdempotencyRecord {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            status,
+            body,
+        }))
+    }
+
+    /// The blob under `hash`.
+    pub(crate) fn blob(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT bytes FROM blobs WHERE hash = ?1")
+                .and_then(|mut stmt| stmt.query_row([hash], |r| r.get(0)).optional())
+                .map_err(|e| self.read_err(e))
+        })
+    }
+
+    /// Tasks per state.
+    pub(crate) fn count_by_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state")
+                .and_then(|mut stmt| {
+                    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(|e| self.read_err(e))
+        })
+    }
+
+    /// Row counts and sizes; `db_bytes` from the file and its WAL.
+    pub(crate) fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut stats = self.with(|conn| {
+            conn.query_row(
+                "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),
+                        (SELECT count(*) FROM blobs), (SELECT coalesce(sum(size), 0) FROM blobs)",
+                [],
+                |r| {
+                    Ok(StoreStats {
+                        events: r.get(0)?,
+                        tasks: r.get(1)?,
+                        blobs: r.get(2)?,
+                        blob_bytes: r.get(3)?,
+                        db_bytes: 0,
+                    })
+                },
+            )
+            .map_err(|e| self.read_err(e))
+        })?;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        stats.db_bytes = [self.path.as_os_str(), wal.as_os_str()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(stats)
+    }
+}
+
+/// `LIMIT` argument for a caller's `usize` limit.
+fn sql_limit(limit: usize) -> Value {
+    Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX))
+}
+
+/// The opaque cursor after the task (`created_at_ms`, `id`): hex of `ms:id`.
+fn encode_cursor(created_at_ms: i64, id: &str) -> String {
+    hex::encode(format!("{created_at_ms}:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
+    let text = String::from_utf8(hex::decode(cursor).ok()?).ok()?;
+    let (created, id) = text.split_once(':')?;
+    Some((created.parse().ok()?, id.to_owned()))
+}
+
+/// Checks one stored row against the chain (layout in [`chain`]).
+fn check_row(verifier: &mut ChainVerifier, seq: u64, fields: &RowFields<'_>) -> Result<(), String> {
+    match fields.layout {
+        LAYOUT_V1 => verifier.check(
+            &HashInput {
+                prev_hash: fields.prev_hash,
+                seq,
+                task_id: fields.task_id,
+                at: fields.at,
+                at_ms: fields.at_ms,
+                kind: fields.kind,
+                // The stored text is what was hashed; no re-serialisation.
+                data: fields.data,
+            },
+            fields.hash,
+        ),
+        LAYOUT_V2 => {
+            let data_hash = fields
+                .data_hash
+                .ok_or_else(|| "column data_hash is null".to_owned())?;
+            verifier.check_v2(
+                &HashInputV2 {
+                    prev_hash: fields.prev_hash,
+                    seq,
+                    task_id: fields.task_id,
+                    at: fields.at,
+                    at_ms: fields.at_ms,
+                    kind: fields.kind,
+                    data_hash,
+                },
+                fields.hash,
+            )?;
+            // Empty data: pruned by retention; the chain still proves data_hash.
+            if !fields.data.is_empty() {
+                let computed = chain::data_hash(fields.data);
+                if computed != data_hash {
+                    return Err(format!(
+                        "stored data_hash {data_hash} does not match the content, whose data hashes to {computed}"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        other => Err(format!("unknown hash layout {other}")),
     }
 }
 
@@ -190,10 +451,12 @@ struct RowFields<'r> {
     data: &'r str,
     prev_hash: &'r str,
     hash: &'r str,
+    layout: u32,
+    data_hash: Option<&'r str>,
 }
 
 impl<'r> RowFields<'r> {
-    /// Reads columns 1..=7 of a `SELECT {COLUMNS}` row; errors name the bad column.
+    /// Reads columns 1..=9 of a `SELECT {COLUMNS}` row; errors name the bad column.
     fn read(row: &'r Row<'_>) -> Result<Self, String> {
         let text = |i: usize, name: &str| -> Result<Option<&'r str>, String> {
             match row.get_ref(i).map_err(|e| format!("column {name}: {e}"))? {
@@ -215,6 +478,12 @@ impl<'r> RowFields<'r> {
                 return Err("column at_ms is not an integer".to_owned());
             }
         };
+        let layout = match row.get_ref(8).map_err(|e| format!("column layout: {e}"))? {
+            ValueRef::Integer(layout) => u32::try_from(layout).unwrap_or(u32::MAX),
+            ValueRef::Null | ValueRef::Real(_) | ValueRef::Text(_) | ValueRef::Blob(_) => {
+                return Err("column layout is not an integer".to_owned());
+            }
+        };
         Ok(Self {
             task_id: text(1, "task_id")?,
             at: required(2, "at")?,
@@ -223,6 +492,8 @@ impl<'r> RowFields<'r> {
             data: required(5, "data")?,
             prev_hash: required(6, "prev_hash")?,
             hash: required(7, "hash")?,
+            layout,
+            data_hash: text(9, "data_hash")?,
         })
     }
 }

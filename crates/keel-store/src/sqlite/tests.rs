@@ -129,6 +129,237 @@ async fn conformance_holds_through_a_dyn_arc() {
         .unwrap();
 }
 
+// === task conformance ===
+
+macro_rules! task_conformance {
+    ($($name:ident: $property:ident $(($arc:ident))?;)+) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir);
+            $(let store = $arc::new(store);)?
+            conformance::$property(store.task_store_arg()).await.unwrap();
+        }
+    )+};
+}
+
+/// How a property takes its store: by reference, or an `Arc` by value.
+trait TaskStoreArg {
+    type Arg<'a>
+    where
+        Self: 'a;
+    fn task_store_arg(&self) -> Self::Arg<'_>;
+}
+
+impl TaskStoreArg for SqliteStore {
+    type Arg<'a> = &'a SqliteStore;
+    fn task_store_arg(&self) -> &SqliteStore {
+        self
+    }
+}
+
+impl TaskStoreArg for Arc<SqliteStore> {
+    type Arg<'a> = Arc<SqliteStore>;
+    fn task_store_arg(&self) -> Arc<SqliteStore> {
+        Arc::clone(self)
+    }
+}
+
+task_conformance! {
+    conformance_task_create_then_read: task_create_then_read;
+    conformance_task_version_conflict_changes_nothing: task_version_conflict_changes_nothing;
+    conformance_task_create_of_existing_id_conflicts: task_create_of_existing_id_conflicts;
+    conformance_task_wrong_row_version_is_refused: task_wrong_row_version_is_refused;
+    conformance_task_duplicate_idempotency_key_changes_nothing: task_duplicate_idempotency_key_changes_nothing;
+    conformance_concurrent_task_writes_all_land: concurrent_task_writes_all_land(Arc);
+    conformance_same_task_concurrent_writers_one_wins: same_task_concurrent_writers_one_wins(Arc);
+    conformance_blobs_are_stored_once: blobs_are_stored_once;
+    conformance_task_list_pagination_visits_each_once: task_list_pagination_visits_each_once;
+    conformance_next_queued_is_fifo: next_queued_is_fifo;
+    conformance_expired_leases_and_approvals_filter: expired_leases_and_approvals_filter;
+    conformance_task_events_read_back_in_order: task_events_read_back_in_order;
+    conformance_prune_keeps_the_chain_verifiable: prune_keeps_the_chain_verifiable;
+    conformance_prune_keeps_newest_checkpoints: prune_keeps_newest_checkpoints;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_run_all_tasks_with_relaxed_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    conformance::run_all_tasks(|| {
+        let path = dir
+            .path()
+            .join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
+        SqliteStore::open(&path, Durability::Relaxed).unwrap()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_task_writes_share_commits_and_failures_stay_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    store.write_task(task_create("dup")).await.unwrap();
+    // Hold the write lock so every write queues behind one blocked commit.
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut set = JoinSet::new();
+    for i in 0..40 {
+        let store = Arc::clone(&store);
+        // Every fourth write is a create of an existing id: it must fail alone.
+        let id = if i % 4 == 0 {
+            "dup".to_owned()
+        } else {
+            format!("t{i}")
+        };
+        set.spawn(async move { store.write_task(task_create(&id)).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let commits_before = store.commits();
+    raw.execute_batch("COMMIT").unwrap();
+    let (mut ok, mut conflicts) = (0, 0);
+    while let Some(result) = set.join_next().await {
+        match result.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Conflict { .. }) => conflicts += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (30, 10));
+    assert!(
+        store.commits() - commits_before < 10,
+        "{} commits",
+        store.commits()
+    );
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 31 });
+}
+
+fn task_create(id: &str) -> TaskWrite {
+    TaskWrite {
+        row: TaskRow {
+            id: id.to_owned(),
+            agent: "a".to_owned(),
+            state: "succeeded".to_owned(),
+            version: 1,
+            snapshot: json!({"id": id}),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            lease_expires_at_ms: None,
+            approval_expires_at_ms: None,
+        },
+        expected_version: None,
+        events: vec![NewEvent::new(
+            EventKind::TaskCreated,
+            Some(id.to_owned()),
+            json!({"id": id}),
+        )],
+        blobs: vec![bytes::Bytes::from(format!("payload of {id}"))],
+        blob_refs: Vec::new(),
+        idempotency: None,
+    }
+}
+
+// === pruning and the chain ===
+
+/// A store with a pruned task (`gone`, seqs 1..=1) and a kept one (`kept`, seq 2).
+async fn pruned_store(dir: &TempDir) -> SqliteStore {
+    let store = open(dir);
+    store.write_task(task_create("gone")).await.unwrap();
+    let mut kept = task_create("kept");
+    kept.row.state = "running".to_owned();
+    store.write_task(kept).await.unwrap();
+    let report = store
+        .prune(crate::PrunePolicy {
+            finished_before_ms: Some(10),
+            keep_checkpoints: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((report.tasks, report.events, report.blobs), (1, 1, 1));
+    store
+}
+
+#[tokio::test]
+async fn prune_then_verify_is_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = pruned_store(&dir).await;
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 2 });
+    let raw = Connection::open(store.path()).unwrap();
+    let data: String = raw
+        .query_row("SELECT data FROM events WHERE seq = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(data, "");
+    let events = all(&store).await;
+    assert!(events[0].pruned && events[0].data.is_null());
+    assert!(!events[1].pruned);
+}
+
+#[tokio::test]
+async fn tampered_data_of_a_kept_event_breaks_verify_after_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = pruned_store(&dir).await;
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute(
+        r#"UPDATE events SET data = '{"id":"forged"}' WHERE seq = 2"#,
+        [],
+    )
+    .unwrap();
+    let verdict = store.verify().await.unwrap();
+    assert!(
+        matches!(&verdict, Verify::Broken { seq: 2, reason } if reason.contains("data_hash")),
+        "{verdict:?}"
+    );
+}
+
+#[tokio::test]
+async fn tampered_data_hash_breaks_verify() {
+    // seq 1 is pruned (no data), seq 2 is kept.
+    for seq in [1u64, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pruned_store(&dir).await;
+        let raw = Connection::open(store.path()).unwrap();
+        raw.execute(
+            "UPDATE events SET data_hash = ?1 WHERE seq = ?2",
+            rusqlite::params![crate::chain::data_hash("{}"), seq],
+        )
+        .unwrap();
+        let verdict = store.verify().await.unwrap();
+        assert!(
+            matches!(&verdict, Verify::Broken { seq: s, reason } if *s == seq && reason.contains("does not match the content")),
+            "seq {seq}: {verdict:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn restoring_pruned_data_with_other_content_breaks_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = pruned_store(&dir).await;
+    let raw = Connection::open(store.path()).unwrap();
+    raw.execute(
+        r#"UPDATE events SET data = '{"id":"forged"}' WHERE seq = 1"#,
+        [],
+    )
+    .unwrap();
+    let verdict = store.verify().await.unwrap();
+    assert!(
+        matches!(&verdict, Verify::Broken { seq: 1, .. }),
+        "{verdict:?}"
+    );
+}
+
+#[tokio::test]
+async fn stats_count_the_file_and_its_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store.write_task(task_create("t")).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    let on_disk = std::fs::metadata(store.path()).unwrap().len();
+    assert!(stats.db_bytes > on_disk, "{stats:?} vs file {on_disk}");
+    assert_eq!((stats.events, stats.tasks, stats.blobs), (1, 1, 1));
+}
+
 // === open, reopen, migrations ===
 
 #[tokio::test]
@@ -235,6 +466,37 @@ async fn opens_a_database_created_at_schema_version_1() {
         migrate::user_version(&raw).unwrap() as usize,
         MIGRATIONS.len()
     );
+    let layouts: Vec<(u64, u32)> = raw
+        .prepare("SELECT seq, layout FROM events ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(layouts, [(1, 1), (2, 1), (3, 2)]);
+
+    // The migrated store keeps tasks, and a chain mixing both layouts verifies.
+    let store = SqliteStore::open(&path, Durability::Fsync).unwrap();
+    // "old" owns the two layout-1 events; its create is layout 2.
+    let stored = store.write_task(task_create("old")).await.unwrap();
+    assert_eq!(stored[0].seq, 4);
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 4 });
+    let old = all(&store).await;
+    assert_eq!((old[0].layout, old[0].data.clone()), (1, json!({"seq": 1})));
+    assert!(old.iter().all(|e| e.hash == e.compute_hash()));
+    // Pruning never blanks a layout-1 event: its hash covers its data.
+    let report = store
+        .prune(crate::PrunePolicy {
+            finished_before_ms: Some(10),
+            keep_checkpoints: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((report.tasks, report.events), (1, 1));
+    let after = all(&store).await;
+    assert!(!after[0].pruned && !after[1].pruned && after[3].pruned);
+    assert_eq!(after[0].data, json!({"seq": 1}));
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 4 });
 }
 
 #[test]

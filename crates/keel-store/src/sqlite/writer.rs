@@ -1,17 +1,21 @@
 //! The single writer thread and its group commit.
 //!
 //! One `std::thread` owns the write connection. It blocks on a channel of
-//! append requests, takes the first one and everything else already waiting (up
-//! to [`MAX_BATCH_EVENTS`] events), writes them all in one transaction, and then
-//! answers each request. So N concurrent appenders pay for about one commit (and
-//! one fsync with [`Durability::Fsync`](crate::Durability::Fsync)), not N.
+//! write requests (appends, task writes, prunes), takes the first one and
+//! everything else already waiting (up to [`MAX_BATCH_EVENTS`] events), applies
+//! them all in one transaction, and then answers each request. So N concurrent
+//! writers pay for about one commit (and one fsync with
+//! [`Durability::Fsync`](crate::Durability::Fsync)), not N.
 //!
-//! A failed commit is answered with an error to every request in it, and the
-//! thread goes on with the next batch. The chain head is read inside each
-//! write transaction, so a rolled-back batch leaves nothing to undo. The thread
-//! ends once every sender is dropped and the queue is drained.
+//! Each request runs inside its own `SAVEPOINT`: a request that fails (a
+//! version conflict, a duplicate idempotency key, an SQL error) is rolled back
+//! to its savepoint and answered with its error, and the rest of the batch
+//! commits. A failed commit is answered with an error to every request in it,
+//! and the thread goes on with the next batch. The chain head is read inside
+//! each write transaction, so a rolled-back batch leaves nothing to undo. The
+//! thread ends once every sender is dropped and the queue is drained.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,22 +24,56 @@ use tokio::sync::{mpsc, oneshot};
 
 use keel_core::NewEvent;
 
-use crate::chain::{self, GENESIS_HASH, HashInput};
-use crate::{Event, StoreError};
+use crate::chain::{self, GENESIS_HASH, HashInputV2, LAYOUT_V2};
+use crate::{Event, PrunePolicy, PruneReport, StoreError, TaskWrite};
 
 /// Most events one commit takes from the queue. A single request larger than
 /// this is still written whole, in its own commit.
 pub(crate) const MAX_BATCH_EVENTS: usize = 1024;
 
-/// How many append requests may wait for the writer before appenders wait to enqueue.
+/// How many write requests may wait for the writer before writers wait to enqueue.
 pub(crate) const QUEUE_CAPACITY: usize = 4096;
 
-/// One `append` call waiting for its commit.
-pub(crate) struct AppendRequest {
-    /// The events, in order.
-    pub(crate) events: Vec<NewEvent>,
-    /// Where the stored events, or the commit's error, go.
-    pub(crate) reply: oneshot::Sender<Result<Vec<Event>, StoreError>>,
+/// Where the answer of one request goes.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One write call waiting for its commit.
+pub(crate) enum Request {
+    /// `EventStore::append`: the events, in order.
+    Append(Vec<NewEvent>, Reply<Vec<Event>>),
+    /// `TaskStore::write_task`.
+    Task(Box<TaskWrite>, Reply<Vec<Event>>),
+    /// `TaskStore::prune`.
+    Prune(PrunePolicy, Reply<PruneReport>),
+}
+
+impl Request {
+    /// Weight of the request in a batch (events it appends; at least 1).
+    fn weight(&self) -> usize {
+        match self {
+            Self::Append(events, _) => events.len().max(1),
+            Self::Task(write, _) => write.events.len().max(1),
+            Self::Prune(..) => 1,
+        }
+    }
+}
+
+/// What one request produced, before its answer is sent.
+enum Done {
+    Events(Vec<Event>),
+    Pruned(PruneReport),
+}
+
+/// Why one request failed inside the batch.
+enum Fail {
+    Sql(rusqlite::Error),
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sql(e)
+    }
 }
 
 /// Counters the writer shares with the store handle.
@@ -49,38 +87,38 @@ pub(crate) struct WriterStats {
 pub(crate) fn run(
     mut conn: Connection,
     path: PathBuf,
-    mut queue: mpsc::Receiver<AppendRequest>,
+    mut queue: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
 ) {
     while let Some(first) = queue.blocking_recv() {
-        let mut pending = first.events.len();
+        let mut pending = first.weight();
         let mut batch = vec![first];
         while pending < MAX_BATCH_EVENTS {
             match queue.try_recv() {
                 Ok(request) => {
-                    pending += request.events.len();
+                    pending += request.weight();
                     batch.push(request);
                 }
                 Err(_) => break,
             }
         }
-        match write_batch(&mut conn, &batch) {
-            Ok(stored) => {
+        match write_batch(&mut conn, &path, &batch) {
+            Ok(results) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
-                for (request, events) in batch.into_iter().zip(stored) {
-                    // The appender may have gone away; its events are written regardless.
-                    let _ = request.reply.send(Ok(events));
+                for (request, result) in batch.into_iter().zip(results) {
+                    answer(request, result);
                 }
             }
             Err(source) => {
                 tracing::error!(path = %path.display(), events = pending, error = %source, "event store commit failed");
                 let source = Arc::new(source);
                 for request in batch {
-                    let _ = request.reply.send(Err(StoreError::Commit {
+                    let err = StoreError::Commit {
                         path: path.clone(),
                         events: pending,
                         source: Arc::clone(&source),
-                    }));
+                    };
+                    answer(request, Err(err));
                 }
             }
         }
@@ -88,7 +126,27 @@ pub(crate) fn run(
     tracing::debug!(path = %path.display(), "event store writer stopped");
 }
 
+/// Sends a request its answer. The caller may have gone away; what was
+/// committed stays committed regardless.
+fn answer(request: Request, result: Result<Done, StoreError>) {
+    match request {
+        Request::Append(_, reply) | Request::Task(_, reply) => {
+            let _ = reply.send(result.map(|done| match done {
+                Done::Events(events) => events,
+                Done::Pruned(_) => Vec::new(),
+            }));
+        }
+        Request::Prune(_, reply) => {
+            let _ = reply.send(result.map(|done| match done {
+                Done::Pruned(report) => report,
+                Done::Events(_) => PruneReport::default(),
+            }));
+        }
+    }
+}
+
 /// The chain head: last `seq`, its hash, its time.
+#[derive(Clone)]
 struct Head {
     seq: u64,
     hash: String,
@@ -117,65 +175,285 @@ fn read_head(conn: &Connection) -> rusqlite::Result<Head> {
     }))
 }
 
-/// Writes every request of `batch` in one transaction; returns the stored events per request.
+/// The commit time shared by every event of one batch.
+struct Stamp {
+    at: String,
+    at_ms: i64,
+}
+
+/// Applies every request of `batch` in one transaction, each in its own
+/// savepoint; returns each request's result. Errs only when the batch as a
+/// whole failed (nothing of it is written then).
 fn write_batch(
     conn: &mut Connection,
-    batch: &[AppendRequest],
-) -> rusqlite::Result<Vec<Vec<Event>>> {
+    path: &Path,
+    batch: &[Request],
+) -> rusqlite::Result<Vec<Result<Done, StoreError>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut head = read_head(&tx)?;
     // One time per commit, never before the previous event's.
     let at_ms = chain::now_ms().max(head.at_ms);
-    let at = chain::format_rfc3339_ms(at_ms);
-    let mut stored = Vec::with_capacity(batch.len());
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO events (seq, task_id, at, at_ms, kind, data, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
-        for request in batch {
-            let mut events = Vec::with_capacity(request.events.len());
-            for new in &request.events {
-                let seq = head.seq + 1;
-                let data = chain::canonicalize(new.data.clone());
-                let data_text = data.to_string();
-                let kind = new.kind.as_str();
-                let hash = HashInput {
-                    prev_hash: &head.hash,
-                    seq,
-                    task_id: new.task_id.as_deref(),
-                    at: &at,
-                    at_ms,
-                    kind,
-                    data: &data_text,
-                }
-                .hash();
-                insert.execute(params![
-                    seq,
-                    new.task_id,
-                    at,
-                    at_ms,
-                    kind,
-                    data_text,
-                    head.hash,
-                    hash
-                ])?;
-                let prev_hash = std::mem::replace(&mut head.hash, hash.clone());
-                head.seq = seq;
-                events.push(Event {
-                    seq,
-                    task_id: new.task_id.clone(),
-                    at: at.clone(),
-                    at_ms,
-                    kind: kind.to_owned(),
-                    data,
-                    prev_hash,
-                    hash,
-                });
+    let stamp = Stamp {
+        at: chain::format_rfc3339_ms(at_ms),
+        at_ms,
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for request in batch {
+        let saved = head.clone();
+        tx.execute_batch("SAVEPOINT request")?;
+        let applied = match request {
+            Request::Append(events, _) => {
+                insert_events(&tx, events, &mut head, &stamp).map(Done::Events)
             }
-            stored.push(events);
+            Request::Task(write, _) => write_task(&tx, write, &mut head, &stamp).map(Done::Events),
+            Request::Prune(policy, _) => prune(&tx, *policy).map(Done::Pruned),
+        };
+        match applied {
+            Ok(done) => {
+                tx.execute_batch("RELEASE request")?;
+                results.push(Ok(done));
+            }
+            Err(fail) => {
+                tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+                head = saved;
+                results.push(Err(match fail {
+                    Fail::Store(err) => err,
+                    Fail::Sql(source) => {
+                        tracing::error!(path = %path.display(), error = %source, "event store write failed");
+                        StoreError::Commit {
+                            path: path.to_owned(),
+                            events: request.weight(),
+                            source: Arc::new(source),
+                        }
+                    }
+                }));
+            }
         }
     }
     tx.commit()?;
+    Ok(results)
+}
+
+/// Appends `events` after `head` (layout 2) and advances `head`.
+fn insert_events(
+    tx: &Connection,
+    events: &[NewEvent],
+    head: &mut Head,
+    stamp: &Stamp,
+) -> Result<Vec<Event>, Fail> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO events (seq, task_id, at, at_ms, kind, data, prev_hash, hash, layout, data_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    let mut stored = Vec::with_capacity(events.len());
+    for new in events {
+        let seq = head.seq + 1;
+        let data = chain::canonicalize(new.data.clone());
+        let data_text = data.to_string();
+        let data_hash = chain::data_hash(&data_text);
+        let kind = new.kind.as_str();
+        let hash = HashInputV2 {
+            prev_hash: &head.hash,
+            seq,
+            task_id: new.task_id.as_deref(),
+            at: &stamp.at,
+            at_ms: stamp.at_ms,
+            kind,
+            data_hash: &data_hash,
+        }
+        .hash();
+        insert.execute(params![
+            seq,
+            new.task_id,
+            stamp.at,
+            stamp.at_ms,
+            kind,
+            data_text,
+            head.hash,
+            hash,
+            LAYOUT_V2,
+            data_hash
+        ])?;
+        let prev_hash = std::mem::replace(&mut head.hash, hash.clone());
+        head.seq = seq;
+        stored.push(Event {
+            seq,
+            task_id: new.task_id.clone(),
+            at: stamp.at.clone(),
+            at_ms: stamp.at_ms,
+            kind: kind.to_owned(),
+            data,
+            prev_hash,
+            hash,
+            layout: LAYOUT_V2,
+            data_hash: Some(data_hash),
+            pruned: false,
+        });
+    }
     Ok(stored)
+}
+
+/// One task write (see `TaskStore::write_task`), inside the caller's savepoint.
+fn write_task(
+    tx: &Connection,
+    write: &TaskWrite,
+    head: &mut Head,
+    stamp: &Stamp,
+) -> Result<Vec<Event>, Fail> {
+    let row = &write.row;
+    let invalid = |reason: String| {
+        Fail::Store(StoreError::InvalidWrite {
+            task: row.id.clone(),
+            reason,
+        })
+    };
+    if let Some(record) = &write.idempotency {
+        let taken = tx
+            .prepare_cached("SELECT 1 FROM idempotency WHERE scope = ?1 AND key = ?2")?
+            .exists(params![record.scope, record.key])?;
+        if taken {
+            return Err(Fail::Store(StoreError::DuplicateKey {
+                scope: record.scope.clone(),
+                key: record.key.clone(),
+            }));
+        }
+    }
+    let found: Option<u64> = tx
+        .prepare_cached("SELECT version FROM tasks WHERE id = ?1")?
+        .query_row([&row.id], |r| r.get(0))
+        .optional()?;
+    if found != write.expected_version {
+        return Err(Fail::Store(StoreError::Conflict {
+            task: row.id.clone(),
+            expected: write.expected_version,
+            found,
+        }));
+    }
+    let base = write.expected_version.unwrap_or(0);
+    let want = base.saturating_add(write.events.len() as u64);
+    if row.version != want {
+        return Err(invalid(format!(
+            "row version is {} but must be {want} ({base} plus {} events)",
+            row.version,
+            write.events.len()
+        )));
+    }
+    let snapshot = serde_json::to_string(&row.snapshot)
+        .map_err(|e| invalid(format!("snapshot is not serialisable: {e}")))?;
+    tx.prepare_cached(
+        "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms,
+                            lease_expires_at_ms, approval_expires_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (id) DO UPDATE SET
+            agent = excluded.agent, state = excluded.state, version = excluded.version,
+            snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms,
+            lease_expires_at_ms = excluded.lease_expires_at_ms,
+            approval_expires_at_ms = excluded.approval_expires_at_ms",
+    )?
+    .execute(params![
+        row.id,
+        row.agent,
+        row.state,
+        row.version,
+        snapshot,
+        row.created_at_ms,
+        row.updated_at_ms,
+        row.lease_expires_at_ms,
+        row.approval_expires_at_ms
+    ])?;
+    let events = insert_events(tx, &write.events, head, stamp)?;
+
+    let mut hashes = Vec::with_capacity(write.blobs.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO blobs (hash, size, bytes) VALUES (?1, ?2, ?3)",
+        )?;
+        for blob in &write.blobs {
+            let hash = chain::blob_hash(blob);
+            insert.execute(params![hash, blob.len() as u64, blob.as_ref()])?;
+            hashes.push(hash);
+        }
+    }
+    let mut refer = tx.prepare_cached(
+        "INSERT OR IGNORE INTO task_blobs (task_id, kind, seq, hash) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut known = tx.prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")?;
+    for blob_ref in &write.blob_refs {
+        if !known.exists([&blob_ref.hash])? {
+            return Err(invalid(format!(
+                "blob ref to {} which is neither in this write nor stored",
+                blob_ref.hash
+            )));
+        }
+        refer.execute(params![row.id, blob_ref.kind, blob_ref.seq, blob_ref.hash])?;
+    }
+    // A blob no ref names is a payload of the task, kept as long as the task.
+    let payload_seq = events.last().map_or(0, |e| e.seq);
+    for hash in hashes {
+        if !write.blob_refs.iter().any(|r| r.hash == hash) {
+            refer.execute(params![row.id, "payload", payload_seq, hash])?;
+        }
+    }
+
+    if let Some(record) = &write.idempotency {
+        let body = serde_json::to_string(&record.body)
+            .map_err(|e| invalid(format!("idempotency body is not serialisable: {e}")))?;
+        tx.prepare_cached(
+            "INSERT INTO idempotency (scope, key, status, body, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![record.scope, record.key, record.status, body, stamp.at_ms])?;
+    }
+    Ok(events)
+}
+
+/// Retention (see `TaskStore::prune`), inside the caller's savepoint.
+fn prune(tx: &Connection, policy: PrunePolicy) -> Result<PruneReport, Fail> {
+    let mut report = PruneReport::default();
+    if let Some(cutoff) = policy.finished_before_ms {
+        let ids: Vec<String> = tx
+            .prepare_cached(
+                "SELECT id FROM tasks
+                 WHERE state IN ('succeeded', 'cancelled') AND updated_at_ms < ?1",
+            )?
+            .query_map([cutoff], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut blank = tx.prepare_cached(
+            // Layout-1 hashes cover `data`, so only layout-2 events can be blanked.
+            "UPDATE events SET data = '' WHERE task_id = ?1 AND layout = 2 AND data <> ''",
+        )?;
+        let mut unref = tx.prepare_cached("DELETE FROM task_blobs WHERE task_id = ?1")?;
+        let mut delete = tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
+        for id in &ids {
+            report.events += blank.execute([id])? as u64;
+            unref.execute([id])?;
+            report.tasks += delete.execute([id])? as u64;
+        }
+    }
+    if let Some(keep) = policy.keep_checkpoints {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        report.checkpoints = tx
+            .prepare_cached(
+                "DELETE FROM task_blobs WHERE kind = 'checkpoint' AND (task_id, seq) IN (
+                    SELECT task_id, seq FROM (
+                        SELECT task_id, seq,
+                               DENSE_RANK() OVER (PARTITION BY task_id ORDER BY seq DESC) AS rank
+                        FROM task_blobs WHERE kind = 'checkpoint'
+                    ) WHERE rank > ?1
+                 )",
+            )?
+            .execute([keep])? as u64;
+    }
+    const UNREFERENCED: &str =
+        "FROM blobs WHERE NOT EXISTS (SELECT 1 FROM task_blobs t WHERE t.hash = blobs.hash)";
+    let (blobs, bytes): (u64, u64) = tx.query_row(
+        &format!("SELECT count(*), coalesce(sum(size), 0) {UNREFERENCED}"),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if blobs > 0 {
+        tx.execute(&format!("DELETE {UNREFERENCED}"), [])?;
+    }
+    report.blobs = blobs;
+    report.blob_bytes = bytes;
+    Ok(report)
 }

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
+mod remote;
+
 use crate::{output, serve};
 
 /// keel: a reliability supervisor for AI agents in production.
@@ -31,6 +34,131 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Inspect tasks and their event logs.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// The dead-letter queue: tasks that ran out of attempts.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// The human approval queue.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Check the event log's hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// How the CLI reaches a running keel.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServerArgs {
+    /// keel's address.
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_SERVER",
+        default_value = "http://127.0.0.1:8420"
+    )]
+    pub(crate) server: String,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TasksCommand {
+    /// List tasks, newest last.
+    Ls {
+        /// Only tasks in this state (queued, running, succeeded, dead, awaiting_human, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only tasks of this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue from a previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show one task.
+    Show {
+        /// Task id.
+        id: String,
+    },
+    /// Show a task's event log.
+    Events {
+        /// Task id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// List dead tasks.
+    Ls,
+    /// Show a dead task with its last error.
+    Show {
+        /// Task id.
+        id: String,
+    },
+    /// Put a dead task back in the queue with fresh attempts.
+    Requeue {
+        /// Task id.
+        id: String,
+    },
+    /// Give up on a dead task (it ends cancelled).
+    Discard {
+        /// Task id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ApprovalsCommand {
+    /// List pending approvals.
+    Ls,
+    /// Approve: the task is queued again and resumes from its checkpoint.
+    Approve {
+        /// Approval id.
+        id: String,
+        /// A note for the log.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Deny: the task goes to the dead-letter queue.
+    Deny {
+        /// Approval id.
+        id: String,
+        /// A note for the log.
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Recompute the hash chain and name the first broken link.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +179,19 @@ impl Cli {
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => Ok(check(&file)),
+            Command::Tasks { command, server } => {
+                remote::run(&server, |c| remote::tasks(c, command, server.json))
+            }
+            Command::Dlq { command, server } => {
+                remote::run(&server, |c| remote::dlq(c, command, server.json))
+            }
+            Command::Approvals { command, server } => {
+                remote::run(&server, |c| remote::approvals(c, command, server.json))
+            }
+            Command::Audit {
+                command: AuditCommand::Verify,
+                server,
+            } => remote::run(&server, |c| remote::audit(c, server.json)),
         }
     }
 }

@@ -14,3 +14,4 @@ mod common;
 mod crash;
 mod http;
 mod sdk;
+mod tasks;

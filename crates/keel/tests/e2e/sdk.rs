@@ -234,6 +234,14 @@ async fn all_targets_down_serves_the_degraded_reply() {
     );
     assert_eq!(out["headers"]["x-keel-degraded"], "true");
     assert_eq!(keel.events_of("degraded_reply").len(), 1);
+    // A streaming client gets the degraded reply as a stream.
+    let out = sdk("stream", &keel.base_url(), &["--model", "fragile"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(
+        out["content"],
+        "I'm busy right now; please try again shortly."
+    );
+    assert_eq!(out["headers"]["x-keel-degraded"], "true");
     // Without a degraded reply, the SDK gets a 503 it understands.
     sim.set_always("primary", Some(Fault::status(503)));
     sim.set_always("secondary", Some(Fault::status(503)));
@@ -393,4 +401,26 @@ async fn the_readme_example_agent_runs() {
         "{stdout}"
     );
     assert_eq!(keel.events_of("llm_call").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_over_its_token_budget_gets_a_rate_limit_error() {
+    let sim = sim().await;
+    let config = WITH_AGENT_KEYS.replace("tokens_per_hour = 100000", "tokens_per_hour = 5");
+    let keel = Keel::start(&config, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["exception"], "RateLimitError", "{out}");
+    assert!(
+        out["message"].as_str().unwrap().contains("tokens per hour"),
+        "{out}"
+    );
+    assert!(out["headers"]["retry-after"].as_str().is_some(), "{out}");
+    assert_eq!(
+        sim.calls("primary"),
+        1,
+        "a call over budget must not reach the provider"
+    );
+    assert_eq!(keel.events_of("budget_exceeded").len(), 1);
 }

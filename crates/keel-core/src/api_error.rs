@@ -1,0 +1,168 @@
+//! The error every keel HTTP endpoint answers with, in the OpenAI shape
+//! `{"error":{"message","type","code","param"}}` with the right status, so
+//! OpenAI SDKs raise their usual exception classes (DESIGN §3).
+
+use http::StatusCode;
+
+/// An error answered to the client as `{"error":{"message","type","code","param"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI error type (`invalid_request_error`, `authentication_error`, ...).
+    pub kind: &'static str,
+    /// Machine-readable code (`model_not_found`, `invalid_api_key`, ...).
+    pub code: Option<&'static str>,
+    /// The request parameter at fault, when one is.
+    pub param: Option<&'static str>,
+    /// `Retry-After` seconds, for 429 and 503.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with `status`, OpenAI error `kind` and `message`.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            code: None,
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400: the request cannot be understood.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 401: no or wrong agent key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message);
+        e.code = Some("invalid_api_key");
+        e
+    }
+
+    /// 404: no such route or path.
+    pub fn not_found(message: impl Into<String>, code: &'static str) -> Self {
+        let mut e = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message);
+        e.code = Some(code);
+        e
+    }
+
+    /// 413: body over `max_body_bytes`.
+    pub fn too_large(limit: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+            ),
+        );
+        e.code = Some("request_too_large");
+        e
+    }
+
+    /// 429: an agent's budget is spent.
+    pub fn budget(message: impl Into<String>, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
+        e.code = Some("budget_exceeded");
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// 503: every target failed or is open and no degraded reply is configured.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", message);
+        e.code = Some("upstream_unavailable");
+        e
+    }
+
+    /// 504: the call's total deadline passed.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", message);
+        e.code = Some("timeout");
+        e
+    }
+
+    /// 409: the request conflicts with the resource's state (a stale lease, a finished task).
+    pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
+        let mut e = Self::new(StatusCode::CONFLICT, "invalid_request_error", message);
+        e.code = Some(code);
+        e
+    }
+
+    /// 422: well-formed but invalid.
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            message,
+        );
+        e.code = Some("invalid_value");
+        e
+    }
+
+    /// 500: keel itself failed (the store, say); the message says what.
+    pub fn internal(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", message);
+        e.code = Some("internal_error");
+        e
+    }
+
+    /// Sets `param`.
+    pub fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    /// Sets `code`.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "code": self.code,
+                "param": self.param,
+            }
+        })
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_error_has_openai_shape() {
+        let e = ApiError::not_found("route \"x\" does not exist", "model_not_found")
+            .with_param("model");
+        let body = e.body();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,677 @@
+//! The worker protocol and operator endpoints over HTTP (DESIGN §3 "Tasks").
+//!
+//! Handlers parse and check bodies (400 in OpenAI shape for anything
+//! malformed), turn them into [`Command`]s and let [`Supervisor`] run them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keel_core::ApiError;
+use keel_store::{EventQuery, TaskQuery};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::{Answer, Idem, Supervisor, public};
+use crate::command::{Command, Directive};
+use crate::task::{ApprovalDecision, ApprovalDefault, TaskState};
+
+type Sv = State<Arc<Supervisor>>;
+
+/// Routes of the task API, the approval queue, the DLQ and the audit check.
+pub fn router(supervisor: Arc<Supervisor>) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(create).get(list))
+        .route("/v1/tasks/claim", post(claim))
+        .route("/v1/tasks/{id}", get(show))
+        .route("/v1/tasks/{id}/events", get(events))
+        .route("/v1/tasks/{id}/heartbeat", post(heartbeat))
+        .route("/v1/tasks/{id}/steps", post(step))
+        .route("/v1/tasks/{id}/checkpoints", post(checkpoint))
+        .route("/v1/tasks/{id}/complete", post(complete))
+        .route("/v1/tasks/{id}/fail", post(fail))
+        .route("/v1/tasks/{id}/requeue", post(requeue))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/tasks/{id}/approvals", post(request_approval))
+        .route("/v1/approvals", get(approvals))
+        .route("/v1/approvals/{id}", post(decide_approval))
+        .route("/v1/dlq", get(dlq))
+        .route("/v1/dlq/{id}/requeue", post(dlq_requeue))
+        .route("/v1/dlq/{id}/discard", post(dlq_discard))
+        .route("/v1/audit/verify", get(audit_verify))
+        .with_state(supervisor)
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return serde_json::from_slice(b"{}")
+            .map_err(|e| ApiError::bad_request(format!("request body is required: {e}")));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {
+    humantime::parse_duration(text).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{field}: {text:?} is not a duration like \"30s\": {e}"
+        ))
+        .with_param(field)
+    })
+}
+
+fn idem(headers: &HeaderMap, scope: String) -> Option<Idem> {
+    let key = headers.get("idempotency-key")?.to_str().ok()?.trim();
+    (!key.is_empty()).then(|| Idem {
+        scope,
+        key: key.to_owned(),
+    })
+}
+
+fn answer(a: Result<Answer, ApiError>) -> Response {
+    match a {
+        Ok(a) => {
+            let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK);
+            (status, axum::Json(a.body)).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    agent: String,
+    #[serde(default)]
+    input: Value,
+    id: Option<String>,
+    idempotency_key: Option<String>,
+    deadline: Option<String>,
+    max_attempts: Option<u32>,
+}
+
+async fn create(State(sv): Sv, headers: HeaderMap, body: Bytes) -> Response {
+    answer(create_inner(&sv, &headers, &body).await)
+}
+
+async fn create_inner(
+    sv: &Supervisor,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Answer, ApiError> {
+    let b: CreateBody = parse(body)?;
+    if b.agent.trim().is_empty() {
+        return Err(ApiError::bad_request("agent must not be empty").with_param("agent"));
+    }
+    let limits = sv.limits(&b.agent);
+    let now = super::now_ms();
+    let timeout = match &b.deadline {
+        Some(d) => Some(duration(d, "deadline")?),
+        None => limits.task_timeout,
+    };
+    let deadline_ms =
+        timeout.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    let max_attempts = b.max_attempts.unwrap_or(limits.max_attempts);
+    if max_attempts == 0 {
+        return Err(
+            ApiError::unprocessable("max_attempts must be at least 1").with_param("max_attempts")
+        );
+    }
+    let id =
+        b.id.unwrap_or_else(|| format!("task_{}", uuid::Uuid::now_v7().simple()));
+    let key = b
+        .idempotency_key
+        .map(|key| Idem {
+            scope: format!("create {}", b.agent),
+            key,
+        })
+        .or_else(|| idem(headers, format!("create {}", b.agent)));
+    let command = Command::Create {
+        id,
+        agent: b.agent,
+        input: b.input,
+        deadline_ms,
+        max_attempts,
+        max_steps: limits.max_steps,
+    };
+    sv.create(command, key).await
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    agent: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(State(sv): Sv, Query(q): Query<ListQuery>) -> Response {
+    page(&sv, q.state, q.agent, q.limit, q.cursor).await
+}
+
+async fn page(
+    sv: &Supervisor,
+    state: Option<String>,
+    agent: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+) -> Response {
+    let query = TaskQuery {
+        state,
+        agent,
+        limit: limit.unwrap_or(100),
+        cursor,
+    };
+    match sv.store().tasks(query).await {
+        Ok(page) => {
+            let tasks: Vec<Value> = page
+                .tasks
+                .iter()
+                .filter_map(|row| {
+                    serde_json::from_value::<crate::task::Task>(row.snapshot.clone()).ok()
+                })
+                .map(|t| public(&t))
+                .collect();
+            axum::Json(json!({"tasks": tasks, "next": page.next})).into_response()
+        }
+        Err(e) => super::store_error(e).into_response(),
+    }
+}
+
+async fn show(State(sv): Sv, Path(id): Path<String>) -> Response {
+    match sv.get(&id).await {
+        Ok(task) => axum::Json(public(&task)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The task's log as NDJSON, one event per line, oldest first.
+async fn events(State(sv): Sv, Path(id): Path<String>) -> Response {
+    if let Err(e) = sv.get(&id).await {
+        return e.into_response();
+    }
+    let query = EventQuery {
+        task_id: Some(id),
+        ..EventQuery::default()
+    };
+    match sv.store().events(query).await {
+        Ok(events) => {
+            let mut out = Vec::new();
+            for e in events {
+                if serde_json::to_writer(&mut out, &e).is_ok() {
+                    out.push(b'\n');
+                }
+            }
+            let mut r = Response::new(Body::from(out));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            );
+            r
+        }
+        Err(e) => super::store_error(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    agent: String,
+    worker: String,
+    lease: Option<String>,
+}
+
+async fn claim(State(sv): Sv, body: Bytes) -> Response {
+    let result = async {
+        let b: ClaimBody = parse(&body)?;
+        let lease = duration(b.lease.as_deref().unwrap_or("30s"), "lease")?;
+        if lease.is_zero() {
+            return Err(ApiError::unprocessable("lease must be longer than 0s").with_param("lease"));
+        }
+        sv.claim(&b.agent, &b.worker, lease).await
+    }
+    .await;
+    match result {
+        Ok(Some(task)) => axum::Json(task).into_response(),
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn directive_body(task: &crate::task::Task, directive: Option<Directive>) -> Value {
+    json!({
+        "directive": directive.unwrap_or(Directive::Continue),
+        "state": task.state,
+        "steps": task.steps,
+        "lease_expires_at_ms": task.lease.as_ref().map(|l| l.expires_at_ms),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    lease_token: String,
+}
+
+async fn heartbeat(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/heartbeat");
+    answer(
+        async {
+            let b: TokenBody = parse(&body)?;
+            sv.run(
+                &id,
+                &Command::Heartbeat {
+                    token: b.lease_token,
+                },
+                idem(&headers, scope),
+                None,
+                directive_body,
+            )
+            .await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepBody {
+    lease_token: String,
+    #[serde(default = "default_step_kind")]
+    kind: String,
+    #[serde(default)]
+    summary: String,
+    progress: Option<f64>,
+    confidence: Option<f64>,
+}
+
+fn default_step_kind() -> String {
+    "step".to_owned()
+}
+
+async fn step(State(sv): Sv, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/steps");
+    answer(
+        async {
+            let b: StepBody = parse(&body)?;
+            let command = Command::Step {
+                token: b.lease_token,
+                kind: b.kind,
+                summary: b.summary,
+                progress: b.progress,
+                confidence: b.confidence,
+            };
+            sv.run(&id, &command, idem(&headers, scope), None, directive_body)
+                .await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointBody {
+    lease_token: String,
+    state: Value,
+    label: Option<String>,
+}
+
+async fn checkpoint(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/checkpoints");
+    answer(
+        async {
+            let b: CheckpointBody = parse(&body)?;
+            let state = serde_json::to_vec(&b.state)
+                .map_err(|e| ApiError::bad_request(format!("state: {e}")))?;
+            let limit = sv.max_checkpoint_bytes();
+            if state.len() > limit {
+                let mut e = ApiError::too_large(limit);
+                e.message = format!(
+                    "checkpoint state is {} bytes, over the limit of {limit} bytes",
+                    state.len()
+                );
+                return Err(e.with_param("state"));
+            }
+            let state_hash = keel_store::blob_hash(&state);
+            let size = state.len() as u64;
+            let command = Command::Checkpoint {
+                token: b.lease_token,
+                label: b.label,
+                state_hash,
+                size,
+            };
+            let respond =
+                |t: &crate::task::Task, _| json!({"seq": t.checkpoint.as_ref().map(|c| c.seq)});
+            sv.run(
+                &id,
+                &command,
+                idem(&headers, scope),
+                Some(Bytes::from(state)),
+                respond,
+            )
+            .await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteBody {
+    lease_token: String,
+    #[serde(default)]
+    output: Value,
+    confidence: Option<f64>,
+}
+
+async fn complete(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/complete");
+    answer(
+        async {
+            let b: CompleteBody = parse(&body)?;
+            let command = Command::Complete {
+                token: b.lease_token,
+                output: b.output,
+                confidence: b.confidence,
+            };
+            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
+                .await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailBody {
+    lease_token: String,
+    #[serde(default)]
+    error: Value,
+    #[serde(default = "yes")]
+    retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn fail(State(sv): Sv, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/fail");
+    answer(
+        async {
+            let b: FailBody = parse(&body)?;
+            let command = Command::Fail {
+                token: b.lease_token,
+                error: b.error,
+                retryable: b.retryable,
+            };
+            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
+                .await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+async fn requeue(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/requeue");
+    answer(
+        async {
+            let b: ReasonBody = parse(&body)?;
+            sv.run(
+                &id,
+                &Command::Requeue { reason: b.reason },
+                idem(&headers, scope),
+                None,
+                |t, _| public(t),
+            )
+            .await
+        }
+        .await,
+    )
+}
+
+async fn cancel(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/cancel");
+    answer(
+        async {
+            let b: ReasonBody = parse(&body)?;
+            sv.run(
+                &id,
+                &Command::Cancel { reason: b.reason },
+                idem(&headers, scope),
+                None,
+                |t, _| public(t),
+            )
+            .await
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalRequestBody {
+    lease_token: Option<String>,
+    reason: String,
+    #[serde(default)]
+    context: Value,
+    timeout: Option<String>,
+    #[serde(default)]
+    default: Option<ApprovalDefault>,
+}
+
+async fn request_approval(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/tasks/{id}/approvals");
+    answer(async {
+        let b: ApprovalRequestBody = parse(&body)?;
+        let timeout = duration(b.timeout.as_deref().unwrap_or("24h"), "timeout")?;
+        let command = Command::RequestApproval {
+            token: b.lease_token,
+            approval_id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
+            reason: b.reason,
+            context: b.context,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            default: b.default.unwrap_or(ApprovalDefault::Deny),
+        };
+        let respond = |t: &crate::task::Task, _| json!({"pending_approval": t.approval.as_ref().map(|a| a.id.clone()), "task": public(t)});
+        let mut a = sv.run(&id, &command, idem(&headers, scope), None, respond).await?;
+        a.status = 202;
+        Ok(a)
+    }.await)
+}
+
+/// Tasks awaiting a human, newest last (few by nature; scanned, not indexed).
+async fn awaiting(sv: &Supervisor) -> Result<Vec<crate::task::Task>, ApiError> {
+    let query = TaskQuery {
+        state: Some(TaskState::AwaitingHuman.as_str().to_owned()),
+        agent: None,
+        limit: 1000,
+        cursor: None,
+    };
+    let page = sv.store().tasks(query).await.map_err(super::store_error)?;
+    Ok(page
+        .tasks
+        .iter()
+        .filter_map(|r| serde_json::from_value(r.snapshot.clone()).ok())
+        .collect())
+}
+
+async fn approvals(State(sv): Sv) -> Response {
+    match awaiting(&sv).await {
+        Ok(tasks) => {
+            let list: Vec<Value> = tasks
+                .iter()
+                .filter_map(|t| {
+                    let a = t.approval.as_ref()?;
+                    Some(json!({
+                        "id": a.id, "task": t.id, "agent": t.agent, "reason": a.reason, "context": a.context,
+                        "requested_at_ms": a.requested_at_ms, "expires_at_ms": a.expires_at_ms(),
+                        "default": a.default, "escalated": a.escalated,
+                    }))
+                })
+                .collect();
+            axum::Json(json!({"approvals": list})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    decision: ApprovalDecision,
+    note: Option<String>,
+    by: Option<String>,
+}
+
+async fn decide_approval(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/approvals/{id}");
+    answer(
+        async {
+            let b: DecisionBody = parse(&body)?;
+            let tasks = awaiting(&sv).await?;
+            let Some(task) = tasks
+                .iter()
+                .find(|t| t.approval.as_ref().is_some_and(|a| a.id == id))
+            else {
+                if let Some(a) = sv.replay(idem(&headers, scope.clone()).as_ref()).await? {
+                    return Ok(a);
+                }
+                return Err(ApiError::not_found(
+                    format!("no pending approval {id}"),
+                    "approval_not_found",
+                ));
+            };
+            let command = Command::DecideApproval {
+                approval_id: id.clone(),
+                decision: b.decision,
+                by: b.by.unwrap_or_else(|| "operator".to_owned()),
+                note: b.note,
+            };
+            sv.run(&task.id, &command, idem(&headers, scope), None, |t, _| {
+                public(t)
+            })
+            .await
+        }
+        .await,
+    )
+}
+
+async fn dlq(State(sv): Sv, Query(q): Query<ListQuery>) -> Response {
+    page(
+        &sv,
+        Some(TaskState::Dead.as_str().to_owned()),
+        q.agent,
+        q.limit,
+        q.cursor,
+    )
+    .await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ByBody {
+    by: Option<String>,
+    note: Option<String>,
+}
+
+async fn dlq_requeue(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/dlq/{id}/requeue");
+    answer(
+        async {
+            let b: ByBody = parse(&body)?;
+            let command = Command::DlqRequeue {
+                by: b.by.unwrap_or_else(|| "operator".to_owned()),
+            };
+            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
+                .await
+        }
+        .await,
+    )
+}
+
+async fn dlq_discard(
+    State(sv): Sv,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let scope = format!("POST /v1/dlq/{id}/discard");
+    answer(
+        async {
+            let b: ByBody = parse(&body)?;
+            let command = Command::DlqDiscard {
+                by: b.by.unwrap_or_else(|| "operator".to_owned()),
+                note: b.note,
+            };
+            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
+                .await
+        }
+        .await,
+    )
+}
+
+async fn audit_verify(State(sv): Sv) -> Response {
+    match sv.store().verify().await {
+        Ok(keel_store::Verify::Intact { events }) => {
+            axum::Json(json!({"intact": true, "events": events})).into_response()
+        }
+        Ok(keel_store::Verify::Broken { seq, reason }) => {
+            axum::Json(json!({"intact": false, "first_broken_seq": seq, "reason": reason}))
+                .into_response()
+        }
+        Err(e) => super::store_error(e).into_response(),
+    }
+}

@@ -1,0 +1,488 @@
+//! The supervisor's I/O layer: runs [`Command`]s against stored tasks.
+//!
+//! For every command: load the task's row, [`decide`], fold the events with
+//! [`crate::evolve`], and write row + events (+ checkpoint blob + idempotency record)
+//! in one store transaction guarded by the row's version. A concurrent writer
+//! makes the write conflict; the command is then decided again on the fresh
+//! row. Timers (expired leases and approvals) are commands too, run by
+//! [`Supervisor::sweep`].
+
+pub mod http;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use keel_core::ApiError;
+use keel_store::{BlobRef, IdempotencyRecord, StoreError, TaskRow, TaskStore, TaskWrite};
+use serde_json::{Value, json};
+
+use crate::command::{Command, Ctx, Directive};
+use crate::error::TaskError;
+use crate::task::{Task, TaskState};
+use crate::{decide, fold};
+
+/// How many times a command is decided again after losing a version race.
+const MAX_CONFLICT_RETRIES: usize = 8;
+
+/// Per-agent task limits (from `[agents.*]`).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentLimits {
+    /// Claims before a failing task goes to the dead-letter queue.
+    pub max_attempts: u32,
+    /// Steps before a task is stopped.
+    pub max_steps: Option<u32>,
+    /// Wall-clock limit from creation.
+    pub task_timeout: Option<Duration>,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            max_steps: None,
+            task_timeout: None,
+        }
+    }
+}
+
+/// Settings of the supervisor.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    /// Limits per agent; agents not listed get `default_limits`.
+    pub agents: HashMap<String, AgentLimits>,
+    /// Limits of agents without a config section.
+    pub default_limits: AgentLimits,
+    /// Largest checkpoint state accepted, in bytes (default 1 MiB).
+    pub max_checkpoint_bytes: usize,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        Self {
+            agents: HashMap::new(),
+            default_limits: AgentLimits::default(),
+            max_checkpoint_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The supervisor: tasks, leases, checkpoints, the DLQ and approvals over a [`TaskStore`].
+pub struct Supervisor {
+    store: Arc<dyn TaskStore>,
+    settings: SupervisorSettings,
+}
+
+/// What a command answered.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status of the first answer.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Value,
+}
+
+/// An idempotency key as sent by the client, with the call it belongs to.
+#[derive(Debug, Clone)]
+pub struct Idem {
+    /// The call, e.g. `POST /v1/tasks/{id}/complete`.
+    pub scope: String,
+    /// The client's key.
+    pub key: String,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "store failed");
+    ApiError::internal(format!("the store failed: {e}"))
+}
+
+/// Maps a task error to its HTTP answer (status from [`TaskError::status`]).
+pub fn task_error(e: &TaskError) -> ApiError {
+    let message = e.to_string();
+    match e.status() {
+        404 => ApiError::not_found(message, "task_not_found"),
+        409 => ApiError::conflict(message, "task_conflict"),
+        _ => ApiError::unprocessable(message),
+    }
+}
+
+/// The row the store keeps for `task`.
+fn row_of(task: &Task) -> Result<TaskRow, ApiError> {
+    let snapshot = serde_json::to_value(task)
+        .map_err(|e| ApiError::internal(format!("cannot encode task: {e}")))?;
+    Ok(TaskRow {
+        id: task.id.clone(),
+        agent: task.agent.clone(),
+        state: task.state.as_str().to_owned(),
+        version: task.version,
+        snapshot,
+        created_at_ms: task.created_at_ms,
+        updated_at_ms: task.updated_at_ms,
+        lease_expires_at_ms: match task.state {
+            TaskState::Running => task.lease.as_ref().map(|l| l.expires_at_ms),
+            TaskState::Queued
+            | TaskState::Succeeded
+            | TaskState::Dead
+            | TaskState::AwaitingHuman
+            | TaskState::Cancelled => None,
+        },
+        approval_expires_at_ms: match task.state {
+            TaskState::AwaitingHuman => task
+                .approval
+                .as_ref()
+                .filter(|a| !a.escalated)
+                .map(|a| a.expires_at_ms()),
+            TaskState::Queued
+            | TaskState::Running
+            | TaskState::Succeeded
+            | TaskState::Dead
+            | TaskState::Cancelled => None,
+        },
+    })
+}
+
+fn task_of(row: &TaskRow) -> Result<Task, ApiError> {
+    serde_json::from_value(row.snapshot.clone())
+        .map_err(|e| ApiError::internal(format!("task {} has an unreadable snapshot: {e}", row.id)))
+}
+
+/// The task as users see it: everything but the lease token.
+pub fn public(task: &Task) -> Value {
+    serde_json::to_value(task.redacted()).unwrap_or(Value::Null)
+}
+
+impl Supervisor {
+    /// A supervisor over `store`.
+    pub fn new(store: Arc<dyn TaskStore>, settings: SupervisorSettings) -> Self {
+        Self { store, settings }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn TaskStore> {
+        &self.store
+    }
+
+    /// Limits of `agent`.
+    pub fn limits(&self, agent: &str) -> AgentLimits {
+        self.settings
+            .agents
+            .get(agent)
+            .copied()
+            .unwrap_or(self.settings.default_limits)
+    }
+
+    /// Largest checkpoint accepted.
+    pub fn max_checkpoint_bytes(&self) -> usize {
+        self.settings.max_checkpoint_bytes
+    }
+
+    /// A stored answer for `idem`, if this call was made before.
+    pub async fn replay(&self, idem: Option<&Idem>) -> Result<Option<Answer>, ApiError> {
+        let Some(idem) = idem else { return Ok(None) };
+        let found = self
+            .store
+            .idempotent(&idem.scope, &idem.key)
+            .await
+            .map_err(store_error)?;
+        Ok(found.map(|r| Answer {
+            status: r.status,
+            body: r.body,
+        }))
+    }
+
+    /// Loads one task.
+    pub async fn get(&self, id: &str) -> Result<Task, ApiError> {
+        let row = self.store.task(id).await.map_err(store_error)?;
+        let row = row.ok_or_else(|| task_error(&TaskError::task_not_found(id)))?;
+        task_of(&row)
+    }
+
+    /// Creates a task; a repeated `idem` returns the first answer and appends nothing.
+    pub async fn create(&self, command: Command, idem: Option<Idem>) -> Result<Answer, ApiError> {
+        if let Some(answer) = self.replay(idem.as_ref()).await? {
+            return Ok(answer);
+        }
+        let ctx = Ctx {
+            now_ms: now_ms(),
+            new_token: String::new(),
+        };
+        let decision = decide(None, &command, &ctx).map_err(|e| task_error(&e))?;
+        let Some(task) = fold(None, &decision.events, ctx.now_ms) else {
+            return Err(ApiError::internal("creating a task produced no events"));
+        };
+        let body = public(&task);
+        let answer = Answer { status: 201, body };
+        match self
+            .write(
+                None,
+                &task,
+                &decision.events,
+                Vec::new(),
+                idem.as_ref(),
+                &answer,
+            )
+            .await
+        {
+            Ok(()) => Ok(answer),
+            Err(WriteError::Conflict) => {
+                // Either the id exists, or the same idempotency key won a race.
+                if let Some(answer) = self.replay(idem.as_ref()).await? {
+                    return Ok(answer);
+                }
+                Err(task_error(&TaskError::Exists {
+                    task: task.id.clone(),
+                }))
+            }
+            Err(WriteError::Api(e)) => Err(e),
+        }
+    }
+
+    /// Runs `command` on task `id` and answers with `respond(task_after, directive)`.
+    ///
+    /// `blob` is a checkpoint state to store content-addressed with the write.
+    pub async fn run(
+        &self,
+        id: &str,
+        command: &Command,
+        idem: Option<Idem>,
+        blob: Option<Bytes>,
+        respond: impl Fn(&Task, Option<Directive>) -> Value,
+    ) -> Result<Answer, ApiError> {
+        if let Some(answer) = self.replay(idem.as_ref()).await? {
+            return Ok(answer);
+        }
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let row = self.store.task(id).await.map_err(store_error)?;
+            let row = row.ok_or_else(|| task_error(&TaskError::task_not_found(id)))?;
+            let task = task_of(&row)?;
+            let ctx = Ctx {
+                now_ms: now_ms(),
+                new_token: uuid::Uuid::new_v4().simple().to_string(),
+            };
+            let decision = decide(Some(&task), command, &ctx).map_err(|e| task_error(&e))?;
+            let after = match (&decision.events.is_empty(), command) {
+                // A heartbeat is not an event: it renews the lease in the snapshot only.
+                (true, Command::Heartbeat { token }) if task.state == TaskState::Running => {
+                    crate::renew(&task, token, ctx.now_ms).map_err(|e| task_error(&e))?
+                }
+                _ => fold(Some(task.clone()), &decision.events, ctx.now_ms)
+                    .unwrap_or_else(|| task.clone()),
+            };
+            let answer = Answer {
+                status: 200,
+                body: respond(&after, decision.directive),
+            };
+            if decision.events.is_empty() && after == task && idem.is_none() {
+                return Ok(answer);
+            }
+            let blobs = blob.clone().into_iter().collect();
+            match self
+                .write(
+                    Some(row.version),
+                    &after,
+                    &decision.events,
+                    blobs,
+                    idem.as_ref(),
+                    &answer,
+                )
+                .await
+            {
+                Ok(()) => return Ok(answer),
+                Err(WriteError::Conflict) => {
+                    if let Some(answer) = self.replay(idem.as_ref()).await? {
+                        return Ok(answer);
+                    }
+                }
+                Err(WriteError::Api(e)) => return Err(e),
+            }
+        }
+        Err(ApiError::conflict(
+            format!("task {id} is changing too fast; try again"),
+            "task_busy",
+        ))
+    }
+
+    async fn write(
+        &self,
+        expected: Option<u64>,
+        task: &Task,
+        events: &[crate::event::TaskEvent],
+        blobs: Vec<Bytes>,
+        idem: Option<&Idem>,
+        answer: &Answer,
+    ) -> Result<(), WriteError> {
+        // The only blob a command carries is a checkpoint's state.
+        let blob_refs = match (&task.checkpoint, blobs.is_empty()) {
+            (Some(c), false) => vec![BlobRef {
+                hash: c.state_hash.clone(),
+                kind: "checkpoint".to_owned(),
+                seq: c.seq,
+            }],
+            _ => Vec::new(),
+        };
+        let write = TaskWrite {
+            row: row_of(task).map_err(WriteError::Api)?,
+            expected_version: expected,
+            events: events.iter().map(|e| e.to_new_event(&task.id)).collect(),
+            blobs,
+            blob_refs,
+            idempotency: idem.map(|i| IdempotencyRecord {
+                scope: i.scope.clone(),
+                key: i.key.clone(),
+                status: answer.status,
+                body: answer.body.clone(),
+            }),
+        };
+        match self.store.write_task(write).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Conflict { .. } | StoreError::DuplicateKey { .. }) => {
+                Err(WriteError::Conflict)
+            }
+            Err(e) => Err(WriteError::Api(store_error(e))),
+        }
+    }
+
+    /// Claims the oldest queued task of `agent` for `worker`; `None` when nothing is queued.
+    pub async fn claim(
+        &self,
+        agent: &str,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Option<Value>, ApiError> {
+        let lease_ttl_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let command = Command::Claim {
+            worker: worker.to_owned(),
+            lease_ttl_ms,
+        };
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let candidates = self
+                .store
+                .next_queued(agent, 8)
+                .await
+                .map_err(store_error)?;
+            if candidates.is_empty() {
+                return Ok(None);
+            }
+            for row in candidates {
+                let task = task_of(&row)?;
+                let ctx = Ctx {
+                    now_ms: now_ms(),
+                    new_token: uuid::Uuid::new_v4().simple().to_string(),
+                };
+                let Ok(decision) = decide(Some(&task), &command, &ctx) else {
+                    continue;
+                };
+                let Some(after) = fold(Some(task), &decision.events, ctx.now_ms) else {
+                    continue;
+                };
+                let answer = Answer {
+                    status: 200,
+                    body: Value::Null,
+                };
+                match self
+                    .write(
+                        Some(row.version),
+                        &after,
+                        &decision.events,
+                        Vec::new(),
+                        None,
+                        &answer,
+                    )
+                    .await
+                {
+                    Ok(()) if after.state == TaskState::Running => {
+                        return self.claimed(&after).await.map(Some);
+                    }
+                    // The task was past its deadline and went to the DLQ instead; try the next.
+                    Ok(()) | Err(WriteError::Conflict) => {}
+                    Err(WriteError::Api(e)) => return Err(e),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The claim answer: the task, its lease token and its newest checkpoint with state.
+    async fn claimed(&self, task: &Task) -> Result<Value, ApiError> {
+        let checkpoint = match &task.checkpoint {
+            Some(c) => {
+                let bytes = self.store.blob(&c.state_hash).await.map_err(store_error)?;
+                let state = bytes
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .unwrap_or(Value::Null);
+                json!({"seq": c.seq, "label": c.label, "state": state})
+            }
+            None => Value::Null,
+        };
+        let mut body = public(task);
+        if let Value::Object(map) = &mut body {
+            let token = task.lease.as_ref().map(|l| l.token.clone());
+            map.insert("lease_token".to_owned(), json!(token));
+            map.insert("checkpoint".to_owned(), checkpoint);
+        }
+        Ok(body)
+    }
+
+    /// Expires leases and approvals that are due; returns how many tasks changed.
+    pub async fn sweep(&self) -> Result<usize, ApiError> {
+        let now = now_ms();
+        let mut changed = 0;
+        let leases = self
+            .store
+            .expired_leases(now, 256)
+            .await
+            .map_err(store_error)?;
+        for row in leases {
+            let r = self
+                .run(&row.id, &Command::ExpireLease, None, None, |t, _| public(t))
+                .await;
+            changed += usize::from(r.is_ok());
+        }
+        let approvals = self
+            .store
+            .expired_approvals(now, 256)
+            .await
+            .map_err(store_error)?;
+        for row in approvals {
+            let r = self
+                .run(&row.id, &Command::ExpireApproval, None, None, |t, _| {
+                    public(t)
+                })
+                .await;
+            changed += usize::from(r.is_ok());
+        }
+        Ok(changed)
+    }
+
+    /// Runs [`Supervisor::sweep`] every `every` until `cancel` fires.
+    pub async fn sweep_forever(
+        self: Arc<Self>,
+        every: Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.sweep().await {
+                        tracing::warn!(error = %e.message, "sweeping expired leases failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum WriteError {
+    Conflict,
+    Api(ApiError),
+}

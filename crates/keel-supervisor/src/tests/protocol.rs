@@ -1,0 +1,397 @@
+//! The worker protocol's scenarios: leases, retries, cancel, approvals, the DLQ, limits.
+
+use super::*;
+
+// === leases and retries ===
+
+#[test]
+fn happy_path_create_claim_step_checkpoint_complete() {
+    let mut world = World::new();
+    world.ok(create(3));
+    let claimed = world.ok(claim("w1"));
+    assert_eq!(claimed.directive, Some(Directive::Continue));
+    let token = world.token();
+    assert_eq!(
+        world.task().lease.as_ref().unwrap().expires_at_ms,
+        START + 30_000
+    );
+    assert_eq!(world.ok(step(&token)).directive, Some(Directive::Continue));
+    assert_eq!(world.ok(checkpoint(&token)).directive, None);
+    world.ok(step(&token));
+    world.ok(checkpoint(&token));
+    world.advance(10);
+    world.ok(complete(&token));
+
+    let task = world.task();
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(task.output, Some(json!({"answer": "rayleigh scattering"})));
+    assert_eq!(task.confidence, Some(0.9));
+    assert_eq!((task.attempts, task.steps, task.version), (1, 2, 7));
+    assert_eq!(task.checkpoint.as_ref().map(|c| c.seq), Some(2));
+    assert_eq!(task.lease, None);
+    assert_eq!(task.updated_at_ms, START + 10);
+}
+
+#[test]
+fn lost_lease_requeues_and_next_claim_resumes_from_checkpoint() {
+    let mut world = World::new();
+    world.ok(create(3));
+    world.ok(claim("w1"));
+    let old = world.token();
+    world.ok(checkpoint(&old));
+    let saved = world.task().checkpoint.clone();
+
+    world.advance(TTL as i64);
+    let expired = world.ok(Command::ExpireLease);
+    assert_eq!(kinds(&expired), ["lease_expired"]);
+    assert_eq!(world.task().state, TaskState::Queued);
+    assert_eq!(world.task().lease, None);
+
+    world.ok(claim("w2"));
+    let task = world.task();
+    assert_eq!((task.attempts, task.checkpoint.clone()), (2, saved));
+    assert_eq!(task.lease.as_ref().unwrap().worker, "w2");
+    assert_ne!(world.token(), old);
+}
+
+#[test]
+fn heartbeat_that_wins_the_race_keeps_the_lease() {
+    let mut world = World::new();
+    world.ok(create(3));
+    world.ok(claim("w1"));
+    let token = world.token();
+    world.advance(TTL as i64 - 1);
+    let beat = world.ok(heartbeat(&token));
+    assert!(beat.events.is_empty());
+    assert_eq!(beat.directive, Some(Directive::Continue));
+    world.task = Some(renew(world.task(), &token, world.now).unwrap());
+    assert_eq!(world.task().version, 2, "a heartbeat is not an event");
+
+    world.advance(2);
+    assert!(world.ok(Command::ExpireLease).events.is_empty());
+    assert_eq!(world.task().state, TaskState::Running);
+}
+
+#[test]
+fn renew_extends_by_ttl_and_refuses_a_wrong_token() {
+    let world = World::in_state(TaskState::Running);
+    let renewed = renew(world.task(), &world.token(), START + 5_000).unwrap();
+    assert_eq!(renewed.lease.unwrap().expires_at_ms, START + 5_000 + 30_000);
+    let error = renew(world.task(), "nope", START).unwrap_err();
+    assert_eq!(error.status(), 409);
+}
+
+#[test]
+fn lease_lost_on_the_last_attempt_sends_the_task_to_the_dlq() {
+    let mut world = World::new();
+    world.ok(create(2));
+    for _ in 0..2 {
+        world.ok(claim("w1"));
+        world.advance(TTL as i64);
+        world.ok(Command::ExpireLease);
+    }
+    let task = world.task();
+    assert_eq!(task.state, TaskState::Dead);
+    assert_eq!(
+        task.last_error,
+        Some(json!("lease expired after 2 attempts"))
+    );
+}
+
+#[test]
+fn retryable_failure_out_of_attempts_is_dead_with_last_error() {
+    let mut world = World::new();
+    world.ok(create(2));
+    world.ok(claim("w1"));
+    world.ok(checkpoint(&world.token()));
+    let first = world.ok(fail(&world.token(), true));
+    assert_eq!(kinds(&first), ["task_failed", "task_requeued"]);
+    assert!(
+        world.task().checkpoint.is_some(),
+        "retry keeps the checkpoint"
+    );
+    world.ok(claim("w2"));
+    let second = world.ok(fail(&world.token(), true));
+    assert_eq!(kinds(&second), ["task_failed", "task_dead"]);
+    assert!(matches!(
+        &second.events[1],
+        TaskEvent::Dead(dead) if dead.reason == DeadReason::OutOfAttempts && dead.attempts == 2
+    ));
+    let task = world.task();
+    assert_eq!(task.state, TaskState::Dead);
+    assert_eq!(task.last_error, Some(json!({"message": "tool crashed"})));
+}
+
+#[test]
+fn stale_token_is_409_and_changes_nothing() {
+    let mut world = World::new();
+    world.ok(create(3));
+    world.ok(claim("w1"));
+    let old = world.token();
+    world.advance(TTL as i64);
+    world.ok(Command::ExpireLease);
+    world.ok(claim("w2"));
+    let before = world.task().clone();
+    for command in [
+        heartbeat(&old),
+        step(&old),
+        checkpoint(&old),
+        complete(&old),
+        fail(&old, true),
+    ] {
+        let error = world.run(command).unwrap_err();
+        assert!(matches!(
+            error,
+            TaskError::StaleLease {
+                state: TaskState::Running,
+                ..
+            }
+        ));
+        assert_eq!(error.status(), 409);
+    }
+    assert_eq!(world.task(), &before);
+}
+
+#[test]
+fn complete_after_cancel_is_409() {
+    let mut world = World::in_state(TaskState::Running);
+    let token = world.token();
+    world.ok(Command::Cancel {
+        reason: Some("user gave up".into()),
+    });
+    assert!(world.task().cancel_requested);
+    for command in [complete(&token), fail(&token, true), checkpoint(&token)] {
+        let error = world.run(command).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                TaskError::InvalidState {
+                    state: TaskState::Cancelled,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(error.status(), 409);
+    }
+    assert_eq!(world.task().state, TaskState::Cancelled);
+}
+
+#[test]
+fn heartbeat_and_step_after_cancel_answer_cancel() {
+    let mut world = World::in_state(TaskState::Running);
+    let token = world.token();
+    world.ok(Command::Cancel { reason: None });
+    let version = world.task().version;
+    for command in [heartbeat(&token), step(&token)] {
+        let decision = world.ok(command);
+        assert!(decision.events.is_empty());
+        assert_eq!(decision.directive, Some(Directive::Cancel));
+    }
+    assert_eq!(world.task().version, version);
+    assert_eq!(
+        renew(world.task(), &token, world.now).unwrap_err().status(),
+        409
+    );
+    assert_eq!(world.run(heartbeat("other")).unwrap_err().status(), 409);
+}
+
+// === approvals ===
+
+#[test]
+fn approved_task_is_queued_again_and_resumes_from_its_checkpoint() {
+    let mut world = World::in_state(TaskState::Running);
+    let token = world.token();
+    world.ok(checkpoint(&token));
+    world.ok(request_approval(Some(&token), ApprovalDefault::Deny));
+    let task = world.task();
+    assert_eq!(
+        (task.state, task.lease.is_none()),
+        (TaskState::AwaitingHuman, true)
+    );
+    assert_eq!(task.approval.as_ref().unwrap().requested_at_ms, START);
+    assert_eq!(world.run(heartbeat(&token)).unwrap_err().status(), 409);
+
+    world.ok(decide_approval("ap1", ApprovalDecision::Approve));
+    assert_eq!(world.task().state, TaskState::Queued);
+    assert_eq!(world.task().approval, None);
+    world.ok(claim("w2"));
+    assert_eq!(world.task().checkpoint.as_ref().map(|c| c.seq), Some(1));
+    assert_eq!(
+        world
+            .run(decide_approval("ap1", ApprovalDecision::Approve))
+            .unwrap_err()
+            .status(),
+        409,
+        "deciding twice is a conflict"
+    );
+}
+
+#[test]
+fn denied_task_is_dead_with_who_and_why() {
+    let mut world = World::in_state(TaskState::AwaitingHuman);
+    world.ok(decide_approval("ap1", ApprovalDecision::Deny));
+    let task = world.task();
+    assert_eq!(task.state, TaskState::Dead);
+    assert_eq!(
+        task.last_error,
+        Some(json!({"reason": "denied", "by": "alice", "note": "checked"}))
+    );
+}
+
+#[test]
+fn approval_timeout_with_default_deny_denies_by_timeout() {
+    let mut world = World::in_state(TaskState::AwaitingHuman);
+    world.advance(59_999);
+    assert!(world.ok(Command::ExpireApproval).events.is_empty());
+    world.advance(1);
+    let expired = world.ok(Command::ExpireApproval);
+    assert_eq!(kinds(&expired), ["approval_decided", "task_dead"]);
+    assert!(matches!(&expired.events[0], TaskEvent::ApprovalDecided(d) if d.by == "timeout"));
+    assert!(
+        matches!(&expired.events[1], TaskEvent::Dead(d) if d.reason == DeadReason::ApprovalTimeout)
+    );
+    assert_eq!(world.task().state, TaskState::Dead);
+}
+
+#[test]
+fn approval_timeout_with_default_escalate_alerts_once_and_keeps_waiting() {
+    let mut world = World::new();
+    world.ok(create(3));
+    world.ok(request_approval(None, ApprovalDefault::Escalate));
+    world.advance(60_000);
+    let first = world.ok(Command::ExpireApproval);
+    assert_eq!(kinds(&first), ["alert_raised"]);
+    assert!(matches!(&first.events[0], TaskEvent::AlertRaised(a) if a.severity == "warning"));
+    assert!(world.task().approval.as_ref().unwrap().escalated);
+    assert_eq!(world.task().state, TaskState::AwaitingHuman);
+
+    world.advance(60_000);
+    assert!(
+        world.ok(Command::ExpireApproval).events.is_empty(),
+        "escalates only once"
+    );
+    world.ok(decide_approval("ap1", ApprovalDecision::Approve));
+    assert_eq!(world.task().state, TaskState::Queued);
+}
+
+// === the dead-letter queue ===
+
+#[test]
+fn dlq_requeue_resets_attempts_and_keeps_the_checkpoint() {
+    let mut world = World::new();
+    world.ok(create(1));
+    world.ok(claim("w1"));
+    world.ok(checkpoint(&world.token()));
+    world.ok(fail(&world.token(), true));
+    assert_eq!(world.task().state, TaskState::Dead);
+
+    let requeued = world.ok(Command::DlqRequeue { by: "bob".into() });
+    assert!(
+        matches!(&requeued.events[0], TaskEvent::Requeued(r) if r.by == "bob" && r.reset_attempts)
+    );
+    let task = world.task();
+    assert_eq!((task.state, task.attempts), (TaskState::Queued, 0));
+    assert!(task.checkpoint.is_some());
+    world.ok(claim("w2"));
+    assert_eq!(world.task().attempts, 1);
+}
+
+#[test]
+fn dlq_discard_ends_cancelled_and_marked_discarded() {
+    let mut world = World::in_state(TaskState::Dead);
+    let discarded = world.ok(Command::DlqDiscard {
+        by: "bob".into(),
+        note: Some("duplicate".into()),
+    });
+    assert!(matches!(
+        &discarded.events[0],
+        TaskEvent::Cancelled(c) if c.discarded && c.by.as_deref() == Some("bob")
+    ));
+    assert_eq!(world.task().state, TaskState::Cancelled);
+    assert!(
+        world.task().last_error.is_some(),
+        "the audit keeps the last error"
+    );
+}
+
+// === limits ===
+
+fn create_with(deadline_ms: Option<i64>, max_steps: Option<u32>) -> Command {
+    Command::Create {
+        id: "t1".into(),
+        agent: "researcher".into(),
+        input: Value::Null,
+        deadline_ms,
+        max_attempts: 3,
+        max_steps,
+    }
+}
+
+#[test]
+fn claim_after_the_deadline_kills_the_task_instead() {
+    let mut world = World::new();
+    world.ok(create_with(Some(START + 1_000), None));
+    world.advance(1_000);
+    let decision = world.ok(claim("w1"));
+    assert_eq!(kinds(&decision), ["task_failed", "task_dead"]);
+    assert_eq!(decision.directive, Some(Directive::Cancel));
+    let task = world.task();
+    assert_eq!(
+        (task.state, task.attempts, task.lease.is_none()),
+        (TaskState::Dead, 0, true)
+    );
+    assert_eq!(task.last_error, Some(json!("task_timeout exceeded")));
+}
+
+#[test]
+fn step_or_heartbeat_after_the_deadline_kills_and_answers_cancel() {
+    for late in [step as fn(&str) -> Command, heartbeat] {
+        let mut world = World::new();
+        world.ok(create_with(Some(START + 1_000), None));
+        world.ok(claim("w1"));
+        world.advance(1_000);
+        let decision = world.ok(late(&world.token()));
+        assert_eq!(kinds(&decision), ["task_failed", "task_dead"]);
+        assert_eq!(decision.directive, Some(Directive::Cancel));
+        assert_eq!(world.task().state, TaskState::Dead);
+    }
+}
+
+#[test]
+fn deadline_timer_kills_tasks_that_are_not_final() {
+    let mut world = World::new();
+    world.ok(create_with(Some(START + 1_000), None));
+    assert!(world.ok(Command::CheckDeadline).events.is_empty());
+    world.advance(1_000);
+    let decision = world.ok(Command::CheckDeadline);
+    assert_eq!(kinds(&decision), ["task_failed", "task_dead"]);
+    assert_eq!(world.task().state, TaskState::Dead);
+}
+
+#[test]
+fn dlq_requeue_of_a_timed_out_task_gives_it_its_time_again() {
+    let mut world = World::new();
+    world.ok(create_with(Some(START + 1_000), None));
+    world.advance(5_000);
+    world.ok(Command::CheckDeadline);
+    world.ok(Command::DlqRequeue { by: "bob".into() });
+    assert_eq!(world.task().deadline_ms, Some(START + 5_000 + 1_000));
+    assert_eq!(kinds(&world.ok(claim("w1"))), ["task_claimed"]);
+}
+
+#[test]
+fn step_beyond_max_steps_kills_and_answers_cancel() {
+    let mut world = World::new();
+    world.ok(create_with(None, Some(2)));
+    world.ok(claim("w1"));
+    let token = world.token();
+    world.ok(step(&token));
+    world.ok(step(&token));
+    let third = world.ok(step(&token));
+    assert_eq!(kinds(&third), ["task_failed", "task_dead"]);
+    assert_eq!(third.directive, Some(Directive::Cancel));
+    let task = world.task();
+    assert_eq!((task.state, task.steps), (TaskState::Dead, 2));
+    assert_eq!(task.last_error, Some(json!("max_steps exceeded")));
+}

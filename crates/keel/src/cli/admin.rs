@@ -1,0 +1,241 @@
+//! CLI commands that read or change state through a running keel's HTTP API:
+//! `keel tasks`, `keel dlq`, `keel approvals`, `keel audit verify`.
+//!
+//! Tables for people; `--json` prints the server's JSON for scripts.
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::output;
+
+/// Where the server is and how to authenticate to it.
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:8420`).
+    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http,
+            token,
+        })
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, String)> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let response = req.send().await.with_context(|| {
+            format!(
+                "cannot reach keel at {} (is `keel serve` running? --server sets the address)",
+                self.base
+            )
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text().await.context("cannot read the answer")?;
+        if status >= 400 {
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!("{message} (HTTP {status})");
+        }
+        Ok((status, text))
+    }
+
+    /// `GET path` as JSON.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let (_, text) = self.send(reqwest::Method::GET, path, None).await?;
+        serde_json::from_str(&text).context("the server's answer is not JSON")
+    }
+
+    /// `GET path` as text.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        Ok(self.send(reqwest::Method::GET, path, None).await?.1)
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let (_, text) = self.send(reqwest::Method::POST, path, Some(body)).await?;
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).context("the server's answer is not JSON")
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn ms_to_time(v: &Value) -> String {
+    v.as_i64().map_or_else(
+        || "-".to_owned(),
+        |ms| {
+            let secs = ms.div_euclid(1000);
+            let t = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+            humantime::format_rfc3339_seconds(t).to_string()
+        },
+    )
+}
+
+/// Prints rows as a left-aligned table with a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, c) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        output::line(padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// A table of tasks (`GET /v1/tasks` or `/v1/dlq` answers).
+pub fn task_table(answer: &Value) {
+    let rows: Vec<Vec<String>> = answer["tasks"]
+        .as_array()
+        .map(|tasks| {
+            tasks
+                .iter()
+                .map(|t| {
+                    vec![
+                        cell(&t["id"]),
+                        cell(&t["agent"]),
+                        cell(&t["state"]),
+                        format!("{}/{}", cell(&t["attempts"]), cell(&t["max_attempts"])),
+                        cell(&t["steps"]),
+                        t["checkpoint"]["seq"]
+                            .as_u64()
+                            .map_or("-".to_owned(), |s| s.to_string()),
+                        ms_to_time(&t["updated_at_ms"]),
+                        t["last_error"].as_object().map_or_else(
+                            || cell(&t["last_error"]),
+                            |_| t["last_error"].to_string(),
+                        ),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "id",
+            "agent",
+            "state",
+            "attempts",
+            "steps",
+            "checkpoint",
+            "updated",
+            "last error",
+        ],
+        &rows,
+    );
+    if let Some(next) = answer["next"].as_str() {
+        output::line(&format!("(more: --cursor {next})"));
+    }
+}
+
+/// One task, field by field.
+pub fn task_detail(t: &Value) {
+    for key in [
+        "id",
+        "agent",
+        "state",
+        "attempts",
+        "max_attempts",
+        "steps",
+        "max_steps",
+    ] {
+        output::line(&format!("{key:<14}{}", cell(&t[key])));
+    }
+    output::line(&format!(
+        "{:<14}{}",
+        "created",
+        ms_to_time(&t["created_at_ms"])
+    ));
+    output::line(&format!(
+        "{:<14}{}",
+        "updated",
+        ms_to_time(&t["updated_at_ms"])
+    ));
+    output::line(&format!(
+        "{:<14}{}",
+        "deadline",
+        ms_to_time(&t["deadline_ms"])
+    ));
+    if let Some(lease) = t["lease"].as_object() {
+        output::line(&format!(
+            "{:<14}{} until {}",
+            "lease",
+            cell(&lease["worker"]),
+            ms_to_time(&lease["expires_at_ms"])
+        ));
+    }
+    if let Some(c) = t["checkpoint"].as_object() {
+        output::line(&format!(
+            "{:<14}#{} {} ({} bytes)",
+            "checkpoint",
+            cell(&c["seq"]),
+            cell(&c["label"]),
+            cell(&c["size"])
+        ));
+    }
+    for key in ["input", "output", "last_error", "approval"] {
+        if !t[key].is_null() {
+            output::line(&format!("{key:<14}{}", t[key]));
+        }
+    }
+}
+
+/// A task's events, one per line.
+pub fn event_lines(ndjson: &str) {
+    let rows: Vec<Vec<String>> = ndjson
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|e| {
+            vec![
+                cell(&e["seq"]),
+                cell(&e["at"]),
+                cell(&e["kind"]),
+                e["data"].to_string(),
+            ]
+        })
+        .collect();
+    table(&["seq", "at", "kind", "data"], &rows);
+}
