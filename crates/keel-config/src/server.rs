@@ -135,6 +135,14 @@ pub struct StoreConfig {
     /// `"fsync"` (default) or `"relaxed"`.
     #[serde(default)]
     pub durability: Durability,
+    /// Finished tasks (succeeded, cancelled) older than this are pruned; unset keeps them.
+    #[serde(default, deserialize_with = "crate::duration::optional")]
+    pub retention: Option<std::time::Duration>,
+    /// Checkpoint states kept per task (the newest); unset keeps all.
+    pub keep_checkpoints: Option<usize>,
+    /// Largest checkpoint state a worker may save, in bytes (default 1 MiB).
+    #[serde(default = "default_max_checkpoint_bytes")]
+    pub max_checkpoint_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -142,8 +150,18 @@ impl Default for StoreConfig {
         Self {
             url: default_store_url(),
             durability: Durability::default(),
+            retention: None,
+            keep_checkpoints: None,
+            max_checkpoint_bytes: default_max_checkpoint_bytes(),
         }
     }
+}
+
+/// Default `[store] max_checkpoint_bytes`: 1 MiB.
+pub const DEFAULT_MAX_CHECKPOINT_BYTES: usize = 1 << 20;
+
+fn default_max_checkpoint_bytes() -> usize {
+    DEFAULT_MAX_CHECKPOINT_BYTES
 }
 
 fn default_store_url() -> String {
@@ -172,6 +190,12 @@ pub struct StoreSettings {
     pub backend: StoreBackend,
     /// The durability of an acknowledged append.
     pub durability: Durability,
+    /// Age after which finished tasks are pruned (`None`: never).
+    pub retention: Option<std::time::Duration>,
+    /// Checkpoints kept per task (`None`: all).
+    pub keep_checkpoints: Option<usize>,
+    /// Largest checkpoint state accepted, in bytes.
+    pub max_checkpoint_bytes: usize,
 }
 
 impl Default for StoreSettings {
@@ -181,6 +205,9 @@ impl Default for StoreSettings {
                 path: PathBuf::from("keel-data/keel.db"),
             },
             durability: Durability::Fsync,
+            retention: None,
+            keep_checkpoints: None,
+            max_checkpoint_bytes: DEFAULT_MAX_CHECKPOINT_BYTES,
         }
     }
 }
@@ -188,11 +215,41 @@ impl Default for StoreSettings {
 impl StoreConfig {
     /// Checks the URL and returns the backend it names.
     pub fn validate(self, at: &KeyPath) -> Result<StoreSettings, Vec<Invalid>> {
+        let mut problems = Vec::new();
+        if self.keep_checkpoints == Some(0) {
+            problems.push(
+                at.child("keep_checkpoints")
+                    .invalid("must be at least 1 (leave it out to keep every checkpoint)"),
+            );
+        }
+        if self.retention.is_some_and(|r| r.is_zero()) {
+            problems.push(
+                at.child("retention")
+                    .invalid("must be longer than 0s (leave it out to keep finished tasks)"),
+            );
+        }
+        if self.max_checkpoint_bytes == 0 {
+            problems.push(
+                at.child("max_checkpoint_bytes")
+                    .invalid("must be at least 1"),
+            );
+        }
         let backend =
-            parse_store_url(&self.url).map_err(|message| vec![at.child("url").invalid(message)])?;
+            parse_store_url(&self.url).map_err(|message| at.child("url").invalid(message));
+        let backend = match backend {
+            Ok(b) if problems.is_empty() => b,
+            Ok(_) => return Err(problems),
+            Err(e) => {
+                problems.push(e);
+                return Err(problems);
+            }
+        };
         Ok(StoreSettings {
             backend,
             durability: self.durability,
+            retention: self.retention,
+            keep_checkpoints: self.keep_checkpoints,
+            max_checkpoint_bytes: self.max_checkpoint_bytes,
         })
     }
 }
@@ -269,5 +326,39 @@ mod tests {
         assert!(!err.contains("hunter2"));
         assert!(parse_store_url("keel.db").is_err());
         assert!(parse_store_url("sqlite://").is_err());
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use crate::parse;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn retention_and_checkpoint_limits_parse() {
+        let s = parse(
+            "[store]\nretention = \"7d\"\nkeep_checkpoints = 3\nmax_checkpoint_bytes = 2048\n",
+            "keel.toml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            s.store.retention,
+            Some(std::time::Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(s.store.keep_checkpoints, Some(3));
+        assert_eq!(s.store.max_checkpoint_bytes, 2048);
+    }
+
+    #[test]
+    fn zero_keep_checkpoints_is_refused_with_its_line() {
+        let e = parse("[store]\nkeep_checkpoints = 0\n", "keel.toml", &no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "keel.toml:2: store.keep_checkpoints: must be at least 1 (leave it out to keep every checkpoint)"
+        );
     }
 }

@@ -65,12 +65,14 @@ impl Gateway {
     /// Targets with the same `provider/model` share one breaker across routes; its
     /// settings are those of the first route (in name order) that uses the target.
     /// `tasks` tracks background work (stream pumps) so shutdown can wait for it.
+    /// `metrics` is served at `/metrics`, with whatever else was registered in it.
     pub fn build(
         settings: &Settings,
         store: Arc<dyn EventStore>,
         tasks: TaskTracker,
+        metrics: Metrics,
     ) -> Result<Self, BuildError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(metrics);
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for (name, p) in &settings.providers {
             // The connect timeout is a client setting: use the tightest of the

@@ -181,6 +181,12 @@ impl Metrics {
         }
     }
 
+    /// The registry, for other parts of keel to register their metrics in
+    /// before the gateway starts serving `/metrics`.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Renders the Prometheus text exposition format (version 0.0.4), which
     /// every Prometheus tool reads; see [`Metrics::render_openmetrics`].
     pub fn render(&self) -> String {

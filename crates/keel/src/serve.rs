@@ -12,6 +12,7 @@ use anyhow::Context;
 use keel_config::{Settings, StoreBackend};
 use keel_gateway::Gateway;
 use keel_store::{SqliteStore, TaskStore};
+use keel_supervisor::service::metrics::SupervisorMetrics;
 use keel_supervisor::service::{AgentLimits, Supervisor, SupervisorSettings};
 use tokio_util::task::TaskTracker;
 
@@ -88,9 +89,14 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
     let store = open_store(&settings)?;
     let tasks = TaskTracker::new();
-    let gateway = Gateway::build(&settings, store.clone(), tasks.clone())?;
+    let mut metrics = keel_gateway::metrics::Metrics::new();
+    let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
+    let gateway = Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?;
     let task_store: Arc<dyn TaskStore> = store.clone();
-    let supervisor = Arc::new(Supervisor::new(task_store, supervisor_settings(&settings)));
+    let supervisor = Arc::new(
+        Supervisor::new(task_store, supervisor_settings(&settings))
+            .with_metrics(supervisor_metrics),
+    );
     let stop_sweeping = tokio_util::sync::CancellationToken::new();
     tasks.spawn(
         Arc::clone(&supervisor)

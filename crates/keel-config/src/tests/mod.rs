@@ -122,6 +122,7 @@ fn design_example_parses_to_expected_settings() {
                 path: PathBuf::from("keel-data/keel.db"),
             },
             durability: Durability::Fsync,
+            ..StoreSettings::default()
         },
         providers: BTreeMap::from([(
             "openai".to_owned(),

@@ -8,6 +8,7 @@
 //! [`Supervisor::sweep`].
 
 pub mod http;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::command::{Command, Ctx, Directive};
 use crate::error::TaskError;
 use crate::task::{Task, TaskState};
 use crate::{decide, fold};
+use metrics::SupervisorMetrics;
 
 /// How many times a command is decided again after losing a version race.
 const MAX_CONFLICT_RETRIES: usize = 8;
@@ -56,6 +58,10 @@ pub struct SupervisorSettings {
     pub default_limits: AgentLimits,
     /// Largest checkpoint state accepted, in bytes (default 1 MiB).
     pub max_checkpoint_bytes: usize,
+    /// Finished tasks older than this are pruned in the background (`None`: kept).
+    pub retention: Option<Duration>,
+    /// Checkpoints kept per task (`None`: all).
+    pub keep_checkpoints: Option<usize>,
 }
 
 impl Default for SupervisorSettings {
@@ -64,6 +70,8 @@ impl Default for SupervisorSettings {
             agents: HashMap::new(),
             default_limits: AgentLimits::default(),
             max_checkpoint_bytes: 1 << 20,
+            retention: None,
+            keep_checkpoints: None,
         }
     }
 }
@@ -72,6 +80,7 @@ impl Default for SupervisorSettings {
 pub struct Supervisor {
     store: Arc<dyn TaskStore>,
     settings: SupervisorSettings,
+    metrics: Option<SupervisorMetrics>,
 }
 
 /// What a command answered.
@@ -161,7 +170,17 @@ pub fn public(task: &Task) -> Value {
 impl Supervisor {
     /// A supervisor over `store`.
     pub fn new(store: Arc<dyn TaskStore>, settings: SupervisorSettings) -> Self {
-        Self { store, settings }
+        Self {
+            store,
+            settings,
+            metrics: None,
+        }
+    }
+
+    /// Counts outcomes and queue depths in `metrics`.
+    pub fn with_metrics(mut self, metrics: SupervisorMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The store.
@@ -294,7 +313,14 @@ impl Supervisor {
                 )
                 .await
             {
-                Ok(()) => return Ok(answer),
+                Ok(()) => {
+                    if let (Some(m), true, false) =
+                        (&self.metrics, after.state.is_final(), task.state.is_final())
+                    {
+                        m.finished(&after);
+                    }
+                    return Ok(answer);
+                }
                 Err(WriteError::Conflict) => {
                     if let Some(answer) = self.replay(idem.as_ref()).await? {
                         return Ok(answer);
@@ -401,7 +427,12 @@ impl Supervisor {
                         return self.claimed(&after).await.map(Some);
                     }
                     // The task was past its deadline and went to the DLQ instead; try the next.
-                    Ok(()) | Err(WriteError::Conflict) => {}
+                    Ok(()) => {
+                        if let Some(m) = &self.metrics {
+                            m.finished(&after);
+                        }
+                    }
+                    Err(WriteError::Conflict) => {}
                     Err(WriteError::Api(e)) => return Err(e),
                 }
             }
@@ -461,6 +492,36 @@ impl Supervisor {
         Ok(changed)
     }
 
+    /// Prunes finished tasks past `retention` and checkpoints beyond
+    /// `keep_checkpoints`; does nothing when neither is configured.
+    pub async fn prune(&self) -> Result<Option<keel_store::PruneReport>, ApiError> {
+        let s = &self.settings;
+        if s.retention.is_none() && s.keep_checkpoints.is_none() {
+            return Ok(None);
+        }
+        let finished_before_ms = s
+            .retention
+            .map(|r| now_ms().saturating_sub(i64::try_from(r.as_millis()).unwrap_or(i64::MAX)));
+        let policy = keel_store::PrunePolicy {
+            finished_before_ms,
+            keep_checkpoints: s.keep_checkpoints,
+        };
+        self.store
+            .prune(policy)
+            .await
+            .map(Some)
+            .map_err(store_error)
+    }
+
+    /// Refreshes the DLQ and approval gauges.
+    async fn refresh_depths(&self) {
+        let Some(m) = &self.metrics else { return };
+        match self.store.count_by_state().await {
+            Ok(counts) => m.set_depths(&counts),
+            Err(e) => tracing::warn!(error = %e, "cannot count tasks by state"),
+        }
+    }
+
     /// Runs [`Supervisor::sweep`] every `every` until `cancel` fires.
     pub async fn sweep_forever(
         self: Arc<Self>,
@@ -469,6 +530,9 @@ impl Supervisor {
     ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Gauges every few seconds, retention every minute: both scan more than a sweep.
+        let mut gauges = tokio::time::interval(Duration::from_secs(5));
+        let mut retention = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -477,6 +541,15 @@ impl Supervisor {
                         tracing::warn!(error = %e.message, "sweeping expired leases failed");
                     }
                 }
+                _ = gauges.tick() => self.refresh_depths().await,
+                _ = retention.tick() => match self.prune().await {
+                    Ok(Some(r)) if r.tasks + r.checkpoints + r.blobs > 0 => tracing::info!(
+                        tasks = r.tasks, checkpoints = r.checkpoints, blobs = r.blobs, bytes = r.blob_bytes,
+                        "pruned finished tasks and old checkpoints"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e.message, "pruning failed"),
+                },
             }
         }
     }
@@ -486,3 +559,6 @@ enum WriteError {
     Conflict,
     Api(ApiError),
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+//! The supervisor's Prometheus metrics (DESIGN §7): task outcomes, trajectory
+//! length, DLQ depth and pending approvals.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::task::Task;
+
+/// Labels of `keel_tasks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// Agent name.
+    pub agent: String,
+    /// The final state: `succeeded`, `dead`, `cancelled`.
+    pub outcome: String,
+}
+
+/// Supervisor metrics, registered once.
+#[derive(Clone)]
+pub struct SupervisorMetrics {
+    /// `keel_tasks_total{agent,outcome}`: tasks that reached a final state.
+    pub tasks: Family<TaskLabels, Counter>,
+    /// `keel_task_steps`: steps of each finished task (trajectory length).
+    pub steps: Histogram,
+    /// `keel_dlq_depth`: dead tasks waiting in the dead-letter queue.
+    pub dlq_depth: Gauge,
+    /// `keel_approvals_pending`: tasks waiting for a human.
+    pub approvals_pending: Gauge,
+}
+
+impl SupervisorMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            tasks: Family::default(),
+            steps: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            dlq_depth: Gauge::default(),
+            approvals_pending: Gauge::default(),
+        };
+        registry.register(
+            "keel_tasks",
+            "Tasks that reached a final state, by agent and outcome",
+            m.tasks.clone(),
+        );
+        registry.register(
+            "keel_task_steps",
+            "Steps per finished task (trajectory length)",
+            m.steps.clone(),
+        );
+        registry.register(
+            "keel_dlq_depth",
+            "Tasks in the dead-letter queue",
+            m.dlq_depth.clone(),
+        );
+        registry.register(
+            "keel_approvals_pending",
+            "Tasks waiting for a human decision",
+            m.approvals_pending.clone(),
+        );
+        m
+    }
+
+    /// Counts a task that just reached a final state.
+    pub fn finished(&self, task: &Task) {
+        self.tasks
+            .get_or_create(&TaskLabels {
+                agent: task.agent.clone(),
+                outcome: task.state.as_str().to_owned(),
+            })
+            .inc();
+        self.steps.observe(f64::from(task.steps));
+    }
+
+    /// Sets the queue gauges from per-state counts.
+    pub fn set_depths(&self, counts: &[(String, u64)]) {
+        let of = |state: &str| {
+            counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, n)| i64::try_from(*n).unwrap_or(i64::MAX))
+        };
+        self.dlq_depth.set(of("dead"));
+        self.approvals_pending.set(of("awaiting_human"));
+    }
+}

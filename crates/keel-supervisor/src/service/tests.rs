@@ -1,0 +1,141 @@
+//! The service over a real SQLite store: retention, metrics, idempotency.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_store::{Durability, EventQuery, SqliteStore, TaskStore};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use super::metrics::SupervisorMetrics;
+use super::{Idem, Supervisor, SupervisorSettings, public};
+use crate::command::Command;
+
+fn open(dir: &tempfile::TempDir) -> Arc<dyn TaskStore> {
+    Arc::new(SqliteStore::open(&dir.path().join("keel.db"), Durability::Relaxed).unwrap())
+}
+
+fn create(id: &str) -> Command {
+    Command::Create {
+        id: id.into(),
+        agent: "a".into(),
+        input: json!({}),
+        deadline_ms: None,
+        max_attempts: 3,
+        max_steps: None,
+    }
+}
+
+/// Runs a task through claim, `checkpoints` checkpoints and complete.
+async fn finish(sv: &Supervisor, id: &str, checkpoints: usize) {
+    sv.create(create(id), None).await.unwrap();
+    let claimed = sv
+        .claim("a", "w", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = claimed["lease_token"].as_str().unwrap().to_owned();
+    for n in 0..checkpoints {
+        let state = serde_json::to_vec(&json!({"n": n})).unwrap();
+        let command = Command::Checkpoint {
+            token: token.clone(),
+            label: None,
+            state_hash: keel_store::blob_hash(&state),
+            size: state.len() as u64,
+        };
+        sv.run(id, &command, None, Some(state.into()), |t, _| public(t))
+            .await
+            .unwrap();
+    }
+    let done = Command::Complete {
+        token,
+        output: json!("ok"),
+        confidence: None,
+    };
+    sv.run(id, &done, None, None, |t, _| public(t))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn retention_prunes_finished_tasks_and_old_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let settings = SupervisorSettings {
+        keep_checkpoints: Some(1),
+        ..SupervisorSettings::default()
+    };
+    let sv = Supervisor::new(Arc::clone(&store), settings);
+    finish(&sv, "t1", 3).await;
+    assert_eq!(store.stats().await.unwrap().blobs, 3);
+    let report = sv.prune().await.unwrap().unwrap();
+    assert_eq!(report.checkpoints, 2);
+    assert_eq!(store.stats().await.unwrap().blobs, 1);
+    // With a retention of 1ms, the finished task itself goes; the chain still verifies.
+    let settings = SupervisorSettings {
+        retention: Some(Duration::from_millis(1)),
+        ..SupervisorSettings::default()
+    };
+    let sv = Supervisor::new(Arc::clone(&store), settings);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let report = sv.prune().await.unwrap().unwrap();
+    assert_eq!(report.tasks, 1);
+    assert!(store.task("t1").await.unwrap().is_none());
+    assert_eq!(
+        store.verify().await.unwrap(),
+        keel_store::Verify::Intact {
+            events: store.events(EventQuery::default()).await.unwrap().len() as u64
+        }
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_pruned_without_a_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
+    finish(&sv, "t1", 2).await;
+    assert!(sv.prune().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn finished_tasks_are_counted_once_with_their_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry = Registry::default();
+    let metrics = SupervisorMetrics::register(&mut registry);
+    let sv =
+        Supervisor::new(open(&dir), SupervisorSettings::default()).with_metrics(metrics.clone());
+    finish(&sv, "t1", 1).await;
+    finish(&sv, "t2", 0).await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("keel_tasks_total{agent=\"a\",outcome=\"succeeded\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("keel_task_steps_count 2"), "{text}");
+    metrics.set_depths(&[("dead".into(), 4), ("awaiting_human".into(), 1)]);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(text.contains("keel_dlq_depth 4"), "{text}");
+    assert!(text.contains("keel_approvals_pending 1"), "{text}");
+}
+
+#[tokio::test]
+async fn a_repeated_create_with_the_same_key_returns_the_first_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    let idem = || {
+        Some(Idem {
+            scope: "create a".into(),
+            key: "k1".into(),
+        })
+    };
+    let first = sv.create(create("t1"), idem()).await.unwrap();
+    let second = sv.create(create("t2"), idem()).await.unwrap();
+    assert_eq!(first.body, second.body);
+    assert!(
+        store.task("t2").await.unwrap().is_none(),
+        "the repeat created a second task"
+    );
+}
