@@ -247,9 +247,23 @@ async fn handle_inner(
         metrics: &gw.metrics,
         clock: gw.clock.as_ref(),
     };
-    let answer = executor
-        .run(endpoint, &parsed.body, parsed.stream, &mut log)
-        .await;
+    let mut guard = CallGuard {
+        gw: Arc::clone(gw),
+        route: route.name.clone(),
+        started,
+        log: Some(log),
+    };
+    let answer = match guard.log.as_mut() {
+        Some(log) => {
+            executor
+                .run(endpoint, &parsed.body, parsed.stream, log)
+                .await
+        }
+        None => return Err(ApiError::internal("call log missing")),
+    };
+    let Some(log) = guard.log.take() else {
+        return Err(ApiError::internal("call log missing"));
+    };
     let ctx = Finish {
         gw: Arc::clone(gw),
         route_name: route.name.clone(),
@@ -273,6 +287,41 @@ async fn handle_inner(
         }
         Answer::Fatal(e) => ctx.fatal(route, log, e).await,
     })
+}
+
+/// Records a call whose client left while keel was still working on it: the
+/// handler's future is dropped (which cancels the upstream call and any
+/// pending retry), and this guard's `Drop` writes what happened until then.
+struct CallGuard {
+    gw: Arc<Gateway>,
+    route: String,
+    started: Instant,
+    log: Option<CallLog>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let Some(mut log) = self.log.take() else {
+            return;
+        };
+        log.push(
+            EventKind::LlmCall,
+            json!({
+                "route": self.route,
+                "target": "none",
+                "agent": log.who.agent,
+                "step": log.who.step,
+                "attempts": log.attempts,
+                "fallback": false,
+                "outcome": "client_gone",
+                "latency_ms": self.started.elapsed().as_millis() as u64,
+                "usage": null,
+            }),
+        );
+        let gw = Arc::clone(&self.gw);
+        let events = std::mem::take(&mut log.events);
+        self.gw.tasks.spawn(async move { gw.append(events).await });
+    }
 }
 
 impl Gateway {

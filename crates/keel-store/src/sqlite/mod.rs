@@ -35,7 +35,7 @@ mod writer;
 mod tests;
 
 use read::{BUSY_TIMEOUT, Readers};
-use writer::{QUEUE_CAPACITY, Reply, Request, WriterStats};
+use writer::{Prepared, QUEUE_CAPACITY, Reply, Request, WriterStats};
 
 /// The SQLite [`EventStore`] and [`TaskStore`].
 ///
@@ -213,6 +213,8 @@ impl EventStore for SqliteStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        // Canonicalise and hash here, in parallel with other callers, not in the writer.
+        let events = Prepared::all(events);
         self.submit(|reply| Request::Append(events, reply)).await
     }
 
@@ -234,8 +236,9 @@ impl EventStore for SqliteStore {
 
 #[async_trait::async_trait]
 impl TaskStore for SqliteStore {
-    async fn write_task(&self, write: TaskWrite) -> Result<Vec<Event>, StoreError> {
-        self.submit(|reply| Request::Task(Box::new(write), reply))
+    async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
+        let events = Prepared::all(std::mem::take(&mut write.events));
+        self.submit(|reply| Request::Task(Box::new(write), events, reply))
             .await
     }
 

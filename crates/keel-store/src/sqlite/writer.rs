@@ -14,6 +14,12 @@
 //! and the thread goes on with the next batch. The chain head is read inside
 //! each write transaction, so a rolled-back batch leaves nothing to undo. The
 //! thread ends once every sender is dropped and the queue is drained.
+//!
+//! The writer is the one serial stage, so everything that does not need the
+//! chain head happens before a request is queued, on the caller's thread: each
+//! event's data is canonicalised, printed and hashed once ([`Prepared`]), and
+//! the writer only links the chain (`hash` needs `prev_hash`) and inserts. Its
+//! statements, `SAVEPOINT`s included, are prepared once and cached.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,12 +43,46 @@ pub(crate) const QUEUE_CAPACITY: usize = 4096;
 /// Where the answer of one request goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// One event with everything that does not depend on the chain head
+/// computed: its canonical data, that data's canonical JSON text (what is
+/// stored) and [`chain::data_hash`] of that text.
+pub(crate) struct Prepared {
+    task_id: Option<String>,
+    kind: &'static str,
+    /// The canonical data, handed back in the stored [`Event`].
+    data: serde_json::Value,
+    /// `data` printed once; the stored column and the input of `data_hash`.
+    text: String,
+    data_hash: String,
+}
+
+impl Prepared {
+    /// Canonicalises, prints and hashes `event`'s data, taking it by value.
+    pub(crate) fn new(event: NewEvent) -> Self {
+        let data = chain::canonicalize(event.data);
+        let text = data.to_string();
+        let data_hash = chain::data_hash(&text);
+        Self {
+            task_id: event.task_id,
+            kind: event.kind.as_str(),
+            data,
+            text,
+            data_hash,
+        }
+    }
+
+    /// [`Prepared::new`] of each event, in order.
+    pub(crate) fn all(events: Vec<NewEvent>) -> Vec<Self> {
+        events.into_iter().map(Self::new).collect()
+    }
+}
+
 /// One write call waiting for its commit.
 pub(crate) enum Request {
     /// `EventStore::append`: the events, in order.
-    Append(Vec<NewEvent>, Reply<Vec<Event>>),
-    /// `TaskStore::write_task`.
-    Task(Box<TaskWrite>, Reply<Vec<Event>>),
+    Append(Vec<Prepared>, Reply<Vec<Event>>),
+    /// `TaskStore::write_task`: the write (its `events` moved out) and its events.
+    Task(Box<TaskWrite>, Vec<Prepared>, Reply<Vec<Event>>),
     /// `TaskStore::prune`.
     Prune(PrunePolicy, Reply<PruneReport>),
 }
@@ -52,7 +92,7 @@ impl Request {
     fn weight(&self) -> usize {
         match self {
             Self::Append(events, _) => events.len().max(1),
-            Self::Task(write, _) => write.events.len().max(1),
+            Self::Task(_, events, _) => events.len().max(1),
             Self::Prune(..) => 1,
         }
     }
@@ -60,8 +100,36 @@ impl Request {
 
 /// What one request produced, before its answer is sent.
 enum Done {
-    Events(Vec<Event>),
+    /// Where each appended event went in the chain, in order.
+    Events(Vec<Link>),
     Pruned(PruneReport),
+}
+
+/// The chain fields of one inserted event; with its [`Prepared`] and the
+/// batch's [`Stamp`] it is the stored [`Event`].
+struct Link {
+    seq: u64,
+    prev_hash: String,
+    hash: String,
+}
+
+impl Link {
+    /// The stored event, taking the prepared event's data by value.
+    fn event(self, new: Prepared, stamp: &Stamp) -> Event {
+        Event {
+            seq: self.seq,
+            task_id: new.task_id,
+            at: stamp.at.clone(),
+            at_ms: stamp.at_ms,
+            kind: new.kind.to_owned(),
+            data: new.data,
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+            layout: LAYOUT_V2,
+            data_hash: Some(new.data_hash),
+            pruned: false,
+        }
+    }
 }
 
 /// Why one request failed inside the batch.
@@ -103,10 +171,10 @@ pub(crate) fn run(
             }
         }
         match write_batch(&mut conn, &path, &batch) {
-            Ok(results) => {
+            Ok((stamp, results)) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 for (request, result) in batch.into_iter().zip(results) {
-                    answer(request, result);
+                    answer(request, result, &stamp);
                 }
             }
             Err(source) => {
@@ -118,7 +186,7 @@ pub(crate) fn run(
                         events: pending,
                         source: Arc::clone(&source),
                     };
-                    answer(request, Err(err));
+                    answer_err(request, err);
                 }
             }
         }
@@ -126,14 +194,20 @@ pub(crate) fn run(
     tracing::debug!(path = %path.display(), "event store writer stopped");
 }
 
-/// Sends a request its answer. The caller may have gone away; what was
-/// committed stays committed regardless.
-fn answer(request: Request, result: Result<Done, StoreError>) {
+/// Sends a request of a committed batch its answer. The caller may have gone
+/// away; what was committed stays committed regardless.
+fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
     match request {
-        Request::Append(_, reply) | Request::Task(_, reply) => {
-            let _ = reply.send(result.map(|done| match done {
-                Done::Events(events) => events,
-                Done::Pruned(_) => Vec::new(),
+        Request::Append(events, reply) | Request::Task(_, events, reply) => {
+            let _ = reply.send(result.map(|done| {
+                match done {
+                    Done::Events(links) => links
+                        .into_iter()
+                        .zip(events)
+                        .map(|(link, new)| link.event(new, stamp))
+                        .collect(),
+                    Done::Pruned(_) => Vec::new(),
+                }
             }));
         }
         Request::Prune(_, reply) => {
@@ -141,6 +215,18 @@ fn answer(request: Request, result: Result<Done, StoreError>) {
                 Done::Pruned(report) => report,
                 Done::Events(_) => PruneReport::default(),
             }));
+        }
+    }
+}
+
+/// Sends a request of a failed batch its error.
+fn answer_err(request: Request, err: StoreError) {
+    match request {
+        Request::Append(_, reply) | Request::Task(_, _, reply) => {
+            let _ = reply.send(Err(err));
+        }
+        Request::Prune(_, reply) => {
+            let _ = reply.send(Err(err));
         }
     }
 }
@@ -155,18 +241,15 @@ struct Head {
 
 fn read_head(conn: &Connection) -> rusqlite::Result<Head> {
     let head = conn
-        .query_row(
-            "SELECT seq, hash, at_ms FROM events ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| {
-                Ok(Head {
-                    seq: row.get(0)?,
-                    // A tampered NULL must not stop the log; `verify` reports it.
-                    hash: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                    at_ms: row.get::<_, Option<i64>>(2)?.unwrap_or(i64::MIN),
-                })
-            },
-        )
+        .prepare_cached("SELECT seq, hash, at_ms FROM events ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |row| {
+            Ok(Head {
+                seq: row.get(0)?,
+                // A tampered NULL must not stop the log; `verify` reports it.
+                hash: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                at_ms: row.get::<_, Option<i64>>(2)?.unwrap_or(i64::MIN),
+            })
+        })
         .optional()?;
     Ok(head.unwrap_or(Head {
         seq: 0,
@@ -182,13 +265,13 @@ struct Stamp {
 }
 
 /// Applies every request of `batch` in one transaction, each in its own
-/// savepoint; returns each request's result. Errs only when the batch as a
-/// whole failed (nothing of it is written then).
+/// savepoint; returns the batch's commit time and each request's result. Errs
+/// only when the batch as a whole failed (nothing of it is written then).
 fn write_batch(
     conn: &mut Connection,
     path: &Path,
     batch: &[Request],
-) -> rusqlite::Result<Vec<Result<Done, StoreError>>> {
+) -> rusqlite::Result<(Stamp, Vec<Result<Done, StoreError>>)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut head = read_head(&tx)?;
     // One time per commit, never before the previous event's.
@@ -200,21 +283,24 @@ fn write_batch(
     let mut results = Vec::with_capacity(batch.len());
     for request in batch {
         let saved = head.clone();
-        tx.execute_batch("SAVEPOINT request")?;
+        tx.prepare_cached("SAVEPOINT request")?.execute([])?;
         let applied = match request {
             Request::Append(events, _) => {
                 insert_events(&tx, events, &mut head, &stamp).map(Done::Events)
             }
-            Request::Task(write, _) => write_task(&tx, write, &mut head, &stamp).map(Done::Events),
+            Request::Task(write, events, _) => {
+                write_task(&tx, write, events, &mut head, &stamp).map(Done::Events)
+            }
             Request::Prune(policy, _) => prune(&tx, *policy).map(Done::Pruned),
         };
         match applied {
             Ok(done) => {
-                tx.execute_batch("RELEASE request")?;
+                tx.prepare_cached("RELEASE request")?.execute([])?;
                 results.push(Ok(done));
             }
             Err(fail) => {
-                tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+                tx.prepare_cached("ROLLBACK TO request")?.execute([])?;
+                tx.prepare_cached("RELEASE request")?.execute([])?;
                 head = saved;
                 results.push(Err(match fail {
                     Fail::Store(err) => err,
@@ -231,16 +317,16 @@ fn write_batch(
         }
     }
     tx.commit()?;
-    Ok(results)
+    Ok((stamp, results))
 }
 
 /// Appends `events` after `head` (layout 2) and advances `head`.
 fn insert_events(
     tx: &Connection,
-    events: &[NewEvent],
+    events: &[Prepared],
     head: &mut Head,
     stamp: &Stamp,
-) -> Result<Vec<Event>, Fail> {
+) -> Result<Vec<Link>, Fail> {
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (seq, task_id, at, at_ms, kind, data, prev_hash, hash, layout, data_hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -248,18 +334,14 @@ fn insert_events(
     let mut stored = Vec::with_capacity(events.len());
     for new in events {
         let seq = head.seq + 1;
-        let data = chain::canonicalize(new.data.clone());
-        let data_text = data.to_string();
-        let data_hash = chain::data_hash(&data_text);
-        let kind = new.kind.as_str();
         let hash = HashInputV2 {
             prev_hash: &head.hash,
             seq,
             task_id: new.task_id.as_deref(),
             at: &stamp.at,
             at_ms: stamp.at_ms,
-            kind,
-            data_hash: &data_hash,
+            kind: new.kind,
+            data_hash: &new.data_hash,
         }
         .hash();
         insert.execute(params![
@@ -267,27 +349,19 @@ fn insert_events(
             new.task_id,
             stamp.at,
             stamp.at_ms,
-            kind,
-            data_text,
+            new.kind,
+            new.text,
             head.hash,
             hash,
             LAYOUT_V2,
-            data_hash
+            new.data_hash
         ])?;
         let prev_hash = std::mem::replace(&mut head.hash, hash.clone());
         head.seq = seq;
-        stored.push(Event {
+        stored.push(Link {
             seq,
-            task_id: new.task_id.clone(),
-            at: stamp.at.clone(),
-            at_ms: stamp.at_ms,
-            kind: kind.to_owned(),
-            data,
             prev_hash,
             hash,
-            layout: LAYOUT_V2,
-            data_hash: Some(data_hash),
-            pruned: false,
         });
     }
     Ok(stored)
@@ -297,9 +371,10 @@ fn insert_events(
 fn write_task(
     tx: &Connection,
     write: &TaskWrite,
+    events: &[Prepared],
     head: &mut Head,
     stamp: &Stamp,
-) -> Result<Vec<Event>, Fail> {
+) -> Result<Vec<Link>, Fail> {
     let row = &write.row;
     let invalid = |reason: String| {
         Fail::Store(StoreError::InvalidWrite {
@@ -330,12 +405,12 @@ fn write_task(
         }));
     }
     let base = write.expected_version.unwrap_or(0);
-    let want = base.saturating_add(write.events.len() as u64);
+    let want = base.saturating_add(events.len() as u64);
     if row.version != want {
         return Err(invalid(format!(
             "row version is {} but must be {want} ({base} plus {} events)",
             row.version,
-            write.events.len()
+            events.len()
         )));
     }
     let snapshot = serde_json::to_string(&row.snapshot)
@@ -361,7 +436,7 @@ fn write_task(
         row.lease_expires_at_ms,
         row.approval_expires_at_ms
     ])?;
-    let events = insert_events(tx, &write.events, head, stamp)?;
+    let events = insert_events(tx, events, head, stamp)?;
 
     let mut hashes = Vec::with_capacity(write.blobs.len());
     {
