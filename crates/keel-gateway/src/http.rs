@@ -17,15 +17,17 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::StreamExt;
 use keel_core::{EventKind, NewEvent};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Gateway;
+use crate::body::RawObject;
 use crate::error::{ApiError, UpstreamError};
 use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel, TokenLabels};
 use crate::provider::{ChunkStream, Endpoint};
 use crate::route::{Answer, Attribution, CallLog, Executor, Route, Target};
+use crate::usage::{Usage, usage_of};
 
 /// The gateway's router: `/v1/...`, the same under `/tasks/{task_id}/v1/...`,
 /// and `/metrics`, `/healthz`, `/readyz`. Unknown paths answer 404 in OpenAI shape.
@@ -121,7 +123,7 @@ async fn not_found(request: Request) -> Response {
 
 /// A parsed, checked gateway request.
 struct Parsed {
-    body: Map<String, Value>,
+    body: RawObject,
     route: String,
     stream: bool,
 }
@@ -147,19 +149,12 @@ async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed)
 }
 
 fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
-    if let Err(e) = std::str::from_utf8(bytes) {
-        return Err(ApiError::bad_request(format!(
-            "request body is not valid UTF-8 (invalid byte at offset {})",
-            e.valid_up_to()
-        )));
-    }
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
-    let Value::Object(body) = value else {
-        return Err(ApiError::bad_request("request body must be a JSON object"));
-    };
-    let route = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+    let body = RawObject::parse(bytes).map_err(ApiError::bad_request)?;
+    let route = match body
+        .get("model")
+        .map(|m| serde_json::from_str::<String>(m.get()))
+    {
+        Some(Ok(m)) if !m.is_empty() => m,
         Some(_) => {
             return Err(
                 ApiError::bad_request("'model' must be a non-empty string naming a route")
@@ -172,7 +167,7 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
             );
         }
     };
-    let stream = matches!(body.get("stream"), Some(Value::Bool(true)));
+    let stream = body.get("stream").is_some_and(|s| s.get() == "true");
     Ok(Parsed {
         body,
         route,
@@ -274,8 +269,9 @@ async fn handle_inner(
         Answer::Json {
             target,
             body,
+            usage,
             fallback,
-        } => ctx.json(route, log, &target, body, fallback).await,
+        } => ctx.json(route, log, &target, body, usage, fallback).await,
         Answer::Stream {
             target,
             first,
@@ -345,26 +341,6 @@ fn count_request(gw: &Gateway, route: &Route, target: &str, outcome: &str) {
             outcome: outcome.to_owned(),
         })
         .inc();
-}
-
-/// Token counts from an OpenAI `usage` object.
-#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-    #[serde(default)]
-    total_tokens: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct WithUsage {
-    usage: Option<Usage>,
-}
-
-fn usage_of(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
 /// What is needed to finish a call after the executor answered.
@@ -456,9 +432,9 @@ impl Finish {
         mut log: CallLog,
         target: &Target,
         body: Bytes,
+        usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
-        let usage = usage_of(&body);
         let event = self.llm_call(&log, &target.id, "ok", fallback, usage);
         log.events.push(event);
         self.gw.append(std::mem::take(&mut log.events)).await;
@@ -666,7 +642,7 @@ async fn pump(
     deadline: Instant,
     target: &str,
 ) -> (&'static str, Option<Usage>) {
-    let mut usage = usage_of(&first);
+    let mut usage = usage_of(&first).ok().flatten();
     if tx.send(sse_frame(&first)).await.is_err() {
         return ("client_gone", usage);
     }
@@ -675,7 +651,7 @@ async fn pump(
         let next = tokio::time::timeout_at(wait_until, rest.next()).await;
         let failure = match next {
             Ok(Some(Ok(chunk))) => {
-                if let Some(u) = usage_of(&chunk) {
+                if let Ok(Some(u)) = usage_of(&chunk) {
                     usage = Some(u);
                 }
                 if tx.send(sse_frame(&chunk)).await.is_err() {
@@ -798,6 +774,6 @@ mod tests {
         let p = parse_body(br#"{"model": "smart", "stream": true, "x-unknown": 1}"#).unwrap();
         assert_eq!(p.route, "smart");
         assert!(p.stream);
-        assert_eq!(p.body["x-unknown"], 1);
+        assert_eq!(p.body.get("x-unknown").unwrap().get(), "1");
     }
 }

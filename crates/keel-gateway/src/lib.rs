@@ -7,11 +7,13 @@
 //! crate does the I/O around them ([`route`]) and records events and metrics.
 
 pub mod agents;
+pub mod body;
 pub mod error;
 mod http;
 pub mod metrics;
 pub mod provider;
 pub mod route;
+pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -27,9 +27,11 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::body::RawObject;
 use crate::error::UpstreamError;
 use crate::metrics::{AttemptLabels, Metrics, RouteLabel, TargetLabel};
 use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
+use crate::usage::Usage;
 
 /// How long the retry budget remembers calls (tower's `TpsBudget` default).
 const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -126,6 +128,8 @@ pub enum Answer {
         target: Arc<Target>,
         /// The body, unchanged.
         body: Bytes,
+        /// Token usage the body reported.
+        usage: Option<Usage>,
         /// Whether `target` is not the route's first.
         fallback: bool,
     },
@@ -166,7 +170,7 @@ impl Executor<'_> {
     pub async fn run(
         &self,
         endpoint: Endpoint,
-        body: &serde_json::Map<String, serde_json::Value>,
+        body: &RawObject,
         stream: bool,
         log: &mut CallLog,
     ) -> Answer {
@@ -184,10 +188,7 @@ impl Executor<'_> {
                 );
             }
             previous = Some(target);
-            let request_body = match with_model(body, &target.model) {
-                Ok(b) => b,
-                Err(e) => return Answer::Fatal(e.into_upstream(&target.id)),
-            };
+            let request_body = body.with_model(&target.model);
             let request = ProviderRequest {
                 endpoint,
                 body: request_body,
@@ -198,9 +199,10 @@ impl Executor<'_> {
                 TargetResult::Answered(reply) => {
                     let fallback = index > 0;
                     return match reply {
-                        Reply::Json(body) => Answer::Json {
+                        Reply::Json(body, usage) => Answer::Json {
                             target: Arc::clone(target),
                             body,
+                            usage,
                             fallback,
                         },
                         Reply::Stream(first, rest) => Answer::Stream {
@@ -392,10 +394,8 @@ impl Executor<'_> {
         };
         match reply {
             ProviderReply::Json(body) => {
-                if !stream {
-                    check_json(&body, &target)?;
-                }
-                Ok(Reply::Json(body))
+                let usage = check_json(&body, &target)?;
+                Ok(Reply::Json(body, usage))
             }
             ProviderReply::Stream(mut rest) => {
                 match tokio::time::timeout_at(first_deadline, rest.next()).await {
@@ -466,7 +466,7 @@ impl Executor<'_> {
 }
 
 enum Reply {
-    Json(Bytes),
+    Json(Bytes, Option<Usage>),
     Stream(Bytes, ChunkStream),
 }
 
@@ -477,38 +477,11 @@ enum TargetResult {
     OutOfTime(Option<UpstreamError>),
 }
 
-/// A 200 body that is not JSON is the upstream's failure, and retryable.
-fn check_json(body: &[u8], target: &str) -> Result<(), UpstreamError> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map(|_| ())
-        .map_err(|e| UpstreamError::Malformed {
-            target: target.to_owned(),
-            detail: e.to_string(),
-        })
-}
-
-/// The client's body with `model` replaced by the target's model.
-fn with_model(
-    body: &serde_json::Map<String, serde_json::Value>,
-    model: &str,
-) -> Result<Bytes, serde_json::Error> {
-    let mut body = body.clone();
-    body.insert(
-        "model".to_owned(),
-        serde_json::Value::String(model.to_owned()),
-    );
-    serde_json::to_vec(&body).map(Bytes::from)
-}
-
-trait IntoUpstream {
-    fn into_upstream(self, target: &str) -> UpstreamError;
-}
-
-impl IntoUpstream for serde_json::Error {
-    fn into_upstream(self, target: &str) -> UpstreamError {
-        UpstreamError::Malformed {
-            target: target.to_owned(),
-            detail: self.to_string(),
-        }
-    }
+/// Reads `usage` from a 200 body; a body that is not JSON is the upstream's
+/// failure, and retryable. One pass: serde reads (and so checks) the whole document.
+fn check_json(body: &[u8], target: &str) -> Result<Option<Usage>, UpstreamError> {
+    crate::usage::usage_of(body).map_err(|e| UpstreamError::Malformed {
+        target: target.to_owned(),
+        detail: e.to_string(),
+    })
 }

@@ -12,14 +12,15 @@ use reqwest::header::{
     AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
 };
 
-use super::{ChunkStream, Provider, ProviderReply, ProviderRequest};
+use super::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
 use crate::error::UpstreamError;
 
 /// An OpenAI-compatible upstream.
 pub struct OpenAiProvider {
     client: reqwest::Client,
-    base_url: String,
-    query: Vec<(String, String)>,
+    /// Endpoint URLs with the provider's query parameters, parsed once.
+    chat_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
 }
 
 impl OpenAiProvider {
@@ -61,10 +62,19 @@ impl OpenAiProvider {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| format!("providers.{}: cannot build HTTP client: {e}", settings.name))?;
+        let url = |endpoint: Endpoint| {
+            let text = format!("{}{}", settings.base_url, endpoint.path());
+            reqwest::Url::parse_with_params(&text, &settings.query).map_err(|e| {
+                format!(
+                    "providers.{}.base_url: {text:?} is not a URL: {e}",
+                    settings.name
+                )
+            })
+        };
         Ok(Self {
             client,
-            base_url: settings.base_url.clone(),
-            query: settings.query.clone(),
+            chat_url: url(Endpoint::ChatCompletions)?,
+            embeddings_url: url(Endpoint::Embeddings)?,
         })
     }
 }
@@ -72,20 +82,22 @@ impl OpenAiProvider {
 #[async_trait]
 impl Provider for OpenAiProvider {
     async fn send(&self, request: ProviderRequest) -> Result<ProviderReply, UpstreamError> {
-        let url = format!("{}{}", self.base_url, request.endpoint.path());
+        let url = match request.endpoint {
+            Endpoint::ChatCompletions => self.chat_url.clone(),
+            Endpoint::Embeddings => self.embeddings_url.clone(),
+        };
         let target = request.target;
-        let mut builder = self
+        let response = self
             .client
             .post(url)
             .header(CONTENT_TYPE, "application/json")
-            .body(request.body);
-        if !self.query.is_empty() {
-            builder = builder.query(&self.query);
-        }
-        let response = builder.send().await.map_err(|e| UpstreamError::Connect {
-            target: target.clone(),
-            detail: transport_detail(&e),
-        })?;
+            .body(request.body)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                target: target.clone(),
+                detail: transport_detail(&e),
+            })?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response

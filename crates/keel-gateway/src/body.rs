@@ -1,0 +1,161 @@
+//! A client's JSON request body, parsed only one level deep.
+//!
+//! The gateway reads `model` and `stream` and rewrites `model`; everything
+//! else (messages, tools, `response_format`, unknown fields) passes through
+//! as the exact text the client sent, never parsed into a tree. That keeps the
+//! per-request cost flat in the size of a conversation.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// The top-level members of a JSON object, in order, values as raw JSON text.
+#[derive(Debug, Default)]
+pub struct RawObject(pub Vec<(String, Box<RawValue>)>);
+
+impl RawObject {
+    /// Parses `bytes`; errors name what is wrong (`not valid JSON`, `must be a JSON object`).
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            format!(
+                "request body is not valid UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            )
+        })?;
+        let trimmed = text.trim_start();
+        if !trimmed.starts_with('{') {
+            // Tell a non-object apart from broken JSON.
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => "request body must be a JSON object".to_owned(),
+                Err(e) => format!("request body is not valid JSON: {e}"),
+            });
+        }
+        serde_json::from_str(text).map_err(|e| format!("request body is not valid JSON: {e}"))
+    }
+
+    /// The raw value of member `key` (the last one, if the client repeated it).
+    pub fn get(&self, key: &str) -> Option<&RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// The body as JSON with `model` set to `model` (added if absent).
+    pub fn with_model(&self, model: &str) -> Bytes {
+        let size: usize = self
+            .0
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        let mut out = Vec::with_capacity(size + model.len() + 16);
+        out.push(b'{');
+        let mut wrote_model = false;
+        for (k, v) in &self.0 {
+            if k == "model" {
+                if wrote_model {
+                    continue;
+                }
+                wrote_model = true;
+            }
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            write_str(&mut out, k);
+            out.push(b':');
+            if k == "model" {
+                write_str(&mut out, model);
+            } else {
+                out.extend_from_slice(v.get().as_bytes());
+            }
+        }
+        if !wrote_model {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            write_str(&mut out, "model");
+            out.push(b':');
+            write_str(&mut out, model);
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+impl<'de> Deserialize<'de> for RawObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = RawObject;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawObject, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
+                    members.push((k, v));
+                }
+                Ok(RawObject(members))
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_model_and_keeps_everything_else_verbatim() {
+        let body = RawObject::parse(br#"{"model":"smart","messages":[{"role":"user","content":"hi \u00e9"}],"x":{"a":1.50}}"#).unwrap();
+        let out = body.with_model("gpt-5");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"gpt-5","messages":[{"role":"user","content":"hi \u00e9"}],"x":{"a":1.50}}"#
+        );
+    }
+
+    #[test]
+    fn adds_model_when_absent_and_keeps_one_when_repeated() {
+        let body = RawObject::parse(br#"{"a":1}"#).unwrap();
+        assert_eq!(&body.with_model("m")[..], br#"{"a":1,"model":"m"}"#);
+        let body = RawObject::parse(br#"{"model":"x","model":"y"}"#).unwrap();
+        assert_eq!(&body.with_model("m")[..], br#"{"model":"m"}"#);
+        assert_eq!(body.get("model").unwrap().get(), r#""y""#);
+    }
+
+    #[test]
+    fn explains_what_is_wrong() {
+        assert!(
+            RawObject::parse(b"[1]")
+                .unwrap_err()
+                .contains("JSON object")
+        );
+        assert!(
+            RawObject::parse(b"{nope")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        assert!(
+            RawObject::parse(b"{\"a\": \"\xff\"}")
+                .unwrap_err()
+                .contains("UTF-8")
+        );
+    }
+}
