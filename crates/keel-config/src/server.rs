@@ -143,6 +143,14 @@ pub struct StoreConfig {
     /// Largest checkpoint state a worker may save, in bytes (default 1 MiB).
     #[serde(default = "default_max_checkpoint_bytes")]
     pub max_checkpoint_bytes: usize,
+    /// Whether model requests and responses are kept (content-addressed) with
+    /// each `llm_call` (default true).
+    #[serde(default = "default_true")]
+    pub record_payloads: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for StoreConfig {
@@ -153,6 +161,7 @@ impl Default for StoreConfig {
             retention: None,
             keep_checkpoints: None,
             max_checkpoint_bytes: default_max_checkpoint_bytes(),
+            record_payloads: true,
         }
     }
 }
@@ -196,6 +205,8 @@ pub struct StoreSettings {
     pub keep_checkpoints: Option<usize>,
     /// Largest checkpoint state accepted, in bytes.
     pub max_checkpoint_bytes: usize,
+    /// Whether model requests and responses are stored with `llm_call` events.
+    pub record_payloads: bool,
 }
 
 impl Default for StoreSettings {
@@ -208,6 +219,7 @@ impl Default for StoreSettings {
             retention: None,
             keep_checkpoints: None,
             max_checkpoint_bytes: DEFAULT_MAX_CHECKPOINT_BYTES,
+            record_payloads: true,
         }
     }
 }
@@ -250,6 +262,7 @@ impl StoreConfig {
             retention: self.retention,
             keep_checkpoints: self.keep_checkpoints,
             max_checkpoint_bytes: self.max_checkpoint_bytes,
+            record_payloads: self.record_payloads,
         })
     }
 }

@@ -85,6 +85,24 @@ impl RawObject {
     }
 }
 
+impl RawObject {
+    /// The body as JSON without member `key`.
+    pub fn without(&self, key: &str) -> Bytes {
+        let mut out = Vec::with_capacity(256);
+        out.push(b'{');
+        for (k, v) in self.0.iter().filter(|(k, _)| k != key) {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            write_str(&mut out, k);
+            out.push(b':');
+            out.extend_from_slice(v.get().as_bytes());
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+}
+
 /// Appends `s` as a JSON string.
 fn write_str(out: &mut Vec<u8>, s: &str) {
     // Serializing a &str into a Vec cannot fail.

@@ -21,13 +21,13 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::Gateway;
 use crate::body::RawObject;
 use crate::error::{ApiError, UpstreamError};
 use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel, TokenLabels};
 use crate::provider::{ChunkStream, Endpoint};
 use crate::route::{Answer, Attribution, CallLog, Executor, Route, Target};
 use crate::usage::{Usage, usage_of};
+use crate::{Gateway, payload};
 
 /// The gateway's router: `/v1/...`, the same under `/tasks/{task_id}/v1/...`,
 /// and `/metrics`, `/healthz`, `/readyz`. Unknown paths answer 404 in OpenAI shape.
@@ -242,6 +242,11 @@ async fn handle_inner(
         metrics: &gw.metrics,
         clock: gw.clock.as_ref(),
     };
+    let recorded = if gw.record_payloads {
+        payload::request(&parsed.body)
+    } else {
+        payload::Recorded::default()
+    };
     let mut guard = CallGuard {
         gw: Arc::clone(gw),
         route: route.name.clone(),
@@ -260,6 +265,7 @@ async fn handle_inner(
         return Err(ApiError::internal("call log missing"));
     };
     let ctx = Finish {
+        recorded,
         gw: Arc::clone(gw),
         route_name: route.name.clone(),
         started,
@@ -321,6 +327,17 @@ impl Drop for CallGuard {
 }
 
 impl Gateway {
+    /// Appends a call's events with its payloads (owned by `task`) in one batch.
+    async fn append_with(&self, events: Vec<NewEvent>, payloads: Vec<Bytes>, task: Option<String>) {
+        if let Err(e) = self
+            .store
+            .append_with_payloads(events, payloads, task)
+            .await
+        {
+            tracing::error!(error = %e, "could not record gateway events");
+        }
+    }
+
     /// Appends a call's events in one batch; a store failure is logged, never hidden as success.
     async fn append(&self, events: Vec<NewEvent>) {
         if events.is_empty() {
@@ -349,6 +366,8 @@ struct Finish {
     route_name: String,
     started: Instant,
     stream: bool,
+    /// The request's payload summary and blobs (empty when payloads are not recorded).
+    recorded: payload::Recorded,
 }
 
 impl Finish {
@@ -359,8 +378,13 @@ impl Finish {
         outcome: &str,
         fallback: bool,
         usage: Option<Usage>,
+        response: Option<&Bytes>,
     ) -> NewEvent {
         let latency = self.started.elapsed();
+        let recording = self.gw.record_payloads;
+        let response = response
+            .filter(|_| recording)
+            .map(|b| keel_store::blob_hash(b));
         NewEvent::new(
             EventKind::LlmCall,
             log.who.task.clone(),
@@ -379,8 +403,20 @@ impl Finish {
                     "completion_tokens": u.completion_tokens,
                     "total_tokens": u.total_tokens,
                 })),
+                "request": recording.then(|| self.recorded.summary.clone()),
+                "response": response,
             }),
         )
+    }
+
+    /// Appends the call's events with the request's payloads and `response`.
+    async fn record(&self, events: Vec<NewEvent>, response: Option<Bytes>, task: Option<String>) {
+        if !self.gw.record_payloads {
+            return self.gw.append(events).await;
+        }
+        let mut blobs = self.recorded.blobs.clone();
+        blobs.extend(response);
+        self.gw.append_with(events, blobs, task).await;
     }
 
     fn observe(&self, usage: Option<Usage>, agent: &str) {
@@ -435,9 +471,14 @@ impl Finish {
         usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
-        let event = self.llm_call(&log, &target.id, "ok", fallback, usage);
+        let event = self.llm_call(&log, &target.id, "ok", fallback, usage, Some(&body));
         log.events.push(event);
-        self.gw.append(std::mem::take(&mut log.events)).await;
+        self.record(
+            std::mem::take(&mut log.events),
+            Some(body.clone()),
+            log.who.task.clone(),
+        )
+        .await;
         count_request(&self.gw, route, &target.id, "ok");
         self.count_fallback(fallback);
         self.observe(usage, &log.who.agent);
@@ -475,10 +516,33 @@ impl Finish {
         let gw = Arc::clone(&self.gw);
         let target_id = target.id.clone();
         gw.tasks.spawn(async move {
-            let (outcome, usage) = pump(first, rest, &tx, idle, deadline, &target_id).await;
-            let event = self.llm_call(&log, &target_id, outcome, fallback, usage);
+            let mut transcript = self.gw.record_payloads.then(Vec::new);
+            let (outcome, usage) = pump(
+                first,
+                rest,
+                &tx,
+                idle,
+                deadline,
+                &target_id,
+                transcript.as_mut(),
+            )
+            .await;
+            let transcript = transcript.map(Bytes::from);
+            let event = self.llm_call(
+                &log,
+                &target_id,
+                outcome,
+                fallback,
+                usage,
+                transcript.as_ref(),
+            );
             log.events.push(event);
-            self.gw.append(std::mem::take(&mut log.events)).await;
+            self.record(
+                std::mem::take(&mut log.events),
+                transcript,
+                log.who.task.clone(),
+            )
+            .await;
             let metric_outcome = if outcome == "ok" {
                 "ok"
             } else {
@@ -541,9 +605,11 @@ impl Finish {
                 if timed_out { "timeout" } else { "unavailable" },
                 false,
                 None,
+                None,
             );
             log.events.push(event);
-            self.gw.append(std::mem::take(&mut log.events)).await;
+            self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+                .await;
             count_request(&self.gw, route, "none", "error");
             self.observe(None, &log.who.agent);
             let message = format!("route {:?} could not be served: {why}", route.name);
@@ -565,9 +631,10 @@ impl Finish {
             EventKind::DegradedReply,
             json!({"route": route.name, "agent": log.who.agent, "reason": why}),
         );
-        let event = self.llm_call(&log, "degraded", "degraded", false, None);
+        let event = self.llm_call(&log, "degraded", "degraded", false, None, None);
         log.events.push(event);
-        self.gw.append(std::mem::take(&mut log.events)).await;
+        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+            .await;
         count_request(&self.gw, route, "none", "degraded");
         self.gw
             .metrics
@@ -595,9 +662,22 @@ impl Finish {
     /// A fatal upstream error goes back to the client as the upstream said it.
     async fn fatal(self, route: &Route, mut log: CallLog, error: UpstreamError) -> Response {
         let target = target_of(&error);
-        let event = self.llm_call(&log, &target, "fatal", false, None);
+        let upstream_body = match &error {
+            UpstreamError::Status { body, .. } => Some(body.clone()),
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Malformed { .. }
+            | UpstreamError::StreamCut { .. }
+            | UpstreamError::BreakerOpen { .. } => None,
+        };
+        let event = self.llm_call(&log, &target, "fatal", false, None, upstream_body.as_ref());
         log.events.push(event);
-        self.gw.append(std::mem::take(&mut log.events)).await;
+        self.record(
+            std::mem::take(&mut log.events),
+            upstream_body,
+            log.who.task.clone(),
+        )
+        .await;
         count_request(&self.gw, route, &target, "error");
         self.observe(None, &log.who.agent);
         let mut response = match error {
@@ -641,8 +721,17 @@ async fn pump(
     idle: Duration,
     deadline: Instant,
     target: &str,
+    mut transcript: Option<&mut Vec<u8>>,
 ) -> (&'static str, Option<Usage>) {
     let mut usage = usage_of(&first).ok().flatten();
+    // The transcript is the chunks' data, one per line: what the client received.
+    let mut keep = |chunk: &[u8]| {
+        if let Some(t) = transcript.as_deref_mut() {
+            t.extend_from_slice(chunk);
+            t.push(b'\n');
+        }
+    };
+    keep(&first);
     if tx.send(sse_frame(&first)).await.is_err() {
         return ("client_gone", usage);
     }
@@ -651,6 +740,7 @@ async fn pump(
         let next = tokio::time::timeout_at(wait_until, rest.next()).await;
         let failure = match next {
             Ok(Some(Ok(chunk))) => {
+                keep(&chunk);
                 if let Ok(Some(u)) = usage_of(&chunk) {
                     usage = Some(u);
                 }

@@ -11,6 +11,7 @@ pub mod body;
 pub mod error;
 mod http;
 pub mod metrics;
+pub mod payload;
 pub mod provider;
 pub mod route;
 pub mod usage;
@@ -43,6 +44,7 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     tasks: TaskTracker,
     max_body_bytes: usize,
+    record_payloads: bool,
 }
 
 /// Why the gateway could not be built from settings.
@@ -135,6 +137,7 @@ impl Gateway {
             clock: Arc::new(SystemClock::new()),
             tasks,
             max_body_bytes: settings.server.max_body_bytes,
+            record_payloads: settings.store.record_payloads,
         })
     }
 

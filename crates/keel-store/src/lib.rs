@@ -181,6 +181,19 @@ pub trait EventStore: Send + Sync + 'static {
     /// request reached the store, the events may still be written.
     async fn append(&self, events: Vec<keel_core::NewEvent>) -> Result<Vec<Event>, StoreError>;
 
+    /// Like [`EventStore::append`], and in the same transaction stores
+    /// `payloads` content-addressed (a payload already stored is not stored
+    /// again) under `owner`, the task they belong to (`None`: no task).
+    ///
+    /// The events are expected to name the payloads by [`blob_hash`]; a
+    /// task's payloads are pruned with the task.
+    async fn append_with_payloads(
+        &self,
+        events: Vec<keel_core::NewEvent>,
+        payloads: Vec<bytes::Bytes>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError>;
+
     /// The events matching `query`, in ascending `seq`.
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError>;
 
@@ -197,6 +210,15 @@ pub trait EventStore: Send + Sync + 'static {
 impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     async fn append(&self, events: Vec<keel_core::NewEvent>) -> Result<Vec<Event>, StoreError> {
         (**self).append(events).await
+    }
+
+    async fn append_with_payloads(
+        &self,
+        events: Vec<keel_core::NewEvent>,
+        payloads: Vec<bytes::Bytes>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        (**self).append_with_payloads(events, payloads, owner).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {

@@ -35,7 +35,7 @@ mod writer;
 mod tests;
 
 use read::{BUSY_TIMEOUT, Readers};
-use writer::{Prepared, QUEUE_CAPACITY, Reply, Request, WriterStats};
+use writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, WriterStats};
 
 /// The SQLite [`EventStore`] and [`TaskStore`].
 ///
@@ -215,7 +215,28 @@ impl EventStore for SqliteStore {
         }
         // Canonicalise and hash here, in parallel with other callers, not in the writer.
         let events = Prepared::all(events);
-        self.submit(|reply| Request::Append(events, reply)).await
+        self.submit(|reply| Request::Append(events, Payloads::default(), reply))
+            .await
+    }
+
+    async fn append_with_payloads(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Vec<bytes::Bytes>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() && payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events = Prepared::all(events);
+        // Hash here, on the caller's thread, not in the single writer.
+        let blobs = payloads
+            .into_iter()
+            .map(|b| (crate::chain::blob_hash(&b), b))
+            .collect();
+        let payloads = Payloads { owner, blobs };
+        self.submit(|reply| Request::Append(events, payloads, reply))
+            .await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {

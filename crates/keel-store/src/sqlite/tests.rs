@@ -688,3 +688,51 @@ async fn data_is_stored_as_canonical_json() {
         .unwrap();
     assert_eq!(text, r#"{"a":{"c":2,"d":1},"b":1}"#);
 }
+
+#[tokio::test]
+async fn payloads_are_stored_once_and_pruned_with_their_task() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let prefix =
+        bytes::Bytes::from_static(b"{\"role\":\"system\",\"content\":\"a long shared prefix\"}");
+    for i in 0..5u64 {
+        let own = bytes::Bytes::from(format!("{{\"role\":\"user\",\"content\":\"turn {i}\"}}"));
+        store
+            .append_with_payloads(
+                vec![step("t1", i)],
+                vec![prefix.clone(), own],
+                Some("t1".into()),
+            )
+            .await
+            .unwrap();
+    }
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.blobs, 6, "the repeated prefix must be stored once");
+    let refs: i64 = Connection::open(dir.path().join("keel.db"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM task_blobs WHERE task_id = 't1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(refs, 6, "a repeated payload must not add a ref");
+    assert_eq!(
+        store.blob(&crate::blob_hash(&prefix)).await.unwrap(),
+        Some(prefix)
+    );
+    // Payloads without a task are kept; they are filed under no task.
+    store
+        .append_with_payloads(
+            vec![step("", 9)],
+            vec![bytes::Bytes::from_static(b"free")],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.stats().await.unwrap().blobs, 7);
+    assert!(matches!(
+        store.verify().await.unwrap(),
+        Verify::Intact { .. }
+    ));
+}

@@ -79,8 +79,8 @@ impl Prepared {
 
 /// One write call waiting for its commit.
 pub(crate) enum Request {
-    /// `EventStore::append`: the events, in order.
-    Append(Vec<Prepared>, Reply<Vec<Event>>),
+    /// `EventStore::append`: the events, in order, and payloads to store with them.
+    Append(Vec<Prepared>, Payloads, Reply<Vec<Event>>),
     /// `TaskStore::write_task`: the write (its `events` moved out) and its events.
     Task(Box<TaskWrite>, Vec<Prepared>, Reply<Vec<Event>>),
     /// `TaskStore::prune`.
@@ -91,7 +91,7 @@ impl Request {
     /// Weight of the request in a batch (events it appends; at least 1).
     fn weight(&self) -> usize {
         match self {
-            Self::Append(events, _) => events.len().max(1),
+            Self::Append(events, payloads, _) => (events.len() + payloads.blobs.len()).max(1),
             Self::Task(_, events, _) => events.len().max(1),
             Self::Prune(..) => 1,
         }
@@ -198,7 +198,7 @@ pub(crate) fn run(
 /// away; what was committed stays committed regardless.
 fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
     match request {
-        Request::Append(events, reply) | Request::Task(_, events, reply) => {
+        Request::Append(events, _, reply) | Request::Task(_, events, reply) => {
             let _ = reply.send(result.map(|done| {
                 match done {
                     Done::Events(links) => links
@@ -222,7 +222,7 @@ fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
 /// Sends a request of a failed batch its error.
 fn answer_err(request: Request, err: StoreError) {
     match request {
-        Request::Append(_, reply) | Request::Task(_, _, reply) => {
+        Request::Append(_, _, reply) | Request::Task(_, _, reply) => {
             let _ = reply.send(Err(err));
         }
         Request::Prune(_, reply) => {
@@ -285,9 +285,9 @@ fn write_batch(
         let saved = head.clone();
         tx.prepare_cached("SAVEPOINT request")?.execute([])?;
         let applied = match request {
-            Request::Append(events, _) => {
-                insert_events(&tx, events, &mut head, &stamp).map(Done::Events)
-            }
+            Request::Append(events, payloads, _) => insert_payloads(&tx, payloads)
+                .and_then(|()| insert_events(&tx, events, &mut head, &stamp))
+                .map(Done::Events),
             Request::Task(write, events, _) => {
                 write_task(&tx, write, events, &mut head, &stamp).map(Done::Events)
             }
@@ -321,6 +321,37 @@ fn write_batch(
 }
 
 /// Appends `events` after `head` (layout 2) and advances `head`.
+/// Content-addressed payloads of an append and the task that owns them.
+#[derive(Default)]
+pub(crate) struct Payloads {
+    /// The task the payloads belong to; `None` files them under the empty task id,
+    /// which retention never prunes.
+    pub(crate) owner: Option<String>,
+    /// `(blob_hash, bytes)` pairs.
+    pub(crate) blobs: Vec<(String, bytes::Bytes)>,
+}
+
+/// Stores payloads that are not stored yet and refers them to their owner.
+///
+/// Refs use seq 0, so a payload a task sends again (a conversation prefix
+/// repeated in every call) adds neither a blob nor a ref.
+fn insert_payloads(tx: &Connection, payloads: &Payloads) -> Result<(), Fail> {
+    if payloads.blobs.is_empty() {
+        return Ok(());
+    }
+    let owner = payloads.owner.as_deref().unwrap_or("");
+    let mut insert =
+        tx.prepare_cached("INSERT OR IGNORE INTO blobs (hash, size, bytes) VALUES (?1, ?2, ?3)")?;
+    let mut refer = tx.prepare_cached(
+        "INSERT OR IGNORE INTO task_blobs (task_id, kind, seq, hash) VALUES (?1, 'payload', 0, ?2)",
+    )?;
+    for (hash, bytes) in &payloads.blobs {
+        insert.execute(params![hash, bytes.len() as u64, bytes.as_ref()])?;
+        refer.execute(params![owner, hash])?;
+    }
+    Ok(())
+}
+
 fn insert_events(
     tx: &Connection,
     events: &[Prepared],

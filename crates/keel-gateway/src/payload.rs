@@ -1,0 +1,106 @@
+//! What of a model call's request and response the log keeps, content-addressed.
+//!
+//! A chat request's messages are stored one blob per message, linked into a
+//! chain of *conversation nodes* (`{"prev": node, "message": hash}`), so the
+//! conversation prefix an agent resends with every call is stored once: call
+//! n adds only its new messages and their nodes. The `llm_call` event names
+//! the last node (`request.conversation`), the other request members
+//! (`request.params`) and the answer (`response`), each by SHA-256.
+//!
+//! Messages are hashed as the exact text the client sent; SDKs serialize the
+//! same message the same way, so resent messages deduplicate.
+
+use bytes::Bytes;
+use keel_store::blob_hash;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::body::RawObject;
+
+/// A request's payloads and the summary the `llm_call` event carries.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// `{"conversation", "messages", "params"}` for the event.
+    pub summary: Value,
+    /// Blobs to store with the event.
+    pub blobs: Vec<Bytes>,
+}
+
+/// Splits a request body into content-addressed payloads.
+pub fn request(body: &RawObject) -> Recorded {
+    let mut blobs = Vec::new();
+    let mut conversation: Option<String> = None;
+    let mut count = 0usize;
+    let messages = body
+        .get("messages")
+        .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok())
+        .unwrap_or_default();
+    for message in messages {
+        let bytes = Bytes::copy_from_slice(message.get().as_bytes());
+        let message_hash = blob_hash(&bytes);
+        let node = json!({"prev": conversation, "message": message_hash}).to_string();
+        let node = Bytes::from(node);
+        conversation = Some(blob_hash(&node));
+        blobs.push(bytes);
+        blobs.push(node);
+        count += 1;
+    }
+    let params = body.without("messages");
+    let params_hash = blob_hash(&params);
+    blobs.push(params);
+    Recorded {
+        summary: json!({"conversation": conversation, "messages": count, "params": params_hash}),
+        blobs,
+    }
+}
+
+/// The hash of a response body, and the body as a blob.
+pub fn response(body: Bytes) -> (String, Bytes) {
+    (blob_hash(&body), body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(n: usize) -> RawObject {
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("turn {i}")}))
+            .collect();
+        let text = json!({"model": "smart", "temperature": 0.2, "messages": messages}).to_string();
+        RawObject::parse(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_resent_prefix_yields_the_same_blobs() {
+        let first = request(&body(3));
+        let second = request(&body(5));
+        // Every blob of the shorter conversation is among the longer one's.
+        for blob in &first.blobs {
+            assert!(second.blobs.contains(blob));
+        }
+        assert_eq!(second.summary["messages"], 5);
+        assert_eq!(first.summary["params"], second.summary["params"]);
+        assert_ne!(
+            first.summary["conversation"],
+            second.summary["conversation"]
+        );
+    }
+
+    #[test]
+    fn the_chain_leads_back_to_every_message() {
+        let rec = request(&body(2));
+        let by_hash: std::collections::HashMap<String, &Bytes> =
+            rec.blobs.iter().map(|b| (blob_hash(b), b)).collect();
+        let mut node = rec.summary["conversation"].as_str().map(str::to_owned);
+        let mut contents = Vec::new();
+        while let Some(h) = node {
+            let n: Value = serde_json::from_slice(by_hash[&h]).unwrap();
+            let message: Value =
+                serde_json::from_slice(by_hash[n["message"].as_str().unwrap()]).unwrap();
+            contents.push(message["content"].as_str().unwrap().to_owned());
+            node = n["prev"].as_str().map(str::to_owned);
+        }
+        assert_eq!(contents, ["turn 1", "turn 0"]);
+    }
+}
