@@ -82,6 +82,14 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
         .collect();
     SupervisorSettings {
         agents,
+        max_checkpoint_bytes: settings.store.max_checkpoint_bytes,
+        retention: settings.store.retention,
+        keep_checkpoints: settings.store.keep_checkpoints,
+        admin_token: settings
+            .server
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose().to_owned()),
         ..SupervisorSettings::default()
     }
 }

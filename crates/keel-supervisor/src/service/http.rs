@@ -48,6 +48,34 @@ pub fn router(supervisor: Arc<Supervisor>) -> Router {
         .with_state(supervisor)
 }
 
+/// Operator calls need `Authorization: Bearer <admin token>` when
+/// `server.admin_token_env` is configured.
+fn admin(sv: &Supervisor, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = sv.admin_token() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "this operator call needs the admin token: send 'Authorization: Bearer <token>' (the CLI reads KEEL_ADMIN_TOKEN)",
+        ))
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     if body.is_empty() {
         return serde_json::from_slice(b"{}")
@@ -151,7 +179,10 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-async fn list(State(sv): Sv, Query(q): Query<ListQuery>) -> Response {
+async fn list(State(sv): Sv, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    if let Err(e) = admin(&sv, &headers) {
+        return e.into_response();
+    }
     page(&sv, q.state, q.agent, q.limit, q.cursor).await
 }
 
@@ -184,7 +215,10 @@ async fn page(
     }
 }
 
-async fn show(State(sv): Sv, Path(id): Path<String>) -> Response {
+async fn show(State(sv): Sv, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(e) = admin(&sv, &headers) {
+        return e.into_response();
+    }
     match sv.get(&id).await {
         Ok(task) => axum::Json(public(&task)).into_response(),
         Err(e) => e.into_response(),
@@ -192,7 +226,10 @@ async fn show(State(sv): Sv, Path(id): Path<String>) -> Response {
 }
 
 /// The task's log as NDJSON, one event per line, oldest first.
-async fn events(State(sv): Sv, Path(id): Path<String>) -> Response {
+async fn events(State(sv): Sv, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(e) = admin(&sv, &headers) {
+        return e.into_response();
+    }
     if let Err(e) = sv.get(&id).await {
         return e.into_response();
     }
@@ -448,6 +485,7 @@ async fn requeue(
     let scope = format!("POST /v1/tasks/{id}/requeue");
     answer(
         async {
+            admin(&sv, &headers)?;
             let b: ReasonBody = parse(&body)?;
             sv.run(
                 &id,
@@ -471,6 +509,7 @@ async fn cancel(
     let scope = format!("POST /v1/tasks/{id}/cancel");
     answer(
         async {
+            admin(&sv, &headers)?;
             let b: ReasonBody = parse(&body)?;
             sv.run(
                 &id,
@@ -538,7 +577,10 @@ async fn awaiting(sv: &Supervisor) -> Result<Vec<crate::task::Task>, ApiError> {
         .collect())
 }
 
-async fn approvals(State(sv): Sv) -> Response {
+async fn approvals(State(sv): Sv, headers: HeaderMap) -> Response {
+    if let Err(e) = admin(&sv, &headers) {
+        return e.into_response();
+    }
     match awaiting(&sv).await {
         Ok(tasks) => {
             let list: Vec<Value> = tasks
@@ -575,6 +617,7 @@ async fn decide_approval(
     let scope = format!("POST /v1/approvals/{id}");
     answer(
         async {
+            admin(&sv, &headers)?;
             let b: DecisionBody = parse(&body)?;
             let tasks = awaiting(&sv).await?;
             let Some(task) = tasks
@@ -604,7 +647,10 @@ async fn decide_approval(
     )
 }
 
-async fn dlq(State(sv): Sv, Query(q): Query<ListQuery>) -> Response {
+async fn dlq(State(sv): Sv, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    if let Err(e) = admin(&sv, &headers) {
+        return e.into_response();
+    }
     page(
         &sv,
         Some(TaskState::Dead.as_str().to_owned()),
@@ -631,6 +677,7 @@ async fn dlq_requeue(
     let scope = format!("POST /v1/dlq/{id}/requeue");
     answer(
         async {
+            admin(&sv, &headers)?;
             let b: ByBody = parse(&body)?;
             let command = Command::DlqRequeue {
                 by: b.by.unwrap_or_else(|| "operator".to_owned()),
@@ -651,6 +698,7 @@ async fn dlq_discard(
     let scope = format!("POST /v1/dlq/{id}/discard");
     answer(
         async {
+            admin(&sv, &headers)?;
             let b: ByBody = parse(&body)?;
             let command = Command::DlqDiscard {
                 by: b.by.unwrap_or_else(|| "operator".to_owned()),
@@ -663,7 +711,10 @@ async fn dlq_discard(
     )
 }
 
-async fn audit_verify(State(sv): Sv) -> Response {
+async fn audit_verify(State(sv): Sv, headers: HeaderMap) -> Response {
+    if let Err(e) = admin(&sv, &headers) {
+        return e.into_response();
+    }
     match sv.store().verify().await {
         Ok(keel_store::Verify::Intact { events }) => {
             axum::Json(json!({"intact": true, "events": events})).into_response()

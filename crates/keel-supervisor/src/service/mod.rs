@@ -62,6 +62,8 @@ pub struct SupervisorSettings {
     pub retention: Option<Duration>,
     /// Checkpoints kept per task (`None`: all).
     pub keep_checkpoints: Option<usize>,
+    /// The admin token operator calls must carry (`None`: operator calls are open).
+    pub admin_token: Option<String>,
 }
 
 impl Default for SupervisorSettings {
@@ -72,6 +74,7 @@ impl Default for SupervisorSettings {
             max_checkpoint_bytes: 1 << 20,
             retention: None,
             keep_checkpoints: None,
+            admin_token: None,
         }
     }
 }
@@ -195,6 +198,11 @@ impl Supervisor {
             .get(agent)
             .copied()
             .unwrap_or(self.settings.default_limits)
+    }
+
+    /// The admin token, when one is configured.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.settings.admin_token.as_deref()
     }
 
     /// Largest checkpoint accepted.

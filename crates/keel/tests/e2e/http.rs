@@ -145,7 +145,9 @@ async fn a_long_conversation_is_stored_once_not_once_per_call() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
     let client = reqwest::Client::new();
-    let mut messages = vec![serde_json::json!({"role": "system", "content": "You are a careful support agent. ".repeat(20)})];
+    let mut messages = vec![
+        serde_json::json!({"role": "system", "content": "You are a careful support agent. ".repeat(20)}),
+    ];
     let mut sent = 0usize;
     for turn in 0..50 {
         messages.push(serde_json::json!({"role": "user", "content": format!("question {turn}: {}", "details ".repeat(40))}));
@@ -170,13 +172,22 @@ async fn a_long_conversation_is_stored_once_not_once_per_call() {
         )
         .unwrap();
     let event_bytes: i64 = db
-        .query_row("SELECT coalesce(sum(length(data)), 0) FROM events WHERE task_id = 'conv-1'", [], |r| r.get(0))
+        .query_row(
+            "SELECT coalesce(sum(length(data)), 0) FROM events WHERE task_id = 'conv-1'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     let stored = usize::try_from(blob_bytes + event_bytes).unwrap();
     let per_call = stored / 50;
-    println!("50-call conversation: {sent} request bytes sent, {stored} bytes stored ({per_call} per call)");
+    println!(
+        "50-call conversation: {sent} request bytes sent, {stored} bytes stored ({per_call} per call)"
+    );
     assert!(per_call < 4096, "{per_call} bytes stored per call");
-    assert!(sent > stored * 5, "sent {sent}, stored {stored}: the history is not deduplicated");
+    assert!(
+        sent > stored * 5,
+        "sent {sent}, stored {stored}: the history is not deduplicated"
+    );
     // The last call names its conversation, and every node of it is stored.
     let last: String = db
         .query_row("SELECT data FROM events WHERE task_id = 'conv-1' AND kind = 'llm_call' ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
@@ -186,10 +197,17 @@ async fn a_long_conversation_is_stored_once_not_once_per_call() {
     let mut node = last["request"]["conversation"].as_str().map(str::to_owned);
     let mut walked = 0;
     while let Some(hash) = node {
-        let bytes: Vec<u8> = db.query_row("SELECT bytes FROM blobs WHERE hash = ?1", [&hash], |r| r.get(0)).unwrap();
+        let bytes: Vec<u8> = db
+            .query_row("SELECT bytes FROM blobs WHERE hash = ?1", [&hash], |r| {
+                r.get(0)
+            })
+            .unwrap();
         let n: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         node = n["prev"].as_str().map(str::to_owned);
         walked += 1;
     }
-    assert_eq!(walked, 100, "the conversation chain must lead back to the first message");
+    assert_eq!(
+        walked, 100,
+        "the conversation chain must lead back to the first message"
+    );
 }

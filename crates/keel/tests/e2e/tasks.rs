@@ -142,6 +142,16 @@ async fn a_crashed_worker_s_task_resumes_from_its_checkpoint() {
     ] {
         assert!(text.contains(kind), "missing {kind} in:\n{text}");
     }
+    let metrics = reqwest::get(format!("{}/metrics", keel.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_tasks_total{agent=\"demo\",outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
     let ls = keel_cli(&keel.url, &["tasks", "ls", "--json"]);
     let listed: Value = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(listed["tasks"][0]["id"], id.as_str());
@@ -551,5 +561,73 @@ async fn a_thousand_tasks_survive_worker_and_keel_kill_9() {
         verify.status.success(),
         "{}",
         String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_calls_need_the_admin_token_when_one_is_configured() {
+    let sim = sim().await;
+    let config = config("127.0.0.1:0")
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nadmin_token_env = \"KEEL_TEST_ADMIN_TOKEN\"",
+        )
+        .replace("[store]\n", "[store]\nmax_checkpoint_bytes = 1000\n");
+    let keel = Keel::start(&config, &sim).await;
+    let url = &keel.url;
+    // Workers need no admin token.
+    let id = create(url, "demo").await;
+    let (status, err) = get(url, "/v1/tasks").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("KEEL_ADMIN_TOKEN"),
+        "{err}"
+    );
+    let (status, _) = post(url, &format!("/v1/tasks/{id}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/tasks/{id}"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let denied = keel_cli(url, &["tasks", "ls"]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("admin token"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let allowed = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["tasks", "ls", "--server", url])
+        .env("KEEL_ADMIN_TOKEN", "admin-secret")
+        .output()
+        .unwrap();
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&allowed.stdout).contains(&id));
+    // The configured checkpoint limit applies.
+    let task = claim(url, "demo").await;
+    let token = task["lease_token"].as_str().unwrap();
+    let (status, err) = post(
+        url,
+        &format!("/v1/tasks/{id}/checkpoints"),
+        json!({"lease_token": token, "state": "x".repeat(2000)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000 bytes"),
+        "{err}"
     );
 }
