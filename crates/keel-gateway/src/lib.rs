@@ -9,6 +9,7 @@
 pub mod agents;
 pub mod body;
 pub mod error;
+mod finish;
 mod http;
 pub mod metrics;
 pub mod payload;

@@ -1,0 +1,522 @@
+//! Finishing a call after the route executor answered: the response with
+//! keel's headers, the `llm_call` event with the call's payloads, metrics, and
+//! for streams the pump that forwards chunks and ends a broken stream with an
+//! error event instead of a silent truncation.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use keel_core::{EventKind, NewEvent};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::{ApiError, UpstreamError};
+use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel, TokenLabels};
+use crate::provider::{ChunkStream, Endpoint};
+use crate::route::{CallLog, Route, Target};
+use crate::usage::{Usage, usage_of};
+use crate::{Gateway, payload};
+
+pub(crate) fn count_request(gw: &Gateway, route: &Route, target: &str, outcome: &str) {
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.name.clone(),
+            target: target.to_owned(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+}
+
+/// What is needed to finish a call after the executor answered.
+pub(crate) struct Finish {
+    pub(crate) gw: Arc<Gateway>,
+    pub(crate) route_name: String,
+    pub(crate) started: Instant,
+    pub(crate) stream: bool,
+    /// The request's payload summary and blobs (empty when payloads are not recorded).
+    pub(crate) recorded: payload::Recorded,
+}
+
+impl Finish {
+    fn llm_call(
+        &self,
+        log: &CallLog,
+        target: &str,
+        outcome: &str,
+        fallback: bool,
+        usage: Option<Usage>,
+        response: Option<&Bytes>,
+    ) -> NewEvent {
+        let latency = self.started.elapsed();
+        let recording = self.gw.record_payloads;
+        let response = response
+            .filter(|_| recording)
+            .map(|b| keel_store::blob_hash(b));
+        NewEvent::new(
+            EventKind::LlmCall,
+            log.who.task.clone(),
+            json!({
+                "route": self.route_name,
+                "target": target,
+                "agent": log.who.agent,
+                "step": log.who.step,
+                "attempts": log.attempts,
+                "fallback": fallback,
+                "outcome": outcome,
+                "stream": self.stream,
+                "latency_ms": latency.as_millis() as u64,
+                "usage": usage.map(|u| json!({
+                    "prompt_tokens": u.prompt_tokens,
+                    "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.total_tokens,
+                })),
+                "request": recording.then(|| self.recorded.summary.clone()),
+                "response": response,
+            }),
+        )
+    }
+
+    /// Appends the call's events with the request's payloads and `response`.
+    async fn record(&self, events: Vec<NewEvent>, response: Option<Bytes>, task: Option<String>) {
+        if !self.gw.record_payloads {
+            return self.gw.append(events).await;
+        }
+        let mut blobs = self.recorded.blobs.clone();
+        blobs.extend(response);
+        self.gw.append_with(events, blobs, task).await;
+    }
+
+    fn observe(&self, usage: Option<Usage>, agent: &str) {
+        let m = &self.gw.metrics;
+        m.request_duration
+            .get_or_create(&RouteLabel {
+                route: self.route_name.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        let Some(u) = usage else { return };
+        for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
+            m.token_usage
+                .get_or_create(&TokenLabels {
+                    gen_ai_token_type: kind.to_owned(),
+                    route: self.route_name.clone(),
+                })
+                .observe(n as f64);
+        }
+        let total = if u.total_tokens > 0 {
+            u.total_tokens
+        } else {
+            u.prompt_tokens + u.completion_tokens
+        };
+        if let Some(left) = self.gw.agents.spend(agent, total, self.gw.clock.now()) {
+            m.budget_remaining
+                .get_or_create(&BudgetLabels {
+                    agent: agent.to_owned(),
+                    unit: "tokens".to_owned(),
+                })
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn count_fallback(&self, fallback: bool) {
+        if fallback {
+            self.gw
+                .metrics
+                .fallbacks
+                .get_or_create(&RouteLabel {
+                    route: self.route_name.clone(),
+                })
+                .inc();
+        }
+    }
+
+    pub(crate) async fn json(
+        self,
+        route: &Route,
+        mut log: CallLog,
+        target: &Target,
+        body: Bytes,
+        usage: Option<Usage>,
+        fallback: bool,
+    ) -> Response {
+        let event = self.llm_call(&log, &target.id, "ok", fallback, usage, Some(&body));
+        log.events.push(event);
+        self.record(
+            std::mem::take(&mut log.events),
+            Some(body.clone()),
+            log.who.task.clone(),
+        )
+        .await;
+        count_request(&self.gw, route, &target.id, "ok");
+        self.count_fallback(fallback);
+        self.observe(usage, &log.who.agent);
+        let mut response = Response::new(Body::from(body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        keel_headers(&mut response, &target.id, log.attempts, fallback, false);
+        response
+    }
+
+    /// Streams the rest of the upstream's chunks; retries are over once this is called.
+    pub(crate) fn stream(
+        self,
+        mut log: CallLog,
+        target: Arc<Target>,
+        first: Bytes,
+        rest: ChunkStream,
+        fallback: bool,
+    ) -> Response {
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let attempts = log.attempts;
+        let idle = self
+            .gw
+            .routes
+            .get(&self.route_name)
+            .map_or(Duration::from_secs(15), |r| r.timeouts.idle);
+        let total = self
+            .gw
+            .routes
+            .get(&self.route_name)
+            .map_or(Duration::from_secs(120), |r| r.timeouts.total);
+        let deadline = self.started + total;
+        let gw = Arc::clone(&self.gw);
+        let target_id = target.id.clone();
+        gw.tasks.spawn(async move {
+            let mut transcript = self.gw.record_payloads.then(Vec::new);
+            let (outcome, usage) = pump(
+                first,
+                rest,
+                &tx,
+                idle,
+                deadline,
+                &target_id,
+                transcript.as_mut(),
+            )
+            .await;
+            let transcript = transcript.map(Bytes::from);
+            let event = self.llm_call(
+                &log,
+                &target_id,
+                outcome,
+                fallback,
+                usage,
+                transcript.as_ref(),
+            );
+            log.events.push(event);
+            self.record(
+                std::mem::take(&mut log.events),
+                transcript,
+                log.who.task.clone(),
+            )
+            .await;
+            let metric_outcome = if outcome == "ok" {
+                "ok"
+            } else {
+                "stream_error"
+            };
+            if let Some(route) = self.gw.routes.get(&self.route_name) {
+                count_request(&self.gw, route, &target_id, metric_outcome);
+            }
+            if outcome != "ok" {
+                self.gw
+                    .metrics
+                    .stream_errors
+                    .get_or_create(&RouteLabel {
+                        route: self.route_name.clone(),
+                    })
+                    .inc();
+            }
+            self.count_fallback(fallback);
+            self.observe(usage, &log.who.agent);
+            // `[DONE]` only after the call is recorded: a client that saw the
+            // end of the stream can find its `llm_call`.
+            if outcome == "ok" {
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            }
+        });
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+        });
+        let mut response = Response::new(Body::from_stream(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        keel_headers(&mut response, &target.id, attempts, fallback, false);
+        response
+    }
+
+    pub(crate) async fn exhausted(
+        self,
+        route: &Route,
+        endpoint: Endpoint,
+        mut log: CallLog,
+        last: Option<UpstreamError>,
+        timed_out: bool,
+    ) -> Result<Response, ApiError> {
+        let why = last.as_ref().map_or_else(
+            || "every target's circuit is open".to_owned(),
+            ToString::to_string,
+        );
+        let degraded = match (&route.degraded_reply, endpoint) {
+            (Some(reply), Endpoint::ChatCompletions) => Some(reply.clone()),
+            _ => None,
+        };
+        let Some(reply) = degraded else {
+            let event = self.llm_call(
+                &log,
+                "none",
+                if timed_out { "timeout" } else { "unavailable" },
+                false,
+                None,
+                None,
+            );
+            log.events.push(event);
+            self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+                .await;
+            count_request(&self.gw, route, "none", "error");
+            self.observe(None, &log.who.agent);
+            let message = format!("route {:?} could not be served: {why}", route.name);
+            let mut err = if timed_out {
+                ApiError::timeout(message)
+            } else {
+                ApiError::unavailable(message)
+            };
+            if let Some(UpstreamError::Status {
+                retry_after: Some(after),
+                ..
+            }) = &last
+            {
+                err.retry_after = Some(after.as_secs().max(1));
+            }
+            return Err(err);
+        };
+        log.push(
+            EventKind::DegradedReply,
+            json!({"route": route.name, "agent": log.who.agent, "reason": why}),
+        );
+        let event = self.llm_call(&log, "degraded", "degraded", false, None, None);
+        log.events.push(event);
+        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+            .await;
+        count_request(&self.gw, route, "none", "degraded");
+        self.gw
+            .metrics
+            .degraded
+            .get_or_create(&RouteLabel {
+                route: route.name.clone(),
+            })
+            .inc();
+        self.observe(None, &log.who.agent);
+        let mut response = if self.stream {
+            let chunks = degraded_chunks(&route.name, &reply);
+            let mut r = Response::new(Body::from(chunks));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            r
+        } else {
+            axum::Json(degraded_completion(&route.name, &reply)).into_response()
+        };
+        keel_headers(&mut response, "degraded", log.attempts, false, true);
+        Ok(response)
+    }
+
+    /// A fatal upstream error goes back to the client as the upstream said it.
+    pub(crate) async fn fatal(
+        self,
+        route: &Route,
+        mut log: CallLog,
+        error: UpstreamError,
+    ) -> Response {
+        let target = target_of(&error);
+        let upstream_body = match &error {
+            UpstreamError::Status { body, .. } => Some(body.clone()),
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Malformed { .. }
+            | UpstreamError::StreamCut { .. }
+            | UpstreamError::BreakerOpen { .. } => None,
+        };
+        let event = self.llm_call(&log, &target, "fatal", false, None, upstream_body.as_ref());
+        log.events.push(event);
+        self.record(
+            std::mem::take(&mut log.events),
+            upstream_body,
+            log.who.task.clone(),
+        )
+        .await;
+        count_request(&self.gw, route, &target, "error");
+        self.observe(None, &log.who.agent);
+        let mut response = match error {
+            UpstreamError::Status { status, body, .. } => {
+                let mut r = Response::new(Body::from(body));
+                *r.status_mut() = status;
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            other => {
+                let mut err = ApiError::unavailable(other.to_string());
+                err.status = StatusCode::BAD_GATEWAY;
+                err.into_response()
+            }
+        };
+        keel_headers(&mut response, &target, log.attempts, false, false);
+        response
+    }
+}
+
+fn target_of(error: &UpstreamError) -> String {
+    match error {
+        UpstreamError::Connect { target, .. }
+        | UpstreamError::Timeout { target, .. }
+        | UpstreamError::Status { target, .. }
+        | UpstreamError::Malformed { target, .. }
+        | UpstreamError::StreamCut { target }
+        | UpstreamError::BreakerOpen { target } => target.clone(),
+    }
+}
+
+/// Forwards chunks to the client until the upstream ends, fails, goes idle, or
+/// the client leaves. Returns the outcome (`ok`, `stream_error`, `client_gone`) and usage.
+async fn pump(
+    first: Bytes,
+    mut rest: ChunkStream,
+    tx: &mpsc::Sender<Bytes>,
+    idle: Duration,
+    deadline: Instant,
+    target: &str,
+    mut transcript: Option<&mut Vec<u8>>,
+) -> (&'static str, Option<Usage>) {
+    let mut usage = usage_of(&first).ok().flatten();
+    // The transcript is the chunks' data, one per line: what the client received.
+    let mut keep = |chunk: &[u8]| {
+        if let Some(t) = transcript.as_deref_mut() {
+            t.extend_from_slice(chunk);
+            t.push(b'\n');
+        }
+    };
+    keep(&first);
+    if tx.send(sse_frame(&first)).await.is_err() {
+        return ("client_gone", usage);
+    }
+    loop {
+        let wait_until = deadline.min(Instant::now() + idle);
+        let next = tokio::time::timeout_at(wait_until, rest.next()).await;
+        let failure = match next {
+            Ok(Some(Ok(chunk))) => {
+                keep(&chunk);
+                if let Ok(Some(u)) = usage_of(&chunk) {
+                    usage = Some(u);
+                }
+                if tx.send(sse_frame(&chunk)).await.is_err() {
+                    // Dropping `rest` closes the upstream connection: the client left.
+                    return ("client_gone", usage);
+                }
+                continue;
+            }
+            Ok(None) => return ("ok", usage),
+            Ok(Some(Err(e))) => e.to_string(),
+            Err(_) if wait_until == deadline => {
+                format!("stream from {target} exceeded the total deadline")
+            }
+            Err(_) => format!(
+                "stream from {target} was silent for longer than the idle timeout of {idle:?}"
+            ),
+        };
+        tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
+        let error = json!({"error": {
+            "message": format!("upstream stream failed after it started: {failure}"),
+            "type": "api_error",
+            "code": "stream_interrupted",
+            "param": null,
+        }});
+        let _ = tx.send(sse_frame(error.to_string().as_bytes())).await;
+        return ("stream_error", usage);
+    }
+}
+
+fn sse_frame(data: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(data.len() + 8);
+    frame.extend_from_slice(b"data: ");
+    frame.extend_from_slice(data);
+    frame.extend_from_slice(b"\n\n");
+    Bytes::from(frame)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn degraded_completion(route: &str, reply: &str) -> Value {
+    json!({
+        "id": format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple()),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": route,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": reply},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    })
+}
+
+fn degraded_chunks(route: &str, reply: &str) -> Bytes {
+    let id = format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": route,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let mut out = Vec::new();
+    for c in [
+        chunk(json!({"role": "assistant", "content": reply}), Value::Null),
+        chunk(json!({}), json!("stop")),
+    ] {
+        out.extend_from_slice(&sse_frame(c.to_string().as_bytes()));
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    Bytes::from(out)
+}
+
+pub(crate) fn keel_headers(
+    response: &mut Response,
+    target: &str,
+    attempts: u32,
+    fallback: bool,
+    degraded: bool,
+) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(target) {
+        headers.insert("x-keel-target", v);
+    }
+    headers.insert("x-keel-attempts", HeaderValue::from(attempts));
+    headers.insert(
+        "x-keel-fallback",
+        HeaderValue::from_static(if fallback { "true" } else { "false" }),
+    );
+    headers.insert(
+        "x-keel-degraded",
+        HeaderValue::from_static(if degraded { "true" } else { "false" }),
+    );
+}
