@@ -3,9 +3,10 @@
 //! ratio, command}`, where `ratio = value / baseline`.
 //!
 //! Parts, each selectable by name: `backoff` (retry backoff under contention, beside the figures
-//! of the AWS Architecture Blog article "Exponential Backoff And Jitter") and `gateway` (the
+//! of the AWS Architecture Blog article "Exponential Backoff And Jitter"), `gateway` (the
 //! latency, throughput and memory keel adds in front of a simulated model server, see
-//! [`crate::gateway_overhead`]). A run replaces the entries of the parts it ran and keeps the
+//! [`crate::gateway_overhead`]) and `store` (durable appends beside the disk's fsync rate, and
+//! reopening a large store, see [`crate::bench_store`]). A run replaces the entries of the parts it ran and keeps the
 //! others, so `cargo xtask bench backoff` does not erase the gateway figures.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff_sim::{self, ContentionRow};
+use crate::bench_store::{self, StoreBenchConfig};
 use crate::gateway_overhead;
 use crate::process::workspace_root;
 
@@ -29,6 +31,8 @@ pub enum BenchPart {
     Backoff,
     /// keel's overhead over a direct call to the simulated model server.
     Gateway,
+    /// The event store: durable append throughput and latency, and recovery time.
+    Store,
 }
 
 impl BenchPart {
@@ -37,6 +41,7 @@ impl BenchPart {
         match self {
             BenchPart::Backoff => "backoff",
             BenchPart::Gateway => "gateway",
+            BenchPart::Store => "store",
         }
     }
 
@@ -45,7 +50,8 @@ impl BenchPart {
         match name {
             "backoff" => Ok(BenchPart::Backoff),
             "gateway" => Ok(BenchPart::Gateway),
-            other => bail!("unknown benchmark `{other}` (benchmarks: backoff, gateway)"),
+            "store" => Ok(BenchPart::Store),
+            other => bail!("unknown benchmark `{other}` (benchmarks: backoff, gateway, store)"),
         }
     }
 
@@ -54,6 +60,7 @@ impl BenchPart {
         match self {
             BenchPart::Backoff => "backoff_contention/",
             BenchPart::Gateway => "gateway_overhead/",
+            BenchPart::Store => "store/",
         }
     }
 }
@@ -67,14 +74,17 @@ pub struct BenchArgs {
     pub seed: u64,
     /// How long each gateway load phase lasts.
     pub duration: Duration,
+    /// Events in the store benchmark's recovery store.
+    pub store_events: u64,
 }
 
 impl Default for BenchArgs {
     fn default() -> Self {
         BenchArgs {
-            parts: vec![BenchPart::Backoff, BenchPart::Gateway],
+            parts: vec![BenchPart::Backoff, BenchPart::Gateway, BenchPart::Store],
             seed: 42,
             duration: Duration::from_secs(10),
+            store_events: bench_store::DEFAULT_EVENTS,
         }
     }
 }
@@ -133,6 +143,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let outcome = match part {
             BenchPart::Backoff => Ok(backoff(args.seed)),
             BenchPart::Gateway => gateway_overhead::run(&root, args.duration),
+            BenchPart::Store => bench_store::run(&root, &StoreBenchConfig::new(args.store_events)),
         };
         match outcome {
             Ok(entries) => {

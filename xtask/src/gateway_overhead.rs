@@ -76,6 +76,9 @@ fn build_keel(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(Path::new(target_dir).join("release").join("keel"))
 }
 
+/// Calls in the conversation whose storage cost is measured.
+const CONVERSATION_CALLS: usize = 50;
+
 async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> {
     let sim = start_sim().await?;
     let dir = tempfile::tempdir().context("creating a temp dir")?;
@@ -120,6 +123,14 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
     )
     .await?;
     let peak_rss_mib = keel.peak_rss_kib()? as f64 / 1024.0;
+    let conversation = crate::conversation::measure(
+        &keel.base_url,
+        ROUTE,
+        &dir.path().join("keel.db"),
+        "bench-conversation",
+        CONVERSATION_CALLS,
+    )
+    .await?;
     keel.stop().await;
     drop(sim);
 
@@ -130,6 +141,12 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
         (sat_name.as_str(), &direct_sat, &keel_sat),
     ]);
     println!("    keel peak RSS (VmHWM): {peak_rss_mib:.1} MiB");
+    let sent_per_call = conversation.sent as f64 / conversation.calls as f64;
+    let stored_per_call = conversation.stored as f64 / conversation.calls as f64;
+    println!(
+        "    {}-call conversation: {sent_per_call:.0} bytes sent per call, {stored_per_call:.0} bytes stored per call (events and payloads)",
+        conversation.calls
+    );
 
     let command = format!(
         "cargo xtask bench gateway --duration {}",
@@ -143,6 +160,14 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
         keel_sat.throughput,
         "req/s",
         Some(direct_sat.throughput),
+        &command,
+    ));
+    entries.push(BenchResult::new(
+        format!("gateway_overhead/conversation_{CONVERSATION_CALLS}_calls"),
+        "bytes_stored_per_call",
+        stored_per_call,
+        "bytes",
+        Some(sent_per_call),
         &command,
     ));
     entries.push(BenchResult::new(
@@ -268,6 +293,7 @@ fn write_config(dir: &Path, sim_base_url: &str) -> anyhow::Result<PathBuf> {
          [store]\n\
          url = {store}\n\
          durability = \"{durability}\"\n\
+         record_payloads = {record}\n\
          \n\
          [providers.sim]\n\
          kind = \"openai\"\n\
@@ -283,6 +309,7 @@ fn write_config(dir: &Path, sim_base_url: &str) -> anyhow::Result<PathBuf> {
          budget = {{ tokens_per_hour = 1000000000000 }}\n",
         store = toml_string(&format!("sqlite://{}", db.display())),
         durability = std::env::var("KEEL_BENCH_DURABILITY").unwrap_or_else(|_| "fsync".to_owned()),
+        record = std::env::var("KEEL_BENCH_RECORD_PAYLOADS").unwrap_or_else(|_| "true".to_owned()),
         sim = toml_string(sim_base_url),
     );
     let path = dir.join("keel.toml");

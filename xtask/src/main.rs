@@ -15,6 +15,8 @@
 mod backoff_sim;
 mod bench_cmd;
 mod bench_gateway;
+mod bench_store;
+mod conversation;
 mod gateway_overhead;
 mod install;
 mod process;
@@ -35,8 +37,9 @@ commands:
   test   [--skip STEP]... [--only STEP]...
          install test tools, then run the CI gate in order:
          install, fmt, clippy, doc, doctest, nextest
-  bench  [backoff] [gateway] [--seed N] [--duration SECS]
-         run the benchmarks (default: all) and write bench/results.json
+  bench  [backoff] [gateway] [store] [--seed N] [--duration SECS] [--events N]
+         run the benchmarks (default: all) and write bench/results.json;
+         --events: size of the store benchmark's recovery store (default 1000000)
   help   print this text";
 
 /// A parsed command line.
@@ -145,6 +148,17 @@ fn parse_bench(args: &[String]) -> anyhow::Result<BenchArgs> {
                 }
                 parsed.duration = Duration::from_secs(secs);
             }
+            "--events" => {
+                let value = args.next().context("--events needs a number")?;
+                let events: u64 = value.parse().with_context(|| format!("--events {value}"))?;
+                if events < bench_store::EVENTS_PER_TASK {
+                    bail!(
+                        "--events must be at least {} (one task)",
+                        bench_store::EVENTS_PER_TASK
+                    );
+                }
+                parsed.store_events = events;
+            }
             name => parts.push(BenchPart::from_name(name)?),
         }
     }
@@ -187,7 +201,27 @@ mod tests {
             panic!("not a bench command");
         };
         assert_eq!(parsed, BenchArgs::default());
-        assert_eq!(parsed.parts, vec![BenchPart::Backoff, BenchPart::Gateway]);
+        assert_eq!(
+            parsed.parts,
+            vec![BenchPart::Backoff, BenchPart::Gateway, BenchPart::Store]
+        );
+        assert_eq!(parsed.store_events, 1_000_000);
+    }
+
+    #[test]
+    fn bench_store_takes_an_event_count() {
+        let Cli::Bench(parsed) = parse(&args("bench store --events 200000")).unwrap() else {
+            panic!("not a bench command");
+        };
+        assert_eq!(parsed.parts, vec![BenchPart::Store]);
+        assert_eq!(parsed.store_events, 200_000);
+    }
+
+    #[test]
+    fn bench_rejects_a_store_smaller_than_one_task() {
+        assert!(parse(&args("bench store --events 9")).is_err());
+        assert!(parse(&args("bench store --events lots")).is_err());
+        assert!(parse(&args("bench store --events")).is_err());
     }
 
     #[test]

@@ -44,6 +44,16 @@ pub(crate) struct Finish {
     pub(crate) recorded: payload::Recorded,
 }
 
+/// How a call's answer is kept with its `llm_call`.
+pub(crate) enum Recorded<'a> {
+    /// In the event (a JSON body).
+    Inline(&'a Bytes),
+    /// As a content-addressed blob named in the event (a stream's chunks).
+    Blob(&'a Bytes),
+    /// Not kept.
+    Nothing,
+}
+
 impl Finish {
     fn llm_call(
         &self,
@@ -52,13 +62,20 @@ impl Finish {
         outcome: &str,
         fallback: bool,
         usage: Option<Usage>,
-        response: Option<&Bytes>,
+        response: Recorded<'_>,
     ) -> NewEvent {
         let latency = self.started.elapsed();
         let recording = self.gw.record_payloads;
-        let response = response
-            .filter(|_| recording)
-            .map(|b| keel_store::blob_hash(b));
+        // A JSON answer goes into the event itself: answers are almost never
+        // repeated, so content-addressing them would only scatter writes.
+        // Streams are stored as a blob of their chunks, named by hash.
+        let (response, response_hash) = match response {
+            Recorded::Inline(body) if recording => {
+                (serde_json::from_slice::<Value>(body).ok(), None)
+            }
+            Recorded::Blob(body) if recording => (None, Some(keel_store::blob_hash(body))),
+            Recorded::Inline(_) | Recorded::Blob(_) | Recorded::Nothing => (None, None),
+        };
         NewEvent::new(
             EventKind::LlmCall,
             log.who.task.clone(),
@@ -79,6 +96,7 @@ impl Finish {
                 })),
                 "request": recording.then(|| self.recorded.summary.clone()),
                 "response": response,
+                "response_blob": response_hash,
             }),
         )
     }
@@ -145,14 +163,17 @@ impl Finish {
         usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
-        let event = self.llm_call(&log, &target.id, "ok", fallback, usage, Some(&body));
+        let event = self.llm_call(
+            &log,
+            &target.id,
+            "ok",
+            fallback,
+            usage,
+            Recorded::Inline(&body),
+        );
         log.events.push(event);
-        self.record(
-            std::mem::take(&mut log.events),
-            Some(body.clone()),
-            log.who.task.clone(),
-        )
-        .await;
+        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+            .await;
         count_request(&self.gw, route, &target.id, "ok");
         self.count_fallback(fallback);
         self.observe(usage, &log.who.agent);
@@ -208,7 +229,9 @@ impl Finish {
                 outcome,
                 fallback,
                 usage,
-                transcript.as_ref(),
+                transcript
+                    .as_ref()
+                    .map_or(Recorded::Nothing, Recorded::Blob),
             );
             log.events.push(event);
             self.record(
@@ -279,7 +302,7 @@ impl Finish {
                 if timed_out { "timeout" } else { "unavailable" },
                 false,
                 None,
-                None,
+                Recorded::Nothing,
             );
             log.events.push(event);
             self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
@@ -305,7 +328,7 @@ impl Finish {
             EventKind::DegradedReply,
             json!({"route": route.name, "agent": log.who.agent, "reason": why}),
         );
-        let event = self.llm_call(&log, "degraded", "degraded", false, None, None);
+        let event = self.llm_call(&log, "degraded", "degraded", false, None, Recorded::Nothing);
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
@@ -349,14 +372,13 @@ impl Finish {
             | UpstreamError::StreamCut { .. }
             | UpstreamError::BreakerOpen { .. } => None,
         };
-        let event = self.llm_call(&log, &target, "fatal", false, None, upstream_body.as_ref());
+        let recorded = upstream_body
+            .as_ref()
+            .map_or(Recorded::Nothing, Recorded::Inline);
+        let event = self.llm_call(&log, &target, "fatal", false, None, recorded);
         log.events.push(event);
-        self.record(
-            std::mem::take(&mut log.events),
-            upstream_body,
-            log.who.task.clone(),
-        )
-        .await;
+        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+            .await;
         count_request(&self.gw, route, &target, "error");
         self.observe(None, &log.who.agent);
         let mut response = match error {

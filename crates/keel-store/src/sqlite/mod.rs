@@ -50,7 +50,14 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     readers: Arc<Readers>,
     stats: Arc<WriterStats>,
+    /// Payloads (owner, hash) known to be stored, so a resent payload (a
+    /// conversation prefix, repeated request parameters) is not sent to the
+    /// single writer again. Filled only after a commit; cleared by `prune`.
+    stored_payloads: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
 }
+
+/// Entries of the stored-payload cache before it starts over.
+const PAYLOAD_CACHE_LIMIT: usize = 100_000;
 
 // === impl SqliteStore ===
 
@@ -91,6 +98,7 @@ impl SqliteStore {
             writer: Some(writer),
             readers,
             stats,
+            stored_payloads: parking_lot::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -229,14 +237,28 @@ impl EventStore for SqliteStore {
             return Ok(Vec::new());
         }
         let events = Prepared::all(events);
-        // Hash here, on the caller's thread, not in the single writer.
-        let blobs = payloads
-            .into_iter()
-            .map(|b| (crate::chain::blob_hash(&b), b))
-            .collect();
+        // Hash here, on the caller's thread, not in the single writer, and
+        // leave out what an earlier commit already stored for this owner.
+        let key = owner.clone().unwrap_or_default();
+        let blobs: Vec<(String, bytes::Bytes)> = {
+            let known = self.stored_payloads.lock();
+            payloads
+                .into_iter()
+                .map(|b| (crate::chain::blob_hash(&b), b))
+                .filter(|(h, _)| !known.contains(&(key.clone(), h.clone())))
+                .collect()
+        };
+        let hashes: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
         let payloads = Payloads { owner, blobs };
-        self.submit(|reply| Request::Append(events, payloads, reply))
-            .await
+        let stored = self
+            .submit(|reply| Request::Append(events, payloads, reply))
+            .await?;
+        let mut known = self.stored_payloads.lock();
+        if known.len() + hashes.len() > PAYLOAD_CACHE_LIMIT {
+            known.clear();
+        }
+        known.extend(hashes.into_iter().map(|h| (key.clone(), h)));
+        Ok(stored)
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -319,6 +341,10 @@ impl TaskStore for SqliteStore {
     }
 
     async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, StoreError> {
-        self.submit(|reply| Request::Prune(policy, reply)).await
+        // Pruned payloads must be stored again if they come back.
+        self.stored_payloads.lock().clear();
+        let report = self.submit(|reply| Request::Prune(policy, reply)).await;
+        self.stored_payloads.lock().clear();
+        report
     }
 }
