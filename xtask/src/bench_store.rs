@@ -12,7 +12,7 @@
 //!    [`StoreBenchConfig::append_duration`]. Group commit lets many appends share one sync, so
 //!    events/s can exceed the disk's fsyncs/s; that ratio is the point of the figure.
 //! 3. **Recovery**: a store of [`EVENTS_PER_TASK`] events per task, written with
-//!    [`TaskStore::write_task`] by [`BUILDERS`] concurrent writers on a [`Durability::Relaxed`]
+//!    [`keel_store::TaskStore::write_task`] by [`BUILDERS`] concurrent writers on a [`Durability::Relaxed`]
 //!    store, is closed and then reopened: `SqliteStore::open` + first `ping` + one `task` read
 //!    ("reopen and ready"), first with the database's pages dropped from the page cache
 //!    (`dd iflag=nocache`, best effort) and then warm.

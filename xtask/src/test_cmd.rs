@@ -26,9 +26,9 @@ pub enum Step {
     Clippy,
     /// `cargo doc --workspace --no-deps` with broken intra-doc links denied.
     Doc,
-    /// `cargo test --workspace --doc`.
+    /// `cargo test --workspace --all-features --doc`.
     Doctest,
-    /// `cargo nextest run --workspace --no-fail-fast`.
+    /// `cargo nextest run --workspace --all-features --no-fail-fast`.
     Nextest,
 }
 
@@ -172,13 +172,19 @@ impl Gate<'_> {
             ),
             Step::Doctest => {
                 let mut cmd = self.cargo();
-                cmd.args(["test", "--workspace", "--doc"]);
+                cmd.args(["test", "--workspace", "--all-features", "--doc"]);
                 self.env.apply(&mut cmd);
                 run_passthrough(&mut cmd)
             }
             Step::Nextest => {
                 let mut cmd = self.cargo();
-                cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+                cmd.args([
+                    "nextest",
+                    "run",
+                    "--workspace",
+                    "--all-features",
+                    "--no-fail-fast",
+                ]);
                 if ci() {
                     cmd.args(["--profile", "ci"]);
                 } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -102,7 +102,7 @@ pub struct TaskQuery {
     pub state: Option<String>,
     /// Only tasks of this agent.
     pub agent: Option<String>,
-    /// Page size: 0 means [`DEFAULT_PAGE`], at most [`MAX_PAGE`].
+    /// Page size: 0 means 100, at most 1000.
     pub limit: usize,
     /// Where to continue: [`TaskPage::next`] of the previous page.
     pub cursor: Option<String>,

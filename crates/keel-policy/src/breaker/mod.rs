@@ -47,9 +47,17 @@ use serde::{Deserialize, Serialize};
 
 use self::window::{Counts, Sample, SlidingWindow};
 
+#[cfg(feature = "tower")]
+mod layer;
 #[cfg(test)]
 mod tests;
 mod window;
+
+#[cfg(feature = "tower")]
+pub use layer::{
+    BreakerError, BreakerFuture, BreakerHandle, BreakerLayer, BreakerService, Classify,
+    ErrorsAsFailures,
+};
 
 /// Transitions kept for [`Breaker::take_transitions`]; older ones are dropped if nobody drains.
 const MAX_PENDING_TRANSITIONS: usize = 64;
