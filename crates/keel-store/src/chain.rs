@@ -97,22 +97,24 @@ pub struct HashInput<'a> {
 impl HashInput<'_> {
     /// The event's hash: lowercase hex of SHA-256 over the layout in the module doc.
     pub fn hash(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(DOMAIN);
-        put_str(&mut h, self.prev_hash);
-        h.update(self.seq.to_be_bytes());
-        match self.task_id {
-            None => h.update([0u8]),
-            Some(task_id) => {
-                h.update([1u8]);
-                put_str(&mut h, task_id);
-            }
-        }
-        put_str(&mut h, self.at);
-        h.update(self.at_ms.to_be_bytes());
-        put_str(&mut h, self.kind);
-        put_str(&mut h, self.data);
-        hex::encode(h.finalize())
+        let HashInput {
+            prev_hash,
+            seq,
+            task_id,
+            at,
+            at_ms,
+            kind,
+            data,
+        } = *self;
+        let link = Link {
+            prev_hash,
+            seq,
+            task_id,
+            at,
+            at_ms,
+            kind,
+        };
+        link.hash(DOMAIN, data)
     }
 }
 
@@ -138,8 +140,42 @@ pub struct HashInputV2<'a> {
 impl HashInputV2<'_> {
     /// The event's hash: lowercase hex of SHA-256 over layout 2 (module doc).
     pub fn hash(&self) -> String {
+        let HashInputV2 {
+            prev_hash,
+            seq,
+            task_id,
+            at,
+            at_ms,
+            kind,
+            data_hash,
+        } = *self;
+        let link = Link {
+            prev_hash,
+            seq,
+            task_id,
+            at,
+            at_ms,
+            kind,
+        };
+        link.hash(DOMAIN_V2, data_hash)
+    }
+}
+
+/// The fields both layouts hash the same way, in the same order.
+struct Link<'a> {
+    prev_hash: &'a str,
+    seq: u64,
+    task_id: Option<&'a str>,
+    at: &'a str,
+    at_ms: i64,
+    kind: &'a str,
+}
+
+impl Link<'_> {
+    /// SHA-256 over `domain`, the shared fields, then `last` (the data or its hash).
+    fn hash(&self, domain: &[u8], last: &str) -> String {
         let mut h = Sha256::new();
-        h.update(DOMAIN_V2);
+        h.update(domain);
         put_str(&mut h, self.prev_hash);
         h.update(self.seq.to_be_bytes());
         match self.task_id {
@@ -152,7 +188,7 @@ impl HashInputV2<'_> {
         put_str(&mut h, self.at);
         h.update(self.at_ms.to_be_bytes());
         put_str(&mut h, self.kind);
-        put_str(&mut h, self.data_hash);
+        put_str(&mut h, last);
         hex::encode(h.finalize())
     }
 }

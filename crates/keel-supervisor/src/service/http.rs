@@ -76,6 +76,40 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Who may make a call.
+#[derive(Clone, Copy)]
+enum Caller {
+    /// A worker: no admin token needed.
+    Worker,
+    /// An operator: the admin token, when one is configured.
+    Operator,
+}
+
+/// Parses a body of type `B`, turns it into a command on task `id`, runs it
+/// (idempotent under `scope` when the caller sent an `Idempotency-Key`), and
+/// answers with the task.
+async fn task_call<B: DeserializeOwned>(
+    sv: &Supervisor,
+    id: &str,
+    scope: String,
+    caller: Caller,
+    headers: &HeaderMap,
+    body: &Bytes,
+    make: impl FnOnce(B) -> Command,
+) -> Response {
+    answer(
+        async {
+            if let Caller::Operator = caller {
+                admin(sv, headers)?;
+            }
+            let command = make(parse(body)?);
+            sv.run(id, &command, idem(headers, scope), None, |t, _| public(t))
+                .await
+        }
+        .await,
+    )
+}
+
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     if body.is_empty() {
         return serde_json::from_slice(b"{}")
@@ -424,19 +458,20 @@ async fn complete(
     body: Bytes,
 ) -> Response {
     let scope = format!("POST /v1/tasks/{id}/complete");
-    answer(
-        async {
-            let b: CompleteBody = parse(&body)?;
-            let command = Command::Complete {
-                token: b.lease_token,
-                output: b.output,
-                confidence: b.confidence,
-            };
-            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
-                .await
-        }
-        .await,
+    task_call(
+        &sv,
+        &id,
+        scope,
+        Caller::Worker,
+        &headers,
+        &body,
+        |b: CompleteBody| Command::Complete {
+            token: b.lease_token,
+            output: b.output,
+            confidence: b.confidence,
+        },
     )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -455,19 +490,20 @@ fn yes() -> bool {
 
 async fn fail(State(sv): Sv, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
     let scope = format!("POST /v1/tasks/{id}/fail");
-    answer(
-        async {
-            let b: FailBody = parse(&body)?;
-            let command = Command::Fail {
-                token: b.lease_token,
-                error: b.error,
-                retryable: b.retryable,
-            };
-            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
-                .await
-        }
-        .await,
+    task_call(
+        &sv,
+        &id,
+        scope,
+        Caller::Worker,
+        &headers,
+        &body,
+        |b: FailBody| Command::Fail {
+            token: b.lease_token,
+            error: b.error,
+            retryable: b.retryable,
+        },
     )
+    .await
 }
 
 #[derive(Deserialize, Default)]
@@ -483,21 +519,16 @@ async fn requeue(
     body: Bytes,
 ) -> Response {
     let scope = format!("POST /v1/tasks/{id}/requeue");
-    answer(
-        async {
-            admin(&sv, &headers)?;
-            let b: ReasonBody = parse(&body)?;
-            sv.run(
-                &id,
-                &Command::Requeue { reason: b.reason },
-                idem(&headers, scope),
-                None,
-                |t, _| public(t),
-            )
-            .await
-        }
-        .await,
+    task_call(
+        &sv,
+        &id,
+        scope,
+        Caller::Operator,
+        &headers,
+        &body,
+        |b: ReasonBody| Command::Requeue { reason: b.reason },
     )
+    .await
 }
 
 async fn cancel(
@@ -507,21 +538,16 @@ async fn cancel(
     body: Bytes,
 ) -> Response {
     let scope = format!("POST /v1/tasks/{id}/cancel");
-    answer(
-        async {
-            admin(&sv, &headers)?;
-            let b: ReasonBody = parse(&body)?;
-            sv.run(
-                &id,
-                &Command::Cancel { reason: b.reason },
-                idem(&headers, scope),
-                None,
-                |t, _| public(t),
-            )
-            .await
-        }
-        .await,
+    task_call(
+        &sv,
+        &id,
+        scope,
+        Caller::Operator,
+        &headers,
+        &body,
+        |b: ReasonBody| Command::Cancel { reason: b.reason },
     )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -675,18 +701,18 @@ async fn dlq_requeue(
     body: Bytes,
 ) -> Response {
     let scope = format!("POST /v1/dlq/{id}/requeue");
-    answer(
-        async {
-            admin(&sv, &headers)?;
-            let b: ByBody = parse(&body)?;
-            let command = Command::DlqRequeue {
-                by: b.by.unwrap_or_else(|| "operator".to_owned()),
-            };
-            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
-                .await
-        }
-        .await,
+    task_call(
+        &sv,
+        &id,
+        scope,
+        Caller::Operator,
+        &headers,
+        &body,
+        |b: ByBody| Command::DlqRequeue {
+            by: b.by.unwrap_or_else(|| "operator".to_owned()),
+        },
     )
+    .await
 }
 
 async fn dlq_discard(
@@ -696,19 +722,19 @@ async fn dlq_discard(
     body: Bytes,
 ) -> Response {
     let scope = format!("POST /v1/dlq/{id}/discard");
-    answer(
-        async {
-            admin(&sv, &headers)?;
-            let b: ByBody = parse(&body)?;
-            let command = Command::DlqDiscard {
-                by: b.by.unwrap_or_else(|| "operator".to_owned()),
-                note: b.note,
-            };
-            sv.run(&id, &command, idem(&headers, scope), None, |t, _| public(t))
-                .await
-        }
-        .await,
+    task_call(
+        &sv,
+        &id,
+        scope,
+        Caller::Operator,
+        &headers,
+        &body,
+        |b: ByBody| Command::DlqDiscard {
+            by: b.by.unwrap_or_else(|| "operator".to_owned()),
+            note: b.note,
+        },
     )
+    .await
 }
 
 async fn audit_verify(State(sv): Sv, headers: HeaderMap) -> Response {
