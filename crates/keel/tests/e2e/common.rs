@@ -191,6 +191,6 @@ window = "count"
 window_size = 10
 min_calls = 4
 failure_rate = 0.5
-open_for = "4s"
+open_for = "6s"
 half_open_calls = 1
 "#;
