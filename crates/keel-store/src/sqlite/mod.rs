@@ -27,6 +27,7 @@ use crate::{
     StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify,
 };
 
+mod checkpoint;
 mod migrate;
 mod read;
 mod writer;
@@ -50,6 +51,8 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     readers: Arc<Readers>,
     stats: Arc<WriterStats>,
+    /// Copies the WAL into the database off the commit path.
+    _checkpointer: checkpoint::Checkpointer,
     /// Payloads (owner, hash) known to be stored, so a resent payload (a
     /// conversation prefix, repeated request parameters) is not sent to the
     /// single writer again. Filled only after a commit; cleared by `prune`.
@@ -77,6 +80,7 @@ impl SqliteStore {
         let mut conn = open_writer(path, durability)?;
         migrate::migrate(&mut conn, path, migrate::MIGRATIONS)?;
         let readers = Arc::new(Readers::open(path)?);
+        let checkpointer = checkpoint::Checkpointer::start(path, synchronous(durability))?;
         let stats = Arc::new(WriterStats::default());
         let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer = {
@@ -98,6 +102,7 @@ impl SqliteStore {
             writer: Some(writer),
             readers,
             stats,
+            _checkpointer: checkpointer,
             stored_payloads: parking_lot::Mutex::new(std::collections::HashSet::new()),
         })
     }
@@ -206,13 +211,25 @@ fn open_writer(path: &Path, durability: Durability) -> Result<Connection, StoreE
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(path = %path.display(), %mode, "event store could not switch to WAL mode");
     }
-    let synchronous = match durability {
+    conn.pragma_update(None, "synchronous", synchronous(durability))
+        .map_err(open_err)?;
+    // The background checkpointer keeps the WAL short; the writer checkpoints
+    // by itself only if that one falls far behind (see `checkpoint`).
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        checkpoint::WRITER_FALLBACK_PAGES,
+    )
+    .map_err(open_err)?;
+    Ok(conn)
+}
+
+/// SQLite's `synchronous` for a durability.
+fn synchronous(durability: Durability) -> &'static str {
+    match durability {
         Durability::Fsync => "FULL",
         Durability::Relaxed => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", synchronous)
-        .map_err(open_err)?;
-    Ok(conn)
+    }
 }
 
 #[async_trait::async_trait]

@@ -736,3 +736,24 @@ async fn payloads_are_stored_once_and_pruned_with_their_task() {
         Verify::Intact { .. }
     ));
 }
+
+#[tokio::test]
+async fn the_background_checkpointer_copies_the_wal_back() {
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("keel.db");
+    let store = open(&dir);
+    // Only a checkpoint writes to the database file itself; appends go to the WAL.
+    tokio::time::sleep(super::checkpoint::INTERVAL * 3).await;
+    let before = std::fs::metadata(&db).unwrap().len();
+    for i in 0..300u64 {
+        store.append(vec![step("t1", i)]).await.unwrap();
+    }
+    // The writer alone would not checkpoint before ~200 MiB of WAL.
+    tokio::time::sleep(super::checkpoint::INTERVAL * 4).await;
+    let after = std::fs::metadata(&db).unwrap().len();
+    assert!(
+        after > before,
+        "the database file did not grow ({before} -> {after}): no checkpoint ran"
+    );
+    assert_eq!(all(&store).await.len(), 300);
+}

@@ -7,10 +7,11 @@
 //! writers pay for about one commit (and one fsync with
 //! [`Durability::Fsync`](crate::Durability::Fsync)), not N.
 //!
-//! Each request runs inside its own `SAVEPOINT`: a request that fails (a
-//! version conflict, a duplicate idempotency key, an SQL error) is rolled back
-//! to its savepoint and answered with its error, and the rest of the batch
-//! commits. A failed commit is answered with an error to every request in it,
+//! Each task write and prune runs inside its own `SAVEPOINT`: one that fails
+//! (a version conflict, a duplicate idempotency key, an SQL error) is rolled
+//! back to its savepoint and answered with its error, and the rest of the
+//! batch commits. Plain appends cannot be refused, so they run without one; an
+//! SQL error in an append fails the whole batch. A failed commit is answered with an error to every request in it,
 //! and the thread goes on with the next batch. The chain head is read inside
 //! each write transaction, so a rolled-back batch leaves nothing to undo. The
 //! thread ends once every sender is dropped and the queue is drained.
@@ -264,8 +265,8 @@ struct Stamp {
     at_ms: i64,
 }
 
-/// Applies every request of `batch` in one transaction, each in its own
-/// savepoint; returns the batch's commit time and each request's result. Errs
+/// Applies every request of `batch` in one transaction, each task write and
+/// prune in its own savepoint; returns the batch's commit time and each request's result. Errs
 /// only when the batch as a whole failed (nothing of it is written then).
 fn write_batch(
     conn: &mut Connection,
@@ -282,6 +283,19 @@ fn write_batch(
     };
     let mut results = Vec::with_capacity(batch.len());
     for request in batch {
+        // A plain append cannot be refused (no versions, no keys): only SQLite
+        // itself can fail it, and then the whole batch fails with it. So it
+        // needs no savepoint, which halves the statements of a busy batch.
+        if let Request::Append(events, payloads, _) = request {
+            let applied = insert_payloads(&tx, payloads)
+                .and_then(|()| insert_events(&tx, events, &mut head, &stamp));
+            match applied {
+                Ok(links) => results.push(Ok(Done::Events(links))),
+                Err(Fail::Sql(e)) => return Err(e),
+                Err(Fail::Store(e)) => results.push(Err(e)),
+            }
+            continue;
+        }
         let saved = head.clone();
         tx.prepare_cached("SAVEPOINT request")?.execute([])?;
         let applied = match request {
