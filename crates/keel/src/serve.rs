@@ -137,6 +137,12 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
     ));
     let app = keel_gateway::router(Arc::new(gateway))
         .merge(keel_supervisor::service::http::router(supervisor));
+    // Small JSON answers must not wait for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
