@@ -12,6 +12,7 @@ Flags for trying the crash path by hand:
     --crash-after K   kill this process (SIGKILL, no clean-up) after K checkpoints
     --idle-exit S     exit after S seconds with nothing to claim (default: run forever)
     --ack-log FILE    append one JSON line per call keel acknowledged (used by keel's tests)
+    --key KEY         the agent's key when keel requires agent keys (or $KEEL_AGENT_KEY)
 """
 
 import argparse
@@ -28,8 +29,9 @@ STEPS = 3  # each task is three steps of "work"
 
 
 class Keel:
-    def __init__(self, server, ack_log=None):
+    def __init__(self, server, ack_log=None, key=None):
         self.server = server.rstrip("/")
+        self.key = key
         self.ack_log = open(ack_log, "a", buffering=1) if ack_log else None
 
     def call(self, method, path, body=None, idempotency_key=None):
@@ -40,6 +42,8 @@ class Keel:
         """
         data = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"}
+        if self.key:
+            headers["authorization"] = f"Bearer {self.key}"
         if idempotency_key:
             headers["idempotency-key"] = idempotency_key
         delay = 0.05
@@ -101,8 +105,10 @@ def main():
     p.add_argument("--crash-after", type=int, default=None)
     p.add_argument("--idle-exit", type=float, default=None)
     p.add_argument("--ack-log", default=None)
+    p.add_argument("--key", default=os.environ.get("KEEL_AGENT_KEY"),
+                   help="the agent's key, when keel's [agents.*] set keys_env (default: $KEEL_AGENT_KEY)")
     a = p.parse_args()
-    keel = Keel(a.server, a.ack_log)
+    keel = Keel(a.server, a.ack_log, a.key)
     for i in range(a.create):
         status, task = keel.call("POST", "/v1/tasks", {"agent": a.agent, "input": {"n": i}},
                                  idempotency_key=f"create-{uuid.uuid4()}")

@@ -155,6 +155,8 @@ pub struct PruneReport {
     pub blobs: u64,
     /// Bytes of those blobs.
     pub blob_bytes: u64,
+    /// Idempotency records older than the cutoff, deleted.
+    pub idempotency_keys: u64,
 }
 
 /// An [`EventStore`] that also keeps durable tasks.

@@ -90,6 +90,15 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
             .admin_token
             .as_ref()
             .map(|t| t.expose().to_owned()),
+        agent_keys: settings
+            .agents
+            .values()
+            .flat_map(|a| {
+                a.keys
+                    .iter()
+                    .map(|k| (k.expose().to_owned(), a.name.clone()))
+            })
+            .collect(),
         ..SupervisorSettings::default()
     }
 }

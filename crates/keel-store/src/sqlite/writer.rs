@@ -548,6 +548,10 @@ fn prune(tx: &Connection, policy: PrunePolicy) -> Result<PruneReport, Fail> {
             unref.execute([id])?;
             report.tasks += delete.execute([id])? as u64;
         }
+        // An idempotency key older than the retention is past any client's retry.
+        report.idempotency_keys = tx
+            .prepare_cached("DELETE FROM idempotency WHERE created_at_ms < ?1")?
+            .execute([cutoff])? as u64;
     }
     if let Some(keep) = policy.keep_checkpoints {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);

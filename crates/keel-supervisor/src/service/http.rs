@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{Answer, Idem, Supervisor, public};
+use super::{Answer, Idem, KeyOwner, Supervisor, public};
 use crate::command::{Command, Directive};
 use crate::task::{ApprovalDecision, ApprovalDefault, TaskState};
 
@@ -65,6 +65,29 @@ fn admin(sv: &Supervisor, headers: &HeaderMap) -> Result<(), ApiError> {
         Err(ApiError::unauthorized(
             "this operator call needs the admin token: send 'Authorization: Bearer <token>' (the CLI reads KEEL_ADMIN_TOKEN)",
         ))
+    }
+}
+
+/// Creating and claiming tasks of `agent` needs that agent's key when agent
+/// keys are configured (the admin token also passes). Calls on a claimed task
+/// carry its lease token instead, which is the capability.
+fn worker(sv: &Supervisor, headers: &HeaderMap, agent: &str) -> Result<(), ApiError> {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match sv.agent_of_key(key) {
+        KeyOwner::NoKeysConfigured => Ok(()),
+        KeyOwner::Agent(owner) if owner == agent => Ok(()),
+        KeyOwner::Agent(owner) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            format!("this key belongs to agent {owner:?}, not {agent:?}"),
+        )),
+        KeyOwner::Unknown if sv.admin_token().is_some() && admin(sv, headers).is_ok() => Ok(()),
+        KeyOwner::Unknown => Err(ApiError::unauthorized(
+            "missing or unknown agent key: send 'Authorization: Bearer <key>' of the task's agent",
+        )),
     }
 }
 
@@ -171,6 +194,7 @@ async fn create_inner(
     if b.agent.trim().is_empty() {
         return Err(ApiError::bad_request("agent must not be empty").with_param("agent"));
     }
+    worker(sv, headers, &b.agent)?;
     let limits = sv.limits(&b.agent);
     let now = super::now_ms();
     let timeout = match &b.deadline {
@@ -298,9 +322,10 @@ struct ClaimBody {
     lease: Option<String>,
 }
 
-async fn claim(State(sv): Sv, body: Bytes) -> Response {
+async fn claim(State(sv): Sv, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         let b: ClaimBody = parse(&body)?;
+        worker(&sv, &headers, &b.agent)?;
         let lease = duration(b.lease.as_deref().unwrap_or("30s"), "lease")?;
         if lease.is_zero() {
             return Err(ApiError::unprocessable("lease must be longer than 0s").with_param("lease"));
@@ -571,6 +596,10 @@ async fn request_approval(
     let scope = format!("POST /v1/tasks/{id}/approvals");
     answer(async {
         let b: ApprovalRequestBody = parse(&body)?;
+        // Without a lease token, putting a task before a human is an operator's call.
+        if b.lease_token.is_none() {
+            admin(&sv, &headers)?;
+        }
         let timeout = duration(b.timeout.as_deref().unwrap_or("24h"), "timeout")?;
         let command = Command::RequestApproval {
             token: b.lease_token,

@@ -64,6 +64,9 @@ pub struct SupervisorSettings {
     pub keep_checkpoints: Option<usize>,
     /// The admin token operator calls must carry (`None`: operator calls are open).
     pub admin_token: Option<String>,
+    /// Agent keys (key → agent). When any is set, creating and claiming a
+    /// task needs the key of the task's agent (or the admin token).
+    pub agent_keys: HashMap<String, String>,
 }
 
 impl Default for SupervisorSettings {
@@ -75,6 +78,7 @@ impl Default for SupervisorSettings {
             retention: None,
             keep_checkpoints: None,
             admin_token: None,
+            agent_keys: HashMap::new(),
         }
     }
 }
@@ -84,6 +88,17 @@ pub struct Supervisor {
     store: Arc<dyn TaskStore>,
     settings: SupervisorSettings,
     metrics: Option<SupervisorMetrics>,
+}
+
+/// What [`Supervisor::agent_of_key`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOwner<'a> {
+    /// No agent keys are configured: worker calls are open.
+    NoKeysConfigured,
+    /// The key of this agent.
+    Agent(&'a str),
+    /// No key, or one nobody has.
+    Unknown,
 }
 
 /// What a command answered.
@@ -198,6 +213,17 @@ impl Supervisor {
             .get(agent)
             .copied()
             .unwrap_or(self.settings.default_limits)
+    }
+
+    /// Whom a bearer key speaks for.
+    pub fn agent_of_key(&self, key: Option<&str>) -> KeyOwner<'_> {
+        if self.settings.agent_keys.is_empty() {
+            return KeyOwner::NoKeysConfigured;
+        }
+        match key.and_then(|k| self.settings.agent_keys.get(k)) {
+            Some(agent) => KeyOwner::Agent(agent),
+            None => KeyOwner::Unknown,
+        }
     }
 
     /// The admin token, when one is configured.

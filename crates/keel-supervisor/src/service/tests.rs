@@ -139,3 +139,29 @@ async fn a_repeated_create_with_the_same_key_returns_the_first_task() {
         "the repeat created a second task"
     );
 }
+
+#[tokio::test]
+async fn retention_forgets_old_idempotency_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    let idem = Some(Idem {
+        scope: "create a".into(),
+        key: "k1".into(),
+    });
+    sv.create(create("t1"), idem).await.unwrap();
+    assert!(store.idempotent("create a", "k1").await.unwrap().is_some());
+    let settings = SupervisorSettings {
+        retention: Some(Duration::from_millis(1)),
+        ..SupervisorSettings::default()
+    };
+    let sv = Supervisor::new(Arc::clone(&store), settings);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let report = sv.prune().await.unwrap().unwrap();
+    assert_eq!(report.idempotency_keys, 1);
+    assert!(store.idempotent("create a", "k1").await.unwrap().is_none());
+    assert!(
+        store.task("t1").await.unwrap().is_some(),
+        "a queued task is never pruned"
+    );
+}

@@ -631,3 +631,67 @@ async fn operator_calls_need_the_admin_token_when_one_is_configured() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creating_and_claiming_need_the_agent_key_when_keys_are_configured() {
+    let sim = sim().await;
+    let config = config("127.0.0.1:0").replace(
+        "[agents.demo]\n",
+        "[agents.demo]\nkeys_env = [\"KEEL_KEY_SUPPORT\"]\n",
+    );
+    let keel = Keel::start(&config, &sim).await;
+    let url = &keel.url;
+    let client = reqwest::Client::new();
+    let body = json!({"agent": "demo", "input": {}});
+    let r = client
+        .post(format!("{url}/v1/tasks"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client
+        .post(format!("{url}/v1/tasks"))
+        .bearer_auth("sk-agent-support")
+        .json(&json!({"agent": "short", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "a key creates tasks of its own agent only"
+    );
+    let (_, page) = get(url, "/v1/tasks").await;
+    assert_eq!(
+        page["tasks"].as_array().unwrap().len(),
+        0,
+        "a refused create created a task"
+    );
+    // The example worker sends its key, and runs the task through.
+    let out = worker(
+        url,
+        "demo",
+        "w1",
+        &[
+            "--create",
+            "1",
+            "--idle-exit",
+            "1",
+            "--key",
+            "sk-agent-support",
+        ],
+    )
+    .wait_with_output()
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("200 succeeded"), "{stdout}");
+    let r = client
+        .post(format!("{url}/v1/tasks/claim"))
+        .json(&json!({"agent": "demo", "worker": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
