@@ -115,9 +115,14 @@ def main():
         print(f"created {task['id']}", flush=True)
     idle_since = time.monotonic()
     saved = 0
+    claims = 0
     while True:
-        status, task = keel.call("POST", "/v1/tasks/claim", {"agent": a.agent, "worker": a.worker, "lease": a.lease})
+        # A claim whose answer was lost (keel restarting) is retried with the same key
+        # and gets the same task and lease back.
+        status, task = keel.call("POST", "/v1/tasks/claim", {"agent": a.agent, "worker": a.worker, "lease": a.lease},
+                                 idempotency_key=f"claim-{a.worker}-{os.getpid()}-{claims}")
         if status == 200:
+            claims += 1
             saved = work_on(keel, task, a.crash_after, saved)
             idle_since = time.monotonic()
         elif status == 204:

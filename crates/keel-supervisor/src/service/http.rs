@@ -330,7 +330,8 @@ async fn claim(State(sv): Sv, headers: HeaderMap, body: Bytes) -> Response {
         if lease.is_zero() {
             return Err(ApiError::unprocessable("lease must be longer than 0s").with_param("lease"));
         }
-        sv.claim(&b.agent, &b.worker, lease).await
+        let key = idem(&headers, format!("POST /v1/tasks/claim {}", b.agent));
+        sv.claim(&b.agent, &b.worker, lease, key).await
     }
     .await;
     match result {

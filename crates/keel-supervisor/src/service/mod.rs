@@ -415,7 +415,12 @@ impl Supervisor {
         agent: &str,
         worker: &str,
         lease: Duration,
+        idem: Option<Idem>,
     ) -> Result<Option<Value>, ApiError> {
+        // A repeated claim (its answer was lost) gets the same task and lease again.
+        if let Some(answer) = self.replay(idem.as_ref()).await? {
+            return Ok(Some(answer.body));
+        }
         let lease_ttl_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         let command = Command::Claim {
             worker: worker.to_owned(),
@@ -442,31 +447,42 @@ impl Supervisor {
                 let Some(after) = fold(Some(task), &decision.events, ctx.now_ms) else {
                     continue;
                 };
+                // The answer is built before the write so that it can be the
+                // idempotency record of this claim.
+                let claimed = after.state == TaskState::Running;
                 let answer = Answer {
                     status: 200,
-                    body: Value::Null,
+                    body: if claimed {
+                        self.claimed(&after).await?
+                    } else {
+                        Value::Null
+                    },
                 };
+                let record = idem.as_ref().filter(|_| claimed);
                 match self
                     .write(
                         Some(row.version),
                         &after,
                         &decision.events,
                         Vec::new(),
-                        None,
+                        record,
                         &answer,
                     )
                     .await
                 {
-                    Ok(()) if after.state == TaskState::Running => {
-                        return self.claimed(&after).await.map(Some);
-                    }
+                    Ok(()) if claimed => return Ok(Some(answer.body)),
                     // The task was past its deadline and went to the DLQ instead; try the next.
                     Ok(()) => {
                         if let Some(m) = &self.metrics {
                             m.finished(&after);
                         }
                     }
-                    Err(WriteError::Conflict) => {}
+                    // Another worker took this task, or the same claim won a race.
+                    Err(WriteError::Conflict) => {
+                        if let Some(answer) = self.replay(idem.as_ref()).await? {
+                            return Ok(Some(answer.body));
+                        }
+                    }
                     Err(WriteError::Api(e)) => return Err(e),
                 }
             }

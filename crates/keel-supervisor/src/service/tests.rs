@@ -30,7 +30,7 @@ fn create(id: &str) -> Command {
 async fn finish(sv: &Supervisor, id: &str, checkpoints: usize) {
     sv.create(create(id), None).await.unwrap();
     let claimed = sv
-        .claim("a", "w", Duration::from_secs(30))
+        .claim("a", "w", Duration::from_secs(30), None)
         .await
         .unwrap()
         .unwrap();
@@ -164,4 +164,37 @@ async fn retention_forgets_old_idempotency_keys() {
         store.task("t1").await.unwrap().is_some(),
         "a queued task is never pruned"
     );
+}
+
+#[tokio::test]
+async fn a_repeated_claim_gets_the_same_task_and_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
+    sv.create(create("t1"), None).await.unwrap();
+    sv.create(create("t2"), None).await.unwrap();
+    let idem = || {
+        Some(Idem {
+            scope: "claim a".into(),
+            key: "c1".into(),
+        })
+    };
+    let first = sv
+        .claim("a", "w", Duration::from_secs(30), idem())
+        .await
+        .unwrap()
+        .unwrap();
+    let again = sv
+        .claim("a", "w", Duration::from_secs(30), idem())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(first["id"], "t1");
+    // Without the key, the next claim gets the next task.
+    let next = sv
+        .claim("a", "w", Duration::from_secs(30), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next["id"], "t2");
 }
