@@ -283,6 +283,29 @@ impl Finish {
         self,
         route: &Route,
         endpoint: Endpoint,
+        log: CallLog,
+        last: Option<UpstreamError>,
+        timed_out: bool,
+    ) -> Result<Response, ApiError> {
+        // Every target refused the request itself (context too long, content
+        // filter): that is the client's to fix, not an outage to paper over.
+        if let Some(e @ UpstreamError::Status { .. }) = last {
+            if e.class() == keel_core::ErrorClass::FallbackOnly {
+                return Ok(self.fatal(route, log, e).await);
+            }
+            return self
+                .unavailable(route, endpoint, log, Some(e), timed_out)
+                .await;
+        }
+        self.unavailable(route, endpoint, log, last, timed_out)
+            .await
+    }
+
+    /// Every target failed or is open: the degraded reply, or 503/504.
+    async fn unavailable(
+        self,
+        route: &Route,
+        endpoint: Endpoint,
         mut log: CallLog,
         last: Option<UpstreamError>,
         timed_out: bool,
@@ -364,7 +387,16 @@ impl Finish {
         error: UpstreamError,
     ) -> Response {
         let target = target_of(&error);
+        // A 401/403 from a provider is about keel's key for it, not the agent's:
+        // the agent gets a 502, and the provider's message (which may quote
+        // part of the key) is neither passed on nor recorded.
+        let credentials_refused = matches!(
+            &error,
+            UpstreamError::Status { status, .. }
+                if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN
+        );
         let upstream_body = match &error {
+            UpstreamError::Status { .. } if credentials_refused => None,
             UpstreamError::Status { body, .. } => Some(body.clone()),
             UpstreamError::Connect { .. }
             | UpstreamError::Timeout { .. }
@@ -382,6 +414,15 @@ impl Finish {
         count_request(&self.gw, route, &target, "error");
         self.observe(None, &log.who.agent);
         let mut response = match error {
+            UpstreamError::Status { status, .. } if credentials_refused => {
+                let mut err = ApiError::unavailable(format!(
+                    "provider {target} refused keel's credentials (HTTP {}); check the provider's api_key_env",
+                    status.as_u16()
+                ))
+                .with_code("upstream_credentials_refused");
+                err.status = StatusCode::BAD_GATEWAY;
+                err.into_response()
+            }
             UpstreamError::Status { status, body, .. } => {
                 let mut r = Response::new(Body::from(body));
                 *r.status_mut() = status;

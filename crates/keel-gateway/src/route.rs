@@ -259,14 +259,23 @@ impl Executor<'_> {
                 };
                 return TargetResult::Next(last.or(Some(skipped)));
             };
+            // Held across the attempt: if the client leaves and this future is
+            // dropped, the guard gives the permit back, so a half-open breaker
+            // never loses a trial slot.
+            let mut permit = PermitGuard {
+                breaker: &target.breaker,
+                permit: Some(permit),
+            };
             let now = Instant::now();
             if now >= deadline {
-                target.breaker.lock().release(permit);
                 return TargetResult::OutOfTime(last);
             }
             log.attempts += 1;
             let started = self.clock.now();
             let result = self.attempt(target, request.clone(), deadline).await;
+            let Some(permit) = permit.permit.take() else {
+                return TargetResult::OutOfTime(last);
+            };
             let took = self.clock.now().saturating_sub(started);
             let outcome_for_breaker = match &result {
                 Ok(_) => Some(true),
@@ -322,7 +331,8 @@ impl Executor<'_> {
             }
             let delay = self.retry_delay(&mut backoff, attempt, &error);
             if Instant::now() + delay >= deadline {
-                return TargetResult::OutOfTime(Some(error));
+                // This target's wait does not fit the time left; the next one may.
+                return TargetResult::Next(Some(error));
             }
             if !route.budget.lock().withdraw(self.clock.now()) {
                 log.push(
@@ -465,6 +475,20 @@ impl Executor<'_> {
     }
 }
 
+/// A breaker permit that is released if it is dropped unrecorded.
+struct PermitGuard<'a> {
+    breaker: &'a Mutex<Breaker>,
+    permit: Option<keel_policy::breaker::Permit>,
+}
+
+impl Drop for PermitGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.breaker.lock().release(permit);
+        }
+    }
+}
+
 enum Reply {
     Json(Bytes, Option<Usage>),
     Stream(Bytes, ChunkStream),
@@ -484,4 +508,48 @@ fn check_json(body: &[u8], target: &str) -> Result<Option<Usage>, UpstreamError>
         target: target.to_owned(),
         detail: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use keel_policy::breaker::{Breaker, BreakerSettings, BreakerState, Outcome, Window};
+    use parking_lot::Mutex;
+
+    use super::PermitGuard;
+
+    #[test]
+    fn a_dropped_attempt_gives_its_half_open_slot_back() {
+        let settings = BreakerSettings {
+            window: Window::Count(2),
+            min_calls: 2,
+            failure_rate: 0.5,
+            slow_call_rate: 1.0,
+            slow_call: Duration::from_secs(60),
+            open_for: Duration::from_secs(1),
+            half_open_calls: 1,
+        };
+        let breaker = Mutex::new(Breaker::new(settings));
+        for _ in 0..2 {
+            let p = breaker.lock().try_acquire(Duration::ZERO).unwrap();
+            let failed = Outcome {
+                success: false,
+                duration: Duration::from_millis(1),
+            };
+            breaker.lock().record(p, Duration::ZERO, failed);
+        }
+        let later = Duration::from_secs(2);
+        let trial = breaker.lock().try_acquire(later).unwrap();
+        assert_eq!(breaker.lock().state(), BreakerState::HalfOpen);
+        // The client leaves mid-attempt: the guard is dropped unrecorded.
+        drop(PermitGuard {
+            breaker: &breaker,
+            permit: Some(trial),
+        });
+        assert!(
+            breaker.lock().try_acquire(later).is_ok(),
+            "the trial slot leaked"
+        );
+    }
 }

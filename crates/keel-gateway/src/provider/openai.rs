@@ -96,7 +96,7 @@ impl Provider for OpenAiProvider {
             .await
             .map_err(|e| UpstreamError::Connect {
                 target: target.clone(),
-                detail: transport_detail(&e),
+                detail: transport_detail(e),
             })?;
         let status = response.status();
         if !status.is_success() {
@@ -120,7 +120,7 @@ impl Provider for OpenAiProvider {
         }
         let body = response.bytes().await.map_err(|e| UpstreamError::Connect {
             target: target.clone(),
-            detail: transport_detail(&e),
+            detail: transport_detail(e),
         })?;
         Ok(ProviderReply::Json(body))
     }
@@ -132,10 +132,12 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
-/// The client error without URL query parameters (which may hold keys).
-fn transport_detail(e: &reqwest::Error) -> String {
+/// The client error without its URL: query parameters and `user:pass@` in a
+/// provider's URL may hold keys, and this text reaches events and clients.
+fn transport_detail(e: reqwest::Error) -> String {
+    let e = e.without_url();
     let mut detail = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         detail.push_str(": ");
         detail.push_str(&s.to_string());
@@ -164,7 +166,7 @@ fn sse_chunks(response: reqwest::Response, target: String) -> ChunkStream {
                 Some(Err(e)) => {
                     let err = UpstreamError::Connect {
                         target: target.clone(),
-                        detail: format!("stream broke: {}", transport_detail(&e)),
+                        detail: format!("stream broke: {}", transport_detail(e)),
                     };
                     return Some((Err(err), (bytes, parser, target, true)));
                 }
@@ -250,6 +252,19 @@ mod tests {
         let mut p = SseParser::default();
         p.push(b"data: one\r\ndata: two\r\n\r\n");
         assert_eq!(p.next_data().unwrap().as_ref(), b"one\ntwo");
+    }
+
+    #[tokio::test]
+    async fn transport_errors_do_not_carry_the_url() {
+        // Nothing listens on port 9 of loopback: the connection is refused.
+        let err = reqwest::Client::new()
+            .get("http://user:pw-secret@127.0.0.1:9/v1/chat?key=query-secret")
+            .send()
+            .await
+            .unwrap_err();
+        let detail = transport_detail(err);
+        assert!(!detail.contains("secret"), "{detail}");
+        assert!(!detail.is_empty());
     }
 
     #[test]

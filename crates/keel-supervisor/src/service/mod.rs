@@ -325,6 +325,22 @@ impl Supervisor {
                 (true, Command::Heartbeat { token }) if task.state == TaskState::Running => {
                     crate::renew(&task, token, ctx.now_ms).map_err(|e| task_error(&e))?
                 }
+                // A step or checkpoint shows the worker is alive: it renews the
+                // lease too, in the same write (so it can never undo a renewal).
+                (false, Command::Step { token, .. } | Command::Checkpoint { token, .. }) => {
+                    let folded = fold(Some(task.clone()), &decision.events, ctx.now_ms)
+                        .unwrap_or_else(|| task.clone());
+                    match folded.state {
+                        TaskState::Running => {
+                            crate::renew(&folded, token, ctx.now_ms).unwrap_or(folded)
+                        }
+                        TaskState::Queued
+                        | TaskState::Succeeded
+                        | TaskState::Dead
+                        | TaskState::AwaitingHuman
+                        | TaskState::Cancelled => folded,
+                    }
+                }
                 _ => fold(Some(task.clone()), &decision.events, ctx.now_ms)
                     .unwrap_or_else(|| task.clone()),
             };

@@ -198,3 +198,31 @@ async fn a_repeated_claim_gets_the_same_task_and_lease() {
         .unwrap();
     assert_eq!(next["id"], "t2");
 }
+
+#[tokio::test]
+async fn steps_and_checkpoints_renew_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
+    sv.create(create("t1"), None).await.unwrap();
+    let claimed = sv
+        .claim("a", "w", Duration::from_millis(500), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let token = claimed["lease_token"].as_str().unwrap().to_owned();
+    let first_expiry = claimed["lease"]["expires_at_ms"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let step = Command::Step {
+        token,
+        kind: "work".into(),
+        summary: "s".into(),
+        progress: None,
+        confidence: None,
+    };
+    let after = sv
+        .run("t1", &step, None, None, |t, _| public(t))
+        .await
+        .unwrap();
+    let renewed = after.body["lease"]["expires_at_ms"].as_i64().unwrap();
+    assert!(renewed > first_expiry, "{first_expiry} -> {renewed}");
+}

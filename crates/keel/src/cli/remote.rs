@@ -181,7 +181,15 @@ pub async fn approvals(
     if json {
         print_json(&v)
     } else {
-        output::line(&format!("{id} {decision}d: {}", state_line(&v)))
+        output::line(&format!(
+            "{id} {}: {}",
+            if decision == "approve" {
+                "approved"
+            } else {
+                "denied"
+            },
+            state_line(&v)
+        ))
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -182,6 +182,14 @@ targets = [
 degraded_reply = "I'm busy right now; please try again shortly."
 retry = { max_attempts = 2, base = "10ms", cap = "50ms" }
 
+[routes.hurried]
+targets = [
+  { provider = "sim", model = "hurried-a" },
+  { provider = "sim", model = "hurried-b" },
+]
+retry = { max_attempts = 3, base = "10ms", cap = "10s", respect_retry_after = true }
+timeouts = { connect = "1s", first_token = "2s", idle = "1s", attempt = "2s", total = "3s" }
+
 [routes.stubborn]
 targets = [{ provider = "sim", model = "stubborn" }]
 retry = { max_attempts = 5, base = "700ms", cap = "700ms", jitter = "none", budget_min_per_sec = 100 }

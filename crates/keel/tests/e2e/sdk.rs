@@ -357,7 +357,7 @@ async fn embeddings_models_and_task_paths_work() {
     let out = sdk("models", &keel.base_url(), &[]).await;
     assert_eq!(
         out["models"],
-        serde_json::json!(["fragile", "patient", "smart", "stubborn"])
+        serde_json::json!(["fragile", "hurried", "patient", "smart", "stubborn"])
     );
     let task_url = format!("{}/tasks/task-7/v1", keel.url);
     let out = sdk("chat", &task_url, &[]).await;
@@ -423,4 +423,56 @@ async fn an_agent_over_its_token_budget_gets_a_rate_limit_error() {
         "a call over budget must not reach the provider"
     );
     assert_eq!(keel.events_of("budget_exceeded").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_too_long_for_every_target_is_the_client_s_error_not_an_outage() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    for model in ["fragile-a", "fragile-b"] {
+        sim.set_always(
+            model,
+            Some(Fault::status(400).with_error_code("context_length_exceeded")),
+        );
+    }
+    // The route has a degraded reply; it must not hide a request no target can serve.
+    let out = sdk("chat", &keel.base_url(), &["--model", "fragile"]).await;
+    assert_eq!(out["exception"], "BadRequestError", "{out}");
+    assert_eq!(sim.calls("fragile-a"), 1);
+    assert_eq!(sim.calls("fragile-b"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_refusing_keel_s_key_is_a_502_not_the_agent_s_401() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script(
+        "patient",
+        vec![Fault::status(401).with_error_code("invalid_api_key")],
+    );
+    let out = sdk("chat", &keel.base_url(), &["--model", "patient"]).await;
+    assert_eq!(out["status"], 502, "{out}");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused keel's credentials"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_wait_longer_than_the_time_left_moves_on_to_the_next_target() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    // Retry-After 5s does not fit the route's 3s total: the next target answers at once.
+    sim.script("hurried-a", vec![Fault::status(503).with_retry_after("5")]);
+    let started = Instant::now();
+    let out = sdk("chat", &keel.base_url(), &["--model", "hurried"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/hurried-b", "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "keel waited for a retry that could not fit"
+    );
 }
