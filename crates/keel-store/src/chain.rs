@@ -75,7 +75,9 @@ pub const LAYOUT_V2: u32 = 2;
 
 /// The fields of one event that its hash covers, borrowed.
 ///
-/// `data` is the canonical JSON text ([`canonical_json`]) exactly as stored.
+/// `data` is what the layout covers last: for layout 1 ([`HashInput::hash`])
+/// the canonical JSON text ([`canonical_json`]) exactly as stored, for layout 2
+/// ([`HashInput::hash_v2`]) its [`data_hash`].
 #[derive(Debug, Clone, Copy)]
 pub struct HashInput<'a> {
     /// Hash of the previous event, or [`GENESIS_HASH`].
@@ -90,90 +92,23 @@ pub struct HashInput<'a> {
     pub at_ms: i64,
     /// Event kind name (`llm_call`).
     pub kind: &'a str,
-    /// Canonical JSON of the event's data.
+    /// Canonical JSON of the event's data (layout 1), or its [`data_hash`] (layout 2).
     pub data: &'a str,
 }
 
 impl HashInput<'_> {
-    /// The event's hash: lowercase hex of SHA-256 over the layout in the module doc.
+    /// The layout-1 hash: lowercase hex of SHA-256 over the layout in the module doc.
     pub fn hash(&self) -> String {
-        let HashInput {
-            prev_hash,
-            seq,
-            task_id,
-            at,
-            at_ms,
-            kind,
-            data,
-        } = *self;
-        let link = Link {
-            prev_hash,
-            seq,
-            task_id,
-            at,
-            at_ms,
-            kind,
-        };
-        link.hash(DOMAIN, data)
+        self.hash_with(DOMAIN)
     }
-}
 
-/// The fields of one layout-2 event that its hash covers, borrowed.
-#[derive(Debug, Clone, Copy)]
-pub struct HashInputV2<'a> {
-    /// Hash of the previous event, or [`GENESIS_HASH`].
-    pub prev_hash: &'a str,
-    /// Position in the log, from 1.
-    pub seq: u64,
-    /// Task the event belongs to.
-    pub task_id: Option<&'a str>,
-    /// RFC 3339 time, as stored.
-    pub at: &'a str,
-    /// The same time in Unix milliseconds.
-    pub at_ms: i64,
-    /// Event kind name (`llm_call`).
-    pub kind: &'a str,
-    /// [`data_hash`] of the event's canonical data.
-    pub data_hash: &'a str,
-}
-
-impl HashInputV2<'_> {
-    /// The event's hash: lowercase hex of SHA-256 over layout 2 (module doc).
-    pub fn hash(&self) -> String {
-        let HashInputV2 {
-            prev_hash,
-            seq,
-            task_id,
-            at,
-            at_ms,
-            kind,
-            data_hash,
-        } = *self;
-        let link = Link {
-            prev_hash,
-            seq,
-            task_id,
-            at,
-            at_ms,
-            kind,
-        };
-        link.hash(DOMAIN_V2, data_hash)
+    /// The layout-2 hash (module doc): `data` must be the [`data_hash`].
+    pub fn hash_v2(&self) -> String {
+        self.hash_with(DOMAIN_V2)
     }
-}
 
-/// The fields both layouts hash the same way, in the same order.
-struct Link<'a> {
-    prev_hash: &'a str,
-    seq: u64,
-    task_id: Option<&'a str>,
-    at: &'a str,
-    at_ms: i64,
-    kind: &'a str,
-}
-
-impl Link<'_> {
-    /// SHA-256 over `domain`, the shared fields, then `last` (the data or its hash).
-    fn hash(&self, domain: &[u8], last: &str) -> String {
+    /// SHA-256 over `domain`, then every field in order, `data` last.
+    fn hash_with(&self, domain: &[u8]) -> String {
         let mut h = Sha256::new();
         h.update(domain);
         put_str(&mut h, self.prev_hash);
@@ -188,7 +123,7 @@ impl Link<'_> {
         put_str(&mut h, self.at);
         h.update(self.at_ms.to_be_bytes());
         put_str(&mut h, self.kind);
-        put_str(&mut h, last);
+        put_str(&mut h, self.data);
         hex::encode(h.finalize())
     }
 }
@@ -277,8 +212,8 @@ impl ChainVerifier {
     }
 
     /// [`ChainVerifier::check`] for a layout-2 event.
-    pub fn check_v2(&mut self, input: &HashInputV2<'_>, hash: &str) -> Result<(), String> {
-        self.link(input.seq, input.prev_hash, hash, || input.hash())
+    pub fn check_v2(&mut self, input: &HashInput<'_>, hash: &str) -> Result<(), String> {
+        self.link(input.seq, input.prev_hash, hash, || input.hash_v2())
     }
 
     fn link(
@@ -442,18 +377,13 @@ mod tests {
         let data = "{}";
         let v1 = input(None, "llm_call", data);
         let digest = data_hash(data);
-        let v2 = HashInputV2 {
-            prev_hash: v1.prev_hash,
-            seq: v1.seq,
-            task_id: v1.task_id,
-            at: v1.at,
-            at_ms: v1.at_ms,
-            kind: v1.kind,
-            data_hash: &digest,
+        let v2 = HashInput {
+            data: &digest,
+            ..v1
         };
-        assert_ne!(v1.hash(), v2.hash());
+        assert_ne!(v1.hash(), v2.hash_v2());
         let mut verifier = ChainVerifier::new();
-        assert_eq!(verifier.check_v2(&v2, &v2.hash()), Ok(()));
+        assert_eq!(verifier.check_v2(&v2, &v2.hash_v2()), Ok(()));
     }
 
     #[test]

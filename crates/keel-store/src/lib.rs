@@ -86,16 +86,16 @@ impl Event {
                     computed.as_str()
                 }
             };
-            return chain::HashInputV2 {
+            return chain::HashInput {
                 prev_hash: &self.prev_hash,
                 seq: self.seq,
                 task_id: self.task_id.as_deref(),
                 at: &self.at,
                 at_ms: self.at_ms,
                 kind: &self.kind,
-                data_hash,
+                data: data_hash,
             }
-            .hash();
+            .hash_v2();
         }
         let data = chain::canonical_json(&self.data);
         chain::HashInput {

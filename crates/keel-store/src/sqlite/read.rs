@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
-use crate::chain::{self, ChainVerifier, HashInput, HashInputV2, LAYOUT_V1, LAYOUT_V2};
+use crate::chain::{self, ChainVerifier, HashInput, LAYOUT_V1, LAYOUT_V2};
 use crate::task::{DEFAULT_PAGE, MAX_PAGE};
 use crate::{
     Event, EventQuery, IdempotencyRecord, StoreError, StoreStats, TaskPage, TaskQuery, TaskRow,
@@ -117,17 +117,7 @@ impl Readers {
         args.push(Value::Integer(limit));
         sql.push_str(&format!(" ORDER BY seq LIMIT ?{}", args.len()));
 
-        self.with(|conn| {
-            let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.read_err(e))?;
-            let mut rows = stmt
-                .query(rusqlite::params_from_iter(args))
-                .map_err(|e| self.read_err(e))?;
-            let mut events = Vec::new();
-            while let Some(row) = rows.next().map_err(|e| self.read_err(e))? {
-                events.push(self.event_from_row(row)?);
-            }
-            Ok(events)
-        })
+        self.rows(&sql, args, Self::event_from_row)
     }
 
     fn event_from_row(&self, row: &Row<'_>) -> Result<Event, StoreError> {
@@ -186,16 +176,26 @@ impl Readers {
 
     /// Runs a task query and reads every row.
     fn task_rows(&self, sql: &str, args: Vec<Value>) -> Result<Vec<TaskRow>, StoreError> {
+        self.rows(sql, args, Self::task_from_row)
+    }
+
+    /// Runs `sql` with `args` and turns every row into a `T` with `read`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        args: Vec<Value>,
+        read: impl Fn(&Self, &Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         self.with(|conn| {
             let mut stmt = conn.prepare_cached(sql).map_err(|e| self.read_err(e))?;
             let mut rows = stmt
                 .query(rusqlite::params_from_iter(args))
                 .map_err(|e| self.read_err(e))?;
-            let mut tasks = Vec::new();
+            let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(|e| self.read_err(e))? {
-                tasks.push(self.task_from_row(row)?);
+                out.push(read(self, row)?);
             }
-            Ok(tasks)
+            Ok(out)
         })
     }
 
@@ -416,14 +416,14 @@ fn check_row(verifier: &mut ChainVerifier, seq: u64, fields: &RowFields<'_>) -> 
                 .data_hash
                 .ok_or_else(|| "column data_hash is null".to_owned())?;
             verifier.check_v2(
-                &HashInputV2 {
+                &HashInput {
                     prev_hash: fields.prev_hash,
                     seq,
                     task_id: fields.task_id,
                     at: fields.at,
                     at_ms: fields.at_ms,
                     kind: fields.kind,
-                    data_hash,
+                    data: data_hash,
                 },
                 fields.hash,
             )?;

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use keel_core::NewEvent;
 
-use crate::chain::{self, GENESIS_HASH, HashInputV2, LAYOUT_V2};
+use crate::chain::{self, GENESIS_HASH, HashInput, LAYOUT_V2};
 use crate::{Event, PrunePolicy, PruneReport, StoreError, TaskWrite};
 
 /// Most events one commit takes from the queue. A single request larger than
@@ -379,16 +379,16 @@ fn insert_events(
     let mut stored = Vec::with_capacity(events.len());
     for new in events {
         let seq = head.seq + 1;
-        let hash = HashInputV2 {
+        let hash = HashInput {
             prev_hash: &head.hash,
             seq,
             task_id: new.task_id.as_deref(),
             at: &stamp.at,
             at_ms: stamp.at_ms,
             kind: new.kind,
-            data_hash: &new.data_hash,
+            data: &new.data_hash,
         }
-        .hash();
+        .hash_v2();
         insert.execute(params![
             seq,
             new.task_id,
