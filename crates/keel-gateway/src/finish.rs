@@ -23,11 +23,11 @@ use crate::route::{CallLog, Route, Target};
 use crate::usage::{Usage, usage_of};
 use crate::{Gateway, payload};
 
-pub(crate) fn count_request(gw: &Gateway, route: &Route, target: &str, outcome: &str) {
+pub(crate) fn count_request(gw: &Gateway, route: &str, target: &str, outcome: &str) {
     gw.metrics
         .requests
         .get_or_create(&RequestLabels {
-            route: route.name.clone(),
+            route: route.to_owned(),
             target: target.to_owned(),
             outcome: outcome.to_owned(),
         })
@@ -174,7 +174,7 @@ impl Finish {
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
-        count_request(&self.gw, route, &target.id, "ok");
+        count_request(&self.gw, &route.name, &target.id, "ok");
         self.count_fallback(fallback);
         self.observe(usage, &log.who.agent);
         let mut response = Response::new(Body::from(body));
@@ -189,6 +189,7 @@ impl Finish {
     /// Streams the rest of the upstream's chunks; retries are over once this is called.
     pub(crate) fn stream(
         self,
+        route: &Route,
         mut log: CallLog,
         target: Arc<Target>,
         first: Bytes,
@@ -197,17 +198,8 @@ impl Finish {
     ) -> Response {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let attempts = log.attempts;
-        let idle = self
-            .gw
-            .routes
-            .get(&self.route_name)
-            .map_or(Duration::from_secs(15), |r| r.timeouts.idle);
-        let total = self
-            .gw
-            .routes
-            .get(&self.route_name)
-            .map_or(Duration::from_secs(120), |r| r.timeouts.total);
-        let deadline = self.started + total;
+        let idle = route.timeouts.idle;
+        let deadline = self.started + route.timeouts.total;
         let gw = Arc::clone(&self.gw);
         let target_id = target.id.clone();
         gw.tasks.spawn(async move {
@@ -245,9 +237,7 @@ impl Finish {
             } else {
                 "stream_error"
             };
-            if let Some(route) = self.gw.routes.get(&self.route_name) {
-                count_request(&self.gw, route, &target_id, metric_outcome);
-            }
+            count_request(&self.gw, &self.route_name, &target_id, metric_outcome);
             if outcome != "ok" {
                 self.gw
                     .metrics
@@ -330,7 +320,7 @@ impl Finish {
             log.events.push(event);
             self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
                 .await;
-            count_request(&self.gw, route, "none", "error");
+            count_request(&self.gw, &route.name, "none", "error");
             self.observe(None, &log.who.agent);
             let message = format!("route {:?} could not be served: {why}", route.name);
             let mut err = if timed_out {
@@ -355,7 +345,7 @@ impl Finish {
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
-        count_request(&self.gw, route, "none", "degraded");
+        count_request(&self.gw, &route.name, "none", "degraded");
         self.gw
             .metrics
             .degraded
@@ -411,7 +401,7 @@ impl Finish {
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
-        count_request(&self.gw, route, &target, "error");
+        count_request(&self.gw, &route.name, &target, "error");
         self.observe(None, &log.who.agent);
         let mut response = match error {
             UpstreamError::Status { status, .. } if credentials_refused => {

@@ -223,7 +223,7 @@ async fn handle_inner(
             json!({"agent": log.who.agent, "unit": "tokens", "limit": over.limit, "used": over.used, "route": route.name}),
         );
         gw.append(std::mem::take(&mut log.events)).await;
-        count_request(gw, route, "none", "rejected");
+        count_request(gw, &route.name, "none", "rejected");
         return Err(ApiError::budget(
             format!(
                 "agent {:?} has used {} of its {} tokens per hour; retry after {}s",
@@ -278,7 +278,7 @@ async fn handle_inner(
             first,
             rest,
             fallback,
-        } => ctx.stream(log, target, first, rest, fallback),
+        } => ctx.stream(route, log, target, first, rest, fallback),
         Answer::Exhausted { last, timed_out } => {
             ctx.exhausted(route, endpoint, log, last, timed_out).await?
         }
