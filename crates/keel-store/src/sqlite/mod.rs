@@ -56,7 +56,35 @@ pub struct SqliteStore {
     /// Payloads (owner, hash) known to be stored, so a resent payload (a
     /// conversation prefix, repeated request parameters) is not sent to the
     /// single writer again. Filled only after a commit; cleared by `prune`.
-    stored_payloads: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
+    stored_payloads: parking_lot::Mutex<PayloadCache>,
+}
+
+/// Payload hashes known to be stored, per owner; bounded by starting over.
+#[derive(Default)]
+struct PayloadCache {
+    by_owner: std::collections::HashMap<String, std::collections::HashSet<String>>,
+    len: usize,
+}
+
+impl PayloadCache {
+    fn contains(&self, owner: &str, hash: &str) -> bool {
+        self.by_owner
+            .get(owner)
+            .is_some_and(|hashes| hashes.contains(hash))
+    }
+
+    fn remember(&mut self, owner: String, hashes: Vec<String>) {
+        if self.len + hashes.len() > PAYLOAD_CACHE_LIMIT {
+            self.clear();
+        }
+        self.len += hashes.len();
+        self.by_owner.entry(owner).or_default().extend(hashes);
+    }
+
+    fn clear(&mut self) {
+        self.by_owner.clear();
+        self.len = 0;
+    }
 }
 
 /// Entries of the stored-payload cache before it starts over.
@@ -103,7 +131,7 @@ impl SqliteStore {
             readers,
             stats,
             _checkpointer: checkpointer,
-            stored_payloads: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            stored_payloads: parking_lot::Mutex::new(PayloadCache::default()),
         })
     }
 
@@ -257,12 +285,15 @@ impl EventStore for SqliteStore {
         // Hash here, on the caller's thread, not in the single writer, and
         // leave out what an earlier commit already stored for this owner.
         let key = owner.clone().unwrap_or_default();
+        let hashed: Vec<(String, bytes::Bytes)> = payloads
+            .into_iter()
+            .map(|b| (crate::chain::blob_hash(&b), b))
+            .collect();
         let blobs: Vec<(String, bytes::Bytes)> = {
             let known = self.stored_payloads.lock();
-            payloads
+            hashed
                 .into_iter()
-                .map(|b| (crate::chain::blob_hash(&b), b))
-                .filter(|(h, _)| !known.contains(&(key.clone(), h.clone())))
+                .filter(|(h, _)| !known.contains(&key, h))
                 .collect()
         };
         let hashes: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
@@ -270,11 +301,7 @@ impl EventStore for SqliteStore {
         let stored = self
             .submit(|reply| Request::Append(events, payloads, reply))
             .await?;
-        let mut known = self.stored_payloads.lock();
-        if known.len() + hashes.len() > PAYLOAD_CACHE_LIMIT {
-            known.clear();
-        }
-        known.extend(hashes.into_iter().map(|h| (key.clone(), h)));
+        self.stored_payloads.lock().remember(key, hashes);
         Ok(stored)
     }
 
