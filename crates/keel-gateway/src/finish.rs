@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use keel_core::{EventKind, NewEvent};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -76,29 +76,36 @@ impl Finish {
             Recorded::Blob(body) if recording => (None, Some(keel_store::blob_hash(body))),
             Recorded::Inline(_) | Recorded::Blob(_) | Recorded::Nothing => (None, None),
         };
-        NewEvent::new(
-            EventKind::LlmCall,
-            log.who.task.clone(),
-            json!({
-                "route": self.route_name,
-                "target": target,
-                "agent": log.who.agent,
-                "step": log.who.step,
-                "attempts": log.attempts,
-                "fallback": fallback,
-                "outcome": outcome,
-                "stream": self.stream,
-                "latency_ms": latency.as_millis() as u64,
-                "usage": usage.map(|u| json!({
-                    "prompt_tokens": u.prompt_tokens,
-                    "completion_tokens": u.completion_tokens,
-                    "total_tokens": u.total_tokens,
-                })),
-                "request": recording.then(|| self.recorded.summary.clone()),
-                "response": response,
-                "response_blob": response_hash,
-            }),
-        )
+        // Built member by member: `json!` would deep-copy the parsed answer
+        // and the request summary through `to_value`.
+        let usage = usage.map(|u| {
+            let mut m = Map::with_capacity(3);
+            m.insert("prompt_tokens".into(), u.prompt_tokens.into());
+            m.insert("completion_tokens".into(), u.completion_tokens.into());
+            m.insert("total_tokens".into(), u.total_tokens.into());
+            Value::Object(m)
+        });
+        let mut data = Map::with_capacity(13);
+        data.insert("route".into(), self.route_name.as_str().into());
+        data.insert("target".into(), target.into());
+        data.insert("agent".into(), log.who.agent.as_str().into());
+        data.insert("step".into(), log.who.step.as_deref().into());
+        data.insert("attempts".into(), log.attempts.into());
+        data.insert("fallback".into(), fallback.into());
+        data.insert("outcome".into(), outcome.into());
+        data.insert("stream".into(), self.stream.into());
+        data.insert(
+            "latency_ms".into(),
+            u64::try_from(latency.as_millis()).unwrap_or(u64::MAX).into(),
+        );
+        data.insert("usage".into(), usage.into());
+        data.insert(
+            "request".into(),
+            recording.then(|| self.recorded.summary.clone()).into(),
+        );
+        data.insert("response".into(), response.into());
+        data.insert("response_blob".into(), response_hash.into());
+        NewEvent::new(EventKind::LlmCall, log.who.task.clone(), Value::Object(data))
     }
 
     /// Appends the call's events with the request's payloads and `response`.

@@ -38,7 +38,12 @@ pub fn request(body: &RawObject) -> Recorded {
     for message in messages {
         let bytes = Bytes::copy_from_slice(message.get().as_bytes());
         let message_hash = blob_hash(&bytes);
-        let node = json!({"prev": conversation, "message": message_hash}).to_string();
+        // The text `json!({"prev": .., "message": ..})` gives, written
+        // directly: both members are hex hashes (or null), nothing to escape.
+        let node = match &conversation {
+            Some(prev) => format!(r#"{{"prev":"{prev}","message":"{message_hash}"}}"#),
+            None => format!(r#"{{"prev":null,"message":"{message_hash}"}}"#),
+        };
         let node = Bytes::from(node);
         conversation = Some(blob_hash(&node));
         blobs.push(bytes);
@@ -69,6 +74,19 @@ mod tests {
             .collect();
         let text = json!({"model": "smart", "temperature": 0.2, "messages": messages}).to_string();
         RawObject::parse(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn nodes_are_the_json_text_of_prev_and_message() {
+        let recorded = request(&body(2));
+        let first_message = blob_hash(&recorded.blobs[0]);
+        let first_node = &recorded.blobs[1];
+        let expected = json!({"prev": null, "message": first_message}).to_string();
+        assert_eq!(first_node.as_ref(), expected.as_bytes());
+        let second_message = blob_hash(&recorded.blobs[2]);
+        let expected =
+            json!({"prev": blob_hash(first_node), "message": second_message}).to_string();
+        assert_eq!(recorded.blobs[3].as_ref(), expected.as_bytes());
     }
 
     #[test]

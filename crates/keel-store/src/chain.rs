@@ -149,27 +149,23 @@ fn put_str(h: &mut Sha256, s: &str) {
 ///
 /// Needed because this workspace enables serde_json's `preserve_order`, under
 /// which objects keep insertion order.
-pub fn canonicalize(value: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, canonicalize(v)))
-                    .collect(),
-            )
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(canonicalize).collect()),
-        scalar @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)) => scalar,
-    }
+pub fn canonicalize(mut value: serde_json::Value) -> serde_json::Value {
+    // In place: `sort_all_objects` reorders each map's entries without
+    // re-hashing or re-allocating its keys.
+    value.sort_all_objects();
+    value
 }
 
 /// The canonical JSON text of `value`: sorted keys, compact.
 pub fn canonical_json(value: &serde_json::Value) -> String {
-    canonicalize(value.clone()).to_string()
+    canonical_text(&canonicalize(value.clone()))
+}
+
+/// The compact JSON text of a value whose objects are already sorted.
+pub(crate) fn canonical_text(sorted: &serde_json::Value) -> String {
+    // `Value` serializes infallibly to text; `to_string` keeps that without
+    // the `Display` detour through `fmt::Formatter`.
+    serde_json::to_string(sorted).unwrap_or_default()
 }
 
 /// Checks a log event by event, in `seq` order, and names the first broken link.

@@ -60,6 +60,10 @@ impl OpenAiProvider {
             .connect_timeout(connect)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            // keel's own policies decide retries; a provider's redirect is
+            // reported, not followed with the key attached.
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
             .build()
             .map_err(|e| format!("providers.{}: cannot build HTTP client: {e}", settings.name))?;
         let url = |endpoint: Endpoint| {

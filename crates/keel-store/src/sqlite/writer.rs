@@ -61,7 +61,7 @@ impl Prepared {
     /// Canonicalises, prints and hashes `event`'s data, taking it by value.
     pub(crate) fn new(event: NewEvent) -> Self {
         let data = chain::canonicalize(event.data);
-        let text = data.to_string();
+        let text = chain::canonical_text(&data);
         let data_hash = chain::data_hash(&text);
         Self {
             task_id: event.task_id,
