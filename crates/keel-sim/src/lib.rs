@@ -32,13 +32,14 @@
 mod chat;
 mod embeddings;
 mod fault;
+pub mod fleet;
 mod routes;
 mod server;
 mod state;
 
 pub use fault::{DEFAULT_STALL, Fault};
 pub use server::{SimHandle, SimServer};
-pub use state::WILDCARD;
+pub use state::{Injector, WILDCARD};
 
 #[cfg(test)]
 mod tests;

@@ -114,7 +114,9 @@ async fn model_call(
     let Some(model) = request.get("model").and_then(Value::as_str) else {
         return Ok(invalid_request("you must provide a model parameter"));
     };
-    let fault = shared.admit(model, body, authorization);
+    let fault = shared
+        .admit(model, body, authorization)
+        .or_else(|| shared.inject(model, &request));
     let fault = fault.as_deref();
     let stream = endpoint == Endpoint::Chat && request.get("stream") == Some(&Value::Bool(true));
     if let Some(fault) = fault

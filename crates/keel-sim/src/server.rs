@@ -122,6 +122,12 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, token: Cancell
 // === impl SimHandle ===
 
 impl SimHandle {
+    /// Installs (or, with `None`, removes) a fault policy consulted for every model
+    /// request that no scripted or sticky fault covers.
+    pub fn set_injector(&self, injector: Option<Arc<dyn crate::Injector>>) {
+        self.shared.set_injector(injector);
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

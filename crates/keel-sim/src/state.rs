@@ -50,12 +50,31 @@ struct ModelInner {
 }
 
 /// State shared by the server and its handles.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Shared {
     models: RwLock<HashMap<String, Arc<ModelState>>>,
     wildcard: Mutex<Faults>,
     wildcard_armed: AtomicBool,
     next_id: AtomicU64,
+    injector: RwLock<Option<Arc<dyn Injector>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("models", &self.models.read().len())
+            .field("injector", &self.injector.read().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decides faults for requests no script or sticky fault covers: a fault *policy*
+/// (rates, outage windows) rather than a queue. Installed with
+/// [`SimHandle::set_injector`](crate::SimHandle::set_injector).
+pub trait Injector: Send + Sync + 'static {
+    /// The fault for one request to `model` whose parsed JSON body is `request`, or
+    /// `None` to answer normally.
+    fn fault_for(&self, model: &str, request: &serde_json::Value) -> Option<Fault>;
 }
 
 // === impl Shared ===
@@ -93,6 +112,17 @@ impl Shared {
         self.wildcard_armed
             .store(wildcard.is_armed(), Ordering::Release);
         fault
+    }
+
+    /// The installed injector's fault for a request, if any.
+    pub(crate) fn inject(&self, model: &str, request: &serde_json::Value) -> Option<Arc<Fault>> {
+        let injector = self.injector.read().clone()?;
+        injector.fault_for(model, request).map(Arc::new)
+    }
+
+    /// Installs or removes the injector.
+    pub(crate) fn set_injector(&self, injector: Option<Arc<dyn Injector>>) {
+        *self.injector.write() = injector;
     }
 
     /// A fresh number for response and tool-call ids.

@@ -104,6 +104,35 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
 }
 
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
+    let keel = start(settings, embedded).await?;
+    shutdown_signal().await;
+    keel.stop().await;
+    tracing::info!("keel stopped");
+    Ok(())
+}
+
+/// A keel serving in this process (`keel serve`, `keel demo`).
+pub(crate) struct Running {
+    /// The bound address.
+    pub(crate) addr: std::net::SocketAddr,
+    /// The store it writes to.
+    pub(crate) store: Arc<SqliteStore>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests and background work, and returns.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Builds every part, binds `server.listen`, prints the `keel listening on` line and
+/// serves in the background until [`Running::stop`].
+pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<Running> {
     let store = open_store(&settings)?;
     let tasks = TaskTracker::new();
     let mut metrics = keel_gateway::metrics::Metrics::new();
@@ -114,10 +143,9 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
         Supervisor::new(task_store, supervisor_settings(&settings))
             .with_metrics(supervisor_metrics),
     );
-    let stop_sweeping = tokio_util::sync::CancellationToken::new();
+    let stop = tokio_util::sync::CancellationToken::new();
     tasks.spawn(
-        Arc::clone(&supervisor)
-            .sweep_forever(std::time::Duration::from_millis(250), stop_sweeping.clone()),
+        Arc::clone(&supervisor).sweep_forever(std::time::Duration::from_millis(250), stop.clone()),
     );
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
@@ -152,15 +180,21 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")?;
-    stop_sweeping.cancel();
-    tasks.close();
-    tasks.wait().await;
-    tracing::info!("keel stopped");
-    Ok(())
+    let shutdown = stop.clone().cancelled_owned();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "server failed");
+        }
+    });
+    Ok(Running {
+        addr,
+        store,
+        stop,
+        tasks,
+    })
 }
 
 async fn shutdown_signal() {

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod remote;
+mod sim;
 
 use crate::{output, serve};
 
@@ -28,6 +29,45 @@ enum Command {
         /// Path to keel.toml.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Run a fleet of simulated agents through keel with faults injected, and report.
+    ///
+    /// Starts the simulated model server and keel (as a child process, so the mix's
+    /// `kill -9` is real), runs the agents until every task has ended, and writes
+    /// report.md, report.json and report.svg into --report.
+    Sim {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Run keel's policies (retry, fallback, breaker, task attempts) or a plain pass-through.
+        #[arg(long, value_enum, default_value = "on")]
+        policies: OnOff,
+        /// Agents working at once.
+        #[arg(long, default_value_t = 50)]
+        agents: u32,
+        /// Tasks to create.
+        #[arg(long, default_value_t = 500)]
+        tasks: u32,
+        /// Where to write the report (and keel's config, log and database).
+        #[arg(long, value_name = "DIR", default_value = "keel-sim-report")]
+        report: PathBuf,
+    },
+    /// The first thing to run: keel, the simulated models and 200 agents under the
+    /// standard fault mix for about a minute, then the report; keel stays up.
+    Demo {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Stop after the report instead of keeping keel up until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+        /// Agents working at once.
+        #[arg(long, default_value_t = 200)]
+        agents: u32,
+        /// Tasks to create.
+        #[arg(long, default_value_t = 6000)]
+        tasks: u32,
+        /// Where to write the report (and keel's config and database).
+        #[arg(long, value_name = "DIR", default_value = "keel-demo")]
+        report: PathBuf,
     },
     /// Work with configuration files.
     Config {
@@ -62,6 +102,45 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+}
+
+/// Options `keel sim` and `keel demo` share.
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// A fault mix (TOML); the built-in sim/faults/standard.toml when absent.
+    #[arg(long, value_name = "FILE")]
+    faults: Option<PathBuf>,
+    /// Seed of the task scripts and of the fault schedule: same seed, same run.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Mean pause between an agent's model calls (its tool work), e.g. 200ms.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    think: std::time::Duration,
+    /// How long to wait, once every task exists, for all of them to end.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl FleetArgs {
+    fn sim_args(self, agents: u32, tasks: u32, report: PathBuf, policies_on: bool) -> sim::SimArgs {
+        sim::SimArgs {
+            agents,
+            tasks,
+            faults: self.faults,
+            policies_on,
+            report,
+            seed: self.seed,
+            think: self.think,
+            drain_timeout: self.drain_timeout,
+        }
+    }
 }
 
 /// How the CLI reaches a running keel.
@@ -176,6 +255,20 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Serve { config } => serve::run(config.as_deref()),
+            Command::Sim {
+                fleet,
+                policies,
+                agents,
+                tasks,
+                report,
+            } => sim::run_sim(&fleet.sim_args(agents, tasks, report, policies == OnOff::On)),
+            Command::Demo {
+                fleet,
+                exit,
+                agents,
+                tasks,
+                report,
+            } => sim::run_demo(&fleet.sim_args(agents, tasks, report, true), exit),
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => Ok(check(&file)),

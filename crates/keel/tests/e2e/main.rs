@@ -14,4 +14,5 @@ mod common;
 mod crash;
 mod http;
 mod sdk;
+mod sim;
 mod tasks;

@@ -1,0 +1,273 @@
+//! The fleet driver behind `keel sim` and `keel demo`: N simulated agents working
+//! generated tasks through a real keel over loopback HTTP.
+//!
+//! This module knows keel only by its HTTP API (the worker protocol and the
+//! OpenAI-compatible gateway). Starting keel, killing it, and reading its store for
+//! the report are the caller's business; [`run`] creates the tasks, runs the agents
+//! until every task has reached a final state (or the drain deadline passes), and
+//! says which task ids keel acknowledged.
+//!
+//! - [`script`]: task scripts from a seed.
+//! - [`mix`]: fault mixes (`sim/faults/*.toml`).
+//! - [`inject`]: the mix as a fault policy of the simulated model server.
+//! - [`report`]: the figures of a run and their `report.md`, `report.json` and plot.
+
+mod agent;
+pub mod inject;
+pub mod mix;
+pub mod report;
+pub mod script;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use agent::Tally;
+pub use inject::FleetInjector;
+pub use mix::FaultMix;
+pub use script::{TaskScript, Trap};
+
+/// How a run is driven.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// keel's base URL, e.g. `http://127.0.0.1:8420`.
+    pub keel_url: String,
+    /// Agents working at once.
+    pub agents: u32,
+    /// The route agents send as `model`.
+    pub route: String,
+    /// The keel agent name the tasks belong to.
+    pub agent: String,
+    /// Seed of the task scripts and of the agents' deaths and think times.
+    pub seed: u64,
+    /// Lease each claim asks for; agents heartbeat every third of it.
+    pub lease: Duration,
+    /// Mean pause between an agent's model calls (its "tool work"), ±50%.
+    pub think: Duration,
+    /// The agents' own client timeout for one model call.
+    pub call_timeout: Duration,
+    /// Share of claims after which the agent dies mid-task.
+    pub killed_share: f64,
+    /// How long to wait, once every task is created, for all of them to end.
+    pub drain_timeout: Duration,
+}
+
+/// A task keel acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// keel's task id.
+    pub id: String,
+    /// The script index.
+    pub index: u32,
+}
+
+/// What the driver saw.
+#[derive(Debug)]
+pub struct FleetRun {
+    /// Tasks keel acknowledged, in script order.
+    pub created: Vec<Created>,
+    /// Whether every task reached a final state before the drain deadline.
+    pub drained: bool,
+    /// From the first create to the end of the drain.
+    pub wall: Duration,
+}
+
+/// A snapshot for a progress display.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Tasks created so far.
+    pub created: u64,
+    /// Tasks the agents completed.
+    pub completed: u64,
+    /// Tasks the agents failed (each failure of a retried task counts).
+    pub failed: u64,
+    /// Model calls answered well / not.
+    pub calls_ok: u64,
+    /// Model calls that failed.
+    pub calls_failed: u64,
+}
+
+/// Errors that stop a run.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// keel refused to create a task.
+    #[error("keel refused to create task {index}: {status} {body}")]
+    Create {
+        /// Script index.
+        index: u32,
+        /// HTTP status.
+        status: u16,
+        /// keel's answer.
+        body: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Creates a task for every script, runs `settings.agents` agents until all tasks end
+/// (or the drain deadline passes), and reports progress to `on_progress` twice a
+/// second. Faults of the model server come from `injector`, which must be installed
+/// in the simulated server keel routes to.
+pub async fn run(
+    settings: &FleetSettings,
+    scripts: Arc<[TaskScript]>,
+    injector: Arc<FleetInjector>,
+    on_progress: &(dyn Fn(Progress) + Sync),
+) -> Result<FleetRun, FleetError> {
+    let started = Instant::now();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::try_from(settings.agents).unwrap_or(usize::MAX) + 16)
+        .tcp_nodelay(true)
+        .build()?;
+    let crew = Arc::new(agent::Crew {
+        client: client.clone(),
+        base: settings.keel_url.trim_end_matches('/').to_owned(),
+        route: settings.route.clone(),
+        agent: settings.agent.clone(),
+        lease: settings.lease,
+        think: settings.think,
+        call_timeout: settings.call_timeout,
+        seed: settings.seed,
+        killed_share: settings.killed_share,
+        scripts: Arc::clone(&scripts),
+        injector,
+        drained: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tally: Tally::default(),
+    });
+    let agents = TaskTracker::new();
+    for n in 0..settings.agents {
+        agents.spawn(agent::run(Arc::clone(&crew), n));
+    }
+    agents.close();
+    let created_count = std::sync::atomic::AtomicU64::new(0);
+    let progress = || Progress {
+        created: created_count.load(Ordering::Relaxed),
+        completed: crew.tally.completed.load(Ordering::Relaxed),
+        failed: crew.tally.failed.load(Ordering::Relaxed),
+        calls_ok: crew.tally.calls_ok.load(Ordering::Relaxed),
+        calls_failed: crew.tally.calls_failed.load(Ordering::Relaxed),
+    };
+    let create = async {
+        let results: Vec<Result<Created, FleetError>> =
+            futures::stream::iter(scripts.iter().map(|s| {
+                let crew = &crew;
+                let count = &created_count;
+                async move {
+                    let created = create_task(crew, s.index).await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                    created
+                }
+            }))
+            .buffered(16)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<_>, _>>()
+    };
+    let deadline_after = settings.drain_timeout;
+    let main = async {
+        let created = create.await?;
+        let deadline = Instant::now() + deadline_after;
+        loop {
+            if open_tasks(&crew).await == Some(0) {
+                return Ok((created, true));
+            }
+            if Instant::now() >= deadline {
+                return Ok((created, false));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    tokio::pin!(main);
+    let outcome: Result<(Vec<Created>, bool), FleetError> = loop {
+        tokio::select! {
+            outcome = &mut main => break outcome,
+            () = tokio::time::sleep(Duration::from_millis(500)) => on_progress(progress()),
+        }
+    };
+    let (created, drained) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            crew.abort.cancel();
+            agents.wait().await;
+            return Err(e);
+        }
+    };
+    crew.drained.cancel();
+    if !drained {
+        crew.abort.cancel();
+    }
+    agents.wait().await;
+    on_progress(progress());
+    Ok(FleetRun {
+        created,
+        drained,
+        wall: started.elapsed(),
+    })
+}
+
+/// Creates the task of script `index` (retried while keel cannot be reached).
+async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetError> {
+    let id = format!("sim-{index:06}");
+    let body = json!({"agent": crew.agent, "id": id, "input": {"index": index}});
+    let key = format!("create-{}-{index}", crew.seed);
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let sent = crew
+            .client
+            .post(format!("{}/v1/tasks", crew.base))
+            .header("idempotency-key", &key)
+            .timeout(Duration::from_secs(10))
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                let answer: Value = r.json().await.unwrap_or(Value::Null);
+                let id = answer["id"].as_str().unwrap_or(&id).to_owned();
+                return Ok(Created { id, index });
+            }
+            Ok(r) if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                return Err(FleetError::Create {
+                    index,
+                    status: r.status().as_u16(),
+                    body: r.text().await.unwrap_or_default(),
+                });
+            }
+            Ok(_) | Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Tasks of the run's agent still queued or running, or `None` when keel cannot tell.
+async fn open_tasks(crew: &agent::Crew) -> Option<usize> {
+    let mut open = 0;
+    for state in ["queued", "running"] {
+        let url = format!(
+            "{}/v1/tasks?state={state}&agent={}&limit=1",
+            crew.base, crew.agent
+        );
+        let answer: Value = crew
+            .client
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        open += answer["tasks"].as_array()?.len();
+    }
+    Some(open)
+}

@@ -1,0 +1,657 @@
+//! `keel sim` and `keel demo`: a fleet of simulated agents through a real keel,
+//! with faults injected upstream (in the simulated model server) and in the fleet,
+//! and the reliability report at the end.
+//!
+//! `keel sim` starts keel as a child process (`keel serve` with a generated config),
+//! so the mix's `kill -9` of keel is real; `keel demo` runs keel in this process and
+//! keeps it up after the report. Both read the figures from keel's store once the
+//! run has drained; nothing the agents counted themselves goes into the report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use keel_sim::SimServer;
+use keel_sim::fleet::inject::kind;
+use keel_sim::fleet::report::{CallFigures, Report, RunFacts, TaskOutcome, Window};
+use keel_sim::fleet::{self, FaultMix, FleetInjector, FleetSettings, Progress, TaskScript};
+use keel_store::{EventQuery, EventStore, SqliteStore, TaskStore};
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt as _;
+use tokio::process::{Child, Command};
+
+use crate::{output, serve};
+
+/// The route the fleet's agents call, and the keel agent their tasks belong to.
+const ROUTE: &str = "fleet";
+const AGENT: &str = "fleet";
+
+/// The simulated models: the primary and the small "reflex" fallback.
+const LARGE: &str = "large";
+const SMALL: &str = "small";
+
+/// How long the simulated models take to answer (±25%).
+const LARGE_LATENCY: Duration = Duration::from_millis(40);
+const SMALL_LATENCY: Duration = Duration::from_millis(15);
+
+/// The agents' own lease and client timeout.
+const LEASE: Duration = Duration::from_secs(3);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `keel sim` and `keel demo` were asked for.
+#[derive(Debug, Clone)]
+pub(crate) struct SimArgs {
+    pub(crate) agents: u32,
+    pub(crate) tasks: u32,
+    pub(crate) faults: Option<PathBuf>,
+    pub(crate) policies_on: bool,
+    pub(crate) report: PathBuf,
+    pub(crate) seed: u64,
+    pub(crate) think: Duration,
+    pub(crate) drain_timeout: Duration,
+}
+
+/// `keel sim`.
+pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<ExitCode> {
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let report = simulate(args).await?;
+        print_report(&report, &args.report);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `keel demo`.
+pub(crate) fn run_demo(args: &SimArgs, exit: bool) -> anyhow::Result<ExitCode> {
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let (report, keel) = simulate_in_process(args).await?;
+        print_report(&report, &args.report);
+        if exit {
+            keel.stop().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        output::line(&format!(
+            "\nkeel is still up at http://{addr}: try `curl http://{addr}/metrics` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
+            addr = keel.addr
+        ));
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+        }
+        keel.stop().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn print_report(report: &Report, dir: &Path) {
+    output::line("");
+    output::line(&report.markdown());
+    output::line(&format!(
+        "report: {0}/report.md, {0}/report.json, {0}/report.svg",
+        dir.display()
+    ));
+}
+
+/// Everything a run needs before keel starts.
+struct Prepared {
+    mix: FaultMix,
+    mix_name: String,
+    scripts: Arc<[TaskScript]>,
+    sim: keel_sim::SimHandle,
+    db: PathBuf,
+    config: PathBuf,
+}
+
+async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
+    let (mix, mix_name) = match &args.faults {
+        Some(path) => (FaultMix::load(path)?, path.display().to_string()),
+        None => (FaultMix::standard()?, "standard".to_owned()),
+    };
+    if args.agents == 0 || args.tasks == 0 {
+        bail!("--agents and --tasks must be at least 1");
+    }
+    std::fs::create_dir_all(&args.report)
+        .with_context(|| format!("cannot create {}", args.report.display()))?;
+    let data = args.report.join("keel-data");
+    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    let db = data.join("keel.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let old = PathBuf::from(format!("{}{suffix}", db.display()));
+        if old.exists() {
+            std::fs::remove_file(&old)
+                .with_context(|| format!("cannot remove the last run's {}", old.display()))?;
+        }
+    }
+    let sim = SimServer::start(([127, 0, 0, 1], 0).into())
+        .await
+        .context("cannot start the simulated model server")?;
+    let config = args.report.join("keel.toml");
+    let text = config_text(listen, &db, &sim.base_url(), args.policies_on);
+    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    let scripts: Arc<[TaskScript]> = fleet::script::generate(args.seed, args.tasks).into();
+    Ok(Prepared {
+        mix,
+        mix_name,
+        scripts,
+        sim,
+        db,
+        config,
+    })
+}
+
+/// `keel sim`: keel as a child process.
+async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let prepared = prepare(args, &listen).await?;
+    let log = args.report.join("keel.log");
+    let mut keel = ChildKeel::start(&prepared.config, &log).await?;
+    let url = format!("http://{listen}");
+    let (run, facts) = drive(args, &prepared, &url, Some(&mut keel)).await?;
+    let usage = keel.usage();
+    keel.stop().await;
+    let store = SqliteStore::open(&prepared.db, keel_store::Durability::Fsync)
+        .with_context(|| format!("cannot open {}", prepared.db.display()))?;
+    let report = figures(args, &prepared, run, facts, &store, usage).await?;
+    report.write(&args.report)?;
+    Ok(report)
+}
+
+/// `keel demo`: keel in this process, left running.
+async fn simulate_in_process(args: &SimArgs) -> anyhow::Result<(Report, serve::Running)> {
+    let listen = "127.0.0.1:8420";
+    let prepared = prepare(args, listen).await?;
+    let settings = keel_config::load(&prepared.config, &|name| std::env::var(name).ok()).map_err(
+        |errors| {
+            anyhow::anyhow!(
+                "{}",
+                errors
+                    .0
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
+    )?;
+    let running = serve::start(settings, false).await?;
+    let url = format!("http://{}", running.addr);
+    let (run, facts) = drive(args, &prepared, &url, None).await?;
+    let usage = own_usage();
+    let report = figures(args, &prepared, run, facts, running.store.as_ref(), usage).await?;
+    report.write(&args.report)?;
+    Ok((report, running))
+}
+
+/// What the fleet driver and the fault schedule produced.
+struct Drive {
+    injector: Arc<FleetInjector>,
+    windows: Vec<Window>,
+    started_ms: i64,
+}
+
+/// Runs the fleet against keel at `url`; with a child keel, kills it on schedule.
+async fn drive(
+    args: &SimArgs,
+    prepared: &Prepared,
+    url: &str,
+    child: Option<&mut ChildKeel>,
+) -> anyhow::Result<(fleet::FleetRun, Drive)> {
+    let latency = HashMap::from([
+        (LARGE.to_owned(), LARGE_LATENCY),
+        (SMALL.to_owned(), SMALL_LATENCY),
+    ]);
+    let injector = Arc::new(FleetInjector::new(args.seed, prepared.mix.clone(), latency));
+    prepared
+        .sim
+        .set_injector(Some(Arc::clone(&injector) as Arc<dyn keel_sim::Injector>));
+    let started_ms = now_ms();
+    let mut windows: Vec<Window> = prepared
+        .mix
+        .outages
+        .iter()
+        .map(|o| Window {
+            label: format!("outage of {}", o.target),
+            start_s: o.start.as_secs_f64(),
+            end_s: (o.start + o.duration).as_secs_f64(),
+        })
+        .collect();
+    let settings = FleetSettings {
+        keel_url: url.to_owned(),
+        agents: args.agents,
+        route: ROUTE.to_owned(),
+        agent: AGENT.to_owned(),
+        seed: args.seed,
+        lease: LEASE,
+        think: args.think,
+        call_timeout: CALL_TIMEOUT,
+        killed_share: prepared.mix.agents.killed,
+        drain_timeout: args.drain_timeout,
+    };
+    let bar = progress_bar(u64::from(args.tasks));
+    let on_progress = |p: Progress| {
+        bar.set_position(p.completed + p.failed);
+        bar.set_message(format!(
+            "created {} · calls ok {} failed {}",
+            p.created, p.calls_ok, p.calls_failed
+        ));
+    };
+    let fleet = fleet::run(
+        &settings,
+        Arc::clone(&prepared.scripts),
+        Arc::clone(&injector),
+        &on_progress,
+    );
+    let kill_at = prepared.mix.keel.kill9_at;
+    let run = match (kill_at, child) {
+        (Some(at), Some(keel)) => {
+            tokio::pin!(fleet);
+            let killer = async {
+                tokio::time::sleep(at).await;
+                bar.println(format!("kill -9 keel (pid {}) and restart", keel.pid()));
+                let restarted = keel.kill9_and_restart().await;
+                injector.count(kind::KEEL_KILL9);
+                restarted
+            };
+            tokio::select! {
+                run = &mut fleet => run?,
+                restarted = killer => {
+                    restarted?;
+                    windows.push(Window { label: "kill -9 keel".to_owned(), start_s: at.as_secs_f64(), end_s: at.as_secs_f64() });
+                    fleet.await?
+                }
+            }
+        }
+        _ => fleet.await?,
+    };
+    bar.finish_and_clear();
+    prepared.sim.set_injector(None);
+    Ok((
+        run,
+        Drive {
+            injector,
+            windows,
+            started_ms,
+        },
+    ))
+}
+
+fn progress_bar(tasks: u64) -> ProgressBar {
+    let bar = ProgressBar::new(tasks);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tasks ended · {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// keel's resource use: peak RSS in MiB and CPU seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    peak_rss_mb: f64,
+    cpu_s: f64,
+}
+
+/// Reads the run's figures from keel's store.
+async fn figures<S: EventStore + TaskStore + ?Sized>(
+    args: &SimArgs,
+    prepared: &Prepared,
+    run: fleet::FleetRun,
+    drive: Drive,
+    store: &S,
+    usage: Usage,
+) -> anyhow::Result<Report> {
+    let mut outcomes = Vec::with_capacity(run.created.len());
+    for created in &run.created {
+        let row = store
+            .task(&created.id)
+            .await
+            .with_context(|| format!("reading task {}", created.id))?;
+        let feasible = prepared
+            .scripts
+            .get(created.index as usize)
+            .is_none_or(TaskScript::feasible);
+        outcomes.push(match row {
+            Some(row) => TaskOutcome {
+                feasible,
+                state: Some(row.state),
+                created_ms: row.created_at_ms,
+                updated_ms: row.updated_at_ms,
+            },
+            None => TaskOutcome {
+                feasible,
+                state: None,
+                created_ms: 0,
+                updated_ms: 0,
+            },
+        });
+    }
+    let mut calls = CallFigures::default();
+    for_each_event(store, "llm_call", |data| {
+        calls.calls += 1;
+        calls.retries += data["attempts"].as_u64().unwrap_or(1).saturating_sub(1);
+        if data["fallback"] == true {
+            calls.fallbacks += 1;
+        }
+        calls.tokens += data["usage"]["total_tokens"].as_u64().unwrap_or(0);
+    })
+    .await?;
+    let mut degraded = 0;
+    for_each_event(store, "degraded_reply", |_| degraded += 1).await?;
+    calls.degraded = degraded;
+    let mut breaker_trips = 0;
+    for_each_event(store, "breaker_opened", |_| breaker_trips += 1).await?;
+    let faults_injected: BTreeMap<String, u64> = drive
+        .injector
+        .injected()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let facts = RunFacts {
+        seed: args.seed,
+        policies: if args.policies_on { "on" } else { "off" }.to_owned(),
+        mix: prepared.mix_name.clone(),
+        agents: args.agents,
+        started_ms: drive.started_ms,
+        wall_s: run.wall.as_secs_f64(),
+        drained: run.drained,
+        calls,
+        breaker_trips,
+        faults_injected,
+        fault_windows: drive.windows,
+        keel_peak_rss_mb: usage.peak_rss_mb,
+        keel_cpu_s: usage.cpu_s,
+    };
+    Ok(Report::build(facts, &outcomes))
+}
+
+/// Calls `f` with the data of every event of `kind`, oldest first.
+async fn for_each_event<S: EventStore + ?Sized>(
+    store: &S,
+    kind: &str,
+    mut f: impl FnMut(&Value),
+) -> anyhow::Result<()> {
+    let mut after = None;
+    loop {
+        let page = store
+            .events(EventQuery {
+                kind: Some(kind.to_owned()),
+                after_seq: after,
+                limit: Some(5000),
+                ..EventQuery::default()
+            })
+            .await
+            .with_context(|| format!("reading {kind} events"))?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.seq);
+        for event in &page {
+            f(&event.data);
+        }
+    }
+}
+
+/// The generated keel config: policies on (retries, fallback to the small model,
+/// breaker, task attempts) or off (a plain pass-through).
+fn config_text(listen: &str, db: &Path, sim_base_url: &str, policies_on: bool) -> String {
+    let db = db.display().to_string().replace('\\', "/");
+    let common = format!(
+        r#"# Written by keel sim; policies {on_off}.
+[server]
+listen = "{listen}"
+
+[store]
+url = "sqlite://{db}"
+
+[providers.sim]
+kind = "openai"
+base_url = "{sim_base_url}"
+"#,
+        on_off = if policies_on { "on" } else { "off" },
+    );
+    let policies = if policies_on {
+        format!(
+            r#"
+[routes.{ROUTE}]
+targets = [
+  {{ provider = "sim", model = "{LARGE}" }},
+  {{ provider = "sim", model = "{SMALL}" }},
+]
+retry = {{ max_attempts = 3, base = "100ms", cap = "2s", jitter = "full", respect_retry_after = true, budget_ratio = 0.5 }}
+timeouts = {{ connect = "1s", first_token = "3s", idle = "2s", attempt = "3s", total = "20s" }}
+
+[breaker]
+window = "count"
+window_size = 50
+min_calls = 20
+failure_rate = 0.5
+slow_call_rate = 1.0
+slow_call = "10s"
+open_for = "5s"
+half_open_calls = 3
+
+[agents.{AGENT}]
+max_attempts = 3
+"#
+        )
+    } else {
+        format!(
+            r#"
+[routes.{ROUTE}]
+targets = [{{ provider = "sim", model = "{LARGE}" }}]
+retry = {{ max_attempts = 1 }}
+timeouts = {{ connect = "10s", first_token = "30s", idle = "30s", attempt = "30s", total = "30s" }}
+breaker = {{ window = "count", window_size = 1000, min_calls = 1000, failure_rate = 1.0, slow_call_rate = 1.0, slow_call = "30s", open_for = "1s", half_open_calls = 1 }}
+
+[agents.{AGENT}]
+max_attempts = 1
+"#
+        )
+    };
+    common + &policies
+}
+
+/// A port free right now on loopback (keel binds it a moment later).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(listener.local_addr().context("no local address")?.port())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// This process's peak RSS and CPU time (keel in-process shares it with the fleet).
+fn own_usage() -> Usage {
+    proc_usage("self")
+}
+
+/// Peak RSS (`VmHWM`) and user + system CPU of `/proc/<pid>`.
+fn proc_usage(pid: &str) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let ticks = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            // utime and stime are fields 14 and 15 of stat; 12 and 13 after the ')'.
+            field(11) + field(12)
+        })
+        .unwrap_or(0.0);
+    Usage {
+        peak_rss_mb: peak_kib / 1024.0,
+        // The kernel's USER_HZ is 100 on Linux.
+        cpu_s: ticks / 100.0,
+    }
+}
+
+/// A `keel serve` child process.
+struct ChildKeel {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+    /// Usage of the instances already gone (killed).
+    gone: Usage,
+}
+
+impl ChildKeel {
+    async fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
+        let child = spawn_keel(config, log).await?;
+        Ok(Self {
+            child,
+            config: config.to_owned(),
+            log: log.to_owned(),
+            gone: Usage::default(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Usage over every instance so far: the largest peak, the summed CPU.
+    fn usage(&self) -> Usage {
+        let now = proc_usage(&self.pid().to_string());
+        Usage {
+            peak_rss_mb: now.peak_rss_mb.max(self.gone.peak_rss_mb),
+            cpu_s: now.cpu_s + self.gone.cpu_s,
+        }
+    }
+
+    async fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
+        self.gone = self.usage();
+        self.child.start_kill().context("cannot kill keel")?;
+        let _ = self.child.wait().await;
+        self.child = spawn_keel(&self.config, &self.log).await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for the graceful shutdown.
+    async fn stop(mut self) {
+        let pid = self.pid().to_string();
+        let term = Command::new("kill").args(["-TERM", &pid]).status().await;
+        if term.is_err() {
+            let _ = self.child.start_kill();
+        }
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// Starts `keel serve --config CONFIG`, its stderr appended to `log`, and waits for
+/// its `keel listening on` line.
+async fn spawn_keel(config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the keel executable")?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start keel serve")?;
+    let stdout = child.stdout.take().context("keel has no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with("keel listening on ") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if ready != Ok(true) {
+        let _ = child.start_kill();
+        bail!(
+            "keel did not start (see {}); config: {}",
+            log.display(),
+            config.display()
+        );
+    }
+    // Keep draining stdout so keel never blocks on a full pipe.
+    let drain = async move { while let Ok(Some(_)) = lines.next_line().await {} };
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a detached reader of the child's stdout; it ends with the child"
+    )]
+    tokio::spawn(drain);
+    Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_generated_configs_are_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        for on in [true, false] {
+            let path = dir.path().join(format!("keel-{on}.toml"));
+            let text = config_text(
+                "127.0.0.1:0",
+                &dir.path().join("k.db"),
+                "http://127.0.0.1:9/v1",
+                on,
+            );
+            std::fs::write(&path, text).unwrap();
+            let settings = keel_config::load(&path, &|_| None).unwrap_or_else(|e| {
+                panic!(
+                    "{}",
+                    e.0.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            });
+            let route = settings.routes.get(ROUTE).unwrap();
+            assert_eq!(route.targets.len(), if on { 2 } else { 1 });
+        }
+    }
+
+    #[test]
+    fn proc_usage_reads_this_process() {
+        let usage = proc_usage("self");
+        assert!(usage.peak_rss_mb > 1.0, "{usage:?}");
+    }
+}

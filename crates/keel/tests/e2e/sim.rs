@@ -1,0 +1,134 @@
+//! `keel sim` end to end: a small fleet under the standard fault mix, policies on
+//! and off on the same seed, and the report files it writes.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `keel sim` with `args` into `dir`; returns its report.json.
+fn sim(dir: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("sim")
+        .args(args)
+        .arg("--report")
+        .arg(dir)
+        .output()
+        .expect("run keel sim");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "keel sim failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("| success over feasible tasks |"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+    serde_json::from_str(&text).expect("report.json is JSON")
+}
+
+fn final_total(report: &Value) -> u64 {
+    ["succeeded", "dead", "awaiting_human", "cancelled", "lost"]
+        .iter()
+        .map(|k| report["final"][*k].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn policies_on_lose_nothing_and_beat_policies_off_on_the_same_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (on_dir, off_dir) = (dir.path().join("on"), dir.path().join("off"));
+    let common = ["--agents", "50", "--tasks", "500", "--seed", "42"];
+    let (on, off) = std::thread::scope(|s| {
+        let on = s.spawn(|| sim(&on_dir, &[&common[..], &["--policies", "on"]].concat()));
+        let off = s.spawn(|| sim(&off_dir, &[&common[..], &["--policies", "off"]].concat()));
+        (on.join().unwrap(), off.join().unwrap())
+    });
+
+    for report in [&on, &off] {
+        assert_eq!(report["tasks"], 500);
+        assert_eq!(
+            final_total(report),
+            500,
+            "every task counted once: {report}"
+        );
+        assert_eq!(report["seed"], 42);
+    }
+    assert_eq!(on["feasible"], off["feasible"], "same seed, same scripts");
+    assert_eq!(on["policies"], "on");
+    assert_eq!(on["final"]["lost"], 0, "{on}");
+    assert_eq!(on["drained"], true, "{on}");
+    let on_rate = on["success_rate_feasible"].as_f64().unwrap();
+    let off_rate = off["success_rate_feasible"].as_f64().unwrap();
+    assert!(on_rate >= 0.99, "policies on: {on_rate}\n{on}");
+    assert!(
+        off_rate + 0.10 < on_rate,
+        "policies off should be clearly worse: {off_rate} vs {on_rate}"
+    );
+
+    // The mix's faults happened, and keel's policies answered them.
+    let faults = &on["faults_injected"];
+    for kind in [
+        "error_5xx",
+        "rate_limited",
+        "hang",
+        "outage",
+        "agent_killed",
+        "keel_kill9",
+    ] {
+        assert!(
+            faults[kind].as_u64().unwrap_or(0) > 0,
+            "no {kind} injected: {faults}"
+        );
+    }
+    assert!(on["retries"].as_u64().unwrap() > 0, "{on}");
+    assert!(on["fallbacks"].as_u64().unwrap() > 0, "{on}");
+    assert_eq!(off["retries"], 0, "policies off do not retry: {off}");
+    assert_eq!(off["fallbacks"], 0, "policies off do not fall back: {off}");
+    assert!(on["keel_peak_rss_mb"].as_f64().unwrap() > 1.0);
+
+    // The report files a person and a script read.
+    let md = std::fs::read_to_string(on_dir.join("report.md")).unwrap();
+    assert!(md.contains("| lost | 0 |"), "{md}");
+    let svg = std::fs::read_to_string(on_dir.join("report.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("report.svg is well-formed XML");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "svg");
+    assert_eq!(
+        root.tag_name().namespace(),
+        Some("http://www.w3.org/2000/svg")
+    );
+    let series: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .collect();
+    assert_eq!(series.len(), 2, "success rate and p99 latency");
+    for line in series {
+        let points = line.attribute("points").unwrap().split_whitespace().count();
+        assert!(points >= 5, "a series with {points} points");
+    }
+    let shaded = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("fault"))
+        .count();
+    assert!(shaded >= 2, "the outage and the kill are marked");
+}
+
+#[test]
+fn a_bad_fault_mix_is_refused_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mix = dir.path().join("mix.toml");
+    std::fs::write(&mix, "[calls]\nhang = 2.0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["sim", "--faults"])
+        .arg(&mix)
+        .arg("--report")
+        .arg(dir.path().join("r"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mix.toml: calls.hang: 2 is not a share between 0 and 1"),
+        "{stderr}"
+    );
+}
