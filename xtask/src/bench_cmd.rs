@@ -6,7 +6,8 @@
 //! of the AWS Architecture Blog article "Exponential Backoff And Jitter"), `gateway` (the
 //! latency, throughput and memory keel adds in front of a simulated model server, see
 //! [`crate::gateway_overhead`]) and `store` (durable appends beside the disk's fsync rate, and
-//! reopening a large store, see [`crate::bench_store`]). A run replaces the entries of the parts it ran and keeps the
+//! reopening a large store, see [`crate::bench_store`]) and `sim` (a fleet of 1,000 agents under
+//! the standard fault mix, see [`crate::bench_sim`]). A run replaces the entries of the parts it ran and keeps the
 //! others, so `cargo xtask bench backoff` does not erase the gateway figures.
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,8 @@ pub enum BenchPart {
     Gateway,
     /// The event store: durable append throughput and latency, and recovery time.
     Store,
+    /// A fleet of 1,000 simulated agents under the standard fault mix, policies on and off.
+    Sim,
 }
 
 impl BenchPart {
@@ -42,6 +45,7 @@ impl BenchPart {
             BenchPart::Backoff => "backoff",
             BenchPart::Gateway => "gateway",
             BenchPart::Store => "store",
+            BenchPart::Sim => "sim",
         }
     }
 
@@ -51,7 +55,10 @@ impl BenchPart {
             "backoff" => Ok(BenchPart::Backoff),
             "gateway" => Ok(BenchPart::Gateway),
             "store" => Ok(BenchPart::Store),
-            other => bail!("unknown benchmark `{other}` (benchmarks: backoff, gateway, store)"),
+            "sim" => Ok(BenchPart::Sim),
+            other => {
+                bail!("unknown benchmark `{other}` (benchmarks: backoff, gateway, store, sim)")
+            }
         }
     }
 
@@ -61,6 +68,7 @@ impl BenchPart {
             BenchPart::Backoff => "backoff_contention/",
             BenchPart::Gateway => "gateway_overhead/",
             BenchPart::Store => "store/",
+            BenchPart::Sim => "fleet/",
         }
     }
 }
@@ -81,7 +89,12 @@ pub struct BenchArgs {
 impl Default for BenchArgs {
     fn default() -> Self {
         BenchArgs {
-            parts: vec![BenchPart::Backoff, BenchPart::Gateway, BenchPart::Store],
+            parts: vec![
+                BenchPart::Backoff,
+                BenchPart::Gateway,
+                BenchPart::Store,
+                BenchPart::Sim,
+            ],
             seed: 42,
             duration: Duration::from_secs(10),
             store_events: bench_store::DEFAULT_EVENTS,
@@ -144,6 +157,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             BenchPart::Backoff => Ok(backoff(args.seed)),
             BenchPart::Gateway => gateway_overhead::run(&root, args.duration),
             BenchPart::Store => bench_store::run(&root, &StoreBenchConfig::new(args.store_events)),
+            BenchPart::Sim => crate::bench_sim::run(&root, args.seed),
         };
         match outcome {
             Ok(entries) => {

@@ -52,7 +52,7 @@ pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> 
 }
 
 /// `cargo build --release -p keel`; returns the binary's path.
-fn build_keel(root: &Path) -> anyhow::Result<PathBuf> {
+pub fn build_keel(root: &Path) -> anyhow::Result<PathBuf> {
     println!("    building release keel");
     let built = run_passthrough(cargo_command(root).args(["build", "--release", "-p", "keel"]))?;
     if !built {

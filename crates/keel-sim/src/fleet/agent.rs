@@ -64,10 +64,17 @@ enum Stop {
     LeaseLost,
 }
 
+/// First and longest wait between claims that found nothing.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+const MAX_IDLE_POLL: Duration = Duration::from_secs(1);
+
 /// Runs agent `n` until the run drains or aborts.
 pub(crate) async fn run(crew: Arc<Crew>, n: u32) {
     let mut life = 0u32;
     let mut claims = 0u64;
+    // Nothing to claim: poll again after 50 ms, doubling up to 1 s, as a worker
+    // that does not want to hammer its queue would.
+    let mut idle = IDLE_POLL;
     loop {
         if crew.abort.is_cancelled() {
             return;
@@ -84,6 +91,7 @@ pub(crate) async fn run(crew: Arc<Crew>, n: u32) {
         match status {
             StatusCode::OK => {
                 claims += 1;
+                idle = IDLE_POLL;
                 if crew.work(task).await {
                     // This agent died mid-task; a fresh one takes its place.
                     life += 1;
@@ -95,7 +103,8 @@ pub(crate) async fn run(crew: Arc<Crew>, n: u32) {
                 if crew.drained.is_cancelled() {
                     return;
                 }
-                pause(&crew.abort, Duration::from_millis(50)).await;
+                pause(&crew.abort, idle).await;
+                idle = (idle * 2).min(MAX_IDLE_POLL);
             }
             other => {
                 tracing::warn!(%other, %task, "claim refused");

@@ -50,6 +50,8 @@ pub struct SqliteStore {
     /// `None` only while closing.
     writer: Option<JoinHandle<()>>,
     readers: Arc<Readers>,
+    /// One permit per read connection; see [`read::MAX_READERS`].
+    read_permits: Arc<tokio::sync::Semaphore>,
     stats: Arc<WriterStats>,
     /// Copies the WAL into the database off the commit path.
     _checkpointer: checkpoint::Checkpointer,
@@ -129,6 +131,7 @@ impl SqliteStore {
             queue: Some(queue),
             writer: Some(writer),
             readers,
+            read_permits: Arc::new(tokio::sync::Semaphore::new(read::MAX_READERS)),
             stats,
             _checkpointer: checkpointer,
             stored_payloads: parking_lot::Mutex::new(PayloadCache::default()),
@@ -197,9 +200,17 @@ impl SqliteStore {
         f: impl FnOnce(&Readers) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || f(&readers))
+        // The semaphore is never closed, so acquiring only fails if it were.
+        let permit = Arc::clone(&self.read_permits)
+            .acquire_owned()
             .await
-            .map_err(|source| self.task_err(source))?
+            .map_err(|_| self.stopped())?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&readers)
+        })
+        .await
+        .map_err(|source| self.task_err(source))?
     }
 }
 

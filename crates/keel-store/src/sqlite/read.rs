@@ -18,8 +18,11 @@ use crate::{
     Verify,
 };
 
-/// Idle read connections kept for reuse; more are opened under load and closed after.
-const MAX_IDLE_READERS: usize = 4;
+/// Read connections, and so reads running at once. The store makes further
+/// reads wait for one of these (asynchronously) instead of opening a connection
+/// and a blocking thread each: under a burst of a thousand claims that would mean
+/// a thousand threads, a thousand page caches and a schema parse per read.
+pub(crate) const MAX_READERS: usize = 4;
 
 /// How long a connection waits for a lock (schema changes, checkpoints) before failing.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,7 +76,7 @@ impl Readers {
         };
         let result = f(&conn);
         let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_READERS {
+        if idle.len() < MAX_READERS {
             idle.push(conn);
         }
         result

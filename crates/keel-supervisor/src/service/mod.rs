@@ -88,6 +88,28 @@ pub struct Supervisor {
     store: Arc<dyn TaskStore>,
     settings: SupervisorSettings,
     metrics: Option<SupervisorMetrics>,
+    /// Claims running right now; spreads concurrent claimers over the queue's head.
+    claiming: std::sync::atomic::AtomicUsize,
+}
+
+/// Queued tasks a claim considers at once.
+const CLAIM_CANDIDATES: usize = 32;
+
+/// Counts a claim in [`Supervisor::claiming`] while it runs.
+struct Claiming<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Claiming<'a> {
+    /// Counts one more claim; returns the guard and the claims now running.
+    fn enter(counter: &'a std::sync::atomic::AtomicUsize) -> (Self, usize) {
+        let now = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        (Self(counter), now)
+    }
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What [`Supervisor::agent_of_key`] found.
@@ -192,6 +214,7 @@ impl Supervisor {
             store,
             settings,
             metrics: None,
+            claiming: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -442,14 +465,23 @@ impl Supervisor {
             worker: worker.to_owned(),
             lease_ttl_ms,
         };
+        let (_claiming, in_flight) = Claiming::enter(&self.claiming);
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let candidates = self
+            let mut candidates = self
                 .store
-                .next_queued(agent, 8)
+                .next_queued(agent, CLAIM_CANDIDATES)
                 .await
                 .map_err(store_error)?;
             if candidates.is_empty() {
                 return Ok(None);
+            }
+            // A lone claimer takes the oldest task. Claimers running at once would
+            // all race for that one and all but one lose a write; each starts at
+            // a random one of the first `in_flight` candidates instead.
+            let spread = candidates.len().min(in_flight);
+            if spread > 1 {
+                let start = (uuid::Uuid::new_v4().as_u128() % spread as u128) as usize;
+                candidates.rotate_left(start);
             }
             for row in candidates {
                 let task = task_of(&row)?;

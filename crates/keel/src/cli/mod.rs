@@ -68,6 +68,9 @@ enum Command {
         /// Where to write the report (and keel's config and database).
         #[arg(long, value_name = "DIR", default_value = "keel-demo")]
         report: PathBuf,
+        /// Where keel listens (the CLI's default --server is http://127.0.0.1:8420).
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8420")]
+        listen: std::net::SocketAddr,
     },
     /// Work with configuration files.
     Config {
@@ -268,7 +271,8 @@ impl Cli {
                 agents,
                 tasks,
                 report,
-            } => sim::run_demo(&fleet.sim_args(agents, tasks, report, true), exit),
+                listen,
+            } => sim::run_demo(&fleet.sim_args(agents, tasks, report, true), exit, listen),
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => Ok(check(&file)),

@@ -66,10 +66,14 @@ pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `keel demo`.
-pub(crate) fn run_demo(args: &SimArgs, exit: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_demo(
+    args: &SimArgs,
+    exit: bool,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (report, keel) = simulate_in_process(args).await?;
+        let (report, keel) = simulate_in_process(args, listen).await?;
         print_report(&report, &args.report);
         if exit {
             keel.stop().await;
@@ -169,9 +173,16 @@ async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
 }
 
 /// `keel demo`: keel in this process, left running.
-async fn simulate_in_process(args: &SimArgs) -> anyhow::Result<(Report, serve::Running)> {
-    let listen = "127.0.0.1:8420";
-    let prepared = prepare(args, listen).await?;
+async fn simulate_in_process(
+    args: &SimArgs,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<(Report, serve::Running)> {
+    let prepared = prepare(args, &listen.to_string()).await?;
+    if prepared.mix.keel.kill9_at.is_some() {
+        output::line(
+            "keel runs inside this process here, so the mix's kill -9 of keel is skipped (`keel sim` does it).",
+        );
+    }
     let settings = keel_config::load(&prepared.config, &|name| std::env::var(name).ok()).map_err(
         |errors| {
             anyhow::anyhow!(
