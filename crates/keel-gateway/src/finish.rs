@@ -96,7 +96,9 @@ impl Finish {
         data.insert("stream".into(), self.stream.into());
         data.insert(
             "latency_ms".into(),
-            u64::try_from(latency.as_millis()).unwrap_or(u64::MAX).into(),
+            u64::try_from(latency.as_millis())
+                .unwrap_or(u64::MAX)
+                .into(),
         );
         data.insert("usage".into(), usage.into());
         data.insert(
@@ -105,7 +107,17 @@ impl Finish {
         );
         data.insert("response".into(), response.into());
         data.insert("response_blob".into(), response_hash.into());
-        NewEvent::new(EventKind::LlmCall, log.who.task.clone(), Value::Object(data))
+        // Present only when `[chaos]` injected something, so a report can tell injected
+        // failures (and slowness) from real ones.
+        if !log.chaos.is_empty() {
+            let chaos = log.chaos.iter().map(|c| c.to_json()).collect();
+            data.insert("chaos".into(), Value::Array(chaos));
+        }
+        NewEvent::new(
+            EventKind::LlmCall,
+            log.who.task.clone(),
+            Value::Object(data),
+        )
     }
 
     /// Appends the call's events with the request's payloads and `response`.
