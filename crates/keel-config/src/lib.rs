@@ -31,6 +31,7 @@
 
 mod agent;
 mod breaker;
+mod chaos;
 mod duration;
 mod error;
 mod locate;
@@ -45,6 +46,10 @@ use std::path::Path;
 
 pub use agent::{AgentConfig, AgentSettings, BudgetConfig, BudgetSettings};
 pub use breaker::{BreakerConfig, DEFAULT_BREAKER, WindowKind};
+pub use chaos::{
+    ChaosConfig, ChaosSettings, Fault, FaultKind, FaultRule, FaultRuleConfig, Latency, Outage,
+    OutageConfig, OutageScope, OutageStart, Scope, ScopeConfig,
+};
 pub use error::{ConfigError, ConfigErrors, Invalid, KeyPath, Segment};
 pub use provider::{ProviderConfig, ProviderKind, ProviderSettings};
 pub use route::{

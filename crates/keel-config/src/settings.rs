@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::agent::{AgentConfig, AgentSettings};
 use crate::breaker::{BreakerConfig, DEFAULT_BREAKER};
+use crate::chaos::{ChaosConfig, ChaosSettings, Known};
 use crate::error::{Invalid, KeyPath, Problems};
 use crate::provider::{ProviderConfig, ProviderSettings};
 use crate::route::{RouteConfig, RouteSettings};
@@ -40,6 +41,9 @@ pub struct KeelConfig {
     /// `[tools.NAME]`.
     #[serde(default)]
     pub tools: BTreeMap<String, ToolConfig>,
+    /// `[chaos]`.
+    #[serde(default)]
+    pub chaos: ChaosConfig,
 }
 
 /// A validated keel.toml: every field is usable without further checks.
@@ -60,6 +64,8 @@ pub struct Settings {
     pub agents: BTreeMap<String, AgentSettings>,
     /// `[tools.NAME]`, by name.
     pub tools: BTreeMap<String, ToolSettings>,
+    /// `[chaos]`: fault injection, off unless enabled.
+    pub chaos: ChaosSettings,
 }
 
 impl Default for Settings {
@@ -73,6 +79,7 @@ impl Default for Settings {
             breaker: DEFAULT_BREAKER,
             agents: BTreeMap::new(),
             tools: BTreeMap::new(),
+            chaos: ChaosSettings::default(),
         }
     }
 }
@@ -89,6 +96,30 @@ impl KeelConfig {
         // Routes are checked against the provider names as written, so that a provider with
         // its own problem (say, a missing API key) does not also make every route using it fail.
         let provider_names: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        // Chaos rules name routes and targets as written, checked before routes are consumed.
+        let route_targets: BTreeMap<String, Vec<String>> = self
+            .routes
+            .iter()
+            .map(|(name, route)| {
+                let targets = route
+                    .targets
+                    .iter()
+                    .map(|t| format!("{}/{}", t.provider, t.model))
+                    .collect();
+                (name.clone(), targets)
+            })
+            .collect();
+        // With agent keys configured, only configured agents can call; otherwise any
+        // `x-keel-agent` name can, so chaos rules may name any agent.
+        let keyed = self.agents.values().any(|a| !a.keys_env.is_empty());
+        let agent_names: Option<Vec<String>> = keyed.then(|| self.agents.keys().cloned().collect());
+        let known = Known {
+            routes: &route_targets,
+            agents: agent_names
+                .as_ref()
+                .map(|names| names.iter().map(String::as_str).collect()),
+        };
+        let chaos = problems.take(self.chaos.validate(&root.child("chaos"), &known));
         let breaker = problems
             .take(
                 self.breaker
@@ -142,6 +173,7 @@ impl KeelConfig {
                 breaker,
                 agents,
                 tools,
+                chaos: chaos?,
             })
         })
     }

@@ -107,6 +107,12 @@ impl Finish {
         );
         data.insert("response".into(), response.into());
         data.insert("response_blob".into(), response_hash.into());
+        // Present only when `[chaos]` injected something, so a report can tell injected
+        // failures (and slowness) from real ones.
+        if !log.chaos.is_empty() {
+            let chaos = log.chaos.iter().map(|c| c.to_json()).collect();
+            data.insert("chaos".into(), Value::Array(chaos));
+        }
         NewEvent::new(
             EventKind::LlmCall,
             log.who.task.clone(),

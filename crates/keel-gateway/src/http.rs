@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::body::RawObject;
+use crate::chaos::{HeaderFault, header as chaos_header};
 use crate::error::ApiError;
 use crate::finish::{Finish, count_request};
 use crate::provider::Endpoint;
@@ -170,6 +171,27 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
     })
 }
 
+/// The request's `x-keel-chaos` fault. Read only when `[chaos]` is enabled: otherwise
+/// the header is ignored, whatever it says, so a client cannot inject faults into a
+/// production keel that did not opt in.
+fn chaos_fault(gw: &Gateway, headers: &HeaderMap) -> Result<Option<HeaderFault>, ApiError> {
+    if gw.chaos.is_none() {
+        return Ok(None);
+    }
+    let Some(value) = headers.get(chaos_header::HEADER) else {
+        return Ok(None);
+    };
+    let invalid = |why: String| {
+        ApiError::bad_request(format!("invalid {} header: {why}", chaos_header::HEADER))
+            .with_param(chaos_header::HEADER)
+            .with_code("invalid_chaos_header")
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| invalid("the value is not ASCII text".to_owned()))?;
+    HeaderFault::parse(text).map(Some).map_err(invalid)
+}
+
 async fn handle(
     gw: Arc<Gateway>,
     endpoint: Endpoint,
@@ -194,6 +216,7 @@ async fn handle_inner(
         header_str(request.headers(), "authorization"),
         header_str(request.headers(), "x-keel-agent"),
     )?;
+    let chaos_header = chaos_fault(gw, request.headers())?;
     let (headers, parsed) = read_body(gw, request).await?;
     let Some(route) = gw.routes.get(&parsed.route) else {
         let known: Vec<&str> = gw.route_names().collect();
@@ -236,6 +259,8 @@ async fn handle_inner(
         route,
         metrics: &gw.metrics,
         clock: gw.clock.as_ref(),
+        chaos: gw.chaos.as_ref(),
+        chaos_header,
     };
     let recorded = if gw.record_payloads {
         payload::request(&parsed.body)
@@ -315,6 +340,12 @@ impl Drop for CallGuard {
                 "usage": null,
             }),
         );
+        if !log.chaos.is_empty() {
+            let chaos: Vec<Value> = log.chaos.iter().map(|c| c.to_json()).collect();
+            if let Some(data) = log.events.last_mut().and_then(|e| e.data.as_object_mut()) {
+                data.insert("chaos".into(), Value::Array(chaos));
+            }
+        }
         let gw = Arc::clone(&self.gw);
         let events = std::mem::take(&mut log.events);
         self.gw.tasks.spawn(async move { gw.append(events).await });

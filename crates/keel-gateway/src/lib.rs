@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod body;
+pub mod chaos;
 pub mod error;
 mod finish;
 mod http;
@@ -31,6 +32,7 @@ use tokio_util::task::TaskTracker;
 pub use http::router;
 
 use crate::agents::Agents;
+use crate::chaos::Chaos;
 use crate::metrics::{Metrics, TargetLabel};
 use crate::provider::Provider;
 use crate::provider::openai::OpenAiProvider;
@@ -46,6 +48,7 @@ pub struct Gateway {
     tasks: TaskTracker,
     max_body_bytes: usize,
     record_payloads: bool,
+    chaos: Option<Chaos>,
 }
 
 /// Why the gateway could not be built from settings.
@@ -130,6 +133,15 @@ impl Gateway {
             }
             routes.insert(name.clone(), Route::new(r, chain));
         }
+        let chaos = Chaos::new(&settings.chaos);
+        if let Some(chaos) = &chaos {
+            tracing::warn!(
+                seed = chaos.seed(),
+                rules = settings.chaos.faults.len(),
+                outages = settings.chaos.outages.len(),
+                "chaos is enabled: keel injects faults into its calls to providers and honours x-keel-chaos"
+            );
+        }
         Ok(Self {
             routes,
             agents: Agents::new(settings.agents.values()),
@@ -139,6 +151,7 @@ impl Gateway {
             tasks,
             max_body_bytes: settings.server.max_body_bytes,
             record_payloads: settings.store.record_payloads,
+            chaos,
         })
     }
 
@@ -150,5 +163,10 @@ impl Gateway {
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The live `[chaos]`, when enabled.
+    pub fn chaos(&self) -> Option<&Chaos> {
+        self.chaos.as_ref()
     }
 }

@@ -62,6 +62,15 @@ pub struct BudgetLabels {
     pub unit: String,
 }
 
+/// Labels of `keel_chaos_injected_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChaosLabels {
+    /// `provider/model` of the attempt.
+    pub target: String,
+    /// `status`, `latency`, `hang`, `drop`, `stream_cut` or `malformed`.
+    pub fault: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -97,6 +106,8 @@ pub struct Metrics {
     pub token_usage: HistogramFamily<TokenLabels>,
     /// `keel_budget_remaining{agent,unit}`.
     pub budget_remaining: Family<BudgetLabels, Gauge>,
+    /// `keel_chaos_injected_total{target,fault}`: faults `[chaos]` injected into attempts.
+    pub chaos_injected: Family<ChaosLabels, Counter>,
 }
 
 impl Metrics {
@@ -115,6 +126,7 @@ impl Metrics {
         let token_usage: HistogramFamily<TokenLabels> =
             Family::new_with_constructor(token_histogram);
         let budget_remaining = Family::<BudgetLabels, Gauge>::default();
+        let chaos_injected = Family::<ChaosLabels, Counter>::default();
         // prometheus-client appends `_total` to counters itself.
         registry.register(
             "keel_requests",
@@ -166,6 +178,11 @@ impl Metrics {
             "Budget left in the current window, per agent and unit",
             budget_remaining.clone(),
         );
+        registry.register(
+            "keel_chaos_injected",
+            "Faults injected by [chaos] into upstream attempts, by target and fault",
+            chaos_injected.clone(),
+        );
         Self {
             registry,
             requests,
@@ -178,6 +195,7 @@ impl Metrics {
             breaker_state,
             token_usage,
             budget_remaining,
+            chaos_injected,
         }
     }
 

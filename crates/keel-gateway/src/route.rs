@@ -5,7 +5,9 @@
 //! 2. fallback chain: targets in order, a target whose breaker is open is skipped;
 //! 3. per target, retry with backoff and jitter, gated by the route's retry budget;
 //! 4. per attempt, the circuit breaker permit, then the attempt deadline
-//!    (`timeouts.attempt`, and `first_token` for streams), then the provider call.
+//!    (`timeouts.attempt`, and `first_token` for streams), then the provider call
+//!    (or, when `[chaos]` picked a fault for the attempt, the injected failure in its
+//!    place, under the same deadlines, so every policy above reacts to it as to a real one).
 //!
 //! Errors are classified once ([`UpstreamError::class`]): retryable errors are
 //! retried on the same target, fallback-only errors move to the next target,
@@ -13,11 +15,12 @@
 //! collected as events in the [`CallLog`] and written by the caller in one append.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use keel_config::{RetrySettings, RouteSettings, TimeoutSettings};
+use keel_config::{Fault, FaultKind, RetrySettings, RouteSettings, TimeoutSettings};
 use keel_core::{ErrorClass, EventKind, NewEvent};
 use keel_policy::Clock;
 use keel_policy::backoff::{Backoff, retry_after_delay};
@@ -28,8 +31,9 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::body::RawObject;
+use crate::chaos::{AttemptInfo, Chaos, HeaderFault, Source};
 use crate::error::UpstreamError;
-use crate::metrics::{AttemptLabels, Metrics, RouteLabel, TargetLabel};
+use crate::metrics::{AttemptLabels, ChaosLabels, Metrics, RouteLabel, TargetLabel};
 use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
 use crate::usage::Usage;
 
@@ -101,6 +105,33 @@ pub struct CallLog {
     pub events: Vec<NewEvent>,
     /// Attempts made over all targets.
     pub attempts: u32,
+    /// Faults injected by `[chaos]` into this call's attempts, in order.
+    pub chaos: Vec<InjectedFault>,
+}
+
+/// One fault `[chaos]` injected into an attempt, recorded in `llm_call.chaos`.
+#[derive(Debug, Clone)]
+pub struct InjectedFault {
+    /// 1-based attempt number within the call.
+    pub attempt: u32,
+    /// The target the attempt was for.
+    pub target: String,
+    /// The fault.
+    pub fault: FaultKind,
+    /// Header, outage or rule.
+    pub source: Source,
+}
+
+impl InjectedFault {
+    /// `{"attempt", "target", "fault", "source"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "attempt": self.attempt,
+            "target": self.target,
+            "fault": self.fault.as_str(),
+            "source": self.source.as_str(),
+        })
+    }
 }
 
 impl CallLog {
@@ -110,6 +141,7 @@ impl CallLog {
             who,
             events: Vec::new(),
             attempts: 0,
+            chaos: Vec::new(),
         }
     }
 
@@ -163,6 +195,10 @@ pub struct Executor<'a> {
     pub metrics: &'a Metrics,
     /// Clock for breakers and budgets.
     pub clock: &'a dyn Clock,
+    /// Fault injection, when `[chaos]` is enabled.
+    pub chaos: Option<&'a Chaos>,
+    /// The request's `x-keel-chaos` fault (only parsed when chaos is enabled).
+    pub chaos_header: Option<HeaderFault>,
 }
 
 impl Executor<'_> {
@@ -271,8 +307,18 @@ impl Executor<'_> {
                 return TargetResult::OutOfTime(last);
             }
             log.attempts += 1;
+            let fault = self.inject(target, log);
+            // Set by the injection when the failure is its own (only allocated for a fault).
+            let tripped = fault.map(|_| Arc::new(AtomicBool::new(false)));
             let started = self.clock.now();
-            let result = self.attempt(target, request.clone(), deadline).await;
+            let result = self
+                .attempt(
+                    target,
+                    request.clone(),
+                    deadline,
+                    fault.zip(tripped.as_ref()),
+                )
+                .await;
             let Some(permit) = permit.permit.take() else {
                 return TargetResult::OutOfTime(last);
             };
@@ -308,19 +354,25 @@ impl Executor<'_> {
             };
             let class = error.class();
             self.count_attempt(target, class.as_str());
-            log.push(
-                EventKind::LlmAttemptFailed,
-                json!({
-                    "route": route.name,
-                    "target": target.id,
-                    "attempt": attempt + 1,
-                    "class": class.as_str(),
-                    "reason": error.reason(),
-                    "status": error.status().map(|s| s.as_u16()),
-                    "error": error.to_string(),
-                    "latency_ms": took.as_millis() as u64,
-                }),
-            );
+            let mut failed = json!({
+                "route": route.name,
+                "target": target.id,
+                "attempt": attempt + 1,
+                "class": class.as_str(),
+                "reason": error.reason(),
+                "status": error.status().map(|s| s.as_u16()),
+                "error": error.to_string(),
+                "latency_ms": took.as_millis() as u64,
+            });
+            // Only a failure the fault itself caused is `injected`; a real failure behind
+            // an injected latency or stream cut is not.
+            if let (Some(fault), Some(tripped)) = (fault, &tripped)
+                && tripped.load(Ordering::Relaxed)
+                && let Some(data) = failed.as_object_mut()
+            {
+                data.insert("injected".into(), fault.kind().as_str().into());
+            }
+            log.push(EventKind::LlmAttemptFailed, failed);
             match class {
                 ErrorClass::Fatal => return TargetResult::Fatal(error),
                 ErrorClass::FallbackOnly => return TargetResult::Next(Some(error)),
@@ -363,13 +415,44 @@ impl Executor<'_> {
         TargetResult::Next(last)
     }
 
+    /// Asks `[chaos]` for this attempt's fault; records and counts one that fires.
+    fn inject(&self, target: &Target, log: &mut CallLog) -> Option<Fault> {
+        let chaos = self.chaos?;
+        let info = AttemptInfo {
+            route: &self.route.name,
+            target: &target.id,
+            agent: &log.who.agent,
+            task: log.who.task.as_deref(),
+            call_attempt: log.attempts,
+        };
+        let injection = chaos.decide(&info, self.chaos_header.as_ref(), chaos.now())?;
+        let kind = injection.fault.kind();
+        self.metrics
+            .chaos_injected
+            .get_or_create(&ChaosLabels {
+                target: target.id.clone(),
+                fault: kind.as_str().to_owned(),
+            })
+            .inc();
+        log.chaos.push(InjectedFault {
+            attempt: log.attempts,
+            target: target.id.clone(),
+            fault: kind,
+            source: injection.source,
+        });
+        Some(injection.fault)
+    }
+
     /// One attempt under the tightest of the attempt and total deadlines; for a
-    /// stream, also waits (under `first_token`) for the first chunk.
+    /// stream, also waits (under `first_token`) for the first chunk. With a fault, the
+    /// injected failure stands in for (or wraps) the provider call, and sets its flag
+    /// when the failure is the fault's own.
     async fn attempt(
         &self,
         target_ref: &Target,
         request: ProviderRequest,
         deadline: Instant,
+        fault: Option<(Fault, &Arc<AtomicBool>)>,
     ) -> Result<Reply, UpstreamError> {
         let timeouts = &self.route.timeouts;
         let start = Instant::now();
@@ -396,9 +479,16 @@ impl Executor<'_> {
             phase,
             after,
         };
-        let reply = match tokio::time::timeout_at(first_deadline, target_ref.provider.send(request))
-            .await
-        {
+        let provider = target_ref.provider.as_ref();
+        let send = async move {
+            match fault {
+                Some((fault, tripped)) => {
+                    crate::chaos::inject::send(fault, provider, request, tripped).await
+                }
+                None => provider.send(request).await,
+            }
+        };
+        let reply = match tokio::time::timeout_at(first_deadline, send).await {
             Ok(r) => r?,
             Err(_) => return Err(timed_out(start.elapsed())),
         };

@@ -202,6 +202,7 @@ fn design_example_parses_to_expected_settings() {
                 }),
             },
         )]),
+        chaos: ChaosSettings::default(),
     };
     assert_eq!(settings(DESIGN_EXAMPLE), expected);
 }
@@ -358,4 +359,5 @@ fn secrets_never_appear_in_debug_output() {
     assert!(debug.contains("[redacted]"));
 }
 
+mod chaos;
 mod rules;

@@ -42,9 +42,9 @@ retry = { max_attempts = 3, bse = \"200ms\" }
 #[test]
 fn unknown_table_is_rejected_with_its_line() {
     assert_eq!(
-        errors("[server]\nlisten = \"127.0.0.1:1\"\n\n[chaos]\n"),
-        "keel.toml:4: chaos: unknown field `chaos`, expected one of `server`, `store`, \
-         `providers`, `routes`, `breaker`, `agents`, `tools`"
+        errors("[server]\nlisten = \"127.0.0.1:1\"\n\n[chaoss]\n"),
+        "keel.toml:4: chaoss: unknown field `chaoss`, expected one of `server`, `store`, \
+         `providers`, `routes`, `breaker`, `agents`, `tools`, `chaos`"
     );
 }
 

@@ -296,8 +296,18 @@ impl Cli {
 fn check(file: &std::path::Path) -> ExitCode {
     match keel_config::load(file, &|name| std::env::var(name).ok()) {
         Ok(settings) => {
+            // A config that injects faults must not pass a check unnoticed.
+            let chaos = if settings.chaos.enabled {
+                format!(
+                    "; chaos ENABLED: {} fault rules, {} outages",
+                    settings.chaos.faults.len(),
+                    settings.chaos.outages.len()
+                )
+            } else {
+                String::new()
+            };
             output::line(&format!(
-                "{}: ok ({} providers, {} routes, {} agents)",
+                "{}: ok ({} providers, {} routes, {} agents){chaos}",
                 file.display(),
                 settings.providers.len(),
                 settings.routes.len(),

@@ -9,6 +9,7 @@
     reason = "test harness: a failed setup step should fail the test loudly"
 )]
 
+mod chaos;
 mod cli;
 mod common;
 mod crash;
