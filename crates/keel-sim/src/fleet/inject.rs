@@ -23,6 +23,9 @@ use crate::{Fault, Injector};
 /// not to pile up for the life of a long run.
 pub const HANG: Duration = Duration::from_secs(120);
 
+/// The added latency of a `slow` call when the mix does not say.
+const DEFAULT_SLOW: Duration = Duration::from_secs(2);
+
 /// Chunks a cut stream delivers before the connection is aborted.
 const CUT_AFTER_CHUNKS: u32 = 2;
 
@@ -36,6 +39,12 @@ pub mod kind {
     pub const HANG: &str = "hang";
     /// A stream cut mid-way.
     pub const STREAM_CUT: &str = "stream_cut";
+    /// A connection dropped before the answer.
+    pub const DROP: &str = "drop";
+    /// A 200 whose body is not JSON.
+    pub const MALFORMED: &str = "malformed";
+    /// A normal answer after an added latency.
+    pub const SLOW: &str = "slow";
     /// A call answered 503 during an outage window.
     pub const OUTAGE: &str = "outage";
     /// An agent that died mid-task.
@@ -137,10 +146,29 @@ impl FleetInjector {
             };
         }
         edge += c.stream_cut;
-        if streamed && r < edge {
+        if r < edge {
+            // Only streams can be cut mid-way; other calls answer normally.
+            if streamed {
+                return Decision {
+                    kind: Some(kind::STREAM_CUT),
+                    fault: Some(Fault::cut_after(CUT_AFTER_CHUNKS).with_delay(latency)),
+                };
+            }
+        } else if r < edge + c.drop {
             return Decision {
-                kind: Some(kind::STREAM_CUT),
-                fault: Some(Fault::cut_after(CUT_AFTER_CHUNKS).with_delay(latency)),
+                kind: Some(kind::DROP),
+                fault: Some(Fault::drop_connection().with_delay(latency)),
+            };
+        } else if r < edge + c.drop + c.malformed {
+            return Decision {
+                kind: Some(kind::MALFORMED),
+                fault: Some(Fault::malformed().with_delay(latency)),
+            };
+        } else if r < edge + c.drop + c.malformed + c.slow {
+            let slow = c.slow_latency.unwrap_or(DEFAULT_SLOW);
+            return Decision {
+                kind: Some(kind::SLOW),
+                fault: Some(Fault::delay(latency + slow)),
             };
         }
         Decision {
@@ -256,6 +284,38 @@ mod tests {
             (0.004..0.006).contains(&share(kind::STREAM_CUT)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn drop_malformed_and_slow_come_in_their_shares() {
+        let mix = FaultMix::parse(
+            "[calls]\ndrop = 0.02\nmalformed = 0.03\nslow = 0.05\nslow_latency = \"1s\"\n",
+            "t",
+        )
+        .unwrap();
+        let inj = FleetInjector::new(3, mix, HashMap::new());
+        let mut counts: HashMap<&str, u32> = HashMap::new();
+        let n = 100_000u32;
+        for i in 0..n {
+            let d = inj.decide("m", i, 0, 0, false, Duration::ZERO);
+            if let Some(k) = d.kind {
+                *counts.entry(k).or_default() += 1;
+                let fault = d.fault.unwrap();
+                match k {
+                    kind::DROP => assert!(fault.drop_connection),
+                    kind::MALFORMED => assert!(fault.malformed),
+                    kind::SLOW => assert_eq!(fault.delay, Some(Duration::from_secs(1))),
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }
+        let share = |k| f64::from(counts.get(k).copied().unwrap_or(0)) / f64::from(n);
+        assert!((0.017..0.023).contains(&share(kind::DROP)), "{counts:?}");
+        assert!(
+            (0.026..0.034).contains(&share(kind::MALFORMED)),
+            "{counts:?}"
+        );
+        assert!((0.045..0.055).contains(&share(kind::SLOW)), "{counts:?}");
     }
 
     #[test]

@@ -51,6 +51,31 @@ pub struct CallFaults {
     /// Share of *streamed* calls cut after a few chunks.
     #[serde(default)]
     pub stream_cut: f64,
+    /// Share whose connection is dropped before any byte of an answer.
+    #[serde(default)]
+    pub drop: f64,
+    /// Share answering 200 with a body that is not JSON.
+    #[serde(default)]
+    pub malformed: f64,
+    /// Share answering normally but slowly, after [`CallFaults::slow_latency`].
+    #[serde(default)]
+    pub slow: f64,
+    /// The added latency of a slow call (default 2s).
+    #[serde(with = "humantime_serde", default)]
+    pub slow_latency: Option<Duration>,
+}
+
+impl CallFaults {
+    /// The sum of every share.
+    fn total(&self) -> f64 {
+        self.error_5xx
+            + self.rate_limited
+            + self.hang
+            + self.stream_cut
+            + self.drop
+            + self.malformed
+            + self.slow
+    }
 }
 
 /// A window in which every call to `target` answers 503.
@@ -157,6 +182,9 @@ impl FaultMix {
             ("calls.rate_limited", c.rate_limited),
             ("calls.hang", c.hang),
             ("calls.stream_cut", c.stream_cut),
+            ("calls.drop", c.drop),
+            ("calls.malformed", c.malformed),
+            ("calls.slow", c.slow),
             ("agents.killed", self.agents.killed),
         ] {
             if !(0.0..=1.0).contains(&rate) {
@@ -166,7 +194,7 @@ impl FaultMix {
                 ));
             }
         }
-        let sum = c.error_5xx + c.rate_limited + c.hang + c.stream_cut;
+        let sum = c.total();
         if sum > 1.0 {
             return Err(invalid(
                 "calls",

@@ -328,12 +328,8 @@ impl Report {
         const RIGHT: f64 = 20.0;
         const TOP: f64 = 40.0;
         const GAP: f64 = 50.0;
-        let span = self.timeline.last().map_or(1.0, |b| b.end_s).max(
-            self.fault_windows
-                .iter()
-                .map(|w| w.end_s)
-                .fold(1.0, f64::max),
-        );
+        // The run's span; a window scheduled past the run's end is cut there.
+        let span = self.timeline.last().map_or(1.0, |b| b.end_s).max(1.0);
         let x = |s: f64| LEFT + (s / span) * (W - LEFT - RIGHT);
         let h = TOP + 2.0 * PANEL + GAP + 40.0;
         let mut out = String::new();
@@ -358,8 +354,11 @@ impl Report {
         ];
         for (i, (title, top, max)) in panels.iter().enumerate() {
             let bottom = top + PANEL;
-            for w in &self.fault_windows {
-                let (x0, x1) = (x(w.start_s), x(w.end_s));
+            for (n, w) in self.fault_windows.iter().enumerate() {
+                if w.start_s > span {
+                    continue;
+                }
+                let (x0, x1) = (x(w.start_s), x(w.end_s.min(span)));
                 if x1 - x0 < 1.0 {
                     let _ = writeln!(
                         out,
@@ -379,7 +378,8 @@ impl Report {
                         out,
                         r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#d62728">{}</text>"##,
                         x0 + 2.0,
-                        top + 12.0,
+                        // One line per window: labels of nearby windows do not overlap.
+                        top + 24.0 + 12.0 * n as f64,
                         xml_escape(&w.label)
                     );
                 }
@@ -394,11 +394,12 @@ impl Report {
                 r##"<text x="{LEFT}" y="{:.1}">{title}</text><text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}</text><text x="{:.1}" y="{bottom}" text-anchor="end">0</text>"##,
                 top - 6.0,
                 LEFT - 4.0,
-                top + 10.0,
+                bottom - PANEL / 1.05 + 4.0,
                 max,
                 LEFT - 4.0
             );
-            let y = |v: f64| bottom - (v / max).clamp(0.0, 1.0) * PANEL;
+            // 5% headroom keeps a line at the maximum off the frame.
+            let y = |v: f64| bottom - (v / max).clamp(0.0, 1.0) * PANEL / 1.05;
             let points: Vec<String> = self
                 .timeline
                 .iter()
