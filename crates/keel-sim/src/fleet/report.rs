@@ -34,6 +34,8 @@ pub struct Report {
     pub success_rate_feasible: f64,
     /// Task latency, creation to final state, over tasks that ended.
     pub task_latency_ms: Percentiles,
+    /// The part of it after the first claim (without the wait in the queue).
+    pub task_run_ms: Percentiles,
     /// Model calls clients made through keel (`llm_call` events).
     pub model_calls: u64,
     /// `model_calls` over tasks.
@@ -125,6 +127,8 @@ pub struct TaskOutcome {
     pub state: Option<String>,
     /// Created, ms since the epoch.
     pub created_ms: i64,
+    /// First claimed, ms since the epoch (`None`: never claimed).
+    pub first_claimed_ms: Option<i64>,
     /// Last changed, ms since the epoch.
     pub updated_ms: i64,
 }
@@ -186,6 +190,7 @@ impl Report {
         let mut final_states = Final::default();
         let mut succeeded_feasible = 0u64;
         let mut latencies = Vec::new();
+        let mut runs = Vec::new();
         for t in tasks {
             match t.state.as_deref() {
                 Some("succeeded") => final_states.succeeded += 1,
@@ -201,6 +206,9 @@ impl Report {
                 succeeded_feasible += 1;
             }
             latencies.push((t.updated_ms - t.created_ms).max(0) as f64);
+            if let Some(claimed) = t.first_claimed_ms {
+                runs.push((t.updated_ms - claimed).max(0) as f64);
+            }
         }
         let feasible = tasks.iter().filter(|t| t.feasible).count() as u64;
         let n = tasks.len() as u64;
@@ -215,6 +223,7 @@ impl Report {
             final_states,
             success_rate_feasible: ratio(succeeded_feasible, feasible),
             task_latency_ms: percentiles(&mut latencies),
+            task_run_ms: percentiles(&mut runs),
             model_calls: facts.calls.calls,
             model_calls_per_task: ratio(facts.calls.calls, n),
             retries: facts.calls.retries,
@@ -280,6 +289,13 @@ impl Report {
                 format!(
                     "{:.0} ms / {:.0} ms",
                     self.task_latency_ms.p50, self.task_latency_ms.p99
+                ),
+            ),
+            (
+                "of which after the first claim, p50 / p99",
+                format!(
+                    "{:.0} ms / {:.0} ms",
+                    self.task_run_ms.p50, self.task_run_ms.p99
                 ),
             ),
             (
@@ -539,6 +555,7 @@ mod tests {
             feasible,
             state: state.map(str::to_owned),
             created_ms: 1_000_000,
+            first_claimed_ms: Some(1_000_500),
             updated_ms: 1_000_000 + (end_s * 1000.0) as i64,
         }
     }
@@ -568,6 +585,7 @@ mod tests {
         assert!((r.success_rate_feasible - 0.4).abs() < 1e-9);
         assert_eq!(r.task_latency_ms.p50, 3000.0);
         assert_eq!(r.task_latency_ms.p99, 4000.0);
+        assert_eq!(r.task_run_ms.p50, 2500.0, "half a second in the queue");
         assert!((r.model_calls_per_task - 10.0 / 6.0).abs() < 1e-9);
         let ended: u64 = r.timeline.iter().map(|b| b.ended).sum();
         assert_eq!(ended, 3, "feasible tasks in a final state");

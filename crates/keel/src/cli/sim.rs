@@ -20,7 +20,6 @@ use keel_sim::fleet::inject::kind;
 use keel_sim::fleet::report::{CallFigures, Report, RunFacts, TaskOutcome, Window};
 use keel_sim::fleet::{self, FaultMix, FleetInjector, FleetSettings, Progress, TaskScript};
 use keel_store::{EventQuery, EventStore, SqliteStore, TaskStore};
-use serde_json::Value;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 
@@ -251,12 +250,30 @@ async fn drive(
         drain_timeout: args.drain_timeout,
     };
     let bar = progress_bar(u64::from(args.tasks));
+    // Without a terminal (CI logs, pipes) the bar is hidden: a line every 5 s instead.
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let began = std::time::Instant::now();
+    let last_line = parking_lot::Mutex::new(began);
     let on_progress = |p: Progress| {
-        bar.set_position(p.completed + p.failed);
-        bar.set_message(format!(
-            "created {} · calls ok {} failed {}",
-            p.created, p.calls_ok, p.calls_failed
-        ));
+        let message = format!(
+            "created {} · task attempts failed {} · model calls ok {} failed {}",
+            p.created, p.failed, p.calls_ok, p.calls_failed
+        );
+        if plain {
+            let mut last = last_line.lock();
+            if last.elapsed() >= Duration::from_secs(5) {
+                *last = std::time::Instant::now();
+                output::line(&format!(
+                    "[{:>4}s] completed {}/{} · {message}",
+                    began.elapsed().as_secs(),
+                    p.completed,
+                    args.tasks
+                ));
+            }
+        } else {
+            bar.set_position(p.completed);
+            bar.set_message(message);
+        }
     };
     let fleet = fleet::run(
         &settings,
@@ -270,7 +287,12 @@ async fn drive(
             tokio::pin!(fleet);
             let killer = async {
                 tokio::time::sleep(at).await;
-                bar.println(format!("kill -9 keel (pid {}) and restart", keel.pid()));
+                let line = format!("kill -9 keel (pid {}) and restart", keel.pid());
+                if plain {
+                    output::line(&line);
+                } else {
+                    bar.println(line);
+                }
                 let restarted = keel.kill9_and_restart().await;
                 injector.count(kind::KEEL_KILL9);
                 restarted
@@ -301,7 +323,7 @@ async fn drive(
 fn progress_bar(tasks: u64) -> ProgressBar {
     let bar = ProgressBar::new(tasks);
     if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tasks ended · {msg}",
+        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} completed · {msg}",
     ) {
         bar.set_style(style);
     }
@@ -325,6 +347,14 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
     store: &S,
     usage: Usage,
 ) -> anyhow::Result<Report> {
+    // When each task was first claimed: its time in the queue ends there.
+    let mut first_claim: HashMap<String, i64> = HashMap::new();
+    for_each_event(store, "task_claimed", |event| {
+        if let Some(id) = &event.task_id {
+            first_claim.entry(id.clone()).or_insert(event.at_ms);
+        }
+    })
+    .await?;
     let mut outcomes = Vec::with_capacity(run.created.len());
     for created in &run.created {
         let row = store
@@ -338,6 +368,7 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
         outcomes.push(match row {
             Some(row) => TaskOutcome {
                 feasible,
+                first_claimed_ms: first_claim.get(&row.id).copied(),
                 state: Some(row.state),
                 created_ms: row.created_at_ms,
                 updated_ms: row.updated_at_ms,
@@ -346,12 +377,14 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
                 feasible,
                 state: None,
                 created_ms: 0,
+                first_claimed_ms: None,
                 updated_ms: 0,
             },
         });
     }
     let mut calls = CallFigures::default();
-    for_each_event(store, "llm_call", |data| {
+    for_each_event(store, "llm_call", |event| {
+        let data = &event.data;
         calls.calls += 1;
         calls.retries += data["attempts"].as_u64().unwrap_or(1).saturating_sub(1);
         if data["fallback"] == true {
@@ -389,11 +422,11 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
     Ok(Report::build(facts, &outcomes))
 }
 
-/// Calls `f` with the data of every event of `kind`, oldest first.
+/// Calls `f` with every event of `kind`, oldest first.
 async fn for_each_event<S: EventStore + ?Sized>(
     store: &S,
     kind: &str,
-    mut f: impl FnMut(&Value),
+    mut f: impl FnMut(&keel_store::Event),
 ) -> anyhow::Result<()> {
     let mut after = None;
     loop {
@@ -411,7 +444,7 @@ async fn for_each_event<S: EventStore + ?Sized>(
         };
         after = Some(last.seq);
         for event in &page {
-            f(&event.data);
+            f(event);
         }
     }
 }
