@@ -76,6 +76,35 @@ pub fn build_keel(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(Path::new(target_dir).join("release").join("keel"))
 }
 
+/// Alternating rounds of direct and keel in each load phase.
+const ROUNDS: u32 = 3;
+
+/// The rounds of one path as one result: counts and time summed, throughput over
+/// the summed time, p50 and p99 the median of the rounds', max the largest.
+fn combine(rounds: &[LoadResult]) -> LoadResult {
+    let median = |f: fn(&LoadResult) -> u64| {
+        let mut v: Vec<u64> = rounds.iter().map(f).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let ok: u64 = rounds.iter().map(|r| r.ok).sum();
+    let elapsed: Duration = rounds.iter().map(|r| r.elapsed).sum();
+    LoadResult {
+        sent: rounds.iter().map(|r| r.sent).sum(),
+        ok,
+        errors: rounds.iter().map(|r| r.errors).sum(),
+        elapsed,
+        throughput: if elapsed.is_zero() {
+            0.0
+        } else {
+            ok as f64 / elapsed.as_secs_f64()
+        },
+        p50_us: median(|r| r.p50_us),
+        p99_us: median(|r| r.p99_us),
+        max_us: rounds.iter().map(|r| r.max_us).max().unwrap_or(0),
+    }
+}
+
 /// Calls in the conversation whose storage cost is measured.
 const CONVERSATION_CALLS: usize = 50;
 
@@ -98,30 +127,45 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
     for path in [&direct, &through] {
         saturate(&path.url, path.body.clone(), 8, warm_up).await?;
     }
+    // The machine is shared and its speed drifts: each phase alternates direct and keel
+    // in ROUNDS short rounds, so both paths see the same conditions.
+    let round = duration / ROUNDS;
     println!(
-        "    open loop, {FIXED_RATE} req/s for {}s each",
+        "    open loop, {FIXED_RATE} req/s for {}s each, in {ROUNDS} alternating rounds",
         duration.as_secs()
     );
-    let direct_fixed = fixed_rate(&direct.url, direct.body.clone(), FIXED_RATE, duration).await?;
-    let keel_fixed = fixed_rate(&through.url, through.body.clone(), FIXED_RATE, duration).await?;
+    let (mut direct_fixed, mut keel_fixed) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        direct_fixed.push(fixed_rate(&direct.url, direct.body.clone(), FIXED_RATE, round).await?);
+        keel_fixed.push(fixed_rate(&through.url, through.body.clone(), FIXED_RATE, round).await?);
+    }
     println!(
-        "    closed loop, {SATURATE_CONNECTIONS} connections for {}s each",
+        "    closed loop, {SATURATE_CONNECTIONS} connections for {}s each, in {ROUNDS} alternating rounds",
         duration.as_secs()
     );
-    let direct_sat = saturate(
-        &direct.url,
-        direct.body.clone(),
-        SATURATE_CONNECTIONS,
-        duration,
-    )
-    .await?;
-    let keel_sat = saturate(
-        &through.url,
-        through.body.clone(),
-        SATURATE_CONNECTIONS,
-        duration,
-    )
-    .await?;
+    let (mut direct_sat, mut keel_sat) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        direct_sat.push(
+            saturate(
+                &direct.url,
+                direct.body.clone(),
+                SATURATE_CONNECTIONS,
+                round,
+            )
+            .await?,
+        );
+        keel_sat.push(
+            saturate(
+                &through.url,
+                through.body.clone(),
+                SATURATE_CONNECTIONS,
+                round,
+            )
+            .await?,
+        );
+    }
+    let (direct_fixed, keel_fixed) = (combine(&direct_fixed), combine(&keel_fixed));
+    let (direct_sat, keel_sat) = (combine(&direct_sat), combine(&keel_sat));
     let peak_rss_mib = keel.peak_rss_kib()? as f64 / 1024.0;
     let conversation = crate::conversation::measure(
         &keel.base_url,
