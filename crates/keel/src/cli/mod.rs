@@ -122,6 +122,11 @@ struct FleetArgs {
     /// How long to wait, once every task exists, for all of them to end.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
+    /// Try your own keel.toml's policies: its first route (retry, timeouts, breaker,
+    /// degraded reply) with the targets pointed at the simulated models, its [breaker]
+    /// and its first agent's limits (with --policies on).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// `on` or `off`.
@@ -142,6 +147,7 @@ impl FleetArgs {
             seed: self.seed,
             think: self.think,
             drain_timeout: self.drain_timeout,
+            config: self.config,
         }
     }
 }

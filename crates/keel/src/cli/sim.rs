@@ -52,6 +52,8 @@ pub(crate) struct SimArgs {
     pub(crate) seed: u64,
     pub(crate) think: Duration,
     pub(crate) drain_timeout: Duration,
+    /// A keel config whose policies (one route's, the agents' limits) the run uses.
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// `keel sim`.
@@ -108,6 +110,8 @@ fn print_report(report: &Report, dir: &Path) {
 
 /// Everything a run needs before keel starts.
 struct Prepared {
+    /// The route the agents call.
+    route: String,
     mix: FaultMix,
     mix_name: String,
     scripts: Arc<[TaskScript]>,
@@ -140,10 +144,24 @@ async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
         .await
         .context("cannot start the simulated model server")?;
     let config = args.report.join("keel.toml");
-    let text = config_text(listen, &db, &sim.base_url(), args.policies_on);
+    let (text, route) = match (&args.config, args.policies_on) {
+        (Some(user), true) => from_user_config(user, listen, &db, &sim.base_url())?,
+        (Some(_), false) => {
+            output::line("--policies off runs keel as a plain pass-through; --config is not used.");
+            (
+                config_text(listen, &db, &sim.base_url(), false),
+                ROUTE.to_owned(),
+            )
+        }
+        (None, on) => (
+            config_text(listen, &db, &sim.base_url(), on),
+            ROUTE.to_owned(),
+        ),
+    };
     std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
     let scripts: Arc<[TaskScript]> = fleet::script::generate(args.seed, args.tasks).into();
     Ok(Prepared {
+        route,
         mix,
         mix_name,
         scripts,
@@ -240,7 +258,7 @@ async fn drive(
     let settings = FleetSettings {
         keel_url: url.to_owned(),
         agents: args.agents,
-        route: ROUTE.to_owned(),
+        route: prepared.route.clone(),
         agent: AGENT.to_owned(),
         seed: args.seed,
         lease: LEASE,
@@ -509,6 +527,93 @@ max_attempts = 1
     common + &policies
 }
 
+/// The run's config from a user's: its first route (its retry, timeouts, breaker,
+/// degraded reply) with the targets pointed at the simulated models (`large` first,
+/// `small` as the fallback when the route has more than one target), `[breaker]`, and
+/// the first agent's limits for the fleet's agent. What cannot apply to a simulation
+/// goes: other routes and providers, keys, budgets, tools, `[chaos]` (the fault mix
+/// injects the faults), the admin token. Returns the text and the route's name.
+fn from_user_config(
+    user: &Path,
+    listen: &str,
+    db: &Path,
+    sim_base_url: &str,
+) -> anyhow::Result<(String, String)> {
+    // Check it as keel would first, so problems are reported with file, line and key.
+    // Secrets need not be set: keys and tokens do not reach the simulation.
+    if let Err(errors) = keel_config::load(user, &|_| Some("keel-sim-placeholder".to_owned())) {
+        let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+        bail!("{}", lines.join("\n"));
+    }
+    let text =
+        std::fs::read_to_string(user).with_context(|| format!("cannot read {}", user.display()))?;
+    let doc: toml_edit::DocumentMut = text
+        .parse()
+        .with_context(|| format!("{} is not TOML", user.display()))?;
+    let route_name = doc
+        .get("routes")
+        .and_then(toml_edit::Item::as_table_like)
+        .and_then(|routes| routes.iter().next().map(|(name, _)| name.to_owned()))
+        .with_context(|| format!("{} has no [routes.*] to simulate", user.display()))?;
+    let mut route = doc["routes"][&route_name].clone();
+    let targets = route
+        .get("targets")
+        .and_then(toml_edit::Item::as_array)
+        .map_or(1, toml_edit::Array::len);
+    let mut sim_targets = toml_edit::Array::new();
+    for model in [LARGE, SMALL].into_iter().take(targets.clamp(1, 2)) {
+        let mut target = toml_edit::InlineTable::new();
+        target.insert("provider", "sim".into());
+        target.insert("model", model.into());
+        sim_targets.push(target);
+    }
+    route["targets"] = toml_edit::value(sim_targets);
+    let limits = doc
+        .get("agents")
+        .and_then(toml_edit::Item::as_table_like)
+        .and_then(|agents| agents.iter().next().map(|(_, a)| a.clone()));
+    let mut agent = toml_edit::Table::new();
+    for key in ["max_attempts", "max_steps", "task_timeout"] {
+        if let Some(value) = limits.as_ref().and_then(|a| a.get(key)) {
+            agent.insert(key, value.clone());
+        }
+    }
+    let breaker = doc.get("breaker").cloned();
+    let mut out = toml_edit::DocumentMut::new();
+    let mut server = toml_edit::Table::new();
+    server.insert("listen", toml_edit::value(listen));
+    out.insert("server", toml_edit::Item::Table(server));
+    let mut store = toml_edit::Table::new();
+    store.insert(
+        "url",
+        toml_edit::value(format!("sqlite://{}", db.display())),
+    );
+    out.insert("store", toml_edit::Item::Table(store));
+    let mut provider = toml_edit::Table::new();
+    provider.insert("kind", toml_edit::value("openai"));
+    provider.insert("base_url", toml_edit::value(sim_base_url));
+    let mut providers = toml_edit::Table::new();
+    providers.set_implicit(true);
+    providers.insert("sim", toml_edit::Item::Table(provider));
+    out.insert("providers", toml_edit::Item::Table(providers));
+    let mut routes = toml_edit::Table::new();
+    routes.set_implicit(true);
+    routes.insert(&route_name, route);
+    out.insert("routes", toml_edit::Item::Table(routes));
+    if let Some(breaker) = breaker {
+        out.insert("breaker", breaker);
+    }
+    let mut agents = toml_edit::Table::new();
+    agents.set_implicit(true);
+    agents.insert(AGENT, toml_edit::Item::Table(agent));
+    out.insert("agents", toml_edit::Item::Table(agents));
+    let text = format!(
+        "# Written by keel sim from {}: route {route_name:?} with its targets on the simulated models.\n{out}",
+        user.display()
+    );
+    Ok((text, route_name))
+}
+
 /// A port free right now on loopback (keel binds it a moment later).
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
@@ -691,6 +796,71 @@ mod tests {
             let route = settings.routes.get(ROUTE).unwrap();
             assert_eq!(route.targets.len(), if on { 2 } else { 1 });
         }
+    }
+
+    #[test]
+    fn a_user_config_keeps_its_policies_on_the_simulated_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("user.toml");
+        std::fs::write(
+            &user,
+            r#"
+[server]
+admin_token_env = "NOT_SET_ANYWHERE"
+
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+
+[routes.smart]
+targets = [
+  { provider = "openai", model = "gpt-5" },
+  { provider = "openai", model = "gpt-5-mini" },
+  { provider = "openai", model = "gpt-4.1" },
+]
+degraded_reply = "busy"
+retry = { max_attempts = 5, base = "50ms", cap = "1s", jitter = "equal" }
+
+[routes.other]
+targets = [{ provider = "openai", model = "x" }]
+
+[breaker]
+min_calls = 7
+
+[agents.support]
+keys_env = ["NOT_SET_EITHER"]
+max_attempts = 4
+"#,
+        )
+        .unwrap();
+        let (text, route) = from_user_config(
+            &user,
+            "127.0.0.1:0",
+            &dir.path().join("k.db"),
+            "http://127.0.0.1:9/v1",
+        )
+        .unwrap();
+        assert_eq!(route, "smart");
+        let path = dir.path().join("sim.toml");
+        std::fs::write(&path, &text).unwrap();
+        let settings = keel_config::load(&path, &|_| None).unwrap_or_else(|e| {
+            panic!(
+                "{}\n{text}",
+                e.0.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        let smart = settings.routes.get("smart").unwrap();
+        let targets: Vec<&str> = smart.targets.iter().map(|t| t.model.as_str()).collect();
+        assert_eq!(targets, [LARGE, SMALL]);
+        assert_eq!(smart.retry.max_attempts.get(), 5);
+        assert_eq!(smart.degraded_reply.as_deref(), Some("busy"));
+        assert!(settings.routes.get("other").is_none());
+        assert_eq!(settings.agents.get(AGENT).unwrap().max_attempts.get(), 4);
+        assert!(settings.server.admin_token.is_none());
+        assert!(text.contains("min_calls = 7"), "{text}");
     }
 
     #[test]
