@@ -857,7 +857,7 @@ max_attempts = 4
         assert_eq!(targets, [LARGE, SMALL]);
         assert_eq!(smart.retry.max_attempts.get(), 5);
         assert_eq!(smart.degraded_reply.as_deref(), Some("busy"));
-        assert!(settings.routes.get("other").is_none());
+        assert!(!settings.routes.contains_key("other"));
         assert_eq!(settings.agents.get(AGENT).unwrap().max_attempts.get(), 4);
         assert!(settings.server.admin_token.is_none());
         assert!(text.contains("min_calls = 7"), "{text}");
