@@ -153,31 +153,16 @@ pub(crate) struct WriterStats {
 }
 
 /// The writer loop; returns when the channel is closed and drained.
-/// A batch of at least this many requests means the writer is under load.
-const LINGER_AFTER_BATCH: usize = 8;
-
-/// How long the writer waits for more appends when under load.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
-
 pub(crate) fn run(
     mut conn: Connection,
     path: PathBuf,
     mut queue: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
 ) {
-    let mut last_batch = 0;
     while let Some(first) = queue.blocking_recv() {
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
-        // Under load (the last commit was shared), a short wait gathers more
-        // appends into this commit: fewer syncs and WAL frames per event.
-        // A lone writer never waits (PostgreSQL's commit_delay / commit_siblings).
-        if last_batch >= LINGER_AFTER_BATCH && pending < MAX_BATCH_EVENTS {
-            std::thread::sleep(LINGER);
-            drain(&mut queue, &mut batch, &mut pending);
-        }
-        last_batch = batch.len();
         match write_batch(&mut conn, &path, &batch) {
             Ok((stamp, results)) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
