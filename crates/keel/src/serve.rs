@@ -47,6 +47,8 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -104,9 +106,15 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
 }
 
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
-    let keel = start(settings, embedded).await?;
-    shutdown_signal().await;
+    let mut keel = start(settings, embedded).await?;
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        failure = keel.failed() => Some(failure),
+    };
     keel.stop().await;
+    if let Some(failure) = failed {
+        anyhow::bail!("server failed: {failure}");
+    }
     tracing::info!("keel stopped");
     Ok(())
 }
@@ -119,9 +127,20 @@ pub(crate) struct Running {
     pub(crate) store: Arc<SqliteStore>,
     stop: tokio_util::sync::CancellationToken,
     tasks: TaskTracker,
+    /// Says why the server stopped serving, if it stops before [`Running::stop`].
+    failure: tokio::sync::oneshot::Receiver<String>,
 }
 
 impl Running {
+    /// Resolves if the server stops serving on its own (it never does unless an
+    /// accept loop error ends it); pending otherwise.
+    pub(crate) async fn failed(&mut self) -> String {
+        match (&mut self.failure).await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops accepting, finishes in-flight requests and background work, and returns.
     pub(crate) async fn stop(self) {
         self.stop.cancel();
@@ -143,10 +162,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         Supervisor::new(task_store, supervisor_settings(&settings))
             .with_metrics(supervisor_metrics),
     );
-    let stop = tokio_util::sync::CancellationToken::new();
-    tasks.spawn(
-        Arc::clone(&supervisor).sweep_forever(std::time::Duration::from_millis(250), stop.clone()),
-    );
+    // Bind before anything runs in the background, so a failed bind leaves nothing behind.
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| {
@@ -172,21 +188,28 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
             routes.join(", ")
         }
     ));
-    let app = keel_gateway::router(Arc::new(gateway))
-        .merge(keel_supervisor::service::http::router(supervisor));
+    let app = keel_gateway::router(Arc::new(gateway)).merge(
+        keel_supervisor::service::http::router(Arc::clone(&supervisor)),
+    );
     // Small JSON answers must not wait for Nagle's algorithm.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
+    let stop = tokio_util::sync::CancellationToken::new();
+    tasks.spawn(
+        Arc::clone(&supervisor).sweep_forever(std::time::Duration::from_millis(250), stop.clone()),
+    );
     let shutdown = stop.clone().cancelled_owned();
+    let (failed, failure) = tokio::sync::oneshot::channel();
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::error!(error = %e, "server failed");
+            let _ = failed.send(e.to_string());
         }
     });
     Ok(Running {
@@ -194,6 +217,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         store,
         stop,
         tasks,
+        failure,
     })
 }
 

@@ -62,7 +62,12 @@ enum Stop {
     Abort,
     /// keel said the lease is gone (expired and given to someone else).
     LeaseLost,
+    /// keel refused the call for another reason (logged).
+    Refused,
 }
+
+/// Tries of a supervisor call that keel answers with 5xx or 429.
+const MAX_REFUSALS: u32 = 10;
 
 /// First and longest wait between claims that found nothing.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -181,8 +186,9 @@ impl Crew {
                 self.tally.calls_failed.fetch_add(1, Ordering::Relaxed);
                 let body =
                     json!({"lease_token": token, "error": {"message": why}, "retryable": true});
-                let _ = self.end(id, "fail", &body, token).await;
-                self.tally.failed.fetch_add(1, Ordering::Relaxed);
+                if self.end(id, "fail", &body, token).await.is_ok() {
+                    self.tally.failed.fetch_add(1, Ordering::Relaxed);
+                }
                 return false;
             }
             self.tally.calls_ok.fetch_add(1, Ordering::Relaxed);
@@ -238,11 +244,15 @@ impl Crew {
         false
     }
 
-    /// `complete` or `fail`.
+    /// `complete` or `fail`; `Ok` only when keel took it.
     async fn end(&self, id: &str, verb: &str, body: &Value, token: &str) -> Result<(), Stop> {
-        self.task_call(id, verb, body, &format!("{token}-{verb}"))
-            .await
-            .map(|_| ())
+        match self
+            .task_call(id, verb, body, &format!("{token}-{verb}"))
+            .await?
+        {
+            (status, _) if status.is_success() => Ok(()),
+            _ => Err(Stop::Refused),
+        }
     }
 
     /// Heartbeats every third of the lease until the lease is lost (then cancels
@@ -296,12 +306,13 @@ impl Crew {
             return Err(Stop::LeaseLost);
         }
         if !status.is_success() {
-            tracing::debug!(%status, %answer, id, verb, "supervisor refused");
+            tracing::warn!(%status, %answer, id, verb, "keel refused a worker call");
         }
         Ok((status, answer))
     }
 
-    /// One supervisor call, retried while keel cannot be reached (it may be restarting).
+    /// One supervisor call, retried while keel cannot be reached (it may be
+    /// restarting) and, up to [`MAX_REFUSALS`] times, while it answers 5xx or 429.
     async fn supervisor(
         &self,
         method: Method,
@@ -310,6 +321,7 @@ impl Crew {
         key: Option<&str>,
     ) -> Result<(StatusCode, Value), Stop> {
         let mut wait = Duration::from_millis(50);
+        let mut refusals = 0u32;
         loop {
             let mut request = self
                 .client
@@ -330,11 +342,15 @@ impl Crew {
                     let status = response.status();
                     let bytes = response.bytes().await.unwrap_or_default();
                     let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                    if status == StatusCode::SERVICE_UNAVAILABLE {
-                        // keel starting or draining: same as unreachable.
-                    } else {
+                    // A server error or a 429 is worth another try with the same
+                    // Idempotency-Key (a repeat never does the work twice), for a while.
+                    let transient =
+                        status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+                    refusals += u32::from(transient);
+                    if !transient || refusals > MAX_REFUSALS {
                         return Ok((status, value));
                     }
+                    tracing::debug!(%status, path, "keel refused for now; trying again");
                 }
                 Err(e) => tracing::trace!(error = %e, path, "keel unreachable; waiting"),
             }

@@ -208,6 +208,12 @@ impl FaultMix {
                     "must name a model".to_owned(),
                 ));
             }
+            if outage.start.checked_add(outage.duration).is_none() {
+                return Err(invalid(
+                    &format!("outages[{i}]"),
+                    "start + duration is too far in the future".to_owned(),
+                ));
+            }
             if outage.duration.is_zero() {
                 return Err(invalid(
                     &format!("outages[{i}].duration"),
@@ -220,9 +226,9 @@ impl FaultMix {
 
     /// The outage of `model` in force `elapsed` after the start, if any.
     pub fn outage_at(&self, model: &str, elapsed: Duration) -> Option<&Outage> {
-        self.outages
-            .iter()
-            .find(|o| o.target == model && elapsed >= o.start && elapsed < o.start + o.duration)
+        self.outages.iter().find(|o| {
+            o.target == model && elapsed >= o.start && elapsed < o.start.saturating_add(o.duration)
+        })
     }
 }
 

@@ -106,6 +106,14 @@ pub enum FleetError {
         /// keel's answer.
         body: String,
     },
+    /// keel did not answer a create for too long.
+    #[error("keel did not take task {index} for {waited:?}: it is not answering")]
+    Unreachable {
+        /// Script index.
+        index: u32,
+        /// How long the driver tried.
+        waited: Duration,
+    },
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
@@ -176,7 +184,10 @@ pub async fn run(
         let created = create.await?;
         let deadline = Instant::now() + deadline_after;
         loop {
-            if open_tasks(&crew).await == Some(0) {
+            // The cheap check first; then every created task must be seen in a
+            // final state (final states are for good), so a task moving between
+            // queued and running between two reads cannot end the drain early.
+            if open_tasks(&crew).await == Some(0) && all_final(&crew, &created).await {
                 return Ok((created, true));
             }
             if Instant::now() >= deadline {
@@ -213,12 +224,17 @@ pub async fn run(
     })
 }
 
+/// How long creating one task may wait for an unreachable keel (a restart takes
+/// well under a second).
+const CREATE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Creates the task of script `index` (retried while keel cannot be reached).
 async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetError> {
     let id = format!("sim-{index:06}");
     let body = json!({"agent": crew.agent, "id": id, "input": {"index": index}});
     let key = format!("create-{}-{index}", crew.seed);
     let mut wait = Duration::from_millis(50);
+    let give_up = Instant::now() + CREATE_PATIENCE;
     loop {
         let sent = crew
             .client
@@ -242,12 +258,67 @@ async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetErr
                 });
             }
             Ok(_) | Err(_) => {
+                if Instant::now() >= give_up {
+                    return Err(FleetError::Unreachable {
+                        index,
+                        waited: CREATE_PATIENCE,
+                    });
+                }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }
         }
     }
 }
+
+/// Whether keel holds every task in `created` in a final state.
+async fn all_final(crew: &agent::Crew, created: &[Created]) -> bool {
+    let mut unseen: std::collections::HashSet<&str> =
+        created.iter().map(|c| c.id.as_str()).collect();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{}/v1/tasks?agent={}&limit={PAGE}", crew.base, crew.agent);
+        if let Some(c) = &cursor {
+            url.push_str("&cursor=");
+            url.push_str(c);
+        }
+        let page: Option<Value> = async {
+            crew.client
+                .get(url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()
+        }
+        .await;
+        let Some(page) = page else { return false };
+        let Some(tasks) = page["tasks"].as_array() else {
+            return false;
+        };
+        for task in tasks {
+            let state = task["state"].as_str().unwrap_or_default();
+            if !FINAL.contains(&state) {
+                return false;
+            }
+            if let Some(id) = task["id"].as_str() {
+                unseen.remove(id);
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) if !tasks.is_empty() => cursor = Some(next.to_owned()),
+            _ => return unseen.is_empty(),
+        }
+    }
+}
+
+/// Task states a task never leaves.
+const FINAL: [&str; 4] = ["succeeded", "dead", "awaiting_human", "cancelled"];
+
+/// Tasks per page when listing (keel's largest page).
+const PAGE: usize = 1000;
 
 /// Tasks of the run's agent still queued or running, or `None` when keel cannot tell.
 async fn open_tasks(crew: &agent::Crew) -> Option<usize> {

@@ -32,7 +32,7 @@ pub struct Report {
     pub final_states: Final,
     /// Succeeded feasible tasks over feasible tasks.
     pub success_rate_feasible: f64,
-    /// Task latency, creation to final state, over tasks that ended.
+    /// Task latency of succeeded tasks, creation to success (queueing included).
     pub task_latency_ms: Percentiles,
     /// The part of it after the first claim (without the wait in the queue).
     pub task_run_ms: Percentiles,
@@ -62,6 +62,9 @@ pub struct Report {
     pub keel_peak_rss_mb: f64,
     /// keel's CPU time, user + system, over its processes.
     pub keel_cpu_s: f64,
+    /// `child` (`keel sim`: keel's own processes) or `in-process` (`keel demo`: the
+    /// figures cover the whole process, agents and simulated models included).
+    pub keel_process: String,
     /// Success rate and p99 latency by when tasks ended.
     pub timeline: Vec<Bucket>,
     /// Fault windows to shade (a zero-length window is an instant, e.g. a kill).
@@ -103,7 +106,7 @@ pub struct Bucket {
     pub ended: u64,
     /// Of those, the share that succeeded (`None` when none ended).
     pub success_rate: Option<f64>,
-    /// p99 latency of the tasks that ended in the slice.
+    /// p99 latency of the tasks that succeeded in the slice.
     pub p99_latency_ms: Option<f64>,
 }
 
@@ -177,6 +180,8 @@ pub struct RunFacts {
     pub keel_peak_rss_mb: f64,
     /// keel's CPU seconds.
     pub keel_cpu_s: f64,
+    /// `child` or `in-process`.
+    pub keel_process: String,
 }
 
 /// Slices of the timeline.
@@ -202,9 +207,13 @@ impl Report {
                     continue;
                 }
             }
-            if t.feasible && t.state.as_deref() == Some("succeeded") {
+            if t.state.as_deref() != Some("succeeded") {
+                continue;
+            }
+            if t.feasible {
                 succeeded_feasible += 1;
             }
+            // Latency of successes only: failures that end fast would flatter a bad run.
             latencies.push((t.updated_ms - t.created_ms).max(0) as f64);
             if let Some(claimed) = t.first_claimed_ms {
                 runs.push((t.updated_ms - claimed).max(0) as f64);
@@ -237,6 +246,7 @@ impl Report {
             wall_s: facts.wall_s,
             keel_peak_rss_mb: facts.keel_peak_rss_mb,
             keel_cpu_s: facts.keel_cpu_s,
+            keel_process: facts.keel_process,
             timeline,
             fault_windows: facts.fault_windows,
         }
@@ -285,7 +295,7 @@ impl Report {
             ("cancelled", f.cancelled.to_string()),
             ("lost", f.lost.to_string()),
             (
-                "task latency p50 / p99",
+                "task latency of successes p50 / p99",
                 format!(
                     "{:.0} ms / {:.0} ms",
                     self.task_latency_ms.p50, self.task_latency_ms.p99
@@ -322,7 +332,11 @@ impl Report {
                 ),
             ),
             (
-                "keel peak RSS / CPU",
+                if self.keel_process == "in-process" {
+                    "peak RSS / CPU (keel, agents and models: one process)"
+                } else {
+                    "keel peak RSS / CPU"
+                },
                 format!(
                     "{:.1} MiB / {:.1} s",
                     self.keel_peak_rss_mb, self.keel_cpu_s
@@ -466,8 +480,8 @@ fn timeline(facts: &RunFacts, tasks: &[TaskOutcome]) -> Vec<Bucket> {
         slice.0 += 1;
         if state == "succeeded" {
             slice.1 += 1;
+            slice.2.push((t.updated_ms - t.created_ms).max(0) as f64);
         }
-        slice.2.push((t.updated_ms - t.created_ms).max(0) as f64);
     }
     slices
         .into_iter()
@@ -547,6 +561,7 @@ mod tests {
             ],
             keel_peak_rss_mb: 40.0,
             keel_cpu_s: 3.0,
+            keel_process: "child".to_owned(),
         }
     }
 
@@ -583,9 +598,10 @@ mod tests {
         );
         assert_eq!(r.feasible, 5);
         assert!((r.success_rate_feasible - 0.4).abs() < 1e-9);
-        assert_eq!(r.task_latency_ms.p50, 3000.0);
-        assert_eq!(r.task_latency_ms.p99, 4000.0);
-        assert_eq!(r.task_run_ms.p50, 2500.0, "half a second in the queue");
+        // Of the two successes (1 s and 3 s); the dead ones are left out.
+        assert_eq!(r.task_latency_ms.p50, 1000.0);
+        assert_eq!(r.task_latency_ms.p99, 3000.0);
+        assert_eq!(r.task_run_ms.p50, 500.0, "half a second in the queue");
         assert!((r.model_calls_per_task - 10.0 / 6.0).abs() < 1e-9);
         let ended: u64 = r.timeline.iter().map(|b| b.ended).sum();
         assert_eq!(ended, 3, "feasible tasks in a final state");

@@ -448,7 +448,11 @@ impl Supervisor {
         }
     }
 
-    /// Claims the oldest queued task of `agent` for `worker`; `None` when nothing is queued.
+    /// Claims a queued task of `agent` for `worker`; `None` when nothing is queued.
+    ///
+    /// A lone claim takes the oldest task. Claims running at once each start at a
+    /// random one of the first (in-flight claims, at most 32) queued tasks, so they do
+    /// not all race for the same one.
     pub async fn claim(
         &self,
         agent: &str,

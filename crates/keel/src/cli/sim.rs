@@ -39,7 +39,8 @@ const SMALL_LATENCY: Duration = Duration::from_millis(15);
 
 /// The agents' own lease and client timeout.
 const LEASE: Duration = Duration::from_secs(3);
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Above keel's `total` of 30 s with policies off, so a hung call ends on keel's side.
+const CALL_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// What `keel sim` and `keel demo` were asked for.
 #[derive(Debug, Clone)]
@@ -60,10 +61,64 @@ pub(crate) struct SimArgs {
 pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
-        let report = simulate(args).await?;
+        init_log(&args.report)?;
+        // Ctrl-C or SIGTERM drops the run, and with it the keel child (kill_on_drop).
+        let report = tokio::select! {
+            report = simulate(args) => report?,
+            () = interrupted() => bail!("interrupted; keel was stopped"),
+        };
         print_report(&report, &args.report);
-        Ok(ExitCode::SUCCESS)
+        Ok(verdict(&report))
     })
+}
+
+/// Exit 1 when the run did not drain or lost tasks, so scripts and CI notice.
+fn verdict(report: &Report) -> ExitCode {
+    if !report.drained {
+        output::error("the run did not drain before --drain-timeout: some tasks never ended");
+        return ExitCode::FAILURE;
+    }
+    if report.final_states.lost > 0 {
+        output::error(&format!(
+            "{} acknowledged task(s) are in no final state",
+            report.final_states.lost
+        ));
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Warnings of the fleet (and, in `keel demo`, of keel itself) go to `DIR/sim.log`.
+fn init_log(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("sim.log");
+    let file = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A second subscriber (tests calling this twice) is not an error worth failing on.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(Arc::new(file))
+        .try_init();
+    Ok(())
 }
 
 /// `keel demo`.
@@ -74,21 +129,25 @@ pub(crate) fn run_demo(
 ) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
-        let (report, keel) = simulate_in_process(args, listen).await?;
+        init_log(&args.report)?;
+        // `_sim` keeps the simulated models up for as long as keel is.
+        let (report, keel, _sim) = tokio::select! {
+            run = simulate_in_process(args, listen) => run?,
+            () = interrupted() => bail!("interrupted"),
+        };
         print_report(&report, &args.report);
+        let verdict = verdict(&report);
         if exit {
             keel.stop().await;
-            return Ok(ExitCode::SUCCESS);
+            return Ok(verdict);
         }
         output::line(&format!(
             "\nkeel is still up at http://{addr}: try `curl http://{addr}/metrics` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
             addr = keel.addr
         ));
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-        }
+        interrupted().await;
         keel.stop().await;
-        Ok(ExitCode::SUCCESS)
+        Ok(verdict)
     })
 }
 
@@ -97,6 +156,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    report
+        .write(dir)
+        .with_context(|| format!("cannot write the report into {}", dir.display()))
 }
 
 fn print_report(report: &Report, dir: &Path) {
@@ -128,10 +193,15 @@ async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
     if args.agents == 0 || args.tasks == 0 {
         bail!("--agents and --tasks must be at least 1");
     }
-    std::fs::create_dir_all(&args.report)
-        .with_context(|| format!("cannot create {}", args.report.display()))?;
-    let data = args.report.join("keel-data");
-    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+    for outage in &mix.outages {
+        if outage.target != LARGE && outage.target != SMALL {
+            bail!(
+                "{mix_name}: outages: target {:?} is not a simulated model (`{LARGE}` or `{SMALL}`)",
+                outage.target
+            );
+        }
+    }
+    let data = keel_dir(&args.report)?;
     let db = data.join("keel.db");
     for suffix in ["", "-wal", "-shm"] {
         let old = PathBuf::from(format!("{}{suffix}", db.display()));
@@ -143,7 +213,7 @@ async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
     let sim = SimServer::start(([127, 0, 0, 1], 0).into())
         .await
         .context("cannot start the simulated model server")?;
-    let config = args.report.join("keel.toml");
+    let config = data.join("keel.toml");
     let (text, route) = match (&args.config, args.policies_on) {
         (Some(user), true) => from_user_config(user, listen, &db, &sim.base_url())?,
         (Some(_), false) => {
@@ -171,12 +241,35 @@ async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
     })
 }
 
+/// The folder of the run's keel (config, log, database) under the report folder:
+/// `DIR/keel/`, marked as keel sim's so that a later run may wipe it, and never a
+/// folder with a database keel sim did not make.
+fn keel_dir(report: &Path) -> anyhow::Result<PathBuf> {
+    let dir = report.join("keel");
+    let marker = dir.join(".keel-sim");
+    if dir.join("keel.db").exists() && !marker.exists() {
+        bail!(
+            "{} holds a keel database keel sim did not create; choose another --report folder",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(
+        &marker,
+        "keel sim's scratch keel: config, log and database of the last run\n",
+    )
+    .with_context(|| format!("cannot write {}", marker.display()))?;
+    Ok(dir)
+}
+
 /// `keel sim`: keel as a child process.
 async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let prepared = prepare(args, &listen).await?;
-    let log = args.report.join("keel.log");
+    let log = prepared.db.with_file_name("keel.log");
+    // A fresh log per run, like the database.
+    std::fs::write(&log, "").with_context(|| format!("cannot write {}", log.display()))?;
     let mut keel = ChildKeel::start(&prepared.config, &log).await?;
     let url = format!("http://{listen}");
     let (run, facts) = drive(args, &prepared, &url, Some(&mut keel)).await?;
@@ -184,8 +277,8 @@ async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
     keel.stop().await;
     let store = SqliteStore::open(&prepared.db, keel_store::Durability::Fsync)
         .with_context(|| format!("cannot open {}", prepared.db.display()))?;
-    let report = figures(args, &prepared, run, facts, &store, usage).await?;
-    report.write(&args.report)?;
+    let report = figures(args, &prepared, run, facts, &store, usage, "child").await?;
+    write_report(&report, &args.report)?;
     Ok(report)
 }
 
@@ -193,7 +286,7 @@ async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
 async fn simulate_in_process(
     args: &SimArgs,
     listen: std::net::SocketAddr,
-) -> anyhow::Result<(Report, serve::Running)> {
+) -> anyhow::Result<(Report, serve::Running, keel_sim::SimHandle)> {
     let prepared = prepare(args, &listen.to_string()).await?;
     if prepared.mix.keel.kill9_at.is_some() {
         output::line(
@@ -213,13 +306,24 @@ async fn simulate_in_process(
             )
         },
     )?;
-    let running = serve::start(settings, false).await?;
+    let running = serve::start(settings, false)
+        .await
+        .map_err(|e| e.context("choose another address with --listen"))?;
     let url = format!("http://{}", running.addr);
     let (run, facts) = drive(args, &prepared, &url, None).await?;
     let usage = own_usage();
-    let report = figures(args, &prepared, run, facts, running.store.as_ref(), usage).await?;
-    report.write(&args.report)?;
-    Ok((report, running))
+    let report = figures(
+        args,
+        &prepared,
+        run,
+        facts,
+        running.store.as_ref(),
+        usage,
+        "in-process",
+    )
+    .await?;
+    write_report(&report, &args.report)?;
+    Ok((report, running, prepared.sim))
 }
 
 /// What the fleet driver and the fault schedule produced.
@@ -252,7 +356,7 @@ async fn drive(
         .map(|o| Window {
             label: format!("outage of {}", o.target),
             start_s: o.start.as_secs_f64(),
-            end_s: (o.start + o.duration).as_secs_f64(),
+            end_s: o.start.saturating_add(o.duration).as_secs_f64(),
         })
         .collect();
     let settings = FleetSettings {
@@ -300,31 +404,51 @@ async fn drive(
         &on_progress,
     );
     let kill_at = prepared.mix.keel.kill9_at;
-    let run = match (kill_at, child) {
-        (Some(at), Some(keel)) => {
+    let run = match child {
+        Some(keel) => {
             tokio::pin!(fleet);
-            let killer = async {
-                tokio::time::sleep(at).await;
-                let line = format!("kill -9 keel (pid {}) and restart", keel.pid());
-                if plain {
-                    output::line(&line);
-                } else {
-                    bar.println(line);
+            // Kills keel on schedule, and stops the run if keel dies on its own.
+            let watch = async {
+                let mut kill_at = kill_at;
+                let began = tokio::time::Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Some(at) = kill_at
+                        && began.elapsed() >= at
+                    {
+                        kill_at = None;
+                        let pid = keel.pid().map_or_else(|| "?".to_owned(), |p| p.to_string());
+                        let line = format!("kill -9 keel (pid {pid}) and restart");
+                        if plain {
+                            output::line(&line);
+                        } else {
+                            bar.println(line);
+                        }
+                        if let Err(e) = keel.kill9_and_restart().await {
+                            return e;
+                        }
+                        injector.count(kind::KEEL_KILL9);
+                        windows.push(Window {
+                            label: "kill -9 keel".to_owned(),
+                            start_s: at.as_secs_f64(),
+                            end_s: at.as_secs_f64(),
+                        });
+                        continue;
+                    }
+                    if let Some(status) = keel.exited() {
+                        return anyhow::anyhow!(
+                            "keel exited on its own ({status}); see {}",
+                            keel.log.display()
+                        );
+                    }
                 }
-                let restarted = keel.kill9_and_restart().await;
-                injector.count(kind::KEEL_KILL9);
-                restarted
             };
             tokio::select! {
                 run = &mut fleet => run?,
-                restarted = killer => {
-                    restarted?;
-                    windows.push(Window { label: "kill -9 keel".to_owned(), start_s: at.as_secs_f64(), end_s: at.as_secs_f64() });
-                    fleet.await?
-                }
+                failed = watch => return Err(failed),
             }
         }
-        _ => fleet.await?,
+        None => fleet.await?,
     };
     bar.finish_and_clear();
     prepared.sim.set_injector(None);
@@ -364,6 +488,7 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
     drive: Drive,
     store: &S,
     usage: Usage,
+    keel_process: &str,
 ) -> anyhow::Result<Report> {
     // When each task was first claimed: its time in the queue ends there.
     let mut first_claim: HashMap<String, i64> = HashMap::new();
@@ -436,6 +561,7 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
         fault_windows: drive.windows,
         keel_peak_rss_mb: usage.peak_rss_mb,
         keel_cpu_s: usage.cpu_s,
+        keel_process: keel_process.to_owned(),
     };
     Ok(Report::build(facts, &outcomes))
 }
@@ -517,7 +643,8 @@ max_attempts = 3
 targets = [{{ provider = "sim", model = "{LARGE}" }}]
 retry = {{ max_attempts = 1 }}
 timeouts = {{ connect = "10s", first_token = "30s", idle = "30s", attempt = "30s", total = "30s" }}
-breaker = {{ window = "count", window_size = 1000, min_calls = 1000, failure_rate = 1.0, slow_call_rate = 1.0, slow_call = "30s", open_for = "1s", half_open_calls = 1 }}
+# No breaker: a verdict needs a billion calls in the window, far more than any run makes.
+breaker = {{ window = "count", window_size = 1000000000, min_calls = 1000000000, failure_rate = 1.0, slow_call_rate = 1.0, slow_call = "30s", open_for = "1s", half_open_calls = 1 }}
 
 [agents.{AGENT}]
 max_attempts = 1
@@ -682,17 +809,25 @@ impl ChildKeel {
         })
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
+    /// The child's pid; `None` once it has been reaped.
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Usage over every instance so far: the largest peak, the summed CPU.
     fn usage(&self) -> Usage {
-        let now = proc_usage(&self.pid().to_string());
+        let now = self
+            .pid()
+            .map_or_else(Usage::default, |pid| proc_usage(&pid.to_string()));
         Usage {
             peak_rss_mb: now.peak_rss_mb.max(self.gone.peak_rss_mb),
             cpu_s: now.cpu_s + self.gone.cpu_s,
         }
+    }
+
+    /// The exit status, once the child has ended.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     async fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
@@ -705,9 +840,14 @@ impl ChildKeel {
 
     /// SIGTERM, then wait for the graceful shutdown.
     async fn stop(mut self) {
-        let pid = self.pid().to_string();
-        let term = Command::new("kill").args(["-TERM", &pid]).status().await;
-        if term.is_err() {
+        let Some(pid) = self.pid() else {
+            return;
+        };
+        let term = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        if !term.is_ok_and(|status| status.success()) {
             let _ = self.child.start_kill();
         }
         if tokio::time::timeout(Duration::from_secs(15), self.child.wait())

@@ -84,7 +84,17 @@ fn policies_on_lose_nothing_and_beat_policies_off_on_the_same_seed() {
     assert!(on["fallbacks"].as_u64().unwrap() > 0, "{on}");
     assert_eq!(off["retries"], 0, "policies off do not retry: {off}");
     assert_eq!(off["fallbacks"], 0, "policies off do not fall back: {off}");
+    assert_eq!(
+        off["breaker_trips"], 0,
+        "policies off have no breaker: {off}"
+    );
+    assert_eq!(on["keel_process"], "child");
     assert!(on["keel_peak_rss_mb"].as_f64().unwrap() > 1.0);
+
+    // keel's own files of the run sit apart from the report.
+    for file in ["keel.toml", "keel.log", "keel.db", ".keel-sim"] {
+        assert!(on_dir.join("keel").join(file).exists(), "no keel/{file}");
+    }
 
     // The report files a person and a script read.
     let md = std::fs::read_to_string(on_dir.join("report.md")).unwrap();
@@ -111,6 +121,26 @@ fn policies_on_lose_nothing_and_beat_policies_off_on_the_same_seed() {
         .filter(|n| n.attribute("class") == Some("fault"))
         .count();
     assert!(shaded >= 2, "the outage and the kill are marked");
+}
+
+#[test]
+fn a_folder_with_a_database_keel_sim_did_not_make_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = dir.path().join("keel");
+    std::fs::create_dir_all(&keel).unwrap();
+    std::fs::write(keel.join("keel.db"), b"someone's data").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["sim", "--agents", "1", "--tasks", "1", "--report"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("keel sim did not create"), "{stderr}");
+    assert_eq!(
+        std::fs::read(keel.join("keel.db")).unwrap(),
+        b"someone's data"
+    );
 }
 
 #[test]
