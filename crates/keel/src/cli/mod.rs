@@ -123,7 +123,7 @@ struct FleetArgs {
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
     /// Try your own keel.toml's policies: its first route (retry, timeouts, breaker,
-    /// degraded reply) with the targets pointed at the simulated models, its [breaker]
+    /// degraded reply) with the targets pointed at the simulated models, its `[breaker]`
     /// and its first agent's limits (with --policies on).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
