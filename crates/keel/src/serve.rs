@@ -222,6 +222,12 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
 }
 
 async fn shutdown_signal() {
+    interrupted().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn interrupted() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");
@@ -240,5 +246,4 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
 }

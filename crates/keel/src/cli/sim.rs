@@ -65,7 +65,7 @@ pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<ExitCode> {
         // Ctrl-C or SIGTERM drops the run, and with it the keel child (kill_on_drop).
         let report = tokio::select! {
             report = simulate(args) => report?,
-            () = interrupted() => bail!("interrupted; keel was stopped"),
+            () = serve::interrupted() => bail!("interrupted; keel was stopped"),
         };
         print_report(&report, &args.report);
         Ok(verdict(&report))
@@ -86,22 +86,6 @@ fn verdict(report: &Report) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
-}
-
-/// Ctrl-C or SIGTERM.
-async fn interrupted() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 /// Warnings of the fleet (and, in `keel demo`, of keel itself) go to `DIR/sim.log`.
@@ -133,7 +117,7 @@ pub(crate) fn run_demo(
         // `_sim` keeps the simulated models up for as long as keel is.
         let (report, keel, _sim) = tokio::select! {
             run = simulate_in_process(args, listen) => run?,
-            () = interrupted() => bail!("interrupted"),
+            () = serve::interrupted() => bail!("interrupted"),
         };
         print_report(&report, &args.report);
         let verdict = verdict(&report);
@@ -145,7 +129,7 @@ pub(crate) fn run_demo(
             "\nkeel is still up at http://{addr}: try `curl http://{addr}/metrics` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
             addr = keel.addr
         ));
-        interrupted().await;
+        serve::interrupted().await;
         keel.stop().await;
         Ok(verdict)
     })
