@@ -62,6 +62,15 @@ pub struct BudgetLabels {
     pub unit: String,
 }
 
+/// Labels of `keel_breaker_transitions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// `provider/model`.
+    pub target: String,
+    /// The state entered: `open`, `half_open` or `closed`.
+    pub to: String,
+}
+
 /// Labels of `keel_chaos_injected_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChaosLabels {
@@ -102,6 +111,8 @@ pub struct Metrics {
     pub stream_errors: Family<RouteLabel, Counter>,
     /// `keel_breaker_state{target}`: 0 closed, 1 half-open, 2 open.
     pub breaker_state: Family<TargetLabel, Gauge>,
+    /// `keel_breaker_transitions_total{target,to}`: breaker state changes (trips are `to="open"`).
+    pub breaker_transitions: Family<TransitionLabels, Counter>,
     /// `gen_ai_client_token_usage{gen_ai_token_type,route}`.
     pub token_usage: HistogramFamily<TokenLabels>,
     /// `keel_budget_remaining{agent,unit}`.
@@ -123,6 +134,7 @@ impl Metrics {
         let degraded = Family::<RouteLabel, Counter>::default();
         let stream_errors = Family::<RouteLabel, Counter>::default();
         let breaker_state = Family::<TargetLabel, Gauge>::default();
+        let breaker_transitions = Family::<TransitionLabels, Counter>::default();
         let token_usage: HistogramFamily<TokenLabels> =
             Family::new_with_constructor(token_histogram);
         let budget_remaining = Family::<BudgetLabels, Gauge>::default();
@@ -169,6 +181,11 @@ impl Metrics {
             breaker_state.clone(),
         );
         registry.register(
+            "keel_breaker_transitions",
+            "Circuit breaker state changes per target, by the state entered",
+            breaker_transitions.clone(),
+        );
+        registry.register(
             "gen_ai_client_token_usage",
             "Tokens used per call, by token type (input, output)",
             token_usage.clone(),
@@ -193,6 +210,7 @@ impl Metrics {
             degraded,
             stream_errors,
             breaker_state,
+            breaker_transitions,
             token_usage,
             budget_remaining,
             chaos_injected,

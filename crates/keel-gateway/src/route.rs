@@ -33,7 +33,9 @@ use tokio::time::Instant;
 use crate::body::RawObject;
 use crate::chaos::{AttemptInfo, Chaos, HeaderFault, Source};
 use crate::error::UpstreamError;
-use crate::metrics::{AttemptLabels, ChaosLabels, Metrics, RouteLabel, TargetLabel};
+use crate::metrics::{
+    AttemptLabels, ChaosLabels, Metrics, RouteLabel, TargetLabel, TransitionLabels,
+};
 use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
 use crate::usage::Usage;
 
@@ -547,6 +549,13 @@ impl Executor<'_> {
                     target: target.id.clone(),
                 })
                 .set(t.to.gauge());
+            self.metrics
+                .breaker_transitions
+                .get_or_create(&TransitionLabels {
+                    target: target.id.clone(),
+                    to: t.to.as_str().to_owned(),
+                })
+                .inc();
             // Breaker transitions belong to the target, not to the task that saw them.
             log.events.push(NewEvent::new(
                 kind,

@@ -218,6 +218,11 @@ async fn breaker_opens_skips_the_primary_then_half_opens() {
         metrics.contains("keel_breaker_state{target=\"sim/primary\"} 0"),
         "{metrics}"
     );
+    for (to, n) in [("open", 1), ("half_open", 1), ("closed", 1)] {
+        let line =
+            format!("keel_breaker_transitions_total{{target=\"sim/primary\",to=\"{to}\"}} {n}");
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
