@@ -36,6 +36,10 @@ pub(crate) struct Crew {
     pub(crate) killed_share: f64,
     pub(crate) scripts: Arc<[TaskScript]>,
     pub(crate) injector: Arc<FleetInjector>,
+    /// Prefix of the run's task ids.
+    pub(crate) id_prefix: String,
+    /// The admin token for listing tasks, when keel has one.
+    pub(crate) admin_token: Option<String>,
     /// Cancelled once the run has drained: idle agents go home.
     pub(crate) drained: CancellationToken,
     /// Cancelled to stop everything at once (the run's deadline).

@@ -56,6 +56,14 @@ pub struct FleetSettings {
     pub killed_share: f64,
     /// How long to wait, once every task is created, for all of them to end.
     pub drain_timeout: Duration,
+    /// Task ids are `<id_prefix>-<index>`; a keel that keeps earlier runs needs a
+    /// prefix of its own per run.
+    pub id_prefix: String,
+    /// The agent's key, sent as `Authorization: Bearer` on worker and model calls
+    /// (when the keel has `[agents.*] keys_env`).
+    pub agent_key: Option<String>,
+    /// The admin token, for listing tasks (when the keel has `admin_token_env`).
+    pub admin_token: Option<String>,
 }
 
 /// A task keel acknowledged.
@@ -114,6 +122,9 @@ pub enum FleetError {
         /// How long the driver tried.
         waited: Duration,
     },
+    /// A key or token that cannot be an HTTP header.
+    #[error("the agent key or admin token is not a valid header value")]
+    BadKey,
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
@@ -130,7 +141,19 @@ pub async fn run(
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<FleetRun, FleetError> {
     let started = Instant::now();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = settings
+        .agent_key
+        .as_ref()
+        .or(settings.admin_token.as_ref())
+    {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| FleetError::BadKey)?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(usize::try_from(settings.agents).unwrap_or(usize::MAX) + 16)
         .tcp_nodelay(true)
         .build()?;
@@ -146,6 +169,8 @@ pub async fn run(
         killed_share: settings.killed_share,
         scripts: Arc::clone(&scripts),
         injector,
+        id_prefix: settings.id_prefix.clone(),
+        admin_token: settings.admin_token.clone(),
         drained: CancellationToken::new(),
         abort: CancellationToken::new(),
         tally: Tally::default(),
@@ -187,7 +212,7 @@ pub async fn run(
             // The cheap check first; then every created task must be seen in a
             // final state (final states are for good), so a task moving between
             // queued and running between two reads cannot end the drain early.
-            if open_tasks(&crew).await == Some(0) && all_final(&crew, &created).await {
+            if open_tasks(&crew, &created).await == Some(0) && all_final(&crew, &created).await {
                 return Ok((created, true));
             }
             if Instant::now() >= deadline {
@@ -230,9 +255,9 @@ const CREATE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Creates the task of script `index` (retried while keel cannot be reached).
 async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetError> {
-    let id = format!("sim-{index:06}");
+    let id = format!("{}-{index:06}", crew.id_prefix);
     let body = json!({"agent": crew.agent, "id": id, "input": {"index": index}});
-    let key = format!("create-{}-{index}", crew.seed);
+    let key = format!("create-{}-{}-{index}", crew.id_prefix, crew.seed);
     let mut wait = Duration::from_millis(50);
     let give_up = Instant::now() + CREATE_PATIENCE;
     loop {
@@ -271,45 +296,68 @@ async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetErr
     }
 }
 
-/// Whether keel holds every task in `created` in a final state.
+/// Whether keel holds every task in `created` in a final state (tasks of the same
+/// agent from other runs are ignored).
 async fn all_final(crew: &agent::Crew, created: &[Created]) -> bool {
     let mut unseen: std::collections::HashSet<&str> =
         created.iter().map(|c| c.id.as_str()).collect();
+    let ours: std::collections::HashSet<&str> = unseen.clone();
+    let Some(tasks) = list(crew, None).await else {
+        return false;
+    };
+    for task in &tasks {
+        let Some(id) = task["id"].as_str() else {
+            continue;
+        };
+        if !ours.contains(id) {
+            continue;
+        }
+        if !FINAL.contains(&task["state"].as_str().unwrap_or_default()) {
+            return false;
+        }
+        unseen.remove(id);
+    }
+    unseen.is_empty()
+}
+
+/// This run's tasks still queued or running, or `None` when keel cannot tell.
+async fn open_tasks(crew: &agent::Crew, created: &[Created]) -> Option<usize> {
+    let ours: std::collections::HashSet<&str> = created.iter().map(|c| c.id.as_str()).collect();
+    let mut open = 0;
+    for state in ["queued", "running"] {
+        let tasks = list(crew, Some(state)).await?;
+        open += tasks
+            .iter()
+            .filter(|t| t["id"].as_str().is_some_and(|id| ours.contains(id)))
+            .count();
+    }
+    Some(open)
+}
+
+/// Every task of the run's agent (in `state`, if given), page by page.
+async fn list(crew: &agent::Crew, state: Option<&str>) -> Option<Vec<Value>> {
+    let mut all = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut url = format!("{}/v1/tasks?agent={}&limit={PAGE}", crew.base, crew.agent);
+        if let Some(state) = state {
+            url.push_str("&state=");
+            url.push_str(state);
+        }
         if let Some(c) = &cursor {
             url.push_str("&cursor=");
             url.push_str(c);
         }
-        let page: Option<Value> = async {
-            crew.client
-                .get(url)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()
+        let mut request = crew.client.get(url).timeout(Duration::from_secs(10));
+        if let Some(token) = &crew.admin_token {
+            request = request.bearer_auth(token);
         }
-        .await;
-        let Some(page) = page else { return false };
-        let Some(tasks) = page["tasks"].as_array() else {
-            return false;
-        };
-        for task in tasks {
-            let state = task["state"].as_str().unwrap_or_default();
-            if !FINAL.contains(&state) {
-                return false;
-            }
-            if let Some(id) = task["id"].as_str() {
-                unseen.remove(id);
-            }
-        }
+        let page: Value = request.send().await.ok()?.json().await.ok()?;
+        let tasks = page["tasks"].as_array()?;
+        all.extend(tasks.iter().cloned());
         match page["next"].as_str() {
             Some(next) if !tasks.is_empty() => cursor = Some(next.to_owned()),
-            _ => return unseen.is_empty(),
+            _ => return Some(all),
         }
     }
 }
@@ -319,26 +367,3 @@ const FINAL: [&str; 4] = ["succeeded", "dead", "awaiting_human", "cancelled"];
 
 /// Tasks per page when listing (keel's largest page).
 const PAGE: usize = 1000;
-
-/// Tasks of the run's agent still queued or running, or `None` when keel cannot tell.
-async fn open_tasks(crew: &agent::Crew) -> Option<usize> {
-    let mut open = 0;
-    for state in ["queued", "running"] {
-        let url = format!(
-            "{}/v1/tasks?state={state}&agent={}&limit=1",
-            crew.base, crew.agent
-        );
-        let answer: Value = crew
-            .client
-            .get(url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        open += answer["tasks"].as_array()?.len();
-    }
-    Some(open)
-}

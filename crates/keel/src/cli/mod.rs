@@ -50,6 +50,18 @@ enum Command {
         /// Where to write the report (and keel's config, log and database).
         #[arg(long, value_name = "DIR", default_value = "keel-sim-report")]
         report: PathBuf,
+        /// Run the fleet against this already running keel instead of starting one (its
+        /// own providers answer, so only the mix's agent deaths apply; $KEEL_AGENT_KEY
+        /// and $KEEL_ADMIN_TOKEN are sent when set).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// With --server: the route the agents call.
+        #[arg(long, default_value = "fleet", requires = "server")]
+        route: String,
+        /// With --server: the agent the tasks belong to (best one of its own: the fleet
+        /// claims every queued task of it).
+        #[arg(long, default_value = "fleet", requires = "server")]
+        agent: String,
     },
     /// The first thing to run: keel, the simulated models and 200 agents under the
     /// standard fault mix for about a minute, then the report; keel stays up.
@@ -270,7 +282,20 @@ impl Cli {
                 agents,
                 tasks,
                 report,
-            } => sim::run_sim(&fleet.sim_args(agents, tasks, report, policies == OnOff::On)),
+                server,
+                route,
+                agent,
+            } => {
+                let remote = server.map(|url| sim::Remote {
+                    url: url.trim_end_matches('/').to_owned(),
+                    route,
+                    agent,
+                });
+                sim::run_sim(
+                    &fleet.sim_args(agents, tasks, report, policies == OnOff::On),
+                    remote.as_ref(),
+                )
+            }
             Command::Demo {
                 fleet,
                 exit,

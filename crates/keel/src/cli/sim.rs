@@ -57,14 +57,31 @@ pub(crate) struct SimArgs {
     pub(crate) config: Option<PathBuf>,
 }
 
+/// A keel that is already running, for `keel sim --server`.
+#[derive(Debug, Clone)]
+pub(crate) struct Remote {
+    /// Its base URL.
+    pub(crate) url: String,
+    /// The route the agents call.
+    pub(crate) route: String,
+    /// The agent the tasks belong to.
+    pub(crate) agent: String,
+}
+
 /// `keel sim`.
-pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_sim(args: &SimArgs, remote: Option<&Remote>) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
         init_log(&args.report)?;
         // Ctrl-C or SIGTERM drops the run, and with it the keel child (kill_on_drop).
+        let run = async {
+            match remote {
+                Some(remote) => simulate_remote(args, remote).await,
+                None => simulate(args).await,
+            }
+        };
         let report = tokio::select! {
-            report = simulate(args) => report?,
+            report = run => report?,
             () = serve::interrupted() => bail!("interrupted; keel was stopped"),
         };
         print_report(&report, &args.report);
@@ -161,22 +178,32 @@ fn print_report(report: &Report, dir: &Path) {
 struct Prepared {
     /// The route the agents call.
     route: String,
+    /// The agent the tasks belong to.
+    agent: String,
+    /// Prefix of the run's task ids.
+    id_prefix: String,
     mix: FaultMix,
     mix_name: String,
     scripts: Arc<[TaskScript]>,
-    sim: keel_sim::SimHandle,
+    /// The simulated models (`None` against a running keel, which calls its own).
+    sim: Option<keel_sim::SimHandle>,
     db: PathBuf,
     config: PathBuf,
 }
 
-async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
-    let (mix, mix_name) = match &args.faults {
-        Some(path) => (FaultMix::load(path)?, path.display().to_string()),
-        None => (FaultMix::standard()?, "standard".to_owned()),
-    };
+/// The run's fault mix and its name, after checking the run's size.
+fn load_mix(args: &SimArgs) -> anyhow::Result<(FaultMix, String)> {
     if args.agents == 0 || args.tasks == 0 {
         bail!("--agents and --tasks must be at least 1");
     }
+    Ok(match &args.faults {
+        Some(path) => (FaultMix::load(path)?, path.display().to_string()),
+        None => (FaultMix::standard()?, "standard".to_owned()),
+    })
+}
+
+async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
+    let (mix, mix_name) = load_mix(args)?;
     for outage in &mix.outages {
         if outage.target != LARGE && outage.target != SMALL {
             bail!(
@@ -216,10 +243,12 @@ async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
     let scripts: Arc<[TaskScript]> = fleet::script::generate(args.seed, args.tasks).into();
     Ok(Prepared {
         route,
+        agent: AGENT.to_owned(),
+        id_prefix: "sim".to_owned(),
         mix,
         mix_name,
         scripts,
-        sim,
+        sim: Some(sim),
         db,
         config,
     })
@@ -261,9 +290,145 @@ async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
     keel.stop().await;
     let store = SqliteStore::open(&prepared.db, keel_store::Durability::Fsync)
         .with_context(|| format!("cannot open {}", prepared.db.display()))?;
-    let report = figures(args, &prepared, run, facts, &store, usage, "child").await?;
+    let collected = from_store(&store, &prepared, &run).await?;
+    let report = report_of(args, &prepared, run, facts, collected, usage, "child");
     write_report(&report, &args.report)?;
     Ok(report)
+}
+
+/// `keel sim --server`: against a keel that is already running. It calls its own
+/// providers, so the mix's model-call faults and outages cannot be injected (its
+/// `[chaos]` can) and keel is not killed; agent deaths still happen. The figures come
+/// from its HTTP API.
+async fn simulate_remote(args: &SimArgs, remote: &Remote) -> anyhow::Result<Report> {
+    let (mix, mix_name) = load_mix(args)?;
+    if !args.policies_on || args.config.is_some() {
+        output::line(
+            "--policies and --config change nothing with --server: the running keel keeps its own config.",
+        );
+    }
+    output::line(&format!(
+        "against the running keel at {}: only the mix's agent deaths apply (its model calls go to its own providers; use its [chaos] to inject faults there)",
+        remote.url
+    ));
+    let client = reqwest::Client::new();
+    let before = breaker_trips(&client, &remote.url).await;
+    let prepared = Prepared {
+        route: remote.route.clone(),
+        agent: remote.agent.clone(),
+        // Each run its own ids: a running keel keeps earlier runs' tasks.
+        id_prefix: format!("sim{:x}", now_ms()),
+        mix,
+        mix_name,
+        scripts: fleet::script::generate(args.seed, args.tasks).into(),
+        sim: None,
+        db: PathBuf::new(),
+        config: PathBuf::new(),
+    };
+    let (run, drive) = drive(args, &prepared, &remote.url, None).await?;
+    let collected = from_api(&client, &remote.url, &prepared, &run).await?;
+    let after = breaker_trips(&client, &remote.url).await;
+    let collected = Collected {
+        breaker_trips: after.saturating_sub(before),
+        ..collected
+    };
+    let report = report_of(
+        args,
+        &prepared,
+        run,
+        drive,
+        collected,
+        Usage::default(),
+        "remote",
+    );
+    write_report(&report, &args.report)?;
+    Ok(report)
+}
+
+/// `keel_breaker_transitions_total{to="open"}` summed over targets (0 if unreadable).
+async fn breaker_trips(client: &reqwest::Client, url: &str) -> u64 {
+    let Ok(response) = client.get(format!("{url}/metrics")).send().await else {
+        return 0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("keel_breaker_transitions_total{") && l.contains("to=\"open\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The figures of a run read over keel's HTTP API: each task and its events.
+async fn from_api(
+    client: &reqwest::Client,
+    url: &str,
+    prepared: &Prepared,
+    run: &fleet::FleetRun,
+) -> anyhow::Result<Collected> {
+    use futures::StreamExt as _;
+    let admin = std::env::var("KEEL_ADMIN_TOKEN").ok();
+    let get = |path: String| {
+        let mut request = client.get(format!("{url}{path}"));
+        if let Some(token) = &admin {
+            request = request.bearer_auth(token);
+        }
+        request
+    };
+    let per_task = futures::stream::iter(run.created.iter().map(|created| {
+        let get = &get;
+        async move {
+            let task = get(format!("/v1/tasks/{}", created.id))
+                .send()
+                .await
+                .with_context(|| format!("reading task {}", created.id))?;
+            if task.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok::<_, anyhow::Error>((created, None, Vec::new()));
+            }
+            let task: serde_json::Value = task.error_for_status()?.json().await?;
+            let events = get(format!("/v1/tasks/{}/events", created.id))
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            let events: Vec<keel_store::Event> = events
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .collect();
+            Ok((created, Some(task), events))
+        }
+    }))
+    .buffered(16)
+    .collect::<Vec<_>>()
+    .await;
+    let mut collected = Collected::default();
+    for item in per_task {
+        let (created, task, events) = item?;
+        let feasible = feasible(prepared, created.index);
+        let Some(task) = task else {
+            collected.outcomes.push(TaskOutcome {
+                feasible,
+                state: None,
+                created_ms: 0,
+                first_claimed_ms: None,
+                updated_ms: 0,
+            });
+            continue;
+        };
+        for event in &events {
+            collected.event(event);
+        }
+        collected.outcomes.push(TaskOutcome {
+            feasible,
+            state: task["state"].as_str().map(str::to_owned),
+            created_ms: task["created_at_ms"].as_i64().unwrap_or(0),
+            first_claimed_ms: events
+                .iter()
+                .find(|e| e.kind == "task_claimed")
+                .map(|e| e.at_ms),
+            updated_ms: task["updated_at_ms"].as_i64().unwrap_or(0),
+        });
+    }
+    Ok(collected)
 }
 
 /// `keel demo`: keel in this process, left running.
@@ -296,18 +461,11 @@ async fn simulate_in_process(
     let url = format!("http://{}", running.addr);
     let (run, facts) = drive(args, &prepared, &url, None).await?;
     let usage = own_usage();
-    let report = figures(
-        args,
-        &prepared,
-        run,
-        facts,
-        running.store.as_ref(),
-        usage,
-        "in-process",
-    )
-    .await?;
+    let collected = from_store(running.store.as_ref(), &prepared, &run).await?;
+    let report = report_of(args, &prepared, run, facts, collected, usage, "in-process");
     write_report(&report, &args.report)?;
-    Ok((report, running, prepared.sim))
+    let sim = prepared.sim.context("the simulated model server is gone")?;
+    Ok((report, running, sim))
 }
 
 /// What the fleet driver and the fault schedule produced.
@@ -329,13 +487,17 @@ async fn drive(
         (SMALL.to_owned(), SMALL_LATENCY),
     ]);
     let injector = Arc::new(FleetInjector::new(args.seed, prepared.mix.clone(), latency));
-    prepared
-        .sim
-        .set_injector(Some(Arc::clone(&injector) as Arc<dyn keel_sim::Injector>));
+    if let Some(sim) = &prepared.sim {
+        sim.set_injector(Some(Arc::clone(&injector) as Arc<dyn keel_sim::Injector>));
+    }
     let started_ms = now_ms();
-    let mut windows: Vec<Window> = prepared
-        .mix
-        .outages
+    // Outages happen only where keel sim runs the models.
+    let outages = if prepared.sim.is_some() {
+        prepared.mix.outages.as_slice()
+    } else {
+        &[]
+    };
+    let mut windows: Vec<Window> = outages
         .iter()
         .map(|o| Window {
             label: format!("outage of {}", o.target),
@@ -347,13 +509,16 @@ async fn drive(
         keel_url: url.to_owned(),
         agents: args.agents,
         route: prepared.route.clone(),
-        agent: AGENT.to_owned(),
+        agent: prepared.agent.clone(),
         seed: args.seed,
         lease: LEASE,
         think: args.think,
         call_timeout: CALL_TIMEOUT,
         killed_share: prepared.mix.agents.killed,
         drain_timeout: args.drain_timeout,
+        id_prefix: prepared.id_prefix.clone(),
+        agent_key: std::env::var("KEEL_AGENT_KEY").ok(),
+        admin_token: std::env::var("KEEL_ADMIN_TOKEN").ok(),
     };
     let bar = progress_bar(u64::from(args.tasks));
     // Without a terminal (CI logs, pipes) the bar is hidden: a line every 5 s instead.
@@ -435,7 +600,9 @@ async fn drive(
         None => fleet.await?,
     };
     bar.finish_and_clear();
-    prepared.sim.set_injector(None);
+    if let Some(sim) = &prepared.sim {
+        sim.set_injector(None);
+    }
     Ok((
         run,
         Drive {
@@ -464,16 +631,59 @@ struct Usage {
     cpu_s: f64,
 }
 
+/// What a run's figures are made of, from the store or the API.
+#[derive(Debug, Default)]
+struct Collected {
+    outcomes: Vec<TaskOutcome>,
+    calls: CallFigures,
+    breaker_trips: u64,
+    /// Faults keel's own `[chaos]` injected, by fault (from `llm_call.chaos`).
+    keel_chaos: BTreeMap<String, u64>,
+}
+
+impl Collected {
+    /// Counts one event into the call figures.
+    fn event(&mut self, event: &keel_store::Event) {
+        match event.kind.as_str() {
+            "llm_call" => {
+                let data = &event.data;
+                self.calls.calls += 1;
+                self.calls.retries += data["attempts"].as_u64().unwrap_or(1).saturating_sub(1);
+                if data["fallback"] == true {
+                    self.calls.fallbacks += 1;
+                }
+                self.calls.tokens += data["usage"]["total_tokens"].as_u64().unwrap_or(0);
+                for injected in data["chaos"].as_array().into_iter().flatten() {
+                    if let Some(fault) = injected["fault"].as_str() {
+                        *self
+                            .keel_chaos
+                            .entry(format!("keel_chaos_{fault}"))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            "degraded_reply" => self.calls.degraded += 1,
+            "breaker_opened" => self.breaker_trips += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Whether script `index` is feasible (an unknown index counts as feasible).
+fn feasible(prepared: &Prepared, index: u32) -> bool {
+    prepared
+        .scripts
+        .get(index as usize)
+        .is_none_or(TaskScript::feasible)
+}
+
 /// Reads the run's figures from keel's store.
-async fn figures<S: EventStore + TaskStore + ?Sized>(
-    args: &SimArgs,
-    prepared: &Prepared,
-    run: fleet::FleetRun,
-    drive: Drive,
+async fn from_store<S: EventStore + TaskStore + ?Sized>(
     store: &S,
-    usage: Usage,
-    keel_process: &str,
-) -> anyhow::Result<Report> {
+    prepared: &Prepared,
+    run: &fleet::FleetRun,
+) -> anyhow::Result<Collected> {
+    let mut collected = Collected::default();
     // When each task was first claimed: its time in the queue ends there.
     let mut first_claim: HashMap<String, i64> = HashMap::new();
     for_each_event(store, "task_claimed", |event| {
@@ -482,17 +692,13 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
         }
     })
     .await?;
-    let mut outcomes = Vec::with_capacity(run.created.len());
     for created in &run.created {
         let row = store
             .task(&created.id)
             .await
             .with_context(|| format!("reading task {}", created.id))?;
-        let feasible = prepared
-            .scripts
-            .get(created.index as usize)
-            .is_none_or(TaskScript::feasible);
-        outcomes.push(match row {
+        let feasible = feasible(prepared, created.index);
+        collected.outcomes.push(match row {
             Some(row) => TaskOutcome {
                 feasible,
                 first_claimed_ms: first_claim.get(&row.id).copied(),
@@ -509,28 +715,29 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
             },
         });
     }
-    let mut calls = CallFigures::default();
-    for_each_event(store, "llm_call", |event| {
-        let data = &event.data;
-        calls.calls += 1;
-        calls.retries += data["attempts"].as_u64().unwrap_or(1).saturating_sub(1);
-        if data["fallback"] == true {
-            calls.fallbacks += 1;
-        }
-        calls.tokens += data["usage"]["total_tokens"].as_u64().unwrap_or(0);
-    })
-    .await?;
-    let mut degraded = 0;
-    for_each_event(store, "degraded_reply", |_| degraded += 1).await?;
-    calls.degraded = degraded;
-    let mut breaker_trips = 0;
-    for_each_event(store, "breaker_opened", |_| breaker_trips += 1).await?;
-    let faults_injected: BTreeMap<String, u64> = drive
+    for kind in ["llm_call", "degraded_reply", "breaker_opened"] {
+        for_each_event(store, kind, |event| collected.event(event)).await?;
+    }
+    Ok(collected)
+}
+
+/// The report of a run from what was collected.
+fn report_of(
+    args: &SimArgs,
+    prepared: &Prepared,
+    run: fleet::FleetRun,
+    drive: Drive,
+    collected: Collected,
+    usage: Usage,
+    keel_process: &str,
+) -> Report {
+    let mut faults_injected: BTreeMap<String, u64> = drive
         .injector
         .injected()
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+    faults_injected.extend(collected.keel_chaos);
     let facts = RunFacts {
         seed: args.seed,
         policies: if args.policies_on { "on" } else { "off" }.to_owned(),
@@ -539,15 +746,15 @@ async fn figures<S: EventStore + TaskStore + ?Sized>(
         started_ms: drive.started_ms,
         wall_s: run.wall.as_secs_f64(),
         drained: run.drained,
-        calls,
-        breaker_trips,
+        calls: collected.calls,
+        breaker_trips: collected.breaker_trips,
         faults_injected,
         fault_windows: drive.windows,
         keel_peak_rss_mb: usage.peak_rss_mb,
         keel_cpu_s: usage.cpu_s,
         keel_process: keel_process.to_owned(),
     };
-    Ok(Report::build(facts, &outcomes))
+    Report::build(facts, &collected.outcomes)
 }
 
 /// Calls `f` with every event of `kind`, oldest first.

@@ -6,6 +6,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use crate::common::{Keel, TWO_TARGETS, sim as sim_server};
+
 /// Runs `keel sim` with `args` into `dir`; returns its report.json.
 fn sim(dir: &Path, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -161,4 +163,62 @@ fn a_bad_fault_mix_is_refused_with_its_key() {
         stderr.contains("mix.toml: calls.hang: 2 is not a share between 0 and 1"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_runs_against_a_keel_that_is_already_running() {
+    let models = sim_server().await;
+    let keel = Keel::start(TWO_TARGETS, &models).await;
+    let dir = tempfile::tempdir().unwrap();
+    let report_dir = dir.path().join("remote");
+    let run = |report: std::path::PathBuf| {
+        let url = keel.url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_keel"))
+                .args([
+                    "sim",
+                    "--server",
+                    &url,
+                    "--route",
+                    "smart",
+                    "--agent",
+                    "remote-fleet",
+                ])
+                .args([
+                    "--agents", "5", "--tasks", "20", "--think", "10ms", "--report",
+                ])
+                .arg(report)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(report_dir.clone()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["keel_process"], "remote");
+    assert_eq!(report["final"]["lost"], 0, "{report}");
+    assert_eq!(final_total(&report), 20);
+    // Every task of the run went through the running keel's gateway and store.
+    assert!(report["model_calls"].as_u64().unwrap() >= 20, "{report}");
+    let rows = keel.events_of("task_created");
+    assert_eq!(rows.len(), 20);
+    // No model-call faults are injected against a keel keel sim did not start.
+    assert_eq!(report["faults_injected"].get("error_5xx"), None, "{report}");
+    assert!(!report_dir.join("keel").exists(), "no keel of its own");
+
+    // A second run on the same keel gets task ids of its own.
+    let again = run(dir.path().join("again")).await.unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    assert_eq!(keel.events_of("task_created").len(), 40);
 }
