@@ -63,7 +63,8 @@ pub use server::{
 };
 pub use settings::{KeelConfig, Settings};
 pub use tool::{
-    ProfileAction, ProfileConfig, ProfileSettings, ToolConfig, ToolEndpoint, ToolSettings,
+    DEFAULT_TOOL_TIMEOUT, ProfileAction, ProfileConfig, ProfileSettings, ToolConfig, ToolEndpoint,
+    ToolSettings,
 };
 
 use crate::locate::Locator;

@@ -1,14 +1,20 @@
 //! `[tools.NAME]`: tools agents call through keel's tool gateway, and the guards on them.
 //!
-//! Only the shape is checked here; CEL `rules` are compiled (and their errors reported) by
-//! the tool gateway.
+//! Every CEL rule is compiled here, so `keel config check` names a bad rule by key and
+//! line; the tool gateway compiles them again (cheaply) to run them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::duration;
 use crate::error::{Invalid, KeyPath, Problems};
 use crate::provider::check_http_url;
+use crate::route::{RetryConfig, RetrySettings};
+
+/// How long one tool call may take when `timeout` is not given.
+pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[tools.NAME]` as written in keel.toml. Nothing here is trusted yet.
 #[derive(Debug, Deserialize)]
@@ -23,6 +29,16 @@ pub struct ToolConfig {
     /// The tool changes the world: never retried without an idempotency key.
     #[serde(default)]
     pub side_effects: bool,
+    /// How long one call may take, every attempt included (default 30s).
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub timeout: Option<Duration>,
+    /// `retry = { max_attempts, base, cap, jitter }`; only for a tool without side
+    /// effects, or a call that carries an idempotency key.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Arg names whose values never reach the log (replaced by `"[redacted]"`).
+    #[serde(default)]
+    pub redact: Vec<String>,
     /// CEL expressions over `args` that must all hold.
     #[serde(default)]
     pub rules: Vec<String>,
@@ -69,7 +85,7 @@ pub enum ToolEndpoint {
 }
 
 /// A validated tool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ToolSettings {
     /// The table name, `NAME` in `[tools.NAME]`.
     pub name: String,
@@ -77,7 +93,13 @@ pub struct ToolSettings {
     pub endpoint: ToolEndpoint,
     /// The tool changes the world: never retried without an idempotency key.
     pub side_effects: bool,
-    /// CEL rules (not yet compiled), none empty.
+    /// How long one call may take, every attempt included.
+    pub timeout: Duration,
+    /// Retries of a call that may be retried; `max_attempts = 1` unless configured.
+    pub retry: RetrySettings,
+    /// Arg names whose values never reach the log.
+    pub redact: Vec<String>,
+    /// CEL rules, each compiled once by the check.
     pub rules: Vec<String>,
     /// The histogram guard, if configured.
     pub profile: Option<ProfileSettings>,
@@ -116,8 +138,29 @@ impl ToolConfig {
         for (i, rule) in self.rules.iter().enumerate() {
             if rule.trim().is_empty() {
                 problems.push(at.child("rules").index(i).invalid("rule is empty"));
+            } else if let Err(e) = cel::Program::compile(rule) {
+                let first = e.to_string();
+                let first = first.lines().next().unwrap_or("syntax error").trim();
+                problems.push(
+                    at.child("rules")
+                        .index(i)
+                        .invalid(format!("not a CEL expression: {first}")),
+                );
             }
         }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            problems.push(at.child("timeout").invalid("must be longer than 0s"));
+        }
+        let retry = match self.retry {
+            Some(retry) => problems.take(retry.validate(&at.child("retry"))),
+            None => problems.take(
+                RetryConfig {
+                    max_attempts: 1,
+                    ..RetryConfig::default()
+                }
+                .validate(&at.child("retry")),
+            ),
+        };
         let profile = self.profile.map(|p| {
             if p.args.is_empty() {
                 problems.push(
@@ -136,6 +179,9 @@ impl ToolConfig {
                 name: name.to_owned(),
                 endpoint: endpoint?,
                 side_effects: self.side_effects,
+                timeout: self.timeout.unwrap_or(DEFAULT_TOOL_TIMEOUT),
+                retry: retry?,
+                redact: self.redact,
                 rules: self.rules,
                 profile,
             })

@@ -192,6 +192,12 @@ fn design_example_parses_to_expected_settings() {
                     url: "http://127.0.0.1:9001/refund".into(),
                 },
                 side_effects: true,
+                timeout: crate::DEFAULT_TOOL_TIMEOUT,
+                retry: RetrySettings {
+                    max_attempts: NonZeroU32::MIN,
+                    ..RetrySettings::default()
+                },
+                redact: Vec::new(),
                 rules: vec![
                     "args.amount <= 500".into(),
                     "args.currency in ['USD','EUR']".into(),

@@ -449,6 +449,25 @@ fn tool_needs_exactly_one_endpoint() {
     );
 }
 
+#[test]
+fn a_tool_rule_that_is_not_cel_is_named_by_key_and_line() {
+    let text = "[tools.refund]\nurl = \"http://127.0.0.1:9/refund\"\nrules = [\n  \"args.amount <= 500\",\n  \"args.amount <=\",\n]\n";
+    let text = errors(text);
+    assert!(
+        text.starts_with("keel.toml:5: tools.refund.rules[1]: not a CEL expression: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn tool_timeout_and_retry_are_checked() {
+    assert_eq!(
+        errors("[tools.t]\nurl = \"http://x\"\ntimeout = \"0s\"\nretry = { max_attempts = 0 }\n"),
+        "keel.toml:3: tools.t.timeout: must be longer than 0s\n\
+         keel.toml:4: tools.t.retry.max_attempts: must be at least 1"
+    );
+}
+
 // === many at once ===
 
 #[test]
