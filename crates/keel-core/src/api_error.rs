@@ -81,6 +81,13 @@ impl ApiError {
         e
     }
 
+    /// 502: a tool (or another upstream) answered something unusable.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_GATEWAY, "api_error", message);
+        e.code = Some("bad_gateway");
+        e
+    }
+
     /// 504: the call's total deadline passed.
     pub fn timeout(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", message);

@@ -38,6 +38,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::tools::routes())
         .fallback(not_found)
         .with_state(gateway)
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod payload;
 pub mod provider;
 pub mod route;
+pub mod tools;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,6 +50,7 @@ pub struct Gateway {
     max_body_bytes: usize,
     record_payloads: bool,
     chaos: Option<Chaos>,
+    tools: tools::Tools,
 }
 
 /// Why the gateway could not be built from settings.
@@ -57,6 +59,9 @@ pub enum BuildError {
     /// A provider's client could not be constructed.
     #[error("{0}")]
     Provider(String),
+    /// A tool that cannot be built.
+    #[error(transparent)]
+    Tool(#[from] tools::ToolBuildError),
     /// A provider kind this build does not support yet.
     #[error("providers.{name}.kind: provider kind {kind:?} is not supported yet")]
     UnsupportedKind {
@@ -142,7 +147,9 @@ impl Gateway {
                 "chaos is enabled: keel injects faults into its calls to providers and honours x-keel-chaos"
             );
         }
+        let tools = tools::Tools::build(&settings.tools, settings.breaker)?;
         Ok(Self {
+            tools,
             routes,
             agents: Agents::new(settings.agents.values()),
             metrics,

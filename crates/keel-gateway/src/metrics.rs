@@ -71,6 +71,15 @@ pub struct TransitionLabels {
     pub to: String,
 }
 
+/// Labels of `keel_guardrail_blocks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardrailLabels {
+    /// The tool.
+    pub tool: String,
+    /// The rule that blocked, as configured.
+    pub rule: String,
+}
+
 /// Labels of `keel_chaos_injected_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChaosLabels {
@@ -111,6 +120,8 @@ pub struct Metrics {
     pub stream_errors: Family<RouteLabel, Counter>,
     /// `keel_breaker_state{target}`: 0 closed, 1 half-open, 2 open.
     pub breaker_state: Family<TargetLabel, Gauge>,
+    /// `keel_guardrail_blocks_total{tool,rule}`: actions a guard blocked.
+    pub guardrail_blocks: Family<GuardrailLabels, Counter>,
     /// `keel_breaker_transitions_total{target,to}`: breaker state changes (trips are `to="open"`).
     pub breaker_transitions: Family<TransitionLabels, Counter>,
     /// `gen_ai_client_token_usage{gen_ai_token_type,route}`.
@@ -135,6 +146,7 @@ impl Metrics {
         let stream_errors = Family::<RouteLabel, Counter>::default();
         let breaker_state = Family::<TargetLabel, Gauge>::default();
         let breaker_transitions = Family::<TransitionLabels, Counter>::default();
+        let guardrail_blocks = Family::<GuardrailLabels, Counter>::default();
         let token_usage: HistogramFamily<TokenLabels> =
             Family::new_with_constructor(token_histogram);
         let budget_remaining = Family::<BudgetLabels, Gauge>::default();
@@ -181,6 +193,11 @@ impl Metrics {
             breaker_state.clone(),
         );
         registry.register(
+            "keel_guardrail_blocks",
+            "Actions blocked by a guard, by tool and rule",
+            guardrail_blocks.clone(),
+        );
+        registry.register(
             "keel_breaker_transitions",
             "Circuit breaker state changes per target, by the state entered",
             breaker_transitions.clone(),
@@ -211,6 +228,7 @@ impl Metrics {
             stream_errors,
             breaker_state,
             breaker_transitions,
+            guardrail_blocks,
             token_usage,
             budget_remaining,
             chaos_injected,

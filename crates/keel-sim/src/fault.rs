@@ -67,6 +67,9 @@ pub struct Fault {
     /// idle-timeout tests).
     #[serde(with = "humantime_serde", default)]
     pub chunk_interval: Option<Duration>,
+    /// Tools only: answer `302 Found` with this `Location` instead.
+    #[serde(default)]
+    pub redirect: Option<String>,
 }
 
 // === impl Fault ===

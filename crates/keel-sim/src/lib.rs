@@ -10,6 +10,9 @@
 //!   OpenAI's SSE shape, with a usage chunk when `stream_options.include_usage` is set.
 //! - `POST /v1/embeddings`: unit vectors of 8 floats hashed from each input.
 //! - `GET /v1/models`: the models seen, plus `sim-model`.
+//! - `POST /tools/{name}` (or `/v1/tools/{name}`): a simulated HTTP tool answering
+//!   `{"tool", "ok": true, "received": <the body>}`; its faults and calls are those of the
+//!   model `tool:{name}`, and a fault's `redirect` answers `302` to that location.
 //!
 //! Faults ([`Fault`]) are queued per model with [`SimHandle::script`] or made sticky with
 //! [`SimHandle::set_always`]; the same control surface is served over HTTP for other

@@ -72,6 +72,10 @@ pub(crate) async fn handle(
             shared.reset();
             Ok(json_response(StatusCode::OK, ok_body()))
         }
+        (Method::POST, tool) if tool.starts_with("/tools/") => {
+            let name = tool.trim_start_matches("/tools/").to_owned();
+            tool_call(&shared, req, &name).await
+        }
         (Method::GET, "/_sim/calls") => {
             let body = json!({ "calls": shared.all_calls() }).to_string();
             Ok(json_response(StatusCode::OK, Bytes::from(body)))
@@ -93,6 +97,47 @@ pub(crate) async fn handle(
             None,
         )),
     }
+}
+
+// === tools ===
+
+/// `POST /tools/{name}`: a simulated HTTP tool. It answers
+/// `{"tool": name, "ok": true, "received": <the request body>}`; its faults and call
+/// count are those of the model `tool:{name}` (script them like a model's), and a
+/// fault's `redirect` answers `302 Found` with that `Location`.
+async fn tool_call(
+    shared: &Shared,
+    req: Request<Incoming>,
+    name: &str,
+) -> Result<Response<SimBody>, SimError> {
+    let authorization = req.headers().get(AUTHORIZATION).cloned();
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(response) => return Ok(response),
+    };
+    let received: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let key = format!("tool:{name}");
+    let fault = shared
+        .admit(&key, body, authorization)
+        .or_else(|| shared.inject(&key, &received));
+    let fault = fault.as_deref();
+    if let Some(location) = fault.and_then(|f| f.redirect.as_deref()) {
+        let mut response = json_response(StatusCode::FOUND, Bytes::new());
+        if let Ok(value) = http::HeaderValue::from_str(location) {
+            response.headers_mut().insert(http::header::LOCATION, value);
+        }
+        return Ok(response);
+    }
+    if let Some(fault) = fault
+        && let Some(early) = apply_fault(fault, &key, false).await
+    {
+        return early.map(|response| with_retry_after(response, Some(fault)));
+    }
+    let answer = json!({"tool": name, "ok": true, "received": received}).to_string();
+    Ok(with_retry_after(
+        json_response(StatusCode::OK, Bytes::from(answer)),
+        fault,
+    ))
 }
 
 // === model requests ===

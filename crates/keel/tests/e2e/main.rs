@@ -17,3 +17,4 @@ mod http;
 mod sdk;
 mod sim;
 mod tasks;
+mod tools;

@@ -1,0 +1,262 @@
+//! The tool gateway: agents call their tools through keel (`POST /v1/tools/{name}/invoke`),
+//! or ask keel whether an action they run themselves is allowed (`POST /v1/actions/check`).
+//!
+//! Before a call, every CEL rule of the tool must hold (over `args`, `agent`, `task`
+//! and `history.calls`, this tool's earlier calls in the task); a rule that is false,
+//! or cannot be evaluated, blocks the call with the rule as the reason (fail closed).
+//! The call itself goes only to the tool's configured URL: keel follows no redirect,
+//! so a tool cannot bounce keel to another host. A tool with side effects is retried
+//! only when the call carries an idempotency key; every tool has a timeout and a
+//! circuit breaker. Each call is a `tool_invoked` event, each block an
+//! `action_blocked` event and `keel_guardrail_blocks_total{tool,rule}`.
+
+mod http;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keel_config::{ToolEndpoint, ToolSettings};
+use keel_policy::breaker::{Breaker, BreakerSettings};
+use parking_lot::Mutex;
+use serde_json::Value;
+
+pub(crate) use http::routes;
+
+/// The value that stands in the log for a redacted arg.
+pub const REDACTED: &str = "[redacted]";
+
+/// Every configured tool, ready to check and call.
+pub struct Tools {
+    tools: BTreeMap<String, Tool>,
+}
+
+/// One tool: its settings, compiled rules, client and breaker.
+pub(crate) struct Tool {
+    pub(crate) settings: ToolSettings,
+    rules: Vec<Rule>,
+    pub(crate) url: reqwest::Url,
+    pub(crate) client: reqwest::Client,
+    pub(crate) breaker: Mutex<Breaker>,
+}
+
+/// A compiled CEL rule and its text.
+struct Rule {
+    text: String,
+    program: cel::Program,
+    /// Whether it reads `history` (then the task's log is counted first).
+    needs_history: bool,
+}
+
+/// What a rule sees of one action.
+#[derive(Debug, Clone, Copy)]
+pub struct Action<'a> {
+    /// The agent acting.
+    pub agent: &'a str,
+    /// Its task, if any.
+    pub task: Option<&'a str>,
+    /// The call's arguments (a JSON object).
+    pub args: &'a Value,
+    /// This tool's calls already in the task's log.
+    pub calls_in_task: u64,
+}
+
+/// The rules' verdict on an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every rule holds.
+    Allow,
+    /// These rules do not hold (each with why).
+    Block(Vec<Broken>),
+}
+
+/// A rule that blocked an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    /// The rule as configured.
+    pub rule: String,
+    /// Why it blocks: false, or the evaluation error.
+    pub reason: String,
+}
+
+/// Why the tools could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolBuildError {
+    /// A tool kind this build cannot run.
+    #[error("tools.{0}.wasm: Wasm tools are not supported by this build yet; use url")]
+    Wasm(String),
+    /// A bad URL or rule (config check catches these first).
+    #[error("tools.{name}: {detail}")]
+    Invalid {
+        /// The tool.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+// === impl Tools ===
+
+impl Tools {
+    /// Compiles every tool's rules and builds its client; `breaker` is `[breaker]`.
+    pub fn build(
+        tools: &BTreeMap<String, ToolSettings>,
+        breaker: BreakerSettings,
+    ) -> Result<Self, ToolBuildError> {
+        let mut built = BTreeMap::new();
+        for (name, settings) in tools {
+            let invalid = |detail: String| ToolBuildError::Invalid {
+                name: name.clone(),
+                detail,
+            };
+            let url = match &settings.endpoint {
+                ToolEndpoint::Http { url } => {
+                    reqwest::Url::parse(url).map_err(|e| invalid(format!("url: {e}")))?
+                }
+                ToolEndpoint::Wasm { .. } => return Err(ToolBuildError::Wasm(name.clone())),
+            };
+            let mut rules = Vec::with_capacity(settings.rules.len());
+            for text in &settings.rules {
+                let program = cel::Program::compile(text)
+                    .map_err(|e| invalid(format!("rule {text:?}: {e}")))?;
+                let needs_history = program.references().has_variable("history");
+                rules.push(Rule {
+                    text: text.clone(),
+                    program,
+                    needs_history,
+                });
+            }
+            if settings.profile.is_some() {
+                tracing::warn!(
+                    tool = %name,
+                    "tools.{name}.profile: the histogram guard is not enforced by this build yet; rules are"
+                );
+            }
+            let client = reqwest::Client::builder()
+                // No server-side request forgery through a tool: keel calls the
+                // configured URL and nothing it redirects to.
+                .redirect(reqwest::redirect::Policy::none())
+                .retry(reqwest::retry::never())
+                .build()
+                .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
+            built.insert(
+                name.clone(),
+                Tool {
+                    settings: settings.clone(),
+                    rules,
+                    url,
+                    client,
+                    breaker: Mutex::new(Breaker::new(breaker)),
+                },
+            );
+        }
+        Ok(Self { tools: built })
+    }
+
+    /// The tool called `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&Tool> {
+        self.tools.get(name)
+    }
+
+    /// Tool names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tools.keys().map(String::as_str)
+    }
+}
+
+// === impl Tool ===
+
+impl Tool {
+    /// Whether any rule reads `history`.
+    pub(crate) fn needs_history(&self) -> bool {
+        self.rules.iter().any(|r| r.needs_history)
+    }
+
+    /// Runs every rule on `action`; a rule that errors blocks (fail closed).
+    pub fn check(&self, action: &Action<'_>) -> Verdict {
+        let mut context = cel::Context::default();
+        let history = serde_json::json!({ "calls": action.calls_in_task });
+        let vars: [(&str, Value); 4] = [
+            ("args", action.args.clone()),
+            ("agent", Value::from(action.agent)),
+            ("task", action.task.map_or(Value::Null, Value::from)),
+            ("history", history),
+        ];
+        for (name, value) in vars {
+            if let Err(e) = context.add_variable(name, value) {
+                return Verdict::Block(vec![Broken {
+                    rule: String::new(),
+                    reason: format!("cannot give the rules `{name}`: {e}"),
+                }]);
+            }
+        }
+        let broken: Vec<Broken> = self
+            .rules
+            .iter()
+            .filter_map(|rule| match rule.program.execute(&context) {
+                Ok(cel::Value::Bool(true)) => None,
+                Ok(cel::Value::Bool(false)) => Some(Broken {
+                    rule: rule.text.clone(),
+                    reason: format!("rule `{}` does not hold", rule.text),
+                }),
+                Ok(other) => Some(Broken {
+                    rule: rule.text.clone(),
+                    reason: format!("rule `{}` gave {other:?}, not true or false", rule.text),
+                }),
+                Err(e) => Some(Broken {
+                    rule: rule.text.clone(),
+                    reason: format!("rule `{}` could not be evaluated: {e}", rule.text),
+                }),
+            })
+            .collect();
+        if broken.is_empty() {
+            Verdict::Allow
+        } else {
+            Verdict::Block(broken)
+        }
+    }
+
+    /// `value` with every member named in `redact`, at any depth, replaced by
+    /// [`REDACTED`] (a tool that echoes its args must not leak them either).
+    pub(crate) fn redact(&self, value: &Value) -> Value {
+        let mut value = value.clone();
+        if !self.settings.redact.is_empty() {
+            redact_in(&mut value, &self.settings.redact);
+        }
+        value
+    }
+
+    /// Attempts a call may have: retries only without side effects, or with a key.
+    pub(crate) fn attempts(&self, idempotency_key: bool) -> u32 {
+        if self.settings.side_effects && !idempotency_key {
+            1
+        } else {
+            self.settings.retry.max_attempts.get()
+        }
+    }
+
+    /// The backoff before retry `n` (from 1), full range of the configured jitter.
+    pub(crate) fn backoff(&self, n: u32) -> Duration {
+        let r = &self.settings.retry;
+        let mut backoff = keel_policy::backoff::Backoff::new(r.base, r.cap, r.jitter);
+        backoff.delay(n, &mut rand::rng())
+    }
+}
+
+fn redact_in(value: &mut Value, keys: &[String]) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if keys.iter().any(|k| k == key) {
+                    *v = Value::from(REDACTED);
+                } else {
+                    redact_in(v, keys);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_in(v, keys)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,231 @@
+//! The tool gateway end to end: rules, retries by side effects, redirects refused,
+//! `actions/check`, and what lands in the log and the metrics.
+
+use keel_sim::Fault;
+use serde_json::{Value, json};
+
+use crate::common::{Keel, sim};
+
+const TOOLS: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[tools.refund]
+url = "{sim}/tools/refund"
+side_effects = true
+retry = { max_attempts = 3, base = "10ms", cap = "50ms" }
+redact = ["card"]
+rules = ["args.amount <= 500", "history.calls < 3"]
+
+[tools.lookup]
+url = "{sim}/tools/lookup"
+retry = { max_attempts = 3, base = "10ms", cap = "50ms" }
+timeout = "2s"
+"#;
+
+async fn post(keel: &Keel, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path}", keel.url))
+        .header("x-keel-agent", "support")
+        .json(&body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_allow_and_block_tool_calls_and_the_log_says_why() {
+    let models = sim().await;
+    let keel = Keel::start(TOOLS, &models).await;
+
+    let args = json!({"amount": 120, "currency": "EUR", "card": "4111111111111111"});
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/refund/invoke",
+        json!({"task": "t1", "args": args}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["result"]["tool"], "refund");
+    assert_eq!(answer["result"]["received"]["args"]["amount"], 120);
+    assert_eq!(models.calls("tool:refund"), 1);
+    let invoked = keel.events_of("tool_invoked");
+    assert_eq!(invoked.len(), 1);
+    assert_eq!(invoked[0]["args"]["card"], "[redacted]", "{}", invoked[0]);
+    assert_eq!(invoked[0]["outcome"], "ok");
+    assert_eq!(
+        invoked[0]["result"]["received"]["args"]["card"], "[redacted]",
+        "the tool echoed the card; the log must not: {}",
+        invoked[0]
+    );
+    for file in ["keel.db", "keel.db-wal"] {
+        let bytes = std::fs::read(keel.dir.path().join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(16).any(|w| w == b"4111111111111111"),
+            "a redacted arg reached {file}"
+        );
+    }
+
+    // 1,000 is over the rule: blocked before the tool is called, with the rule as reason.
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/refund/invoke",
+        json!({"task": "t1", "args": {"amount": 1000, "currency": "EUR"}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["blocked"], "rule `args.amount <= 500` does not hold");
+    assert_eq!(answer["rules"], json!(["args.amount <= 500"]));
+    assert_eq!(
+        models.calls("tool:refund"),
+        1,
+        "a blocked call never reaches the tool"
+    );
+    let blocked = keel.events_of("action_blocked");
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(blocked[0]["rules"], json!(["args.amount <= 500"]));
+
+    // history.calls < 3: the fourth refund in one task is one too many.
+    for _ in 0..2 {
+        let (status, answer) = post(
+            &keel,
+            "/v1/tools/refund/invoke",
+            json!({"task": "t1", "args": {"amount": 5}}),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/refund/invoke",
+        json!({"task": "t1", "args": {"amount": 5}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["rules"], json!(["history.calls < 3"]));
+
+    // The same verdicts without calling the tool.
+    let (status, answer) = post(
+        &keel,
+        "/v1/actions/check",
+        json!({"agent": "support", "tool": "refund", "args": {"amount": 40}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"verdict": "allow", "reasons": []}));
+    let (_, answer) = post(
+        &keel,
+        "/v1/actions/check",
+        json!({"agent": "support", "tool": "refund", "args": {"amount": 4000}}),
+        None,
+    )
+    .await;
+    assert_eq!(answer["verdict"], "block");
+    assert_eq!(keel.events_of("action_checked").len(), 2);
+    assert_eq!(models.calls("tool:refund"), 3);
+
+    let metrics = reqwest::get(format!("{}/metrics", keel.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "keel_guardrail_blocks_total{tool=\"refund\",rule=\"args.amount <= 500\"} 2",
+        "keel_guardrail_blocks_total{tool=\"refund\",rule=\"history.calls < 3\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+
+    let (status, answer) = post(&keel, "/v1/tools/nope/invoke", json!({"args": {}}), None).await;
+    assert_eq!(status, 404);
+    assert_eq!(answer["error"]["code"], "tool_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn side_effects_are_retried_only_with_an_idempotency_key() {
+    let models = sim().await;
+    let keel = Keel::start(TOOLS, &models).await;
+
+    // Without a key, a refund that failed is not tried again: it may have happened.
+    models.script("tool:refund", vec![Fault::status(503)]);
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/refund/invoke",
+        json!({"args": {"amount": 5}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["error"]["code"], "tool_error");
+    assert_eq!(models.calls("tool:refund"), 1);
+
+    // With one, keel retries and the tool can deduplicate.
+    models.script("tool:refund", vec![Fault::status(503)]);
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/refund/invoke",
+        json!({"args": {"amount": 5}}),
+        Some("refund-42"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(models.calls("tool:refund"), 3);
+
+    // A tool without side effects is retried anyway.
+    models.script("tool:lookup", vec![Fault::status(500), Fault::status(429)]);
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/lookup/invoke",
+        json!({"args": {"q": "x"}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(models.calls("tool:lookup"), 3);
+    let invoked = keel.events_of("tool_invoked");
+    let attempts: Vec<&Value> = invoked.iter().map(|e| &e["attempts"]).collect();
+    assert_eq!(attempts, [&json!(1), &json!(2), &json!(3)], "{invoked:?}");
+    assert_eq!(invoked[0]["outcome"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_cannot_redirect_keel_to_another_host() {
+    let models = sim().await;
+    let elsewhere = sim().await;
+    let keel = Keel::start(TOOLS, &models).await;
+    let target = format!("{}/tools/internal-admin", elsewhere.base_url());
+    models.script(
+        "tool:lookup",
+        vec![Fault {
+            redirect: Some(target),
+            ..Fault::default()
+        }],
+    );
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/lookup/invoke",
+        json!({"args": {"q": "x"}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["error"]["code"], "tool_redirect_refused");
+    assert_eq!(
+        elsewhere.calls("tool:internal-admin"),
+        0,
+        "keel followed a redirect"
+    );
+    assert_eq!(models.calls("tool:lookup"), 1, "a redirect is not retried");
+}
