@@ -39,6 +39,10 @@ pub struct RouteConfig {
     /// `breaker = { ... }`: overrides of `[breaker]` for this route's targets.
     #[serde(default)]
     pub breaker: Option<BreakerConfig>,
+    /// Check answers to `response_format: json_schema` requests against the schema,
+    /// asking once more with the error before falling back (default true).
+    #[serde(default = "defaults::yes")]
+    pub validate_output: bool,
 }
 
 /// `{ provider = "...", model = "..." }` as written.
@@ -67,6 +71,8 @@ pub struct RouteSettings {
     pub timeouts: TimeoutSettings,
     /// The breaker for this route's targets: `[breaker]` with the route's overrides applied.
     pub breaker: BreakerSettings,
+    /// Whether `json_schema` answers are checked and corrected.
+    pub validate_output: bool,
 }
 
 /// A validated target.
@@ -130,6 +136,7 @@ impl RouteConfig {
                 retry: retry?,
                 timeouts: timeouts?,
                 breaker: breaker?,
+                validate_output: self.validate_output,
             })
         })
     }

@@ -21,6 +21,7 @@ use crate::body::RawObject;
 use crate::chaos::{HeaderFault, header as chaos_header};
 use crate::error::ApiError;
 use crate::finish::{Finish, count_request};
+use crate::output::OutputCheck;
 use crate::provider::Endpoint;
 use crate::route::{Answer, Attribution, CallLog, Executor};
 use crate::{Gateway, payload};
@@ -256,12 +257,21 @@ async fn handle_inner(
             over.retry_after,
         ));
     }
+    // Streams are not checked: their bytes reach the client as they come.
+    let output = if route.validate_output && !parsed.stream && endpoint == Endpoint::ChatCompletions
+    {
+        OutputCheck::from_request(&parsed.body)
+            .map_err(|e| ApiError::bad_request(e).with_param("response_format"))?
+    } else {
+        None
+    };
     let executor = Executor {
         route,
         metrics: &gw.metrics,
         clock: gw.clock.as_ref(),
         chaos: gw.chaos.as_ref(),
         chaos_header,
+        output: output.as_ref(),
     };
     let recorded = if gw.record_payloads {
         payload::request(&parsed.body)

@@ -13,6 +13,7 @@ pub mod error;
 mod finish;
 mod http;
 pub mod metrics;
+pub mod output;
 pub mod payload;
 pub mod provider;
 pub mod route;

@@ -120,6 +120,8 @@ pub struct Metrics {
     pub stream_errors: Family<RouteLabel, Counter>,
     /// `keel_breaker_state{target}`: 0 closed, 1 half-open, 2 open.
     pub breaker_state: Family<TargetLabel, Gauge>,
+    /// `keel_self_corrections_total{route}`: answers sent back once to be corrected.
+    pub self_corrections: Family<RouteLabel, Counter>,
     /// `keel_guardrail_blocks_total{tool,rule}`: actions a guard blocked.
     pub guardrail_blocks: Family<GuardrailLabels, Counter>,
     /// `keel_breaker_transitions_total{target,to}`: breaker state changes (trips are `to="open"`).
@@ -147,6 +149,7 @@ impl Metrics {
         let breaker_state = Family::<TargetLabel, Gauge>::default();
         let breaker_transitions = Family::<TransitionLabels, Counter>::default();
         let guardrail_blocks = Family::<GuardrailLabels, Counter>::default();
+        let self_corrections = Family::<RouteLabel, Counter>::default();
         let token_usage: HistogramFamily<TokenLabels> =
             Family::new_with_constructor(token_histogram);
         let budget_remaining = Family::<BudgetLabels, Gauge>::default();
@@ -193,6 +196,11 @@ impl Metrics {
             breaker_state.clone(),
         );
         registry.register(
+            "keel_self_corrections",
+            "Answers that did not match the request's JSON schema and were sent back once",
+            self_corrections.clone(),
+        );
+        registry.register(
             "keel_guardrail_blocks",
             "Actions blocked by a guard, by tool and rule",
             guardrail_blocks.clone(),
@@ -229,6 +237,7 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             guardrail_blocks,
+            self_corrections,
             token_usage,
             budget_remaining,
             chaos_injected,

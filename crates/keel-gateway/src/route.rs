@@ -36,6 +36,7 @@ use crate::error::UpstreamError;
 use crate::metrics::{
     AttemptLabels, ChaosLabels, Metrics, RouteLabel, TargetLabel, TransitionLabels,
 };
+use crate::output::OutputCheck;
 use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
 use crate::usage::Usage;
 
@@ -66,6 +67,8 @@ pub struct Route {
     pub retry: RetrySettings,
     /// Deadlines.
     pub timeouts: TimeoutSettings,
+    /// Whether `json_schema` answers are checked and corrected.
+    pub validate_output: bool,
     budget: Mutex<RetryBudget>,
 }
 
@@ -83,6 +86,7 @@ impl Route {
             degraded_reply: settings.degraded_reply.clone(),
             retry: settings.retry,
             timeouts: settings.timeouts,
+            validate_output: settings.validate_output,
             budget: Mutex::new(budget),
         }
     }
@@ -201,6 +205,9 @@ pub struct Executor<'a> {
     pub chaos: Option<&'a Chaos>,
     /// The request's `x-keel-chaos` fault (only parsed when chaos is enabled).
     pub chaos_header: Option<HeaderFault>,
+    /// The schema the answer must match (`response_format: json_schema`), when the
+    /// route validates output.
+    pub output: Option<&'a OutputCheck>,
 }
 
 impl Executor<'_> {
@@ -237,12 +244,23 @@ impl Executor<'_> {
                 TargetResult::Answered(reply) => {
                     let fallback = index > 0;
                     return match reply {
-                        Reply::Json(body, usage) => Answer::Json {
-                            target: Arc::clone(target),
-                            body,
-                            usage,
-                            fallback,
-                        },
+                        Reply::Json(answer, usage) => {
+                            match self
+                                .checked(target, endpoint, body, answer, usage, deadline, log)
+                                .await
+                            {
+                                Ok((body, usage)) => Answer::Json {
+                                    target: Arc::clone(target),
+                                    body,
+                                    usage,
+                                    fallback,
+                                },
+                                Err(e) => {
+                                    last = Some(e);
+                                    continue;
+                                }
+                            }
+                        }
                         Reply::Stream(first, rest) => Answer::Stream {
                             target: Arc::clone(target),
                             first,
@@ -268,6 +286,73 @@ impl Executor<'_> {
         Answer::Exhausted {
             last,
             timed_out: false,
+        }
+    }
+
+    /// The answer if it matches the request's schema (or there is none); otherwise one
+    /// second try on the same target with the error, and that answer if it matches.
+    /// `Err` sends the call on to the next target.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call's state, passed through"
+    )]
+    async fn checked(
+        &self,
+        target: &Arc<Target>,
+        endpoint: Endpoint,
+        body: &RawObject,
+        answer: Bytes,
+        usage: Option<Usage>,
+        deadline: Instant,
+        log: &mut CallLog,
+    ) -> Result<(Bytes, Option<Usage>), UpstreamError> {
+        let Some(check) = self.output else {
+            return Ok((answer, usage));
+        };
+        let Err(mismatch) = check.check(&answer) else {
+            return Ok((answer, usage));
+        };
+        log.push(
+            EventKind::LlmAttemptFailed,
+            json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again"}),
+        );
+        self.metrics
+            .self_corrections
+            .get_or_create(&RouteLabel {
+                route: self.route.name.clone(),
+            })
+            .inc();
+        let request = ProviderRequest {
+            endpoint,
+            body: check.correction(body, &mismatch, &target.model),
+            stream: false,
+            target: target.id.clone(),
+        };
+        let failed = |detail: String| UpstreamError::Malformed {
+            target: target.id.clone(),
+            detail,
+        };
+        match self.try_target(target, request, deadline, log).await {
+            TargetResult::Answered(Reply::Json(answer, usage)) => match check.check(&answer) {
+                Ok(()) => Ok((answer, usage)),
+                Err(again) => {
+                    log.push(
+                        EventKind::LlmAttemptFailed,
+                        json!({"target": target.id, "reason": "schema_mismatch", "error": again.error, "correction": "failed"}),
+                    );
+                    Err(failed(format!(
+                        "the answer did not match the schema, twice: {}",
+                        again.error
+                    )))
+                }
+            },
+            TargetResult::Answered(Reply::Stream(..)) => Err(failed(
+                "a stream answered a request that was not one".to_owned(),
+            )),
+            TargetResult::Fatal(e) => Err(e),
+            TargetResult::Next(e) | TargetResult::OutOfTime(e) => {
+                Err(e.unwrap_or_else(|| failed(mismatch.error)))
+            }
         }
     }
 

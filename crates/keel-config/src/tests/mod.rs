@@ -167,6 +167,7 @@ fn design_example_parses_to_expected_settings() {
                     total: secs(120),
                 },
                 breaker,
+                validate_output: true,
             },
         )]),
         breaker,

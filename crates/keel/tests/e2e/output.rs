@@ -1,0 +1,102 @@
+//! Output validation end to end: an answer that does not match the request's JSON
+//! schema is sent back once with the error, then the call falls back.
+
+use keel_sim::Fault;
+use serde_json::{Value, json};
+
+use crate::common::{Keel, TWO_TARGETS, sim};
+
+fn request() -> Value {
+    json!({
+        "model": "smart",
+        "messages": [{"role": "user", "content": "who are you?"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        }}},
+    })
+}
+
+async fn chat(keel: &Keel, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", keel.url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.json().await.unwrap())
+}
+
+fn content(answer: &Value) -> Value {
+    serde_json::from_str(answer["choices"][0]["message"]["content"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_answer_is_corrected_on_the_second_try() {
+    let models = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &models).await;
+    models.script("primary", vec![Fault::reply("Sure! I'm Ada, 36.")]);
+    let (status, headers, answer) = chat(&keel, &request()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(headers["x-keel-target"], "sim/primary");
+    let person = content(&answer);
+    assert!(
+        person["name"].is_string() && person["age"].is_i64(),
+        "{person}"
+    );
+    assert_eq!(models.calls("primary"), 2);
+    // The second request carried the wrong answer and what was wrong with it.
+    let second = models.last_request("primary").unwrap();
+    let messages = second["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "{second}");
+    assert_eq!(messages[1]["content"], "Sure! I'm Ada, 36.");
+    assert!(
+        messages[2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the JSON schema")
+    );
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["reason"], "schema_mismatch");
+    let metrics = reqwest::get(format!("{}/metrics", keel.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("keel_self_corrections_total{route=\"smart\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_wrong_answers_fall_back_to_the_next_target() {
+    let models = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &models).await;
+    models.script(
+        "primary",
+        vec![
+            Fault::reply("{\"name\": \"Ada\"}"),
+            Fault::reply("{\"age\": 36}"),
+        ],
+    );
+    let (status, headers, answer) = chat(&keel, &request()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(headers["x-keel-target"], "sim/secondary");
+    assert_eq!(headers["x-keel-fallback"], "true");
+    assert!(content(&answer)["age"].is_i64());
+    assert_eq!(models.calls("primary"), 2);
+    assert_eq!(keel.events_of("llm_attempt_failed").len(), 2);
+
+    // A schema that is no JSON Schema is the client's mistake.
+    let mut bad = request();
+    bad["response_format"]["json_schema"]["schema"] = json!({"type": 7});
+    let (status, _, answer) = chat(&keel, &bad).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "response_format");
+}
