@@ -63,8 +63,8 @@ pub use server::{
 };
 pub use settings::{KeelConfig, Settings};
 pub use tool::{
-    DEFAULT_TOOL_TIMEOUT, ProfileAction, ProfileConfig, ProfileSettings, ToolConfig, ToolEndpoint,
-    ToolSettings,
+    DEFAULT_TOOL_TIMEOUT, InjectionAction, ProfileAction, ProfileConfig, ProfileSettings,
+    ToolConfig, ToolEndpoint, ToolSettings,
 };
 
 use crate::locate::Locator;

@@ -42,6 +42,9 @@ pub struct ToolConfig {
     /// CEL expressions over `args` that must all hold.
     #[serde(default)]
     pub rules: Vec<String>,
+    /// What to do with a result that looks like a prompt injection (default `flag`).
+    #[serde(default)]
+    pub injection: InjectionAction,
     /// `profile = { ... }`: the histogram guard.
     #[serde(default)]
     pub profile: Option<ProfileConfig>,
@@ -67,6 +70,21 @@ pub enum ProfileAction {
     Approve,
     /// Refuse the call.
     Block,
+}
+
+/// What keel does with content that looks like a prompt injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InjectionAction {
+    /// Pass it on, marked in the log and the answer.
+    #[default]
+    Flag,
+    /// Replace the suspicious spans before passing it on.
+    Strip,
+    /// Withhold it.
+    Block,
+    /// Do not screen.
+    Off,
 }
 
 /// Where a tool runs.
@@ -101,6 +119,8 @@ pub struct ToolSettings {
     pub redact: Vec<String>,
     /// CEL rules, each compiled once by the check.
     pub rules: Vec<String>,
+    /// What happens to a result that looks like a prompt injection.
+    pub injection: InjectionAction,
     /// The histogram guard, if configured.
     pub profile: Option<ProfileSettings>,
 }
@@ -183,6 +203,7 @@ impl ToolConfig {
                 retry: retry?,
                 redact: self.redact,
                 rules: self.rules,
+                injection: self.injection,
                 profile,
             })
         })

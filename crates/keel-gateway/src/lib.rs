@@ -11,6 +11,7 @@ pub mod body;
 pub mod chaos;
 pub mod error;
 mod finish;
+pub mod guard;
 mod http;
 pub mod metrics;
 pub mod output;

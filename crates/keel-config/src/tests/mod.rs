@@ -199,6 +199,7 @@ fn design_example_parses_to_expected_settings() {
                     ..RetrySettings::default()
                 },
                 redact: Vec::new(),
+                injection: crate::InjectionAction::Flag,
                 rules: vec![
                     "args.amount <= 500".into(),
                     "args.currency in ['USD','EUR']".into(),

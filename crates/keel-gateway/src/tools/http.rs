@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
+use keel_config::InjectionAction;
 use keel_core::{EventKind, NewEvent};
 use keel_policy::breaker::Outcome;
 use keel_store::EventQuery;
@@ -238,7 +239,45 @@ async fn invoke_inner(
         return Ok((StatusCode::FORBIDDEN, axum::Json(answer)).into_response());
     }
     let called = call(gw, tool, &b.args, key.as_deref(), task.as_deref(), &agent).await;
-    let (attempts, outcome) = called;
+    let (attempts, mut outcome) = called;
+    // Screen what the tool returns before it enters the task.
+    let action = tool.settings.injection;
+    let finding = match (&outcome, action) {
+        (Ok(result), InjectionAction::Flag | InjectionAction::Strip | InjectionAction::Block) => {
+            super::injection_in(result)
+        }
+        _ => None,
+    };
+    let screened = finding.as_ref().map(|f| {
+        json!({
+            "score": f.score,
+            "matched": f.matched,
+            "action": match action {
+                InjectionAction::Strip => "strip",
+                InjectionAction::Block => "block",
+                InjectionAction::Flag | InjectionAction::Off => "flag",
+            },
+        })
+    });
+    if finding.is_some() {
+        match action {
+            InjectionAction::Strip => {
+                if let Ok(result) = &outcome {
+                    outcome = Ok(super::strip_injection(result));
+                }
+            }
+            InjectionAction::Block => {
+                gw.metrics
+                    .guardrail_blocks
+                    .get_or_create(&GuardrailLabels {
+                        tool: name.to_owned(),
+                        rule: "injection".to_owned(),
+                    })
+                    .inc();
+            }
+            InjectionAction::Flag | InjectionAction::Off => {}
+        }
+    }
     let mut data = json!({
         "tool": name,
         "agent": agent,
@@ -258,14 +297,47 @@ async fn invoke_inner(
             data["error"] = json!(e.message);
         }
     }
+    if let Some(screened) = &screened {
+        data["injection"] = screened.clone();
+    }
+    let blocked = finding
+        .as_ref()
+        .filter(|_| action == InjectionAction::Block);
+    let mut events = vec![NewEvent::new(EventKind::ToolInvoked, task.clone(), data)];
+    if let Some(f) = blocked {
+        events.push(NewEvent::new(
+            EventKind::ActionBlocked,
+            task,
+            json!({"tool": name, "agent": agent, "rules": ["injection"], "reasons": [injection_reason(f)], "stage": "result"}),
+        ));
+    }
     gw.store
-        .append(vec![NewEvent::new(EventKind::ToolInvoked, task, data)])
+        .append(events)
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot record the tool call: {e}")))?;
+    if let Some(f) = blocked {
+        let answer = json!({"blocked": injection_reason(f), "rules": ["injection"]});
+        return Ok((StatusCode::FORBIDDEN, axum::Json(answer)).into_response());
+    }
     match outcome {
-        Ok(result) => Ok(axum::Json(json!({"result": result})).into_response()),
+        Ok(result) => {
+            let mut answer = json!({"result": result});
+            if let Some(screened) = screened {
+                answer["injection"] = screened;
+            }
+            Ok(axum::Json(answer).into_response())
+        }
         Err(e) => Err(e),
     }
+}
+
+/// The reason given for a result withheld as a prompt injection.
+fn injection_reason(f: &crate::guard::injection::Finding) -> String {
+    format!(
+        "the tool's result looks like a prompt injection (score {:.2}: {}); keel withheld it",
+        f.score,
+        f.matched.join(", ")
+    )
 }
 
 /// Why one attempt failed, and whether another may help.

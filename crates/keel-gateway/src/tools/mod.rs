@@ -242,6 +242,42 @@ impl Tool {
     }
 }
 
+/// The worst prompt-injection finding among the strings of `value`, if any reaches
+/// the threshold.
+pub(crate) fn injection_in(value: &Value) -> Option<crate::guard::injection::Finding> {
+    let mut worst: Option<crate::guard::injection::Finding> = None;
+    visit_strings(value, &mut |text| {
+        let found = crate::guard::injection::scan(text);
+        if found.is_injection() && worst.as_ref().is_none_or(|w| found.score > w.score) {
+            worst = Some(found);
+        }
+    });
+    worst
+}
+
+/// `value` with the suspicious spans of every string replaced.
+pub(crate) fn strip_injection(value: &Value) -> Value {
+    match value {
+        Value::String(text) => Value::String(crate::guard::injection::strip(text)),
+        Value::Array(items) => Value::Array(items.iter().map(strip_injection).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), strip_injection(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn visit_strings(value: &Value, f: &mut impl FnMut(&str)) {
+    match value {
+        Value::String(text) => f(text),
+        Value::Array(items) => items.iter().for_each(|v| visit_strings(v, f)),
+        Value::Object(map) => map.values().for_each(|v| visit_strings(v, f)),
+        _ => {}
+    }
+}
+
 fn redact_in(value: &mut Value, keys: &[String]) {
     match value {
         Value::Object(map) => {

@@ -19,6 +19,7 @@ fn tool(rules: &[&str]) -> Tools {
         },
         redact: vec!["card".into()],
         rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+        injection: keel_config::InjectionAction::Flag,
         profile: None,
     };
     Tools::build(

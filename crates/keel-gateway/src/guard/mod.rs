@@ -1,0 +1,3 @@
+//! Guards on content entering a task.
+
+pub mod injection;
