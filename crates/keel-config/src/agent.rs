@@ -42,9 +42,15 @@ pub struct BudgetConfig {
     /// Tokens (prompt + completion) per rolling hour.
     #[serde(default)]
     pub tokens_per_hour: Option<u64>,
-    /// Spend in US dollars per rolling day.
+    /// Spend in US dollars per rolling day (priced by `[providers.*] prices`).
     #[serde(default)]
     pub usd_per_day: Option<f64>,
+    /// Model requests per minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Share of a budget at which a warning alert is raised (default 0.8).
+    #[serde(default)]
+    pub warn_at: Option<f64>,
 }
 
 /// A validated agent.
@@ -65,12 +71,16 @@ pub struct AgentSettings {
 }
 
 /// Validated spending limits of an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetSettings {
     /// Tokens per rolling hour, at least 1; `None` is unlimited.
     pub tokens_per_hour: Option<u64>,
     /// US dollars per rolling day, finite and greater than 0; `None` is unlimited.
     pub usd_per_day: Option<f64>,
+    /// Model requests per minute, at least 1; `None` is unlimited.
+    pub requests_per_minute: Option<u32>,
+    /// Share of a budget, in (0, 1], at which a warning alert is raised.
+    pub warn_at: f64,
 }
 
 impl AgentConfig {
@@ -117,6 +127,20 @@ impl AgentConfig {
     }
 }
 
+impl Default for BudgetSettings {
+    fn default() -> Self {
+        Self {
+            tokens_per_hour: None,
+            usd_per_day: None,
+            requests_per_minute: None,
+            warn_at: DEFAULT_WARN_AT,
+        }
+    }
+}
+
+/// Share of a budget at which keel raises a warning alert when `warn_at` is not given.
+pub const DEFAULT_WARN_AT: f64 = 0.8;
+
 impl BudgetConfig {
     /// Checks that every limit given can be met by some spend.
     pub fn validate(self, at: &KeyPath) -> Result<BudgetSettings, Vec<Invalid>> {
@@ -134,10 +158,25 @@ impl BudgetConfig {
                 "{usd} is not a positive amount; leave it out for no limit"
             )));
         }
+        if self.requests_per_minute == Some(0) {
+            problems.push(
+                at.child("requests_per_minute")
+                    .invalid("must be at least 1; leave it out for no limit"),
+            );
+        }
+        let warn_at = self.warn_at.unwrap_or(DEFAULT_WARN_AT);
+        if !(warn_at > 0.0 && warn_at <= 1.0) {
+            problems.push(
+                at.child("warn_at")
+                    .invalid(format!("{warn_at} is not a share in (0, 1]")),
+            );
+        }
         problems.finish(at, || {
             Some(BudgetSettings {
                 tokens_per_hour: self.tokens_per_hour,
                 usd_per_day: self.usd_per_day,
+                requests_per_minute: self.requests_per_minute,
+                warn_at,
             })
         })
     }

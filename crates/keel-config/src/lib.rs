@@ -44,14 +44,14 @@ mod tool;
 
 use std::path::Path;
 
-pub use agent::{AgentConfig, AgentSettings, BudgetConfig, BudgetSettings};
+pub use agent::{AgentConfig, AgentSettings, BudgetConfig, BudgetSettings, DEFAULT_WARN_AT};
 pub use breaker::{BreakerConfig, DEFAULT_BREAKER, WindowKind};
 pub use chaos::{
     ChaosConfig, ChaosSettings, Fault, FaultKind, FaultRule, FaultRuleConfig, Latency, Outage,
     OutageConfig, OutageScope, OutageStart, Scope, ScopeConfig,
 };
 pub use error::{ConfigError, ConfigErrors, Invalid, KeyPath, Segment};
-pub use provider::{ProviderConfig, ProviderKind, ProviderSettings};
+pub use provider::{Price, ProviderConfig, ProviderKind, ProviderSettings};
 pub use route::{
     RetryConfig, RetrySettings, RouteConfig, RouteSettings, TargetConfig, TargetSettings,
     TimeoutConfig, TimeoutSettings,

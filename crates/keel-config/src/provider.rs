@@ -35,10 +35,24 @@ pub struct ProviderConfig {
     /// Extra query parameters sent with every request (Azure's `api-version`).
     #[serde(default)]
     pub query: BTreeMap<String, String>,
+    /// `prices = { "gpt-5" = { input = 1.25, output = 10.0 } }`: US dollars per million
+    /// tokens, per model; what `budget.usd_per_day` counts.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+}
+
+/// The price of a model, in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per million prompt tokens.
+    pub input: f64,
+    /// Per million completion tokens.
+    pub output: f64,
 }
 
 /// A validated provider.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSettings {
     /// The table name, `NAME` in `[providers.NAME]`.
     pub name: String,
@@ -53,6 +67,8 @@ pub struct ProviderSettings {
     pub headers: Vec<(String, String)>,
     /// Extra query parameters, sorted by name; names are non-empty.
     pub query: Vec<(String, String)>,
+    /// Prices per model, for `usd_per_day` budgets.
+    pub prices: BTreeMap<String, Price>,
 }
 
 impl ProviderConfig {
@@ -79,6 +95,15 @@ impl ProviderConfig {
                 problems.push(key.invalid("header value must not contain control characters"));
             }
         }
+        for (model, price) in &self.prices {
+            for (key, value) in [("input", price.input), ("output", price.output)] {
+                if !(value.is_finite() && value >= 0.0) {
+                    problems.push(at.child("prices").child(model).child(key).invalid(format!(
+                        "{value} is not a price in US dollars per million tokens"
+                    )));
+                }
+            }
+        }
         if self.query.contains_key("") {
             problems.push(
                 at.child("query")
@@ -94,6 +119,7 @@ impl ProviderConfig {
                 api_key: api_key?,
                 headers: self.headers.into_iter().collect(),
                 query: self.query.into_iter().collect(),
+                prices: self.prices,
             })
         })
     }

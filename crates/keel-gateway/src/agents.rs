@@ -7,61 +7,169 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use keel_config::AgentSettings;
+use keel_config::{AgentSettings, Price, ProviderSettings};
 use parking_lot::Mutex;
 
 use crate::error::ApiError;
+use crate::usage::Usage;
 
 /// Agent used when nothing names one.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// Keys and budgets of every configured agent.
+/// Keys, budgets and model prices.
 pub struct Agents {
     by_key: HashMap<String, String>,
-    budgets: HashMap<String, Mutex<TokenWindow>>,
+    budgets: HashMap<String, Mutex<Budget>>,
+    /// `provider/model` → price, for `usd_per_day`.
+    prices: HashMap<String, Price>,
 }
 
-/// Tokens spent in the current fixed window.
-struct TokenWindow {
-    limit: u64,
-    window: Duration,
+/// One agent's budgets, each a fixed window.
+struct Budget {
+    windows: Vec<Window>,
+    warn_at: f64,
+}
+
+/// What a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Prompt + completion tokens per hour.
+    Tokens,
+    /// US dollars per day.
+    Usd,
+    /// Model requests per minute.
+    Requests,
+}
+
+impl Unit {
+    /// The name in events, metrics and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tokens => "tokens",
+            Self::Usd => "usd",
+            Self::Requests => "requests",
+        }
+    }
+
+    fn per(self) -> &'static str {
+        match self {
+            Self::Tokens => "tokens per hour",
+            Self::Usd => "US dollars per day",
+            Self::Requests => "requests per minute",
+        }
+    }
+}
+
+/// Spend in the current window of one budget.
+struct Window {
+    unit: Unit,
+    limit: f64,
+    length: Duration,
     started: Duration,
-    used: u64,
+    used: f64,
+    warned: bool,
 }
 
 /// A budget check that failed: what to tell the client.
 #[derive(Debug, Clone)]
 pub struct OverBudget {
+    /// Which budget.
+    pub unit: Unit,
     /// The limit.
-    pub limit: u64,
-    /// Tokens used in the window.
-    pub used: u64,
+    pub limit: f64,
+    /// Used in the window.
+    pub used: f64,
     /// Seconds until the window resets.
     pub retry_after: u64,
 }
 
+impl OverBudget {
+    /// The message a client gets.
+    pub fn message(&self, agent: &str) -> String {
+        format!(
+            "agent {agent:?} has used {} of its {} {}; retry after {}s",
+            amount(self.unit, self.used),
+            amount(self.unit, self.limit),
+            self.unit.per(),
+            self.retry_after
+        )
+    }
+}
+
+/// A budget that just crossed its warning share.
+#[derive(Debug, Clone)]
+pub struct Warning {
+    /// Which budget.
+    pub unit: Unit,
+    /// Used in the window.
+    pub used: f64,
+    /// The limit.
+    pub limit: f64,
+}
+
+/// What is left of each budget after a spend, for the `keel_budget_remaining` gauge.
+pub type Remaining = Vec<(Unit, f64)>;
+
+fn amount(unit: Unit, value: f64) -> String {
+    match unit {
+        Unit::Usd => format!("${value:.2}"),
+        Unit::Tokens | Unit::Requests => format!("{value:.0}"),
+    }
+}
+
 impl Agents {
-    /// From validated settings.
-    pub fn new<'a>(agents: impl IntoIterator<Item = &'a AgentSettings>) -> Self {
+    /// From validated settings; `providers` give the prices.
+    pub fn new<'a>(
+        agents: impl IntoIterator<Item = &'a AgentSettings>,
+        providers: impl IntoIterator<Item = &'a ProviderSettings>,
+    ) -> Self {
         let mut by_key = HashMap::new();
         let mut budgets = HashMap::new();
         for agent in agents {
             for key in &agent.keys {
                 by_key.insert(key.expose().to_owned(), agent.name.clone());
             }
-            if let Some(limit) = agent.budget.tokens_per_hour {
+            let b = &agent.budget;
+            let windows: Vec<Window> = [
+                (Unit::Tokens, b.tokens_per_hour.map(|v| v as f64), 3600),
+                (Unit::Usd, b.usd_per_day, 86_400),
+                (Unit::Requests, b.requests_per_minute.map(f64::from), 60),
+            ]
+            .into_iter()
+            .filter_map(|(unit, limit, secs)| {
+                Some(Window {
+                    unit,
+                    limit: limit?,
+                    length: Duration::from_secs(secs),
+                    started: Duration::ZERO,
+                    used: 0.0,
+                    warned: false,
+                })
+            })
+            .collect();
+            if !windows.is_empty() {
                 budgets.insert(
                     agent.name.clone(),
-                    Mutex::new(TokenWindow {
-                        limit,
-                        window: Duration::from_secs(3600),
-                        started: Duration::ZERO,
-                        used: 0,
+                    Mutex::new(Budget {
+                        windows,
+                        warn_at: b.warn_at,
                     }),
                 );
             }
         }
-        Self { by_key, budgets }
+        let prices = providers
+            .into_iter()
+            .flat_map(|p| {
+                p.prices
+                    .iter()
+                    .map(move |(model, price)| (format!("{}/{model}", p.name), *price))
+            })
+            .collect();
+        Self {
+            by_key,
+            budgets,
+            prices,
+        }
     }
 
     /// Whether requests must carry an agent key.
@@ -93,40 +201,185 @@ impl Agents {
         }
     }
 
-    /// Checks `agent`'s token budget at `now`; `Err` when the window is spent.
-    pub fn check(&self, agent: &str, now: Duration) -> Result<Option<u64>, OverBudget> {
-        let Some(window) = self.budgets.get(agent) else {
-            return Ok(None);
+    /// Admits one model request of `agent` at `now`: `Err` when a budget is spent;
+    /// otherwise the request is counted, with any warning it set off.
+    pub fn check(&self, agent: &str, now: Duration) -> Result<Vec<Warning>, OverBudget> {
+        let Some(budget) = self.budgets.get(agent) else {
+            return Ok(Vec::new());
         };
-        let mut w = window.lock();
-        w.roll(now);
-        if w.used >= w.limit {
-            let left = (w.started + w.window).saturating_sub(now);
-            return Err(OverBudget {
-                limit: w.limit,
-                used: w.used,
-                retry_after: left.as_secs().max(1),
-            });
+        let mut b = budget.lock();
+        for w in &mut b.windows {
+            w.roll(now);
+            if w.used >= w.limit {
+                let left = (w.started + w.length).saturating_sub(now);
+                return Err(OverBudget {
+                    unit: w.unit,
+                    limit: w.limit,
+                    used: w.used,
+                    retry_after: left.as_secs().max(1),
+                });
+            }
         }
-        Ok(Some(w.limit - w.used))
+        Ok(b.add(Unit::Requests, 1.0))
     }
 
-    /// Records tokens spent by `agent`; returns what is left, when a budget applies.
-    pub fn spend(&self, agent: &str, tokens: u64, now: Duration) -> Option<u64> {
-        let window = self.budgets.get(agent)?;
-        let mut w = window.lock();
-        w.roll(now);
-        w.used = w.used.saturating_add(tokens);
-        Some(w.limit.saturating_sub(w.used))
+    /// Records what a call of `agent` to `target` spent; returns what is left of each
+    /// budget and any warning the spend set off.
+    pub fn spend(
+        &self,
+        agent: &str,
+        target: &str,
+        usage: Usage,
+        now: Duration,
+    ) -> (Remaining, Vec<Warning>) {
+        let Some(budget) = self.budgets.get(agent) else {
+            return (Vec::new(), Vec::new());
+        };
+        let total = if usage.total_tokens > 0 {
+            usage.total_tokens
+        } else {
+            usage.prompt_tokens + usage.completion_tokens
+        };
+        let usd = self.prices.get(target).map_or(0.0, |p| {
+            (usage.prompt_tokens as f64 * p.input + usage.completion_tokens as f64 * p.output)
+                / 1_000_000.0
+        });
+        let mut b = budget.lock();
+        for w in &mut b.windows {
+            w.roll(now);
+        }
+        let mut warnings = b.add(Unit::Tokens, total as f64);
+        warnings.extend(b.add(Unit::Usd, usd));
+        let remaining = b
+            .windows
+            .iter()
+            .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
+            .collect();
+        (remaining, warnings)
     }
 }
 
-impl TokenWindow {
-    fn roll(&mut self, now: Duration) {
-        if now >= self.started + self.window {
-            let windows = (now - self.started).as_secs() / self.window.as_secs().max(1);
-            self.started += self.window * u32::try_from(windows).unwrap_or(u32::MAX);
-            self.used = 0;
+impl Budget {
+    /// Adds `amount` to the `unit` window; a warning when it crosses `warn_at` first.
+    fn add(&mut self, unit: Unit, amount: f64) -> Vec<Warning> {
+        let warn_at = self.warn_at;
+        let mut warnings = Vec::new();
+        for w in self.windows.iter_mut().filter(|w| w.unit == unit) {
+            w.used += amount;
+            if !w.warned && w.used >= w.limit * warn_at {
+                w.warned = true;
+                warnings.push(Warning {
+                    unit,
+                    used: w.used,
+                    limit: w.limit,
+                });
+            }
         }
+        warnings
+    }
+}
+
+impl Window {
+    fn roll(&mut self, now: Duration) {
+        if now >= self.started + self.length {
+            let windows = (now - self.started).as_secs() / self.length.as_secs().max(1);
+            self.started += self.length * u32::try_from(windows).unwrap_or(u32::MAX);
+            self.used = 0.0;
+            self.warned = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use keel_config::{BudgetSettings, ProviderKind};
+
+    use super::*;
+
+    fn agents(budget: BudgetSettings) -> Agents {
+        let agent = AgentSettings {
+            name: "a".into(),
+            keys: Vec::new(),
+            budget,
+            max_steps: None,
+            task_timeout: None,
+            max_attempts: std::num::NonZeroU32::MIN,
+        };
+        let provider = ProviderSettings {
+            name: "p".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: "http://x".into(),
+            api_key: None,
+            headers: Vec::new(),
+            query: Vec::new(),
+            prices: BTreeMap::from([(
+                "m".to_owned(),
+                Price {
+                    input: 2.0,
+                    output: 8.0,
+                },
+            )]),
+        };
+        Agents::new([&agent], [&provider])
+    }
+
+    fn usage(prompt: u64, completion: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_refuse_the_next_request_until_the_window_rolls() {
+        let a = agents(BudgetSettings {
+            requests_per_minute: Some(5),
+            ..BudgetSettings::default()
+        });
+        let t = Duration::from_secs(10);
+        let mut warned = 0;
+        for _ in 0..5 {
+            warned += a.check("a", t).unwrap().len();
+        }
+        assert_eq!(warned, 1, "one warning at 80% (the 4th request)");
+        let over = a.check("a", t).unwrap_err();
+        assert_eq!(over.unit, Unit::Requests);
+        assert_eq!(over.retry_after, 50);
+        assert_eq!(
+            over.message("a"),
+            "agent \"a\" has used 5 of its 5 requests per minute; retry after 50s"
+        );
+        assert!(a.check("a", Duration::from_secs(61)).is_ok());
+        assert!(
+            a.check("other", t).is_ok(),
+            "agents without budgets are not limited"
+        );
+    }
+
+    #[test]
+    fn dollars_are_priced_per_target_model_and_spent_from_usage() {
+        let a = agents(BudgetSettings {
+            usd_per_day: Some(1.0),
+            ..BudgetSettings::default()
+        });
+        let t = Duration::from_secs(1);
+        // 100k prompt tokens at $2/M + 50k completion at $8/M = $0.60.
+        let (left, warnings) = a.spend("a", "p/m", usage(100_000, 50_000), t);
+        assert_eq!(left.len(), 1);
+        assert!((left[0].1 - 0.4).abs() < 1e-9, "{left:?}");
+        assert!(warnings.is_empty());
+        let (_, warnings) = a.spend("a", "p/m", usage(100_000, 50_000), t);
+        assert_eq!(warnings.len(), 1, "crossing 80% warns once");
+        assert_eq!(a.check("a", t).unwrap_err().unit, Unit::Usd);
+        // A model without a price costs nothing.
+        let b = agents(BudgetSettings {
+            usd_per_day: Some(1.0),
+            ..BudgetSettings::default()
+        });
+        b.spend("a", "p/unpriced", usage(10_000_000, 0), t);
+        assert!(b.check("a", t).is_ok());
     }
 }

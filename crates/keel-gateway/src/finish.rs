@@ -130,7 +130,9 @@ impl Finish {
         self.gw.append_with(events, blobs, task).await;
     }
 
-    fn observe(&self, usage: Option<Usage>, agent: &str) {
+    /// Metrics of a finished call, and its spend against the agent's budgets (an
+    /// `alert_raised` warning when one crosses its warning share).
+    async fn observe(&self, usage: Option<Usage>, agent: &str, target: &str, task: Option<String>) {
         let m = &self.gw.metrics;
         m.request_duration
             .get_or_create(&RouteLabel {
@@ -146,18 +148,27 @@ impl Finish {
                 })
                 .observe(n as f64);
         }
-        let total = if u.total_tokens > 0 {
-            u.total_tokens
-        } else {
-            u.prompt_tokens + u.completion_tokens
-        };
-        if let Some(left) = self.gw.agents.spend(agent, total, self.gw.clock.now()) {
+        let (remaining, warnings) = self.gw.agents.spend(agent, target, u, self.gw.clock.now());
+        for (unit, left) in remaining {
             m.budget_remaining
                 .get_or_create(&BudgetLabels {
                     agent: agent.to_owned(),
-                    unit: "tokens".to_owned(),
+                    unit: unit.as_str().to_owned(),
                 })
-                .set(i64::try_from(left).unwrap_or(i64::MAX));
+                .set(left as i64);
+        }
+        if !warnings.is_empty() {
+            let events = warnings
+                .iter()
+                .map(|w| {
+                    NewEvent::new(
+                        EventKind::AlertRaised,
+                        task.clone(),
+                        crate::http::budget_warning(agent, w),
+                    )
+                })
+                .collect();
+            self.gw.append(events).await;
         }
     }
 
@@ -195,7 +206,8 @@ impl Finish {
             .await;
         count_request(&self.gw, &route.name, &target.id, "ok");
         self.count_fallback(fallback);
-        self.observe(usage, &log.who.agent);
+        self.observe(usage, &log.who.agent, &target.id, log.who.task.clone())
+            .await;
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -267,7 +279,8 @@ impl Finish {
                     .inc();
             }
             self.count_fallback(fallback);
-            self.observe(usage, &log.who.agent);
+            self.observe(usage, &log.who.agent, &target_id, log.who.task.clone())
+                .await;
             // `[DONE]` only after the call is recorded: a client that saw the
             // end of the stream can find its `llm_call`.
             if outcome == "ok" {
@@ -340,7 +353,7 @@ impl Finish {
             self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
                 .await;
             count_request(&self.gw, &route.name, "none", "error");
-            self.observe(None, &log.who.agent);
+            self.observe(None, &log.who.agent, "", None).await;
             let message = format!("route {:?} could not be served: {why}", route.name);
             let mut err = if timed_out {
                 ApiError::timeout(message)
@@ -372,7 +385,7 @@ impl Finish {
                 route: route.name.clone(),
             })
             .inc();
-        self.observe(None, &log.who.agent);
+        self.observe(None, &log.who.agent, "", None).await;
         let mut response = if self.stream {
             let chunks = degraded_chunks(&route.name, &reply);
             let mut r = Response::new(Body::from(chunks));
@@ -421,7 +434,7 @@ impl Finish {
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
         count_request(&self.gw, &route.name, &target, "error");
-        self.observe(None, &log.who.agent);
+        self.observe(None, &log.who.agent, "", None).await;
         let mut response = match error {
             UpstreamError::Status { status, .. } if credentials_refused => {
                 let mut err = ApiError::unavailable(format!(

@@ -242,20 +242,24 @@ async fn handle_inner(
         step: header_str(&headers, "x-keel-step").map(str::to_owned),
     };
     let mut log = CallLog::new(who);
-    if let Err(over) = gw.agents.check(&log.who.agent, gw.clock.now()) {
-        log.push(
-            EventKind::BudgetExceeded,
-            json!({"agent": log.who.agent, "unit": "tokens", "limit": over.limit, "used": over.used, "route": route.name}),
-        );
-        gw.append(std::mem::take(&mut log.events)).await;
-        count_request(gw, &route.name, "none", "rejected");
-        return Err(ApiError::budget(
-            format!(
-                "agent {:?} has used {} of its {} tokens per hour; retry after {}s",
-                log.who.agent, over.used, over.limit, over.retry_after
-            ),
-            over.retry_after,
-        ));
+    match gw.agents.check(&log.who.agent, gw.clock.now()) {
+        Ok(warnings) => {
+            for w in warnings {
+                log.push(EventKind::AlertRaised, budget_warning(&log.who.agent, &w));
+            }
+        }
+        Err(over) => {
+            log.push(
+                EventKind::BudgetExceeded,
+                json!({"agent": log.who.agent, "unit": over.unit.as_str(), "limit": over.limit, "used": over.used, "route": route.name}),
+            );
+            gw.append(std::mem::take(&mut log.events)).await;
+            count_request(gw, &route.name, "none", "rejected");
+            return Err(ApiError::budget(
+                over.message(&log.who.agent),
+                over.retry_after,
+            ));
+        }
     }
     // Streams are not checked: their bytes reach the client as they come.
     let output = if route.validate_output && !parsed.stream && endpoint == Endpoint::ChatCompletions
@@ -361,6 +365,19 @@ impl Drop for CallGuard {
         let events = std::mem::take(&mut log.events);
         self.gw.tasks.spawn(async move { gw.append(events).await });
     }
+}
+
+/// The `alert_raised` data of a budget that crossed its warning share.
+pub(crate) fn budget_warning(agent: &str, w: &crate::agents::Warning) -> Value {
+    json!({
+        "severity": "warning",
+        "kind": "budget",
+        "agent": agent,
+        "unit": w.unit.as_str(),
+        "used": w.used,
+        "limit": w.limit,
+        "message": format!("agent {agent:?} has used {:.0}% of its {} budget", 100.0 * w.used / w.limit, w.unit.as_str()),
+    })
 }
 
 impl Gateway {

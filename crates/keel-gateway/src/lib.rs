@@ -153,7 +153,7 @@ impl Gateway {
         Ok(Self {
             tools,
             routes,
-            agents: Agents::new(settings.agents.values()),
+            agents: Agents::new(settings.agents.values(), settings.providers.values()),
             metrics,
             store,
             clock: Arc::new(SystemClock::new()),

@@ -133,6 +133,7 @@ fn design_example_parses_to_expected_settings() {
                 api_key: Some(Secret::new("sk-openai".into())),
                 headers: vec![],
                 query: vec![],
+                prices: BTreeMap::new(),
             },
         )]),
         routes: BTreeMap::from([(
@@ -179,6 +180,8 @@ fn design_example_parses_to_expected_settings() {
                 budget: BudgetSettings {
                     tokens_per_hour: Some(200_000),
                     usd_per_day: Some(50.0),
+                    requests_per_minute: None,
+                    warn_at: 0.8,
                 },
                 max_steps: Some(40),
                 task_timeout: Some(secs(600)),
