@@ -39,10 +39,11 @@ fn default_max_attempts() -> u32 {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
-    /// Tokens (prompt + completion) per rolling hour.
+    /// Tokens (prompt + completion) per hour (fixed windows from keel's start).
     #[serde(default)]
     pub tokens_per_hour: Option<u64>,
-    /// Spend in US dollars per rolling day (priced by `[providers.*] prices`).
+    /// Spend in US dollars per day (fixed windows from keel's start; priced by
+    /// `[providers.*] prices`).
     #[serde(default)]
     pub usd_per_day: Option<f64>,
     /// Model requests per minute.
@@ -73,9 +74,9 @@ pub struct AgentSettings {
 /// Validated spending limits of an agent.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetSettings {
-    /// Tokens per rolling hour, at least 1; `None` is unlimited.
+    /// Tokens per hour, at least 1; `None` is unlimited.
     pub tokens_per_hour: Option<u64>,
-    /// US dollars per rolling day, finite and greater than 0; `None` is unlimited.
+    /// US dollars per day, finite and greater than 0; `None` is unlimited.
     pub usd_per_day: Option<f64>,
     /// Model requests per minute, at least 1; `None` is unlimited.
     pub requests_per_minute: Option<u32>,

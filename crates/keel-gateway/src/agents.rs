@@ -216,7 +216,10 @@ impl Agents {
                     unit: w.unit,
                     limit: w.limit,
                     used: w.used,
-                    retry_after: left.as_secs().max(1),
+                    // Rounded up: a client that waits this long finds the window new.
+                    retry_after: u64::try_from(left.as_millis().div_ceil(1000))
+                        .unwrap_or(u64::MAX)
+                        .max(1),
                 });
             }
         }

@@ -155,7 +155,7 @@ impl Finish {
                     agent: agent.to_owned(),
                     unit: unit.as_str().to_owned(),
                 })
-                .set(left as i64);
+                .set(left);
         }
         if !warnings.is_empty() {
             let events = warnings

@@ -3,6 +3,8 @@
 //! Owns the metric families and their label sets; it does not decide when to
 //! count (the route executor does) and does not serve HTTP (the router does).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -129,7 +131,7 @@ pub struct Metrics {
     /// `gen_ai_client_token_usage{gen_ai_token_type,route}`.
     pub token_usage: HistogramFamily<TokenLabels>,
     /// `keel_budget_remaining{agent,unit}`.
-    pub budget_remaining: Family<BudgetLabels, Gauge>,
+    pub budget_remaining: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     /// `keel_chaos_injected_total{target,fault}`: faults `[chaos]` injected into attempts.
     pub chaos_injected: Family<ChaosLabels, Counter>,
 }
@@ -152,7 +154,7 @@ impl Metrics {
         let self_corrections = Family::<RouteLabel, Counter>::default();
         let token_usage: HistogramFamily<TokenLabels> =
             Family::new_with_constructor(token_histogram);
-        let budget_remaining = Family::<BudgetLabels, Gauge>::default();
+        let budget_remaining = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         let chaos_injected = Family::<ChaosLabels, Counter>::default();
         // prometheus-client appends `_total` to counters itself.
         registry.register(

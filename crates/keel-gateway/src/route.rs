@@ -312,6 +312,7 @@ impl Executor<'_> {
         let Err(mismatch) = check.check(&answer) else {
             return Ok((answer, usage));
         };
+        let first_usage = usage;
         log.push(
             EventKind::LlmAttemptFailed,
             json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again"}),
@@ -334,7 +335,8 @@ impl Executor<'_> {
         };
         match self.try_target(target, request, deadline, log).await {
             TargetResult::Answered(Reply::Json(answer, usage)) => match check.check(&answer) {
-                Ok(()) => Ok((answer, usage)),
+                // Both answers were paid for.
+                Ok(()) => Ok((answer, add_usage(first_usage, usage))),
                 Err(again) => {
                     log.push(
                         EventKind::LlmAttemptFailed,
@@ -656,6 +658,18 @@ impl Executor<'_> {
             ));
             tracing::warn!(target_id = %target.id, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
         }
+    }
+}
+
+/// The sum of two answers' usage.
+fn add_usage(a: Option<Usage>, b: Option<Usage>) -> Option<Usage> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(Usage {
+            prompt_tokens: a.prompt_tokens + b.prompt_tokens,
+            completion_tokens: a.completion_tokens + b.completion_tokens,
+            total_tokens: a.total_tokens + b.total_tokens,
+        }),
+        (a, b) => a.or(b),
     }
 }
 

@@ -77,19 +77,27 @@ impl Gateway {
         })
     }
 
-    /// This tool's `tool_invoked` events in the task so far (0 without a task).
-    async fn calls_in_task(&self, tool: &str, task: Option<&str>) -> Result<u64, ApiError> {
-        let Some(task) = task else { return Ok(0) };
-        let events = self
-            .store
-            .events(EventQuery {
-                task_id: Some(task.to_owned()),
-                kind: Some(EventKind::ToolInvoked.as_str().to_owned()),
-                ..EventQuery::default()
-            })
-            .await
-            .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
-        Ok(events.iter().filter(|e| e.data["tool"] == tool).count() as u64)
+    /// This tool's calls in the task so far: `tool_invoked` events, allowed
+    /// `action_checked` events (agents that run the tool themselves), and calls still
+    /// running through keel.
+    async fn calls_in_task(&self, tool: &str, task: &str) -> Result<u64, ApiError> {
+        let mut count = 0;
+        for kind in [EventKind::ToolInvoked, EventKind::ActionChecked] {
+            let events = self
+                .store
+                .events(EventQuery {
+                    task_id: Some(task.to_owned()),
+                    kind: Some(kind.as_str().to_owned()),
+                    ..EventQuery::default()
+                })
+                .await
+                .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
+            count += events
+                .iter()
+                .filter(|e| e.data["tool"] == tool && e.data["verdict"] != "block")
+                .count() as u64;
+        }
+        Ok(count + self.tools.running(task, tool))
     }
 
     /// Runs the rules; a block is recorded (event and metric) before it is returned.
@@ -104,10 +112,16 @@ impl Gateway {
         if !args.is_object() {
             return Err(ApiError::bad_request("args must be a JSON object").with_param("args"));
         }
-        let calls_in_task = if tool.needs_history() {
-            self.calls_in_task(&tool.settings.name, task).await?
-        } else {
-            0
+        let calls_in_task = match (tool.needs_history(), task) {
+            (false, _) => 0,
+            (true, Some(task)) => self.calls_in_task(&tool.settings.name, task).await?,
+            (true, None) => {
+                return Err(ApiError::bad_request(format!(
+                    "the rules of tool {:?} count this task's earlier calls (history): send the task as \"task\" or x-keel-task",
+                    tool.settings.name
+                ))
+                .with_param("task"));
+            }
         };
         let action = Action {
             agent,
@@ -173,6 +187,14 @@ async fn check(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Response {
         let agent = gw
             .agents
             .identify(header(&headers, "authorization"), Some(b.agent.as_str()))?;
+        if agent != b.agent {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                format!("this key belongs to agent {agent:?}, not {:?}", b.agent),
+            )
+            .with_param("agent"));
+        }
         let tool = gw.tool(&b.tool)?;
         let verdict = gw
             .verdict(tool, &agent, b.task.as_deref(), &b.args, true)
@@ -198,9 +220,20 @@ async fn invoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match invoke_inner(&gw, &name, &headers, &body).await {
+    // Run to completion even if the client leaves: the tool may act, and its breaker
+    // permit and `tool_invoked` must be settled either way.
+    let tasks = gw.tasks.clone();
+    let run = tasks.spawn(async move {
+        match invoke_inner(&gw, &name, &headers, &body).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        }
+    });
+    match run.await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            ApiError::internal(format!("the tool call failed inside keel: {e}")).into_response()
+        }
     }
 }
 
@@ -238,6 +271,7 @@ async fn invoke_inner(
         });
         return Ok((StatusCode::FORBIDDEN, axum::Json(answer)).into_response());
     }
+    let running = task.as_deref().map(|t| gw.tools.start(t, name));
     let called = call(gw, tool, &b.args, key.as_deref(), task.as_deref(), &agent).await;
     let (attempts, mut outcome) = called;
     // Screen what the tool returns before it enters the task.
@@ -315,8 +349,11 @@ async fn invoke_inner(
         .append(events)
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot record the tool call: {e}")))?;
+    drop(running);
     if let Some(f) = blocked {
-        let answer = json!({"blocked": injection_reason(f), "rules": ["injection"]});
+        // The tool has run: say so, so that an agent does not call it again.
+        let answer =
+            json!({"blocked": injection_reason(f), "rules": ["injection"], "executed": true});
         return Ok((StatusCode::FORBIDDEN, axum::Json(answer)).into_response());
     }
     match outcome {
@@ -340,11 +377,21 @@ fn injection_reason(f: &crate::guard::injection::Finding) -> String {
     )
 }
 
-/// Why one attempt failed, and whether another may help.
+/// Why one attempt failed, whether another may help, and whether it counts against
+/// the tool's breaker.
 struct Failed {
     error: ApiError,
     retryable: bool,
+    /// A failure of the tool (timeouts, connection errors, 5xx, 429, redirects), not of
+    /// the request (other 4xx).
+    tool_fault: bool,
 }
+
+/// The most of a tool's answer keel reads.
+const MAX_TOOL_ANSWER: usize = 4 * 1024 * 1024;
+
+/// The most of a tool's error text that reaches a message or the log.
+const MAX_ERROR_TEXT: usize = 1024;
 
 /// Calls the tool under its timeout, breaker and retry; returns the attempts made
 /// and the result (the tool's JSON answer, or its text as a string).
@@ -359,6 +406,7 @@ async fn call(
     let name = &tool.settings.name;
     let max = tool.attempts(key.is_some());
     let deadline = Instant::now() + tool.settings.timeout;
+    let mut backoff = tool.backoff();
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -389,8 +437,9 @@ async fn call(
                 ))
                 .with_code("tool_unreachable"),
                 retryable: true,
+                tool_fault: true,
             })?;
-            answer(name, response).await
+            answer(tool, response).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -401,32 +450,39 @@ async fn call(
                 ))
                 .with_code("tool_timeout"),
                 retryable: false,
+                tool_fault: true,
             })
         });
-        {
+        let transitions = {
             let mut breaker = tool.breaker.lock();
             let took = gw.clock.now().saturating_sub(began);
+            let success = match &attempt {
+                Ok(_) => true,
+                Err(f) => !f.tool_fault,
+            };
             breaker.record(
                 permit,
                 gw.clock.now(),
                 Outcome {
-                    success: attempt.is_ok() || attempt.as_ref().is_err_and(|f| !f.retryable),
+                    success,
                     duration: took,
                 },
             );
-            let _ = breaker.take_transitions();
-        }
+            breaker.take_transitions()
+        };
+        note_tool_transitions(gw, name, &transitions).await;
         match attempt {
             Ok(result) => return (attempts, Ok(result)),
             Err(failed) if !failed.retryable || attempts >= max => {
                 return (attempts, Err(failed.error));
             }
-            Err(_) => {
-                let wait = tool.backoff(attempts);
+            Err(failed) => {
+                let wait = backoff.delay(attempts, &mut rand::rng());
                 if Instant::now() + wait >= deadline {
                     let error = ApiError::timeout(format!(
-                        "tool {name:?} kept failing and its timeout ({}s) leaves no room for another try",
-                        tool.settings.timeout.as_secs_f64()
+                        "tool {name:?} kept failing and its timeout ({}s) leaves no room for another try; last error: {}",
+                        tool.settings.timeout.as_secs_f64(),
+                        failed.error.message
                     ))
                     .with_code("tool_timeout");
                     return (attempts, Err(error));
@@ -438,7 +494,8 @@ async fn call(
 }
 
 /// A tool's HTTP answer as a result or a classified failure.
-async fn answer(name: &str, response: reqwest::Response) -> Result<Value, Failed> {
+async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, Failed> {
+    let name = &tool.settings.name;
     let status = response.status();
     if status.is_redirection() {
         return Err(Failed {
@@ -447,26 +504,92 @@ async fn answer(name: &str, response: reqwest::Response) -> Result<Value, Failed
             ))
             .with_code("tool_redirect_refused"),
             retryable: false,
+            tool_fault: true,
         });
     }
-    let text = response.text().await.map_err(|e| Failed {
-        error: ApiError::bad_gateway(format!(
-            "tool {name:?} broke off its answer: {}",
-            e.without_url()
-        ))
-        .with_code("tool_unreachable"),
-        retryable: true,
-    })?;
+    let mut bytes = Vec::new();
+    loop {
+        let chunk = response.chunk().await.map_err(|e| Failed {
+            error: ApiError::bad_gateway(format!(
+                "tool {name:?} broke off its answer: {}",
+                e.without_url()
+            ))
+            .with_code("tool_unreachable"),
+            retryable: true,
+            tool_fault: true,
+        })?;
+        let Some(chunk) = chunk else { break };
+        if bytes.len() + chunk.len() > MAX_TOOL_ANSWER {
+            return Err(Failed {
+                error: ApiError::bad_gateway(format!(
+                    "tool {name:?} answered more than {MAX_TOOL_ANSWER} bytes"
+                ))
+                .with_code("tool_error"),
+                retryable: false,
+                tool_fault: true,
+            });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let parsed = serde_json::from_slice::<Value>(&bytes).ok();
     if !status.is_success() {
         let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+        // Only a JSON body can be redacted; other text stays out of the message.
+        let detail = match &parsed {
+            Some(body) => tool
+                .redact(body)
+                .to_string()
+                .chars()
+                .take(MAX_ERROR_TEXT)
+                .collect::<String>(),
+            None => format!("{} bytes of non-JSON text", bytes.len()),
+        };
         return Err(Failed {
-            error: ApiError::bad_gateway(format!(
-                "tool {name:?} answered {status}: {}",
-                text.trim()
-            ))
-            .with_code("tool_error"),
+            error: ApiError::bad_gateway(format!("tool {name:?} answered {status}: {detail}"))
+                .with_code("tool_error"),
             retryable,
+            tool_fault: retryable,
         });
     }
-    Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    Ok(parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
+}
+
+/// Breaker transitions of a tool: metrics (`keel_breaker_state{target="tool/NAME"}`,
+/// `keel_breaker_transitions_total`) and events, as for model targets.
+async fn note_tool_transitions(
+    gw: &Gateway,
+    name: &str,
+    transitions: &[keel_policy::breaker::Transition],
+) {
+    if transitions.is_empty() {
+        return;
+    }
+    let target = format!("tool/{name}");
+    let mut events = Vec::new();
+    for t in transitions {
+        gw.metrics
+            .breaker_state
+            .get_or_create(&crate::metrics::TargetLabel {
+                target: target.clone(),
+            })
+            .set(t.to.gauge());
+        gw.metrics
+            .breaker_transitions
+            .get_or_create(&crate::metrics::TransitionLabels {
+                target: target.clone(),
+                to: t.to.as_str().to_owned(),
+            })
+            .inc();
+        let kind = match t.to.as_str() {
+            "open" => EventKind::BreakerOpened,
+            "half_open" => EventKind::BreakerHalfOpened,
+            _ => EventKind::BreakerClosed,
+        };
+        events.push(NewEvent::new(
+            kind,
+            None,
+            json!({"target": target, "tool": name, "from": t.from.as_str(), "to": t.to.as_str()}),
+        ));
+    }
+    gw.append(events).await;
 }

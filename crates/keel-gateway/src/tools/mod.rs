@@ -12,8 +12,8 @@
 
 mod http;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use keel_config::{ToolEndpoint, ToolSettings};
 use keel_policy::breaker::{Breaker, BreakerSettings};
@@ -28,6 +28,27 @@ pub const REDACTED: &str = "[redacted]";
 /// Every configured tool, ready to check and call.
 pub struct Tools {
     tools: BTreeMap<String, Tool>,
+    /// Calls running now, by (task, tool): counted in `history.calls` so that calls
+    /// made at once cannot all pass a `history.calls < N` rule.
+    running: Arc<Mutex<HashMap<(String, String), u64>>>,
+}
+
+/// One running call in [`Tools::running`]; counted out when dropped.
+pub(crate) struct Running {
+    key: (String, String),
+    running: Arc<Mutex<HashMap<(String, String), u64>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = self.running.lock();
+        if let Some(n) = running.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// One tool: its settings, compiled rules, client and breaker.
@@ -149,7 +170,29 @@ impl Tools {
                 },
             );
         }
-        Ok(Self { tools: built })
+        Ok(Self {
+            tools: built,
+            running: Arc::default(),
+        })
+    }
+
+    /// Counts a call of `tool` in `task` as running until the guard is dropped.
+    pub(crate) fn start(&self, task: &str, tool: &str) -> Running {
+        let key = (task.to_owned(), tool.to_owned());
+        *self.running.lock().entry(key.clone()).or_default() += 1;
+        Running {
+            key,
+            running: Arc::clone(&self.running),
+        }
+    }
+
+    /// Calls of `tool` in `task` running now.
+    pub(crate) fn running(&self, task: &str, tool: &str) -> u64 {
+        self.running
+            .lock()
+            .get(&(task.to_owned(), tool.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The tool called `name`.
@@ -189,6 +232,8 @@ impl Tool {
                 }]);
             }
         }
+        // A tool that redacts args must not have them echoed by an error message.
+        let quiet = !self.settings.redact.is_empty();
         let broken: Vec<Broken> = self
             .rules
             .iter()
@@ -198,13 +243,20 @@ impl Tool {
                     rule: rule.text.clone(),
                     reason: format!("rule `{}` does not hold", rule.text),
                 }),
-                Ok(other) => Some(Broken {
+                Ok(_) => Some(Broken {
                     rule: rule.text.clone(),
-                    reason: format!("rule `{}` gave {other:?}, not true or false", rule.text),
+                    reason: format!("rule `{}` gave no true or false", rule.text),
                 }),
                 Err(e) => Some(Broken {
                     rule: rule.text.clone(),
-                    reason: format!("rule `{}` could not be evaluated: {e}", rule.text),
+                    reason: if quiet {
+                        format!(
+                            "rule `{}` could not be evaluated (details withheld: the tool redacts args)",
+                            rule.text
+                        )
+                    } else {
+                        format!("rule `{}` could not be evaluated: {e}", rule.text)
+                    },
                 }),
             })
             .collect();
@@ -234,11 +286,10 @@ impl Tool {
         }
     }
 
-    /// The backoff before retry `n` (from 1), full range of the configured jitter.
-    pub(crate) fn backoff(&self, n: u32) -> Duration {
+    /// The backoff of one call's retries (one per call: decorrelated jitter grows).
+    pub(crate) fn backoff(&self) -> keel_policy::backoff::Backoff {
         let r = &self.settings.retry;
-        let mut backoff = keel_policy::backoff::Backoff::new(r.base, r.cap, r.jitter);
-        backoff.delay(n, &mut rand::rng())
+        keel_policy::backoff::Backoff::new(r.base, r.cap, r.jitter)
     }
 }
 

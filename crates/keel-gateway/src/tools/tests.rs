@@ -1,4 +1,5 @@
 use std::num::NonZeroU32;
+use std::time::Duration;
 
 use keel_config::{RetrySettings, ToolEndpoint, ToolSettings};
 use serde_json::json;
@@ -89,7 +90,7 @@ fn a_rule_that_cannot_be_evaluated_blocks() {
     let Verdict::Block(broken) = verdict(&tools, json!({"amount": 5}), 0) else {
         panic!("a non-boolean rule must not pass")
     };
-    assert!(broken[0].reason.contains("not true or false"), "{broken:?}");
+    assert!(broken[0].reason.contains("no true or false"), "{broken:?}");
 }
 
 #[test]

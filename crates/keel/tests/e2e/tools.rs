@@ -126,7 +126,7 @@ async fn rules_allow_and_block_tool_calls_and_the_log_says_why() {
     let (status, answer) = post(
         &keel,
         "/v1/actions/check",
-        json!({"agent": "support", "tool": "refund", "args": {"amount": 40}}),
+        json!({"agent": "support", "task": "t9", "tool": "refund", "args": {"amount": 40}}),
         None,
     )
     .await;
@@ -135,7 +135,7 @@ async fn rules_allow_and_block_tool_calls_and_the_log_says_why() {
     let (_, answer) = post(
         &keel,
         "/v1/actions/check",
-        json!({"agent": "support", "tool": "refund", "args": {"amount": 4000}}),
+        json!({"agent": "support", "task": "t9", "tool": "refund", "args": {"amount": 4000}}),
         None,
     )
     .await;
@@ -156,6 +156,17 @@ async fn rules_allow_and_block_tool_calls_and_the_log_says_why() {
         assert!(metrics.contains(line), "no {line} in\n{metrics}");
     }
 
+    // Its rules count the task's calls: a call without a task is refused, not let through.
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/refund/invoke",
+        json!({"args": {"amount": 5}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "task");
+
     let (status, answer) = post(&keel, "/v1/tools/nope/invoke", json!({"args": {}}), None).await;
     assert_eq!(status, 404);
     assert_eq!(answer["error"]["code"], "tool_not_found");
@@ -171,7 +182,7 @@ async fn side_effects_are_retried_only_with_an_idempotency_key() {
     let (status, answer) = post(
         &keel,
         "/v1/tools/refund/invoke",
-        json!({"args": {"amount": 5}}),
+        json!({"task": "t2", "args": {"amount": 5}}),
         None,
     )
     .await;
@@ -184,7 +195,7 @@ async fn side_effects_are_retried_only_with_an_idempotency_key() {
     let (status, answer) = post(
         &keel,
         "/v1/tools/refund/invoke",
-        json!({"args": {"amount": 5}}),
+        json!({"task": "t2", "args": {"amount": 5}}),
         Some("refund-42"),
     )
     .await;
