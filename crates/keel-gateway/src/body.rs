@@ -86,6 +86,26 @@ impl RawObject {
 }
 
 impl RawObject {
+    /// Sets `stream_options.include_usage` to true, keeping other stream options;
+    /// returns whether it changed anything (the client had not asked).
+    pub fn ask_for_stream_usage(&mut self) -> bool {
+        let mut options = self
+            .get("stream_options")
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({}));
+        if options["include_usage"] == true {
+            return false;
+        }
+        options["include_usage"] = serde_json::Value::Bool(true);
+        let Ok(raw) = RawValue::from_string(options.to_string()) else {
+            return false;
+        };
+        self.0.retain(|(k, _)| k != "stream_options");
+        self.0.push(("stream_options".to_owned(), raw));
+        true
+    }
+
     /// The body as JSON without member `key`.
     pub fn without(&self, key: &str) -> Bytes {
         let mut out = Vec::with_capacity(256);

@@ -40,6 +40,9 @@ pub(crate) struct Finish {
     pub(crate) route_name: String,
     pub(crate) started: Instant,
     pub(crate) stream: bool,
+    /// keel asked the stream for usage the client did not ask for: its usage-only
+    /// chunk is not forwarded.
+    pub(crate) hide_usage: bool,
     /// The request's payload summary and blobs (empty when payloads are not recorded).
     pub(crate) recorded: payload::Recorded,
 }
@@ -233,16 +236,17 @@ impl Finish {
         let deadline = self.started + route.timeouts.total;
         let gw = Arc::clone(&self.gw);
         let target_id = target.id.clone();
+        let hide_usage = self.hide_usage;
         gw.tasks.spawn(async move {
             let mut transcript = self.gw.record_payloads.then(Vec::new);
             let (outcome, usage) = pump(
                 first,
                 rest,
                 &tx,
-                idle,
-                deadline,
+                (idle, deadline),
                 &target_id,
                 transcript.as_mut(),
+                hide_usage,
             )
             .await;
             let transcript = transcript.map(Bytes::from);
@@ -482,10 +486,10 @@ async fn pump(
     first: Bytes,
     mut rest: ChunkStream,
     tx: &mpsc::Sender<Bytes>,
-    idle: Duration,
-    deadline: Instant,
+    (idle, deadline): (Duration, Instant),
     target: &str,
     mut transcript: Option<&mut Vec<u8>>,
+    hide_usage: bool,
 ) -> (&'static str, Option<Usage>) {
     let mut usage = usage_of(&first).ok().flatten();
     // The transcript is the chunks' data, one per line: what the client received.
@@ -504,10 +508,13 @@ async fn pump(
         let next = tokio::time::timeout_at(wait_until, rest.next()).await;
         let failure = match next {
             Ok(Some(Ok(chunk))) => {
-                keep(&chunk);
                 if let Ok(Some(u)) = usage_of(&chunk) {
                     usage = Some(u);
+                    if hide_usage && is_usage_only(&chunk) {
+                        continue;
+                    }
                 }
+                keep(&chunk);
                 if tx.send(sse_frame(&chunk)).await.is_err() {
                     // Dropping `rest` closes the upstream connection: the client left.
                     return ("client_gone", usage);
@@ -533,6 +540,19 @@ async fn pump(
         let _ = tx.send(sse_frame(error.to_string().as_bytes())).await;
         return ("stream_error", usage);
     }
+}
+
+/// A chunk that carries only `usage` (`"choices": []`), as OpenAI sends last when
+/// `stream_options.include_usage` is set.
+fn is_usage_only(chunk: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(chunk)
+        .ok()
+        .and_then(|v| {
+            v.get("choices")
+                .and_then(Value::as_array)
+                .map(Vec::is_empty)
+        })
+        .unwrap_or(false)
 }
 
 fn sse_frame(data: &[u8]) -> Bytes {

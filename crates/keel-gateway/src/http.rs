@@ -282,6 +282,12 @@ async fn handle_inner(
     } else {
         payload::Recorded::default()
     };
+    // A stream reports its tokens only when asked to; keel asks (budgets and metrics
+    // need them) and keeps the extra usage chunk from a client that did not.
+    let mut parsed = parsed;
+    let hide_usage = parsed.stream
+        && endpoint == Endpoint::ChatCompletions
+        && parsed.body.ask_for_stream_usage();
     let mut guard = CallGuard {
         gw: Arc::clone(gw),
         route: route.name.clone(),
@@ -305,6 +311,7 @@ async fn handle_inner(
         route_name: route.name.clone(),
         started,
         stream: parsed.stream,
+        hide_usage,
     };
     Ok(match answer {
         Answer::Json {

@@ -431,6 +431,49 @@ async fn an_agent_over_its_token_budget_gets_a_rate_limit_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stream_spends_from_the_budget_even_when_the_client_did_not_ask_for_usage() {
+    let sim = sim().await;
+    let config = WITH_AGENT_KEYS.replace("tokens_per_hour = 100000", "tokens_per_hour = 5");
+    let keel = Keel::start(&config, &sim).await;
+    // The SDK's plain stream sets no stream_options; keel asks upstream for usage ...
+    let out = sdk("stream", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let upstream = sim.last_request("primary").unwrap();
+    assert_eq!(
+        upstream["stream_options"]["include_usage"], true,
+        "{upstream}"
+    );
+    let calls = keel.events_of("llm_call");
+    assert!(
+        calls[0]["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{}",
+        calls[0]
+    );
+    // ... and the tokens count: the next call is over the budget.
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["exception"], "RateLimitError", "{out}");
+
+    // The usage-only chunk a client did not ask for is not forwarded.
+    let keel = Keel::start(WITH_AGENT_KEYS, &sim).await;
+    let body = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", keel.url))
+        .bearer_auth("sk-agent-support")
+        .json(&serde_json::json!({"model": "smart", "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("[DONE]"), "{body}");
+    assert!(
+        !body.contains("\"choices\":[]"),
+        "a usage chunk reached the client: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_prompt_too_long_for_every_target_is_the_client_s_error_not_an_outage() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
