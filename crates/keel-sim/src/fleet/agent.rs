@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::inject::{FleetInjector, call_message, kind};
-use super::script::{Draws, TaskScript};
+use super::script::{Draws, TaskScript, Trap};
 
 /// What every agent of a run shares.
 #[derive(Debug)]
@@ -58,7 +58,18 @@ pub struct Tally {
     pub calls_ok: AtomicU64,
     /// Model calls that did not.
     pub calls_failed: AtomicU64,
+    /// Risky actions the tool carried out (keel did not stop them).
+    pub risky_done: AtomicU64,
 }
+
+/// The tool fleet agents act through, and the amounts they use.
+pub const ACT_TOOL: &str = "act";
+/// An ordinary action's amount.
+pub const USUAL_AMOUNT: u64 = 20;
+/// A risky action's amount: far above the usual.
+pub const RISKY_AMOUNT: u64 = 5_000;
+/// How often a loop-prone task repeats its action if nothing stops it.
+pub const LOOP_REPEATS: u32 = 10;
 
 /// Why a piece of work stopped early.
 enum Stop {
@@ -196,6 +207,10 @@ impl Crew {
                 return false;
             }
             self.tally.calls_ok.fetch_add(1, Ordering::Relaxed);
+            // Halfway through, the task acts through its tool; its trap shapes how.
+            if call == script.calls / 2 {
+                self.act(id, script).await;
+            }
             let done = call + 1;
             let step = json!({"lease_token": token, "kind": "model_call", "summary": format!("call {done} of {}", script.calls), "progress": f64::from(done) / f64::from(script.calls)});
             match self
@@ -246,6 +261,38 @@ impl Crew {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         false
+    }
+
+    /// The task's action through keel's tool gateway (`act`): an ordinary one; for a
+    /// risky task an amount far above the usual; for a loop-prone task the same call
+    /// over and over until keel refuses. A refused action is skipped, as a careful
+    /// agent would; the task goes on.
+    async fn act(&self, id: &str, script: &TaskScript) {
+        let (amount, repeats) = match script.trap {
+            Some(Trap::RiskyAction) => (RISKY_AMOUNT, 1),
+            Some(Trap::LoopProne) => (USUAL_AMOUNT, LOOP_REPEATS),
+            Some(Trap::Infeasible) | None => (USUAL_AMOUNT, 1),
+        };
+        for _ in 0..repeats {
+            let body = json!({"task": id, "args": {"amount": amount, "order": script.index}});
+            let sent = self
+                .client
+                .post(format!("{}/v1/tools/{ACT_TOOL}/invoke", self.base))
+                .header("x-keel-agent", &self.agent)
+                .timeout(self.call_timeout)
+                .json(&body)
+                .send()
+                .await;
+            match sent.map(|r| r.status()) {
+                Ok(StatusCode::OK) => {
+                    if amount == RISKY_AMOUNT {
+                        self.tally.risky_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Blocked by a guard (or no such tool on this keel): move on.
+                Ok(_) | Err(_) => return,
+            }
+        }
     }
 
     /// `complete` or `fail`; `Ok` only when keel took it.

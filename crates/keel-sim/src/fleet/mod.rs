@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use agent::Tally;
+pub use agent::{ACT_TOOL, LOOP_REPEATS, RISKY_AMOUNT, Tally, USUAL_AMOUNT};
 pub use inject::FleetInjector;
 pub use mix::FaultMix;
 pub use script::{TaskScript, Trap};

@@ -50,8 +50,10 @@ pub struct Report {
     pub degraded_replies: u64,
     /// Tokens the providers reported.
     pub tokens: u64,
-    /// What guards caught, by guard (none exist yet).
+    /// Actions guards blocked, by guard (`action_rule`, `loop_limit`, ...).
     pub caught: BTreeMap<String, u64>,
+    /// Risky actions the tool carried out: nothing stopped them.
+    pub risky_actions_done: u64,
     /// Faults injected, by kind.
     pub faults_injected: BTreeMap<String, u64>,
     /// Whether every task reached a final state before the drain deadline.
@@ -182,6 +184,10 @@ pub struct RunFacts {
     pub keel_cpu_s: f64,
     /// `child` or `in-process`.
     pub keel_process: String,
+    /// Actions guards blocked, by guard.
+    pub caught: BTreeMap<String, u64>,
+    /// Risky actions carried out.
+    pub risky_actions_done: u64,
 }
 
 /// Slices of the timeline.
@@ -240,7 +246,8 @@ impl Report {
             breaker_trips: facts.breaker_trips,
             degraded_replies: facts.calls.degraded,
             tokens: facts.calls.tokens,
-            caught: BTreeMap::new(),
+            caught: facts.caught,
+            risky_actions_done: facts.risky_actions_done,
             faults_injected: facts.faults_injected,
             drained: facts.drained,
             wall_s: facts.wall_s,
@@ -317,6 +324,22 @@ impl Report {
             ("breaker trips", self.breaker_trips.to_string()),
             ("degraded replies", self.degraded_replies.to_string()),
             ("tokens", self.tokens.to_string()),
+            (
+                "caught by guards",
+                if self.caught.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.caught
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            ),
+            (
+                "risky actions carried out",
+                self.risky_actions_done.to_string(),
+            ),
             ("faults injected", faults),
             ("fault mix", self.mix.clone()),
             (
@@ -562,6 +585,8 @@ mod tests {
             keel_peak_rss_mb: 40.0,
             keel_cpu_s: 3.0,
             keel_process: "child".to_owned(),
+            caught: BTreeMap::from([("loop_limit".to_owned(), 2)]),
+            risky_actions_done: 0,
         }
     }
 

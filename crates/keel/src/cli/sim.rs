@@ -639,6 +639,10 @@ struct Collected {
     breaker_trips: u64,
     /// Faults keel's own `[chaos]` injected, by fault (from `llm_call.chaos`).
     keel_chaos: BTreeMap<String, u64>,
+    /// Actions blocked, by guard (from `action_blocked`).
+    caught: BTreeMap<String, u64>,
+    /// Risky actions a tool carried out (from `tool_invoked`).
+    risky_done: u64,
 }
 
 impl Collected {
@@ -664,6 +668,19 @@ impl Collected {
             }
             "degraded_reply" => self.calls.degraded += 1,
             "breaker_opened" => self.breaker_trips += 1,
+            "action_blocked" => {
+                for rule in event.data["rules"].as_array().into_iter().flatten() {
+                    if let Some(rule) = rule.as_str() {
+                        *self.caught.entry(guard_of(rule)).or_default() += 1;
+                    }
+                }
+            }
+            "tool_invoked" => {
+                let amount = event.data["args"]["amount"].as_u64().unwrap_or(0);
+                if amount >= fleet::RISKY_AMOUNT && event.data["outcome"] == "ok" {
+                    self.risky_done += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -715,7 +732,13 @@ async fn from_store<S: EventStore + TaskStore + ?Sized>(
             },
         });
     }
-    for kind in ["llm_call", "degraded_reply", "breaker_opened"] {
+    for kind in [
+        "llm_call",
+        "degraded_reply",
+        "breaker_opened",
+        "action_blocked",
+        "tool_invoked",
+    ] {
         for_each_event(store, kind, |event| collected.event(event)).await?;
     }
     Ok(collected)
@@ -753,6 +776,8 @@ fn report_of(
         keel_peak_rss_mb: usage.peak_rss_mb,
         keel_cpu_s: usage.cpu_s,
         keel_process: keel_process.to_owned(),
+        caught: collected.caught,
+        risky_actions_done: collected.risky_done,
     };
     Report::build(facts, &collected.outcomes)
 }
@@ -842,7 +867,35 @@ max_attempts = 1
 "#
         )
     };
-    common + &policies
+    common + &policies + &tool_text(sim_base_url, policies_on)
+}
+
+/// The rule that stops a risky action, and the one that stops a loop of calls.
+const RISK_RULE: &str = "args.amount <= 500";
+const LOOP_RULE: &str = "history.calls < 4";
+
+/// The guard a blocking rule stands for in the report's `caught`.
+fn guard_of(rule: &str) -> String {
+    match rule {
+        RISK_RULE => "action_rule".to_owned(),
+        LOOP_RULE => "loop_limit".to_owned(),
+        "injection" => "injection".to_owned(),
+        other => format!("rule {other}"),
+    }
+}
+
+/// The `[tools.act]` section: the simulated tool the agents act through, with the
+/// guards (policies on) or without (off).
+fn tool_text(sim_base_url: &str, guarded: bool) -> String {
+    let rules = if guarded {
+        format!("rules = [\"{RISK_RULE}\", \"{LOOP_RULE}\"]\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "\n[tools.{tool}]\nurl = \"{sim_base_url}/tools/{tool}\"\n{rules}",
+        tool = fleet::ACT_TOOL
+    )
 }
 
 /// The run's config from a user's: its first route (its retry, timeouts, breaker,
@@ -926,8 +979,9 @@ fn from_user_config(
     agents.insert(AGENT, toml_edit::Item::Table(agent));
     out.insert("agents", toml_edit::Item::Table(agents));
     let text = format!(
-        "# Written by keel sim from {}: route {route_name:?} with its targets on the simulated models.\n{out}",
-        user.display()
+        "# Written by keel sim from {}: route {route_name:?} with its targets on the simulated models.\n{out}{}",
+        user.display(),
+        tool_text(sim_base_url, true)
     );
     Ok((text, route_name))
 }

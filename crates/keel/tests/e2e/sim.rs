@@ -93,6 +93,15 @@ fn policies_on_lose_nothing_and_beat_policies_off_on_the_same_seed() {
     assert_eq!(on["keel_process"], "child");
     assert!(on["keel_peak_rss_mb"].as_f64().unwrap() > 1.0);
 
+    // The traps: guards stop risky actions and loops with policies on; nothing does off.
+    let caught = &on["caught"];
+    for guard in ["action_rule", "loop_limit"] {
+        assert!(caught[guard].as_u64().unwrap_or(0) > 0, "no {guard} in {caught}");
+    }
+    assert_eq!(on["risky_actions_done"], 0, "{on}");
+    assert_eq!(off["caught"], serde_json::json!({}), "{off}");
+    assert!(off["risky_actions_done"].as_u64().unwrap() > 0, "{off}");
+
     // keel's own files of the run sit apart from the report.
     for file in ["keel.toml", "keel.log", "keel.db", ".keel-sim"] {
         assert!(on_dir.join("keel").join(file).exists(), "no keel/{file}");
