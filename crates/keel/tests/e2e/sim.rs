@@ -96,7 +96,10 @@ fn policies_on_lose_nothing_and_beat_policies_off_on_the_same_seed() {
     // The traps: guards stop risky actions and loops with policies on; nothing does off.
     let caught = &on["caught"];
     for guard in ["action_rule", "loop_limit"] {
-        assert!(caught[guard].as_u64().unwrap_or(0) > 0, "no {guard} in {caught}");
+        assert!(
+            caught[guard].as_u64().unwrap_or(0) > 0,
+            "no {guard} in {caught}"
+        );
     }
     assert_eq!(on["risky_actions_done"], 0, "{on}");
     assert_eq!(off["caught"], serde_json::json!({}), "{off}");
