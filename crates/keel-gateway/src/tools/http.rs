@@ -81,22 +81,25 @@ impl Gateway {
     /// `action_checked` events (agents that run the tool themselves), and calls still
     /// running through keel.
     async fn calls_in_task(&self, tool: &str, task: &str) -> Result<u64, ApiError> {
-        let mut count = 0;
-        for kind in [EventKind::ToolInvoked, EventKind::ActionChecked] {
-            let events = self
-                .store
-                .events(EventQuery {
-                    task_id: Some(task.to_owned()),
-                    kind: Some(kind.as_str().to_owned()),
-                    ..EventQuery::default()
-                })
-                .await
-                .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
-            count += events
-                .iter()
-                .filter(|e| e.data["tool"] == tool && e.data["verdict"] != "block")
-                .count() as u64;
-        }
+        // By task only: a task's log is short, while a query that also names the kind
+        // may be planned on the kind index and walk every task's calls.
+        let events = self
+            .store
+            .events(EventQuery {
+                task_id: Some(task.to_owned()),
+                ..EventQuery::default()
+            })
+            .await
+            .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
+        let counted = [EventKind::ToolInvoked.as_str(), EventKind::ActionChecked.as_str()];
+        let count = events
+            .iter()
+            .filter(|e| {
+                counted.contains(&e.kind.as_str())
+                    && e.data["tool"] == tool
+                    && e.data["verdict"] != "block"
+            })
+            .count() as u64;
         Ok(count + self.tools.running(task, tool))
     }
 

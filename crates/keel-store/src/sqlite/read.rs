@@ -112,7 +112,10 @@ impl Readers {
         }
         if let Some(kind) = &query.kind {
             args.push(Value::Text(kind.clone()));
-            sql.push_str(&format!(" AND kind = ?{}", args.len()));
+            // With a task, its (short) log is the way in: the unary `+` keeps SQLite
+            // from walking the kind index over every task's events instead.
+            let column = if query.task_id.is_some() { "+kind" } else { "kind" };
+            sql.push_str(&format!(" AND {column} = ?{}", args.len()));
         }
         let limit = query
             .limit
