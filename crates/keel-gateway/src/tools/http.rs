@@ -91,7 +91,10 @@ impl Gateway {
             })
             .await
             .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
-        let counted = [EventKind::ToolInvoked.as_str(), EventKind::ActionChecked.as_str()];
+        let counted = [
+            EventKind::ToolInvoked.as_str(),
+            EventKind::ActionChecked.as_str(),
+        ];
         let count = events
             .iter()
             .filter(|e| {

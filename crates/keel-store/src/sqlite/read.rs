@@ -114,7 +114,11 @@ impl Readers {
             args.push(Value::Text(kind.clone()));
             // With a task, its (short) log is the way in: the unary `+` keeps SQLite
             // from walking the kind index over every task's events instead.
-            let column = if query.task_id.is_some() { "+kind" } else { "kind" };
+            let column = if query.task_id.is_some() {
+                "+kind"
+            } else {
+                "kind"
+            };
             sql.push_str(&format!(" AND {column} = ?{}", args.len()));
         }
         let limit = query
