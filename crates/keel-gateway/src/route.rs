@@ -624,41 +624,61 @@ impl Executor<'_> {
     }
 
     fn note_transitions(&self, target: &Target, transitions: &[Transition], log: &mut CallLog) {
-        for t in transitions {
+        let extra = json!({"route": self.route.name});
+        log.events.extend(breaker_events(
+            self.metrics,
+            &target.id,
+            transitions,
+            &extra,
+        ));
+    }
+}
+
+/// Metrics (`keel_breaker_state`, `keel_breaker_transitions_total`), a log line and
+/// the `breaker_*` event of each transition of the breaker of `target` (a model target
+/// or `tool/NAME`); `extra` members are added to each event. Transitions belong to the
+/// target, not to the task that saw them.
+pub(crate) fn breaker_events(
+    metrics: &Metrics,
+    target: &str,
+    transitions: &[Transition],
+    extra: &serde_json::Value,
+) -> Vec<NewEvent> {
+    transitions
+        .iter()
+        .map(|t| {
             let kind = match t.to.as_str() {
                 "open" => EventKind::BreakerOpened,
                 "half_open" => EventKind::BreakerHalfOpened,
                 _ => EventKind::BreakerClosed,
             };
-            self.metrics
+            metrics
                 .breaker_state
                 .get_or_create(&TargetLabel {
-                    target: target.id.clone(),
+                    target: target.to_owned(),
                 })
                 .set(t.to.gauge());
-            self.metrics
+            metrics
                 .breaker_transitions
                 .get_or_create(&TransitionLabels {
-                    target: target.id.clone(),
+                    target: target.to_owned(),
                     to: t.to.as_str().to_owned(),
                 })
                 .inc();
-            // Breaker transitions belong to the target, not to the task that saw them.
-            log.events.push(NewEvent::new(
-                kind,
-                None,
-                json!({
-                    "target": target.id,
-                    "from": t.from.as_str(),
-                    "to": t.to.as_str(),
-                    "failure_rate": t.failure_rate,
-                    "slow_call_rate": t.slow_call_rate,
-                    "route": self.route.name,
-                }),
-            ));
-            tracing::warn!(target_id = %target.id, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
-        }
-    }
+            tracing::warn!(target_id = %target, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
+            let mut data = json!({
+                "target": target,
+                "from": t.from.as_str(),
+                "to": t.to.as_str(),
+                "failure_rate": t.failure_rate,
+                "slow_call_rate": t.slow_call_rate,
+            });
+            if let (Some(data), Some(extra)) = (data.as_object_mut(), extra.as_object()) {
+                data.extend(extra.clone());
+            }
+            NewEvent::new(kind, None, data)
+        })
+        .collect()
 }
 
 /// The sum of two answers' usage.

@@ -560,8 +560,8 @@ async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, F
     Ok(parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
 }
 
-/// Breaker transitions of a tool: metrics (`keel_breaker_state{target="tool/NAME"}`,
-/// `keel_breaker_transitions_total`) and events, as for model targets.
+/// Breaker transitions of a tool: the same metrics and events as a model target's,
+/// under the target name `tool/NAME`.
 async fn note_tool_transitions(
     gw: &Gateway,
     name: &str,
@@ -571,31 +571,7 @@ async fn note_tool_transitions(
         return;
     }
     let target = format!("tool/{name}");
-    let mut events = Vec::new();
-    for t in transitions {
-        gw.metrics
-            .breaker_state
-            .get_or_create(&crate::metrics::TargetLabel {
-                target: target.clone(),
-            })
-            .set(t.to.gauge());
-        gw.metrics
-            .breaker_transitions
-            .get_or_create(&crate::metrics::TransitionLabels {
-                target: target.clone(),
-                to: t.to.as_str().to_owned(),
-            })
-            .inc();
-        let kind = match t.to.as_str() {
-            "open" => EventKind::BreakerOpened,
-            "half_open" => EventKind::BreakerHalfOpened,
-            _ => EventKind::BreakerClosed,
-        };
-        events.push(NewEvent::new(
-            kind,
-            None,
-            json!({"target": target, "tool": name, "from": t.from.as_str(), "to": t.to.as_str()}),
-        ));
-    }
+    let events =
+        crate::route::breaker_events(&gw.metrics, &target, transitions, &json!({"tool": name}));
     gw.append(events).await;
 }

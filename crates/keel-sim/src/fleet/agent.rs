@@ -72,7 +72,7 @@ pub const RISKY_AMOUNT: u64 = 5_000;
 pub const LOOP_REPEATS: u32 = 10;
 
 /// Why a piece of work stopped early.
-enum Stop {
+pub(crate) enum Stop {
     /// The run is being aborted.
     Abort,
     /// keel said the lease is gone (expired and given to someone else).
@@ -364,7 +364,7 @@ impl Crew {
 
     /// One supervisor call, retried while keel cannot be reached (it may be
     /// restarting) and, up to [`MAX_REFUSALS`] times, while it answers 5xx or 429.
-    async fn supervisor(
+    pub(crate) async fn supervisor(
         &self,
         method: Method,
         path: &str,

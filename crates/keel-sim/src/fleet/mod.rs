@@ -18,6 +18,7 @@ pub mod mix;
 pub mod report;
 pub mod script;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -207,12 +208,13 @@ pub async fn run(
     let deadline_after = settings.drain_timeout;
     let main = async {
         let created = create.await?;
+        let ours: HashSet<String> = created.iter().map(|c| c.id.clone()).collect();
         let deadline = Instant::now() + deadline_after;
         loop {
             // The cheap check first; then every created task must be seen in a
             // final state (final states are for good), so a task moving between
             // queued and running between two reads cannot end the drain early.
-            if open_tasks(&crew, &created).await == Some(0) && all_final(&crew, &created).await {
+            if open_tasks(&crew, &ours).await == Some(0) && all_final(&crew, &ours).await {
                 return Ok((created, true));
             }
             if Instant::now() >= deadline {
@@ -249,8 +251,8 @@ pub async fn run(
     })
 }
 
-/// How long creating one task may wait for an unreachable keel (a restart takes
-/// well under a second).
+/// How long creating one task may take, keel unreachable or refusing included (a
+/// restart takes well under a second).
 const CREATE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Creates the task of script `index` (retried while keel cannot be reached).
@@ -258,88 +260,73 @@ async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetErr
     let id = format!("{}-{index:06}", crew.id_prefix);
     let body = json!({"agent": crew.agent, "id": id, "input": {"index": index}});
     let key = format!("create-{}-{}-{index}", crew.id_prefix, crew.seed);
-    let mut wait = Duration::from_millis(50);
-    let give_up = Instant::now() + CREATE_PATIENCE;
-    loop {
-        let sent = crew
-            .client
-            .post(format!("{}/v1/tasks", crew.base))
-            .header("idempotency-key", &key)
-            .timeout(Duration::from_secs(10))
-            .json(&body)
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().is_success() => {
-                let answer: Value = r.json().await.unwrap_or(Value::Null);
-                let id = answer["id"].as_str().unwrap_or(&id).to_owned();
-                return Ok(Created { id, index });
-            }
-            Ok(r) if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE => {
-                return Err(FleetError::Create {
-                    index,
-                    status: r.status().as_u16(),
-                    body: r.text().await.unwrap_or_default(),
-                });
-            }
-            Ok(_) | Err(_) => {
-                if Instant::now() >= give_up {
-                    return Err(FleetError::Unreachable {
-                        index,
-                        waited: CREATE_PATIENCE,
-                    });
-                }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
-            }
+    let call = crew.supervisor(reqwest::Method::POST, "/v1/tasks", Some(&body), Some(&key));
+    let unreachable = FleetError::Unreachable {
+        index,
+        waited: CREATE_PATIENCE,
+    };
+    match tokio::time::timeout(CREATE_PATIENCE, call).await {
+        Ok(Ok((status, answer))) if status.is_success() => {
+            let id = answer["id"].as_str().unwrap_or(&id).to_owned();
+            Ok(Created { id, index })
         }
+        Ok(Ok((status, answer))) => Err(FleetError::Create {
+            index,
+            status: status.as_u16(),
+            body: answer.to_string(),
+        }),
+        // Aborted, or keel did not answer in time.
+        Ok(Err(_)) | Err(_) => Err(unreachable),
     }
 }
 
-/// Whether keel holds every task in `created` in a final state (tasks of the same
-/// agent from other runs are ignored).
-async fn all_final(crew: &agent::Crew, created: &[Created]) -> bool {
-    let mut unseen: std::collections::HashSet<&str> =
-        created.iter().map(|c| c.id.as_str()).collect();
-    let ours: std::collections::HashSet<&str> = unseen.clone();
-    let Some(tasks) = list(crew, None).await else {
+/// Whether keel holds every task in `ours` in a final state (tasks of the same agent
+/// from other runs are ignored).
+async fn all_final(crew: &agent::Crew, ours: &HashSet<String>) -> bool {
+    let Some(tasks) = list(crew, None, PAGE).await else {
         return false;
     };
+    let mut seen = 0;
     for task in &tasks {
-        let Some(id) = task["id"].as_str() else {
-            continue;
-        };
-        if !ours.contains(id) {
+        if !task["id"].as_str().is_some_and(|id| ours.contains(id)) {
             continue;
         }
         if !FINAL.contains(&task["state"].as_str().unwrap_or_default()) {
             return false;
         }
-        unseen.remove(id);
+        seen += 1;
     }
-    unseen.is_empty()
+    seen == ours.len()
 }
 
-/// This run's tasks still queued or running, or `None` when keel cannot tell.
-async fn open_tasks(crew: &agent::Crew, created: &[Created]) -> Option<usize> {
-    let ours: std::collections::HashSet<&str> = created.iter().map(|c| c.id.as_str()).collect();
+/// Whether any of `ours` is still queued or running (`Some(0)`: none), or `None`
+/// when keel cannot tell. One task per state is asked for first; the whole list
+/// only when that one is another run's.
+async fn open_tasks(crew: &agent::Crew, ours: &HashSet<String>) -> Option<usize> {
+    let is_ours = |t: &Value| t["id"].as_str().is_some_and(|id| ours.contains(id));
     let mut open = 0;
     for state in ["queued", "running"] {
-        let tasks = list(crew, Some(state)).await?;
-        open += tasks
-            .iter()
-            .filter(|t| t["id"].as_str().is_some_and(|id| ours.contains(id)))
-            .count();
+        let first = list(crew, Some(state), 1).await?;
+        open += match first.first() {
+            None => 0,
+            Some(task) if is_ours(task) => 1,
+            Some(_) => list(crew, Some(state), PAGE)
+                .await?
+                .iter()
+                .filter(|t| is_ours(t))
+                .count(),
+        };
     }
     Some(open)
 }
 
 /// Every task of the run's agent (in `state`, if given), page by page.
-async fn list(crew: &agent::Crew, state: Option<&str>) -> Option<Vec<Value>> {
+/// With `limit` below [`PAGE`], only the first `limit`.
+async fn list(crew: &agent::Crew, state: Option<&str>, limit: usize) -> Option<Vec<Value>> {
     let mut all = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut url = format!("{}/v1/tasks?agent={}&limit={PAGE}", crew.base, crew.agent);
+        let mut url = format!("{}/v1/tasks?agent={}&limit={limit}", crew.base, crew.agent);
         if let Some(state) = state {
             url.push_str("&state=");
             url.push_str(state);
@@ -356,7 +343,7 @@ async fn list(crew: &agent::Crew, state: Option<&str>) -> Option<Vec<Value>> {
         let tasks = page["tasks"].as_array()?;
         all.extend(tasks.iter().cloned());
         match page["next"].as_str() {
-            Some(next) if !tasks.is_empty() => cursor = Some(next.to_owned()),
+            Some(next) if !tasks.is_empty() && limit >= PAGE => cursor = Some(next.to_owned()),
             _ => return Some(all),
         }
     }
