@@ -187,6 +187,10 @@ struct Prepared {
     scripts: Arc<[TaskScript]>,
     /// The simulated models (`None` against a running keel, which calls its own).
     sim: Option<keel_sim::SimHandle>,
+}
+
+/// Where keel sim's own keel keeps its config and database.
+struct Local {
     db: PathBuf,
     config: PathBuf,
 }
@@ -202,7 +206,7 @@ fn load_mix(args: &SimArgs) -> anyhow::Result<(FaultMix, String)> {
     })
 }
 
-async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
+async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<(Prepared, Local)> {
     let (mix, mix_name) = load_mix(args)?;
     for outage in &mix.outages {
         if outage.target != LARGE && outage.target != SMALL {
@@ -241,17 +245,18 @@ async fn prepare(args: &SimArgs, listen: &str) -> anyhow::Result<Prepared> {
     };
     std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
     let scripts: Arc<[TaskScript]> = fleet::script::generate(args.seed, args.tasks).into();
-    Ok(Prepared {
-        route,
-        agent: AGENT.to_owned(),
-        id_prefix: "sim".to_owned(),
-        mix,
-        mix_name,
-        scripts,
-        sim: Some(sim),
-        db,
-        config,
-    })
+    Ok((
+        Prepared {
+            route,
+            agent: AGENT.to_owned(),
+            id_prefix: "sim".to_owned(),
+            mix,
+            mix_name,
+            scripts,
+            sim: Some(sim),
+        },
+        Local { db, config },
+    ))
 }
 
 /// The folder of the run's keel (config, log, database) under the report folder:
@@ -279,17 +284,17 @@ fn keel_dir(report: &Path) -> anyhow::Result<PathBuf> {
 async fn simulate(args: &SimArgs) -> anyhow::Result<Report> {
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
-    let prepared = prepare(args, &listen).await?;
-    let log = prepared.db.with_file_name("keel.log");
+    let (prepared, local) = prepare(args, &listen).await?;
+    let log = local.db.with_file_name("keel.log");
     // A fresh log per run, like the database.
     std::fs::write(&log, "").with_context(|| format!("cannot write {}", log.display()))?;
-    let mut keel = ChildKeel::start(&prepared.config, &log).await?;
+    let mut keel = ChildKeel::start(&local.config, &log).await?;
     let url = format!("http://{listen}");
     let (run, facts) = drive(args, &prepared, &url, Some(&mut keel)).await?;
     let usage = keel.usage();
     keel.stop().await;
-    let store = SqliteStore::open(&prepared.db, keel_store::Durability::Fsync)
-        .with_context(|| format!("cannot open {}", prepared.db.display()))?;
+    let store = SqliteStore::open(&local.db, keel_store::Durability::Fsync)
+        .with_context(|| format!("cannot open {}", local.db.display()))?;
     let collected = from_store(&store, &prepared, &run).await?;
     let report = report_of(args, &prepared, run, facts, collected, usage, "child");
     write_report(&report, &args.report)?;
@@ -322,8 +327,6 @@ async fn simulate_remote(args: &SimArgs, remote: &Remote) -> anyhow::Result<Repo
         mix_name,
         scripts: fleet::script::generate(args.seed, args.tasks).into(),
         sim: None,
-        db: PathBuf::new(),
-        config: PathBuf::new(),
     };
     let (run, drive) = drive(args, &prepared, &remote.url, None).await?;
     let collected = from_api(&client, &remote.url, &prepared, &run).await?;
@@ -436,14 +439,14 @@ async fn simulate_in_process(
     args: &SimArgs,
     listen: std::net::SocketAddr,
 ) -> anyhow::Result<(Report, serve::Running, keel_sim::SimHandle)> {
-    let prepared = prepare(args, &listen.to_string()).await?;
+    let (prepared, local) = prepare(args, &listen.to_string()).await?;
     if prepared.mix.keel.kill9_at.is_some() {
         output::line(
             "keel runs inside this process here, so the mix's kill -9 of keel is skipped (`keel sim` does it).",
         );
     }
-    let settings = keel_config::load(&prepared.config, &|name| std::env::var(name).ok()).map_err(
-        |errors| {
+    let settings =
+        keel_config::load(&local.config, &|name| std::env::var(name).ok()).map_err(|errors| {
             anyhow::anyhow!(
                 "{}",
                 errors
@@ -453,8 +456,7 @@ async fn simulate_in_process(
                     .collect::<Vec<_>>()
                     .join("\n")
             )
-        },
-    )?;
+        })?;
     let running = serve::start(settings, false)
         .await
         .map_err(|e| e.context("choose another address with --listen"))?;
