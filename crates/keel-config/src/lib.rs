@@ -63,8 +63,9 @@ pub use server::{
 };
 pub use settings::{KeelConfig, Settings};
 pub use tool::{
-    DEFAULT_TOOL_TIMEOUT, InjectionAction, ProfileAction, ProfileConfig, ProfileSettings,
-    ToolConfig, ToolEndpoint, ToolSettings,
+    DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PROFILE_FACTOR, DEFAULT_PROFILE_QUANTILE,
+    DEFAULT_PROFILE_WARMUP, DEFAULT_TOOL_TIMEOUT, InjectionAction, ProfileAction, ProfileConfig,
+    ProfileSettings, ToolConfig, ToolEndpoint, ToolSettings,
 };
 
 use crate::locate::Locator;

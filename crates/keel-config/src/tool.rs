@@ -59,7 +59,28 @@ pub struct ProfileConfig {
     /// What happens to a call far outside the profile.
     #[serde(default)]
     pub action: ProfileAction,
+    /// Values a profile must have seen before it judges (default 20).
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    /// The quantile of the usual values the threshold starts from (default 0.99).
+    #[serde(default)]
+    pub quantile: Option<f64>,
+    /// The threshold is `quantile × factor` (default 3).
+    #[serde(default)]
+    pub factor: Option<f64>,
+    /// How long a call sent for approval waits for a person (default 24h); then denied.
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub timeout: Option<Duration>,
 }
+
+/// Default `profile.warmup`.
+pub const DEFAULT_PROFILE_WARMUP: u64 = 20;
+/// Default `profile.quantile`.
+pub const DEFAULT_PROFILE_QUANTILE: f64 = 0.99;
+/// Default `profile.factor`.
+pub const DEFAULT_PROFILE_FACTOR: f64 = 3.0;
+/// Default `profile.timeout`.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// What the histogram guard does with an outlier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -126,12 +147,20 @@ pub struct ToolSettings {
 }
 
 /// A validated histogram guard.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProfileSettings {
-    /// Numeric args to profile; never empty.
+    /// Numeric args to profile; never empty, none of them redacted.
     pub args: Vec<String>,
     /// What happens to an outlier.
     pub action: ProfileAction,
+    /// Values seen before the profile judges.
+    pub warmup: u64,
+    /// The quantile the threshold starts from, in (0, 1].
+    pub quantile: f64,
+    /// The threshold is `quantile × factor`; at least 1.
+    pub factor: f64,
+    /// How long an approval waits for a person before it is denied.
+    pub timeout: Duration,
 }
 
 impl ToolConfig {
@@ -182,16 +211,41 @@ impl ToolConfig {
             ),
         };
         let profile = self.profile.map(|p| {
+            let at = at.child("profile");
             if p.args.is_empty() {
                 problems.push(
-                    at.child("profile")
-                        .child("args")
+                    at.child("args")
                         .invalid("must name at least one numeric arg"),
                 );
+            }
+            for arg in p.args.iter().filter(|a| self.redact.contains(a)) {
+                problems.push(at.child("args").invalid(format!(
+                    "{arg:?} is also in redact: keel learns a profile from the values it logs, and a redacted value is never logged"
+                )));
+            }
+            let quantile = p.quantile.unwrap_or(DEFAULT_PROFILE_QUANTILE);
+            if !(quantile > 0.0 && quantile <= 1.0) {
+                problems.push(
+                    at.child("quantile")
+                        .invalid(format!("must be in (0, 1], like 0.99; got {quantile}")),
+                );
+            }
+            let factor = p.factor.unwrap_or(DEFAULT_PROFILE_FACTOR);
+            if !(factor.is_finite() && factor >= 1.0) {
+                problems.push(at.child("factor").invalid(format!(
+                    "must be at least 1 (the threshold is quantile × factor); got {factor}"
+                )));
+            }
+            if p.timeout.is_some_and(|t| t.is_zero()) {
+                problems.push(at.child("timeout").invalid("must be longer than 0s"));
             }
             ProfileSettings {
                 args: p.args,
                 action: p.action,
+                warmup: p.warmup.unwrap_or(DEFAULT_PROFILE_WARMUP),
+                quantile,
+                factor,
+                timeout: p.timeout.unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
             }
         });
         problems.finish(at, || {

@@ -53,6 +53,7 @@ pub struct Gateway {
     record_payloads: bool,
     chaos: Option<Chaos>,
     tools: tools::Tools,
+    approvals: Option<Arc<dyn tools::ApprovalQueue>>,
 }
 
 /// Why the gateway could not be built from settings.
@@ -161,7 +162,15 @@ impl Gateway {
             max_body_bytes: settings.server.max_body_bytes,
             record_payloads: settings.store.record_payloads,
             chaos,
+            approvals: None,
         })
+    }
+
+    /// Where tool calls that need a person's approval wait (keel's supervisor); without
+    /// one, such calls are blocked.
+    pub fn with_approvals(mut self, queue: Arc<dyn tools::ApprovalQueue>) -> Self {
+        self.approvals = Some(queue);
+        self
     }
 
     /// Route names, in order.

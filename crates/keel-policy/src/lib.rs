@@ -5,6 +5,7 @@
 //! - [`retry`]: whether a failed call is worth retrying ([`RetryPolicy`], the caller's call);
 //! - [`breaker`]: whether to call a target at all (circuit breaker);
 //! - [`deadline`]: how much time is left when several deadlines nest;
+//! - [`profile`]: whether a tool argument is far outside its usual values (histogram guard);
 //! - [`clock`]: where `now` comes from.
 //!
 //! Every state machine takes `now` as a [`std::time::Duration`] since the clock's origin and
@@ -100,6 +101,7 @@ pub mod breaker;
 pub mod budget;
 pub mod clock;
 pub mod deadline;
+pub mod profile;
 pub mod retry;
 
 pub use backoff::{Backoff, Jitter};
@@ -109,6 +111,7 @@ pub use breaker::{
 pub use budget::RetryBudget;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use deadline::{Deadline, tightest};
+pub use profile::{Judgement, Profile, ProfileRule};
 pub use retry::RetryPolicy;
 #[cfg(feature = "tower")]
 pub use {

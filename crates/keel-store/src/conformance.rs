@@ -61,6 +61,8 @@ pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     concurrent_appends_form_one_chain(Arc::new(make())).await?;
     verify_reports_intact(&make()).await?;
     ping_succeeds(&make()).await?;
+    state_is_compare_and_set(&make()).await?;
+    concurrent_state_saves_lose_nothing(Arc::new(make())).await?;
     Ok(())
 }
 
@@ -367,6 +369,81 @@ pub async fn verify_reports_intact<S: EventStore>(store: &S) -> Outcome {
 /// `ping` succeeds on a working store.
 pub async fn ping_succeeds<S: EventStore>(store: &S) -> Outcome {
     store.ping().await?;
+    Ok(())
+}
+
+/// A state value is saved only over the version it was read at; a stale save changes
+/// nothing and says so; a value survives being read back.
+pub async fn state_is_compare_and_set<S: EventStore>(store: &S) -> Outcome {
+    ensure!(
+        store.load_state("k").await?.is_none(),
+        "a new store has state"
+    );
+    let v1 = store.save_state("k", b"one".to_vec(), None).await?;
+    ensure!(v1 == Some(1), "first save gave version {v1:?}");
+    let again = store.save_state("k", b"dup".to_vec(), None).await?;
+    ensure!(again.is_none(), "a second first save was accepted");
+    let v2 = store.save_state("k", b"two".to_vec(), Some(1)).await?;
+    ensure!(v2 == Some(2), "save over version 1 gave {v2:?}");
+    let stale = store.save_state("k", b"old".to_vec(), Some(1)).await?;
+    ensure!(stale.is_none(), "a save over a stale version was accepted");
+    let read = store.load_state("k").await?;
+    ensure!(
+        read == Some(crate::Versioned {
+            value: b"two".to_vec(),
+            version: 2
+        }),
+        "read back {read:?}"
+    );
+    ensure!(
+        store.load_state("other").await?.is_none(),
+        "keys are not apart"
+    );
+    Ok(())
+}
+
+/// Writers that each read, add one and save (again on a lost race) all land: the
+/// counter ends at the number of increments.
+pub async fn concurrent_state_saves_lose_nothing<S: EventStore>(store: Arc<S>) -> Outcome {
+    const WRITERS: u64 = 8;
+    const EACH: u64 = 10;
+    let mut set = JoinSet::new();
+    for _ in 0..WRITERS {
+        let store = Arc::clone(&store);
+        set.spawn(async move {
+            for _ in 0..EACH {
+                loop {
+                    let current = store.load_state("counter").await?;
+                    let (n, version) = match &current {
+                        Some(v) => (
+                            String::from_utf8_lossy(&v.value)
+                                .parse::<u64>()
+                                .unwrap_or(0),
+                            Some(v.version),
+                        ),
+                        None => (0, None),
+                    };
+                    let next = (n + 1).to_string().into_bytes();
+                    if store.save_state("counter", next, version).await?.is_some() {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, StoreError>(())
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        joined.map_err(|e| ConformanceError::Check(format!("writer failed: {e}")))??;
+    }
+    let end = store.load_state("counter").await?;
+    let n = end
+        .as_ref()
+        .map(|v| String::from_utf8_lossy(&v.value).into_owned());
+    ensure!(
+        n.as_deref() == Some(&(WRITERS * EACH).to_string()),
+        "counter ended at {n:?}, not {}",
+        WRITERS * EACH
+    );
     Ok(())
 }
 

@@ -204,6 +204,29 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Succeeds when the store can read and its writer is running (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The state value under `key` (state keel derives beside the log, such as the
+    /// histogram profiles of tool args) and its version; `None` when never saved.
+    async fn load_state(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+
+    /// Saves `value` under `key` if its version is still `expected` (`None`: no value
+    /// yet); returns the new version, or `None` when another writer saved first (read
+    /// again, redo the change, save again). Durable like an append.
+    async fn save_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError>;
+}
+
+/// A state value and its version (1 for the first save, +1 for each save after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The bytes saved.
+    pub value: Vec<u8>,
+    /// Its version.
+    pub version: u64,
 }
 
 #[async_trait::async_trait]
@@ -231,5 +254,18 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
 
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        (**self).load_state(key).await
+    }
+
+    async fn save_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        (**self).save_state(key, value, expected).await
     }
 }

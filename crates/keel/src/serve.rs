@@ -156,12 +156,29 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     let tasks = TaskTracker::new();
     let mut metrics = keel_gateway::metrics::Metrics::new();
     let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
-    let gateway = Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?;
+    // Each task that succeeds teaches the gateway's histogram profiles (off the
+    // request path: the supervisor only queues the task's id).
+    let (succeeded, mut to_learn) = tokio::sync::mpsc::unbounded_channel::<String>();
     let task_store: Arc<dyn TaskStore> = store.clone();
     let supervisor = Arc::new(
         Supervisor::new(task_store, supervisor_settings(&settings))
-            .with_metrics(supervisor_metrics),
+            .with_metrics(supervisor_metrics)
+            .on_succeeded(Arc::new(move |task| {
+                let _ = succeeded.send(task.id.clone());
+            })),
     );
+    let gateway = Arc::new(
+        Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?
+            .with_approvals(Arc::new(SupervisorApprovals(Arc::clone(&supervisor)))),
+    );
+    {
+        let gateway = Arc::clone(&gateway);
+        tasks.spawn(async move {
+            while let Some(task) = to_learn.recv().await {
+                gateway.learn_from_task(&task).await;
+            }
+        });
+    }
     // Bind before anything runs in the background, so a failed bind leaves nothing behind.
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
@@ -188,7 +205,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
             routes.join(", ")
         }
     ));
-    let app = keel_gateway::router(Arc::new(gateway)).merge(
+    let app = keel_gateway::router(Arc::clone(&gateway)).merge(
         keel_supervisor::service::http::router(Arc::clone(&supervisor)),
     );
     // Small JSON answers must not wait for Nagle's algorithm.
@@ -219,6 +236,46 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         tasks,
         failure,
     })
+}
+
+/// The gateway's approval queue is the supervisor's: a tool call that needs a person
+/// puts its task in `awaiting_human`, as `POST /v1/tasks/{id}/approvals` does.
+struct SupervisorApprovals(Arc<Supervisor>);
+
+#[async_trait::async_trait]
+impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
+    async fn request(
+        &self,
+        task: &str,
+        reason: String,
+        context: serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<String, keel_core::ApiError> {
+        // keel itself asks, on behalf of whoever holds the task's lease.
+        let current = self.0.get(task).await?;
+        let command = keel_supervisor::Command::RequestApproval {
+            token: current.lease.as_ref().map(|l| l.token.clone()),
+            approval_id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
+            reason,
+            context,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            default: keel_supervisor::task::ApprovalDefault::Deny,
+        };
+        let answer = self
+            .0
+            .run(
+                task,
+                &command,
+                None,
+                None,
+                |t, _| serde_json::json!({"approval": t.approval.as_ref().map(|a| a.id.clone())}),
+            )
+            .await?;
+        answer.body["approval"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| keel_core::ApiError::internal("the approval was not recorded"))
+    }
 }
 
 async fn shutdown_signal() {

@@ -210,6 +210,10 @@ fn design_example_parses_to_expected_settings() {
                 profile: Some(ProfileSettings {
                     args: vec!["amount".into()],
                     action: ProfileAction::Approve,
+                    warmup: 20,
+                    quantile: 0.99,
+                    factor: 3.0,
+                    timeout: Duration::from_secs(24 * 3600),
                 }),
             },
         )]),

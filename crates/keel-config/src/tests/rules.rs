@@ -468,6 +468,18 @@ fn tool_timeout_and_retry_are_checked() {
     );
 }
 
+#[test]
+fn a_bad_profile_is_named_by_key_and_line() {
+    let text = "[tools.delete_rows]\nurl = \"http://x\"\nredact = [\"rows\"]\nprofile = { args = [\"rows\"], quantile = 1.5, factor = 0.5, timeout = \"0s\" }\n";
+    assert_eq!(
+        errors(text),
+        "keel.toml:4: tools.delete_rows.profile.args: \"rows\" is also in redact: keel learns a profile from the values it logs, and a redacted value is never logged\n\
+         keel.toml:4: tools.delete_rows.profile.quantile: must be in (0, 1], like 0.99; got 1.5\n\
+         keel.toml:4: tools.delete_rows.profile.factor: must be at least 1 (the threshold is quantile × factor); got 0.5\n\
+         keel.toml:4: tools.delete_rows.profile.timeout: must be longer than 0s"
+    );
+}
+
 // === many at once ===
 
 #[test]

@@ -8,15 +8,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use keel_config::InjectionAction;
+use keel_config::{InjectionAction, ProfileAction};
 use keel_core::{EventKind, NewEvent};
 use keel_policy::breaker::Outcome;
-use keel_store::EventQuery;
+use keel_store::{Event, EventQuery};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{Action, Tool, Verdict};
+use super::profile::{self, Outlier};
+use super::{Action, Broken, Tool, Verdict};
 use crate::Gateway;
 use crate::error::ApiError;
 use crate::metrics::GuardrailLabels;
@@ -77,84 +78,121 @@ impl Gateway {
         })
     }
 
-    /// This tool's calls in the task so far: `tool_invoked` events, allowed
-    /// `action_checked` events (agents that run the tool themselves), and calls still
-    /// running through keel.
-    async fn calls_in_task(&self, tool: &str, task: &str) -> Result<u64, ApiError> {
+    /// The task's log, for rules that count its calls and for the approvals in it.
+    async fn task_log(&self, task: &str) -> Result<Vec<Event>, ApiError> {
         // By task only: a task's log is short, while a query that also names the kind
         // may be planned on the kind index and walk every task's calls.
-        let events = self
-            .store
+        self.store
             .events(EventQuery {
                 task_id: Some(task.to_owned()),
                 ..EventQuery::default()
             })
             .await
-            .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
+            .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))
+    }
+
+    /// This tool's calls in the task so far: `tool_invoked` events, allowed
+    /// `action_checked` events (agents that run the tool themselves), and calls still
+    /// running through keel.
+    fn calls_in_task(&self, log: &[Event], tool: &str, task: &str) -> u64 {
         let counted = [
             EventKind::ToolInvoked.as_str(),
             EventKind::ActionChecked.as_str(),
         ];
-        let count = events
+        let count = log
             .iter()
             .filter(|e| {
                 counted.contains(&e.kind.as_str())
                     && e.data["tool"] == tool
                     && e.data["verdict"] != "block"
+                    && e.data["verdict"] != "approve"
             })
             .count() as u64;
-        Ok(count + self.tools.running(task, tool))
+        count + self.tools.running(task, tool)
     }
 
-    /// Runs the rules; a block is recorded (event and metric) before it is returned.
-    async fn verdict(
+    /// Runs the rules, then the histogram guard; a block is recorded (event and metric)
+    /// before it is returned, and so is the verdict of a check (`checked`).
+    async fn decide(
         &self,
         tool: &Tool,
         agent: &str,
         task: Option<&str>,
         args: &Value,
         checked: bool,
-    ) -> Result<Verdict, ApiError> {
+    ) -> Result<Decision, ApiError> {
         if !args.is_object() {
             return Err(ApiError::bad_request("args must be a JSON object").with_param("args"));
         }
-        let calls_in_task = match (tool.needs_history(), task) {
-            (false, _) => 0,
-            (true, Some(task)) => self.calls_in_task(&tool.settings.name, task).await?,
-            (true, None) => {
+        let profiled = tool.settings.profile.is_some();
+        let log = match (tool.needs_history() || profiled, task) {
+            (true, Some(task)) => self.task_log(task).await?,
+            (true, None) if tool.needs_history() => {
                 return Err(ApiError::bad_request(format!(
                     "the rules of tool {:?} count this task's earlier calls (history): send the task as \"task\" or x-keel-task",
                     tool.settings.name
                 ))
                 .with_param("task"));
             }
+            _ => Vec::new(),
         };
+        let calls_in_task = task.map_or(0, |t| self.calls_in_task(&log, &tool.settings.name, t));
         let action = Action {
             agent,
             task,
             args,
             calls_in_task,
         };
-        let verdict = tool.check(&action);
-        let mut events = Vec::new();
-        let reasons: Vec<&str> = match &verdict {
-            Verdict::Allow => Vec::new(),
-            Verdict::Block(broken) => broken.iter().map(|b| b.reason.as_str()).collect(),
+        let decision = match tool.check(&action) {
+            Verdict::Block(broken) => Decision::Block(broken),
+            Verdict::Allow => {
+                let outliers = self.outliers(tool, agent, args).await?;
+                let block = tool
+                    .settings
+                    .profile
+                    .as_ref()
+                    .is_some_and(|p| p.action == ProfileAction::Block);
+                if outliers.is_empty() {
+                    Decision::Allow { approval: None }
+                } else if block {
+                    Decision::Block(
+                        outliers
+                            .iter()
+                            .map(|o| Broken {
+                                rule: format!("profile:{}", o.arg),
+                                reason: o.reason(agent, tool),
+                            })
+                            .collect(),
+                    )
+                } else {
+                    let action = profile::action_id(&tool.settings.name, args);
+                    match profile::unused_approval(&log, &action) {
+                        Some(id) => Decision::Allow { approval: Some(id) },
+                        None => Decision::Approve(outliers),
+                    }
+                }
+            }
         };
+        let mut events = Vec::new();
+        let reasons = decision.reasons(agent, tool);
         if checked {
+            let mut data = json!({
+                "tool": tool.settings.name,
+                "agent": agent,
+                "args": tool.redact(args),
+                "verdict": decision.verdict(),
+                "reasons": reasons,
+            });
+            if let Decision::Allow { approval: Some(id) } = &decision {
+                data["approval"] = json!(id);
+            }
             events.push(NewEvent::new(
                 EventKind::ActionChecked,
                 task.map(str::to_owned),
-                json!({
-                    "tool": tool.settings.name,
-                    "agent": agent,
-                    "args": tool.redact(args),
-                    "verdict": if reasons.is_empty() { "allow" } else { "block" },
-                    "reasons": reasons,
-                }),
+                data,
             ));
         }
-        if let Verdict::Block(broken) = &verdict {
+        if let Decision::Block(broken) = &decision {
             for b in broken {
                 self.metrics
                     .guardrail_blocks
@@ -182,7 +220,93 @@ impl Gateway {
                 .await
                 .map_err(|e| ApiError::unavailable(format!("cannot record the verdict: {e}")))?;
         }
-        Ok(verdict)
+        Ok(decision)
+    }
+
+    /// Sends an outlier call to the approval queue; the task waits there. A call without
+    /// a task, or a keel without a queue, cannot wait: it is blocked, saying why.
+    async fn hold_for_approval(
+        &self,
+        tool: &Tool,
+        agent: &str,
+        task: Option<&str>,
+        args: &Value,
+        outliers: &[Outlier],
+    ) -> Result<Result<String, String>, ApiError> {
+        let reasons: Vec<String> = outliers.iter().map(|o| o.reason(agent, tool)).collect();
+        let why = reasons.join("; ");
+        let (Some(task), Some(queue)) = (task, self.approvals.as_ref()) else {
+            let missing = if task.is_none() {
+                "approvals wait with a task: send the call's task as \"task\" or x-keel-task"
+            } else {
+                "this keel has no approval queue"
+            };
+            let reason = format!("{why}; it needs a person's approval, and {missing}");
+            let rules: Vec<String> = outliers
+                .iter()
+                .map(|o| format!("profile:{}", o.arg))
+                .collect();
+            for rule in &rules {
+                self.metrics
+                    .guardrail_blocks
+                    .get_or_create(&GuardrailLabels {
+                        tool: tool.settings.name.clone(),
+                        rule: rule.clone(),
+                    })
+                    .inc();
+            }
+            self.append(vec![NewEvent::new(
+                EventKind::ActionBlocked,
+                task.map(str::to_owned),
+                json!({"tool": tool.settings.name, "agent": agent, "args": tool.redact(args), "rules": rules, "reasons": [reason]}),
+            )])
+            .await;
+            return Ok(Err(reason));
+        };
+        let context = json!({
+            "kind": "tool_call",
+            "tool": tool.settings.name,
+            "agent": agent,
+            "args": tool.redact(args),
+            "action": profile::action_id(&tool.settings.name, args),
+            "outliers": outliers.iter().map(Outlier::to_json).collect::<Vec<_>>(),
+        });
+        let timeout = tool
+            .settings
+            .profile
+            .as_ref()
+            .map_or(keel_config::DEFAULT_APPROVAL_TIMEOUT, |p| p.timeout);
+        let id = queue.request(task, why, context, timeout).await?;
+        Ok(Ok(id))
+    }
+}
+
+/// What keel decided about one action.
+#[derive(Debug)]
+enum Decision {
+    /// Go ahead; `approval` is the person's approval this call uses, if it needed one.
+    Allow { approval: Option<String> },
+    /// Refused: rules that do not hold, or (`action = "block"`) outliers.
+    Block(Vec<Broken>),
+    /// Outliers that need a person's approval.
+    Approve(Vec<Outlier>),
+}
+
+impl Decision {
+    fn verdict(&self) -> &'static str {
+        match self {
+            Self::Allow { .. } => "allow",
+            Self::Block(_) => "block",
+            Self::Approve(_) => "approve",
+        }
+    }
+
+    fn reasons(&self, agent: &str, tool: &Tool) -> Vec<String> {
+        match self {
+            Self::Allow { .. } => Vec::new(),
+            Self::Block(broken) => broken.iter().map(|b| b.reason.clone()).collect(),
+            Self::Approve(outliers) => outliers.iter().map(|o| o.reason(agent, tool)).collect(),
+        }
     }
 }
 
@@ -202,15 +326,31 @@ async fn check(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Response {
             .with_param("agent"));
         }
         let tool = gw.tool(&b.tool)?;
-        let verdict = gw
-            .verdict(tool, &agent, b.task.as_deref(), &b.args, true)
-            .await?;
-        Ok::<_, ApiError>(match verdict {
-            Verdict::Allow => json!({"verdict": "allow", "reasons": []}),
-            Verdict::Block(broken) => json!({
-                "verdict": "block",
-                "reasons": broken.iter().map(|b| b.reason.as_str()).collect::<Vec<_>>(),
-            }),
+        let task = b.task.as_deref();
+        let decision = gw.decide(tool, &agent, task, &b.args, true).await?;
+        let reasons = decision.reasons(&agent, tool);
+        Ok::<_, ApiError>(match decision {
+            Decision::Allow { approval } => {
+                let mut answer = json!({"verdict": "allow", "reasons": []});
+                if let Some(id) = approval {
+                    answer["approval"] = json!(id);
+                }
+                answer
+            }
+            Decision::Block(_) => json!({"verdict": "block", "reasons": reasons}),
+            // An agent that runs its tools itself still waits for the person: the task
+            // goes to the approval queue, as it would had keel run the tool.
+            Decision::Approve(outliers) => {
+                match gw
+                    .hold_for_approval(tool, &agent, task, &b.args, &outliers)
+                    .await?
+                {
+                    Ok(id) => {
+                        json!({"verdict": "approve", "reasons": reasons, "pending_approval": id})
+                    }
+                    Err(why) => json!({"verdict": "approve", "reasons": [why]}),
+                }
+            }
         })
     }
     .await;
@@ -262,21 +402,45 @@ async fn invoke_inner(
         .idempotency_key
         .or_else(|| header(headers, "idempotency-key").map(str::to_owned));
     let tool = gw.tool(name)?;
-    if let Verdict::Block(broken) = gw
-        .verdict(tool, &agent, task.as_deref(), &b.args, false)
+    let approval = match gw
+        .decide(tool, &agent, task.as_deref(), &b.args, false)
         .await?
     {
-        let reason = broken
-            .iter()
-            .map(|b| b.reason.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        let answer = json!({
-            "blocked": reason,
-            "rules": broken.iter().map(|b| b.rule.as_str()).collect::<Vec<_>>(),
-        });
-        return Ok((StatusCode::FORBIDDEN, axum::Json(answer)).into_response());
-    }
+        Decision::Allow { approval } => approval,
+        Decision::Block(broken) => {
+            let reason = broken
+                .iter()
+                .map(|b| b.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let answer = json!({
+                "blocked": reason,
+                "rules": broken.iter().map(|b| b.rule.as_str()).collect::<Vec<_>>(),
+            });
+            return Ok((StatusCode::FORBIDDEN, axum::Json(answer)).into_response());
+        }
+        Decision::Approve(outliers) => {
+            let held = gw
+                .hold_for_approval(tool, &agent, task.as_deref(), &b.args, &outliers)
+                .await?;
+            return Ok(match held {
+                Ok(id) => {
+                    let reasons: Vec<String> =
+                        outliers.iter().map(|o| o.reason(&agent, tool)).collect();
+                    let answer = json!({"pending_approval": id, "reasons": reasons});
+                    (StatusCode::ACCEPTED, axum::Json(answer)).into_response()
+                }
+                Err(why) => {
+                    let rules: Vec<String> = outliers
+                        .iter()
+                        .map(|o| format!("profile:{}", o.arg))
+                        .collect();
+                    let answer = json!({"blocked": why, "rules": rules});
+                    (StatusCode::FORBIDDEN, axum::Json(answer)).into_response()
+                }
+            });
+        }
+    };
     let running = task.as_deref().map(|t| gw.tools.start(t, name));
     let called = call(gw, tool, &b.args, key.as_deref(), task.as_deref(), &agent).await;
     let (attempts, mut outcome) = called;
@@ -327,6 +491,9 @@ async fn invoke_inner(
         "idempotency_key": key.is_some(),
         "latency_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     });
+    if let Some(id) = &approval {
+        data["approval"] = json!(id);
+    }
     match &outcome {
         Ok(result) => {
             data["outcome"] = json!("ok");
@@ -343,6 +510,7 @@ async fn invoke_inner(
     let blocked = finding
         .as_ref()
         .filter(|_| action == InjectionAction::Block);
+    let learn_now = task.is_none() && outcome.is_ok();
     let mut events = vec![NewEvent::new(EventKind::ToolInvoked, task.clone(), data)];
     if let Some(f) = blocked {
         events.push(NewEvent::new(
@@ -356,6 +524,9 @@ async fn invoke_inner(
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot record the tool call: {e}")))?;
     drop(running);
+    if learn_now {
+        gw.learn_call(tool, &agent, &b.args).await;
+    }
     if let Some(f) = blocked {
         // The tool has run: say so, so that an agent does not call it again.
         let answer =

@@ -9,8 +9,12 @@
 //! only when the call carries an idempotency key; every tool has a timeout and a
 //! circuit breaker. Each call is a `tool_invoked` event, each block an
 //! `action_blocked` event and `keel_guardrail_blocks_total{tool,rule}`.
+//!
+//! After the rules, the histogram guard ([`profile`]) compares each profiled numeric arg
+//! with what the agent usually sends; an outlier is blocked or waits for a person.
 
 mod http;
+mod profile;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 pub(crate) use http::routes;
+pub use profile::{ApprovalQueue, Outlier};
 
 /// The value that stands in the log for a redacted arg.
 pub const REDACTED: &str = "[redacted]";
@@ -145,12 +150,6 @@ impl Tools {
                     program,
                     needs_history,
                 });
-            }
-            if settings.profile.is_some() {
-                tracing::warn!(
-                    tool = %name,
-                    "tools.{name}.profile: the histogram guard is not enforced by this build yet; rules are"
-                );
             }
             let client = reqwest::Client::builder()
                 // No server-side request forgery through a tool: keel calls the

@@ -80,8 +80,19 @@ CREATE TABLE idempotency (
 ) WITHOUT ROWID;
 ";
 
+/// Version 3: state keel derives beside the log (histogram profiles of tool args),
+/// one versioned value per key, written compare-and-set.
+const V3: &str = "
+CREATE TABLE state (
+    key        TEXT    PRIMARY KEY,
+    value      BLOB    NOT NULL,
+    version    INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Brings the database at `path` to version `migrations.len()` and returns that version.
 ///

@@ -24,7 +24,7 @@ use keel_core::NewEvent;
 
 use crate::{
     Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
-    StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify,
+    StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, Versioned,
 };
 
 mod checkpoint;
@@ -36,7 +36,7 @@ mod writer;
 mod tests;
 
 use read::{BUSY_TIMEOUT, Readers};
-use writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, WriterStats};
+use writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, WriterStats};
 
 /// The SQLite [`EventStore`] and [`TaskStore`].
 ///
@@ -329,6 +329,25 @@ impl EventStore for SqliteStore {
             return Err(self.stopped());
         }
         self.read(Readers::ping).await
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |readers| readers.state(&key)).await
+    }
+
+    async fn save_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let write = StateWrite {
+            key: key.to_owned(),
+            value,
+            expected,
+        };
+        self.submit(|reply| Request::State(write, reply)).await
     }
 }
 

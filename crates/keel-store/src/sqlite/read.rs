@@ -15,7 +15,7 @@ use crate::chain::{self, ChainVerifier, HashInput, LAYOUT_V1, LAYOUT_V2};
 use crate::task::{DEFAULT_PAGE, MAX_PAGE};
 use crate::{
     Event, EventQuery, IdempotencyRecord, StoreError, StoreStats, TaskPage, TaskQuery, TaskRow,
-    Verify,
+    Verify, Versioned,
 };
 
 /// Read connections, and so reads running at once. The store makes further
@@ -343,6 +343,23 @@ impl Readers {
         self.with(|conn| {
             conn.prepare_cached("SELECT bytes FROM blobs WHERE hash = ?1")
                 .and_then(|mut stmt| stmt.query_row([hash], |r| r.get(0)).optional())
+                .map_err(|e| self.read_err(e))
+        })
+    }
+
+    /// The state value under `key` and its version.
+    pub(crate) fn state(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT value, version FROM state WHERE key = ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_row([key], |r| {
+                        Ok(Versioned {
+                            value: r.get(0)?,
+                            version: r.get::<_, i64>(1)? as u64,
+                        })
+                    })
+                    .optional()
+                })
                 .map_err(|e| self.read_err(e))
         })
     }

@@ -106,6 +106,22 @@ async fn conformance_ping_succeeds() {
     conformance::ping_succeeds(&open(&dir)).await.unwrap();
 }
 
+#[tokio::test]
+async fn conformance_state_is_compare_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::state_is_compare_and_set(&open(&dir))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_concurrent_state_saves_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::concurrent_state_saves_lose_nothing(Arc::new(open(&dir)))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_run_all_with_relaxed_durability() {
     let dir = tempfile::tempdir().unwrap();

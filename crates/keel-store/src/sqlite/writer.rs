@@ -86,6 +86,16 @@ pub(crate) enum Request {
     Task(Box<TaskWrite>, Vec<Prepared>, Reply<Vec<Event>>),
     /// `TaskStore::prune`.
     Prune(PrunePolicy, Reply<PruneReport>),
+    /// `EventStore::save_state`.
+    State(StateWrite, Reply<Option<u64>>),
+}
+
+/// One compare-and-set of a state value.
+pub(crate) struct StateWrite {
+    pub(crate) key: String,
+    pub(crate) value: Vec<u8>,
+    /// The version the caller read (`None`: it read no value).
+    pub(crate) expected: Option<u64>,
 }
 
 impl Request {
@@ -94,7 +104,7 @@ impl Request {
         match self {
             Self::Append(events, payloads, _) => (events.len() + payloads.blobs.len()).max(1),
             Self::Task(_, events, _) => events.len().max(1),
-            Self::Prune(..) => 1,
+            Self::Prune(..) | Self::State(..) => 1,
         }
     }
 }
@@ -104,6 +114,8 @@ enum Done {
     /// Where each appended event went in the chain, in order.
     Events(Vec<Link>),
     Pruned(PruneReport),
+    /// The state value's new version, or `None` when another writer got there first.
+    Saved(Option<u64>),
 }
 
 /// The chain fields of one inserted event; with its [`Prepared`] and the
@@ -212,14 +224,20 @@ fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
                         .zip(events)
                         .map(|(link, new)| link.event(new, stamp))
                         .collect(),
-                    Done::Pruned(_) => Vec::new(),
+                    Done::Pruned(_) | Done::Saved(_) => Vec::new(),
                 }
             }));
         }
         Request::Prune(_, reply) => {
             let _ = reply.send(result.map(|done| match done {
                 Done::Pruned(report) => report,
-                Done::Events(_) => PruneReport::default(),
+                Done::Events(_) | Done::Saved(_) => PruneReport::default(),
+            }));
+        }
+        Request::State(_, reply) => {
+            let _ = reply.send(result.map(|done| match done {
+                Done::Saved(version) => version,
+                Done::Events(_) | Done::Pruned(_) => None,
             }));
         }
     }
@@ -232,6 +250,9 @@ fn answer_err(request: Request, err: StoreError) {
             let _ = reply.send(Err(err));
         }
         Request::Prune(_, reply) => {
+            let _ = reply.send(Err(err));
+        }
+        Request::State(_, reply) => {
             let _ = reply.send(Err(err));
         }
     }
@@ -311,6 +332,7 @@ fn write_batch(
                 write_task(&tx, write, events, &mut head, &stamp).map(Done::Events)
             }
             Request::Prune(policy, _) => prune(&tx, *policy).map(Done::Pruned),
+            Request::State(write, _) => save_state(&tx, write, stamp.at_ms).map(Done::Saved),
         };
         match applied {
             Ok(done) => {
@@ -337,6 +359,30 @@ fn write_batch(
     }
     tx.commit()?;
     Ok((stamp, results))
+}
+
+/// Writes a state value if its version is still the one the caller read.
+fn save_state(tx: &Connection, write: &StateWrite, at_ms: i64) -> Result<Option<u64>, Fail> {
+    let current: Option<i64> = tx
+        .prepare_cached("SELECT version FROM state WHERE key = ?1")?
+        .query_row([&write.key], |row| row.get(0))
+        .optional()?;
+    if current.map(|v| v as u64) != write.expected {
+        return Ok(None);
+    }
+    let next = write.expected.unwrap_or(0) + 1;
+    tx.prepare_cached(
+        "INSERT INTO state (key, value, version, updated_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = excluded.version,
+             updated_ms = excluded.updated_ms",
+    )?
+    .execute(rusqlite::params![
+        write.key,
+        write.value,
+        next as i64,
+        at_ms
+    ])?;
+    Ok(Some(next))
 }
 
 /// Appends `events` after `head` (layout 2) and advances `head`.

@@ -90,7 +90,12 @@ pub struct Supervisor {
     metrics: Option<SupervisorMetrics>,
     /// Claims running right now; spreads concurrent claimers over the queue's head.
     claiming: std::sync::atomic::AtomicUsize,
+    /// Told of each task that succeeds (the gateway learns its tool profiles from it).
+    on_succeeded: Option<OnSucceeded>,
 }
+
+/// What [`Supervisor::on_succeeded`] calls, with the task that just succeeded.
+pub type OnSucceeded = Arc<dyn Fn(&Task) + Send + Sync>;
 
 /// Queued tasks a claim considers at once.
 const CLAIM_CANDIDATES: usize = 32;
@@ -215,7 +220,14 @@ impl Supervisor {
             settings,
             metrics: None,
             claiming: std::sync::atomic::AtomicUsize::new(0),
+            on_succeeded: None,
         }
+    }
+
+    /// Calls `f` with each task that succeeds, once, after its success is stored.
+    pub fn on_succeeded(mut self, f: OnSucceeded) -> Self {
+        self.on_succeeded = Some(f);
+        self
     }
 
     /// Counts outcomes and queue depths in `metrics`.
@@ -387,10 +399,15 @@ impl Supervisor {
                 .await
             {
                 Ok(()) => {
-                    if let (Some(m), true, false) =
-                        (&self.metrics, after.state.is_final(), task.state.is_final())
-                    {
+                    let finished = after.state.is_final() && !task.state.is_final();
+                    if let (Some(m), true) = (&self.metrics, finished) {
                         m.finished(&after);
+                    }
+                    if let (Some(f), true) = (
+                        &self.on_succeeded,
+                        finished && after.state == TaskState::Succeeded,
+                    ) {
+                        f(&after);
                     }
                     return Ok(answer);
                 }

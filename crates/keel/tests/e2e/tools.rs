@@ -316,3 +316,270 @@ async fn tool_results_that_look_like_injections_are_flagged_stripped_or_blocked(
     );
     assert_eq!(keel.events_of("action_blocked").len(), 1);
 }
+
+const PROFILES: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[tools.delete_rows]
+url = "{sim}/tools/delete_rows"
+side_effects = true
+profile = { args = ["rows"], action = "approve" }
+
+[tools.transfer]
+url = "{sim}/tools/transfer"
+side_effects = true
+profile = { args = ["amount"], action = "block", warmup = 10, quantile = 0.9, factor = 2.0 }
+"#;
+
+/// A worker's whole task: create, claim, call `tool` with `args` in it, complete.
+async fn successful_task(keel: &Keel, tool: &str, args: Value) {
+    let (status, task) = post(
+        keel,
+        "/v1/tasks",
+        json!({"agent": "support", "input": {"tool": tool}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{task}");
+    let id = task["id"].as_str().unwrap().to_owned();
+    let claimed = claim(keel, &id).await;
+    let (status, answer) = post(
+        keel,
+        &format!("/v1/tools/{tool}/invoke"),
+        json!({"task": id, "args": args}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, done) = post(
+        keel,
+        &format!("/v1/tasks/{id}/complete"),
+        json!({"lease_token": claimed, "output": "done"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{done}");
+}
+
+/// Claims the queued task `id` (the only one queued) and returns its lease token.
+async fn claim(keel: &Keel, id: &str) -> String {
+    let (status, task) = post(
+        keel,
+        "/v1/tasks/claim",
+        json!({"agent": "support", "worker": "w1", "lease": "30s"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{task}");
+    assert_eq!(task["id"], id, "{task}");
+    task["lease_token"].as_str().unwrap().to_owned()
+}
+
+/// The verdict `/v1/actions/check` gives now, without a task.
+async fn verdict(keel: &Keel, tool: &str, args: Value) -> Value {
+    let (status, answer) = post(
+        keel,
+        "/v1/actions/check",
+        json!({"agent": "support", "tool": tool, "args": args}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// Waits until the profiles learned from the completed tasks (learning runs just after
+/// each success, off the request path) judge `args` as `expected`.
+async fn until_verdict(keel: &Keel, tool: &str, args: Value, expected: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, answer) = post(
+            keel,
+            "/v1/actions/check",
+            json!({"agent": "support", "tool": tool, "args": args}),
+            None,
+        )
+        .await;
+        if answer["verdict"] == expected {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {answer} after 10s, expected {expected}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn keel_cli(keel: &Keel, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .args(["--server", &keel.url])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_profile_learns_usual_deletes_and_sends_a_thousand_rows_for_approval() {
+    let models = sim().await;
+    let keel = Keel::start(PROFILES, &models).await;
+
+    // 20 successful tasks that each delete about 5 rows (3 to 8).
+    for i in 0..20 {
+        successful_task(
+            &keel,
+            "delete_rows",
+            json!({"table": "sessions", "rows": 3 + i % 6}),
+        )
+        .await;
+    }
+    assert_eq!(models.calls("tool:delete_rows"), 20);
+    // Learned: 1,000 rows is far outside; 7 is usual.
+    let far = until_verdict(
+        &keel,
+        "delete_rows",
+        json!({"table": "users", "rows": 1000}),
+        "approve",
+    )
+    .await;
+    let reason = far["reasons"][0].as_str().unwrap();
+    assert!(
+        reason.starts_with(
+            "rows = 1000 is far outside what agent \"support\" usually sends to \"delete_rows\""
+        ),
+        "{reason}"
+    );
+    assert_eq!(
+        verdict(&keel, "delete_rows", json!({"rows": 7})).await["verdict"],
+        "allow"
+    );
+
+    // A task about to delete 1,000 rows waits for a person; the tool is not called.
+    let (_, task) = post(
+        &keel,
+        "/v1/tasks",
+        json!({"agent": "support", "input": {}}),
+        None,
+    )
+    .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    claim(&keel, &id).await;
+    let big = json!({"task": id, "args": {"table": "users", "rows": 1000}});
+    let (status, held) = post(&keel, "/v1/tools/delete_rows/invoke", big.clone(), None).await;
+    assert_eq!(status, 202, "{held}");
+    let approval = held["pending_approval"].as_str().unwrap().to_owned();
+    assert_eq!(
+        models.calls("tool:delete_rows"),
+        20,
+        "a held call never reaches the tool"
+    );
+    let requested = keel.events_of("approval_requested");
+    let context = &requested.last().unwrap()["context"];
+    assert_eq!(context["tool"], "delete_rows");
+    assert_eq!(context["args"]["rows"], 1000);
+    let profile = &context["outliers"][0]["profile"];
+    assert_eq!(profile["count"], 20, "{context}");
+    assert!(profile["p99"].as_f64().unwrap() < 9.0, "{context}");
+
+    // The operator sees it, with the reason, and approves it.
+    let ls = keel_cli(&keel, &["approvals", "ls"]);
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        listed.contains(&approval) && listed.contains("rows = 1000"),
+        "{listed}"
+    );
+    let ok = keel_cli(
+        &keel,
+        &[
+            "approvals",
+            "approve",
+            &approval,
+            "--note",
+            "cleanup ticket 42",
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // The task is queued again; the worker that claims it makes the approved call.
+    claim(&keel, &id).await;
+    let (status, done) = post(&keel, "/v1/tools/delete_rows/invoke", big.clone(), None).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(models.calls("tool:delete_rows"), 21);
+    let invoked = keel.events_of("tool_invoked");
+    assert_eq!(invoked.last().unwrap()["approval"], approval.as_str());
+    // One approval, one call: doing it again needs another.
+    let (status, again) = post(&keel, "/v1/tools/delete_rows/invoke", big, None).await;
+    assert_eq!(status, 202, "{again}");
+    assert_ne!(again["pending_approval"], approval.as_str());
+
+    // Without a task there is nothing to wait with: blocked, saying why.
+    let (status, blocked) = post(
+        &keel,
+        "/v1/tools/delete_rows/invoke",
+        json!({"args": {"rows": 5000}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{blocked}");
+    assert!(
+        blocked["blocked"]
+            .as_str()
+            .unwrap()
+            .contains("approvals wait with a task"),
+        "{blocked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocking_profile_refuses_outliers_and_survives_a_restart() {
+    let models = sim().await;
+    let keel = Keel::start(PROFILES, &models).await;
+    for i in 0..10 {
+        successful_task(&keel, "transfer", json!({"amount": 40 + i * 2})).await;
+    }
+    until_verdict(&keel, "transfer", json!({"amount": 5000}), "block").await;
+    let (status, answer) = post(
+        &keel,
+        "/v1/tools/transfer/invoke",
+        json!({"task": "t1", "args": {"amount": 5000}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["rules"], json!(["profile:amount"]));
+    assert_eq!(models.calls("tool:transfer"), 10);
+    let blocked = keel.events_of("action_blocked");
+    assert_eq!(blocked.last().unwrap()["rules"], json!(["profile:amount"]));
+    let metrics = reqwest::get(format!("{}/metrics", keel.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains("keel_guardrail_blocks_total{tool=\"transfer\",rule=\"profile:amount\"} 2"),
+        "the check and the call were both blocked:\n{metrics}"
+    );
+
+    // The profile is in the store: a restarted keel still knows what is usual.
+    let Keel { mut child, dir, .. } = keel;
+    child.kill().await.unwrap();
+    let keel = Keel::start_in(dir, PROFILES, &models).await;
+    assert_eq!(
+        verdict(&keel, "transfer", json!({"amount": 5000})).await["verdict"],
+        "block"
+    );
+    assert_eq!(
+        verdict(&keel, "transfer", json!({"amount": 50})).await["verdict"],
+        "allow"
+    );
+}
