@@ -72,7 +72,7 @@ impl Outlier {
             self.value,
             tool.settings.name,
             round(self.threshold),
-            quantile * 100.0,
+            round(quantile * 100.0),
             round(self.quantile_value),
         )
     }
