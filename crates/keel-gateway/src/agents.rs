@@ -1,5 +1,10 @@
 //! Agent identity (keys) and per-agent token budgets.
 //!
+//! Budgets count in fixed windows of wall-clock time (the `now` given is time since the
+//! Unix epoch): tokens per clock hour, dollars per UTC day, requests per clock minute.
+//! [`Agents::snapshot`] and [`Agents::restore`] carry the current windows across a
+//! restart (the gateway saves them in the store every second).
+//!
 //! When any `[agents.*]` sets `keys_env`, every gateway request must carry one
 //! of those keys as `Authorization: Bearer`; the key names the agent. With no
 //! keys configured the gateway is open and `x-keel-agent` names the agent.
@@ -12,6 +17,13 @@ use parking_lot::Mutex;
 
 use crate::error::ApiError;
 use crate::usage::Usage;
+
+/// Time since the Unix epoch: the `now` of budgets (their windows follow the clock).
+pub fn wall_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
 
 /// Agent used when nothing names one.
 pub const ANONYMOUS: &str = "anonymous";
@@ -28,6 +40,22 @@ pub struct Agents {
 struct Budget {
     windows: Vec<Window>,
     warn_at: f64,
+    /// Spent since the last [`Agents::snapshot`].
+    dirty: bool,
+}
+
+/// One window as saved: which budget, when the window started (ms since the Unix
+/// epoch), what was used in it, and whether its warning went out.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedWindow {
+    /// `tokens`, `usd` or `requests`.
+    pub unit: String,
+    /// Window start, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// Used in the window.
+    pub used: f64,
+    /// Whether the warning of this window was raised.
+    pub warned: bool,
 }
 
 /// What a budget counts.
@@ -153,6 +181,7 @@ impl Agents {
                     Mutex::new(Budget {
                         windows,
                         warn_at: b.warn_at,
+                        dirty: false,
                     }),
                 );
             }
@@ -169,6 +198,57 @@ impl Agents {
             by_key,
             budgets,
             prices,
+        }
+    }
+
+    /// Agents that have budgets.
+    pub fn budgeted(&self) -> impl Iterator<Item = &str> {
+        self.budgets.keys().map(String::as_str)
+    }
+
+    /// The windows of every agent that spent since the last snapshot (and marks them
+    /// saved).
+    pub fn snapshot(&self) -> Vec<(String, Vec<SavedWindow>)> {
+        let mut changed = Vec::new();
+        for (agent, budget) in &self.budgets {
+            let mut b = budget.lock();
+            if !b.dirty {
+                continue;
+            }
+            b.dirty = false;
+            let windows = b
+                .windows
+                .iter()
+                .map(|w| SavedWindow {
+                    unit: w.unit.as_str().to_owned(),
+                    started_ms: u64::try_from(w.started.as_millis()).unwrap_or(u64::MAX),
+                    used: w.used,
+                    warned: w.warned,
+                })
+                .collect();
+            changed.push((agent.clone(), windows));
+        }
+        changed
+    }
+
+    /// Puts back the saved windows of `agent` that are still current at `now`; a window
+    /// that has ended, or a budget no longer configured, is left as it is.
+    pub fn restore(&self, agent: &str, saved: &[SavedWindow], now: Duration) {
+        let Some(budget) = self.budgets.get(agent) else {
+            return;
+        };
+        let mut b = budget.lock();
+        for s in saved {
+            let started = Duration::from_millis(s.started_ms);
+            if let Some(w) = b
+                .windows
+                .iter_mut()
+                .find(|w| w.unit.as_str() == s.unit && started <= now && now < started + w.length)
+            {
+                w.started = started;
+                w.used = s.used;
+                w.warned = s.warned;
+            }
         }
     }
 
@@ -266,6 +346,7 @@ impl Budget {
     /// Adds `amount` to the `unit` window; a warning when it crosses `warn_at` first.
     fn add(&mut self, unit: Unit, amount: f64) -> Vec<Warning> {
         let warn_at = self.warn_at;
+        self.dirty = true;
         let mut warnings = Vec::new();
         for w in self.windows.iter_mut().filter(|w| w.unit == unit) {
             w.used += amount;
@@ -334,6 +415,46 @@ mod tests {
             completion_tokens: completion,
             total_tokens: prompt + completion,
         }
+    }
+
+    fn tokens(limit: u64) -> BudgetSettings {
+        BudgetSettings {
+            tokens_per_hour: Some(limit),
+            usd_per_day: None,
+            requests_per_minute: None,
+            warn_at: 1.0,
+        }
+    }
+
+    #[test]
+    fn windows_are_restored_while_current_and_only_then() {
+        let hour = Duration::from_secs(3600);
+        let a = agents(tokens(1000));
+        // 20 minutes into a clock hour.
+        let now = Duration::from_secs(1_700_000_000 / 3600 * 3600 + 1200);
+        a.check("a", now).unwrap();
+        a.spend("a", "p/m", usage(600, 400), now);
+        let saved = a.snapshot();
+        assert_eq!(saved.len(), 1);
+        assert!(a.snapshot().is_empty(), "nothing spent since");
+        let window = &saved[0].1[0];
+        assert_eq!(
+            window.started_ms % 3_600_000,
+            0,
+            "aligned to the clock hour"
+        );
+        assert_eq!(window.used, 1000.0);
+
+        // A restarted keel in the same hour is still over budget...
+        let b = agents(tokens(1000));
+        let later = now + Duration::from_secs(60);
+        b.restore("a", &saved[0].1, later);
+        let over = b.check("a", later).unwrap_err();
+        assert_eq!(over.retry_after, 2340);
+        // ...and one started in the next hour is not.
+        let c = agents(tokens(1000));
+        c.restore("a", &saved[0].1, now + hour);
+        assert!(c.check("a", now + hour).is_ok());
     }
 
     #[test]

@@ -151,7 +151,10 @@ impl Finish {
                 })
                 .observe(n as f64);
         }
-        let (remaining, warnings) = self.gw.agents.spend(agent, target, u, self.gw.clock.now());
+        let (remaining, warnings) =
+            self.gw
+                .agents
+                .spend(agent, target, u, crate::agents::wall_now());
         for (unit, left) in remaining {
             m.budget_remaining
                 .get_or_create(&BudgetLabels {

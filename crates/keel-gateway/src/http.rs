@@ -242,7 +242,7 @@ async fn handle_inner(
         step: header_str(&headers, "x-keel-step").map(str::to_owned),
     };
     let mut log = CallLog::new(who);
-    match gw.agents.check(&log.who.agent, gw.clock.now()) {
+    match gw.agents.check(&log.who.agent, crate::agents::wall_now()) {
         Ok(warnings) => {
             for w in warnings {
                 log.push(EventKind::AlertRaised, budget_warning(&log.who.agent, &w));

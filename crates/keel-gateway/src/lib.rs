@@ -34,6 +34,11 @@ use tokio_util::task::TaskTracker;
 
 pub use http::router;
 
+/// The store key of an agent's saved budget windows.
+fn budget_key(agent: &str) -> String {
+    format!("budget/{agent}")
+}
+
 use crate::agents::Agents;
 use crate::chaos::Chaos;
 use crate::metrics::{Metrics, TargetLabel};
@@ -171,6 +176,65 @@ impl Gateway {
     pub fn with_approvals(mut self, queue: Arc<dyn tools::ApprovalQueue>) -> Self {
         self.approvals = Some(queue);
         self
+    }
+
+    /// Puts back the budget windows a previous run saved (`budget/AGENT` in the store)
+    /// that are still current, so a restart does not hand agents a fresh budget.
+    pub async fn restore_budgets(&self) -> Result<(), keel_store::StoreError> {
+        let agents: Vec<String> = self.agents.budgeted().map(str::to_owned).collect();
+        for agent in agents {
+            let Some(saved) = self.store.load_state(&budget_key(&agent)).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<Vec<agents::SavedWindow>>(&saved.value) {
+                Ok(windows) => self.agents.restore(&agent, &windows, agents::wall_now()),
+                Err(e) => {
+                    tracing::warn!(agent, error = %e, "unreadable saved budget; starting it afresh")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the budget windows that changed since the last save.
+    pub async fn save_budgets(&self) {
+        for (agent, windows) in self.agents.snapshot() {
+            let key = budget_key(&agent);
+            let bytes = serde_json::to_vec(&windows).unwrap_or_default();
+            // This keel's windows are the newest: write over whatever version is there.
+            for _ in 0..4 {
+                let version = match self.store.load_state(&key).await {
+                    Ok(saved) => saved.map(|s| s.version),
+                    Err(e) => {
+                        tracing::warn!(agent, error = %e, "cannot save the budget");
+                        break;
+                    }
+                };
+                match self.store.save_state(&key, bytes.clone(), version).await {
+                    Ok(Some(_)) => break,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(agent, error = %e, "cannot save the budget");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Saves changed budgets every second until `stop`, then once more.
+    pub async fn keep_budgets(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.save_budgets().await,
+                () = stop.cancelled() => {
+                    self.save_budgets().await;
+                    return;
+                }
+            }
+        }
     }
 
     /// Route names, in order.

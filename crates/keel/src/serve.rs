@@ -171,14 +171,11 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?
             .with_approvals(Arc::new(SupervisorApprovals(Arc::clone(&supervisor)))),
     );
-    {
-        let gateway = Arc::clone(&gateway);
-        tasks.spawn(async move {
-            while let Some(task) = to_learn.recv().await {
-                gateway.learn_from_task(&task).await;
-            }
-        });
-    }
+    gateway
+        .restore_budgets()
+        .await
+        .context("reading the budgets saved by the last run")?;
+
     // Bind before anything runs in the background, so a failed bind leaves nothing behind.
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
@@ -215,6 +212,24 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         }
     });
     let stop = tokio_util::sync::CancellationToken::new();
+    tasks.spawn(Arc::clone(&gateway).keep_budgets(stop.clone()));
+    {
+        // The gateway holds the supervisor (its approval queue), which holds the sender:
+        // the loop ends with `stop`, not with the channel.
+        let gateway = Arc::clone(&gateway);
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    task = to_learn.recv() => match task {
+                        Some(task) => gateway.learn_from_task(&task).await,
+                        None => return,
+                    },
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     tasks.spawn(
         Arc::clone(&supervisor).sweep_forever(std::time::Duration::from_millis(250), stop.clone()),
     );

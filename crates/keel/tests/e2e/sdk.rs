@@ -428,6 +428,23 @@ async fn an_agent_over_its_token_budget_gets_a_rate_limit_error() {
         "a call over budget must not reach the provider"
     );
     assert_eq!(keel.events_of("budget_exceeded").len(), 1);
+
+    // The spend is saved every second: a keel killed (-9) and started again on the same
+    // store in the same hour still refuses, with the same message.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let Keel { mut child, dir, .. } = keel;
+    child.kill().await.unwrap();
+    let keel = Keel::start_in(dir, &config, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(
+        out["exception"], "RateLimitError",
+        "a restart is not a new budget: {out}"
+    );
+    assert!(
+        out["message"].as_str().unwrap().contains("tokens per hour"),
+        "{out}"
+    );
+    assert_eq!(sim.calls("primary"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
