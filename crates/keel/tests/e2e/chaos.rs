@@ -141,15 +141,6 @@ fn of_kind(events: &[(String, Value)], kind: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn metrics(keel: &Keel) -> String {
-    reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn with_chaos_off_the_header_is_ignored() {
     let sim = sim().await;
@@ -166,7 +157,7 @@ async fn with_chaos_off_the_header_is_ignored() {
             assert!(of_kind(&events, "llm_call")[0].get("chaos").is_none());
         }
         assert_eq!(sim.calls("primary"), before + 2);
-        assert!(!metrics(&keel).await.contains("keel_chaos_injected_total{"));
+        assert!(!keel.metrics().await.contains("keel_chaos_injected_total{"));
     }
     // `single` has a rate = 1.0 rule, which does nothing while chaos is off.
     let keel = Keel::start(&chaos_off(), &sim).await;
@@ -208,7 +199,7 @@ async fn an_injected_503_on_the_first_attempt_is_retried_without_reaching_the_up
         llm_call["chaos"],
         json!([{"attempt": 1, "target": "sim/primary", "fault": "status", "source": "header"}])
     );
-    let text = metrics(&keel).await;
+    let text = keel.metrics().await;
     assert!(
         text.contains("keel_chaos_injected_total{target=\"sim/primary\",fault=\"status\"} 1"),
         "{text}"

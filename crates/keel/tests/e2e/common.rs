@@ -78,6 +78,16 @@ impl Keel {
         read_events(&self.db_path())
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Events of one kind.
     pub fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
         self.events()

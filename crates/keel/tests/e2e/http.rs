@@ -77,12 +77,7 @@ async fn metrics_pass_promtool_and_name_design_families() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let text = reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = keel.metrics().await;
     for family in [
         "keel_requests_total{route=\"smart\",target=\"sim/primary\",outcome=\"ok\"} 1",
         "keel_attempts_total{target=\"sim/primary\",outcome=\"retryable\"} 1",

@@ -62,12 +62,7 @@ async fn a_wrong_answer_is_corrected_on_the_second_try() {
     let failed = keel.events_of("llm_attempt_failed");
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["reason"], "schema_mismatch");
-    let metrics = reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics().await;
     assert!(
         metrics.contains("keel_self_corrections_total{route=\"smart\"} 1"),
         "{metrics}"

@@ -208,12 +208,7 @@ async fn breaker_opens_skips_the_primary_then_half_opens() {
     assert_eq!(sim.calls("primary"), 5);
     assert_eq!(keel.events_of("breaker_half_opened").len(), 1);
     assert_eq!(keel.events_of("breaker_closed").len(), 1);
-    let metrics = reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics().await;
     assert!(
         metrics.contains("keel_breaker_state{target=\"sim/primary\"} 0"),
         "{metrics}"

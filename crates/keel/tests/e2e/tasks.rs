@@ -142,12 +142,7 @@ async fn a_crashed_worker_s_task_resumes_from_its_checkpoint() {
     ] {
         assert!(text.contains(kind), "missing {kind} in:\n{text}");
     }
-    let metrics = reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics().await;
     assert!(
         metrics.contains("keel_tasks_total{agent=\"demo\",outcome=\"succeeded\"} 1"),
         "{metrics}"

@@ -143,12 +143,7 @@ async fn rules_allow_and_block_tool_calls_and_the_log_says_why() {
     assert_eq!(keel.events_of("action_checked").len(), 2);
     assert_eq!(models.calls("tool:refund"), 3);
 
-    let metrics = reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics().await;
     for line in [
         "keel_guardrail_blocks_total{tool=\"refund\",rule=\"args.amount <= 500\"} 2",
         "keel_guardrail_blocks_total{tool=\"refund\",rule=\"history.calls < 3\"} 1",
@@ -558,12 +553,7 @@ async fn a_blocking_profile_refuses_outliers_and_survives_a_restart() {
     assert_eq!(models.calls("tool:transfer"), 10);
     let blocked = keel.events_of("action_blocked");
     assert_eq!(blocked.last().unwrap()["rules"], json!(["profile:amount"]));
-    let metrics = reqwest::get(format!("{}/metrics", keel.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics().await;
     assert!(
         metrics
             .contains("keel_guardrail_blocks_total{tool=\"transfer\",rule=\"profile:amount\"} 2"),
