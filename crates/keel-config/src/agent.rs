@@ -29,6 +29,13 @@ pub struct AgentConfig {
     /// Attempts of a task before it goes to the dead-letter queue.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Whether keel stops this agent's tasks that loop (default true).
+    #[serde(default = "yes")]
+    pub loop_guard: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_max_attempts() -> u32 {
@@ -39,11 +46,10 @@ fn default_max_attempts() -> u32 {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
-    /// Tokens (prompt + completion) per hour (fixed windows from keel's start).
+    /// Tokens (prompt + completion) per clock hour.
     #[serde(default)]
     pub tokens_per_hour: Option<u64>,
-    /// Spend in US dollars per day (fixed windows from keel's start; priced by
-    /// `[providers.*] prices`).
+    /// Spend in US dollars per UTC day (priced by `[providers.*] prices`).
     #[serde(default)]
     pub usd_per_day: Option<f64>,
     /// Model requests per minute.
@@ -69,6 +75,9 @@ pub struct AgentSettings {
     pub task_timeout: Option<Duration>,
     /// Attempts of a task before it goes to the dead-letter queue (default 3).
     pub max_attempts: NonZeroU32,
+    /// Whether keel stops this agent's tasks that loop: near-identical model answers, or
+    /// the same tool call over and over (default true).
+    pub loop_guard: bool,
 }
 
 /// Validated spending limits of an agent.
@@ -123,6 +132,7 @@ impl AgentConfig {
                 max_steps: self.max_steps,
                 task_timeout: self.task_timeout,
                 max_attempts: max_attempts?,
+                loop_guard: self.loop_guard,
             })
         })
     }

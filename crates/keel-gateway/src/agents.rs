@@ -32,6 +32,8 @@ pub const ANONYMOUS: &str = "anonymous";
 pub struct Agents {
     by_key: HashMap<String, String>,
     budgets: HashMap<String, Mutex<Budget>>,
+    /// Agents whose loop guard is off.
+    unguarded: std::collections::HashSet<String>,
     /// `provider/model` → price, for `usd_per_day`.
     prices: HashMap<String, Price>,
 }
@@ -153,7 +155,11 @@ impl Agents {
     ) -> Self {
         let mut by_key = HashMap::new();
         let mut budgets = HashMap::new();
+        let mut unguarded = std::collections::HashSet::new();
         for agent in agents {
+            if !agent.loop_guard {
+                unguarded.insert(agent.name.clone());
+            }
             for key in &agent.keys {
                 by_key.insert(key.expose().to_owned(), agent.name.clone());
             }
@@ -197,8 +203,14 @@ impl Agents {
         Self {
             by_key,
             budgets,
+            unguarded,
             prices,
         }
+    }
+
+    /// Whether keel stops `agent`'s looping tasks (`[agents.NAME] loop_guard`, default on).
+    pub fn loop_guard(&self, agent: &str) -> bool {
+        !self.unguarded.contains(agent)
     }
 
     /// Agents that have budgets.
@@ -390,6 +402,7 @@ mod tests {
             max_steps: None,
             task_timeout: None,
             max_attempts: std::num::NonZeroU32::MIN,
+            loop_guard: true,
         };
         let provider = ProviderSettings {
             name: "p".into(),

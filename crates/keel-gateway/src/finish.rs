@@ -208,8 +208,37 @@ impl Finish {
             Recorded::Inline(&body),
         );
         log.events.push(event);
+        let guarded = self.gw.agents.loop_guard(&log.who.agent);
+        let looping = log
+            .who
+            .task
+            .as_deref()
+            .filter(|_| guarded)
+            .and_then(|task| {
+                let answer = crate::guard::loops::answer_text(&body)?;
+                let found = self.gw.loops.observe(task, &answer)?;
+                Some((task.to_owned(), found))
+            });
+        if let Some((task, found)) = &looping {
+            log.push(
+                EventKind::LoopDetected,
+                json!({
+                    "kind": "repeated_output",
+                    "agent": log.who.agent,
+                    "route": route.name,
+                    "similar": found.similar,
+                    "window": found.window,
+                    "task": task,
+                }),
+            );
+        }
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
+        if let Some((task, found)) = looping {
+            self.gw
+                .stop_looping_task(&task, &log.who.agent, found)
+                .await;
+        }
         count_request(&self.gw, &route.name, &target.id, "ok");
         self.count_fallback(fallback);
         self.observe(usage, &log.who.agent, &target.id, log.who.task.clone())

@@ -241,6 +241,12 @@ async fn handle_inner(
         task: task.or_else(|| header_str(&headers, "x-keel-task").map(str::to_owned)),
         step: header_str(&headers, "x-keel-step").map(str::to_owned),
     };
+    if let Some(task) = who.task.as_deref()
+        && let Err(e) = gw.refuse_if_looping(task).await
+    {
+        count_request(gw, &route.name, "none", "rejected");
+        return Err(e);
+    }
     let mut log = CallLog::new(who);
     match gw.agents.check(&log.who.agent, crate::agents::wall_now()) {
         Ok(warnings) => {

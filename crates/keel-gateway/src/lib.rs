@@ -59,6 +59,7 @@ pub struct Gateway {
     chaos: Option<Chaos>,
     tools: tools::Tools,
     approvals: Option<Arc<dyn tools::ApprovalQueue>>,
+    loops: guard::loops::LoopGuard,
 }
 
 /// Why the gateway could not be built from settings.
@@ -168,6 +169,7 @@ impl Gateway {
             record_payloads: settings.store.record_payloads,
             chaos,
             approvals: None,
+            loops: guard::loops::LoopGuard::default(),
         })
     }
 
@@ -235,6 +237,92 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// A task whose answers loop: keel hands it to a person (when the supervisor knows
+    /// it) and refuses its further model calls until that person lets it go on.
+    pub(crate) async fn stop_looping_task(
+        &self,
+        task: &str,
+        agent: &str,
+        found: guard::loops::Detected,
+    ) {
+        let reason = format!(
+            "keel detected a loop in task {task:?}: {} of its last {} model answers are near-identical",
+            found.similar, found.window
+        );
+        let context = serde_json::json!({
+            "kind": "loop",
+            "loop": "repeated_output",
+            "agent": agent,
+            "similar": found.similar,
+            "window": found.window,
+        });
+        let approval = match &self.approvals {
+            Some(queue) => match queue
+                .handoff(
+                    task,
+                    reason.clone(),
+                    context,
+                    keel_config::DEFAULT_APPROVAL_TIMEOUT,
+                )
+                .await
+            {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(task, error = %e.message, "a looping task could not be handed off");
+                    None
+                }
+            },
+            None => None,
+        };
+        self.loops
+            .stop(task, guard::loops::Stopped { reason, approval });
+    }
+
+    /// `Err` when `task` was stopped as looping and no person has let it go on since.
+    pub(crate) async fn refuse_if_looping(&self, task: &str) -> Result<(), error::ApiError> {
+        let Some(stopped) = self.loops.stopped(task) else {
+            return Ok(());
+        };
+        if let Some(id) = &stopped.approval {
+            let log = self
+                .store
+                .events(keel_store::EventQuery {
+                    task_id: Some(task.to_owned()),
+                    ..keel_store::EventQuery::default()
+                })
+                .await
+                .map_err(|e| {
+                    error::ApiError::unavailable(format!("cannot read the task's log: {e}"))
+                })?;
+            let approved = log.iter().any(|e| {
+                e.kind == keel_core::EventKind::ApprovalDecided.as_str()
+                    && e.data["approval_id"] == id.as_str()
+                    && e.data["decision"] == "approve"
+            });
+            if approved {
+                self.loops.release(task);
+                return Ok(());
+            }
+        }
+        let next = match &stopped.approval {
+            Some(id) => format!(
+                "it waits for a person (handoff {id}: `keel approvals ls`, `keel approvals approve {id}` to let it go on)"
+            ),
+            None => {
+                "keel could not hand it off (no such supervisor task): start a new task".to_owned()
+            }
+        };
+        Err(error::ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!(
+                "{}; its further model calls are refused and {next}",
+                stopped.reason
+            ),
+        )
+        .with_code("loop_detected"))
     }
 
     /// Route names, in order.

@@ -122,6 +122,19 @@ pub enum Command {
     },
     /// Timer: the pending approval's timeout has passed (checked again against `Ctx::now_ms`).
     ExpireApproval,
+    /// keel's guards hand a queued or running task to a person (it loops, say): it waits in
+    /// the approval queue, and the worker holding its lease is answered `handoff` on its next
+    /// call. Approving resumes the task from the queue; denying (or the timeout) ends it dead.
+    Handoff {
+        /// The approval's id, not empty.
+        approval_id: String,
+        /// Why a person must take over.
+        reason: String,
+        /// What they need to see.
+        context: Value,
+        /// How long it may wait, milliseconds, more than 0.
+        timeout_ms: u64,
+    },
     /// Operator: take a dead task out of the DLQ and queue it with a fresh budget.
     DlqRequeue {
         /// Who.

@@ -201,6 +201,10 @@ pub struct ApprovalRequested {
     pub worker: Option<String>,
     /// The attempt during which it was asked.
     pub attempt: u32,
+    /// keel's guards handed the task over (a loop, say): the worker that held the lease
+    /// keeps it only to be told `handoff` on its next call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 /// `approval_decided`: a person (or the timeout, `by: "timeout"`) decided.

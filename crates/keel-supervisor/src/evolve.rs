@@ -149,8 +149,12 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             task.approval = None;
         }
         TaskEvent::ApprovalRequested(e) => {
+            // A handed-off task keeps its holder's lease, so that the holder's next call
+            // is answered `handoff` (as a cancelled one's is answered `cancel`).
+            if !(e.handoff && task.state == TaskState::Running) {
+                task.lease = None;
+            }
             task.state = TaskState::AwaitingHuman;
-            task.lease = None;
             task.approval = Some(crate::task::Approval {
                 id: e.approval_id.clone(),
                 reason: e.reason.clone(),
@@ -159,10 +163,12 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
                 timeout_ms: e.timeout_ms,
                 default: e.default,
                 escalated: false,
+                handoff: e.handoff,
             });
         }
         TaskEvent::ApprovalDecided(e) => {
             task.approval = None;
+            task.lease = None;
             // A deny is followed by `task_dead`; an approval resumes from the queue.
             if e.decision == ApprovalDecision::Approve && !task.state.is_final() {
                 task.state = TaskState::Queued;

@@ -169,6 +169,9 @@ pub struct Approval {
     pub default: ApprovalDefault,
     /// True once the timeout escalated it (an alert was raised); it then waits without limit.
     pub escalated: bool,
+    /// keel handed the task over (see [`crate::Command::Handoff`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 impl Approval {

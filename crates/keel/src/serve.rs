@@ -291,6 +291,35 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
             .map(str::to_owned)
             .ok_or_else(|| keel_core::ApiError::internal("the approval was not recorded"))
     }
+
+    async fn handoff(
+        &self,
+        task: &str,
+        reason: String,
+        context: serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<String, keel_core::ApiError> {
+        let command = keel_supervisor::Command::Handoff {
+            approval_id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
+            reason,
+            context,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        let answer = self
+            .0
+            .run(
+                task,
+                &command,
+                None,
+                None,
+                |t, _| serde_json::json!({"approval": t.approval.as_ref().map(|a| a.id.clone())}),
+            )
+            .await?;
+        answer.body["approval"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| keel_core::ApiError::internal("the handoff was not recorded"))
+    }
 }
 
 async fn shutdown_signal() {

@@ -186,6 +186,7 @@ fn design_example_parses_to_expected_settings() {
                 max_steps: Some(40),
                 task_timeout: Some(secs(600)),
                 max_attempts: three,
+                loop_guard: true,
             },
         )]),
         tools: BTreeMap::from([(

@@ -1,3 +1,4 @@
-//! Guards on content entering a task.
+//! Guards on content entering a task, and on a task going round in circles.
 
 pub mod injection;
+pub mod loops;

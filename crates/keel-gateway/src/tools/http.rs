@@ -124,10 +124,10 @@ impl Gateway {
         if !args.is_object() {
             return Err(ApiError::bad_request("args must be a JSON object").with_param("args"));
         }
-        let profiled = tool.settings.profile.is_some();
-        let log = match (tool.needs_history() || profiled, task) {
-            (true, Some(task)) => self.task_log(task).await?,
-            (true, None) if tool.needs_history() => {
+        // A task's log is read for every call in a task: the loop guard counts repeats.
+        let log = match (tool.needs_history(), task) {
+            (_, Some(task)) => self.task_log(task).await?,
+            (true, None) => {
                 return Err(ApiError::bad_request(format!(
                     "the rules of tool {:?} count this task's earlier calls (history): send the task as \"task\" or x-keel-task",
                     tool.settings.name
@@ -143,7 +143,19 @@ impl Gateway {
             args,
             calls_in_task,
         };
+        let repeats = match task {
+            Some(_) if self.agents.loop_guard(agent) => same_calls(&log, tool, args),
+            _ => 0,
+        };
+        let looping = repeats >= SAME_CALL_LIMIT;
         let decision = match tool.check(&action) {
+            _ if looping => Decision::Block(vec![Broken {
+                rule: "loop:same_call".to_owned(),
+                reason: format!(
+                    "the same call of tool {:?} (same args) was already made {repeats} times in this task: keel stops it as a loop and hands the task to a person",
+                    tool.settings.name
+                ),
+            }]),
             Verdict::Block(broken) => Decision::Block(broken),
             Verdict::Allow => {
                 let outliers = self.outliers(tool, agent, args).await?;
@@ -214,13 +226,40 @@ impl Gateway {
                 }),
             ));
         }
+        if let (true, Some(task)) = (looping, task) {
+            events.push(NewEvent::new(
+                EventKind::LoopDetected,
+                Some(task.to_owned()),
+                json!({"kind": "same_tool_call", "agent": agent, "tool": tool.settings.name, "repeats": repeats, "task": task}),
+            ));
+        }
         if !events.is_empty() {
             self.store
                 .append(events)
                 .await
                 .map_err(|e| ApiError::unavailable(format!("cannot record the verdict: {e}")))?;
         }
+        if let (true, Some(task)) = (looping, task) {
+            self.hand_off_looping_tool_calls(task, agent, &tool.settings.name, repeats)
+                .await;
+        }
         Ok(decision)
+    }
+
+    /// Hands a task that repeats one tool call to a person (once: a task already waiting
+    /// is left as it is).
+    async fn hand_off_looping_tool_calls(&self, task: &str, agent: &str, tool: &str, repeats: u64) {
+        let Some(queue) = &self.approvals else { return };
+        let reason = format!(
+            "keel detected a loop in task {task:?}: the same call of tool {tool:?} was made {repeats} times"
+        );
+        let context = json!({"kind": "loop", "loop": "same_tool_call", "agent": agent, "tool": tool, "repeats": repeats});
+        if let Err(e) = queue
+            .handoff(task, reason, context, keel_config::DEFAULT_APPROVAL_TIMEOUT)
+            .await
+        {
+            tracing::debug!(task, error = %e.message, "a looping task was not handed off");
+        }
     }
 
     /// Sends an outlier call to the approval queue; the task waits there. A call without
@@ -279,6 +318,23 @@ impl Gateway {
         let id = queue.request(task, why, context, timeout).await?;
         Ok(Ok(id))
     }
+}
+
+/// Identical calls (same tool, same args) a task may make before the loop guard stops it.
+const SAME_CALL_LIMIT: u64 = 5;
+
+/// Calls of `tool` with these same `args` already in the task's log (compared as logged,
+/// redacted args included).
+fn same_calls(log: &[Event], tool: &Tool, args: &Value) -> u64 {
+    let action = profile::action_id(&tool.settings.name, &tool.redact(args));
+    log.iter()
+        .filter(|e| {
+            (e.kind == EventKind::ToolInvoked.as_str()
+                || (e.kind == EventKind::ActionChecked.as_str() && e.data["verdict"] == "allow"))
+                && e.data["tool"] == tool.settings.name.as_str()
+                && profile::action_id(&tool.settings.name, &e.data["args"]) == action
+        })
+        .count() as u64
 }
 
 /// What keel decided about one action.

@@ -40,6 +40,17 @@ pub trait ApprovalQueue: Send + Sync {
         context: Value,
         timeout: Duration,
     ) -> Result<String, ApiError>;
+
+    /// Hands `task` to a person (keel's guards found it looping, say): it waits in the
+    /// same queue, and the worker holding its lease is told `handoff` on its next call.
+    /// Returns the approval's id; a task the supervisor does not know is an error.
+    async fn handoff(
+        &self,
+        task: &str,
+        reason: String,
+        context: Value,
+        timeout: Duration,
+    ) -> Result<String, ApiError>;
 }
 
 /// A numeric arg far outside its profile.

@@ -35,7 +35,9 @@ pub(super) fn request(
         (TaskState::Queued, None) => None,
         (TaskState::Running | TaskState::Cancelled, Some(token)) => match holder(task, token)? {
             Holder::Running(lease) => Some(lease.worker.clone()),
-            Holder::Cancelled => return Err(invalid_state(task, "request an approval for")),
+            Holder::Cancelled | Holder::HandedOff => {
+                return Err(invalid_state(task, "request an approval for"));
+            }
         },
         (TaskState::Queued | TaskState::Running, _) => return Err(stale(task)),
         (
@@ -55,6 +57,36 @@ pub(super) fn request(
             default: new.default,
             worker,
             attempt: task.attempts,
+            handoff: false,
+        },
+    )]))
+}
+
+/// keel hands a queued or running task to a person (no token: keel itself asks). The
+/// running task's holder keeps its lease only to be told `handoff`.
+pub(super) fn handoff(task: &Task, new: NewApproval<'_>) -> Result<Decision, TaskError> {
+    not_empty("approval_id", new.id)?;
+    if new.timeout_ms == 0 {
+        return Err(invalid("timeout", "must be longer than 0ms"));
+    }
+    let worker = match task.state {
+        TaskState::Queued => None,
+        TaskState::Running => task.lease.as_ref().map(|l| l.worker.clone()),
+        TaskState::Succeeded
+        | TaskState::Dead
+        | TaskState::AwaitingHuman
+        | TaskState::Cancelled => return Err(invalid_state(task, "hand off")),
+    };
+    Ok(Decision::events(vec![TaskEvent::ApprovalRequested(
+        ApprovalRequested {
+            approval_id: new.id.to_owned(),
+            reason: new.reason.to_owned(),
+            context: new.context.clone(),
+            timeout_ms: new.timeout_ms,
+            default: new.default,
+            worker,
+            attempt: task.attempts,
+            handoff: true,
         },
     )]))
 }

@@ -49,10 +49,12 @@ pub(super) fn claim(
 }
 
 /// Answers a heartbeat. No events, except when the deadline has passed (`task_failed` +
-/// `task_dead`, directive `cancel`). The holder of a cancelled task's lease gets `cancel`.
+/// `task_dead`, directive `cancel`). The holder of a cancelled task's lease gets `cancel`,
+/// the holder of a handed-off one `handoff`.
 pub(super) fn heartbeat(task: &Task, token: &str, now_ms: i64) -> Result<Decision, TaskError> {
     let lease = match holder(task, token)? {
         Holder::Cancelled => return Ok(Decision::default().with_directive(Directive::Cancel)),
+        Holder::HandedOff => return Ok(Decision::default().with_directive(Directive::Handoff)),
         Holder::Running(lease) => lease,
     };
     if task.past_deadline(now_ms) {
@@ -76,7 +78,7 @@ pub(super) fn heartbeat(task: &Task, token: &str, now_ms: i64) -> Result<Decisio
 /// [`TaskError::InvalidState`] for the lease a cancel kept (it is not renewed).
 pub fn renew(task: &Task, token: &str, now_ms: i64) -> Result<Task, TaskError> {
     match holder(task, token)? {
-        Holder::Cancelled => Err(invalid_state(task, "renew the lease of")),
+        Holder::Cancelled | Holder::HandedOff => Err(invalid_state(task, "renew the lease of")),
         Holder::Running(_) => {
             let mut renewed = task.clone();
             if let Some(lease) = renewed.lease.as_mut() {
@@ -108,6 +110,7 @@ pub(super) fn step(
     unit("confidence", step.confidence)?;
     let lease = match holder(task, token)? {
         Holder::Cancelled => return Ok(Decision::default().with_directive(Directive::Cancel)),
+        Holder::HandedOff => return Ok(Decision::default().with_directive(Directive::Handoff)),
         Holder::Running(lease) => lease,
     };
     let worker = Some(lease.worker.as_str());
@@ -267,7 +270,7 @@ fn running_holder<'a>(
 ) -> Result<&'a crate::task::Lease, TaskError> {
     match holder(task, token)? {
         Holder::Running(lease) => Ok(lease),
-        Holder::Cancelled => Err(invalid_state(task, action)),
+        Holder::Cancelled | Holder::HandedOff => Err(invalid_state(task, action)),
     }
 }
 

@@ -17,7 +17,7 @@ pub use lease::renew;
 use crate::command::{Command, Ctx, Decision};
 use crate::error::TaskError;
 use crate::event::{Dead, DeadReason, Failed, TaskEvent};
-use crate::task::{Lease, Task};
+use crate::task::{ApprovalDefault, Lease, Task};
 
 /// Decides what `command` does to `task` (`None`: no such task) at `ctx.now_ms`.
 ///
@@ -117,6 +117,21 @@ pub fn decide(task: Option<&Task>, command: &Command, ctx: &Ctx) -> Result<Decis
             note,
         } => approval::decide(require(task)?, approval_id, *decision, by, note.as_deref()),
         Command::ExpireApproval => Ok(approval::expire(require(task)?, now)),
+        Command::Handoff {
+            approval_id,
+            reason,
+            context,
+            timeout_ms,
+        } => approval::handoff(
+            require(task)?,
+            approval::NewApproval {
+                id: approval_id,
+                reason,
+                context,
+                timeout_ms: *timeout_ms,
+                default: ApprovalDefault::Deny,
+            },
+        ),
     }
 }
 
@@ -134,6 +149,8 @@ enum Holder<'a> {
     Running(&'a Lease),
     /// The worker that held the lease when the task was cancelled.
     Cancelled,
+    /// The worker that held the lease when keel handed the task to a person.
+    HandedOff,
 }
 
 /// Checks `token` against the task's lease: a running task's, or the one a cancel kept.
@@ -145,6 +162,9 @@ fn holder<'a>(task: &'a Task, token: &str) -> Result<Holder<'a>, TaskError> {
         }
         (Some(lease), TaskState::Cancelled) if token_eq(&lease.token, token) => {
             Ok(Holder::Cancelled)
+        }
+        (Some(lease), TaskState::AwaitingHuman) if token_eq(&lease.token, token) => {
+            Ok(Holder::HandedOff)
         }
         _ => Err(stale(task)),
     }

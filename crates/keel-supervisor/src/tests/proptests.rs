@@ -45,6 +45,7 @@ enum Op {
         right_id: bool,
     },
     ExpireApproval,
+    Handoff,
     DlqRequeue,
     DlqDiscard,
     CheckDeadline,
@@ -77,6 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<bool>(), any::<bool>())
             .prop_map(|(approve, right_id)| Op::DecideApproval { approve, right_id }),
         1 => Just(Op::ExpireApproval),
+        1 => Just(Op::Handoff),
         1 => Just(Op::DlqRequeue),
         1 => Just(Op::DlqDiscard),
         1 => Just(Op::CheckDeadline),
@@ -158,6 +160,12 @@ impl Run {
                 reason: Some("r".into()),
             },
             Op::ExpireLease => Command::ExpireLease,
+            Op::Handoff => Command::Handoff {
+                approval_id: format!("ap{}", self.log.len()),
+                reason: "loop".into(),
+                context: json!({}),
+                timeout_ms: 5_000,
+            },
             Op::RequestApproval(t, escalate) => Command::RequestApproval {
                 token: t.map(|t| self.token(t)),
                 approval_id: format!("ap{}", self.log.len()),
@@ -240,8 +248,11 @@ proptest! {
             if let Some(task) = &run.task {
                 prop_assert_eq!(task.version, run.log.len() as u64);
                 prop_assert_eq!(task.state == TaskState::AwaitingHuman, task.approval.is_some());
+                let handed_off = task.state == TaskState::AwaitingHuman
+                    && task.approval.as_ref().is_some_and(|a| a.handoff);
                 let holds_lease = task.state == TaskState::Running
-                    || (task.state == TaskState::Cancelled && task.cancel_requested);
+                    || (task.state == TaskState::Cancelled && task.cancel_requested)
+                    || (handed_off && task.lease.is_some());
                 prop_assert_eq!(holds_lease, task.lease.is_some(), "{:?}", task);
             }
             prop_assert_eq!(&run.replay(), &run.task);
@@ -330,7 +341,7 @@ fn event() -> impl Strategy<Value = TaskEvent> {
             discarded,
             worker: None,
         })),
-        (id(), any::<u64>()).prop_map(|(approval_id, timeout_ms)| {
+        (id(), any::<u64>(), any::<bool>()).prop_map(|(approval_id, timeout_ms, handoff)| {
             TaskEvent::ApprovalRequested(ApprovalRequested {
                 approval_id,
                 reason: "r".into(),
@@ -339,6 +350,7 @@ fn event() -> impl Strategy<Value = TaskEvent> {
                 default: ApprovalDefault::Escalate,
                 worker: None,
                 attempt: 0,
+                handoff,
             })
         }),
         (id(), any::<bool>()).prop_map(|(approval_id, approve)| {

@@ -275,6 +275,50 @@ fn approval_timeout_with_default_escalate_alerts_once_and_keeps_waiting() {
     assert_eq!(world.task().state, TaskState::Queued);
 }
 
+#[test]
+fn a_handoff_tells_the_holder_and_waits_for_a_person() {
+    let mut world = World::in_state(TaskState::Running);
+    let token = world.token();
+    let handoff = world.ok(Command::Handoff {
+        approval_id: "ho1".into(),
+        reason: "loop detected".into(),
+        context: json!({"kind": "loop"}),
+        timeout_ms: 60_000,
+    });
+    assert_eq!(kinds(&handoff), ["approval_requested"]);
+    assert!(
+        matches!(&handoff.events[0], TaskEvent::ApprovalRequested(a) if a.handoff && a.worker.as_deref() == Some("w1"))
+    );
+    assert_eq!(world.task().state, TaskState::AwaitingHuman);
+    assert!(world.task().approval.as_ref().unwrap().handoff);
+    // The holder is told, without events, and can no longer finish the task.
+    for command in [heartbeat(&token), step(&token)] {
+        let told = world.ok(command);
+        assert_eq!(told.directive, Some(Directive::Handoff));
+        assert!(told.events.is_empty());
+    }
+    assert_eq!(world.run(complete(&token)).unwrap_err().status(), 409);
+    assert_eq!(
+        renew(world.task(), &token, START).unwrap_err().status(),
+        409
+    );
+    // A second handoff of a waiting task is refused.
+    let again = world.run(Command::Handoff {
+        approval_id: "ho2".into(),
+        reason: "r".into(),
+        context: json!({}),
+        timeout_ms: 1,
+    });
+    assert_eq!(again.unwrap_err().status(), 409);
+    // The person approves: the task is queued again, its old lease gone.
+    world.ok(decide_approval("ho1", ApprovalDecision::Approve));
+    assert_eq!(world.task().state, TaskState::Queued);
+    assert!(world.task().lease.is_none());
+    assert_eq!(world.run(heartbeat(&token)).unwrap_err().status(), 409);
+    world.ok(claim("w2"));
+    assert_eq!(world.task().state, TaskState::Running);
+}
+
 // === the dead-letter queue ===
 
 #[test]

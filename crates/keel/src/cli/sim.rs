@@ -866,6 +866,7 @@ breaker = {{ window = "count", window_size = 1000000000, min_calls = 1000000000,
 
 [agents.{AGENT}]
 max_attempts = 1
+loop_guard = false
 "#
         )
     };
@@ -881,6 +882,7 @@ fn guard_of(rule: &str) -> String {
     match rule {
         RISK_RULE => "action_rule".to_owned(),
         LOOP_RULE => "loop_limit".to_owned(),
+        "loop:same_call" => "loop_guard".to_owned(),
         "injection" => "injection".to_owned(),
         other => format!("rule {other}"),
     }

@@ -14,6 +14,7 @@ mod cli;
 mod common;
 mod crash;
 mod http;
+mod loops;
 mod output;
 mod sdk;
 mod sim;

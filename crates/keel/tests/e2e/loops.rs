@@ -1,0 +1,216 @@
+//! The loop guard end to end: a task whose model answers keep coming back the same, or
+//! that makes the same tool call over and over, is handed to a person, its worker is told
+//! `handoff`, and the call that would go on looping is refused.
+
+use serde_json::{Value, json};
+
+use crate::common::{Keel, sdk, sim};
+
+const LOOPS: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+
+[routes.smart]
+targets = [{ provider = "sim", model = "primary" }]
+
+[tools.search]
+url = "{sim}/tools/search"
+"#;
+
+async fn post(keel: &Keel, path: &str, task: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path}", keel.url))
+        .header("x-keel-agent", "looper")
+        .json(&body);
+    if let Some(task) = task {
+        request = request.header("x-keel-task", task);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A created and claimed task: its id and lease token.
+async fn running_task(keel: &Keel) -> (String, String) {
+    let (status, task) = post(
+        keel,
+        "/v1/tasks",
+        None,
+        json!({"agent": "looper", "input": {}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{task}");
+    let id = task["id"].as_str().unwrap().to_owned();
+    let (status, claimed) = post(
+        keel,
+        "/v1/tasks/claim",
+        None,
+        json!({"agent": "looper", "worker": "w1", "lease": "30s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{claimed}");
+    assert_eq!(claimed["id"], id.as_str());
+    (id, claimed["lease_token"].as_str().unwrap().to_owned())
+}
+
+async fn task_state(keel: &Keel, id: &str) -> Value {
+    let response = reqwest::get(format!("{}/v1/tasks/{id}", keel.url))
+        .await
+        .unwrap();
+    response.json().await.unwrap()
+}
+
+async fn heartbeat(keel: &Keel, id: &str, token: &str) -> Value {
+    let (status, hb) = post(
+        keel,
+        &format!("/v1/tasks/{id}/heartbeat"),
+        None,
+        json!({"lease_token": token}),
+    )
+    .await;
+    assert_eq!(status, 200, "{hb}");
+    hb
+}
+
+fn keel_cli(keel: &Keel, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .args(["--server", &keel.url])
+        .output()
+        .unwrap()
+}
+
+const PROMPT: &str = "Please look up the refund policy for order 1234 and tell me what it says";
+
+async fn ask(keel: &Keel, task: &str, prompt: &str) -> (u16, Value) {
+    post(
+        keel,
+        "/v1/chat/completions",
+        Some(task),
+        json!({"model": "smart", "messages": [{"role": "user", "content": prompt}]}),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_whose_answers_repeat_is_handed_off_and_its_next_call_refused() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    let (id, token) = running_task(&keel).await;
+
+    // Different questions, different answers: progress, not a loop.
+    for i in 0..4 {
+        let (status, _) = ask(
+            &keel,
+            &id,
+            &format!(
+                "Now summarise chapter {i} of the handbook about {}",
+                ["billing", "shipping", "returns", "privacy"][i]
+            ),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert!(keel.events_of("loop_detected").is_empty());
+    // The same question, the same answer, three times: the third answer still reaches
+    // the agent, and the loop is recorded.
+    for _ in 0..3 {
+        let (status, answer) = ask(&keel, &id, PROMPT).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let found = keel.events_of("loop_detected");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["kind"], "repeated_output");
+    assert_eq!(found[0]["similar"], 3);
+
+    // The task waits for a person; its worker hears `handoff`.
+    let task = task_state(&keel, &id).await;
+    assert_eq!(task["state"], "awaiting_human", "{task}");
+    assert_eq!(task["approval"]["handoff"], true, "{task}");
+    let approval = task["approval"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(heartbeat(&keel, &id, &token).await["directive"], "handoff");
+
+    // The next model call of the task is refused: the openai SDK raises ConflictError.
+    let calls = models.calls("primary");
+    let out = sdk(
+        "chat",
+        &keel.base_url(),
+        &["--header", &format!("x-keel-task={id}")],
+    )
+    .await;
+    assert_eq!(out["exception"], "ConflictError", "{out}");
+    assert!(out["message"].as_str().unwrap().contains("loop"), "{out}");
+    assert_eq!(
+        models.calls("primary"),
+        calls,
+        "a refused call never reaches the model"
+    );
+
+    // A person looks and lets it go on: the task is queued, a worker claims it, and its
+    // calls pass again.
+    let listed = keel_cli(&keel, &["approvals", "ls"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&approval));
+    let ok = keel_cli(&keel, &["approvals", "approve", &approval]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let (status, claimed) = post(
+        &keel,
+        "/v1/tasks/claim",
+        None,
+        json!({"agent": "looper", "worker": "w2", "lease": "30s"}),
+    )
+    .await;
+    assert_eq!(
+        (status, claimed["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{claimed}"
+    );
+    let (status, answer) = ask(&keel, &id, PROMPT).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    let (id, token) = running_task(&keel).await;
+    let call = json!({"task": id, "args": {"query": "refund policy"}});
+    for _ in 0..5 {
+        let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, call.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    // Other args are another call.
+    let (status, _) = post(
+        &keel,
+        "/v1/tools/search/invoke",
+        None,
+        json!({"task": id, "args": {"query": "shipping"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, call).await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["rules"], json!(["loop:same_call"]));
+    assert_eq!(models.calls("tool:search"), 6);
+    let found = keel.events_of("loop_detected");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["kind"], "same_tool_call");
+    assert_eq!(found[0]["repeats"], 5);
+    assert_eq!(task_state(&keel, &id).await["state"], "awaiting_human");
+    assert_eq!(heartbeat(&keel, &id, &token).await["directive"], "handoff");
+    assert!(
+        keel.metrics()
+            .await
+            .contains("keel_guardrail_blocks_total{tool=\"search\",rule=\"loop:same_call\"} 1")
+    );
+}
