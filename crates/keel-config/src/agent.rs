@@ -32,6 +32,14 @@ pub struct AgentConfig {
     /// Whether keel stops this agent's tasks that loop (default true).
     #[serde(default = "yes")]
     pub loop_guard: bool,
+    /// Tools this agent's tasks need: a task is refused at creation while one of them
+    /// is unavailable (its circuit breaker open).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// CEL expressions over `input` (the task's input) and `agent` that must all hold for
+    /// a task to be created.
+    #[serde(default)]
+    pub preflight: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -78,6 +86,10 @@ pub struct AgentSettings {
     /// Whether keel stops this agent's tasks that loop: near-identical model answers, or
     /// the same tool call over and over (default true).
     pub loop_guard: bool,
+    /// Tools this agent's tasks need (each a configured `[tools.NAME]`).
+    pub tools: Vec<String>,
+    /// CEL rules over `input` and `agent`, each compiled by the check.
+    pub preflight: Vec<String>,
 }
 
 /// Validated spending limits of an agent.
@@ -124,6 +136,11 @@ impl AgentConfig {
             );
         }
         let max_attempts = problems.one(at_least_one(self.max_attempts, &at.child("max_attempts")));
+        for (i, rule) in self.preflight.iter().enumerate() {
+            if let Some(problem) = crate::tool::cel_problem(rule) {
+                problems.push(at.child("preflight").index(i).invalid(problem));
+            }
+        }
         problems.finish(at, || {
             Some(AgentSettings {
                 name: name.to_owned(),
@@ -133,6 +150,8 @@ impl AgentConfig {
                 task_timeout: self.task_timeout,
                 max_attempts: max_attempts?,
                 loop_guard: self.loop_guard,
+                tools: self.tools,
+                preflight: self.preflight,
             })
         })
     }

@@ -148,6 +148,28 @@ impl KeelConfig {
             .iter()
             .map(|(name, agent)| (name.clone(), agent.keys_env.clone()))
             .collect();
+        // An agent's required tools must be configured tools.
+        for (name, agent) in &self.agents {
+            for (i, tool) in agent.tools.iter().enumerate() {
+                if !self.tools.contains_key(tool) {
+                    let known: Vec<&str> = self.tools.keys().map(String::as_str).collect();
+                    problems.push(
+                        root.child("agents")
+                            .child(name)
+                            .child("tools")
+                            .index(i)
+                            .invalid(format!(
+                                "unknown tool {tool:?}; known: {}",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
+                            )),
+                    );
+                }
+            }
+        }
         let mut agents = BTreeMap::new();
         for (name, agent) in self.agents {
             let at = root.child("agents").child(&name);

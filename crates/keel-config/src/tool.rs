@@ -163,6 +163,16 @@ pub struct ProfileSettings {
     pub timeout: Duration,
 }
 
+/// What is wrong with a CEL rule, if anything: empty, or not an expression.
+pub(crate) fn cel_problem(rule: &str) -> Option<String> {
+    if rule.trim().is_empty() {
+        return Some("rule is empty".to_owned());
+    }
+    let e = cel::Program::compile(rule).err()?.to_string();
+    let first = e.lines().next().unwrap_or("syntax error").trim();
+    Some(format!("not a CEL expression: {first}"))
+}
+
 impl ToolConfig {
     /// Checks that the tool has exactly one endpoint and well-formed guards.
     pub fn validate(self, name: &str, at: &KeyPath) -> Result<ToolSettings, Vec<Invalid>> {
@@ -185,16 +195,8 @@ impl ToolConfig {
             }
         };
         for (i, rule) in self.rules.iter().enumerate() {
-            if rule.trim().is_empty() {
-                problems.push(at.child("rules").index(i).invalid("rule is empty"));
-            } else if let Err(e) = cel::Program::compile(rule) {
-                let first = e.to_string();
-                let first = first.lines().next().unwrap_or("syntax error").trim();
-                problems.push(
-                    at.child("rules")
-                        .index(i)
-                        .invalid(format!("not a CEL expression: {first}")),
-                );
+            if let Some(problem) = cel_problem(rule) {
+                problems.push(at.child("rules").index(i).invalid(problem));
             }
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {

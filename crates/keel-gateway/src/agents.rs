@@ -403,6 +403,8 @@ mod tests {
             task_timeout: None,
             max_attempts: std::num::NonZeroU32::MIN,
             loop_guard: true,
+            tools: Vec::new(),
+            preflight: Vec::new(),
         };
         let provider = ProviderSettings {
             name: "p".into(),

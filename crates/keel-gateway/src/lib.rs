@@ -60,6 +60,14 @@ pub struct Gateway {
     tools: tools::Tools,
     approvals: Option<Arc<dyn tools::ApprovalQueue>>,
     loops: guard::loops::LoopGuard,
+    /// Per agent: the tools its tasks need and its compiled `preflight` rules.
+    preflights: HashMap<String, Preflight>,
+}
+
+/// What a task of one agent needs before it may be created.
+struct Preflight {
+    tools: Vec<String>,
+    rules: Vec<(String, cel::Program)>,
 }
 
 /// Why the gateway could not be built from settings.
@@ -68,6 +76,9 @@ pub enum BuildError {
     /// A provider's client could not be constructed.
     #[error("{0}")]
     Provider(String),
+    /// An agent's `preflight` rule that does not compile (config check catches it first).
+    #[error("{0}")]
+    Preflight(String),
     /// A tool that cannot be built.
     #[error(transparent)]
     Tool(#[from] tools::ToolBuildError),
@@ -157,6 +168,26 @@ impl Gateway {
             );
         }
         let tools = tools::Tools::build(&settings.tools, settings.breaker)?;
+        let mut preflights = HashMap::new();
+        for agent in settings.agents.values() {
+            if agent.tools.is_empty() && agent.preflight.is_empty() {
+                continue;
+            }
+            let mut rules = Vec::with_capacity(agent.preflight.len());
+            for text in &agent.preflight {
+                let program = cel::Program::compile(text).map_err(|e| {
+                    BuildError::Preflight(format!("agents.{}.preflight: {text:?}: {e}", agent.name))
+                })?;
+                rules.push((text.clone(), program));
+            }
+            preflights.insert(
+                agent.name.clone(),
+                Preflight {
+                    tools: agent.tools.clone(),
+                    rules,
+                },
+            );
+        }
         Ok(Self {
             tools,
             routes,
@@ -170,6 +201,7 @@ impl Gateway {
             chaos,
             approvals: None,
             loops: guard::loops::LoopGuard::default(),
+            preflights,
         })
     }
 
@@ -237,6 +269,53 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// The pre-flight check of a new task of `agent`: every tool the agent needs is
+    /// available (its breaker not open), and every `preflight` rule holds on `input`.
+    pub fn preflight(&self, agent: &str, input: &serde_json::Value) -> Result<(), String> {
+        let Some(p) = self.preflights.get(agent) else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        for name in &p.tools {
+            let Some(tool) = self.tools.get(name) else {
+                return Err(format!(
+                    "agent {agent:?} needs tool {name:?}, which is not configured"
+                ));
+            };
+            if let Some(left) = tool.breaker.lock().open_remaining(now) {
+                return Err(format!(
+                    "agent {agent:?} needs tool {name:?}, which is unavailable: its circuit breaker is open (for {}s more)",
+                    left.as_secs().max(1)
+                ));
+            }
+        }
+        if p.rules.is_empty() {
+            return Ok(());
+        }
+        let mut context = cel::Context::default();
+        context
+            .add_variable("input", input.clone())
+            .map_err(|e| format!("cannot give the preflight rules `input`: {e}"))?;
+        context
+            .add_variable("agent", agent)
+            .map_err(|e| format!("cannot give the preflight rules `agent`: {e}"))?;
+        for (text, program) in &p.rules {
+            match program.execute(&context) {
+                Ok(cel::Value::Bool(true)) => {}
+                Ok(cel::Value::Bool(false)) => {
+                    return Err(format!("preflight rule `{text}` does not hold"));
+                }
+                Ok(_) => return Err(format!("preflight rule `{text}` gave no true or false")),
+                Err(e) => {
+                    return Err(format!(
+                        "preflight rule `{text}` could not be evaluated: {e}"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A task whose answers loop: keel hands it to a person (when the supervisor knows

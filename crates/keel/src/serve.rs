@@ -160,9 +160,13 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // request path: the supervisor only queues the task's id).
     let (succeeded, mut to_learn) = tokio::sync::mpsc::unbounded_channel::<String>();
     let task_store: Arc<dyn TaskStore> = store.clone();
+    // The gateway (tools, breakers, preflight rules) is built after the supervisor (its
+    // approval queue); the supervisor's pre-flight check reaches it through this cell.
+    let gateway_cell: Arc<std::sync::OnceLock<std::sync::Weak<Gateway>>> = Arc::default();
     let supervisor = Arc::new(
         Supervisor::new(task_store, supervisor_settings(&settings))
             .with_metrics(supervisor_metrics)
+            .with_preflight(Arc::new(GatewayPreflight(Arc::clone(&gateway_cell))))
             .on_succeeded(Arc::new(move |task| {
                 let _ = succeeded.send(task.id.clone());
             })),
@@ -171,6 +175,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?
             .with_approvals(Arc::new(SupervisorApprovals(Arc::clone(&supervisor)))),
     );
+    let _ = gateway_cell.set(Arc::downgrade(&gateway));
     gateway
         .restore_budgets()
         .await
@@ -251,6 +256,18 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         tasks,
         failure,
     })
+}
+
+/// The supervisor's pre-flight check is the gateway's (tools, breakers, CEL rules).
+struct GatewayPreflight(Arc<std::sync::OnceLock<std::sync::Weak<Gateway>>>);
+
+impl keel_supervisor::service::Preflight for GatewayPreflight {
+    fn check(&self, agent: &str, input: &serde_json::Value) -> Result<(), String> {
+        match self.0.get().and_then(std::sync::Weak::upgrade) {
+            Some(gateway) => gateway.preflight(agent, input),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The gateway's approval queue is the supervisor's: a tool call that needs a person

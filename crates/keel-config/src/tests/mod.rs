@@ -187,6 +187,8 @@ fn design_example_parses_to_expected_settings() {
                 task_timeout: Some(secs(600)),
                 max_attempts: three,
                 loop_guard: true,
+                tools: Vec::new(),
+                preflight: Vec::new(),
             },
         )]),
         tools: BTreeMap::from([(

@@ -480,6 +480,27 @@ fn a_bad_profile_is_named_by_key_and_line() {
     );
 }
 
+#[test]
+fn an_agent_s_preflight_rules_and_tools_are_checked() {
+    let text = "[tools.lookup]\nurl = \"http://x\"\n\n[agents.support]\ntools = [\"lookup\", \"refund\"]\npreflight = [\"size(input.question) > 0\", \"input.question ==\"]\n";
+    let got = errors(text);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 2, "{got}");
+    assert!(
+        lines.contains(
+            &"keel.toml:5: agents.support.tools[1]: unknown tool \"refund\"; known: lookup"
+        ),
+        "{got}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l
+                .starts_with("keel.toml:6: agents.support.preflight[1]: not a CEL expression: ")),
+        "{got}"
+    );
+}
+
 // === many at once ===
 
 #[test]

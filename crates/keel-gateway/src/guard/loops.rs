@@ -2,11 +2,14 @@
 //! is going round in circles, and every further call burns money for nothing.
 //!
 //! Each answer of a task (its text, and the names and arguments of the tools it calls) is
-//! reduced to a 64-bit SimHash over word 3-shingles (Charikar's similarity hash: texts that
-//! share most shingles get hashes a few bits apart). When, among the task's last
-//! [`WINDOW`] answers, [`REPEATS`] lie within [`MAX_DISTANCE`] bits of each other, the
-//! task loops. Answers of fewer than [`MIN_WORDS`] words are not judged: "OK" may
-//! legitimately come back every time.
+//! reduced to a MinHash signature of its word 3-shingles ([`SIGNATURE`] minimum hashes; the
+//! share of equal positions in two signatures estimates the Jaccard similarity of the two
+//! shingle sets, within about ±0.04). Two answers are near-identical at an estimated
+//! similarity of [`SIMILAR`] or more: a repeat, a repeat with other case or punctuation, or a
+//! long answer with a word or two changed. One changed word in a 20-word answer (similarity
+//! 0.71) is not near-identical: short templated answers ("step 3 done", "step 4 done") are
+//! progress. When [`REPEATS`] of a task's last [`WINDOW`] answers are near-identical to the
+//! newest, the task loops. Answers of fewer than [`MIN_WORDS`] words are not judged.
 //!
 //! A task found looping is stopped: keel records `loop_detected`, hands the task to a
 //! person, and refuses the task's further model calls until that person lets it go on.
@@ -18,17 +21,22 @@ use parking_lot::Mutex;
 
 /// Answers of a task compared with each other.
 pub const WINDOW: usize = 6;
-/// Near-identical answers in the window that make a loop.
+/// Near-identical answers in the window (the newest included) that make a loop.
 pub const REPEATS: usize = 3;
-/// Bits (of 64) two SimHashes may differ by and still be "the same answer": one changed
-/// word in a 20-word answer moves about 11 bits; unrelated texts differ by about 32 ± 4.
-pub const MAX_DISTANCE: u32 = 14;
+/// Estimated Jaccard similarity from which two answers are near-identical.
+pub const SIMILAR: f64 = 0.85;
 /// Answers shorter than this (in words) are not judged.
 pub const MIN_WORDS: usize = 8;
+/// Minimum hashes in a signature.
+pub const SIGNATURE: usize = 128;
 /// Tasks remembered at once; the longest idle is forgotten first.
-const MAX_TASKS: usize = 50_000;
+const MAX_TASKS: usize = 10_000;
 
-/// 64-bit FNV-1a: a fixed, fast hash for shingles (the std hasher is seeded per process).
+/// One answer's MinHash signature.
+pub type Signature = Box<[u32; SIGNATURE]>;
+
+/// 64-bit FNV-1a of a shingle, lowercased: a fixed hash (the std hasher is seeded per
+/// process).
 fn fnv1a(words: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (i, w) in words.iter().enumerate() {
@@ -44,8 +52,17 @@ fn fnv1a(words: &[&str]) -> u64 {
     h
 }
 
-/// The SimHash of `text` over its word 3-shingles; `None` below [`MIN_WORDS`] words.
-pub fn simhash(text: &str) -> Option<u64> {
+/// splitmix64's finaliser: spreads the bits of `x` over the whole word.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The MinHash signature of `text` over its word 3-shingles; `None` below [`MIN_WORDS`]
+/// words. The `i`-th hash of a shingle is `mix(h1 + i·h2)` (double hashing), so each
+/// shingle is hashed once.
+pub fn signature(text: &str) -> Option<Signature> {
     let words: Vec<&str> = text
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
@@ -53,20 +70,24 @@ pub fn simhash(text: &str) -> Option<u64> {
     if words.len() < MIN_WORDS {
         return None;
     }
-    let mut weights = [0i32; 64];
+    let mut sig = Box::new([u32::MAX; SIGNATURE]);
     for shingle in words.windows(3) {
         let h = fnv1a(shingle);
-        for (bit, weight) in weights.iter_mut().enumerate() {
-            *weight += if h >> bit & 1 == 1 { 1 } else { -1 };
+        let (h1, h2) = (mix(h), mix(h ^ 0x9e37_79b9_7f4a_7c15) | 1);
+        for (i, slot) in sig.iter_mut().enumerate() {
+            let v = (mix(h1.wrapping_add((i as u64).wrapping_mul(h2))) >> 32) as u32;
+            if v < *slot {
+                *slot = v;
+            }
         }
     }
-    Some(
-        weights
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| **w > 0)
-            .fold(0u64, |acc, (bit, _)| acc | 1 << bit),
-    )
+    Some(sig)
+}
+
+/// The estimated Jaccard similarity of the shingle sets behind two signatures.
+pub fn similarity(a: &[u32; SIGNATURE], b: &[u32; SIGNATURE]) -> f64 {
+    let equal = a.iter().zip(b.iter()).filter(|(x, y)| x == y).count();
+    equal as f64 / SIGNATURE as f64
 }
 
 /// What of a chat completion the guard compares: the first choice's text and the names
@@ -130,7 +151,7 @@ pub struct Stopped {
 
 #[derive(Default)]
 struct TaskState {
-    hashes: VecDeque<u64>,
+    answers: VecDeque<Signature>,
     stopped: Option<Stopped>,
     seen: Option<Instant>,
 }
@@ -144,7 +165,7 @@ pub struct LoopGuard {
 impl LoopGuard {
     /// Adds an answer of `task`; a loop when it completes one.
     pub fn observe(&self, task: &str, answer: &str) -> Option<Detected> {
-        let hash = simhash(answer)?;
+        let sig = signature(answer)?;
         let mut tasks = self.tasks.lock();
         if tasks.len() >= MAX_TASKS && !tasks.contains_key(task) {
             let idlest = tasks
@@ -157,18 +178,18 @@ impl LoopGuard {
         }
         let state = tasks.entry(task.to_owned()).or_default();
         state.seen = Some(Instant::now());
-        if state.hashes.len() == WINDOW {
-            state.hashes.pop_front();
-        }
-        state.hashes.push_back(hash);
-        let similar = state
-            .hashes
+        let similar = 1 + state
+            .answers
             .iter()
-            .filter(|h| (**h ^ hash).count_ones() <= MAX_DISTANCE)
+            .filter(|earlier| similarity(earlier, &sig) >= SIMILAR)
             .count();
+        if state.answers.len() + 1 >= WINDOW {
+            state.answers.pop_front();
+        }
+        state.answers.push_back(sig);
         (similar >= REPEATS).then_some(Detected {
             similar,
-            window: state.hashes.len(),
+            window: state.answers.len(),
         })
     }
 
@@ -197,31 +218,40 @@ mod tests {
 
     const PLAN: &str = "I will search the knowledge base for the refund policy and then reply to the customer with the answer";
 
-    #[test]
-    fn near_identical_answers_hash_close_and_different_ones_far() {
-        let a = simhash(PLAN).unwrap();
-        let b = simhash(&PLAN.replace("customer", "client")).unwrap();
-        let c = simhash("The weather in Paris is sunny today with a light breeze from the west and no rain expected").unwrap();
-        assert!(
-            (a ^ b).count_ones() <= MAX_DISTANCE,
-            "{}",
-            (a ^ b).count_ones()
-        );
-        assert!(
-            (a ^ c).count_ones() > MAX_DISTANCE,
-            "{}",
-            (a ^ c).count_ones()
-        );
-        assert_eq!(simhash("OK, done."), None, "too short to judge");
-        assert_eq!(
-            simhash(PLAN),
-            simhash(&PLAN.to_uppercase()),
-            "case does not matter"
-        );
+    fn sim(a: &str, b: &str) -> f64 {
+        similarity(&signature(a).unwrap(), &signature(b).unwrap())
+    }
+
+    /// A long answer: `n` distinct words, then `tail`.
+    fn long(n: usize, tail: &str) -> String {
+        let words: Vec<String> = (0..n).map(|i| format!("w{i}")).collect();
+        format!("{} {tail}", words.join(" "))
     }
 
     #[test]
-    fn the_third_near_repeat_in_the_window_is_a_loop() {
+    fn similarity_tracks_the_share_of_shared_shingles() {
+        assert_eq!(sim(PLAN, PLAN), 1.0);
+        assert_eq!(
+            sim(PLAN, &PLAN.to_uppercase().replace(' ', "  ")),
+            1.0,
+            "case and spacing do not count"
+        );
+        // One word of 20 changed: 15 of 21 shingles shared (0.71): not near-identical.
+        let one_word = sim(PLAN, &PLAN.replace("customer", "client"));
+        assert!((0.6..0.82).contains(&one_word), "{one_word}");
+        // One word of 100 changed: 95 of 101 (0.94): near-identical.
+        let long_one_word = sim(&long(100, "alpha"), &long(100, "beta"));
+        assert!(long_one_word >= SIMILAR, "{long_one_word}");
+        let unrelated = sim(
+            PLAN,
+            "The weather in Paris is sunny today with a light breeze from the west and no rain expected",
+        );
+        assert!(unrelated < 0.1, "{unrelated}");
+        assert!(signature("OK, done.").is_none(), "too short to judge");
+    }
+
+    #[test]
+    fn the_third_repeat_in_the_window_is_a_loop() {
         let guard = LoopGuard::default();
         assert_eq!(guard.observe("t", PLAN), None);
         assert_eq!(
@@ -231,7 +261,7 @@ mod tests {
             ),
             None
         );
-        assert_eq!(guard.observe("t", &PLAN.replace("then", "next")), None);
+        assert_eq!(guard.observe("t", &PLAN.to_lowercase()), None);
         assert_eq!(guard.observe("other", PLAN), None, "tasks are apart");
         let found = guard.observe("t", PLAN).unwrap();
         assert_eq!(
@@ -244,15 +274,37 @@ mod tests {
     }
 
     #[test]
-    fn progress_is_not_a_loop() {
+    fn templated_progress_is_not_a_loop() {
         let guard = LoopGuard::default();
-        for i in 0..20 {
-            let answer = format!(
-                "Step {i}: I read chapter {i} of the manual and it explains part {i} of the setup, section {}",
-                i * 7
-            );
+        for i in 0..30 {
+            let answer =
+                format!("sim reply to: sim task 12 call {i} of the plan, step {i} is done now");
             assert_eq!(guard.observe("t", &answer), None, "{answer}");
         }
+        for i in 0..30 {
+            let answer = format!(
+                "Step {i}: I read chapter {i} of the manual and it explains part {i} of the setup"
+            );
+            assert_eq!(guard.observe("u", &answer), None, "{answer}");
+        }
+    }
+
+    #[test]
+    fn a_window_forgets_old_answers() {
+        let guard = LoopGuard::default();
+        assert_eq!(guard.observe("t", PLAN), None);
+        assert_eq!(guard.observe("t", PLAN), None);
+        for i in 0..WINDOW {
+            let distinct: Vec<String> = (0..10).map(|k| format!("x{i}y{k}")).collect();
+            assert_eq!(guard.observe("t", &distinct.join(" ")), None);
+        }
+        assert_eq!(
+            guard.observe("t", PLAN),
+            None,
+            "the two early ones are out of the window"
+        );
+        assert!(guard.observe("t", PLAN).is_none());
+        assert!(guard.observe("t", PLAN).is_some());
     }
 
     #[test]

@@ -257,6 +257,15 @@ impl Breaker {
         }
     }
 
+    /// How long the breaker still refuses every call at `now`: `Some` while it is open and
+    /// `open_for` has not passed, `None` when a call would be let through (or tried).
+    pub fn open_remaining(&self, now: Duration) -> Option<Duration> {
+        match self.state {
+            State::Open { until } if now < until => Some(until - now),
+            State::Open { .. } | State::Closed { .. } | State::HalfOpen { .. } => None,
+        }
+    }
+
     /// Asks to make a call at `now`.
     ///
     /// Closed: always permitted. Open: rejected until `open_for` has passed, then the breaker

@@ -602,3 +602,17 @@ proptest! {
         prop_assert_eq!(breaker.state(), Open);
     }
 }
+
+#[test]
+fn open_remaining_counts_down_without_changing_the_state() {
+    let breaker = opened_at(secs(10));
+    assert_eq!(breaker.open_remaining(secs(10)), Some(secs(30)));
+    assert_eq!(breaker.open_remaining(secs(39)), Some(secs(1)));
+    assert_eq!(
+        breaker.open_remaining(secs(40)),
+        None,
+        "a trial would be let through"
+    );
+    assert_eq!(breaker.state(), Open, "asking changes nothing");
+    assert_eq!(Breaker::new(settings()).open_remaining(secs(1)), None);
+}

@@ -203,6 +203,7 @@ async fn create_inner(
     };
     let deadline_ms =
         timeout.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    sv.preflight(&b.agent, &b.input)?;
     let max_attempts = b.max_attempts.unwrap_or(limits.max_attempts);
     if max_attempts == 0 {
         return Err(

@@ -92,6 +92,15 @@ pub struct Supervisor {
     claiming: std::sync::atomic::AtomicUsize,
     /// Told of each task that succeeds (the gateway learns its tool profiles from it).
     on_succeeded: Option<OnSucceeded>,
+    /// Asked before a task is created whether it can succeed at all.
+    preflight: Option<Arc<dyn Preflight>>,
+}
+
+/// The pre-flight check on task creation: a task that cannot succeed (a tool it needs is
+/// down, its input breaks a rule) is refused with the reason instead of burning tokens.
+pub trait Preflight: Send + Sync {
+    /// `Err(reason)` when a task of `agent` with `input` should not be created now.
+    fn check(&self, agent: &str, input: &Value) -> Result<(), String>;
 }
 
 /// What [`Supervisor::on_succeeded`] calls, with the task that just succeeded.
@@ -221,6 +230,24 @@ impl Supervisor {
             metrics: None,
             claiming: std::sync::atomic::AtomicUsize::new(0),
             on_succeeded: None,
+            preflight: None,
+        }
+    }
+
+    /// Runs `preflight` before every task creation.
+    pub fn with_preflight(mut self, preflight: Arc<dyn Preflight>) -> Self {
+        self.preflight = Some(preflight);
+        self
+    }
+
+    /// The pre-flight verdict on a new task of `agent` with `input`.
+    pub fn preflight(&self, agent: &str, input: &Value) -> Result<(), ApiError> {
+        match &self.preflight {
+            Some(p) => p.check(agent, input).map_err(|reason| {
+                ApiError::unprocessable(format!("task refused before it starts: {reason}"))
+                    .with_code("preflight_failed")
+            }),
+            None => Ok(()),
         }
     }
 

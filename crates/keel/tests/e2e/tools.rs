@@ -573,3 +573,93 @@ async fn a_blocking_profile_refuses_outliers_and_survives_a_restart() {
         "allow"
     );
 }
+
+const PREFLIGHT: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[breaker]
+window_size = 4
+min_calls = 2
+failure_rate = 0.5
+open_for = "60s"
+
+[tools.lookup]
+url = "{sim}/tools/lookup"
+
+[agents.support]
+tools = ["lookup"]
+preflight = ["size(input.question) > 0", "input.priority in ['low', 'high']"]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_cannot_succeed_is_refused_at_creation() {
+    let models = sim().await;
+    let keel = Keel::start(PREFLIGHT, &models).await;
+    let create = |input: Value| {
+        let keel = &keel;
+        async move {
+            post(
+                keel,
+                "/v1/tasks",
+                json!({"agent": "support", "input": input}),
+                None,
+            )
+            .await
+        }
+    };
+    let (status, task) =
+        create(json!({"question": "where is my parcel?", "priority": "low"})).await;
+    assert_eq!(status, 201, "{task}");
+
+    // A rule that does not hold, and one that cannot be evaluated, refuse the task.
+    let (status, refused) = create(json!({"question": "", "priority": "low"})).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["code"], "preflight_failed");
+    assert_eq!(
+        refused["error"]["message"],
+        "task refused before it starts: preflight rule `size(input.question) > 0` does not hold"
+    );
+    let (status, refused) = create(json!({"priority": "low"})).await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be evaluated"),
+        "{refused}"
+    );
+
+    // The tool the agent needs goes down: its breaker opens, and new tasks are refused
+    // instead of starting work that cannot finish.
+    models.script("tool:lookup", vec![Fault::status(500), Fault::status(500)]);
+    for _ in 0..2 {
+        let (status, _) = post(
+            &keel,
+            "/v1/tools/lookup/invoke",
+            json!({"args": {"q": "x"}}),
+            None,
+        )
+        .await;
+        assert_eq!(status, 502);
+    }
+    let (status, refused) = create(json!({"question": "still there?", "priority": "high"})).await;
+    assert_eq!(status, 422, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message
+            .contains("needs tool \"lookup\", which is unavailable: its circuit breaker is open"),
+        "{message}"
+    );
+    // Nothing was created for the refused ones.
+    let page: Value = reqwest::get(format!("{}/v1/tasks?agent=support", keel.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 1, "{page}");
+}
