@@ -241,11 +241,15 @@ async fn handle_inner(
         task: task.or_else(|| header_str(&headers, "x-keel-task").map(str::to_owned)),
         step: header_str(&headers, "x-keel-step").map(str::to_owned),
     };
-    if let Some(task) = who.task.as_deref()
-        && let Err(e) = gw.refuse_if_looping(task).await
-    {
-        count_request(gw, &route.name, "none", "rejected");
-        return Err(e);
+    if let Some(task) = who.task.as_deref() {
+        let allowed = match gw.check_owner(task, &who.agent).await {
+            Ok(()) => gw.refuse_if_looping(task).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = allowed {
+            count_request(gw, &route.name, "none", "rejected");
+            return Err(e);
+        }
     }
     let mut log = CallLog::new(who);
     match gw.agents.check(&log.who.agent, crate::agents::wall_now()) {

@@ -62,7 +62,12 @@ pub struct Gateway {
     loops: guard::loops::LoopGuard,
     /// Per agent: the tools its tasks need and its compiled `preflight` rules.
     preflights: HashMap<String, Preflight>,
+    /// Task → owning agent, as the supervisor said (a task's agent never changes).
+    owners: Mutex<HashMap<String, String>>,
 }
+
+/// Owners remembered at once; the cache starts afresh beyond this.
+const MAX_OWNERS: usize = 100_000;
 
 /// What a task of one agent needs before it may be created.
 struct Preflight {
@@ -202,6 +207,7 @@ impl Gateway {
             approvals: None,
             loops: guard::loops::LoopGuard::default(),
             preflights,
+            owners: Mutex::default(),
         })
     }
 
@@ -268,6 +274,41 @@ impl Gateway {
                     return;
                 }
             }
+        }
+    }
+
+    /// `Err` (403) when `task` is a supervisor task of another agent than `agent`: an agent
+    /// cannot spend from, hand off or fill the log of another agent's task. A task id the
+    /// supervisor does not know is the caller's own label and passes.
+    pub(crate) async fn check_owner(&self, task: &str, agent: &str) -> Result<(), error::ApiError> {
+        let Some(queue) = &self.approvals else {
+            return Ok(());
+        };
+        let known = self.owners.lock().get(task).cloned();
+        let owner = match known {
+            Some(owner) => owner,
+            None => match queue.owner(task).await? {
+                Some(owner) => {
+                    let mut owners = self.owners.lock();
+                    if owners.len() >= MAX_OWNERS {
+                        owners.clear();
+                    }
+                    owners.insert(task.to_owned(), owner.clone());
+                    owner
+                }
+                None => return Ok(()),
+            },
+        };
+        if owner == agent {
+            Ok(())
+        } else {
+            Err(error::ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "permission_error",
+                format!("task {task:?} belongs to agent {owner:?}, not {agent:?}"),
+            )
+            .with_param("task")
+            .with_code("task_of_another_agent"))
         }
     }
 

@@ -337,6 +337,13 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
             .map(str::to_owned)
             .ok_or_else(|| keel_core::ApiError::internal("the handoff was not recorded"))
     }
+
+    async fn owner(&self, task: &str) -> Result<Option<String>, keel_core::ApiError> {
+        let row = self.0.store().task(task).await.map_err(|e| {
+            keel_core::ApiError::unavailable(format!("cannot read task {task}: {e}"))
+        })?;
+        Ok(row.map(|r| r.agent))
+    }
 }
 
 async fn shutdown_signal() {

@@ -124,6 +124,9 @@ impl Gateway {
         if !args.is_object() {
             return Err(ApiError::bad_request("args must be a JSON object").with_param("args"));
         }
+        if let Some(task) = task {
+            self.check_owner(task, agent).await?;
+        }
         // A task's log is read for every call in a task: the loop guard counts repeats.
         let log = match (tool.needs_history(), task) {
             (_, Some(task)) => self.task_log(task).await?,

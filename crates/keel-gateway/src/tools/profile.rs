@@ -51,6 +51,9 @@ pub trait ApprovalQueue: Send + Sync {
         context: Value,
         timeout: Duration,
     ) -> Result<String, ApiError>;
+
+    /// The agent that owns `task`; `None` for a task the supervisor does not know.
+    async fn owner(&self, task: &str) -> Result<Option<String>, ApiError>;
 }
 
 /// A numeric arg far outside its profile.

@@ -142,7 +142,12 @@ async fn a_task_whose_answers_repeat_is_handed_off_and_its_next_call_refused() {
     let out = sdk(
         "chat",
         &keel.base_url(),
-        &["--header", &format!("x-keel-task={id}")],
+        &[
+            "--header",
+            &format!("x-keel-task={id}"),
+            "--header",
+            "x-keel-agent=looper",
+        ],
     )
     .await;
     assert_eq!(out["exception"], "ConflictError", "{out}");
@@ -213,4 +218,52 @@ async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
             .await
             .contains("keel_guardrail_blocks_total{tool=\"search\",rule=\"loop:same_call\"} 1")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cannot_act_in_another_agent_s_task() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    let (id, _) = running_task(&keel).await;
+    let client = reqwest::Client::new();
+    let tool = client
+        .post(format!("{}/v1/tools/search/invoke", keel.url))
+        .header("x-keel-agent", "intruder")
+        .json(&json!({"task": id, "args": {"query": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tool.status().as_u16(), 403);
+    let err: Value = tool.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "task_of_another_agent", "{err}");
+    assert_eq!(
+        err["error"]["message"],
+        format!("task {id:?} belongs to agent \"looper\", not \"intruder\"")
+    );
+    // The same for model calls: the openai SDK raises PermissionDeniedError.
+    let out = sdk(
+        "chat",
+        &keel.base_url(),
+        &[
+            "--header",
+            &format!("x-keel-task={id}"),
+            "--header",
+            "x-keel-agent=intruder",
+        ],
+    )
+    .await;
+    assert_eq!(out["exception"], "PermissionDeniedError", "{out}");
+    assert_eq!(models.calls("primary"), 0);
+    assert_eq!(models.calls("tool:search"), 0);
+    // Its owner can; a task id keel's supervisor does not know is the caller's own label.
+    let (status, _) = post(
+        &keel,
+        "/v1/tools/search/invoke",
+        None,
+        json!({"task": id, "args": {"query": "x"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = ask(&keel, "my-own-label", PROMPT).await;
+    assert_eq!(status, 200);
 }
