@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// a task to be created.
     #[serde(default)]
     pub preflight: Vec<String>,
+    /// What to do with user content that looks like a prompt injection (default `flag`).
+    #[serde(default)]
+    pub screen_input: crate::InjectionAction,
 }
 
 fn yes() -> bool {
@@ -90,6 +93,9 @@ pub struct AgentSettings {
     pub tools: Vec<String>,
     /// CEL rules over `input` and `agent`, each compiled by the check.
     pub preflight: Vec<String>,
+    /// What happens to user content (the newest user message of a chat call, a task's
+    /// input) that looks like a prompt injection.
+    pub screen_input: crate::InjectionAction,
 }
 
 /// Validated spending limits of an agent.
@@ -152,6 +158,7 @@ impl AgentConfig {
                 loop_guard: self.loop_guard,
                 tools: self.tools,
                 preflight: self.preflight,
+                screen_input: self.screen_input,
             })
         })
     }

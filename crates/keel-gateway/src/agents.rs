@@ -34,6 +34,8 @@ pub struct Agents {
     budgets: HashMap<String, Mutex<Budget>>,
     /// Agents whose loop guard is off.
     unguarded: std::collections::HashSet<String>,
+    /// Agents whose user content is screened otherwise than `flag`.
+    screening: HashMap<String, keel_config::InjectionAction>,
     /// `provider/model` → price, for `usd_per_day`.
     prices: HashMap<String, Price>,
 }
@@ -156,9 +158,13 @@ impl Agents {
         let mut by_key = HashMap::new();
         let mut budgets = HashMap::new();
         let mut unguarded = std::collections::HashSet::new();
+        let mut screening = HashMap::new();
         for agent in agents {
             if !agent.loop_guard {
                 unguarded.insert(agent.name.clone());
+            }
+            if agent.screen_input != keel_config::InjectionAction::Flag {
+                screening.insert(agent.name.clone(), agent.screen_input);
             }
             for key in &agent.keys {
                 by_key.insert(key.expose().to_owned(), agent.name.clone());
@@ -204,6 +210,7 @@ impl Agents {
             by_key,
             budgets,
             unguarded,
+            screening,
             prices,
         }
     }
@@ -211,6 +218,14 @@ impl Agents {
     /// Whether keel stops `agent`'s looping tasks (`[agents.NAME] loop_guard`, default on).
     pub fn loop_guard(&self, agent: &str) -> bool {
         !self.unguarded.contains(agent)
+    }
+
+    /// What happens to `agent`'s user content that looks like a prompt injection.
+    pub fn screen_input(&self, agent: &str) -> keel_config::InjectionAction {
+        self.screening
+            .get(agent)
+            .copied()
+            .unwrap_or(keel_config::InjectionAction::Flag)
     }
 
     /// Agents that have budgets.
@@ -405,6 +420,7 @@ mod tests {
             loop_guard: true,
             tools: Vec::new(),
             preflight: Vec::new(),
+            screen_input: keel_config::InjectionAction::Flag,
         };
         let provider = ProviderSettings {
             name: "p".into(),

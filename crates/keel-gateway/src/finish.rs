@@ -116,6 +116,9 @@ impl Finish {
             let chaos = log.chaos.iter().map(|c| c.to_json()).collect();
             data.insert("chaos".into(), Value::Array(chaos));
         }
+        if let Some(screened) = &log.screened {
+            data.insert("injection".into(), screened.clone());
+        }
         NewEvent::new(
             EventKind::LlmCall,
             log.who.task.clone(),

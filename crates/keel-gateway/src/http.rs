@@ -252,6 +252,10 @@ async fn handle_inner(
         }
     }
     let mut log = CallLog::new(who);
+    let mut parsed = parsed;
+    if endpoint == Endpoint::ChatCompletions {
+        screen_input(gw, &route.name, &mut parsed, &mut log).await?;
+    }
     match gw.agents.check(&log.who.agent, crate::agents::wall_now()) {
         Ok(warnings) => {
             for w in warnings {
@@ -294,7 +298,6 @@ async fn handle_inner(
     };
     // A stream reports its tokens only when asked to; keel asks (budgets and metrics
     // need them) and keeps the extra usage chunk from a client that did not.
-    let mut parsed = parsed;
     let hide_usage = parsed.stream
         && endpoint == Endpoint::ChatCompletions
         && parsed.body.ask_for_stream_usage();
@@ -341,6 +344,68 @@ async fn handle_inner(
         }
         Answer::Fatal(e) => ctx.fatal(route, log, e).await,
     })
+}
+
+/// Screens the newest user message of a chat call per the agent's `screen_input`: flag
+/// (noted in `llm_call.injection`), strip (the suspicious spans replaced before the model
+/// sees them), or block (400 `prompt_injection`, `action_blocked`).
+async fn screen_input(
+    gw: &Gateway,
+    route: &str,
+    parsed: &mut Parsed,
+    log: &mut CallLog,
+) -> Result<(), ApiError> {
+    use keel_config::InjectionAction;
+    let action = gw.agents.screen_input(&log.who.agent);
+    if action == InjectionAction::Off {
+        return Ok(());
+    }
+    let Some(found) = crate::guard::input::screen(&parsed.body) else {
+        return Ok(());
+    };
+    let name = match action {
+        InjectionAction::Strip => "strip",
+        InjectionAction::Block => "block",
+        InjectionAction::Flag | InjectionAction::Off => "flag",
+    };
+    let noted =
+        json!({"stage": "input", "score": found.score, "matched": found.matched, "action": name});
+    match action {
+        InjectionAction::Block => {
+            let reason = format!(
+                "the newest user message looks like a prompt injection (score {:.2}: {}); keel did not send it to the model",
+                found.score,
+                found.matched.join(", ")
+            );
+            gw.metrics
+                .guardrail_blocks
+                .get_or_create(&crate::metrics::GuardrailLabels {
+                    tool: "input".to_owned(),
+                    rule: "injection".to_owned(),
+                })
+                .inc();
+            log.push(
+                EventKind::ActionBlocked,
+                json!({"route": route, "agent": log.who.agent, "rules": ["injection"], "reasons": [reason], "stage": "input", "score": found.score}),
+            );
+            gw.append(std::mem::take(&mut log.events)).await;
+            count_request(gw, route, "none", "rejected");
+            Err(ApiError::bad_request(reason)
+                .with_param("messages")
+                .with_code("prompt_injection"))
+        }
+        InjectionAction::Strip => {
+            if let Some(stripped) = crate::guard::input::strip(&parsed.body) {
+                parsed.body = stripped;
+            }
+            log.screened = Some(noted);
+            Ok(())
+        }
+        InjectionAction::Flag | InjectionAction::Off => {
+            log.screened = Some(noted);
+            Ok(())
+        }
+    }
 }
 
 /// Records a call whose client left while keel was still working on it: the

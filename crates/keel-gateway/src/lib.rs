@@ -312,9 +312,19 @@ impl Gateway {
         }
     }
 
-    /// The pre-flight check of a new task of `agent`: every tool the agent needs is
+    /// The pre-flight check of a new task of `agent`: its input does not read as a prompt
+    /// injection (when the agent's `screen_input` is `block`), every tool the agent needs is
     /// available (its breaker not open), and every `preflight` rule holds on `input`.
     pub fn preflight(&self, agent: &str, input: &serde_json::Value) -> Result<(), String> {
+        if self.agents.screen_input(agent) == keel_config::InjectionAction::Block
+            && let Some(found) = tools::injection_in(input)
+        {
+            return Err(format!(
+                "the task's input looks like a prompt injection (score {:.2}: {})",
+                found.score,
+                found.matched.join(", ")
+            ));
+        }
         let Some(p) = self.preflights.get(agent) else {
             return Ok(());
         };

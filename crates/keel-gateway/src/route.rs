@@ -113,6 +113,8 @@ pub struct CallLog {
     pub attempts: u32,
     /// Faults injected by `[chaos]` into this call's attempts, in order.
     pub chaos: Vec<InjectedFault>,
+    /// What input screening found in the request (`llm_call.injection`).
+    pub screened: Option<serde_json::Value>,
 }
 
 /// One fault `[chaos]` injected into an attempt, recorded in `llm_call.chaos`.
@@ -148,6 +150,7 @@ impl CallLog {
             events: Vec::new(),
             attempts: 0,
             chaos: Vec::new(),
+            screened: None,
         }
     }
 

@@ -189,6 +189,7 @@ fn design_example_parses_to_expected_settings() {
                 loop_guard: true,
                 tools: Vec::new(),
                 preflight: Vec::new(),
+                screen_input: crate::InjectionAction::Flag,
             },
         )]),
         tools: BTreeMap::from([(

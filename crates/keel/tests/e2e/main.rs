@@ -16,6 +16,7 @@ mod crash;
 mod http;
 mod loops;
 mod output;
+mod screening;
 mod sdk;
 mod sim;
 mod tasks;
