@@ -353,7 +353,13 @@ async fn gateway_calls_of_a_task_land_in_its_log_and_the_chain_verifies() {
     let keel = Keel::start(&config("127.0.0.1:0"), &sim).await;
     let url = &keel.url;
     let id = create(url, "demo").await;
-    let out = crate::common::sdk("chat", &format!("{url}/tasks/{id}/v1"), &[]).await;
+    // The call names the task's agent: another agent may not write into its log.
+    let out = crate::common::sdk(
+        "chat",
+        &format!("{url}/tasks/{id}/v1"),
+        &["--header", "x-keel-agent=demo"],
+    )
+    .await;
     assert_eq!(out["ok"], true, "{out}");
     let text = reqwest::get(format!("{url}/v1/tasks/{id}/events"))
         .await
