@@ -20,6 +20,9 @@ pub struct AgentConfig {
     /// `budget = { ... }`.
     #[serde(default)]
     pub budget: BudgetConfig,
+    /// `key_budget = { ... }`: the same limits again for each of the agent's keys alone.
+    #[serde(default)]
+    pub key_budget: Option<BudgetConfig>,
     /// Steps a task may take.
     #[serde(default)]
     pub max_steps: Option<u32>,
@@ -80,6 +83,11 @@ pub struct AgentSettings {
     pub keys: Vec<Secret>,
     /// Spending limits; `None` fields are unlimited.
     pub budget: BudgetSettings,
+    /// The environment variable each key came from, in the order of `keys`: the name a
+    /// key goes by in messages and events (the key itself never appears).
+    pub key_names: Vec<String>,
+    /// Limits of each key on its own, on top of `budget`.
+    pub key_budget: Option<BudgetSettings>,
     /// Steps a task may take (at least 1); `None` is unlimited.
     pub max_steps: Option<u32>,
     /// Wall-clock limit of a task (longer than 0); `None` is unlimited.
@@ -129,6 +137,16 @@ impl AgentConfig {
             })
             .collect();
         let budget = problems.take(self.budget.validate(&at.child("budget")));
+        let key_budget = match self.key_budget {
+            Some(_) if self.keys_env.is_empty() => {
+                problems.push(at.child("key_budget").invalid(
+                    "needs keys_env: a key budget limits each of the agent's keys, and it has none",
+                ));
+                None
+            }
+            Some(b) => problems.take(b.validate(&at.child("key_budget"))).map(Some),
+            None => Some(None),
+        };
         if self.max_steps == Some(0) {
             problems.push(
                 at.child("max_steps")
@@ -152,6 +170,8 @@ impl AgentConfig {
                 name: name.to_owned(),
                 keys: keys.into_iter().collect::<Option<Vec<_>>>()?,
                 budget: budget?,
+                key_names: self.keys_env,
+                key_budget: key_budget?,
                 max_steps: self.max_steps,
                 task_timeout: self.task_timeout,
                 max_attempts: max_attempts?,

@@ -30,7 +30,9 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// Keys, budgets and model prices.
 pub struct Agents {
-    by_key: HashMap<String, String>,
+    /// Key → (agent, the key's name: its environment variable).
+    by_key: HashMap<String, (String, String)>,
+    /// By budget id: the agent's name, or `AGENT/key/NAME` for one key's own budget.
     budgets: HashMap<String, Mutex<Budget>>,
     /// Agents whose loop guard is off.
     unguarded: std::collections::HashSet<String>,
@@ -105,6 +107,8 @@ struct Window {
 /// A budget check that failed: what to tell the client.
 #[derive(Debug, Clone)]
 pub struct OverBudget {
+    /// The key whose own budget is spent (`None`: the agent's budget).
+    pub key: Option<String>,
     /// Which budget.
     pub unit: Unit,
     /// The limit.
@@ -118,8 +122,12 @@ pub struct OverBudget {
 impl OverBudget {
     /// The message a client gets.
     pub fn message(&self, agent: &str) -> String {
+        let whose = match &self.key {
+            Some(key) => format!("key {key} of agent {agent:?}"),
+            None => format!("agent {agent:?}"),
+        };
         format!(
-            "agent {agent:?} has used {} of its {} {}; retry after {}s",
+            "{whose} has used {} of its {} {}; retry after {}s",
             amount(self.unit, self.used),
             amount(self.unit, self.limit),
             self.unit.per(),
@@ -131,6 +139,8 @@ impl OverBudget {
 /// A budget that just crossed its warning share.
 #[derive(Debug, Clone)]
 pub struct Warning {
+    /// The key whose own budget it is (`None`: the agent's budget).
+    pub key: Option<String>,
     /// Which budget.
     pub unit: Unit,
     /// Used in the window.
@@ -166,36 +176,16 @@ impl Agents {
             if agent.screen_input != keel_config::InjectionAction::Flag {
                 screening.insert(agent.name.clone(), agent.screen_input);
             }
-            for key in &agent.keys {
-                by_key.insert(key.expose().to_owned(), agent.name.clone());
+            for (key, name) in agent.keys.iter().zip(&agent.key_names) {
+                by_key.insert(key.expose().to_owned(), (agent.name.clone(), name.clone()));
+                if let Some(b) = &agent.key_budget
+                    && let Some(budget) = Budget::of(b)
+                {
+                    budgets.insert(key_budget_id(&agent.name, name), Mutex::new(budget));
+                }
             }
-            let b = &agent.budget;
-            let windows: Vec<Window> = [
-                (Unit::Tokens, b.tokens_per_hour.map(|v| v as f64), 3600),
-                (Unit::Usd, b.usd_per_day, 86_400),
-                (Unit::Requests, b.requests_per_minute.map(f64::from), 60),
-            ]
-            .into_iter()
-            .filter_map(|(unit, limit, secs)| {
-                Some(Window {
-                    unit,
-                    limit: limit?,
-                    length: Duration::from_secs(secs),
-                    started: Duration::ZERO,
-                    used: 0.0,
-                    warned: false,
-                })
-            })
-            .collect();
-            if !windows.is_empty() {
-                budgets.insert(
-                    agent.name.clone(),
-                    Mutex::new(Budget {
-                        windows,
-                        warn_at: b.warn_at,
-                        dirty: false,
-                    }),
-                );
+            if let Some(budget) = Budget::of(&agent.budget) {
+                budgets.insert(agent.name.clone(), Mutex::new(budget));
             }
         }
         let prices = providers
@@ -214,7 +204,42 @@ impl Agents {
             prices,
         }
     }
+}
 
+/// The budget id of one key's own budget.
+fn key_budget_id(agent: &str, key: &str) -> String {
+    format!("{agent}/key/{key}")
+}
+
+impl Budget {
+    /// The windows `b` configures; `None` when it limits nothing.
+    fn of(b: &keel_config::BudgetSettings) -> Option<Self> {
+        let windows: Vec<Window> = [
+            (Unit::Tokens, b.tokens_per_hour.map(|v| v as f64), 3600),
+            (Unit::Usd, b.usd_per_day, 86_400),
+            (Unit::Requests, b.requests_per_minute.map(f64::from), 60),
+        ]
+        .into_iter()
+        .filter_map(|(unit, limit, secs)| {
+            Some(Window {
+                unit,
+                limit: limit?,
+                length: Duration::from_secs(secs),
+                started: Duration::ZERO,
+                used: 0.0,
+                warned: false,
+            })
+        })
+        .collect();
+        (!windows.is_empty()).then_some(Self {
+            windows,
+            warn_at: b.warn_at,
+            dirty: false,
+        })
+    }
+}
+
+impl Agents {
     /// Whether keel stops `agent`'s looping tasks (`[agents.NAME] loop_guard`, default on).
     pub fn loop_guard(&self, agent: &str) -> bool {
         !self.unguarded.contains(agent)
@@ -303,48 +328,79 @@ impl Agents {
         };
         let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
         match self.by_key.get(key) {
-            Some(agent) => Ok(agent.clone()),
+            Some((agent, _)) => Ok(agent.clone()),
             None => Err(ApiError::unauthorized("incorrect agent key provided")),
         }
     }
 
-    /// Admits one model request of `agent` at `now`: `Err` when a budget is spent;
-    /// otherwise the request is counted, with any warning it set off.
-    pub fn check(&self, agent: &str, now: Duration) -> Result<Vec<Warning>, OverBudget> {
-        let Some(budget) = self.budgets.get(agent) else {
-            return Ok(Vec::new());
-        };
-        let mut b = budget.lock();
-        for w in &mut b.windows {
-            w.roll(now);
-            if w.used >= w.limit {
-                let left = (w.started + w.length).saturating_sub(now);
-                return Err(OverBudget {
-                    unit: w.unit,
-                    limit: w.limit,
-                    used: w.used,
-                    // Rounded up: a client that waits this long finds the window new.
-                    retry_after: u64::try_from(left.as_millis().div_ceil(1000))
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                });
-            }
-        }
-        Ok(b.add(Unit::Requests, 1.0))
+    /// The name (environment variable) of the agent key in `authorization`, if it is one.
+    pub fn key_name(&self, authorization: Option<&str>) -> Option<String> {
+        let value = authorization?;
+        let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
+        self.by_key.get(key).map(|(_, name)| name.clone())
     }
 
-    /// Records what a call of `agent` to `target` spent; returns what is left of each
-    /// budget and any warning the spend set off.
+    /// The budgets a call of `agent` with `key` counts against: the agent's, and the key's own.
+    fn budgets_of<'a>(
+        &'a self,
+        agent: &str,
+        key: Option<&str>,
+    ) -> impl Iterator<Item = (Option<&'a str>, &'a Mutex<Budget>)> + 'a {
+        let agent_budget = self.budgets.get(agent).map(|b| (None, b));
+        let key_budget = key.and_then(|k| {
+            self.budgets
+                .get_key_value(&key_budget_id(agent, k))
+                .map(|(id, b)| (id.rsplit_once("/key/").map(|(_, name)| name), b))
+        });
+        agent_budget.into_iter().chain(key_budget)
+    }
+
+    /// Admits one model request of `agent` (with `key`) at `now`: `Err` when its budget or
+    /// the key's own budget is spent; otherwise the request is counted, with any warning it
+    /// set off.
+    pub fn check(
+        &self,
+        agent: &str,
+        key: Option<&str>,
+        now: Duration,
+    ) -> Result<Vec<Warning>, OverBudget> {
+        let budgets: Vec<_> = self.budgets_of(agent, key).collect();
+        for (key, budget) in &budgets {
+            let mut b = budget.lock();
+            for w in &mut b.windows {
+                w.roll(now);
+                if w.used >= w.limit {
+                    let left = (w.started + w.length).saturating_sub(now);
+                    return Err(OverBudget {
+                        key: key.map(str::to_owned),
+                        unit: w.unit,
+                        limit: w.limit,
+                        used: w.used,
+                        // Rounded up: a client that waits this long finds the window new.
+                        retry_after: u64::try_from(left.as_millis().div_ceil(1000))
+                            .unwrap_or(u64::MAX)
+                            .max(1),
+                    });
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        for (key, budget) in budgets {
+            warnings.extend(budget.lock().add(Unit::Requests, 1.0, key));
+        }
+        Ok(warnings)
+    }
+
+    /// Records what a call of `agent` (with `key`) to `target` spent; returns what is left
+    /// of each of the agent's budgets and any warning the spend set off (the key's own too).
     pub fn spend(
         &self,
         agent: &str,
+        key: Option<&str>,
         target: &str,
         usage: Usage,
         now: Duration,
     ) -> (Remaining, Vec<Warning>) {
-        let Some(budget) = self.budgets.get(agent) else {
-            return (Vec::new(), Vec::new());
-        };
         let total = if usage.total_tokens > 0 {
             usage.total_tokens
         } else {
@@ -354,24 +410,30 @@ impl Agents {
             (usage.prompt_tokens as f64 * p.input + usage.completion_tokens as f64 * p.output)
                 / 1_000_000.0
         });
-        let mut b = budget.lock();
-        for w in &mut b.windows {
-            w.roll(now);
+        let mut remaining = Vec::new();
+        let mut warnings = Vec::new();
+        for (key, budget) in self.budgets_of(agent, key) {
+            let mut b = budget.lock();
+            for w in &mut b.windows {
+                w.roll(now);
+            }
+            warnings.extend(b.add(Unit::Tokens, total as f64, key));
+            warnings.extend(b.add(Unit::Usd, usd, key));
+            if key.is_none() {
+                remaining = b
+                    .windows
+                    .iter()
+                    .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
+                    .collect();
+            }
         }
-        let mut warnings = b.add(Unit::Tokens, total as f64);
-        warnings.extend(b.add(Unit::Usd, usd));
-        let remaining = b
-            .windows
-            .iter()
-            .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
-            .collect();
         (remaining, warnings)
     }
 }
 
 impl Budget {
     /// Adds `amount` to the `unit` window; a warning when it crosses `warn_at` first.
-    fn add(&mut self, unit: Unit, amount: f64) -> Vec<Warning> {
+    fn add(&mut self, unit: Unit, amount: f64, key: Option<&str>) -> Vec<Warning> {
         let warn_at = self.warn_at;
         self.dirty = true;
         let mut warnings = Vec::new();
@@ -380,6 +442,7 @@ impl Budget {
             if !w.warned && w.used >= w.limit * warn_at {
                 w.warned = true;
                 warnings.push(Warning {
+                    key: key.map(str::to_owned),
                     unit,
                     used: w.used,
                     limit: w.limit,
@@ -417,6 +480,8 @@ mod tests {
             max_steps: None,
             task_timeout: None,
             max_attempts: std::num::NonZeroU32::MIN,
+            key_names: Vec::new(),
+            key_budget: None,
             loop_guard: true,
             tools: Vec::new(),
             preflight: Vec::new(),
@@ -458,13 +523,56 @@ mod tests {
     }
 
     #[test]
+    fn each_key_has_its_own_budget_on_top_of_the_agent_s() {
+        let agent = AgentSettings {
+            name: "a".into(),
+            keys: vec![
+                keel_config::Secret::new("k1".into()),
+                keel_config::Secret::new("k2".into()),
+            ],
+            key_names: vec!["KEY_ONE".into(), "KEY_TWO".into()],
+            budget: tokens(1000),
+            key_budget: Some(tokens(100)),
+            max_steps: None,
+            task_timeout: None,
+            max_attempts: std::num::NonZeroU32::MIN,
+            loop_guard: true,
+            tools: Vec::new(),
+            preflight: Vec::new(),
+            screen_input: keel_config::InjectionAction::Flag,
+        };
+        let a = Agents::new([&agent], []);
+        assert_eq!(a.key_name(Some("Bearer k2")).as_deref(), Some("KEY_TWO"));
+        assert_eq!(a.key_name(Some("Bearer nope")), None);
+        let now = Duration::from_secs(7200);
+        a.check("a", Some("KEY_ONE"), now).unwrap();
+        let (remaining, _) = a.spend("a", Some("KEY_ONE"), "p/m", usage(60, 40), now);
+        assert_eq!(
+            remaining,
+            vec![(Unit::Tokens, 900.0)],
+            "the agent's budget is reported"
+        );
+        let over = a.check("a", Some("KEY_ONE"), now).unwrap_err();
+        assert_eq!(over.key.as_deref(), Some("KEY_ONE"));
+        assert!(
+            over.message("a")
+                .starts_with("key KEY_ONE of agent \"a\" has used 100 of its 100 tokens per hour"),
+            "{}",
+            over.message("a")
+        );
+        // The other key, and the agent as a whole, still have room.
+        assert!(a.check("a", Some("KEY_TWO"), now).is_ok());
+        assert!(a.check("a", None, now).is_ok());
+    }
+
+    #[test]
     fn windows_are_restored_while_current_and_only_then() {
         let hour = Duration::from_secs(3600);
         let a = agents(tokens(1000));
         // 20 minutes into a clock hour.
         let now = Duration::from_secs(1_700_000_000 / 3600 * 3600 + 1200);
-        a.check("a", now).unwrap();
-        a.spend("a", "p/m", usage(600, 400), now);
+        a.check("a", None, now).unwrap();
+        a.spend("a", None, "p/m", usage(600, 400), now);
         let saved = a.snapshot();
         assert_eq!(saved.len(), 1);
         assert!(a.snapshot().is_empty(), "nothing spent since");
@@ -480,12 +588,12 @@ mod tests {
         let b = agents(tokens(1000));
         let later = now + Duration::from_secs(60);
         b.restore("a", &saved[0].1, later);
-        let over = b.check("a", later).unwrap_err();
+        let over = b.check("a", None, later).unwrap_err();
         assert_eq!(over.retry_after, 2340);
         // ...and one started in the next hour is not.
         let c = agents(tokens(1000));
         c.restore("a", &saved[0].1, now + hour);
-        assert!(c.check("a", now + hour).is_ok());
+        assert!(c.check("a", None, now + hour).is_ok());
     }
 
     #[test]
@@ -497,19 +605,19 @@ mod tests {
         let t = Duration::from_secs(10);
         let mut warned = 0;
         for _ in 0..5 {
-            warned += a.check("a", t).unwrap().len();
+            warned += a.check("a", None, t).unwrap().len();
         }
         assert_eq!(warned, 1, "one warning at 80% (the 4th request)");
-        let over = a.check("a", t).unwrap_err();
+        let over = a.check("a", None, t).unwrap_err();
         assert_eq!(over.unit, Unit::Requests);
         assert_eq!(over.retry_after, 50);
         assert_eq!(
             over.message("a"),
             "agent \"a\" has used 5 of its 5 requests per minute; retry after 50s"
         );
-        assert!(a.check("a", Duration::from_secs(61)).is_ok());
+        assert!(a.check("a", None, Duration::from_secs(61)).is_ok());
         assert!(
-            a.check("other", t).is_ok(),
+            a.check("other", None, t).is_ok(),
             "agents without budgets are not limited"
         );
     }
@@ -522,19 +630,19 @@ mod tests {
         });
         let t = Duration::from_secs(1);
         // 100k prompt tokens at $2/M + 50k completion at $8/M = $0.60.
-        let (left, warnings) = a.spend("a", "p/m", usage(100_000, 50_000), t);
+        let (left, warnings) = a.spend("a", None, "p/m", usage(100_000, 50_000), t);
         assert_eq!(left.len(), 1);
         assert!((left[0].1 - 0.4).abs() < 1e-9, "{left:?}");
         assert!(warnings.is_empty());
-        let (_, warnings) = a.spend("a", "p/m", usage(100_000, 50_000), t);
+        let (_, warnings) = a.spend("a", None, "p/m", usage(100_000, 50_000), t);
         assert_eq!(warnings.len(), 1, "crossing 80% warns once");
-        assert_eq!(a.check("a", t).unwrap_err().unit, Unit::Usd);
+        assert_eq!(a.check("a", None, t).unwrap_err().unit, Unit::Usd);
         // A model without a price costs nothing.
         let b = agents(BudgetSettings {
             usd_per_day: Some(1.0),
             ..BudgetSettings::default()
         });
-        b.spend("a", "p/unpriced", usage(10_000_000, 0), t);
-        assert!(b.check("a", t).is_ok());
+        b.spend("a", None, "p/unpriced", usage(10_000_000, 0), t);
+        assert!(b.check("a", None, t).is_ok());
     }
 }

@@ -138,7 +138,14 @@ impl Finish {
 
     /// Metrics of a finished call, and its spend against the agent's budgets (an
     /// `alert_raised` warning when one crosses its warning share).
-    async fn observe(&self, usage: Option<Usage>, agent: &str, target: &str, task: Option<String>) {
+    async fn observe(
+        &self,
+        usage: Option<Usage>,
+        who: &crate::route::Attribution,
+        target: &str,
+        task: Option<String>,
+    ) {
+        let agent = who.agent.as_str();
         let m = &self.gw.metrics;
         m.request_duration
             .get_or_create(&RouteLabel {
@@ -154,10 +161,13 @@ impl Finish {
                 })
                 .observe(n as f64);
         }
-        let (remaining, warnings) =
-            self.gw
-                .agents
-                .spend(agent, target, u, crate::agents::wall_now());
+        let (remaining, warnings) = self.gw.agents.spend(
+            agent,
+            who.key.as_deref(),
+            target,
+            u,
+            crate::agents::wall_now(),
+        );
         for (unit, left) in remaining {
             m.budget_remaining
                 .get_or_create(&BudgetLabels {
@@ -244,7 +254,7 @@ impl Finish {
         }
         count_request(&self.gw, &route.name, &target.id, "ok");
         self.count_fallback(fallback);
-        self.observe(usage, &log.who.agent, &target.id, log.who.task.clone())
+        self.observe(usage, &log.who, &target.id, log.who.task.clone())
             .await;
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
@@ -318,7 +328,7 @@ impl Finish {
                     .inc();
             }
             self.count_fallback(fallback);
-            self.observe(usage, &log.who.agent, &target_id, log.who.task.clone())
+            self.observe(usage, &log.who, &target_id, log.who.task.clone())
                 .await;
             // `[DONE]` only after the call is recorded: a client that saw the
             // end of the stream can find its `llm_call`.
@@ -392,7 +402,7 @@ impl Finish {
             self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
                 .await;
             count_request(&self.gw, &route.name, "none", "error");
-            self.observe(None, &log.who.agent, "", None).await;
+            self.observe(None, &log.who, "", None).await;
             let message = format!("route {:?} could not be served: {why}", route.name);
             let mut err = if timed_out {
                 ApiError::timeout(message)
@@ -424,7 +434,7 @@ impl Finish {
                 route: route.name.clone(),
             })
             .inc();
-        self.observe(None, &log.who.agent, "", None).await;
+        self.observe(None, &log.who, "", None).await;
         let mut response = if self.stream {
             let chunks = degraded_chunks(&route.name, &reply);
             let mut r = Response::new(Body::from(chunks));
@@ -473,7 +483,7 @@ impl Finish {
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
         count_request(&self.gw, &route.name, &target, "error");
-        self.observe(None, &log.who.agent, "", None).await;
+        self.observe(None, &log.who, "", None).await;
         let mut response = match error {
             UpstreamError::Status { status, .. } if credentials_refused => {
                 let mut err = ApiError::unavailable(format!(

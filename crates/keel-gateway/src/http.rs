@@ -218,6 +218,9 @@ async fn handle_inner(
         header_str(request.headers(), "authorization"),
         header_str(request.headers(), "x-keel-agent"),
     )?;
+    let key = gw
+        .agents
+        .key_name(header_str(request.headers(), "authorization"));
     let chaos_header = chaos_fault(gw, request.headers())?;
     let (headers, parsed) = read_body(gw, request).await?;
     let Some(route) = gw.routes.get(&parsed.route) else {
@@ -240,6 +243,7 @@ async fn handle_inner(
         agent,
         task: task.or_else(|| header_str(&headers, "x-keel-task").map(str::to_owned)),
         step: header_str(&headers, "x-keel-step").map(str::to_owned),
+        key,
     };
     if let Some(task) = who.task.as_deref() {
         let allowed = match gw.check_owner(task, &who.agent).await {
@@ -256,7 +260,11 @@ async fn handle_inner(
     if endpoint == Endpoint::ChatCompletions {
         screen_input(gw, &route.name, &mut parsed, &mut log).await?;
     }
-    match gw.agents.check(&log.who.agent, crate::agents::wall_now()) {
+    match gw.agents.check(
+        &log.who.agent,
+        log.who.key.as_deref(),
+        crate::agents::wall_now(),
+    ) {
         Ok(warnings) => {
             for w in warnings {
                 log.push(EventKind::AlertRaised, budget_warning(&log.who.agent, &w));
@@ -265,7 +273,7 @@ async fn handle_inner(
         Err(over) => {
             log.push(
                 EventKind::BudgetExceeded,
-                json!({"agent": log.who.agent, "unit": over.unit.as_str(), "limit": over.limit, "used": over.used, "route": route.name}),
+                json!({"agent": log.who.agent, "key": over.key, "unit": over.unit.as_str(), "limit": over.limit, "used": over.used, "route": route.name}),
             );
             gw.append(std::mem::take(&mut log.events)).await;
             count_request(gw, &route.name, "none", "rejected");
@@ -451,14 +459,19 @@ impl Drop for CallGuard {
 
 /// The `alert_raised` data of a budget that crossed its warning share.
 pub(crate) fn budget_warning(agent: &str, w: &crate::agents::Warning) -> Value {
+    let whose = match &w.key {
+        Some(key) => format!("key {key} of agent {agent:?}"),
+        None => format!("agent {agent:?}"),
+    };
     json!({
         "severity": "warning",
         "kind": "budget",
         "agent": agent,
+        "key": w.key,
         "unit": w.unit.as_str(),
         "used": w.used,
         "limit": w.limit,
-        "message": format!("agent {agent:?} has used {:.0}% of its {} budget", 100.0 * w.used / w.limit, w.unit.as_str()),
+        "message": format!("{whose} has used {:.0}% of its {} budget", 100.0 * w.used / w.limit, w.unit.as_str()),
     })
 }
 

@@ -101,6 +101,8 @@ pub struct Attribution {
     pub task: Option<String>,
     /// Step label, from `x-keel-step`.
     pub step: Option<String>,
+    /// The name of the agent key the call came with (its environment variable), if any.
+    pub key: Option<String>,
 }
 
 /// Events and counters of one call, written by the caller in one append.

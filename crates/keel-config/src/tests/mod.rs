@@ -186,6 +186,8 @@ fn design_example_parses_to_expected_settings() {
                 max_steps: Some(40),
                 task_timeout: Some(secs(600)),
                 max_attempts: three,
+                key_names: vec!["KEEL_KEY_SUPPORT".into()],
+                key_budget: None,
                 loop_guard: true,
                 tools: Vec::new(),
                 preflight: Vec::new(),

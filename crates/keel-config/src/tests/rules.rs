@@ -481,6 +481,14 @@ fn a_bad_profile_is_named_by_key_and_line() {
 }
 
 #[test]
+fn a_key_budget_needs_keys() {
+    assert_eq!(
+        errors("[agents.a]\nkey_budget = { tokens_per_hour = 10 }\n"),
+        "keel.toml:2: agents.a.key_budget: needs keys_env: a key budget limits each of the agent's keys, and it has none"
+    );
+}
+
+#[test]
 fn an_agent_s_preflight_rules_and_tools_are_checked() {
     let text = "[tools.lookup]\nurl = \"http://x\"\n\n[agents.support]\ntools = [\"lookup\", \"refund\"]\npreflight = [\"size(input.question) > 0\", \"input.question ==\"]\n";
     let got = errors(text);

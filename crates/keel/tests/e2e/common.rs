@@ -39,6 +39,7 @@ impl Keel {
             .arg(&path)
             .env("KEEL_TEST_PROVIDER_KEY", PROVIDER_KEY)
             .env("KEEL_KEY_SUPPORT", "sk-agent-support")
+            .env("KEEL_KEY_SUPPORT_2", "sk-agent-support-2")
             .env("KEEL_TEST_ADMIN_TOKEN", "admin-secret")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -443,6 +443,32 @@ async fn an_agent_over_its_token_budget_gets_a_rate_limit_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn each_key_of_an_agent_can_have_its_own_budget() {
+    let sim = sim().await;
+    let config = WITH_AGENT_KEYS.replace(
+        "keys_env = [\"KEEL_KEY_SUPPORT\"]",
+        "keys_env = [\"KEEL_KEY_SUPPORT\", \"KEEL_KEY_SUPPORT_2\"]\nkey_budget = { tokens_per_hour = 5 }",
+    );
+    assert_ne!(config, WITH_AGENT_KEYS);
+    let keel = Keel::start(&config, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["exception"], "RateLimitError", "{out}");
+    let message = out["message"].as_str().unwrap();
+    assert!(
+        message.contains("key KEEL_KEY_SUPPORT of agent \"support\" has used"),
+        "the message names the key by its variable, never the key: {message}"
+    );
+    assert!(!message.contains("sk-agent-support"), "{message}");
+    // The agent's other key has its own budget.
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support-2"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let exceeded = keel.events_of("budget_exceeded");
+    assert_eq!(exceeded[0]["key"], "KEEL_KEY_SUPPORT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stream_spends_from_the_budget_even_when_the_client_did_not_ask_for_usage() {
     let sim = sim().await;
     let config = WITH_AGENT_KEYS.replace("tokens_per_hour = 100000", "tokens_per_hour = 5");
