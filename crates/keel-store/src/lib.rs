@@ -206,7 +206,9 @@ pub trait EventStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// The state value under `key` (state keel derives beside the log, such as the
-    /// histogram profiles of tool args) and its version; `None` when never saved.
+    /// histogram profiles of tool args) and its version; `None` when never saved. Values
+    /// under `idem/` are idempotency records: pruning with a retention deletes the ones
+    /// older than its cutoff, like the supervisor's.
     async fn load_state(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
 
     /// Saves `value` under `key` if its version is still `expected` (`None`: no value

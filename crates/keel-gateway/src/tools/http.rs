@@ -461,6 +461,19 @@ async fn invoke_inner(
         .idempotency_key
         .or_else(|| header(headers, "idempotency-key").map(str::to_owned));
     let tool = gw.tool(name)?;
+    // A call repeated with its Idempotency-Key gets the first answer; the tool is not
+    // called again. A tool that redacts keeps no record: its answer would hold what the
+    // log must not (the tool itself still gets the key, to deduplicate).
+    let record = key
+        .as_deref()
+        .filter(|_| tool.settings.redact.is_empty())
+        .map(|k| format!("idem/tool/{name}/{agent}/{k}"));
+    let action_key = profile::action_id(name, &b.args);
+    if let Some(record) = &record
+        && let Some(first) = replayed(gw, record, &action_key).await?
+    {
+        return Ok(first);
+    }
     let approval = match gw
         .decide(tool, &agent, task.as_deref(), &b.args, false)
         .await?
@@ -598,10 +611,48 @@ async fn invoke_inner(
             if let Some(screened) = screened {
                 answer["injection"] = screened;
             }
+            if let Some(record) = &record {
+                let saved = json!({"action": action_key, "answer": answer});
+                // A concurrent call with the same key may have saved first: its answer stands.
+                if let Err(e) = gw
+                    .store
+                    .save_state(record, saved.to_string().into_bytes(), None)
+                    .await
+                {
+                    tracing::warn!(tool = %name, error = %e, "cannot record the keyed call's answer");
+                }
+            }
             Ok(axum::Json(answer).into_response())
         }
         Err(e) => Err(e),
     }
+}
+
+/// The first answer to a call with this idempotency record, marked `idempotent-replayed`;
+/// a 422 when the key was first used with other args.
+async fn replayed(gw: &Gateway, record: &str, action: &str) -> Result<Option<Response>, ApiError> {
+    let Some(saved) =
+        gw.store.load_state(record).await.map_err(|e| {
+            ApiError::unavailable(format!("cannot read the idempotency record: {e}"))
+        })?
+    else {
+        return Ok(None);
+    };
+    let saved: Value = serde_json::from_slice(&saved.value)
+        .map_err(|e| ApiError::internal(format!("unreadable idempotency record: {e}")))?;
+    if saved["action"] != action {
+        return Err(ApiError::unprocessable(
+            "this Idempotency-Key was first used with other args; use a new key for another call",
+        )
+        .with_param("idempotency_key")
+        .with_code("idempotency_key_reused"));
+    }
+    let mut response = axum::Json(saved["answer"].clone()).into_response();
+    response.headers_mut().insert(
+        "idempotent-replayed",
+        axum::http::HeaderValue::from_static("true"),
+    );
+    Ok(Some(response))
 }
 
 /// The reason given for a result withheld as a prompt injection.

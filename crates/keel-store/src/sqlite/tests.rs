@@ -773,3 +773,40 @@ async fn the_background_checkpointer_copies_the_wal_back() {
     );
     assert_eq!(all(&store).await.len(), 300);
 }
+
+#[tokio::test]
+async fn pruning_drops_old_idempotency_state_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    store
+        .save_state("idem/tool/charge/support/k1", b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    store
+        .save_state("profile/support/charge/amount", b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    let report = store
+        .prune(crate::PrunePolicy {
+            finished_before_ms: Some(crate::chain::now_ms() + 1_000),
+            keep_checkpoints: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.idempotency_keys, 1);
+    assert!(
+        store
+            .load_state("idem/tool/charge/support/k1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .load_state("profile/support/charge/amount")
+            .await
+            .unwrap()
+            .is_some(),
+        "profiles are not idempotency records"
+    );
+}

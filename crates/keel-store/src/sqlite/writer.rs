@@ -603,6 +603,10 @@ fn prune(tx: &Connection, policy: PrunePolicy) -> Result<PruneReport, Fail> {
         report.idempotency_keys = tx
             .prepare_cached("DELETE FROM idempotency WHERE created_at_ms < ?1")?
             .execute([cutoff])? as u64;
+        // So is a state value under `idem/` (the gateway's record of a keyed tool call).
+        report.idempotency_keys += tx
+            .prepare_cached("DELETE FROM state WHERE key LIKE 'idem/%' AND updated_ms < ?1")?
+            .execute([cutoff])? as u64;
     }
     if let Some(keep) = policy.keep_checkpoints {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);

@@ -663,3 +663,63 @@ async fn a_task_that_cannot_succeed_is_refused_at_creation() {
         .unwrap();
     assert_eq!(page["tasks"].as_array().unwrap().len(), 1, "{page}");
 }
+
+const CHARGE: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[tools.charge]
+url = "{sim}/tools/charge"
+side_effects = true
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyed_tool_call_repeated_gets_the_first_answer_even_after_a_restart() {
+    let models = sim().await;
+    let keel = Keel::start(CHARGE, &models).await;
+    let invoke = |keel: &Keel, args: Value, key: &str| {
+        let request = reqwest::Client::new()
+            .post(format!("{}/v1/tools/charge/invoke", keel.url))
+            .header("x-keel-agent", "support")
+            .header("idempotency-key", key)
+            .json(&json!({"args": args}));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let replayed = response.headers().get("idempotent-replayed").is_some();
+            (status, replayed, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, replayed, first) = invoke(&keel, json!({"amount": 5}), "charge-1").await;
+    assert_eq!((status, replayed), (200, false), "{first}");
+    let (status, replayed, again) = invoke(&keel, json!({"amount": 5}), "charge-1").await;
+    assert_eq!((status, replayed), (200, true), "{again}");
+    assert_eq!(again, first);
+    assert_eq!(models.calls("tool:charge"), 1, "the tool ran once");
+    assert_eq!(keel.events_of("tool_invoked").len(), 1);
+
+    // The same key with other args is a mistake, said plainly.
+    let (status, _, err) = invoke(&keel, json!({"amount": 500}), "charge-1").await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["code"], "idempotency_key_reused");
+
+    // A failed call is not recorded: the retry with its key runs.
+    models.script("tool:charge", vec![Fault::status(500)]);
+    let (status, _, _) = invoke(&keel, json!({"amount": 7}), "charge-2").await;
+    assert_eq!(status, 502);
+    let (status, replayed, _) = invoke(&keel, json!({"amount": 7}), "charge-2").await;
+    assert_eq!((status, replayed), (200, false));
+    assert_eq!(models.calls("tool:charge"), 3);
+
+    // The record is in the store: a restarted keel still answers from it.
+    let Keel { mut child, dir, .. } = keel;
+    child.kill().await.unwrap();
+    let keel = Keel::start_in(dir, CHARGE, &models).await;
+    let (status, replayed, after) = invoke(&keel, json!({"amount": 5}), "charge-1").await;
+    assert_eq!((status, replayed), (200, true));
+    assert_eq!(after, first);
+    assert_eq!(models.calls("tool:charge"), 3);
+}
