@@ -68,6 +68,9 @@ pub const ACT_TOOL: &str = "act";
 pub const USUAL_AMOUNT: u64 = 20;
 /// A risky action's amount: far above the usual.
 pub const RISKY_AMOUNT: u64 = 5_000;
+/// The capability an infeasible task needs and no agent has: a pre-flight rule over the
+/// task's `needs` can refuse the task before it burns tokens.
+pub const MISSING_TOOL: &str = "teleport";
 /// How often a loop-prone task repeats its action if nothing stops it.
 pub const LOOP_REPEATS: u32 = 10;
 

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use agent::{ACT_TOOL, LOOP_REPEATS, RISKY_AMOUNT, Tally, USUAL_AMOUNT};
+pub use agent::{ACT_TOOL, LOOP_REPEATS, MISSING_TOOL, RISKY_AMOUNT, Tally, USUAL_AMOUNT};
 pub use inject::FleetInjector;
 pub use mix::FaultMix;
 pub use script::{TaskScript, Trap};
@@ -76,11 +76,28 @@ pub struct Created {
     pub index: u32,
 }
 
+/// A task keel refused when it was created (its pre-flight check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The script index.
+    pub index: u32,
+    /// keel's reason.
+    pub reason: String,
+}
+
+/// What creating one task came to.
+enum Made {
+    Created(Created),
+    Refused(Refused),
+}
+
 /// What the driver saw.
 #[derive(Debug)]
 pub struct FleetRun {
     /// Tasks keel acknowledged, in script order.
     pub created: Vec<Created>,
+    /// Tasks keel refused at creation (pre-flight), in script order.
+    pub refused: Vec<Refused>,
     /// Whether every task reached a final state before the drain deadline.
     pub drained: bool,
     /// From the first create to the end of the drain.
@@ -190,12 +207,12 @@ pub async fn run(
         calls_failed: crew.tally.calls_failed.load(Ordering::Relaxed),
     };
     let create = async {
-        let results: Vec<Result<Created, FleetError>> =
+        let results: Vec<Result<Made, FleetError>> =
             futures::stream::iter(scripts.iter().map(|s| {
                 let crew = &crew;
                 let count = &created_count;
                 async move {
-                    let created = create_task(crew, s.index).await;
+                    let created = create_task(crew, s).await;
                     count.fetch_add(1, Ordering::Relaxed);
                     created
                 }
@@ -203,11 +220,18 @@ pub async fn run(
             .buffered(16)
             .collect()
             .await;
-        results.into_iter().collect::<Result<Vec<_>, _>>()
+        let (mut created, mut refused) = (Vec::new(), Vec::new());
+        for made in results {
+            match made? {
+                Made::Created(c) => created.push(c),
+                Made::Refused(r) => refused.push(r),
+            }
+        }
+        Ok::<_, FleetError>((created, refused))
     };
     let deadline_after = settings.drain_timeout;
     let main = async {
-        let created = create.await?;
+        let (created, refused) = create.await?;
         let ours: HashSet<String> = created.iter().map(|c| c.id.clone()).collect();
         let deadline = Instant::now() + deadline_after;
         loop {
@@ -215,22 +239,22 @@ pub async fn run(
             // final state (final states are for good), so a task moving between
             // queued and running between two reads cannot end the drain early.
             if open_tasks(&crew, &ours).await == Some(0) && all_final(&crew, &ours).await {
-                return Ok((created, true));
+                return Ok((created, refused, true));
             }
             if Instant::now() >= deadline {
-                return Ok((created, false));
+                return Ok((created, refused, false));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
     tokio::pin!(main);
-    let outcome: Result<(Vec<Created>, bool), FleetError> = loop {
+    let outcome: Result<(Vec<Created>, Vec<Refused>, bool), FleetError> = loop {
         tokio::select! {
             outcome = &mut main => break outcome,
             () = tokio::time::sleep(Duration::from_millis(500)) => on_progress(progress()),
         }
     };
-    let (created, drained) = match outcome {
+    let (created, refused, drained) = match outcome {
         Ok(o) => o,
         Err(e) => {
             crew.abort.cancel();
@@ -246,6 +270,7 @@ pub async fn run(
     on_progress(progress());
     Ok(FleetRun {
         created,
+        refused,
         drained,
         wall: started.elapsed(),
     })
@@ -255,10 +280,18 @@ pub async fn run(
 /// restart takes well under a second).
 const CREATE_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Creates the task of script `index` (retried while keel cannot be reached).
-async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetError> {
+/// Creates the task of `script` (retried while keel cannot be reached). Its input names
+/// what it needs: `act`, and for an infeasible task [`agent::MISSING_TOOL`] too. A refusal
+/// by keel's pre-flight check (422 `preflight_failed`) is an outcome, not an error.
+async fn create_task(crew: &agent::Crew, script: &TaskScript) -> Result<Made, FleetError> {
+    let index = script.index;
     let id = format!("{}-{index:06}", crew.id_prefix);
-    let body = json!({"agent": crew.agent, "id": id, "input": {"index": index}});
+    let needs: Vec<&str> = if script.feasible() {
+        vec![ACT_TOOL]
+    } else {
+        vec![ACT_TOOL, agent::MISSING_TOOL]
+    };
+    let body = json!({"agent": crew.agent, "id": id, "input": {"index": index, "needs": needs}});
     let key = format!("create-{}-{}-{index}", crew.id_prefix, crew.seed);
     let call = crew.supervisor(reqwest::Method::POST, "/v1/tasks", Some(&body), Some(&key));
     let unreachable = FleetError::Unreachable {
@@ -268,7 +301,19 @@ async fn create_task(crew: &agent::Crew, index: u32) -> Result<Created, FleetErr
     match tokio::time::timeout(CREATE_PATIENCE, call).await {
         Ok(Ok((status, answer))) if status.is_success() => {
             let id = answer["id"].as_str().unwrap_or(&id).to_owned();
-            Ok(Created { id, index })
+            Ok(Made::Created(Created { id, index }))
+        }
+        Ok(Ok((status, answer)))
+            if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+                && answer["error"]["code"] == "preflight_failed" =>
+        {
+            Ok(Made::Refused(Refused {
+                index,
+                reason: answer["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            }))
         }
         Ok(Ok((status, answer))) => Err(FleetError::Create {
             index,

@@ -86,6 +86,9 @@ pub struct Final {
     pub cancelled: u64,
     /// Acknowledged but in no final state after the drain.
     pub lost: u64,
+    /// Refused by keel's pre-flight check when they were created: never started.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// p50 and p99.
@@ -208,6 +211,7 @@ impl Report {
                 Some("dead") => final_states.dead += 1,
                 Some("awaiting_human") => final_states.awaiting_human += 1,
                 Some("cancelled") => final_states.cancelled += 1,
+                Some("refused") => final_states.refused += 1,
                 _ => {
                     final_states.lost += 1;
                     continue;
@@ -301,6 +305,7 @@ impl Report {
             ("awaiting human", f.awaiting_human.to_string()),
             ("cancelled", f.cancelled.to_string()),
             ("lost", f.lost.to_string()),
+            ("refused at creation (pre-flight)", f.refused.to_string()),
             (
                 "task latency of successes p50 / p99",
                 format!(
@@ -609,6 +614,7 @@ mod tests {
             task(false, Some("dead"), 4.0),
             task(true, Some("running"), 9.0),
             task(true, None, 0.0),
+            task(false, Some("refused"), 0.0),
         ];
         let r = Report::build(facts(), &tasks);
         assert_eq!(
@@ -618,7 +624,8 @@ mod tests {
                 dead: 2,
                 awaiting_human: 0,
                 cancelled: 0,
-                lost: 2
+                lost: 2,
+                refused: 1,
             }
         );
         assert_eq!(r.feasible, 5);
@@ -627,7 +634,7 @@ mod tests {
         assert_eq!(r.task_latency_ms.p50, 1000.0);
         assert_eq!(r.task_latency_ms.p99, 3000.0);
         assert_eq!(r.task_run_ms.p50, 500.0, "half a second in the queue");
-        assert!((r.model_calls_per_task - 10.0 / 6.0).abs() < 1e-9);
+        assert!((r.model_calls_per_task - 10.0 / 7.0).abs() < 1e-9);
         let ended: u64 = r.timeline.iter().map(|b| b.ended).sum();
         assert_eq!(ended, 3, "feasible tasks in a final state");
     }

@@ -431,6 +431,7 @@ async fn from_api(
             updated_ms: task["updated_at_ms"].as_i64().unwrap_or(0),
         });
     }
+    collected.refused(prepared, run);
     Ok(collected)
 }
 
@@ -648,6 +649,21 @@ struct Collected {
 }
 
 impl Collected {
+    /// The tasks keel refused at creation: outcomes in no other final state, and what
+    /// the pre-flight check caught.
+    fn refused(&mut self, prepared: &Prepared, run: &fleet::FleetRun) {
+        for refused in &run.refused {
+            self.outcomes.push(TaskOutcome {
+                feasible: feasible(prepared, refused.index),
+                state: Some("refused".to_owned()),
+                created_ms: 0,
+                first_claimed_ms: None,
+                updated_ms: 0,
+            });
+            *self.caught.entry("preflight".to_owned()).or_default() += 1;
+        }
+    }
+
     /// Counts one event into the call figures.
     fn event(&mut self, event: &keel_store::Event) {
         match event.kind.as_str() {
@@ -743,6 +759,7 @@ async fn from_store<S: EventStore + TaskStore + ?Sized>(
     ] {
         for_each_event(store, kind, |event| collected.event(event)).await?;
     }
+    collected.refused(prepared, run);
     Ok(collected)
 }
 
@@ -852,6 +869,8 @@ half_open_calls = 3
 
 [agents.{AGENT}]
 max_attempts = 3
+# A task that needs a capability no tool gives is refused when it is created.
+preflight = ["input.needs.all(t, t == '{ACT}')"]
 "#
         )
     } else {
@@ -872,6 +891,9 @@ loop_guard = false
     };
     common + &policies + &tool_text(sim_base_url, policies_on)
 }
+
+/// The one tool the fleet's agents have: a task that needs another is infeasible.
+const ACT: &str = fleet::ACT_TOOL;
 
 /// The rule that stops a risky action, and the one that stops a loop of calls.
 const RISK_RULE: &str = "args.amount <= 500";

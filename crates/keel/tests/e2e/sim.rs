@@ -29,10 +29,17 @@ fn sim(dir: &Path, args: &[&str]) -> Value {
 }
 
 fn final_total(report: &Value) -> u64 {
-    ["succeeded", "dead", "awaiting_human", "cancelled", "lost"]
-        .iter()
-        .map(|k| report["final"][*k].as_u64().unwrap())
-        .sum()
+    [
+        "succeeded",
+        "dead",
+        "awaiting_human",
+        "cancelled",
+        "lost",
+        "refused",
+    ]
+    .iter()
+    .map(|k| report["final"][*k].as_u64().unwrap())
+    .sum()
 }
 
 #[test]
@@ -102,6 +109,13 @@ fn policies_on_lose_nothing_and_beat_policies_off_on_the_same_seed() {
         );
     }
     assert_eq!(on["risky_actions_done"], 0, "{on}");
+    // Infeasible goals are refused at creation with policies on (the pre-flight check);
+    // with policies off they start and end dead, having burnt their tokens.
+    let infeasible = 500 - on["feasible"].as_u64().unwrap();
+    assert!(infeasible > 0);
+    assert_eq!(on["final"]["refused"], infeasible, "{on}");
+    assert_eq!(caught["preflight"], infeasible, "{caught}");
+    assert_eq!(off["final"]["refused"], 0, "{off}");
     assert_eq!(off["caught"], serde_json::json!({}), "{off}");
     assert!(off["risky_actions_done"].as_u64().unwrap() > 0, "{off}");
 
