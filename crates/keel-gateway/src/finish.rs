@@ -132,7 +132,7 @@ impl Finish {
             return self.gw.append(events).await;
         }
         let mut blobs = self.recorded.blobs.clone();
-        blobs.extend(response);
+        blobs.extend(response.map(keel_store::Payload::new));
         self.gw.append_with(events, blobs, task).await;
     }
 

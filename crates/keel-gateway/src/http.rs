@@ -12,7 +12,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::Bytes;
 use keel_core::{EventKind, NewEvent};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -480,7 +479,7 @@ impl Gateway {
     pub(crate) async fn append_with(
         &self,
         events: Vec<NewEvent>,
-        payloads: Vec<Bytes>,
+        payloads: Vec<keel_store::Payload>,
         task: Option<String>,
     ) {
         if let Err(e) = self

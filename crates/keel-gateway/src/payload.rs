@@ -11,7 +11,7 @@
 //! same message the same way, so resent messages deduplicate.
 
 use bytes::Bytes;
-use keel_store::blob_hash;
+use keel_store::Payload;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
@@ -22,8 +22,8 @@ use crate::body::RawObject;
 pub struct Recorded {
     /// `{"conversation", "messages", "params"}` for the event.
     pub summary: Value,
-    /// Blobs to store with the event.
-    pub blobs: Vec<Bytes>,
+    /// Blobs to store with the event, each hashed once.
+    pub blobs: Vec<Payload>,
 }
 
 /// Splits a request body into content-addressed payloads.
@@ -36,22 +36,22 @@ pub fn request(body: &RawObject) -> Recorded {
         .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok())
         .unwrap_or_default();
     for message in messages {
-        let bytes = Bytes::copy_from_slice(message.get().as_bytes());
-        let message_hash = blob_hash(&bytes);
+        let message = Payload::new(Bytes::copy_from_slice(message.get().as_bytes()));
+        let message_hash = message.hash();
         // The text `json!({"prev": .., "message": ..})` gives, written
         // directly: both members are hex hashes (or null), nothing to escape.
         let node = match &conversation {
             Some(prev) => format!(r#"{{"prev":"{prev}","message":"{message_hash}"}}"#),
             None => format!(r#"{{"prev":null,"message":"{message_hash}"}}"#),
         };
-        let node = Bytes::from(node);
-        conversation = Some(blob_hash(&node));
-        blobs.push(bytes);
+        let node = Payload::new(Bytes::from(node));
+        conversation = Some(node.hash().to_owned());
+        blobs.push(message);
         blobs.push(node);
         count += 1;
     }
-    let params = body.without("messages");
-    let params_hash = blob_hash(&params);
+    let params = Payload::new(body.without("messages"));
+    let params_hash = params.hash().to_owned();
     blobs.push(params);
     Recorded {
         summary: json!({"conversation": conversation, "messages": count, "params": params_hash}),
@@ -59,14 +59,10 @@ pub fn request(body: &RawObject) -> Recorded {
     }
 }
 
-/// The hash of a response body, and the body as a blob.
-pub fn response(body: Bytes) -> (String, Bytes) {
-    (blob_hash(&body), body)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_store::blob_hash;
 
     fn body(n: usize) -> RawObject {
         let messages: Vec<Value> = (0..n)
@@ -79,14 +75,14 @@ mod tests {
     #[test]
     fn nodes_are_the_json_text_of_prev_and_message() {
         let recorded = request(&body(2));
-        let first_message = blob_hash(&recorded.blobs[0]);
-        let first_node = &recorded.blobs[1];
+        let first_message = recorded.blobs[0].hash().to_owned();
+        let first_node = recorded.blobs[1].bytes();
         let expected = json!({"prev": null, "message": first_message}).to_string();
         assert_eq!(first_node.as_ref(), expected.as_bytes());
-        let second_message = blob_hash(&recorded.blobs[2]);
+        let second_message = recorded.blobs[2].hash().to_owned();
         let expected =
             json!({"prev": blob_hash(first_node), "message": second_message}).to_string();
-        assert_eq!(recorded.blobs[3].as_ref(), expected.as_bytes());
+        assert_eq!(recorded.blobs[3].bytes().as_ref(), expected.as_bytes());
     }
 
     #[test]
@@ -108,8 +104,11 @@ mod tests {
     #[test]
     fn the_chain_leads_back_to_every_message() {
         let rec = request(&body(2));
-        let by_hash: std::collections::HashMap<String, &Bytes> =
-            rec.blobs.iter().map(|b| (blob_hash(b), b)).collect();
+        let by_hash: std::collections::HashMap<String, &Bytes> = rec
+            .blobs
+            .iter()
+            .map(|b| (b.hash().to_owned(), b.bytes()))
+            .collect();
         let mut node = rec.summary["conversation"].as_str().map(str::to_owned);
         let mut contents = Vec::new();
         while let Some(h) = node {

@@ -27,6 +27,7 @@ mod sqlite;
 mod task;
 
 pub use chain::{GENESIS_HASH, blob_hash};
+// `Payload` is defined below, beside the trait that takes it.
 pub use error::StoreError;
 pub use sqlite::SqliteStore;
 pub use task::{
@@ -190,7 +191,7 @@ pub trait EventStore: Send + Sync + 'static {
     async fn append_with_payloads(
         &self,
         events: Vec<keel_core::NewEvent>,
-        payloads: Vec<bytes::Bytes>,
+        payloads: Vec<Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError>;
 
@@ -222,6 +223,34 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Option<u64>, StoreError>;
 }
 
+/// A payload to store content-addressed: its bytes and their [`blob_hash`], computed once
+/// (the caller usually needs the hash too, to name the payload in an event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    hash: String,
+    bytes: bytes::Bytes,
+}
+
+impl Payload {
+    /// Hashes `bytes`.
+    pub fn new(bytes: bytes::Bytes) -> Self {
+        Self {
+            hash: blob_hash(&bytes),
+            bytes,
+        }
+    }
+
+    /// The [`blob_hash`] of the bytes.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.bytes
+    }
+}
+
 /// A state value and its version (1 for the first save, +1 for each save after it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
@@ -240,7 +269,7 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     async fn append_with_payloads(
         &self,
         events: Vec<keel_core::NewEvent>,
-        payloads: Vec<bytes::Bytes>,
+        payloads: Vec<Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError> {
         (**self).append_with_payloads(events, payloads, owner).await

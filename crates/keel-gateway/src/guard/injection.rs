@@ -11,7 +11,7 @@
 
 use std::sync::LazyLock;
 
-use regex::{Regex, RegexBuilder};
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 
 /// Score from which a text counts as an injection.
 pub const THRESHOLD: f64 = 0.5;
@@ -71,15 +71,32 @@ impl Finding {
     }
 }
 
+/// Every pattern in one automaton: one pass over a text says which patterns match (most
+/// texts: none), instead of one pass per pattern.
+static SET: LazyLock<Option<RegexSet>> = LazyLock::new(|| {
+    RegexSetBuilder::new(PATTERNS.iter().map(|p| p.regex.as_str()))
+        .case_insensitive(true)
+        .multi_line(true)
+        .build()
+        .ok()
+});
+
 /// Scores `text`.
 pub fn scan(text: &str) -> Finding {
     let mut score: f64 = 0.0;
     let mut matched = Vec::new();
-    for p in PATTERNS.iter() {
-        if p.regex.is_match(text) {
-            score += p.weight;
-            matched.push(p.name);
-        }
+    let hits: Vec<usize> = match SET.as_ref() {
+        Some(set) => set.matches(text).into_iter().collect(),
+        // The set is built from the same patterns, so it always builds; were it not to,
+        // each pattern is tried on its own.
+        None => (0..PATTERNS.len())
+            .filter(|&i| PATTERNS[i].regex.is_match(text))
+            .collect(),
+    };
+    for i in hits {
+        let p = &PATTERNS[i];
+        score += p.weight;
+        matched.push(p.name);
     }
     Finding {
         score: score.min(1.0),
@@ -105,6 +122,21 @@ mod tests {
 
     /// The labelled corpus: one JSON object per line, `{"text", "injection"}`.
     const CORPUS: &str = include_str!("injection_corpus.jsonl");
+
+    #[test]
+    fn the_set_matches_what_each_pattern_matches() {
+        assert!(SET.is_some(), "the set of patterns builds");
+        for line in CORPUS.lines().filter(|l| !l.trim().is_empty()) {
+            let example: serde_json::Value = serde_json::from_str(line).unwrap();
+            let text = example["text"].as_str().unwrap();
+            let one_by_one: Vec<&str> = PATTERNS
+                .iter()
+                .filter(|p| p.regex.is_match(text))
+                .map(|p| p.name)
+                .collect();
+            assert_eq!(scan(text).matched, one_by_one, "{text}");
+        }
+    }
 
     #[test]
     fn every_pattern_compiles() {

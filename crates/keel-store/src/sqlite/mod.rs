@@ -286,20 +286,18 @@ impl EventStore for SqliteStore {
     async fn append_with_payloads(
         &self,
         events: Vec<NewEvent>,
-        payloads: Vec<bytes::Bytes>,
+        payloads: Vec<crate::Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError> {
         if events.is_empty() && payloads.is_empty() {
             return Ok(Vec::new());
         }
         let events = Prepared::all(events);
-        // Hash here, on the caller's thread, not in the single writer, and
+        // The payloads come hashed (on the caller's thread, not in the single writer);
         // leave out what an earlier commit already stored for this owner.
         let key = owner.clone().unwrap_or_default();
-        let hashed: Vec<(String, bytes::Bytes)> = payloads
-            .into_iter()
-            .map(|b| (crate::chain::blob_hash(&b), b))
-            .collect();
+        let hashed: Vec<(String, bytes::Bytes)> =
+            payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
         let blobs: Vec<(String, bytes::Bytes)> = {
             let known = self.stored_payloads.lock();
             hashed

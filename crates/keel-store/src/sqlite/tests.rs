@@ -716,7 +716,10 @@ async fn payloads_are_stored_once_and_pruned_with_their_task() {
         store
             .append_with_payloads(
                 vec![step("t1", i)],
-                vec![prefix.clone(), own],
+                vec![
+                    crate::Payload::new(prefix.clone()),
+                    crate::Payload::new(own),
+                ],
                 Some("t1".into()),
             )
             .await
@@ -741,7 +744,7 @@ async fn payloads_are_stored_once_and_pruned_with_their_task() {
     store
         .append_with_payloads(
             vec![step("", 9)],
-            vec![bytes::Bytes::from_static(b"free")],
+            vec![crate::Payload::new(bytes::Bytes::from_static(b"free"))],
             None,
         )
         .await
