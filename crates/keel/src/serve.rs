@@ -270,6 +270,30 @@ impl keel_supervisor::service::Preflight for GatewayPreflight {
     }
 }
 
+impl SupervisorApprovals {
+    /// Runs `command` (an approval request or a handoff) on `task`; the approval's id.
+    async fn queue(
+        &self,
+        task: &str,
+        command: &keel_supervisor::Command,
+    ) -> Result<String, keel_core::ApiError> {
+        let answer = self
+            .0
+            .run(
+                task,
+                command,
+                None,
+                None,
+                |t, _| serde_json::json!({"approval": t.approval.as_ref().map(|a| a.id.clone())}),
+            )
+            .await?;
+        answer.body["approval"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| keel_core::ApiError::internal("the approval was not recorded"))
+    }
+}
+
 /// The gateway's approval queue is the supervisor's: a tool call that needs a person
 /// puts its task in `awaiting_human`, as `POST /v1/tasks/{id}/approvals` does.
 struct SupervisorApprovals(Arc<Supervisor>);
@@ -293,20 +317,7 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             default: keel_supervisor::task::ApprovalDefault::Deny,
         };
-        let answer = self
-            .0
-            .run(
-                task,
-                &command,
-                None,
-                None,
-                |t, _| serde_json::json!({"approval": t.approval.as_ref().map(|a| a.id.clone())}),
-            )
-            .await?;
-        answer.body["approval"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| keel_core::ApiError::internal("the approval was not recorded"))
+        self.queue(task, &command).await
     }
 
     async fn handoff(
@@ -322,20 +333,7 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
             context,
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         };
-        let answer = self
-            .0
-            .run(
-                task,
-                &command,
-                None,
-                None,
-                |t, _| serde_json::json!({"approval": t.approval.as_ref().map(|a| a.id.clone())}),
-            )
-            .await?;
-        answer.body["approval"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| keel_core::ApiError::internal("the handoff was not recorded"))
+        self.queue(task, &command).await
     }
 
     async fn owner(&self, task: &str) -> Result<Option<String>, keel_core::ApiError> {

@@ -48,18 +48,7 @@ pub(super) fn request(
             _,
         ) => return Err(invalid_state(task, "request an approval for")),
     };
-    Ok(Decision::events(vec![TaskEvent::ApprovalRequested(
-        ApprovalRequested {
-            approval_id: new.id.to_owned(),
-            reason: new.reason.to_owned(),
-            context: new.context.clone(),
-            timeout_ms: new.timeout_ms,
-            default: new.default,
-            worker,
-            attempt: task.attempts,
-            handoff: false,
-        },
-    )]))
+    Ok(requested(task, &new, worker, false))
 }
 
 /// keel hands a queued or running task to a person (no token: keel itself asks). The
@@ -77,18 +66,7 @@ pub(super) fn handoff(task: &Task, new: NewApproval<'_>) -> Result<Decision, Tas
         | TaskState::AwaitingHuman
         | TaskState::Cancelled => return Err(invalid_state(task, "hand off")),
     };
-    Ok(Decision::events(vec![TaskEvent::ApprovalRequested(
-        ApprovalRequested {
-            approval_id: new.id.to_owned(),
-            reason: new.reason.to_owned(),
-            context: new.context.clone(),
-            timeout_ms: new.timeout_ms,
-            default: new.default,
-            worker,
-            attempt: task.attempts,
-            handoff: true,
-        },
-    )]))
+    Ok(requested(task, &new, worker, true))
 }
 
 /// A person decides. Another approval id than the pending one is not found; a task with no
@@ -172,4 +150,23 @@ fn decided(
         }));
     }
     events
+}
+
+/// The `approval_requested` decision of `new`.
+fn requested(
+    task: &Task,
+    new: &NewApproval<'_>,
+    worker: Option<String>,
+    handoff: bool,
+) -> Decision {
+    Decision::events(vec![TaskEvent::ApprovalRequested(ApprovalRequested {
+        approval_id: new.id.to_owned(),
+        reason: new.reason.to_owned(),
+        context: new.context.clone(),
+        timeout_ms: new.timeout_ms,
+        default: new.default,
+        worker,
+        attempt: task.attempts,
+        handoff,
+    })])
 }
