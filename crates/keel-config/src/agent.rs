@@ -35,6 +35,9 @@ pub struct AgentConfig {
     /// Whether keel stops this agent's tasks that loop (default true).
     #[serde(default = "yes")]
     pub loop_guard: bool,
+    /// Tokens one task may burn in a minute before the loop guard stops it (unset: no limit).
+    #[serde(default)]
+    pub task_tokens_per_minute: Option<u64>,
     /// Tools this agent's tasks need: a task is refused at creation while one of them
     /// is unavailable (its circuit breaker open).
     #[serde(default)]
@@ -97,6 +100,8 @@ pub struct AgentSettings {
     /// Whether keel stops this agent's tasks that loop: near-identical model answers, or
     /// the same tool call over and over (default true).
     pub loop_guard: bool,
+    /// Tokens one task may burn in any 60 s before the loop guard stops it; `None`: no limit.
+    pub task_tokens_per_minute: Option<u64>,
     /// Tools this agent's tasks need (each a configured `[tools.NAME]`).
     pub tools: Vec<String>,
     /// CEL rules over `input` and `agent`, each compiled by the check.
@@ -160,6 +165,12 @@ impl AgentConfig {
             );
         }
         let max_attempts = problems.one(at_least_one(self.max_attempts, &at.child("max_attempts")));
+        if self.task_tokens_per_minute == Some(0) {
+            problems.push(
+                at.child("task_tokens_per_minute")
+                    .invalid("must be at least 1; leave it out for no limit"),
+            );
+        }
         for (i, rule) in self.preflight.iter().enumerate() {
             if let Some(problem) = crate::tool::cel_problem(rule) {
                 problems.push(at.child("preflight").index(i).invalid(problem));
@@ -176,6 +187,7 @@ impl AgentConfig {
                 task_timeout: self.task_timeout,
                 max_attempts: max_attempts?,
                 loop_guard: self.loop_guard,
+                task_tokens_per_minute: self.task_tokens_per_minute,
                 tools: self.tools,
                 preflight: self.preflight,
                 screen_input: self.screen_input,

@@ -36,6 +36,8 @@ pub struct Agents {
     budgets: HashMap<String, Mutex<Budget>>,
     /// Agents whose loop guard is off.
     unguarded: std::collections::HashSet<String>,
+    /// Tokens one task of the agent may burn per minute.
+    burn_limits: HashMap<String, u64>,
     /// Agents whose user content is screened otherwise than `flag`.
     screening: HashMap<String, keel_config::InjectionAction>,
     /// `provider/model` → price, for `usd_per_day`.
@@ -168,10 +170,14 @@ impl Agents {
         let mut by_key = HashMap::new();
         let mut budgets = HashMap::new();
         let mut unguarded = std::collections::HashSet::new();
+        let mut burn_limits = HashMap::new();
         let mut screening = HashMap::new();
         for agent in agents {
             if !agent.loop_guard {
                 unguarded.insert(agent.name.clone());
+            }
+            if let Some(limit) = agent.task_tokens_per_minute {
+                burn_limits.insert(agent.name.clone(), limit);
             }
             if agent.screen_input != keel_config::InjectionAction::Flag {
                 screening.insert(agent.name.clone(), agent.screen_input);
@@ -200,6 +206,7 @@ impl Agents {
             by_key,
             budgets,
             unguarded,
+            burn_limits,
             screening,
             prices,
         }
@@ -243,6 +250,14 @@ impl Agents {
     /// Whether keel stops `agent`'s looping tasks (`[agents.NAME] loop_guard`, default on).
     pub fn loop_guard(&self, agent: &str) -> bool {
         !self.unguarded.contains(agent)
+    }
+
+    /// Tokens one task of `agent` may burn per minute (`None`: no limit, or the guard is off).
+    pub fn burn_limit(&self, agent: &str) -> Option<u64> {
+        self.burn_limits
+            .get(agent)
+            .copied()
+            .filter(|_| self.loop_guard(agent))
     }
 
     /// What happens to `agent`'s user content that looks like a prompt injection.
@@ -401,11 +416,7 @@ impl Agents {
         usage: Usage,
         now: Duration,
     ) -> (Remaining, Vec<Warning>) {
-        let total = if usage.total_tokens > 0 {
-            usage.total_tokens
-        } else {
-            usage.prompt_tokens + usage.completion_tokens
-        };
+        let total = usage.total();
         let usd = self.prices.get(target).map_or(0.0, |p| {
             (usage.prompt_tokens as f64 * p.input + usage.completion_tokens as f64 * p.output)
                 / 1_000_000.0
@@ -483,6 +494,7 @@ mod tests {
             key_names: Vec::new(),
             key_budget: None,
             loop_guard: true,
+            task_tokens_per_minute: None,
             tools: Vec::new(),
             preflight: Vec::new(),
             screen_input: keel_config::InjectionAction::Flag,
@@ -537,6 +549,7 @@ mod tests {
             task_timeout: None,
             max_attempts: std::num::NonZeroU32::MIN,
             loop_guard: true,
+            task_tokens_per_minute: None,
             tools: Vec::new(),
             preflight: Vec::new(),
             screen_input: keel_config::InjectionAction::Flag,

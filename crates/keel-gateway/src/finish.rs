@@ -232,25 +232,49 @@ impl Finish {
                 let found = self.gw.loops.observe(task, &answer)?;
                 Some((task.to_owned(), found))
             });
-        if let Some((task, found)) = &looping {
-            log.push(
-                EventKind::LoopDetected,
-                json!({
-                    "kind": "repeated_output",
-                    "agent": log.who.agent,
-                    "route": route.name,
-                    "similar": found.similar,
-                    "window": found.window,
-                    "task": task,
-                }),
-            );
+        // A task that burns tokens faster than its agent allows is stopped the same way.
+        let burning = match (log.who.task.as_deref(), usage) {
+            (Some(task), Some(u)) if looping.is_none() => {
+                self.gw.agents.burn_limit(&log.who.agent).and_then(|limit| {
+                    let burnt =
+                        self.gw
+                            .loops
+                            .burn(task, u.total(), Instant::now().into_std(), limit)?;
+                    Some((task.to_owned(), burnt, limit))
+                })
+            }
+            _ => None,
+        };
+        let stop = match (&looping, &burning) {
+            (Some((task, found)), _) => Some((
+                task.clone(),
+                format!(
+                    "keel detected a loop in task {task:?}: {} of its last {} model answers are near-identical",
+                    found.similar, found.window
+                ),
+                json!({"kind": "repeated_output", "agent": log.who.agent, "route": route.name,
+                    "similar": found.similar, "window": found.window, "task": task}),
+            )),
+            (None, Some((task, burnt, limit))) => Some((
+                task.clone(),
+                format!(
+                    "keel detected a loop in task {task:?}: it burnt {burnt} tokens in the last minute, over its agent's limit of {limit}"
+                ),
+                json!({"kind": "token_burn", "agent": log.who.agent, "route": route.name,
+                    "tokens_last_minute": burnt, "limit": limit, "task": task}),
+            )),
+            (None, None) => None,
+        };
+        if let Some((_, _, data)) = &stop {
+            log.push(EventKind::LoopDetected, data.clone());
         }
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
-        if let Some((task, found)) = looping {
-            self.gw
-                .stop_looping_task(&task, &log.who.agent, found)
-                .await;
+        if let Some((task, reason, data)) = stop {
+            let mut context = data;
+            context["loop"] = context["kind"].clone();
+            context["kind"] = json!("loop");
+            self.gw.stop_looping_task(&task, reason, context).await;
         }
         count_request(&self.gw, &route.name, &target.id, "ok");
         self.count_fallback(fallback);

@@ -374,20 +374,9 @@ impl Gateway {
     pub(crate) async fn stop_looping_task(
         &self,
         task: &str,
-        agent: &str,
-        found: guard::loops::Detected,
+        reason: String,
+        context: serde_json::Value,
     ) {
-        let reason = format!(
-            "keel detected a loop in task {task:?}: {} of its last {} model answers are near-identical",
-            found.similar, found.window
-        );
-        let context = serde_json::json!({
-            "kind": "loop",
-            "loop": "repeated_output",
-            "agent": agent,
-            "similar": found.similar,
-            "window": found.window,
-        });
         let approval = match &self.approvals {
             Some(queue) => match queue
                 .handoff(

@@ -14,6 +14,17 @@ pub struct Usage {
     pub total_tokens: u64,
 }
 
+impl Usage {
+    /// Prompt and completion tokens together (`total_tokens` when the provider gave it).
+    pub fn total(&self) -> u64 {
+        if self.total_tokens > 0 {
+            self.total_tokens
+        } else {
+            self.prompt_tokens + self.completion_tokens
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct WithUsage {
     usage: Option<Usage>,

@@ -189,6 +189,7 @@ fn design_example_parses_to_expected_settings() {
                 key_names: vec!["KEEL_KEY_SUPPORT".into()],
                 key_budget: None,
                 loop_guard: true,
+                task_tokens_per_minute: None,
                 tools: Vec::new(),
                 preflight: Vec::new(),
                 screen_input: crate::InjectionAction::Flag,

@@ -149,9 +149,14 @@ pub struct Stopped {
     pub approval: Option<String>,
 }
 
+/// The span over which a task's token burn is summed.
+pub const BURN_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Default)]
 struct TaskState {
     answers: VecDeque<Signature>,
+    /// Tokens spent, when, over the last [`BURN_WINDOW`].
+    spent: VecDeque<(Instant, u64)>,
     stopped: Option<Stopped>,
     seen: Option<Instant>,
 }
@@ -191,6 +196,24 @@ impl LoopGuard {
             similar,
             window: state.answers.len(),
         })
+    }
+
+    /// Adds `tokens` that `task` spent at `now`; the tokens of the last [`BURN_WINDOW`]
+    /// when they exceed `limit`.
+    pub fn burn(&self, task: &str, tokens: u64, now: Instant, limit: u64) -> Option<u64> {
+        let mut tasks = self.tasks.lock();
+        let state = tasks.entry(task.to_owned()).or_default();
+        state.seen = Some(now);
+        state.spent.push_back((now, tokens));
+        while state
+            .spent
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > BURN_WINDOW)
+        {
+            state.spent.pop_front();
+        }
+        let burnt: u64 = state.spent.iter().map(|(_, t)| t).sum();
+        (burnt > limit).then_some(burnt)
     }
 
     /// Marks `task` stopped.
@@ -305,6 +328,27 @@ mod tests {
         );
         assert!(guard.observe("t", PLAN).is_none());
         assert!(guard.observe("t", PLAN).is_some());
+    }
+
+    #[test]
+    fn a_task_burning_tokens_too_fast_is_caught_and_old_spend_ages_out() {
+        let guard = LoopGuard::default();
+        let t0 = Instant::now();
+        assert_eq!(guard.burn("t", 400, t0, 1000), None);
+        assert_eq!(
+            guard.burn("t", 500, t0 + std::time::Duration::from_secs(30), 1000),
+            None
+        );
+        assert_eq!(guard.burn("u", 2000, t0, 5000), None, "tasks are apart");
+        assert_eq!(
+            guard.burn("t", 200, t0 + std::time::Duration::from_secs(50), 1000),
+            Some(1100)
+        );
+        // Two minutes later the early spend has aged out.
+        assert_eq!(
+            guard.burn("t", 200, t0 + std::time::Duration::from_secs(200), 1000),
+            None
+        );
     }
 
     #[test]

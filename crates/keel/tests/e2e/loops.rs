@@ -267,3 +267,35 @@ async fn an_agent_cannot_act_in_another_agent_s_task() {
     let (status, _) = ask(&keel, "my-own-label", PROMPT).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_burning_tokens_too_fast_is_stopped() {
+    let models = sim().await;
+    let config = format!("{LOOPS}\n[agents.looper]\ntask_tokens_per_minute = 60\n");
+    let keel = Keel::start(&config, &models).await;
+    let (id, token) = running_task(&keel).await;
+    // Different questions, so no answer repeats: only the spend can stop the task.
+    let mut calls = 0;
+    loop {
+        let (status, answer) = ask(
+            &keel,
+            &id,
+            &format!("Question {calls}: describe part {calls} of the warranty terms in detail"),
+        )
+        .await;
+        if status == 409 {
+            assert_eq!(answer["error"]["code"], "loop_detected", "{answer}");
+            break;
+        }
+        assert_eq!(status, 200, "{answer}");
+        calls += 1;
+        assert!(calls < 20, "never stopped");
+    }
+    let found = keel.events_of("loop_detected");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["kind"], "token_burn");
+    assert!(found[0]["tokens_last_minute"].as_u64().unwrap() > 60);
+    assert_eq!(found[0]["limit"], 60);
+    assert_eq!(task_state(&keel, &id).await["state"], "awaiting_human");
+    assert_eq!(heartbeat(&keel, &id, &token).await["directive"], "handoff");
+}
