@@ -79,6 +79,28 @@ impl Keel {
         read_events(&self.db_path())
     }
 
+    /// POSTs `body` as JSON to `path` with `headers`: the status and the JSON answer
+    /// (`Null` when the answer is not JSON).
+    pub async fn post_json(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.url))

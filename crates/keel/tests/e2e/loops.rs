@@ -25,16 +25,9 @@ url = "{sim}/tools/search"
 "#;
 
 async fn post(keel: &Keel, path: &str, task: Option<&str>, body: Value) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{}{path}", keel.url))
-        .header("x-keel-agent", "looper")
-        .json(&body);
-    if let Some(task) = task {
-        request = request.header("x-keel-task", task);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let mut headers = vec![("x-keel-agent", "looper")];
+    headers.extend(task.map(|task| ("x-keel-task", task)));
+    keel.post_json(path, &headers, &body).await
 }
 
 /// A created and claimed task: its id and lease token.

@@ -35,16 +35,9 @@ injection = "block"
 "#;
 
 async fn post(keel: &Keel, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{}{path}", keel.url))
-        .header("x-keel-agent", "support")
-        .json(&body);
-    if let Some(key) = key {
-        request = request.header("idempotency-key", key);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let mut headers = vec![("x-keel-agent", "support")];
+    headers.extend(key.map(|key| ("idempotency-key", key)));
+    keel.post_json(path, &headers, &body).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
