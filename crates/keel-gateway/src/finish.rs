@@ -246,6 +246,18 @@ impl Finish {
             _ => None,
         };
         let stop = match (&looping, &burning) {
+            (Some((task, found)), _) if found.with.is_some() => {
+                let other = found.with.clone().unwrap_or_default();
+                Some((
+                    task.clone(),
+                    format!(
+                        "keel detected a loop in task {task:?}: it and task {other:?} keep passing the same content back and forth ({} near-identical answers in the last minute)",
+                        found.similar
+                    ),
+                    json!({"kind": "bouncing", "agent": log.who.agent, "route": route.name,
+                        "similar": found.similar, "task": task, "other_task": other}),
+                ))
+            }
             (Some((task, found)), _) => Some((
                 task.clone(),
                 format!(
@@ -274,6 +286,12 @@ impl Finish {
             let mut context = data;
             context["loop"] = context["kind"].clone();
             context["kind"] = json!("loop");
+            // Both ends of a bounce are stopped: either would go on feeding the other.
+            if let Some(other) = context["other_task"].as_str().map(str::to_owned) {
+                self.gw
+                    .stop_looping_task(&other, reason.clone(), context.clone())
+                    .await;
+            }
             self.gw.stop_looping_task(&task, reason, context).await;
         }
         count_request(&self.gw, &route.name, &target.id, "ok");

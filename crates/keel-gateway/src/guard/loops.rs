@@ -133,10 +133,12 @@ pub fn answer_text(body: &[u8]) -> Option<String> {
 /// A loop found in a task's answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detected {
-    /// Near-identical answers among the last [`WINDOW`].
+    /// Near-identical answers among the last [`WINDOW`] (bouncing: in both tasks).
     pub similar: usize,
     /// Answers compared.
     pub window: usize,
+    /// The other task, when two tasks bounce the same content between them.
+    pub with: Option<String>,
 }
 
 /// A task the guard stopped, and the handoff that may let it go on.
@@ -165,7 +167,14 @@ struct TaskState {
 #[derive(Default)]
 pub struct LoopGuard {
     tasks: Mutex<HashMap<String, TaskState>>,
+    /// Every task's answers of the last [`BOUNCE_WINDOW`] (at most [`MAX_RECENT`]).
+    recent: Mutex<VecDeque<(String, Signature, Instant)>>,
 }
+
+/// How far back answers of other tasks are compared for bouncing.
+pub const BOUNCE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Answers of all tasks kept for the bouncing check.
+const MAX_RECENT: usize = 512;
 
 impl LoopGuard {
     /// Adds an answer of `task`; a loop when it completes one.
@@ -181,8 +190,9 @@ impl LoopGuard {
                 tasks.remove(&k);
             }
         }
+        let now = Instant::now();
         let state = tasks.entry(task.to_owned()).or_default();
-        state.seen = Some(Instant::now());
+        state.seen = Some(now);
         let similar = 1 + state
             .answers
             .iter()
@@ -191,11 +201,53 @@ impl LoopGuard {
         if state.answers.len() + 1 >= WINDOW {
             state.answers.pop_front();
         }
-        state.answers.push_back(sig);
-        (similar >= REPEATS).then_some(Detected {
-            similar,
-            window: state.answers.len(),
-        })
+        state.answers.push_back(sig.clone());
+        let window = state.answers.len();
+        drop(tasks);
+        if similar >= REPEATS {
+            return Some(Detected {
+                similar,
+                window,
+                with: None,
+            });
+        }
+        self.bouncing(task, sig, now)
+    }
+
+    /// Two tasks bouncing the same content: this answer is near-identical to at least one
+    /// earlier answer of this task and two of exactly one other task within
+    /// [`BOUNCE_WINDOW`]. Content that three or more tasks share is a common phrase, not a
+    /// bounce.
+    fn bouncing(&self, task: &str, sig: Signature, now: Instant) -> Option<Detected> {
+        let mut recent = self.recent.lock();
+        while recent.len() >= MAX_RECENT
+            || recent
+                .front()
+                .is_some_and(|(_, _, at)| now.saturating_duration_since(*at) > BOUNCE_WINDOW)
+        {
+            recent.pop_front();
+        }
+        let mut mine = 1;
+        let mut others: HashMap<&str, usize> = HashMap::new();
+        for (t, s, _) in recent.iter() {
+            if similarity(s, &sig) >= SIMILAR {
+                if t == task {
+                    mine += 1;
+                } else {
+                    *others.entry(t.as_str()).or_default() += 1;
+                }
+            }
+        }
+        let found = match (others.len(), others.iter().next()) {
+            (1, Some((other, &theirs))) if mine >= 2 && theirs >= 2 => Some(Detected {
+                similar: mine + theirs,
+                window: recent.len() + 1,
+                with: Some((*other).to_owned()),
+            }),
+            _ => None,
+        };
+        recent.push_back((task.to_owned(), sig, now));
+        found
     }
 
     /// Adds `tokens` that `task` spent at `now`; the tokens of the last [`BURN_WINDOW`]
@@ -291,7 +343,8 @@ mod tests {
             found,
             Detected {
                 similar: 3,
-                window: 4
+                window: 4,
+                with: None,
             }
         );
     }
@@ -349,6 +402,26 @@ mod tests {
             guard.burn("t", 200, t0 + std::time::Duration::from_secs(200), 1000),
             None
         );
+    }
+
+    #[test]
+    fn two_tasks_bouncing_one_answer_are_caught_but_a_common_phrase_is_not() {
+        let guard = LoopGuard::default();
+        let other =
+            "Here is a completely different answer about shipping times to Canada and Mexico";
+        assert_eq!(guard.observe("a", PLAN), None);
+        assert_eq!(guard.observe("b", PLAN), None);
+        assert_eq!(guard.observe("a", other), None);
+        assert_eq!(guard.observe("a", PLAN), None, "a has it twice, b once");
+        let found = guard.observe("b", PLAN).unwrap();
+        assert_eq!(found.with.as_deref(), Some("a"));
+        assert_eq!(found.similar, 4);
+
+        // The same answer from three tasks is a phrase they share, not a bounce.
+        let guard = LoopGuard::default();
+        for task in ["x", "y", "z", "x", "y"] {
+            assert_eq!(guard.observe(task, PLAN), None, "{task}");
+        }
     }
 
     #[test]

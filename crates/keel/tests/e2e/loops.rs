@@ -292,3 +292,33 @@ async fn a_task_burning_tokens_too_fast_is_stopped() {
     assert_eq!(task_state(&keel, &id).await["state"], "awaiting_human");
     assert_eq!(heartbeat(&keel, &id, &token).await["directive"], "handoff");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_tasks_bouncing_the_same_content_are_both_stopped() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    let (a, _) = running_task(&keel).await;
+    let (b, token_b) = running_task(&keel).await;
+    // Each passes the other the same message; neither repeats itself three times.
+    for task in [&a, &b, &a] {
+        let (status, answer) = ask(&keel, task, PROMPT).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert!(keel.events_of("loop_detected").is_empty());
+    let (status, _) = ask(&keel, &b, PROMPT).await;
+    assert_eq!(
+        status, 200,
+        "the answer that completes the bounce still arrives"
+    );
+    let found = keel.events_of("loop_detected");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["kind"], "bouncing");
+    assert_eq!(found[0]["task"], b.as_str());
+    assert_eq!(found[0]["other_task"], a.as_str());
+    for task in [&a, &b] {
+        assert_eq!(task_state(&keel, task).await["state"], "awaiting_human");
+        let (status, answer) = ask(&keel, task, "Anything else to add about the policy?").await;
+        assert_eq!(status, 409, "{answer}");
+    }
+    assert_eq!(heartbeat(&keel, &b, &token_b).await["directive"], "handoff");
+}
