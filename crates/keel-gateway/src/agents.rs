@@ -124,12 +124,9 @@ pub struct OverBudget {
 impl OverBudget {
     /// The message a client gets.
     pub fn message(&self, agent: &str) -> String {
-        let whose = match &self.key {
-            Some(key) => format!("key {key} of agent {agent:?}"),
-            None => format!("agent {agent:?}"),
-        };
         format!(
-            "{whose} has used {} of its {} {}; retry after {}s",
+            "{} has used {} of its {} {}; retry after {}s",
+            whose(agent, self.key.as_deref()),
             amount(self.unit, self.used),
             amount(self.unit, self.limit),
             self.unit.per(),
@@ -149,6 +146,15 @@ pub struct Warning {
     pub used: f64,
     /// The limit.
     pub limit: f64,
+}
+
+/// Whose budget it is, in words: `agent "a"` or `key KEY_ONE of agent "a"` (a key goes by
+/// its variable's name, never by itself).
+pub fn whose(agent: &str, key: Option<&str>) -> String {
+    match key {
+        Some(key) => format!("key {key} of agent {agent:?}"),
+        None => format!("agent {agent:?}"),
+    }
 }
 
 /// What is left of each budget after a spend, for the `keel_budget_remaining` gauge.
@@ -330,11 +336,20 @@ impl Agents {
         authorization: Option<&str>,
         agent_header: Option<&str>,
     ) -> Result<String, ApiError> {
+        self.identify_with_key(authorization, agent_header)
+            .map(|(agent, _)| agent)
+    }
+
+    /// [`Agents::identify`], with the name (environment variable) of the key the request
+    /// came with, when keys are configured: one lookup for both.
+    pub fn identify_with_key(
+        &self,
+        authorization: Option<&str>,
+        agent_header: Option<&str>,
+    ) -> Result<(String, Option<String>), ApiError> {
         if !self.auth_required() {
-            return Ok(agent_header
-                .filter(|a| !a.is_empty())
-                .unwrap_or(ANONYMOUS)
-                .to_owned());
+            let agent = agent_header.filter(|a| !a.is_empty()).unwrap_or(ANONYMOUS);
+            return Ok((agent.to_owned(), None));
         }
         let Some(value) = authorization else {
             return Err(ApiError::unauthorized(
@@ -343,16 +358,9 @@ impl Agents {
         };
         let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
         match self.by_key.get(key) {
-            Some((agent, _)) => Ok(agent.clone()),
+            Some((agent, name)) => Ok((agent.clone(), Some(name.clone()))),
             None => Err(ApiError::unauthorized("incorrect agent key provided")),
         }
-    }
-
-    /// The name (environment variable) of the agent key in `authorization`, if it is one.
-    pub fn key_name(&self, authorization: Option<&str>) -> Option<String> {
-        let value = authorization?;
-        let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
-        self.by_key.get(key).map(|(_, name)| name.clone())
     }
 
     /// The budgets a call of `agent` with `key` counts against: the agent's, and the key's own.
@@ -555,8 +563,9 @@ mod tests {
             screen_input: keel_config::InjectionAction::Flag,
         };
         let a = Agents::new([&agent], []);
-        assert_eq!(a.key_name(Some("Bearer k2")).as_deref(), Some("KEY_TWO"));
-        assert_eq!(a.key_name(Some("Bearer nope")), None);
+        let (_, key) = a.identify_with_key(Some("Bearer k2"), None).unwrap();
+        assert_eq!(key.as_deref(), Some("KEY_TWO"));
+        assert!(a.identify_with_key(Some("Bearer nope"), None).is_err());
         let now = Duration::from_secs(7200);
         a.check("a", Some("KEY_ONE"), now).unwrap();
         let (remaining, _) = a.spend("a", Some("KEY_ONE"), "p/m", usage(60, 40), now);

@@ -221,78 +221,14 @@ impl Finish {
             Recorded::Inline(&body),
         );
         log.events.push(event);
-        let guarded = self.gw.agents.loop_guard(&log.who.agent);
-        let looping = log
-            .who
-            .task
-            .as_deref()
-            .filter(|_| guarded)
-            .and_then(|task| {
-                let answer = crate::guard::loops::answer_text(&body)?;
-                let found = self.gw.loops.observe(task, &answer)?;
-                Some((task.to_owned(), found))
-            });
-        // A task that burns tokens faster than its agent allows is stopped the same way.
-        let burning = match (log.who.task.as_deref(), usage) {
-            (Some(task), Some(u)) if looping.is_none() => {
-                self.gw.agents.burn_limit(&log.who.agent).and_then(|limit| {
-                    let burnt =
-                        self.gw
-                            .loops
-                            .burn(task, u.total(), Instant::now().into_std(), limit)?;
-                    Some((task.to_owned(), burnt, limit))
-                })
-            }
-            _ => None,
-        };
-        let stop = match (&looping, &burning) {
-            (Some((task, found)), _) if found.with.is_some() => {
-                let other = found.with.clone().unwrap_or_default();
-                Some((
-                    task.clone(),
-                    format!(
-                        "keel detected a loop in task {task:?}: it and task {other:?} keep passing the same content back and forth ({} near-identical answers in the last minute)",
-                        found.similar
-                    ),
-                    json!({"kind": "bouncing", "agent": log.who.agent, "route": route.name,
-                        "similar": found.similar, "task": task, "other_task": other}),
-                ))
-            }
-            (Some((task, found)), _) => Some((
-                task.clone(),
-                format!(
-                    "keel detected a loop in task {task:?}: {} of its last {} model answers are near-identical",
-                    found.similar, found.window
-                ),
-                json!({"kind": "repeated_output", "agent": log.who.agent, "route": route.name,
-                    "similar": found.similar, "window": found.window, "task": task}),
-            )),
-            (None, Some((task, burnt, limit))) => Some((
-                task.clone(),
-                format!(
-                    "keel detected a loop in task {task:?}: it burnt {burnt} tokens in the last minute, over its agent's limit of {limit}"
-                ),
-                json!({"kind": "token_burn", "agent": log.who.agent, "route": route.name,
-                    "tokens_last_minute": burnt, "limit": limit, "task": task}),
-            )),
-            (None, None) => None,
-        };
-        if let Some((_, _, data)) = &stop {
-            log.push(EventKind::LoopDetected, data.clone());
+        let looping = self.gw.find_loop(&log.who, &route.name, &body, usage);
+        if let Some(stop) = &looping {
+            log.push(EventKind::LoopDetected, stop.data.clone());
         }
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
-        if let Some((task, reason, data)) = stop {
-            let mut context = data;
-            context["loop"] = context["kind"].clone();
-            context["kind"] = json!("loop");
-            // Both ends of a bounce are stopped: either would go on feeding the other.
-            if let Some(other) = context["other_task"].as_str().map(str::to_owned) {
-                self.gw
-                    .stop_looping_task(&other, reason.clone(), context.clone())
-                    .await;
-            }
-            self.gw.stop_looping_task(&task, reason, context).await;
+        if let Some(stop) = looping {
+            self.gw.stop_loop(stop).await;
         }
         count_request(&self.gw, &route.name, &target.id, "ok");
         self.count_fallback(fallback);

@@ -213,13 +213,10 @@ async fn handle_inner(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     // Authenticate before reading the body, so an unauthenticated client cannot make us buffer 4 MiB.
-    let agent = gw.agents.identify(
+    let (agent, key) = gw.agents.identify_with_key(
         header_str(request.headers(), "authorization"),
         header_str(request.headers(), "x-keel-agent"),
     )?;
-    let key = gw
-        .agents
-        .key_name(header_str(request.headers(), "authorization"));
     let chaos_header = chaos_fault(gw, request.headers())?;
     let (headers, parsed) = read_body(gw, request).await?;
     let Some(route) = gw.routes.get(&parsed.route) else {
@@ -458,10 +455,7 @@ impl Drop for CallGuard {
 
 /// The `alert_raised` data of a budget that crossed its warning share.
 pub(crate) fn budget_warning(agent: &str, w: &crate::agents::Warning) -> Value {
-    let whose = match &w.key {
-        Some(key) => format!("key {key} of agent {agent:?}"),
-        None => format!("agent {agent:?}"),
-    };
+    let whose = crate::agents::whose(agent, w.key.as_deref());
     json!({
         "severity": "warning",
         "kind": "budget",

@@ -13,6 +13,7 @@ pub mod error;
 mod finish;
 pub mod guard;
 mod http;
+mod looping;
 pub mod metrics;
 pub mod output;
 pub mod payload;
@@ -277,6 +278,22 @@ impl Gateway {
         }
     }
 
+    /// The task's log, in order: for the rules that count its calls, the approvals in it,
+    /// and the profiles a success teaches.
+    pub(crate) async fn task_log(
+        &self,
+        task: &str,
+    ) -> Result<Vec<keel_store::Event>, keel_store::StoreError> {
+        // By task only: a task's log is short, while a query that also names the kind
+        // may be planned on the kind index and walk every task's calls.
+        self.store
+            .events(keel_store::EventQuery {
+                task_id: Some(task.to_owned()),
+                ..keel_store::EventQuery::default()
+            })
+            .await
+    }
+
     /// `Err` (403) when `task` is a supervisor task of another agent than `agent`: an agent
     /// cannot spend from, hand off or fill the log of another agent's task. A task id the
     /// supervisor does not know is the caller's own label and passes.
@@ -352,96 +369,14 @@ impl Gateway {
         context
             .add_variable("agent", agent)
             .map_err(|e| format!("cannot give the preflight rules `agent`: {e}"))?;
-        for (text, program) in &p.rules {
-            match program.execute(&context) {
-                Ok(cel::Value::Bool(true)) => {}
-                Ok(cel::Value::Bool(false)) => {
-                    return Err(format!("preflight rule `{text}` does not hold"));
-                }
-                Ok(_) => return Err(format!("preflight rule `{text}` gave no true or false")),
-                Err(e) => {
-                    return Err(format!(
-                        "preflight rule `{text}` could not be evaluated: {e}"
-                    ));
-                }
-            }
+        match p
+            .rules
+            .iter()
+            .find_map(|(text, program)| Some((text, tools::holds(program, &context)?)))
+        {
+            Some((text, unmet)) => Err(unmet.reason("preflight rule", text)),
+            None => Ok(()),
         }
-        Ok(())
-    }
-
-    /// A task whose answers loop: keel hands it to a person (when the supervisor knows
-    /// it) and refuses its further model calls until that person lets it go on.
-    pub(crate) async fn stop_looping_task(
-        &self,
-        task: &str,
-        reason: String,
-        context: serde_json::Value,
-    ) {
-        let approval = match &self.approvals {
-            Some(queue) => match queue
-                .handoff(
-                    task,
-                    reason.clone(),
-                    context,
-                    keel_config::DEFAULT_APPROVAL_TIMEOUT,
-                )
-                .await
-            {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    tracing::warn!(task, error = %e.message, "a looping task could not be handed off");
-                    None
-                }
-            },
-            None => None,
-        };
-        self.loops
-            .stop(task, guard::loops::Stopped { reason, approval });
-    }
-
-    /// `Err` when `task` was stopped as looping and no person has let it go on since.
-    pub(crate) async fn refuse_if_looping(&self, task: &str) -> Result<(), error::ApiError> {
-        let Some(stopped) = self.loops.stopped(task) else {
-            return Ok(());
-        };
-        if let Some(id) = &stopped.approval {
-            let log = self
-                .store
-                .events(keel_store::EventQuery {
-                    task_id: Some(task.to_owned()),
-                    ..keel_store::EventQuery::default()
-                })
-                .await
-                .map_err(|e| {
-                    error::ApiError::unavailable(format!("cannot read the task's log: {e}"))
-                })?;
-            let approved = log.iter().any(|e| {
-                e.kind == keel_core::EventKind::ApprovalDecided.as_str()
-                    && e.data["approval_id"] == id.as_str()
-                    && e.data["decision"] == "approve"
-            });
-            if approved {
-                self.loops.release(task);
-                return Ok(());
-            }
-        }
-        let next = match &stopped.approval {
-            Some(id) => format!(
-                "it waits for a person (handoff {id}: `keel approvals ls`, `keel approvals approve {id}` to let it go on)"
-            ),
-            None => {
-                "keel could not hand it off (no such supervisor task): start a new task".to_owned()
-            }
-        };
-        Err(error::ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "invalid_request_error",
-            format!(
-                "{}; its further model calls are refused and {next}",
-                stopped.reason
-            ),
-        )
-        .with_code("loop_detected"))
     }
 
     /// Route names, in order.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use keel_config::{InjectionAction, ProfileAction};
 use keel_core::{EventKind, NewEvent};
 use keel_policy::breaker::Outcome;
-use keel_store::{Event, EventQuery};
+use keel_store::Event;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -78,19 +78,6 @@ impl Gateway {
         })
     }
 
-    /// The task's log, for rules that count its calls and for the approvals in it.
-    async fn task_log(&self, task: &str) -> Result<Vec<Event>, ApiError> {
-        // By task only: a task's log is short, while a query that also names the kind
-        // may be planned on the kind index and walk every task's calls.
-        self.store
-            .events(EventQuery {
-                task_id: Some(task.to_owned()),
-                ..EventQuery::default()
-            })
-            .await
-            .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))
-    }
-
     /// This tool's calls in the task so far: `tool_invoked` events, allowed
     /// `action_checked` events (agents that run the tool themselves), and calls still
     /// running through keel.
@@ -129,7 +116,10 @@ impl Gateway {
         }
         // A task's log is read for every call in a task: the loop guard counts repeats.
         let log = match (tool.needs_history(), task) {
-            (_, Some(task)) => self.task_log(task).await?,
+            (_, Some(task)) => self
+                .task_log(task)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?,
             (true, None) => {
                 return Err(ApiError::bad_request(format!(
                     "the rules of tool {:?} count this task's earlier calls (history): send the task as \"task\" or x-keel-task",
@@ -252,17 +242,11 @@ impl Gateway {
     /// Hands a task that repeats one tool call to a person (once: a task already waiting
     /// is left as it is).
     async fn hand_off_looping_tool_calls(&self, task: &str, agent: &str, tool: &str, repeats: u64) {
-        let Some(queue) = &self.approvals else { return };
         let reason = format!(
             "keel detected a loop in task {task:?}: the same call of tool {tool:?} was made {repeats} times"
         );
         let context = json!({"kind": "loop", "loop": "same_tool_call", "agent": agent, "tool": tool, "repeats": repeats});
-        if let Err(e) = queue
-            .handoff(task, reason, context, keel_config::DEFAULT_APPROVAL_TIMEOUT)
-            .await
-        {
-            tracing::debug!(task, error = %e.message, "a looping task was not handed off");
-        }
+        self.hand_off(task, reason, context).await;
     }
 
     /// Sends an outlier call to the approval queue; the task waits there. A call without

@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 pub(crate) use http::routes;
+pub(crate) use profile::approved;
 pub use profile::{ApprovalQueue, Outlier};
 
 /// The value that stands in the log for a redacted arg.
@@ -236,27 +237,18 @@ impl Tool {
         let broken: Vec<Broken> = self
             .rules
             .iter()
-            .filter_map(|rule| match rule.program.execute(&context) {
-                Ok(cel::Value::Bool(true)) => None,
-                Ok(cel::Value::Bool(false)) => Some(Broken {
+            .filter_map(|rule| {
+                let reason = match holds(&rule.program, &context)? {
+                    Unmet::Error(_) if quiet => format!(
+                        "rule `{}` could not be evaluated (details withheld: the tool redacts args)",
+                        rule.text
+                    ),
+                    unmet => unmet.reason("rule", &rule.text),
+                };
+                Some(Broken {
                     rule: rule.text.clone(),
-                    reason: format!("rule `{}` does not hold", rule.text),
-                }),
-                Ok(_) => Some(Broken {
-                    rule: rule.text.clone(),
-                    reason: format!("rule `{}` gave no true or false", rule.text),
-                }),
-                Err(e) => Some(Broken {
-                    rule: rule.text.clone(),
-                    reason: if quiet {
-                        format!(
-                            "rule `{}` could not be evaluated (details withheld: the tool redacts args)",
-                            rule.text
-                        )
-                    } else {
-                        format!("rule `{}` could not be evaluated: {e}", rule.text)
-                    },
-                }),
+                    reason,
+                })
             })
             .collect();
         if broken.is_empty() {
@@ -289,6 +281,37 @@ impl Tool {
     pub(crate) fn backoff(&self) -> keel_policy::backoff::Backoff {
         let r = &self.settings.retry;
         keel_policy::backoff::Backoff::new(r.base, r.cap, r.jitter)
+    }
+}
+
+/// Why a CEL rule does not let an action (or a task) through.
+pub(crate) enum Unmet {
+    /// It is false.
+    False,
+    /// It gave something else than true or false.
+    NotBool,
+    /// It could not be evaluated (a missing field, a type error).
+    Error(String),
+}
+
+impl Unmet {
+    /// The reason in words, for a `what` (`rule`, `preflight rule`) written `text`.
+    pub(crate) fn reason(&self, what: &str, text: &str) -> String {
+        match self {
+            Self::False => format!("{what} `{text}` does not hold"),
+            Self::NotBool => format!("{what} `{text}` gave no true or false"),
+            Self::Error(e) => format!("{what} `{text}` could not be evaluated: {e}"),
+        }
+    }
+}
+
+/// Runs `program` in `context`: `None` when it is true, else why not (guards fail closed).
+pub(crate) fn holds(program: &cel::Program, context: &cel::Context) -> Option<Unmet> {
+    match program.execute(context) {
+        Ok(cel::Value::Bool(true)) => None,
+        Ok(cel::Value::Bool(false)) => Some(Unmet::False),
+        Ok(_) => Some(Unmet::NotBool),
+        Err(e) => Some(Unmet::Error(e.to_string())),
     }
 }
 

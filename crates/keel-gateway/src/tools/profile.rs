@@ -139,7 +139,6 @@ pub(crate) fn action_id(tool: &str, args: &Value) -> String {
 /// The approval a person gave for `action` in this task's log that no call has used yet.
 pub(crate) fn unused_approval(events: &[Event], action: &str) -> Option<String> {
     let requested = EventKind::ApprovalRequested.as_str();
-    let decided = EventKind::ApprovalDecided.as_str();
     let ids = events
         .iter()
         .filter(|e| e.kind == requested && e.data["context"]["action"] == action)
@@ -151,13 +150,18 @@ pub(crate) fn unused_approval(events: &[Event], action: &str) -> Option<String> 
                 && e.data["approval"] == id
         })
     };
-    ids.filter(|id| {
-        events.iter().any(|e| {
-            e.kind == decided && e.data["approval_id"] == *id && e.data["decision"] == "approve"
-        })
+    ids.filter(|id| approved(events, id))
+        .find(|id| !used(id))
+        .map(str::to_owned)
+}
+
+/// Whether a person approved approval `id` in this task's log.
+pub(crate) fn approved(events: &[Event], id: &str) -> bool {
+    events.iter().any(|e| {
+        e.kind == EventKind::ApprovalDecided.as_str()
+            && e.data["approval_id"] == id
+            && e.data["decision"] == "approve"
     })
-    .find(|id| !used(id))
-    .map(str::to_owned)
 }
 
 impl Gateway {
@@ -246,14 +250,7 @@ impl Gateway {
 
     /// A task succeeded: its successful tool calls teach the profiles of their tools.
     pub async fn learn_from_task(self: &Arc<Self>, task: &str) {
-        let events = match self
-            .store
-            .events(keel_store::EventQuery {
-                task_id: Some(task.to_owned()),
-                ..keel_store::EventQuery::default()
-            })
-            .await
-        {
+        let events = match self.task_log(task).await {
             Ok(events) => events,
             Err(e) => {
                 tracing::warn!(task, error = %e, "cannot read the task's log to learn profiles");

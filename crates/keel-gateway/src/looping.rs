@@ -1,0 +1,155 @@
+//! The gateway's side of the loop guard ([`crate::guard::loops`] finds the loops): what a
+//! loop found in a task's answers or spend records, handing the task to a person, and
+//! refusing its further model calls until that person lets it go on.
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::Gateway;
+use crate::error::ApiError;
+use crate::guard::loops::Stopped;
+use crate::route::Attribution;
+use crate::usage::Usage;
+
+/// A loop found in a task: the `loop_detected` data, and why, in words.
+pub(crate) struct LoopStop {
+    task: String,
+    /// The other end of a bounce, stopped too.
+    other: Option<String>,
+    reason: String,
+    /// The `loop_detected` event's data (`kind` names the signal).
+    pub(crate) data: Value,
+}
+
+impl Gateway {
+    /// Whether this answer of `who`'s task (its body and usage) shows a loop: repeated or
+    /// bounced answers, else token burn over the agent's limit.
+    pub(crate) fn find_loop(
+        &self,
+        who: &Attribution,
+        route: &str,
+        body: &[u8],
+        usage: Option<Usage>,
+    ) -> Option<LoopStop> {
+        let task = who.task.as_deref()?;
+        let agent = who.agent.as_str();
+        if !self.agents.loop_guard(agent) {
+            return None;
+        }
+        let found = crate::guard::loops::answer_text(body)
+            .and_then(|answer| self.loops.observe(task, &answer));
+        if let Some(found) = found {
+            return Some(match found.with {
+                Some(other) => LoopStop {
+                    reason: format!(
+                        "keel detected a loop in task {task:?}: it and task {other:?} keep passing the same content back and forth ({} near-identical answers in the last minute)",
+                        found.similar
+                    ),
+                    data: json!({"kind": "bouncing", "agent": agent, "route": route,
+                        "similar": found.similar, "task": task, "other_task": other}),
+                    task: task.to_owned(),
+                    other: Some(other),
+                },
+                None => LoopStop {
+                    reason: format!(
+                        "keel detected a loop in task {task:?}: {} of its last {} model answers are near-identical",
+                        found.similar, found.window
+                    ),
+                    data: json!({"kind": "repeated_output", "agent": agent, "route": route,
+                        "similar": found.similar, "window": found.window, "task": task}),
+                    task: task.to_owned(),
+                    other: None,
+                },
+            });
+        }
+        let limit = self.agents.burn_limit(agent)?;
+        let burnt = self
+            .loops
+            .burn(task, usage?.total(), std::time::Instant::now(), limit)?;
+        Some(LoopStop {
+            reason: format!(
+                "keel detected a loop in task {task:?}: it burnt {burnt} tokens in the last minute, over its agent's limit of {limit}"
+            ),
+            data: json!({"kind": "token_burn", "agent": agent, "route": route,
+                "tokens_last_minute": burnt, "limit": limit, "task": task}),
+            task: task.to_owned(),
+            other: None,
+        })
+    }
+
+    /// Stops the task of `stop` (and the other end of a bounce): each is handed to a
+    /// person, and its further model calls are refused until that person lets it go on.
+    pub(crate) async fn stop_loop(&self, stop: LoopStop) {
+        let mut context = stop.data;
+        context["loop"] = context["kind"].take();
+        context["kind"] = json!("loop");
+        for task in stop.other.iter().chain([&stop.task]) {
+            let approval = self
+                .hand_off(task, stop.reason.clone(), context.clone())
+                .await;
+            self.loops.stop(
+                task,
+                Stopped {
+                    reason: stop.reason.clone(),
+                    approval,
+                },
+            );
+        }
+    }
+
+    /// Hands `task` to a person with `reason` and `context` (the loop guard's directive
+    /// `handoff`); the approval's id, or `None` when there is no queue or the supervisor
+    /// refused (a task it does not know, or one already waiting).
+    pub(crate) async fn hand_off(
+        &self,
+        task: &str,
+        reason: String,
+        context: Value,
+    ) -> Option<String> {
+        let queue = self.approvals.as_ref()?;
+        match queue
+            .handoff(task, reason, context, keel_config::DEFAULT_APPROVAL_TIMEOUT)
+            .await
+        {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::debug!(task, error = %e.message, "a looping task was not handed off");
+                None
+            }
+        }
+    }
+
+    /// `Err` when `task` was stopped as looping and no person has let it go on since.
+    pub(crate) async fn refuse_if_looping(&self, task: &str) -> Result<(), ApiError> {
+        let Some(stopped) = self.loops.stopped(task) else {
+            return Ok(());
+        };
+        if let Some(id) = &stopped.approval {
+            let log = self
+                .task_log(task)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
+            if crate::tools::approved(&log, id) {
+                self.loops.release(task);
+                return Ok(());
+            }
+        }
+        let next = match &stopped.approval {
+            Some(id) => format!(
+                "it waits for a person (handoff {id}: `keel approvals ls`, `keel approvals approve {id}` to let it go on)"
+            ),
+            None => {
+                "keel could not hand it off (no such supervisor task): start a new task".to_owned()
+            }
+        };
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!(
+                "{}; its further model calls are refused and {next}",
+                stopped.reason
+            ),
+        )
+        .with_code("loop_detected"))
+    }
+}
