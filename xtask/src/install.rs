@@ -12,6 +12,7 @@
 //! | `promtool` (checks `/metrics` text) | apt package `prometheus` | `PROMTOOL` |
 //! | PostgreSQL server binaries (store conformance) | apt package `postgresql` | `KEEL_TEST_PG_BIN` (the dir with `pg_ctl`, `initdb`, `postgres`) |
 //! | Chromium (dashboard tests) | apt package `chromium` | `KEEL_TEST_CHROMIUM` |
+//! | the example Wasm tool (Wasm tool tests) | `rustup target add wasm32-wasip1`, then `cargo build -p keel-example-refund` for it | `KEEL_TEST_REFUND_WASM` (the `.wasm` file) |
 //!
 //! PostgreSQL refuses to run as root: a suite that starts it must drop to another user.
 
@@ -21,7 +22,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::process::{find_on_path, is_executable, is_root, run_quiet, succeeds};
+use crate::process::{cargo_command, find_on_path, is_executable, is_root, run_quiet, succeeds};
 
 /// Which tools the test suites need. See [`NEEDS`].
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +35,8 @@ pub struct Needs {
     pub postgres: bool,
     /// A headless-capable Chromium.
     pub chromium: bool,
+    /// The example Wasm tool (`examples/tools/refund`) built for `wasm32-wasip1`.
+    pub wasm_tool: bool,
 }
 
 /// What the test suites need today. The one place to change when a suite starts using a tool.
@@ -42,6 +45,7 @@ pub const NEEDS: Needs = Needs {
     promtool: true,
     postgres: false,
     chromium: false,
+    wasm_tool: true,
 };
 
 /// Environment variables for the test processes (`cargo nextest`, `cargo test --doc`).
@@ -102,7 +106,68 @@ pub fn ensure(root: &Path, needs: Needs, mode: Mode) -> anyhow::Result<TestEnv> 
     {
         env.set("KEEL_TEST_CHROMIUM", chromium);
     }
+    if needs.wasm_tool
+        && let Some(module) = example_wasm_tool(root, mode)?
+    {
+        env.set("KEEL_TEST_REFUND_WASM", module);
+    }
     Ok(env)
+}
+
+// === The example Wasm tool ===
+
+/// The Rust target Wasm tools are built for.
+const WASM_TARGET: &str = "wasm32-wasip1";
+
+/// `examples/tools/refund` built for [`WASM_TARGET`] (adding the target with rustup when
+/// it is missing); cargo rebuilds it only when its source changed.
+fn example_wasm_tool(root: &Path, mode: Mode) -> anyhow::Result<Option<PathBuf>> {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let module = target_dir
+        .join(WASM_TARGET)
+        .join("release")
+        .join("keel-example-refund.wasm");
+    if mode == Mode::DetectOnly {
+        return Ok(module.exists().then_some(module));
+    }
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(root)
+        .output()
+        .context("rustup is not on PATH: it adds the wasm32-wasip1 target")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|t| t.trim() == WASM_TARGET)
+    {
+        println!("    adding the Rust target {WASM_TARGET} (rustup)");
+        run_quiet(
+            Command::new("rustup")
+                .args(["target", "add", WASM_TARGET])
+                .current_dir(root),
+            "rustup target add wasm32-wasip1",
+        )?;
+    }
+    run_quiet(
+        cargo_command(root).args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "keel-example-refund",
+            "--target",
+            WASM_TARGET,
+        ]),
+        "cargo build -p keel-example-refund --target wasm32-wasip1",
+    )?;
+    if !module.exists() {
+        bail!(
+            "the example Wasm tool built, but {} is not there",
+            module.display()
+        );
+    }
+    Ok(Some(module))
 }
 
 // === Python venv with openai ===
@@ -270,6 +335,7 @@ mod tests {
             promtool: false,
             postgres: false,
             chromium: false,
+            wasm_tool: false,
         };
         let env = ensure(root.path(), needs, Mode::DetectOnly).unwrap();
         assert!(env.vars().is_empty(), "no venv in an empty dir: {env:?}");

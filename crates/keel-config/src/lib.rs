@@ -81,7 +81,24 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         key: String::new(),
         message: format!("cannot read the config file: {e}"),
     })?;
-    parse(&text, &file, env)
+    let mut settings = parse(&text, &file, env)?;
+    // A module path is relative to the config file, as a user reading the file expects.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    for tool in settings.tools.values_mut() {
+        if let ToolEndpoint::Wasm { path } = &mut tool.endpoint
+            && path.is_relative()
+        {
+            *path = dir.join(&*path);
+        }
+    }
+    Ok(settings)
+}
+
+/// A problem with `key` of the config file at `path` found after [`load`] (a Wasm module
+/// that does not compile, say), placed at the key's line like the errors of `load`.
+pub fn error_at(path: &Path, key: &KeyPath, message: impl std::fmt::Display) -> ConfigError {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    Locator::new(&text).place(&path.display().to_string(), key.invalid(message))
 }
 
 /// Parses and validates config `text`, naming `file` in errors; `*_env` keys are looked up

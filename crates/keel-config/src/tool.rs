@@ -116,7 +116,8 @@ pub enum ToolEndpoint {
         /// The URL.
         url: String,
     },
-    /// A Wasm module; a relative path is relative to the working directory.
+    /// A WASI command module; [`crate::load`] makes a relative path relative to the
+    /// config file's folder.
     Wasm {
         /// The module file.
         path: PathBuf,

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::profile::{self, Outlier};
-use super::{Action, Broken, Tool, Verdict};
+use super::{Action, Broken, Runner, Tool, Verdict, wasm};
 use crate::Gateway;
 use crate::error::ApiError;
 use crate::metrics::GuardrailLabels;
@@ -693,24 +693,40 @@ async fn call(
             }
         };
         let began = gw.clock.now();
-        let mut request = tool
-            .client
-            .post(tool.url.clone())
-            .json(&json!({"args": args, "task": task, "agent": agent}));
-        if let Some(key) = key {
-            request = request.header("idempotency-key", key);
-        }
         let attempt = tokio::time::timeout_at(deadline, async {
-            let response = request.send().await.map_err(|e| Failed {
-                error: ApiError::bad_gateway(format!(
-                    "tool {name:?} cannot be reached: {}",
-                    e.without_url()
-                ))
-                .with_code("tool_unreachable"),
-                retryable: true,
-                tool_fault: true,
-            })?;
-            answer(tool, response).await
+            match &tool.runner {
+                Runner::Http { url, client } => {
+                    let mut request = client
+                        .post(url.clone())
+                        .json(&json!({"args": args, "task": task, "agent": agent}));
+                    if let Some(key) = key {
+                        request = request.header("idempotency-key", key);
+                    }
+                    let response = request.send().await.map_err(|e| Failed {
+                        error: ApiError::bad_gateway(format!(
+                            "tool {name:?} cannot be reached: {}",
+                            e.without_url()
+                        ))
+                        .with_code("tool_unreachable"),
+                        retryable: true,
+                        tool_fault: true,
+                    })?;
+                    answer(tool, response).await
+                }
+                Runner::Wasm(module) => {
+                    let input =
+                        json!({"args": args, "task": task, "agent": agent, "idempotency_key": key})
+                            .to_string()
+                            .into_bytes();
+                    let module = Arc::clone(module);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let ran = tokio::task::spawn_blocking(move || {
+                        module.run(input, left, MAX_TOOL_ANSWER)
+                    })
+                    .await;
+                    wasm_answer(tool, ran)
+                }
+            }
         })
         .await
         .unwrap_or_else(|_| {
@@ -823,6 +839,87 @@ async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, F
         });
     }
     Ok(parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
+}
+
+/// How a Wasm tool's run ended, as a result or a classified failure (see [`super::wasm`]
+/// for what each exit code means).
+fn wasm_answer(
+    tool: &Tool,
+    ran: Result<wasm::Ran, tokio::task::JoinError>,
+) -> Result<Value, Failed> {
+    let name = &tool.settings.name;
+    let failed = |message: String, retryable: bool, tool_fault: bool| Failed {
+        error: ApiError::bad_gateway(message).with_code("tool_error"),
+        retryable,
+        tool_fault,
+    };
+    let ran = ran.map_err(|e| failed(format!("tool {name:?} did not finish: {e}"), false, true))?;
+    match ran {
+        wasm::Ran::TimedOut => Err(Failed {
+            error: ApiError::timeout(format!(
+                "tool {name:?} did not answer within its timeout ({}s); keel stopped the module",
+                tool.settings.timeout.as_secs_f64()
+            ))
+            .with_code("tool_timeout"),
+            retryable: false,
+            tool_fault: true,
+        }),
+        wasm::Ran::Trapped { message, stderr } => Err(failed(
+            format!("tool {name:?} crashed: {message}{}", said(tool, &stderr)),
+            false,
+            true,
+        )),
+        wasm::Ran::Exited {
+            stdout_full: true, ..
+        } => Err(failed(
+            format!("tool {name:?} answered more than {MAX_TOOL_ANSWER} bytes"),
+            false,
+            true,
+        )),
+        wasm::Ran::Exited {
+            code: 0, stdout, ..
+        } => Ok(serde_json::from_slice::<Value>(&stdout)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&stdout).into_owned()))),
+        wasm::Ran::Exited { code, stderr, .. } => {
+            let (why, retryable, tool_fault) = match code {
+                wasm::EXIT_TEMPFAIL => ("failed for now", true, true),
+                c if wasm::EXIT_BAD_ARGS.contains(&c) => ("refused its args", false, false),
+                _ => ("failed", false, true),
+            };
+            Err(failed(
+                format!(
+                    "tool {name:?} {why} (exit code {code}){}",
+                    said(tool, &stderr)
+                ),
+                retryable,
+                tool_fault,
+            ))
+        }
+    }
+}
+
+/// What a Wasm tool wrote to standard error, for an error message: a JSON text
+/// redacted like its answer; other text only when the tool redacts nothing.
+fn said(tool: &Tool, stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    if text.is_empty() {
+        return String::new();
+    }
+    let shown = match serde_json::from_str::<Value>(text) {
+        Ok(body) => tool.redact(&body).to_string(),
+        Err(_) if tool.settings.redact.is_empty() => text.to_owned(),
+        Err(_) => {
+            return format!(
+                ": {} bytes on stderr (withheld: the tool redacts)",
+                text.len()
+            );
+        }
+    };
+    format!(
+        ": {}",
+        shown.chars().take(MAX_ERROR_TEXT).collect::<String>()
+    )
 }
 
 /// Breaker transitions of a tool: the same metrics and events as a model target's,

@@ -12,9 +12,13 @@
 //!
 //! After the rules, the histogram guard ([`profile`]) compares each profiled numeric arg
 //! with what the agent usually sends; an outlier is blocked or waits for a person.
+//!
+//! A tool is an HTTP endpoint (`url`) or a Wasm module keel runs itself in a sandbox
+//! (`wasm`, see [`wasm`]); the policies around the call are the same for both.
 
 mod http;
 mod profile;
+pub mod wasm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -37,6 +41,8 @@ pub struct Tools {
     /// Calls running now, by (task, tool): counted in `history.calls` so that calls
     /// made at once cannot all pass a `history.calls < N` rule.
     running: Arc<Mutex<HashMap<(String, String), u64>>>,
+    /// The Wasm engine and its epoch clock, while any Wasm tool may run.
+    _wasm: Option<wasm::WasmRuntime>,
 }
 
 /// One running call in [`Tools::running`]; counted out when dropped.
@@ -57,13 +63,23 @@ impl Drop for Running {
     }
 }
 
-/// One tool: its settings, compiled rules, client and breaker.
+/// One tool: its settings, compiled rules, how it runs and its breaker.
 pub(crate) struct Tool {
     pub(crate) settings: ToolSettings,
     rules: Vec<Rule>,
-    pub(crate) url: reqwest::Url,
-    pub(crate) client: reqwest::Client,
+    pub(crate) runner: Runner,
     pub(crate) breaker: Mutex<Breaker>,
+}
+
+/// How a tool runs.
+pub(crate) enum Runner {
+    /// POSTed over HTTP to its URL, following no redirect.
+    Http {
+        url: reqwest::Url,
+        client: reqwest::Client,
+    },
+    /// A WASI command module run in keel's sandbox.
+    Wasm(Arc<wasm::WasmTool>),
 }
 
 /// A compiled CEL rule and its text.
@@ -108,9 +124,14 @@ pub struct Broken {
 /// Why the tools could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolBuildError {
-    /// A tool kind this build cannot run.
-    #[error("tools.{0}.wasm: Wasm tools are not supported by this build yet; use url")]
-    Wasm(String),
+    /// A Wasm module that cannot be loaded (missing, invalid, not a WASI command).
+    #[error("tools.{name}.wasm: {detail}")]
+    Wasm {
+        /// The tool.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// A bad URL or rule (config check catches these first).
     #[error("tools.{name}: {detail}")]
     Invalid {
@@ -130,16 +151,35 @@ impl Tools {
         breaker: BreakerSettings,
     ) -> Result<Self, ToolBuildError> {
         let mut built = BTreeMap::new();
+        // One engine for every Wasm tool, started only when there is one.
+        let mut runtime: Option<wasm::WasmRuntime> = None;
         for (name, settings) in tools {
             let invalid = |detail: String| ToolBuildError::Invalid {
                 name: name.clone(),
                 detail,
             };
-            let url = match &settings.endpoint {
-                ToolEndpoint::Http { url } => {
-                    reqwest::Url::parse(url).map_err(|e| invalid(format!("url: {e}")))?
+            let runner = match &settings.endpoint {
+                ToolEndpoint::Http { url } => Runner::Http {
+                    url: reqwest::Url::parse(url).map_err(|e| invalid(format!("url: {e}")))?,
+                    client: reqwest::Client::builder()
+                        // No server-side request forgery through a tool: keel calls the
+                        // configured URL and nothing it redirects to.
+                        .redirect(reqwest::redirect::Policy::none())
+                        .retry(reqwest::retry::never())
+                        .build()
+                        .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?,
+                },
+                ToolEndpoint::Wasm { path } => {
+                    let wasm_error = |detail: String| ToolBuildError::Wasm {
+                        name: name.clone(),
+                        detail,
+                    };
+                    let runtime = match &mut runtime {
+                        Some(runtime) => runtime,
+                        None => runtime.insert(wasm::WasmRuntime::new().map_err(wasm_error)?),
+                    };
+                    Runner::Wasm(Arc::new(runtime.load(name, path).map_err(wasm_error)?))
                 }
-                ToolEndpoint::Wasm { .. } => return Err(ToolBuildError::Wasm(name.clone())),
             };
             let mut rules = Vec::with_capacity(settings.rules.len());
             for text in &settings.rules {
@@ -152,20 +192,12 @@ impl Tools {
                     needs_history,
                 });
             }
-            let client = reqwest::Client::builder()
-                // No server-side request forgery through a tool: keel calls the
-                // configured URL and nothing it redirects to.
-                .redirect(reqwest::redirect::Policy::none())
-                .retry(reqwest::retry::never())
-                .build()
-                .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
             built.insert(
                 name.clone(),
                 Tool {
                     settings: settings.clone(),
                     rules,
-                    url,
-                    client,
+                    runner,
                     breaker: Mutex::new(Breaker::new(breaker)),
                 },
             );
@@ -173,7 +205,31 @@ impl Tools {
         Ok(Self {
             tools: built,
             running: Arc::default(),
+            _wasm: runtime,
         })
+    }
+
+    /// Loads every Wasm tool as [`Tools::build`] would, for `keel config check`: the
+    /// tools whose module cannot run, each with why.
+    pub fn wasm_problems(tools: &BTreeMap<String, ToolSettings>) -> Vec<(String, String)> {
+        let modules: Vec<_> = tools
+            .iter()
+            .filter_map(|(name, t)| match &t.endpoint {
+                ToolEndpoint::Wasm { path } => Some((name, path)),
+                ToolEndpoint::Http { .. } => None,
+            })
+            .collect();
+        if modules.is_empty() {
+            return Vec::new();
+        }
+        let runtime = match wasm::WasmRuntime::new() {
+            Ok(runtime) => runtime,
+            Err(e) => return vec![(String::new(), e)],
+        };
+        modules
+            .into_iter()
+            .filter_map(|(name, path)| runtime.load(name, path).err().map(|e| (name.clone(), e)))
+            .collect()
     }
 
     /// Counts a call of `tool` in `task` as running until the guard is dropped.

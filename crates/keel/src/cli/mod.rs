@@ -327,6 +327,18 @@ impl Cli {
 fn check(file: &std::path::Path) -> ExitCode {
     match keel_config::load(file, &|name| std::env::var(name).ok()) {
         Ok(settings) => {
+            // Wasm modules are compiled as `keel serve` would: a bad one fails here.
+            let problems = keel_gateway::tools::Tools::wasm_problems(&settings.tools);
+            if !problems.is_empty() {
+                for (tool, detail) in problems {
+                    let key = keel_config::KeyPath::root()
+                        .child("tools")
+                        .child(&tool)
+                        .child("wasm");
+                    output::error(&keel_config::error_at(file, &key, detail).to_string());
+                }
+                return ExitCode::from(2);
+            }
             // A config that injects faults must not pass a check unnoticed.
             let chaos = if settings.chaos.enabled {
                 format!(
@@ -338,11 +350,12 @@ fn check(file: &std::path::Path) -> ExitCode {
                 String::new()
             };
             output::line(&format!(
-                "{}: ok ({} providers, {} routes, {} agents){chaos}",
+                "{}: ok ({} providers, {} routes, {} agents, {} tools){chaos}",
                 file.display(),
                 settings.providers.len(),
                 settings.routes.len(),
-                settings.agents.len()
+                settings.agents.len(),
+                settings.tools.len()
             ));
             ExitCode::SUCCESS
         }

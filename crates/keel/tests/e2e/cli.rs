@@ -78,3 +78,47 @@ fn serve_with_a_bad_config_exits_without_listening() {
     assert!(stderr.contains("lisen"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
+
+#[test]
+fn a_wasm_tool_that_cannot_run_is_named_by_config_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("lib.wat"),
+        r#"(module (func (export "run")))"#,
+    )
+    .unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[tools.gone]\nwasm = \"missing.wasm\"\n\n[tools.lib]\nwasm = \"lib.wat\"\n",
+    )
+    .unwrap();
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("keel.toml:5: tools.gone.wasm: cannot read the module"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("keel.toml:8: tools.lib.wasm:") && stderr.contains("no _start export"),
+        "{stderr}"
+    );
+
+    let out = keel()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tools.gone.wasm: cannot read the module"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}

@@ -21,3 +21,4 @@ mod sdk;
 mod sim;
 mod tasks;
 mod tools;
+mod wasm;
