@@ -32,9 +32,10 @@ pub struct AgentConfig {
     /// Attempts of a task before it goes to the dead-letter queue.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    /// Whether keel stops this agent's tasks that loop (default true).
-    #[serde(default = "yes")]
-    pub loop_guard: bool,
+    /// `loop_guard = true | false | { same_call, repeats, window, similarity }`: whether
+    /// keel stops this agent's tasks that loop, and when (default on, default limits).
+    #[serde(default)]
+    pub loop_guard: LoopGuardConfig,
     /// Tokens one task may burn in a minute before the loop guard stops it (unset: no limit).
     #[serde(default)]
     pub task_tokens_per_minute: Option<u64>,
@@ -51,8 +52,132 @@ pub struct AgentConfig {
     pub screen_input: crate::InjectionAction,
 }
 
-fn yes() -> bool {
-    true
+/// `loop_guard` as written: on or off, or on with limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoopGuardConfig {
+    /// `true` (default limits) or `false` (off).
+    Switch(bool),
+    /// `{ ... }`: on, with these limits (each left out takes its default).
+    Limits(LoopGuardTable),
+}
+
+impl Default for LoopGuardConfig {
+    fn default() -> Self {
+        Self::Switch(true)
+    }
+}
+
+/// `loop_guard = { ... }` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopGuardTable {
+    /// The same tool call (same args) this many times in a task is allowed; one more is a loop.
+    pub same_call: Option<u64>,
+    /// Near-identical answers among the last `window` that make a loop.
+    pub repeats: Option<usize>,
+    /// How many of a task's latest answers are compared.
+    pub window: Option<usize>,
+    /// Estimated Jaccard similarity (of word 3-shingles) at which two answers count as
+    /// near-identical, in (0, 1].
+    pub similarity: Option<f64>,
+}
+
+impl<'de> Deserialize<'de> for LoopGuardConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = LoopGuardConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, or a table like { same_call = 5, repeats = 3, window = 6, similarity = 0.85 }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Self::Value, E> {
+                Ok(LoopGuardConfig::Switch(on))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                LoopGuardTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(LoopGuardConfig::Limits)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// Default `loop_guard.same_call`.
+pub const DEFAULT_LOOP_SAME_CALL: u64 = 5;
+/// Default `loop_guard.repeats`.
+pub const DEFAULT_LOOP_REPEATS: usize = 3;
+/// Default `loop_guard.window`.
+pub const DEFAULT_LOOP_WINDOW: usize = 6;
+/// Default `loop_guard.similarity`.
+pub const DEFAULT_LOOP_SIMILARITY: f64 = 0.85;
+
+/// When the loop guard stops a task: validated `loop_guard` limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoopGuardSettings {
+    /// Identical tool calls allowed in a task; the next one is a loop. At least 1.
+    pub same_call: u64,
+    /// Near-identical answers among the last `window` that make a loop; at least 2.
+    pub repeats: usize,
+    /// Latest answers compared; at least `repeats`.
+    pub window: usize,
+    /// Similarity at which answers are near-identical, in (0, 1].
+    pub similarity: f64,
+}
+
+impl Default for LoopGuardSettings {
+    fn default() -> Self {
+        Self {
+            same_call: DEFAULT_LOOP_SAME_CALL,
+            repeats: DEFAULT_LOOP_REPEATS,
+            window: DEFAULT_LOOP_WINDOW,
+            similarity: DEFAULT_LOOP_SIMILARITY,
+        }
+    }
+}
+
+impl LoopGuardConfig {
+    /// The limits, or `None` when the guard is off.
+    fn validate(self, at: &KeyPath, problems: &mut Problems) -> Option<LoopGuardSettings> {
+        let table = match self {
+            Self::Switch(false) => return None,
+            Self::Switch(true) => return Some(LoopGuardSettings::default()),
+            Self::Limits(table) => table,
+        };
+        let d = LoopGuardSettings::default();
+        let limits = LoopGuardSettings {
+            same_call: table.same_call.unwrap_or(d.same_call),
+            repeats: table.repeats.unwrap_or(d.repeats),
+            window: table.window.unwrap_or(d.window),
+            similarity: table.similarity.unwrap_or(d.similarity),
+        };
+        if limits.same_call == 0 {
+            problems.push(at.child("same_call").invalid(
+                "must be at least 1 (identical tool calls a task may make); use loop_guard = false to turn the guard off",
+            ));
+        }
+        if limits.repeats < 2 {
+            problems.push(
+                at.child("repeats")
+                    .invalid("must be at least 2: one answer alone does not repeat"),
+            );
+        }
+        if limits.window < limits.repeats {
+            problems.push(at.child("window").invalid(format!(
+                "must be at least repeats ({}): the repeats are counted among the last window answers",
+                limits.repeats
+            )));
+        }
+        if !(limits.similarity > 0.0 && limits.similarity <= 1.0) {
+            problems.push(at.child("similarity").invalid(format!(
+                "must be in (0, 1], like 0.85; got {}",
+                limits.similarity
+            )));
+        }
+        Some(limits)
+    }
 }
 
 fn default_max_attempts() -> u32 {
@@ -97,9 +222,9 @@ pub struct AgentSettings {
     pub task_timeout: Option<Duration>,
     /// Attempts of a task before it goes to the dead-letter queue (default 3).
     pub max_attempts: NonZeroU32,
-    /// Whether keel stops this agent's tasks that loop: near-identical model answers, or
-    /// the same tool call over and over (default true).
-    pub loop_guard: bool,
+    /// When keel stops this agent's tasks that loop (near-identical model answers, the
+    /// same tool call over and over, token burn); `None`: never.
+    pub loop_guard: Option<LoopGuardSettings>,
     /// Tokens one task may burn in any 60 s before the loop guard stops it; `None`: no limit.
     pub task_tokens_per_minute: Option<u64>,
     /// Tools this agent's tasks need (each a configured `[tools.NAME]`).
@@ -165,6 +290,9 @@ impl AgentConfig {
             );
         }
         let max_attempts = problems.one(at_least_one(self.max_attempts, &at.child("max_attempts")));
+        let loop_guard = self
+            .loop_guard
+            .validate(&at.child("loop_guard"), &mut problems);
         if self.task_tokens_per_minute == Some(0) {
             problems.push(
                 at.child("task_tokens_per_minute")
@@ -186,7 +314,7 @@ impl AgentConfig {
                 max_steps: self.max_steps,
                 task_timeout: self.task_timeout,
                 max_attempts: max_attempts?,
-                loop_guard: self.loop_guard,
+                loop_guard,
                 task_tokens_per_minute: self.task_tokens_per_minute,
                 tools: self.tools,
                 preflight: self.preflight,

@@ -44,7 +44,11 @@ mod tool;
 
 use std::path::Path;
 
-pub use agent::{AgentConfig, AgentSettings, BudgetConfig, BudgetSettings, DEFAULT_WARN_AT};
+pub use agent::{
+    AgentConfig, AgentSettings, BudgetConfig, BudgetSettings, DEFAULT_LOOP_REPEATS,
+    DEFAULT_LOOP_SAME_CALL, DEFAULT_LOOP_SIMILARITY, DEFAULT_LOOP_WINDOW, DEFAULT_WARN_AT,
+    LoopGuardConfig, LoopGuardSettings, LoopGuardTable,
+};
 pub use breaker::{BreakerConfig, DEFAULT_BREAKER, WindowKind};
 pub use chaos::{
     ChaosConfig, ChaosSettings, Fault, FaultKind, FaultRule, FaultRuleConfig, Latency, Outage,

@@ -34,8 +34,8 @@ pub struct Agents {
     by_key: HashMap<String, (String, String)>,
     /// By budget id: the agent's name, or `AGENT/key/NAME` for one key's own budget.
     budgets: HashMap<String, Mutex<Budget>>,
-    /// Agents whose loop guard is off.
-    unguarded: std::collections::HashSet<String>,
+    /// Each configured agent's loop-guard limits (`None`: its guard is off).
+    loop_limits: HashMap<String, Option<keel_config::LoopGuardSettings>>,
     /// Tokens one task of the agent may burn per minute.
     burn_limits: HashMap<String, u64>,
     /// Agents whose user content is screened otherwise than `flag`.
@@ -175,13 +175,11 @@ impl Agents {
     ) -> Self {
         let mut by_key = HashMap::new();
         let mut budgets = HashMap::new();
-        let mut unguarded = std::collections::HashSet::new();
+        let mut loop_limits = HashMap::new();
         let mut burn_limits = HashMap::new();
         let mut screening = HashMap::new();
         for agent in agents {
-            if !agent.loop_guard {
-                unguarded.insert(agent.name.clone());
-            }
+            loop_limits.insert(agent.name.clone(), agent.loop_guard);
             if let Some(limit) = agent.task_tokens_per_minute {
                 burn_limits.insert(agent.name.clone(), limit);
             }
@@ -211,7 +209,7 @@ impl Agents {
         Self {
             by_key,
             budgets,
-            unguarded,
+            loop_limits,
             burn_limits,
             screening,
             prices,
@@ -253,9 +251,13 @@ impl Budget {
 }
 
 impl Agents {
-    /// Whether keel stops `agent`'s looping tasks (`[agents.NAME] loop_guard`, default on).
-    pub fn loop_guard(&self, agent: &str) -> bool {
-        !self.unguarded.contains(agent)
+    /// When keel stops `agent`'s looping tasks (`[agents.NAME] loop_guard`; an agent
+    /// without a table gets the default limits); `None` when its guard is off.
+    pub fn loop_guard(&self, agent: &str) -> Option<keel_config::LoopGuardSettings> {
+        self.loop_limits
+            .get(agent)
+            .copied()
+            .unwrap_or_else(|| Some(keel_config::LoopGuardSettings::default()))
     }
 
     /// Tokens one task of `agent` may burn per minute (`None`: no limit, or the guard is off).
@@ -263,7 +265,7 @@ impl Agents {
         self.burn_limits
             .get(agent)
             .copied()
-            .filter(|_| self.loop_guard(agent))
+            .filter(|_| self.loop_guard(agent).is_some())
     }
 
     /// What happens to `agent`'s user content that looks like a prompt injection.
@@ -501,7 +503,7 @@ mod tests {
             max_attempts: std::num::NonZeroU32::MIN,
             key_names: Vec::new(),
             key_budget: None,
-            loop_guard: true,
+            loop_guard: Some(keel_config::LoopGuardSettings::default()),
             task_tokens_per_minute: None,
             tools: Vec::new(),
             preflight: Vec::new(),
@@ -556,7 +558,7 @@ mod tests {
             max_steps: None,
             task_timeout: None,
             max_attempts: std::num::NonZeroU32::MIN,
-            loop_guard: true,
+            loop_guard: Some(keel_config::LoopGuardSettings::default()),
             task_tokens_per_minute: None,
             tools: Vec::new(),
             preflight: Vec::new(),

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{ApiError, UpstreamError};
+use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel, TokenLabels};
 use crate::provider::{ChunkStream, Endpoint};
 use crate::route::{CallLog, Route, Target};
@@ -221,7 +222,12 @@ impl Finish {
             Recorded::Inline(&body),
         );
         log.events.push(event);
-        let looping = self.gw.find_loop(&log.who, &route.name, &body, usage);
+        let looping = self.gw.find_loop(
+            &log.who,
+            &route.name,
+            || crate::guard::loops::answer_text(&body),
+            usage,
+        );
         if let Some(stop) = &looping {
             log.push(EventKind::LoopDetected, stop.data.clone());
         }
@@ -260,15 +266,18 @@ impl Finish {
         let gw = Arc::clone(&self.gw);
         let target_id = target.id.clone();
         let hide_usage = self.hide_usage;
+        // A task's streamed answer is put together for the loop guard, as a whole one is read.
+        let guarded = log.who.task.is_some() && gw.agents.loop_guard(&log.who.agent).is_some();
         gw.tasks.spawn(async move {
             let mut transcript = self.gw.record_payloads.then(Vec::new);
+            let mut answer = guarded.then(StreamedAnswer::default);
             let (outcome, usage) = pump(
                 first,
                 rest,
                 &tx,
                 (idle, deadline),
                 &target_id,
-                transcript.as_mut(),
+                (transcript.as_mut(), answer.as_mut()),
                 hide_usage,
             )
             .await;
@@ -284,12 +293,28 @@ impl Finish {
                     .map_or(Recorded::Nothing, Recorded::Blob),
             );
             log.events.push(event);
+            let looping = (outcome == "ok")
+                .then(|| {
+                    self.gw.find_loop(
+                        &log.who,
+                        &self.route_name,
+                        || answer.map(StreamedAnswer::text),
+                        usage,
+                    )
+                })
+                .flatten();
+            if let Some(stop) = &looping {
+                log.push(EventKind::LoopDetected, stop.data.clone());
+            }
             self.record(
                 std::mem::take(&mut log.events),
                 transcript,
                 log.who.task.clone(),
             )
             .await;
+            if let Some(stop) = looping {
+                self.gw.stop_loop(stop).await;
+            }
             let metric_outcome = if outcome == "ok" {
                 "ok"
             } else {
@@ -511,7 +536,7 @@ async fn pump(
     tx: &mpsc::Sender<Bytes>,
     (idle, deadline): (Duration, Instant),
     target: &str,
-    mut transcript: Option<&mut Vec<u8>>,
+    (mut transcript, mut answer): (Option<&mut Vec<u8>>, Option<&mut StreamedAnswer>),
     hide_usage: bool,
 ) -> (&'static str, Option<Usage>) {
     let mut usage = usage_of(&first).ok().flatten();
@@ -520,6 +545,9 @@ async fn pump(
         if let Some(t) = transcript.as_deref_mut() {
             t.extend_from_slice(chunk);
             t.push(b'\n');
+        }
+        if let Some(a) = answer.as_deref_mut() {
+            a.add(chunk);
         }
     };
     keep(&first);

@@ -22,22 +22,20 @@ pub(crate) struct LoopStop {
 }
 
 impl Gateway {
-    /// Whether this answer of `who`'s task (its body and usage) shows a loop: repeated or
-    /// bounced answers, else token burn over the agent's limit.
+    /// Whether this answer of `who`'s task (its text, read by `answer` only when the
+    /// guard looks, and its usage) shows a loop: repeated or bounced answers, else token
+    /// burn over the agent's limit.
     pub(crate) fn find_loop(
         &self,
         who: &Attribution,
         route: &str,
-        body: &[u8],
+        answer: impl FnOnce() -> Option<String>,
         usage: Option<Usage>,
     ) -> Option<LoopStop> {
         let task = who.task.as_deref()?;
         let agent = who.agent.as_str();
-        if !self.agents.loop_guard(agent) {
-            return None;
-        }
-        let found = crate::guard::loops::answer_text(body)
-            .and_then(|answer| self.loops.observe(task, &answer));
+        let limits = self.agents.loop_guard(agent)?;
+        let found = answer().and_then(|answer| self.loops.observe(task, &answer, &limits));
         if let Some(found) = found {
             return Some(match found.with {
                 Some(other) => LoopStop {

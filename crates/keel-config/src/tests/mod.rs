@@ -188,7 +188,7 @@ fn design_example_parses_to_expected_settings() {
                 max_attempts: three,
                 key_names: vec!["KEEL_KEY_SUPPORT".into()],
                 key_budget: None,
-                loop_guard: true,
+                loop_guard: Some(crate::LoopGuardSettings::default()),
                 task_tokens_per_minute: None,
                 tools: Vec::new(),
                 preflight: Vec::new(),

@@ -424,6 +424,40 @@ max_attempts = 0
 }
 
 #[test]
+fn the_loop_guard_is_on_off_or_tuned_and_its_limits_are_checked() {
+    let text = "[agents.a]\n\n[agents.b]\nloop_guard = false\n\n[agents.c]\nloop_guard = { same_call = 2, similarity = 0.9 }\n";
+    let settings = super::settings(text);
+    let guard = |name: &str| settings.agents[name].loop_guard;
+    assert_eq!(guard("a"), Some(crate::LoopGuardSettings::default()));
+    assert_eq!(guard("b"), None);
+    assert_eq!(
+        guard("c"),
+        Some(crate::LoopGuardSettings {
+            same_call: 2,
+            repeats: crate::DEFAULT_LOOP_REPEATS,
+            window: crate::DEFAULT_LOOP_WINDOW,
+            similarity: 0.9,
+        })
+    );
+
+    let text =
+        "[agents.a]\nloop_guard = { same_call = 0, repeats = 4, window = 3, similarity = 1.5 }\n";
+    assert_eq!(
+        errors(text),
+        "keel.toml:2: agents.a.loop_guard.same_call: must be at least 1 (identical tool calls a task may make); use loop_guard = false to turn the guard off\n\
+         keel.toml:2: agents.a.loop_guard.window: must be at least repeats (4): the repeats are counted among the last window answers\n\
+         keel.toml:2: agents.a.loop_guard.similarity: must be in (0, 1], like 0.85; got 1.5"
+    );
+    let unknown = errors("[agents.a]\nloop_guard = { same_calls = 2 }\n");
+    assert!(
+        unknown.starts_with("keel.toml:2: agents.a.loop_guard") && unknown.contains("same_calls"),
+        "{unknown}"
+    );
+    let wrong = errors("[agents.a]\nloop_guard = \"yes\"\n");
+    assert!(wrong.contains("true, false, or a table"), "{wrong}");
+}
+
+#[test]
 fn two_agents_may_not_share_a_key() {
     let text = "[agents.ops]
 keys_env = [\"KEEL_KEY_OPS\", \"KEEL_KEY_COPY\"]

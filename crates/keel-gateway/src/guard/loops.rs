@@ -9,7 +9,9 @@
 //! long answer with a word or two changed. One changed word in a 20-word answer (similarity
 //! 0.71) is not near-identical: short templated answers ("step 3 done", "step 4 done") are
 //! progress. When [`REPEATS`] of a task's last [`WINDOW`] answers are near-identical to the
-//! newest, the task loops. Answers of fewer than [`MIN_WORDS`] words are not judged.
+//! newest, the task loops. Answers of fewer than [`MIN_WORDS`] words are not judged. Those
+//! three are the defaults; `[agents.NAME] loop_guard = { repeats, window, similarity }`
+//! sets them per agent ([`LoopGuardSettings`]).
 //!
 //! A task found looping is stopped: keel records `loop_detected`, hands the task to a
 //! person, and refuses the task's further model calls until that person lets it go on.
@@ -17,14 +19,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use keel_config::LoopGuardSettings;
 use parking_lot::Mutex;
 
-/// Answers of a task compared with each other.
-pub const WINDOW: usize = 6;
-/// Near-identical answers in the window (the newest included) that make a loop.
-pub const REPEATS: usize = 3;
-/// Estimated Jaccard similarity from which two answers are near-identical.
-pub const SIMILAR: f64 = 0.85;
+/// Answers of a task compared with each other (default).
+pub const WINDOW: usize = keel_config::DEFAULT_LOOP_WINDOW;
+/// Near-identical answers in the window (the newest included) that make a loop (default).
+pub const REPEATS: usize = keel_config::DEFAULT_LOOP_REPEATS;
+/// Estimated Jaccard similarity from which two answers are near-identical (default).
+pub const SIMILAR: f64 = keel_config::DEFAULT_LOOP_SIMILARITY;
 /// Answers shorter than this (in words) are not judged.
 pub const MIN_WORDS: usize = 8;
 /// Minimum hashes in a signature.
@@ -130,6 +133,105 @@ pub fn answer_text(body: &[u8]) -> Option<String> {
     Some(text)
 }
 
+/// The most of a streamed answer kept for the loop guard.
+const MAX_STREAMED: usize = 1024 * 1024;
+
+/// A streamed answer put together from its chunks (`choices[0].delta`: content, and the
+/// tool calls' names and argument pieces), so that the loop guard judges a streamed answer
+/// as it judges a whole one ([`answer_text`]).
+#[derive(Debug, Default)]
+pub struct StreamedAnswer {
+    content: String,
+    /// Tool calls by their `index`: name and arguments so far.
+    calls: Vec<(String, String)>,
+    size: usize,
+}
+
+impl StreamedAnswer {
+    /// Adds one chunk's data (the JSON of one `data:` line); other chunks are ignored.
+    pub fn add(&mut self, chunk: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Chunk {
+            #[serde(default)]
+            choices: Vec<Choice>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Choice {
+            #[serde(default)]
+            index: u32,
+            #[serde(default)]
+            delta: Option<Delta>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Delta {
+            #[serde(default)]
+            content: Option<String>,
+            #[serde(default)]
+            tool_calls: Vec<CallDelta>,
+        }
+        #[derive(serde::Deserialize)]
+        struct CallDelta {
+            #[serde(default)]
+            index: usize,
+            #[serde(default)]
+            function: Option<FunctionDelta>,
+        }
+        #[derive(serde::Deserialize)]
+        struct FunctionDelta {
+            #[serde(default)]
+            name: Option<String>,
+            #[serde(default)]
+            arguments: Option<String>,
+        }
+        if self.size >= MAX_STREAMED {
+            return;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(chunk) else {
+            return;
+        };
+        for delta in chunk
+            .choices
+            .into_iter()
+            .filter(|c| c.index == 0)
+            .filter_map(|c| c.delta)
+        {
+            if let Some(text) = delta.content {
+                self.size += text.len();
+                self.content.push_str(&text);
+            }
+            for call in delta.tool_calls {
+                let Some(function) = call.function else {
+                    continue;
+                };
+                // Indexes come in order from 0; a gap is filled so that none is lost.
+                if call.index >= self.calls.len() && call.index < 128 {
+                    self.calls.resize(call.index + 1, Default::default());
+                }
+                if let Some((name, args)) = self.calls.get_mut(call.index) {
+                    let added = function.name.unwrap_or_default();
+                    let more = function.arguments.unwrap_or_default();
+                    self.size += added.len() + more.len();
+                    name.push_str(&added);
+                    args.push_str(&more);
+                }
+            }
+        }
+    }
+
+    /// The answer as [`answer_text`] gives a whole one: the content, then each tool call's
+    /// name and arguments.
+    pub fn text(self) -> String {
+        let mut text = self.content;
+        for (name, args) in self.calls {
+            text.push(' ');
+            text.push_str(&name);
+            text.push(' ');
+            text.push_str(&args);
+        }
+        text
+    }
+}
+
 /// A loop found in a task's answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detected {
@@ -177,8 +279,13 @@ pub const BOUNCE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60
 const MAX_RECENT: usize = 512;
 
 impl LoopGuard {
-    /// Adds an answer of `task`; a loop when it completes one.
-    pub fn observe(&self, task: &str, answer: &str) -> Option<Detected> {
+    /// Adds an answer of `task`; a loop, by the agent's `limits`, when it completes one.
+    pub fn observe(
+        &self,
+        task: &str,
+        answer: &str,
+        limits: &LoopGuardSettings,
+    ) -> Option<Detected> {
         let sig = signature(answer)?;
         let mut tasks = self.tasks.lock();
         if tasks.len() >= MAX_TASKS && !tasks.contains_key(task) {
@@ -196,29 +303,30 @@ impl LoopGuard {
         let similar = 1 + state
             .answers
             .iter()
-            .filter(|earlier| similarity(earlier, &sig) >= SIMILAR)
+            .filter(|earlier| similarity(earlier, &sig) >= limits.similarity)
             .count();
-        if state.answers.len() + 1 >= WINDOW {
+        // The newest and the answers it was compared with.
+        let window = state.answers.len() + 1;
+        while state.answers.len() + 1 >= limits.window.max(1) && !state.answers.is_empty() {
             state.answers.pop_front();
         }
         state.answers.push_back(sig.clone());
-        let window = state.answers.len();
         drop(tasks);
-        if similar >= REPEATS {
+        if similar >= limits.repeats {
             return Some(Detected {
                 similar,
                 window,
                 with: None,
             });
         }
-        self.bouncing(task, sig, now)
+        self.bouncing(task, sig, now, limits.similarity)
     }
 
     /// Two tasks bouncing the same content: this answer is near-identical to at least one
     /// earlier answer of this task and two of exactly one other task within
     /// [`BOUNCE_WINDOW`]. Content that three or more tasks share is a common phrase, not a
     /// bounce.
-    fn bouncing(&self, task: &str, sig: Signature, now: Instant) -> Option<Detected> {
+    fn bouncing(&self, task: &str, sig: Signature, now: Instant, similar: f64) -> Option<Detected> {
         let mut recent = self.recent.lock();
         while recent.len() >= MAX_RECENT
             || recent
@@ -230,7 +338,7 @@ impl LoopGuard {
         let mut mine = 1;
         let mut others: HashMap<&str, usize> = HashMap::new();
         for (t, s, _) in recent.iter() {
-            if similarity(s, &sig) >= SIMILAR {
+            if similarity(s, &sig) >= similar {
                 if t == task {
                     mine += 1;
                 } else {
@@ -291,6 +399,10 @@ impl LoopGuard {
 mod tests {
     use super::*;
 
+    fn observe(guard: &LoopGuard, task: &str, answer: &str) -> Option<Detected> {
+        guard.observe(task, answer, &LoopGuardSettings::default())
+    }
+
     const PLAN: &str = "I will search the knowledge base for the refund policy and then reply to the customer with the answer";
 
     fn sim(a: &str, b: &str) -> f64 {
@@ -328,17 +440,18 @@ mod tests {
     #[test]
     fn the_third_repeat_in_the_window_is_a_loop() {
         let guard = LoopGuard::default();
-        assert_eq!(guard.observe("t", PLAN), None);
+        assert_eq!(observe(&guard, "t", PLAN), None);
         assert_eq!(
-            guard.observe(
+            observe(
+                &guard,
                 "t",
                 "Here is a completely different answer about shipping times to Canada and Mexico"
             ),
             None
         );
-        assert_eq!(guard.observe("t", &PLAN.to_lowercase()), None);
-        assert_eq!(guard.observe("other", PLAN), None, "tasks are apart");
-        let found = guard.observe("t", PLAN).unwrap();
+        assert_eq!(observe(&guard, "t", &PLAN.to_lowercase()), None);
+        assert_eq!(observe(&guard, "other", PLAN), None, "tasks are apart");
+        let found = observe(&guard, "t", PLAN).unwrap();
         assert_eq!(
             found,
             Detected {
@@ -355,32 +468,72 @@ mod tests {
         for i in 0..30 {
             let answer =
                 format!("sim reply to: sim task 12 call {i} of the plan, step {i} is done now");
-            assert_eq!(guard.observe("t", &answer), None, "{answer}");
+            assert_eq!(observe(&guard, "t", &answer), None, "{answer}");
         }
         for i in 0..30 {
             let answer = format!(
                 "Step {i}: I read chapter {i} of the manual and it explains part {i} of the setup"
             );
-            assert_eq!(guard.observe("u", &answer), None, "{answer}");
+            assert_eq!(observe(&guard, "u", &answer), None, "{answer}");
         }
+    }
+
+    #[test]
+    fn a_streamed_answer_reads_as_the_whole_one() {
+        let whole = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"I will look it up","tool_calls":[{"id":"c1","type":"function","function":{"name":"search","arguments":"{\"q\":\"refund policy\"}"}}]}}]}"#;
+        let chunks: [&[u8]; 6] = [
+            br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"I will "}}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"content":"look it up"}}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"search","arguments":""}}]}}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"q\":\"refund"}}]}}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":" policy\"}"}}]}}]}"#,
+            br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+        ];
+        let mut streamed = StreamedAnswer::default();
+        for chunk in chunks {
+            streamed.add(chunk);
+        }
+        assert_eq!(Some(streamed.text()), answer_text(whole));
+    }
+
+    #[test]
+    fn an_agent_s_own_limits_decide() {
+        let guard = LoopGuard::default();
+        let strict = LoopGuardSettings {
+            repeats: 2,
+            window: 2,
+            similarity: 0.99,
+            ..LoopGuardSettings::default()
+        };
+        // A changed word is not a repeat at 0.99, an exact repeat is, at the second time.
+        let changed = PLAN.replace("customer", "client");
+        assert_eq!(guard.observe("t", PLAN, &strict), None);
+        assert_eq!(guard.observe("t", &changed, &strict), None);
+        let found = guard.observe("t", &changed, &strict).unwrap();
+        assert_eq!(found.similar, 2);
+        assert_eq!(found.window, 2);
+        // The default needs a third.
+        let lax = LoopGuard::default();
+        assert_eq!(observe(&lax, "t", PLAN), None);
+        assert_eq!(observe(&lax, "t", PLAN), None);
     }
 
     #[test]
     fn a_window_forgets_old_answers() {
         let guard = LoopGuard::default();
-        assert_eq!(guard.observe("t", PLAN), None);
-        assert_eq!(guard.observe("t", PLAN), None);
+        assert_eq!(observe(&guard, "t", PLAN), None);
+        assert_eq!(observe(&guard, "t", PLAN), None);
         for i in 0..WINDOW {
             let distinct: Vec<String> = (0..10).map(|k| format!("x{i}y{k}")).collect();
-            assert_eq!(guard.observe("t", &distinct.join(" ")), None);
+            assert_eq!(observe(&guard, "t", &distinct.join(" ")), None);
         }
         assert_eq!(
-            guard.observe("t", PLAN),
+            observe(&guard, "t", PLAN),
             None,
             "the two early ones are out of the window"
         );
-        assert!(guard.observe("t", PLAN).is_none());
-        assert!(guard.observe("t", PLAN).is_some());
+        assert!(observe(&guard, "t", PLAN).is_none());
+        assert!(observe(&guard, "t", PLAN).is_some());
     }
 
     #[test]
@@ -409,18 +562,18 @@ mod tests {
         let guard = LoopGuard::default();
         let other =
             "Here is a completely different answer about shipping times to Canada and Mexico";
-        assert_eq!(guard.observe("a", PLAN), None);
-        assert_eq!(guard.observe("b", PLAN), None);
-        assert_eq!(guard.observe("a", other), None);
-        assert_eq!(guard.observe("a", PLAN), None, "a has it twice, b once");
-        let found = guard.observe("b", PLAN).unwrap();
+        assert_eq!(observe(&guard, "a", PLAN), None);
+        assert_eq!(observe(&guard, "b", PLAN), None);
+        assert_eq!(observe(&guard, "a", other), None);
+        assert_eq!(observe(&guard, "a", PLAN), None, "a has it twice, b once");
+        let found = observe(&guard, "b", PLAN).unwrap();
         assert_eq!(found.with.as_deref(), Some("a"));
         assert_eq!(found.similar, 4);
 
         // The same answer from three tasks is a phrase they share, not a bounce.
         let guard = LoopGuard::default();
         for task in ["x", "y", "z", "x", "y"] {
-            assert_eq!(guard.observe(task, PLAN), None, "{task}");
+            assert_eq!(observe(&guard, task, PLAN), None, "{task}");
         }
     }
 

@@ -136,11 +136,12 @@ impl Gateway {
             args,
             calls_in_task,
         };
-        let repeats = match task {
-            Some(_) if self.agents.loop_guard(agent) => same_calls(&log, tool, args),
+        let same_call_limit = self.agents.loop_guard(agent).map(|l| l.same_call);
+        let repeats = match (task, same_call_limit) {
+            (Some(_), Some(_)) => same_calls(&log, tool, args),
             _ => 0,
         };
-        let looping = repeats >= SAME_CALL_LIMIT;
+        let looping = same_call_limit.is_some_and(|limit| repeats >= limit);
         let decision = match tool.check(&action) {
             _ if looping => Decision::Block(vec![Broken {
                 rule: "loop:same_call".to_owned(),
@@ -306,9 +307,6 @@ impl Gateway {
         Ok(Ok(id))
     }
 }
-
-/// Identical calls (same tool, same args) a task may make before the loop guard stops it.
-const SAME_CALL_LIMIT: u64 = 5;
 
 /// Calls of `tool` with these same `args` already in the task's log (compared as logged,
 /// redacted args included).

@@ -322,3 +322,71 @@ async fn two_tasks_bouncing_the_same_content_are_both_stopped() {
     }
     assert_eq!(heartbeat(&keel, &b, &token_b).await["directive"], "handoff");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_answers_that_repeat_are_caught_like_whole_ones() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    let (id, token) = running_task(&keel).await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client
+            .post(format!("{}/v1/chat/completions", keel.url))
+            .header("x-keel-agent", "looper")
+            .header("x-keel-task", &id)
+            .json(&json!({"model": "smart", "stream": true,
+                "messages": [{"role": "user", "content": PROMPT}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("data: [DONE]"), "{text}");
+    }
+    let found = keel.events_of("loop_detected");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["kind"], "repeated_output");
+    assert_eq!(found[0]["similar"], 3);
+    assert_eq!(task_state(&keel, &id).await["state"], "awaiting_human");
+    assert_eq!(heartbeat(&keel, &id, &token).await["directive"], "handoff");
+    let (status, answer) = ask(
+        &keel,
+        &id,
+        "Something else entirely, about shipping to Canada",
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"]["code"], "loop_detected", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_s_loop_guard_limits_are_its_own() {
+    let models = sim().await;
+    let config = format!("{LOOPS}\n[agents.tuned]\nloop_guard = {{ same_call = 2 }}\n");
+    let keel = Keel::start(&config, &models).await;
+    let call = json!({"task": "tuned-1", "args": {"query": "refund policy"}});
+    let invoke = |agent: &'static str, body: Value| {
+        let keel = &keel;
+        async move {
+            keel.post_json("/v1/tools/search/invoke", &[("x-keel-agent", agent)], &body)
+                .await
+        }
+    };
+    for _ in 0..2 {
+        let (status, answer) = invoke("tuned", call.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = invoke("tuned", call).await;
+    assert_eq!(
+        status, 403,
+        "the third identical call of `tuned` is a loop: {answer}"
+    );
+    assert_eq!(answer["rules"], json!(["loop:same_call"]));
+    assert_eq!(keel.events_of("loop_detected")[0]["repeats"], 2);
+    // Another agent keeps the default (5).
+    let other = json!({"task": "looper-1", "args": {"query": "refund policy"}});
+    for _ in 0..3 {
+        let (status, answer) = invoke("looper", other.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+}
