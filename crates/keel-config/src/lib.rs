@@ -30,6 +30,7 @@
 //! ```
 
 mod agent;
+mod alerts;
 mod breaker;
 mod chaos;
 mod duration;
@@ -48,6 +49,10 @@ pub use agent::{
     AgentConfig, AgentSettings, BudgetConfig, BudgetSettings, DEFAULT_LOOP_REPEATS,
     DEFAULT_LOOP_SAME_CALL, DEFAULT_LOOP_SIMILARITY, DEFAULT_LOOP_WINDOW, DEFAULT_WARN_AT,
     LoopGuardConfig, LoopGuardSettings, LoopGuardTable,
+};
+pub use alerts::{
+    AlertsConfig, AlertsSettings, AnomalyConfig, AnomalySettings, DEFAULT_DIGEST_EVERY, Severity,
+    Webhook, WebhookConfig, WebhookFormat,
 };
 pub use breaker::{BreakerConfig, DEFAULT_BREAKER, WindowKind};
 pub use chaos::{

@@ -7,6 +7,7 @@ use keel_policy::breaker::BreakerSettings;
 use serde::Deserialize;
 
 use crate::agent::{AgentConfig, AgentSettings};
+use crate::alerts::{AlertsConfig, AlertsSettings};
 use crate::breaker::{BreakerConfig, DEFAULT_BREAKER};
 use crate::chaos::{ChaosConfig, ChaosSettings, Known};
 use crate::error::{Invalid, KeyPath, Problems};
@@ -44,6 +45,9 @@ pub struct KeelConfig {
     /// `[chaos]`.
     #[serde(default)]
     pub chaos: ChaosConfig,
+    /// `[alerts]`.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
 }
 
 /// A validated keel.toml: every field is usable without further checks.
@@ -66,6 +70,8 @@ pub struct Settings {
     pub tools: BTreeMap<String, ToolSettings>,
     /// `[chaos]`: fault injection, off unless enabled.
     pub chaos: ChaosSettings,
+    /// `[alerts]`: where alerts go, and the anomaly detector's settings.
+    pub alerts: AlertsSettings,
 }
 
 impl Default for Settings {
@@ -80,6 +86,7 @@ impl Default for Settings {
             agents: BTreeMap::new(),
             tools: BTreeMap::new(),
             chaos: ChaosSettings::default(),
+            alerts: AlertsSettings::default(),
         }
     }
 }
@@ -120,6 +127,7 @@ impl KeelConfig {
                 .map(|names| names.iter().map(String::as_str).collect()),
         };
         let chaos = problems.take(self.chaos.validate(&root.child("chaos"), &known));
+        let alerts = problems.take(self.alerts.validate(&root.child("alerts")));
         let breaker = problems
             .take(
                 self.breaker
@@ -196,6 +204,7 @@ impl KeelConfig {
                 agents,
                 tools,
                 chaos: chaos?,
+                alerts: alerts?,
             })
         })
     }

@@ -174,6 +174,25 @@ impl Gateway {
             );
         }
         let tools = tools::Tools::build(&settings.tools, settings.breaker)?;
+        for agent in settings.agents.values() {
+            let b = &agent.budget;
+            let limits = [
+                ("tokens", b.tokens_per_hour.map(|n| n as f64)),
+                ("usd", b.usd_per_day),
+                ("requests", b.requests_per_minute.map(f64::from)),
+            ];
+            for (unit, limit) in limits {
+                if let Some(limit) = limit {
+                    metrics
+                        .budget_limit
+                        .get_or_create(&metrics::BudgetLabels {
+                            agent: agent.name.clone(),
+                            unit: unit.to_owned(),
+                        })
+                        .set(limit);
+                }
+            }
+        }
         let mut preflights = HashMap::new();
         for agent in settings.agents.values() {
             if agent.tools.is_empty() && agent.preflight.is_empty() {

@@ -22,6 +22,17 @@ pub(crate) struct LoopStop {
 }
 
 impl Gateway {
+    /// Counts a loop in `keel_loops_detected_total` from its `loop_detected` data.
+    pub(crate) fn count_loop(&self, data: &Value) {
+        self.metrics
+            .loops_detected
+            .get_or_create(&crate::metrics::LoopLabels {
+                agent: data["agent"].as_str().unwrap_or_default().to_owned(),
+                kind: data["kind"].as_str().unwrap_or_default().to_owned(),
+            })
+            .inc();
+    }
+
     /// Whether this answer of `who`'s task (its text, read by `answer` only when the
     /// guard looks, and its usage) shows a loop: repeated or bounced answers, else token
     /// burn over the agent's limit.
@@ -78,6 +89,7 @@ impl Gateway {
     /// Stops the task of `stop` (and the other end of a bounce): each is handed to a
     /// person, and its further model calls are refused until that person lets it go on.
     pub(crate) async fn stop_loop(&self, stop: LoopStop) {
+        self.count_loop(&stop.data);
         let mut context = stop.data;
         context["loop"] = context["kind"].take();
         context["kind"] = json!("loop");

@@ -60,8 +60,17 @@ pub struct TokenLabels {
 pub struct BudgetLabels {
     /// Agent name.
     pub agent: String,
-    /// `tokens`.
+    /// `tokens`, `usd` or `requests`.
     pub unit: String,
+}
+
+/// Labels of `keel_loops_detected_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoopLabels {
+    /// The agent whose task looped.
+    pub agent: String,
+    /// `repeated_output`, `bouncing`, `same_tool_call` or `token_burn`.
+    pub kind: String,
 }
 
 /// Labels of `keel_breaker_transitions_total`.
@@ -132,6 +141,10 @@ pub struct Metrics {
     pub token_usage: HistogramFamily<TokenLabels>,
     /// `keel_budget_remaining{agent,unit}`.
     pub budget_remaining: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// `keel_budget_limit{agent,unit}`: each budget's size per window.
+    pub budget_limit: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// `keel_loops_detected_total{agent,kind}`.
+    pub loops_detected: Family<LoopLabels, Counter>,
     /// `keel_chaos_injected_total{target,fault}`: faults `[chaos]` injected into attempts.
     pub chaos_injected: Family<ChaosLabels, Counter>,
 }
@@ -155,6 +168,8 @@ impl Metrics {
         let token_usage: HistogramFamily<TokenLabels> =
             Family::new_with_constructor(token_histogram);
         let budget_remaining = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let budget_limit = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let loops_detected = Family::<LoopLabels, Counter>::default();
         let chaos_injected = Family::<ChaosLabels, Counter>::default();
         // prometheus-client appends `_total` to counters itself.
         registry.register(
@@ -223,6 +238,16 @@ impl Metrics {
             budget_remaining.clone(),
         );
         registry.register(
+            "keel_budget_limit",
+            "Budget per window (tokens per hour, USD per day, requests per minute), per agent and unit",
+            budget_limit.clone(),
+        );
+        registry.register(
+            "keel_loops_detected",
+            "Loops the loop guard stopped, by agent and kind",
+            loops_detected.clone(),
+        );
+        registry.register(
             "keel_chaos_injected",
             "Faults injected by [chaos] into upstream attempts, by target and fault",
             chaos_injected.clone(),
@@ -242,6 +267,8 @@ impl Metrics {
             self_corrections,
             token_usage,
             budget_remaining,
+            budget_limit,
+            loops_detected,
             chaos_injected,
         }
     }

@@ -6,6 +6,7 @@
 //! - [`breaker`]: whether to call a target at all (circuit breaker);
 //! - [`deadline`]: how much time is left when several deadlines nest;
 //! - [`profile`]: whether a tool argument is far outside its usual values (histogram guard);
+//! - [`baseline`]: whether a signal (error rate, trajectory length) is far from its usual (anomaly baseline);
 //! - [`clock`]: where `now` comes from.
 //!
 //! Every state machine takes `now` as a [`std::time::Duration`] since the clock's origin and
@@ -97,6 +98,7 @@ assert_eq!(circuit.state(), BreakerState::Closed);
 )]
 
 pub mod backoff;
+pub mod baseline;
 pub mod breaker;
 pub mod budget;
 pub mod clock;

@@ -223,6 +223,14 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Option<u64>, StoreError>;
 }
 
+/// Sees every event a store commits, right after the commit, on the task that appended
+/// it (keel's observer learns baselines and raises alerts from the log this way, without
+/// reading it back). It must not block: hand the work to another task.
+pub trait Tap: Send + Sync + 'static {
+    /// `events` were committed, in `seq` order.
+    fn committed(&self, events: &[Event]);
+}
+
 /// A payload to store content-addressed: its bytes and their [`blob_hash`], computed once
 /// (the caller usually needs the hash too, to name the payload in an event).
 #[derive(Debug, Clone, PartialEq, Eq)]

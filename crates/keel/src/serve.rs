@@ -156,6 +156,10 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     let tasks = TaskTracker::new();
     let mut metrics = keel_gateway::metrics::Metrics::new();
     let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
+    // The observer sees every commit through the store's tap (alerts, anomaly baselines).
+    let observe_metrics = keel_observe::ObserveMetrics::register(metrics.registry_mut());
+    let (observe, observing) = keel_observe::Observe::new(settings.alerts.clone(), observe_metrics);
+    store.set_tap(Arc::clone(&observe) as Arc<dyn keel_store::Tap>);
     // Each task that succeeds teaches the gateway's histogram profiles (off the
     // request path: the supervisor only queues the task's id).
     let (succeeded, mut to_learn) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -207,9 +211,15 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
             routes.join(", ")
         }
     ));
-    let app = keel_gateway::router(Arc::clone(&gateway)).merge(
-        keel_supervisor::service::http::router(Arc::clone(&supervisor)),
-    );
+    let admin: keel_observe::AdminCheck = {
+        let supervisor = Arc::clone(&supervisor);
+        Arc::new(move |headers| keel_supervisor::service::http::admin(&supervisor, headers))
+    };
+    let app = keel_gateway::router(Arc::clone(&gateway))
+        .merge(keel_supervisor::service::http::router(Arc::clone(
+            &supervisor,
+        )))
+        .merge(Arc::clone(&observe).router(admin));
     // Small JSON answers must not wait for Nagle's algorithm.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -218,6 +228,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     });
     let stop = tokio_util::sync::CancellationToken::new();
     tasks.spawn(Arc::clone(&gateway).keep_budgets(stop.clone()));
+    tasks.spawn(observing.run(store.clone(), store.clone(), stop.clone()));
     {
         // The gateway holds the supervisor (its approval queue), which holds the sender:
         // the loop ends with `stop`, not with the channel.

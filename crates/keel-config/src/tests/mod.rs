@@ -225,6 +225,7 @@ fn design_example_parses_to_expected_settings() {
             },
         )]),
         chaos: ChaosSettings::default(),
+        alerts: crate::AlertsSettings::default(),
     };
     assert_eq!(settings(DESIGN_EXAMPLE), expected);
 }

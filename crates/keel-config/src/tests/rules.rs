@@ -574,3 +574,57 @@ min_calls = 0
          keel.toml:15: breaker.min_calls: must be at least 1"
     );
 }
+
+// === alerts ===
+
+#[test]
+fn alerts_name_their_webhooks_and_detector_settings() {
+    let text = "[alerts]\ndigest_every = \"1m\"\nwebhooks = [\n  { url = \"http://127.0.0.1:9/hook\", format = \"slack\", min_severity = \"critical\" },\n  { url = \"http://127.0.0.1:9/all\" },\n]\nanomaly = { sigmas = 4.0 }\n";
+    let alerts = super::settings(text).alerts;
+    assert_eq!(alerts.digest_every, std::time::Duration::from_secs(60));
+    assert!(alerts.log);
+    assert_eq!(
+        alerts.webhooks,
+        vec![
+            crate::Webhook {
+                url: "http://127.0.0.1:9/hook".into(),
+                format: crate::WebhookFormat::Slack,
+                min_severity: crate::Severity::Critical,
+            },
+            crate::Webhook {
+                url: "http://127.0.0.1:9/all".into(),
+                format: crate::WebhookFormat::Json,
+                min_severity: crate::Severity::Warning,
+            },
+        ]
+    );
+    assert_eq!(alerts.anomaly.sigmas, 4.0);
+    assert_eq!(alerts.anomaly.warmup, 20);
+
+    let bad = "[alerts]\ndigest_every = \"0s\"\nwebhooks = [{ url = \"ftp://x\" }]\nanomaly = { warmup = 1, sigmas = 0.0, recent = 0 }\n";
+    let got = errors(bad);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 5, "{got}");
+    assert_eq!(
+        lines[0],
+        "keel.toml:2: alerts.digest_every: must be longer than 0s"
+    );
+    assert!(
+        lines[1].starts_with("keel.toml:3: alerts.webhooks[0].url: "),
+        "{got}"
+    );
+    assert!(
+        lines[2].starts_with("keel.toml:4: alerts.anomaly.warmup: must be at least 2"),
+        "{got}"
+    );
+    assert!(
+        lines[3].starts_with("keel.toml:4: alerts.anomaly.sigmas: must be above 0"),
+        "{got}"
+    );
+    assert_eq!(
+        lines[4],
+        "keel.toml:4: alerts.anomaly.recent: must be at least 1"
+    );
+    let unknown = errors("[alerts]\nwebhooks = [{ url = \"http://x\", formatt = \"slack\" }]\n");
+    assert!(unknown.contains("formatt"), "{unknown}");
+}

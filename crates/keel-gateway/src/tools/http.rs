@@ -221,10 +221,12 @@ impl Gateway {
             ));
         }
         if let (true, Some(task)) = (looping, task) {
+            let data = json!({"kind": "same_tool_call", "agent": agent, "tool": tool.settings.name, "repeats": repeats, "task": task});
+            self.count_loop(&data);
             events.push(NewEvent::new(
                 EventKind::LoopDetected,
                 Some(task.to_owned()),
-                json!({"kind": "same_tool_call", "agent": agent, "tool": tool.settings.name, "repeats": repeats, "task": task}),
+                data,
             ));
         }
         if !events.is_empty() {

@@ -59,6 +59,8 @@ pub struct SqliteStore {
     /// conversation prefix, repeated request parameters) is not sent to the
     /// single writer again. Filled only after a commit; cleared by `prune`.
     stored_payloads: parking_lot::Mutex<PayloadCache>,
+    /// Told of every commit, once set.
+    tap: std::sync::OnceLock<Arc<dyn crate::Tap>>,
 }
 
 /// Payload hashes known to be stored, per owner; bounded by starting over.
@@ -135,6 +137,7 @@ impl SqliteStore {
             stats,
             _checkpointer: checkpointer,
             stored_payloads: parking_lot::Mutex::new(PayloadCache::default()),
+            tap: std::sync::OnceLock::new(),
         })
     }
 
@@ -183,6 +186,21 @@ impl SqliteStore {
     }
 
     /// Queues a write for the writer thread and waits for its answer.
+    /// Sets the [`crate::Tap`] told of every commit from now on; `false` if one is set.
+    pub fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
+        self.tap.set(tap).is_ok()
+    }
+
+    /// Tells the tap, if any, of committed `events`.
+    fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
+        if let (Ok(events), Some(tap)) = (&events, self.tap.get())
+            && !events.is_empty()
+        {
+            tap.committed(events);
+        }
+        events
+    }
+
     async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
         let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
         let (reply, answer) = oneshot::channel();
@@ -279,8 +297,10 @@ impl EventStore for SqliteStore {
         }
         // Canonicalise and hash here, in parallel with other callers, not in the writer.
         let events = Prepared::all(events);
-        self.submit(|reply| Request::Append(events, Payloads::default(), reply))
-            .await
+        let committed = self
+            .submit(|reply| Request::Append(events, Payloads::default(), reply))
+            .await;
+        self.tapped(committed)
     }
 
     async fn append_with_payloads(
@@ -311,7 +331,7 @@ impl EventStore for SqliteStore {
             .submit(|reply| Request::Append(events, payloads, reply))
             .await?;
         self.stored_payloads.lock().remember(key, hashes);
-        Ok(stored)
+        self.tapped(Ok(stored))
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -353,8 +373,10 @@ impl EventStore for SqliteStore {
 impl TaskStore for SqliteStore {
     async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
         let events = Prepared::all(std::mem::take(&mut write.events));
-        self.submit(|reply| Request::Task(Box::new(write), events, reply))
-            .await
+        let committed = self
+            .submit(|reply| Request::Task(Box::new(write), events, reply))
+            .await;
+        self.tapped(committed)
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {

@@ -813,3 +813,41 @@ async fn pruning_drops_old_idempotency_state_and_keeps_the_rest() {
         "profiles are not idempotency records"
     );
 }
+
+/// Records the seqs a tap is told of.
+#[derive(Default)]
+struct Seen(parking_lot::Mutex<Vec<u64>>);
+
+impl crate::Tap for Seen {
+    fn committed(&self, events: &[Event]) {
+        self.0.lock().extend(events.iter().map(|e| e.seq));
+    }
+}
+
+#[tokio::test]
+async fn a_tap_is_told_of_every_commit_and_of_nothing_else() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    store.append(vec![step("t", 0)]).await.unwrap();
+    let seen = Arc::new(Seen::default());
+    assert!(store.set_tap(seen.clone()));
+    assert!(!store.set_tap(seen.clone()), "one tap per store");
+    store
+        .append(vec![step("t", 1), step("t", 2)])
+        .await
+        .unwrap();
+    store
+        .append_with_payloads(
+            vec![step("t", 3)],
+            vec![crate::Payload::new(bytes::Bytes::from_static(b"p"))],
+            Some("t".into()),
+        )
+        .await
+        .unwrap();
+    store.append(Vec::new()).await.unwrap();
+    assert_eq!(
+        *seen.0.lock(),
+        vec![2, 3, 4],
+        "only what was committed after the tap"
+    );
+}

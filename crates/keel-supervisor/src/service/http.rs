@@ -49,8 +49,8 @@ pub fn router(supervisor: Arc<Supervisor>) -> Router {
 }
 
 /// Operator calls need `Authorization: Bearer <admin token>` when
-/// `server.admin_token_env` is configured.
-fn admin(sv: &Supervisor, headers: &HeaderMap) -> Result<(), ApiError> {
+/// `server.admin_token_env` is configured (other parts of keel check theirs with it too).
+pub fn admin(sv: &Supervisor, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = sv.admin_token() else {
         return Ok(());
     };

@@ -1,5 +1,5 @@
 //! The supervisor's Prometheus metrics (DESIGN §7): task outcomes, trajectory
-//! length, DLQ depth and pending approvals.
+//! length and confidence per agent, DLQ depth and pending approvals.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,13 +19,37 @@ pub struct TaskLabels {
     pub outcome: String,
 }
 
+/// A label set with only `agent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabel {
+    /// Agent name.
+    pub agent: String,
+}
+
+type Histograms = Family<AgentLabel, Histogram, fn() -> Histogram>;
+
+fn steps_histogram() -> Histogram {
+    // 1, 2, 4 .. 2048 steps.
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+fn confidence_histogram() -> Histogram {
+    // 0.1, 0.2 .. 1.0: a worker's confidence is in 0..=1.
+    Histogram::new((1..=10).map(|i| f64::from(i) / 10.0))
+}
+
 /// Supervisor metrics, registered once.
 #[derive(Clone)]
 pub struct SupervisorMetrics {
     /// `keel_tasks_total{agent,outcome}`: tasks that reached a final state.
     pub tasks: Family<TaskLabels, Counter>,
-    /// `keel_task_steps`: steps of each finished task (trajectory length).
-    pub steps: Histogram,
+    /// `keel_task_steps{agent}`: steps of each finished task (trajectory length).
+    pub steps: Histograms,
+    /// `keel_task_confidence{agent}`: the confidence reported with each completion.
+    pub confidence: Histograms,
+    /// `keel_backtracks_total{agent}`: `backtrack` directives given. The supervisor
+    /// gives none yet (the self-healing issue adds them), so it stays empty.
+    pub backtracks: Family<AgentLabel, Counter>,
     /// `keel_dlq_depth`: dead tasks waiting in the dead-letter queue.
     pub dlq_depth: Gauge,
     /// `keel_approvals_pending`: tasks waiting for a human.
@@ -37,7 +61,9 @@ impl SupervisorMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             tasks: Family::default(),
-            steps: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            steps: Family::new_with_constructor(steps_histogram),
+            confidence: Family::new_with_constructor(confidence_histogram),
+            backtracks: Family::default(),
             dlq_depth: Gauge::default(),
             approvals_pending: Gauge::default(),
         };
@@ -48,8 +74,18 @@ impl SupervisorMetrics {
         );
         registry.register(
             "keel_task_steps",
-            "Steps per finished task (trajectory length)",
+            "Steps per finished task (trajectory length), per agent",
             m.steps.clone(),
+        );
+        registry.register(
+            "keel_task_confidence",
+            "Confidence reported with task completions, per agent",
+            m.confidence.clone(),
+        );
+        registry.register(
+            "keel_backtracks",
+            "Backtrack directives given, per agent",
+            m.backtracks.clone(),
         );
         registry.register(
             "keel_dlq_depth",
@@ -72,7 +108,17 @@ impl SupervisorMetrics {
                 outcome: task.state.as_str().to_owned(),
             })
             .inc();
-        self.steps.observe(f64::from(task.steps));
+        let agent = AgentLabel {
+            agent: task.agent.clone(),
+        };
+        self.steps
+            .get_or_create(&agent)
+            .observe(f64::from(task.steps));
+        if task.state.as_str() == "succeeded"
+            && let Some(confidence) = task.confidence
+        {
+            self.confidence.get_or_create(&agent).observe(confidence);
+        }
     }
 
     /// Sets the queue gauges from per-state counts.

@@ -50,7 +50,7 @@ async fn finish(sv: &Supervisor, id: &str, checkpoints: usize) {
     let done = Command::Complete {
         token,
         output: json!("ok"),
-        confidence: None,
+        confidence: Some(0.25 + 0.5 * (checkpoints % 2) as f64),
     };
     sv.run(id, &done, None, None, |t, _| public(t))
         .await
@@ -112,7 +112,19 @@ async fn finished_tasks_are_counted_once_with_their_steps() {
         text.contains("keel_tasks_total{agent=\"a\",outcome=\"succeeded\"} 2"),
         "{text}"
     );
-    assert!(text.contains("keel_task_steps_count 2"), "{text}");
+    assert!(
+        text.contains("keel_task_steps_count{agent=\"a\"} 2"),
+        "{text}"
+    );
+    // Confidence 0.75 (t1) and 0.25 (t2): one in the 0.3 bucket, both by 0.8.
+    assert!(
+        text.contains("keel_task_confidence_bucket{le=\"0.3\",agent=\"a\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keel_task_confidence_bucket{le=\"0.8\",agent=\"a\"} 2"),
+        "{text}"
+    );
     metrics.set_depths(&[("dead".into(), 4), ("awaiting_human".into(), 1)]);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();

@@ -85,6 +85,8 @@ async fn metrics_pass_promtool_and_name_design_families() {
         "keel_request_duration_seconds_bucket",
         "gen_ai_client_token_usage_bucket",
         "keel_breaker_state{target=\"sim/primary\"} 0",
+        "# TYPE keel_dlq_depth gauge",
+        "# TYPE keel_approvals_pending gauge",
     ] {
         assert!(text.contains(family), "missing {family} in:\n{text}");
     }

@@ -211,6 +211,11 @@ async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
             .await
             .contains("keel_guardrail_blocks_total{tool=\"search\",rule=\"loop:same_call\"} 1")
     );
+    assert!(
+        keel.metrics()
+            .await
+            .contains("keel_loops_detected_total{agent=\"looper\",kind=\"same_tool_call\"} 1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@ mod common;
 mod crash;
 mod http;
 mod loops;
+mod observe;
 mod output;
 mod screening;
 mod sdk;

@@ -423,6 +423,14 @@ async fn an_agent_over_its_token_budget_gets_a_rate_limit_error() {
         "a call over budget must not reach the provider"
     );
     assert_eq!(keel.events_of("budget_exceeded").len(), 1);
+    // The gauges a dashboard or a "near exhaustion" rule divides.
+    let metrics = keel.metrics().await;
+    for line in [
+        "keel_budget_limit{agent=\"support\",unit=\"tokens\"} 5",
+        "keel_budget_remaining{agent=\"support\",unit=\"tokens\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
 
     // The spend is saved every second: a keel killed (-9) and started again on the same
     // store in the same hour still refuses, with the same message.

@@ -1,0 +1,476 @@
+//! keel's observer: it watches every event keel commits (a [`keel_store::Tap`]), learns
+//! baselines for each agent and route ([`detect`]), turns what goes wrong into alerts,
+//! groups them into incidents ([`incident`]) and sends them where `[alerts]` says
+//! ([`sink`]).
+//!
+//! | what happens | alert | incident resolved when |
+//! | --- | --- | --- |
+//! | a circuit breaker opens | critical `breaker:TARGET` | it closes |
+//! | a task goes to the dead-letter queue | warning `dlq:AGENT` | 15 min without another |
+//! | the loop guard stops a task | warning `loop:AGENT` | 15 min without another |
+//! | a budget passes `warn_at`, an approval escalates (raised elsewhere) | as raised | 15 min without another |
+//! | an anomaly ([`detect`]) | warning `anomaly:SIGNAL:WHO` | the signal is usual again |
+//!
+//! Every alert is an `alert_raised` event (`source: "observe"`), counted in
+//! `keel_alerts_total{severity}`; critical alerts go to the webhooks at once, warnings in
+//! one digest every `digest_every`, info only to the log and the incident list. The tap
+//! only reads a few fields of each event and queues them: the request path never waits
+//! for the observer.
+
+pub mod detect;
+pub mod incident;
+pub mod signal;
+pub mod sink;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use keel_config::{AlertsSettings, Severity};
+use keel_core::{ApiError, EventKind, NewEvent};
+use keel_store::{Event, EventStore, TaskStore};
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::detect::{Detector, Found};
+use crate::incident::{Alert, Grouped, Incidents};
+use crate::signal::Signal;
+use crate::sink::{Delivery, Note};
+
+/// Signals queued for the observer at most; beyond, new ones are dropped (and counted)
+/// rather than slow the request path down.
+const QUEUE: usize = 65_536;
+
+/// Labels of `keel_alerts_total` and `keel_incidents_open`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SeverityLabel {
+    /// `critical`, `warning` or `info`.
+    pub severity: String,
+}
+
+/// The observer's metrics.
+#[derive(Clone, Default)]
+pub struct ObserveMetrics {
+    /// `keel_alerts_total{severity}`.
+    pub alerts: Family<SeverityLabel, Counter>,
+    /// `keel_incidents_open{severity}`.
+    pub incidents_open: Family<SeverityLabel, Gauge>,
+}
+
+impl ObserveMetrics {
+    /// Registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "keel_alerts",
+            "Alerts raised, by severity",
+            m.alerts.clone(),
+        );
+        registry.register(
+            "keel_incidents_open",
+            "Open incidents, by their worst severity",
+            m.incidents_open.clone(),
+        );
+        m
+    }
+}
+
+/// Checks that a caller may read the incidents (the admin token, when configured).
+pub type AdminCheck = Arc<dyn Fn(&HeaderMap) -> Result<(), ApiError> + Send + Sync>;
+
+/// The observer's handle: the store's tap, and what `GET /v1/incidents` reads.
+pub struct Observe {
+    tx: mpsc::Sender<Signal>,
+    incidents: Arc<Mutex<Incidents>>,
+    baselines: Arc<Mutex<Value>>,
+    dropped: AtomicU64,
+}
+
+/// The observer's work, run by [`Observing::run`] until keel stops.
+pub struct Observing {
+    rx: mpsc::Receiver<Signal>,
+    settings: AlertsSettings,
+    incidents: Arc<Mutex<Incidents>>,
+    baselines: Arc<Mutex<Value>>,
+    metrics: ObserveMetrics,
+}
+
+impl Observe {
+    /// The handle and its work; nothing runs until [`Observing::run`].
+    pub fn new(settings: AlertsSettings, metrics: ObserveMetrics) -> (Arc<Self>, Observing) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let incidents = Arc::new(Mutex::new(Incidents::default()));
+        let baselines = Arc::new(Mutex::new(json!([])));
+        let observe = Arc::new(Self {
+            tx,
+            incidents: Arc::clone(&incidents),
+            baselines: Arc::clone(&baselines),
+            dropped: AtomicU64::new(0),
+        });
+        let observing = Observing {
+            rx,
+            settings,
+            incidents,
+            baselines,
+            metrics,
+        };
+        (observe, observing)
+    }
+
+    /// `GET /v1/incidents?state=open|resolved|all` (default `all`).
+    pub fn router(self: Arc<Self>, admin: AdminCheck) -> Router {
+        Router::new()
+            .route("/v1/incidents", get(list))
+            .with_state((self, admin))
+    }
+
+    /// The incidents, open first, as `GET /v1/incidents` answers.
+    pub fn incidents(&self, open: bool, resolved: bool) -> Vec<incident::Incident> {
+        self.incidents.lock().list(open, resolved)
+    }
+}
+
+impl keel_store::Tap for Observe {
+    fn committed(&self, events: &[Event]) {
+        for signal in events.iter().filter_map(Signal::of) {
+            if self.tx.try_send(signal).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    state: Option<String>,
+}
+
+async fn list(
+    State((observe, admin)): State<(Arc<Observe>, AdminCheck)>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Err(e) = admin(&headers) {
+        return e.into_response();
+    }
+    let (open, resolved) = match q.state.as_deref() {
+        None | Some("all") => (true, true),
+        Some("open") => (true, false),
+        Some("resolved") => (false, true),
+        Some(other) => {
+            return ApiError::bad_request(format!(
+                "state must be open, resolved or all, not {other:?}"
+            ))
+            .with_param("state")
+            .into_response();
+        }
+    };
+    let incidents = observe.incidents(open, resolved);
+    let baselines = observe.baselines.lock().clone();
+    axum::Json(json!({
+        "incidents": incidents,
+        "baselines": baselines,
+        "signals_dropped": observe.dropped.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+fn now() -> (String, i64) {
+    let t = SystemTime::now();
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    (humantime::format_rfc3339_millis(t).to_string(), ms)
+}
+
+impl Observing {
+    /// Learns from the signals, raises and resolves alerts, and delivers them, until `stop`.
+    pub async fn run(
+        mut self,
+        store: Arc<dyn EventStore>,
+        tasks: Arc<dyn TaskStore>,
+        stop: CancellationToken,
+    ) {
+        let (deliver, mut deliveries) = mpsc::unbounded_channel::<Delivery>();
+        let hooks = self.settings.webhooks.clone();
+        let sender = async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default();
+            while let Some(delivery) = deliveries.recv().await {
+                sink::deliver(&client, &hooks, &delivery).await;
+            }
+        };
+        let mut detector = Detector::new(self.settings.anomaly);
+        let mut digest: Vec<Note> = Vec::new();
+        let mut period = tokio::time::interval(self.settings.anomaly.period);
+        let mut digest_timer = tokio::time::interval(self.settings.digest_every);
+        period.tick().await;
+        digest_timer.tick().await;
+        let work = async {
+            loop {
+                let found = tokio::select! {
+                    () = stop.cancelled() => break,
+                    signal = self.rx.recv() => match signal {
+                        Some(signal) => self.learn(signal, &mut detector, tasks.as_ref()).await,
+                        None => break,
+                    },
+                    _ = period.tick() => {
+                        let mut found = detector.tick();
+                        let (_, now_ms) = now();
+                        let quiet = self.incidents.lock().quiet(now_ms);
+                        found.extend(quiet.into_iter().map(|key| Found::Resolve(key, "no new alert for 15 minutes".to_owned())));
+                        *self.baselines.lock() = detector.summary();
+                        found
+                    }
+                    _ = digest_timer.tick() => {
+                        if !digest.is_empty() {
+                            let _ = deliver.send(Delivery::Digest(std::mem::take(&mut digest)));
+                        }
+                        Vec::new()
+                    }
+                };
+                for f in found {
+                    self.act(f, store.as_ref(), &deliver, &mut digest).await;
+                }
+            }
+            // Warnings waiting for the digest go out before keel stops.
+            if !digest.is_empty() {
+                let _ = deliver.send(Delivery::Digest(std::mem::take(&mut digest)));
+            }
+            drop(deliver);
+        };
+        tokio::join!(work, sender);
+    }
+
+    /// What a signal teaches the detector, and the alerts it raises directly.
+    async fn learn(
+        &mut self,
+        signal: Signal,
+        detector: &mut Detector,
+        tasks: &dyn TaskStore,
+    ) -> Vec<Found> {
+        match signal {
+            Signal::Call {
+                route,
+                agent,
+                ok,
+                latency_ms,
+                tokens,
+            } => {
+                detector.call(&route, &agent, ok, latency_ms, tokens);
+                Vec::new()
+            }
+            Signal::Breaker {
+                target,
+                to,
+                failure_rate,
+            } => {
+                let key = format!("breaker:{target}");
+                match to.as_str() {
+                    "open" => {
+                        let rate = failure_rate
+                            .map(|r| format!(" at a failure rate of {:.0}%", 100.0 * r))
+                            .unwrap_or_default();
+                        vec![Found::Raise(Alert {
+                            key,
+                            severity: Severity::Critical,
+                            title: format!("circuit breaker open: {target}"),
+                            message: format!(
+                                "the circuit breaker of {target} opened{rate}: calls skip it (fallbacks, or the degraded reply) until it recovers"
+                            ),
+                            labels: labels(&[("target", json!(target))]),
+                            task: None,
+                            condition: true,
+                            recorded: false,
+                        })]
+                    }
+                    "closed" => vec![Found::Resolve(
+                        key,
+                        format!("the circuit breaker of {target} closed: calls reach it again"),
+                    )],
+                    _ => Vec::new(),
+                }
+            }
+            Signal::Succeeded { task } => match tasks.task(&task).await {
+                Ok(Some(row)) => {
+                    let steps = row.snapshot["steps"].as_u64().unwrap_or(0);
+                    let confidence = row.snapshot["confidence"].as_f64();
+                    detector.task(&row.agent, steps, confidence)
+                }
+                Ok(None) => Vec::new(),
+                Err(e) => {
+                    tracing::warn!(task, error = %e, "observer cannot read a finished task");
+                    Vec::new()
+                }
+            },
+            Signal::Dead { task, reason } => {
+                let agent = match tasks.task(&task).await {
+                    Ok(Some(row)) => row.agent,
+                    _ => "unknown".to_owned(),
+                };
+                vec![Found::Raise(Alert {
+                    key: format!("dlq:{agent}"),
+                    severity: Severity::Warning,
+                    title: format!("tasks of agent {agent} in the dead-letter queue"),
+                    message: format!(
+                        "task {task} went to the dead-letter queue ({reason}): `keel dlq show {task}`, then requeue or discard"
+                    ),
+                    labels: labels(&[("agent", json!(agent))]),
+                    task: Some(task),
+                    condition: false,
+                    recorded: false,
+                })]
+            }
+            Signal::Loop { agent, kind, task } => vec![Found::Raise(Alert {
+                key: format!("loop:{agent}"),
+                severity: Severity::Warning,
+                title: format!("agent {agent}'s tasks loop"),
+                message: format!(
+                    "the loop guard stopped task {} ({kind}) and handed it to a person: `keel approvals ls`",
+                    task.as_deref().unwrap_or("?")
+                ),
+                labels: labels(&[("agent", json!(agent)), ("kind", json!(kind))]),
+                task,
+                condition: false,
+                recorded: false,
+            })],
+            Signal::Raised {
+                severity,
+                message,
+                task,
+                key,
+            } => vec![Found::Raise(Alert {
+                title: message.clone(),
+                key,
+                severity,
+                message,
+                labels: serde_json::Map::new(),
+                task,
+                condition: false,
+                recorded: true,
+            })],
+        }
+    }
+
+    /// Raises or resolves: incidents, the event, the metric, the log and the sinks.
+    async fn act(
+        &self,
+        found: Found,
+        store: &dyn EventStore,
+        deliver: &mpsc::UnboundedSender<Delivery>,
+        digest: &mut Vec<Note>,
+    ) {
+        let (at, now_ms) = now();
+        let (note, record) = match found {
+            Found::Raise(alert) => {
+                let (grouped, incident) = self.incidents.lock().raise(&alert, &at, now_ms);
+                self.metrics
+                    .alerts
+                    .get_or_create(&SeverityLabel {
+                        severity: alert.severity.as_str().to_owned(),
+                    })
+                    .inc();
+                let note = Note {
+                    status: "firing",
+                    severity: alert.severity,
+                    incident,
+                    key: alert.key.clone(),
+                    title: alert.title.clone(),
+                    message: alert.message.clone(),
+                    labels: alert.labels.clone(),
+                    at,
+                };
+                let record = (!alert.recorded).then(|| (alert.task.clone(), note.clone()));
+                // A repeat of an open incident is on its timeline; people hear of it once.
+                let notify = matches!(grouped, Grouped::Opened | Grouped::Escalated);
+                (notify.then_some(note), record)
+            }
+            Found::Resolve(key, message) => {
+                let Some(incident) = self.incidents.lock().resolve(&key, &message, &at) else {
+                    return;
+                };
+                let note = Note {
+                    status: "resolved",
+                    severity: match incident.severity {
+                        "critical" => Severity::Critical,
+                        "warning" => Severity::Warning,
+                        _ => Severity::Info,
+                    },
+                    incident: incident.id.clone(),
+                    key,
+                    title: incident.title.clone(),
+                    message,
+                    labels: incident.labels.clone(),
+                    at,
+                };
+                (Some(note.clone()), Some((None, note)))
+            }
+        };
+        self.count_open();
+        if let Some((task, note)) = record {
+            let mut data = note.to_json();
+            data["source"] = json!(signal::SOURCE);
+            if let Err(e) = store
+                .append(vec![NewEvent::new(EventKind::AlertRaised, task, data)])
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record an alert");
+            }
+        }
+        let Some(note) = note else { return };
+        if self.settings.log {
+            let line = format!("{} ({}): {}", note.title, note.incident, note.message);
+            match (note.status, note.severity) {
+                ("resolved", _) => {
+                    tracing::info!(severity = note.severity.as_str(), "alert resolved: {line}")
+                }
+                (_, Severity::Critical) => tracing::error!("critical alert: {line}"),
+                (_, Severity::Warning) => tracing::warn!("warning alert: {line}"),
+                (_, Severity::Info) => tracing::info!("info alert: {line}"),
+            }
+        }
+        match note.severity {
+            Severity::Critical => {
+                let _ = deliver.send(Delivery::Now(note));
+            }
+            Severity::Warning => digest.push(note),
+            Severity::Info => {}
+        }
+    }
+
+    fn count_open(&self) {
+        let incidents = self.incidents.lock();
+        for severity in [Severity::Critical, Severity::Warning, Severity::Info] {
+            self.metrics
+                .incidents_open
+                .get_or_create(&SeverityLabel {
+                    severity: severity.as_str().to_owned(),
+                })
+                .set(i64::try_from(incidents.open_count(severity)).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+fn labels(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}

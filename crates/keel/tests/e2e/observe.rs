@@ -1,0 +1,273 @@
+//! The observer end to end: a breaker opening is a critical alert that reaches a webhook at
+//! once and an incident that resolves when the breaker closes; an agent whose trajectories
+//! suddenly double in length raises a warning (in the digest) that clears when they return.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::common::{Keel, sim};
+
+/// A webhook receiver on loopback: every JSON body POSTed to it, in order.
+async fn webhook() -> (String, mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/{hook}",
+        axum::routing::post(
+            move |axum::extract::Path(hook): axum::extract::Path<String>,
+                  axum::Json(mut body): axum::Json<Value>| {
+                let tx = tx.clone();
+                async move {
+                    body["_hook"] = json!(hook);
+                    let _ = tx.send(body);
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, rx)
+}
+
+/// The next body within `within`.
+async fn next(rx: &mut mpsc::UnboundedReceiver<Value>, within: Duration, what: &str) -> Value {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no webhook call within {within:?}: {what}"))
+        .unwrap()
+}
+
+async fn incidents(keel: &Keel, state: &str) -> Vec<Value> {
+    let answer: Value = reqwest::get(format!("{}/v1/incidents?state={state}", keel.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["incidents"].as_array().unwrap().clone()
+}
+
+const BREAKER: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+
+[routes.smart]
+targets = [{ provider = "sim", model = "primary" }]
+retry = { max_attempts = 1 }
+
+[breaker]
+window_size = 4
+min_calls = 2
+failure_rate = 0.5
+open_for = "1s"
+half_open_calls = 1
+
+[alerts]
+webhooks = [
+  { url = "{hook}/json", min_severity = "critical" },
+  { url = "{hook}/slack", format = "slack", min_severity = "critical" },
+]
+"#;
+
+async fn ask(keel: &Keel) -> u16 {
+    keel.post_json(
+        "/v1/chat/completions",
+        &[("x-keel-agent", "support")],
+        &json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breaker_opening_is_a_critical_alert_at_once_and_resolves_when_it_closes() {
+    let models = sim().await;
+    let (hook, mut received) = webhook().await;
+    let keel = Keel::start(&BREAKER.replace("{hook}", &hook), &models).await;
+    models.set_always("primary", Some(keel_sim::Fault::status(500)));
+    for _ in 0..2 {
+        let status = ask(&keel).await;
+        assert!(status >= 500, "the provider fails: {status}");
+    }
+    // The second failure opened the breaker: both webhooks hear of it within a second.
+    let mut got = [
+        next(&mut received, Duration::from_secs(1), "the critical alert").await,
+        next(&mut received, Duration::from_secs(1), "the critical alert").await,
+    ];
+    got.sort_by_key(|b| b["_hook"].to_string());
+    let (json_body, slack) = (&got[0], &got[1]);
+    assert_eq!(json_body["status"], "firing", "{json_body}");
+    assert_eq!(json_body["severity"], "critical");
+    assert_eq!(json_body["key"], "breaker:sim/primary");
+    assert_eq!(json_body["labels"]["target"], "sim/primary");
+    let incident = json_body["incident"].as_str().unwrap().to_owned();
+    let text = slack["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("keel: *[CRITICAL]* circuit breaker open: sim/primary"),
+        "{text}"
+    );
+
+    let open = incidents(&keel, "open").await;
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["id"], incident.as_str());
+    assert_eq!(open[0]["severity"], "critical");
+    assert_eq!(open[0]["timeline"][0]["status"], "firing");
+    assert!(
+        keel.metrics()
+            .await
+            .contains("keel_alerts_total{severity=\"critical\"} 1")
+    );
+    let recorded = keel.events_of("alert_raised");
+    assert!(
+        recorded
+            .iter()
+            .any(|e| e["source"] == "observe" && e["severity"] == "critical"),
+        "{recorded:?}"
+    );
+
+    // The provider recovers; after open_for the trial call closes the breaker, and the
+    // resolution is sent at once too.
+    models.set_always("primary", None);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(ask(&keel).await, 200);
+    let resolved = next(&mut received, Duration::from_secs(1), "the resolution").await;
+    assert_eq!(resolved["status"], "resolved", "{resolved}");
+    assert_eq!(resolved["incident"], incident.as_str());
+    assert!(incidents(&keel, "open").await.is_empty());
+    let done = incidents(&keel, "resolved").await;
+    assert_eq!(done[0]["id"], incident.as_str());
+    assert_eq!(done[0]["state"], "resolved");
+    assert_eq!(done[0]["timeline"].as_array().unwrap().len(), 2);
+}
+
+const TRAJECTORIES: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{dir}/keel.db"
+
+[alerts]
+digest_every = "1s"
+anomaly = { warmup = 10 }
+webhooks = [{ url = "{hook}/json" }]
+"#;
+
+/// Runs one task of agent `researcher` through the worker protocol with `steps` steps.
+async fn run_task(keel: &Keel, steps: usize) {
+    let headers = [("x-keel-agent", "researcher")];
+    let (status, task) = keel
+        .post_json(
+            "/v1/tasks",
+            &headers,
+            &json!({"agent": "researcher", "input": {}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{task}");
+    let (status, claimed) = keel
+        .post_json(
+            "/v1/tasks/claim",
+            &headers,
+            &json!({"agent": "researcher", "worker": "w1", "lease": "30s"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{claimed}");
+    let id = claimed["id"].as_str().unwrap();
+    let token = claimed["lease_token"].as_str().unwrap();
+    for i in 0..steps {
+        let (status, step) = keel
+            .post_json(
+                &format!("/v1/tasks/{id}/steps"),
+                &headers,
+                &json!({"lease_token": token, "kind": "search", "summary": format!("step {i}")}),
+            )
+            .await;
+        assert_eq!(status, 200, "{step}");
+    }
+    let (status, done) = keel
+        .post_json(
+            &format!("/v1/tasks/{id}/complete"),
+            &headers,
+            &json!({"lease_token": token, "output": "done", "confidence": 0.9}),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+}
+
+/// Waits for the digest holding an alert with `status` for `key`.
+async fn digest_with(rx: &mut mpsc::UnboundedReceiver<Value>, status: &str, key: &str) -> Value {
+    loop {
+        let body = next(rx, Duration::from_secs(5), key).await;
+        let alerts = body["alerts"].as_array().cloned().unwrap_or_default();
+        if let Some(a) = alerts
+            .into_iter()
+            .find(|a| a["key"] == key && a["status"] == status)
+        {
+            assert_eq!(body["digest"], true, "{body}");
+            return a;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trajectories_that_double_raise_a_warning_that_clears_when_they_return() {
+    let models = sim().await;
+    let (hook, mut received) = webhook().await;
+    let keel = Keel::start(&TRAJECTORIES.replace("{hook}", &hook), &models).await;
+    let usual = [4, 5, 6, 5];
+    for i in 0..16 {
+        run_task(&keel, usual[i % 4]).await;
+    }
+    assert!(incidents(&keel, "all").await.is_empty());
+    for i in 0..5 {
+        run_task(&keel, 2 * usual[i % 4]).await;
+    }
+    let key = "anomaly:trajectory:researcher";
+    let warning = digest_with(&mut received, "firing", key).await;
+    assert_eq!(warning["severity"], "warning");
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("agent \"researcher\"'s tasks take"),
+        "{warning}"
+    );
+    let open = incidents(&keel, "open").await;
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["key"], key);
+    assert_eq!(open[0]["severity"], "warning");
+
+    for i in 0..6 {
+        run_task(&keel, usual[i % 4]).await;
+    }
+    let cleared = digest_with(&mut received, "resolved", key).await;
+    assert!(
+        cleared["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("usual again"),
+        "{cleared}"
+    );
+    assert!(incidents(&keel, "open").await.is_empty());
+    let metrics = keel.metrics().await;
+    for line in [
+        "keel_alerts_total{severity=\"warning\"} 1",
+        "keel_incidents_open{severity=\"warning\"} 0",
+        "keel_task_steps_count{agent=\"researcher\"} 27",
+        // 22 usual tasks (4 to 6 steps) and two of the doubled ones (8) within 8 steps.
+        "keel_task_steps_bucket{le=\"8.0\",agent=\"researcher\"} 24",
+        "keel_task_confidence_bucket{le=\"0.9\",agent=\"researcher\"} 27",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
+}
