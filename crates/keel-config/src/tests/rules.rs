@@ -44,7 +44,7 @@ fn unknown_table_is_rejected_with_its_line() {
     assert_eq!(
         errors("[server]\nlisten = \"127.0.0.1:1\"\n\n[chaoss]\n"),
         "keel.toml:4: chaoss: unknown field `chaoss`, expected one of `server`, `store`, \
-         `providers`, `routes`, `breaker`, `agents`, `tools`, `chaos`"
+         `providers`, `routes`, `breaker`, `agents`, `tools`, `chaos`, `alerts`"
     );
 }
 
