@@ -44,7 +44,7 @@ pub const NEEDS: Needs = Needs {
     python_openai: true,
     promtool: true,
     postgres: false,
-    chromium: false,
+    chromium: true,
     wasm_tool: true,
 };
 

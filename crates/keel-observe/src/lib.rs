@@ -22,6 +22,47 @@ pub mod incident;
 pub mod signal;
 pub mod sink;
 
+/// The dashboard, `GET /ui`: one page, no build step; it reads `/v1/dashboard`,
+/// `/metrics`, `/v1/dlq`, `/v1/approvals`, `/v1/incidents` and a task's events.
+pub const UI: &str = include_str!("ui.html");
+
+/// Minutes of finished-task counts kept for the dashboard.
+const SERIES_MINUTES: usize = 120;
+
+/// Finished tasks per minute: `(minute start in Unix ms, succeeded, dead, cancelled)`.
+#[derive(Debug, Default)]
+struct Series(std::collections::VecDeque<(i64, u64, u64, u64)>);
+
+impl Series {
+    fn add(&mut self, now_ms: i64, outcome: &str) {
+        let minute = now_ms - now_ms.rem_euclid(60_000);
+        if self.0.back().is_none_or(|b| b.0 != minute) {
+            if self.0.len() >= SERIES_MINUTES {
+                self.0.pop_front();
+            }
+            self.0.push_back((minute, 0, 0, 0));
+        }
+        if let Some(b) = self.0.back_mut() {
+            match outcome {
+                "succeeded" => b.1 += 1,
+                "dead" => b.2 += 1,
+                _ => b.3 += 1,
+            }
+        }
+    }
+
+    /// The last hour, as JSON.
+    fn recent(&self, now_ms: i64) -> Value {
+        Value::Array(
+            self.0
+                .iter()
+                .filter(|b| now_ms - b.0 < 3_600_000)
+                .map(|b| json!({"minute_ms": b.0, "succeeded": b.1, "dead": b.2, "cancelled": b.3}))
+                .collect(),
+        )
+    }
+}
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -96,6 +137,7 @@ pub struct Observe {
     tx: mpsc::Sender<Signal>,
     incidents: Arc<Mutex<Incidents>>,
     baselines: Arc<Mutex<Value>>,
+    series: Arc<Mutex<Series>>,
     dropped: AtomicU64,
 }
 
@@ -105,6 +147,7 @@ pub struct Observing {
     settings: AlertsSettings,
     incidents: Arc<Mutex<Incidents>>,
     baselines: Arc<Mutex<Value>>,
+    series: Arc<Mutex<Series>>,
     metrics: ObserveMetrics,
 }
 
@@ -114,10 +157,12 @@ impl Observe {
         let (tx, rx) = mpsc::channel(QUEUE);
         let incidents = Arc::new(Mutex::new(Incidents::default()));
         let baselines = Arc::new(Mutex::new(json!([])));
+        let series = Arc::new(Mutex::new(Series::default()));
         let observe = Arc::new(Self {
             tx,
             incidents: Arc::clone(&incidents),
             baselines: Arc::clone(&baselines),
+            series: Arc::clone(&series),
             dropped: AtomicU64::new(0),
         });
         let observing = Observing {
@@ -125,16 +170,24 @@ impl Observe {
             settings,
             incidents,
             baselines,
+            series,
             metrics,
         };
         (observe, observing)
     }
 
-    /// `GET /v1/incidents?state=open|resolved|all` (default `all`).
-    pub fn router(self: Arc<Self>, admin: AdminCheck) -> Router {
+    /// `GET /v1/incidents?state=open|resolved|all` (default `all`), `GET /v1/dashboard`
+    /// (what the dashboard shows beside `/metrics`) and `GET /ui` (the dashboard).
+    pub fn router(self: Arc<Self>, admin: AdminCheck, tasks: Arc<dyn TaskStore>) -> Router {
         Router::new()
             .route("/v1/incidents", get(list))
-            .with_state((self, admin))
+            .route("/v1/dashboard", get(dashboard))
+            .route("/ui", get(ui))
+            .with_state(Shared {
+                observe: self,
+                admin,
+                tasks,
+            })
     }
 
     /// The incidents, open first, as `GET /v1/incidents` answers.
@@ -159,12 +212,53 @@ struct ListQuery {
     state: Option<String>,
 }
 
+#[derive(Clone)]
+struct Shared {
+    observe: Arc<Observe>,
+    admin: AdminCheck,
+    tasks: Arc<dyn TaskStore>,
+}
+
+async fn ui() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        UI,
+    )
+        .into_response()
+}
+
+async fn dashboard(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(e) = (shared.admin)(&headers) {
+        return e.into_response();
+    }
+    let counts = match shared.tasks.count_by_state().await {
+        Ok(counts) => counts,
+        Err(e) => {
+            return ApiError::unavailable(format!("cannot count the tasks: {e}")).into_response();
+        }
+    };
+    let by_state: serde_json::Map<String, Value> =
+        counts.into_iter().map(|(s, n)| (s, json!(n))).collect();
+    let (_, now_ms) = now();
+    let observe = &shared.observe;
+    axum::Json(json!({
+        "tasks_by_state": by_state,
+        "finished_per_minute": observe.series.lock().recent(now_ms),
+        "incidents_open": observe.incidents.lock().list(true, false).len(),
+    }))
+    .into_response()
+}
+
 async fn list(
-    State((observe, admin)): State<(Arc<Observe>, AdminCheck)>,
+    State(shared): State<Shared>,
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    if let Err(e) = admin(&headers) {
+    let observe = &shared.observe;
+    if let Err(e) = (shared.admin)(&headers) {
         return e.into_response();
     }
     let (open, resolved) = match q.state.as_deref() {
@@ -308,19 +402,27 @@ impl Observing {
                     _ => Vec::new(),
                 }
             }
-            Signal::Succeeded { task } => match tasks.task(&task).await {
-                Ok(Some(row)) => {
-                    let steps = row.snapshot["steps"].as_u64().unwrap_or(0);
-                    let confidence = row.snapshot["confidence"].as_f64();
-                    detector.task(&row.agent, steps, confidence)
+            Signal::Cancelled { .. } => {
+                self.series.lock().add(now().1, "cancelled");
+                Vec::new()
+            }
+            Signal::Succeeded { task } => {
+                self.series.lock().add(now().1, "succeeded");
+                match tasks.task(&task).await {
+                    Ok(Some(row)) => {
+                        let steps = row.snapshot["steps"].as_u64().unwrap_or(0);
+                        let confidence = row.snapshot["confidence"].as_f64();
+                        detector.task(&row.agent, steps, confidence)
+                    }
+                    Ok(None) => Vec::new(),
+                    Err(e) => {
+                        tracing::warn!(task, error = %e, "observer cannot read a finished task");
+                        Vec::new()
+                    }
                 }
-                Ok(None) => Vec::new(),
-                Err(e) => {
-                    tracing::warn!(task, error = %e, "observer cannot read a finished task");
-                    Vec::new()
-                }
-            },
+            }
             Signal::Dead { task, reason } => {
+                self.series.lock().add(now().1, "dead");
                 let agent = match tasks.task(&task).await {
                     Ok(Some(row)) => row.agent,
                     _ => "unknown".to_owned(),

@@ -35,6 +35,11 @@ pub enum Signal {
         /// The task.
         task: String,
     },
+    /// A task was cancelled.
+    Cancelled {
+        /// The task.
+        task: String,
+    },
     /// A task went to the dead-letter queue.
     Dead {
         /// The task.
@@ -90,6 +95,9 @@ impl Signal {
                 failure_rate: data["failure_rate"].as_f64(),
             },
             "task_succeeded" => Self::Succeeded {
+                task: event.task_id.clone()?,
+            },
+            "task_cancelled" => Self::Cancelled {
                 task: event.task_id.clone()?,
             },
             "task_dead" => Self::Dead {

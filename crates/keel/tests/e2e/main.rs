@@ -13,6 +13,7 @@ mod chaos;
 mod cli;
 mod common;
 mod crash;
+mod dashboard;
 mod http;
 mod loops;
 mod observe;
