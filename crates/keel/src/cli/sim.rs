@@ -143,7 +143,7 @@ pub(crate) fn run_demo(
             return Ok(verdict);
         }
         output::line(&format!(
-            "\nkeel is still up at http://{addr}: try `curl http://{addr}/metrics` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
+            "\nkeel is still up: open the dashboard at http://{addr}/ui, or try `curl http://{addr}/v1/incidents` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
             addr = keel.addr
         ));
         serve::interrupted().await;
