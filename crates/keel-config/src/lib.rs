@@ -41,6 +41,7 @@ mod route;
 mod secret;
 mod server;
 mod settings;
+mod telemetry;
 mod tool;
 
 use std::path::Path;
@@ -71,6 +72,7 @@ pub use server::{
     ServerConfig, ServerSettings, StoreBackend, StoreConfig, StoreSettings,
 };
 pub use settings::{KeelConfig, Settings};
+pub use telemetry::{LogFormat, OtlpProtocol, TelemetryConfig, TelemetrySettings};
 pub use tool::{
     DEFAULT_APPROVAL_TIMEOUT, DEFAULT_PROFILE_FACTOR, DEFAULT_PROFILE_QUANTILE,
     DEFAULT_PROFILE_WARMUP, DEFAULT_TOOL_TIMEOUT, InjectionAction, ProfileAction, ProfileConfig,

@@ -15,6 +15,7 @@ use crate::provider::{ProviderConfig, ProviderSettings};
 use crate::route::{RouteConfig, RouteSettings};
 use crate::secret::Secret;
 use crate::server::{ServerConfig, ServerSettings, StoreConfig, StoreSettings};
+use crate::telemetry::{TelemetryConfig, TelemetrySettings};
 use crate::tool::{ToolConfig, ToolSettings};
 
 /// keel.toml as written. Every table is optional. Nothing here is trusted yet.
@@ -48,6 +49,9 @@ pub struct KeelConfig {
     /// `[alerts]`.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// `[telemetry]`.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// A validated keel.toml: every field is usable without further checks.
@@ -72,6 +76,8 @@ pub struct Settings {
     pub chaos: ChaosSettings,
     /// `[alerts]`: where alerts go, and the anomaly detector's settings.
     pub alerts: AlertsSettings,
+    /// `[telemetry]`: OTLP traces and the log format.
+    pub telemetry: TelemetrySettings,
 }
 
 impl Default for Settings {
@@ -87,6 +93,7 @@ impl Default for Settings {
             tools: BTreeMap::new(),
             chaos: ChaosSettings::default(),
             alerts: AlertsSettings::default(),
+            telemetry: TelemetrySettings::default(),
         }
     }
 }
@@ -128,6 +135,7 @@ impl KeelConfig {
         };
         let chaos = problems.take(self.chaos.validate(&root.child("chaos"), &known));
         let alerts = problems.take(self.alerts.validate(&root.child("alerts")));
+        let telemetry = problems.take(self.telemetry.validate(&root.child("telemetry")));
         let breaker = problems
             .take(
                 self.breaker
@@ -205,6 +213,7 @@ impl KeelConfig {
                 tools,
                 chaos: chaos?,
                 alerts: alerts?,
+                telemetry: telemetry?,
             })
         })
     }

@@ -21,6 +21,7 @@ pub mod detect;
 pub mod incident;
 pub mod signal;
 pub mod sink;
+pub mod trace;
 
 /// The dashboard, `GET /ui`: one page, no build step; it reads `/v1/dashboard`,
 /// `/metrics`, `/v1/dlq`, `/v1/approvals`, `/v1/incidents` and a task's events.
@@ -149,6 +150,7 @@ pub struct Observing {
     baselines: Arc<Mutex<Value>>,
     series: Arc<Mutex<Series>>,
     metrics: ObserveMetrics,
+    traces: Option<trace::Traces>,
 }
 
 impl Observe {
@@ -172,6 +174,7 @@ impl Observe {
             baselines,
             series,
             metrics,
+            traces: None,
         };
         (observe, observing)
     }
@@ -292,6 +295,28 @@ fn now() -> (String, i64) {
 }
 
 impl Observing {
+    /// Also exports OpenTelemetry spans built from the events ([`trace`]).
+    pub fn with_traces(mut self, traces: Option<trace::Traces>) -> Self {
+        self.traces = traces;
+        self
+    }
+
+    /// The `invoke_agent` span of a task that ended, from its row.
+    fn trace_task(&mut self, row: &keel_store::TaskRow, ended_ms: i64) {
+        if let Some(traces) = &mut self.traces {
+            traces.task(&trace::TaskEnd {
+                task: row.id.clone(),
+                agent: row.agent.clone(),
+                state: row.state.clone(),
+                created_ms: row.created_at_ms,
+                ended_ms,
+                steps: row.snapshot["steps"].as_u64().unwrap_or(0),
+                attempts: row.snapshot["attempts"].as_u64().unwrap_or(0),
+                confidence: row.snapshot["confidence"].as_f64(),
+            });
+        }
+    }
+
     /// Learns from the signals, raises and resolves alerts, and delivers them, until `stop`.
     pub async fn run(
         mut self,
@@ -315,8 +340,10 @@ impl Observing {
         let mut digest: Vec<Note> = Vec::new();
         let mut period = tokio::time::interval(self.settings.anomaly.period);
         let mut digest_timer = tokio::time::interval(self.settings.digest_every);
+        let mut export = tokio::time::interval(Duration::from_secs(1));
         period.tick().await;
         digest_timer.tick().await;
+        export.tick().await;
         let work = async {
             loop {
                 let found = tokio::select! {
@@ -339,12 +366,26 @@ impl Observing {
                         }
                         Vec::new()
                     }
+                    _ = export.tick() => {
+                        if let Some(traces) = &mut self.traces {
+                            traces.flush().await;
+                        }
+                        Vec::new()
+                    }
                 };
+                if let Some(traces) = &mut self.traces
+                    && traces.pending() >= trace::BATCH
+                {
+                    traces.flush().await;
+                }
                 for f in found {
                     self.act(f, store.as_ref(), &deliver, &mut digest).await;
                 }
             }
-            // Warnings waiting for the digest go out before keel stops.
+            // Spans, and warnings waiting for the digest, go out before keel stops.
+            if let Some(traces) = &mut self.traces {
+                traces.flush().await;
+            }
             if !digest.is_empty() {
                 let _ = deliver.send(Delivery::Digest(std::mem::take(&mut digest)));
             }
@@ -361,14 +402,23 @@ impl Observing {
         tasks: &dyn TaskStore,
     ) -> Vec<Found> {
         match signal {
-            Signal::Call {
-                route,
-                agent,
-                ok,
-                latency_ms,
-                tokens,
-            } => {
-                detector.call(&route, &agent, ok, latency_ms, tokens);
+            Signal::Call(call) => {
+                detector.call(
+                    &call.route,
+                    &call.agent,
+                    call.ok,
+                    call.latency_ms,
+                    call.tokens,
+                );
+                if let Some(traces) = &mut self.traces {
+                    traces.call(&call);
+                }
+                Vec::new()
+            }
+            Signal::Tool(tool) => {
+                if let Some(traces) = &mut self.traces {
+                    traces.tool(&tool);
+                }
                 Vec::new()
             }
             Signal::Breaker {
@@ -376,6 +426,9 @@ impl Observing {
                 to,
                 failure_rate,
             } => {
+                if let Some(traces) = &mut self.traces {
+                    traces.breaker(&target, &to);
+                }
                 let key = format!("breaker:{target}");
                 match to.as_str() {
                     "open" => {
@@ -402,14 +455,20 @@ impl Observing {
                     _ => Vec::new(),
                 }
             }
-            Signal::Cancelled { .. } => {
+            Signal::Cancelled { task, at_ms } => {
                 self.series.lock().add(now().1, "cancelled");
+                if self.traces.is_some()
+                    && let Ok(Some(row)) = tasks.task(&task).await
+                {
+                    self.trace_task(&row, at_ms);
+                }
                 Vec::new()
             }
-            Signal::Succeeded { task } => {
+            Signal::Succeeded { task, at_ms } => {
                 self.series.lock().add(now().1, "succeeded");
                 match tasks.task(&task).await {
                     Ok(Some(row)) => {
+                        self.trace_task(&row, at_ms);
                         let steps = row.snapshot["steps"].as_u64().unwrap_or(0);
                         let confidence = row.snapshot["confidence"].as_f64();
                         detector.task(&row.agent, steps, confidence)
@@ -421,10 +480,17 @@ impl Observing {
                     }
                 }
             }
-            Signal::Dead { task, reason } => {
+            Signal::Dead {
+                task,
+                reason,
+                at_ms,
+            } => {
                 self.series.lock().add(now().1, "dead");
                 let agent = match tasks.task(&task).await {
-                    Ok(Some(row)) => row.agent,
+                    Ok(Some(row)) => {
+                        self.trace_task(&row, at_ms);
+                        row.agent
+                    }
                     _ => "unknown".to_owned(),
                 };
                 vec![Found::Raise(Alert {

@@ -9,18 +9,9 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Signal {
     /// A gateway call ended (`llm_call`).
-    Call {
-        /// The route (what the client sent as `model`).
-        route: String,
-        /// The calling agent.
-        agent: String,
-        /// Whether it was answered (`outcome: ok`).
-        ok: bool,
-        /// Time to the end of the answer.
-        latency_ms: u64,
-        /// Tokens the provider reported (`usage.total_tokens`).
-        tokens: u64,
-    },
+    Call(Call),
+    /// A tool call through keel ended (`tool_invoked`), or was refused (`action_blocked`).
+    Tool(ToolCall),
     /// A circuit breaker changed state.
     Breaker {
         /// `provider/model`, or `tool/NAME`.
@@ -34,11 +25,15 @@ pub enum Signal {
     Succeeded {
         /// The task.
         task: String,
+        /// When, Unix ms.
+        at_ms: i64,
     },
     /// A task was cancelled.
     Cancelled {
         /// The task.
         task: String,
+        /// When, Unix ms.
+        at_ms: i64,
     },
     /// A task went to the dead-letter queue.
     Dead {
@@ -46,6 +41,8 @@ pub enum Signal {
         task: String,
         /// Why, as recorded.
         reason: String,
+        /// When, Unix ms.
+        at_ms: i64,
     },
     /// The loop guard stopped a task.
     Loop {
@@ -69,6 +66,68 @@ pub enum Signal {
     },
 }
 
+/// One model call, as its `llm_call` event tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    /// The route (what the client sent as `model`).
+    pub route: String,
+    /// `provider/model` that answered (or was tried last), `none` when none was.
+    pub target: String,
+    /// The calling agent.
+    pub agent: String,
+    /// The task, when the call named one.
+    pub task: Option<String>,
+    /// `ok`, `degraded`, `error`, `timeout`, `unavailable`, `fatal`...
+    pub outcome: String,
+    /// Whether it was answered (`outcome: ok`).
+    pub ok: bool,
+    /// Attempts made.
+    pub attempts: u64,
+    /// Answered by a target other than the first.
+    pub fallback: bool,
+    /// A streamed call.
+    pub stream: bool,
+    /// Time to the end of the answer.
+    pub latency_ms: u64,
+    /// Prompt tokens.
+    pub input_tokens: Option<u64>,
+    /// Completion tokens.
+    pub output_tokens: Option<u64>,
+    /// Tokens the provider reported (`usage.total_tokens`).
+    pub tokens: u64,
+    /// The answer's `model`, when the answer was recorded.
+    pub response_model: Option<String>,
+    /// The answer's finish reasons, when it was recorded.
+    pub finish_reasons: Vec<String>,
+    /// When the call ended (the event's commit), Unix ms.
+    pub at_ms: i64,
+    /// The event's hash: a unique, stable id for its span.
+    pub hash: String,
+}
+
+/// One tool call, as `tool_invoked` or `action_blocked` tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The tool.
+    pub tool: String,
+    /// The agent.
+    pub agent: String,
+    /// The task, if any.
+    pub task: Option<String>,
+    /// `ok` or `error`; `blocked` when a guard refused it.
+    pub outcome: String,
+    /// Attempts made (0 when blocked).
+    pub attempts: u64,
+    /// How long it took, ms (0 when blocked).
+    pub latency_ms: u64,
+    /// The rules that blocked it.
+    pub rules: Vec<String>,
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// The event's hash.
+    pub hash: String,
+}
+
 /// Marks the `alert_raised` events the observer writes, so that it does not read its
 /// own alerts back as new ones.
 pub const SOURCE: &str = "observe";
@@ -82,13 +141,63 @@ impl Signal {
     pub fn of(event: &Event) -> Option<Self> {
         let data = &event.data;
         Some(match event.kind.as_str() {
-            "llm_call" => Self::Call {
+            "llm_call" => Self::Call(Call {
                 route: str_of(data, "route"),
+                target: str_of(data, "target"),
                 agent: str_of(data, "agent"),
+                task: event.task_id.clone(),
+                outcome: str_of(data, "outcome"),
                 ok: data["outcome"] == "ok",
+                attempts: data["attempts"].as_u64().unwrap_or(0),
+                fallback: data["fallback"].as_bool().unwrap_or(false),
+                stream: data["stream"].as_bool().unwrap_or(false),
                 latency_ms: data["latency_ms"].as_u64().unwrap_or(0),
+                input_tokens: data["usage"]["prompt_tokens"].as_u64(),
+                output_tokens: data["usage"]["completion_tokens"].as_u64(),
                 tokens: data["usage"]["total_tokens"].as_u64().unwrap_or(0),
-            },
+                response_model: data["response"]["model"].as_str().map(str::to_owned),
+                finish_reasons: data["response"]["choices"]
+                    .as_array()
+                    .map(|choices| {
+                        choices
+                            .iter()
+                            .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                at_ms: event.at_ms,
+                hash: event.hash.clone(),
+            }),
+            "tool_invoked" => Self::Tool(ToolCall {
+                tool: str_of(data, "tool"),
+                agent: str_of(data, "agent"),
+                task: event.task_id.clone(),
+                outcome: str_of(data, "outcome"),
+                attempts: data["attempts"].as_u64().unwrap_or(0),
+                latency_ms: data["latency_ms"].as_u64().unwrap_or(0),
+                rules: Vec::new(),
+                at_ms: event.at_ms,
+                hash: event.hash.clone(),
+            }),
+            // A result withheld after the call is on the call's own span.
+            "action_blocked" if data["stage"] != "result" => Self::Tool(ToolCall {
+                tool: str_of(data, "tool"),
+                agent: str_of(data, "agent"),
+                task: event.task_id.clone(),
+                outcome: "blocked".to_owned(),
+                attempts: 0,
+                latency_ms: 0,
+                rules: data["rules"]
+                    .as_array()
+                    .map(|r| {
+                        r.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                at_ms: event.at_ms,
+                hash: event.hash.clone(),
+            }),
             "breaker_opened" | "breaker_half_opened" | "breaker_closed" => Self::Breaker {
                 target: str_of(data, "target"),
                 to: str_of(data, "to"),
@@ -96,9 +205,11 @@ impl Signal {
             },
             "task_succeeded" => Self::Succeeded {
                 task: event.task_id.clone()?,
+                at_ms: event.at_ms,
             },
             "task_cancelled" => Self::Cancelled {
                 task: event.task_id.clone()?,
+                at_ms: event.at_ms,
             },
             "task_dead" => Self::Dead {
                 task: event.task_id.clone()?,
@@ -107,6 +218,7 @@ impl Signal {
                     Value::Null => "unknown".to_owned(),
                     other => other.to_string(),
                 },
+                at_ms: event.at_ms,
             },
             "loop_detected" => Self::Loop {
                 agent: str_of(data, "agent"),

@@ -20,7 +20,6 @@ use crate::output;
 
 /// Runs the server; returns when it has shut down.
 pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    init_tracing();
     let settings = match config {
         Some(path) => match keel_config::load(path, &|name| std::env::var(name).ok()) {
             Ok(s) => s,
@@ -33,6 +32,7 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         },
         None => keel_config::embedded_default(),
     };
+    init_tracing(settings.telemetry.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,15 +41,20 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn init_tracing() {
+fn init_tracing(format: keel_config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
+        // One JSON object per line (`timestamp`, `level`, `fields.message`, `target`).
+        keel_config::LogFormat::Json => logs.json().init(),
         // Colour codes only for a terminal, not in a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        keel_config::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<SqliteStore>> {
@@ -228,7 +233,13 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     });
     let stop = tokio_util::sync::CancellationToken::new();
     tasks.spawn(Arc::clone(&gateway).keep_budgets(stop.clone()));
-    tasks.spawn(observing.run(store.clone(), store.clone(), stop.clone()));
+    let traces = keel_observe::trace::Traces::new(&settings.telemetry)
+        .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
+    tasks.spawn(
+        observing
+            .with_traces(traces)
+            .run(store.clone(), store.clone(), stop.clone()),
+    );
     {
         // The gateway holds the supervisor (its approval queue), which holds the sender:
         // the loop ends with `stop`, not with the channel.

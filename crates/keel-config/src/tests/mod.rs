@@ -226,6 +226,7 @@ fn design_example_parses_to_expected_settings() {
         )]),
         chaos: ChaosSettings::default(),
         alerts: crate::AlertsSettings::default(),
+        telemetry: crate::TelemetrySettings::default(),
     };
     assert_eq!(settings(DESIGN_EXAMPLE), expected);
 }

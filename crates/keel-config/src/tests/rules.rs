@@ -44,7 +44,7 @@ fn unknown_table_is_rejected_with_its_line() {
     assert_eq!(
         errors("[server]\nlisten = \"127.0.0.1:1\"\n\n[chaoss]\n"),
         "keel.toml:4: chaoss: unknown field `chaoss`, expected one of `server`, `store`, \
-         `providers`, `routes`, `breaker`, `agents`, `tools`, `chaos`, `alerts`"
+         `providers`, `routes`, `breaker`, `agents`, `tools`, `chaos`, `alerts`, `telemetry`"
     );
 }
 
@@ -627,4 +627,25 @@ fn alerts_name_their_webhooks_and_detector_settings() {
     );
     let unknown = errors("[alerts]\nwebhooks = [{ url = \"http://x\", formatt = \"slack\" }]\n");
     assert!(unknown.contains("formatt"), "{unknown}");
+}
+
+#[test]
+fn telemetry_names_a_bad_endpoint_and_defaults_to_no_traces() {
+    let settings = super::settings("[telemetry]\nlog_format = \"json\"\n").telemetry;
+    assert_eq!(settings.otlp_endpoint, None);
+    assert_eq!(settings.log_format, crate::LogFormat::Json);
+    assert_eq!(settings.service_name, "keel");
+    let on = super::settings(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/\"\notlp_protocol = \"http/json\"\n",
+    )
+    .telemetry;
+    assert_eq!(on.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+    assert_eq!(on.otlp_protocol, crate::OtlpProtocol::HttpJson);
+    let got = errors("[telemetry]\notlp_endpoint = \"grpc://x:4317\"\n");
+    assert!(
+        got.starts_with("keel.toml:2: telemetry.otlp_endpoint: "),
+        "{got}"
+    );
+    let got = errors("[telemetry]\notlp_protocol = \"grpc\"\n");
+    assert!(got.contains("http/protobuf"), "{got}");
 }

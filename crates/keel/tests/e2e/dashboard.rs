@@ -205,7 +205,11 @@ async fn the_dashboard_shows_what_the_api_says_after_a_small_sim() {
         metrics = keel.metrics().await;
     }
     assert_eq!(sample(&metrics, "keel_dlq_depth "), 1.0, "{metrics}");
-    assert_eq!(sample(&metrics, "keel_approvals_pending "), 1.0, "{metrics}");
+    assert_eq!(
+        sample(&metrics, "keel_approvals_pending "),
+        1.0,
+        "{metrics}"
+    );
     let fleet_tasks = sample(&metrics, "keel_task_steps_count{agent=\"fleet\"} ");
     let incidents = get(&keel, "/v1/incidents?state=open").await["incidents"]
         .as_array()

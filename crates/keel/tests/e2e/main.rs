@@ -23,4 +23,5 @@ mod sdk;
 mod sim;
 mod tasks;
 mod tools;
+mod traces;
 mod wasm;
