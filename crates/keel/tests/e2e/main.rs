@@ -14,6 +14,7 @@ mod cli;
 mod common;
 mod crash;
 mod dashboard;
+mod deploy;
 mod http;
 mod loops;
 mod observe;
