@@ -122,3 +122,56 @@ fn a_wasm_tool_that_cannot_run_is_named_by_config_check_and_serve() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_carry_no_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}/keel.db\"\n\n[agents.support]\nkeys_env = [\"KEEL_KEY_SUPPORT\"]\n\n[telemetry]\nlog_format = \"json\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = keel()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("KEEL_KEY_SUPPORT", "sk-agent-very-secret")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the listening line, then stop keel (SIGTERM: a clean stop logs too).
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.contains("keel listening on"), "{line}");
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "keel logged nothing");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("keel stopped")),
+        "the clean stop is logged: {stderr}"
+    );
+    assert!(
+        !stderr.contains("sk-agent-very-secret"),
+        "a key reached the log"
+    );
+}
