@@ -101,6 +101,23 @@ impl Keel {
         )
     }
 
+    /// Creates a task of `agent` and claims it (as worker `w`, lease 30 s), through the
+    /// worker protocol: the task's id and lease token.
+    pub async fn claimed_task(&self, agent: &str) -> (String, String) {
+        let headers = [("x-keel-agent", agent)];
+        let body = serde_json::json!({"agent": agent, "input": {}});
+        let (status, task) = self.post_json("/v1/tasks", &headers, &body).await;
+        assert_eq!(status, 201, "{task}");
+        let claim = serde_json::json!({"agent": agent, "worker": "w", "lease": "30s"});
+        let (status, claimed) = self.post_json("/v1/tasks/claim", &headers, &claim).await;
+        assert_eq!(status, 200, "{claimed}");
+        assert_eq!(claimed["id"], task["id"], "{claimed}");
+        (
+            claimed["id"].as_str().unwrap().to_owned(),
+            claimed["lease_token"].as_str().unwrap().to_owned(),
+        )
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.url))

@@ -147,25 +147,10 @@ async fn the_dashboard_shows_what_the_api_says_after_a_small_sim() {
 
     // One task in the DLQ and one waiting for a person, made by hand.
     let headers = [("x-keel-agent", "ops")];
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        let (status, task) = keel
-            .post_json("/v1/tasks", &headers, &json!({"agent": "ops", "input": {}}))
-            .await;
-        assert_eq!(status, 201, "{task}");
-        let (status, claimed) = keel
-            .post_json(
-                "/v1/tasks/claim",
-                &headers,
-                &json!({"agent": "ops", "worker": "w", "lease": "30s"}),
-            )
-            .await;
-        assert_eq!(status, 200, "{claimed}");
-        ids.push((
-            claimed["id"].as_str().unwrap().to_owned(),
-            claimed["lease_token"].as_str().unwrap().to_owned(),
-        ));
-    }
+    let ids = [
+        keel.claimed_task("ops").await,
+        keel.claimed_task("ops").await,
+    ];
     let (dead, token) = &ids[0];
     let (status, body) = keel
         .post_json(

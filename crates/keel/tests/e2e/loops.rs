@@ -32,25 +32,7 @@ async fn post(keel: &Keel, path: &str, task: Option<&str>, body: Value) -> (u16,
 
 /// A created and claimed task: its id and lease token.
 async fn running_task(keel: &Keel) -> (String, String) {
-    let (status, task) = post(
-        keel,
-        "/v1/tasks",
-        None,
-        json!({"agent": "looper", "input": {}}),
-    )
-    .await;
-    assert_eq!(status, 201, "{task}");
-    let id = task["id"].as_str().unwrap().to_owned();
-    let (status, claimed) = post(
-        keel,
-        "/v1/tasks/claim",
-        None,
-        json!({"agent": "looper", "worker": "w1", "lease": "30s"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{claimed}");
-    assert_eq!(claimed["id"], id.as_str());
-    (id, claimed["lease_token"].as_str().unwrap().to_owned())
+    keel.claimed_task("looper").await
 }
 
 async fn task_state(keel: &Keel, id: &str) -> Value {

@@ -166,24 +166,7 @@ webhooks = [{ url = "{hook}/json" }]
 /// Runs one task of agent `researcher` through the worker protocol with `steps` steps.
 async fn run_task(keel: &Keel, steps: usize) {
     let headers = [("x-keel-agent", "researcher")];
-    let (status, task) = keel
-        .post_json(
-            "/v1/tasks",
-            &headers,
-            &json!({"agent": "researcher", "input": {}}),
-        )
-        .await;
-    assert_eq!(status, 201, "{task}");
-    let (status, claimed) = keel
-        .post_json(
-            "/v1/tasks/claim",
-            &headers,
-            &json!({"agent": "researcher", "worker": "w1", "lease": "30s"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{claimed}");
-    let id = claimed["id"].as_str().unwrap();
-    let token = claimed["lease_token"].as_str().unwrap();
+    let (id, token) = keel.claimed_task("researcher").await;
     for i in 0..steps {
         let (status, step) = keel
             .post_json(

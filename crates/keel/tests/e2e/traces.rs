@@ -111,23 +111,7 @@ async fn spans_follow_the_genai_conventions_and_nest_under_their_task() {
     let keel = Keel::start(&TRACED.replace("{otlp}", &otlp), &models).await;
     let headers = [("x-keel-agent", "support")];
 
-    let (status, task) = keel
-        .post_json(
-            "/v1/tasks",
-            &headers,
-            &json!({"agent": "support", "input": {}}),
-        )
-        .await;
-    assert_eq!(status, 201, "{task}");
-    let (_, claimed) = keel
-        .post_json(
-            "/v1/tasks/claim",
-            &headers,
-            &json!({"agent": "support", "worker": "w", "lease": "30s"}),
-        )
-        .await;
-    let id = claimed["id"].as_str().unwrap().to_owned();
-    let token = claimed["lease_token"].as_str().unwrap().to_owned();
+    let (id, token) = keel.claimed_task("support").await;
     let in_task = [("x-keel-agent", "support"), ("x-keel-task", id.as_str())];
     let (status, answer) = keel
         .post_json(
