@@ -111,9 +111,13 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
 }
 
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
+    let interrupted = interrupted();
     let mut keel = start(settings, embedded).await?;
     let failed = tokio::select! {
-        () = shutdown_signal() => None,
+        () = interrupted => {
+            tracing::info!("shutting down: finishing in-flight requests");
+            None
+        }
         failure = keel.failed() => Some(failure),
     };
     keel.stop().await;
@@ -366,29 +370,32 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
     }
 }
 
-async fn shutdown_signal() {
-    interrupted().await;
-    tracing::info!("shutting down: finishing in-flight requests");
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a signal that arrives in between (say, right after the
+/// `keel listening on` line) still stops keel cleanly.
+pub(crate) fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &str| {
+        signal(kind)
+            .map_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
+            .ok()
+    };
+    let mut int = listen(SignalKind::interrupt(), "Ctrl-C");
+    let mut term = listen(SignalKind::terminate(), "SIGTERM");
+    async move {
+        tokio::select! {
+            () = received(int.as_mut()) => {},
+            () = received(term.as_mut()) => {},
+        }
+    }
 }
 
-/// Ctrl-C or SIGTERM.
-pub(crate) async fn interrupted() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Waits for `signal`; forever when it could not be listened for.
+async fn received(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
         }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        None => std::future::pending::<()>().await,
     }
 }
