@@ -151,6 +151,7 @@ pub struct Observing {
     series: Arc<Mutex<Series>>,
     metrics: ObserveMetrics,
     traces: Option<trace::Traces>,
+    export: Option<trace::Export>,
 }
 
 impl Observe {
@@ -175,6 +176,7 @@ impl Observe {
             series,
             metrics,
             traces: None,
+            export: None,
         };
         (observe, observing)
     }
@@ -296,9 +298,23 @@ fn now() -> (String, i64) {
 
 impl Observing {
     /// Also exports OpenTelemetry spans built from the events ([`trace`]).
-    pub fn with_traces(mut self, traces: Option<trace::Traces>) -> Self {
-        self.traces = traces;
+    pub fn with_traces(mut self, traces: Option<(trace::Traces, trace::Export)>) -> Self {
+        if let Some((traces, export)) = traces {
+            self.traces = Some(traces);
+            self.export = Some(export);
+        }
         self
+    }
+
+    /// Hands the waiting spans to the export task; dropped when it is behind.
+    fn ship(&mut self, spans: &mpsc::Sender<Vec<opentelemetry_sdk::trace::SpanData>>) {
+        if let Some(traces) = &mut self.traces {
+            for batch in traces.drain() {
+                if spans.try_send(batch).is_err() {
+                    tracing::warn!("the OTLP export is behind: a batch of spans is dropped");
+                }
+            }
+        }
     }
 
     /// The `invoke_agent` span of a task that ended, from its row.
@@ -336,6 +352,13 @@ impl Observing {
                 sink::deliver(&client, &hooks, &delivery).await;
             }
         };
+        let (spans, batches) = mpsc::channel(trace::QUEUED_BATCHES);
+        let export = self.export.take();
+        let exporting = async move {
+            if let Some(export) = export {
+                export.run(batches).await;
+            }
+        };
         let mut detector = Detector::new(self.settings.anomaly);
         let mut digest: Vec<Note> = Vec::new();
         let mut period = tokio::time::interval(self.settings.anomaly.period);
@@ -367,31 +390,30 @@ impl Observing {
                         Vec::new()
                     }
                     _ = export.tick() => {
-                        if let Some(traces) = &mut self.traces {
-                            traces.flush().await;
-                        }
+                        self.ship(&spans);
                         Vec::new()
                     }
                 };
-                if let Some(traces) = &mut self.traces
-                    && traces.pending() >= trace::BATCH
+                if self
+                    .traces
+                    .as_ref()
+                    .is_some_and(|t| t.pending() >= trace::BATCH)
                 {
-                    traces.flush().await;
+                    self.ship(&spans);
                 }
                 for f in found {
                     self.act(f, store.as_ref(), &deliver, &mut digest).await;
                 }
             }
             // Spans, and warnings waiting for the digest, go out before keel stops.
-            if let Some(traces) = &mut self.traces {
-                traces.flush().await;
-            }
+            self.ship(&spans);
+            drop(spans);
             if !digest.is_empty() {
                 let _ = deliver.send(Delivery::Digest(std::mem::take(&mut digest)));
             }
             drop(deliver);
         };
-        tokio::join!(work, sender);
+        tokio::join!(work, sender, exporting);
     }
 
     /// What a signal teaches the detector, and the alerts it raises directly.

@@ -8,8 +8,9 @@
 //!
 //! A task's trace id and span id are derived from its id (SHA-256), so its calls find
 //! their parent without keel keeping any span open; other spans take their ids from
-//! their event's hash. Spans are batched and exported every second (or every 512) by
-//! `opentelemetry-otlp`'s exporter over keel's own HTTP client.
+//! their event's hash. Spans are batched every second (or every 512) and handed to an
+//! export task ([`Export`]) that sends them with `opentelemetry-otlp`'s exporter over keel's
+//! own HTTP client: a slow collector never holds up the observer's alerts.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -56,15 +57,34 @@ impl opentelemetry_http::HttpClient for Client {
     }
 }
 
-/// The exporter and the spans waiting for it.
+/// Spans being built, and the batches waiting for the export task.
 pub struct Traces {
-    exporter: opentelemetry_otlp::SpanExporter,
     scope: InstrumentationScope,
     batch: Vec<SpanData>,
     /// The last state seen of each breaker (`keel.breaker.state` on model calls).
     breakers: HashMap<String, String>,
-    exported: u64,
-    failed: u64,
+}
+
+/// Batches queued for the export task at most; beyond, new ones are dropped (traces are
+/// best effort: the event log keeps everything).
+pub const QUEUED_BATCHES: usize = 16;
+
+/// The export task's side: sends each batch it is given.
+pub struct Export {
+    exporter: opentelemetry_otlp::SpanExporter,
+}
+
+impl Export {
+    /// Exports every batch from `batches` until the sender is gone; a failed export is
+    /// logged and dropped.
+    pub async fn run(self, mut batches: tokio::sync::mpsc::Receiver<Vec<SpanData>>) {
+        while let Some(batch) = batches.recv().await {
+            let n = batch.len();
+            if let Err(e) = self.exporter.export(batch).await {
+                tracing::warn!(error = %e, spans = n, "cannot export spans over OTLP");
+            }
+        }
+    }
 }
 
 fn time(ms: i64) -> SystemTime {
@@ -130,8 +150,8 @@ pub struct TaskEnd {
 }
 
 impl Traces {
-    /// An exporter to `settings.otlp_endpoint`, or `None` when traces are off.
-    pub fn new(settings: &TelemetrySettings) -> Result<Option<Self>, String> {
+    /// Spans for an exporter to `settings.otlp_endpoint`, or `None` when traces are off.
+    pub fn new(settings: &TelemetrySettings) -> Result<Option<(Self, Export)>, String> {
         let Some(endpoint) = &settings.otlp_endpoint else {
             return Ok(None);
         };
@@ -156,16 +176,14 @@ impl Traces {
                 .with_service_name(settings.service_name.clone())
                 .build(),
         );
-        Ok(Some(Self {
-            exporter,
+        let traces = Self {
             scope: InstrumentationScope::builder("keel")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
             batch: Vec::new(),
             breakers: HashMap::new(),
-            exported: 0,
-            failed: 0,
-        }))
+        };
+        Ok(Some((traces, Export { exporter })))
     }
 
     fn span(
@@ -361,20 +379,13 @@ impl Traces {
         self.batch.len()
     }
 
-    /// Exports what is waiting (a failed export is dropped and logged: traces are
-    /// best effort, the event log keeps everything).
-    pub async fn flush(&mut self) {
+    /// The spans waiting, in batches of at most [`BATCH`].
+    pub fn drain(&mut self) -> Vec<Vec<SpanData>> {
+        let mut batches = Vec::new();
         while !self.batch.is_empty() {
             let take = self.batch.len().min(BATCH);
-            let batch: Vec<SpanData> = self.batch.drain(..take).collect();
-            let n = batch.len() as u64;
-            match self.exporter.export(batch).await {
-                Ok(()) => self.exported += n,
-                Err(e) => {
-                    self.failed += n;
-                    tracing::warn!(error = %e, spans = n, "cannot export spans over OTLP");
-                }
-            }
+            batches.push(self.batch.drain(..take).collect());
         }
+        batches
     }
 }
