@@ -125,10 +125,21 @@ impl Incidents {
         }
         self.next += 1;
         let id = format!("inc_{}", self.next);
+        self.open_incident(alert, at, now_ms, id.clone());
+        (Grouped::Opened, id)
+    }
+
+    fn open_incident(&mut self, alert: &Alert, at: &str, now_ms: i64, id: String) {
+        let entry = Entry {
+            at: at.to_owned(),
+            status: "firing",
+            severity: alert.severity.as_str(),
+            message: alert.message.clone(),
+        };
         self.open.insert(
             alert.key.clone(),
             Incident {
-                id: id.clone(),
+                id,
                 key: alert.key.clone(),
                 severity: alert.severity.as_str(),
                 state: "open",
@@ -143,7 +154,54 @@ impl Incidents {
                 last_ms: now_ms,
             },
         );
-        (Grouped::Opened, id)
+    }
+
+    /// Replays one `alert_raised` event the observer recorded (`source: "observe"`), so that
+    /// the incidents of an earlier run are back after a restart, with their ids.
+    pub fn replay(&mut self, data: &Value, at_ms: i64) {
+        let text = |k: &str| data[k].as_str().unwrap_or_default().to_owned();
+        let (key, id, at) = (text("key"), text("incident"), text("at"));
+        if key.is_empty() || id.is_empty() {
+            return;
+        }
+        if let Some(n) = id.strip_prefix("inc_").and_then(|n| n.parse::<u64>().ok()) {
+            self.next = self.next.max(n);
+        }
+        if data["status"] == "resolved" {
+            self.resolve(&key, &text("message"), &at);
+            return;
+        }
+        let severity = match data["severity"].as_str() {
+            Some("critical") => Severity::Critical,
+            Some("info") => Severity::Info,
+            _ => Severity::Warning,
+        };
+        let alert = Alert {
+            condition: key.starts_with("breaker:") || key.starts_with("anomaly:"),
+            key: key.clone(),
+            severity,
+            title: text("title"),
+            message: text("message"),
+            labels: data["labels"].as_object().cloned().unwrap_or_default(),
+            task: None,
+            recorded: true,
+        };
+        if self.open.contains_key(&key) {
+            self.raise(&alert, &at, at_ms);
+        } else {
+            // The incident keeps the id it had.
+            self.open_incident(&alert, &at, at_ms, id);
+        }
+    }
+
+    /// The keys of open incidents of conditions (breakers, anomalies): after a restart their
+    /// condition starts over (breakers closed, baselines learnt again).
+    pub fn conditions(&self) -> Vec<String> {
+        self.open
+            .values()
+            .filter(|i| i.condition)
+            .map(|i| i.key.clone())
+            .collect()
     }
 
     /// Resolves the open incident of `key`, if there is one, saying `message`.
@@ -242,6 +300,48 @@ mod tests {
         assert_eq!(g, Grouped::Opened);
         assert_ne!(again, id);
         assert_eq!(incidents.list(false, true)[0].id, id);
+    }
+
+    #[test]
+    fn a_restart_replays_the_recorded_alerts_with_their_ids() {
+        let mut first = Incidents::default();
+        let mut recorded = Vec::new();
+        let mut record = |incidents: &mut Incidents, key: &str, severity, status: &str, at_ms| {
+            let (id, message) = if status == "firing" {
+                let (_, id) = incidents.raise(&alert(key, severity), "t", at_ms);
+                (id, "bad".to_owned())
+            } else {
+                let done = incidents.resolve(key, "fine again", "t").unwrap();
+                (done.id, "fine again".to_owned())
+            };
+            recorded.push((
+                serde_json::json!({"key": key, "incident": id, "status": status, "severity": severity.as_str(),
+                    "title": format!("{key} is bad"), "message": message, "at": "t", "labels": {}}),
+                at_ms,
+            ));
+        };
+        record(&mut first, "dlq:a", Severity::Warning, "firing", 1);
+        record(&mut first, "breaker:x", Severity::Critical, "firing", 2);
+        record(&mut first, "dlq:a", Severity::Warning, "firing", 3);
+        record(&mut first, "loop:b", Severity::Warning, "firing", 4);
+        record(&mut first, "loop:b", Severity::Warning, "resolved", 5);
+        let mut again = Incidents::default();
+        for (data, at_ms) in &recorded {
+            again.replay(data, *at_ms);
+        }
+        let ids = |i: &Incidents| {
+            let mut v: Vec<(String, String, u64)> = i
+                .list(true, true)
+                .into_iter()
+                .map(|i| (i.id, i.state.to_owned(), i.alerts))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&again), ids(&first));
+        assert_eq!(again.conditions(), vec!["breaker:x".to_owned()]);
+        let (_, next) = again.raise(&alert("new", Severity::Info), "t", 6);
+        assert_eq!(next, "inc_4", "ids go on after the replayed ones");
     }
 
     #[test]

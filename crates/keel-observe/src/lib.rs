@@ -152,6 +152,8 @@ pub struct Observing {
     metrics: ObserveMetrics,
     traces: Option<trace::Traces>,
     export: Option<trace::Export>,
+    /// Incidents of conditions from an earlier run, resolved when [`Observing::run`] starts.
+    restarted: Vec<String>,
 }
 
 impl Observe {
@@ -177,6 +179,7 @@ impl Observe {
             metrics,
             traces: None,
             export: None,
+            restarted: Vec::new(),
         };
         (observe, observing)
     }
@@ -361,6 +364,19 @@ impl Observing {
         };
         let mut detector = Detector::new(self.settings.anomaly);
         let mut digest: Vec<Note> = Vec::new();
+        // Incidents that [`Observing::restore`] found open on conditions are resolved and
+        // announced like any other resolution.
+        for key in std::mem::take(&mut self.restarted) {
+            let why =
+                "keel restarted: breakers start closed and baselines are learnt again".to_owned();
+            self.act(
+                Found::Resolve(key, why),
+                store.as_ref(),
+                &deliver,
+                &mut digest,
+            )
+            .await;
+        }
         let mut period = tokio::time::interval(self.settings.anomaly.period);
         let mut digest_timer = tokio::time::interval(self.settings.digest_every);
         let mut export = tokio::time::interval(Duration::from_secs(1));
@@ -414,6 +430,44 @@ impl Observing {
             drop(deliver);
         };
         tokio::join!(work, sender, exporting);
+    }
+
+    /// Brings back the incidents of earlier runs from the log, before keel serves: open
+    /// incidents of events stay open (with their ids and timelines); those of conditions
+    /// (breakers, anomalies) are resolved as soon as [`Observing::run`] starts, since the
+    /// conditions start over (breakers closed, baselines learnt anew).
+    pub async fn restore(&mut self, store: &dyn EventStore) {
+        self.replay(store).await;
+        self.restarted = self.incidents.lock().conditions();
+        self.count_open();
+    }
+
+    /// Replays the alerts this observer recorded in earlier runs into the incidents.
+    async fn replay(&self, store: &dyn EventStore) {
+        let mut after = None;
+        loop {
+            let page = store
+                .events(keel_store::EventQuery {
+                    kind: Some(EventKind::AlertRaised.as_str().to_owned()),
+                    after_seq: after,
+                    limit: Some(1000),
+                    ..keel_store::EventQuery::default()
+                })
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read earlier alerts: incidents start empty");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { return };
+            after = Some(last.seq);
+            let mut incidents = self.incidents.lock();
+            for event in page.iter().filter(|e| e.data["source"] == signal::SOURCE) {
+                incidents.replay(&event.data, event.at_ms);
+            }
+        }
     }
 
     /// What a signal teaches the detector, and the alerts it raises directly.

@@ -167,7 +167,10 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
     // The observer sees every commit through the store's tap (alerts, anomaly baselines).
     let observe_metrics = keel_observe::ObserveMetrics::register(metrics.registry_mut());
-    let (observe, observing) = keel_observe::Observe::new(settings.alerts.clone(), observe_metrics);
+    let (observe, mut observing) =
+        keel_observe::Observe::new(settings.alerts.clone(), observe_metrics);
+    // The incidents of the last run are back before keel answers `GET /v1/incidents`.
+    observing.restore(store.as_ref()).await;
     store.set_tap(Arc::clone(&observe) as Arc<dyn keel_store::Tap>);
     // Each task that succeeds teaches the gateway's histogram profiles (off the
     // request path: the supervisor only queues the task's id).

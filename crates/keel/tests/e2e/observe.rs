@@ -254,3 +254,74 @@ async fn trajectories_that_double_raise_a_warning_that_clears_when_they_return()
         assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incidents_survive_a_restart_and_breaker_incidents_resolve_with_it() {
+    let models = sim().await;
+    let (hook, mut received) = webhook().await;
+    let config = BREAKER.replace("{hook}", &hook);
+    let keel = Keel::start(&config, &models).await;
+    models.set_always("primary", Some(keel_sim::Fault::status(500)));
+    for _ in 0..2 {
+        assert!(ask(&keel).await >= 500);
+    }
+    next(&mut received, Duration::from_secs(1), "the critical alert").await;
+    let (dead, token) = keel.claimed_task("ops").await;
+    let (status, body) = keel
+        .post_json(
+            &format!("/v1/tasks/{dead}/fail"),
+            &[("x-keel-agent", "ops")],
+            &json!({"lease_token": token, "error": "bad input", "retryable": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut before = Vec::new();
+    for _ in 0..50 {
+        before = incidents(&keel, "open").await;
+        if before.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(before.len(), 2, "{before:?}");
+    let id_of = |list: &[Value], key: &str| {
+        list.iter()
+            .find(|i| i["key"] == key)
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no {key} in {list:?}"))
+    };
+    let dlq = id_of(&before, "dlq:ops");
+    let breaker = id_of(&before, "breaker:sim/primary");
+
+    // kill -9, then the same store again.
+    let Keel { mut child, dir, .. } = keel;
+    child.kill().await.unwrap();
+    models.set_always("primary", None);
+    let keel = Keel::start_in(dir, &config, &models).await;
+    // The DLQ incident is back at once; the breaker's is resolved as the observer starts.
+    let mut open = incidents(&keel, "open").await;
+    assert!(open.iter().any(|i| i["id"] == dlq.as_str()), "{open:?}");
+    for _ in 0..50 {
+        if open.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = incidents(&keel, "open").await;
+    }
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["id"], dlq.as_str(), "the DLQ incident keeps its id");
+    assert_eq!(open[0]["timeline"].as_array().unwrap().len(), 1);
+    let resolved = incidents(&keel, "resolved").await;
+    let gone = resolved
+        .iter()
+        .find(|i| i["id"] == breaker.as_str())
+        .unwrap_or_else(|| panic!("{resolved:?}"));
+    let last = gone["timeline"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("keel restarted"),
+        "{last}"
+    );
+}
