@@ -12,11 +12,6 @@ use crate::common::{Keel, TWO_TARGETS, sim};
 /// Routes for chaos tests. `single` has no retries and a rule failing every attempt;
 /// `failover`'s first target is in a full outage from the start.
 const CHAOS: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [providers.sim]
 kind = "openai"

@@ -28,7 +28,15 @@ impl Keel {
     }
 
     /// Like [`Keel::start`] but in an existing directory (to restart over the same store).
+    ///
+    /// A config with neither `[server]` nor `[store]` gets [`BASE`] in front: keel on a free
+    /// loopback port, its SQLite store in the test's directory.
     pub async fn start_in(dir: tempfile::TempDir, config: &str, sim: &SimHandle) -> Keel {
+        let config = if config.contains("[server]") || config.contains("[store]") {
+            config.to_owned()
+        } else {
+            format!("{BASE}{config}")
+        };
         let text = config
             .replace("{dir}", &dir.path().display().to_string())
             .replace("{sim}", &sim.base_url());
@@ -155,6 +163,10 @@ pub fn read_events(db: &Path) -> Vec<(String, serde_json::Value)> {
     .map(Result::unwrap)
     .collect()
 }
+
+/// What a test config without `[server]` and `[store]` starts with (see [`Keel::start_in`]).
+pub const BASE: &str =
+    "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{dir}/keel.db\"\n";
 
 /// Starts the simulated model server on a free loopback port.
 pub async fn sim() -> SimHandle {

@@ -7,11 +7,6 @@ use serde_json::{Value, json};
 use crate::common::{Keel, sdk, sim};
 
 const LOOPS: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [providers.sim]
 kind = "openai"

@@ -51,11 +51,6 @@ async fn incidents(keel: &Keel, state: &str) -> Vec<Value> {
 }
 
 const BREAKER: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [providers.sim]
 kind = "openai"
@@ -151,11 +146,6 @@ async fn a_breaker_opening_is_a_critical_alert_at_once_and_resolves_when_it_clos
 }
 
 const TRAJECTORIES: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [alerts]
 digest_every = "1s"

@@ -6,11 +6,6 @@ use serde_json::{Value, json};
 use crate::common::{Keel, sim};
 
 const SCREENING: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [providers.sim]
 kind = "openai"

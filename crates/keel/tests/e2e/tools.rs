@@ -7,11 +7,6 @@ use serde_json::{Value, json};
 use crate::common::{Keel, sim};
 
 const TOOLS: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [tools.refund]
 url = "{sim}/tools/refund"
@@ -306,11 +301,6 @@ async fn tool_results_that_look_like_injections_are_flagged_stripped_or_blocked(
 }
 
 const PROFILES: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [tools.delete_rows]
 url = "{sim}/tools/delete_rows"
@@ -568,11 +558,6 @@ async fn a_blocking_profile_refuses_outliers_and_survives_a_restart() {
 }
 
 const PREFLIGHT: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [breaker]
 window_size = 4
@@ -658,11 +643,6 @@ async fn a_task_that_cannot_succeed_is_refused_at_creation() {
 }
 
 const CHARGE: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [tools.charge]
 url = "{sim}/tools/charge"

@@ -79,11 +79,6 @@ fn int(span: &Span, key: &str) -> i64 {
 }
 
 const TRACED: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [providers.sim]
 kind = "openai"

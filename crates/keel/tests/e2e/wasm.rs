@@ -13,11 +13,6 @@ fn refund_wasm() -> String {
 }
 
 const REFUND: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [tools.refund]
 wasm = "{wasm}"
@@ -157,11 +152,6 @@ const SPIN: &str =
     r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#;
 
 const SANDBOX: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-
-[store]
-url = "sqlite://{dir}/keel.db"
 
 [tools.probe]
 wasm = "probe.wat"
