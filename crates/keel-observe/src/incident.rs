@@ -82,6 +82,18 @@ pub struct Incident {
     last_ms: i64,
 }
 
+impl Entry {
+    /// The timeline line of `alert`, raised at `at`.
+    fn firing(alert: &Alert, at: &str) -> Self {
+        Self {
+            at: at.to_owned(),
+            status: "firing",
+            severity: alert.severity.as_str(),
+            message: alert.message.clone(),
+        }
+    }
+}
+
 /// What an alert did to the incidents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grouped {
@@ -104,14 +116,8 @@ pub struct Incidents {
 impl Incidents {
     /// Adds `alert` at `at` (`now_ms` in Unix ms): to its open incident, or a new one.
     pub fn raise(&mut self, alert: &Alert, at: &str, now_ms: i64) -> (Grouped, String) {
-        let entry = Entry {
-            at: at.to_owned(),
-            status: "firing",
-            severity: alert.severity.as_str(),
-            message: alert.message.clone(),
-        };
         if let Some(incident) = self.open.get_mut(&alert.key) {
-            incident.timeline.push(entry);
+            incident.timeline.push(Entry::firing(alert, at));
             incident.alerts += 1;
             incident.last_ms = now_ms;
             let grouped = if alert.severity > incident.rank {
@@ -130,12 +136,7 @@ impl Incidents {
     }
 
     fn open_incident(&mut self, alert: &Alert, at: &str, now_ms: i64, id: String) {
-        let entry = Entry {
-            at: at.to_owned(),
-            status: "firing",
-            severity: alert.severity.as_str(),
-            message: alert.message.clone(),
-        };
+        let entry = Entry::firing(alert, at);
         self.open.insert(
             alert.key.clone(),
             Incident {
