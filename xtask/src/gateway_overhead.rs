@@ -5,7 +5,10 @@
 //! drives the same load at the server directly and through keel ([`crate::bench_gateway`]):
 //! open loop at [`FIXED_RATE`] requests/s, then closed loop with [`SATURATE_CONNECTIONS`]
 //! connections. It reports the p50/p99 latency keel adds, the throughput ratio, and keel's peak
-//! resident memory (`VmHWM`). Everything runs on loopback and stops by itself.
+//! resident memory (`VmHWM`). It measures twice, with keel's store at `durability = "fsync"`
+//! (the default: a response waits for the group commit's fsync) and at `"relaxed"` (a response
+//! waits for the commit's write, which survives `kill -9` but not power loss), each against its
+//! own direct rounds. Everything runs on loopback and stops by itself.
 //!
 //! The load generator, the simulated server and keel share the machine's cores, so the figures
 //! compare the two paths with each other, not with a dedicated load-test rig.
@@ -41,6 +44,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const ROUTE: &str = "bench";
 const SIM_MODEL: &str = "sim-model";
 
+/// The store durabilities measured; the first is keel's default and gets the plain names.
+const DURABILITIES: [&str; 2] = ["fsync", "relaxed"];
+
 /// Builds release keel, measures, and returns the `gateway_overhead/...` entries.
 pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> {
     let keel = build_keel(root)?;
@@ -48,7 +54,20 @@ pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> 
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(measure(&keel, duration))
+    let mut entries = Vec::new();
+    for durability in DURABILITIES {
+        entries.extend(runtime.block_on(measure(&keel, duration, durability))?);
+    }
+    Ok(entries)
+}
+
+/// The entry name of `case` at `durability`: the default's plain, the other's suffixed.
+fn case_name(case: &str, durability: &str) -> String {
+    if durability == DURABILITIES[0] {
+        format!("gateway_overhead/{case}")
+    } else {
+        format!("gateway_overhead/{case}_{durability}")
+    }
 }
 
 /// `cargo build --release -p keel`; returns the binary's path.
@@ -108,12 +127,19 @@ fn combine(rounds: &[LoadResult]) -> LoadResult {
 /// Calls in the conversation whose storage cost is measured.
 const CONVERSATION_CALLS: usize = 50;
 
-async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> {
+async fn measure(
+    keel_bin: &Path,
+    duration: Duration,
+    durability: &str,
+) -> anyhow::Result<Vec<BenchResult>> {
     let sim = start_sim().await?;
     let dir = tempfile::tempdir().context("creating a temp dir")?;
-    let config = write_config(dir.path(), &sim.base_url)?;
+    let config = write_config(dir.path(), &sim.base_url, durability)?;
     let mut keel = KeelProcess::start(keel_bin, &config).await?;
-    println!("    sim at {}, keel at {}", sim.base_url, keel.base_url);
+    println!(
+        "    durability = \"{durability}\": sim at {}, keel at {}",
+        sim.base_url, keel.base_url
+    );
 
     let direct = Endpoint {
         url: chat_completions_url(&sim.base_url),
@@ -178,8 +204,8 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
     keel.stop().await;
     drop(sim);
 
-    let fixed_name = format!("gateway_overhead/fixed_rate_{FIXED_RATE}rps");
-    let sat_name = format!("gateway_overhead/saturate_{SATURATE_CONNECTIONS}conn");
+    let fixed_name = case_name(&format!("fixed_rate_{FIXED_RATE}rps"), durability);
+    let sat_name = case_name(&format!("saturate_{SATURATE_CONNECTIONS}conn"), durability);
     print_table(&[
         (fixed_name.as_str(), &direct_fixed, &keel_fixed),
         (sat_name.as_str(), &direct_sat, &keel_sat),
@@ -207,7 +233,10 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
         &command,
     ));
     entries.push(BenchResult::new(
-        format!("gateway_overhead/conversation_{CONVERSATION_CALLS}_calls"),
+        case_name(
+            &format!("conversation_{CONVERSATION_CALLS}_calls"),
+            durability,
+        ),
         "bytes_stored_per_call",
         stored_per_call,
         "bytes",
@@ -215,7 +244,7 @@ async fn measure(keel_bin: &Path, duration: Duration) -> anyhow::Result<Vec<Benc
         &command,
     ));
     entries.push(BenchResult::new(
-        "gateway_overhead/keel_memory",
+        case_name("keel_memory", durability),
         "peak_rss",
         peak_rss_mib,
         "MiB",
@@ -258,13 +287,13 @@ fn latency_entries(
 
 fn print_table(rows: &[(&str, &LoadResult, &LoadResult)]) {
     println!(
-        "    {:<36} {:<6} {:>9} {:>9} {:>9} {:>11} {:>7}",
+        "    {:<44} {:<6} {:>9} {:>9} {:>9} {:>11} {:>7}",
         "case", "path", "p50 us", "p99 us", "max us", "req/s", "errors"
     );
     for (name, direct, keel) in rows {
         for (path, result) in [("direct", direct), ("keel", keel)] {
             println!(
-                "    {:<36} {:<6} {:>9} {:>9} {:>9} {:>11.0} {:>7}",
+                "    {:<44} {:<6} {:>9} {:>9} {:>9} {:>11.0} {:>7}",
                 name,
                 path,
                 result.p50_us,
@@ -328,7 +357,7 @@ fn request_body(model: &str) -> Bytes {
 // === keel ===
 
 /// A temp `keel.toml`: listen on a free port, SQLite in `dir`, one route to the simulator.
-fn write_config(dir: &Path, sim_base_url: &str) -> anyhow::Result<PathBuf> {
+fn write_config(dir: &Path, sim_base_url: &str, durability: &str) -> anyhow::Result<PathBuf> {
     let db = dir.join("keel.db");
     let text = format!(
         "[server]\n\
@@ -352,7 +381,6 @@ fn write_config(dir: &Path, sim_base_url: &str) -> anyhow::Result<PathBuf> {
          [agents.anonymous]\n\
          budget = {{ tokens_per_hour = 1000000000000 }}\n",
         store = toml_string(&format!("sqlite://{}", db.display())),
-        durability = std::env::var("KEEL_BENCH_DURABILITY").unwrap_or_else(|_| "fsync".to_owned()),
         record = std::env::var("KEEL_BENCH_RECORD_PAYLOADS").unwrap_or_else(|_| "true".to_owned()),
         sim = toml_string(sim_base_url),
     );
