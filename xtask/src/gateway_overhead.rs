@@ -540,7 +540,7 @@ mod tests {
     #[test]
     fn config_is_valid_toml_with_one_route_to_the_simulator() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_config(dir.path(), "http://127.0.0.1:9/v1").unwrap();
+        let path = write_config(dir.path(), "http://127.0.0.1:9/v1", "relaxed").unwrap();
         let text = std::fs::read_to_string(path).unwrap();
         let doc: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(doc["server"]["listen"].as_str(), Some("127.0.0.1:0"));
@@ -554,6 +554,19 @@ mod tests {
         );
         let store = doc["store"]["url"].as_str().unwrap();
         assert!(store.starts_with("sqlite:///") && store.ends_with("/keel.db"));
+        assert_eq!(doc["store"]["durability"].as_str(), Some("relaxed"));
+    }
+
+    #[test]
+    fn the_default_durability_keeps_the_plain_names() {
+        assert_eq!(
+            case_name("saturate_64conn", "fsync"),
+            "gateway_overhead/saturate_64conn"
+        );
+        assert_eq!(
+            case_name("saturate_64conn", "relaxed"),
+            "gateway_overhead/saturate_64conn_relaxed"
+        );
     }
 
     /// A stand-in for the keel binary: a shell script with `body`.
