@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | Python with `openai` (SDK compatibility tests) | `python3 -m venv .venv` + pip | `KEEL_TEST_PYTHON` |
 //! | `promtool` (checks `/metrics` text) | apt package `prometheus` | `PROMTOOL` |
-//! | PostgreSQL server binaries (store conformance) | apt package `postgresql` | `KEEL_TEST_PG_BIN` (the dir with `pg_ctl`, `initdb`, `postgres`) |
+//! | PostgreSQL server binaries (PostgreSQL store tests: `keel_store::testing::PgServer`) | apt package `postgresql` | `KEEL_TEST_PG_BIN` (the dir with `pg_ctl`, `initdb`, `postgres`) |
 //! | Chromium (dashboard tests) | apt package `chromium` | `KEEL_TEST_CHROMIUM` |
 //! | the example Wasm tool (Wasm tool tests) | `rustup target add wasm32-wasip1`, then `cargo build -p keel-example-refund` for it | `KEEL_TEST_REFUND_WASM` (the `.wasm` file) |
 //!
@@ -43,7 +43,7 @@ pub struct Needs {
 pub const NEEDS: Needs = Needs {
     python_openai: true,
     promtool: true,
-    postgres: false,
+    postgres: true,
     chromium: true,
     wasm_tool: true,
 };

@@ -138,6 +138,39 @@ pub enum StoreError {
         /// What is wrong, in lowercase words.
         reason: String,
     },
+    /// The PostgreSQL server could not be reached (at open, or while reconnecting);
+    /// nothing of the operation was written.
+    #[error("cannot reach the PostgreSQL store {store}: {reason}")]
+    Unreachable {
+        /// The database, without its password (`postgres://keel@db:5432/keel`).
+        store: String,
+        /// What the connection attempt said.
+        reason: String,
+    },
+    /// A statement on the PostgreSQL store failed. For a write, nothing of it was
+    /// acknowledged (it may have committed if the connection broke during `COMMIT`).
+    #[error("{what} on the PostgreSQL store {store} failed: {source}")]
+    Postgres {
+        /// The database, without its password.
+        store: String,
+        /// What keel was doing, in lowercase words (`commit of 3 events`).
+        what: String,
+        /// What PostgreSQL (or the connection) said.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
+    /// The PostgreSQL schema was written by a newer keel.
+    #[error(
+        "the PostgreSQL store {store} has schema version {found}, newer than the {known} this keel knows"
+    )]
+    PostgresSchemaTooNew {
+        /// The database, without its password.
+        store: String,
+        /// Schema version found.
+        found: u32,
+        /// Newest schema version this build knows.
+        known: u32,
+    },
     /// A task list cursor that this store did not hand out.
     #[error("invalid task list cursor")]
     InvalidCursor,

@@ -23,12 +23,16 @@ pub mod chain;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod error;
+mod postgres;
 mod sqlite;
 mod task;
+#[cfg(any(test, feature = "conformance"))]
+pub mod testing;
 
 pub use chain::{GENESIS_HASH, blob_hash};
 // `Payload` is defined below, beside the trait that takes it.
 pub use error::StoreError;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use task::{
     BlobRef, IdempotencyRecord, PrunePolicy, PruneReport, StoreStats, TaskPage, TaskQuery, TaskRow,
@@ -221,6 +225,10 @@ pub trait EventStore: Send + Sync + 'static {
         value: Vec<u8>,
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// Sets the [`Tap`] told of every commit made through this store handle from now on
+    /// (with several nodes: this node's commits); `false` if one is already set.
+    fn set_tap(&self, tap: Arc<dyn Tap>) -> bool;
 }
 
 /// Sees every event a store commits, right after the commit, on the task that appended
@@ -306,5 +314,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
         (**self).save_state(key, value, expected).await
+    }
+
+    fn set_tap(&self, tap: Arc<dyn Tap>) -> bool {
+        (**self).set_tap(tap)
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use keel_config::{Settings, StoreBackend};
 use keel_gateway::Gateway;
-use keel_store::{SqliteStore, TaskStore};
+use keel_store::{PgStore, SqliteStore, TaskStore};
 use keel_supervisor::service::metrics::SupervisorMetrics;
 use keel_supervisor::service::{AgentLimits, Supervisor, SupervisorSettings};
 use tokio_util::task::TaskTracker;
@@ -57,19 +57,22 @@ fn init_tracing(format: keel_config::LogFormat) {
     }
 }
 
-fn open_store(settings: &Settings) -> anyhow::Result<Arc<SqliteStore>> {
+async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TaskStore>> {
+    let durability = match settings.store.durability {
+        keel_config::Durability::Fsync => keel_store::Durability::Fsync,
+        keel_config::Durability::Relaxed => keel_store::Durability::Relaxed,
+    };
     match &settings.store.backend {
         StoreBackend::Sqlite { path } => {
-            let durability = match settings.store.durability {
-                keel_config::Durability::Fsync => keel_store::Durability::Fsync,
-                keel_config::Durability::Relaxed => keel_store::Durability::Relaxed,
-            };
             let store = SqliteStore::open(path, durability)
                 .with_context(|| format!("cannot open the SQLite store at {}", path.display()))?;
             Ok(Arc::new(store))
         }
-        StoreBackend::Postgres { .. } => {
-            anyhow::bail!("store.url: PostgreSQL is not supported by this build yet; use sqlite://")
+        StoreBackend::Postgres { url } => {
+            // Errors name the database without its password; keel does not start.
+            let store = PgStore::open(url, durability).await?;
+            tracing::info!(store = %store.describe(), "using the PostgreSQL store");
+            Ok(Arc::new(store))
         }
     }
 }
@@ -133,7 +136,7 @@ pub(crate) struct Running {
     /// The bound address.
     pub(crate) addr: std::net::SocketAddr,
     /// The store it writes to.
-    pub(crate) store: Arc<SqliteStore>,
+    pub(crate) store: Arc<dyn TaskStore>,
     stop: tokio_util::sync::CancellationToken,
     tasks: TaskTracker,
     /// Says why the server stopped serving, if it stops before [`Running::stop`].
@@ -161,7 +164,7 @@ impl Running {
 /// Builds every part, binds `server.listen`, prints the `keel listening on` line and
 /// serves in the background until [`Running::stop`].
 pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<Running> {
-    let store = open_store(&settings)?;
+    let store = open_store(&settings).await?;
     let tasks = TaskTracker::new();
     let mut metrics = keel_gateway::metrics::Metrics::new();
     let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
@@ -175,7 +178,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // Each task that succeeds teaches the gateway's histogram profiles (off the
     // request path: the supervisor only queues the task's id).
     let (succeeded, mut to_learn) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let task_store: Arc<dyn TaskStore> = store.clone();
+    let task_store = Arc::clone(&store);
     // The gateway (tools, breakers, preflight rules) is built after the supervisor (its
     // approval queue); the supervisor's pre-flight check reaches it through this cell.
     let gateway_cell: Arc<std::sync::OnceLock<std::sync::Weak<Gateway>>> = Arc::default();

@@ -29,8 +29,8 @@ use crate::{
 
 mod checkpoint;
 mod migrate;
-mod read;
-mod writer;
+pub(crate) mod read;
+pub(crate) mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -186,11 +186,6 @@ impl SqliteStore {
     }
 
     /// Queues a write for the writer thread and waits for its answer.
-    /// Sets the [`crate::Tap`] told of every commit from now on; `false` if one is set.
-    pub fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
-        self.tap.set(tap).is_ok()
-    }
-
     /// Tells the tap, if any, of committed `events`.
     fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
         if let (Ok(events), Some(tap)) = (&events, self.tap.get())
@@ -366,6 +361,10 @@ impl EventStore for SqliteStore {
             expected,
         };
         self.submit(|reply| Request::State(write, reply)).await
+    }
+
+    fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
+        self.tap.set(tap).is_ok()
     }
 }
 

@@ -412,11 +412,11 @@ fn sql_limit(limit: usize) -> Value {
 }
 
 /// The opaque cursor after the task (`created_at_ms`, `id`): hex of `ms:id`.
-fn encode_cursor(created_at_ms: i64, id: &str) -> String {
+pub(crate) fn encode_cursor(created_at_ms: i64, id: &str) -> String {
     hex::encode(format!("{created_at_ms}:{id}"))
 }
 
-fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
+pub(crate) fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
     let text = String::from_utf8(hex::decode(cursor).ok()?).ok()?;
     let (created, id) = text.split_once(':')?;
     Some((created.parse().ok()?, id.to_owned()))

@@ -48,13 +48,13 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// computed: its canonical data, that data's canonical JSON text (what is
 /// stored) and [`chain::data_hash`] of that text.
 pub(crate) struct Prepared {
-    task_id: Option<String>,
-    kind: &'static str,
+    pub(crate) task_id: Option<String>,
+    pub(crate) kind: &'static str,
     /// The canonical data, handed back in the stored [`Event`].
-    data: serde_json::Value,
+    pub(crate) data: serde_json::Value,
     /// `data` printed once; the stored column and the input of `data_hash`.
-    text: String,
-    data_hash: String,
+    pub(crate) text: String,
+    pub(crate) data_hash: String,
 }
 
 impl Prepared {
@@ -100,7 +100,7 @@ pub(crate) struct StateWrite {
 
 impl Request {
     /// Weight of the request in a batch (events it appends; at least 1).
-    fn weight(&self) -> usize {
+    pub(crate) fn weight(&self) -> usize {
         match self {
             Self::Append(events, payloads, _) => (events.len() + payloads.blobs.len()).max(1),
             Self::Task(_, events, _) => events.len().max(1),
@@ -110,7 +110,7 @@ impl Request {
 }
 
 /// What one request produced, before its answer is sent.
-enum Done {
+pub(crate) enum Done {
     /// Where each appended event went in the chain, in order.
     Events(Vec<Link>),
     Pruned(PruneReport),
@@ -120,10 +120,10 @@ enum Done {
 
 /// The chain fields of one inserted event; with its [`Prepared`] and the
 /// batch's [`Stamp`] it is the stored [`Event`].
-struct Link {
-    seq: u64,
-    prev_hash: String,
-    hash: String,
+pub(crate) struct Link {
+    pub(crate) seq: u64,
+    pub(crate) prev_hash: String,
+    pub(crate) hash: String,
 }
 
 impl Link {
@@ -200,7 +200,11 @@ pub(crate) fn run(
 }
 
 /// Moves waiting requests into `batch` until it holds [`MAX_BATCH_EVENTS`].
-fn drain(queue: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, pending: &mut usize) {
+pub(crate) fn drain(
+    queue: &mut mpsc::Receiver<Request>,
+    batch: &mut Vec<Request>,
+    pending: &mut usize,
+) {
     while *pending < MAX_BATCH_EVENTS {
         match queue.try_recv() {
             Ok(request) => {
@@ -214,7 +218,7 @@ fn drain(queue: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, pending:
 
 /// Sends a request of a committed batch its answer. The caller may have gone
 /// away; what was committed stays committed regardless.
-fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
+pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
     match request {
         Request::Append(events, _, reply) | Request::Task(_, events, reply) => {
             let _ = reply.send(result.map(|done| {
@@ -244,7 +248,7 @@ fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
 }
 
 /// Sends a request of a failed batch its error.
-fn answer_err(request: Request, err: StoreError) {
+pub(crate) fn answer_err(request: Request, err: StoreError) {
     match request {
         Request::Append(_, _, reply) | Request::Task(_, _, reply) => {
             let _ = reply.send(Err(err));
@@ -286,9 +290,9 @@ fn read_head(conn: &Connection) -> rusqlite::Result<Head> {
 }
 
 /// The commit time shared by every event of one batch.
-struct Stamp {
-    at: String,
-    at_ms: i64,
+pub(crate) struct Stamp {
+    pub(crate) at: String,
+    pub(crate) at_ms: i64,
 }
 
 /// Applies every request of `batch` in one transaction, each task write and

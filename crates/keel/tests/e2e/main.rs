@@ -19,6 +19,7 @@ mod http;
 mod loops;
 mod observe;
 mod output;
+mod postgres;
 mod screening;
 mod sdk;
 mod sim;

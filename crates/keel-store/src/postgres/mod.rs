@@ -1,0 +1,795 @@
+//! The PostgreSQL event and task store: several keel nodes sharing one database.
+//!
+//! `[store] url = "postgres://USER@HOST/DB"` selects it. Each node has one writer
+//! ([`writer`]: its own connection, group commit, the chain-head lock) and a pool of read
+//! connections (`deadpool-postgres`). What a node knows is what is committed: task rows,
+//! claims, state values (budgets, histogram profiles) and idempotency records are read from
+//! and written to the database, never cached across calls, so every node sees the same
+//! tasks and the version checks of `write_task` and `save_state` hold across nodes.
+//!
+//! The chain: every write transaction locks the one row of `keel_chain_head` before it
+//! appends, so the log keeps one global, gapless `seq` and one hash chain, and
+//! `keel audit verify` checks it exactly as on SQLite. The price is that the nodes' write
+//! transactions run one at a time in the database; each is one node's whole batch (group
+//! commit), so the lock is taken once per batch, not per event. `docs/scaling.md` says how
+//! this grows (per-partition chains when one lock is no longer enough).
+//!
+//! Durability: `fsync` sets `synchronous_commit = on` (a commit returns once PostgreSQL
+//! flushed its WAL), `relaxed` sets it `off` (a crash of the database server may lose the
+//! newest commits; a crash of keel loses nothing acknowledged either way).
+//!
+//! Connections are plain TCP (no TLS yet): run keel beside its database or through a
+//! tunnel. A URL's password never appears in logs or errors ([`describe`]).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Config, NoTls, Row};
+
+use keel_core::NewEvent;
+
+use crate::chain::{self, ChainVerifier, HashInput, LAYOUT_V1, LAYOUT_V2};
+use crate::sqlite::read::{decode_cursor, encode_cursor};
+use crate::sqlite::writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite};
+use crate::task::{DEFAULT_PAGE, MAX_PAGE};
+use crate::{
+    Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
+    StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, Versioned,
+};
+
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+/// Read connections per node.
+const POOL_SIZE: usize = 8;
+
+/// How long a read waits for a pooled connection.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// Events per page when `verify` walks the log.
+const VERIFY_PAGE: i64 = 10_000;
+
+const COLUMNS: &str = "seq, task_id, at, at_ms, kind, data, prev_hash, hash, layout, data_hash";
+
+const TASK_COLUMNS: &str = "id, agent, state, version, snapshot, created_at_ms, updated_at_ms, \
+                            lease_expires_at_ms, approval_expires_at_ms";
+
+/// Why a statement inside a write failed: SQL, or a refusal of the store's own.
+pub(crate) enum PgFail {
+    Sql(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for PgFail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Sql(e)
+    }
+}
+
+impl PgFail {
+    /// The store error for this failure while doing `what`.
+    pub(crate) fn into_store(self, store: &str, what: &str) -> StoreError {
+        match self {
+            Self::Store(err) => err,
+            // A closed connection is the server going away, not a bad statement.
+            Self::Sql(e) if e.is_closed() => StoreError::Unreachable {
+                store: store.to_owned(),
+                reason: format!("the connection closed during {what}"),
+            },
+            Self::Sql(source) => StoreError::Postgres {
+                store: store.to_owned(),
+                what: what.to_owned(),
+                source: Arc::new(source),
+            },
+        }
+    }
+}
+
+/// The PostgreSQL [`EventStore`] and [`TaskStore`].
+///
+/// Dropping it (or [`PgStore::close`]) lets the writer finish every write already queued.
+pub struct PgStore {
+    store: String,
+    durability: Durability,
+    /// `None` only while closing.
+    queue: Option<mpsc::Sender<Request>>,
+    /// `None` only while closing.
+    writer: Option<std::thread::JoinHandle<()>>,
+    pool: Pool,
+    /// Told of every commit of this node, once set.
+    tap: OnceLock<Arc<dyn crate::Tap>>,
+}
+
+impl PgStore {
+    /// Connects to the database at `url`, checks the server's version, runs migrations
+    /// (one node at a time), and starts this node's writer.
+    ///
+    /// Errors, without retrying, when the URL is not valid, the server cannot be reached
+    /// within 5 s, it is older than PostgreSQL 13, or its keel schema is newer than this
+    /// build's. Once open, a connection that drops is made again with backoff.
+    pub async fn open(url: &str, durability: Durability) -> Result<Self, StoreError> {
+        let mut config: Config = url.parse().map_err(|e| StoreError::Unreachable {
+            store: "(store.url)".to_owned(),
+            reason: format!("not a valid PostgreSQL URL: {e}"),
+        })?;
+        config.connect_timeout(writer::CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name("keel");
+        }
+        let store = describe(&config);
+
+        let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (ready, is_ready) = oneshot::channel();
+        let writer = {
+            let (config, for_writer) = (config.clone(), store.clone());
+            std::thread::Builder::new()
+                .name("keel-pg-writer".to_owned())
+                .spawn(move || writer_thread(config, for_writer, durability, rx, ready))
+                .map_err(|e| StoreError::Unreachable {
+                    store: store.clone(),
+                    reason: format!("cannot start the writer thread: {e}"),
+                })?
+        };
+        let opened = is_ready.await.unwrap_or_else(|_| {
+            Err(StoreError::Unreachable {
+                store: store.clone(),
+                reason: "the writer thread stopped while connecting".to_owned(),
+            })
+        });
+        if let Err(e) = opened {
+            drop(queue);
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            return Err(e);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(writer::CONNECT_TIMEOUT))
+            .recycle_timeout(Some(writer::CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unreachable {
+                store: store.clone(),
+                reason: format!("cannot build the connection pool: {e}"),
+            })?;
+        tracing::debug!(%store, ?durability, "opened the PostgreSQL store");
+        Ok(Self {
+            store,
+            durability,
+            queue: Some(queue),
+            writer: Some(writer),
+            pool,
+            tap: OnceLock::new(),
+        })
+    }
+
+    /// The database, as shown in logs and errors (no password).
+    pub fn describe(&self) -> &str {
+        &self.store
+    }
+
+    /// The durability this store acknowledges writes with.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Stops accepting writes and waits for the writer to finish what is queued.
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        self.queue = None;
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+        match joined {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(self.stopped()),
+        }
+    }
+
+    fn stopped(&self) -> StoreError {
+        StoreError::Unreachable {
+            store: self.store.clone(),
+            reason: "this node's writer has stopped".to_owned(),
+        }
+    }
+
+    fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
+        if let (Ok(events), Some(tap)) = (&events, self.tap.get())
+            && !events.is_empty()
+        {
+            tap.committed(events);
+        }
+        events
+    }
+
+    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(request(reply))
+            .await
+            .map_err(|_| self.stopped())?;
+        answer.await.map_err(|_| self.stopped())?
+    }
+
+    /// A pooled read connection.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| StoreError::Unreachable {
+            store: self.store.clone(),
+            reason: writer::with_causes(&e),
+        })
+    }
+
+    /// Runs a read query on a pooled connection.
+    async fn query(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| PgFail::Sql(e).into_store(&self.store, what))?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(|e| PgFail::Sql(e).into_store(&self.store, what))
+    }
+
+    fn event_from_row(&self, row: &Row) -> Result<Event, StoreError> {
+        let seq = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        let fields = Fields::read(row);
+        let pruned = fields.layout == LAYOUT_V2 && fields.data.is_empty();
+        let data = if pruned {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(fields.data).map_err(|e| StoreError::Corrupt {
+                path: self.store.clone().into(),
+                seq,
+                reason: format!("data is not JSON: {e}"),
+            })?
+        };
+        Ok(Event {
+            seq,
+            task_id: fields.task_id.map(str::to_owned),
+            at: fields.at.to_owned(),
+            at_ms: fields.at_ms,
+            kind: fields.kind.to_owned(),
+            data,
+            prev_hash: fields.prev_hash.to_owned(),
+            hash: fields.hash.to_owned(),
+            layout: fields.layout,
+            data_hash: fields.data_hash.map(str::to_owned),
+            pruned,
+        })
+    }
+
+    fn task_from_row(&self, row: &Row) -> Result<TaskRow, StoreError> {
+        let id: String = row.get(0);
+        let snapshot: String = row.get(4);
+        let snapshot = serde_json::from_str(&snapshot).map_err(|e| StoreError::CorruptTask {
+            path: self.store.clone().into(),
+            task: id.clone(),
+            reason: format!("snapshot is not JSON: {e}"),
+        })?;
+        let version: i64 = row.get(3);
+        Ok(TaskRow {
+            agent: row.get(1),
+            state: row.get(2),
+            version: u64::try_from(version).unwrap_or(0),
+            snapshot,
+            created_at_ms: row.get(5),
+            updated_at_ms: row.get(6),
+            lease_expires_at_ms: row.get(7),
+            approval_expires_at_ms: row.get(8),
+            id,
+        })
+    }
+
+    async fn task_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        self.query("reading tasks", sql, params)
+            .await?
+            .iter()
+            .map(|row| self.task_from_row(row))
+            .collect()
+    }
+
+    async fn expired(
+        &self,
+        state: &'static str,
+        column: &'static str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = '{state}' AND {column} <= $1
+             ORDER BY {column}, id LIMIT $2"
+        );
+        self.task_rows(&sql, &[&now_ms, &sql_limit(limit)]).await
+    }
+}
+
+/// The writer thread: its own single-threaded runtime, so closing the store can join it.
+fn writer_thread(
+    config: Config,
+    store: String,
+    durability: Durability,
+    rx: mpsc::Receiver<Request>,
+    ready: oneshot::Sender<Result<(), StoreError>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(StoreError::Unreachable {
+                store,
+                reason: format!("cannot start the writer's runtime: {e}"),
+            }));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut client = match writer::connect(&config, &store, durability).await {
+            Ok(client) => client,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        if let Err(e) = schema::migrate(&mut client, &store, schema::MIGRATIONS).await {
+            let _ = ready.send(Err(e));
+            return;
+        }
+        let mut conn = writer::Connection::new(config, store, durability);
+        conn.set_client(client);
+        if ready.send(Ok(())).is_err() {
+            return;
+        }
+        writer::run(conn, rx).await;
+    });
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(store = %self.store, "PostgreSQL store writer panicked");
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("store", &self.store)
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `postgres://user@host:port/db` of a config: what logs and errors show (no password).
+pub fn describe(config: &Config) -> String {
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgres://{user}{}/{db}", hosts.join(","))
+}
+
+/// `LIMIT` argument for a caller's `usize` limit.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// The columns of one event row, borrowed.
+struct Fields<'r> {
+    task_id: Option<&'r str>,
+    at: &'r str,
+    at_ms: i64,
+    kind: &'r str,
+    data: &'r str,
+    prev_hash: &'r str,
+    hash: &'r str,
+    layout: u32,
+    data_hash: Option<&'r str>,
+}
+
+impl<'r> Fields<'r> {
+    /// Columns 1..=9 of a `SELECT {COLUMNS}` row (the schema makes their types certain).
+    fn read(row: &'r Row) -> Self {
+        Self {
+            task_id: row.get(1),
+            at: row.get(2),
+            at_ms: row.get(3),
+            kind: row.get(4),
+            data: row.get(5),
+            prev_hash: row.get(6),
+            hash: row.get(7),
+            layout: u32::try_from(row.get::<_, i32>(8)).unwrap_or(u32::MAX),
+            data_hash: row.get(9),
+        }
+    }
+
+    /// Checks the row against the chain (layout in [`chain`]).
+    fn check(&self, verifier: &mut ChainVerifier, seq: u64) -> Result<(), String> {
+        match self.layout {
+            LAYOUT_V1 => verifier.check(
+                &HashInput {
+                    prev_hash: self.prev_hash,
+                    seq,
+                    task_id: self.task_id,
+                    at: self.at,
+                    at_ms: self.at_ms,
+                    kind: self.kind,
+                    data: self.data,
+                },
+                self.hash,
+            ),
+            LAYOUT_V2 => {
+                let data_hash = self
+                    .data_hash
+                    .ok_or_else(|| "column data_hash is null".to_owned())?;
+                verifier.check_v2(
+                    &HashInput {
+                        prev_hash: self.prev_hash,
+                        seq,
+                        task_id: self.task_id,
+                        at: self.at,
+                        at_ms: self.at_ms,
+                        kind: self.kind,
+                        data: data_hash,
+                    },
+                    self.hash,
+                )?;
+                if !self.data.is_empty() {
+                    let computed = chain::data_hash(self.data);
+                    if computed != data_hash {
+                        return Err(format!(
+                            "stored data_hash {data_hash} does not match the content, whose data hashes to {computed}"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            other => Err(format!("unknown hash layout {other}")),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for PgStore {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events = Prepared::all(events);
+        let committed = self
+            .submit(|reply| Request::Append(events, Payloads::default(), reply))
+            .await;
+        self.tapped(committed)
+    }
+
+    async fn append_with_payloads(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Vec<crate::Payload>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() && payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events = Prepared::all(events);
+        // No cache of stored payloads here: another node may prune them.
+        let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
+        let payloads = Payloads { owner, blobs };
+        let committed = self
+            .submit(|reply| Request::Append(events, payloads, reply))
+            .await;
+        self.tapped(committed)
+    }
+
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
+        let after = query
+            .after_seq
+            .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX));
+        let limit = query.limit.map(sql_limit);
+        let mut sql = format!("SELECT {COLUMNS} FROM events WHERE seq > $1");
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after];
+        if let Some(task_id) = &query.task_id {
+            params.push(task_id);
+            sql.push_str(&format!(" AND task_id = ${}", params.len()));
+        }
+        if let Some(kind) = &query.kind {
+            params.push(kind);
+            sql.push_str(&format!(" AND kind = ${}", params.len()));
+        }
+        // `LIMIT NULL` is no limit.
+        params.push(&limit);
+        sql.push_str(&format!(" ORDER BY seq LIMIT ${}", params.len()));
+        self.query("reading events", &sql, &params)
+            .await?
+            .iter()
+            .map(|row| self.event_from_row(row))
+            .collect()
+    }
+
+    async fn verify(&self) -> Result<Verify, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2");
+        let mut verifier = ChainVerifier::new();
+        let mut after: i64 = 0;
+        loop {
+            let rows = self
+                .query("verifying the chain", &sql, &[&after, &VERIFY_PAGE])
+                .await?;
+            for row in &rows {
+                let seq = row.get::<_, i64>(0);
+                after = seq;
+                let seq = u64::try_from(seq).unwrap_or(0);
+                if let Err(reason) = Fields::read(row).check(&mut verifier, seq) {
+                    return Ok(Verify::Broken { seq, reason });
+                }
+            }
+            if (rows.len() as i64) < VERIFY_PAGE {
+                return Ok(Verify::Intact {
+                    events: verifier.checked(),
+                });
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.queue.as_ref().is_none_or(mpsc::Sender::is_closed) {
+            return Err(self.stopped());
+        }
+        self.query("ping", "SELECT 1", &[]).await.map(|_| ())
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let rows = self
+            .query(
+                "reading state",
+                "SELECT value, version FROM state WHERE key = $1",
+                &[&key],
+            )
+            .await?;
+        Ok(rows.first().map(|row| Versioned {
+            value: row.get(0),
+            version: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+        }))
+    }
+
+    async fn save_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let write = StateWrite {
+            key: key.to_owned(),
+            value,
+            expected,
+        };
+        self.submit(|reply| Request::State(write, reply)).await
+    }
+
+    fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
+        self.tap.set(tap).is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskStore for PgStore {
+    async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
+        let events = Prepared::all(std::mem::take(&mut write.events));
+        let committed = self
+            .submit(|reply| Request::Task(Box::new(write), events, reply))
+            .await;
+        self.tapped(committed)
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+        Ok(self.task_rows(&sql, &[&id]).await?.pop())
+    }
+
+    async fn tasks(&self, query: TaskQuery) -> Result<TaskPage, StoreError> {
+        let limit = match query.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let cursor = match &query.cursor {
+            Some(c) => Some(decode_cursor(c).ok_or(StoreError::InvalidCursor)?),
+            None => None,
+        };
+        let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE true");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if let Some(state) = &query.state {
+            params.push(state);
+            sql.push_str(&format!(" AND state = ${}", params.len()));
+        }
+        if let Some(agent) = &query.agent {
+            params.push(agent);
+            sql.push_str(&format!(" AND agent = ${}", params.len()));
+        }
+        if let Some((created, id)) = &cursor {
+            params.push(created);
+            params.push(id);
+            let (c, i) = (params.len() - 1, params.len());
+            sql.push_str(&format!(" AND (created_at_ms, id) > (${c}, ${i})"));
+        }
+        // One more than the page, to know whether there is a next one.
+        let fetch = sql_limit(limit + 1);
+        params.push(&fetch);
+        sql.push_str(&format!(
+            " ORDER BY created_at_ms, id LIMIT ${}",
+            params.len()
+        ));
+        let mut tasks = self.task_rows(&sql, &params).await?;
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(|t| encode_cursor(t.created_at_ms, &t.id))
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    }
+
+    async fn next_queued(&self, agent: &str, limit: usize) -> Result<Vec<TaskRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'queued' AND agent = $1
+             ORDER BY created_at_ms, id LIMIT $2"
+        );
+        self.task_rows(&sql, &[&agent, &sql_limit(limit)]).await
+    }
+
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<TaskRow>, StoreError> {
+        self.expired("running", "lease_expires_at_ms", now_ms, limit)
+            .await
+    }
+
+    async fn expired_approvals(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        self.expired("awaiting_human", "approval_expires_at_ms", now_ms, limit)
+            .await
+    }
+
+    async fn idempotent(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let rows = self
+            .query(
+                "reading an idempotency record",
+                "SELECT status, body FROM idempotency WHERE scope = $1 AND key = $2",
+                &[&scope, &key],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let body: String = row.get(1);
+        let body = serde_json::from_str(&body).map_err(|e| StoreError::CorruptTask {
+            path: self.store.clone().into(),
+            task: format!("(idempotency {scope}/{key})"),
+            reason: format!("body is not JSON: {e}"),
+        })?;
+        Ok(Some(IdempotencyRecord {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            status: u16::try_from(row.get::<_, i32>(0)).unwrap_or(0),
+            body,
+        }))
+    }
+
+    async fn blob(&self, hash: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+        let rows = self
+            .query(
+                "reading a blob",
+                "SELECT bytes FROM blobs WHERE hash = $1",
+                &[&hash],
+            )
+            .await?;
+        Ok(rows
+            .first()
+            .map(|row| bytes::Bytes::from(row.get::<_, Vec<u8>>(0))))
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = self
+            .query(
+                "counting tasks",
+                "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), u64::try_from(row.get::<_, i64>(1)).unwrap_or(0)))
+            .collect())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let rows = self
+            .query(
+                "reading sizes",
+                "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),
+                        (SELECT count(*) FROM blobs), (SELECT coalesce(sum(size), 0)::bigint FROM blobs),
+                        pg_database_size(current_database())",
+                &[],
+            )
+            .await?;
+        let n = |row: &Row, i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok(rows
+            .first()
+            .map(|row| StoreStats {
+                events: n(row, 0),
+                tasks: n(row, 1),
+                blobs: n(row, 2),
+                blob_bytes: n(row, 3),
+                db_bytes: n(row, 4),
+            })
+            .unwrap_or_default())
+    }
+
+    async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, StoreError> {
+        self.submit(|reply| Request::Prune(policy, reply)).await
+    }
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    #[test]
+    fn describe_never_shows_the_password() {
+        let config: Config = "postgres://keel:s3cret@db.internal:5433/keel"
+            .parse()
+            .unwrap();
+        assert_eq!(describe(&config), "postgres://keel@db.internal:5433/keel");
+        let config: Config = "postgresql://db/keel".parse().unwrap();
+        assert_eq!(describe(&config), "postgres://db:5432/keel");
+    }
+}
