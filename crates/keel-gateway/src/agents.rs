@@ -2,8 +2,14 @@
 //!
 //! Budgets count in fixed windows of wall-clock time (the `now` given is time since the
 //! Unix epoch): tokens per clock hour, dollars per UTC day, requests per clock minute.
-//! [`Agents::snapshot`] and [`Agents::restore`] carry the current windows across a
-//! restart (the gateway saves them in the store every second).
+//!
+//! One budget is shared by every keel node on one store. Each node checks and counts
+//! requests against its own copy of the windows (no store round trip on the request path)
+//! and, every second, [`Agents::merge`]s it with the copy in the store: it writes what it
+//! spent in the current window under its node id, and learns what the other nodes spent.
+//! So a node's view of the others' spend is at most one sync old, and the fleet can overrun
+//! a budget by at most what the other nodes admit in that second. [`Agents::restore`]
+//! brings the current windows back after a restart.
 //!
 //! When any `[agents.*]` sets `keys_env`, every gateway request must carry one
 //! of those keys as `Authorization: Bearer`; the key names the agent. With no
@@ -48,7 +54,7 @@ pub struct Agents {
 struct Budget {
     windows: Vec<Window>,
     warn_at: f64,
-    /// Spent since the last [`Agents::snapshot`].
+    /// Used since the last [`Agents::to_sync`].
     dirty: bool,
 }
 
@@ -60,10 +66,14 @@ pub struct SavedWindow {
     pub unit: String,
     /// Window start, ms since the Unix epoch.
     pub started_ms: u64,
-    /// Used in the window.
+    /// Used in the window, by every node together.
     pub used: f64,
     /// Whether the warning of this window was raised.
     pub warned: bool,
+    /// What each node used in the window, by node id (empty when saved by a keel that
+    /// did not record nodes: then `used` is all there is).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, f64>,
 }
 
 /// What a budget counts.
@@ -102,7 +112,12 @@ struct Window {
     limit: f64,
     length: Duration,
     started: Duration,
+    /// Used in the window: `mine` plus `others`.
     used: f64,
+    /// Used by this node in the window.
+    mine: f64,
+    /// Used by the other nodes in the window, as of the last merge.
+    others: f64,
     warned: bool,
 }
 
@@ -238,6 +253,8 @@ impl Budget {
                 length: Duration::from_secs(secs),
                 started: Duration::ZERO,
                 used: 0.0,
+                mine: 0.0,
+                others: 0.0,
                 warned: false,
             })
         })
@@ -281,29 +298,61 @@ impl Agents {
         self.budgets.keys().map(String::as_str)
     }
 
-    /// The windows of every agent that spent since the last snapshot (and marks them
-    /// saved).
-    pub fn snapshot(&self) -> Vec<(String, Vec<SavedWindow>)> {
-        let mut changed = Vec::new();
+    /// The agents whose budgets were used since the last call (and marks them synced).
+    pub fn to_sync(&self) -> Vec<String> {
+        let mut used = Vec::new();
         for (agent, budget) in &self.budgets {
             let mut b = budget.lock();
-            if !b.dirty {
-                continue;
+            if std::mem::take(&mut b.dirty) {
+                used.push(agent.clone());
             }
-            b.dirty = false;
-            let windows = b
-                .windows
-                .iter()
-                .map(|w| SavedWindow {
-                    unit: w.unit.as_str().to_owned(),
-                    started_ms: u64::try_from(w.started.as_millis()).unwrap_or(u64::MAX),
-                    used: w.used,
-                    warned: w.warned,
-                })
-                .collect();
-            changed.push((agent.clone(), windows));
         }
-        changed
+        used
+    }
+
+    /// Merges this node's (`node`) spend of `agent`'s current windows at `now` with
+    /// `stored`, the windows as the store holds them (every node's spend): afterwards this
+    /// node counts the others' spend too. Returns the windows to store back.
+    pub fn merge(
+        &self,
+        agent: &str,
+        node: &str,
+        stored: &[SavedWindow],
+        now: Duration,
+    ) -> Vec<SavedWindow> {
+        let Some(budget) = self.budgets.get(agent) else {
+            return Vec::new();
+        };
+        let mut b = budget.lock();
+        let mut merged = Vec::with_capacity(b.windows.len());
+        for w in &mut b.windows {
+            w.roll(now);
+            let started_ms = u64::try_from(w.started.as_millis()).unwrap_or(u64::MAX);
+            let mut nodes = std::collections::BTreeMap::new();
+            if let Some(s) = stored
+                .iter()
+                .find(|s| s.unit == w.unit.as_str() && s.started_ms == started_ms)
+            {
+                nodes.clone_from(&s.nodes);
+                if nodes.is_empty() && s.used > 0.0 {
+                    // Saved without nodes: all of it is someone else's.
+                    nodes.insert(String::new(), s.used);
+                }
+                w.warned |= s.warned;
+            }
+            nodes.insert(node.to_owned(), w.mine);
+            let total: f64 = nodes.values().sum();
+            w.others = total - w.mine;
+            w.used = total;
+            merged.push(SavedWindow {
+                unit: w.unit.as_str().to_owned(),
+                started_ms,
+                used: total,
+                warned: w.warned,
+                nodes,
+            });
+        }
+        merged
     }
 
     /// Puts back the saved windows of `agent` that are still current at `now`; a window
@@ -321,6 +370,9 @@ impl Agents {
                 .find(|w| w.unit.as_str() == s.unit && started <= now && now < started + w.length)
             {
                 w.started = started;
+                // What was spent before the restart counts as the others' spend.
+                w.others = s.used;
+                w.mine = 0.0;
                 w.used = s.used;
                 w.warned = s.warned;
             }
@@ -460,6 +512,7 @@ impl Budget {
         let mut warnings = Vec::new();
         for w in self.windows.iter_mut().filter(|w| w.unit == unit) {
             w.used += amount;
+            w.mine += amount;
             if !w.warned && w.used >= w.limit * warn_at {
                 w.warned = true;
                 warnings.push(Warning {
@@ -480,6 +533,8 @@ impl Window {
             let windows = (now - self.started).as_secs() / self.length.as_secs().max(1);
             self.started += self.length * u32::try_from(windows).unwrap_or(u32::MAX);
             self.used = 0.0;
+            self.mine = 0.0;
+            self.others = 0.0;
             self.warned = false;
         }
     }
@@ -590,6 +645,52 @@ mod tests {
     }
 
     #[test]
+    fn nodes_share_one_budget_through_their_merges() {
+        let hour = Duration::from_secs(3600);
+        let now = Duration::from_secs(1_700_000_000 / 3600 * 3600 + 60);
+        let (one, two) = (agents(tokens(1000)), agents(tokens(1000)));
+        one.check("a", None, now).unwrap();
+        one.spend("a", None, "p/m", usage(400, 200), now);
+        let stored = one.merge("a", "n1", &[], now);
+        assert_eq!(stored[0].used, 600.0);
+
+        two.check("a", None, now).unwrap();
+        two.spend("a", None, "p/m", usage(200, 100), now);
+        let stored = two.merge("a", "n2", &stored, now);
+        assert_eq!(stored[0].used, 900.0, "both nodes' spend");
+        assert_eq!(stored[0].nodes.get("n1"), Some(&600.0));
+        assert_eq!(stored[0].nodes.get("n2"), Some(&300.0));
+        // Node two counts node one's spend now: 100 tokens left for the whole fleet.
+        two.spend("a", None, "p/m", usage(100, 0), now);
+        let over = two.check("a", None, now).unwrap_err();
+        assert_eq!(over.used, 1000.0);
+        // Node one learns it at its next merge; its own entry is not counted twice.
+        let stored = one.merge("a", "n1", &stored, now);
+        assert_eq!(stored[0].used, 900.0);
+        assert!(one.check("a", None, now).is_ok());
+        one.spend("a", None, "p/m", usage(100, 0), now);
+        assert!(one.check("a", None, now).is_err());
+        // Spend of an hour that has ended does not count in the next one.
+        let next = one.merge("a", "n1", &stored, now + hour);
+        assert_eq!(next[0].used, 0.0);
+        assert!(one.check("a", None, now + hour).is_ok());
+        // A window saved without nodes (an older keel) counts whole, as others' spend.
+        let three = agents(tokens(1000));
+        let legacy = [SavedWindow {
+            unit: "tokens".into(),
+            started_ms: stored[0].started_ms,
+            used: 950.0,
+            warned: true,
+            nodes: std::collections::BTreeMap::new(),
+        }];
+        let merged = three.merge("a", "n3", &legacy, now);
+        assert_eq!(merged[0].used, 950.0);
+        assert!(merged[0].warned);
+        three.spend("a", None, "p/m", usage(50, 0), now);
+        assert!(three.check("a", None, now).is_err());
+    }
+
+    #[test]
     fn windows_are_restored_while_current_and_only_then() {
         let hour = Duration::from_secs(3600);
         let a = agents(tokens(1000));
@@ -597,9 +698,9 @@ mod tests {
         let now = Duration::from_secs(1_700_000_000 / 3600 * 3600 + 1200);
         a.check("a", None, now).unwrap();
         a.spend("a", None, "p/m", usage(600, 400), now);
-        let saved = a.snapshot();
-        assert_eq!(saved.len(), 1);
-        assert!(a.snapshot().is_empty(), "nothing spent since");
+        assert_eq!(a.to_sync(), ["a"]);
+        assert!(a.to_sync().is_empty(), "nothing spent since");
+        let saved = vec![("a", a.merge("a", "n1", &[], now))];
         let window = &saved[0].1[0];
         assert_eq!(
             window.started_ms % 3_600_000,

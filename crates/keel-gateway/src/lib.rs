@@ -65,6 +65,8 @@ pub struct Gateway {
     preflights: HashMap<String, Preflight>,
     /// Task → owning agent, as the supervisor said (a task's agent never changes).
     owners: Mutex<HashMap<String, String>>,
+    /// This node's id (see [`Gateway::node`]).
+    node: String,
 }
 
 /// Owners remembered at once; the cache starts afresh beyond this.
@@ -228,6 +230,7 @@ impl Gateway {
             loops: guard::loops::LoopGuard::default(),
             preflights,
             owners: Mutex::default(),
+            node: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         })
     }
 
@@ -256,25 +259,37 @@ impl Gateway {
         Ok(())
     }
 
-    /// Saves the budget windows that changed since the last save.
+    /// Shares the spend of every budget used since the last sync with the other nodes:
+    /// merges this node's windows with the store's copy and writes the result back
+    /// (compare-and-set, retried when another node wrote in between).
     pub async fn save_budgets(&self) {
-        for (agent, windows) in self.agents.snapshot() {
+        for agent in self.agents.to_sync() {
             let key = budget_key(&agent);
-            let bytes = serde_json::to_vec(&windows).unwrap_or_default();
-            // This keel's windows are the newest: write over whatever version is there.
-            for _ in 0..4 {
-                let version = match self.store.load_state(&key).await {
-                    Ok(saved) => saved.map(|s| s.version),
+            for _ in 0..8 {
+                let saved = match self.store.load_state(&key).await {
+                    Ok(saved) => saved,
                     Err(e) => {
-                        tracing::warn!(agent, error = %e, "cannot save the budget");
+                        tracing::warn!(agent, error = %e, "cannot share the budget");
                         break;
                     }
                 };
-                match self.store.save_state(&key, bytes.clone(), version).await {
+                let stored: Vec<agents::SavedWindow> = saved
+                    .as_ref()
+                    .and_then(|s| serde_json::from_slice(&s.value).ok())
+                    .unwrap_or_default();
+                let merged = self
+                    .agents
+                    .merge(&agent, &self.node, &stored, agents::wall_now());
+                let bytes = serde_json::to_vec(&merged).unwrap_or_default();
+                match self
+                    .store
+                    .save_state(&key, bytes, saved.map(|s| s.version))
+                    .await
+                {
                     Ok(Some(_)) => break,
                     Ok(None) => continue,
                     Err(e) => {
-                        tracing::warn!(agent, error = %e, "cannot save the budget");
+                        tracing::warn!(agent, error = %e, "cannot share the budget");
                         break;
                     }
                 }
@@ -282,7 +297,13 @@ impl Gateway {
         }
     }
 
-    /// Saves changed budgets every second until `stop`, then once more.
+    /// This node's id: random per process, it names the node's share of budgets and its
+    /// breaker events.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Shares budgets every second (see [`Gateway::save_budgets`]) until `stop`, then once more.
     pub async fn keep_budgets(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -181,3 +181,51 @@ async fn keel_serve_refuses_to_start_when_postgres_is_unreachable() {
     );
     assert!(!stdout.contains("keel listening on"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_budget_holds_across_nodes_together() {
+    let server = pg_server();
+    let pg = server.create_database("keel").await.unwrap();
+    let sim = sim().await;
+    let config = CONFIG.replace("{pg}", &pg).replace(
+        "max_attempts = 3",
+        "max_attempts = 3\nbudget = { requests_per_minute = 10 }",
+    );
+    let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
+    // The budget counts per clock minute: start early in one, so the test stays in it.
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if second > 35 {
+        tokio::time::sleep(Duration::from_secs(61 - second)).await;
+    }
+    let call = json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    let (mut admitted, mut refused_in_a_row) = (0, 0);
+    for n in 0..40 {
+        let node = if n % 2 == 0 { &a.url } else { &b.url };
+        let (status, answer) = post(node, "/v1/chat/completions", call.clone()).await;
+        match status {
+            StatusCode::OK => {
+                admitted += 1;
+                refused_in_a_row = 0;
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused_in_a_row += 1;
+                if refused_in_a_row == 4 {
+                    break;
+                }
+            }
+            other => panic!("{other}: {answer}"),
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(refused_in_a_row, 4, "both nodes end up refusing");
+    // Each node alone would admit 10 (20 in all); together they admit the 10, plus at
+    // most what one node admits before the next sync (each second) tells it the other's.
+    assert!(
+        (10..=13).contains(&admitted),
+        "{admitted} requests admitted for a budget of 10 per minute"
+    );
+}
