@@ -700,7 +700,7 @@ mod tests {
         a.spend("a", None, "p/m", usage(600, 400), now);
         assert_eq!(a.to_sync(), ["a"]);
         assert!(a.to_sync().is_empty(), "nothing spent since");
-        let saved = vec![("a", a.merge("a", "n1", &[], now))];
+        let saved = [("a", a.merge("a", "n1", &[], now))];
         let window = &saved[0].1[0];
         assert_eq!(
             window.started_ms % 3_600_000,
