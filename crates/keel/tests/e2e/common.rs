@@ -264,3 +264,49 @@ failure_rate = 0.5
 open_for = "6s"
 half_open_calls = 1
 "#;
+
+/// A round-robin TCP load balancer on a free loopback port in front of keel nodes: each
+/// new connection goes to the next node that accepts one (a dead node is skipped), as
+/// any load balancer with connect-failure failover would. Stops when dropped.
+pub struct Balancer {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Balances over `nodes` (their `http://HOST:PORT` URLs).
+    pub async fn start(nodes: &[&str]) -> Balancer {
+        let backends: Vec<String> = nodes
+            .iter()
+            .map(|u| u.trim_start_matches("http://").to_owned())
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut next = 0usize;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let backends = backends.clone();
+                let first = next;
+                next = next.wrapping_add(1);
+                tokio::spawn(async move {
+                    for i in 0..backends.len() {
+                        let backend = &backends[(first + i) % backends.len()];
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Balancer { url, task }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -229,3 +229,247 @@ async fn an_agent_s_budget_holds_across_nodes_together() {
         "{admitted} requests admitted for a budget of 10 per minute"
     );
 }
+
+const FLEET: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "{pg}"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+[routes.fleet]
+targets = [{ provider = "sim", model = "primary" }]
+[agents.fleet]
+max_attempts = 5
+budget = { tokens_per_hour = 100000000 }
+"#;
+
+/// The fleet agent's token budget left, as node `url` sees it (`keel_budget_remaining`).
+async fn tokens_left(url: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| {
+            l.starts_with("keel_budget_remaining{")
+                && l.contains("agent=\"fleet\"")
+                && l.contains("unit=\"tokens\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no keel_budget_remaining for fleet/tokens in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_three_nodes_loses_nothing_when_one_is_killed() {
+    let server = pg_server();
+    let pg = server.create_database("keel").await.unwrap();
+    let sim = sim().await;
+    let config = FLEET.replace("{pg}", &pg);
+    let (a, mut b, c) = tokio::join!(
+        Keel::start(&config, &sim),
+        Keel::start(&config, &sim),
+        Keel::start(&config, &sim)
+    );
+    let balancer = crate::common::Balancer::start(&[&a.url, &b.url, &c.url]).await;
+
+    // The fleet (with the standard mix's agent deaths) works through the balancer.
+    let report = tempfile::tempdir().unwrap();
+    let fleet = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "sim",
+            "--server",
+            &balancer.url,
+            "--route",
+            "fleet",
+            "--agent",
+            "fleet",
+        ])
+        .args([
+            "--agents", "12", "--tasks", "120", "--think", "20ms", "--seed", "11",
+        ])
+        .arg("--report")
+        .arg(report.path())
+        .env("RUST_LOG", "warn")
+        .output();
+    let fleet = tokio::spawn(fleet);
+    // Once the fleet is well under way, node B dies with kill -9.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, page) = get(&a.url, "/v1/tasks?agent=fleet&state=succeeded&limit=1000").await;
+        if page["tasks"].as_array().map_or(0, Vec::len) >= 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fleet made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.child.start_kill().unwrap();
+    b.child.wait().await.unwrap();
+    let out = fleet.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "keel sim failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(report.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["drained"], true, "every task ended: {report}");
+    assert_eq!(report["final"]["lost"], 0, "{report}");
+    let finals = &report["final"];
+    let ended: u64 = [
+        "succeeded",
+        "dead",
+        "awaiting_human",
+        "cancelled",
+        "refused",
+    ]
+    .iter()
+    .map(|k| finals[k].as_u64().unwrap_or(0))
+    .sum();
+    assert_eq!(ended, 120, "{finals}");
+
+    // No task completed twice: at most one task_succeeded in each task's log.
+    let (_, page) = get(&c.url, "/v1/tasks?agent=fleet&limit=1000").await;
+    let tasks = page["tasks"].as_array().unwrap();
+    assert!(tasks.len() >= 100, "{}", tasks.len());
+    for task in tasks {
+        let id = task["id"].as_str().unwrap();
+        let log = reqwest::get(format!("{}/v1/tasks/{id}/events", c.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let succeeded = log
+            .lines()
+            .filter(|l| l.contains("\"task_succeeded\""))
+            .count();
+        assert!(succeeded <= 1, "task {id} succeeded {succeeded} times");
+        assert_eq!(
+            succeeded == 1,
+            task["state"] == "succeeded",
+            "task {id}: {task}"
+        );
+    }
+    let (_, verify) = get(&a.url, "/v1/audit/verify").await;
+    assert_eq!(verify["intact"], true, "{verify}");
+
+    // The token budget counts the whole fleet's spend, whichever node served it: after
+    // two syncs, one more call through node A reports what is left of the one budget.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, answer) = post_as(
+        &a.url,
+        "fleet",
+        json!({"model": "fleet", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let last = answer["usage"]["total_tokens"].as_f64().unwrap();
+    let used = 100_000_000.0 - tokens_left(&a.url).await;
+    let fleet_tokens = report["tokens"].as_f64().unwrap();
+    // Node B's spend of its last second before the kill may never have been shared.
+    assert!(
+        used <= fleet_tokens + last + 0.5 && used >= 0.85 * fleet_tokens + last,
+        "node A counts {used} tokens; the fleet spent {fleet_tokens} (+{last})"
+    );
+    drop(balancer);
+}
+
+async fn post_as(url: &str, agent: &str, body: Value) -> (StatusCode, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("x-keel-agent", agent)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_recover_from_a_postgres_restart_without_losing_what_they_acknowledged() {
+    let server = pg_server();
+    let pg = server.create_database("keel").await.unwrap();
+    let sim = sim().await;
+    let config = CONFIG.replace("{pg}", &pg);
+    let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
+    let nodes = [a.url.clone(), b.url.clone()];
+
+    // Tasks are created through both nodes, one after the other, while PostgreSQL is
+    // stopped and started again; a 201 is keel's word that the task is stored.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let creating = {
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut acknowledged, mut refused, mut n) = (Vec::new(), 0u32, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let node = &nodes[n % 2];
+                n += 1;
+                let sent = client
+                    .post(format!("{node}/v1/tasks"))
+                    .json(&json!({"agent": "demo", "input": {"n": n}}))
+                    .timeout(Duration::from_secs(20))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == StatusCode::CREATED => {
+                        let task: Value = r.json().await.unwrap();
+                        acknowledged.push(task["id"].as_str().unwrap().to_owned());
+                    }
+                    Ok(r) => {
+                        assert!(r.status().is_server_error(), "{}", r.status());
+                        refused += 1;
+                    }
+                    Err(e) => panic!("keel did not answer: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acknowledged, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    server.stop().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart().unwrap();
+    // Both nodes come back by themselves (the writer reconnects with backoff).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for url in [&a.url, &b.url] {
+        loop {
+            let (status, _) = post(url, "/v1/tasks", json!({"agent": "demo", "input": {}})).await;
+            if status == StatusCode::CREATED {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{url} did not recover: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acknowledged, refused) = creating.await.unwrap();
+    assert!(refused > 0, "the outage was never seen");
+    assert!(acknowledged.len() > 20, "{}", acknowledged.len());
+    for id in &acknowledged {
+        let (status, task) = get(&b.url, &format!("/v1/tasks/{id}")).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "acknowledged task {id} is gone: {task}"
+        );
+    }
+    let (_, verify) = get(&a.url, "/v1/audit/verify").await;
+    assert_eq!(verify["intact"], true, "{verify}");
+    let (status, ready) = get(&a.url, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+}
