@@ -290,6 +290,7 @@ async fn handle_inner(
     let executor = Executor {
         route,
         metrics: &gw.metrics,
+        node: &gw.node,
         clock: gw.clock.as_ref(),
         chaos: gw.chaos.as_ref(),
         chaos_header,

@@ -204,6 +204,8 @@ pub struct Executor<'a> {
     pub route: &'a Route,
     /// Metrics.
     pub metrics: &'a Metrics,
+    /// This node's id, in breaker events (breakers are per node).
+    pub node: &'a str,
     /// Clock for breakers and budgets.
     pub clock: &'a dyn Clock,
     /// Fault injection, when `[chaos]` is enabled.
@@ -629,7 +631,7 @@ impl Executor<'_> {
     }
 
     fn note_transitions(&self, target: &Target, transitions: &[Transition], log: &mut CallLog) {
-        let extra = json!({"route": self.route.name});
+        let extra = json!({"route": self.route.name, "node": self.node});
         log.events.extend(breaker_events(
             self.metrics,
             &target.id,
@@ -641,8 +643,9 @@ impl Executor<'_> {
 
 /// Metrics (`keel_breaker_state`, `keel_breaker_transitions_total`), a log line and
 /// the `breaker_*` event of each transition of the breaker of `target` (a model target
-/// or `tool/NAME`); `extra` members are added to each event. Transitions belong to the
-/// target, not to the task that saw them.
+/// or `tool/NAME`); `extra` members are added to each event (the node's id among them:
+/// each node has its own breakers). Transitions belong to the target, not to the task that
+/// saw them.
 pub(crate) fn breaker_events(
     metrics: &Metrics,
     target: &str,

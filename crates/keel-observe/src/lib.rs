@@ -18,6 +18,7 @@
 //! for the observer.
 
 pub mod detect;
+pub mod fleet;
 pub mod incident;
 pub mod signal;
 pub mod sink;
@@ -140,6 +141,8 @@ pub struct Observe {
     baselines: Arc<Mutex<Value>>,
     series: Arc<Mutex<Series>>,
     dropped: AtomicU64,
+    /// The breakers of every node, as the log tells them.
+    fleet: Mutex<fleet::Breakers>,
 }
 
 /// The observer's work, run by [`Observing::run`] until keel stops.
@@ -169,6 +172,7 @@ impl Observe {
             baselines: Arc::clone(&baselines),
             series: Arc::clone(&series),
             dropped: AtomicU64::new(0),
+            fleet: Mutex::new(fleet::Breakers::default()),
         });
         let observing = Observing {
             rx,
@@ -185,8 +189,14 @@ impl Observe {
     }
 
     /// `GET /v1/incidents?state=open|resolved|all` (default `all`), `GET /v1/dashboard`
-    /// (what the dashboard shows beside `/metrics`) and `GET /ui` (the dashboard).
-    pub fn router(self: Arc<Self>, admin: AdminCheck, tasks: Arc<dyn TaskStore>) -> Router {
+    /// (what the dashboard shows beside `/metrics`) and `GET /ui` (the dashboard); `node`
+    /// is this node's id (in the breakers of every node that the dashboard lists).
+    pub fn router(
+        self: Arc<Self>,
+        admin: AdminCheck,
+        tasks: Arc<dyn TaskStore>,
+        node: String,
+    ) -> Router {
         Router::new()
             .route("/v1/incidents", get(list))
             .route("/v1/dashboard", get(dashboard))
@@ -195,6 +205,7 @@ impl Observe {
                 observe: self,
                 admin,
                 tasks,
+                node: Arc::from(node),
             })
     }
 
@@ -225,6 +236,7 @@ struct Shared {
     observe: Arc<Observe>,
     admin: AdminCheck,
     tasks: Arc<dyn TaskStore>,
+    node: Arc<str>,
 }
 
 async fn ui() -> Response {
@@ -252,10 +264,19 @@ async fn dashboard(State(shared): State<Shared>, headers: HeaderMap) -> Response
         counts.into_iter().map(|(s, n)| (s, json!(n))).collect();
     let (_, now_ms) = now();
     let observe = &shared.observe;
+    let breakers = match fleet::Breakers::refresh(&observe.fleet, shared.tasks.as_ref()).await {
+        Ok(breakers) => breakers,
+        Err(e) => {
+            return ApiError::unavailable(format!("cannot read the breaker events: {e}"))
+                .into_response();
+        }
+    };
     axum::Json(json!({
         "tasks_by_state": by_state,
         "finished_per_minute": observe.series.lock().recent(now_ms),
         "incidents_open": observe.incidents.lock().list(true, false).len(),
+        "node": &*shared.node,
+        "breakers": breakers,
     }))
     .into_response()
 }

@@ -234,7 +234,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         .merge(keel_supervisor::service::http::router(Arc::clone(
             &supervisor,
         )))
-        .merge(Arc::clone(&observe).router(admin, store.clone()));
+        .merge(Arc::clone(&observe).router(admin, store.clone(), gateway.node().to_owned()));
     // Small JSON answers must not wait for Nagle's algorithm.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

@@ -933,7 +933,11 @@ async fn note_tool_transitions(
         return;
     }
     let target = format!("tool/{name}");
-    let events =
-        crate::route::breaker_events(&gw.metrics, &target, transitions, &json!({"tool": name}));
+    let events = crate::route::breaker_events(
+        &gw.metrics,
+        &target,
+        transitions,
+        &json!({"tool": name, "node": gw.node}),
+    );
     gw.append(events).await;
 }

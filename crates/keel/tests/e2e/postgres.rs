@@ -473,3 +473,58 @@ async fn nodes_recover_from_a_postgres_restart_without_losing_what_they_acknowle
     let (status, ready) = get(&a.url, "/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_on_one_node_shows_on_every_node_s_dashboard() {
+    let server = pg_server();
+    let pg = server.create_database("keel").await.unwrap();
+    let models = sim().await;
+    let config = CONFIG.replace("{pg}", &pg).replace(
+        "[agents.demo]",
+        "[breaker]\nwindow_size = 4\nmin_calls = 2\nfailure_rate = 0.5\nopen_for = \"60s\"\n\n[agents.demo]",
+    ) + "\n";
+    let config = config.replace(
+        "targets = [{ provider = \"sim\", model = \"primary\" }]",
+        "targets = [{ provider = \"sim\", model = \"primary\" }]\nretry = { max_attempts = 1 }",
+    );
+    let (a, b) = tokio::join!(Keel::start(&config, &models), Keel::start(&config, &models));
+    let (_, dash_a) = get(&a.url, "/v1/dashboard").await;
+    let (_, dash_b) = get(&b.url, "/v1/dashboard").await;
+    let (node_a, node_b) = (
+        dash_a["node"].as_str().unwrap(),
+        dash_b["node"].as_str().unwrap(),
+    );
+    assert_ne!(node_a, node_b);
+    assert_eq!(dash_b["breakers"], json!([]));
+
+    // Node A's calls fail twice: its breaker opens; node B made no call, its own stays closed.
+    models.set_always("primary", Some(keel_sim::Fault::status(500)));
+    let call = json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..2 {
+        let (status, _) = post(&a.url, "/v1/chat/completions", call.clone()).await;
+        assert!(status.is_server_error(), "{status}");
+    }
+    let (_, dash_b) = get(&b.url, "/v1/dashboard").await;
+    let breakers = dash_b["breakers"].as_array().unwrap();
+    assert_eq!(breakers.len(), 1, "{dash_b}");
+    assert_eq!(breakers[0]["node"], node_a);
+    assert_eq!(breakers[0]["target"], "sim/primary");
+    assert_eq!(breakers[0]["state"], "open");
+    let metrics = |url: String| async move {
+        reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let open = "keel_breaker_state{target=\"sim/primary\"} 2";
+    assert!(
+        metrics(a.url.clone()).await.contains(open),
+        "node A's breaker is open"
+    );
+    assert!(
+        !metrics(b.url.clone()).await.contains(open),
+        "node B's own breaker is not open"
+    );
+}
