@@ -7,7 +7,8 @@
 //! latency, throughput and memory keel adds in front of a simulated model server, see
 //! [`crate::gateway_overhead`]) and `store` (durable appends beside the disk's fsync rate, and
 //! reopening a large store, see [`crate::bench_store`]) and `sim` (a fleet of 1,000 agents under
-//! the standard fault mix, see [`crate::bench_sim`]). A run replaces the entries of the parts it ran and keeps the
+//! the standard fault mix, see [`crate::bench_sim`]) and `postgres` (event appends and
+//! claim-and-complete with 1 and 3 nodes on one PostgreSQL, see [`crate::bench_pg`]). A run replaces the entries of the parts it ran and keeps the
 //! others, so `cargo xtask bench backoff` does not erase the gateway figures.
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,8 @@ pub enum BenchPart {
     Store,
     /// A fleet of 1,000 simulated agents under the standard fault mix, policies on and off.
     Sim,
+    /// Event appends and claim-and-complete with 1 and 3 nodes on one PostgreSQL.
+    Postgres,
 }
 
 impl BenchPart {
@@ -46,6 +49,7 @@ impl BenchPart {
             BenchPart::Gateway => "gateway",
             BenchPart::Store => "store",
             BenchPart::Sim => "sim",
+            BenchPart::Postgres => "postgres",
         }
     }
 
@@ -56,8 +60,11 @@ impl BenchPart {
             "gateway" => Ok(BenchPart::Gateway),
             "store" => Ok(BenchPart::Store),
             "sim" => Ok(BenchPart::Sim),
+            "postgres" => Ok(BenchPart::Postgres),
             other => {
-                bail!("unknown benchmark `{other}` (benchmarks: backoff, gateway, store, sim)")
+                bail!(
+                    "unknown benchmark `{other}` (benchmarks: backoff, gateway, store, sim, postgres)"
+                )
             }
         }
     }
@@ -69,6 +76,7 @@ impl BenchPart {
             BenchPart::Gateway => "gateway_overhead/",
             BenchPart::Store => "store/",
             BenchPart::Sim => "fleet/",
+            BenchPart::Postgres => "postgres/",
         }
     }
 }
@@ -94,6 +102,7 @@ impl Default for BenchArgs {
                 BenchPart::Gateway,
                 BenchPart::Store,
                 BenchPart::Sim,
+                BenchPart::Postgres,
             ],
             seed: 42,
             duration: Duration::from_secs(10),
@@ -158,6 +167,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             BenchPart::Gateway => gateway_overhead::run(&root, args.duration),
             BenchPart::Store => bench_store::run(&root, &StoreBenchConfig::new(args.store_events)),
             BenchPart::Sim => crate::bench_sim::run(&root, args.seed),
+            BenchPart::Postgres => crate::bench_pg::run(&root, args.duration),
         };
         match outcome {
             Ok(entries) => {

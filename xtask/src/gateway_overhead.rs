@@ -396,15 +396,17 @@ fn toml_string(value: &str) -> String {
 }
 
 /// A running `keel serve`, killed when dropped.
-struct KeelProcess {
+pub(crate) struct KeelProcess {
     child: Child,
-    base_url: String,
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) base_url: String,
     /// Drains keel's stdout and stderr so a chatty keel never blocks on a full pipe.
     _drain: JoinSet<()>,
 }
 
 impl KeelProcess {
-    async fn start(bin: &Path, config: &Path) -> anyhow::Result<KeelProcess> {
+    /// Starts `bin serve --config config` and waits for its `listening on` line.
+    pub(crate) async fn start(bin: &Path, config: &Path) -> anyhow::Result<KeelProcess> {
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--config")
@@ -463,7 +465,8 @@ impl KeelProcess {
         parse_vm_hwm_kib(&status).context("no VmHWM in keel's /proc status")
     }
 
-    async fn stop(&mut self) {
+    /// Kills keel and waits for it.
+    pub(crate) async fn stop(&mut self) {
         // A benchmark's keel has nothing worth a graceful shutdown.
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;

@@ -15,6 +15,7 @@
 mod backoff_sim;
 mod bench_cmd;
 mod bench_gateway;
+mod bench_pg;
 mod bench_sim;
 mod bench_store;
 mod conversation;
@@ -38,7 +39,7 @@ commands:
   test   [--skip STEP]... [--only STEP]...
          install test tools, then run the CI gate in order:
          install, fmt, clippy, doc, doctest, nextest
-  bench  [backoff] [gateway] [store] [sim] [--seed N] [--duration SECS] [--events N]
+  bench  [backoff] [gateway] [store] [sim] [postgres] [--seed N] [--duration SECS] [--events N]
          run the benchmarks (default: all) and write bench/results.json;
          --events: size of the store benchmark's recovery store (default 1000000)
   help   print this text";

@@ -4,8 +4,9 @@
 //! [`EventStore`] trait, the [`TaskStore`] trait for durable tasks (a derived
 //! task table written atomically with the task's events, content-addressed
 //! blobs, idempotency records, retention), the embedded SQLite implementation
-//! ([`SqliteStore`]), the hash chain ([`chain`]) and a conformance suite every
-//! implementation must pass (`conformance`, with the `conformance` feature). It
+//! ([`SqliteStore`]), the PostgreSQL one for several nodes on one database ([`PgStore`]), the
+//! hash chain ([`chain`]) and a conformance suite every implementation must pass
+//! (`conformance`, with the `conformance` feature, which also brings `testing::PgServer`). It
 //! does not know what events or task snapshots mean; that belongs to the
 //! gateway and the supervisor.
 //!

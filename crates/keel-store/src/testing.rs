@@ -17,11 +17,20 @@ pub struct PgServer {
     bin: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Extra server settings (`-c name=value ...`), after the defaults.
+    settings: String,
 }
 
 impl PgServer {
-    /// Creates and starts a new server; errors say which step failed and what it printed.
+    /// Creates and starts a new server with `fsync=off` (tests need no crash safety of the
+    /// machine); errors say which step failed and what it printed.
     pub fn start() -> Result<Self, String> {
+        Self::start_with("")
+    }
+
+    /// Like [`PgServer::start`], with extra server settings after the defaults
+    /// (`"-c fsync=on"` for a benchmark that must pay for durability).
+    pub fn start_with(settings: &str) -> Result<Self, String> {
         let bin = bin_dir()?;
         let as_postgres = run_capture(Command::new("id").arg("-u"))
             .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
@@ -36,6 +45,7 @@ impl PgServer {
             bin,
             port,
             as_postgres,
+            settings: settings.to_owned(),
         };
         if as_postgres {
             server.check(
@@ -104,9 +114,10 @@ impl PgServer {
 
     fn pg_ctl_start(&self) -> Result<(), String> {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=300",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=300 {}",
             self.port,
-            self.dir.join("sock").display()
+            self.dir.join("sock").display(),
+            self.settings
         );
         let mut start = self.command("pg_ctl");
         start

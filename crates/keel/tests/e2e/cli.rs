@@ -34,6 +34,20 @@ fn config_check_names_file_line_and_key() {
 }
 
 #[test]
+fn config_check_accepts_the_postgres_example() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/keel-postgres.toml"
+    );
+    let out = keel().args(["config", "check", example]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn config_check_accepts_the_example() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/keel.toml");
     let text = std::fs::read_to_string(example).unwrap();
