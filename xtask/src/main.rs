@@ -209,10 +209,20 @@ mod tests {
                 BenchPart::Backoff,
                 BenchPart::Gateway,
                 BenchPart::Store,
-                BenchPart::Sim
+                BenchPart::Sim,
+                BenchPart::Postgres
             ]
         );
         assert_eq!(parsed.store_events, 1_000_000);
+    }
+
+    #[test]
+    fn bench_postgres_is_a_part_of_its_own() {
+        let Cli::Bench(parsed) = parse(&args("bench postgres --duration 5")).unwrap() else {
+            panic!("not a bench command");
+        };
+        assert_eq!(parsed.parts, vec![BenchPart::Postgres]);
+        assert_eq!(parsed.duration, std::time::Duration::from_secs(5));
     }
 
     #[test]

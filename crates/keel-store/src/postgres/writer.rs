@@ -315,9 +315,13 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Inserts what is buffered (events, then blobs, then refs) and empties the buffers.
+    /// Inserts what is buffered (events, blobs, refs: one statement each, sent together
+    /// without waiting for each answer) and empties the buffers.
     async fn flush(&mut self, tx: &impl GenericClient, stamp: &Stamp) -> Result<(), PgFail> {
-        if !self.seq.is_empty() {
+        let events = async {
+            if self.seq.is_empty() {
+                return Ok(0);
+            }
             tx.execute(
                 INSERT_EVENTS,
                 &[
@@ -332,16 +336,22 @@ impl<'a> Rows<'a> {
                     &self.data_hash,
                 ],
             )
-            .await?;
-        }
-        if !self.blob_hash.is_empty() {
+            .await
+        };
+        let blobs = async {
+            if self.blob_hash.is_empty() {
+                return Ok(0);
+            }
             tx.execute(
                 INSERT_BLOBS,
                 &[&self.blob_hash, &self.blob_size, &self.blob_bytes],
             )
-            .await?;
-        }
-        if !self.ref_task.is_empty() {
+            .await
+        };
+        let refs = async {
+            if self.ref_task.is_empty() {
+                return Ok(0);
+            }
             tx.execute(
                 INSERT_REFS,
                 &[
@@ -351,8 +361,10 @@ impl<'a> Rows<'a> {
                     &self.ref_hash,
                 ],
             )
-            .await?;
-        }
+            .await
+        };
+        // tokio-postgres pipelines statements issued together on one connection.
+        tokio::try_join!(events, blobs, refs)?;
         *self = Rows::default();
         Ok(())
     }
@@ -426,13 +438,18 @@ async fn write_batch(
             }
         }
     }
-    flush(&mut rows, &tx, &stamp).await?;
     let head_seq = i64::try_from(head.seq).unwrap_or(i64::MAX);
-    tx.execute(
-        "UPDATE keel_chain_head SET seq = $1, hash = $2, at_ms = $3 WHERE id = 1",
-        &[&head_seq, &head.hash, &stamp.at_ms],
-    )
-    .await?;
+    // The last inserts and the new head go together (one round trip), then the commit.
+    let moved = async {
+        tx.execute(
+            "UPDATE keel_chain_head SET seq = $1, hash = $2, at_ms = $3 WHERE id = 1",
+            &[&head_seq, &head.hash, &stamp.at_ms],
+        )
+        .await
+    };
+    let (flushed, moved) = tokio::join!(flush(&mut rows, &tx, &stamp), moved);
+    flushed?;
+    moved?;
     tx.commit().await?;
     Ok((stamp, results))
 }
@@ -466,25 +483,31 @@ async fn write_task(
             reason,
         })
     };
-    if let Some(record) = &write.idempotency {
-        let taken = tx
-            .query_opt(
-                "SELECT 1 FROM idempotency WHERE scope = $1 AND key = $2",
-                &[&record.scope, &record.key],
-            )
-            .await?
-            .is_some();
-        if taken {
-            return Err(PgFail::Store(StoreError::DuplicateKey {
-                scope: record.scope.clone(),
-                key: record.key.clone(),
-            }));
+    // The key and the version are read together (one round trip).
+    let taken = async {
+        match &write.idempotency {
+            Some(record) => tx
+                .query_opt(
+                    "SELECT 1 FROM idempotency WHERE scope = $1 AND key = $2",
+                    &[&record.scope, &record.key],
+                )
+                .await
+                .map(|found| found.is_some()),
+            None => Ok(false),
         }
+    };
+    let version = async {
+        tx.query_opt("SELECT version FROM tasks WHERE id = $1", &[&row.id])
+            .await
+    };
+    let (taken, version) = tokio::try_join!(taken, version)?;
+    if let (true, Some(record)) = (taken, &write.idempotency) {
+        return Err(PgFail::Store(StoreError::DuplicateKey {
+            scope: record.scope.clone(),
+            key: record.key.clone(),
+        }));
     }
-    let found = tx
-        .query_opt("SELECT version FROM tasks WHERE id = $1", &[&row.id])
-        .await?
-        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0));
+    let found = version.map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0));
     if found != write.expected_version {
         return Err(PgFail::Store(StoreError::Conflict {
             task: row.id.clone(),
@@ -504,8 +527,16 @@ async fn write_task(
     let snapshot = serde_json::to_string(&row.snapshot)
         .map_err(|e| invalid(format!("snapshot is not serialisable: {e}")))?;
     let version = i64::try_from(row.version).unwrap_or(i64::MAX);
-    tx.execute(
-        "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms,
+    let mut own = Rows::default();
+    let links = own.events(events, head, stamp);
+    let hashes: Vec<String> = write.blobs.iter().map(|b| chain::blob_hash(b)).collect();
+    for (hash, blob) in hashes.iter().zip(&write.blobs) {
+        own.blob(hash.clone(), blob);
+    }
+    // The row, the events and the blobs go together (one round trip).
+    let upsert = async {
+        tx.execute(
+            "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms,
                             lease_expires_at_ms, approval_expires_at_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (id) DO UPDATE SET
@@ -513,26 +544,23 @@ async fn write_task(
             snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms,
             lease_expires_at_ms = excluded.lease_expires_at_ms,
             approval_expires_at_ms = excluded.approval_expires_at_ms",
-        &[
-            &row.id,
-            &row.agent,
-            &row.state,
-            &version,
-            &snapshot,
-            &row.created_at_ms,
-            &row.updated_at_ms,
-            &row.lease_expires_at_ms,
-            &row.approval_expires_at_ms,
-        ],
-    )
-    .await?;
-    let mut own = Rows::default();
-    let links = own.events(events, head, stamp);
-    let hashes: Vec<String> = write.blobs.iter().map(|b| chain::blob_hash(b)).collect();
-    for (hash, blob) in hashes.iter().zip(&write.blobs) {
-        own.blob(hash.clone(), blob);
-    }
-    own.flush(tx, stamp).await?;
+            &[
+                &row.id,
+                &row.agent,
+                &row.state,
+                &version,
+                &snapshot,
+                &row.created_at_ms,
+                &row.updated_at_ms,
+                &row.lease_expires_at_ms,
+                &row.approval_expires_at_ms,
+            ],
+        )
+        .await
+    };
+    let (upserted, flushed) = tokio::join!(upsert, own.flush(tx, stamp));
+    upserted?;
+    flushed?;
 
     if !write.blob_refs.is_empty() {
         let named: Vec<&str> = write.blob_refs.iter().map(|r| r.hash.as_str()).collect();
