@@ -96,6 +96,12 @@ mod tests {
         )
     }
 
+    fn states(seen: &[Seen]) -> Vec<(&str, &str)> {
+        seen.iter()
+            .map(|s| (s.node.as_str(), s.state.as_str()))
+            .collect()
+    }
+
     #[tokio::test]
     async fn the_latest_transition_of_each_node_s_breaker_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -113,11 +119,7 @@ mod tests {
             .await
             .unwrap();
         let seen = Breakers::refresh(&shared, &store).await.unwrap();
-        let states: Vec<(&str, &str)> = seen
-            .iter()
-            .map(|s| (s.node.as_str(), s.state.as_str()))
-            .collect();
-        assert_eq!(states, [("n1", "open"), ("n2", "open")]);
+        assert_eq!(states(&seen), [("n1", "open"), ("n2", "open")]);
         store
             .append(vec![
                 transition(EventKind::BreakerHalfOpened, "n1", "sim/a", "half_open"),
@@ -126,11 +128,7 @@ mod tests {
             .await
             .unwrap();
         let seen = Breakers::refresh(&shared, &store).await.unwrap();
-        let states: Vec<(&str, &str)> = seen
-            .iter()
-            .map(|s| (s.node.as_str(), s.state.as_str()))
-            .collect();
-        assert_eq!(states, [("n1", "closed"), ("n2", "open")]);
+        assert_eq!(states(&seen), [("n1", "closed"), ("n2", "open")]);
         // Nothing new: the same answer, from the cursor on.
         assert_eq!(Breakers::refresh(&shared, &store).await.unwrap(), seen);
     }

@@ -168,6 +168,75 @@ pub(crate) fn canonical_text(sorted: &serde_json::Value) -> String {
     serde_json::to_string(sorted).unwrap_or_default()
 }
 
+/// The stored columns of one event row after `seq`, borrowed, as every store reads them back.
+pub(crate) struct StoredRow<'r> {
+    pub(crate) task_id: Option<&'r str>,
+    pub(crate) at: &'r str,
+    pub(crate) at_ms: i64,
+    pub(crate) kind: &'r str,
+    /// The canonical data text as hashed; empty when retention pruned it (layout 2).
+    pub(crate) data: &'r str,
+    pub(crate) prev_hash: &'r str,
+    pub(crate) hash: &'r str,
+    pub(crate) layout: u32,
+    pub(crate) data_hash: Option<&'r str>,
+}
+
+impl StoredRow<'_> {
+    /// Whether retention blanked the data.
+    pub(crate) fn pruned(&self) -> bool {
+        self.layout == LAYOUT_V2 && self.data.is_empty()
+    }
+
+    /// Checks the row at `seq` against the chain: its link, and its data against
+    /// `data_hash` unless pruned.
+    pub(crate) fn check(&self, verifier: &mut ChainVerifier, seq: u64) -> Result<(), String> {
+        match self.layout {
+            LAYOUT_V1 => verifier.check(
+                &HashInput {
+                    prev_hash: self.prev_hash,
+                    seq,
+                    task_id: self.task_id,
+                    at: self.at,
+                    at_ms: self.at_ms,
+                    kind: self.kind,
+                    // The stored text is what was hashed; no re-serialisation.
+                    data: self.data,
+                },
+                self.hash,
+            ),
+            LAYOUT_V2 => {
+                let stored = self
+                    .data_hash
+                    .ok_or_else(|| "column data_hash is null".to_owned())?;
+                verifier.check_v2(
+                    &HashInput {
+                        prev_hash: self.prev_hash,
+                        seq,
+                        task_id: self.task_id,
+                        at: self.at,
+                        at_ms: self.at_ms,
+                        kind: self.kind,
+                        data: stored,
+                    },
+                    self.hash,
+                )?;
+                // Empty data: pruned by retention; the chain still proves data_hash.
+                if !self.data.is_empty() {
+                    let computed = data_hash(self.data);
+                    if computed != stored {
+                        return Err(format!(
+                            "stored data_hash {stored} does not match the content, whose data hashes to {computed}"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            other => Err(format!("unknown hash layout {other}")),
+        }
+    }
+}
+
 /// Checks a log event by event, in `seq` order, and names the first broken link.
 ///
 /// Feed it every event from `seq` 1 upwards with [`ChainVerifier::check`]; the

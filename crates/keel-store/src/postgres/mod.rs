@@ -31,7 +31,7 @@ use tokio_postgres::{Config, NoTls, Row};
 
 use keel_core::NewEvent;
 
-use crate::chain::{self, ChainVerifier, HashInput, LAYOUT_V1, LAYOUT_V2};
+use crate::chain::{ChainVerifier, StoredRow};
 use crate::sqlite::read::{decode_cursor, encode_cursor};
 use crate::sqlite::writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite};
 use crate::task::{DEFAULT_PAGE, MAX_PAGE};
@@ -253,8 +253,8 @@ impl PgStore {
 
     fn event_from_row(&self, row: &Row) -> Result<Event, StoreError> {
         let seq = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        let fields = Fields::read(row);
-        let pruned = fields.layout == LAYOUT_V2 && fields.data.is_empty();
+        let fields = stored_row(row);
+        let pruned = fields.pruned();
         let data = if pruned {
             serde_json::Value::Null
         } else {
@@ -420,78 +420,18 @@ fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-/// The columns of one event row, borrowed.
-struct Fields<'r> {
-    task_id: Option<&'r str>,
-    at: &'r str,
-    at_ms: i64,
-    kind: &'r str,
-    data: &'r str,
-    prev_hash: &'r str,
-    hash: &'r str,
-    layout: u32,
-    data_hash: Option<&'r str>,
-}
-
-impl<'r> Fields<'r> {
-    /// Columns 1..=9 of a `SELECT {COLUMNS}` row (the schema makes their types certain).
-    fn read(row: &'r Row) -> Self {
-        Self {
-            task_id: row.get(1),
-            at: row.get(2),
-            at_ms: row.get(3),
-            kind: row.get(4),
-            data: row.get(5),
-            prev_hash: row.get(6),
-            hash: row.get(7),
-            layout: u32::try_from(row.get::<_, i32>(8)).unwrap_or(u32::MAX),
-            data_hash: row.get(9),
-        }
-    }
-
-    /// Checks the row against the chain (layout in [`chain`]).
-    fn check(&self, verifier: &mut ChainVerifier, seq: u64) -> Result<(), String> {
-        match self.layout {
-            LAYOUT_V1 => verifier.check(
-                &HashInput {
-                    prev_hash: self.prev_hash,
-                    seq,
-                    task_id: self.task_id,
-                    at: self.at,
-                    at_ms: self.at_ms,
-                    kind: self.kind,
-                    data: self.data,
-                },
-                self.hash,
-            ),
-            LAYOUT_V2 => {
-                let data_hash = self
-                    .data_hash
-                    .ok_or_else(|| "column data_hash is null".to_owned())?;
-                verifier.check_v2(
-                    &HashInput {
-                        prev_hash: self.prev_hash,
-                        seq,
-                        task_id: self.task_id,
-                        at: self.at,
-                        at_ms: self.at_ms,
-                        kind: self.kind,
-                        data: data_hash,
-                    },
-                    self.hash,
-                )?;
-                if !self.data.is_empty() {
-                    let computed = chain::data_hash(self.data);
-                    if computed != data_hash {
-                        return Err(format!(
-                            "stored data_hash {data_hash} does not match the content, whose data hashes to {computed}"
-                        ));
-                    }
-                }
-                Ok(())
-            }
-            other => Err(format!("unknown hash layout {other}")),
-        }
+/// Columns 1..=9 of a `SELECT {COLUMNS}` row (the schema makes their types certain).
+fn stored_row(row: &Row) -> StoredRow<'_> {
+    StoredRow {
+        task_id: row.get(1),
+        at: row.get(2),
+        at_ms: row.get(3),
+        kind: row.get(4),
+        data: row.get(5),
+        prev_hash: row.get(6),
+        hash: row.get(7),
+        layout: u32::try_from(row.get::<_, i32>(8)).unwrap_or(u32::MAX),
+        data_hash: row.get(9),
     }
 }
 
@@ -564,7 +504,7 @@ impl EventStore for PgStore {
                 let seq = row.get::<_, i64>(0);
                 after = seq;
                 let seq = u64::try_from(seq).unwrap_or(0);
-                if let Err(reason) = Fields::read(row).check(&mut verifier, seq) {
+                if let Err(reason) = stored_row(row).check(&mut verifier, seq) {
                     return Ok(Verify::Broken { seq, reason });
                 }
             }

@@ -27,7 +27,8 @@ use tokio_postgres::{Client, Config, GenericClient, NoTls};
 
 use crate::chain::{self, HashInput};
 use crate::sqlite::writer::{
-    Done, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err, drain,
+    Done, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err,
+    checked_snapshot, drain,
 };
 use crate::{Durability, PrunePolicy, PruneReport, StoreError, TaskWrite};
 
@@ -508,24 +509,7 @@ async fn write_task(
         }));
     }
     let found = version.map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0));
-    if found != write.expected_version {
-        return Err(PgFail::Store(StoreError::Conflict {
-            task: row.id.clone(),
-            expected: write.expected_version,
-            found,
-        }));
-    }
-    let base = write.expected_version.unwrap_or(0);
-    let want = base.saturating_add(events.len() as u64);
-    if row.version != want {
-        return Err(invalid(format!(
-            "row version is {} but must be {want} ({base} plus {} events)",
-            row.version,
-            events.len()
-        )));
-    }
-    let snapshot = serde_json::to_string(&row.snapshot)
-        .map_err(|e| invalid(format!("snapshot is not serialisable: {e}")))?;
+    let snapshot = checked_snapshot(write, found, events.len()).map_err(PgFail::Store)?;
     let version = i64::try_from(row.version).unwrap_or(i64::MAX);
     let mut own = Rows::default();
     let links = own.events(events, head, stamp);

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
-use crate::chain::{self, ChainVerifier, HashInput, LAYOUT_V1, LAYOUT_V2};
+use crate::chain::{ChainVerifier, StoredRow};
 use crate::task::{DEFAULT_PAGE, MAX_PAGE};
 use crate::{
     Event, EventQuery, IdempotencyRecord, StoreError, StoreStats, TaskPage, TaskQuery, TaskRow,
@@ -138,7 +138,7 @@ impl Readers {
             reason,
         };
         let fields = RowFields::read(row).map_err(corrupt)?;
-        let pruned = fields.layout == LAYOUT_V2 && fields.data.is_empty();
+        let pruned = fields.pruned();
         let data = if pruned {
             serde_json::Value::Null
         } else {
@@ -173,7 +173,7 @@ impl Readers {
                     _ => 0,
                 };
                 let checked =
-                    RowFields::read(row).and_then(|fields| check_row(&mut verifier, seq, &fields));
+                    RowFields::read(row).and_then(|fields| fields.check(&mut verifier, seq));
                 if let Err(reason) = checked {
                     return Ok(Verify::Broken { seq, reason });
                 }
@@ -422,69 +422,12 @@ pub(crate) fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
     Some((created.parse().ok()?, id.to_owned()))
 }
 
-/// Checks one stored row against the chain (layout in [`chain`]).
-fn check_row(verifier: &mut ChainVerifier, seq: u64, fields: &RowFields<'_>) -> Result<(), String> {
-    match fields.layout {
-        LAYOUT_V1 => verifier.check(
-            &HashInput {
-                prev_hash: fields.prev_hash,
-                seq,
-                task_id: fields.task_id,
-                at: fields.at,
-                at_ms: fields.at_ms,
-                kind: fields.kind,
-                // The stored text is what was hashed; no re-serialisation.
-                data: fields.data,
-            },
-            fields.hash,
-        ),
-        LAYOUT_V2 => {
-            let data_hash = fields
-                .data_hash
-                .ok_or_else(|| "column data_hash is null".to_owned())?;
-            verifier.check_v2(
-                &HashInput {
-                    prev_hash: fields.prev_hash,
-                    seq,
-                    task_id: fields.task_id,
-                    at: fields.at,
-                    at_ms: fields.at_ms,
-                    kind: fields.kind,
-                    data: data_hash,
-                },
-                fields.hash,
-            )?;
-            // Empty data: pruned by retention; the chain still proves data_hash.
-            if !fields.data.is_empty() {
-                let computed = chain::data_hash(fields.data);
-                if computed != data_hash {
-                    return Err(format!(
-                        "stored data_hash {data_hash} does not match the content, whose data hashes to {computed}"
-                    ));
-                }
-            }
-            Ok(())
-        }
-        other => Err(format!("unknown hash layout {other}")),
-    }
-}
-
 /// The columns after `seq` of one row, borrowed, with their types checked.
-struct RowFields<'r> {
-    task_id: Option<&'r str>,
-    at: &'r str,
-    at_ms: i64,
-    kind: &'r str,
-    data: &'r str,
-    prev_hash: &'r str,
-    hash: &'r str,
-    layout: u32,
-    data_hash: Option<&'r str>,
-}
+struct RowFields;
 
-impl<'r> RowFields<'r> {
+impl RowFields {
     /// Reads columns 1..=9 of a `SELECT {COLUMNS}` row; errors name the bad column.
-    fn read(row: &'r Row<'_>) -> Result<Self, String> {
+    fn read<'r>(row: &'r Row<'_>) -> Result<StoredRow<'r>, String> {
         let text = |i: usize, name: &str| -> Result<Option<&'r str>, String> {
             match row.get_ref(i).map_err(|e| format!("column {name}: {e}"))? {
                 ValueRef::Null => Ok(None),
@@ -511,7 +454,7 @@ impl<'r> RowFields<'r> {
                 return Err("column layout is not an integer".to_owned());
             }
         };
-        Ok(Self {
+        Ok(StoredRow {
             task_id: text(1, "task_id")?,
             at: required(2, "at")?,
             at_ms,

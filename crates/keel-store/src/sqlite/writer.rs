@@ -497,24 +497,7 @@ fn write_task(
         .prepare_cached("SELECT version FROM tasks WHERE id = ?1")?
         .query_row([&row.id], |r| r.get(0))
         .optional()?;
-    if found != write.expected_version {
-        return Err(Fail::Store(StoreError::Conflict {
-            task: row.id.clone(),
-            expected: write.expected_version,
-            found,
-        }));
-    }
-    let base = write.expected_version.unwrap_or(0);
-    let want = base.saturating_add(events.len() as u64);
-    if row.version != want {
-        return Err(invalid(format!(
-            "row version is {} but must be {want} ({base} plus {} events)",
-            row.version,
-            events.len()
-        )));
-    }
-    let snapshot = serde_json::to_string(&row.snapshot)
-        .map_err(|e| invalid(format!("snapshot is not serialisable: {e}")))?;
+    let snapshot = checked_snapshot(write, found, events.len()).map_err(Fail::Store)?;
     tx.prepare_cached(
         "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms,
                             lease_expires_at_ms, approval_expires_at_ms)
@@ -579,6 +562,38 @@ fn write_task(
         .execute(params![record.scope, record.key, record.status, body, stamp.at_ms])?;
     }
     Ok(events)
+}
+
+/// Checks `write` against the version the store holds (`found`; `None`: no such task) and
+/// its own row version against its `events` count, and prints its snapshot: the refusals
+/// `TaskStore::write_task` promises, the same for every store.
+pub(crate) fn checked_snapshot(
+    write: &TaskWrite,
+    found: Option<u64>,
+    events: usize,
+) -> Result<String, StoreError> {
+    let row = &write.row;
+    let invalid = |reason: String| StoreError::InvalidWrite {
+        task: row.id.clone(),
+        reason,
+    };
+    if found != write.expected_version {
+        return Err(StoreError::Conflict {
+            task: row.id.clone(),
+            expected: write.expected_version,
+            found,
+        });
+    }
+    let base = write.expected_version.unwrap_or(0);
+    let want = base.saturating_add(events as u64);
+    if row.version != want {
+        return Err(invalid(format!(
+            "row version is {} but must be {want} ({base} plus {events} events)",
+            row.version
+        )));
+    }
+    serde_json::to_string(&row.snapshot)
+        .map_err(|e| invalid(format!("snapshot is not serialisable: {e}")))
 }
 
 /// Retention (see `TaskStore::prune`), inside the caller's savepoint.

@@ -310,3 +310,42 @@ impl Drop for Balancer {
         self.task.abort();
     }
 }
+
+/// POSTs `body` as JSON to `url` + `path`: the status and the JSON answer (`Null` when the
+/// answer is not JSON).
+pub async fn post(
+    url: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    post_as(url, None, path, body).await
+}
+
+/// [`post`] with `x-keel-agent: agent` when given.
+pub async fn post_as(
+    url: &str,
+    agent: Option<&str>,
+    path: &str,
+    body: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(&body);
+    if let Some(agent) = agent {
+        request = request.header("x-keel-agent", agent);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// GETs `url` + `path`: the status and the JSON answer (`Null` when not JSON).
+pub async fn get(url: &str, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
+    let r = reqwest::get(format!("{url}{path}")).await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{Keel, sim};
+use crate::common::{Keel, get, post, post_as, sim};
 use keel_store::testing::PgServer;
 
 const CONFIG: &str = r#"
@@ -25,25 +25,6 @@ max_attempts = 3
 
 fn pg_server() -> PgServer {
     PgServer::start().unwrap_or_else(|e| panic!("cannot start PostgreSQL for the test: {e}"))
-}
-
-async fn post(url: &str, path: &str, body: Value) -> (StatusCode, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .header("x-keel-agent", "demo")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-async fn get(url: &str, path: &str) -> (StatusCode, Value) {
-    let r = reqwest::get(format!("{url}{path}")).await.unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,8 +53,9 @@ async fn nodes_on_one_postgres_share_tasks_claims_and_one_verifiable_log() {
     assert_eq!(status, StatusCode::NO_CONTENT, "{again}");
 
     // A model call of the task through node A, the heartbeat and completion through B.
-    let (status, answer) = post(
+    let (status, answer) = post_as(
         &a.url,
+        Some("demo"),
         &format!("/tasks/{id}/v1/chat/completions"),
         json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}),
     )
@@ -205,7 +187,8 @@ async fn an_agent_s_budget_holds_across_nodes_together() {
     let (mut admitted, mut refused_in_a_row) = (0, 0);
     for n in 0..40 {
         let node = if n % 2 == 0 { &a.url } else { &b.url };
-        let (status, answer) = post(node, "/v1/chat/completions", call.clone()).await;
+        let (status, answer) =
+            post_as(node, Some("demo"), "/v1/chat/completions", call.clone()).await;
         match status {
             StatusCode::OK => {
                 admitted += 1;
@@ -365,7 +348,8 @@ async fn a_fleet_over_three_nodes_loses_nothing_when_one_is_killed() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (status, answer) = post_as(
         &a.url,
-        "fleet",
+        Some("fleet"),
+        "/v1/chat/completions",
         json!({"model": "fleet", "messages": [{"role": "user", "content": "hi"}]}),
     )
     .await;
@@ -379,19 +363,6 @@ async fn a_fleet_over_three_nodes_loses_nothing_when_one_is_killed() {
         "node A counts {used} tokens; the fleet spent {fleet_tokens} (+{last})"
     );
     drop(balancer);
-}
-
-async fn post_as(url: &str, agent: &str, body: Value) -> (StatusCode, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .header("x-keel-agent", agent)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +472,7 @@ async fn a_breaker_opened_on_one_node_shows_on_every_node_s_dashboard() {
     models.set_always("primary", Some(keel_sim::Fault::status(500)));
     let call = json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
     for _ in 0..2 {
-        let (status, _) = post(&a.url, "/v1/chat/completions", call.clone()).await;
+        let (status, _) = post_as(&a.url, Some("demo"), "/v1/chat/completions", call.clone()).await;
         assert!(status.is_server_error(), "{status}");
     }
     let (_, dash_b) = get(&b.url, "/v1/dashboard").await;

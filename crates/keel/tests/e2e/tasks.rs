@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::common::{Keel, python, read_events, sim};
+use crate::common::{Keel, get, post, python, read_events, sim};
 
 const TASKS: &str = r#"
 [server]
@@ -57,24 +57,6 @@ fn keel_cli(url: &str, args: &[&str]) -> std::process::Output {
         .args(["--server", url])
         .output()
         .unwrap()
-}
-
-async fn post(url: &str, path: &str, body: Value) -> (StatusCode, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-async fn get(url: &str, path: &str) -> (StatusCode, Value) {
-    let r = reqwest::get(format!("{url}{path}")).await.unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 async fn create(url: &str, agent: &str) -> String {
