@@ -188,39 +188,49 @@ impl StoredRow<'_> {
         self.layout == LAYOUT_V2 && self.data.is_empty()
     }
 
+    /// The stored event at `seq`; `Err` says why the row is not one.
+    pub(crate) fn event(&self, seq: u64) -> Result<crate::Event, String> {
+        let pruned = self.pruned();
+        let data = if pruned {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(self.data).map_err(|e| format!("data is not JSON: {e}"))?
+        };
+        Ok(crate::Event {
+            seq,
+            task_id: self.task_id.map(str::to_owned),
+            at: self.at.to_owned(),
+            at_ms: self.at_ms,
+            kind: self.kind.to_owned(),
+            data,
+            prev_hash: self.prev_hash.to_owned(),
+            hash: self.hash.to_owned(),
+            layout: self.layout,
+            data_hash: self.data_hash.map(str::to_owned),
+            pruned,
+        })
+    }
+
     /// Checks the row at `seq` against the chain: its link, and its data against
     /// `data_hash` unless pruned.
     pub(crate) fn check(&self, verifier: &mut ChainVerifier, seq: u64) -> Result<(), String> {
+        let input = |data| HashInput {
+            prev_hash: self.prev_hash,
+            seq,
+            task_id: self.task_id,
+            at: self.at,
+            at_ms: self.at_ms,
+            kind: self.kind,
+            data,
+        };
         match self.layout {
-            LAYOUT_V1 => verifier.check(
-                &HashInput {
-                    prev_hash: self.prev_hash,
-                    seq,
-                    task_id: self.task_id,
-                    at: self.at,
-                    at_ms: self.at_ms,
-                    kind: self.kind,
-                    // The stored text is what was hashed; no re-serialisation.
-                    data: self.data,
-                },
-                self.hash,
-            ),
+            // The stored text is what was hashed; no re-serialisation.
+            LAYOUT_V1 => verifier.check(&input(self.data), self.hash),
             LAYOUT_V2 => {
                 let stored = self
                     .data_hash
                     .ok_or_else(|| "column data_hash is null".to_owned())?;
-                verifier.check_v2(
-                    &HashInput {
-                        prev_hash: self.prev_hash,
-                        seq,
-                        task_id: self.task_id,
-                        at: self.at,
-                        at_ms: self.at_ms,
-                        kind: self.kind,
-                        data: stored,
-                    },
-                    self.hash,
-                )?;
+                verifier.check_v2(&input(stored), self.hash)?;
                 // Empty data: pruned by retention; the chain still proves data_hash.
                 if !self.data.is_empty() {
                     let computed = data_hash(self.data);

@@ -253,30 +253,13 @@ impl PgStore {
 
     fn event_from_row(&self, row: &Row) -> Result<Event, StoreError> {
         let seq = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        let fields = stored_row(row);
-        let pruned = fields.pruned();
-        let data = if pruned {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(fields.data).map_err(|e| StoreError::Corrupt {
+        stored_row(row)
+            .event(seq)
+            .map_err(|reason| StoreError::Corrupt {
                 path: self.store.clone().into(),
                 seq,
-                reason: format!("data is not JSON: {e}"),
-            })?
-        };
-        Ok(Event {
-            seq,
-            task_id: fields.task_id.map(str::to_owned),
-            at: fields.at.to_owned(),
-            at_ms: fields.at_ms,
-            kind: fields.kind.to_owned(),
-            data,
-            prev_hash: fields.prev_hash.to_owned(),
-            hash: fields.hash.to_owned(),
-            layout: fields.layout,
-            data_hash: fields.data_hash.map(str::to_owned),
-            pruned,
-        })
+                reason,
+            })
     }
 
     fn task_from_row(&self, row: &Row) -> Result<TaskRow, StoreError> {

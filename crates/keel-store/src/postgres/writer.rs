@@ -25,9 +25,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_postgres::{Client, Config, GenericClient, NoTls};
 
-use crate::chain::{self, HashInput};
+use crate::chain;
 use crate::sqlite::writer::{
-    Done, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err,
+    Done, Head, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err,
     checked_snapshot, drain,
 };
 use crate::{Durability, PrunePolicy, PruneReport, StoreError, TaskWrite};
@@ -220,14 +220,6 @@ fn clone_err(err: &StoreError) -> StoreError {
     }
 }
 
-/// The chain head as locked at the start of a batch.
-#[derive(Clone)]
-struct Head {
-    seq: u64,
-    hash: String,
-    at_ms: i64,
-}
-
 /// Rows waiting to be inserted, column by column (for `UNNEST`).
 #[derive(Default)]
 struct Rows<'a> {
@@ -264,31 +256,15 @@ impl<'a> Rows<'a> {
     fn events(&mut self, events: &'a [Prepared], head: &mut Head, stamp: &Stamp) -> Vec<Link> {
         let mut links = Vec::with_capacity(events.len());
         for new in events {
-            let seq = head.seq + 1;
-            let hash = HashInput {
-                prev_hash: &head.hash,
-                seq,
-                task_id: new.task_id.as_deref(),
-                at: &stamp.at,
-                at_ms: stamp.at_ms,
-                kind: new.kind,
-                data: &new.data_hash,
-            }
-            .hash_v2();
-            let prev_hash = std::mem::replace(&mut head.hash, hash.clone());
-            head.seq = seq;
-            self.seq.push(i64::try_from(seq).unwrap_or(i64::MAX));
+            let link = head.link(new, stamp);
+            self.seq.push(i64::try_from(link.seq).unwrap_or(i64::MAX));
             self.task.push(new.task_id.as_deref());
             self.kind.push(new.kind);
             self.data.push(&new.text);
-            self.prev.push(prev_hash.clone());
-            self.hash.push(hash.clone());
+            self.prev.push(link.prev_hash.clone());
+            self.hash.push(link.hash.clone());
             self.data_hash.push(&new.data_hash);
-            links.push(Link {
-                seq,
-                prev_hash,
-                hash,
-            });
+            links.push(link);
         }
         links
     }

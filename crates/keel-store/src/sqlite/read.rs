@@ -137,27 +137,9 @@ impl Readers {
             seq,
             reason,
         };
-        let fields = RowFields::read(row).map_err(corrupt)?;
-        let pruned = fields.pruned();
-        let data = if pruned {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(fields.data)
-                .map_err(|e| corrupt(format!("data is not JSON: {e}")))?
-        };
-        Ok(Event {
-            seq,
-            task_id: fields.task_id.map(str::to_owned),
-            at: fields.at.to_owned(),
-            at_ms: fields.at_ms,
-            kind: fields.kind.to_owned(),
-            data,
-            prev_hash: fields.prev_hash.to_owned(),
-            hash: fields.hash.to_owned(),
-            layout: fields.layout,
-            data_hash: fields.data_hash.map(str::to_owned),
-            pruned,
-        })
+        RowFields::read(row)
+            .and_then(|fields| fields.event(seq))
+            .map_err(corrupt)
     }
 
     /// Walks the whole log in one read transaction and names the first broken link.

@@ -264,10 +264,35 @@ pub(crate) fn answer_err(request: Request, err: StoreError) {
 
 /// The chain head: last `seq`, its hash, its time.
 #[derive(Clone)]
-struct Head {
-    seq: u64,
-    hash: String,
-    at_ms: i64,
+pub(crate) struct Head {
+    pub(crate) seq: u64,
+    pub(crate) hash: String,
+    pub(crate) at_ms: i64,
+}
+
+impl Head {
+    /// Links `new` after the head (layout 2) in a batch committed at `stamp`, and moves the
+    /// head to it.
+    pub(crate) fn link(&mut self, new: &Prepared, stamp: &Stamp) -> Link {
+        let seq = self.seq + 1;
+        let hash = HashInput {
+            prev_hash: &self.hash,
+            seq,
+            task_id: new.task_id.as_deref(),
+            at: &stamp.at,
+            at_ms: stamp.at_ms,
+            kind: new.kind,
+            data: &new.data_hash,
+        }
+        .hash_v2();
+        let prev_hash = std::mem::replace(&mut self.hash, hash.clone());
+        self.seq = seq;
+        Link {
+            seq,
+            prev_hash,
+            hash,
+        }
+    }
 }
 
 fn read_head(conn: &Connection) -> rusqlite::Result<Head> {
@@ -433,36 +458,20 @@ fn insert_events(
     )?;
     let mut stored = Vec::with_capacity(events.len());
     for new in events {
-        let seq = head.seq + 1;
-        let hash = HashInput {
-            prev_hash: &head.hash,
-            seq,
-            task_id: new.task_id.as_deref(),
-            at: &stamp.at,
-            at_ms: stamp.at_ms,
-            kind: new.kind,
-            data: &new.data_hash,
-        }
-        .hash_v2();
+        let link = head.link(new, stamp);
         insert.execute(params![
-            seq,
+            link.seq,
             new.task_id,
             stamp.at,
             stamp.at_ms,
             new.kind,
             new.text,
-            head.hash,
-            hash,
+            link.prev_hash,
+            link.hash,
             LAYOUT_V2,
             new.data_hash
         ])?;
-        let prev_hash = std::mem::replace(&mut head.hash, hash.clone());
-        head.seq = seq;
-        stored.push(Link {
-            seq,
-            prev_hash,
-            hash,
-        });
+        stored.push(link);
     }
     Ok(stored)
 }
