@@ -33,7 +33,7 @@ pub mod testing;
 pub use chain::{GENESIS_HASH, blob_hash};
 // `Payload` is defined below, beside the trait that takes it.
 pub use error::StoreError;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, check_url as check_postgres_url};
 pub use sqlite::SqliteStore;
 pub use task::{
     BlobRef, IdempotencyRecord, PrunePolicy, PruneReport, StoreStats, TaskPage, TaskQuery, TaskRow,

@@ -32,6 +32,10 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         },
         None => keel_config::embedded_default(),
     };
+    if let Some(problem) = config.and_then(|file| store_url_problem(file, &settings)) {
+        output::error(&problem);
+        return Ok(ExitCode::from(2));
+    }
     init_tracing(settings.telemetry.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,6 +59,16 @@ fn init_tracing(format: keel_config::LogFormat) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
+}
+
+/// What is wrong with a `postgres://` `store.url`, as `file:line: store.url: ...`.
+pub(crate) fn store_url_problem(file: &Path, settings: &Settings) -> Option<String> {
+    let StoreBackend::Postgres { url } = &settings.store.backend else {
+        return None;
+    };
+    let problem = keel_store::check_postgres_url(url).err()?;
+    let key = keel_config::KeyPath::root().child("store").child("url");
+    Some(keel_config::error_at(file, &key, problem).to_string())
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TaskStore>> {

@@ -114,6 +114,10 @@ impl PgStore {
     /// within 5 s, it is older than PostgreSQL 13, or its keel schema is newer than this
     /// build's. Once open, a connection that drops is made again with backoff.
     pub async fn open(url: &str, durability: Durability) -> Result<Self, StoreError> {
+        check_url(url).map_err(|reason| StoreError::Unreachable {
+            store: "(store.url)".to_owned(),
+            reason,
+        })?;
         let mut config: Config = url.parse().map_err(|e| StoreError::Unreachable {
             store: "(store.url)".to_owned(),
             reason: format!("not a valid PostgreSQL URL: {e}"),
@@ -371,6 +375,18 @@ impl std::fmt::Debug for PgStore {
             .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `url` is a PostgreSQL URL keel can use: `Err` says what is wrong (without
+/// repeating the URL, which may hold a password). Nothing is connected to.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let config: Config = url
+        .parse()
+        .map_err(|e| format!("not a valid PostgreSQL URL: {e}"))?;
+    if config.get_hosts().is_empty() {
+        return Err("the PostgreSQL URL names no host (postgres://USER@HOST:PORT/DB)".to_owned());
+    }
+    Ok(())
 }
 
 /// `postgres://user@host:port/db` of a config: what logs and errors show (no password).
@@ -705,6 +721,15 @@ impl TaskStore for PgStore {
 #[cfg(test)]
 mod describe_tests {
     use super::*;
+
+    #[test]
+    fn urls_are_checked_without_connecting() {
+        assert!(check_url("postgres://keel:pw@db:5432/keel").is_ok());
+        let bad = check_url("postgres://keel@[::1").unwrap_err();
+        assert!(bad.starts_with("not a valid PostgreSQL URL"), "{bad}");
+        let no_host = check_url("postgres:///keel").unwrap_err();
+        assert!(no_host.contains("names no host"), "{no_host}");
+    }
 
     #[test]
     fn describe_never_shows_the_password() {

@@ -327,6 +327,10 @@ impl Cli {
 fn check(file: &std::path::Path) -> ExitCode {
     match keel_config::load(file, &|name| std::env::var(name).ok()) {
         Ok(settings) => {
+            if let Some(problem) = crate::serve::store_url_problem(file, &settings) {
+                output::error(&problem);
+                return ExitCode::from(2);
+            }
             // Wasm modules are compiled as `keel serve` would: a bad one fails here.
             let problems = keel_gateway::tools::Tools::wasm_problems(&settings.tools);
             if !problems.is_empty() {

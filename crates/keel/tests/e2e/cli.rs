@@ -34,6 +34,28 @@ fn config_check_names_file_line_and_key() {
 }
 
 #[test]
+fn a_malformed_postgres_url_is_named_by_file_line_and_key_by_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"postgres://keel:hunter2@[::1/keel\"\n",
+    )
+    .unwrap();
+    for args in [&["config", "check"][..], &["serve", "--config"][..]] {
+        let out = keel().args(args).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("keel.toml:5: store.url: not a valid PostgreSQL URL"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    }
+}
+
+#[test]
 fn config_check_accepts_the_postgres_example() {
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
