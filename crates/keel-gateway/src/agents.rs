@@ -310,6 +310,13 @@ impl Agents {
         used
     }
 
+    /// Marks `agent`'s budgets for the next [`Agents::to_sync`] again (a sync that failed).
+    pub fn resync(&self, agent: &str) {
+        if let Some(budget) = self.budgets.get(agent) {
+            budget.lock().dirty = true;
+        }
+    }
+
     /// Merges this node's (`node`) spend of `agent`'s current windows at `now` with
     /// `stored`, the windows as the store holds them (every node's spend): afterwards this
     /// node counts the others' spend too. Returns the windows to store back.
@@ -700,6 +707,9 @@ mod tests {
         a.spend("a", None, "p/m", usage(600, 400), now);
         assert_eq!(a.to_sync(), ["a"]);
         assert!(a.to_sync().is_empty(), "nothing spent since");
+        // A sync that failed is tried again next time.
+        a.resync("a");
+        assert_eq!(a.to_sync(), ["a"]);
         let saved = [("a", a.merge("a", "n1", &[], now))];
         let window = &saved[0].1[0];
         assert_eq!(

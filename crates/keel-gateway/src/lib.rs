@@ -265,6 +265,7 @@ impl Gateway {
     pub async fn save_budgets(&self) {
         for agent in self.agents.to_sync() {
             let key = budget_key(&agent);
+            let mut shared = false;
             for _ in 0..8 {
                 let saved = match self.store.load_state(&key).await {
                     Ok(saved) => saved,
@@ -286,13 +287,20 @@ impl Gateway {
                     .save_state(&key, bytes, saved.map(|s| s.version))
                     .await
                 {
-                    Ok(Some(_)) => break,
+                    Ok(Some(_)) => {
+                        shared = true;
+                        break;
+                    }
                     Ok(None) => continue,
                     Err(e) => {
                         tracing::warn!(agent, error = %e, "cannot share the budget");
                         break;
                     }
                 }
+            }
+            if !shared {
+                // Tried again at the next sync, even if the agent spends nothing more.
+                self.agents.resync(&agent);
             }
         }
     }
