@@ -499,3 +499,73 @@ async fn a_breaker_opened_on_one_node_shows_on_every_node_s_dashboard() {
         "node B's own breaker is not open"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_and_approvals_are_decided_whichever_node_is_asked() {
+    let server = pg_server();
+    let pg = server.create_database("keel").await.unwrap();
+    let sim = sim().await;
+    let config = CONFIG.replace("{pg}", &pg);
+    let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
+    let (status, task) = post(&a.url, "/v1/tasks", json!({"agent": "demo", "input": {}})).await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let id = task["id"].as_str().unwrap().to_owned();
+
+    // Claimed through B with a short lease and abandoned: the lease expires and the task is
+    // queued again (by whichever node's sweeper gets there), then claimed through A.
+    let claim =
+        |worker: &str, lease: &str| json!({"agent": "demo", "worker": worker, "lease": lease});
+    let (status, first) = post(&b.url, "/v1/tasks/claim", claim("w-b", "1s")).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let second = loop {
+        let (status, claimed) = post(&a.url, "/v1/tasks/claim", claim("w-a", "30s")).await;
+        if status == StatusCode::OK {
+            break claimed;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(second["id"], id.as_str());
+    assert_ne!(second["lease_token"], first["lease_token"]);
+    // The expired token no longer works on any node; the new one works on both.
+    let (status, _) = post(
+        &a.url,
+        &format!("/v1/tasks/{id}/heartbeat"),
+        json!({"lease_token": first["lease_token"]}),
+    )
+    .await;
+    assert!(status.is_client_error(), "{status}");
+    let token = second["lease_token"].as_str().unwrap().to_owned();
+    let (status, beat) = post(
+        &b.url,
+        &format!("/v1/tasks/{id}/heartbeat"),
+        json!({"lease_token": token}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{beat}");
+
+    // An approval asked through A is listed and decided through B.
+    let (status, asked) = post(
+        &a.url,
+        &format!("/v1/tasks/{id}/approvals"),
+        json!({"lease_token": token, "reason": "refund 900 EUR"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    let approval = asked["pending_approval"].as_str().unwrap().to_owned();
+    let (_, listed) = get(&b.url, "/v1/approvals").await;
+    assert_eq!(listed["approvals"][0]["id"], approval.as_str(), "{listed}");
+    let (status, decided) = post(
+        &b.url,
+        &format!("/v1/approvals/{approval}"),
+        json!({"decision": "approve", "note": "checked"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{decided}");
+    let (_, task) = get(&a.url, &format!("/v1/tasks/{id}")).await;
+    assert_eq!(task["state"], "queued", "{task}");
+}
