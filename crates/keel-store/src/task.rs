@@ -117,6 +117,49 @@ pub struct TaskPage {
     pub next: Option<String>,
 }
 
+impl TaskQuery {
+    /// The page size asked for: 0 means [`DEFAULT_PAGE`], at most [`MAX_PAGE`].
+    pub(crate) fn page_size(&self) -> usize {
+        match self.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        }
+    }
+
+    /// The (`created_at_ms`, `id`) the page starts after, from the cursor.
+    pub(crate) fn after(&self) -> Result<Option<(i64, String)>, StoreError> {
+        let Some(cursor) = &self.cursor else {
+            return Ok(None);
+        };
+        let text = hex::decode(cursor)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or(StoreError::InvalidCursor)?;
+        let (created, id) = text.split_once(':').ok_or(StoreError::InvalidCursor)?;
+        let created = created.parse().map_err(|_| StoreError::InvalidCursor)?;
+        Ok(Some((created, id.to_owned())))
+    }
+}
+
+impl TaskPage {
+    /// The page of `size` from `fetched`, which was read with one row more than `size` to
+    /// tell whether a next page exists; its cursor is opaque (hex of `created_at_ms:id`).
+    pub(crate) fn of(mut fetched: Vec<TaskRow>, size: usize) -> TaskPage {
+        let next = if fetched.len() > size {
+            fetched.truncate(size);
+            fetched
+                .last()
+                .map(|t| hex::encode(format!("{}:{}", t.created_at_ms, t.id)))
+        } else {
+            None
+        };
+        TaskPage {
+            tasks: fetched,
+            next,
+        }
+    }
+}
+
 /// Sizes of the store, for metrics and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStats {

@@ -32,9 +32,7 @@ use tokio_postgres::{Config, NoTls, Row};
 use keel_core::NewEvent;
 
 use crate::chain::{ChainVerifier, StoredRow};
-use crate::sqlite::read::{decode_cursor, encode_cursor};
 use crate::sqlite::writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite};
-use crate::task::{DEFAULT_PAGE, MAX_PAGE};
 use crate::{
     Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
     StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, Versioned,
@@ -571,14 +569,8 @@ impl TaskStore for PgStore {
     }
 
     async fn tasks(&self, query: TaskQuery) -> Result<TaskPage, StoreError> {
-        let limit = match query.limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
-        let cursor = match &query.cursor {
-            Some(c) => Some(decode_cursor(c).ok_or(StoreError::InvalidCursor)?),
-            None => None,
-        };
+        let limit = query.page_size();
+        let cursor = query.after()?;
         let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE true");
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
         if let Some(state) = &query.state {
@@ -602,14 +594,7 @@ impl TaskStore for PgStore {
             " ORDER BY created_at_ms, id LIMIT ${}",
             params.len()
         ));
-        let mut tasks = self.task_rows(&sql, &params).await?;
-        let next = if tasks.len() > limit {
-            tasks.truncate(limit);
-            tasks.last().map(|t| encode_cursor(t.created_at_ms, &t.id))
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next })
+        Ok(TaskPage::of(self.task_rows(&sql, &params).await?, limit))
     }
 
     async fn next_queued(&self, agent: &str, limit: usize) -> Result<Vec<TaskRow>, StoreError> {

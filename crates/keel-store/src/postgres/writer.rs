@@ -294,7 +294,11 @@ impl<'a> Rows<'a> {
 
     /// Inserts what is buffered (events, blobs, refs: one statement each, sent together
     /// without waiting for each answer) and empties the buffers.
-    async fn flush(&mut self, tx: &impl GenericClient, stamp: &Stamp) -> Result<(), PgFail> {
+    async fn flush(
+        &mut self,
+        tx: &impl GenericClient,
+        stamp: &Stamp,
+    ) -> Result<(), tokio_postgres::Error> {
         let events = async {
             if self.seq.is_empty() {
                 return Ok(0);
@@ -381,7 +385,7 @@ async fn write_batch(
             continue;
         }
         // What is buffered goes first, so the savepoint's rollback cannot take it along.
-        flush(&mut rows, &tx, &stamp).await?;
+        rows.flush(&tx, &stamp).await?;
         let saved = head.clone();
         let savepoint = tx.savepoint("request").await?;
         let applied = match request {
@@ -424,25 +428,11 @@ async fn write_batch(
         )
         .await
     };
-    let (flushed, moved) = tokio::join!(flush(&mut rows, &tx, &stamp), moved);
+    let (flushed, moved) = tokio::join!(rows.flush(&tx, &stamp), moved);
     flushed?;
     moved?;
     tx.commit().await?;
     Ok((stamp, results))
-}
-
-/// [`Rows::flush`] for the batch's own buffer, where any failure fails the batch.
-async fn flush(
-    rows: &mut Rows<'_>,
-    tx: &tokio_postgres::Transaction<'_>,
-    stamp: &Stamp,
-) -> Result<(), tokio_postgres::Error> {
-    match rows.flush(tx, stamp).await {
-        Ok(()) => Ok(()),
-        Err(PgFail::Sql(e)) => Err(e),
-        // `Rows::flush` only fails with SQL errors.
-        Err(PgFail::Store(_)) => Ok(()),
-    }
 }
 
 /// One task write (see `TaskStore::write_task`), inside the caller's savepoint.

@@ -29,7 +29,7 @@ use crate::{
 
 mod checkpoint;
 mod migrate;
-pub(crate) mod read;
+mod read;
 pub(crate) mod writer;
 
 #[cfg(test)]

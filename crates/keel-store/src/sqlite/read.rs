@@ -12,7 +12,6 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use crate::chain::{ChainVerifier, StoredRow};
-use crate::task::{DEFAULT_PAGE, MAX_PAGE};
 use crate::{
     Event, EventQuery, IdempotencyRecord, StoreError, StoreStats, TaskPage, TaskQuery, TaskRow,
     Verify, Versioned,
@@ -137,7 +136,7 @@ impl Readers {
             seq,
             reason,
         };
-        RowFields::read(row)
+        stored_row(row)
             .and_then(|fields| fields.event(seq))
             .map_err(corrupt)
     }
@@ -154,8 +153,7 @@ impl Readers {
                     ValueRef::Integer(seq) => u64::try_from(seq).unwrap_or(0),
                     _ => 0,
                 };
-                let checked =
-                    RowFields::read(row).and_then(|fields| fields.check(&mut verifier, seq));
+                let checked = stored_row(row).and_then(|fields| fields.check(&mut verifier, seq));
                 if let Err(reason) = checked {
                     return Ok(Verify::Broken { seq, reason });
                 }
@@ -223,10 +221,7 @@ impl Readers {
 
     /// One page of tasks by (`created_at_ms`, `id`).
     pub(crate) fn tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
-        let limit = match query.limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+        let limit = query.page_size();
         let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
         let mut args = Vec::new();
         if let Some(state) = &query.state {
@@ -237,8 +232,7 @@ impl Readers {
             args.push(Value::Text(agent.clone()));
             sql.push_str(&format!(" AND agent = ?{}", args.len()));
         }
-        if let Some(cursor) = &query.cursor {
-            let (created, id) = decode_cursor(cursor).ok_or(StoreError::InvalidCursor)?;
+        if let Some((created, id)) = query.after()? {
             args.push(Value::Integer(created));
             args.push(Value::Text(id));
             let (c, i) = (args.len() - 1, args.len());
@@ -250,14 +244,7 @@ impl Readers {
             " ORDER BY created_at_ms, id LIMIT ?{}",
             args.len()
         ));
-        let mut tasks = self.task_rows(&sql, args)?;
-        let next = if tasks.len() > limit {
-            tasks.truncate(limit);
-            tasks.last().map(|t| encode_cursor(t.created_at_ms, &t.id))
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next })
+        Ok(TaskPage::of(self.task_rows(&sql, args)?, limit))
     }
 
     /// The oldest `queued` tasks of `agent`.
@@ -393,59 +380,44 @@ fn sql_limit(limit: usize) -> Value {
     Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX))
 }
 
-/// The opaque cursor after the task (`created_at_ms`, `id`): hex of `ms:id`.
-pub(crate) fn encode_cursor(created_at_ms: i64, id: &str) -> String {
-    hex::encode(format!("{created_at_ms}:{id}"))
-}
-
-pub(crate) fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
-    let text = String::from_utf8(hex::decode(cursor).ok()?).ok()?;
-    let (created, id) = text.split_once(':')?;
-    Some((created.parse().ok()?, id.to_owned()))
-}
-
-/// The columns after `seq` of one row, borrowed, with their types checked.
-struct RowFields;
-
-impl RowFields {
-    /// Reads columns 1..=9 of a `SELECT {COLUMNS}` row; errors name the bad column.
-    fn read<'r>(row: &'r Row<'_>) -> Result<StoredRow<'r>, String> {
-        let text = |i: usize, name: &str| -> Result<Option<&'r str>, String> {
-            match row.get_ref(i).map_err(|e| format!("column {name}: {e}"))? {
-                ValueRef::Null => Ok(None),
-                ValueRef::Text(bytes) => std::str::from_utf8(bytes)
-                    .map(Some)
-                    .map_err(|_| format!("column {name} is not UTF-8")),
-                ValueRef::Integer(_) | ValueRef::Real(_) | ValueRef::Blob(_) => {
-                    Err(format!("column {name} is not text"))
-                }
+/// Columns 1..=9 of a `SELECT {COLUMNS}` row, borrowed, with their types checked; errors
+/// name the bad column.
+fn stored_row<'r>(row: &'r Row<'_>) -> Result<StoredRow<'r>, String> {
+    let text = |i: usize, name: &str| -> Result<Option<&'r str>, String> {
+        match row.get_ref(i).map_err(|e| format!("column {name}: {e}"))? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(bytes) => std::str::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| format!("column {name} is not UTF-8")),
+            ValueRef::Integer(_) | ValueRef::Real(_) | ValueRef::Blob(_) => {
+                Err(format!("column {name} is not text"))
             }
-        };
-        let required = |i: usize, name: &str| -> Result<&'r str, String> {
-            text(i, name)?.ok_or_else(|| format!("column {name} is null"))
-        };
-        let at_ms = match row.get_ref(3).map_err(|e| format!("column at_ms: {e}"))? {
-            ValueRef::Integer(ms) => ms,
-            ValueRef::Null | ValueRef::Real(_) | ValueRef::Text(_) | ValueRef::Blob(_) => {
-                return Err("column at_ms is not an integer".to_owned());
-            }
-        };
-        let layout = match row.get_ref(8).map_err(|e| format!("column layout: {e}"))? {
-            ValueRef::Integer(layout) => u32::try_from(layout).unwrap_or(u32::MAX),
-            ValueRef::Null | ValueRef::Real(_) | ValueRef::Text(_) | ValueRef::Blob(_) => {
-                return Err("column layout is not an integer".to_owned());
-            }
-        };
-        Ok(StoredRow {
-            task_id: text(1, "task_id")?,
-            at: required(2, "at")?,
-            at_ms,
-            kind: required(4, "kind")?,
-            data: required(5, "data")?,
-            prev_hash: required(6, "prev_hash")?,
-            hash: required(7, "hash")?,
-            layout,
-            data_hash: text(9, "data_hash")?,
-        })
-    }
+        }
+    };
+    let required = |i: usize, name: &str| -> Result<&'r str, String> {
+        text(i, name)?.ok_or_else(|| format!("column {name} is null"))
+    };
+    let at_ms = match row.get_ref(3).map_err(|e| format!("column at_ms: {e}"))? {
+        ValueRef::Integer(ms) => ms,
+        ValueRef::Null | ValueRef::Real(_) | ValueRef::Text(_) | ValueRef::Blob(_) => {
+            return Err("column at_ms is not an integer".to_owned());
+        }
+    };
+    let layout = match row.get_ref(8).map_err(|e| format!("column layout: {e}"))? {
+        ValueRef::Integer(layout) => u32::try_from(layout).unwrap_or(u32::MAX),
+        ValueRef::Null | ValueRef::Real(_) | ValueRef::Text(_) | ValueRef::Blob(_) => {
+            return Err("column layout is not an integer".to_owned());
+        }
+    };
+    Ok(StoredRow {
+        task_id: text(1, "task_id")?,
+        at: required(2, "at")?,
+        at_ms,
+        kind: required(4, "kind")?,
+        data: required(5, "data")?,
+        prev_hash: required(6, "prev_hash")?,
+        hash: required(7, "hash")?,
+        layout,
+        data_hash: text(9, "data_hash")?,
+    })
 }
