@@ -21,7 +21,7 @@
 //! Connections are plain TCP (no TLS yet): run keel beside its database or through a
 //! tunnel. A URL's password never appears in logs or errors ([`describe`]).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -32,7 +32,9 @@ use tokio_postgres::{Config, NoTls, Row};
 use keel_core::NewEvent;
 
 use crate::chain::{ChainVerifier, StoredRow};
-use crate::sqlite::writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite};
+use crate::sqlite::writer::{
+    Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, WriterHandle,
+};
 use crate::{
     Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
     StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, Versioned,
@@ -95,13 +97,9 @@ impl PgFail {
 pub struct PgStore {
     store: String,
     durability: Durability,
-    /// `None` only while closing.
-    queue: Option<mpsc::Sender<Request>>,
-    /// `None` only while closing.
-    writer: Option<std::thread::JoinHandle<()>>,
+    /// This node's writer thread.
+    writer: WriterHandle,
     pool: Pool,
-    /// Told of every commit of this node, once set.
-    tap: OnceLock<Arc<dyn crate::Tap>>,
 }
 
 impl PgStore {
@@ -169,12 +167,10 @@ impl PgStore {
             })?;
         tracing::debug!(%store, ?durability, "opened the PostgreSQL store");
         Ok(Self {
+            writer: WriterHandle::new(queue, writer, store.clone()),
             store,
             durability,
-            queue: Some(queue),
-            writer: Some(writer),
             pool,
-            tap: OnceLock::new(),
         })
     }
 
@@ -190,14 +186,9 @@ impl PgStore {
 
     /// Stops accepting writes and waits for the writer to finish what is queued.
     pub async fn close(mut self) -> Result<(), StoreError> {
-        self.queue = None;
-        let Some(writer) = self.writer.take() else {
-            return Ok(());
-        };
-        let joined = tokio::task::spawn_blocking(move || writer.join()).await;
-        match joined {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(self.stopped()),
+        match self.writer.close().await {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(_) => Err(self.stopped()),
         }
     }
 
@@ -208,23 +199,8 @@ impl PgStore {
         }
     }
 
-    fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
-        if let (Ok(events), Some(tap)) = (&events, self.tap.get())
-            && !events.is_empty()
-        {
-            tap.committed(events);
-        }
-        events
-    }
-
     async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
-        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(request(reply))
-            .await
-            .map_err(|_| self.stopped())?;
-        answer.await.map_err(|_| self.stopped())?
+        self.writer.submit(request, || self.stopped()).await
     }
 
     /// A pooled read connection.
@@ -355,17 +331,6 @@ fn writer_thread(
     });
 }
 
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        self.queue = None;
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!(store = %self.store, "PostgreSQL store writer panicked");
-        }
-    }
-}
-
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
@@ -442,7 +407,7 @@ impl EventStore for PgStore {
         let committed = self
             .submit(|reply| Request::Append(events, Payloads::default(), reply))
             .await;
-        self.tapped(committed)
+        self.writer.tapped(committed)
     }
 
     async fn append_with_payloads(
@@ -461,7 +426,7 @@ impl EventStore for PgStore {
         let committed = self
             .submit(|reply| Request::Append(events, payloads, reply))
             .await;
-        self.tapped(committed)
+        self.writer.tapped(committed)
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -514,7 +479,7 @@ impl EventStore for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.queue.as_ref().is_none_or(mpsc::Sender::is_closed) {
+        if !self.writer.is_running() {
             return Err(self.stopped());
         }
         self.query("ping", "SELECT 1", &[]).await.map(|_| ())
@@ -549,7 +514,7 @@ impl EventStore for PgStore {
     }
 
     fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
-        self.tap.set(tap).is_ok()
+        self.writer.set_tap(tap)
     }
 }
 
@@ -560,7 +525,7 @@ impl TaskStore for PgStore {
         let committed = self
             .submit(|reply| Request::Task(Box::new(write), events, reply))
             .await;
-        self.tapped(committed)
+        self.writer.tapped(committed)
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {

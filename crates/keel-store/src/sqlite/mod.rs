@@ -15,10 +15,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::thread::JoinHandle;
 
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use keel_core::NewEvent;
 
@@ -36,7 +35,9 @@ pub(crate) mod writer;
 mod tests;
 
 use read::{BUSY_TIMEOUT, Readers};
-use writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, WriterStats};
+use writer::{
+    Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, WriterHandle, WriterStats,
+};
 
 /// The SQLite [`EventStore`] and [`TaskStore`].
 ///
@@ -45,10 +46,8 @@ use writer::{Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, Wri
 pub struct SqliteStore {
     path: PathBuf,
     durability: Durability,
-    /// `None` only while closing.
-    queue: Option<mpsc::Sender<Request>>,
-    /// `None` only while closing.
-    writer: Option<JoinHandle<()>>,
+    /// The writer thread (dropped first: it commits what is queued before the rest closes).
+    writer: WriterHandle,
     readers: Arc<Readers>,
     /// One permit per read connection; see [`read::MAX_READERS`].
     read_permits: Arc<tokio::sync::Semaphore>,
@@ -59,8 +58,6 @@ pub struct SqliteStore {
     /// conversation prefix, repeated request parameters) is not sent to the
     /// single writer again. Filled only after a commit; cleared by `prune`.
     stored_payloads: parking_lot::Mutex<PayloadCache>,
-    /// Told of every commit, once set.
-    tap: std::sync::OnceLock<Arc<dyn crate::Tap>>,
 }
 
 /// Payload hashes known to be stored, per owner; bounded by starting over.
@@ -130,14 +127,12 @@ impl SqliteStore {
         Ok(Self {
             path: path.to_owned(),
             durability,
-            queue: Some(queue),
-            writer: Some(writer),
+            writer: WriterHandle::new(queue, writer, path.display().to_string()),
             readers,
             read_permits: Arc::new(tokio::sync::Semaphore::new(read::MAX_READERS)),
             stats,
             _checkpointer: checkpointer,
             stored_payloads: parking_lot::Mutex::new(PayloadCache::default()),
-            tap: std::sync::OnceLock::new(),
         })
     }
 
@@ -162,14 +157,11 @@ impl SqliteStore {
     ///
     /// Errors only if the writer thread had died.
     pub async fn close(mut self) -> Result<(), StoreError> {
-        self.queue = None;
-        let Some(writer) = self.writer.take() else {
-            return Ok(());
-        };
-        let joined = tokio::task::spawn_blocking(move || writer.join())
-            .await
-            .map_err(|source| self.task_err(source))?;
-        joined.map_err(|_| self.stopped())
+        match self.writer.close().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.stopped()),
+            Err(source) => Err(self.task_err(source)),
+        }
     }
 
     fn stopped(&self) -> StoreError {
@@ -186,25 +178,8 @@ impl SqliteStore {
     }
 
     /// Queues a write for the writer thread and waits for its answer.
-    /// Tells the tap, if any, of committed `events`.
-    fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
-        if let (Ok(events), Some(tap)) = (&events, self.tap.get())
-            && !events.is_empty()
-        {
-            tap.committed(events);
-        }
-        events
-    }
-
     async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
-        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(request(reply))
-            .await
-            .map_err(|_| self.stopped())?;
-        // A writer that dies drops `reply`, so this never hangs.
-        answer.await.map_err(|_| self.stopped())?
+        self.writer.submit(request, || self.stopped()).await
     }
 
     /// Runs a blocking read on the pool.
@@ -224,18 +199,6 @@ impl SqliteStore {
         })
         .await
         .map_err(|source| self.task_err(source))?
-    }
-}
-
-impl Drop for SqliteStore {
-    fn drop(&mut self) {
-        // Closing the channel ends the writer once the queue is drained.
-        self.queue = None;
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!(path = %self.path.display(), "event store writer panicked");
-        }
     }
 }
 
@@ -295,7 +258,7 @@ impl EventStore for SqliteStore {
         let committed = self
             .submit(|reply| Request::Append(events, Payloads::default(), reply))
             .await;
-        self.tapped(committed)
+        self.writer.tapped(committed)
     }
 
     async fn append_with_payloads(
@@ -326,7 +289,7 @@ impl EventStore for SqliteStore {
             .submit(|reply| Request::Append(events, payloads, reply))
             .await?;
         self.stored_payloads.lock().remember(key, hashes);
-        self.tapped(Ok(stored))
+        self.writer.tapped(Ok(stored))
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -338,7 +301,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.queue.as_ref().is_none_or(mpsc::Sender::is_closed) {
+        if !self.writer.is_running() {
             return Err(self.stopped());
         }
         self.read(Readers::ping).await
@@ -364,7 +327,7 @@ impl EventStore for SqliteStore {
     }
 
     fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
-        self.tap.set(tap).is_ok()
+        self.writer.set_tap(tap)
     }
 }
 
@@ -375,7 +338,7 @@ impl TaskStore for SqliteStore {
         let committed = self
             .submit(|reply| Request::Task(Box::new(write), events, reply))
             .await;
-        self.tapped(committed)
+        self.writer.tapped(committed)
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {

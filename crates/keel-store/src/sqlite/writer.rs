@@ -78,6 +78,92 @@ impl Prepared {
     }
 }
 
+/// What a store keeps of its writer thread (SQLite's or a PostgreSQL node's): the queue to
+/// it, the thread, and the tap told of its commits. Dropping it closes the queue and waits
+/// for the thread to commit what is queued.
+pub(crate) struct WriterHandle {
+    /// `None` once closing.
+    queue: Option<mpsc::Sender<Request>>,
+    /// `None` once joined.
+    thread: Option<std::thread::JoinHandle<()>>,
+    tap: std::sync::OnceLock<Arc<dyn crate::Tap>>,
+    /// The store, for the log line of a writer that panicked.
+    store: String,
+}
+
+impl WriterHandle {
+    pub(crate) fn new(
+        queue: mpsc::Sender<Request>,
+        thread: std::thread::JoinHandle<()>,
+        store: String,
+    ) -> Self {
+        Self {
+            queue: Some(queue),
+            thread: Some(thread),
+            tap: std::sync::OnceLock::new(),
+            store,
+        }
+    }
+
+    /// Queues a write and waits for its answer; `stopped()` when the writer is gone.
+    pub(crate) async fn submit<T>(
+        &self,
+        request: impl FnOnce(Reply<T>) -> Request,
+        stopped: impl Fn() -> StoreError,
+    ) -> Result<T, StoreError> {
+        let queue = self.queue.as_ref().ok_or_else(&stopped)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send(request(reply)).await.map_err(|_| stopped())?;
+        // A writer that dies drops `reply`, so this never hangs.
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Whether the writer still takes writes.
+    pub(crate) fn is_running(&self) -> bool {
+        self.queue.as_ref().is_some_and(|q| !q.is_closed())
+    }
+
+    /// Sets the tap; `false` if one is set.
+    pub(crate) fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
+        self.tap.set(tap).is_ok()
+    }
+
+    /// Tells the tap, if any, of committed `events`, and hands them on.
+    pub(crate) fn tapped(
+        &self,
+        events: Result<Vec<Event>, StoreError>,
+    ) -> Result<Vec<Event>, StoreError> {
+        if let (Ok(events), Some(tap)) = (&events, self.tap.get())
+            && !events.is_empty()
+        {
+            tap.committed(events);
+        }
+        events
+    }
+
+    /// Closes the queue and waits, off the async threads, for the writer to commit what is
+    /// queued: `Ok(false)` when the writer had panicked.
+    pub(crate) async fn close(&mut self) -> Result<bool, tokio::task::JoinError> {
+        self.queue = None;
+        let Some(thread) = self.thread.take() else {
+            return Ok(true);
+        };
+        tokio::task::spawn_blocking(move || thread.join().is_ok()).await
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer once the queue is drained.
+        self.queue = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!(store = %self.store, "event store writer panicked");
+        }
+    }
+}
+
 /// One write call waiting for its commit.
 pub(crate) enum Request {
     /// `EventStore::append`: the events, in order, and payloads to store with them.
