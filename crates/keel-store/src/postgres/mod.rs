@@ -32,9 +32,7 @@ use tokio_postgres::{Config, NoTls, Row};
 use keel_core::NewEvent;
 
 use crate::chain::{ChainVerifier, StoredRow};
-use crate::sqlite::writer::{
-    Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, WriterHandle,
-};
+use crate::sqlite::writer::{Payloads, QUEUE_CAPACITY, Request, WriterHandle};
 use crate::{
     Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
     StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, Versioned,
@@ -167,7 +165,15 @@ impl PgStore {
             })?;
         tracing::debug!(%store, ?durability, "opened the PostgreSQL store");
         Ok(Self {
-            writer: WriterHandle::new(queue, writer, store.clone()),
+            writer: {
+                let stopped_store = store.clone();
+                WriterHandle::new(queue, writer, store.clone(), move || {
+                    StoreError::Unreachable {
+                        store: stopped_store.clone(),
+                        reason: "this node's writer has stopped".to_owned(),
+                    }
+                })
+            },
             store,
             durability,
             pool,
@@ -193,14 +199,7 @@ impl PgStore {
     }
 
     fn stopped(&self) -> StoreError {
-        StoreError::Unreachable {
-            store: self.store.clone(),
-            reason: "this node's writer has stopped".to_owned(),
-        }
-    }
-
-    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
-        self.writer.submit(request, || self.stopped()).await
+        self.writer.stopped()
     }
 
     /// A pooled read connection.
@@ -403,11 +402,7 @@ impl EventStore for PgStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let events = Prepared::all(events);
-        let committed = self
-            .submit(|reply| Request::Append(events, Payloads::default(), reply))
-            .await;
-        self.writer.tapped(committed)
+        self.writer.append(events, Payloads::default()).await
     }
 
     async fn append_with_payloads(
@@ -419,14 +414,9 @@ impl EventStore for PgStore {
         if events.is_empty() && payloads.is_empty() {
             return Ok(Vec::new());
         }
-        let events = Prepared::all(events);
         // No cache of stored payloads here: another node may prune them.
         let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
-        let payloads = Payloads { owner, blobs };
-        let committed = self
-            .submit(|reply| Request::Append(events, payloads, reply))
-            .await;
-        self.writer.tapped(committed)
+        self.writer.append(events, Payloads { owner, blobs }).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -505,12 +495,7 @@ impl EventStore for PgStore {
         value: Vec<u8>,
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
-        let write = StateWrite {
-            key: key.to_owned(),
-            value,
-            expected,
-        };
-        self.submit(|reply| Request::State(write, reply)).await
+        self.writer.save_state(key, value, expected).await
     }
 
     fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
@@ -520,12 +505,8 @@ impl EventStore for PgStore {
 
 #[async_trait::async_trait]
 impl TaskStore for PgStore {
-    async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
-        let events = Prepared::all(std::mem::take(&mut write.events));
-        let committed = self
-            .submit(|reply| Request::Task(Box::new(write), events, reply))
-            .await;
-        self.writer.tapped(committed)
+    async fn write_task(&self, write: TaskWrite) -> Result<Vec<Event>, StoreError> {
+        self.writer.write_task(write).await
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {
@@ -664,7 +645,7 @@ impl TaskStore for PgStore {
     }
 
     async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, StoreError> {
-        self.submit(|reply| Request::Prune(policy, reply)).await
+        self.writer.prune(policy).await
     }
 }
 

@@ -35,9 +35,7 @@ pub(crate) mod writer;
 mod tests;
 
 use read::{BUSY_TIMEOUT, Readers};
-use writer::{
-    Payloads, Prepared, QUEUE_CAPACITY, Reply, Request, StateWrite, WriterHandle, WriterStats,
-};
+use writer::{Payloads, QUEUE_CAPACITY, WriterHandle, WriterStats};
 
 /// The SQLite [`EventStore`] and [`TaskStore`].
 ///
@@ -127,7 +125,14 @@ impl SqliteStore {
         Ok(Self {
             path: path.to_owned(),
             durability,
-            writer: WriterHandle::new(queue, writer, path.display().to_string()),
+            writer: {
+                let stopped_path = path.to_owned();
+                WriterHandle::new(queue, writer, path.display().to_string(), move || {
+                    StoreError::WriterStopped {
+                        path: stopped_path.clone(),
+                    }
+                })
+            },
             readers,
             read_permits: Arc::new(tokio::sync::Semaphore::new(read::MAX_READERS)),
             stats,
@@ -165,9 +170,7 @@ impl SqliteStore {
     }
 
     fn stopped(&self) -> StoreError {
-        StoreError::WriterStopped {
-            path: self.path.clone(),
-        }
+        self.writer.stopped()
     }
 
     fn task_err(&self, source: tokio::task::JoinError) -> StoreError {
@@ -175,11 +178,6 @@ impl SqliteStore {
             path: self.path.clone(),
             source,
         }
-    }
-
-    /// Queues a write for the writer thread and waits for its answer.
-    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
-        self.writer.submit(request, || self.stopped()).await
     }
 
     /// Runs a blocking read on the pool.
@@ -253,12 +251,7 @@ impl EventStore for SqliteStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        // Canonicalise and hash here, in parallel with other callers, not in the writer.
-        let events = Prepared::all(events);
-        let committed = self
-            .submit(|reply| Request::Append(events, Payloads::default(), reply))
-            .await;
-        self.writer.tapped(committed)
+        self.writer.append(events, Payloads::default()).await
     }
 
     async fn append_with_payloads(
@@ -270,7 +263,6 @@ impl EventStore for SqliteStore {
         if events.is_empty() && payloads.is_empty() {
             return Ok(Vec::new());
         }
-        let events = Prepared::all(events);
         // The payloads come hashed (on the caller's thread, not in the single writer);
         // leave out what an earlier commit already stored for this owner.
         let key = owner.clone().unwrap_or_default();
@@ -285,11 +277,9 @@ impl EventStore for SqliteStore {
         };
         let hashes: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
         let payloads = Payloads { owner, blobs };
-        let stored = self
-            .submit(|reply| Request::Append(events, payloads, reply))
-            .await?;
+        let stored = self.writer.append(events, payloads).await?;
         self.stored_payloads.lock().remember(key, hashes);
-        self.writer.tapped(Ok(stored))
+        Ok(stored)
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -318,12 +308,7 @@ impl EventStore for SqliteStore {
         value: Vec<u8>,
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
-        let write = StateWrite {
-            key: key.to_owned(),
-            value,
-            expected,
-        };
-        self.submit(|reply| Request::State(write, reply)).await
+        self.writer.save_state(key, value, expected).await
     }
 
     fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {
@@ -333,12 +318,8 @@ impl EventStore for SqliteStore {
 
 #[async_trait::async_trait]
 impl TaskStore for SqliteStore {
-    async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
-        let events = Prepared::all(std::mem::take(&mut write.events));
-        let committed = self
-            .submit(|reply| Request::Task(Box::new(write), events, reply))
-            .await;
-        self.writer.tapped(committed)
+    async fn write_task(&self, write: TaskWrite) -> Result<Vec<Event>, StoreError> {
+        self.writer.write_task(write).await
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {
@@ -399,7 +380,7 @@ impl TaskStore for SqliteStore {
     async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, StoreError> {
         // Pruned payloads must be stored again if they come back.
         self.stored_payloads.lock().clear();
-        let report = self.submit(|reply| Request::Prune(policy, reply)).await;
+        let report = self.writer.prune(policy).await;
         self.stored_payloads.lock().clear();
         report
     }

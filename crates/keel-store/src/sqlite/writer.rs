@@ -89,33 +89,85 @@ pub(crate) struct WriterHandle {
     tap: std::sync::OnceLock<Arc<dyn crate::Tap>>,
     /// The store, for the log line of a writer that panicked.
     store: String,
+    /// The error of a write the writer can no longer take.
+    stopped: Box<dyn Fn() -> StoreError + Send + Sync>,
 }
 
 impl WriterHandle {
+    /// `stopped` makes the error of a write once the writer is gone.
     pub(crate) fn new(
         queue: mpsc::Sender<Request>,
         thread: std::thread::JoinHandle<()>,
         store: String,
+        stopped: impl Fn() -> StoreError + Send + Sync + 'static,
     ) -> Self {
         Self {
             queue: Some(queue),
             thread: Some(thread),
             tap: std::sync::OnceLock::new(),
             store,
+            stopped: Box::new(stopped),
         }
     }
 
-    /// Queues a write and waits for its answer; `stopped()` when the writer is gone.
-    pub(crate) async fn submit<T>(
-        &self,
-        request: impl FnOnce(Reply<T>) -> Request,
-        stopped: impl Fn() -> StoreError,
-    ) -> Result<T, StoreError> {
-        let queue = self.queue.as_ref().ok_or_else(&stopped)?;
+    /// The error of a write the writer can no longer take.
+    pub(crate) fn stopped(&self) -> StoreError {
+        (self.stopped)()
+    }
+
+    /// Queues a write and waits for its answer.
+    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
         let (reply, answer) = oneshot::channel();
-        queue.send(request(reply)).await.map_err(|_| stopped())?;
+        queue
+            .send(request(reply))
+            .await
+            .map_err(|_| self.stopped())?;
         // A writer that dies drops `reply`, so this never hangs.
-        answer.await.map_err(|_| stopped())?
+        answer.await.map_err(|_| self.stopped())?
+    }
+
+    /// `EventStore::append` and `append_with_payloads`: the events prepared here, on the
+    /// caller's thread (in parallel with other callers, not in the one writer), then queued.
+    pub(crate) async fn append(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Payloads,
+    ) -> Result<Vec<Event>, StoreError> {
+        let events = Prepared::all(events);
+        let committed = self
+            .submit(|reply| Request::Append(events, payloads, reply))
+            .await;
+        self.tapped(committed)
+    }
+
+    /// `TaskStore::write_task`.
+    pub(crate) async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
+        let events = Prepared::all(std::mem::take(&mut write.events));
+        let committed = self
+            .submit(|reply| Request::Task(Box::new(write), events, reply))
+            .await;
+        self.tapped(committed)
+    }
+
+    /// `EventStore::save_state`.
+    pub(crate) async fn save_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let write = StateWrite {
+            key: key.to_owned(),
+            value,
+            expected,
+        };
+        self.submit(|reply| Request::State(write, reply)).await
+    }
+
+    /// `TaskStore::prune`.
+    pub(crate) async fn prune(&self, policy: PrunePolicy) -> Result<PruneReport, StoreError> {
+        self.submit(|reply| Request::Prune(policy, reply)).await
     }
 
     /// Whether the writer still takes writes.
@@ -129,10 +181,7 @@ impl WriterHandle {
     }
 
     /// Tells the tap, if any, of committed `events`, and hands them on.
-    pub(crate) fn tapped(
-        &self,
-        events: Result<Vec<Event>, StoreError>,
-    ) -> Result<Vec<Event>, StoreError> {
+    fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
         if let (Ok(events), Some(tap)) = (&events, self.tap.get())
             && !events.is_empty()
         {
