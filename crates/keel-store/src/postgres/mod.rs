@@ -108,13 +108,9 @@ impl PgStore {
     /// within 5 s, it is older than PostgreSQL 13, or its keel schema is newer than this
     /// build's. Once open, a connection that drops is made again with backoff.
     pub async fn open(url: &str, durability: Durability) -> Result<Self, StoreError> {
-        check_url(url).map_err(|reason| StoreError::Unreachable {
+        let mut config = parse_url(url).map_err(|reason| StoreError::Unreachable {
             store: "(store.url)".to_owned(),
             reason,
-        })?;
-        let mut config: Config = url.parse().map_err(|e| StoreError::Unreachable {
-            store: "(store.url)".to_owned(),
-            reason: format!("not a valid PostgreSQL URL: {e}"),
         })?;
         config.connect_timeout(writer::CONNECT_TIMEOUT);
         if config.get_application_name().is_none() {
@@ -342,13 +338,18 @@ impl std::fmt::Debug for PgStore {
 /// Whether `url` is a PostgreSQL URL keel can use: `Err` says what is wrong (without
 /// repeating the URL, which may hold a password). Nothing is connected to.
 pub fn check_url(url: &str) -> Result<(), String> {
+    parse_url(url).map(|_| ())
+}
+
+/// The connection settings of `url`, or what is wrong with it.
+fn parse_url(url: &str) -> Result<Config, String> {
     let config: Config = url
         .parse()
         .map_err(|e| format!("not a valid PostgreSQL URL: {e}"))?;
     if config.get_hosts().is_empty() {
         return Err("the PostgreSQL URL names no host (postgres://USER@HOST:PORT/DB)".to_owned());
     }
-    Ok(())
+    Ok(config)
 }
 
 /// `postgres://user@host:port/db` of a config: what logs and errors show (no password).
