@@ -34,6 +34,8 @@ pub fn cargo_command(root: &Path) -> Command {
     cmd.current_dir(root).stdin(Stdio::null());
     if ci() {
         cmd.env("CARGO_TERM_COLOR", "never");
+        // A CI build runs once from a clean clone: the incremental cache would only cost disk.
+        cmd.env("CARGO_INCREMENTAL", "0");
     }
     cmd
 }
