@@ -68,8 +68,9 @@ pub use route::{
 };
 pub use secret::Secret;
 pub use server::{
-    DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE_URL, Durability,
-    ServerConfig, ServerSettings, StoreBackend, StoreConfig, StoreSettings,
+    DEFAULT_COMMIT_DELAY, DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_STORE_URL, Durability, MAX_COMMIT_DELAY, ServerConfig, ServerSettings, StoreBackend,
+    StoreConfig, StoreSettings,
 };
 pub use settings::{KeelConfig, Settings};
 pub use telemetry::{LogFormat, OtlpProtocol, TelemetryConfig, TelemetrySettings};

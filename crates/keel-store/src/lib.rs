@@ -156,6 +156,50 @@ pub enum Durability {
     Relaxed,
 }
 
+/// How a store's writer commits: the [`Durability`] of an acknowledged write, and how
+/// long a busy writer waits for more writes to share a commit.
+///
+/// A [`Durability`] converts into options with its default commit delay
+/// ([`WriteOptions::default_commit_delay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// When an append counts as done.
+    pub durability: Durability,
+    /// When at least [`COMMIT_SIBLINGS`] more writes are queued behind the one the writer
+    /// picks up (it is busy), it waits this long for more before committing them all. One
+    /// commit then carries many calls' events, which costs less CPU than many small
+    /// commits; a write that finds the writer idle is committed at once. Zero never waits.
+    pub commit_delay: std::time::Duration,
+}
+
+impl WriteOptions {
+    /// The commit delay unless configured: 200 microseconds with [`Durability::Relaxed`],
+    /// whose commits take a few tens of microseconds, so that under load the writer would
+    /// otherwise commit every two or three writes; none with [`Durability::Fsync`], where
+    /// the sync of each commit already gathers the writes that arrive meanwhile (a delay
+    /// there only adds to every writer's wait: measured, it cut durable appends with 16
+    /// and 256 writers by a fifth to a third).
+    pub fn default_commit_delay(durability: Durability) -> std::time::Duration {
+        match durability {
+            Durability::Fsync => std::time::Duration::ZERO,
+            Durability::Relaxed => std::time::Duration::from_micros(200),
+        }
+    }
+}
+
+/// Writes queued behind the first that make a writer busy enough to wait
+/// [`WriteOptions::commit_delay`] (PostgreSQL's `commit_siblings` plays the same part).
+pub const COMMIT_SIBLINGS: usize = 1;
+
+impl From<Durability> for WriteOptions {
+    fn from(durability: Durability) -> Self {
+        Self {
+            durability,
+            commit_delay: Self::default_commit_delay(durability),
+        }
+    }
+}
+
 /// What [`EventStore::verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verify {

@@ -76,15 +76,19 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TaskStore>> {
         keel_config::Durability::Fsync => keel_store::Durability::Fsync,
         keel_config::Durability::Relaxed => keel_store::Durability::Relaxed,
     };
+    let options = keel_store::WriteOptions {
+        durability,
+        commit_delay: settings.store.commit_delay,
+    };
     match &settings.store.backend {
         StoreBackend::Sqlite { path } => {
-            let store = SqliteStore::open(path, durability)
+            let store = SqliteStore::open(path, options)
                 .with_context(|| format!("cannot open the SQLite store at {}", path.display()))?;
             Ok(Arc::new(store))
         }
         StoreBackend::Postgres { url } => {
             // Errors name the database without its password; keel does not start.
-            let store = PgStore::open(url, durability).await?;
+            let store = PgStore::open(url, options).await?;
             tracing::info!(store = %store.describe(), "using the PostgreSQL store");
             Ok(Arc::new(store))
         }

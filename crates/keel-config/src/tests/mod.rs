@@ -368,6 +368,37 @@ fn store_accepts_postgres_and_relaxed_durability() {
 }
 
 #[test]
+fn commit_delay_defaults_to_200us_with_relaxed_durability_and_is_bounded() {
+    assert_eq!(settings("").store.commit_delay, Duration::ZERO);
+    assert_eq!(
+        settings("[store]\ndurability = \"relaxed\"\n")
+            .store
+            .commit_delay,
+        Duration::from_micros(200)
+    );
+    let s = settings("[store]\ncommit_delay = \"1ms\"\n");
+    assert_eq!(s.store.commit_delay, Duration::from_millis(1));
+    assert_eq!(
+        settings("[store]\ncommit_delay = \"0s\"\n")
+            .store
+            .commit_delay,
+        Duration::ZERO
+    );
+    let e = errors("[store]\ncommit_delay = \"2s\"\n");
+    assert!(
+        e.contains("keel.toml:2")
+            && e.contains("store.commit_delay")
+            && e.contains("at most 100ms"),
+        "{e}"
+    );
+    let e = errors("[store]\ncommit_delay = \"soon\"\n");
+    assert!(
+        e.contains("keel.toml:2") && e.contains("store.commit_delay"),
+        "{e}"
+    );
+}
+
+#[test]
 fn time_window_size_is_seconds() {
     let s = settings("[breaker]\nwindow = \"time\"\nwindow_size = 60\n");
     assert_eq!(s.breaker.window, Window::Time(secs(60)));

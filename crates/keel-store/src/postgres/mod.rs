@@ -107,7 +107,17 @@ impl PgStore {
     /// Errors, without retrying, when the URL is not valid, the server cannot be reached
     /// within 5 s, it is older than PostgreSQL 13, or its keel schema is newer than this
     /// build's. Once open, a connection that drops is made again with backoff.
-    pub async fn open(url: &str, durability: Durability) -> Result<Self, StoreError> {
+    ///
+    /// `options` is a [`Durability`] (with the default commit delay) or
+    /// [`WriteOptions`](crate::WriteOptions).
+    pub async fn open(
+        url: &str,
+        options: impl Into<crate::WriteOptions>,
+    ) -> Result<Self, StoreError> {
+        let crate::WriteOptions {
+            durability,
+            commit_delay,
+        } = options.into();
         let mut config = parse_url(url).map_err(|reason| StoreError::Unreachable {
             store: "(store.url)".to_owned(),
             reason,
@@ -124,7 +134,9 @@ impl PgStore {
             let (config, for_writer) = (config.clone(), store.clone());
             std::thread::Builder::new()
                 .name("keel-pg-writer".to_owned())
-                .spawn(move || writer_thread(config, for_writer, durability, rx, ready))
+                .spawn(move || {
+                    writer_thread(config, for_writer, (durability, commit_delay), rx, ready)
+                })
                 .map_err(|e| StoreError::Unreachable {
                     store: store.clone(),
                     reason: format!("cannot start the writer thread: {e}"),
@@ -288,7 +300,7 @@ impl PgStore {
 fn writer_thread(
     config: Config,
     store: String,
-    durability: Durability,
+    (durability, commit_delay): (Durability, std::time::Duration),
     rx: mpsc::Receiver<Request>,
     ready: oneshot::Sender<Result<(), StoreError>>,
 ) {
@@ -322,7 +334,7 @@ fn writer_thread(
         if ready.send(Ok(())).is_err() {
             return;
         }
-        writer::run(conn, rx).await;
+        writer::run(conn, rx, commit_delay).await;
     });
 }
 

@@ -27,7 +27,7 @@ use tokio_postgres::{Client, Config, GenericClient, NoTls};
 
 use crate::chain;
 use crate::sqlite::writer::{
-    Done, Head, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err,
+    Done, Head, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err, busy,
     checked_snapshot, drain,
 };
 use crate::{Durability, PrunePolicy, PruneReport, StoreError, TaskWrite};
@@ -163,11 +163,19 @@ pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
 }
 
 /// The writer loop; returns when the queue is closed and drained.
-pub(crate) async fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>) {
+pub(crate) async fn run(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<Request>,
+    commit_delay: Duration,
+) {
     while let Some(first) = queue.recv().await {
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
+        if busy(&batch, pending, commit_delay) {
+            tokio::time::sleep(commit_delay).await;
+            drain(&mut queue, &mut batch, &mut pending);
+        }
         let store = conn.store.clone();
         let client = match conn.client().await {
             Ok(client) => client,

@@ -24,6 +24,7 @@ use keel_core::NewEvent;
 use crate::{
     Durability, Event, EventQuery, EventStore, IdempotencyRecord, PrunePolicy, PruneReport,
     StoreError, StoreStats, TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite, Verify, Versioned,
+    WriteOptions,
 };
 
 mod checkpoint;
@@ -95,9 +96,15 @@ impl SqliteStore {
     /// Opens or creates the database file (creating parent directories), runs
     /// migrations, and starts the writer thread.
     ///
+    /// `options` is a [`Durability`] (with the default commit delay) or [`WriteOptions`].
+    ///
     /// Errors if the directory or file cannot be created or opened, the schema
     /// is newer than this build, or a migration fails.
-    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, options: impl Into<WriteOptions>) -> Result<Self, StoreError> {
+        let WriteOptions {
+            durability,
+            commit_delay,
+        } = options.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_owned(),
@@ -115,7 +122,7 @@ impl SqliteStore {
             let stats = Arc::clone(&stats);
             std::thread::Builder::new()
                 .name("keel-store-writer".to_owned())
-                .spawn(move || writer::run(conn, writer_path, rx, stats))
+                .spawn(move || writer::run(conn, writer_path, rx, stats, commit_delay))
                 .map_err(|source| StoreError::SpawnWriter {
                     path: path.to_owned(),
                     source,

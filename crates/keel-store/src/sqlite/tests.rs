@@ -136,6 +136,49 @@ async fn conformance_run_all_with_relaxed_durability() {
     .unwrap();
 }
 
+/// The suite again with a writer that waits 5 ms whenever it is busy: waiting for more
+/// writes must not change what is stored, in what order, or what a compare-and-set sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_run_all_with_a_commit_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    conformance::run_all(|| {
+        let path = dir
+            .path()
+            .join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
+        let options = WriteOptions {
+            durability: Durability::Relaxed,
+            commit_delay: Duration::from_millis(5),
+        };
+        SqliteStore::open(&path, options).unwrap()
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn the_writer_waits_only_when_writes_queue_behind_the_first() {
+    use super::writer::{MAX_BATCH_EVENTS, Request, StateWrite, busy};
+    let request = || {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let write = StateWrite {
+            key: "k".to_owned(),
+            value: Vec::new(),
+            expected: None,
+        };
+        Request::State(write, reply)
+    };
+    let delay = Duration::from_micros(200);
+    let batch = |n: usize| (0..n).map(|_| request()).collect::<Vec<_>>();
+    // A write that finds the writer idle is committed at once.
+    assert!(!busy(&batch(1), 1, delay));
+    // One more write queued behind it: the writer is busy and waits for more.
+    assert!(busy(&batch(1 + crate::COMMIT_SIBLINGS), 2, delay));
+    // Never with no delay configured, nor when the batch is already full.
+    assert!(!busy(&batch(3), 3, Duration::ZERO));
+    assert!(!busy(&batch(3), MAX_BATCH_EVENTS, delay));
+}
+
 #[tokio::test]
 async fn conformance_holds_through_a_dyn_arc() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,12 @@
 //! them all in one transaction, and then answers each request. So N concurrent
 //! writers pay for about one commit (and one fsync with
 //! [`Durability::Fsync`](crate::Durability::Fsync)), not N.
+//! When it is busy (requests were already queued behind the first), it first
+//! waits [`WriteOptions::commit_delay`](crate::WriteOptions::commit_delay) for more
+//! (by default only with relaxed durability): without that, a steady stream of calls
+//! meets a writer whose commits take tens of microseconds and so carry two or three
+//! calls each, and the commits' fixed cost (locks, WAL frames, wake-ups) is most of
+//! its work.
 //!
 //! Each task write and prune runs inside its own `SAVEPOINT`: one that fails
 //! (a version conflict, a duplicate idempotency key, an SQL error) is rolled
@@ -25,6 +31,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
@@ -32,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use keel_core::NewEvent;
 
 use crate::chain::{self, GENESIS_HASH, HashInput, LAYOUT_V2};
-use crate::{Event, PrunePolicy, PruneReport, StoreError, TaskWrite};
+use crate::{COMMIT_SIBLINGS, Event, PrunePolicy, PruneReport, StoreError, TaskWrite};
 
 /// Most events one commit takes from the queue. A single request larger than
 /// this is still written whole, in its own commit.
@@ -305,11 +312,16 @@ pub(crate) fn run(
     path: PathBuf,
     mut queue: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
+    commit_delay: Duration,
 ) {
     while let Some(first) = queue.blocking_recv() {
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
+        if busy(&batch, pending, commit_delay) {
+            std::thread::sleep(commit_delay);
+            drain(&mut queue, &mut batch, &mut pending);
+        }
         match write_batch(&mut conn, &path, &batch) {
             Ok((stamp, results)) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -332,6 +344,13 @@ pub(crate) fn run(
         }
     }
     tracing::debug!(path = %path.display(), "event store writer stopped");
+}
+
+/// Whether the writer waits `commit_delay` for more requests before committing `batch`:
+/// when it is busy ([`COMMIT_SIBLINGS`] requests were queued behind the first) and the
+/// batch has room.
+pub(crate) fn busy(batch: &[Request], pending: usize, commit_delay: Duration) -> bool {
+    !commit_delay.is_zero() && batch.len() > COMMIT_SIBLINGS && pending < MAX_BATCH_EVENTS
 }
 
 /// Moves waiting requests into `batch` until it holds [`MAX_BATCH_EVENTS`].
