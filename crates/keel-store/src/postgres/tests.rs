@@ -19,19 +19,38 @@ fn server() -> PgServer {
 
 /// A new database on `server` and a store on it.
 async fn fresh(server: &PgServer, name: &str) -> (String, PgStore) {
+    fresh_with(server, name, Durability::Fsync.into()).await
+}
+
+async fn fresh_with(
+    server: &PgServer,
+    name: &str,
+    options: crate::WriteOptions,
+) -> (String, PgStore) {
     let url = server.create_database(name).await.unwrap();
-    let store = PgStore::open(&url, Durability::Fsync).await.unwrap();
+    let store = PgStore::open(&url, options).await.unwrap();
     (url, store)
 }
 
 /// A store on a new database, made synchronously (the suite's `make` is a plain `Fn`).
 fn maker<'s>(server: &'s PgServer, prefix: &'static str) -> impl Fn() -> PgStore + 's {
+    maker_with(server, prefix, Durability::Fsync.into())
+}
+
+fn maker_with<'s>(
+    server: &'s PgServer,
+    prefix: &'static str,
+    options: crate::WriteOptions,
+) -> impl Fn() -> PgStore + 's {
     let counter = std::sync::atomic::AtomicU32::new(0);
     move || {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current()
-                .block_on(async { fresh(server, &format!("{prefix}_{n}")).await.1 })
+            tokio::runtime::Handle::current().block_on(async {
+                fresh_with(server, &format!("{prefix}_{n}"), options)
+                    .await
+                    .1
+            })
         })
     }
 }
@@ -43,6 +62,19 @@ async fn the_conformance_suite_passes_on_postgres() {
         .await
         .unwrap();
     conformance::run_all_tasks(maker(&server, "tasks"))
+        .await
+        .unwrap();
+}
+
+/// The event suite again with a writer that waits 5 ms whenever it is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_suite_holds_with_a_commit_delay() {
+    let server = server();
+    let options = crate::WriteOptions {
+        durability: Durability::Relaxed,
+        commit_delay: Duration::from_millis(5),
+    };
+    conformance::run_all(maker_with(&server, "delayed", options))
         .await
         .unwrap();
 }
