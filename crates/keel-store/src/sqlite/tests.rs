@@ -122,38 +122,34 @@ async fn conformance_concurrent_state_saves_lose_nothing() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_run_all_with_relaxed_durability() {
+/// The event suite on stores opened with `options`, a fresh file for each property.
+async fn run_all_with(options: WriteOptions) {
     let dir = tempfile::tempdir().unwrap();
     let n = AtomicUsize::new(0);
     conformance::run_all(|| {
         let path = dir
             .path()
             .join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
-        SqliteStore::open(&path, Durability::Relaxed).unwrap()
+        SqliteStore::open(&path, options).unwrap()
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_run_all_with_relaxed_durability() {
+    run_all_with(Durability::Relaxed.into()).await;
 }
 
 /// The suite again with a writer that waits 5 ms whenever it is busy: waiting for more
 /// writes must not change what is stored, in what order, or what a compare-and-set sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_run_all_with_a_commit_delay() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = AtomicUsize::new(0);
-    conformance::run_all(|| {
-        let path = dir
-            .path()
-            .join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
-        let options = WriteOptions {
-            durability: Durability::Relaxed,
-            commit_delay: Duration::from_millis(5),
-        };
-        SqliteStore::open(&path, options).unwrap()
+    run_all_with(WriteOptions {
+        durability: Durability::Relaxed,
+        commit_delay: Duration::from_millis(5),
     })
-    .await
-    .unwrap();
+    .await;
 }
 
 #[test]
