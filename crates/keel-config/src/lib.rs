@@ -68,9 +68,8 @@ pub use route::{
 };
 pub use secret::Secret;
 pub use server::{
-    DEFAULT_COMMIT_DELAY, DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_STORE_URL, Durability, MAX_COMMIT_DELAY, ServerConfig, ServerSettings, StoreBackend,
-    StoreConfig, StoreSettings,
+    DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE_URL, Durability,
+    MAX_COMMIT_DELAY, ServerConfig, ServerSettings, StoreBackend, StoreConfig, StoreSettings,
 };
 pub use settings::{KeelConfig, Settings};
 pub use telemetry::{LogFormat, OtlpProtocol, TelemetryConfig, TelemetrySettings};

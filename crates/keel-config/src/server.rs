@@ -171,10 +171,6 @@ impl Default for StoreConfig {
     }
 }
 
-/// Default `[store] commit_delay` with `durability = "relaxed"`: 200 microseconds. With
-/// `"fsync"` there is none: each commit's sync already gathers the writes behind it.
-pub const DEFAULT_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(200);
-
 /// Largest `[store] commit_delay`: every commit under load waits this long.
 pub const MAX_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -212,8 +208,8 @@ pub struct StoreSettings {
     /// The durability of an acknowledged append.
     pub durability: Durability,
     /// How long the writer, when several writes are already queued, waits for more to
-    /// join the same commit.
-    pub commit_delay: std::time::Duration,
+    /// join the same commit (`None`: the store's default for the durability).
+    pub commit_delay: Option<std::time::Duration>,
     /// Age after which finished tasks are pruned (`None`: never).
     pub retention: Option<std::time::Duration>,
     /// Checkpoints kept per task (`None`: all).
@@ -231,7 +227,7 @@ impl Default for StoreSettings {
                 path: PathBuf::from("keel-data/keel.db"),
             },
             durability: Durability::Fsync,
-            commit_delay: std::time::Duration::ZERO,
+            commit_delay: None,
             retention: None,
             keep_checkpoints: None,
             max_checkpoint_bytes: DEFAULT_MAX_CHECKPOINT_BYTES,
@@ -281,10 +277,7 @@ impl StoreConfig {
         Ok(StoreSettings {
             backend,
             durability: self.durability,
-            commit_delay: self.commit_delay.unwrap_or(match self.durability {
-                Durability::Fsync => std::time::Duration::ZERO,
-                Durability::Relaxed => DEFAULT_COMMIT_DELAY,
-            }),
+            commit_delay: self.commit_delay,
             retention: self.retention,
             keep_checkpoints: self.keep_checkpoints,
             max_checkpoint_bytes: self.max_checkpoint_bytes,

@@ -78,7 +78,10 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TaskStore>> {
     };
     let options = keel_store::WriteOptions {
         durability,
-        commit_delay: settings.store.commit_delay,
+        commit_delay: settings
+            .store
+            .commit_delay
+            .unwrap_or_else(|| keel_store::WriteOptions::default_commit_delay(durability)),
     };
     match &settings.store.backend {
         StoreBackend::Sqlite { path } => {

@@ -368,21 +368,16 @@ fn store_accepts_postgres_and_relaxed_durability() {
 }
 
 #[test]
-fn commit_delay_defaults_to_200us_with_relaxed_durability_and_is_bounded() {
-    assert_eq!(settings("").store.commit_delay, Duration::ZERO);
-    assert_eq!(
-        settings("[store]\ndurability = \"relaxed\"\n")
-            .store
-            .commit_delay,
-        Duration::from_micros(200)
-    );
+fn commit_delay_is_optional_and_bounded() {
+    // Unset, the store picks its default for the durability (keel_store::WriteOptions).
+    assert_eq!(settings("").store.commit_delay, None);
     let s = settings("[store]\ncommit_delay = \"1ms\"\n");
-    assert_eq!(s.store.commit_delay, Duration::from_millis(1));
+    assert_eq!(s.store.commit_delay, Some(Duration::from_millis(1)));
     assert_eq!(
         settings("[store]\ncommit_delay = \"0s\"\n")
             .store
             .commit_delay,
-        Duration::ZERO
+        Some(Duration::ZERO)
     );
     let e = errors("[store]\ncommit_delay = \"2s\"\n");
     assert!(

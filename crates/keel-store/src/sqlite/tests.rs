@@ -153,6 +153,14 @@ async fn conformance_run_all_with_a_commit_delay() {
 }
 
 #[test]
+fn only_relaxed_durability_waits_for_more_writes_by_default() {
+    let relaxed = WriteOptions::from(Durability::Relaxed);
+    assert_eq!(relaxed.commit_delay, Duration::from_micros(200));
+    let fsync = WriteOptions::from(Durability::Fsync);
+    assert_eq!(fsync.commit_delay, Duration::ZERO);
+}
+
+#[test]
 fn the_writer_waits_only_when_writes_queue_behind_the_first() {
     use super::writer::{MAX_BATCH_EVENTS, Request, StateWrite, busy};
     let request = || {
