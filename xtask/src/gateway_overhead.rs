@@ -170,7 +170,11 @@ async fn measure(
         duration.as_secs()
     );
     let (mut direct_sat, mut keel_sat) = (Vec::new(), Vec::new());
+    // CPU seconds spent during the saturation rounds: this process (load generator and
+    // simulated server) in the direct rounds, keel in keel's rounds.
+    let (mut here_cpu, mut keel_cpu) = (0.0, 0.0);
     for _ in 0..ROUNDS {
+        let before = cpu_seconds("self")?;
         direct_sat.push(
             saturate(
                 &direct.url,
@@ -180,6 +184,8 @@ async fn measure(
             )
             .await?,
         );
+        here_cpu += cpu_seconds("self")? - before;
+        let before = keel.cpu_seconds()?;
         keel_sat.push(
             saturate(
                 &through.url,
@@ -189,7 +195,14 @@ async fn measure(
             )
             .await?,
         );
+        keel_cpu += keel.cpu_seconds()? - before;
     }
+    let per_request = |cpu: f64, rounds: &[LoadResult]| {
+        let ok: u64 = rounds.iter().map(|r| r.ok).sum();
+        if ok == 0 { 0.0 } else { cpu * 1e6 / ok as f64 }
+    };
+    let keel_cpu_us = per_request(keel_cpu, &keel_sat);
+    let direct_cpu_us = per_request(here_cpu, &direct_sat);
     let (direct_fixed, keel_fixed) = (combine(&direct_fixed), combine(&keel_fixed));
     let (direct_sat, keel_sat) = (combine(&direct_sat), combine(&keel_sat));
     let peak_rss_mib = keel.peak_rss_kib()? as f64 / 1024.0;
@@ -210,6 +223,10 @@ async fn measure(
         (fixed_name.as_str(), &direct_fixed, &keel_fixed),
         (sat_name.as_str(), &direct_sat, &keel_sat),
     ]);
+    println!(
+        "    CPU per request at saturation: keel {keel_cpu_us:.0} us; load generator and simulated server together, direct rounds {direct_cpu_us:.0} us ({:.2}x)",
+        keel_cpu_us / direct_cpu_us.max(f64::MIN_POSITIVE)
+    );
     println!("    keel peak RSS (VmHWM): {peak_rss_mib:.1} MiB");
     let sent_per_call = conversation.sent as f64 / conversation.calls as f64;
     let stored_per_call = conversation.stored as f64 / conversation.calls as f64;
@@ -225,11 +242,21 @@ async fn measure(
     let mut entries = latency_entries(&fixed_name, &direct_fixed, &keel_fixed, &command);
     entries.extend(latency_entries(&sat_name, &direct_sat, &keel_sat, &command));
     entries.push(BenchResult::new(
-        sat_name,
+        sat_name.clone(),
         "throughput",
         keel_sat.throughput,
         "req/s",
         Some(direct_sat.throughput),
+        &command,
+    ));
+    // The machine's speed drifts from run to run and cancels out of this ratio: keel's CPU
+    // per request over what the same machine spends per request on the direct path.
+    entries.push(BenchResult::new(
+        sat_name,
+        "keel_cpu_per_request",
+        keel_cpu_us,
+        "us",
+        Some(direct_cpu_us),
         &command,
     ));
     entries.push(BenchResult::new(
@@ -457,6 +484,12 @@ impl KeelProcess {
         }
     }
 
+    /// CPU seconds keel has used so far (user and system).
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.child.id().context("keel has already exited")?;
+        cpu_seconds(&pid.to_string())
+    }
+
     /// keel's peak resident set size so far, from `VmHWM` in `/proc/<pid>/status`.
     fn peak_rss_kib(&self) -> anyhow::Result<u64> {
         let pid = self.child.id().context("keel has already exited")?;
@@ -492,6 +525,26 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     addr.parse().ok()
 }
 
+/// CPU seconds (user and system) process `pid` (a number, or `self`) has used so far, from
+/// `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    parse_cpu_seconds(&stat).with_context(|| format!("no CPU times in /proc/{pid}/stat"))
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in seconds. The fields after the command
+/// name (which may hold spaces, hence the last `)`) are counted from `state`, field 3;
+/// utime and stime are fields 14 and 15, in clock ticks of 1/100 s (`USER_HZ`, fixed at
+/// 100 for user space on Linux).
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
     let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
     line.split_whitespace().next()?.parse().ok()
@@ -500,6 +553,16 @@ fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_cpu_seconds_from_a_proc_stat_line() {
+        // A command name with spaces and a `)` of its own; utime 250, stime 75 ticks.
+        let stat = "4242 (keel (x) y) S 1 4242 4242 0 -1 4194304 100 0 0 0 250 75 0 0 20 0 9 0 1 0";
+        assert_eq!(parse_cpu_seconds(stat), Some(3.25));
+        assert_eq!(parse_cpu_seconds("4242 (keel) S 1"), None);
+        // This very process has a stat line.
+        assert!(cpu_seconds("self").is_ok());
+    }
 
     #[test]
     fn finds_the_address_in_keels_listening_line() {
