@@ -38,8 +38,9 @@ pub fn request(body: &RawObject) -> Recorded {
     for message in messages {
         let message = Payload::new(Bytes::copy_from_slice(message.get().as_bytes()));
         let message_hash = message.hash();
-        // The text `json!({"prev": .., "message": ..})` gives, written
-        // directly: both members are hex hashes (or null), nothing to escape.
+        // `{"prev": .., "message": ..}` in this order, written directly: both
+        // members are hex hashes (or null), nothing to escape. The text is hashed,
+        // so it never changes.
         let node = match &conversation {
             Some(prev) => format!(r#"{{"prev":"{prev}","message":"{message_hash}"}}"#),
             None => format!(r#"{{"prev":null,"message":"{message_hash}"}}"#),
@@ -77,11 +78,14 @@ mod tests {
         let recorded = request(&body(2));
         let first_message = recorded.blobs[0].hash().to_owned();
         let first_node = recorded.blobs[1].bytes();
-        let expected = json!({"prev": null, "message": first_message}).to_string();
+        // The stored text, byte for byte: `prev` first, as every node keel ever wrote.
+        let expected = format!(r#"{{"prev":null,"message":"{first_message}"}}"#);
         assert_eq!(first_node.as_ref(), expected.as_bytes());
         let second_message = recorded.blobs[2].hash().to_owned();
-        let expected =
-            json!({"prev": blob_hash(first_node), "message": second_message}).to_string();
+        let expected = format!(
+            r#"{{"prev":"{}","message":"{second_message}"}}"#,
+            blob_hash(first_node)
+        );
         assert_eq!(recorded.blobs[3].bytes().as_ref(), expected.as_bytes());
     }
 

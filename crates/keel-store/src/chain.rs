@@ -157,8 +157,10 @@ fn put_str(h: &mut Sha256, s: &str) {
 
 /// `value` with the keys of every object sorted, recursively.
 ///
-/// Needed because this workspace enables serde_json's `preserve_order`, under
-/// which objects keep insertion order.
+/// The workspace builds serde_json without `preserve_order`, so its objects are
+/// already sorted maps and this only walks the tree; it stays so that the canonical
+/// form cannot change should a dependency ever turn that feature on (features are
+/// unified across the build, and under it objects keep insertion order).
 pub fn canonicalize(mut value: serde_json::Value) -> serde_json::Value {
     // In place: `sort_all_objects` reorders each map's entries without
     // re-hashing or re-allocating its keys.
