@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use crate::common::{Keel, get, post, post_as, sim};
 use keel_store::testing::PgServer;
 
-const CONFIG: &str = r#"
+/// What every node of these tests has: the shared database (`{pg}`) and the simulator.
+const NODE: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 [store]
@@ -17,11 +18,20 @@ url = "{pg}"
 [providers.sim]
 kind = "openai"
 base_url = "{sim}"
+"#;
+
+/// Most tests' route and agent.
+const DEMO: &str = r#"
 [routes.smart]
 targets = [{ provider = "sim", model = "primary" }]
 [agents.demo]
 max_attempts = 3
 "#;
+
+/// A node's config on database `pg` with `routes` (routes and agents).
+fn config(pg: &str, routes: &str) -> String {
+    format!("{NODE}{routes}").replace("{pg}", pg)
+}
 
 fn pg_server() -> PgServer {
     PgServer::start().unwrap_or_else(|e| panic!("cannot start PostgreSQL for the test: {e}"))
@@ -32,7 +42,7 @@ async fn nodes_on_one_postgres_share_tasks_claims_and_one_verifiable_log() {
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let sim = sim().await;
-    let config = CONFIG.replace("{pg}", &pg);
+    let config = config(&pg, DEMO);
     let (mut a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
 
     // Created on node A, claimed through node B; the second claim (on A) finds nothing.
@@ -169,7 +179,7 @@ async fn an_agent_s_budget_holds_across_nodes_together() {
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let sim = sim().await;
-    let config = CONFIG.replace("{pg}", &pg).replace(
+    let config = config(&pg, DEMO).replace(
         "max_attempts = 3",
         "max_attempts = 3\nbudget = { requests_per_minute = 10 }",
     );
@@ -214,13 +224,6 @@ async fn an_agent_s_budget_holds_across_nodes_together() {
 }
 
 const FLEET: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-[store]
-url = "{pg}"
-[providers.sim]
-kind = "openai"
-base_url = "{sim}"
 [routes.fleet]
 targets = [{ provider = "sim", model = "primary" }]
 [agents.fleet]
@@ -251,7 +254,7 @@ async fn a_fleet_over_three_nodes_loses_nothing_when_one_is_killed() {
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let sim = sim().await;
-    let config = FLEET.replace("{pg}", &pg);
+    let config = config(&pg, FLEET);
     let (a, mut b, c) = tokio::join!(
         Keel::start(&config, &sim),
         Keel::start(&config, &sim),
@@ -370,7 +373,7 @@ async fn nodes_recover_from_a_postgres_restart_without_losing_what_they_acknowle
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let sim = sim().await;
-    let config = CONFIG.replace("{pg}", &pg);
+    let config = config(&pg, DEMO);
     let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
     let nodes = [a.url.clone(), b.url.clone()];
 
@@ -450,7 +453,7 @@ async fn a_breaker_opened_on_one_node_shows_on_every_node_s_dashboard() {
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let models = sim().await;
-    let config = CONFIG.replace("{pg}", &pg).replace(
+    let config = config(&pg, DEMO).replace(
         "[agents.demo]",
         "[breaker]\nwindow_size = 4\nmin_calls = 2\nfailure_rate = 0.5\nopen_for = \"60s\"\n\n[agents.demo]",
     ) + "\n";
@@ -505,7 +508,7 @@ async fn leases_expire_and_approvals_are_decided_whichever_node_is_asked() {
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let sim = sim().await;
-    let config = CONFIG.replace("{pg}", &pg);
+    let config = config(&pg, DEMO);
     let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
     let (status, task) = post(&a.url, "/v1/tasks", json!({"agent": "demo", "input": {}})).await;
     assert_eq!(status, StatusCode::CREATED, "{task}");
