@@ -50,8 +50,8 @@ pub(crate) struct Finish {
 
 /// How a call's answer is kept with its `llm_call`.
 pub(crate) enum Recorded<'a> {
-    /// In the event (a JSON body).
-    Inline(&'a Bytes),
+    /// In the event (a JSON body, parsed; `None` when it was not kept).
+    Inline(Option<Value>),
     /// As a content-addressed blob named in the event (a stream's chunks).
     Blob(&'a Bytes),
     /// Not kept.
@@ -74,9 +74,7 @@ impl Finish {
         // repeated, so content-addressing them would only scatter writes.
         // Streams are stored as a blob of their chunks, named by hash.
         let (response, response_hash) = match response {
-            Recorded::Inline(body) if recording => {
-                (serde_json::from_slice::<Value>(body).ok(), None)
-            }
+            Recorded::Inline(tree) if recording => (tree, None),
             Recorded::Blob(body) if recording => (None, Some(keel_store::blob_hash(body))),
             Recorded::Inline(_) | Recorded::Blob(_) | Recorded::Nothing => (None, None),
         };
@@ -209,7 +207,7 @@ impl Finish {
         route: &Route,
         mut log: CallLog,
         target: &Target,
-        body: Bytes,
+        (body, tree): (Bytes, Option<Value>),
         usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
@@ -219,7 +217,7 @@ impl Finish {
             "ok",
             fallback,
             usage,
-            Recorded::Inline(&body),
+            Recorded::Inline(tree),
         );
         log.events.push(event);
         let looping = self.gw.find_loop(
@@ -478,9 +476,12 @@ impl Finish {
             | UpstreamError::StreamCut { .. }
             | UpstreamError::BreakerOpen { .. } => None,
         };
-        let recorded = upstream_body
-            .as_ref()
-            .map_or(Recorded::Nothing, Recorded::Inline);
+        let recorded = match &upstream_body {
+            Some(body) if self.gw.record_payloads => {
+                Recorded::Inline(serde_json::from_slice::<Value>(body).ok())
+            }
+            Some(_) | None => Recorded::Nothing,
+        };
         let event = self.llm_call(&log, &target, "fatal", false, None, recorded);
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())

@@ -295,6 +295,7 @@ async fn handle_inner(
         chaos: gw.chaos.as_ref(),
         chaos_header,
         output: output.as_ref(),
+        keep_tree: gw.record_payloads,
     };
     let recorded = if gw.record_payloads {
         payload::request(&parsed.body)
@@ -336,8 +337,12 @@ async fn handle_inner(
             target,
             body,
             usage,
+            tree,
             fallback,
-        } => ctx.json(route, log, &target, body, usage, fallback).await,
+        } => {
+            ctx.json(route, log, &target, (body, tree), usage, fallback)
+                .await
+        }
         Answer::Stream {
             target,
             first,

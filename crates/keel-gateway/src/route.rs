@@ -173,6 +173,8 @@ pub enum Answer {
         body: Bytes,
         /// Token usage the body reported.
         usage: Option<Usage>,
+        /// The body as a tree, when [`Executor::keep_tree`] asked for it.
+        tree: Option<serde_json::Value>,
         /// Whether `target` is not the route's first.
         fallback: bool,
     },
@@ -215,6 +217,9 @@ pub struct Executor<'a> {
     /// The schema the answer must match (`response_format: json_schema`), when the
     /// route validates output.
     pub output: Option<&'a OutputCheck>,
+    /// Keep a JSON answer's parsed tree (for the call's record): the answer is read once,
+    /// its `usage` taken from the tree.
+    pub keep_tree: bool,
 }
 
 impl Executor<'_> {
@@ -251,15 +256,16 @@ impl Executor<'_> {
                 TargetResult::Answered(reply) => {
                     let fallback = index > 0;
                     return match reply {
-                        Reply::Json(answer, usage) => {
+                        Reply::Json(answer) => {
                             match self
-                                .checked(target, endpoint, body, answer, usage, deadline, log)
+                                .checked(target, endpoint, body, answer, deadline, log)
                                 .await
                             {
-                                Ok((body, usage)) => Answer::Json {
+                                Ok(answer) => Answer::Json {
                                     target: Arc::clone(target),
-                                    body,
-                                    usage,
+                                    body: answer.body,
+                                    usage: answer.usage,
+                                    tree: answer.tree,
                                     fallback,
                                 },
                                 Err(e) => {
@@ -299,27 +305,22 @@ impl Executor<'_> {
     /// The answer if it matches the request's schema (or there is none); otherwise one
     /// second try on the same target with the error, and that answer if it matches.
     /// `Err` sends the call on to the next target.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call's state, passed through"
-    )]
     async fn checked(
         &self,
         target: &Arc<Target>,
         endpoint: Endpoint,
         body: &RawObject,
-        answer: Bytes,
-        usage: Option<Usage>,
+        answer: JsonReply,
         deadline: Instant,
         log: &mut CallLog,
-    ) -> Result<(Bytes, Option<Usage>), UpstreamError> {
+    ) -> Result<JsonReply, UpstreamError> {
         let Some(check) = self.output else {
-            return Ok((answer, usage));
+            return Ok(answer);
         };
-        let Err(mismatch) = check.check(&answer) else {
-            return Ok((answer, usage));
+        let Err(mismatch) = check.check(&answer.body) else {
+            return Ok(answer);
         };
-        let first_usage = usage;
+        let first_usage = answer.usage;
         log.push(
             EventKind::LlmAttemptFailed,
             json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again"}),
@@ -341,9 +342,12 @@ impl Executor<'_> {
             detail,
         };
         match self.try_target(target, request, deadline, log).await {
-            TargetResult::Answered(Reply::Json(answer, usage)) => match check.check(&answer) {
+            TargetResult::Answered(Reply::Json(answer)) => match check.check(&answer.body) {
                 // Both answers were paid for.
-                Ok(()) => Ok((answer, add_usage(first_usage, usage))),
+                Ok(()) => Ok(JsonReply {
+                    usage: add_usage(first_usage, answer.usage),
+                    ..answer
+                }),
                 Err(again) => {
                     log.push(
                         EventKind::LlmAttemptFailed,
@@ -589,10 +593,7 @@ impl Executor<'_> {
             Err(_) => return Err(timed_out(start.elapsed())),
         };
         match reply {
-            ProviderReply::Json(body) => {
-                let usage = check_json(&body, &target)?;
-                Ok(Reply::Json(body, usage))
-            }
+            ProviderReply::Json(body) => Ok(Reply::Json(read_json(body, &target, self.keep_tree)?)),
             ProviderReply::Stream(mut rest) => {
                 match tokio::time::timeout_at(first_deadline, rest.next()).await {
                     Ok(Some(Ok(first))) => Ok(Reply::Stream(first, rest)),
@@ -716,7 +717,7 @@ impl Drop for PermitGuard<'_> {
 }
 
 enum Reply {
-    Json(Bytes, Option<Usage>),
+    Json(JsonReply),
     Stream(Bytes, ChunkStream),
 }
 
@@ -727,12 +728,36 @@ enum TargetResult {
     OutOfTime(Option<UpstreamError>),
 }
 
+/// A complete JSON answer, read.
+struct JsonReply {
+    body: Bytes,
+    usage: Option<Usage>,
+    /// The body as a tree, when kept.
+    tree: Option<serde_json::Value>,
+}
+
 /// Reads `usage` from a 200 body; a body that is not JSON is the upstream's
-/// failure, and retryable. One pass: serde reads (and so checks) the whole document.
-fn check_json(body: &[u8], target: &str) -> Result<Option<Usage>, UpstreamError> {
-    crate::usage::usage_of(body).map_err(|e| UpstreamError::Malformed {
+/// failure, and retryable. One pass: serde reads (and so checks) the whole document,
+/// into a tree when `keep_tree` (and `usage` from that), else skipping all but `usage`.
+fn read_json(body: Bytes, target: &str, keep_tree: bool) -> Result<JsonReply, UpstreamError> {
+    let malformed = |e: serde_json::Error| UpstreamError::Malformed {
         target: target.to_owned(),
         detail: e.to_string(),
+    };
+    if !keep_tree {
+        let usage = crate::usage::usage_of(&body).map_err(malformed)?;
+        return Ok(JsonReply {
+            body,
+            usage,
+            tree: None,
+        });
+    }
+    let tree: serde_json::Value = serde_json::from_slice(&body).map_err(malformed)?;
+    let usage = crate::usage::usage_in(&tree).map_err(malformed)?;
+    Ok(JsonReply {
+        body,
+        usage,
+        tree: Some(tree),
     })
 }
 
