@@ -86,6 +86,9 @@ pub fn scan(text: &str) -> Finding {
     let mut score: f64 = 0.0;
     let mut matched = Vec::new();
     let hits: Vec<usize> = match SET.as_ref() {
+        // Most texts match nothing: a yes/no search stops at the first match and is far
+        // cheaper than asking which patterns match, so it goes first.
+        Some(set) if !set.is_match(text) => Vec::new(),
         Some(set) => set.matches(text).into_iter().collect(),
         // The set is built from the same patterns, so it always builds; were it not to,
         // each pattern is tried on its own.
