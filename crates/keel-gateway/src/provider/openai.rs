@@ -6,6 +6,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keel_config::ProviderSettings;
 use keel_core::class::ErrorHint;
 use reqwest::header::{
@@ -15,19 +19,60 @@ use reqwest::header::{
 use super::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
 use crate::error::UpstreamError;
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body, whichever client read it.
+type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// How long an idle pooled connection to a provider is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
 /// An OpenAI-compatible upstream.
 pub struct OpenAiProvider {
-    client: reqwest::Client,
+    transport: Transport,
+    /// Sent with every request: the content type, the API key (as `Authorization: Bearer`)
+    /// and the provider's own headers, each marked sensitive so it is never logged.
+    headers: HeaderMap,
     /// Endpoint URLs with the provider's query parameters, parsed once.
-    chat_url: reqwest::Url,
-    embeddings_url: reqwest::Url,
+    chat: Url,
+    embeddings: Url,
+}
+
+/// An endpoint's URL, in the form each client takes.
+struct Url {
+    uri: http::Uri,
+    url: reqwest::Url,
+}
+
+/// The HTTP client a provider is reached with.
+enum Transport {
+    /// hyper's pooled HTTP/1.1 and HTTP/2 client over rustls: the common case. It costs
+    /// a fraction of reqwest's work per request, which parses and prints the URL several
+    /// times over for its redirect and proxy layers even when neither has work to do.
+    Direct(Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>>),
+    /// reqwest, for what the direct client does not do: a proxy from `HTTPS_PROXY`,
+    /// `HTTP_PROXY` or `ALL_PROXY` (minus `NO_PROXY`) for this provider, and credentials
+    /// written into the `base_url` (`https://user:password@host`, sent as Basic auth).
+    Reqwest(reqwest::Client),
 }
 
 impl OpenAiProvider {
     /// Builds the client: provider headers and the API key (as `Authorization:
     /// Bearer`) are set once here, marked sensitive so they are never logged.
     pub fn try_new(settings: &ProviderSettings, connect: Duration) -> Result<Self, String> {
+        let proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
+        Self::with_proxies(settings, connect, &proxies)
+    }
+
+    /// [`OpenAiProvider::try_new`] with the proxies `proxies` names instead of the
+    /// environment's.
+    fn with_proxies(
+        settings: &ProviderSettings,
+        connect: Duration,
+        proxies: &hyper_util::client::proxy::matcher::Matcher,
+    ) -> Result<Self, String> {
         let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(key) = &settings.api_key {
             let mut value =
                 HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
@@ -55,31 +100,96 @@ impl OpenAiProvider {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(connect)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // keel's own policies decide retries; a provider's redirect is
-            // reported, not followed with the key attached.
-            .redirect(reqwest::redirect::Policy::none())
-            .retry(reqwest::retry::never())
-            .build()
-            .map_err(|e| format!("providers.{}: cannot build HTTP client: {e}", settings.name))?;
         let url = |endpoint: Endpoint| {
             let text = format!("{}{}", settings.base_url, endpoint.path());
-            reqwest::Url::parse_with_params(&text, &settings.query).map_err(|e| {
+            let invalid = |e: &dyn std::fmt::Display| {
                 format!(
                     "providers.{}.base_url: {text:?} is not a URL: {e}",
                     settings.name
                 )
-            })
+            };
+            let url =
+                reqwest::Url::parse_with_params(&text, &settings.query).map_err(|e| invalid(&e))?;
+            let uri = url.as_str().parse::<http::Uri>().map_err(|e| invalid(&e))?;
+            Ok::<_, String>(Url { uri, url })
+        };
+        let (chat, embeddings) = (url(Endpoint::ChatCompletions)?, url(Endpoint::Embeddings)?);
+        // Both endpoints are on the base URL's host, so one proxy (or none) serves both.
+        let proxy = proxies.intercept(&chat.uri);
+        let userinfo = !chat.url.username().is_empty() || chat.url.password().is_some();
+        let cannot_build = |e: &dyn std::fmt::Display| {
+            format!("providers.{}: cannot build HTTP client: {e}", settings.name)
+        };
+        let transport = if proxy.is_some() || userinfo {
+            let mut builder = reqwest::Client::builder().no_proxy();
+            if let Some(proxy) = proxy {
+                let mut via =
+                    reqwest::Proxy::all(proxy.uri().to_string()).map_err(|e| cannot_build(&e))?;
+                if let Some(auth) = proxy.basic_auth() {
+                    via = via.custom_http_auth(auth.clone());
+                }
+                builder = builder.proxy(via);
+            }
+            let client = builder
+                .connect_timeout(connect)
+                .tcp_nodelay(true)
+                .pool_idle_timeout(POOL_IDLE)
+                // keel's own policies decide retries; a provider's redirect is
+                // reported, not followed with the key attached.
+                .redirect(reqwest::redirect::Policy::none())
+                .retry(reqwest::retry::never())
+                .build()
+                .map_err(|e| cannot_build(&e))?;
+            Transport::Reqwest(client)
+        } else {
+            let mut http = HttpConnector::new();
+            http.set_connect_timeout(Some(connect));
+            http.set_nodelay(true);
+            // `https://` URLs pass through to the TLS layer.
+            http.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(http);
+            // No redirects and no retries: the direct client does neither, and keel's own
+            // policies decide retries.
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_timer(TokioTimer::new())
+                .build(https);
+            Transport::Direct(Box::new(client))
         };
         Ok(Self {
-            client,
-            chat_url: url(Endpoint::ChatCompletions)?,
-            embeddings_url: url(Endpoint::Embeddings)?,
+            transport,
+            headers,
+            chat,
+            embeddings,
         })
+    }
+
+    /// Sends `body` to `url`; `Err` is a transport failure, described without the URL.
+    async fn post(&self, url: &Url, body: Bytes) -> Result<http::Response<Body>, String> {
+        match &self.transport {
+            Transport::Direct(client) => {
+                let mut request = http::Request::new(Full::new(body));
+                *request.method_mut() = http::Method::POST;
+                *request.uri_mut() = url.uri.clone();
+                *request.headers_mut() = self.headers.clone();
+                let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+                Ok(response.map(|b| b.map_err(BoxError::from).boxed()))
+            }
+            Transport::Reqwest(client) => {
+                let response = client
+                    .post(url.url.clone())
+                    .headers(self.headers.clone())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| error_chain(&e.without_url()))?;
+                Ok(http::Response::from(response).map(|b| b.map_err(BoxError::from).boxed()))
+            }
+        }
     }
 }
 
@@ -87,21 +197,17 @@ impl OpenAiProvider {
 impl Provider for OpenAiProvider {
     async fn send(&self, request: ProviderRequest) -> Result<ProviderReply, UpstreamError> {
         let url = match request.endpoint {
-            Endpoint::ChatCompletions => self.chat_url.clone(),
-            Endpoint::Embeddings => self.embeddings_url.clone(),
+            Endpoint::ChatCompletions => &self.chat,
+            Endpoint::Embeddings => &self.embeddings,
         };
         let target = request.target;
-        let response = self
-            .client
-            .post(url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(request.body)
-            .send()
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                target: target.clone(),
-                detail: transport_detail(e),
-            })?;
+        let response =
+            self.post(url, request.body)
+                .await
+                .map_err(|detail| UpstreamError::Connect {
+                    target: target.clone(),
+                    detail,
+                })?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -109,7 +215,10 @@ impl Provider for OpenAiProvider {
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            let body = response.bytes().await.unwrap_or_default();
+            let body = match response.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
             let hint = ErrorHint::from_body(&body);
             return Err(UpstreamError::Status {
                 target,
@@ -120,12 +229,20 @@ impl Provider for OpenAiProvider {
             });
         }
         if request.stream {
-            return Ok(ProviderReply::Stream(sse_chunks(response, target)));
+            return Ok(ProviderReply::Stream(sse_chunks(
+                response.into_body(),
+                target,
+            )));
         }
-        let body = response.bytes().await.map_err(|e| UpstreamError::Connect {
-            target: target.clone(),
-            detail: transport_detail(e),
-        })?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                target: target.clone(),
+                detail: error_chain(e.as_ref()),
+            })?
+            .to_bytes();
         Ok(ProviderReply::Json(body))
     }
 }
@@ -136,12 +253,12 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
-/// The client error without its URL: query parameters and `user:pass@` in a
-/// provider's URL may hold keys, and this text reaches events and clients.
-fn transport_detail(e: reqwest::Error) -> String {
-    let e = e.without_url();
+/// An error and its sources, `: `-joined. Callers strip URLs first (query parameters and
+/// `user:pass@` in a provider's URL may hold keys, and this text reaches events and
+/// clients); the direct client's errors never carry one.
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
         detail.push_str(": ");
         detail.push_str(&s.to_string());
@@ -151,8 +268,8 @@ fn transport_detail(e: reqwest::Error) -> String {
 }
 
 /// Turns an SSE body into its `data` payloads; ends after `[DONE]`, errors on a cut.
-fn sse_chunks(response: reqwest::Response, target: String) -> ChunkStream {
-    let bytes = response.bytes_stream();
+fn sse_chunks(body: Body, target: String) -> ChunkStream {
+    let bytes = body.into_data_stream();
     let state = (bytes, SseParser::default(), target, false);
     futures::stream::unfold(state, |(mut bytes, mut parser, target, done)| async move {
         if done {
@@ -170,7 +287,7 @@ fn sse_chunks(response: reqwest::Response, target: String) -> ChunkStream {
                 Some(Err(e)) => {
                     let err = UpstreamError::Connect {
                         target: target.clone(),
-                        detail: format!("stream broke: {}", transport_detail(e)),
+                        detail: format!("stream broke: {}", error_chain(e.as_ref())),
                     };
                     return Some((Err(err), (bytes, parser, target, true)));
                 }
@@ -239,6 +356,7 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::client::proxy::matcher::Matcher;
 
     #[test]
     fn sse_parser_splits_across_chunks() {
@@ -258,17 +376,136 @@ mod tests {
         assert_eq!(p.next_data().unwrap().as_ref(), b"one\ntwo");
     }
 
+    fn settings(base_url: &str, api_key: Option<&str>) -> ProviderSettings {
+        ProviderSettings {
+            name: "up".to_owned(),
+            kind: keel_config::ProviderKind::OpenAi,
+            base_url: base_url.to_owned(),
+            api_key: api_key.map(|k| keel_config::Secret::new(k.to_owned())),
+            headers: vec![("x-team".to_owned(), "blue".to_owned())],
+            query: vec![("key".to_owned(), "query-secret".to_owned())],
+            prices: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn no_proxies() -> Matcher {
+        Matcher::builder().build()
+    }
+
+    fn chat(body: &str) -> ProviderRequest {
+        ProviderRequest {
+            endpoint: Endpoint::ChatCompletions,
+            body: Bytes::from(body.to_owned()),
+            stream: false,
+            target: "up/sim-model".to_owned(),
+        }
+    }
+
+    async fn connect_detail(provider: &OpenAiProvider) -> String {
+        match provider.send(chat("{}")).await {
+            Err(UpstreamError::Connect { detail, .. }) => detail,
+            Err(other) => panic!("not a connect error: {other:?}"),
+            Ok(_) => panic!("nothing listens there, yet it answered"),
+        }
+    }
+
     #[tokio::test]
     async fn transport_errors_do_not_carry_the_url() {
         // Nothing listens on port 9 of loopback: the connection is refused.
-        let err = reqwest::Client::new()
-            .get("http://user:pw-secret@127.0.0.1:9/v1/chat?key=query-secret")
-            .send()
-            .await
-            .unwrap_err();
-        let detail = transport_detail(err);
+        let direct = OpenAiProvider::with_proxies(
+            &settings("http://127.0.0.1:9/v1", Some("sk-secret")),
+            Duration::from_secs(2),
+            &no_proxies(),
+        )
+        .unwrap();
+        assert!(matches!(direct.transport, Transport::Direct(_)));
+        let detail = connect_detail(&direct).await;
+        assert!(!detail.contains("secret"), "{detail}");
+        assert!(detail.contains("refused"), "{detail}");
+        // Credentials in the URL go through reqwest, which strips the URL from its errors.
+        let with_userinfo = OpenAiProvider::with_proxies(
+            &settings("http://user:pw-secret@127.0.0.1:9/v1", None),
+            Duration::from_secs(2),
+            &no_proxies(),
+        )
+        .unwrap();
+        assert!(matches!(with_userinfo.transport, Transport::Reqwest(_)));
+        let detail = connect_detail(&with_userinfo).await;
         assert!(!detail.contains("secret"), "{detail}");
         assert!(!detail.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_direct_client_sends_the_key_headers_and_query_and_reads_the_answer() {
+        let sim = keel_sim::SimServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let provider = OpenAiProvider::with_proxies(
+            &settings(&sim.base_url(), Some("sk-direct")),
+            Duration::from_secs(2),
+            &no_proxies(),
+        )
+        .unwrap();
+        assert!(matches!(provider.transport, Transport::Direct(_)));
+        let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
+        let Ok(ProviderReply::Json(answer)) = provider.send(chat(body)).await else {
+            panic!("no JSON answer");
+        };
+        let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["object"], "chat.completion", "{answer}");
+        assert_eq!(
+            sim.last_authorization("sim-model").as_deref(),
+            Some("Bearer sk-direct")
+        );
+        // An upstream error status comes back as such, with its body.
+        sim.set_always("sim-model", Some(keel_sim::Fault::status(503)));
+        match provider.send(chat(body)).await {
+            Err(UpstreamError::Status { status, body, .. }) => {
+                assert_eq!(status.as_u16(), 503);
+                assert!(!body.is_empty());
+            }
+            Err(other) => panic!("not a status error: {other:?}"),
+            Ok(_) => panic!("the 503 was not reported"),
+        }
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_provider_behind_a_proxy_is_reached_through_it() {
+        // The simulated server stands in for an HTTP proxy: a request for a host that does
+        // not resolve reaches it in absolute form, and it answers by the path.
+        let proxy = keel_sim::SimServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let proxies = Matcher::builder()
+            .http(format!("http://{}", proxy.addr()))
+            .build();
+        let provider = OpenAiProvider::with_proxies(
+            &settings("http://model-api.invalid/v1", Some("sk-proxied")),
+            Duration::from_secs(2),
+            &proxies,
+        )
+        .unwrap();
+        assert!(matches!(provider.transport, Transport::Reqwest(_)));
+        let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
+        let reply = provider.send(chat(body)).await;
+        assert!(
+            matches!(reply, Ok(ProviderReply::Json(_))),
+            "no answer through the proxy"
+        );
+        assert_eq!(
+            proxy.last_authorization("sim-model").as_deref(),
+            Some("Bearer sk-proxied")
+        );
+        // A host the proxies do not cover goes direct.
+        let elsewhere = OpenAiProvider::with_proxies(
+            &settings("https://api.example.com/v1", None),
+            Duration::from_secs(2),
+            &proxies,
+        )
+        .unwrap();
+        assert!(matches!(elsewhere.transport, Transport::Direct(_)));
+        proxy.shutdown().await;
     }
 
     #[test]
