@@ -392,6 +392,17 @@ mod tests {
         Matcher::builder().build()
     }
 
+    /// A provider at `base_url` with `api_key`, the `x-team` header and a secret query
+    /// parameter, reached through `proxies`.
+    fn provider(base_url: &str, api_key: Option<&str>, proxies: &Matcher) -> OpenAiProvider {
+        OpenAiProvider::with_proxies(
+            &settings(base_url, api_key),
+            Duration::from_secs(2),
+            proxies,
+        )
+        .unwrap()
+    }
+
     fn chat(body: &str) -> ProviderRequest {
         ProviderRequest {
             endpoint: Endpoint::ChatCompletions,
@@ -412,23 +423,13 @@ mod tests {
     #[tokio::test]
     async fn transport_errors_do_not_carry_the_url() {
         // Nothing listens on port 9 of loopback: the connection is refused.
-        let direct = OpenAiProvider::with_proxies(
-            &settings("http://127.0.0.1:9/v1", Some("sk-secret")),
-            Duration::from_secs(2),
-            &no_proxies(),
-        )
-        .unwrap();
+        let direct = provider("http://127.0.0.1:9/v1", Some("sk-secret"), &no_proxies());
         assert!(matches!(direct.transport, Transport::Direct(_)));
         let detail = connect_detail(&direct).await;
         assert!(!detail.contains("secret"), "{detail}");
         assert!(detail.contains("refused"), "{detail}");
         // Credentials in the URL go through reqwest, which strips the URL from its errors.
-        let with_userinfo = OpenAiProvider::with_proxies(
-            &settings("http://user:pw-secret@127.0.0.1:9/v1", None),
-            Duration::from_secs(2),
-            &no_proxies(),
-        )
-        .unwrap();
+        let with_userinfo = provider("http://user:pw-secret@127.0.0.1:9/v1", None, &no_proxies());
         assert!(matches!(with_userinfo.transport, Transport::Reqwest(_)));
         let detail = connect_detail(&with_userinfo).await;
         assert!(!detail.contains("secret"), "{detail}");
@@ -440,15 +441,10 @@ mod tests {
         let sim = keel_sim::SimServer::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let provider = OpenAiProvider::with_proxies(
-            &settings(&sim.base_url(), Some("sk-direct")),
-            Duration::from_secs(2),
-            &no_proxies(),
-        )
-        .unwrap();
-        assert!(matches!(provider.transport, Transport::Direct(_)));
+        let direct = provider(&sim.base_url(), Some("sk-direct"), &no_proxies());
+        assert!(matches!(direct.transport, Transport::Direct(_)));
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
-        let Ok(ProviderReply::Json(answer)) = provider.send(chat(body)).await else {
+        let Ok(ProviderReply::Json(answer)) = direct.send(chat(body)).await else {
             panic!("no JSON answer");
         };
         let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
@@ -459,7 +455,7 @@ mod tests {
         );
         // An upstream error status comes back as such, with its body.
         sim.set_always("sim-model", Some(keel_sim::Fault::status(503)));
-        match provider.send(chat(body)).await {
+        match direct.send(chat(body)).await {
             Err(UpstreamError::Status { status, body, .. }) => {
                 assert_eq!(status.as_u16(), 503);
                 assert!(!body.is_empty());
@@ -480,15 +476,10 @@ mod tests {
         let proxies = Matcher::builder()
             .http(format!("http://{}", proxy.addr()))
             .build();
-        let provider = OpenAiProvider::with_proxies(
-            &settings("http://model-api.invalid/v1", Some("sk-proxied")),
-            Duration::from_secs(2),
-            &proxies,
-        )
-        .unwrap();
-        assert!(matches!(provider.transport, Transport::Reqwest(_)));
+        let proxied = provider("http://model-api.invalid/v1", Some("sk-proxied"), &proxies);
+        assert!(matches!(proxied.transport, Transport::Reqwest(_)));
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
-        let reply = provider.send(chat(body)).await;
+        let reply = proxied.send(chat(body)).await;
         assert!(
             matches!(reply, Ok(ProviderReply::Json(_))),
             "no answer through the proxy"
@@ -498,12 +489,7 @@ mod tests {
             Some("Bearer sk-proxied")
         );
         // A host the proxies do not cover goes direct.
-        let elsewhere = OpenAiProvider::with_proxies(
-            &settings("https://api.example.com/v1", None),
-            Duration::from_secs(2),
-            &proxies,
-        )
-        .unwrap();
+        let elsewhere = provider("https://api.example.com/v1", None, &proxies);
         assert!(matches!(elsewhere.transport, Transport::Direct(_)));
         proxy.shutdown().await;
     }
