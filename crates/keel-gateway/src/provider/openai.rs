@@ -187,7 +187,9 @@ impl OpenAiProvider {
                     .send()
                     .await
                     .map_err(|e| error_chain(&e.without_url()))?;
-                Ok(http::Response::from(response).map(|b| b.map_err(BoxError::from).boxed()))
+                // A body error read later must not carry the URL either.
+                Ok(http::Response::from(response)
+                    .map(|b| b.map_err(|e| BoxError::from(e.without_url())).boxed()))
             }
         }
     }
