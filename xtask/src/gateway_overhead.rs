@@ -171,10 +171,13 @@ async fn measure(
     );
     let (mut direct_sat, mut keel_sat) = (Vec::new(), Vec::new());
     // CPU seconds spent during the saturation rounds: this process (load generator and
-    // simulated server) in the direct rounds, keel in keel's rounds.
-    let (mut here_cpu, mut keel_cpu) = (0.0, 0.0);
+    // simulated server) in both, keel in keel's rounds; and the machine's idle share, which
+    // says whether the rounds were bound by the two cores or by waiting.
+    let (mut here_cpu, mut here_cpu_through, mut keel_cpu) = (0.0, 0.0, 0.0);
+    let (mut direct_machine, mut keel_machine) = (MachineCpu::default(), MachineCpu::default());
     for _ in 0..ROUNDS {
         let before = cpu_seconds("self")?;
+        let machine = MachineCpu::now()?;
         direct_sat.push(
             saturate(
                 &direct.url,
@@ -185,7 +188,10 @@ async fn measure(
             .await?,
         );
         here_cpu += cpu_seconds("self")? - before;
+        direct_machine.add(MachineCpu::now()?.since(machine));
         let before = keel.cpu_seconds()?;
+        let here_before = cpu_seconds("self")?;
+        let machine = MachineCpu::now()?;
         keel_sat.push(
             saturate(
                 &through.url,
@@ -196,6 +202,8 @@ async fn measure(
             .await?,
         );
         keel_cpu += keel.cpu_seconds()? - before;
+        here_cpu_through += cpu_seconds("self")? - here_before;
+        keel_machine.add(MachineCpu::now()?.since(machine));
     }
     let per_request = |cpu: f64, rounds: &[LoadResult]| {
         let ok: u64 = rounds.iter().map(|r| r.ok).sum();
@@ -203,6 +211,7 @@ async fn measure(
     };
     let keel_cpu_us = per_request(keel_cpu, &keel_sat);
     let direct_cpu_us = per_request(here_cpu, &direct_sat);
+    let through_cpu_us = per_request(here_cpu_through, &keel_sat);
     let (direct_fixed, keel_fixed) = (combine(&direct_fixed), combine(&keel_fixed));
     let (direct_sat, keel_sat) = (combine(&direct_sat), combine(&keel_sat));
     let peak_rss_mib = keel.peak_rss_kib()? as f64 / 1024.0;
@@ -226,6 +235,11 @@ async fn measure(
     println!(
         "    CPU per request at saturation: keel {keel_cpu_us:.0} us; load generator and simulated server together, direct rounds {direct_cpu_us:.0} us ({:.2}x)",
         keel_cpu_us / direct_cpu_us.max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "    load generator and simulated server per request at saturation: {direct_cpu_us:.0} us direct, {through_cpu_us:.0} us through keel; machine idle: {:.0}% direct, {:.0}% through keel",
+        direct_machine.idle_percent(),
+        keel_machine.idle_percent()
     );
     println!("    keel peak RSS (VmHWM): {peak_rss_mib:.1} MiB");
     let sent_per_call = conversation.sent as f64 / conversation.calls as f64;
@@ -252,11 +266,30 @@ async fn measure(
     // The machine's speed drifts from run to run and cancels out of this ratio: keel's CPU
     // per request over what the same machine spends per request on the direct path.
     entries.push(BenchResult::new(
-        sat_name,
+        sat_name.clone(),
         "keel_cpu_per_request",
         keel_cpu_us,
         "us",
         Some(direct_cpu_us),
+        &command,
+    ));
+    // Together with keel's, what the rest of the machine spends per request through keel
+    // decides the throughput when the cores are the limit; the idle share says whether
+    // they were.
+    entries.push(BenchResult::new(
+        sat_name.clone(),
+        "load_cpu_per_request",
+        through_cpu_us,
+        "us",
+        Some(direct_cpu_us),
+        &command,
+    ));
+    entries.push(BenchResult::new(
+        sat_name,
+        "machine_idle",
+        keel_machine.idle_percent(),
+        "percent",
+        Some(direct_machine.idle_percent()),
         &command,
     ));
     entries.push(BenchResult::new(
@@ -545,6 +578,60 @@ fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// The whole machine's CPU time, busy and idle, in clock ticks, from the `cpu` line of
+/// `/proc/stat`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct MachineCpu {
+    busy: u64,
+    idle: u64,
+}
+
+impl MachineCpu {
+    fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        Self::parse(&stat).context("no cpu line in /proc/stat")
+    }
+
+    /// user, nice, system, idle, iowait, irq, softirq, steal (guest time is already in user).
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|t| t.parse().ok())
+            .collect::<Option<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+            return None;
+        };
+        Some(Self {
+            busy: user + nice + system + irq + softirq + steal,
+            idle: idle + iowait,
+        })
+    }
+
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            busy: self.busy.saturating_sub(earlier.busy),
+            idle: self.idle.saturating_sub(earlier.idle),
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.busy += other.busy;
+        self.idle += other.idle;
+    }
+
+    fn idle_percent(self) -> f64 {
+        let total = self.busy + self.idle;
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * self.idle as f64 / total as f64
+        }
+    }
+}
+
 fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
     let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
     line.split_whitespace().next()?.parse().ok()
@@ -562,6 +649,32 @@ mod tests {
         assert_eq!(parse_cpu_seconds("4242 (keel) S 1"), None);
         // This very process has a stat line.
         assert!(cpu_seconds("self").is_ok());
+    }
+
+    #[test]
+    fn reads_the_machines_busy_and_idle_ticks_from_proc_stat() {
+        let stat = "cpu  100 5 50 800 20 3 2 10 0 0\ncpu0 50 2 25 400 10 1 1 5 0 0\nintr 1\n";
+        let before = MachineCpu::parse(stat).unwrap();
+        assert_eq!(
+            before,
+            MachineCpu {
+                busy: 170,
+                idle: 820
+            }
+        );
+        let later = MachineCpu::parse("cpu  160 5 70 900 20 3 2 10 0 0\n").unwrap();
+        let spent = later.since(before);
+        assert_eq!(
+            spent,
+            MachineCpu {
+                busy: 80,
+                idle: 100
+            }
+        );
+        assert!((spent.idle_percent() - 100.0 * 100.0 / 180.0).abs() < 1e-9);
+        assert_eq!(MachineCpu::default().idle_percent(), 0.0);
+        assert_eq!(MachineCpu::parse("cpu0 1 2 3\n"), None);
+        assert!(MachineCpu::now().is_ok());
     }
 
     #[test]
