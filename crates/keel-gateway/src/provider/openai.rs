@@ -33,15 +33,29 @@ pub struct OpenAiProvider {
     /// Sent with every request: the content type, the API key (as `Authorization: Bearer`)
     /// and the provider's own headers, each marked sensitive so it is never logged.
     headers: HeaderMap,
-    /// Endpoint URLs with the provider's query parameters, parsed once.
-    chat: Url,
-    embeddings: Url,
 }
 
-/// An endpoint's URL, in the form each client takes.
-struct Url {
-    uri: http::Uri,
-    url: reqwest::Url,
+/// The endpoints' URLs with the provider's query parameters, parsed once, in the form
+/// the transport's client takes.
+struct Urls<U> {
+    chat: U,
+    embeddings: U,
+}
+
+impl<U> Urls<U> {
+    fn of(&self, endpoint: Endpoint) -> &U {
+        match endpoint {
+            Endpoint::ChatCompletions => &self.chat,
+            Endpoint::Embeddings => &self.embeddings,
+        }
+    }
+
+    fn try_map<V, E>(self, f: impl Fn(U) -> Result<V, E>) -> Result<Urls<V>, E> {
+        Ok(Urls {
+            chat: f(self.chat)?,
+            embeddings: f(self.embeddings)?,
+        })
+    }
 }
 
 /// The HTTP client a provider is reached with.
@@ -49,11 +63,17 @@ enum Transport {
     /// hyper's pooled HTTP/1.1 and HTTP/2 client over rustls: the common case. It costs
     /// a fraction of reqwest's work per request, which parses and prints the URL several
     /// times over for its redirect and proxy layers even when neither has work to do.
-    Direct(Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>>),
+    Direct {
+        client: Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>>,
+        urls: Urls<http::Uri>,
+    },
     /// reqwest, for what the direct client does not do: a proxy from `HTTPS_PROXY`,
     /// `HTTP_PROXY` or `ALL_PROXY` (minus `NO_PROXY`) for this provider, and credentials
     /// written into the `base_url` (`https://user:password@host`, sent as Basic auth).
-    Reqwest(reqwest::Client),
+    Reqwest {
+        client: reqwest::Client,
+        urls: Urls<reqwest::Url>,
+    },
 }
 
 impl OpenAiProvider {
@@ -100,23 +120,28 @@ impl OpenAiProvider {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
+        let invalid = |url: &str, e: &dyn std::fmt::Display| {
+            format!(
+                "providers.{}.base_url: {url:?} is not a URL: {e}",
+                settings.name
+            )
+        };
         let url = |endpoint: Endpoint| {
             let text = format!("{}{}", settings.base_url, endpoint.path());
-            let invalid = |e: &dyn std::fmt::Display| {
-                format!(
-                    "providers.{}.base_url: {text:?} is not a URL: {e}",
-                    settings.name
-                )
-            };
-            let url =
-                reqwest::Url::parse_with_params(&text, &settings.query).map_err(|e| invalid(&e))?;
-            let uri = url.as_str().parse::<http::Uri>().map_err(|e| invalid(&e))?;
-            Ok::<_, String>(Url { uri, url })
+            reqwest::Url::parse_with_params(&text, &settings.query).map_err(|e| invalid(&text, &e))
         };
-        let (chat, embeddings) = (url(Endpoint::ChatCompletions)?, url(Endpoint::Embeddings)?);
+        let to_uri = |url: reqwest::Url| {
+            url.as_str()
+                .parse::<http::Uri>()
+                .map_err(|e| invalid(url.as_str(), &e))
+        };
+        let urls = Urls {
+            chat: url(Endpoint::ChatCompletions)?,
+            embeddings: url(Endpoint::Embeddings)?,
+        };
         // Both endpoints are on the base URL's host, so one proxy (or none) serves both.
-        let proxy = proxies.intercept(&chat.uri);
-        let userinfo = !chat.url.username().is_empty() || chat.url.password().is_some();
+        let proxy = proxies.intercept(&to_uri(urls.chat.clone())?);
+        let userinfo = !urls.chat.username().is_empty() || urls.chat.password().is_some();
         let cannot_build = |e: &dyn std::fmt::Display| {
             format!("providers.{}: cannot build HTTP client: {e}", settings.name)
         };
@@ -140,7 +165,7 @@ impl OpenAiProvider {
                 .retry(reqwest::retry::never())
                 .build()
                 .map_err(|e| cannot_build(&e))?;
-            Transport::Reqwest(client)
+            Transport::Reqwest { client, urls }
         } else {
             let mut http = HttpConnector::new();
             http.set_connect_timeout(Some(connect));
@@ -158,30 +183,28 @@ impl OpenAiProvider {
                 .pool_idle_timeout(POOL_IDLE)
                 .pool_timer(TokioTimer::new())
                 .build(https);
-            Transport::Direct(Box::new(client))
+            Transport::Direct {
+                client: Box::new(client),
+                urls: urls.try_map(to_uri)?,
+            }
         };
-        Ok(Self {
-            transport,
-            headers,
-            chat,
-            embeddings,
-        })
+        Ok(Self { transport, headers })
     }
 
-    /// Sends `body` to `url`; `Err` is a transport failure, described without the URL.
-    async fn post(&self, url: &Url, body: Bytes) -> Result<http::Response<Body>, String> {
+    /// Posts `body` to `endpoint`; `Err` is a transport failure, described without the URL.
+    async fn post(&self, endpoint: Endpoint, body: Bytes) -> Result<http::Response<Body>, String> {
         match &self.transport {
-            Transport::Direct(client) => {
+            Transport::Direct { client, urls } => {
                 let mut request = http::Request::new(Full::new(body));
                 *request.method_mut() = http::Method::POST;
-                *request.uri_mut() = url.uri.clone();
+                *request.uri_mut() = urls.of(endpoint).clone();
                 *request.headers_mut() = self.headers.clone();
                 let response = client.request(request).await.map_err(|e| error_chain(&e))?;
                 Ok(response.map(|b| b.map_err(BoxError::from).boxed()))
             }
-            Transport::Reqwest(client) => {
+            Transport::Reqwest { client, urls } => {
                 let response = client
-                    .post(url.url.clone())
+                    .post(urls.of(endpoint).clone())
                     .headers(self.headers.clone())
                     .body(body)
                     .send()
@@ -198,18 +221,14 @@ impl OpenAiProvider {
 #[async_trait]
 impl Provider for OpenAiProvider {
     async fn send(&self, request: ProviderRequest) -> Result<ProviderReply, UpstreamError> {
-        let url = match request.endpoint {
-            Endpoint::ChatCompletions => &self.chat,
-            Endpoint::Embeddings => &self.embeddings,
-        };
         let target = request.target;
-        let response =
-            self.post(url, request.body)
-                .await
-                .map_err(|detail| UpstreamError::Connect {
-                    target: target.clone(),
-                    detail,
-                })?;
+        let response = self
+            .post(request.endpoint, request.body)
+            .await
+            .map_err(|detail| UpstreamError::Connect {
+                target: target.clone(),
+                detail,
+            })?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -426,13 +445,13 @@ mod tests {
     async fn transport_errors_do_not_carry_the_url() {
         // Nothing listens on port 9 of loopback: the connection is refused.
         let direct = provider("http://127.0.0.1:9/v1", Some("sk-secret"), &no_proxies());
-        assert!(matches!(direct.transport, Transport::Direct(_)));
+        assert!(matches!(direct.transport, Transport::Direct { .. }));
         let detail = connect_detail(&direct).await;
         assert!(!detail.contains("secret"), "{detail}");
         assert!(detail.contains("refused"), "{detail}");
         // Credentials in the URL go through reqwest, which strips the URL from its errors.
         let with_userinfo = provider("http://user:pw-secret@127.0.0.1:9/v1", None, &no_proxies());
-        assert!(matches!(with_userinfo.transport, Transport::Reqwest(_)));
+        assert!(matches!(with_userinfo.transport, Transport::Reqwest { .. }));
         let detail = connect_detail(&with_userinfo).await;
         assert!(!detail.contains("secret"), "{detail}");
         assert!(!detail.is_empty());
@@ -444,7 +463,7 @@ mod tests {
             .await
             .unwrap();
         let direct = provider(&sim.base_url(), Some("sk-direct"), &no_proxies());
-        assert!(matches!(direct.transport, Transport::Direct(_)));
+        assert!(matches!(direct.transport, Transport::Direct { .. }));
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
         let Ok(ProviderReply::Json(answer)) = direct.send(chat(body)).await else {
             panic!("no JSON answer");
@@ -479,7 +498,7 @@ mod tests {
             .http(format!("http://{}", proxy.addr()))
             .build();
         let proxied = provider("http://model-api.invalid/v1", Some("sk-proxied"), &proxies);
-        assert!(matches!(proxied.transport, Transport::Reqwest(_)));
+        assert!(matches!(proxied.transport, Transport::Reqwest { .. }));
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
         let reply = proxied.send(chat(body)).await;
         assert!(
@@ -492,7 +511,7 @@ mod tests {
         );
         // A host the proxies do not cover goes direct.
         let elsewhere = provider("https://api.example.com/v1", None, &proxies);
-        assert!(matches!(elsewhere.transport, Transport::Direct(_)));
+        assert!(matches!(elsewhere.transport, Transport::Direct { .. }));
         proxy.shutdown().await;
     }
 
