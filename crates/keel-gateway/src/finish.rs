@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -59,8 +59,9 @@ pub(crate) enum Recorded<'a> {
 }
 
 impl Finish {
+    /// The call's `llm_call` event; it takes the request's payload summary (a call has one).
     fn llm_call(
-        &self,
+        &mut self,
         log: &CallLog,
         target: &str,
         outcome: &str,
@@ -105,7 +106,9 @@ impl Finish {
         data.insert("usage".into(), usage.into());
         data.insert(
             "request".into(),
-            recording.then(|| self.recorded.summary.clone()).into(),
+            recording
+                .then(|| std::mem::take(&mut self.recorded.summary))
+                .into(),
         );
         data.insert("response".into(), response.into());
         data.insert("response_blob".into(), response_hash.into());
@@ -125,12 +128,18 @@ impl Finish {
         )
     }
 
-    /// Appends the call's events with the request's payloads and `response`.
-    async fn record(&self, events: Vec<NewEvent>, response: Option<Bytes>, task: Option<String>) {
+    /// Appends the call's events with the request's payloads and `response`; it takes the
+    /// request's blobs (a call is recorded once).
+    async fn record(
+        &mut self,
+        events: Vec<NewEvent>,
+        response: Option<Bytes>,
+        task: Option<String>,
+    ) {
         if !self.gw.record_payloads {
             return self.gw.append(events).await;
         }
-        let mut blobs = self.recorded.blobs.clone();
+        let mut blobs = std::mem::take(&mut self.recorded.blobs);
         blobs.extend(response.map(keel_store::Payload::new));
         self.gw.append_with(events, blobs, task).await;
     }
@@ -203,7 +212,7 @@ impl Finish {
     }
 
     pub(crate) async fn json(
-        self,
+        mut self,
         route: &Route,
         mut log: CallLog,
         target: &Target,
@@ -249,7 +258,7 @@ impl Finish {
 
     /// Streams the rest of the upstream's chunks; retries are over once this is called.
     pub(crate) fn stream(
-        self,
+        mut self,
         route: &Route,
         mut log: CallLog,
         target: Arc<Target>,
@@ -375,7 +384,7 @@ impl Finish {
 
     /// Every target failed or is open: the degraded reply, or 503/504.
     async fn unavailable(
-        self,
+        mut self,
         route: &Route,
         endpoint: Endpoint,
         mut log: CallLog,
@@ -453,7 +462,7 @@ impl Finish {
 
     /// A fatal upstream error goes back to the client as the upstream said it.
     pub(crate) async fn fatal(
-        self,
+        mut self,
         route: &Route,
         mut log: CallLog,
         error: UpstreamError,
@@ -663,17 +672,17 @@ pub(crate) fn keel_headers(
     fallback: bool,
     degraded: bool,
 ) {
+    // Names built once: a `&str` name is copied into a new `HeaderName` on every insert.
+    static TARGET: HeaderName = HeaderName::from_static("x-keel-target");
+    static ATTEMPTS: HeaderName = HeaderName::from_static("x-keel-attempts");
+    static FALLBACK: HeaderName = HeaderName::from_static("x-keel-fallback");
+    static DEGRADED: HeaderName = HeaderName::from_static("x-keel-degraded");
+    let flag = |on: bool| HeaderValue::from_static(if on { "true" } else { "false" });
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(target) {
-        headers.insert("x-keel-target", v);
+        headers.insert(TARGET.clone(), v);
     }
-    headers.insert("x-keel-attempts", HeaderValue::from(attempts));
-    headers.insert(
-        "x-keel-fallback",
-        HeaderValue::from_static(if fallback { "true" } else { "false" }),
-    );
-    headers.insert(
-        "x-keel-degraded",
-        HeaderValue::from_static(if degraded { "true" } else { "false" }),
-    );
+    headers.insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
+    headers.insert(FALLBACK.clone(), flag(fallback));
+    headers.insert(DEGRADED.clone(), flag(degraded));
 }

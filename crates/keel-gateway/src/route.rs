@@ -632,6 +632,10 @@ impl Executor<'_> {
     }
 
     fn note_transitions(&self, target: &Target, transitions: &[Transition], log: &mut CallLog) {
+        // Almost every call changes no breaker state: nothing to build then.
+        if transitions.is_empty() {
+            return;
+        }
         let extra = json!({"route": self.route.name, "node": self.node});
         log.events.extend(breaker_events(
             self.metrics,
