@@ -141,32 +141,38 @@ impl Signal {
     pub fn of(event: &Event) -> Option<Self> {
         let data = &event.data;
         Some(match event.kind.as_str() {
-            "llm_call" => Self::Call(Call {
-                route: str_of(data, "route"),
-                target: str_of(data, "target"),
-                agent: str_of(data, "agent"),
-                task: event.task_id.clone(),
-                outcome: str_of(data, "outcome"),
-                ok: data["outcome"] == "ok",
-                attempts: data["attempts"].as_u64().unwrap_or(0),
-                fallback: data["fallback"].as_bool().unwrap_or(false),
-                stream: data["stream"].as_bool().unwrap_or(false),
-                latency_ms: data["latency_ms"].as_u64().unwrap_or(0),
-                input_tokens: data["usage"]["prompt_tokens"].as_u64(),
-                output_tokens: data["usage"]["completion_tokens"].as_u64(),
-                tokens: data["usage"]["total_tokens"].as_u64().unwrap_or(0),
-                response_model: data["response"]["model"].as_str().map(str::to_owned),
-                finish_reasons: data["response"]["choices"]
-                    .as_array()
-                    .map(|choices| {
-                        choices
-                            .iter()
-                            .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                at_ms: event.at_ms,
-                hash: event.hash.clone(),
+            "llm_call" => Self::Call({
+                // Each member looked up once: every call's event passes through here.
+                let outcome = str_of(data, "outcome");
+                let usage = &data["usage"];
+                let response = &data["response"];
+                Call {
+                    route: str_of(data, "route"),
+                    target: str_of(data, "target"),
+                    agent: str_of(data, "agent"),
+                    task: event.task_id.clone(),
+                    ok: outcome == "ok",
+                    outcome,
+                    attempts: data["attempts"].as_u64().unwrap_or(0),
+                    fallback: data["fallback"].as_bool().unwrap_or(false),
+                    stream: data["stream"].as_bool().unwrap_or(false),
+                    latency_ms: data["latency_ms"].as_u64().unwrap_or(0),
+                    input_tokens: usage["prompt_tokens"].as_u64(),
+                    output_tokens: usage["completion_tokens"].as_u64(),
+                    tokens: usage["total_tokens"].as_u64().unwrap_or(0),
+                    response_model: response["model"].as_str().map(str::to_owned),
+                    finish_reasons: response["choices"]
+                        .as_array()
+                        .map(|choices| {
+                            choices
+                                .iter()
+                                .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    at_ms: event.at_ms,
+                    hash: event.hash.clone(),
+                }
             }),
             "tool_invoked" => Self::Tool(ToolCall {
                 tool: str_of(data, "tool"),

@@ -124,29 +124,19 @@ impl HashInput<'_> {
         h.update(self.at_ms.to_be_bytes());
         put_str(&mut h, self.kind);
         put_str(&mut h, self.data);
-        hex_of(&h.finalize())
+        hex::encode(h.finalize())
     }
 }
 
 /// Lowercase hex SHA-256 of the canonical JSON text of an event's data
 /// ([`canonical_json`]); what a layout-2 hash covers in place of the data.
 pub fn data_hash(canonical_data: &str) -> String {
-    hex_of(&Sha256::digest(canonical_data.as_bytes()))
+    hex::encode(Sha256::digest(canonical_data.as_bytes()))
 }
 
 /// Lowercase hex SHA-256 of `bytes`: the key under which a blob is stored.
 pub fn blob_hash(bytes: &[u8]) -> String {
-    hex_of(&Sha256::digest(bytes))
-}
-
-/// Lowercase hex of a SHA-256 digest. `hex::encode` builds its string a char at a time;
-/// this writes through a table into a buffer (three hashes per event are printed so).
-fn hex_of(digest: &[u8]) -> String {
-    let mut text = [0u8; 64];
-    match hex::encode_to_slice(digest, &mut text) {
-        Ok(()) => String::from_utf8_lossy(&text).into_owned(),
-        Err(_) => hex::encode(digest),
-    }
+    hex::encode(Sha256::digest(bytes))
 }
 
 fn put_str(h: &mut Sha256, s: &str) {
