@@ -133,35 +133,61 @@ pub struct ToolCall {
 pub const SOURCE: &str = "observe";
 
 fn str_of(data: &Value, key: &str) -> String {
-    data[key].as_str().unwrap_or_default().to_owned()
+    text(&data[key])
 }
 
-impl Signal {
-    /// The signal in `event`, if it carries one.
-    pub fn of(event: &Event) -> Option<Self> {
-        let data = &event.data;
-        Some(match event.kind.as_str() {
-            "llm_call" => Self::Call({
-                // Each member looked up once: every call's event passes through here.
-                let outcome = str_of(data, "outcome");
-                let usage = &data["usage"];
-                let response = &data["response"];
-                Call {
-                    route: str_of(data, "route"),
-                    target: str_of(data, "target"),
-                    agent: str_of(data, "agent"),
-                    task: event.task_id.clone(),
-                    ok: outcome == "ok",
-                    outcome,
-                    attempts: data["attempts"].as_u64().unwrap_or(0),
-                    fallback: data["fallback"].as_bool().unwrap_or(false),
-                    stream: data["stream"].as_bool().unwrap_or(false),
-                    latency_ms: data["latency_ms"].as_u64().unwrap_or(0),
-                    input_tokens: usage["prompt_tokens"].as_u64(),
-                    output_tokens: usage["completion_tokens"].as_u64(),
-                    tokens: usage["total_tokens"].as_u64().unwrap_or(0),
-                    response_model: response["model"].as_str().map(str::to_owned),
-                    finish_reasons: response["choices"]
+/// A string member's text; empty when it is missing or not a string.
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+impl Call {
+    /// The call an `llm_call` event tells, read in one pass over its members (every
+    /// call's event passes through here, so each member is not looked up by name).
+    fn of(event: &Event) -> Self {
+        let mut call = Self {
+            route: String::new(),
+            target: String::new(),
+            agent: String::new(),
+            task: event.task_id.clone(),
+            outcome: String::new(),
+            ok: false,
+            attempts: 0,
+            fallback: false,
+            stream: false,
+            latency_ms: 0,
+            input_tokens: None,
+            output_tokens: None,
+            tokens: 0,
+            response_model: None,
+            finish_reasons: Vec::new(),
+            at_ms: event.at_ms,
+            hash: event.hash.clone(),
+        };
+        let Value::Object(data) = &event.data else {
+            return call;
+        };
+        for (key, value) in data {
+            match key.as_str() {
+                "route" => call.route = text(value),
+                "target" => call.target = text(value),
+                "agent" => call.agent = text(value),
+                "outcome" => {
+                    call.ok = value == "ok";
+                    call.outcome = text(value);
+                }
+                "attempts" => call.attempts = value.as_u64().unwrap_or(0),
+                "fallback" => call.fallback = value.as_bool().unwrap_or(false),
+                "stream" => call.stream = value.as_bool().unwrap_or(false),
+                "latency_ms" => call.latency_ms = value.as_u64().unwrap_or(0),
+                "usage" => {
+                    call.input_tokens = value["prompt_tokens"].as_u64();
+                    call.output_tokens = value["completion_tokens"].as_u64();
+                    call.tokens = value["total_tokens"].as_u64().unwrap_or(0);
+                }
+                "response" => {
+                    call.response_model = value["model"].as_str().map(str::to_owned);
+                    call.finish_reasons = value["choices"]
                         .as_array()
                         .map(|choices| {
                             choices
@@ -169,11 +195,21 @@ impl Signal {
                                 .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
                                 .collect()
                         })
-                        .unwrap_or_default(),
-                    at_ms: event.at_ms,
-                    hash: event.hash.clone(),
+                        .unwrap_or_default();
                 }
-            }),
+                _ => {}
+            }
+        }
+        call
+    }
+}
+
+impl Signal {
+    /// The signal in `event`, if it carries one.
+    pub fn of(event: &Event) -> Option<Self> {
+        let data = &event.data;
+        Some(match event.kind.as_str() {
+            "llm_call" => Self::Call(Call::of(event)),
             "tool_invoked" => Self::Tool(ToolCall {
                 tool: str_of(data, "tool"),
                 agent: str_of(data, "agent"),
@@ -260,5 +296,90 @@ impl Signal {
             }
             _ => return None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(kind: &str, data: Value) -> Event {
+        Event {
+            seq: 7,
+            task_id: Some("t-1".into()),
+            at: "2026-12-05T00:00:00.000Z".into(),
+            at_ms: 1_796_428_800_000,
+            kind: kind.into(),
+            data,
+            prev_hash: "p".repeat(64),
+            hash: "h".repeat(64),
+            layout: 2,
+            data_hash: None,
+            pruned: false,
+        }
+    }
+
+    #[test]
+    fn an_llm_call_event_is_read_member_by_member() {
+        let data = json!({
+            "agent": "billing", "attempts": 2, "fallback": true, "latency_ms": 41,
+            "outcome": "ok", "route": "smart", "stream": false, "target": "sim/m",
+            "step": "plan", "request": {"messages": 1},
+            "usage": {"prompt_tokens": 6, "completion_tokens": 9, "total_tokens": 15},
+            "response": {"model": "m-2026", "choices": [
+                {"finish_reason": "stop"}, {"finish_reason": "length"}, {"index": 2}
+            ]},
+        });
+        let Some(Signal::Call(call)) = Signal::of(&event("llm_call", data)) else {
+            panic!("an llm_call is a call");
+        };
+        assert_eq!(
+            call,
+            Call {
+                route: "smart".into(),
+                target: "sim/m".into(),
+                agent: "billing".into(),
+                task: Some("t-1".into()),
+                outcome: "ok".into(),
+                ok: true,
+                attempts: 2,
+                fallback: true,
+                stream: false,
+                latency_ms: 41,
+                input_tokens: Some(6),
+                output_tokens: Some(9),
+                tokens: 15,
+                response_model: Some("m-2026".into()),
+                finish_reasons: vec!["stop".into(), "length".into()],
+                at_ms: 1_796_428_800_000,
+                hash: "h".repeat(64),
+            }
+        );
+    }
+
+    #[test]
+    fn missing_or_mistyped_members_read_as_empty() {
+        let data =
+            json!({"outcome": "timeout", "attempts": "three", "usage": null, "response": null});
+        let Some(Signal::Call(call)) = Signal::of(&event("llm_call", data)) else {
+            panic!("an llm_call is a call");
+        };
+        assert!(!call.ok);
+        assert_eq!(call.outcome, "timeout");
+        assert_eq!(
+            (call.route.as_str(), call.attempts, call.tokens),
+            ("", 0, 0)
+        );
+        assert_eq!((call.input_tokens, call.response_model), (None, None));
+        assert!(call.finish_reasons.is_empty());
+        // Pruned data (null) still yields the call, with what the event itself carries.
+        let Some(Signal::Call(pruned)) = Signal::of(&event("llm_call", Value::Null)) else {
+            panic!("an llm_call is a call");
+        };
+        assert_eq!(
+            (pruned.task, pruned.at_ms),
+            (Some("t-1".into()), 1_796_428_800_000)
+        );
     }
 }
