@@ -67,7 +67,7 @@ pub enum Signal {
 }
 
 /// One model call, as its `llm_call` event tells it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Call {
     /// The route (what the client sent as `model`).
     pub route: String,
@@ -146,23 +146,10 @@ impl Call {
     /// call's event passes through here, so each member is not looked up by name).
     fn of(event: &Event) -> Self {
         let mut call = Self {
-            route: String::new(),
-            target: String::new(),
-            agent: String::new(),
             task: event.task_id.clone(),
-            outcome: String::new(),
-            ok: false,
-            attempts: 0,
-            fallback: false,
-            stream: false,
-            latency_ms: 0,
-            input_tokens: None,
-            output_tokens: None,
-            tokens: 0,
-            response_model: None,
-            finish_reasons: Vec::new(),
             at_ms: event.at_ms,
             hash: event.hash.clone(),
+            ..Self::default()
         };
         let Value::Object(data) = &event.data else {
             return call;
