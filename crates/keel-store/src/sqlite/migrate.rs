@@ -91,8 +91,17 @@ CREATE TABLE state (
 );
 ";
 
+/// Version 4: the `(task_id, seq)` index leaves out events that belong to no task (a
+/// gateway call without `x-keel-task`, the common case), so appending one writes the
+/// table and the `(kind, seq)` index only. Every read by task names the task
+/// (`task_id = ?`), which the partial index still serves.
+const V4: &str = "
+DROP INDEX events_task_seq;
+CREATE INDEX events_task_seq ON events (task_id, seq) WHERE task_id IS NOT NULL;
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// Brings the database at `path` to version `migrations.len()` and returns that version.
 ///
@@ -159,6 +168,43 @@ mod tests {
         let version = migrate(&mut conn, &path, MIGRATIONS).unwrap();
         assert_eq!(version as usize, MIGRATIONS.len());
         assert_eq!(user_version(&conn).unwrap() as usize, MIGRATIONS.len());
+    }
+
+    /// What SQLite plans for `sql` (the `detail` column of `EXPLAIN QUERY PLAN`), joined.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    }
+
+    #[test]
+    fn task_reads_use_the_partial_task_index_and_task_less_events_stay_out_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, path) = open(&dir);
+        migrate(&mut conn, &path, MIGRATIONS).unwrap();
+        // The shape `Readers::events` builds for a task (with and without a kind).
+        for sql in [
+            "SELECT seq, data FROM events WHERE seq > 0 AND task_id = 't-1' ORDER BY seq LIMIT -1",
+            "SELECT seq, data FROM events WHERE seq > 0 AND task_id = 't-1' AND +kind = 'llm_call' ORDER BY seq LIMIT -1",
+        ] {
+            let plan = plan(&conn, sql);
+            assert!(
+                plan.contains("USING INDEX events_task_seq"),
+                "{sql}: {plan}"
+            );
+        }
+        // `PRAGMA index_list`: name (column 1) and whether the index is partial (column 4).
+        let mut list = conn.prepare("PRAGMA index_list(events)").unwrap();
+        let partial: Vec<(String, bool)> = list
+            .query_map([], |r| Ok((r.get(1)?, r.get(4)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            partial.contains(&("events_task_seq".to_owned(), true))
+                && partial.contains(&("events_kind_seq".to_owned(), false)),
+            "{partial:?}"
+        );
     }
 
     #[test]
