@@ -5,10 +5,12 @@
 //! drives the same load at the server directly and through keel ([`crate::bench_gateway`]):
 //! open loop at [`FIXED_RATE`] requests/s, then closed loop with [`SATURATE_CONNECTIONS`]
 //! connections. It reports the p50/p99 latency keel adds, the throughput ratio, and keel's peak
-//! resident memory (`VmHWM`). It measures twice, with keel's store at `durability = "fsync"`
-//! (the default: a response waits for the group commit's fsync) and at `"relaxed"` (a response
-//! waits for the commit's write, which survives `kill -9` but not power loss), each against its
-//! own direct rounds. Everything runs on loopback and stops by itself.
+//! resident memory (`VmHWM`). It measures four setups of keel's store ([`SETUPS`]), each
+//! against its own direct rounds: `durability = "fsync"` (the default: a response waits for the
+//! group commit's fsync) and `"relaxed"` (a response waits for the commit's write, which survives
+//! `kill -9` but not power loss), each with payload recording on (the default: the request's
+//! messages and the answer are stored with the `llm_call` event) and off (the events only).
+//! Everything runs on loopback and stops by itself.
 //!
 //! The load generator, the simulated server and keel share the machine's cores, so the figures
 //! compare the two paths with each other, not with a dedicated load-test rig.
@@ -44,8 +46,61 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const ROUTE: &str = "bench";
 const SIM_MODEL: &str = "sim-model";
 
-/// The store durabilities measured; the first is keel's default and gets the plain names.
-const DURABILITIES: [&str; 2] = ["fsync", "relaxed"];
+/// One configuration of keel's store that the benchmark measures.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// `[store] durability`.
+    durability: &'static str,
+    /// `[store] record_payloads`.
+    record_payloads: bool,
+}
+
+/// The setups measured. The first is keel's default and gets the plain entry names; the
+/// others are suffixed with what differs ([`case_name`]).
+const SETUPS: [Setup; 4] = [
+    Setup {
+        durability: "fsync",
+        record_payloads: true,
+    },
+    Setup {
+        durability: "relaxed",
+        record_payloads: true,
+    },
+    Setup {
+        durability: "fsync",
+        record_payloads: false,
+    },
+    Setup {
+        durability: "relaxed",
+        record_payloads: false,
+    },
+];
+
+impl Setup {
+    /// How the setup is named in entries: empty for the default, else `_relaxed`,
+    /// `_events_only` or both.
+    fn suffix(self) -> String {
+        let mut suffix = String::new();
+        if self.durability != SETUPS[0].durability {
+            suffix.push('_');
+            suffix.push_str(self.durability);
+        }
+        if !self.record_payloads {
+            suffix.push_str("_events_only");
+        }
+        suffix
+    }
+
+    /// How the setup is announced in the output.
+    fn describe(self) -> String {
+        let payloads = if self.record_payloads {
+            "payloads recorded"
+        } else {
+            "events only (record_payloads = false)"
+        };
+        format!("durability = \"{}\", {payloads}", self.durability)
+    }
+}
 
 /// Builds release keel, measures, and returns the `gateway_overhead/...` entries.
 pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> {
@@ -55,19 +110,15 @@ pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> 
         .build()
         .context("starting the tokio runtime")?;
     let mut entries = Vec::new();
-    for durability in DURABILITIES {
-        entries.extend(runtime.block_on(measure(&keel, duration, durability))?);
+    for setup in SETUPS {
+        entries.extend(runtime.block_on(measure(&keel, duration, setup))?);
     }
     Ok(entries)
 }
 
-/// The entry name of `case` at `durability`: the default's plain, the other's suffixed.
-fn case_name(case: &str, durability: &str) -> String {
-    if durability == DURABILITIES[0] {
-        format!("gateway_overhead/{case}")
-    } else {
-        format!("gateway_overhead/{case}_{durability}")
-    }
+/// The entry name of `case` in `setup`: plain for the default, else suffixed ([`Setup::suffix`]).
+fn case_name(case: &str, setup: Setup) -> String {
+    format!("gateway_overhead/{case}{}", setup.suffix())
 }
 
 /// `cargo build --release -p keel`; returns the binary's path.
@@ -130,15 +181,17 @@ const CONVERSATION_CALLS: usize = 50;
 async fn measure(
     keel_bin: &Path,
     duration: Duration,
-    durability: &str,
+    setup: Setup,
 ) -> anyhow::Result<Vec<BenchResult>> {
     let sim = start_sim().await?;
     let dir = tempfile::tempdir().context("creating a temp dir")?;
-    let config = write_config(dir.path(), &sim.base_url, durability)?;
+    let config = write_config(dir.path(), &sim.base_url, setup)?;
     let mut keel = KeelProcess::start(keel_bin, &config).await?;
     println!(
-        "    durability = \"{durability}\": sim at {}, keel at {}",
-        sim.base_url, keel.base_url
+        "    {}: sim at {}, keel at {}",
+        setup.describe(),
+        sim.base_url,
+        keel.base_url
     );
 
     let direct = Endpoint {
@@ -226,8 +279,8 @@ async fn measure(
     keel.stop().await;
     drop(sim);
 
-    let fixed_name = case_name(&format!("fixed_rate_{FIXED_RATE}rps"), durability);
-    let sat_name = case_name(&format!("saturate_{SATURATE_CONNECTIONS}conn"), durability);
+    let fixed_name = case_name(&format!("fixed_rate_{FIXED_RATE}rps"), setup);
+    let sat_name = case_name(&format!("saturate_{SATURATE_CONNECTIONS}conn"), setup);
     print_table(&[
         (fixed_name.as_str(), &direct_fixed, &keel_fixed),
         (sat_name.as_str(), &direct_sat, &keel_sat),
@@ -245,7 +298,7 @@ async fn measure(
     let sent_per_call = conversation.sent as f64 / conversation.calls as f64;
     let stored_per_call = conversation.stored as f64 / conversation.calls as f64;
     println!(
-        "    {}-call conversation: {sent_per_call:.0} bytes sent per call, {stored_per_call:.0} bytes stored per call (events and payloads)",
+        "    {}-call conversation: {sent_per_call:.0} bytes sent per call, {stored_per_call:.0} bytes stored per call (events, and payloads when recorded)",
         conversation.calls
     );
 
@@ -293,10 +346,7 @@ async fn measure(
         &command,
     ));
     entries.push(BenchResult::new(
-        case_name(
-            &format!("conversation_{CONVERSATION_CALLS}_calls"),
-            durability,
-        ),
+        case_name(&format!("conversation_{CONVERSATION_CALLS}_calls"), setup),
         "bytes_stored_per_call",
         stored_per_call,
         "bytes",
@@ -304,7 +354,7 @@ async fn measure(
         &command,
     ));
     entries.push(BenchResult::new(
-        case_name("keel_memory", durability),
+        case_name("keel_memory", setup),
         "peak_rss",
         peak_rss_mib,
         "MiB",
@@ -416,8 +466,9 @@ fn request_body(model: &str) -> Bytes {
 
 // === keel ===
 
-/// A temp `keel.toml`: listen on a free port, SQLite in `dir`, one route to the simulator.
-fn write_config(dir: &Path, sim_base_url: &str, durability: &str) -> anyhow::Result<PathBuf> {
+/// A temp `keel.toml` for `setup`: listen on a free port, SQLite in `dir`, one route to the
+/// simulator.
+fn write_config(dir: &Path, sim_base_url: &str, setup: Setup) -> anyhow::Result<PathBuf> {
     let db = dir.join("keel.db");
     let text = format!(
         "[server]\n\
@@ -441,7 +492,8 @@ fn write_config(dir: &Path, sim_base_url: &str, durability: &str) -> anyhow::Res
          [agents.anonymous]\n\
          budget = {{ tokens_per_hour = 1000000000000 }}\n",
         store = toml_string(&format!("sqlite://{}", db.display())),
-        record = std::env::var("KEEL_BENCH_RECORD_PAYLOADS").unwrap_or_else(|_| "true".to_owned()),
+        durability = setup.durability,
+        record = setup.record_payloads,
         sim = toml_string(sim_base_url),
     );
     let path = dir.join("keel.toml");
@@ -719,7 +771,7 @@ mod tests {
     #[test]
     fn config_is_valid_toml_with_one_route_to_the_simulator() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_config(dir.path(), "http://127.0.0.1:9/v1", "relaxed").unwrap();
+        let path = write_config(dir.path(), "http://127.0.0.1:9/v1", SETUPS[3]).unwrap();
         let text = std::fs::read_to_string(path).unwrap();
         let doc: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(doc["server"]["listen"].as_str(), Some("127.0.0.1:0"));
@@ -734,17 +786,23 @@ mod tests {
         let store = doc["store"]["url"].as_str().unwrap();
         assert!(store.starts_with("sqlite:///") && store.ends_with("/keel.db"));
         assert_eq!(doc["store"]["durability"].as_str(), Some("relaxed"));
+        assert_eq!(doc["store"]["record_payloads"].as_bool(), Some(false));
     }
 
     #[test]
-    fn the_default_durability_keeps_the_plain_names() {
+    fn the_default_setup_keeps_the_plain_names_and_the_others_say_what_differs() {
+        let names: Vec<String> = SETUPS
+            .iter()
+            .map(|&setup| case_name("saturate_64conn", setup))
+            .collect();
         assert_eq!(
-            case_name("saturate_64conn", "fsync"),
-            "gateway_overhead/saturate_64conn"
-        );
-        assert_eq!(
-            case_name("saturate_64conn", "relaxed"),
-            "gateway_overhead/saturate_64conn_relaxed"
+            names,
+            [
+                "gateway_overhead/saturate_64conn",
+                "gateway_overhead/saturate_64conn_relaxed",
+                "gateway_overhead/saturate_64conn_events_only",
+                "gateway_overhead/saturate_64conn_relaxed_events_only",
+            ]
         );
     }
 
