@@ -199,6 +199,8 @@ async fn handle(
     task: Option<String>,
     request: Request,
 ) -> Response {
+    // Until the call's events are committed and it answers.
+    let _call = gw.upcoming.call();
     match handle_inner(&gw, endpoint, task, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),

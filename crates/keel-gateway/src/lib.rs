@@ -67,6 +67,8 @@ pub struct Gateway {
     owners: Mutex<HashMap<String, String>>,
     /// This node's id (see [`Gateway::node`]).
     node: String,
+    /// Counts the calls in progress for the store's writer ([`Gateway::with_upcoming`]).
+    upcoming: keel_store::Upcoming,
 }
 
 /// Owners remembered at once; the cache starts afresh beyond this.
@@ -231,7 +233,16 @@ impl Gateway {
             preflights,
             owners: Mutex::default(),
             node: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            upcoming: keel_store::Upcoming::default(),
         })
+    }
+
+    /// Counts every call in progress in `upcoming`, the counter the store was opened with
+    /// ([`keel_store::WriteOptions::upcoming`]): a busy store writer then stops waiting for
+    /// more writes once every call has queued its events.
+    pub fn with_upcoming(mut self, upcoming: keel_store::Upcoming) -> Self {
+        self.upcoming = upcoming;
+        self
     }
 
     /// Where tool calls that need a person's approval wait (keel's supervisor); without

@@ -29,6 +29,7 @@ mod sqlite;
 mod task;
 #[cfg(any(test, feature = "conformance"))]
 pub mod testing;
+mod upcoming;
 
 pub use chain::{GENESIS_HASH, blob_hash};
 // `Payload` is defined below, beside the trait that takes it.
@@ -39,6 +40,7 @@ pub use task::{
     BlobRef, IdempotencyRecord, PrunePolicy, PruneReport, StoreStats, TaskPage, TaskQuery, TaskRow,
     TaskStore, TaskWrite,
 };
+pub use upcoming::{Upcoming, UpcomingCall};
 
 /// One event of the log, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,7 +163,7 @@ pub enum Durability {
 ///
 /// A [`Durability`] converts into options with its default commit delay
 /// ([`WriteOptions::default_commit_delay`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteOptions {
     /// When an append counts as done.
     pub durability: Durability,
@@ -170,6 +172,10 @@ pub struct WriteOptions {
     /// commit then carries many calls' events, which costs less CPU than many small
     /// commits; a write that finds the writer idle is committed at once. Zero never waits.
     pub commit_delay: std::time::Duration,
+    /// The application's count of calls in progress that will write: the SQLite writer's
+    /// commit delay ends as soon as each of them has queued its write (see [`Upcoming`]).
+    /// The PostgreSQL writer does not use it.
+    pub upcoming: Upcoming,
 }
 
 impl WriteOptions {
@@ -196,6 +202,7 @@ impl From<Durability> for WriteOptions {
         Self {
             durability,
             commit_delay: Self::default_commit_delay(durability),
+            upcoming: Upcoming::default(),
         }
     }
 }

@@ -71,7 +71,11 @@ pub(crate) fn store_url_problem(file: &Path, settings: &Settings) -> Option<Stri
     Some(keel_config::error_at(file, &key, problem).to_string())
 }
 
-async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TaskStore>> {
+/// Opens the configured store; `upcoming` counts the gateway's calls for its writer.
+async fn open_store(
+    settings: &Settings,
+    upcoming: &keel_store::Upcoming,
+) -> anyhow::Result<Arc<dyn TaskStore>> {
     let durability = match settings.store.durability {
         keel_config::Durability::Fsync => keel_store::Durability::Fsync,
         keel_config::Durability::Relaxed => keel_store::Durability::Relaxed,
@@ -82,6 +86,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TaskStore>> {
             .store
             .commit_delay
             .unwrap_or_else(|| keel_store::WriteOptions::default_commit_delay(durability)),
+        upcoming: upcoming.clone(),
     };
     match &settings.store.backend {
         StoreBackend::Sqlite { path } => {
@@ -185,7 +190,8 @@ impl Running {
 /// Builds every part, binds `server.listen`, prints the `keel listening on` line and
 /// serves in the background until [`Running::stop`].
 pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<Running> {
-    let store = open_store(&settings).await?;
+    let upcoming = keel_store::Upcoming::default();
+    let store = open_store(&settings, &upcoming).await?;
     let tasks = TaskTracker::new();
     let mut metrics = keel_gateway::metrics::Metrics::new();
     let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
@@ -213,7 +219,8 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     );
     let gateway = Arc::new(
         Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?
-            .with_approvals(Arc::new(SupervisorApprovals(Arc::clone(&supervisor)))),
+            .with_approvals(Arc::new(SupervisorApprovals(Arc::clone(&supervisor))))
+            .with_upcoming(upcoming),
     );
     let _ = gateway_cell.set(Arc::downgrade(&gateway));
     gateway

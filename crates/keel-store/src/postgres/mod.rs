@@ -117,6 +117,7 @@ impl PgStore {
         let crate::WriteOptions {
             durability,
             commit_delay,
+            upcoming: _,
         } = options.into();
         let mut config = parse_url(url).map_err(|reason| StoreError::Unreachable {
             store: "(store.url)".to_owned(),

@@ -47,7 +47,7 @@ fn maker_with<'s>(
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
-                fresh_with(server, &format!("{prefix}_{n}"), options)
+                fresh_with(server, &format!("{prefix}_{n}"), options.clone())
                     .await
                     .1
             })
@@ -73,6 +73,7 @@ async fn the_event_suite_holds_with_a_commit_delay() {
     let options = crate::WriteOptions {
         durability: Durability::Relaxed,
         commit_delay: Duration::from_millis(5),
+        upcoming: crate::Upcoming::default(),
     };
     conformance::run_all(maker_with(&server, "delayed", options))
         .await

@@ -104,6 +104,7 @@ impl SqliteStore {
         let WriteOptions {
             durability,
             commit_delay,
+            upcoming,
         } = options.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
@@ -120,14 +121,19 @@ impl SqliteStore {
         let writer = {
             let writer_path = path.to_owned();
             let stats = Arc::clone(&stats);
+            let linger = writer::Linger {
+                delay: commit_delay,
+                upcoming: upcoming.clone(),
+            };
             std::thread::Builder::new()
                 .name("keel-store-writer".to_owned())
-                .spawn(move || writer::run(conn, writer_path, rx, stats, commit_delay))
+                .spawn(move || writer::run(conn, writer_path, rx, stats, linger))
                 .map_err(|source| StoreError::SpawnWriter {
                     path: path.to_owned(),
                     source,
                 })?
         };
+        upcoming.set_writer(writer.thread().clone());
         tracing::debug!(path = %path.display(), ?durability, "opened event store");
         Ok(Self {
             path: path.to_owned(),
@@ -139,6 +145,7 @@ impl SqliteStore {
                         path: stopped_path.clone(),
                     }
                 })
+                .counting(upcoming)
             },
             readers,
             read_permits: Arc::new(tokio::sync::Semaphore::new(read::MAX_READERS)),

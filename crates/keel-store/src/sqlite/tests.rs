@@ -130,7 +130,7 @@ async fn run_all_with(options: WriteOptions) {
         let path = dir
             .path()
             .join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
-        SqliteStore::open(&path, options).unwrap()
+        SqliteStore::open(&path, options.clone()).unwrap()
     })
     .await
     .unwrap();
@@ -148,6 +148,7 @@ async fn conformance_run_all_with_a_commit_delay() {
     run_all_with(WriteOptions {
         durability: Durability::Relaxed,
         commit_delay: Duration::from_millis(5),
+        upcoming: crate::Upcoming::default(),
     })
     .await;
 }

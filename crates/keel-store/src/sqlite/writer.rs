@@ -98,6 +98,8 @@ pub(crate) struct WriterHandle {
     store: String,
     /// The error of a write the writer can no longer take.
     stopped: Box<dyn Fn() -> StoreError + Send + Sync>,
+    /// Told of every queued write, when the writer lingers on it ([`Linger`]).
+    upcoming: Option<crate::Upcoming>,
 }
 
 impl WriterHandle {
@@ -114,7 +116,15 @@ impl WriterHandle {
             tap: std::sync::OnceLock::new(),
             store,
             stopped: Box::new(stopped),
+            upcoming: None,
         }
+    }
+
+    /// Tells `upcoming` of every write queued, for a writer that [`Linger`]s on it (and
+    /// tells it of the writes it takes).
+    pub(crate) fn counting(mut self, upcoming: crate::Upcoming) -> Self {
+        self.upcoming = Some(upcoming);
+        self
     }
 
     /// The error of a write the writer can no longer take.
@@ -130,6 +140,9 @@ impl WriterHandle {
             .send(request(reply))
             .await
             .map_err(|_| self.stopped())?;
+        if let Some(upcoming) = &self.upcoming {
+            upcoming.queued();
+        }
         // A writer that dies drops `reply`, so this never hangs.
         answer.await.map_err(|_| self.stopped())?
     }
@@ -306,22 +319,31 @@ pub(crate) struct WriterStats {
     pub(crate) commits: AtomicU64,
 }
 
+/// How long a busy writer waits for more writes: `delay`
+/// ([`WriteOptions::commit_delay`](crate::WriteOptions::commit_delay)), or until every call
+/// `upcoming` counts has queued its write.
+pub(crate) struct Linger {
+    pub(crate) delay: Duration,
+    pub(crate) upcoming: crate::Upcoming,
+}
+
 /// The writer loop; returns when the channel is closed and drained.
 pub(crate) fn run(
     mut conn: Connection,
     path: PathBuf,
     mut queue: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
-    commit_delay: Duration,
+    linger: Linger,
 ) {
     while let Some(first) = queue.blocking_recv() {
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
-        if busy(&batch, pending, commit_delay) {
-            std::thread::sleep(commit_delay);
+        if busy(&batch, pending, linger.delay) {
+            linger.upcoming.linger(linger.delay);
             drain(&mut queue, &mut batch, &mut pending);
         }
+        linger.upcoming.taken(batch.len());
         match write_batch(&mut conn, &path, &batch) {
             Ok((stamp, results)) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
