@@ -7,8 +7,28 @@ use crate::common::{Keel, TWO_TARGETS, read_events, sim};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_answered_call_survives_kill_9() {
+    answered_calls_survive_kill_9(TWO_TARGETS).await;
+}
+
+/// The same with the store at `durability = "relaxed"` (a call is answered once its
+/// commit is written, not synced) and payloads not recorded: the gateway's lightest setup
+/// still keeps every answered call through `kill -9` of keel.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answered_call_survives_kill_9_with_relaxed_durability_and_events_only() {
+    let store = "url = \"sqlite://{dir}/keel.db\"\n";
+    assert!(TWO_TARGETS.contains(store));
+    let config = TWO_TARGETS.replace(
+        store,
+        &format!("{store}durability = \"relaxed\"\nrecord_payloads = false\n"),
+    );
+    answered_calls_survive_kill_9(&config).await;
+}
+
+/// Loads keel (configured by `config`) from 16 clients, `kill -9`s it, and checks that
+/// every answered call has its `llm_call` event and that keel starts again over the store.
+async fn answered_calls_survive_kill_9(config: &str) {
     let sim = sim().await;
-    let mut keel = Keel::start(TWO_TARGETS, &sim).await;
+    let mut keel = Keel::start(config, &sim).await;
     let url = format!("{}/v1/chat/completions", keel.url);
     let client = reqwest::Client::new();
     let mut workers = Vec::new();
@@ -62,7 +82,7 @@ async fn every_answered_call_survives_kill_9() {
     );
     // keel starts again over the same store and keeps appending to the chain.
     let dir = std::mem::replace(&mut keel.dir, tempfile::tempdir().unwrap());
-    let keel = Keel::start_in(dir, TWO_TARGETS, &sim).await;
+    let keel = Keel::start_in(dir, config, &sim).await;
     let r = client
         .post(format!("{}/v1/chat/completions", keel.url))
         .json(&serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "after restart"}]}))
