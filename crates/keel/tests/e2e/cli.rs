@@ -145,7 +145,9 @@ fn a_wasm_tool_that_cannot_run_is_named_by_config_check_and_serve() {
         "{stderr}"
     );
 
+    // The config names no store: the default one (./keel-data) goes in the test's directory.
     let out = keel()
+        .current_dir(dir.path())
         .args(["serve", "--config"])
         .arg(&path)
         .output()
