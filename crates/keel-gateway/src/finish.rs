@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::error::{ApiError, UpstreamError};
 use crate::guard::loops::StreamedAnswer;
-use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel, TokenLabels};
+use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel};
 use crate::provider::{ChunkStream, Endpoint};
 use crate::route::{CallLog, Route, Target};
 use crate::usage::{Usage, usage_of};
@@ -39,6 +39,8 @@ pub(crate) fn count_request(gw: &Gateway, route: &str, target: &str, outcome: &s
 pub(crate) struct Finish {
     pub(crate) gw: Arc<Gateway>,
     pub(crate) route_name: String,
+    /// The route's series every answered call updates.
+    pub(crate) route_metrics: Arc<crate::metrics::RouteMetrics>,
     pub(crate) started: Instant,
     pub(crate) stream: bool,
     /// keel asked the stream for usage the client did not ask for: its usage-only
@@ -155,20 +157,11 @@ impl Finish {
     ) {
         let agent = who.agent.as_str();
         let m = &self.gw.metrics;
-        m.request_duration
-            .get_or_create(&RouteLabel {
-                route: self.route_name.clone(),
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+        let route = &self.route_metrics;
+        route.duration.observe(self.started.elapsed().as_secs_f64());
         let Some(u) = usage else { return };
-        for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
-            m.token_usage
-                .get_or_create(&TokenLabels {
-                    gen_ai_token_type: kind.to_owned(),
-                    route: self.route_name.clone(),
-                })
-                .observe(n as f64);
-        }
+        route.input_tokens.observe(u.prompt_tokens as f64);
+        route.output_tokens.observe(u.completion_tokens as f64);
         let (remaining, warnings) = self.gw.agents.spend(
             agent,
             who.key.as_deref(),
@@ -243,7 +236,9 @@ impl Finish {
         if let Some(stop) = looping {
             self.gw.stop_loop(stop).await;
         }
-        count_request(&self.gw, &route.name, &target.id, "ok");
+        if !self.route_metrics.count_ok(&target.id) {
+            count_request(&self.gw, &route.name, &target.id, "ok");
+        }
         self.count_fallback(fallback);
         self.observe(usage, &log.who, &target.id, log.who.task.clone())
             .await;
@@ -327,7 +322,9 @@ impl Finish {
             } else {
                 "stream_error"
             };
-            count_request(&self.gw, &self.route_name, &target_id, metric_outcome);
+            if metric_outcome != "ok" || !self.route_metrics.count_ok(&target_id) {
+                count_request(&self.gw, &self.route_name, &target_id, metric_outcome);
+            }
             if outcome != "ok" {
                 self.gw
                     .metrics

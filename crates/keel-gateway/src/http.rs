@@ -330,6 +330,7 @@ async fn handle_inner(
         recorded,
         gw: Arc::clone(gw),
         route_name: route.name.clone(),
+        route_metrics: Arc::clone(&route.metrics),
         started,
         stream: parsed.stream,
         hide_usage,

@@ -162,11 +162,18 @@ impl Gateway {
                         model: t.model.clone(),
                         provider: Arc::clone(provider),
                         breaker: Arc::new(Mutex::new(Breaker::new(r.breaker))),
+                        attempts_ok: metrics
+                            .attempts
+                            .get_or_create(&metrics::AttemptLabels {
+                                target: id.clone(),
+                                outcome: "ok".to_owned(),
+                            })
+                            .clone(),
                     })
                 });
                 chain.push(Arc::clone(target));
             }
-            routes.insert(name.clone(), Route::new(r, chain));
+            routes.insert(name.clone(), Route::new(r, chain, &metrics));
         }
         let chaos = Chaos::new(&settings.chaos);
         if let Some(chaos) = &chaos {

@@ -112,6 +112,77 @@ fn token_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 12))
 }
 
+/// A route's series that every answered call updates, resolved once when the gateway is
+/// built instead of by label on each call (which clones the labels, hashes them and takes
+/// the family's lock). They share their values with the families, so `/metrics` shows the
+/// same series, from the start at zero.
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    /// `keel_request_duration_seconds{route}`.
+    pub(crate) duration: Histogram,
+    /// `gen_ai_client_token_usage{gen_ai_token_type="input",route}`.
+    pub(crate) input_tokens: Histogram,
+    /// `gen_ai_client_token_usage{gen_ai_token_type="output",route}`.
+    pub(crate) output_tokens: Histogram,
+    /// `keel_requests_total{route,target,outcome="ok"}`, per target id of the route.
+    ok: Vec<(String, Counter)>,
+}
+
+impl RouteMetrics {
+    /// The series of `route` over `targets` (their ids), created in `m`.
+    pub(crate) fn new<'t>(
+        m: &Metrics,
+        route: &str,
+        targets: impl Iterator<Item = &'t str>,
+    ) -> Self {
+        let labels = |kind: &str| TokenLabels {
+            gen_ai_token_type: kind.to_owned(),
+            route: route.to_owned(),
+        };
+        let ok = targets
+            .map(|target| {
+                let counter = m
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: route.to_owned(),
+                        target: target.to_owned(),
+                        outcome: "ok".to_owned(),
+                    })
+                    .clone();
+                (target.to_owned(), counter)
+            })
+            .collect();
+        // One statement each: `get_or_create` hands out a read guard on the family, and a
+        // guard kept to the end of a larger expression would deadlock the next creation.
+        let duration = m
+            .request_duration
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .clone();
+        let input_tokens = m.token_usage.get_or_create(&labels("input")).clone();
+        let output_tokens = m.token_usage.get_or_create(&labels("output")).clone();
+        Self {
+            duration,
+            input_tokens,
+            output_tokens,
+            ok,
+        }
+    }
+
+    /// Counts an answered call (`outcome="ok"`) of `target`; false when `target` is not
+    /// one of the route's (the caller counts it by label).
+    pub(crate) fn count_ok(&self, target: &str) -> bool {
+        match self.ok.iter().find(|(id, _)| id == target) {
+            Some((_, counter)) => {
+                counter.inc();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Every gateway metric, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -366,5 +437,45 @@ mod tests {
         );
         assert!(!text.contains("# EOF"));
         assert!(m.render_openmetrics().ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_route_s_resolved_series_are_the_families_series() {
+        let m = Metrics::new();
+        let route = RouteMetrics::new(&m, "smart", ["sim/a", "sim/b"].into_iter());
+        let zero = m.render();
+        assert!(
+            zero.contains("keel_requests_total{route=\"smart\",target=\"sim/b\",outcome=\"ok\"} 0"),
+            "{zero}"
+        );
+        assert!(route.count_ok("sim/b") && route.count_ok("sim/b"));
+        assert!(!route.count_ok("sim/c"), "not a target of the route");
+        route.duration.observe(0.25);
+        route.input_tokens.observe(7.0);
+        // The same series, updated by label as before.
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "smart".into(),
+                target: "sim/b".into(),
+                outcome: "ok".into(),
+            })
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains("keel_requests_total{route=\"smart\",target=\"sim/b\",outcome=\"ok\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keel_requests_total{route=\"smart\",target=\"sim/a\",outcome=\"ok\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keel_request_duration_seconds_count{route=\"smart\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gen_ai_token_type=\"input\",route=\"smart\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -53,6 +53,8 @@ pub struct Target {
     pub provider: Arc<dyn Provider>,
     /// The target's breaker, shared by every route that uses this target.
     pub breaker: Arc<Mutex<Breaker>>,
+    /// `keel_attempts_total{target,outcome="ok"}`, resolved once.
+    pub(crate) attempts_ok: prometheus_client::metrics::counter::Counter,
 }
 
 /// A route with its live policy state.
@@ -70,11 +72,22 @@ pub struct Route {
     /// Whether `json_schema` answers are checked and corrected.
     pub validate_output: bool,
     budget: Mutex<RetryBudget>,
+    /// The series every answered call of the route updates.
+    pub(crate) metrics: Arc<crate::metrics::RouteMetrics>,
 }
 
 impl Route {
-    /// Builds a route over already-built targets.
-    pub fn new(settings: &RouteSettings, targets: Vec<Arc<Target>>) -> Self {
+    /// Builds a route over already-built targets, with its series in `metrics`.
+    pub(crate) fn new(
+        settings: &RouteSettings,
+        targets: Vec<Arc<Target>>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Self {
+        let route_metrics = crate::metrics::RouteMetrics::new(
+            metrics,
+            &settings.name,
+            targets.iter().map(|t| t.id.as_str()),
+        );
         let budget = RetryBudget::new(
             RETRY_BUDGET_WINDOW,
             settings.retry.budget_min_per_sec,
@@ -88,6 +101,7 @@ impl Route {
             timeouts: settings.timeouts,
             validate_output: settings.validate_output,
             budget: Mutex::new(budget),
+            metrics: Arc::new(route_metrics),
         }
     }
 }
@@ -622,6 +636,10 @@ impl Executor<'_> {
     }
 
     fn count_attempt(&self, target: &Target, outcome: &str) {
+        if outcome == "ok" {
+            target.attempts_ok.inc();
+            return;
+        }
         self.metrics
             .attempts
             .get_or_create(&AttemptLabels {
