@@ -8,7 +8,7 @@
 //! commit). [`Upcoming`] is how the application (the gateway) says how many calls are in
 //! progress: the writer stops waiting as soon as as many writes are queued.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -23,8 +23,10 @@ pub struct Upcoming(Arc<Shared>);
 struct Shared {
     /// Calls in progress, counted by the application.
     calls: AtomicUsize,
-    /// Writes queued and not yet taken into a commit (from every source).
-    queued: AtomicUsize,
+    /// Writes queued and not yet taken into a commit (from every source). A sender counts
+    /// its write once it is in the queue, so the writer may take it first: the count can
+    /// be below zero for a moment, which reads as "not every call has written yet".
+    queued: AtomicIsize,
     /// Whether the writer is waiting for more writes.
     lingering: AtomicBool,
     /// The writer thread, to wake it.
@@ -76,13 +78,16 @@ impl Upcoming {
 
     /// The writer took `n` queued writes into a commit.
     pub(crate) fn taken(&self, n: usize) {
-        self.0.queued.fetch_sub(n, Ordering::SeqCst);
+        self.0
+            .queued
+            .fetch_sub(isize::try_from(n).unwrap_or(isize::MAX), Ordering::SeqCst);
     }
 
     /// Whether calls are counted and every one of them has a write queued.
     fn all_queued(&self) -> bool {
         let calls = self.0.calls.load(Ordering::SeqCst);
-        calls > 0 && self.0.queued.load(Ordering::SeqCst) >= calls
+        calls > 0
+            && self.0.queued.load(Ordering::SeqCst) >= isize::try_from(calls).unwrap_or(isize::MAX)
     }
 
     /// Waits `delay`, or less once every call in progress has queued its write. Called by
@@ -147,6 +152,19 @@ mod tests {
             .join()
             .unwrap();
         assert!(waited >= Duration::from_millis(50), "waited {waited:?}");
+    }
+
+    #[test]
+    fn a_write_taken_before_its_sender_counted_it_does_not_end_the_wait() {
+        let upcoming = Upcoming::default();
+        let _call = upcoming.call();
+        // The writer took the write out of the queue before its sender counted it.
+        upcoming.taken(1);
+        assert!(!upcoming.all_queued());
+        upcoming.queued();
+        assert!(!upcoming.all_queued(), "that write is taken, not waiting");
+        upcoming.queued();
+        assert!(upcoming.all_queued());
     }
 
     #[test]
