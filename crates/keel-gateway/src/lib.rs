@@ -109,8 +109,11 @@ impl Gateway {
     /// settings are those of the first route (in name order) that uses the target.
     /// `tasks` tracks background work (stream pumps) so shutdown can wait for it.
     /// `metrics` is served at `/metrics`, with whatever else was registered in it.
+    /// `tools` is `[tools.*]` already built ([`tools::Tools::build`]), so that a tool that
+    /// cannot run stops keel before anything else starts.
     pub fn build(
         settings: &Settings,
+        tools: tools::Tools,
         store: Arc<dyn EventStore>,
         tasks: TaskTracker,
         metrics: Metrics,
@@ -184,7 +187,6 @@ impl Gateway {
                 "chaos is enabled: keel injects faults into its calls to providers and honours x-keel-chaos"
             );
         }
-        let tools = tools::Tools::build(&settings.tools, settings.breaker)?;
         for agent in settings.agents.values() {
             let b = &agent.budget;
             let limits = [

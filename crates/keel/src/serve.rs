@@ -190,6 +190,9 @@ impl Running {
 /// Builds every part, binds `server.listen`, prints the `keel listening on` line and
 /// serves in the background until [`Running::stop`].
 pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<Running> {
+    // Tools first: a Wasm module that cannot run stops keel before it opens (or creates)
+    // the store.
+    let tools = keel_gateway::tools::Tools::build(&settings.tools, settings.breaker)?;
     let upcoming = keel_store::Upcoming::default();
     let store = open_store(&settings, &upcoming).await?;
     let tasks = TaskTracker::new();
@@ -218,7 +221,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
             })),
     );
     let gateway = Arc::new(
-        Gateway::build(&settings, store.clone(), tasks.clone(), metrics)?
+        Gateway::build(&settings, tools, store.clone(), tasks.clone(), metrics)?
             .with_approvals(Arc::new(SupervisorApprovals(Arc::clone(&supervisor))))
             .with_upcoming(upcoming),
     );

@@ -159,6 +159,8 @@ fn a_wasm_tool_that_cannot_run_is_named_by_config_check_and_serve() {
         "{stderr}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    // Nothing was started: not even the default store was created.
+    assert!(!dir.path().join("keel-data").exists());
 }
 
 #[test]
