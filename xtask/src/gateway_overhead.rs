@@ -6,10 +6,11 @@
 //! open loop at [`FIXED_RATE`] requests/s, then closed loop with [`SATURATE_CONNECTIONS`]
 //! connections. It reports the p50/p99 latency keel adds, the throughput ratio, and keel's peak
 //! resident memory (`VmHWM`). It measures four setups of keel's store ([`SETUPS`]), each
-//! against its own direct rounds: `durability = "fsync"` (the default: a response waits for the
-//! group commit's fsync) and `"relaxed"` (a response waits for the commit's write, which survives
-//! `kill -9` but not power loss), each with payload recording on (the default: the request's
-//! messages and the answer are stored with the `llm_call` event) and off (the events only).
+//! against its own direct rounds: `call_durability = "relaxed"` (the default: a response waits
+//! for the commit's write of the call's records, which survives `kill -9` of keel, and the disk
+//! sync follows in the background) and `"fsync"` (a response also waits for the group commit's
+//! fsync), each with payload recording on (the default: the request's messages and the answer
+//! are stored with the `llm_call` event) and off (the events only).
 //! Everything runs on loopback and stops by itself.
 //!
 //! The load generator, the simulated server and keel share the machine's cores, so the figures
@@ -49,8 +50,8 @@ const SIM_MODEL: &str = "sim-model";
 /// One configuration of keel's store that the benchmark measures.
 #[derive(Debug, Clone, Copy)]
 struct Setup {
-    /// `[store] durability`.
-    durability: &'static str,
+    /// `[store] call_durability`.
+    call_durability: &'static str,
     /// `[store] record_payloads`.
     record_payloads: bool,
 }
@@ -59,31 +60,31 @@ struct Setup {
 /// others are suffixed with what differs ([`case_name`]).
 const SETUPS: [Setup; 4] = [
     Setup {
-        durability: "fsync",
+        call_durability: "relaxed",
         record_payloads: true,
     },
     Setup {
-        durability: "relaxed",
+        call_durability: "fsync",
         record_payloads: true,
     },
     Setup {
-        durability: "fsync",
+        call_durability: "relaxed",
         record_payloads: false,
     },
     Setup {
-        durability: "relaxed",
+        call_durability: "fsync",
         record_payloads: false,
     },
 ];
 
 impl Setup {
-    /// How the setup is named in entries: empty for the default, else `_relaxed`,
+    /// How the setup is named in entries: empty for the default, else `_calls_fsync`,
     /// `_events_only` or both.
     fn suffix(self) -> String {
         let mut suffix = String::new();
-        if self.durability != SETUPS[0].durability {
-            suffix.push('_');
-            suffix.push_str(self.durability);
+        if self.call_durability != SETUPS[0].call_durability {
+            suffix.push_str("_calls_");
+            suffix.push_str(self.call_durability);
         }
         if !self.record_payloads {
             suffix.push_str("_events_only");
@@ -98,7 +99,7 @@ impl Setup {
         } else {
             "events only (record_payloads = false)"
         };
-        format!("durability = \"{}\", {payloads}", self.durability)
+        format!("call_durability = \"{}\", {payloads}", self.call_durability)
     }
 }
 
@@ -476,7 +477,7 @@ fn write_config(dir: &Path, sim_base_url: &str, setup: Setup) -> anyhow::Result<
          \n\
          [store]\n\
          url = {store}\n\
-         durability = \"{durability}\"\n\
+         call_durability = \"{durability}\"\n\
          record_payloads = {record}\n\
          \n\
          [providers.sim]\n\
@@ -492,7 +493,7 @@ fn write_config(dir: &Path, sim_base_url: &str, setup: Setup) -> anyhow::Result<
          [agents.anonymous]\n\
          budget = {{ tokens_per_hour = 1000000000000 }}\n",
         store = toml_string(&format!("sqlite://{}", db.display())),
-        durability = setup.durability,
+        durability = setup.call_durability,
         record = setup.record_payloads,
         sim = toml_string(sim_base_url),
     );
@@ -785,7 +786,9 @@ mod tests {
         );
         let store = doc["store"]["url"].as_str().unwrap();
         assert!(store.starts_with("sqlite:///") && store.ends_with("/keel.db"));
-        assert_eq!(doc["store"]["durability"].as_str(), Some("relaxed"));
+        // Tasks keep the default durability; the setup sets the calls'.
+        assert_eq!(doc["store"].get("durability"), None);
+        assert_eq!(doc["store"]["call_durability"].as_str(), Some("fsync"));
         assert_eq!(doc["store"]["record_payloads"].as_bool(), Some(false));
     }
 
@@ -799,9 +802,9 @@ mod tests {
             names,
             [
                 "gateway_overhead/saturate_64conn",
-                "gateway_overhead/saturate_64conn_relaxed",
+                "gateway_overhead/saturate_64conn_calls_fsync",
                 "gateway_overhead/saturate_64conn_events_only",
-                "gateway_overhead/saturate_64conn_relaxed_events_only",
+                "gateway_overhead/saturate_64conn_calls_fsync_events_only",
             ]
         );
     }

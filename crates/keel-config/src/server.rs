@@ -132,11 +132,16 @@ pub struct StoreConfig {
     /// `sqlite://relative/path.db`, `sqlite:///absolute/path.db` or `postgres://...`.
     #[serde(default = "default_store_url")]
     pub url: String,
-    /// `"fsync"` (default) or `"relaxed"`.
+    /// `"fsync"` (default) or `"relaxed"`: task writes, tool and approval events, alerts,
+    /// state; every write but the records of model calls.
     #[serde(default)]
     pub durability: Durability,
+    /// `"relaxed"` (default) or `"fsync"`: the records of a model call through the gateway
+    /// (`llm_call` and the events around it).
+    #[serde(default = "relaxed")]
+    pub call_durability: Durability,
     /// How long a busy writer waits for more writes to share its commit (default: 200us
-    /// with `relaxed` durability, none with `fsync`; `"0s"` commits at once).
+    /// for a commit that is not synced, none for one that is; `"0s"` commits at once).
     #[serde(default, deserialize_with = "crate::duration::optional")]
     pub commit_delay: Option<std::time::Duration>,
     /// Finished tasks (succeeded, cancelled) older than this are pruned; unset keeps them.
@@ -157,11 +162,16 @@ fn default_true() -> bool {
     true
 }
 
+fn relaxed() -> Durability {
+    Durability::Relaxed
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: default_store_url(),
             durability: Durability::default(),
+            call_durability: Durability::Relaxed,
             commit_delay: None,
             retention: None,
             keep_checkpoints: None,
@@ -205,10 +215,12 @@ pub enum StoreBackend {
 pub struct StoreSettings {
     /// The database.
     pub backend: StoreBackend,
-    /// The durability of an acknowledged append.
+    /// The durability of an acknowledged write, but for model-call records.
     pub durability: Durability,
+    /// The durability of the records of a model call through the gateway.
+    pub call_durability: Durability,
     /// How long the writer, when several writes are already queued, waits for more to
-    /// join the same commit (`None`: the store's default for the durability).
+    /// join the same commit (`None`: the store's default for each commit's durability).
     pub commit_delay: Option<std::time::Duration>,
     /// Age after which finished tasks are pruned (`None`: never).
     pub retention: Option<std::time::Duration>,
@@ -227,6 +239,7 @@ impl Default for StoreSettings {
                 path: PathBuf::from("keel-data/keel.db"),
             },
             durability: Durability::Fsync,
+            call_durability: Durability::Relaxed,
             commit_delay: None,
             retention: None,
             keep_checkpoints: None,
@@ -254,7 +267,7 @@ impl StoreConfig {
         }
         if self.commit_delay.is_some_and(|d| d > MAX_COMMIT_DELAY) {
             problems.push(at.child("commit_delay").invalid(format!(
-                "must be at most {} (every commit under load waits this long; 200us is the default with relaxed durability)",
+                "must be at most {} (every commit under load waits this long; 200us is the default for a commit that is not synced)",
                 crate::duration::show(MAX_COMMIT_DELAY)
             )));
         }
@@ -277,6 +290,7 @@ impl StoreConfig {
         Ok(StoreSettings {
             backend,
             durability: self.durability,
+            call_durability: self.call_durability,
             commit_delay: self.commit_delay,
             retention: self.retention,
             keep_checkpoints: self.keep_checkpoints,

@@ -139,11 +139,11 @@ impl Finish {
         task: Option<String>,
     ) {
         if !self.gw.record_payloads {
-            return self.gw.append(events).await;
+            return self.gw.record_call(events, Vec::new(), None).await;
         }
         let mut blobs = std::mem::take(&mut self.recorded.blobs);
         blobs.extend(response.map(keel_store::Payload::new));
-        self.gw.append_with(events, blobs, task).await;
+        self.gw.record_call(events, blobs, task).await;
     }
 
     /// Metrics of a finished call, and its spend against the agent's budgets (an
@@ -188,7 +188,7 @@ impl Finish {
                     )
                 })
                 .collect();
-            self.gw.append(events).await;
+            self.gw.record_call(events, Vec::new(), None).await;
         }
     }
 

@@ -273,7 +273,8 @@ async fn handle_inner(
                 EventKind::BudgetExceeded,
                 json!({"agent": log.who.agent, "key": over.key, "unit": over.unit.as_str(), "limit": over.limit, "used": over.used, "route": route.name}),
             );
-            gw.append(std::mem::take(&mut log.events)).await;
+            gw.record_call(std::mem::take(&mut log.events), Vec::new(), None)
+                .await;
             count_request(gw, &route.name, "none", "rejected");
             return Err(ApiError::budget(
                 over.message(&log.who.agent),
@@ -401,7 +402,8 @@ async fn screen_input(
                 EventKind::ActionBlocked,
                 json!({"route": route, "agent": log.who.agent, "rules": ["injection"], "reasons": [reason], "stage": "input", "score": found.score}),
             );
-            gw.append(std::mem::take(&mut log.events)).await;
+            gw.record_call(std::mem::take(&mut log.events), Vec::new(), None)
+                .await;
             count_request(gw, route, "none", "rejected");
             Err(ApiError::bad_request(reason)
                 .with_param("messages")
@@ -458,7 +460,9 @@ impl Drop for CallGuard {
         }
         let gw = Arc::clone(&self.gw);
         let events = std::mem::take(&mut log.events);
-        self.gw.tasks.spawn(async move { gw.append(events).await });
+        self.gw
+            .tasks
+            .spawn(async move { gw.record_call(events, Vec::new(), None).await });
     }
 }
 
@@ -478,23 +482,25 @@ pub(crate) fn budget_warning(agent: &str, w: &crate::agents::Warning) -> Value {
 }
 
 impl Gateway {
-    /// Appends a call's events with its payloads (owned by `task`) in one batch.
-    pub(crate) async fn append_with(
+    /// Records a model call's events with its payloads (owned by `task`) in one batch, with
+    /// the store's call durability (`[store] call_durability`); a store failure is logged,
+    /// never hidden as success.
+    pub(crate) async fn record_call(
         &self,
         events: Vec<NewEvent>,
         payloads: Vec<keel_store::Payload>,
         task: Option<String>,
     ) {
-        if let Err(e) = self
-            .store
-            .append_with_payloads(events, payloads, task)
-            .await
-        {
+        if events.is_empty() && payloads.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append_call(events, payloads, task).await {
             tracing::error!(error = %e, "could not record gateway events");
         }
     }
 
-    /// Appends a call's events in one batch; a store failure is logged, never hidden as success.
+    /// Appends events that are not a model call's records (a tool's breaker changes) in one
+    /// batch, with the store's durability; a store failure is logged, never hidden as success.
     pub(crate) async fn append(&self, events: Vec<NewEvent>) {
         if events.is_empty() {
             return;

@@ -59,6 +59,7 @@ pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     events_by_task_in_order(&make()).await?;
     filters_kind_after_seq_and_limit(&make()).await?;
     concurrent_appends_form_one_chain(Arc::new(make())).await?;
+    call_records_and_other_appends_form_one_chain(Arc::new(make())).await?;
     verify_reports_intact(&make()).await?;
     ping_succeeds(&make()).await?;
     state_is_compare_and_set(&make()).await?;
@@ -342,6 +343,83 @@ pub async fn concurrent_appends_form_one_chain<S: EventStore>(store: Arc<S>) -> 
     ensure!(
         verdict == Verify::Intact { events: total },
         "verify after concurrent appends: {verdict:?}"
+    );
+    Ok(())
+}
+
+/// Model-call records ([`EventStore::append_call`], which a store may acknowledge with a
+/// weaker durability) and other appends made at the same time share one chain: consecutive
+/// `seq`s, each call's events together and in order, the log intact.
+pub async fn call_records_and_other_appends_form_one_chain<S: EventStore>(
+    store: Arc<S>,
+) -> Outcome {
+    const WRITERS: usize = 16;
+    const CALLS: usize = 10;
+    let mut set = JoinSet::new();
+    for w in 0..WRITERS {
+        let store = Arc::clone(&store);
+        set.spawn(async move {
+            let task = format!("task-{w}");
+            for c in 0..CALLS {
+                let events = vec![
+                    event(
+                        EventKind::RetryScheduled,
+                        Some(&task),
+                        json!({"c": c, "half": 0}),
+                    ),
+                    event(EventKind::LlmCall, Some(&task), json!({"c": c, "half": 1})),
+                ];
+                let stored = if w % 2 == 0 {
+                    let answer =
+                        crate::Payload::new(bytes::Bytes::from(format!("{task} answer {c}")));
+                    store
+                        .append_call(events, vec![answer], Some(task.clone()))
+                        .await?
+                } else {
+                    store.append(events).await?
+                };
+                if stored.len() != 2 || stored[1].seq != stored[0].seq + 1 {
+                    return Ok(Err(format!("{task} call {c}: seqs {:?}", seqs(&stored))));
+                }
+            }
+            Ok::<_, StoreError>(Ok(()))
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        let done =
+            joined.map_err(|e| ConformanceError::Check(format!("append task failed: {e}")))??;
+        if let Err(broken) = done {
+            return Err(ConformanceError::Check(format!(
+                "a call's events were not given consecutive seqs: {broken}"
+            )));
+        }
+    }
+    let total = (WRITERS * CALLS * 2) as u64;
+    let all = store.events(EventQuery::default()).await?;
+    ensure!(
+        seqs(&all) == (1..=total).collect::<Vec<_>>(),
+        "log does not hold seqs 1..={total} (has {})",
+        all.len()
+    );
+    for w in 0..WRITERS {
+        let task = format!("task-{w}");
+        let mine: Vec<(u64, u64)> = all
+            .iter()
+            .filter(|e| e.task_id.as_deref() == Some(task.as_str()))
+            .map(|e| {
+                (
+                    e.data["c"].as_u64().unwrap_or(99),
+                    e.data["half"].as_u64().unwrap_or(99),
+                )
+            })
+            .collect();
+        let want: Vec<(u64, u64)> = (0..CALLS as u64).flat_map(|c| [(c, 0), (c, 1)]).collect();
+        ensure!(mine == want, "{task}: events out of order: {mine:?}");
+    }
+    let verdict = store.verify().await?;
+    ensure!(
+        verdict == Verify::Intact { events: total },
+        "verify after call records and appends: {verdict:?}"
     );
     Ok(())
 }

@@ -158,20 +158,27 @@ pub enum Durability {
     Relaxed,
 }
 
-/// How a store's writer commits: the [`Durability`] of an acknowledged write, and how
-/// long a busy writer waits for more writes to share a commit.
+/// How a store's writer commits: the [`Durability`] of an acknowledged write (of model-call
+/// records and of every other write), and how long a busy writer waits for more writes to
+/// share a commit.
 ///
-/// A [`Durability`] converts into options with its default commit delay
-/// ([`WriteOptions::default_commit_delay`]).
+/// A [`Durability`] converts into options that acknowledge every write with it, with the
+/// default commit delay ([`WriteOptions::default_commit_delay`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteOptions {
-    /// When an append counts as done.
+    /// When a write counts as done: task writes, state, and every append but
+    /// [`EventStore::append_call`].
     pub durability: Durability,
+    /// When the records of a model call ([`EventStore::append_call`]) count as done. A commit
+    /// holding any other write is made with [`WriteOptions::durability`] (so a synced commit
+    /// also syncs the calls before it: a log never loses an event and keeps a later one).
+    pub call_durability: Durability,
     /// When at least [`COMMIT_SIBLINGS`] more writes are queued behind the one the writer
     /// picks up (it is busy), it waits this long for more before committing them all. One
     /// commit then carries many calls' events, which costs less CPU than many small
     /// commits; a write that finds the writer idle is committed at once. Zero never waits.
-    pub commit_delay: std::time::Duration,
+    /// `None`: [`WriteOptions::default_commit_delay`] of each commit's durability.
+    pub commit_delay: Option<std::time::Duration>,
     /// The application's count of calls in progress that will write: the SQLite writer's
     /// commit delay ends as soon as each of them has queued its write (see [`Upcoming`]).
     /// The PostgreSQL writer does not use it.
@@ -191,6 +198,30 @@ impl WriteOptions {
             Durability::Relaxed => std::time::Duration::from_micros(200),
         }
     }
+
+    /// The two durabilities, for the writer.
+    pub(crate) fn durabilities(&self) -> Durabilities {
+        Durabilities {
+            writes: self.durability,
+            calls: self.call_durability,
+        }
+    }
+}
+
+/// The durability of each kind of write, as a writer applies them to its commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Durabilities {
+    /// Every write but model-call records.
+    pub(crate) writes: Durability,
+    /// Model-call records ([`EventStore::append_call`]).
+    pub(crate) calls: Durability,
+}
+
+impl Durabilities {
+    /// The durability of one write: `call` for model-call records.
+    pub(crate) fn of(self, call: bool) -> Durability {
+        if call { self.calls } else { self.writes }
+    }
 }
 
 /// Writes queued behind the first that make a writer busy enough to wait
@@ -201,7 +232,8 @@ impl From<Durability> for WriteOptions {
     fn from(durability: Durability) -> Self {
         Self {
             durability,
-            commit_delay: Self::default_commit_delay(durability),
+            call_durability: durability,
+            commit_delay: None,
             upcoming: Upcoming::default(),
         }
     }
@@ -250,6 +282,19 @@ pub trait EventStore: Send + Sync + 'static {
         payloads: Vec<Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError>;
+
+    /// The records of one model call through the gateway (its `llm_call` and the events
+    /// around it): like [`EventStore::append_with_payloads`], acknowledged with the store's
+    /// call durability ([`WriteOptions::call_durability`]) instead of its durability. A
+    /// store without the distinction appends them like any other events.
+    async fn append_call(
+        &self,
+        events: Vec<keel_core::NewEvent>,
+        payloads: Vec<Payload>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.append_with_payloads(events, payloads, owner).await
+    }
 
     /// The events matching `query`, in ascending `seq`.
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError>;
@@ -341,6 +386,15 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError> {
         (**self).append_with_payloads(events, payloads, owner).await
+    }
+
+    async fn append_call(
+        &self,
+        events: Vec<keel_core::NewEvent>,
+        payloads: Vec<Payload>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        (**self).append_call(events, payloads, owner).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {

@@ -76,16 +76,14 @@ async fn open_store(
     settings: &Settings,
     upcoming: &keel_store::Upcoming,
 ) -> anyhow::Result<Arc<dyn TaskStore>> {
-    let durability = match settings.store.durability {
+    let durability = |d| match d {
         keel_config::Durability::Fsync => keel_store::Durability::Fsync,
         keel_config::Durability::Relaxed => keel_store::Durability::Relaxed,
     };
     let options = keel_store::WriteOptions {
-        durability,
-        commit_delay: settings
-            .store
-            .commit_delay
-            .unwrap_or_else(|| keel_store::WriteOptions::default_commit_delay(durability)),
+        durability: durability(settings.store.durability),
+        call_durability: durability(settings.store.call_durability),
+        commit_delay: settings.store.commit_delay,
         upcoming: upcoming.clone(),
     };
     match &settings.store.backend {

@@ -300,6 +300,7 @@ fn embedded_default_listens_on_loopback_with_sqlite() {
         }
     );
     assert_eq!(d.store.durability, Durability::Fsync);
+    assert_eq!(d.store.call_durability, Durability::Relaxed);
     assert!(d.providers.is_empty() && d.routes.is_empty() && d.agents.is_empty());
     assert_eq!(d.breaker, DEFAULT_BREAKER);
     assert_eq!(d.breaker.window, Window::Count(100));
@@ -358,6 +359,18 @@ fn store_accepts_postgres_and_relaxed_durability() {
         }
     );
     assert_eq!(s.store.durability, Durability::Relaxed);
+    // Model-call records keep their own default unless set.
+    assert_eq!(s.store.call_durability, Durability::Relaxed);
+    let s = settings("[store]\ncall_durability = \"fsync\"\n");
+    assert_eq!(
+        (s.store.durability, s.store.call_durability),
+        (Durability::Fsync, Durability::Fsync)
+    );
+    let e = errors("[store]\ncall_durability = \"sometimes\"\n");
+    assert!(
+        e.contains("keel.toml:2") && e.contains("call_durability") && e.contains("fsync"),
+        "{e}"
+    );
     let s = settings("[store]\nurl = \"sqlite:///var/lib/keel.db\"\n");
     assert_eq!(
         s.store.backend,

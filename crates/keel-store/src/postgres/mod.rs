@@ -114,11 +114,13 @@ impl PgStore {
         url: &str,
         options: impl Into<crate::WriteOptions>,
     ) -> Result<Self, StoreError> {
+        let options = options.into();
+        let durabilities = options.durabilities();
         let crate::WriteOptions {
             durability,
             commit_delay,
-            upcoming: _,
-        } = options.into();
+            ..
+        } = options;
         let mut config = parse_url(url).map_err(|reason| StoreError::Unreachable {
             store: "(store.url)".to_owned(),
             reason,
@@ -136,7 +138,7 @@ impl PgStore {
             std::thread::Builder::new()
                 .name("keel-pg-writer".to_owned())
                 .spawn(move || {
-                    writer_thread(config, for_writer, (durability, commit_delay), rx, ready)
+                    writer_thread(config, for_writer, (durabilities, commit_delay), rx, ready)
                 })
                 .map_err(|e| StoreError::Unreachable {
                     store: store.clone(),
@@ -301,7 +303,7 @@ impl PgStore {
 fn writer_thread(
     config: Config,
     store: String,
-    (durability, commit_delay): (Durability, std::time::Duration),
+    (durabilities, commit_delay): (crate::Durabilities, Option<std::time::Duration>),
     rx: mpsc::Receiver<Request>,
     ready: oneshot::Sender<Result<(), StoreError>>,
 ) {
@@ -319,6 +321,7 @@ fn writer_thread(
         }
     };
     runtime.block_on(async move {
+        let durability = durabilities.writes;
         let mut client = match writer::connect(&config, &store, durability).await {
             Ok(client) => client,
             Err(e) => {
@@ -335,7 +338,7 @@ fn writer_thread(
         if ready.send(Ok(())).is_err() {
             return;
         }
-        writer::run(conn, rx, commit_delay).await;
+        writer::run(conn, rx, commit_delay, durabilities).await;
     });
 }
 
@@ -416,7 +419,7 @@ impl EventStore for PgStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        self.writer.append(events, Payloads::default()).await
+        self.writer.append(events, Payloads::default(), false).await
     }
 
     async fn append_with_payloads(
@@ -430,7 +433,24 @@ impl EventStore for PgStore {
         }
         // No cache of stored payloads here: another node may prune them.
         let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
-        self.writer.append(events, Payloads { owner, blobs }).await
+        self.writer
+            .append(events, Payloads { owner, blobs }, false)
+            .await
+    }
+
+    async fn append_call(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Vec<crate::Payload>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() && payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
+        self.writer
+            .append(events, Payloads { owner, blobs }, true)
+            .await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {

@@ -72,10 +72,27 @@ async fn the_event_suite_holds_with_a_commit_delay() {
     let server = server();
     let options = crate::WriteOptions {
         durability: Durability::Relaxed,
-        commit_delay: Duration::from_millis(5),
+        call_durability: Durability::Relaxed,
+        commit_delay: Some(Duration::from_millis(5)),
         upcoming: crate::Upcoming::default(),
     };
     conformance::run_all(maker_with(&server, "delayed", options))
+        .await
+        .unwrap();
+}
+
+/// The event suite with keel's default durabilities: model-call records committed with
+/// `synchronous_commit = off` in their own transactions, everything else with `on`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_suite_holds_with_relaxed_call_records() {
+    let server = server();
+    let options = crate::WriteOptions {
+        durability: Durability::Fsync,
+        call_durability: Durability::Relaxed,
+        commit_delay: None,
+        upcoming: crate::Upcoming::default(),
+    };
+    conformance::run_all(maker_with(&server, "calls", options))
         .await
         .unwrap();
 }

@@ -28,9 +28,11 @@ use tokio_postgres::{Client, Config, GenericClient, NoTls};
 use crate::chain;
 use crate::sqlite::writer::{
     Done, Head, Link, Payloads, Prepared, Request, Stamp, StateWrite, answer, answer_err, busy,
-    checked_snapshot, drain,
+    checked_snapshot, commit_durability, drain,
 };
-use crate::{Durability, PrunePolicy, PruneReport, StoreError, TaskWrite};
+use crate::{
+    Durabilities, Durability, PrunePolicy, PruneReport, StoreError, TaskWrite, WriteOptions,
+};
 
 use super::PgFail;
 
@@ -136,15 +138,20 @@ pub(crate) async fn connect(
     });
     // `on`: COMMIT returns once the WAL is flushed on the server; `off`: once it is
     // written, so a crash of the database server (not of keel) may lose the newest commits.
-    let sync = match durability {
-        Durability::Fsync => "on",
-        Durability::Relaxed => "off",
-    };
+    let sync = synchronous_commit(durability);
     client
         .batch_execute(&format!("SET synchronous_commit = {sync}"))
         .await
         .map_err(|e| PgFail::Sql(e).into_store(store, "setting synchronous_commit"))?;
     Ok(client)
+}
+
+/// PostgreSQL's `synchronous_commit` for a durability.
+fn synchronous_commit(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Fsync => "on",
+        Durability::Relaxed => "off",
+    }
 }
 
 /// `error connecting to server: Connection refused (os error 111)`: the error and its causes.
@@ -162,20 +169,28 @@ pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The writer loop; returns when the queue is closed and drained.
+/// The writer loop; returns when the queue is closed and drained. The connection's session
+/// has `synchronous_commit` set for `durabilities.writes`; a commit made with the other
+/// durability sets it for its own transaction.
 pub(crate) async fn run(
     mut conn: Connection,
     mut queue: mpsc::Receiver<Request>,
-    commit_delay: Duration,
+    commit_delay: Option<Duration>,
+    durabilities: Durabilities,
 ) {
     while let Some(first) = queue.recv().await {
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
-        if busy(&batch, pending, commit_delay) {
-            tokio::time::sleep(commit_delay).await;
+        let delay = commit_delay.unwrap_or_else(|| {
+            WriteOptions::default_commit_delay(commit_durability(&batch, durabilities))
+        });
+        if busy(&batch, pending, delay) {
+            tokio::time::sleep(delay).await;
             drain(&mut queue, &mut batch, &mut pending);
         }
+        let durability = commit_durability(&batch, durabilities);
+        let own = (durability != durabilities.writes).then_some(durability);
         let store = conn.store.clone();
         let client = match conn.client().await {
             Ok(client) => client,
@@ -186,7 +201,7 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        match write_batch(client, &batch, &store).await {
+        match write_batch(client, &batch, &store, own).await {
             Ok((stamp, results)) => {
                 for (request, result) in batch.into_iter().zip(results) {
                     answer(request, result, &stamp);
@@ -365,14 +380,28 @@ async fn write_batch(
     client: &mut Client,
     batch: &[Request],
     store: &str,
+    durability: Option<Durability>,
 ) -> Result<(Stamp, Vec<Result<Done, StoreError>>), tokio_postgres::Error> {
     let mut tx = client.transaction().await?;
-    let row = tx
-        .query_one(
-            "SELECT seq, hash, at_ms FROM keel_chain_head WHERE id = 1 FOR UPDATE",
-            &[],
-        )
-        .await?;
+    // The commit's own durability, when it is not the session's (sent with the head query:
+    // tokio-postgres pipelines them).
+    let local = async {
+        match durability {
+            Some(d) => {
+                let sync = synchronous_commit(d);
+                tx.batch_execute(&format!("SET LOCAL synchronous_commit = {sync}"))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let head = tx.query_one(
+        "SELECT seq, hash, at_ms FROM keel_chain_head WHERE id = 1 FOR UPDATE",
+        &[],
+    );
+    let (local, row) = tokio::join!(local, head);
+    local?;
+    let row = row?;
     let mut head = Head {
         seq: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
         hash: row.get(1),
@@ -387,7 +416,7 @@ async fn write_batch(
     let mut rows = Rows::default();
     let mut results = Vec::with_capacity(batch.len());
     for request in batch {
-        if let Request::Append(events, payloads, _) = request {
+        if let Request::Append(events, payloads, ..) = request {
             rows.payloads(payloads);
             results.push(Ok(Done::Events(rows.events(events, &mut head, &stamp))));
             continue;

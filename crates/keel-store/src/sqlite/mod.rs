@@ -6,7 +6,12 @@
 //! process under both [`Durability`] settings; [`Durability::Fsync`]
 //! (`synchronous=FULL`) also syncs the WAL before acknowledging, so it survives
 //! power loss too. Group commit ([`writer`]) keeps that to one sync per batch of
-//! concurrent appends rather than one per request.
+//! concurrent appends rather than one per request. Model-call records
+//! ([`EventStore::append_call`]) have their own durability
+//! ([`WriteOptions::call_durability`]): a commit of nothing else is made with it, any other
+//! with the store's. Commits that are not synced reach the disk when the background
+//! checkpointer syncs the WAL before copying it (every 100 ms that there is
+//! something to copy) or with the next synced commit, whichever comes first.
 //!
 //! One process should own a database file: the writer serialises appends within
 //! the process, and re-reads the chain head inside each write transaction, so a
@@ -101,11 +106,14 @@ impl SqliteStore {
     /// Errors if the directory or file cannot be created or opened, the schema
     /// is newer than this build, or a migration fails.
     pub fn open(path: &Path, options: impl Into<WriteOptions>) -> Result<Self, StoreError> {
+        let options = options.into();
+        let durabilities = options.durabilities();
         let WriteOptions {
             durability,
             commit_delay,
             upcoming,
-        } = options.into();
+            ..
+        } = options;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_owned(),
@@ -127,14 +135,14 @@ impl SqliteStore {
             };
             std::thread::Builder::new()
                 .name("keel-store-writer".to_owned())
-                .spawn(move || writer::run(conn, writer_path, rx, stats, linger))
+                .spawn(move || writer::run(conn, writer_path, rx, stats, linger, durabilities))
                 .map_err(|source| StoreError::SpawnWriter {
                     path: path.to_owned(),
                     source,
                 })?
         };
         upcoming.set_writer(writer.thread().clone());
-        tracing::debug!(path = %path.display(), ?durability, "opened event store");
+        tracing::debug!(path = %path.display(), ?durabilities, "opened event store");
         Ok(Self {
             path: path.to_owned(),
             durability,
@@ -155,6 +163,39 @@ impl SqliteStore {
         })
     }
 
+    /// `append_with_payloads`, and `append_call` (`call`).
+    async fn append_payloads(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Vec<crate::Payload>,
+        owner: Option<String>,
+        call: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() && payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        if payloads.is_empty() {
+            return self.writer.append(events, Payloads::default(), call).await;
+        }
+        // The payloads come hashed (on the caller's thread, not in the single writer);
+        // leave out what an earlier commit already stored for this owner.
+        let key = owner.clone().unwrap_or_default();
+        let hashed: Vec<(String, bytes::Bytes)> =
+            payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
+        let blobs: Vec<(String, bytes::Bytes)> = {
+            let known = self.stored_payloads.lock();
+            hashed
+                .into_iter()
+                .filter(|(h, _)| !known.contains(&key, h))
+                .collect()
+        };
+        let hashes: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
+        let payloads = Payloads { owner, blobs };
+        let stored = self.writer.append(events, payloads, call).await?;
+        self.stored_payloads.lock().remember(key, hashes);
+        Ok(stored)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -169,6 +210,11 @@ impl SqliteStore {
     /// commits, so this grows more slowly than the number of `append` calls.
     pub fn commits(&self) -> u64 {
         self.stats.commits.load(Ordering::Relaxed)
+    }
+
+    /// How many of [`SqliteStore::commits`] synced the WAL to disk (`synchronous=FULL`).
+    pub fn synced_commits(&self) -> u64 {
+        self.stats.synced.load(Ordering::Relaxed)
     }
 
     /// Stops accepting appends, waits for the writer to commit everything
@@ -265,7 +311,7 @@ impl EventStore for SqliteStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        self.writer.append(events, Payloads::default()).await
+        self.writer.append(events, Payloads::default(), false).await
     }
 
     async fn append_with_payloads(
@@ -274,26 +320,16 @@ impl EventStore for SqliteStore {
         payloads: Vec<crate::Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError> {
-        if events.is_empty() && payloads.is_empty() {
-            return Ok(Vec::new());
-        }
-        // The payloads come hashed (on the caller's thread, not in the single writer);
-        // leave out what an earlier commit already stored for this owner.
-        let key = owner.clone().unwrap_or_default();
-        let hashed: Vec<(String, bytes::Bytes)> =
-            payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
-        let blobs: Vec<(String, bytes::Bytes)> = {
-            let known = self.stored_payloads.lock();
-            hashed
-                .into_iter()
-                .filter(|(h, _)| !known.contains(&key, h))
-                .collect()
-        };
-        let hashes: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
-        let payloads = Payloads { owner, blobs };
-        let stored = self.writer.append(events, payloads).await?;
-        self.stored_payloads.lock().remember(key, hashes);
-        Ok(stored)
+        self.append_payloads(events, payloads, owner, false).await
+    }
+
+    async fn append_call(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Vec<crate::Payload>,
+        owner: Option<String>,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.append_payloads(events, payloads, owner, true).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {

@@ -147,18 +147,121 @@ async fn conformance_run_all_with_relaxed_durability() {
 async fn conformance_run_all_with_a_commit_delay() {
     run_all_with(WriteOptions {
         durability: Durability::Relaxed,
-        commit_delay: Duration::from_millis(5),
+        call_durability: Durability::Relaxed,
+        commit_delay: Some(Duration::from_millis(5)),
         upcoming: crate::Upcoming::default(),
     })
     .await;
 }
 
+/// keel's default: synced writes, model-call records committed without a sync.
+fn calls_relaxed() -> WriteOptions {
+    WriteOptions {
+        durability: Durability::Fsync,
+        call_durability: Durability::Relaxed,
+        commit_delay: None,
+        upcoming: crate::Upcoming::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_run_all_with_relaxed_call_records() {
+    run_all_with(calls_relaxed()).await;
+}
+
 #[test]
-fn only_relaxed_durability_waits_for_more_writes_by_default() {
-    let relaxed = WriteOptions::from(Durability::Relaxed);
-    assert_eq!(relaxed.commit_delay, Duration::from_micros(200));
-    let fsync = WriteOptions::from(Durability::Fsync);
-    assert_eq!(fsync.commit_delay, Duration::ZERO);
+fn by_default_only_a_commit_that_is_not_synced_waits_for_more_writes() {
+    let default = writer::Linger {
+        delay: None,
+        upcoming: crate::Upcoming::default(),
+    };
+    assert_eq!(
+        default.delay(Durability::Relaxed),
+        Duration::from_micros(200)
+    );
+    assert_eq!(default.delay(Durability::Fsync), Duration::ZERO);
+    let configured = writer::Linger {
+        delay: Some(Duration::from_millis(1)),
+        upcoming: crate::Upcoming::default(),
+    };
+    assert_eq!(
+        configured.delay(Durability::Fsync),
+        Duration::from_millis(1)
+    );
+    assert_eq!(WriteOptions::from(Durability::Relaxed).commit_delay, None);
+}
+
+/// A commit is synced when any write in it must be: model-call records alone take the
+/// call durability, anything else the store's.
+#[test]
+fn a_commit_is_synced_when_any_write_in_it_must_be() {
+    let d = calls_relaxed().durabilities();
+    let call =
+        || writer::Request::Append(Vec::new(), writer::Payloads::default(), oneshot().0, true);
+    let plain =
+        || writer::Request::Append(Vec::new(), writer::Payloads::default(), oneshot().0, false);
+    assert_eq!(
+        writer::commit_durability(&[call(), call()], d),
+        Durability::Relaxed
+    );
+    assert_eq!(
+        writer::commit_durability(&[call(), plain(), call()], d),
+        Durability::Fsync
+    );
+    assert_eq!(writer::commit_durability(&[plain()], d), Durability::Fsync);
+    // Both relaxed: nothing syncs; calls at fsync: a call's commit syncs.
+    let relaxed = WriteOptions::from(Durability::Relaxed).durabilities();
+    assert_eq!(
+        writer::commit_durability(&[call(), plain()], relaxed),
+        Durability::Relaxed
+    );
+    let strict_calls = WriteOptions {
+        call_durability: Durability::Fsync,
+        ..WriteOptions::from(Durability::Relaxed)
+    }
+    .durabilities();
+    assert_eq!(
+        writer::commit_durability(&[call()], strict_calls),
+        Durability::Fsync
+    );
+    assert_eq!(
+        writer::commit_durability(&[plain()], strict_calls),
+        Durability::Relaxed
+    );
+}
+
+fn oneshot() -> (
+    tokio::sync::oneshot::Sender<Result<Vec<crate::Event>, crate::StoreError>>,
+    tokio::sync::oneshot::Receiver<Result<Vec<crate::Event>, crate::StoreError>>,
+) {
+    tokio::sync::oneshot::channel()
+}
+
+/// The writer commits model-call records without a sync and syncs every other commit
+/// (counted by the store as it sets SQLite's `synchronous` for each commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_records_are_committed_without_a_sync_and_other_writes_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("keel.db"), calls_relaxed()).unwrap();
+    let call = |n: u64| vec![NewEvent::new(EventKind::LlmCall, None, json!({"n": n}))];
+    for n in 0..20 {
+        store.append_call(call(n), Vec::new(), None).await.unwrap();
+    }
+    assert_eq!((store.commits(), store.synced_commits()), (20, 0));
+    store
+        .append(vec![NewEvent::new(EventKind::AlertRaised, None, json!({}))])
+        .await
+        .unwrap();
+    assert_eq!((store.commits(), store.synced_commits()), (21, 1));
+    store.append_call(call(20), Vec::new(), None).await.unwrap();
+    assert_eq!((store.commits(), store.synced_commits()), (22, 1));
+    // Every event is there, in one intact chain.
+    assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 22 });
+
+    // Opened with one durability for everything, every commit is synced.
+    let strict = SqliteStore::open(&dir.path().join("strict.db"), Durability::Fsync).unwrap();
+    strict.append_call(call(0), Vec::new(), None).await.unwrap();
+    assert_eq!((strict.commits(), strict.synced_commits()), (1, 1));
 }
 
 #[test]

@@ -8,10 +8,16 @@
 //! [`Durability::Fsync`](crate::Durability::Fsync)), not N.
 //! When it is busy (requests were already queued behind the first), it first
 //! waits [`WriteOptions::commit_delay`](crate::WriteOptions::commit_delay) for more
-//! (by default only with relaxed durability): without that, a steady stream of calls
+//! (by default only for a commit that is not synced): without that, a steady stream of calls
 //! meets a writer whose commits take tens of microseconds and so carry two or three
 //! calls each, and the commits' fixed cost (locks, WAL frames, wake-ups) is most of
 //! its work.
+//!
+//! A commit is synced (`synchronous=FULL`) when any write in it must be: a batch of
+//! nothing but model-call records ([`EventStore::append_call`](crate::EventStore::append_call))
+//! is committed with the call durability, any other with the store's durability. The
+//! writer switches `synchronous` between commits only when it changes. Since the WAL
+//! is one file written in order, a synced commit also syncs every commit before it.
 //!
 //! Each task write and prune runs inside its own `SAVEPOINT`: one that fails
 //! (a version conflict, a duplicate idempotency key, an SQL error) is rolled
@@ -39,7 +45,10 @@ use tokio::sync::{mpsc, oneshot};
 use keel_core::NewEvent;
 
 use crate::chain::{self, GENESIS_HASH, HashInput, LAYOUT_V2};
-use crate::{COMMIT_SIBLINGS, Event, PrunePolicy, PruneReport, StoreError, TaskWrite};
+use crate::{
+    COMMIT_SIBLINGS, Durabilities, Durability, Event, PrunePolicy, PruneReport, StoreError,
+    TaskWrite, WriteOptions,
+};
 
 /// Most events one commit takes from the queue. A single request larger than
 /// this is still written whole, in its own commit.
@@ -147,16 +156,18 @@ impl WriterHandle {
         answer.await.map_err(|_| self.stopped())?
     }
 
-    /// `EventStore::append` and `append_with_payloads`: the events prepared here, on the
-    /// caller's thread (in parallel with other callers, not in the one writer), then queued.
+    /// `EventStore::append`, `append_with_payloads` and (`call`) `append_call`: the events
+    /// prepared here, on the caller's thread (in parallel with other callers, not in the one
+    /// writer), then queued.
     pub(crate) async fn append(
         &self,
         events: Vec<NewEvent>,
         payloads: Payloads,
+        call: bool,
     ) -> Result<Vec<Event>, StoreError> {
         let events = Prepared::all(events);
         let committed = self
-            .submit(|reply| Request::Append(events, payloads, reply))
+            .submit(|reply| Request::Append(events, payloads, reply, call))
             .await;
         self.tapped(committed)
     }
@@ -235,8 +246,9 @@ impl Drop for WriterHandle {
 
 /// One write call waiting for its commit.
 pub(crate) enum Request {
-    /// `EventStore::append`: the events, in order, and payloads to store with them.
-    Append(Vec<Prepared>, Payloads, Reply<Vec<Event>>),
+    /// `EventStore::append`: the events, in order, payloads to store with them, and whether
+    /// they are a model call's records (`append_call`: acknowledged with the call durability).
+    Append(Vec<Prepared>, Payloads, Reply<Vec<Event>>, bool),
     /// `TaskStore::write_task`: the write (its `events` moved out) and its events.
     Task(Box<TaskWrite>, Vec<Prepared>, Reply<Vec<Event>>),
     /// `TaskStore::prune`.
@@ -257,10 +269,28 @@ impl Request {
     /// Weight of the request in a batch (events it appends; at least 1).
     pub(crate) fn weight(&self) -> usize {
         match self {
-            Self::Append(events, payloads, _) => (events.len() + payloads.blobs.len()).max(1),
+            Self::Append(events, payloads, ..) => (events.len() + payloads.blobs.len()).max(1),
             Self::Task(_, events, _) => events.len().max(1),
             Self::Prune(..) | Self::State(..) => 1,
         }
+    }
+
+    /// The durability the request must be acknowledged with.
+    pub(crate) fn durability(&self, durabilities: Durabilities) -> Durability {
+        let call = matches!(self, Self::Append(.., true));
+        durabilities.of(call)
+    }
+}
+
+/// The durability `batch` is committed with: synced when any request in it must be.
+pub(crate) fn commit_durability(batch: &[Request], durabilities: Durabilities) -> Durability {
+    if batch
+        .iter()
+        .any(|r| r.durability(durabilities) == Durability::Fsync)
+    {
+        Durability::Fsync
+    } else {
+        Durability::Relaxed
     }
 }
 
@@ -317,36 +347,56 @@ impl From<rusqlite::Error> for Fail {
 pub(crate) struct WriterStats {
     /// Successful commits.
     pub(crate) commits: AtomicU64,
+    /// Those of them made with `synchronous=FULL`.
+    pub(crate) synced: AtomicU64,
 }
 
 /// How long a busy writer waits for more writes: `delay`
-/// ([`WriteOptions::commit_delay`](crate::WriteOptions::commit_delay)), or until every call
-/// `upcoming` counts has queued its write.
+/// ([`WriteOptions::commit_delay`]; `None`: the default of the commit's durability), or until
+/// every call `upcoming` counts has queued its write.
 pub(crate) struct Linger {
-    pub(crate) delay: Duration,
+    pub(crate) delay: Option<Duration>,
     pub(crate) upcoming: crate::Upcoming,
 }
 
+impl Linger {
+    /// The wait for a commit made with `durability`.
+    pub(crate) fn delay(&self, durability: Durability) -> Duration {
+        self.delay
+            .unwrap_or_else(|| WriteOptions::default_commit_delay(durability))
+    }
+}
+
 /// The writer loop; returns when the channel is closed and drained.
+/// `conn` is opened with `synchronous` set for `durabilities.writes`.
 pub(crate) fn run(
     mut conn: Connection,
     path: PathBuf,
     mut queue: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
     linger: Linger,
+    durabilities: Durabilities,
 ) {
+    let mut synchronous = durabilities.writes;
     while let Some(first) = queue.blocking_recv() {
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
-        if busy(&batch, pending, linger.delay) {
-            linger.upcoming.linger(linger.delay);
+        let delay = linger.delay(commit_durability(&batch, durabilities));
+        if busy(&batch, pending, delay) {
+            linger.upcoming.linger(delay);
             drain(&mut queue, &mut batch, &mut pending);
         }
         linger.upcoming.taken(batch.len());
-        match write_batch(&mut conn, &path, &batch) {
+        let durability = commit_durability(&batch, durabilities);
+        let written = set_synchronous(&conn, &mut synchronous, durability)
+            .and_then(|()| write_batch(&mut conn, &path, &batch));
+        match written {
             Ok((stamp, results)) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
+                if durability == Durability::Fsync {
+                    stats.synced.fetch_add(1, Ordering::Relaxed);
+                }
                 for (request, result) in batch.into_iter().zip(results) {
                     answer(request, result, &stamp);
                 }
@@ -366,6 +416,20 @@ pub(crate) fn run(
         }
     }
     tracing::debug!(path = %path.display(), "event store writer stopped");
+}
+
+/// Sets the connection's `synchronous` for a commit made with `durability`, unless it is
+/// already (`current`).
+fn set_synchronous(
+    conn: &Connection,
+    current: &mut Durability,
+    durability: Durability,
+) -> rusqlite::Result<()> {
+    if *current != durability {
+        conn.pragma_update(None, "synchronous", super::synchronous(durability))?;
+        *current = durability;
+    }
+    Ok(())
 }
 
 /// Whether the writer waits `commit_delay` for more requests before committing `batch`:
@@ -396,7 +460,7 @@ pub(crate) fn drain(
 /// away; what was committed stays committed regardless.
 pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
     match request {
-        Request::Append(events, _, reply) | Request::Task(_, events, reply) => {
+        Request::Append(events, _, reply, _) | Request::Task(_, events, reply) => {
             let _ = reply.send(result.map(|done| {
                 match done {
                     Done::Events(links) => links
@@ -426,7 +490,7 @@ pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: 
 /// Sends a request of a failed batch its error.
 pub(crate) fn answer_err(request: Request, err: StoreError) {
     match request {
-        Request::Append(_, _, reply) | Request::Task(_, _, reply) => {
+        Request::Append(_, _, reply, _) | Request::Task(_, _, reply) => {
             let _ = reply.send(Err(err));
         }
         Request::Prune(_, reply) => {
@@ -517,7 +581,7 @@ fn write_batch(
         // A plain append cannot be refused (no versions, no keys): only SQLite
         // itself can fail it, and then the whole batch fails with it. So it
         // needs no savepoint, which halves the statements of a busy batch.
-        if let Request::Append(events, payloads, _) = request {
+        if let Request::Append(events, payloads, ..) = request {
             let applied = insert_payloads(&tx, payloads)
                 .and_then(|()| insert_events(&tx, events, &mut head, &stamp));
             match applied {
@@ -530,7 +594,7 @@ fn write_batch(
         let saved = head.clone();
         tx.prepare_cached("SAVEPOINT request")?.execute([])?;
         let applied = match request {
-            Request::Append(events, payloads, _) => insert_payloads(&tx, payloads)
+            Request::Append(events, payloads, ..) => insert_payloads(&tx, payloads)
                 .and_then(|()| insert_events(&tx, events, &mut head, &stamp))
                 .map(Done::Events),
             Request::Task(write, events, _) => {
