@@ -113,11 +113,20 @@ fn parse_test(args: &[String]) -> anyhow::Result<TestArgs> {
     Ok(parsed)
 }
 
-/// Runs this same command again from an optimized build of xtask.
+/// Runs this same command again from an optimized build of xtask (profile `bench-harness`:
+/// release without keel's LTO, see the workspace's Cargo.toml).
 fn rerun_in_release() -> anyhow::Result<ExitCode> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
+        .args([
+            "run",
+            "--quiet",
+            "--profile",
+            "bench-harness",
+            "--package",
+            "xtask",
+            "--",
+        ])
         .args(std::env::args_os().skip(1))
         .status()
         .map_err(|e| anyhow::anyhow!("cannot rerun xtask in release mode: {e}"))?;
