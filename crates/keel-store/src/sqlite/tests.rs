@@ -196,10 +196,8 @@ fn by_default_only_a_commit_that_is_not_synced_waits_for_more_writes() {
 #[test]
 fn a_commit_is_synced_when_any_write_in_it_must_be() {
     let d = calls_relaxed().durabilities();
-    let call =
-        || writer::Request::Append(Vec::new(), writer::Payloads::default(), oneshot().0, true);
-    let plain =
-        || writer::Request::Append(Vec::new(), writer::Payloads::default(), oneshot().0, false);
+    let call = || writer::Request::Append(Vec::new(), writer::Payloads::default(), reply(), true);
+    let plain = || writer::Request::Append(Vec::new(), writer::Payloads::default(), reply(), false);
     assert_eq!(
         writer::commit_durability(&[call(), call()], d),
         Durability::Relaxed
@@ -230,11 +228,9 @@ fn a_commit_is_synced_when_any_write_in_it_must_be() {
     );
 }
 
-fn oneshot() -> (
-    tokio::sync::oneshot::Sender<Result<Vec<crate::Event>, crate::StoreError>>,
-    tokio::sync::oneshot::Receiver<Result<Vec<crate::Event>, crate::StoreError>>,
-) {
-    tokio::sync::oneshot::channel()
+/// A reply channel nobody listens to: the requests built here are never answered.
+fn reply() -> writer::Reply<Vec<crate::Event>> {
+    tokio::sync::oneshot::channel().0
 }
 
 /// The writer commits model-call records without a sync and syncs every other commit
