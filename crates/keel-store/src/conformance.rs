@@ -51,6 +51,23 @@ fn seqs(events: &[Event]) -> Vec<u64> {
     events.iter().map(|e| e.seq).collect()
 }
 
+/// `(c, half)` of each event, in order: the call and which of its two events it is.
+fn call_halves<'e>(events: impl Iterator<Item = &'e Event>) -> Vec<(u64, u64)> {
+    events
+        .map(|e| {
+            (
+                e.data["c"].as_u64().unwrap_or(99),
+                e.data["half"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect()
+}
+
+/// `(c, 0), (c, 1)` for each of `calls` calls: every call's two events, in order.
+fn both_halves(calls: usize) -> Vec<(u64, u64)> {
+    (0..calls as u64).flat_map(|c| [(c, 0), (c, 1)]).collect()
+}
+
 /// Runs every property, each on a store from `make` (which must be new and empty).
 pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     append_assigns_consecutive_seqs(&make()).await?;
@@ -327,17 +344,11 @@ pub async fn concurrent_appends_form_one_chain<S: EventStore>(store: Arc<S>) -> 
                 ..EventQuery::default()
             })
             .await?;
-        let order: Vec<(u64, u64)> = got
-            .iter()
-            .map(|e| {
-                (
-                    e.data["c"].as_u64().unwrap_or(99),
-                    e.data["half"].as_u64().unwrap_or(99),
-                )
-            })
-            .collect();
-        let want: Vec<(u64, u64)> = (0..CALLS as u64).flat_map(|c| [(c, 0), (c, 1)]).collect();
-        ensure!(order == want, "{task}: events out of order: {order:?}");
+        let order = call_halves(got.iter());
+        ensure!(
+            order == both_halves(CALLS),
+            "{task}: events out of order: {order:?}"
+        );
     }
     let verdict = store.verify().await?;
     ensure!(
@@ -403,18 +414,14 @@ pub async fn call_records_and_other_appends_form_one_chain<S: EventStore>(
     );
     for w in 0..WRITERS {
         let task = format!("task-{w}");
-        let mine: Vec<(u64, u64)> = all
-            .iter()
-            .filter(|e| e.task_id.as_deref() == Some(task.as_str()))
-            .map(|e| {
-                (
-                    e.data["c"].as_u64().unwrap_or(99),
-                    e.data["half"].as_u64().unwrap_or(99),
-                )
-            })
-            .collect();
-        let want: Vec<(u64, u64)> = (0..CALLS as u64).flat_map(|c| [(c, 0), (c, 1)]).collect();
-        ensure!(mine == want, "{task}: events out of order: {mine:?}");
+        let mine = call_halves(
+            all.iter()
+                .filter(|e| e.task_id.as_deref() == Some(task.as_str())),
+        );
+        ensure!(
+            mine == both_halves(CALLS),
+            "{task}: events out of order: {mine:?}"
+        );
     }
     let verdict = store.verify().await?;
     ensure!(

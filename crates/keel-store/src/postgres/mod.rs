@@ -196,6 +196,24 @@ impl PgStore {
         &self.store
     }
 
+    /// `append_with_payloads`, and `append_call` (`call`).
+    async fn append_payloads(
+        &self,
+        events: Vec<NewEvent>,
+        payloads: Vec<crate::Payload>,
+        owner: Option<String>,
+        call: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        if events.is_empty() && payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        // No cache of stored payloads here: another node may prune them.
+        let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
+        self.writer
+            .append(events, Payloads { owner, blobs }, call)
+            .await
+    }
+
     /// The durability this store acknowledges writes with.
     pub fn durability(&self) -> Durability {
         self.durability
@@ -428,14 +446,7 @@ impl EventStore for PgStore {
         payloads: Vec<crate::Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError> {
-        if events.is_empty() && payloads.is_empty() {
-            return Ok(Vec::new());
-        }
-        // No cache of stored payloads here: another node may prune them.
-        let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
-        self.writer
-            .append(events, Payloads { owner, blobs }, false)
-            .await
+        self.append_payloads(events, payloads, owner, false).await
     }
 
     async fn append_call(
@@ -444,13 +455,7 @@ impl EventStore for PgStore {
         payloads: Vec<crate::Payload>,
         owner: Option<String>,
     ) -> Result<Vec<Event>, StoreError> {
-        if events.is_empty() && payloads.is_empty() {
-            return Ok(Vec::new());
-        }
-        let blobs = payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
-        self.writer
-            .append(events, Payloads { owner, blobs }, true)
-            .await
+        self.append_payloads(events, payloads, owner, true).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
