@@ -199,6 +199,15 @@ impl WriteOptions {
         }
     }
 
+    /// The wait of a busy writer before a commit made with `durability`: `configured` (the
+    /// options' [`WriteOptions::commit_delay`]), else [`WriteOptions::default_commit_delay`].
+    pub(crate) fn commit_delay_for(
+        configured: Option<std::time::Duration>,
+        durability: Durability,
+    ) -> std::time::Duration {
+        configured.unwrap_or_else(|| Self::default_commit_delay(durability))
+    }
+
     /// The two durabilities, for the writer.
     pub(crate) fn durabilities(&self) -> Durabilities {
         Durabilities {

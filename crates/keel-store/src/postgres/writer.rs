@@ -182,9 +182,8 @@ pub(crate) async fn run(
         let mut pending = first.weight();
         let mut batch = vec![first];
         drain(&mut queue, &mut batch, &mut pending);
-        let delay = commit_delay.unwrap_or_else(|| {
-            WriteOptions::default_commit_delay(commit_durability(&batch, durabilities))
-        });
+        let delay =
+            WriteOptions::commit_delay_for(commit_delay, commit_durability(&batch, durabilities));
         if busy(&batch, pending, delay) {
             tokio::time::sleep(delay).await;
             drain(&mut queue, &mut batch, &mut pending);
@@ -387,10 +386,9 @@ async fn write_batch(
     // tokio-postgres pipelines them).
     let local = async {
         match durability {
-            Some(d) => {
-                let sync = synchronous_commit(d);
-                tx.batch_execute(&format!("SET LOCAL synchronous_commit = {sync}"))
-                    .await
+            Some(Durability::Fsync) => tx.batch_execute("SET LOCAL synchronous_commit = on").await,
+            Some(Durability::Relaxed) => {
+                tx.batch_execute("SET LOCAL synchronous_commit = off").await
             }
             None => Ok(()),
         }

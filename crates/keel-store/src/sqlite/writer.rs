@@ -362,8 +362,7 @@ pub(crate) struct Linger {
 impl Linger {
     /// The wait for a commit made with `durability`.
     pub(crate) fn delay(&self, durability: Durability) -> Duration {
-        self.delay
-            .unwrap_or_else(|| WriteOptions::default_commit_delay(durability))
+        WriteOptions::commit_delay_for(self.delay, durability)
     }
 }
 
