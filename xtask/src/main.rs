@@ -129,7 +129,7 @@ fn rerun_in_release() -> anyhow::Result<ExitCode> {
         ])
         .args(std::env::args_os().skip(1))
         .status()
-        .map_err(|e| anyhow::anyhow!("cannot rerun xtask in release mode: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot rerun xtask in its optimized build: {e}"))?;
     Ok(match status.code() {
         Some(0) => ExitCode::SUCCESS,
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -138,19 +138,22 @@ pub(crate) async fn connect(
     });
     // `on`: COMMIT returns once the WAL is flushed on the server; `off`: once it is
     // written, so a crash of the database server (not of keel) may lose the newest commits.
-    let sync = synchronous_commit(durability);
     client
-        .batch_execute(&format!("SET synchronous_commit = {sync}"))
+        .batch_execute(set_synchronous_commit(durability, false))
         .await
         .map_err(|e| PgFail::Sql(e).into_store(store, "setting synchronous_commit"))?;
     Ok(client)
 }
 
-/// PostgreSQL's `synchronous_commit` for a durability.
-fn synchronous_commit(durability: Durability) -> &'static str {
-    match durability {
-        Durability::Fsync => "on",
-        Durability::Relaxed => "off",
+/// The statement that sets PostgreSQL's `synchronous_commit` for a durability: for the
+/// session, or (`local`) for the current transaction only. Constant text, so a commit that
+/// sets its own sends no formatted statement.
+fn set_synchronous_commit(durability: Durability, local: bool) -> &'static str {
+    match (durability, local) {
+        (Durability::Fsync, false) => "SET synchronous_commit = on",
+        (Durability::Relaxed, false) => "SET synchronous_commit = off",
+        (Durability::Fsync, true) => "SET LOCAL synchronous_commit = on",
+        (Durability::Relaxed, true) => "SET LOCAL synchronous_commit = off",
     }
 }
 
@@ -386,10 +389,7 @@ async fn write_batch(
     // tokio-postgres pipelines them).
     let local = async {
         match durability {
-            Some(Durability::Fsync) => tx.batch_execute("SET LOCAL synchronous_commit = on").await,
-            Some(Durability::Relaxed) => {
-                tx.batch_execute("SET LOCAL synchronous_commit = off").await
-            }
+            Some(d) => tx.batch_execute(set_synchronous_commit(d, true)).await,
             None => Ok(()),
         }
     };
