@@ -92,6 +92,11 @@ impl Setup {
         suffix
     }
 
+    /// Whether this is keel's default store configuration (the first of [`SETUPS`]).
+    fn is_default(self) -> bool {
+        self.suffix().is_empty()
+    }
+
     /// How the setup is announced in the output.
     fn describe(self) -> String {
         let payloads = if self.record_payloads {
@@ -111,10 +116,67 @@ pub fn run(root: &Path, duration: Duration) -> anyhow::Result<Vec<BenchResult>> 
         .build()
         .context("starting the tokio runtime")?;
     let mut entries = Vec::new();
+    let mut verdicts = Vec::new();
     for setup in SETUPS {
-        entries.extend(runtime.block_on(measure(&keel, duration, setup))?);
+        let (measured, verdict) = runtime.block_on(measure(&keel, duration, setup))?;
+        entries.extend(measured);
+        verdicts.push(verdict);
+    }
+    println!(
+        "==> the gateway's targets (keel adds under {} ms at p99 at {FIXED_RATE} req/s; keeps at least {:.0}% of direct's throughput with {SATURATE_CONNECTIONS} connections), this run:",
+        TARGET_ADDED_P99_US / 1000.0,
+        TARGET_SATURATION_SHARE * 100.0
+    );
+    for verdict in &verdicts {
+        println!("    {}", verdict.line());
     }
     Ok(entries)
+}
+
+/// The gateway's targets on this machine: the p99 latency keel adds at [`FIXED_RATE`]
+/// stays under this many microseconds...
+const TARGET_ADDED_P99_US: f64 = 1000.0;
+
+/// ...and its throughput at saturation is at least this share of direct's.
+const TARGET_SATURATION_SHARE: f64 = 0.25;
+
+/// One setup's figures against the targets.
+#[derive(Debug, Clone)]
+struct Verdict {
+    setup: Setup,
+    /// p99 through keel minus p99 direct at [`FIXED_RATE`].
+    added_p99_us: f64,
+    /// Throughput through keel over direct's at saturation.
+    saturation_share: f64,
+}
+
+impl Verdict {
+    fn p99_met(&self) -> bool {
+        self.added_p99_us < TARGET_ADDED_P99_US
+    }
+
+    fn saturation_met(&self) -> bool {
+        self.saturation_share >= TARGET_SATURATION_SHARE
+    }
+
+    /// `call_durability = "relaxed", payloads recorded (keel's defaults): p99 added 0.62 ms
+    /// (met), saturation 23.50% of direct (NOT met)`.
+    fn line(&self) -> String {
+        let met = |ok: bool| if ok { "met" } else { "NOT met" };
+        let defaults = if self.setup.is_default() {
+            " (keel's defaults)"
+        } else {
+            ""
+        };
+        format!(
+            "{}{defaults}: p99 added {:.2} ms ({}), saturation {:.2}% of direct ({})",
+            self.setup.describe(),
+            self.added_p99_us / 1000.0,
+            met(self.p99_met()),
+            self.saturation_share * 100.0,
+            met(self.saturation_met())
+        )
+    }
 }
 
 /// The entry name of `case` in `setup`: plain for the default, else suffixed ([`Setup::suffix`]).
@@ -183,7 +245,7 @@ async fn measure(
     keel_bin: &Path,
     duration: Duration,
     setup: Setup,
-) -> anyhow::Result<Vec<BenchResult>> {
+) -> anyhow::Result<(Vec<BenchResult>, Verdict)> {
     let sim = start_sim().await?;
     let dir = tempfile::tempdir().context("creating a temp dir")?;
     let config = write_config(dir.path(), &sim.base_url, setup)?;
@@ -303,6 +365,17 @@ async fn measure(
         conversation.calls
     );
 
+    let verdict = Verdict {
+        setup,
+        added_p99_us: keel_fixed.p99_us as f64 - direct_fixed.p99_us as f64,
+        saturation_share: if direct_sat.throughput > 0.0 {
+            keel_sat.throughput / direct_sat.throughput
+        } else {
+            0.0
+        },
+    };
+    println!("    against the targets: {}", verdict.line());
+
     let command = format!(
         "cargo xtask bench gateway --duration {}",
         duration.as_secs()
@@ -362,7 +435,7 @@ async fn measure(
         None,
         &command,
     ));
-    Ok(entries)
+    Ok((entries, verdict))
 }
 
 /// Where one path of the comparison sends, and what.
@@ -806,6 +879,33 @@ mod tests {
                 "gateway_overhead/saturate_64conn_events_only",
                 "gateway_overhead/saturate_64conn_calls_fsync_events_only",
             ]
+        );
+    }
+
+    #[test]
+    fn the_verdict_holds_each_figure_to_its_target() {
+        let verdict = |added_p99_us, saturation_share| Verdict {
+            setup: SETUPS[0],
+            added_p99_us,
+            saturation_share,
+        };
+        // "Under 1 ms" is strict, "at least 25%" is not.
+        assert!(verdict(999.0, 0.25).p99_met());
+        assert!(!verdict(1000.0, 0.25).p99_met());
+        assert!(verdict(999.0, 0.25).saturation_met());
+        assert!(!verdict(999.0, 0.2499).saturation_met());
+        assert_eq!(
+            verdict(620.0, 0.235).line(),
+            "call_durability = \"relaxed\", payloads recorded (keel's defaults): p99 added 0.62 ms (met), saturation 23.50% of direct (NOT met)"
+        );
+        let events_only = Verdict {
+            setup: SETUPS[2],
+            added_p99_us: 1170.0,
+            saturation_share: 0.258,
+        };
+        assert_eq!(
+            events_only.line(),
+            "call_durability = \"relaxed\", events only (record_payloads = false): p99 added 1.17 ms (NOT met), saturation 25.80% of direct (met)"
         );
     }
 
