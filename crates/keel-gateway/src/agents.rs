@@ -5,9 +5,10 @@
 //!
 //! One budget is shared by every keel node on one store. Each node checks and counts
 //! requests against its own copy of the windows (no store round trip on the request path)
-//! and, every second, [`Agents::merge`]s it with the copy in the store: it writes what it
-//! spent in the current window under its node id, and learns what the other nodes spent.
-//! So a node's view of the others' spend is at most one sync old, and the fleet can overrun
+//! and, every second, [`Agents::merge`]s it with the copy in the store: it learns what the
+//! other nodes spent, and, when it spent too, writes its own spend in the current window
+//! under its node id. So a node's view of the others' spend is at most one sync old (also
+//! for an agent whose calls it has not served lately), and the fleet can overrun
 //! a budget by at most what the other nodes admit in that second. [`Agents::restore`]
 //! brings the current windows back after a restart.
 //!

@@ -281,9 +281,35 @@ impl Gateway {
 
     /// Shares the spend of every budget used since the last sync with the other nodes:
     /// merges this node's windows with the store's copy and writes the result back
-    /// (compare-and-set, retried when another node wrote in between).
+    /// (compare-and-set, retried when another node wrote in between). A budget this node
+    /// did not use since is read, not written: the node still learns what the others
+    /// spent, so its view of them is at most one sync old even while it serves none of
+    /// that agent's calls (otherwise its first calls after a quiet spell would be checked
+    /// against an old view, and admitted over a budget the others already spent).
     pub async fn save_budgets(&self) {
-        for agent in self.agents.to_sync() {
+        let used = self.agents.to_sync();
+        let quiet: Vec<String> = self
+            .agents
+            .budgeted()
+            .filter(|agent| !used.iter().any(|u| u == agent))
+            .map(str::to_owned)
+            .collect();
+        for agent in quiet {
+            match self.store.load_state(&budget_key(&agent)).await {
+                Ok(Some(saved)) => {
+                    match serde_json::from_slice::<Vec<agents::SavedWindow>>(&saved.value) {
+                        Ok(stored) => {
+                            self.agents
+                                .merge(&agent, &self.node, &stored, agents::wall_now());
+                        }
+                        Err(e) => tracing::warn!(agent, error = %e, "unreadable shared budget"),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(agent, error = %e, "cannot read the shared budget"),
+            }
+        }
+        for agent in used {
             let key = budget_key(&agent);
             let mut shared = false;
             for _ in 0..8 {

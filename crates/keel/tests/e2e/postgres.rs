@@ -223,6 +223,44 @@ async fn an_agent_s_budget_holds_across_nodes_together() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_served_none_of_an_agent_s_calls_still_sees_its_budget_spent() {
+    let server = pg_server();
+    let pg = server.create_database("keel").await.unwrap();
+    let sim = sim().await;
+    let config = config(&pg, DEMO).replace(
+        "max_attempts = 3",
+        "max_attempts = 3\nbudget = { requests_per_minute = 5 }",
+    );
+    let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
+    // The budget counts per clock minute: start early in one, so the test stays in it.
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if second > 40 {
+        tokio::time::sleep(Duration::from_secs(61 - second)).await;
+    }
+    let call = json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    // Node B serves the agent's whole budget; node A serves none of it.
+    for n in 0..5 {
+        let (status, answer) =
+            post_as(&b.url, Some("demo"), "/v1/chat/completions", call.clone()).await;
+        assert_eq!(status, StatusCode::OK, "call {n} through B: {answer}");
+    }
+    // After two syncs (one a second), A knows: its first call for the agent is refused.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, answer) = post_as(&a.url, Some("demo"), "/v1/chat/completions", call).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("5 of its 5 requests per minute")),
+        "{answer}"
+    );
+}
+
 const FLEET: &str = r#"
 [routes.fleet]
 targets = [{ provider = "sim", model = "primary" }]
