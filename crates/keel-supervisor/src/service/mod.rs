@@ -163,7 +163,15 @@ fn now_ms() -> i64 {
 
 fn store_error(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "store failed");
-    ApiError::internal(format!("the store failed: {e}"))
+    match e {
+        // Nothing was written and the node is reconnecting: the client may try again.
+        StoreError::Unreachable { .. } => {
+            let mut err = ApiError::unavailable(e.to_string());
+            err.code = Some("store_unavailable");
+            err
+        }
+        _ => ApiError::internal(format!("the store failed: {e}")),
+    }
 }
 
 /// Maps a task error to its HTTP answer (status from [`TaskError::status`]).

@@ -422,7 +422,8 @@ async fn nodes_recover_from_a_postgres_restart_without_losing_what_they_acknowle
         let stop = std::sync::Arc::clone(&stop);
         tokio::spawn(async move {
             let client = reqwest::Client::new();
-            let (mut acknowledged, mut refused, mut n) = (Vec::new(), 0u32, 0usize);
+            let (mut acknowledged, mut refused, mut unavailable, mut n) =
+                (Vec::new(), 0u32, 0u32, 0usize);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let node = &nodes[n % 2];
                 n += 1;
@@ -438,14 +439,27 @@ async fn nodes_recover_from_a_postgres_restart_without_losing_what_they_acknowle
                         acknowledged.push(task["id"].as_str().unwrap().to_owned());
                     }
                     Ok(r) => {
-                        assert!(r.status().is_server_error(), "{}", r.status());
+                        let status = r.status();
+                        assert!(status.is_server_error(), "{status}");
                         refused += 1;
+                        // While the server is down: a 503 that says so, for the client to retry.
+                        let body: Value = r.json().await.unwrap();
+                        if status == StatusCode::SERVICE_UNAVAILABLE {
+                            assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+                            assert!(
+                                body["error"]["message"].as_str().is_some_and(
+                                    |m| m.starts_with("cannot reach the PostgreSQL store")
+                                ),
+                                "{body}"
+                            );
+                            unavailable += 1;
+                        }
                     }
                     Err(e) => panic!("keel did not answer: {e}"),
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (acknowledged, refused)
+            (acknowledged, refused, unavailable)
         })
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -469,8 +483,9 @@ async fn nodes_recover_from_a_postgres_restart_without_losing_what_they_acknowle
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acknowledged, refused) = creating.await.unwrap();
+    let (acknowledged, refused, unavailable) = creating.await.unwrap();
     assert!(refused > 0, "the outage was never seen");
+    assert!(unavailable > 0, "no 503 among the {refused} refusals");
     assert!(acknowledged.len() > 20, "{}", acknowledged.len());
     for id in &acknowledged {
         let (status, task) = get(&b.url, &format!("/v1/tasks/{id}")).await;
