@@ -162,9 +162,9 @@ pub struct Ctx {
 
 /// What the supervisor tells the lease holder to do next, in answer to a heartbeat or step.
 ///
-/// Only [`Directive::Continue`] and [`Directive::Cancel`] are produced now; `backtrack`,
-/// `degrade` and `handoff` are part of the protocol already and come with the self-healing
-/// issue (DESIGN §5).
+/// [`Directive::Continue`], [`Directive::Cancel`] and [`Directive::Handoff`] (the loop
+/// guard's) are produced now; `backtrack` and `degrade` are part of the protocol already and
+/// come with later work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Directive {

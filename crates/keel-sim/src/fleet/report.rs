@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Every figure of a run (DESIGN.md section 8, plus the timeline).
+/// Every figure of a run, with the timeline (`report.json`; the README lists the keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The run's seed.
