@@ -174,25 +174,35 @@ async fn keel_serve_refuses_to_start_when_postgres_is_unreachable() {
     assert!(!stdout.contains("keel listening on"), "{stdout}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_s_budget_holds_across_nodes_together() {
+/// Two nodes on one PostgreSQL whose agent `demo` may make `requests` calls per clock
+/// minute, returned no later than `latest_second` into a minute (waiting for the next one if
+/// need be), so that a test's calls stay in one window. Keep the server and the simulator.
+async fn two_nodes_with_a_budget_per_minute(
+    requests: u32,
+    latest_second: u64,
+) -> (PgServer, keel_sim::SimHandle, Keel, Keel) {
     let server = pg_server();
     let pg = server.create_database("keel").await.unwrap();
     let sim = sim().await;
     let config = config(&pg, DEMO).replace(
         "max_attempts = 3",
-        "max_attempts = 3\nbudget = { requests_per_minute = 10 }",
+        &format!("max_attempts = 3\nbudget = {{ requests_per_minute = {requests} }}"),
     );
     let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
-    // The budget counts per clock minute: start early in one, so the test stays in it.
     let second = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         % 60;
-    if second > 35 {
+    if second > latest_second {
         tokio::time::sleep(Duration::from_secs(61 - second)).await;
     }
+    (server, sim, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_budget_holds_across_nodes_together() {
+    let (_server, _sim, a, b) = two_nodes_with_a_budget_per_minute(10, 35).await;
     let call = json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
     let (mut admitted, mut refused_in_a_row) = (0, 0);
     for n in 0..40 {
@@ -225,23 +235,7 @@ async fn an_agent_s_budget_holds_across_nodes_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_served_none_of_an_agent_s_calls_still_sees_its_budget_spent() {
-    let server = pg_server();
-    let pg = server.create_database("keel").await.unwrap();
-    let sim = sim().await;
-    let config = config(&pg, DEMO).replace(
-        "max_attempts = 3",
-        "max_attempts = 3\nbudget = { requests_per_minute = 5 }",
-    );
-    let (a, b) = tokio::join!(Keel::start(&config, &sim), Keel::start(&config, &sim));
-    // The budget counts per clock minute: start early in one, so the test stays in it.
-    let second = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        % 60;
-    if second > 40 {
-        tokio::time::sleep(Duration::from_secs(61 - second)).await;
-    }
+    let (_server, _sim, a, b) = two_nodes_with_a_budget_per_minute(5, 40).await;
     let call = json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
     // Node B serves the agent's whole budget; node A serves none of it.
     for n in 0..5 {
