@@ -279,76 +279,70 @@ impl Gateway {
         Ok(())
     }
 
-    /// Shares the spend of every budget used since the last sync with the other nodes:
-    /// merges this node's windows with the store's copy and writes the result back
-    /// (compare-and-set, retried when another node wrote in between). A budget this node
-    /// did not use since is read, not written: the node still learns what the others
-    /// spent, so its view of them is at most one sync old even while it serves none of
-    /// that agent's calls (otherwise its first calls after a quiet spell would be checked
-    /// against an old view, and admitted over a budget the others already spent).
+    /// Shares budgets with the other nodes: reads the store's copy of every budget and
+    /// merges it into this node's windows, so its view of the others' spend is at most one
+    /// sync old even for an agent whose calls it has not served lately (otherwise its first
+    /// calls after a quiet spell would be checked against an old view, and admitted over a
+    /// budget the others already spent). A budget used since the last sync is also written
+    /// back (compare-and-set, retried when another node wrote in between).
     pub async fn save_budgets(&self) {
         let used = self.agents.to_sync();
-        let quiet: Vec<String> = self
-            .agents
-            .budgeted()
-            .filter(|agent| !used.iter().any(|u| u == agent))
-            .map(str::to_owned)
-            .collect();
-        for agent in quiet {
-            match self.store.load_state(&budget_key(&agent)).await {
-                Ok(Some(saved)) => {
-                    match serde_json::from_slice::<Vec<agents::SavedWindow>>(&saved.value) {
-                        Ok(stored) => {
-                            self.agents
-                                .merge(&agent, &self.node, &stored, agents::wall_now());
-                        }
-                        Err(e) => tracing::warn!(agent, error = %e, "unreadable shared budget"),
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(agent, error = %e, "cannot read the shared budget"),
-            }
-        }
-        for agent in used {
-            let key = budget_key(&agent);
-            let mut shared = false;
-            for _ in 0..8 {
-                let saved = match self.store.load_state(&key).await {
-                    Ok(saved) => saved,
-                    Err(e) => {
-                        tracing::warn!(agent, error = %e, "cannot share the budget");
-                        break;
-                    }
-                };
-                let stored: Vec<agents::SavedWindow> = saved
-                    .as_ref()
-                    .and_then(|s| serde_json::from_slice(&s.value).ok())
-                    .unwrap_or_default();
-                let merged = self
-                    .agents
-                    .merge(&agent, &self.node, &stored, agents::wall_now());
-                let bytes = serde_json::to_vec(&merged).unwrap_or_default();
-                match self
-                    .store
-                    .save_state(&key, bytes, saved.map(|s| s.version))
-                    .await
-                {
-                    Ok(Some(_)) => {
-                        shared = true;
-                        break;
-                    }
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::warn!(agent, error = %e, "cannot share the budget");
-                        break;
-                    }
-                }
-            }
-            if !shared {
+        let agents: Vec<String> = self.agents.budgeted().map(str::to_owned).collect();
+        for agent in agents {
+            let write = used.contains(&agent);
+            if !self.share_budget(&agent, write).await && write {
                 // Tried again at the next sync, even if the agent spends nothing more.
                 self.agents.resync(&agent);
             }
         }
+    }
+
+    /// One budget's sync (see [`Gateway::save_budgets`]): merges the store's copy into this
+    /// node's windows and, when `write`, stores the merged windows. Whether it succeeded.
+    async fn share_budget(&self, agent: &str, write: bool) -> bool {
+        let key = budget_key(agent);
+        for _ in 0..8 {
+            let saved = match self.store.load_state(&key).await {
+                Ok(saved) => saved,
+                Err(e) => {
+                    tracing::warn!(agent, error = %e, "cannot share the budget");
+                    return false;
+                }
+            };
+            let stored = match saved
+                .as_ref()
+                .map(|s| serde_json::from_slice::<Vec<agents::SavedWindow>>(&s.value))
+                .transpose()
+            {
+                Ok(stored) => stored.unwrap_or_default(),
+                // Written over with this node's view; only read, it would wipe the others'.
+                Err(_) if write => Vec::new(),
+                Err(e) => {
+                    tracing::warn!(agent, error = %e, "unreadable shared budget");
+                    return false;
+                }
+            };
+            let merged = self
+                .agents
+                .merge(agent, &self.node, &stored, agents::wall_now());
+            if !write {
+                return true;
+            }
+            let bytes = serde_json::to_vec(&merged).unwrap_or_default();
+            match self
+                .store
+                .save_state(&key, bytes, saved.map(|s| s.version))
+                .await
+            {
+                Ok(Some(_)) => return true,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(agent, error = %e, "cannot share the budget");
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     /// This node's id: random per process, it names the node's share of budgets and its
