@@ -80,7 +80,19 @@ impl ProviderConfig {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ProviderSettings, Vec<Invalid>> {
         let mut problems = Problems::default();
-        let base_url = problems.one(check_http_url(&self.base_url, &at.child("base_url")));
+        let base_url = problems.one(
+            check_http_url(&self.base_url, &at.child("base_url")).and_then(|url| {
+                // keel appends `/chat/completions` and the like to the base URL; a query
+                // string in it would end up in the middle of the path.
+                if url.contains('?') || url.contains('#') {
+                    Err(at.child("base_url").invalid(format!(
+                        "{url:?} has a query string; give query parameters as `query = {{ name = \"value\" }}`"
+                    )))
+                } else {
+                    Ok(url)
+                }
+            }),
+        );
         let api_key = match &self.api_key_env {
             Some(var) => problems
                 .one(secret::from_env(var, &at.child("api_key_env"), env))
@@ -125,18 +137,17 @@ impl ProviderConfig {
     }
 }
 
-/// Checks an `http(s)://host...` URL and returns it without trailing slashes.
+/// Checks an `http(s)://host...` URL (a host, a port in range, nothing a client would
+/// refuse later) and returns it without trailing slashes.
 pub(crate) fn check_http_url(url: &str, at: &KeyPath) -> Result<String, Invalid> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
-    match rest {
-        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
-            Ok(url.trim_end_matches('/').to_owned())
-        }
-        _ => Err(at.invalid(format!(
-            "{url:?} is not an http(s) URL; write it like \"https://api.openai.com/v1\""
-        ))),
+    const LIKE: &str = "write it like \"https://api.openai.com/v1\"";
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(at.invalid(format!("{url:?} is not an http(s) URL; {LIKE}")));
+    }
+    match url::Url::parse(url) {
+        Ok(parsed) if parsed.host().is_some() => Ok(url.trim_end_matches('/').to_owned()),
+        Ok(_) => Err(at.invalid(format!("{url:?} has no host; {LIKE}"))),
+        Err(e) => Err(at.invalid(format!("{url:?} is not a valid URL ({e}); {LIKE}"))),
     }
 }
 
@@ -161,6 +172,20 @@ mod tests {
         );
         assert!(check_http_url("api.openai.com/v1", &at).is_err());
         assert!(check_http_url("https://", &at).is_err());
+        // Not URLs a client could use: a space in the host, no host, a port out of range.
+        for bad in [
+            "http://exa mple.com/v1",
+            "http://:80/v1",
+            "http://127.0.0.1:99999/v1",
+        ] {
+            let err = check_http_url(bad, &at).unwrap_err();
+            assert!(
+                err.message.contains("not a valid URL"),
+                "{bad}: {}",
+                err.message
+            );
+        }
+        assert!(check_http_url("http://localhost:11434/v1", &at).is_ok());
     }
 
     #[test]
