@@ -158,6 +158,59 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
+/// Middleware: an error answer that is not JSON (axum's own rejections: a wrong method, a
+/// body over the limit, a query string that does not parse) is rewritten in the OpenAI
+/// shape with the same status and headers, its text as the message. Answers keel built
+/// itself are JSON already and pass untouched.
+#[cfg(feature = "axum")]
+pub async fn openai_shaped(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message = if text.is_empty() {
+        match status {
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed here".to_owned(),
+            other => other.canonical_reason().unwrap_or("error").to_lowercase(),
+        }
+    } else {
+        text
+    };
+    let (kind, code) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid_request_error", "unsupported_media_type"),
+        s if s.is_client_error() => ("invalid_request_error", "invalid_request"),
+        _ => ("api_error", "internal_error"),
+    };
+    let mut answer = ApiError::new(status, kind, message)
+        .with_code(code)
+        .into_response();
+    parts.headers.remove(http::header::CONTENT_TYPE);
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.extend(answer.headers_mut().drain());
+    *answer.headers_mut() = parts.headers;
+    answer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,11 @@
 pub mod api_error;
 pub mod class;
 pub mod event;
+#[cfg(feature = "prometheus")]
+pub mod metric;
 
 pub use api_error::ApiError;
 pub use class::ErrorClass;
 pub use event::{EventKind, NewEvent};
+#[cfg(feature = "prometheus")]
+pub use metric::LabelValue;

@@ -28,9 +28,9 @@ pub(crate) fn count_request(gw: &Gateway, route: &str, target: &str, outcome: &s
     gw.metrics
         .requests
         .get_or_create(&RequestLabels {
-            route: route.to_owned(),
-            target: target.to_owned(),
-            outcome: outcome.to_owned(),
+            route: route.into(),
+            target: target.into(),
+            outcome: outcome.into(),
         })
         .inc();
 }
@@ -172,8 +172,8 @@ impl Finish {
         for (unit, left) in remaining {
             m.budget_remaining
                 .get_or_create(&BudgetLabels {
-                    agent: agent.to_owned(),
-                    unit: unit.as_str().to_owned(),
+                    agent: agent.into(),
+                    unit: unit.as_str().into(),
                 })
                 .set(left);
         }
@@ -198,7 +198,7 @@ impl Finish {
                 .metrics
                 .fallbacks
                 .get_or_create(&RouteLabel {
-                    route: self.route_name.clone(),
+                    route: self.route_name.clone().into(),
                 })
                 .inc();
         }
@@ -317,20 +317,16 @@ impl Finish {
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
             }
-            let metric_outcome = if outcome == "ok" {
-                "ok"
-            } else {
-                "stream_error"
-            };
-            if metric_outcome != "ok" || !self.route_metrics.count_ok(&target_id) {
-                count_request(&self.gw, &self.route_name, &target_id, metric_outcome);
+            // A client that left is neither a success nor a stream keel ended with an error.
+            if outcome != "ok" || !self.route_metrics.count_ok(&target_id) {
+                count_request(&self.gw, &self.route_name, &target_id, outcome);
             }
-            if outcome != "ok" {
+            if outcome == "stream_error" {
                 self.gw
                     .metrics
                     .stream_errors
                     .get_or_create(&RouteLabel {
-                        route: self.route_name.clone(),
+                        route: self.route_name.clone().into(),
                     })
                     .inc();
             }
@@ -364,16 +360,12 @@ impl Finish {
         log: CallLog,
         last: Option<UpstreamError>,
         timed_out: bool,
+        refused: bool,
     ) -> Result<Response, ApiError> {
         // Every target refused the request itself (context too long, content
         // filter): that is the client's to fix, not an outage to paper over.
-        if let Some(e @ UpstreamError::Status { .. }) = last {
-            if e.class() == keel_core::ErrorClass::FallbackOnly {
-                return Ok(self.fatal(route, log, e).await);
-            }
-            return self
-                .unavailable(route, endpoint, log, Some(e), timed_out)
-                .await;
+        if refused && let Some(e @ UpstreamError::Status { .. }) = last {
+            return Ok(self.fatal(route, log, e).await);
         }
         self.unavailable(route, endpoint, log, last, timed_out)
             .await
@@ -423,7 +415,9 @@ impl Finish {
             {
                 err.retry_after = Some(after.as_secs().max(1));
             }
-            return Err(err);
+            let mut response = err.into_response();
+            keel_headers(&mut response, "none", log.attempts, false, false);
+            return Ok(response);
         };
         log.push(
             EventKind::DegradedReply,
@@ -438,7 +432,7 @@ impl Finish {
             .metrics
             .degraded
             .get_or_create(&RouteLabel {
-                route: route.name.clone(),
+                route: route.name.clone().into(),
             })
             .inc();
         self.observe(None, &log.who, "", None).await;
@@ -488,7 +482,12 @@ impl Finish {
             }
             Some(_) | None => Recorded::Nothing,
         };
-        let event = self.llm_call(&log, &target, "fatal", false, None, recorded);
+        // The answer came from a later target when the first one failed before it.
+        let fallback = route
+            .targets
+            .first()
+            .is_some_and(|first| first.id != target);
+        let event = self.llm_call(&log, &target, "fatal", fallback, None, recorded);
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
             .await;
@@ -504,7 +503,9 @@ impl Finish {
                 err.status = StatusCode::BAD_GATEWAY;
                 err.into_response()
             }
-            UpstreamError::Status { status, body, .. } => {
+            UpstreamError::Status { status, body, .. }
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() =>
+            {
                 let mut r = Response::new(Body::from(body));
                 *r.status_mut() = status;
                 r.headers_mut().insert(
@@ -513,13 +514,25 @@ impl Finish {
                 );
                 r
             }
+            // Not JSON (an HTML error page from a proxy in front of the provider): the
+            // status stands, the message says what came back, in the OpenAI shape.
+            UpstreamError::Status { status, body, .. } => {
+                let mut err = ApiError::unavailable(format!(
+                    "provider {target} answered HTTP {} with a body that is not JSON: {}",
+                    status.as_u16(),
+                    String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
+                ))
+                .with_code("upstream_error");
+                err.status = status;
+                err.into_response()
+            }
             other => {
                 let mut err = ApiError::unavailable(other.to_string());
                 err.status = StatusCode::BAD_GATEWAY;
                 err.into_response()
             }
         };
-        keel_headers(&mut response, &target, log.attempts, false, false);
+        keel_headers(&mut response, &target, log.attempts, fallback, false);
         response
     }
 }
@@ -563,7 +576,12 @@ async fn pump(
     }
     loop {
         let wait_until = deadline.min(Instant::now() + idle);
-        let next = tokio::time::timeout_at(wait_until, rest.next()).await;
+        // A client that leaves while the upstream is silent cancels the call now, not at
+        // the next chunk or the idle timeout.
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(wait_until, rest.next()) => next,
+            () = tx.closed() => return ("client_gone", usage),
+        };
         let failure = match next {
             Ok(Some(Ok(chunk))) => {
                 if let Ok(Some(u)) = usage_of(&chunk) {

@@ -38,7 +38,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(crate::tools::routes())
+        .merge(
+            // The tool endpoints read their bodies with axum: the same limit as the model
+            // endpoints, and axum's rejections in the OpenAI shape.
+            crate::tools::routes()
+                .layer(axum::extract::DefaultBodyLimit::max(gateway.max_body_bytes))
+                .layer(axum::middleware::from_fn(
+                    keel_core::api_error::openai_shaped,
+                )),
+        )
         .fallback(not_found)
         .with_state(gateway)
 }
@@ -353,8 +361,13 @@ async fn handle_inner(
             rest,
             fallback,
         } => ctx.stream(route, log, target, first, rest, fallback),
-        Answer::Exhausted { last, timed_out } => {
-            ctx.exhausted(route, endpoint, log, last, timed_out).await?
+        Answer::Exhausted {
+            last,
+            timed_out,
+            refused,
+        } => {
+            ctx.exhausted(route, endpoint, log, last, timed_out, refused)
+                .await?
         }
         Answer::Fatal(e) => ctx.fatal(route, log, e).await,
     })
@@ -394,8 +407,8 @@ async fn screen_input(
             gw.metrics
                 .guardrail_blocks
                 .get_or_create(&crate::metrics::GuardrailLabels {
-                    tool: "input".to_owned(),
-                    rule: "injection".to_owned(),
+                    tool: "input".into(),
+                    rule: "injection".into(),
                 })
                 .inc();
             log.push(

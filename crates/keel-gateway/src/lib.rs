@@ -158,7 +158,9 @@ impl Gateway {
                 let target = targets.entry(id.clone()).or_insert_with(|| {
                     metrics
                         .breaker_state
-                        .get_or_create(&TargetLabel { target: id.clone() })
+                        .get_or_create(&TargetLabel {
+                            target: id.clone().into(),
+                        })
                         .set(0);
                     Arc::new(Target {
                         id: id.clone(),
@@ -168,8 +170,8 @@ impl Gateway {
                         attempts_ok: metrics
                             .attempts
                             .get_or_create(&metrics::AttemptLabels {
-                                target: id.clone(),
-                                outcome: "ok".to_owned(),
+                                target: id.clone().into(),
+                                outcome: "ok".into(),
                             })
                             .clone(),
                     })
@@ -199,8 +201,8 @@ impl Gateway {
                     metrics
                         .budget_limit
                         .get_or_create(&metrics::BudgetLabels {
-                            agent: agent.name.clone(),
-                            unit: unit.to_owned(),
+                            agent: agent.name.clone().into(),
+                            unit: unit.into(),
                         })
                         .set(limit);
                 }

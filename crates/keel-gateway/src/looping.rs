@@ -27,8 +27,8 @@ impl Gateway {
         self.metrics
             .loops_detected
             .get_or_create(&crate::metrics::LoopLabels {
-                agent: data["agent"].as_str().unwrap_or_default().to_owned(),
-                kind: data["kind"].as_str().unwrap_or_default().to_owned(),
+                agent: data["agent"].as_str().unwrap_or_default().into(),
+                kind: data["kind"].as_str().unwrap_or_default().into(),
             })
             .inc();
     }

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+use keel_core::LabelValue;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,88 +17,88 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Route the client named.
-    pub route: String,
+    pub route: LabelValue,
     /// `provider/model` that answered, or `none`.
-    pub target: String,
-    /// `ok`, `degraded`, `error`, `stream_error`, `rejected`.
-    pub outcome: String,
+    pub target: LabelValue,
+    /// `ok`, `degraded`, `error`, `stream_error`, `client_gone`, `rejected`.
+    pub outcome: LabelValue,
 }
 
 /// Labels of `keel_attempts_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     /// `provider/model`.
-    pub target: String,
+    pub target: LabelValue,
     /// `ok`, or the error class of the failure (`retryable`, `fallback_only`, `fatal`).
-    pub outcome: String,
+    pub outcome: LabelValue,
 }
 
 /// A label set with only `route`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     /// Route name.
-    pub route: String,
+    pub route: LabelValue,
 }
 
 /// A label set with only `target`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabel {
     /// `provider/model`.
-    pub target: String,
+    pub target: LabelValue,
 }
 
 /// Labels of `gen_ai_client_token_usage` (OTel GenAI semantic conventions).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     /// `input` or `output`.
-    pub gen_ai_token_type: String,
+    pub gen_ai_token_type: LabelValue,
     /// Route name.
-    pub route: String,
+    pub route: LabelValue,
 }
 
 /// Labels of `keel_budget_remaining`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
     /// Agent name.
-    pub agent: String,
+    pub agent: LabelValue,
     /// `tokens`, `usd` or `requests`.
-    pub unit: String,
+    pub unit: LabelValue,
 }
 
 /// Labels of `keel_loops_detected_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LoopLabels {
     /// The agent whose task looped.
-    pub agent: String,
+    pub agent: LabelValue,
     /// `repeated_output`, `bouncing`, `same_tool_call` or `token_burn`.
-    pub kind: String,
+    pub kind: LabelValue,
 }
 
 /// Labels of `keel_breaker_transitions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
     /// `provider/model`.
-    pub target: String,
+    pub target: LabelValue,
     /// The state entered: `open`, `half_open` or `closed`.
-    pub to: String,
+    pub to: LabelValue,
 }
 
 /// Labels of `keel_guardrail_blocks_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GuardrailLabels {
     /// The tool.
-    pub tool: String,
+    pub tool: LabelValue,
     /// The rule that blocked, as configured.
-    pub rule: String,
+    pub rule: LabelValue,
 }
 
 /// Labels of `keel_chaos_injected_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChaosLabels {
     /// `provider/model` of the attempt.
-    pub target: String,
+    pub target: LabelValue,
     /// `status`, `latency`, `hang`, `drop`, `stream_cut` or `malformed`.
-    pub fault: String,
+    pub fault: LabelValue,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -136,17 +137,17 @@ impl RouteMetrics {
         targets: impl Iterator<Item = &'t str>,
     ) -> Self {
         let labels = |kind: &str| TokenLabels {
-            gen_ai_token_type: kind.to_owned(),
-            route: route.to_owned(),
+            gen_ai_token_type: kind.into(),
+            route: route.into(),
         };
         let ok = targets
             .map(|target| {
                 let counter = m
                     .requests
                     .get_or_create(&RequestLabels {
-                        route: route.to_owned(),
-                        target: target.to_owned(),
-                        outcome: "ok".to_owned(),
+                        route: route.into(),
+                        target: target.into(),
+                        outcome: "ok".into(),
                     })
                     .clone();
                 (target.to_owned(), counter)
@@ -157,7 +158,7 @@ impl RouteMetrics {
         let duration = m
             .request_duration
             .get_or_create(&RouteLabel {
-                route: route.to_owned(),
+                route: route.into(),
             })
             .clone();
         let input_tokens = m.token_usage.get_or_create(&labels("input")).clone();

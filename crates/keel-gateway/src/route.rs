@@ -209,6 +209,9 @@ pub enum Answer {
         last: Option<UpstreamError>,
         /// Whether the total deadline ran out.
         timed_out: bool,
+        /// Whether every target was tried and refused the request itself (a fallback-only
+        /// error such as context too long): the client's to fix, not an outage.
+        refused: bool,
     },
     /// A fatal error to return to the client unchanged.
     Fatal(UpstreamError),
@@ -250,6 +253,7 @@ impl Executor<'_> {
         route.budget.lock().deposit(self.clock.now());
         let mut last: Option<UpstreamError> = None;
         let mut previous: Option<&Arc<Target>> = None;
+        let mut refused = !route.targets.is_empty();
         for (index, target) in route.targets.iter().enumerate() {
             if let Some(prev) = previous {
                 let reason = last.as_ref().map_or("breaker_open", UpstreamError::reason);
@@ -284,6 +288,7 @@ impl Executor<'_> {
                                 },
                                 Err(e) => {
                                     last = Some(e);
+                                    refused = false;
                                     continue;
                                 }
                             }
@@ -298,6 +303,8 @@ impl Executor<'_> {
                 }
                 TargetResult::Fatal(e) => return Answer::Fatal(e),
                 TargetResult::Next(e) => {
+                    refused &= matches!(&e, Some(e @ UpstreamError::Status { .. })
+                        if e.class() == keel_core::ErrorClass::FallbackOnly);
                     if let Some(e) = e {
                         last = Some(e);
                     }
@@ -306,13 +313,17 @@ impl Executor<'_> {
                     return Answer::Exhausted {
                         last: e.or(last),
                         timed_out: true,
+                        refused: false,
                     };
                 }
             }
         }
+        // The last target's attempt may be the one the total deadline ended.
+        let timed_out = Instant::now() >= deadline;
         Answer::Exhausted {
             last,
-            timed_out: false,
+            timed_out,
+            refused: refused && !timed_out,
         }
     }
 
@@ -342,7 +353,7 @@ impl Executor<'_> {
         self.metrics
             .self_corrections
             .get_or_create(&RouteLabel {
-                route: self.route.name.clone(),
+                route: self.route.name.clone().into(),
             })
             .inc();
         let request = ProviderRequest {
@@ -510,7 +521,7 @@ impl Executor<'_> {
             self.metrics
                 .retries
                 .get_or_create(&RouteLabel {
-                    route: route.name.clone(),
+                    route: route.name.clone().into(),
                 })
                 .inc();
             log.push(
@@ -544,8 +555,8 @@ impl Executor<'_> {
         self.metrics
             .chaos_injected
             .get_or_create(&ChaosLabels {
-                target: target.id.clone(),
-                fault: kind.as_str().to_owned(),
+                target: target.id.clone().into(),
+                fault: kind.as_str().into(),
             })
             .inc();
         log.chaos.push(InjectedFault {
@@ -643,8 +654,8 @@ impl Executor<'_> {
         self.metrics
             .attempts
             .get_or_create(&AttemptLabels {
-                target: target.id.clone(),
-                outcome: outcome.to_owned(),
+                target: target.id.clone().into(),
+                outcome: outcome.into(),
             })
             .inc();
     }
@@ -686,14 +697,14 @@ pub(crate) fn breaker_events(
             metrics
                 .breaker_state
                 .get_or_create(&TargetLabel {
-                    target: target.to_owned(),
+                    target: target.into(),
                 })
                 .set(t.to.gauge());
             metrics
                 .breaker_transitions
                 .get_or_create(&TransitionLabels {
-                    target: target.to_owned(),
-                    to: t.to.as_str().to_owned(),
+                    target: target.into(),
+                    to: t.to.as_str().into(),
                 })
                 .inc();
             tracing::warn!(target_id = %target, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");

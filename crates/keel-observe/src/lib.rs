@@ -75,6 +75,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel_config::{AlertsSettings, Severity};
+use keel_core::LabelValue;
 use keel_core::{ApiError, EventKind, NewEvent};
 use keel_store::{Event, EventStore, TaskStore};
 use parking_lot::Mutex;
@@ -101,7 +102,7 @@ const QUEUE: usize = 65_536;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SeverityLabel {
     /// `critical`, `warning` or `info`.
-    pub severity: String,
+    pub severity: LabelValue,
 }
 
 /// The observer's metrics.
@@ -649,7 +650,7 @@ impl Observing {
                 self.metrics
                     .alerts
                     .get_or_create(&SeverityLabel {
-                        severity: alert.severity.as_str().to_owned(),
+                        severity: alert.severity.as_str().into(),
                     })
                     .inc();
                 let note = Note {
@@ -726,7 +727,7 @@ impl Observing {
             self.metrics
                 .incidents_open
                 .get_or_create(&SeverityLabel {
-                    severity: severity.as_str().to_owned(),
+                    severity: severity.as_str().into(),
                 })
                 .set(i64::try_from(incidents.open_count(severity)).unwrap_or(i64::MAX));
         }

@@ -185,6 +185,19 @@ impl Running {
     }
 }
 
+/// A known path asked with a method it does not take: 405 in the OpenAI shape.
+async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> keel_core::ApiError {
+    keel_core::ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} does not take {method}", uri.path()),
+    )
+    .with_code("method_not_allowed")
+}
+
 /// Builds every part, binds `server.listen`, prints the `keel listening on` line and
 /// serves in the background until [`Running::stop`].
 pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<Running> {
@@ -229,6 +242,10 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         .await
         .context("reading the budgets saved by the last run")?;
 
+    // The exporter before the ready line: a telemetry endpoint it cannot use stops keel
+    // before it says it is listening.
+    let traces = keel_observe::trace::Traces::new(&settings.telemetry)
+        .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     // Bind before anything runs in the background, so a failed bind leaves nothing behind.
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
@@ -259,11 +276,25 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         let supervisor = Arc::clone(&supervisor);
         Arc::new(move |headers| keel_supervisor::service::http::admin(&supervisor, headers))
     };
+    // The task and operator APIs take bodies up to `server.max_body_bytes`, as the gateway
+    // does, and answer axum's own rejections (a body over it, a query string that does not
+    // parse) in the OpenAI shape like every other error.
+    let tasks_api = keel_supervisor::service::http::router(Arc::clone(&supervisor))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            settings.server.max_body_bytes,
+        ))
+        .layer(axum::middleware::from_fn(
+            keel_core::api_error::openai_shaped,
+        ));
+    let observe_api = Arc::clone(&observe)
+        .router(admin, store.clone(), gateway.node().to_owned())
+        .layer(axum::middleware::from_fn(
+            keel_core::api_error::openai_shaped,
+        ));
     let app = keel_gateway::router(Arc::clone(&gateway))
-        .merge(keel_supervisor::service::http::router(Arc::clone(
-            &supervisor,
-        )))
-        .merge(Arc::clone(&observe).router(admin, store.clone(), gateway.node().to_owned()));
+        .merge(tasks_api)
+        .merge(observe_api)
+        .method_not_allowed_fallback(method_not_allowed);
     // Small JSON answers must not wait for Nagle's algorithm.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -272,8 +303,6 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     });
     let stop = tokio_util::sync::CancellationToken::new();
     tasks.spawn(Arc::clone(&gateway).keep_budgets(stop.clone()));
-    let traces = keel_observe::trace::Traces::new(&settings.telemetry)
-        .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     tasks.spawn(
         observing
             .with_traces(traces)

@@ -268,10 +268,14 @@ impl Provider for OpenAiProvider {
     }
 }
 
-/// `Retry-After` as seconds (HTTP dates are rare from model APIs and ignored).
+/// `Retry-After` as seconds (HTTP dates are rare from model APIs and ignored). A value
+/// too large for a `Duration` is as good as "very long": the retry policy caps it.
 fn parse_retry_after(value: &str) -> Option<Duration> {
     let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// An error and its sources, `: `-joined. Callers strip URLs first (query parameters and
@@ -520,5 +524,13 @@ mod tests {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        // Too large for a Duration: "very long", which the retry policy caps, not a panic.
+        assert_eq!(
+            parse_retry_after("99999999999999999999"),
+            Some(Duration::MAX)
+        );
+        assert_eq!(parse_retry_after("1e300"), Some(Duration::MAX));
     }
 }

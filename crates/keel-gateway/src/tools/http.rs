@@ -203,8 +203,8 @@ impl Gateway {
                 self.metrics
                     .guardrail_blocks
                     .get_or_create(&GuardrailLabels {
-                        tool: tool.settings.name.clone(),
-                        rule: b.rule.clone(),
+                        tool: tool.settings.name.clone().into(),
+                        rule: b.rule.clone().into(),
                     })
                     .inc();
             }
@@ -279,8 +279,8 @@ impl Gateway {
                 self.metrics
                     .guardrail_blocks
                     .get_or_create(&GuardrailLabels {
-                        tool: tool.settings.name.clone(),
-                        rule: rule.clone(),
+                        tool: tool.settings.name.clone().into(),
+                        rule: rule.clone().into(),
                     })
                     .inc();
             }
@@ -530,8 +530,8 @@ async fn invoke_inner(
                 gw.metrics
                     .guardrail_blocks
                     .get_or_create(&GuardrailLabels {
-                        tool: name.to_owned(),
-                        rule: "injection".to_owned(),
+                        tool: name.into(),
+                        rule: "injection".into(),
                     })
                     .inc();
             }

@@ -252,6 +252,25 @@ async fn page(
     limit: Option<usize>,
     cursor: Option<String>,
 ) -> Response {
+    const STATES: [&str; 6] = [
+        "queued",
+        "running",
+        "succeeded",
+        "dead",
+        "awaiting_human",
+        "cancelled",
+    ];
+    if let Some(state) = state.as_deref()
+        && !STATES.contains(&state)
+    {
+        return ApiError::bad_request(format!(
+            "unknown task state {state:?}: expected one of {}",
+            STATES.join(", ")
+        ))
+        .with_param("state")
+        .with_code("invalid_value")
+        .into_response();
+    }
     let query = TaskQuery {
         state,
         agent,
@@ -270,6 +289,12 @@ async fn page(
                 .collect();
             axum::Json(json!({"tasks": tasks, "next": page.next})).into_response()
         }
+        Err(keel_store::StoreError::InvalidCursor) => ApiError::bad_request(
+            "invalid cursor: pass the `next` value of the previous page unchanged",
+        )
+        .with_param("cursor")
+        .with_code("invalid_value")
+        .into_response(),
         Err(e) => super::store_error(e).into_response(),
     }
 }

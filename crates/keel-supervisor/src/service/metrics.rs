@@ -1,6 +1,7 @@
 //! The supervisor's Prometheus metrics (DESIGN §7): task outcomes, trajectory
 //! length and confidence per agent, DLQ depth and pending approvals.
 
+use keel_core::LabelValue;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,16 +15,16 @@ use crate::task::Task;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     /// Agent name.
-    pub agent: String,
+    pub agent: LabelValue,
     /// The final state: `succeeded`, `dead`, `cancelled`.
-    pub outcome: String,
+    pub outcome: LabelValue,
 }
 
 /// A label set with only `agent`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabel {
     /// Agent name.
-    pub agent: String,
+    pub agent: LabelValue,
 }
 
 type Histograms = Family<AgentLabel, Histogram, fn() -> Histogram>;
@@ -104,12 +105,12 @@ impl SupervisorMetrics {
     pub fn finished(&self, task: &Task) {
         self.tasks
             .get_or_create(&TaskLabels {
-                agent: task.agent.clone(),
-                outcome: task.state.as_str().to_owned(),
+                agent: task.agent.clone().into(),
+                outcome: task.state.as_str().into(),
             })
             .inc();
         let agent = AgentLabel {
-            agent: task.agent.clone(),
+            agent: task.agent.clone().into(),
         };
         self.steps
             .get_or_create(&agent)

@@ -512,6 +512,15 @@ impl Supervisor {
         lease: Duration,
         idem: Option<Idem>,
     ) -> Result<Option<Value>, ApiError> {
+        // Said here, not left to each candidate's decision: a claim that no task could
+        // accept would otherwise read as "nothing queued" (204).
+        for (field, value) in [("agent", agent), ("worker", worker)] {
+            if value.trim().is_empty() {
+                return Err(
+                    ApiError::bad_request(format!("{field} must not be empty")).with_param(field)
+                );
+            }
+        }
         // A repeated claim (its answer was lost) gets the same task and lease again.
         if let Some(answer) = self.replay(idem.as_ref()).await? {
             return Ok(Some(answer.body));

@@ -77,8 +77,39 @@ async fn metrics_pass_promtool_and_name_design_families() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    // A label value a client chose (an agent name with a quote, a backslash and a newline)
+    // is escaped, or the whole scrape would be unreadable.
+    let agent = "say \"hi\" \\ then\nbye";
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/tasks", keel.url))
+        .json(&serde_json::json!({"agent": agent, "input": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let claimed: serde_json::Value = http
+        .post(format!("{}/v1/tasks/claim", keel.url))
+        .json(&serde_json::json!({"agent": agent, "worker": "w", "lease": "30s"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let done = http
+        .post(format!("{}/v1/tasks/{id}/complete", keel.url))
+        .json(&serde_json::json!({"lease_token": claimed["lease_token"], "output": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
     let text = keel.metrics().await;
     for family in [
+        r#"keel_tasks_total{agent="say \"hi\" \\ then\nbye",outcome="succeeded"} 1"#,
         "keel_requests_total{route=\"smart\",target=\"sim/primary\",outcome=\"ok\"} 1",
         "keel_attempts_total{target=\"sim/primary\",outcome=\"retryable\"} 1",
         "keel_retries_total{route=\"smart\"} 1",

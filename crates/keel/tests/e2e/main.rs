@@ -15,6 +15,7 @@ mod common;
 mod crash;
 mod dashboard;
 mod deploy;
+mod edges;
 mod http;
 mod loops;
 mod observe;

@@ -678,3 +678,94 @@ async fn creating_and_claiming_need_the_agent_key_when_keys_are_configured() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_task_api_answers_bad_requests_in_the_openai_shape_and_takes_bodies_up_to_the_limit() {
+    let sim = sim().await;
+    let keel = Keel::start("[agents.demo]\n", &sim).await;
+    let client = reqwest::Client::new();
+    let error_of = |status: StatusCode, text: &str, expected: StatusCode| {
+        assert_eq!(status, expected, "{text}");
+        let body: Value = serde_json::from_str(text)
+            .unwrap_or_else(|_| panic!("not JSON (HTTP {status}): {text:?}"));
+        assert!(body["error"]["message"].is_string(), "{body}");
+        assert!(body["error"]["type"].is_string(), "{body}");
+        body
+    };
+    for (query, param) in [("state=bogus", "state"), ("cursor=zzz", "cursor")] {
+        let r = client
+            .get(format!("{}/v1/tasks?{query}", keel.url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = error_of(status, &r.text().await.unwrap(), StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
+    let r = client
+        .get(format!("{}/v1/tasks?limit=abc", keel.url))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = error_of(status, &r.text().await.unwrap(), StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("limit"),
+        "{body}"
+    );
+    // A claim no task could accept is an error, not "nothing queued" (204).
+    let (status, _) = post(
+        &keel.url,
+        "/v1/tasks",
+        json!({"agent": "demo", "input": {}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    for claim in [
+        json!({"agent": "demo", "worker": "", "lease": "30s"}),
+        json!({"agent": "", "worker": "w", "lease": "30s"}),
+    ] {
+        let (status, body) = post(&keel.url, "/v1/tasks/claim", claim).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["error"]["param"].is_string(), "{body}");
+    }
+    // A path that takes POST only, asked with GET; and a gateway path asked with GET.
+    for path in ["/v1/tasks/claim", "/v1/chat/completions"] {
+        let r = client
+            .get(format!("{}{path}", keel.url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = error_of(
+            status,
+            &r.text().await.unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        );
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    }
+    // 3 MB of input is under the default `server.max_body_bytes` (4 MiB): accepted, as a
+    // model call of that size is. 5 MB is over it: a 413 in the OpenAI shape.
+    let input = "x".repeat(3_000_000);
+    let (status, task) = post(
+        &keel.url,
+        "/v1/tasks",
+        json!({"agent": "demo", "input": {"text": input}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let input = "x".repeat(5_000_000);
+    let r = client
+        .post(format!("{}/v1/tasks", keel.url))
+        .json(&json!({"agent": "demo", "input": {"text": input}}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = error_of(
+        status,
+        &r.text().await.unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+    );
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+}
