@@ -294,6 +294,28 @@ impl Agents {
             .unwrap_or(keel_config::InjectionAction::Flag)
     }
 
+    /// What is left of each agent's own budget (not its keys') at `now`, windows rolled
+    /// over first: for the `keel_budget_remaining` gauge between calls (a window that turned
+    /// over is full again, and another node's spend shows once merged).
+    pub fn remaining(&self, now: Duration) -> Vec<(String, Remaining)> {
+        self.budgets
+            .iter()
+            .filter(|(id, _)| !id.contains("/key/"))
+            .map(|(agent, budget)| {
+                let mut b = budget.lock();
+                for w in &mut b.windows {
+                    w.roll(now);
+                }
+                let left = b
+                    .windows
+                    .iter()
+                    .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
+                    .collect();
+                (agent.clone(), left)
+            })
+            .collect()
+    }
+
     /// Agents that have budgets.
     pub fn budgeted(&self) -> impl Iterator<Item = &str> {
         self.budgets.keys().map(String::as_str)

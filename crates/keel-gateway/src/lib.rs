@@ -297,6 +297,19 @@ impl Gateway {
                 self.agents.resync(&agent);
             }
         }
+        // The gauge follows the windows between calls too: from the start, after a window
+        // turns over, and with the other nodes' spend merged in.
+        for (agent, left) in self.agents.remaining(agents::wall_now()) {
+            for (unit, left) in left {
+                self.metrics
+                    .budget_remaining
+                    .get_or_create(&metrics::BudgetLabels {
+                        agent: agent.as_str().into(),
+                        unit: unit.as_str().into(),
+                    })
+                    .set(left);
+            }
+        }
     }
 
     /// One budget's sync (see [`Gateway::save_budgets`]): merges the store's copy into this

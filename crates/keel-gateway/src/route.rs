@@ -621,7 +621,17 @@ impl Executor<'_> {
             ProviderReply::Json(body) => Ok(Reply::Json(read_json(body, &target, self.keep_tree)?)),
             ProviderReply::Stream(mut rest) => {
                 match tokio::time::timeout_at(first_deadline, rest.next()).await {
-                    Ok(Some(Ok(first))) => Ok(Reply::Stream(first, rest)),
+                    // Nothing has reached the client yet: a first event that is not JSON
+                    // is the upstream's failure, retried like a malformed 200 body.
+                    Ok(Some(Ok(first))) => {
+                        match serde_json::from_slice::<serde::de::IgnoredAny>(&first) {
+                            Ok(_) => Ok(Reply::Stream(first, rest)),
+                            Err(e) => Err(UpstreamError::Malformed {
+                                target: target.clone(),
+                                detail: format!("the stream's first event is not JSON: {e}"),
+                            }),
+                        }
+                    }
                     Ok(Some(Err(_)) | None) => Err(UpstreamError::StreamCut {
                         target: target.clone(),
                     }),

@@ -191,3 +191,101 @@ targets = [{{ provider = "edge", model = "m" }}]
     assert!(message.contains("Unsupported method"), "{body}");
     assert_eq!(header(&headers, "x-keel-target"), "edge/m");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_whose_first_event_is_not_json_is_retried_before_the_client_sees_it() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::malformed()]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", keel.url))
+        .json(&serde_json::json!({"model": "smart", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(r.headers(), "x-keel-attempts"), "2");
+    let text = r.text().await.unwrap();
+    // Every event the client got is JSON, and the stream ends properly.
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    for event in &events[..events.len() - 1] {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(event).is_ok(),
+            "{text}"
+        );
+    }
+}
+
+/// `keel_budget_remaining{agent,unit}` as `keel.metrics()` shows it, if it is there.
+async fn budget_left(keel: &Keel, agent: &str, unit: &str) -> Option<f64> {
+    let text = keel.metrics().await;
+    let prefix = format!("keel_budget_remaining{{agent=\"{agent}\",unit=\"{unit}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_budget_gauge_shows_the_budget_from_the_start_and_follows_calls_without_usage() {
+    // Three requests a minute, counted in the clock minute: keep clear of its end.
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if second >= 50 {
+        tokio::time::sleep(Duration::from_secs(61 - second)).await;
+    }
+    let sim = sim().await;
+    let config = r#"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+
+[routes.down]
+targets = [{ provider = "sim", model = "down" }]
+retry = { max_attempts = 1 }
+degraded_reply = "later"
+
+[agents.counted]
+budget = { requests_per_minute = 3 }
+"#;
+    let keel = Keel::start(config, &sim).await;
+    sim.set_always("down", Some(Fault::status(503)));
+    let mut left = None;
+    for _ in 0..30 {
+        left = budget_left(&keel, "counted", "requests").await;
+        if left.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left,
+        Some(3.0),
+        "the gauge is not there before the first call"
+    );
+    // Degraded replies carry no usage, but each is a request of the budget.
+    for _ in 0..3 {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", keel.url))
+            .header("x-keel-agent", "counted")
+            .json(&serde_json::json!({"model": "down", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(r.headers(), "x-keel-degraded"), "true");
+    }
+    for _ in 0..30 {
+        left = budget_left(&keel, "counted", "requests").await;
+        if left == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, Some(0.0), "the gauge did not follow the spent budget");
+}
