@@ -413,7 +413,8 @@ impl Finish {
                 ..
             }) = &last
             {
-                err.retry_after = Some(after.as_secs().max(1));
+                // The upstream's wait, within reason (a day at most).
+                err.retry_after = Some(after.as_secs().clamp(1, 86_400));
             }
             let mut response = err.into_response();
             keel_headers(&mut response, "none", log.attempts, false, false);

@@ -211,8 +211,18 @@ pub(crate) enum TasksCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
-    /// List dead tasks.
-    Ls,
+    /// List dead tasks, oldest first.
+    Ls {
+        /// Only dead tasks of this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue from a previous page (the `--cursor` a listing ends with).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// Show a dead task with its last error.
     Show {
         /// Task id.

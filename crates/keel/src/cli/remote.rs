@@ -103,8 +103,17 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
 /// `keel dlq ...`
 pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<ExitCode> {
     let v = match command {
-        DlqCommand::Ls => {
-            let v = c.get("/v1/dlq").await?;
+        DlqCommand::Ls {
+            agent,
+            limit,
+            cursor,
+        } => {
+            let q = query(&[
+                ("agent", agent),
+                ("limit", Some(limit.to_string())),
+                ("cursor", cursor),
+            ]);
+            let v = c.get(&format!("/v1/dlq{q}")).await?;
             if json {
                 print_json(&v)
             } else {
