@@ -80,33 +80,18 @@ async fn metrics_pass_promtool_and_name_design_families() {
     // A label value a client chose (an agent name with a quote, a backslash and a newline)
     // is escaped, or the whole scrape would be unreadable.
     let agent = "say \"hi\" \\ then\nbye";
-    let http = reqwest::Client::new();
-    let created: serde_json::Value = http
-        .post(format!("{}/v1/tasks", keel.url))
-        .json(&serde_json::json!({"agent": agent, "input": {}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
-    let claimed: serde_json::Value = http
-        .post(format!("{}/v1/tasks/claim", keel.url))
-        .json(&serde_json::json!({"agent": agent, "worker": "w", "lease": "30s"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let done = http
-        .post(format!("{}/v1/tasks/{id}/complete", keel.url))
-        .json(&serde_json::json!({"lease_token": claimed["lease_token"], "output": "ok"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(done.status(), StatusCode::OK);
+    let body = serde_json::json!({"agent": agent, "input": {}});
+    let (status, created) = keel.post_json("/v1/tasks", &[], &body).await;
+    assert_eq!(status, 201, "{created}");
+    let claim = serde_json::json!({"agent": agent, "worker": "w", "lease": "30s"});
+    let (status, claimed) = keel.post_json("/v1/tasks/claim", &[], &claim).await;
+    assert_eq!(status, 200, "{claimed}");
+    let id = created["id"].as_str().unwrap();
+    let done = serde_json::json!({"lease_token": claimed["lease_token"], "output": "ok"});
+    let (status, answer) = keel
+        .post_json(&format!("/v1/tasks/{id}/complete"), &[], &done)
+        .await;
+    assert_eq!(status, 200, "{answer}");
     let text = keel.metrics().await;
     for family in [
         r#"keel_tasks_total{agent="say \"hi\" \\ then\nbye",outcome="succeeded"} 1"#,

@@ -712,31 +712,13 @@ async fn the_task_api_answers_bad_requests_in_the_openai_shape_and_takes_bodies_
     let sim = sim().await;
     let keel = Keel::start("[agents.demo]\n", &sim).await;
     let client = reqwest::Client::new();
-    let error_of = |status: StatusCode, text: &str, expected: StatusCode| {
-        assert_eq!(status, expected, "{text}");
-        let body: Value = serde_json::from_str(text)
-            .unwrap_or_else(|_| panic!("not JSON (HTTP {status}): {text:?}"));
-        assert!(body["error"]["message"].is_string(), "{body}");
-        assert!(body["error"]["type"].is_string(), "{body}");
-        body
-    };
     for (query, param) in [("state=bogus", "state"), ("cursor=zzz", "cursor")] {
-        let r = client
-            .get(format!("{}/v1/tasks?{query}", keel.url))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let body = error_of(status, &r.text().await.unwrap(), StatusCode::BAD_REQUEST);
+        let request = client.get(format!("{}/v1/tasks?{query}", keel.url));
+        let body = openai_error(request, StatusCode::BAD_REQUEST).await;
         assert_eq!(body["error"]["param"], param, "{body}");
     }
-    let r = client
-        .get(format!("{}/v1/tasks?limit=abc", keel.url))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let body = error_of(status, &r.text().await.unwrap(), StatusCode::BAD_REQUEST);
+    let request = client.get(format!("{}/v1/tasks?limit=abc", keel.url));
+    let body = openai_error(request, StatusCode::BAD_REQUEST).await;
     assert!(
         body["error"]["message"].as_str().unwrap().contains("limit"),
         "{body}"
@@ -759,17 +741,8 @@ async fn the_task_api_answers_bad_requests_in_the_openai_shape_and_takes_bodies_
     }
     // A path that takes POST only, asked with GET; and a gateway path asked with GET.
     for path in ["/v1/tasks/claim", "/v1/chat/completions"] {
-        let r = client
-            .get(format!("{}{path}", keel.url))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let body = error_of(
-            status,
-            &r.text().await.unwrap(),
-            StatusCode::METHOD_NOT_ALLOWED,
-        );
+        let request = client.get(format!("{}{path}", keel.url));
+        let body = openai_error(request, StatusCode::METHOD_NOT_ALLOWED).await;
         assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
     }
     // 3 MB of input is under the default `server.max_body_bytes` (4 MiB): accepted, as a
@@ -785,17 +758,23 @@ async fn the_task_api_answers_bad_requests_in_the_openai_shape_and_takes_bodies_
     .await;
     assert_eq!(status, StatusCode::CREATED, "{task}");
     let input = "x".repeat(4 * 1024 * 1024);
-    let r = client
+    let request = client
         .post(format!("{}/v1/tasks", keel.url))
-        .json(&json!({"agent": "demo", "input": {"text": input}}))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let body = error_of(
-        status,
-        &r.text().await.unwrap(),
-        StatusCode::PAYLOAD_TOO_LARGE,
-    );
+        .json(&json!({"agent": "demo", "input": {"text": input}}));
+    let body = openai_error(request, StatusCode::PAYLOAD_TOO_LARGE).await;
     assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+}
+
+/// Sends `request` and checks that the answer is `expected` with an OpenAI-shaped error body,
+/// which it returns.
+async fn openai_error(request: reqwest::RequestBuilder, expected: StatusCode) -> Value {
+    let r = request.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, expected, "{text}");
+    let body: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("not JSON (HTTP {status}): {text:?}"));
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    body
 }
