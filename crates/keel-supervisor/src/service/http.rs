@@ -643,20 +643,29 @@ async fn request_approval(
     }.await)
 }
 
-/// Tasks awaiting a human, newest last (few by nature; scanned, not indexed).
-async fn awaiting(sv: &Supervisor) -> Result<Vec<crate::task::Task>, ApiError> {
-    let query = TaskQuery {
-        state: Some(TaskState::AwaitingHuman.as_str().to_owned()),
-        agent: None,
-        limit: 1000,
-        cursor: None,
-    };
-    let page = sv.store().tasks(query).await.map_err(super::store_error)?;
-    Ok(page
-        .tasks
-        .iter()
-        .filter_map(|r| serde_json::from_value(r.snapshot.clone()).ok())
-        .collect())
+/// Tasks awaiting a human, newest last (few by nature; scanned, not indexed): every page,
+/// so none past the first is left undecidable.
+pub(super) async fn awaiting(sv: &Supervisor) -> Result<Vec<crate::task::Task>, ApiError> {
+    let mut tasks = Vec::new();
+    let mut cursor = None;
+    loop {
+        let query = TaskQuery {
+            state: Some(TaskState::AwaitingHuman.as_str().to_owned()),
+            agent: None,
+            limit: 1000,
+            cursor,
+        };
+        let page = sv.store().tasks(query).await.map_err(super::store_error)?;
+        tasks.extend(
+            page.tasks
+                .iter()
+                .filter_map(|r| serde_json::from_value(r.snapshot.clone()).ok()),
+        );
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(tasks),
+        }
+    }
 }
 
 async fn approvals(State(sv): Sv, headers: HeaderMap) -> Response {

@@ -238,3 +238,32 @@ async fn steps_and_checkpoints_renew_the_lease() {
     let renewed = after.body["lease"]["expires_at_ms"].as_i64().unwrap();
     assert!(renewed > first_expiry, "{first_expiry} -> {renewed}");
 }
+
+#[tokio::test]
+async fn every_task_awaiting_a_human_is_found_past_the_first_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
+    // One more than a page of the store's task list (1,000).
+    for n in 0..1001 {
+        let id = format!("t{n:04}");
+        sv.create(create(&id), None).await.unwrap();
+        let ask = Command::RequestApproval {
+            token: None,
+            approval_id: format!("apr_{n:04}"),
+            reason: "a person decides".into(),
+            context: json!({}),
+            timeout_ms: 3_600_000,
+            default: crate::task::ApprovalDefault::Escalate,
+        };
+        sv.run(&id, &ask, None, None, |t, _| public(t))
+            .await
+            .unwrap();
+    }
+    let waiting = super::http::awaiting(&sv).await.unwrap();
+    assert_eq!(waiting.len(), 1001);
+    assert!(
+        waiting
+            .iter()
+            .any(|t| t.approval.as_ref().is_some_and(|a| a.id == "apr_1000"))
+    );
+}
