@@ -238,6 +238,11 @@ fn key_budget_id(agent: &str, key: &str) -> String {
     format!("{agent}/key/{key}")
 }
 
+/// The key's name when `id` is a key's budget ([`key_budget_id`]), `None` for an agent's.
+fn key_of_budget(id: &str) -> Option<&str> {
+    id.rsplit_once("/key/").map(|(_, name)| name)
+}
+
 impl Budget {
     /// The windows `b` configures; `None` when it limits nothing.
     fn of(b: &keel_config::BudgetSettings) -> Option<Self> {
@@ -300,18 +305,13 @@ impl Agents {
     pub fn remaining(&self, now: Duration) -> Vec<(String, Remaining)> {
         self.budgets
             .iter()
-            .filter(|(id, _)| !id.contains("/key/"))
+            .filter(|(id, _)| key_of_budget(id).is_none())
             .map(|(agent, budget)| {
                 let mut b = budget.lock();
                 for w in &mut b.windows {
                     w.roll(now);
                 }
-                let left = b
-                    .windows
-                    .iter()
-                    .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
-                    .collect();
-                (agent.clone(), left)
+                (agent.clone(), b.left())
             })
             .collect()
     }
@@ -457,7 +457,7 @@ impl Agents {
         let key_budget = key.and_then(|k| {
             self.budgets
                 .get_key_value(&key_budget_id(agent, k))
-                .map(|(id, b)| (id.rsplit_once("/key/").map(|(_, name)| name), b))
+                .map(|(id, b)| (key_of_budget(id), b))
         });
         agent_budget.into_iter().chain(key_budget)
     }
@@ -523,11 +523,7 @@ impl Agents {
             warnings.extend(b.add(Unit::Tokens, total as f64, key));
             warnings.extend(b.add(Unit::Usd, usd, key));
             if key.is_none() {
-                remaining = b
-                    .windows
-                    .iter()
-                    .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
-                    .collect();
+                remaining = b.left();
             }
         }
         (remaining, warnings)
@@ -535,6 +531,14 @@ impl Agents {
 }
 
 impl Budget {
+    /// What is left in each window (never below zero).
+    fn left(&self) -> Remaining {
+        self.windows
+            .iter()
+            .map(|w| (w.unit, (w.limit - w.used).max(0.0)))
+            .collect()
+    }
+
     /// Adds `amount` to the `unit` window; a warning when it crosses `warn_at` first.
     fn add(&mut self, unit: Unit, amount: f64, key: Option<&str>) -> Vec<Warning> {
         let warn_at = self.warn_at;

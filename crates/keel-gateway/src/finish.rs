@@ -361,11 +361,11 @@ impl Finish {
         last: Option<UpstreamError>,
         timed_out: bool,
         refused: bool,
-    ) -> Result<Response, ApiError> {
+    ) -> Response {
         // Every target refused the request itself (context too long, content
         // filter): that is the client's to fix, not an outage to paper over.
         if refused && let Some(e @ UpstreamError::Status { .. }) = last {
-            return Ok(self.fatal(route, log, e).await);
+            return self.fatal(route, log, e).await;
         }
         self.unavailable(route, endpoint, log, last, timed_out)
             .await
@@ -379,7 +379,7 @@ impl Finish {
         mut log: CallLog,
         last: Option<UpstreamError>,
         timed_out: bool,
-    ) -> Result<Response, ApiError> {
+    ) -> Response {
         let why = last.as_ref().map_or_else(
             || "every target's circuit is open".to_owned(),
             ToString::to_string,
@@ -418,7 +418,7 @@ impl Finish {
             }
             let mut response = err.into_response();
             keel_headers(&mut response, "none", log.attempts, false, false);
-            return Ok(response);
+            return response;
         };
         log.push(
             EventKind::DegradedReply,
@@ -449,7 +449,7 @@ impl Finish {
             axum::Json(degraded_completion(&route.name, &reply)).into_response()
         };
         keel_headers(&mut response, "degraded", log.attempts, false, true);
-        Ok(response)
+        response
     }
 
     /// A fatal upstream error goes back to the client as the upstream said it.

@@ -367,7 +367,7 @@ async fn handle_inner(
             refused,
         } => {
             ctx.exhausted(route, endpoint, log, last, timed_out, refused)
-                .await?
+                .await
         }
         Answer::Fatal(e) => ctx.fatal(route, log, e).await,
     })
