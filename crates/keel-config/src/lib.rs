@@ -105,6 +105,41 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
     Ok(settings)
 }
 
+/// Reads only `[server]` of the config file at `path`: what a CLI command needs to reach the
+/// server it configures (its listen address and admin token), without the provider keys and
+/// other secrets the rest of the file names. Errors are placed like those of [`load`].
+pub fn load_server(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServerSettings, ConfigErrors> {
+    /// The file with every table but `[server]` ignored.
+    #[derive(serde::Deserialize)]
+    struct ServerOnly {
+        #[serde(default)]
+        server: ServerConfig,
+    }
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: None,
+        key: String::new(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    let locator = Locator::new(&text);
+    let only: ServerOnly = toml::from_str(&text)
+        .map_err(|e| ConfigErrors::from(locator.place_toml_error(&file, &e)))?;
+    only.server
+        .validate(&KeyPath::root().child("server"), env)
+        .map_err(|problems| {
+            ConfigErrors(
+                problems
+                    .into_iter()
+                    .map(|invalid| locator.place(&file, invalid))
+                    .collect(),
+            )
+        })
+}
+
 /// A problem with `key` of the config file at `path` found after [`load`] (a Wasm module
 /// that does not compile, say), placed at the key's line like the errors of `load`.
 pub fn error_at(path: &Path, key: &KeyPath, message: impl std::fmt::Display) -> ConfigError {

@@ -80,9 +80,9 @@ impl<'a> Locator<'a> {
         // parsers ever disagree on an edge of the TOML spec.
         let syntax = self.text.parse::<toml::Table>().is_err();
         let (key, message) = match &span {
-            _ if syntax => (String::new(), format!("invalid TOML: {message}")),
-            Some(span) => (self.path_at(span.start).to_string(), message.to_owned()),
-            None => (String::new(), message.to_owned()),
+            _ if syntax => (String::new(), self.syntax_message(message, span.clone())),
+            Some(span) => (self.path_at(span.start).to_string(), plain(message)),
+            None => (String::new(), plain(message)),
         };
         ConfigError {
             file: file.to_owned(),
@@ -90,6 +90,34 @@ impl<'a> Locator<'a> {
             key,
             message,
         }
+    }
+}
+
+impl Locator<'_> {
+    /// A TOML syntax error in words; a duplicate key is named, since the TOML parser's
+    /// message ("duplicate key") does not say which.
+    fn syntax_message(&self, message: &str, span: Option<Range<usize>>) -> String {
+        let key = span
+            .and_then(|span| self.text.get(span))
+            .map(str::trim)
+            .filter(|key| !key.is_empty() && !key.contains('\n'));
+        match key {
+            Some(key) if message == "duplicate key" => format!(
+                "invalid TOML: duplicate key {key}: it is set twice in the same table; keep one"
+            ),
+            _ => format!("invalid TOML: {message}"),
+        }
+    }
+}
+
+/// serde's message with the raw struct names (`expected struct RouteConfig`) in the words
+/// of the file: `expected a table`.
+fn plain(message: &str) -> String {
+    match message.split_once("expected struct ") {
+        Some((before, after)) if after.ends_with("Config") || after.ends_with("Table") => {
+            format!("{before}expected a table")
+        }
+        _ => message.to_owned(),
     }
 }
 

@@ -101,6 +101,11 @@ impl RouteConfig {
             ));
         }
         for (i, target) in self.targets.iter().enumerate() {
+            if target.model.trim().is_empty() {
+                problems.push(at.child("targets").index(i).child("model").invalid(
+                    "must name the provider's model, like \"gpt-5\" (it is sent upstream as `model`)",
+                ));
+            }
             if !providers.contains(&target.provider.as_str()) {
                 let known = if providers.is_empty() {
                     "no providers are configured".to_owned()

@@ -133,6 +133,16 @@ impl KeelConfig {
                 .as_ref()
                 .map(|names| names.iter().map(String::as_str).collect()),
         };
+        check_names(
+            [
+                ("providers", self.providers.keys().collect()),
+                ("routes", self.routes.keys().collect()),
+                ("agents", self.agents.keys().collect()),
+                ("tools", self.tools.keys().collect()),
+            ],
+            &root,
+            &mut problems,
+        );
         let chaos = problems.take(self.chaos.validate(&root.child("chaos"), &known));
         let alerts = problems.take(self.alerts.validate(&root.child("alerts")));
         let telemetry = problems.take(self.telemetry.validate(&root.child("telemetry")));
@@ -216,6 +226,27 @@ impl KeelConfig {
                 telemetry: telemetry?,
             })
         })
+    }
+}
+
+/// A table name is what clients and rules refer to, so none may be empty; an agent's
+/// name may not contain `/key/`, which keel uses to name the budget of one of its keys.
+fn check_names(tables: [(&str, Vec<&String>); 4], root: &KeyPath, problems: &mut Problems) {
+    for (table, names) in &tables {
+        for name in names.iter().filter(|n| n.trim().is_empty()) {
+            problems.push(root.child(table).child(name).invalid(format!(
+                "a name cannot be empty: write [{table}.NAME] with a name to refer to it by"
+            )));
+        }
+    }
+    let agents = tables.iter().filter(|(table, _)| *table == "agents");
+    for name in agents
+        .flat_map(|(_, names)| names)
+        .filter(|n| n.contains("/key/"))
+    {
+        problems.push(root.child("agents").child(name).invalid(
+            "an agent's name cannot contain \"/key/\": keel names the budget of one of an agent's keys AGENT/key/KEY",
+        ));
     }
 }
 

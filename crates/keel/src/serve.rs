@@ -32,17 +32,70 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         },
         None => keel_config::embedded_default(),
     };
-    if let Some(problem) = config.and_then(|file| store_url_problem(file, &settings)) {
-        output::error(&problem);
-        return Ok(ExitCode::from(2));
+    if let Some(file) = config {
+        let problems = build_problems(file, &settings);
+        for problem in &problems {
+            output::error(problem);
+        }
+        if !problems.is_empty() {
+            return Ok(ExitCode::from(2));
+        }
     }
     init_tracing(settings.telemetry.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(settings, config.is_none()))?;
-    Ok(ExitCode::SUCCESS)
+    match runtime.block_on(serve(settings, config.is_none())) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A tool module that does not load is the config's problem: placed at its key.
+        Err(e) => match (
+            config,
+            e.downcast_ref::<keel_gateway::tools::ToolBuildError>(),
+        ) {
+            (Some(file), Some(tool)) => {
+                output::error(&tool_problem(file, tool));
+                Ok(ExitCode::from(2))
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+/// A tool that cannot be built, as `file:line: tools.NAME.KEY: ...`.
+fn tool_problem(file: &Path, error: &keel_gateway::tools::ToolBuildError) -> String {
+    use keel_gateway::tools::ToolBuildError;
+    let tools = keel_config::KeyPath::root().child("tools");
+    let (key, detail) = match error {
+        ToolBuildError::Wasm { name, detail } => (tools.child(name).child("wasm"), detail),
+        ToolBuildError::Invalid { name, detail } => (tools.child(name), detail),
+    };
+    keel_config::error_at(file, &key, detail).to_string()
+}
+
+/// What keel cannot run in a config that passed validation, each as
+/// `file:line: key: ...`: a PostgreSQL URL it cannot use, a provider kind this build
+/// lacks. `keel config check` and `keel serve` both refuse these before opening the store.
+pub(crate) fn build_problems(file: &Path, settings: &Settings) -> Vec<String> {
+    let mut problems: Vec<String> = store_url_problem(file, settings).into_iter().collect();
+    for (name, provider) in &settings.providers {
+        if provider.kind == keel_config::ProviderKind::Anthropic {
+            let key = keel_config::KeyPath::root()
+                .child("providers")
+                .child(name)
+                .child("kind");
+            problems.push(
+                keel_config::error_at(
+                    file,
+                    &key,
+                    "\"anthropic\" is not supported by this build yet; for now reach Claude \
+                     through an OpenAI-compatible endpoint with kind = \"openai\"",
+                )
+                .to_string(),
+            );
+        }
+    }
+    problems
 }
 
 fn init_tracing(format: keel_config::LogFormat) {
@@ -62,7 +115,7 @@ fn init_tracing(format: keel_config::LogFormat) {
 }
 
 /// What is wrong with a `postgres://` `store.url`, as `file:line: store.url: ...`.
-pub(crate) fn store_url_problem(file: &Path, settings: &Settings) -> Option<String> {
+fn store_url_problem(file: &Path, settings: &Settings) -> Option<String> {
     let StoreBackend::Postgres { url } = &settings.store.backend else {
         return None;
     };

@@ -283,6 +283,27 @@ fn load_reads_the_file_and_names_it_in_errors() {
 }
 
 #[test]
+fn load_server_reads_server_alone_without_the_other_secrets() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/keel.toml");
+    // The example names provider keys this environment lacks; only the admin token is read.
+    let only_admin = |name: &str| (name == "KEEL_ADMIN_TOKEN").then(|| "t0ken".to_owned());
+    assert!(load(&path, &only_admin).is_err());
+    let server = crate::load_server(&path, &only_admin).expect("server settings");
+    assert_eq!(server.listen.to_string(), "127.0.0.1:8420");
+    assert_eq!(
+        server.admin_token.map(|t| t.expose().to_owned()),
+        Some("t0ken".to_owned())
+    );
+    let rendered = crate::load_server(&path, &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        rendered.contains("keel.toml:12: server.admin_token_env: "),
+        "{rendered}"
+    );
+}
+
+#[test]
 fn empty_file_is_the_embedded_default() {
     assert_eq!(settings(""), embedded_default());
 }

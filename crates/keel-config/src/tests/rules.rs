@@ -49,6 +49,52 @@ fn unknown_table_is_rejected_with_its_line() {
 }
 
 #[test]
+fn duplicate_key_is_named() {
+    assert_eq!(
+        errors("[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n"),
+        "keel.toml:3: invalid TOML: duplicate key listen: it is set twice in the same table; \
+         keep one"
+    );
+}
+
+#[test]
+fn a_value_where_a_table_belongs_says_a_table_is_expected() {
+    assert_eq!(
+        errors("[routes]\nsmart = 3\n"),
+        "keel.toml:2: routes.smart: invalid type: integer `3`, expected a table"
+    );
+}
+
+#[test]
+fn names_and_models_cannot_be_empty() {
+    let text = with_openai(
+        "[routes.\"\"]
+targets = [{ provider = \"openai\", model = \"\" }]
+
+[agents.\" \"]
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:5: routes.\"\": a name cannot be empty: write [routes.NAME] with a name to \
+         refer to it by\n\
+         keel.toml:6: routes.\"\".targets[0].model: must name the provider's model, like \
+         \"gpt-5\" (it is sent upstream as `model`)\n\
+         keel.toml:8: agents.\" \": a name cannot be empty: write [agents.NAME] with a name to \
+         refer to it by"
+    );
+}
+
+#[test]
+fn an_agent_name_cannot_look_like_a_key_budget() {
+    assert_eq!(
+        errors("[agents.\"ops/key/1\"]\n"),
+        "keel.toml:1: agents.\"ops/key/1\": an agent's name cannot contain \"/key/\": keel \
+         names the budget of one of an agent's keys AGENT/key/KEY"
+    );
+}
+
+#[test]
 fn duration_must_parse() {
     let text = with_openai(
         "[routes.smart]

@@ -167,14 +167,14 @@ impl FleetArgs {
 /// How the CLI reaches a running keel.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServerArgs {
-    /// keel's address.
-    #[arg(
-        long,
-        global = true,
-        env = "KEEL_SERVER",
-        default_value = "http://127.0.0.1:8420"
-    )]
-    pub(crate) server: String,
+    /// keel's address, like http://127.0.0.1:8420 [default: the listen address of --config,
+    /// else http://127.0.0.1:8420]
+    #[arg(long, global = true, env = "KEEL_SERVER", value_name = "URL")]
+    pub(crate) server: Option<String>,
+    /// The keel.toml the server runs with: its `[server]` gives the address and the admin
+    /// token (from its `admin_token_env`; $KEEL_ADMIN_TOKEN wins when set).
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -296,11 +296,14 @@ impl Cli {
                 route,
                 agent,
             } => {
-                let remote = server.map(|url| sim::Remote {
-                    url: url.trim_end_matches('/').to_owned(),
-                    route,
-                    agent,
-                });
+                let remote = match server {
+                    Some(url) => Some(sim::Remote {
+                        url: remote::base_url(&url)?,
+                        route,
+                        agent,
+                    }),
+                    None => None,
+                };
                 sim::run_sim(
                     &fleet.sim_args(agents, tasks, report, policies == OnOff::On),
                     remote.as_ref(),
@@ -337,8 +340,11 @@ impl Cli {
 fn check(file: &std::path::Path) -> ExitCode {
     match keel_config::load(file, &|name| std::env::var(name).ok()) {
         Ok(settings) => {
-            if let Some(problem) = crate::serve::store_url_problem(file, &settings) {
-                output::error(&problem);
+            let problems = crate::serve::build_problems(file, &settings);
+            for problem in &problems {
+                output::error(problem);
+            }
+            if !problems.is_empty() {
                 return ExitCode::from(2);
             }
             // Wasm modules are compiled as `keel serve` would: a bad one fails here.
@@ -378,6 +384,32 @@ fn check(file: &std::path::Path) -> ExitCode {
                 output::error(&e.to_string());
             }
             ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn admin_commands_take_the_config_before_or_after_the_subcommand() {
+        for args in [
+            ["keel", "tasks", "--config", "k.toml", "ls"],
+            ["keel", "tasks", "ls", "-c", "k.toml"],
+        ] {
+            let Command::Tasks { server, .. } = Cli::parse_from(args).command else {
+                panic!("not tasks");
+            };
+            assert_eq!(server.config.unwrap().to_str(), Some("k.toml"));
+            assert_eq!(server.server, None);
         }
     }
 }

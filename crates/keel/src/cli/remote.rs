@@ -14,11 +14,72 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    let client = Client::new(&server.server, std::env::var("KEEL_ADMIN_TOKEN").ok())?;
+    let env = |name: &str| std::env::var(name).ok();
+    let configured = match &server.config {
+        Some(path) => match keel_config::load_server(path, &env) {
+            Ok(settings) => Some(settings),
+            Err(errors) => {
+                for e in &errors.0 {
+                    output::error(&e.to_string());
+                }
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => None,
+    };
+    let base = match &server.server {
+        Some(url) => base_url(url)?,
+        None => {
+            let listen = configured
+                .as_ref()
+                .map_or(keel_config::DEFAULT_LISTEN_ADDR, |s| s.listen);
+            format!("http://{}", reachable(listen))
+        }
+    };
+    let token = env("KEEL_ADMIN_TOKEN").or_else(|| {
+        configured
+            .and_then(|s| s.admin_token)
+            .map(|t| t.expose().to_owned())
+    });
+    let client = Client::new(&base, token)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(f(client))
+}
+
+/// `--server` as a base URL; `IP:PORT` or `HOST:PORT` alone means plain HTTP.
+pub(crate) fn base_url(given: &str) -> anyhow::Result<String> {
+    let given = given.trim().trim_end_matches('/');
+    let url = if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("http://{given}")
+    };
+    match reqwest::Url::parse(&url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {
+            Ok(url)
+        }
+        Ok(parsed) => anyhow::bail!(
+            "--server {given:?}: keel speaks http or https, not {:?}; write a URL like http://127.0.0.1:8420",
+            parsed.scheme()
+        ),
+        Err(e) => anyhow::bail!(
+            "--server {given:?} is not a URL ({e}); write a URL like http://127.0.0.1:8420"
+        ),
+    }
+}
+
+/// Where a client reaches a server listening on `listen`: a wildcard address (all
+/// interfaces) is reached on loopback.
+fn reachable(listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, listen.port())
 }
 
 fn print_json(v: &Value) {
@@ -37,6 +98,8 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters: right in a path
+/// segment and in a query value alike.
 fn urlencode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
@@ -226,4 +289,50 @@ pub async fn audit(c: Client, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{base_url, reachable};
+
+    #[test]
+    fn server_without_a_scheme_is_plain_http() {
+        assert_eq!(base_url("127.0.0.1:8420").unwrap(), "http://127.0.0.1:8420");
+        assert_eq!(
+            base_url("keel.internal:80/").unwrap(),
+            "http://keel.internal:80"
+        );
+        assert_eq!(
+            base_url("https://keel.example.com/").unwrap(),
+            "https://keel.example.com"
+        );
+    }
+
+    #[test]
+    fn a_server_that_is_not_an_http_url_is_refused_with_an_example() {
+        let e = base_url("ftp://127.0.0.1:21").unwrap_err().to_string();
+        assert!(e.contains("keel speaks http or https, not \"ftp\""), "{e}");
+        let e = base_url("127.0.0.1:99999").unwrap_err().to_string();
+        assert!(
+            e.starts_with("--server \"127.0.0.1:99999\" is not a URL (")
+                && e.ends_with("write a URL like http://127.0.0.1:8420"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_is_reached_on_loopback() {
+        assert_eq!(
+            reachable("0.0.0.0:9000".parse().unwrap()).to_string(),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(
+            reachable("[::]:9000".parse().unwrap()).to_string(),
+            "[::1]:9000"
+        );
+        assert_eq!(
+            reachable("10.0.0.5:9000".parse().unwrap()).to_string(),
+            "10.0.0.5:9000"
+        );
+    }
 }

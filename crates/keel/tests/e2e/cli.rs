@@ -153,9 +153,9 @@ fn a_wasm_tool_that_cannot_run_is_named_by_config_check_and_serve() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("tools.gone.wasm: cannot read the module"),
+        stderr.contains("keel.toml:5: tools.gone.wasm: cannot read the module"),
         "{stderr}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
@@ -213,5 +213,98 @@ fn json_logs_are_one_object_per_line_and_carry_no_keys() {
     assert!(
         !stderr.contains("sk-agent-very-secret"),
         "a key reached the log"
+    );
+}
+
+#[test]
+fn a_provider_kind_this_build_lacks_is_refused_by_check_and_serve_before_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[providers.claude]\nkind = \"anthropic\"\nbase_url = \"http://127.0.0.1:1\"\n\n[routes.smart]\ntargets = [{ provider = \"claude\", model = \"m\" }]\n",
+    )
+    .unwrap();
+    for args in [&["config", "check"][..], &["serve", "--config"][..]] {
+        let out = keel()
+            .current_dir(dir.path())
+            .args(args)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("keel.toml:5: providers.claude.kind: \"anthropic\" is not supported"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    }
+    // serve stopped before it opened (or created) the default store.
+    assert!(!dir.path().join("keel-data").exists());
+}
+
+#[tokio::test]
+async fn admin_commands_find_the_server_and_its_token_through_its_config() {
+    // A fixed port: the CLI reads it from the config (a `:0` there could not be found).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "[server]\nlisten = \"0.0.0.0:{port}\"\nadmin_token_env = \"KEEL_TEST_ADMIN_TOKEN\"\n\n[store]\nurl = \"sqlite://{{dir}}/keel.db\"\n"
+    );
+    let sim = crate::common::sim().await;
+    let running = crate::common::Keel::start(&config, &sim).await;
+    let (status, task) = crate::common::post(
+        &running.url,
+        "/v1/tasks",
+        serde_json::json!({"agent": "demo", "input": {}}),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{task}");
+    let id = task["id"].as_str().unwrap();
+    let cli = |args: &[&str]| {
+        let out = keel()
+            .args(args)
+            .env_remove("KEEL_SERVER")
+            .env_remove("KEEL_ADMIN_TOKEN")
+            .env("KEEL_TEST_ADMIN_TOKEN", "admin-secret")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config_path = running.dir.path().join("keel.toml");
+    let config_path = config_path.to_str().unwrap();
+    // The address (0.0.0.0 reached on loopback) and the token both come from the config.
+    let (code, stdout, stderr) = cli(&["tasks", "ls", "--config", config_path]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(id), "{stdout}");
+    // Without the config, the default address (127.0.0.1:8420) is not this keel's.
+    let (_, stdout, _) = cli(&["tasks", "ls"]);
+    assert!(!stdout.contains(id), "{stdout}");
+    // IP:PORT alone is plain HTTP; the token still comes from --config.
+    let server = format!("127.0.0.1:{port}");
+    let (code, stdout, stderr) =
+        cli(&["tasks", "show", id, "--server", &server, "-c", config_path]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(id), "{stdout}");
+    // A config the CLI cannot use is named by file, line and key.
+    let out = keel()
+        .args(["tasks", "ls", "--config", config_path])
+        .env_remove("KEEL_TEST_ADMIN_TOKEN")
+        .env_remove("KEEL_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("keel.toml:3: server.admin_token_env: "),
+        "{stderr}"
     );
 }
