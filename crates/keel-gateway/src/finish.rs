@@ -364,8 +364,10 @@ impl Finish {
     ) -> Response {
         // Every target refused the request itself (context too long, content
         // filter): that is the client's to fix, not an outage to paper over.
+        // Every target was tried, so the error passed on is the last target's.
         if refused && let Some(e @ UpstreamError::Status { .. }) = last {
-            return self.fatal(route, log, e).await;
+            let fallback = route.targets.len() > 1;
+            return self.fatal(route, log, e, fallback).await;
         }
         self.unavailable(route, endpoint, log, last, timed_out)
             .await
@@ -452,12 +454,14 @@ impl Finish {
         response
     }
 
-    /// A fatal upstream error goes back to the client as the upstream said it.
+    /// A fatal upstream error goes back to the client as the upstream said it; `fallback`
+    /// when a target after the route's first gave it.
     pub(crate) async fn fatal(
         mut self,
         route: &Route,
         mut log: CallLog,
         error: UpstreamError,
+        fallback: bool,
     ) -> Response {
         let target = target_of(&error);
         // A 401/403 from a provider is about keel's key for it, not the agent's:
@@ -483,11 +487,6 @@ impl Finish {
             }
             Some(_) | None => Recorded::Nothing,
         };
-        // The answer came from a later target when the first one failed before it.
-        let fallback = route
-            .targets
-            .first()
-            .is_some_and(|first| first.id != target);
         let event = self.llm_call(&log, &target, "fatal", fallback, None, recorded);
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())

@@ -369,7 +369,7 @@ async fn handle_inner(
             ctx.exhausted(route, endpoint, log, last, timed_out, refused)
                 .await
         }
-        Answer::Fatal(e) => ctx.fatal(route, log, e).await,
+        Answer::Fatal { error, fallback } => ctx.fatal(route, log, error, fallback).await,
     })
 }
 

@@ -119,64 +119,74 @@ impl Gateway {
         metrics: Metrics,
     ) -> Result<Self, BuildError> {
         let metrics = Arc::new(metrics);
-        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
-        for (name, p) in &settings.providers {
-            // The connect timeout is a client setting: use the tightest of the
-            // routes that reach this provider.
-            let connect = settings
-                .routes
-                .values()
-                .filter(|r| r.targets.iter().any(|t| &t.provider == name))
-                .map(|r| r.timeouts.connect)
-                .min()
-                .unwrap_or(std::time::Duration::from_secs(2));
-            let provider: Arc<dyn Provider> = match p.kind {
-                ProviderKind::OpenAi => {
-                    Arc::new(OpenAiProvider::try_new(p, connect).map_err(BuildError::Provider)?)
+        // The connect timeout is a setting of a provider's client, so each route's own
+        // timeout gets a client of its own (routes with the same timeout share one).
+        let mut providers: HashMap<(String, std::time::Duration), Arc<dyn Provider>> =
+            HashMap::new();
+        for r in settings.routes.values() {
+            for t in &r.targets {
+                let key = (t.provider.clone(), r.timeouts.connect);
+                if providers.contains_key(&key) {
+                    continue;
                 }
-                ProviderKind::Anthropic => {
-                    return Err(BuildError::UnsupportedKind {
-                        name: name.clone(),
-                        kind: "anthropic",
-                    });
-                }
-            };
-            providers.insert(name.clone(), provider);
+                let Some(p) = settings.providers.get(&t.provider) else {
+                    return Err(BuildError::Provider(format!(
+                        "routes.{}.targets: unknown provider {:?}",
+                        r.name, t.provider
+                    )));
+                };
+                let provider: Arc<dyn Provider> = match p.kind {
+                    ProviderKind::OpenAi => Arc::new(
+                        OpenAiProvider::try_new(p, r.timeouts.connect)
+                            .map_err(BuildError::Provider)?,
+                    ),
+                    ProviderKind::Anthropic => {
+                        return Err(BuildError::UnsupportedKind {
+                            name: t.provider.clone(),
+                            kind: "anthropic",
+                        });
+                    }
+                };
+                providers.insert(key, provider);
+            }
         }
-        let mut targets: HashMap<String, Arc<Target>> = HashMap::new();
+        // One breaker per target, whichever routes reach it, with the settings of the first
+        // of them by name; the client is the route's, for its connect timeout.
+        let mut breakers: HashMap<String, Arc<Mutex<Breaker>>> = HashMap::new();
         let mut routes = BTreeMap::new();
         for (name, r) in &settings.routes {
             let mut chain = Vec::with_capacity(r.targets.len());
             for t in &r.targets {
                 let id = format!("{}/{}", t.provider, t.model);
-                let Some(provider) = providers.get(&t.provider) else {
+                let Some(provider) = providers.get(&(t.provider.clone(), r.timeouts.connect))
+                else {
                     return Err(BuildError::Provider(format!(
                         "routes.{name}.targets: unknown provider {:?}",
                         t.provider
                     )));
                 };
-                let target = targets.entry(id.clone()).or_insert_with(|| {
+                let breaker = breakers.entry(id.clone()).or_insert_with(|| {
                     metrics
                         .breaker_state
                         .get_or_create(&TargetLabel {
                             target: id.clone().into(),
                         })
                         .set(0);
-                    Arc::new(Target {
-                        id: id.clone(),
-                        model: t.model.clone(),
-                        provider: Arc::clone(provider),
-                        breaker: Arc::new(Mutex::new(Breaker::new(r.breaker))),
-                        attempts_ok: metrics
-                            .attempts
-                            .get_or_create(&metrics::AttemptLabels {
-                                target: id.clone().into(),
-                                outcome: "ok".into(),
-                            })
-                            .clone(),
-                    })
+                    Arc::new(Mutex::new(Breaker::new(r.breaker)))
                 });
-                chain.push(Arc::clone(target));
+                chain.push(Arc::new(Target {
+                    id: id.clone(),
+                    model: t.model.clone(),
+                    provider: Arc::clone(provider),
+                    breaker: Arc::clone(breaker),
+                    attempts_ok: metrics
+                        .attempts
+                        .get_or_create(&metrics::AttemptLabels {
+                            target: id.clone().into(),
+                            outcome: "ok".into(),
+                        })
+                        .clone(),
+                }));
             }
             routes.insert(name.clone(), Route::new(r, chain, &metrics));
         }

@@ -214,7 +214,12 @@ pub enum Answer {
         refused: bool,
     },
     /// A fatal error to return to the client unchanged.
-    Fatal(UpstreamError),
+    Fatal {
+        /// The error.
+        error: UpstreamError,
+        /// Whether the target that gave it is not the route's first.
+        fallback: bool,
+    },
 }
 
 /// Runs one call through `route`. `body` is the client's JSON object.
@@ -301,7 +306,12 @@ impl Executor<'_> {
                         },
                     };
                 }
-                TargetResult::Fatal(e) => return Answer::Fatal(e),
+                TargetResult::Fatal(error) => {
+                    return Answer::Fatal {
+                        error,
+                        fallback: index > 0,
+                    };
+                }
                 TargetResult::Next(e) => {
                     refused &= matches!(&e, Some(e @ UpstreamError::Status { .. })
                         if e.class() == keel_core::ErrorClass::FallbackOnly);

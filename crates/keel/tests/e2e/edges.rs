@@ -1,7 +1,8 @@
 //! The gateway at the edges of its rules: an absurd `Retry-After`, the total deadline on
-//! the last target, a fatal answer from a fallback target, a refusal from one target of
+//! the last target, a fatal answer from a fallback target (the same model in a later place
+//! too), a refusal from one target of
 //! an outage, a client that leaves a silent stream, an upstream error page that is not
-//! JSON.
+//! JSON, a provider that routes reach with different connect timeouts.
 
 use std::time::Duration;
 
@@ -86,6 +87,24 @@ async fn a_fatal_answer_from_the_second_target_is_marked_as_a_fallback() {
     assert_eq!(header(&headers, "x-keel-target"), "sim/secondary");
     assert_eq!(header(&headers, "x-keel-fallback"), "true");
     assert_eq!(header(&headers, "x-keel-attempts"), "4");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls.last().unwrap()["fallback"], true, "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fatal_answer_from_a_later_place_in_the_chain_is_a_fallback_even_for_the_same_model() {
+    let sim = sim().await;
+    // The same target twice: the second place is a fallback although its id is the first's.
+    let config = format!(
+        "{TWO_TARGETS}\n[routes.twice]\ntargets = [{{ provider = \"sim\", model = \"again\" }}, \
+         {{ provider = \"sim\", model = \"again\" }}]\nretry = {{ max_attempts = 1 }}\n"
+    );
+    let keel = Keel::start(&config, &sim).await;
+    sim.script("again", vec![Fault::status(503), Fault::status(400)]);
+    let (status, headers, body) = chat(&keel, "twice").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(header(&headers, "x-keel-attempts"), "2");
+    assert_eq!(header(&headers, "x-keel-fallback"), "true");
     let calls = keel.events_of("llm_call");
     assert_eq!(calls.last().unwrap()["fallback"], true, "{calls:?}");
 }
@@ -302,4 +321,63 @@ budget = { requests_per_minute = 3 }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(left, Some(0.0), "the gauge did not follow the spent budget");
+}
+
+/// A loopback address that never completes a TCP handshake: a listener with a backlog of
+/// 0 whose queue is full (its owner never accepts), so the kernel drops further SYNs.
+async fn black_hole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(stream) => queued.push(stream.unwrap()),
+            Err(_) => return (listener, queued, format!("http://{addr}/v1")),
+        }
+        assert!(queued.len() < 64, "the listen queue never filled");
+    }
+}
+
+#[tokio::test]
+async fn each_route_waits_its_own_connect_timeout_on_a_shared_provider() {
+    let (_hole, _queued, url) = black_hole().await;
+    let sim = sim().await;
+    let config = format!(
+        r#"
+[providers.far]
+kind = "openai"
+base_url = "{url}"
+
+[routes.hasty]
+targets = [{{ provider = "far", model = "m" }}]
+retry = {{ max_attempts = 1 }}
+timeouts = {{ connect = "200ms", first_token = "10s", attempt = "10s", total = "10s" }}
+
+[routes.patient]
+targets = [{{ provider = "far", model = "m" }}]
+retry = {{ max_attempts = 1 }}
+timeouts = {{ connect = "2s", first_token = "10s", attempt = "10s", total = "10s" }}
+"#
+    );
+    let keel = Keel::start(&config, &sim).await;
+    for route in ["hasty", "patient"] {
+        let (status, _, body) = chat(&keel, route).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{route}: {body}");
+    }
+    let failed = keel.events_of("llm_attempt_failed");
+    let latency = |route: &str| {
+        let e = failed
+            .iter()
+            .find(|e| e["route"] == route)
+            .unwrap_or_else(|| panic!("no failed attempt of {route}: {failed:?}"));
+        assert_eq!(e["reason"], "connect", "{e}");
+        e["latency_ms"].as_u64().unwrap()
+    };
+    // The patient route's attempt lasted its own 2s connect timeout, not the hasty
+    // route's 200ms (one client per provider used to take the smallest of the two).
+    assert!(latency("patient") >= 1_900, "{failed:?}");
+    assert!(latency("hasty") < latency("patient"), "{failed:?}");
 }
