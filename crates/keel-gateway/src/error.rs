@@ -28,7 +28,8 @@ pub enum UpstreamError {
     Timeout {
         /// `provider/model`.
         target: String,
-        /// Which deadline: `attempt`, `first_token`, `total`.
+        /// Which deadline: `attempt`, `first_token`, `total`, or `task` (the deadline of
+        /// the task the call belongs to).
         phase: &'static str,
         /// How long was waited.
         after: Duration,

@@ -251,11 +251,15 @@ async fn handle_inner(
         step: header_str(&headers, "x-keel-step").map(str::to_owned),
         key,
     };
+    let mut task_deadline = None;
     if let Some(task) = who.task.as_deref() {
-        let allowed = match gw.check_owner(task, &who.agent).await {
-            Ok(()) => gw.refuse_if_looping(task).await,
-            Err(e) => Err(e),
-        };
+        let allowed = async {
+            if let Some(facts) = gw.check_owner(task, &who.agent).await? {
+                task_deadline = crate::route::task_deadline(task, &facts)?;
+            }
+            gw.refuse_if_looping(task).await
+        }
+        .await;
         if let Err(e) = allowed {
             count_request(gw, &route.name, "none", "rejected");
             return Err(e);
@@ -307,6 +311,7 @@ async fn handle_inner(
         chaos_header,
         output: output.as_ref(),
         keep_tree: gw.record_payloads,
+        task_deadline,
     };
     let recorded = if gw.record_payloads {
         payload::request(&parsed.body)

@@ -63,8 +63,8 @@ pub struct Gateway {
     loops: guard::loops::LoopGuard,
     /// Per agent: the tools its tasks need and its compiled `preflight` rules.
     preflights: HashMap<String, Preflight>,
-    /// Task → owning agent, as the supervisor said (a task's agent never changes).
-    owners: Mutex<HashMap<String, String>>,
+    /// Task → its owning agent and deadline as the supervisor said, and when it said so.
+    owners: Mutex<HashMap<String, (tools::TaskFacts, std::time::Instant)>>,
     /// This node's id (see [`Gateway::node`]).
     node: String,
     /// Counts the calls in progress for the store's writer ([`Gateway::with_upcoming`]).
@@ -73,6 +73,10 @@ pub struct Gateway {
 
 /// Owners remembered at once; the cache starts afresh beyond this.
 const MAX_OWNERS: usize = 100_000;
+
+/// How long what the supervisor said of a task is trusted: its agent never changes, but an
+/// operator's requeue may give it a new deadline.
+const TASK_FACTS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a task of one agent needs before it may be created.
 struct Preflight {
@@ -407,39 +411,51 @@ impl Gateway {
             .await
     }
 
-    /// `Err` (403) when `task` is a supervisor task of another agent than `agent`: an agent
-    /// cannot spend from, hand off or fill the log of another agent's task. A task id the
-    /// supervisor does not know is the caller's own label and passes.
-    pub(crate) async fn check_owner(&self, task: &str, agent: &str) -> Result<(), error::ApiError> {
+    /// What the supervisor says of `task`, checked against the calling `agent`: `Err` (403)
+    /// when it is a task of another agent (an agent cannot spend from, hand off or fill the
+    /// log of another agent's task). A task id the supervisor does not know is the caller's
+    /// own label and passes, as `None`.
+    pub(crate) async fn check_owner(
+        &self,
+        task: &str,
+        agent: &str,
+    ) -> Result<Option<tools::TaskFacts>, error::ApiError> {
         let Some(queue) = &self.approvals else {
-            return Ok(());
+            return Ok(None);
         };
-        let known = self.owners.lock().get(task).cloned();
-        let owner = match known {
-            Some(owner) => owner,
-            None => match queue.owner(task).await? {
-                Some(owner) => {
+        let known = self
+            .owners
+            .lock()
+            .get(task)
+            .filter(|(_, read)| read.elapsed() < TASK_FACTS_FRESH)
+            .map(|(facts, _)| facts.clone());
+        let facts = match known {
+            Some(facts) => facts,
+            None => match queue.task_facts(task).await? {
+                Some(facts) => {
                     let mut owners = self.owners.lock();
                     if owners.len() >= MAX_OWNERS {
                         owners.clear();
                     }
-                    owners.insert(task.to_owned(), owner.clone());
-                    owner
+                    owners.insert(task.to_owned(), (facts.clone(), std::time::Instant::now()));
+                    facts
                 }
-                None => return Ok(()),
+                None => return Ok(None),
             },
         };
-        if owner == agent {
-            Ok(())
-        } else {
-            Err(error::ApiError::new(
+        if facts.agent != agent {
+            return Err(error::ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "permission_error",
-                format!("task {task:?} belongs to agent {owner:?}, not {agent:?}"),
+                format!(
+                    "task {task:?} belongs to agent {:?}, not {agent:?}",
+                    facts.agent
+                ),
             )
             .with_param("task")
-            .with_code("task_of_another_agent"))
+            .with_code("task_of_another_agent"));
         }
+        Ok(Some(facts))
     }
 
     /// The pre-flight check of a new task of `agent`: its input does not read as a prompt

@@ -242,6 +242,30 @@ pub struct Executor<'a> {
     /// Keep a JSON answer's parsed tree (for the call's record): the answer is read once,
     /// its `usage` taken from the tree.
     pub keep_tree: bool,
+    /// The deadline of the task the call belongs to: the call's total deadline is the
+    /// tighter of it and `timeouts.total`.
+    pub task_deadline: Option<Instant>,
+}
+
+/// The deadline of a task with `facts`, for a call made now: `Err` (504) when it has
+/// passed, since the tightest deadline wins and this one leaves no time.
+pub(crate) fn task_deadline(
+    task: &str,
+    facts: &crate::tools::TaskFacts,
+) -> Result<Option<Instant>, crate::error::ApiError> {
+    let Some(deadline_ms) = facts.deadline_ms else {
+        return Ok(None);
+    };
+    let now_ms = i64::try_from(crate::agents::wall_now().as_millis()).unwrap_or(i64::MAX);
+    match u64::try_from(deadline_ms.saturating_sub(now_ms)) {
+        Ok(left) if left > 0 => Ok(Some(Instant::now() + Duration::from_millis(left))),
+        _ => Err(crate::error::ApiError::timeout(format!(
+            "task {task:?} ran past its deadline {}ms ago; keel makes no more model calls for it",
+            now_ms.saturating_sub(deadline_ms)
+        ))
+        .with_param("task")
+        .with_code("task_deadline_exceeded")),
+    }
 }
 
 impl Executor<'_> {
@@ -254,7 +278,8 @@ impl Executor<'_> {
         log: &mut CallLog,
     ) -> Answer {
         let route = self.route;
-        let deadline = Instant::now() + route.timeouts.total;
+        let total = Instant::now() + route.timeouts.total;
+        let deadline = self.task_deadline.map_or(total, |task| task.min(total));
         route.budget.lock().deposit(self.clock.now());
         let mut last: Option<UpstreamError> = None;
         let mut previous: Option<&Arc<Target>> = None;
@@ -592,10 +617,12 @@ impl Executor<'_> {
         let timeouts = &self.route.timeouts;
         let start = Instant::now();
         let attempt_deadline = deadline.min(start + timeouts.attempt);
-        let mut phase = if attempt_deadline == deadline {
-            "total"
-        } else {
+        let mut phase = if attempt_deadline != deadline {
             "attempt"
+        } else if self.task_deadline == Some(deadline) {
+            "task"
+        } else {
+            "total"
         };
         let target = request.target.clone();
         let stream = request.stream;

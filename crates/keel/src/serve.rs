@@ -479,11 +479,17 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
         self.queue(task, &command).await
     }
 
-    async fn owner(&self, task: &str) -> Result<Option<String>, keel_core::ApiError> {
+    async fn task_facts(
+        &self,
+        task: &str,
+    ) -> Result<Option<keel_gateway::tools::TaskFacts>, keel_core::ApiError> {
         let row = self.0.store().task(task).await.map_err(|e| {
             keel_core::ApiError::unavailable(format!("cannot read task {task}: {e}"))
         })?;
-        Ok(row.map(|r| r.agent))
+        Ok(row.map(|r| keel_gateway::tools::TaskFacts {
+            deadline_ms: r.snapshot["deadline_ms"].as_i64(),
+            agent: r.agent,
+        }))
     }
 }
 

@@ -52,8 +52,18 @@ pub trait ApprovalQueue: Send + Sync {
         timeout: Duration,
     ) -> Result<String, ApiError>;
 
-    /// The agent that owns `task`; `None` for a task the supervisor does not know.
-    async fn owner(&self, task: &str) -> Result<Option<String>, ApiError>;
+    /// The agent that owns `task` and its deadline; `None` for a task the supervisor does
+    /// not know.
+    async fn task_facts(&self, task: &str) -> Result<Option<TaskFacts>, ApiError>;
+}
+
+/// What the gateway needs to know of a supervisor task to place a model call in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFacts {
+    /// The agent it belongs to (never changes).
+    pub agent: String,
+    /// Its deadline, unix milliseconds (an operator's requeue may set a new one).
+    pub deadline_ms: Option<i64>,
 }
 
 /// A numeric arg far outside its profile.

@@ -381,3 +381,41 @@ timeouts = {{ connect = "2s", first_token = "10s", attempt = "10s", total = "10s
     assert!(latency("patient") >= 1_900, "{failed:?}");
     assert!(latency("hasty") < latency("patient"), "{failed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tasks_deadline_bounds_its_model_calls_and_refuses_them_once_passed() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let (status, task) = crate::common::post(
+        &keel.url,
+        "/v1/tasks",
+        serde_json::json!({"agent": "timed", "input": {}, "deadline": "2s"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let id = task["id"].as_str().unwrap();
+    // Both targets would answer in 10s, inside the route's 20s total but past the task's 2s.
+    sim.set_always("primary", Some(Fault::delay(Duration::from_secs(10))));
+    sim.set_always("secondary", Some(Fault::delay(Duration::from_secs(10))));
+    let call = || async {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", keel.url))
+            .header("x-keel-agent", "timed")
+            .header("x-keel-task", id)
+            .json(&serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, body) = call().await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["reason"], "task", "{failed:?}");
+    // Once the deadline has passed, no model is called for the task.
+    let (status, body) = call().await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "task_deadline_exceeded", "{body}");
+    assert_eq!(keel.events_of("llm_attempt_failed").len(), 1);
+}
