@@ -20,6 +20,7 @@
 pub mod detect;
 pub mod fleet;
 pub mod incident;
+pub mod postmortem;
 pub mod signal;
 pub mod sink;
 pub mod trace;
@@ -189,7 +190,8 @@ impl Observe {
         (observe, observing)
     }
 
-    /// `GET /v1/incidents?state=open|resolved|all` (default `all`), `GET /v1/dashboard`
+    /// `GET /v1/incidents?state=open|resolved|all` (default `all`), `GET
+    /// /v1/postmortem/{id}` (of a task or an incident, see [`postmortem`]), `GET /v1/dashboard`
     /// (what the dashboard shows beside `/metrics`) and `GET /ui` (the dashboard); `node`
     /// is this node's id (in the breakers of every node that the dashboard lists).
     pub fn router(
@@ -200,6 +202,7 @@ impl Observe {
     ) -> Router {
         Router::new()
             .route("/v1/incidents", get(list))
+            .route("/v1/postmortem/{id}", get(postmortem))
             .route("/v1/dashboard", get(dashboard))
             .route("/ui", get(ui))
             .with_state(Shared {
@@ -224,6 +227,109 @@ impl keel_store::Tap for Observe {
             }
         }
     }
+}
+
+/// `GET /v1/postmortem/{id}`: the postmortem of a task, else of an incident.
+async fn postmortem(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = (shared.admin)(&headers) {
+        return e.into_response();
+    }
+    let unavailable = |e: keel_store::StoreError| {
+        ApiError::unavailable(format!("cannot read the log: {e}")).into_response()
+    };
+    match shared.tasks.task(&id).await {
+        Ok(Some(row)) => {
+            let query = keel_store::EventQuery {
+                task_id: Some(id),
+                ..keel_store::EventQuery::default()
+            };
+            match shared.tasks.events(query).await {
+                Ok(events) => axum::Json(postmortem::of_task(&row, &events)).into_response(),
+                Err(e) => unavailable(e),
+            }
+        }
+        Ok(None) => {
+            let incident = shared
+                .observe
+                .incidents(true, true)
+                .into_iter()
+                .find(|i| i.id == id);
+            let Some(incident) = incident else {
+                return ApiError::not_found(
+                    format!(
+                        "no task or incident {id:?} (keel keeps the open incidents and the \
+                         newest 200 resolved ones)"
+                    ),
+                    "not_found",
+                )
+                .with_param("id")
+                .into_response();
+            };
+            match affected_tasks(shared.tasks.as_ref(), &incident).await {
+                Ok(affected) => {
+                    axum::Json(postmortem::of_incident(&incident, affected)).into_response()
+                }
+                Err(e) => unavailable(e),
+            }
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The tasks an incident touched: for `dlq:AGENT` the agent's dead tasks, for
+/// `loop:AGENT` its tasks awaiting a person, last changed while the incident was open (or
+/// in the minute before it opened); at most 100. Other incidents (a breaker, an anomaly) are not about particular tasks.
+async fn affected_tasks(
+    tasks: &dyn TaskStore,
+    incident: &incident::Incident,
+) -> Result<Vec<String>, keel_store::StoreError> {
+    let state = match incident.key.split_once(':') {
+        Some(("dlq", agent)) => ("dead", agent),
+        Some(("loop", agent)) => ("awaiting_human", agent),
+        _ => return Ok(Vec::new()),
+    };
+    let ms = |at: &str| {
+        humantime::parse_rfc3339(at)
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+    };
+    // The alert comes a moment after the task's last change: a minute's grace before.
+    let from = ms(&incident.opened_at).map_or(0, |at| at - 60_000);
+    let until = incident
+        .resolved_at
+        .as_deref()
+        .and_then(ms)
+        .unwrap_or(i64::MAX);
+    let mut found = Vec::new();
+    let mut cursor = None;
+    // At most ten pages of the agent's tasks in that state, oldest first.
+    for _ in 0..10 {
+        let page = tasks
+            .tasks(keel_store::TaskQuery {
+                state: Some(state.0.to_owned()),
+                agent: Some(state.1.to_owned()),
+                limit: 1000,
+                cursor,
+            })
+            .await?;
+        found.extend(
+            page.tasks
+                .into_iter()
+                .filter(|t| (from..=until).contains(&t.updated_at_ms))
+                .map(|t| t.id),
+        );
+        cursor = page.next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    found.truncate(100);
+    Ok(found)
 }
 
 #[derive(Deserialize)]

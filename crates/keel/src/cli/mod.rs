@@ -117,6 +117,26 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// What happened to a task, or in an incident: the timeline, the event where it started
+    /// to go wrong, and what keel and people did about it.
+    Postmortem {
+        /// A task id, or an incident id (`inc_N`, see `GET /v1/incidents`).
+        id: String,
+        /// Markdown for people, or the JSON of `GET /v1/postmortem/{id}`.
+        #[arg(long, value_enum, default_value = "md")]
+        format: Format,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// How `keel postmortem` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Markdown.
+    Md,
+    /// JSON.
+    Json,
 }
 
 /// Options `keel sim` and `keel demo` share.
@@ -333,6 +353,10 @@ impl Cli {
                 command: AuditCommand::Verify,
                 server,
             } => remote::run(&server, |c| remote::audit(c, server.json)),
+            Command::Postmortem { id, format, server } => {
+                let json = server.json || format == Format::Json;
+                remote::run(&server, |c| remote::postmortem(c, id, json))
+            }
         }
     }
 }

@@ -267,6 +267,21 @@ pub async fn approvals(
 }
 
 /// `keel audit verify`: exit 1 when the chain is broken.
+/// `keel postmortem ID`: Markdown, or the server's JSON.
+pub async fn postmortem(c: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let v = c.get(&format!("/v1/postmortem/{}", urlencode(&id))).await?;
+    if json {
+        print_json(&v);
+    } else {
+        let report: keel_observe::postmortem::Postmortem =
+            serde_json::from_value(v).map_err(|e| {
+                anyhow::anyhow!("the server sent a postmortem this CLI cannot read: {e}")
+            })?;
+        output::line(report.to_markdown().trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn audit(c: Client, json: bool) -> anyhow::Result<ExitCode> {
     let v = c.get("/v1/audit/verify").await?;
     let intact = v["intact"] == true;

@@ -315,3 +315,143 @@ async fn incidents_survive_a_restart_and_breaker_incidents_resolve_with_it() {
         "{last}"
     );
 }
+
+/// `keel postmortem ARGS --server URL`: (exit code, stdout, stderr).
+fn postmortem(keel: &Keel, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("postmortem")
+        .args(args)
+        .args(["--server", &keel.url])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postmortem_tells_a_dead_tasks_story_and_its_incidents() {
+    let sim = sim().await;
+    let keel = Keel::start(crate::common::TWO_TARGETS, &sim).await;
+    let post = |path: String, body: Value| {
+        let url = keel.url.clone();
+        async move { crate::common::post(&url, &path, body).await }
+    };
+    let (_, task) = post(
+        "/v1/tasks".into(),
+        json!({"agent": "billing", "input": {"q": "refund"}}),
+    )
+    .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let (_, claimed) = post(
+        "/v1/tasks/claim".into(),
+        json!({"agent": "billing", "worker": "w1", "lease": "30s"}),
+    )
+    .await;
+    let token = claimed["lease_token"].as_str().unwrap().to_owned();
+    let (_, _) = post(
+        format!("/v1/tasks/{id}/steps"),
+        json!({"lease_token": token, "kind": "plan", "summary": "read the order"}),
+    )
+    .await;
+    // Both targets are down: retries, a fallback, and still no answer.
+    sim.set_always("primary", Some(keel_sim::Fault::status(503)));
+    sim.set_always("secondary", Some(keel_sim::Fault::status(503)));
+    let r = reqwest::Client::new()
+        .post(format!("{}/tasks/{id}/v1/chat/completions", keel.url))
+        .header("x-keel-agent", "billing")
+        .json(&json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let (status, failed) = post(
+        format!("/v1/tasks/{id}/fail"),
+        json!({"lease_token": token, "error": "no model answered", "retryable": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{failed}");
+
+    let (code, md, stderr) = postmortem(&keel, &[&id]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        md.starts_with(&format!(
+            "# Postmortem: task {id} of agent \"billing\": dead after 1 attempt\n"
+        )),
+        "{md}"
+    );
+    // The trouble began with the first failed attempt after the step (had the fallback
+    // answered, that would have been progress, and the task's own failure the cause).
+    assert!(
+        md.contains("`llm_attempt_failed`, seq ")
+            && md.contains("attempt 1 on sim/primary failed (status)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("- keel retried a failed model call (`retry_scheduled`): "),
+        "{md}"
+    );
+    assert!(
+        md.contains("- keel fell back to the next target (`fallback_used`): 1 time"),
+        "{md}"
+    );
+    assert!(
+        md.contains("`task_failed` failed (not retryable): no model answered"),
+        "{md}"
+    );
+    assert!(
+        md.contains("`task_dead` dead (not_retryable) after 1 attempt\n"),
+        "{md}"
+    );
+
+    let (code, json_text, stderr) = postmortem(&keel, &[&id, "--format", "json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: Value = serde_json::from_str(&json_text).unwrap();
+    assert_eq!(report["outcome"], "dead");
+    assert_eq!(
+        report["root_cause"]["kind"], "llm_attempt_failed",
+        "{report}"
+    );
+    let kinds: Vec<&str> = report["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"task_created"), "{kinds:?}");
+    // The end, then at most the alert the observer raised about it.
+    let dead = kinds.iter().position(|k| *k == "task_dead").unwrap();
+    assert!(
+        kinds[dead + 1..].iter().all(|k| *k == "alert_raised"),
+        "{kinds:?}"
+    );
+
+    // The dead task opened a `dlq:billing` incident; its postmortem names the task.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let incident = loop {
+        let found = incidents(&keel, "all")
+            .await
+            .into_iter()
+            .find(|i| i["key"] == "dlq:billing");
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dlq incident");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (code, md, stderr) = postmortem(&keel, &[incident["id"].as_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        md.contains("## Affected tasks\n\n") && md.contains(&format!("- {id}\n")),
+        "{md}"
+    );
+
+    let (code, _, stderr) = postmortem(&keel, &["no-such-task"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("no task or incident \"no-such-task\""),
+        "{stderr}"
+    );
+}
