@@ -311,10 +311,18 @@ impl Gateway {
 }
 
 /// Calls of `tool` with these same `args` already in the task's log (compared as logged,
-/// redacted args included).
+/// redacted args included), since a person last let the task go on: after a hand-off is
+/// approved, the count starts again.
 fn same_calls(log: &[Event], tool: &Tool, args: &Value) -> u64 {
     let action = profile::action_id(&tool.settings.name, &tool.redact(args));
-    log.iter()
+    let since = log
+        .iter()
+        .rposition(|e| {
+            e.kind == EventKind::ApprovalDecided.as_str() && e.data["decision"] == "approve"
+        })
+        .map_or(0, |i| i + 1);
+    log[since..]
+        .iter()
         .filter(|e| {
             (e.kind == EventKind::ToolInvoked.as_str()
                 || (e.kind == EventKind::ActionChecked.as_str() && e.data["verdict"] == "allow"))

@@ -193,6 +193,38 @@ async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
             .await
             .contains("keel_loops_detected_total{agent=\"looper\",kind=\"same_tool_call\"} 1")
     );
+
+    // A person lets it go on: the count starts again, so the same call passes (up to the
+    // limit once more) instead of being stopped at once.
+    let approvals: Value = reqwest::get(format!("{}/v1/approvals", keel.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let approval = approvals["approvals"][0]["id"].as_str().unwrap().to_owned();
+    let ok = keel_cli(&keel, &["approvals", "approve", &approval]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let (status, claimed) = post(
+        &keel,
+        "/v1/tasks/claim",
+        None,
+        json!({"agent": "looper", "worker": "w2", "lease": "30s"}),
+    )
+    .await;
+    assert_eq!(
+        (status, claimed["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{claimed}"
+    );
+    let again = json!({"task": id, "args": {"query": "refund policy"}});
+    let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, again).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(models.calls("tool:search"), 7);
 }
 
 #[tokio::test(flavor = "multi_thread")]
