@@ -610,6 +610,7 @@ fn task_writes(index: u64, events_per_task: u64, now_ms: i64) -> Vec<TaskWrite> 
                 updated_at_ms: now_ms,
                 lease_expires_at_ms: (state == "running").then_some(now_ms + 30_000),
                 approval_expires_at_ms: None,
+                deadline_at_ms: None,
             },
             expected_version,
             events,

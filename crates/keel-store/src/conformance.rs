@@ -547,6 +547,7 @@ pub async fn run_all_tasks<S: TaskStore>(make: impl Fn() -> S) -> Outcome {
     task_list_pagination_visits_each_once(&make()).await?;
     next_queued_is_fifo(&make()).await?;
     expired_leases_and_approvals_filter(&make()).await?;
+    expired_deadlines_are_of_unfinished_tasks(&make()).await?;
     task_events_read_back_in_order(&make()).await?;
     prune_keeps_the_chain_verifiable(&make()).await?;
     prune_keeps_newest_checkpoints(&make()).await?;
@@ -565,6 +566,7 @@ fn row(id: &str, agent: &str, state: &str, version: u64, created_at_ms: i64) -> 
         updated_at_ms: created_at_ms,
         lease_expires_at_ms: None,
         approval_expires_at_ms: None,
+        deadline_at_ms: None,
     }
 }
 
@@ -1010,6 +1012,55 @@ pub async fn expired_leases_and_approvals_filter<S: TaskStore>(store: &S) -> Out
     ensure!(got == ["wait-early"], "expired_approvals(200): {got:?}");
     let got = ids(store.expired_approvals(99, 10).await?);
     ensure!(got.is_empty(), "expired_approvals(99): {got:?}");
+    Ok(())
+}
+
+/// `expired_deadlines` returns only queued, running and awaiting tasks whose deadline is
+/// at or before `now`, soonest first; a write that clears the deadline takes the task out.
+pub async fn expired_deadlines_are_of_unfinished_tasks<S: TaskStore>(store: &S) -> Outcome {
+    let cases: [(&str, &str, Option<i64>); 8] = [
+        ("queued-early", "queued", Some(100)),
+        ("running-now", "running", Some(200)),
+        ("waiting", "awaiting_human", Some(150)),
+        ("queued-later", "queued", Some(300)),
+        ("queued-none", "queued", None),
+        ("succeeded", "succeeded", Some(10)),
+        ("dead", "dead", Some(10)),
+        ("cancelled", "cancelled", Some(10)),
+    ];
+    for (i, (id, state, deadline)) in cases.into_iter().enumerate() {
+        let mut created = write(row(id, "a", state, 1, i64::try_from(i).unwrap_or(0)), None);
+        created.row.deadline_at_ms = deadline;
+        store.write_task(created).await?;
+    }
+    let ids = |rows: Vec<TaskRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let got = store.expired_deadlines(200, 10).await?;
+    ensure!(
+        got.iter()
+            .all(|r| r.deadline_at_ms.is_some_and(|d| d <= 200)),
+        "rows read back without their deadline: {got:?}"
+    );
+    let got = ids(got);
+    ensure!(
+        got == ["queued-early", "waiting", "running-now"],
+        "expired_deadlines(200): {got:?}"
+    );
+    let got = ids(store.expired_deadlines(1000, 2).await?);
+    ensure!(
+        got == ["queued-early", "waiting"],
+        "expired_deadlines(1000, 2): {got:?}"
+    );
+    let got = ids(store.expired_deadlines(99, 10).await?);
+    ensure!(got.is_empty(), "expired_deadlines(99): {got:?}");
+    // The timer ended "queued-early": its row no longer carries a deadline.
+    store
+        .write_task(write(row("queued-early", "a", "dead", 2, 0), Some(1)))
+        .await?;
+    let got = ids(store.expired_deadlines(200, 10).await?);
+    ensure!(
+        got == ["waiting", "running-now"],
+        "expired_deadlines(200) after the write: {got:?}"
+    );
     Ok(())
 }
 

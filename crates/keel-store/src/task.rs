@@ -48,6 +48,10 @@ pub struct TaskRow {
     pub lease_expires_at_ms: Option<i64>,
     /// When the pending approval expires (state `awaiting_human`), Unix ms.
     pub approval_expires_at_ms: Option<i64>,
+    /// The task's deadline, Unix ms, while it is not finished (states `queued`, `running`,
+    /// `awaiting_human`); `None` without a deadline, and for a finished task (the index
+    /// [`TaskStore::expired_deadlines`] reads holds only the rows that have one).
+    pub deadline_at_ms: Option<i64>,
 }
 
 /// A reference from a task to a stored blob, so retention knows what it is.
@@ -243,6 +247,14 @@ pub trait TaskStore: EventStore {
         limit: usize,
     ) -> Result<Vec<TaskRow>, StoreError>;
 
+    /// Up to `limit` tasks in `queued`, `running` or `awaiting_human` whose deadline
+    /// ([`TaskRow::deadline_at_ms`]) is at or before `now_ms`, soonest first.
+    async fn expired_deadlines(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError>;
+
     /// The answer recorded under `(scope, key)`, if any.
     async fn idempotent(
         &self,
@@ -296,6 +308,14 @@ impl<S: TaskStore + ?Sized> TaskStore for Arc<S> {
         limit: usize,
     ) -> Result<Vec<TaskRow>, StoreError> {
         (**self).expired_approvals(now_ms, limit).await
+    }
+
+    async fn expired_deadlines(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        (**self).expired_deadlines(now_ms, limit).await
     }
 
     async fn idempotent(

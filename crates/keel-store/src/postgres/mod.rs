@@ -56,7 +56,7 @@ const VERIFY_PAGE: i64 = 10_000;
 const COLUMNS: &str = "seq, task_id, at, at_ms, kind, data, prev_hash, hash, layout, data_hash";
 
 const TASK_COLUMNS: &str = "id, agent, state, version, snapshot, created_at_ms, updated_at_ms, \
-                            lease_expires_at_ms, approval_expires_at_ms";
+                            lease_expires_at_ms, approval_expires_at_ms, deadline_at_ms";
 
 /// Why a statement inside a write failed: SQL, or a refusal of the store's own.
 pub(crate) enum PgFail {
@@ -286,6 +286,7 @@ impl PgStore {
             updated_at_ms: row.get(6),
             lease_expires_at_ms: row.get(7),
             approval_expires_at_ms: row.get(8),
+            deadline_at_ms: row.get(9),
             id,
         })
     }
@@ -302,15 +303,17 @@ impl PgStore {
             .collect()
     }
 
+    /// Tasks matching `states` (an SQL condition on `state`) whose `column` (a deadline)
+    /// is at or before `now_ms`, soonest first.
     async fn expired(
         &self,
-        state: &'static str,
+        states: &'static str,
         column: &'static str,
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRow>, StoreError> {
         let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = '{state}' AND {column} <= $1
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE {states} AND {column} <= $1
              ORDER BY {column}, id LIMIT $2"
         );
         self.task_rows(&sql, &[&now_ms, &sql_limit(limit)]).await
@@ -591,7 +594,7 @@ impl TaskStore for PgStore {
     }
 
     async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<TaskRow>, StoreError> {
-        self.expired("running", "lease_expires_at_ms", now_ms, limit)
+        self.expired("state = 'running'", "lease_expires_at_ms", now_ms, limit)
             .await
     }
 
@@ -600,7 +603,22 @@ impl TaskStore for PgStore {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRow>, StoreError> {
-        self.expired("awaiting_human", "approval_expires_at_ms", now_ms, limit)
+        self.expired(
+            "state = 'awaiting_human'",
+            "approval_expires_at_ms",
+            now_ms,
+            limit,
+        )
+        .await
+    }
+
+    async fn expired_deadlines(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let unfinished = "state IN ('queued', 'running', 'awaiting_human')";
+        self.expired(unfinished, "deadline_at_ms", now_ms, limit)
             .await
     }
 

@@ -100,8 +100,23 @@ CREATE TABLE state (
 );
 ";
 
+/// Version 2: each unfinished task's deadline in a column of its own, with an index of the
+/// rows that have one (the supervisor sets it only while the task is unfinished), so its
+/// deadline timer finds the tasks past it without reading every queued row (SQLite's
+/// schema version 5).
+///
+/// Tasks created before keep their deadline in the supervisor's snapshot only
+/// (`deadline_ms`); it is copied here for the unfinished ones, so they too are ended on
+/// time. This is the one place the store reads a snapshot's field.
+const V2: &str = "
+ALTER TABLE tasks ADD COLUMN deadline_at_ms bigint;
+UPDATE tasks SET deadline_at_ms = (snapshot::jsonb ->> 'deadline_ms')::bigint
+ WHERE state IN ('queued', 'running', 'awaiting_human');
+CREATE INDEX tasks_deadline ON tasks (deadline_at_ms, id) WHERE deadline_at_ms IS NOT NULL;
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Checks the server's version, then brings the schema to `migrations.len()`; returns it.
 pub(crate) async fn migrate(

@@ -167,6 +167,7 @@ async fn three_nodes_append_to_one_gapless_chain_and_one_claim_wins() {
         updated_at_ms: 1,
         lease_expires_at_ms: None,
         approval_expires_at_ms: None,
+        deadline_at_ms: None,
     };
     nodes[0]
         .write_task(TaskWrite {
@@ -246,21 +247,79 @@ async fn a_schema_from_a_newer_keel_is_refused() {
     drop(client);
     let _ = driver.await;
     let err = PgStore::open(&url, Durability::Fsync).await.unwrap_err();
+    let known = u32::try_from(schema::MIGRATIONS.len()).unwrap();
     assert!(
         matches!(
             err,
             StoreError::PostgresSchemaTooNew {
                 found: 99,
-                known: 1,
+                known: k,
                 ..
-            }
+            } if k == known
         ),
         "{err}"
     );
     assert!(
-        err.to_string().contains("newer than the 1 this keel knows"),
+        err.to_string()
+            .contains(&format!("newer than the {known} this keel knows")),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_2_copies_the_deadline_of_unfinished_tasks_only() {
+    let server = server();
+    let url = server.create_database("deadlines").await.unwrap();
+    let (mut client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    let driver = tokio::runtime::Handle::current().spawn(connection);
+    schema::migrate(&mut client, "test", &schema::MIGRATIONS[..1])
+        .await
+        .unwrap();
+    for (id, state, deadline) in [
+        ("queued", "queued", "123"),
+        ("running", "running", "456"),
+        ("waiting", "awaiting_human", "789"),
+        ("none", "queued", "null"),
+        ("done", "succeeded", "5"),
+        ("dead", "dead", "6"),
+    ] {
+        let snapshot = format!(r#"{{"deadline_ms":{deadline}}}"#);
+        client
+            .execute(
+                "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms)
+                 VALUES ($1, 'a', $2, 1, $3, 0, 0)",
+                &[&id, &state, &snapshot],
+            )
+            .await
+            .unwrap();
+    }
+    drop(client);
+    let _ = driver.await;
+    let store = PgStore::open(&url, Durability::Fsync).await.unwrap();
+    let mut deadlines = Vec::new();
+    for id in ["dead", "done", "none", "queued", "running", "waiting"] {
+        let row = store.task(id).await.unwrap().unwrap();
+        deadlines.push((id, row.deadline_at_ms));
+    }
+    assert_eq!(
+        deadlines,
+        [
+            ("dead", None),
+            ("done", None),
+            ("none", None),
+            ("queued", Some(123)),
+            ("running", Some(456)),
+            ("waiting", Some(789)),
+        ]
+    );
+    let due: Vec<String> = store
+        .expired_deadlines(500, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(due, ["queued", "running"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

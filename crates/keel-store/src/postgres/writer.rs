@@ -522,13 +522,14 @@ async fn write_task(
     let upsert = async {
         tx.execute(
             "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms,
-                            lease_expires_at_ms, approval_expires_at_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                            lease_expires_at_ms, approval_expires_at_ms, deadline_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (id) DO UPDATE SET
             agent = excluded.agent, state = excluded.state, version = excluded.version,
             snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms,
             lease_expires_at_ms = excluded.lease_expires_at_ms,
-            approval_expires_at_ms = excluded.approval_expires_at_ms",
+            approval_expires_at_ms = excluded.approval_expires_at_ms,
+            deadline_at_ms = excluded.deadline_at_ms",
             &[
                 &row.id,
                 &row.agent,
@@ -539,6 +540,7 @@ async fn write_task(
                 &row.updated_at_ms,
                 &row.lease_expires_at_ms,
                 &row.approval_expires_at_ms,
+                &row.deadline_at_ms,
             ],
         )
         .await

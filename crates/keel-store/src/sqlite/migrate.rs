@@ -100,8 +100,22 @@ DROP INDEX events_task_seq;
 CREATE INDEX events_task_seq ON events (task_id, seq) WHERE task_id IS NOT NULL;
 ";
 
+/// Version 5: each unfinished task's deadline in a column of its own, with an index of the
+/// rows that have one (the supervisor sets it only while the task is unfinished), so its
+/// deadline timer finds the tasks past it without reading every queued row.
+///
+/// Tasks created before keep their deadline in the supervisor's snapshot only
+/// (`deadline_ms`); it is copied here for the unfinished ones, so they too are ended on
+/// time. This is the one place the store reads a snapshot's field.
+const V5: &str = "
+ALTER TABLE tasks ADD COLUMN deadline_at_ms INTEGER;
+UPDATE tasks SET deadline_at_ms = json_extract(snapshot, '$.deadline_ms')
+ WHERE state IN ('queued', 'running', 'awaiting_human') AND json_valid(snapshot);
+CREATE INDEX tasks_deadline ON tasks (deadline_at_ms, id) WHERE deadline_at_ms IS NOT NULL;
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// Brings the database at `path` to version `migrations.len()` and returns that version.
 ///
@@ -205,6 +219,59 @@ mod tests {
                 && partial.contains(&("events_kind_seq".to_owned(), false)),
             "{partial:?}"
         );
+    }
+
+    #[test]
+    fn the_deadline_timer_reads_the_partial_deadline_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, path) = open(&dir);
+        migrate(&mut conn, &path, MIGRATIONS).unwrap();
+        // The shape `Readers::expired` builds for `expired_deadlines`.
+        let sql = "SELECT id, snapshot FROM tasks
+                   WHERE +state IN ('queued', 'running', 'awaiting_human') AND deadline_at_ms <= 5
+                   ORDER BY deadline_at_ms, id LIMIT 10";
+        let plan = plan(&conn, sql);
+        assert!(plan.contains("USING INDEX tasks_deadline"), "{plan}");
+    }
+
+    #[test]
+    fn version_5_copies_the_deadline_of_unfinished_tasks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, path) = open(&dir);
+        migrate(&mut conn, &path, &MIGRATIONS[..4]).unwrap();
+        for (id, state, deadline) in [
+            ("queued", "queued", "123"),
+            ("running", "running", "456"),
+            ("waiting", "awaiting_human", "789"),
+            ("none", "queued", "null"),
+            ("done", "succeeded", "5"),
+            ("dead", "dead", "6"),
+        ] {
+            conn.execute(
+                "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms)
+                 VALUES (?1, 'a', ?2, 1, ?3, 0, 0)",
+                rusqlite::params![id, state, format!(r#"{{"deadline_ms":{deadline}}}"#)],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn, &path, MIGRATIONS).unwrap();
+        let deadlines: Vec<(String, Option<i64>)> = conn
+            .prepare("SELECT id, deadline_at_ms FROM tasks ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let expected = [
+            ("dead", None),
+            ("done", None),
+            ("none", None),
+            ("queued", Some(123)),
+            ("running", Some(456)),
+            ("waiting", Some(789)),
+        ]
+        .map(|(id, d)| (id.to_owned(), d));
+        assert_eq!(deadlines, expected);
     }
 
     #[test]

@@ -388,8 +388,10 @@ impl TaskStore for SqliteStore {
     }
 
     async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<TaskRow>, StoreError> {
-        self.read(move |readers| readers.expired("running", "lease_expires_at_ms", now_ms, limit))
-            .await
+        self.read(move |readers| {
+            readers.expired("state = 'running'", "lease_expires_at_ms", now_ms, limit)
+        })
+        .await
     }
 
     async fn expired_approvals(
@@ -398,9 +400,26 @@ impl TaskStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<TaskRow>, StoreError> {
         self.read(move |readers| {
-            readers.expired("awaiting_human", "approval_expires_at_ms", now_ms, limit)
+            readers.expired(
+                "state = 'awaiting_human'",
+                "approval_expires_at_ms",
+                now_ms,
+                limit,
+            )
         })
         .await
+    }
+
+    async fn expired_deadlines(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        // The unary `+` keeps SQLite off the indexes on `state`, which hold every queued
+        // task: it walks the partial index on `deadline_at_ms` instead.
+        let unfinished = "+state IN ('queued', 'running', 'awaiting_human')";
+        self.read(move |readers| readers.expired(unfinished, "deadline_at_ms", now_ms, limit))
+            .await
     }
 
     async fn idempotent(

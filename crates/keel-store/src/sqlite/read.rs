@@ -29,7 +29,7 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const COLUMNS: &str = "seq, task_id, at, at_ms, kind, data, prev_hash, hash, layout, data_hash";
 
 const TASK_COLUMNS: &str = "id, agent, state, version, snapshot, created_at_ms, updated_at_ms, \
-                            lease_expires_at_ms, approval_expires_at_ms";
+                            lease_expires_at_ms, approval_expires_at_ms, deadline_at_ms";
 
 /// Read connections to one database file.
 pub(crate) struct Readers {
@@ -208,6 +208,7 @@ impl Readers {
             updated_at_ms: row.get(6).map_err(|e| corrupt(e.to_string()))?,
             lease_expires_at_ms: row.get(7).map_err(|e| corrupt(e.to_string()))?,
             approval_expires_at_ms: row.get(8).map_err(|e| corrupt(e.to_string()))?,
+            deadline_at_ms: row.get(9).map_err(|e| corrupt(e.to_string()))?,
             id,
         })
     }
@@ -260,16 +261,17 @@ impl Readers {
         self.task_rows(&sql, vec![Value::Text(agent.to_owned()), sql_limit(limit)])
     }
 
-    /// Tasks in `state` whose `column` (a deadline) is at or before `now_ms`.
+    /// Tasks matching `states` (an SQL condition on `state`) whose `column` (a deadline)
+    /// is at or before `now_ms`, soonest first.
     pub(crate) fn expired(
         &self,
-        state: &'static str,
+        states: &'static str,
         column: &'static str,
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRow>, StoreError> {
         let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = '{state}' AND {column} <= ?1
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE {states} AND {column} <= ?1
              ORDER BY {column}, id LIMIT ?2"
         );
         self.task_rows(&sql, vec![Value::Integer(now_ms), sql_limit(limit)])

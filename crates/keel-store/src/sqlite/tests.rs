@@ -410,6 +410,7 @@ fn task_create(id: &str) -> TaskWrite {
             updated_at_ms: 1,
             lease_expires_at_ms: None,
             approval_expires_at_ms: None,
+            deadline_at_ms: None,
         },
         expected_version: None,
         events: vec![NewEvent::new(

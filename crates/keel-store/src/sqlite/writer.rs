@@ -748,13 +748,14 @@ fn write_task(
     let snapshot = checked_snapshot(write, found, events.len()).map_err(Fail::Store)?;
     tx.prepare_cached(
         "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms,
-                            lease_expires_at_ms, approval_expires_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                            lease_expires_at_ms, approval_expires_at_ms, deadline_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (id) DO UPDATE SET
             agent = excluded.agent, state = excluded.state, version = excluded.version,
             snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms,
             lease_expires_at_ms = excluded.lease_expires_at_ms,
-            approval_expires_at_ms = excluded.approval_expires_at_ms",
+            approval_expires_at_ms = excluded.approval_expires_at_ms,
+            deadline_at_ms = excluded.deadline_at_ms",
     )?
     .execute(params![
         row.id,
@@ -765,7 +766,8 @@ fn write_task(
         row.created_at_ms,
         row.updated_at_ms,
         row.lease_expires_at_ms,
-        row.approval_expires_at_ms
+        row.approval_expires_at_ms,
+        row.deadline_at_ms
     ])?;
     let events = insert_events(tx, events, head, stamp)?;
 

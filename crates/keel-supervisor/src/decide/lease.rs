@@ -12,10 +12,10 @@ use super::{Holder, TASK_TIMEOUT, holder, invalid, invalid_state, kill, not_empt
 use crate::command::{Ctx, Decision, Directive};
 use crate::error::TaskError;
 use crate::event::{
-    CheckpointSaved, Claimed, Dead, DeadReason, Failed, LeaseExpired, Requeued, StepRecorded,
-    Succeeded, TaskEvent,
+    ApprovalDecided, CheckpointSaved, Claimed, Dead, DeadReason, Failed, LeaseExpired, Requeued,
+    StepRecorded, Succeeded, TaskEvent,
 };
-use crate::task::{Task, TaskState};
+use crate::task::{ApprovalDecision, Task, TaskState};
 
 /// Claims a queued task. A task whose deadline has passed dies instead: `task_failed` +
 /// `task_dead`, no lease, directive `cancel` (a successful claim answers `continue`), and the
@@ -245,20 +245,31 @@ pub(super) fn expire(task: &Task, now_ms: i64) -> Decision {
 }
 
 /// The deadline timer: a task that is not final and past its deadline gets `task_failed` +
-/// `task_dead`. A worker holding it learns on its next call (409, the task is dead).
+/// `task_dead` (reason `task_timeout`). A worker holding it learns on its next call (409, the
+/// task is dead). A pending approval is closed first with `approval_decided` (deny, by
+/// `"deadline"`), so the log says how it ended and deciding it later is a conflict.
 pub(super) fn check_deadline(task: &Task, now_ms: i64) -> Decision {
     if task.state.is_final() || !task.past_deadline(now_ms) {
         return Decision::default();
     }
+    let mut events = Vec::new();
     let worker = match task.state {
         TaskState::Running => task.lease.as_ref().map(|lease| lease.worker.as_str()),
-        TaskState::Queued
-        | TaskState::AwaitingHuman
-        | TaskState::Succeeded
-        | TaskState::Dead
-        | TaskState::Cancelled => None,
+        TaskState::AwaitingHuman => {
+            if let Some(pending) = &task.approval {
+                events.push(TaskEvent::ApprovalDecided(ApprovalDecided {
+                    approval_id: pending.id.clone(),
+                    decision: ApprovalDecision::Deny,
+                    by: "deadline".to_owned(),
+                    note: Some(TASK_TIMEOUT.to_owned()),
+                }));
+            }
+            None
+        }
+        TaskState::Queued | TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled => None,
     };
-    Decision::events(kill(task, worker, DeadReason::TaskTimeout, TASK_TIMEOUT))
+    events.extend(kill(task, worker, DeadReason::TaskTimeout, TASK_TIMEOUT));
+    Decision::events(events)
 }
 
 /// The lease of a running task held with `token`; the holder of a cancelled task's lease

@@ -4,7 +4,7 @@
 //! [`crate::evolve`], and write row + events (+ checkpoint blob + idempotency record)
 //! in one store transaction guarded by the row's version. A concurrent writer
 //! makes the write conflict; the command is then decided again on the fresh
-//! row. Timers (expired leases and approvals) are commands too, run by
+//! row. Timers (expired leases, approvals and deadlines) are commands too, run by
 //! [`Supervisor::sweep`].
 
 pub mod http;
@@ -105,6 +105,9 @@ pub trait Preflight: Send + Sync {
 
 /// What [`Supervisor::on_succeeded`] calls, with the task that just succeeded.
 pub type OnSucceeded = Arc<dyn Fn(&Task) + Send + Sync>;
+
+/// Tasks each timer of [`Supervisor::sweep`] handles per sweep (the rest wait for the next).
+const SWEEP_BATCH: usize = 256;
 
 /// Queued tasks a claim considers at once.
 const CLAIM_CANDIDATES: usize = 32;
@@ -216,6 +219,8 @@ fn row_of(task: &Task) -> Result<TaskRow, ApiError> {
             | TaskState::Dead
             | TaskState::Cancelled => None,
         },
+        // Only an unfinished task can still run out of time.
+        deadline_at_ms: task.deadline_ms.filter(|_| !task.state.is_final()),
     })
 }
 
@@ -624,35 +629,43 @@ impl Supervisor {
         Ok(body)
     }
 
-    /// Expires leases and approvals that are due; returns how many tasks changed.
+    /// Runs the timers that are due: expires leases and approvals, and ends the unfinished
+    /// tasks past their deadline (queued, running or awaiting a human; DESIGN §5 "Nothing is
+    /// lost": they go to the DLQ instead of waiting forever). Returns how many tasks it ran a
+    /// timer on.
     pub async fn sweep(&self) -> Result<usize, ApiError> {
         let now = now_ms();
-        let mut changed = 0;
         let leases = self
             .store
-            .expired_leases(now, 256)
+            .expired_leases(now, SWEEP_BATCH)
             .await
             .map_err(store_error)?;
-        for row in leases {
-            let r = self
-                .run(&row.id, &Command::ExpireLease, None, None, |t, _| public(t))
-                .await;
-            changed += usize::from(r.is_ok());
-        }
+        let mut changed = self.timer(&leases, &Command::ExpireLease).await;
         let approvals = self
             .store
-            .expired_approvals(now, 256)
+            .expired_approvals(now, SWEEP_BATCH)
             .await
             .map_err(store_error)?;
-        for row in approvals {
-            let r = self
-                .run(&row.id, &Command::ExpireApproval, None, None, |t, _| {
-                    public(t)
-                })
-                .await;
-            changed += usize::from(r.is_ok());
-        }
+        changed += self.timer(&approvals, &Command::ExpireApproval).await;
+        let overdue = self
+            .store
+            .expired_deadlines(now, SWEEP_BATCH)
+            .await
+            .map_err(store_error)?;
+        changed += self.timer(&overdue, &Command::CheckDeadline).await;
         Ok(changed)
+    }
+
+    /// Runs the timer `command` on each of `rows`' tasks; how many ran without an error.
+    async fn timer(&self, rows: &[TaskRow], command: &Command) -> usize {
+        let mut ran = 0;
+        for row in rows {
+            let r = self
+                .run(&row.id, command, None, None, |t, _| public(t))
+                .await;
+            ran += usize::from(r.is_ok());
+        }
+        ran
     }
 
     /// Prunes finished tasks past `retention` and checkpoints beyond
@@ -701,7 +714,7 @@ impl Supervisor {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {
                     if let Err(e) = self.sweep().await {
-                        tracing::warn!(error = %e.message, "sweeping expired leases failed");
+                        tracing::warn!(error = %e.message, "sweeping expired leases, approvals and deadlines failed");
                     }
                 }
                 _ = gauges.tick() => self.refresh_depths().await,

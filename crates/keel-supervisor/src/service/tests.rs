@@ -239,6 +239,107 @@ async fn steps_and_checkpoints_renew_the_lease() {
     assert!(renewed > first_expiry, "{first_expiry} -> {renewed}");
 }
 
+/// A create of task `id` whose deadline is `deadline_ms`.
+fn create_by(id: &str, deadline_ms: i64) -> Command {
+    Command::Create {
+        id: id.into(),
+        agent: "a".into(),
+        input: json!({}),
+        deadline_ms: Some(deadline_ms),
+        max_attempts: 3,
+        max_steps: None,
+    }
+}
+
+#[tokio::test]
+async fn the_sweep_ends_unfinished_tasks_past_their_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    let soon = super::now_ms() + 100;
+    // Queued and never claimed; running with a long lease; waiting for a person.
+    sv.create(create_by("queued", soon), None).await.unwrap();
+    sv.create(create_by("running", super::now_ms() + 60_000), None)
+        .await
+        .unwrap();
+    sv.claim("a", "w", Duration::from_secs(3600), None)
+        .await
+        .unwrap()
+        .unwrap();
+    sv.create(create_by("waiting", soon), None).await.unwrap();
+    let ask = Command::RequestApproval {
+        token: None,
+        approval_id: "apr_1".into(),
+        reason: "a person decides".into(),
+        context: json!({}),
+        timeout_ms: 3_600_000,
+        default: crate::task::ApprovalDefault::Escalate,
+    };
+    sv.run("waiting", &ask, None, None, |t, _| public(t))
+        .await
+        .unwrap();
+    sv.create(create_by("later", super::now_ms() + 60_000), None)
+        .await
+        .unwrap();
+    assert_eq!(sv.sweep().await.unwrap(), 0, "nothing is due yet");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        store
+            .expired_deadlines(super::now_ms(), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(sv.sweep().await.unwrap(), 2);
+    for id in ["queued", "waiting"] {
+        let task = sv.get(id).await.unwrap();
+        assert_eq!(task.state, crate::TaskState::Dead, "{id}");
+        assert_eq!(
+            task.last_error,
+            Some(json!("task_timeout exceeded")),
+            "{id}"
+        );
+        let row = store.task(id).await.unwrap().unwrap();
+        assert_eq!(
+            row.deadline_at_ms, None,
+            "{id}: a dead task keeps no deadline"
+        );
+    }
+    for id in ["running", "later"] {
+        assert!(!sv.get(id).await.unwrap().state.is_final(), "{id}");
+    }
+    let kinds: Vec<String> = store
+        .events(EventQuery {
+            task_id: Some("waiting".into()),
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "task_created",
+            "approval_requested",
+            "approval_decided",
+            "task_failed",
+            "task_dead"
+        ]
+    );
+    // Nothing is left to do.
+    assert!(
+        store
+            .expired_deadlines(super::now_ms(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(sv.sweep().await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn every_task_awaiting_a_human_is_found_past_the_first_page() {
     let dir = tempfile::tempdir().unwrap();

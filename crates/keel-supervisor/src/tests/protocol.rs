@@ -414,6 +414,64 @@ fn deadline_timer_kills_tasks_that_are_not_final() {
 }
 
 #[test]
+fn deadline_timer_ends_a_running_task_and_its_lease() {
+    let mut world = World::new();
+    world.ok(create_with(Some(START + 1_000), None));
+    world.ok(claim("w1"));
+    let token = world.token();
+    world.advance(1_000);
+    let decision = world.ok(Command::CheckDeadline);
+    assert_eq!(kinds(&decision), ["task_failed", "task_dead"]);
+    let TaskEvent::Failed(failed) = &decision.events[0] else {
+        panic!("{decision:?}")
+    };
+    assert_eq!(failed.worker.as_deref(), Some("w1"));
+    let TaskEvent::Dead(dead) = &decision.events[1] else {
+        panic!("{decision:?}")
+    };
+    assert_eq!(dead.reason, DeadReason::TaskTimeout);
+    let task = world.task();
+    assert_eq!((task.state, task.lease.is_none()), (TaskState::Dead, true));
+    assert_eq!(task.last_error, Some(json!("task_timeout exceeded")));
+    // The worker learns on its next call: its lease is gone.
+    assert_eq!(world.run(heartbeat(&token)).unwrap_err().status(), 409);
+}
+
+#[test]
+fn deadline_timer_closes_the_pending_approval_of_a_waiting_task() {
+    let mut world = World::new();
+    world.ok(create_with(Some(START + 1_000), None));
+    world.ok(request_approval(None, ApprovalDefault::Escalate));
+    world.advance(999);
+    assert!(world.ok(Command::CheckDeadline).events.is_empty());
+    world.advance(1);
+    let decision = world.ok(Command::CheckDeadline);
+    assert_eq!(
+        kinds(&decision),
+        ["approval_decided", "task_failed", "task_dead"]
+    );
+    let TaskEvent::ApprovalDecided(decided) = &decision.events[0] else {
+        panic!("{decision:?}")
+    };
+    assert_eq!(
+        (
+            decided.approval_id.as_str(),
+            decided.decision,
+            decided.by.as_str()
+        ),
+        ("ap1", ApprovalDecision::Deny, "deadline")
+    );
+    let task = world.task();
+    assert_eq!(
+        (task.state, task.approval.is_none()),
+        (TaskState::Dead, true)
+    );
+    // Deciding it now is a conflict: nothing is pending any more.
+    let late = world.run(decide_approval("ap1", ApprovalDecision::Approve));
+    assert_eq!(late.unwrap_err().status(), 409);
+}
+
+#[test]
 fn dlq_requeue_of_a_timed_out_task_gives_it_its_time_again() {
     let mut world = World::new();
     world.ok(create_with(Some(START + 1_000), None));

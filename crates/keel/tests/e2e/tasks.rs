@@ -357,6 +357,63 @@ async fn approvals_resume_or_end_a_task_and_time_out_to_their_default() {
     assert_eq!(task["state"], "dead", "{task}");
 }
 
+/// Polls `GET /v1/tasks/{id}` until the task is in `state` (at most `within`); the task.
+async fn wait_for_state(url: &str, id: &str, state: &str, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, task) = get(url, &format!("/v1/tasks/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{task}");
+        if task["state"] == state {
+            return task;
+        }
+        assert!(
+            started.elapsed() < within,
+            "task {id} is not {state} after {within:?}: {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_nobody_works_on_end_dead_at_their_deadline() {
+    let sim = sim().await;
+    let keel = Keel::start(&config("127.0.0.1:0"), &sim).await;
+    let url = &keel.url;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, task) = post(
+            url,
+            "/v1/tasks",
+            json!({"agent": "demo", "input": {}, "deadline": "1s"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+        ids.push(task["id"].as_str().unwrap().to_owned());
+    }
+    // One stays queued (nobody claims it), the other waits for a person who never decides.
+    let (status, asked) = post(
+        url,
+        &format!("/v1/tasks/{}/approvals", ids[1]),
+        json!({"reason": "a person decides", "timeout": "1h"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    for id in &ids {
+        let task = wait_for_state(url, id, "dead", Duration::from_secs(10)).await;
+        assert_eq!(task["last_error"], "task_timeout exceeded", "{task}");
+    }
+    let dead = keel.events_of("task_dead");
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(
+        dead.iter().all(|d| d["reason"] == "task_timeout"),
+        "{dead:?}"
+    );
+    let decided = keel.events_of("approval_decided");
+    assert_eq!(decided[0]["by"], "deadline", "{decided:?}");
+    let (_, approvals) = get(url, "/v1/approvals").await;
+    assert_eq!(approvals["approvals"], json!([]), "{approvals}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_calls_of_a_task_land_in_its_log_and_the_chain_verifies() {
     let sim = sim().await;
