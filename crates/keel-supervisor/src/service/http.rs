@@ -699,6 +699,8 @@ struct DecisionBody {
     by: Option<String>,
 }
 
+/// Decides a pending approval. One that was decided already (or whose task left the queue)
+/// is a 409 saying how; an id never requested is a 404.
 async fn decide_approval(
     State(sv): Sv,
     Path(id): Path<String>,
@@ -718,10 +720,7 @@ async fn decide_approval(
                 if let Some(a) = sv.replay(idem(&headers, scope.clone()).as_ref()).await? {
                     return Ok(a);
                 }
-                return Err(ApiError::not_found(
-                    format!("no pending approval {id}"),
-                    "approval_not_found",
-                ));
+                return Err(super::approvals::not_pending(&sv, &id).await?);
             };
             let command = Command::DecideApproval {
                 approval_id: id.clone(),
@@ -729,10 +728,23 @@ async fn decide_approval(
                 by: b.by.unwrap_or_else(|| "operator".to_owned()),
                 note: b.note,
             };
-            sv.run(&task.id, &command, idem(&headers, scope), None, |t, _| {
-                public(t)
-            })
-            .await
+            let decided = sv
+                .run(&task.id, &command, idem(&headers, scope), None, |t, _| {
+                    public(t)
+                })
+                .await;
+            match decided {
+                // Decided (or ended) meanwhile, by another call or a timer: say how.
+                Err(e) if matches!(e.status.as_u16(), 404 | 409) && e.code != Some("task_busy") => {
+                    let why = super::approvals::not_pending(&sv, &id).await?;
+                    Err(if why.status == StatusCode::CONFLICT {
+                        why
+                    } else {
+                        e
+                    })
+                }
+                other => other,
+            }
         }
         .await,
     )

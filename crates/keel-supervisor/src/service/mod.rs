@@ -7,6 +7,7 @@
 //! row. Timers (expired leases, approvals and deadlines) are commands too, run by
 //! [`Supervisor::sweep`].
 
+mod approvals;
 pub mod http;
 pub mod metrics;
 
@@ -736,5 +737,7 @@ enum WriteError {
     Api(ApiError),
 }
 
+#[cfg(test)]
+mod http_tests;
 #[cfg(test)]
 mod tests;

@@ -357,6 +357,57 @@ async fn approvals_resume_or_end_a_task_and_time_out_to_their_default() {
     assert_eq!(task["state"], "dead", "{task}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn deciding_an_approval_twice_is_a_conflict_that_says_how_it_was_decided() {
+    let sim = sim().await;
+    let keel = Keel::start(&config("127.0.0.1:0"), &sim).await;
+    let url = &keel.url;
+    let id = create(url, "demo").await;
+    let (status, asked) = post(
+        url,
+        &format!("/v1/tasks/{id}/approvals"),
+        json!({"reason": "refund 900 EUR"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    let approval = asked["pending_approval"].as_str().unwrap().to_owned();
+    let deny = keel_cli(url, &["approvals", "deny", &approval, "--note", "too much"]);
+    assert!(
+        deny.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deny.stderr)
+    );
+    // Again, from the CLI and over HTTP: a 409 that says who decided what.
+    let again = keel_cli(url, &["approvals", "approve", &approval]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "approval {approval} of task {id} was already decided: denied by"
+        )) && stderr.contains("(\"too much\")")
+            && stderr.contains("HTTP 409"),
+        "{stderr}"
+    );
+    let client = reqwest::Client::new();
+    let request = client
+        .post(format!("{url}/v1/approvals/{approval}"))
+        .json(&json!({"decision": "approve"}));
+    let body = openai_error(request, StatusCode::CONFLICT).await;
+    assert_eq!(body["error"]["code"], "approval_already_decided", "{body}");
+    assert!(body["error"].get("param").is_some(), "{body}");
+    // An approval that never existed is still a 404.
+    let request = client
+        .post(format!("{url}/v1/approvals/apr_never"))
+        .json(&json!({"decision": "approve"}));
+    let body = openai_error(request, StatusCode::NOT_FOUND).await;
+    assert_eq!(body["error"]["code"], "approval_not_found", "{body}");
+    let (_, task) = get(url, &format!("/v1/tasks/{id}")).await;
+    assert_eq!(
+        task["state"], "dead",
+        "the late approval changed the task: {task}"
+    );
+}
+
 /// Polls `GET /v1/tasks/{id}` until the task is in `state` (at most `within`); the task.
 async fn wait_for_state(url: &str, id: &str, state: &str, within: Duration) -> Value {
     let started = Instant::now();

@@ -1,0 +1,125 @@
+//! The HTTP API in process (`router().oneshot(...)`) over a real SQLite store: the answers
+//! a client sees, status and body.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use keel_store::{Durability, SqliteStore};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::{Supervisor, SupervisorSettings};
+
+/// A supervisor on a new store in `dir`.
+fn supervisor(dir: &tempfile::TempDir) -> Arc<Supervisor> {
+    let store = SqliteStore::open(&dir.path().join("keel.db"), Durability::Relaxed).unwrap();
+    Arc::new(Supervisor::new(
+        Arc::new(store),
+        SupervisorSettings::default(),
+    ))
+}
+
+/// `POST path` with `body` and `headers`: the status and the JSON answer.
+async fn post(
+    sv: &Arc<Supervisor>,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut request = Request::post(path).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Body::from(body.to_string())).unwrap();
+    let response = super::http::router(Arc::clone(sv))
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// Checks that `body` is an error in the OpenAI shape with `code`; its message.
+fn openai_error(body: &Value, code: &str) -> String {
+    let error = &body["error"];
+    for field in ["message", "type", "code", "param"] {
+        assert!(error.get(field).is_some(), "no {field} in {body}");
+    }
+    assert_eq!(error["code"], code, "{body}");
+    error["message"].as_str().unwrap().to_owned()
+}
+
+/// Creates a task and puts it in the approval queue (as an operator); the approval's id.
+async fn waiting_task(sv: &Arc<Supervisor>, id: &str) -> String {
+    let (status, task) = post(sv, "/v1/tasks", &[], json!({"agent": "a", "id": id})).await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let path = format!("/v1/tasks/{id}/approvals");
+    let (status, asked) = post(sv, &path, &[], json!({"reason": "a person decides"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
+    asked["pending_approval"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn deciding_an_approval_again_is_a_conflict_saying_how_it_was_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    let approval = waiting_task(&sv, "t1").await;
+    let path = format!("/v1/approvals/{approval}");
+    let deny = json!({"decision": "deny", "by": "alice", "note": "too risky"});
+    let (status, task) = post(&sv, &path, &[], deny).await;
+    assert_eq!(
+        (status, task["state"].as_str()),
+        (StatusCode::OK, Some("dead"))
+    );
+    for decision in ["approve", "deny"] {
+        let (status, body) = post(&sv, &path, &[], json!({"decision": decision})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let message = openai_error(&body, "approval_already_decided");
+        assert_eq!(
+            message,
+            format!(
+                "approval {approval} of task t1 was already decided: denied by alice (\"too risky\")"
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_approval_that_never_existed_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    waiting_task(&sv, "t1").await;
+    let (status, body) = post(
+        &sv,
+        "/v1/approvals/apr_nope",
+        &[],
+        json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(
+        openai_error(&body, "approval_not_found"),
+        "no approval apr_nope"
+    );
+}
+
+#[tokio::test]
+async fn an_approval_whose_task_was_cancelled_is_no_longer_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    let approval = waiting_task(&sv, "t1").await;
+    let (status, _) = post(&sv, "/v1/tasks/t1/cancel", &[], json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let path = format!("/v1/approvals/{approval}");
+    let (status, body) = post(&sv, &path, &[], json!({"decision": "approve"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let message = openai_error(&body, "approval_not_pending");
+    assert_eq!(
+        message,
+        format!("approval {approval} is no longer pending: its task t1 is cancelled")
+    );
+}
