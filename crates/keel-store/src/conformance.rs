@@ -646,6 +646,7 @@ pub async fn task_version_conflict_changes_nothing<S: TaskStore>(store: &S) -> O
         key: "k".to_owned(),
         status: 200,
         body: json!({}),
+        request_hash: None,
     });
     match store.write_task(stale).await {
         Err(StoreError::Conflict {
@@ -740,13 +741,14 @@ pub async fn task_wrong_row_version_is_refused<S: TaskStore>(store: &S) -> Outco
 }
 
 /// A repeated idempotency key fails with `DuplicateKey`, applies nothing, and
-/// the first record stays.
+/// the first record stays, its request hash with it (or none, when it had none).
 pub async fn task_duplicate_idempotency_key_changes_nothing<S: TaskStore>(store: &S) -> Outcome {
     let record = |status: u16, body| IdempotencyRecord {
         scope: "create".to_owned(),
         key: "key-1".to_owned(),
         status,
         body,
+        request_hash: Some(format!("hash-{status}")),
     };
     let mut first = create("t1", "a", 1);
     first.idempotency = Some(record(201, json!({"id": "t1"})));
@@ -776,6 +778,16 @@ pub async fn task_duplicate_idempotency_key_changes_nothing<S: TaskStore>(store:
         store.idempotent("create", "other").await?.is_none(),
         "unknown key has a record"
     );
+    let mut unhashed = create("t3", "a", 3);
+    let without = IdempotencyRecord {
+        key: "key-2".to_owned(),
+        request_hash: None,
+        ..record(201, json!({"id": "t3"}))
+    };
+    unhashed.idempotency = Some(without.clone());
+    store.write_task(unhashed).await?;
+    let kept = store.idempotent("create", "key-2").await?;
+    ensure!(kept == Some(without), "idempotent returned {kept:?}");
     Ok(())
 }
 

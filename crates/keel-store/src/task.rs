@@ -79,6 +79,10 @@ pub struct IdempotencyRecord {
     pub status: u16,
     /// Body of the first answer.
     pub body: serde_json::Value,
+    /// A hash of the request that got the answer, so that a repeat with the same key and
+    /// another request can be refused; `None` in records written before keel kept it.
+    #[serde(default)]
+    pub request_hash: Option<String>,
 }
 
 /// One atomic step of a task: see [`TaskStore::write_task`].

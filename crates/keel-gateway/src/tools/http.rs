@@ -361,6 +361,9 @@ impl Decision {
     }
 }
 
+/// `POST /v1/actions/check`. A check repeated with its `Idempotency-Key` gets the first
+/// verdict, recorded per agent and key, and is not checked (nor counted by the loop guard)
+/// again; the same key with another tool, task or args is a 422.
 async fn check(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         // The caller must be allowed to act for the agent it names.
@@ -377,38 +380,80 @@ async fn check(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Response {
             .with_param("agent"));
         }
         let tool = gw.tool(&b.tool)?;
-        let task = b.task.as_deref();
-        let decision = gw.decide(tool, &agent, task, &b.args, true).await?;
-        let reasons = decision.reasons(&agent, tool);
-        Ok::<_, ApiError>(match decision {
-            Decision::Allow { approval } => {
-                let mut answer = json!({"verdict": "allow", "reasons": []});
-                if let Some(id) = approval {
-                    answer["approval"] = json!(id);
-                }
-                answer
+        let record = header(&headers, "idempotency-key")
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| format!("idem/check/{agent}/{k}"));
+        let check_key = check_id(&b);
+        let differs = "another tool, task or args";
+        if let Some(record) = &record
+            && let Some(first) = replayed(&gw, record, &check_key, differs).await?
+        {
+            return Ok(first);
+        }
+        let answer = check_answer(&gw, tool, &agent, &b).await?;
+        if let Some(record) = &record {
+            let saved = json!({"action": check_key, "answer": answer});
+            // A concurrent check with the same key may have saved first: its verdict stands.
+            if let Err(e) = gw
+                .store
+                .save_state(record, saved.to_string().into_bytes(), None)
+                .await
+            {
+                tracing::warn!(tool = %b.tool, error = %e, "cannot record the keyed check's verdict");
             }
-            Decision::Block(_) => json!({"verdict": "block", "reasons": reasons}),
-            // An agent that runs its tools itself still waits for the person: the task
-            // goes to the approval queue, as it would had keel run the tool.
-            Decision::Approve(outliers) => {
-                match gw
-                    .hold_for_approval(tool, &agent, task, &b.args, &outliers)
-                    .await?
-                {
-                    Ok(id) => {
-                        json!({"verdict": "approve", "reasons": reasons, "pending_approval": id})
-                    }
-                    Err(why) => json!({"verdict": "approve", "reasons": [why]}),
-                }
-            }
-        })
+        }
+        Ok(axum::Json(answer).into_response())
     }
     .await;
     match result {
-        Ok(answer) => axum::Json(answer).into_response(),
+        Ok(response) => response,
         Err(e) => e.into_response(),
     }
+}
+
+/// What a repeated check must match: its tool, task and args (the agent is in the record's key).
+fn check_id(b: &CheckBody) -> String {
+    keel_store::blob_hash(
+        keel_store::chain::canonical_json(&json!({"tool": b.tool, "task": b.task, "args": b.args}))
+            .as_bytes(),
+    )
+}
+
+/// Checks the action of `b` and answers with the verdict, holding the task for a person
+/// when the verdict is `approve`.
+async fn check_answer(
+    gw: &Gateway,
+    tool: &Tool,
+    agent: &str,
+    b: &CheckBody,
+) -> Result<Value, ApiError> {
+    let task = b.task.as_deref();
+    let decision = gw.decide(tool, agent, task, &b.args, true).await?;
+    let reasons = decision.reasons(agent, tool);
+    Ok(match decision {
+        Decision::Allow { approval } => {
+            let mut answer = json!({"verdict": "allow", "reasons": []});
+            if let Some(id) = approval {
+                answer["approval"] = json!(id);
+            }
+            answer
+        }
+        Decision::Block(_) => json!({"verdict": "block", "reasons": reasons}),
+        // An agent that runs its tools itself still waits for the person: the task
+        // goes to the approval queue, as it would had keel run the tool.
+        Decision::Approve(outliers) => {
+            match gw
+                .hold_for_approval(tool, agent, task, &b.args, &outliers)
+                .await?
+            {
+                Ok(id) => {
+                    json!({"verdict": "approve", "reasons": reasons, "pending_approval": id})
+                }
+                Err(why) => json!({"verdict": "approve", "reasons": [why]}),
+            }
+        }
+    })
 }
 
 async fn invoke(
@@ -462,7 +507,7 @@ async fn invoke_inner(
         .map(|k| format!("idem/tool/{name}/{agent}/{k}"));
     let action_key = profile::action_id(name, &b.args);
     if let Some(record) = &record
-        && let Some(first) = replayed(gw, record, &action_key).await?
+        && let Some(first) = replayed(gw, record, &action_key, "other args").await?
     {
         return Ok(first);
     }
@@ -621,8 +666,13 @@ async fn invoke_inner(
 }
 
 /// The first answer to a call with this idempotency record, marked `idempotent-replayed`;
-/// a 422 when the key was first used with other args.
-async fn replayed(gw: &Gateway, record: &str, action: &str) -> Result<Option<Response>, ApiError> {
+/// a 422 when the key was first used for another `action` (`other`: what differs, in words).
+async fn replayed(
+    gw: &Gateway,
+    record: &str,
+    action: &str,
+    other: &str,
+) -> Result<Option<Response>, ApiError> {
     let Some(saved) =
         gw.store.load_state(record).await.map_err(|e| {
             ApiError::unavailable(format!("cannot read the idempotency record: {e}"))
@@ -633,9 +683,9 @@ async fn replayed(gw: &Gateway, record: &str, action: &str) -> Result<Option<Res
     let saved: Value = serde_json::from_slice(&saved.value)
         .map_err(|e| ApiError::internal(format!("unreadable idempotency record: {e}")))?;
     if saved["action"] != action {
-        return Err(ApiError::unprocessable(
-            "this Idempotency-Key was first used with other args; use a new key for another call",
-        )
+        return Err(ApiError::unprocessable(format!(
+            "this Idempotency-Key was first used with {other}; use a new key for another call"
+        ))
         .with_param("idempotency_key")
         .with_code("idempotency_key_reused"));
     }
@@ -949,3 +999,6 @@ async fn note_tool_transitions(
     );
     gw.append(events).await;
 }
+
+#[cfg(test)]
+mod tests;

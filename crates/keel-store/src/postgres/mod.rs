@@ -630,7 +630,7 @@ impl TaskStore for PgStore {
         let rows = self
             .query(
                 "reading an idempotency record",
-                "SELECT status, body FROM idempotency WHERE scope = $1 AND key = $2",
+                "SELECT status, body, request_hash FROM idempotency WHERE scope = $1 AND key = $2",
                 &[&scope, &key],
             )
             .await?;
@@ -648,6 +648,7 @@ impl TaskStore for PgStore {
             key: key.to_owned(),
             status: u16::try_from(row.get::<_, i32>(0)).unwrap_or(0),
             body,
+            request_hash: row.get(2),
         }))
     }
 

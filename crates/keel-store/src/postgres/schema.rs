@@ -115,8 +115,16 @@ UPDATE tasks SET deadline_at_ms = (snapshot::jsonb ->> 'deadline_ms')::bigint
 CREATE INDEX tasks_deadline ON tasks (deadline_at_ms, id) WHERE deadline_at_ms IS NOT NULL;
 ";
 
+/// Version 3: an idempotency record keeps a hash of the request it answered, so that the
+/// same key with another request is refused instead of answered with the first answer
+/// (SQLite's schema version 6). Records written before have none (and are answered as
+/// before).
+const V3: &str = "
+ALTER TABLE idempotency ADD COLUMN request_hash text;
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Checks the server's version, then brings the schema to `migrations.len()`; returns it.
 pub(crate) async fn migrate(

@@ -580,14 +580,15 @@ async fn write_task(
         let body = serde_json::to_string(&record.body)
             .map_err(|e| invalid(format!("idempotency body is not serialisable: {e}")))?;
         tx.execute(
-            "INSERT INTO idempotency (scope, key, status, body, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO idempotency (scope, key, status, body, created_at_ms, request_hash)
+             VALUES ($1, $2, $3, $4, $5, $6)",
             &[
                 &record.scope,
                 &record.key,
                 &i32::from(record.status),
                 &body,
                 &stamp.at_ms,
+                &record.request_hash,
             ],
         )
         .await?;

@@ -114,8 +114,15 @@ UPDATE tasks SET deadline_at_ms = json_extract(snapshot, '$.deadline_ms')
 CREATE INDEX tasks_deadline ON tasks (deadline_at_ms, id) WHERE deadline_at_ms IS NOT NULL;
 ";
 
+/// Version 6: an idempotency record keeps a hash of the request it answered, so that the
+/// same key with another request is refused instead of answered with the first answer.
+/// Records written before have none (and are answered as before).
+const V6: &str = "
+ALTER TABLE idempotency ADD COLUMN request_hash TEXT;
+";
+
 /// Every schema step, oldest first. The schema version of this build is `MIGRATIONS.len()`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// Brings the database at `path` to version `migrations.len()` and returns that version.
 ///

@@ -283,17 +283,17 @@ impl Readers {
         scope: &str,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let found: Option<(u16, String)> = self.with(|conn| {
+        let found: Option<(u16, String, Option<String>)> = self.with(|conn| {
             conn.prepare_cached(
-                "SELECT status, body FROM idempotency WHERE scope = ?1 AND key = ?2",
+                "SELECT status, body, request_hash FROM idempotency WHERE scope = ?1 AND key = ?2",
             )
             .and_then(|mut stmt| {
-                stmt.query_row([scope, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                stmt.query_row([scope, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()
             })
             .map_err(|e| self.read_err(e))
         })?;
-        let Some((status, body)) = found else {
+        let Some((status, body, request_hash)) = found else {
             return Ok(None);
         };
         let body = serde_json::from_str(&body).map_err(|e| StoreError::CorruptTask {
@@ -306,6 +306,7 @@ impl Readers {
             key: key.to_owned(),
             status,
             body,
+            request_hash,
         }))
     }
 

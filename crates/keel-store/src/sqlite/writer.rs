@@ -807,9 +807,17 @@ fn write_task(
         let body = serde_json::to_string(&record.body)
             .map_err(|e| invalid(format!("idempotency body is not serialisable: {e}")))?;
         tx.prepare_cached(
-            "INSERT INTO idempotency (scope, key, status, body, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO idempotency (scope, key, status, body, created_at_ms, request_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
-        .execute(params![record.scope, record.key, record.status, body, stamp.at_ms])?;
+        .execute(params![
+            record.scope,
+            record.key,
+            record.status,
+            body,
+            stamp.at_ms,
+            record.request_hash
+        ])?;
     }
     Ok(events)
 }

@@ -126,8 +126,10 @@ async fn task_call<B: DeserializeOwned>(
                 admin(sv, headers)?;
             }
             let command = make(parse(body)?);
-            sv.run(id, &command, idem(headers, scope), None, |t, _| public(t))
-                .await
+            sv.run(id, &command, idem(headers, scope, body), None, |t, _| {
+                public(t)
+            })
+            .await
         }
         .await,
     )
@@ -151,12 +153,20 @@ fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {
     })
 }
 
-fn idem(headers: &HeaderMap, scope: String) -> Option<Idem> {
+/// The call's `Idempotency-Key` under `scope`, with the hash of its request `body`.
+fn idem(headers: &HeaderMap, scope: String, body: &Bytes) -> Option<Idem> {
     let key = headers.get("idempotency-key")?.to_str().ok()?.trim();
-    (!key.is_empty()).then(|| Idem {
-        scope,
-        key: key.to_owned(),
-    })
+    (!key.is_empty()).then(|| Idem::new(scope, key, &request_of(body)))
+}
+
+/// The request body as JSON, for its idempotency hash: `{}` when empty (as [`parse`] reads
+/// it), the text as a JSON string when it is not JSON (such a body is refused anyway).
+fn request_of(body: &Bytes) -> Value {
+    if body.is_empty() {
+        return json!({});
+    }
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
 }
 
 fn answer(a: Result<Answer, ApiError>) -> Response {
@@ -212,13 +222,11 @@ async fn create_inner(
     }
     let id =
         b.id.unwrap_or_else(|| format!("task_{}", uuid::Uuid::now_v7().simple()));
-    let key = b
-        .idempotency_key
-        .map(|key| Idem {
-            scope: format!("create {}", b.agent),
-            key,
-        })
-        .or_else(|| idem(headers, format!("create {}", b.agent)));
+    let scope = format!("create {}", b.agent);
+    let key = match b.idempotency_key {
+        Some(key) => Some(Idem::new(scope, key, &request_of(body))),
+        None => idem(headers, scope, body),
+    };
     let command = Command::Create {
         id,
         agent: b.agent,
@@ -356,7 +364,7 @@ async fn claim(State(sv): Sv, headers: HeaderMap, body: Bytes) -> Response {
         if lease.is_zero() {
             return Err(ApiError::unprocessable("lease must be longer than 0s").with_param("lease"));
         }
-        let key = idem(&headers, format!("POST /v1/tasks/claim {}", b.agent));
+        let key = idem(&headers, format!("POST /v1/tasks/claim {}", b.agent), &body);
         sv.claim(&b.agent, &b.worker, lease, key).await
     }
     .await;
@@ -397,7 +405,7 @@ async fn heartbeat(
                 &Command::Heartbeat {
                     token: b.lease_token,
                 },
-                idem(&headers, scope),
+                idem(&headers, scope, &body),
                 None,
                 directive_body,
             )
@@ -435,8 +443,14 @@ async fn step(State(sv): Sv, Path(id): Path<String>, headers: HeaderMap, body: B
                 progress: b.progress,
                 confidence: b.confidence,
             };
-            sv.run(&id, &command, idem(&headers, scope), None, directive_body)
-                .await
+            sv.run(
+                &id,
+                &command,
+                idem(&headers, scope, &body),
+                None,
+                directive_body,
+            )
+            .await
         }
         .await,
     )
@@ -484,7 +498,7 @@ async fn checkpoint(
             sv.run(
                 &id,
                 &command,
-                idem(&headers, scope),
+                idem(&headers, scope, &body),
                 Some(Bytes::from(state)),
                 respond,
             )
@@ -637,7 +651,7 @@ async fn request_approval(
             default: b.default.unwrap_or(ApprovalDefault::Deny),
         };
         let respond = |t: &crate::task::Task, _| json!({"pending_approval": t.approval.as_ref().map(|a| a.id.clone()), "task": public(t)});
-        let mut a = sv.run(&id, &command, idem(&headers, scope), None, respond).await?;
+        let mut a = sv.run(&id, &command, idem(&headers, scope, &body), None, respond).await?;
         a.status = 202;
         Ok(a)
     }.await)
@@ -717,7 +731,10 @@ async fn decide_approval(
                 .iter()
                 .find(|t| t.approval.as_ref().is_some_and(|a| a.id == id))
             else {
-                if let Some(a) = sv.replay(idem(&headers, scope.clone()).as_ref()).await? {
+                if let Some(a) = sv
+                    .replay(idem(&headers, scope.clone(), &body).as_ref())
+                    .await?
+                {
                     return Ok(a);
                 }
                 return Err(super::approvals::not_pending(&sv, &id).await?);
@@ -729,9 +746,13 @@ async fn decide_approval(
                 note: b.note,
             };
             let decided = sv
-                .run(&task.id, &command, idem(&headers, scope), None, |t, _| {
-                    public(t)
-                })
+                .run(
+                    &task.id,
+                    &command,
+                    idem(&headers, scope, &body),
+                    None,
+                    |t, _| public(t),
+                )
                 .await;
             match decided {
                 // Decided (or ended) meanwhile, by another call or a timer: say how.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use keel_store::{Durability, SqliteStore};
+use keel_store::{Durability, SqliteStore, TaskQuery};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -122,4 +122,42 @@ async fn an_approval_whose_task_was_cancelled_is_no_longer_pending() {
         message,
         format!("approval {approval} is no longer pending: its task t1 is cancelled")
     );
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_with_another_body_is_a_422_and_appends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    let key = [("idempotency-key", "k1")];
+    let (status, task) = post(&sv, "/v1/tasks", &key, json!({"agent": "a", "input": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let (status, again) = post(&sv, "/v1/tasks", &key, json!({"input": 1, "agent": "a"})).await;
+    assert_eq!((status, &again["id"]), (StatusCode::CREATED, &task["id"]));
+    let (status, body) = post(&sv, "/v1/tasks", &key, json!({"agent": "a", "input": 2})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    openai_error(&body, "idempotency_key_reused");
+    assert_eq!(body["error"]["param"], "idempotency_key", "{body}");
+    // A lease holder's call too: the second checkpoint under the key is refused.
+    let claim = json!({"agent": "a", "worker": "w"});
+    let (status, claimed) = post(&sv, "/v1/tasks/claim", &[], claim).await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    let (id, token) = (claimed["id"].as_str().unwrap(), &claimed["lease_token"]);
+    let path = format!("/v1/tasks/{id}/checkpoints");
+    let key = [("idempotency-key", "ckpt-1")];
+    let first = json!({"lease_token": token, "state": {"k": 1}});
+    let (status, saved) = post(&sv, &path, &key, first.clone()).await;
+    assert_eq!((status, &saved["seq"]), (StatusCode::OK, &json!(1)));
+    assert_eq!(post(&sv, &path, &key, first).await.1, saved);
+    let other = json!({"lease_token": token, "state": {"k": 2}});
+    let (status, body) = post(&sv, &path, &key, other).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    openai_error(&body, "idempotency_key_reused");
+    let task = sv.get(id).await.unwrap();
+    assert_eq!(
+        task.checkpoint.map(|c| c.seq),
+        Some(1),
+        "a checkpoint was added"
+    );
+    let page = sv.store().tasks(TaskQuery::default()).await.unwrap();
+    assert_eq!(page.tasks.len(), 1, "the refused create made a task");
 }

@@ -157,6 +157,34 @@ pub struct Idem {
     pub scope: String,
     /// The client's key.
     pub key: String,
+    /// [`Idem::request_hash`] of the request's body: a repeat must send the same.
+    pub request_hash: String,
+}
+
+impl Idem {
+    /// The client's `key` for the call `scope` whose request body is `body`.
+    pub fn new(scope: impl Into<String>, key: impl Into<String>, body: &Value) -> Self {
+        Self {
+            scope: scope.into(),
+            key: key.into(),
+            request_hash: Self::request_hash(body),
+        }
+    }
+
+    /// SHA-256 (hex) of `body` as canonical JSON: the same JSON with other spacing or key
+    /// order is the same request.
+    pub fn request_hash(body: &Value) -> String {
+        keel_store::blob_hash(keel_store::chain::canonical_json(body).as_bytes())
+    }
+}
+
+/// The answer to a repeated idempotency key with another request body.
+fn key_reused() -> ApiError {
+    ApiError::unprocessable(
+        "this Idempotency-Key was first used with a different request body; use a new key for another call",
+    )
+    .with_param("idempotency_key")
+    .with_code("idempotency_key_reused")
 }
 
 fn now_ms() -> i64 {
@@ -313,6 +341,10 @@ impl Supervisor {
     }
 
     /// A stored answer for `idem`, if this call was made before.
+    ///
+    /// # Errors
+    /// A 422 `idempotency_key_reused` when the key was first used with another request
+    /// body (a record written before keel kept the body's hash matches any body).
     pub async fn replay(&self, idem: Option<&Idem>) -> Result<Option<Answer>, ApiError> {
         let Some(idem) = idem else { return Ok(None) };
         let found = self
@@ -320,9 +352,17 @@ impl Supervisor {
             .idempotent(&idem.scope, &idem.key)
             .await
             .map_err(store_error)?;
-        Ok(found.map(|r| Answer {
-            status: r.status,
-            body: r.body,
+        let Some(record) = found else { return Ok(None) };
+        if record
+            .request_hash
+            .as_ref()
+            .is_some_and(|hash| *hash != idem.request_hash)
+        {
+            return Err(key_reused());
+        }
+        Ok(Some(Answer {
+            status: record.status,
+            body: record.body,
         }))
     }
 
@@ -495,6 +535,7 @@ impl Supervisor {
                 key: i.key.clone(),
                 status: answer.status,
                 body: answer.body.clone(),
+                request_hash: Some(i.request_hash.clone()),
             }),
         };
         match self.store.write_task(write).await {

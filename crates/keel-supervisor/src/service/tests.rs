@@ -137,12 +137,7 @@ async fn a_repeated_create_with_the_same_key_returns_the_first_task() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
-    let idem = || {
-        Some(Idem {
-            scope: "create a".into(),
-            key: "k1".into(),
-        })
-    };
+    let idem = || Some(Idem::new("create a", "k1", &json!({})));
     let first = sv.create(create("t1"), idem()).await.unwrap();
     let second = sv.create(create("t2"), idem()).await.unwrap();
     assert_eq!(first.body, second.body);
@@ -153,14 +148,82 @@ async fn a_repeated_create_with_the_same_key_returns_the_first_task() {
 }
 
 #[tokio::test]
+async fn a_repeated_key_with_another_request_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    let first = Idem::new("create a", "k1", &json!({"agent": "a", "input": {"n": 1}}));
+    sv.create(create("t1"), Some(first)).await.unwrap();
+    // The same JSON with its keys in another order is the same request.
+    let same = Idem::new("create a", "k1", &json!({"input": {"n": 1}, "agent": "a"}));
+    let again = sv.create(create("t2"), Some(same)).await.unwrap();
+    assert_eq!(again.body["id"], "t1");
+    let other = Idem::new("create a", "k1", &json!({"agent": "a", "input": {"n": 2}}));
+    let err = sv.create(create("t3"), Some(other)).await.unwrap_err();
+    assert_eq!(
+        (err.status.as_u16(), err.code, err.param),
+        (422, Some("idempotency_key_reused"), Some("idempotency_key"))
+    );
+    for id in ["t2", "t3"] {
+        assert!(store.task(id).await.unwrap().is_none(), "{id} was created");
+    }
+}
+
+#[tokio::test]
+async fn a_key_recorded_before_request_hashes_still_returns_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // A record as an older keel wrote it: no request hash.
+    let row = keel_store::TaskRow {
+        id: "old".into(),
+        agent: "a".into(),
+        state: "queued".into(),
+        version: 1,
+        snapshot: json!({}),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        lease_expires_at_ms: None,
+        approval_expires_at_ms: None,
+        deadline_at_ms: None,
+    };
+    let record = keel_store::IdempotencyRecord {
+        scope: "create a".into(),
+        key: "k1".into(),
+        status: 201,
+        body: json!({"id": "old"}),
+        request_hash: None,
+    };
+    store
+        .write_task(keel_store::TaskWrite {
+            row,
+            expected_version: None,
+            events: vec![keel_core::NewEvent::new(
+                keel_core::EventKind::TaskCreated,
+                Some("old".into()),
+                json!({}),
+            )],
+            blobs: Vec::new(),
+            blob_refs: Vec::new(),
+            idempotency: Some(record),
+        })
+        .await
+        .unwrap();
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    let repeat = Idem::new(
+        "create a",
+        "k1",
+        &json!({"agent": "a", "input": {"any": true}}),
+    );
+    let answer = sv.replay(Some(&repeat)).await.unwrap().unwrap();
+    assert_eq!((answer.status, answer.body), (201, json!({"id": "old"})));
+}
+
+#[tokio::test]
 async fn retention_forgets_old_idempotency_keys() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
-    let idem = Some(Idem {
-        scope: "create a".into(),
-        key: "k1".into(),
-    });
+    let idem = Some(Idem::new("create a", "k1", &json!({})));
     sv.create(create("t1"), idem).await.unwrap();
     assert!(store.idempotent("create a", "k1").await.unwrap().is_some());
     let settings = SupervisorSettings {
@@ -184,12 +247,7 @@ async fn a_repeated_claim_gets_the_same_task_and_lease() {
     let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
     sv.create(create("t1"), None).await.unwrap();
     sv.create(create("t2"), None).await.unwrap();
-    let idem = || {
-        Some(Idem {
-            scope: "claim a".into(),
-            key: "c1".into(),
-        })
-    };
+    let idem = || Some(Idem::new("claim a", "c1", &json!({})));
     let first = sv
         .claim("a", "w", Duration::from_secs(30), idem())
         .await

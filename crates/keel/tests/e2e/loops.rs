@@ -404,3 +404,48 @@ async fn an_agent_s_loop_guard_limits_are_its_own() {
         assert_eq!(status, 200, "{answer}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_retried_with_its_idempotency_key_is_not_counted_as_a_repeat() {
+    let models = sim().await;
+    let config = format!("{LOOPS}\n[agents.tuned]\nloop_guard = {{ same_call = 2 }}\n");
+    let keel = Keel::start(&config, &models).await;
+    let check = json!({"agent": "tuned", "task": "tuned-1", "tool": "search", "args": {"query": "refund policy"}});
+    let ask = |key: Option<&'static str>, body: Value| {
+        let keel = &keel;
+        async move {
+            let mut headers = vec![("x-keel-agent", "tuned")];
+            headers.extend(key.map(|k| ("idempotency-key", k)));
+            keel.post_json("/v1/actions/check", &headers, &body).await
+        }
+    };
+    // A client retrying one check (its answer lost, say) gets the first verdict each time.
+    for _ in 0..4 {
+        let (status, answer) = ask(Some("check-1"), check.clone()).await;
+        assert_eq!(
+            (status, &answer["verdict"]),
+            (200, &json!("allow")),
+            "{answer}"
+        );
+    }
+    assert_eq!(keel.events_of("action_checked").len(), 1);
+    assert!(keel.events_of("loop_detected").is_empty());
+    let other = json!({"agent": "tuned", "task": "tuned-1", "tool": "search", "args": {"query": "shipping"}});
+    let (status, err) = ask(Some("check-1"), other).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["code"], "idempotency_key_reused", "{err}");
+    // Checks without a key are each a call: the second more is the loop.
+    let (status, answer) = ask(None, check.clone()).await;
+    assert_eq!(
+        (status, &answer["verdict"]),
+        (200, &json!("allow")),
+        "{answer}"
+    );
+    let (status, answer) = ask(None, check).await;
+    assert_eq!(
+        (status, &answer["verdict"]),
+        (200, &json!("block")),
+        "{answer}"
+    );
+    assert_eq!(keel.events_of("loop_detected")[0]["repeats"], 2);
+}

@@ -244,6 +244,18 @@ async fn idempotency_keys_return_the_first_answer_and_append_nothing() {
         answers.push(r.json::<Value>().await.unwrap());
     }
     assert_eq!(answers[0], answers[1]);
+    // The same key with another body is a mistake, said plainly, and changes nothing.
+    let request = client
+        .post(format!("{url}/v1/tasks/{id}/checkpoints"))
+        .header("idempotency-key", "ckpt-1")
+        .json(&json!({"lease_token": token, "state": {"k": 2}}));
+    let err = openai_error(request, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(err["error"]["code"], "idempotency_key_reused", "{err}");
+    assert_eq!(err["error"]["param"], "idempotency_key", "{err}");
+    let other = json!({"agent": "demo", "input": {"other": true}, "idempotency_key": "order-1"});
+    let request = client.post(format!("{url}/v1/tasks")).json(&other);
+    let err = openai_error(request, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(err["error"]["code"], "idempotency_key_reused", "{err}");
     let checkpoints = keel
         .events()
         .iter()
