@@ -94,10 +94,12 @@ pub enum Command {
     },
     /// Timer: the lease's `expires_at_ms` has passed (checked again against `Ctx::now_ms`).
     ExpireLease,
-    /// Put the task in the approval queue, from running (with the lease) or queued.
+    /// Put the task in the approval queue, from running (the holder, or keel on its behalf)
+    /// or queued.
     RequestApproval {
-        /// The lease token; required when the task is running, `None` when it is queued.
-        token: Option<String>,
+        /// Who asks: the holder of a running task's lease, or (for a queued task) an operator
+        /// or keel, which may also ask for a running task on behalf of its holder.
+        asker: Asker,
         /// The approval's id, not empty.
         approval_id: String,
         /// Why a person must decide.
@@ -149,6 +151,21 @@ pub enum Command {
     },
     /// Timer: end the task if its deadline has passed.
     CheckDeadline,
+}
+
+/// Who asks for an approval ([`Command::RequestApproval`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asker {
+    /// The worker holding a running task's lease, with its lease token.
+    Holder {
+        /// The lease token.
+        token: String,
+    },
+    /// An operator: only a queued task (a running one is its holder's to put on hold).
+    Operator,
+    /// keel itself: a tool call through keel that needs a person puts its task on hold,
+    /// queued or running (for the holder, whose token keel does not keep).
+    Keel,
 }
 
 /// What `decide` needs from the world: the time and, for a claim, a fresh lease token.

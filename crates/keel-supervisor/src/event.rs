@@ -7,10 +7,16 @@
 //! read back as `None`.
 //!
 //! Each event carries what a person auditing the task needs: the worker, the attempt, the
-//! error, who decided and their note. No secrets, with one documented exception: the lease
-//! token is in `task_claimed`, because the state (and the check of a worker's token) must be
-//! rebuilt from the log on replay. Whoever may read a task's events may therefore act as its
-//! current lease holder; the HTTP layer must show events only to operators.
+//! error, who decided and their note. No secrets: `task_claimed` holds the SHA-256 of the
+//! lease token ([`crate::task::token_hash`]), not the token, which is enough to rebuild the
+//! state on replay and to check a worker's token, and of no use to act as the lease holder
+//! (the token is 128 random bits, so its hash cannot be turned back). Only the claim's answer
+//! carries the token, to the worker (and, for a claim with an `Idempotency-Key`, the store's
+//! idempotency record of that answer, outside the log).
+//!
+//! Logs written by keel before it kept only the hash have the token itself in
+//! `task_claimed` (`token`); such an event reads back with the token hashed, so those logs
+//! replay and the tokens handed out then still work.
 
 use keel_core::EventKind;
 use serde::{Deserialize, Serialize};
@@ -37,17 +43,51 @@ pub struct Created {
 
 /// `task_claimed`: a worker claimed the task with a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ClaimedData")]
 pub struct Claimed {
     /// The worker that claimed it.
     pub worker: String,
-    /// The lease token (see the module doc for why it is stored).
-    pub token: String,
+    /// [`crate::task::token_hash`] of the lease token (see the module doc).
+    pub token_hash: String,
     /// The lease's time to live, milliseconds.
     pub lease_ttl_ms: u64,
     /// When the lease expires unless renewed, unix milliseconds.
     pub expires_at_ms: i64,
     /// The attempt this claim starts (1 for the first).
     pub attempt: u32,
+}
+
+/// `task_claimed` as stored: `token_hash`, or in logs written before keel kept only the
+/// hash, the token itself (`token`), which is hashed when read.
+#[derive(Deserialize)]
+struct ClaimedData {
+    worker: String,
+    #[serde(default)]
+    token_hash: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+    lease_ttl_ms: u64,
+    expires_at_ms: i64,
+    attempt: u32,
+}
+
+impl TryFrom<ClaimedData> for Claimed {
+    type Error = &'static str;
+
+    fn try_from(data: ClaimedData) -> Result<Self, Self::Error> {
+        let token_hash = match (data.token_hash, data.token) {
+            (Some(hash), _) if !hash.is_empty() => hash,
+            (_, Some(token)) if !token.is_empty() => crate::task::token_hash(&token),
+            _ => return Err("task_claimed has neither a token_hash nor a token"),
+        };
+        Ok(Self {
+            worker: data.worker,
+            token_hash,
+            lease_ttl_ms: data.lease_ttl_ms,
+            expires_at_ms: data.expires_at_ms,
+            attempt: data.attempt,
+        })
+    }
 }
 
 /// `lease_expired`: the holder did not renew the lease in time; the task is queued again.

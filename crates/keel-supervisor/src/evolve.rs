@@ -76,7 +76,7 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             task.state = TaskState::Running;
             task.attempts = e.attempt;
             task.lease = Some(Lease {
-                token: e.token.clone(),
+                token_hash: e.token_hash.clone(),
                 worker: e.worker.clone(),
                 expires_at_ms: e.expires_at_ms,
                 ttl_ms: e.lease_ttl_ms,

@@ -40,13 +40,13 @@ mod evolve;
 pub mod service;
 pub mod task;
 
-pub use command::{Command, Ctx, Decision, Directive};
+pub use command::{Asker, Command, Ctx, Decision, Directive};
 pub use decide::{decide, renew};
 pub use error::TaskError;
 pub use event::{DeadReason, DecodeError, TaskEvent};
 pub use evolve::{evolve, fold};
 pub use task::{
-    Approval, ApprovalDecision, ApprovalDefault, CheckpointRef, Lease, Task, TaskState,
+    Approval, ApprovalDecision, ApprovalDefault, CheckpointRef, Lease, Task, TaskState, token_hash,
 };
 
 #[cfg(test)]

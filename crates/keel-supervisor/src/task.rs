@@ -110,30 +110,68 @@ impl Task {
         self.deadline_ms.is_some_and(|deadline| deadline <= now_ms)
     }
 
-    /// This task without secrets, for showing to people and over HTTP: the lease token is
-    /// blanked (and then left out of the JSON). Snapshots for the store keep [`Task`] as is.
+    /// This task as people and HTTP clients see it: the lease's token hash is blanked (and
+    /// then left out of the JSON); it is no secret, but of no use to them either. Snapshots
+    /// for the store keep [`Task`] as is.
     pub fn redacted(&self) -> Task {
         let mut task = self.clone();
         if let Some(lease) = task.lease.as_mut() {
-            lease.token.clear();
+            lease.token_hash.clear();
         }
         task
     }
 }
 
+/// SHA-256 (lowercase hex) of a lease token: what the log and the task's snapshot keep, so
+/// that a worker's token can be checked without either holding the token itself.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
 /// A worker's claim on a running task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "LeaseData")]
 pub struct Lease {
-    /// The lease token: a bearer capability for heartbeat, steps, checkpoints, complete and
-    /// fail. Empty in a [`Task::redacted`] view, and then not serialized.
+    /// [`token_hash`] of the lease token, the bearer capability for heartbeat, steps,
+    /// checkpoints, complete and fail that the claim handed to the worker. Empty in a
+    /// [`Task::redacted`] view (and then not serialized); an empty hash matches no token.
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub token: String,
+    pub token_hash: String,
     /// The worker that holds the lease, as it named itself in the claim.
     pub worker: String,
     /// When the lease expires unless renewed, unix milliseconds.
     pub expires_at_ms: i64,
     /// How long each renewal extends the lease, milliseconds.
     pub ttl_ms: u64,
+}
+
+/// A [`Lease`] as stored: snapshots written by keel before it kept only the token's hash
+/// hold the token itself (`token`), which is hashed when read.
+#[derive(Deserialize)]
+struct LeaseData {
+    #[serde(default)]
+    token_hash: String,
+    #[serde(default)]
+    token: String,
+    worker: String,
+    expires_at_ms: i64,
+    ttl_ms: u64,
+}
+
+impl From<LeaseData> for Lease {
+    fn from(data: LeaseData) -> Self {
+        let token_hash = match (data.token_hash.is_empty(), data.token.is_empty()) {
+            (true, false) => token_hash(&data.token),
+            (true, true) | (false, _) => data.token_hash,
+        };
+        Self {
+            token_hash,
+            worker: data.worker,
+            expires_at_ms: data.expires_at_ms,
+            ttl_ms: data.ttl_ms,
+        }
+    }
 }
 
 /// The newest checkpoint of a task. The state itself lives in the store, content-addressed

@@ -451,9 +451,8 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
         timeout: std::time::Duration,
     ) -> Result<String, keel_core::ApiError> {
         // keel itself asks, on behalf of whoever holds the task's lease.
-        let current = self.0.get(task).await?;
         let command = keel_supervisor::Command::RequestApproval {
-            token: current.lease.as_ref().map(|l| l.token.clone()),
+            asker: keel_supervisor::Asker::Keel,
             approval_id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
             reason,
             context,

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use super::{Holder, holder, invalid, invalid_state, not_empty, stale};
-use crate::command::Decision;
+use crate::command::{Asker, Decision};
 use crate::error::TaskError;
 use crate::event::{AlertRaised, ApprovalDecided, ApprovalRequested, Dead, DeadReason, TaskEvent};
 use crate::task::{ApprovalDecision, ApprovalDefault, Task, TaskState};
@@ -19,27 +19,32 @@ pub(super) struct NewApproval<'a> {
     pub(super) default: ApprovalDefault,
 }
 
-/// Puts the task in `awaiting_human`: from running with the holder's token (the lease ends;
-/// after an approval the next claim resumes from the checkpoint and counts as a new attempt),
-/// or from queued without a token.
+/// Puts the task in `awaiting_human`: from running, asked by the holder with its token or by
+/// keel on its behalf (the lease ends; after an approval the next claim resumes from the
+/// checkpoint and counts as a new attempt), or from queued, asked by an operator or keel.
 pub(super) fn request(
     task: &Task,
-    token: Option<&str>,
+    asker: &Asker,
     new: NewApproval<'_>,
 ) -> Result<Decision, TaskError> {
     not_empty("approval_id", new.id)?;
     if new.timeout_ms == 0 {
         return Err(invalid("timeout", "must be longer than 0ms"));
     }
-    let worker = match (task.state, token) {
-        (TaskState::Queued, None) => None,
-        (TaskState::Running | TaskState::Cancelled, Some(token)) => match holder(task, token)? {
-            Holder::Running(lease) => Some(lease.worker.clone()),
-            Holder::Cancelled | Holder::HandedOff => {
-                return Err(invalid_state(task, "request an approval for"));
+    let worker = match (task.state, asker) {
+        (TaskState::Queued, Asker::Operator | Asker::Keel) => None,
+        (TaskState::Running | TaskState::Cancelled, Asker::Holder { token }) => {
+            match holder(task, token)? {
+                Holder::Running(lease) => Some(lease.worker.clone()),
+                Holder::Cancelled | Holder::HandedOff => {
+                    return Err(invalid_state(task, "request an approval for"));
+                }
             }
-        },
-        (TaskState::Queued | TaskState::Running, _) => return Err(stale(task)),
+        }
+        (TaskState::Running, Asker::Keel) => task.lease.as_ref().map(|l| l.worker.clone()),
+        (TaskState::Queued, Asker::Holder { .. }) | (TaskState::Running, Asker::Operator) => {
+            return Err(stale(task));
+        }
         (
             TaskState::Succeeded
             | TaskState::Dead

@@ -40,7 +40,7 @@ pub(super) fn claim(
     }
     let claimed = Claimed {
         worker: worker.to_owned(),
-        token: ctx.new_token.clone(),
+        token_hash: crate::task::token_hash(&ctx.new_token),
         lease_ttl_ms,
         expires_at_ms: ctx.now_ms.saturating_add_unsigned(lease_ttl_ms),
         attempt: task.attempts.saturating_add(1),

@@ -93,7 +93,7 @@ pub fn decide(task: Option<&Task>, command: &Command, ctx: &Ctx) -> Result<Decis
             operator::dlq_discard(require(task)?, by, note.as_deref())
         }
         Command::RequestApproval {
-            token,
+            asker,
             approval_id,
             reason,
             context,
@@ -101,7 +101,7 @@ pub fn decide(task: Option<&Task>, command: &Command, ctx: &Ctx) -> Result<Decis
             default,
         } => approval::request(
             require(task)?,
-            token.as_deref(),
+            asker,
             approval::NewApproval {
                 id: approval_id,
                 reason,
@@ -153,25 +153,26 @@ enum Holder<'a> {
     HandedOff,
 }
 
-/// Checks `token` against the task's lease: a running task's, or the one a cancel kept.
+/// Checks `token` against the task's lease (by its hash): a running task's, the one a cancel
+/// kept, or the one a hand-off kept.
 fn holder<'a>(task: &'a Task, token: &str) -> Result<Holder<'a>, TaskError> {
     use crate::task::TaskState;
-    match (&task.lease, task.state) {
-        (Some(lease), TaskState::Running) if token_eq(&lease.token, token) => {
-            Ok(Holder::Running(lease))
-        }
-        (Some(lease), TaskState::Cancelled) if token_eq(&lease.token, token) => {
-            Ok(Holder::Cancelled)
-        }
-        (Some(lease), TaskState::AwaitingHuman) if token_eq(&lease.token, token) => {
-            Ok(Holder::HandedOff)
-        }
-        _ => Err(stale(task)),
+    let Some(lease) = &task.lease else {
+        return Err(stale(task));
+    };
+    if !token_eq(&lease.token_hash, &crate::task::token_hash(token)) {
+        return Err(stale(task));
+    }
+    match task.state {
+        TaskState::Running => Ok(Holder::Running(lease)),
+        TaskState::Cancelled => Ok(Holder::Cancelled),
+        TaskState::AwaitingHuman => Ok(Holder::HandedOff),
+        TaskState::Queued | TaskState::Succeeded | TaskState::Dead => Err(stale(task)),
     }
 }
 
-/// Compares in time independent of where the strings differ: the token is a bearer secret.
-/// An empty token (a redacted lease) never matches.
+/// Compares in time independent of where the strings differ (the hashes of a bearer
+/// secret). An empty expected hash (a redacted lease) never matches.
 fn token_eq(expected: &str, given: &str) -> bool {
     expected.len() == given.len()
         && !expected.is_empty()

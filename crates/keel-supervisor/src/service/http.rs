@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{Answer, Idem, KeyOwner, Supervisor, public};
-use crate::command::{Command, Directive};
+use crate::command::{Asker, Command, Directive};
 use crate::task::{ApprovalDecision, ApprovalDefault, TaskState};
 
 type Sv = State<Arc<Supervisor>>;
@@ -642,8 +642,12 @@ async fn request_approval(
             admin(&sv, &headers)?;
         }
         let timeout = duration(b.timeout.as_deref().unwrap_or("24h"), "timeout")?;
+        let asker = match b.lease_token {
+            Some(token) => Asker::Holder { token },
+            None => Asker::Operator,
+        };
         let command = Command::RequestApproval {
-            token: b.lease_token,
+            asker,
             approval_id: format!("apr_{}", uuid::Uuid::now_v7().simple()),
             reason: b.reason,
             context: b.context,

@@ -613,7 +613,7 @@ impl Supervisor {
                 let answer = Answer {
                     status: 200,
                     body: if claimed {
-                        self.claimed(&after).await?
+                        self.claimed(&after, &ctx.new_token).await?
                     } else {
                         Value::Null
                     },
@@ -650,8 +650,9 @@ impl Supervisor {
         Ok(None)
     }
 
-    /// The claim answer: the task, its lease token and its newest checkpoint with state.
-    async fn claimed(&self, task: &Task) -> Result<Value, ApiError> {
+    /// The claim answer: the task, its lease `token` (only the worker gets it: the log and
+    /// the task keep its hash) and its newest checkpoint with state.
+    async fn claimed(&self, task: &Task, token: &str) -> Result<Value, ApiError> {
         let checkpoint = match &task.checkpoint {
             Some(c) => {
                 let bytes = self.store.blob(&c.state_hash).await.map_err(store_error)?;
@@ -664,7 +665,6 @@ impl Supervisor {
         };
         let mut body = public(task);
         if let Value::Object(map) = &mut body {
-            let token = task.lease.as_ref().map(|l| l.token.clone());
             map.insert("lease_token".to_owned(), json!(token));
             map.insert("checkpoint".to_owned(), checkpoint);
         }

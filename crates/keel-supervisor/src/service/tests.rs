@@ -270,6 +270,111 @@ async fn a_repeated_claim_gets_the_same_task_and_lease() {
 }
 
 #[tokio::test]
+async fn the_log_keeps_the_lease_token_s_hash_and_only_the_claim_answer_has_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    sv.create(create("t1"), None).await.unwrap();
+    let claimed = sv
+        .claim("a", "w", Duration::from_secs(30), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let token = claimed["lease_token"].as_str().unwrap().to_owned();
+    let events = store
+        .events(EventQuery {
+            task_id: Some("t1".into()),
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    let claim = events.iter().find(|e| e.kind == "task_claimed").unwrap();
+    assert_eq!(claim.data["token_hash"], crate::token_hash(&token));
+    let row = store.task("t1").await.unwrap().unwrap();
+    for stored in [claim.data.to_string(), row.snapshot.to_string()] {
+        assert!(!stored.contains(&token), "the token is stored: {stored}");
+    }
+    let done = Command::Complete {
+        token,
+        output: json!(1),
+        confidence: None,
+    };
+    let after = sv.run("t1", &done, None, None, |t, _| public(t)).await;
+    assert_eq!(after.unwrap().body["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_task_claimed_by_an_older_keel_keeps_its_token_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // As an older keel wrote them: the token itself in `task_claimed` and in the snapshot.
+    let created = crate::TaskEvent::Created(crate::event::Created {
+        id: "old".into(),
+        agent: "a".into(),
+        input: json!({}),
+        deadline_ms: None,
+        max_attempts: 3,
+        max_steps: None,
+    });
+    let now = super::now_ms();
+    let claimed = json!({"worker": "w", "token": "old-token", "lease_ttl_ms": 60_000, "expires_at_ms": now + 60_000, "attempt": 1});
+    let replayed = crate::TaskEvent::from_event("task_claimed", &claimed)
+        .unwrap()
+        .unwrap();
+    let task = crate::fold(None, [&created, &replayed], now).unwrap();
+    let mut snapshot = serde_json::to_value(&task).unwrap();
+    let lease = snapshot["lease"].as_object_mut().unwrap();
+    lease.remove("token_hash");
+    lease.insert("token".into(), json!("old-token"));
+    let mut row = super::row_of(&task).unwrap();
+    row.snapshot = snapshot;
+    let events = vec![
+        created.to_new_event("old"),
+        keel_core::NewEvent::new(
+            keel_core::EventKind::TaskClaimed,
+            Some("old".into()),
+            claimed,
+        ),
+    ];
+    store
+        .write_task(keel_store::TaskWrite {
+            row,
+            expected_version: None,
+            events,
+            blobs: Vec::new(),
+            blob_refs: Vec::new(),
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
+    let beat = |token: &str| Command::Heartbeat {
+        token: token.into(),
+    };
+    let wrong = sv
+        .run("old", &beat("other"), None, None, |t, _| public(t))
+        .await;
+    assert_eq!(wrong.unwrap_err().status.as_u16(), 409);
+    sv.run("old", &beat("old-token"), None, None, |t, _| public(t))
+        .await
+        .unwrap();
+    // The renewal rewrote the snapshot: now with the hash only.
+    let row = store.task("old").await.unwrap().unwrap();
+    assert!(
+        !row.snapshot.to_string().contains("old-token"),
+        "{}",
+        row.snapshot
+    );
+    let done = Command::Complete {
+        token: "old-token".into(),
+        output: json!(1),
+        confidence: None,
+    };
+    let after = sv.run("old", &done, None, None, |t, _| public(t)).await;
+    assert_eq!(after.unwrap().body["state"], "succeeded");
+}
+
+#[tokio::test]
 async fn steps_and_checkpoints_renew_the_lease() {
     let dir = tempfile::tempdir().unwrap();
     let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
@@ -326,7 +431,7 @@ async fn the_sweep_ends_unfinished_tasks_past_their_deadline() {
         .unwrap();
     sv.create(create_by("waiting", soon), None).await.unwrap();
     let ask = Command::RequestApproval {
-        token: None,
+        asker: crate::Asker::Operator,
         approval_id: "apr_1".into(),
         reason: "a person decides".into(),
         context: json!({}),
@@ -407,7 +512,7 @@ async fn every_task_awaiting_a_human_is_found_past_the_first_page() {
         let id = format!("t{n:04}");
         sv.create(create(&id), None).await.unwrap();
         let ask = Command::RequestApproval {
-            token: None,
+            asker: crate::Asker::Operator,
             approval_id: format!("apr_{n:04}"),
             reason: "a person decides".into(),
             context: json!({}),

@@ -72,14 +72,15 @@ fn alerts_from_elsewhere_read_back_and_change_nothing() {
 }
 
 #[test]
-fn task_json_names_states_for_users_and_redacted_hides_the_token() {
+fn task_json_names_states_for_users_and_keeps_the_token_s_hash_only() {
     let world = World::in_state(TaskState::Running);
     let json = serde_json::to_value(world.task()).unwrap();
     assert_eq!(json["state"], "running");
-    assert_eq!(json["lease"]["token"], "tok-2");
+    assert_eq!(json["lease"]["token_hash"], crate::token_hash("tok-2"));
+    assert!(json["lease"].get("token").is_none(), "{json}");
     let shown = serde_json::to_value(world.task().redacted()).unwrap();
     assert_eq!(shown["lease"]["worker"], "w1");
-    assert!(shown["lease"].get("token").is_none());
+    assert!(shown["lease"].get("token_hash").is_none(), "{shown}");
     let back: Task = serde_json::from_value(json).unwrap();
     assert_eq!(&back, world.task());
     assert_eq!(
@@ -87,6 +88,86 @@ fn task_json_names_states_for_users_and_redacted_hides_the_token() {
         "awaiting_human"
     );
     assert_eq!(serde_json::to_value(Directive::Handoff).unwrap(), "handoff");
+}
+
+#[test]
+fn the_token_hash_is_sha256_hex() {
+    assert_eq!(
+        crate::token_hash("abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
+
+#[test]
+fn task_claimed_holds_the_hash_of_the_lease_token_not_the_token() {
+    let mut world = World::in_state(TaskState::Queued);
+    let claimed = world.ok(claim("w1"));
+    let token = world.token();
+    let data = claimed.events[0].to_data();
+    assert_eq!(data["token_hash"], crate::token_hash(&token), "{data}");
+    assert!(data.get("token").is_none(), "{data}");
+    assert!(!data.to_string().contains(&token), "the token is in {data}");
+    // The hash is no token: sent as one, it is refused.
+    let hash = data["token_hash"].as_str().unwrap();
+    assert_eq!(world.run(heartbeat(hash)).unwrap_err().status(), 409);
+    assert_eq!(
+        world.ok(heartbeat(&token)).directive,
+        Some(Directive::Continue)
+    );
+}
+
+/// `task_claimed` as keel wrote it before it kept only the token's hash.
+fn claimed_with_the_token(token: &str) -> serde_json::Value {
+    json!({"worker": "w1", "token": token, "lease_ttl_ms": TTL, "expires_at_ms": START + 30_000, "attempt": 1})
+}
+
+#[test]
+fn a_log_with_the_token_in_task_claimed_replays_and_the_token_still_works() {
+    let mut world = World::in_state(TaskState::Queued);
+    let old = TaskEvent::from_event("task_claimed", &claimed_with_the_token("old-tok"))
+        .unwrap()
+        .unwrap();
+    let TaskEvent::Claimed(read) = &old else {
+        panic!("{old:?}")
+    };
+    assert_eq!(read.token_hash, crate::token_hash("old-tok"));
+    // Written again, it holds the hash only.
+    assert!(old.to_data().get("token").is_none());
+    world.task = Some(evolve(world.task.take(), &old, START));
+    assert_eq!(world.task().state, TaskState::Running);
+    assert_eq!(world.run(heartbeat("other")).unwrap_err().status(), 409);
+    assert_eq!(
+        world.ok(heartbeat("old-tok")).directive,
+        Some(Directive::Continue)
+    );
+    world.ok(complete("old-tok"));
+    assert_eq!(world.task().state, TaskState::Succeeded);
+}
+
+#[test]
+fn a_snapshot_with_the_token_in_its_lease_reads_back_with_the_hash() {
+    let world = World::in_state(TaskState::Running);
+    let mut old = serde_json::to_value(world.task()).unwrap();
+    let lease = old["lease"].as_object_mut().unwrap();
+    lease.remove("token_hash");
+    lease.insert("token".into(), json!("old-tok"));
+    let task: Task = serde_json::from_value(old).unwrap();
+    let lease = task.lease.as_ref().unwrap();
+    assert_eq!(lease.token_hash, crate::token_hash("old-tok"));
+    assert!(renew(&task, "old-tok", START).is_ok());
+    let again = serde_json::to_value(&task).unwrap();
+    assert!(again["lease"].get("token").is_none(), "{again}");
+}
+
+#[test]
+fn task_claimed_without_a_token_or_its_hash_is_malformed() {
+    let mut data = claimed_with_the_token("x");
+    data.as_object_mut().unwrap().remove("token");
+    let err = TaskEvent::from_event("task_claimed", &data).unwrap_err();
+    assert!(
+        err.to_string().starts_with("data of task_claimed event"),
+        "{err}"
+    );
 }
 
 #[test]

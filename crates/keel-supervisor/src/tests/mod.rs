@@ -10,7 +10,7 @@ mod table;
 use serde_json::{Value, json};
 
 use crate::{
-    ApprovalDecision, ApprovalDefault, Command, Ctx, DeadReason, Decision, Directive, Task,
+    ApprovalDecision, ApprovalDefault, Asker, Command, Ctx, DeadReason, Decision, Directive, Task,
     TaskError, TaskEvent, TaskState, decide, evolve, renew,
 };
 
@@ -22,6 +22,8 @@ struct World {
     task: Option<Task>,
     now: i64,
     minted: u32,
+    /// The token the last claim handed out (the task keeps only its hash).
+    claimed_token: Option<String>,
 }
 
 impl World {
@@ -30,6 +32,7 @@ impl World {
             task: None,
             now: START,
             minted: 0,
+            claimed_token: None,
         }
     }
 
@@ -42,6 +45,9 @@ impl World {
         };
         let decision = decide(self.task.as_ref(), &command, &ctx)?;
         for event in &decision.events {
+            if let TaskEvent::Claimed(_) = event {
+                self.claimed_token = Some(ctx.new_token.clone());
+            }
             self.task = Some(evolve(self.task.take(), event, self.now));
         }
         Ok(decision)
@@ -55,13 +61,15 @@ impl World {
         self.task.as_ref().expect("task exists")
     }
 
+    /// The token of the task's lease, as the claim handed it to the worker.
     fn token(&self) -> String {
-        self.task()
-            .lease
-            .as_ref()
-            .expect("task has a lease")
-            .token
+        let lease = self.task().lease.as_ref().expect("task has a lease");
+        let token = self
+            .claimed_token
             .clone()
+            .expect("a claim handed out a token");
+        assert_eq!(lease.token_hash, crate::token_hash(&token));
+        token
     }
 
     fn advance(&mut self, ms: i64) {
@@ -158,9 +166,15 @@ fn fail(token: &str, retryable: bool) -> Command {
     }
 }
 
+/// An approval request by the holder of `token`, or without one by an operator.
 fn request_approval(token: Option<&str>, default: ApprovalDefault) -> Command {
     Command::RequestApproval {
-        token: token.map(str::to_owned),
+        asker: match token {
+            Some(token) => Asker::Holder {
+                token: token.to_owned(),
+            },
+            None => Asker::Operator,
+        },
         approval_id: "ap1".into(),
         reason: "deletes 1,000 rows".into(),
         context: json!({"tool": "sql", "rows": 1000}),

@@ -5,8 +5,8 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use crate::{
-    ApprovalDecision, ApprovalDefault, Command, Ctx, Directive, Task, TaskEvent, TaskState, decide,
-    evolve, renew,
+    ApprovalDecision, ApprovalDefault, Asker, Command, Ctx, Directive, Task, TaskEvent, TaskState,
+    decide, evolve, renew,
 };
 
 /// Which token a lease holder's command carries.
@@ -95,11 +95,11 @@ struct Run {
 impl Run {
     fn token(&self, tok: Tok) -> String {
         match tok {
-            Tok::Current => self
-                .task
-                .as_ref()
-                .and_then(|t| t.lease.as_ref())
-                .map_or_else(|| "none".to_owned(), |l| l.token.clone()),
+            // A lease comes only from a claim: the last one's token is the lease's.
+            Tok::Current => match self.task.as_ref().and_then(|t| t.lease.as_ref()) {
+                Some(_) => self.tokens.last().cloned().unwrap_or_default(),
+                None => "none".to_owned(),
+            },
             Tok::Stale => self.tokens.first().cloned().unwrap_or_default(),
             Tok::Wrong => "never-issued".to_owned(),
         }
@@ -167,7 +167,12 @@ impl Run {
                 timeout_ms: 5_000,
             },
             Op::RequestApproval(t, escalate) => Command::RequestApproval {
-                token: t.map(|t| self.token(t)),
+                asker: match t {
+                    Some(t) => Asker::Holder {
+                        token: self.token(t),
+                    },
+                    None => Asker::Operator,
+                },
                 approval_id: format!("ap{}", self.log.len()),
                 reason: "risky".into(),
                 context: json!({}),
@@ -227,7 +232,7 @@ proptest! {
             let ctx = Ctx { now_ms: run.now, new_token: format!("tok-{i}") };
             match decide(run.task.as_ref(), &command, &ctx) {
                 Ok(decision) => {
-                    if matches!(command, Command::Claim { .. }) && !decision.events.is_empty() {
+                    if decision.events.iter().any(|e| matches!(e, TaskEvent::Claimed(_))) {
                         run.tokens.push(ctx.new_token.clone());
                     }
                     for event in &decision.events {
@@ -281,7 +286,7 @@ fn event() -> impl Strategy<Value = TaskEvent> {
         (id(), any::<u32>(), any::<u64>(), any::<i64>()).prop_map(|(token, attempt, ttl, at)| {
             TaskEvent::Claimed(Claimed {
                 worker: "w".into(),
-                token,
+                token_hash: crate::token_hash(&token),
                 lease_ttl_ms: ttl,
                 expires_at_ms: at,
                 attempt,

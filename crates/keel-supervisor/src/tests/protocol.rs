@@ -227,6 +227,43 @@ fn approved_task_is_queued_again_and_resumes_from_its_checkpoint() {
     );
 }
 
+/// keel's own approval request (a tool call through keel that needs a person).
+fn asked_by_keel() -> Command {
+    Command::RequestApproval {
+        asker: Asker::Keel,
+        approval_id: "ap1".into(),
+        reason: "refund far above the usual".into(),
+        context: json!({}),
+        timeout_ms: 60_000,
+        default: ApprovalDefault::Deny,
+    }
+}
+
+#[test]
+fn keel_asks_for_a_running_task_on_behalf_of_its_holder_without_its_token() {
+    let mut world = World::in_state(TaskState::Running);
+    let token = world.token();
+    let asked = world.ok(asked_by_keel());
+    let TaskEvent::ApprovalRequested(requested) = &asked.events[0] else {
+        panic!("{asked:?}")
+    };
+    assert_eq!(requested.worker.as_deref(), Some("w1"));
+    let task = world.task();
+    assert_eq!(
+        (task.state, task.lease.is_none()),
+        (TaskState::AwaitingHuman, true)
+    );
+    assert_eq!(world.run(heartbeat(&token)).unwrap_err().status(), 409);
+    // Of a queued task too; an operator may not put a running task on hold.
+    let mut queued = World::in_state(TaskState::Queued);
+    assert_eq!(kinds(&queued.ok(asked_by_keel())), ["approval_requested"]);
+    let mut running = World::in_state(TaskState::Running);
+    let by_operator = running.run(request_approval(None, ApprovalDefault::Deny));
+    assert_eq!(by_operator.unwrap_err().status(), 409);
+    let mut cancelled = World::in_state(TaskState::Cancelled);
+    assert_eq!(cancelled.run(asked_by_keel()).unwrap_err().status(), 409);
+}
+
 #[test]
 fn denied_task_is_dead_with_who_and_why() {
     let mut world = World::in_state(TaskState::AwaitingHuman);

@@ -219,6 +219,64 @@ async fn bad_task_input_gets_clear_errors_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_task_s_events_hold_the_lease_token_s_hash_not_the_token() {
+    let sim = sim().await;
+    let keel = Keel::start(&config("127.0.0.1:0"), &sim).await;
+    let url = &keel.url;
+    let id = create(url, "demo").await;
+    let task = claim(url, "demo").await;
+    let token = task["lease_token"].as_str().unwrap().to_owned();
+    let events = reqwest::get(format!("{url}/v1/tasks/{id}/events"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !events.contains(&token),
+        "the lease token is in the log:\n{events}"
+    );
+    let claimed: Value = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["kind"] == "task_claimed")
+        .unwrap();
+    assert_eq!(
+        claimed["data"]["token_hash"],
+        keel_supervisor::token_hash(&token),
+        "{claimed}"
+    );
+    // Whoever reads the log cannot act as the holder with what it finds there.
+    let hash = claimed["data"]["token_hash"].as_str().unwrap();
+    let (status, err) = post(
+        url,
+        &format!("/v1/tasks/{id}/heartbeat"),
+        json!({"lease_token": hash}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    // The worker's token works, and `keel tasks events` shows no token either.
+    let (status, hb) = post(
+        url,
+        &format!("/v1/tasks/{id}/heartbeat"),
+        json!({"lease_token": token}),
+    )
+    .await;
+    assert_eq!(
+        (status, &hb["directive"]),
+        (StatusCode::OK, &json!("continue")),
+        "{hb}"
+    );
+    let cli = keel_cli(url, &["tasks", "events", &id, "--json"]);
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success() && text.contains("task_claimed"),
+        "{text}"
+    );
+    assert!(!text.contains(&token), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn idempotency_keys_return_the_first_answer_and_append_nothing() {
     let sim = sim().await;
     let keel = Keel::start(&config("127.0.0.1:0"), &sim).await;
