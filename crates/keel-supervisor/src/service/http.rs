@@ -760,7 +760,7 @@ async fn decide_approval(
                 .await;
             match decided {
                 // Decided (or ended) meanwhile, by another call or a timer: say how.
-                Err(e) if matches!(e.status.as_u16(), 404 | 409) && e.code != Some("task_busy") => {
+                Err(e) if not_decidable(&e) => {
                     let why = super::approvals::not_pending(&sv, &id).await?;
                     Err(if why.status == StatusCode::CONFLICT {
                         why
@@ -773,6 +773,12 @@ async fn decide_approval(
         }
         .await,
     )
+}
+
+/// A refusal of a decision that finding the approval's fate can explain: not found (another
+/// approval is pending now) or a conflict (none is), but not a task too busy to write.
+fn not_decidable(e: &ApiError) -> bool {
+    matches!(e.status.as_u16(), 404 | 409) && e.code != Some("task_busy")
 }
 
 async fn dlq(State(sv): Sv, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
