@@ -106,14 +106,15 @@ CREATE TABLE state (
 /// schema version 5).
 ///
 /// Tasks created before keep their deadline in the supervisor's snapshot only
-/// (`deadline_ms`); it is copied here for the unfinished ones, so they too are ended on
-/// time. This is the one place the store reads a snapshot's field.
+/// (`deadline_ms`); [`copy_deadlines`] copies it here for the unfinished ones, so they too
+/// are ended on time.
 const V2: &str = "
 ALTER TABLE tasks ADD COLUMN deadline_at_ms bigint;
-UPDATE tasks SET deadline_at_ms = (snapshot::jsonb ->> 'deadline_ms')::bigint
- WHERE state IN ('queued', 'running', 'awaiting_human');
 CREATE INDEX tasks_deadline ON tasks (deadline_at_ms, id) WHERE deadline_at_ms IS NOT NULL;
 ";
+
+/// The schema version whose step adds `tasks.deadline_at_ms` ([`V2`]).
+const DEADLINE_COLUMN: u32 = 2;
 
 /// Version 3: an idempotency record keeps a hash of the request it answered, so that the
 /// same key with another request is refused instead of answered with the first answer
@@ -183,6 +184,9 @@ pub(crate) async fn migrate(
     for step in migrations.iter().skip(found_version as usize) {
         tx.batch_execute(step).await.map_err(failed(&step_failed))?;
     }
+    if found_version < DEADLINE_COLUMN && known >= DEADLINE_COLUMN {
+        copy_deadlines(&tx).await.map_err(failed(&step_failed))?;
+    }
     let new_version = i32::try_from(known).unwrap_or(i32::MAX);
     let recorded = if found.is_some() {
         tx.execute("UPDATE keel_schema SET version = $1", &[&new_version])
@@ -198,6 +202,39 @@ pub(crate) async fn migrate(
     tx.commit().await.map_err(failed(&step_failed))?;
     tracing::info!(%store, from = found_version, to = known, "migrated the PostgreSQL store's schema");
     Ok(known)
+}
+
+/// Copies each unfinished task's deadline from its snapshot into `deadline_at_ms`. The
+/// snapshot is read by serde_json, not by a cast to `jsonb`: a snapshot holds the client's
+/// `input`, and `jsonb` refuses some JSON that serde_json writes (the escape `\u0000`), which
+/// would stop the migration and so every node. This is the one place the store reads a
+/// snapshot's field.
+async fn copy_deadlines(tx: &tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "SELECT id, snapshot FROM tasks WHERE state IN ('queued', 'running', 'awaiting_human')",
+            &[],
+        )
+        .await?;
+    let (ids, deadlines): (Vec<String>, Vec<i64>) = rows
+        .iter()
+        .filter_map(|row| {
+            let snapshot: &str = row.get(1);
+            let deadline = serde_json::from_str::<serde_json::Value>(snapshot)
+                .ok()?
+                .get("deadline_ms")?
+                .as_i64()?;
+            Some((row.get::<_, String>(0), deadline))
+        })
+        .unzip();
+    tx.execute(
+        "UPDATE tasks SET deadline_at_ms = d.deadline
+           FROM unnest($1::text[], $2::bigint[]) AS d(id, deadline)
+          WHERE tasks.id = d.id",
+        &[&ids, &deadlines],
+    )
+    .await?;
+    Ok(())
 }
 
 /// `150004` as `15.4`, `90624` as `9.6`.

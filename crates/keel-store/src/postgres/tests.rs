@@ -282,8 +282,11 @@ async fn version_2_copies_the_deadline_of_unfinished_tasks_only() {
         ("none", "queued", "null"),
         ("done", "succeeded", "5"),
         ("dead", "dead", "6"),
+        ("nul", "queued", "321"),
     ] {
-        let snapshot = format!(r#"{{"deadline_ms":{deadline}}}"#);
+        // A client's input may hold a NUL, which serde_json writes as an escape that
+        // PostgreSQL's jsonb refuses: the migration must not read snapshots through it.
+        let snapshot = format!(r#"{{"input":{{"text":"a\u0000b"}},"deadline_ms":{deadline}}}"#);
         client
             .execute(
                 "INSERT INTO tasks (id, agent, state, version, snapshot, created_at_ms, updated_at_ms)
@@ -297,7 +300,9 @@ async fn version_2_copies_the_deadline_of_unfinished_tasks_only() {
     let _ = driver.await;
     let store = PgStore::open(&url, Durability::Fsync).await.unwrap();
     let mut deadlines = Vec::new();
-    for id in ["dead", "done", "none", "queued", "running", "waiting"] {
+    for id in [
+        "dead", "done", "none", "nul", "queued", "running", "waiting",
+    ] {
         let row = store.task(id).await.unwrap().unwrap();
         deadlines.push((id, row.deadline_at_ms));
     }
@@ -307,6 +312,7 @@ async fn version_2_copies_the_deadline_of_unfinished_tasks_only() {
             ("dead", None),
             ("done", None),
             ("none", None),
+            ("nul", Some(321)),
             ("queued", Some(123)),
             ("running", Some(456)),
             ("waiting", Some(789)),
@@ -319,7 +325,7 @@ async fn version_2_copies_the_deadline_of_unfinished_tasks_only() {
         .into_iter()
         .map(|r| r.id)
         .collect();
-    assert_eq!(due, ["queued", "running"]);
+    assert_eq!(due, ["queued", "nul", "running"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
