@@ -251,20 +251,25 @@ impl Finish {
         response
     }
 
-    /// Streams the rest of the upstream's chunks; retries are over once this is called.
+    /// Streams the rest of the upstream's chunks; retries are over once this is called. The
+    /// stream ends at the total deadline, or at `task_deadline` (its task's) when sooner.
     pub(crate) fn stream(
         mut self,
         route: &Route,
         mut log: CallLog,
         target: Arc<Target>,
-        first: Bytes,
-        rest: ChunkStream,
+        (first, rest): (Bytes, ChunkStream),
         fallback: bool,
+        task_deadline: Option<Instant>,
     ) -> Response {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let attempts = log.attempts;
         let idle = route.timeouts.idle;
-        let deadline = self.started + route.timeouts.total;
+        let total = self.started + route.timeouts.total;
+        let deadline = match task_deadline {
+            Some(task) if task < total => (task, "its task's deadline"),
+            _ => (total, "the total deadline"),
+        };
         let gw = Arc::clone(&self.gw);
         let target_id = target.id.clone();
         let hide_usage = self.hide_usage;
@@ -554,7 +559,7 @@ async fn pump(
     first: Bytes,
     mut rest: ChunkStream,
     tx: &mpsc::Sender<Bytes>,
-    (idle, deadline): (Duration, Instant),
+    (idle, (deadline, deadline_name)): (Duration, (Instant, &str)),
     target: &str,
     (mut transcript, mut answer): (Option<&mut Vec<u8>>, Option<&mut StreamedAnswer>),
     hide_usage: bool,
@@ -600,7 +605,7 @@ async fn pump(
             Ok(None) => return ("ok", usage),
             Ok(Some(Err(e))) => e.to_string(),
             Err(_) if wait_until == deadline => {
-                format!("stream from {target} exceeded the total deadline")
+                format!("stream from {target} exceeded {deadline_name}")
             }
             Err(_) => format!(
                 "stream from {target} was silent for longer than the idle timeout of {idle:?}"

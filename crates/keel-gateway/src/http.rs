@@ -365,7 +365,7 @@ async fn handle_inner(
             first,
             rest,
             fallback,
-        } => ctx.stream(route, log, target, first, rest, fallback),
+        } => ctx.stream(route, log, target, (first, rest), fallback, task_deadline),
         Answer::Exhausted {
             last,
             timed_out,

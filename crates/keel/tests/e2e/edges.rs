@@ -419,3 +419,40 @@ async fn a_tasks_deadline_bounds_its_model_calls_and_refuses_them_once_passed() 
     assert_eq!(body["error"]["code"], "task_deadline_exceeded", "{body}");
     assert_eq!(keel.events_of("llm_attempt_failed").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_at_its_tasks_deadline_when_that_comes_before_the_routes() {
+    let sim = sim().await;
+    let config = format!(
+        "{TWO_TARGETS}\n[routes.slow]\ntargets = [{{ provider = \"sim\", model = \"drip\" }}]\n\
+         timeouts = {{ first_token = \"5s\", idle = \"20s\", attempt = \"30s\", total = \"30s\" }}\n"
+    );
+    let keel = Keel::start(&config, &sim).await;
+    let (status, task) = crate::common::post(
+        &keel.url,
+        "/v1/tasks",
+        serde_json::json!({"agent": "timed", "input": {}, "deadline": "2s"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let id = task["id"].as_str().unwrap();
+    // One chunk, then silence for longer than the task has left (but within `idle`).
+    sim.set_always("drip", Some(Fault::stall_after(1, Duration::from_secs(25))));
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", keel.url))
+        .header("x-keel-agent", "timed")
+        .header("x-keel-task", id)
+        .json(&serde_json::json!({"model": "slow", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = tokio::time::timeout(Duration::from_secs(15), r.text())
+        .await
+        .expect("the stream outlived its task's deadline")
+        .unwrap();
+    assert!(
+        text.contains("stream from sim/drip exceeded its task's deadline"),
+        "{text}"
+    );
+}
