@@ -282,7 +282,9 @@ async fn postmortem(
 
 /// The tasks an incident touched: for `dlq:AGENT` the agent's dead tasks, for
 /// `loop:AGENT` its tasks awaiting a person, last changed while the incident was open (or
-/// in the minute before it opened); at most 100. Other incidents (a breaker, an anomaly) are not about particular tasks.
+/// in the minute before it opened); the newest 100 of them. Other incidents (a breaker, an
+/// anomaly) are not about particular tasks. The store lists tasks oldest first, so every
+/// page of the agent's tasks in that state is read (up to 100,000 tasks).
 async fn affected_tasks(
     tasks: &dyn TaskStore,
     incident: &incident::Incident,
@@ -305,10 +307,9 @@ async fn affected_tasks(
         .as_deref()
         .and_then(ms)
         .unwrap_or(i64::MAX);
-    let mut found = Vec::new();
+    let mut found = std::collections::VecDeque::with_capacity(101);
     let mut cursor = None;
-    // At most ten pages of the agent's tasks in that state, oldest first.
-    for _ in 0..10 {
+    for _ in 0..100 {
         let page = tasks
             .tasks(keel_store::TaskQuery {
                 state: Some(state.0.to_owned()),
@@ -317,19 +318,20 @@ async fn affected_tasks(
                 cursor,
             })
             .await?;
-        found.extend(
-            page.tasks
-                .into_iter()
-                .filter(|t| (from..=until).contains(&t.updated_at_ms))
-                .map(|t| t.id),
-        );
+        for task in page.tasks {
+            if (from..=until).contains(&task.updated_at_ms) {
+                if found.len() == 100 {
+                    found.pop_front();
+                }
+                found.push_back(task.id);
+            }
+        }
         cursor = page.next;
         if cursor.is_none() {
             break;
         }
     }
-    found.truncate(100);
-    Ok(found)
+    Ok(found.into())
 }
 
 #[derive(Deserialize)]

@@ -485,8 +485,10 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
         let row = self.0.store().task(task).await.map_err(|e| {
             keel_core::ApiError::unavailable(format!("cannot read task {task}: {e}"))
         })?;
+        // The store keeps the deadline of an unfinished task only: a finished task's calls
+        // (say, a worker's last summary) are not refused for a deadline it met.
         Ok(row.map(|r| keel_gateway::tools::TaskFacts {
-            deadline_ms: r.snapshot["deadline_ms"].as_i64(),
+            deadline_ms: r.deadline_at_ms,
             agent: r.agent,
         }))
     }

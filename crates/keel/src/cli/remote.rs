@@ -14,7 +14,9 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    let env = |name: &str| std::env::var(name).ok();
+    // `$KEEL_ADMIN_TOKEN` wins: with it set, the variable the config names need not be.
+    let given = std::env::var("KEEL_ADMIN_TOKEN").ok();
+    let env = |name: &str| given.clone().or_else(|| std::env::var(name).ok());
     let configured = match &server.config {
         Some(path) => match keel_config::load_server(path, &env) {
             Ok(settings) => Some(settings),
@@ -36,7 +38,7 @@ where
             format!("http://{}", reachable(listen))
         }
     };
-    let token = env("KEEL_ADMIN_TOKEN").or_else(|| {
+    let token = given.or_else(|| {
         configured
             .and_then(|s| s.admin_token)
             .map(|t| t.expose().to_owned())
@@ -266,7 +268,6 @@ pub async fn approvals(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `keel audit verify`: exit 1 when the chain is broken.
 /// `keel postmortem ID`: Markdown, or the server's JSON.
 pub async fn postmortem(c: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
     let v = c.get(&format!("/v1/postmortem/{}", urlencode(&id))).await?;
@@ -282,6 +283,7 @@ pub async fn postmortem(c: Client, id: String, json: bool) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keel audit verify`: exit 1 when the chain is broken.
 pub async fn audit(c: Client, json: bool) -> anyhow::Result<ExitCode> {
     let v = c.get("/v1/audit/verify").await?;
     let intact = v["intact"] == true;

@@ -294,6 +294,17 @@ async fn admin_commands_find_the_server_and_its_token_through_its_config() {
         cli(&["tasks", "show", id, "--server", &server, "-c", config_path]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains(id), "{stdout}");
+    // $KEEL_ADMIN_TOKEN wins: the variable the config names need not be set then.
+    let out = keel()
+        .args(["tasks", "ls", "--config", config_path])
+        .env_remove("KEEL_SERVER")
+        .env_remove("KEEL_TEST_ADMIN_TOKEN")
+        .env("KEEL_ADMIN_TOKEN", "admin-secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
     // A config the CLI cannot use is named by file, line and key.
     let out = keel()
         .args(["tasks", "ls", "--config", config_path])
