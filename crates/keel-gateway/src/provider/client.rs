@@ -1,0 +1,399 @@
+//! The HTTP client every provider kind reaches its upstream with, and the wire pieces
+//! they share: reading a failed answer, `Retry-After`, and `text/event-stream` parsing.
+//!
+//! A provider kind decides its URLs (paths under `base_url`), how its key is sent and the
+//! headers it always sends; this module builds the client (hyper's pooled client over
+//! rustls, or reqwest for proxies and credentials in the URL) and posts JSON. It knows
+//! nothing of any wire format's bodies.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use keel_config::ProviderSettings;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+
+use crate::error::UpstreamError;
+
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body, whichever client read it.
+pub(super) type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// How long an idle pooled connection to a provider is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// What a provider kind tells [`HttpClient::try_new`] beside the provider's settings.
+pub(super) struct ClientSpec<'a> {
+    /// Paths appended to `base_url`, one URL each; [`HttpClient::post`] takes an index here.
+    pub paths: &'a [&'static str],
+    /// The header the API key goes in and the value it takes (`Authorization`, `Bearer
+    /// {key}`), when the provider has a key.
+    pub key: Option<(HeaderName, String)>,
+    /// Headers this provider kind always sends (the provider's own `headers` win).
+    pub fixed: &'a [(HeaderName, HeaderValue)],
+}
+
+/// One provider's HTTP client: where it posts and with which headers.
+pub(super) struct HttpClient {
+    transport: Transport,
+    /// Sent with every request: the content type, the API key, the kind's fixed headers and
+    /// the provider's own headers, each marked sensitive so it is never logged.
+    headers: HeaderMap,
+}
+
+/// The HTTP client a provider is reached with, with its URLs (query parameters included)
+/// parsed once in the form that client takes.
+enum Transport {
+    /// hyper's pooled HTTP/1.1 and HTTP/2 client over rustls: the common case. It costs
+    /// a fraction of reqwest's work per request, which parses and prints the URL several
+    /// times over for its redirect and proxy layers even when neither has work to do.
+    Direct {
+        client: Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>>,
+        urls: Vec<http::Uri>,
+    },
+    /// reqwest, for what the direct client does not do: a proxy from `HTTPS_PROXY`,
+    /// `HTTP_PROXY` or `ALL_PROXY` (minus `NO_PROXY`) for this provider, and credentials
+    /// written into the `base_url` (`https://user:password@host`, sent as Basic auth).
+    Reqwest {
+        client: reqwest::Client,
+        urls: Vec<reqwest::Url>,
+    },
+}
+
+// === impl HttpClient ===
+
+impl HttpClient {
+    /// Builds the client for `settings` with the connect timeout `connect`, through the
+    /// proxies `proxies` names. Errors name the provider's key at fault.
+    pub(super) fn try_new(
+        settings: &ProviderSettings,
+        connect: Duration,
+        proxies: &Matcher,
+        spec: &ClientSpec<'_>,
+    ) -> Result<Self, String> {
+        let headers = headers(settings, spec)?;
+        let invalid = |url: &str, e: &dyn std::fmt::Display| {
+            format!(
+                "providers.{}.base_url: {url:?} is not a URL: {e}",
+                settings.name
+            )
+        };
+        let to_uri = |url: &reqwest::Url| {
+            url.as_str()
+                .parse::<http::Uri>()
+                .map_err(|e| invalid(url.as_str(), &e))
+        };
+        let mut urls = Vec::with_capacity(spec.paths.len());
+        for path in spec.paths {
+            let text = format!("{}{path}", settings.base_url);
+            urls.push(
+                reqwest::Url::parse_with_params(&text, &settings.query)
+                    .map_err(|e| invalid(&text, &e))?,
+            );
+        }
+        let Some(first) = urls.first() else {
+            return Err(format!("providers.{}: no endpoint to reach", settings.name));
+        };
+        // Every path is on the base URL's host, so one proxy (or none) serves them all.
+        let proxy = proxies.intercept(&to_uri(first)?);
+        let userinfo = !first.username().is_empty() || first.password().is_some();
+        let cannot_build = |e: &dyn std::fmt::Display| {
+            format!("providers.{}: cannot build HTTP client: {e}", settings.name)
+        };
+        let transport = if proxy.is_some() || userinfo {
+            let mut builder = reqwest::Client::builder().no_proxy();
+            if let Some(proxy) = proxy {
+                let mut via =
+                    reqwest::Proxy::all(proxy.uri().to_string()).map_err(|e| cannot_build(&e))?;
+                if let Some(auth) = proxy.basic_auth() {
+                    via = via.custom_http_auth(auth.clone());
+                }
+                builder = builder.proxy(via);
+            }
+            let client = builder
+                .connect_timeout(connect)
+                .tcp_nodelay(true)
+                .pool_idle_timeout(POOL_IDLE)
+                // keel's own policies decide retries; a provider's redirect is
+                // reported, not followed with the key attached.
+                .redirect(reqwest::redirect::Policy::none())
+                .retry(reqwest::retry::never())
+                .build()
+                .map_err(|e| cannot_build(&e))?;
+            Transport::Reqwest { client, urls }
+        } else {
+            let mut http = HttpConnector::new();
+            http.set_connect_timeout(Some(connect));
+            http.set_nodelay(true);
+            // `https://` URLs pass through to the TLS layer.
+            http.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_all_versions()
+                .wrap_connector(http);
+            // No redirects and no retries: the direct client does neither, and keel's own
+            // policies decide retries.
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_timer(TokioTimer::new())
+                .build(https);
+            Transport::Direct {
+                client: Box::new(client),
+                urls: urls.iter().map(to_uri).collect::<Result<_, _>>()?,
+            }
+        };
+        Ok(Self { transport, headers })
+    }
+
+    /// Posts `body` to URL number `url` (an index into [`ClientSpec::paths`]); `Err` is a
+    /// transport failure, described without the URL.
+    pub(super) async fn post(
+        &self,
+        url: usize,
+        body: Bytes,
+    ) -> Result<http::Response<Body>, String> {
+        match &self.transport {
+            Transport::Direct { client, urls } => {
+                let uri = urls.get(url).ok_or("no such endpoint")?;
+                let mut request = http::Request::new(Full::new(body));
+                *request.method_mut() = http::Method::POST;
+                *request.uri_mut() = uri.clone();
+                *request.headers_mut() = self.headers.clone();
+                let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+                Ok(response.map(|b| b.map_err(BoxError::from).boxed()))
+            }
+            Transport::Reqwest { client, urls } => {
+                let url = urls.get(url).ok_or("no such endpoint")?;
+                let response = client
+                    .post(url.clone())
+                    .headers(self.headers.clone())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| error_chain(&e.without_url()))?;
+                // A body error read later must not carry the URL either.
+                Ok(http::Response::from(response)
+                    .map(|b| b.map_err(|e| BoxError::from(e.without_url())).boxed()))
+            }
+        }
+    }
+
+    /// Whether requests go through hyper's client directly (no proxy, no URL credentials).
+    #[cfg(test)]
+    pub(super) fn is_direct(&self) -> bool {
+        matches!(self.transport, Transport::Direct { .. })
+    }
+}
+
+/// The headers every request of a provider carries, each marked sensitive.
+fn headers(settings: &ProviderSettings, spec: &ClientSpec<'_>) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some((name, value)) = &spec.key {
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            format!(
+                "providers.{}: api key is not a valid header value",
+                settings.name
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name.clone(), value);
+    }
+    for (name, value) in spec.fixed {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &settings.headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            format!(
+                "providers.{}.headers: {name:?} is not a header name",
+                settings.name
+            )
+        })?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            format!(
+                "providers.{}.headers.{name}: not a valid header value",
+                settings.name
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
+/// A non-success answer, read: its status, the `Retry-After` it asked for, and its body
+/// (empty when it could not be read).
+pub(super) async fn failure(
+    response: http::Response<Body>,
+) -> (http::StatusCode, Option<Duration>, Bytes) {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = match response.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    (status, retry_after, body)
+}
+
+/// The whole body of a successful answer; a body that breaks while read is a connection
+/// failure of `target`.
+pub(super) async fn read_all(body: Body, target: &str) -> Result<Bytes, UpstreamError> {
+    Ok(body
+        .collect()
+        .await
+        .map_err(|e| UpstreamError::Connect {
+            target: target.to_owned(),
+            detail: error_chain(e.as_ref()),
+        })?
+        .to_bytes())
+}
+
+/// `Retry-After` as seconds (HTTP dates are rare from model APIs and ignored). A value
+/// too large for a `Duration` is as good as "very long": the retry policy caps it.
+pub(super) fn parse_retry_after(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
+/// An error and its sources, `: `-joined. Callers strip URLs first (query parameters and
+/// `user:pass@` in a provider's URL may hold keys, and this text reaches events and
+/// clients); the direct client's errors never carry one.
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    detail
+}
+
+/// Incremental parser of `text/event-stream`, keeping only `data` fields (the wire formats
+/// keel speaks repeat the event's name inside its data).
+#[derive(Default)]
+pub(super) struct SseParser {
+    buf: BytesMut,
+}
+
+impl SseParser {
+    /// Adds bytes as they arrived.
+    pub(super) fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete event's data (multi-line data joined by `\n`), if any.
+    pub(super) fn next_data(&mut self) -> Option<Bytes> {
+        loop {
+            let (end, sep) = find_event_end(&self.buf)?;
+            let block = self.buf.split_to(end + sep).freeze();
+            let block = &block[..end];
+            let mut data = BytesMut::new();
+            for line in block.split(|b| *b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if let Some(rest) = line.strip_prefix(b"data:") {
+                    let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                    if !data.is_empty() {
+                        data.extend_from_slice(b"\n");
+                    }
+                    data.extend_from_slice(rest);
+                }
+            }
+            // Comment-only or field-less blocks (keep-alives) carry no data.
+            if !data.is_empty() {
+                return Some(data.freeze());
+            }
+        }
+    }
+}
+
+/// Position and length of the first blank-line separator.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_parser_splits_across_chunks() {
+        let mut p = SseParser::default();
+        p.push(b"data: {\"a\"");
+        assert!(p.next_data().is_none());
+        p.push(b":1}\n\n: keep-alive\n\ndata: [DONE]\n\n");
+        assert_eq!(p.next_data().unwrap().as_ref(), b"{\"a\":1}");
+        assert_eq!(p.next_data().unwrap().as_ref(), b"[DONE]");
+        assert!(p.next_data().is_none());
+    }
+
+    #[test]
+    fn sse_parser_handles_crlf_multiline_and_event_names() {
+        let mut p = SseParser::default();
+        p.push(b"data: one\r\ndata: two\r\n\r\nevent: ping\ndata: {\"type\":\"ping\"}\n\n");
+        assert_eq!(p.next_data().unwrap().as_ref(), b"one\ntwo");
+        assert_eq!(p.next_data().unwrap().as_ref(), b"{\"type\":\"ping\"}");
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        // Too large for a Duration: "very long", which the retry policy caps, not a panic.
+        assert_eq!(
+            parse_retry_after("99999999999999999999"),
+            Some(Duration::MAX)
+        );
+        assert_eq!(parse_retry_after("1e300"), Some(Duration::MAX));
+    }
+
+    #[test]
+    fn the_provider_s_headers_win_over_the_kind_s_and_all_are_sensitive() {
+        let settings = ProviderSettings {
+            name: "p".to_owned(),
+            kind: keel_config::ProviderKind::Anthropic,
+            base_url: "http://127.0.0.1:9/v1".to_owned(),
+            api_key: None,
+            headers: vec![("anthropic-version".to_owned(), "2099-01-01".to_owned())],
+            query: Vec::new(),
+            prices: std::collections::BTreeMap::new(),
+        };
+        let spec = ClientSpec {
+            paths: &["/messages"],
+            key: Some((HeaderName::from_static("x-api-key"), "sk-1".to_owned())),
+            fixed: &[(
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static("2023-06-01"),
+            )],
+        };
+        let headers = headers(&settings, &spec).unwrap();
+        assert_eq!(headers["anthropic-version"], "2099-01-01");
+        assert_eq!(headers["x-api-key"], "sk-1");
+        assert!(headers["x-api-key"].is_sensitive());
+        assert_eq!(headers[CONTENT_TYPE], "application/json");
+    }
+}
