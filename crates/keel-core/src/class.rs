@@ -39,6 +39,9 @@ pub enum ErrorHint {
     ModelNotFound,
     /// The provider's content filter refused the request.
     ContentFilter,
+    /// The provider's API cannot express the request (a parameter or endpoint it lacks):
+    /// keel found this while translating the request for it and sent nothing.
+    Unsupported,
     /// Nothing recognised.
     None,
 }
@@ -70,18 +73,22 @@ impl ErrorHint {
 
 /// Classifies an upstream HTTP answer that was not a success.
 ///
-/// Retryable: 408, 429, 500, 502, 503, 504. Fallback-only: context too long,
-/// model not found at that provider, content filter (whatever status carries
-/// them). Fatal: every other status, 400, 401, 403, 404 and 422 among them.
+/// Retryable: 408, 429, 500, 502, 503, 504, and 529 (Anthropic's "overloaded", its 503).
+/// Fallback-only: context too long, model not found at that provider, content filter
+/// (whatever status carries them), and a request the provider's API cannot express.
+/// Fatal: every other status, 400, 401, 403, 404 and 422 among them.
 pub fn classify_status(status: StatusCode, hint: ErrorHint) -> ErrorClass {
     match hint {
-        ErrorHint::ContextTooLong | ErrorHint::ModelNotFound | ErrorHint::ContentFilter => {
+        ErrorHint::ContextTooLong
+        | ErrorHint::ModelNotFound
+        | ErrorHint::ContentFilter
+        | ErrorHint::Unsupported => {
             return ErrorClass::FallbackOnly;
         }
         ErrorHint::None => {}
     }
     match status.as_u16() {
-        408 | 429 | 500 | 502 | 503 | 504 => ErrorClass::Retryable,
+        408 | 429 | 500 | 502 | 503 | 504 | 529 => ErrorClass::Retryable,
         _ => ErrorClass::Fatal,
     }
 }
@@ -104,6 +111,7 @@ mod tests {
             (502, b"<html>bad gateway</html>", ErrorClass::Retryable),
             (503, b"", ErrorClass::Retryable),
             (504, plain, ErrorClass::Retryable),
+            (529, plain, ErrorClass::Retryable),
             (400, too_long, ErrorClass::FallbackOnly),
             (404, model_gone, ErrorClass::FallbackOnly),
             (400, filtered, ErrorClass::FallbackOnly),
@@ -124,5 +132,9 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+        assert_eq!(
+            classify_status(StatusCode::BAD_REQUEST, ErrorHint::Unsupported),
+            ErrorClass::FallbackOnly
+        );
     }
 }
