@@ -193,7 +193,8 @@ fn content_text(content: Option<&Value>) -> String {
     }
 }
 
-fn truncate(text: &str) -> &str {
+/// `text` up to its first [`QUOTE_CHARS`] characters.
+pub(crate) fn truncate(text: &str) -> &str {
     match text.char_indices().nth(QUOTE_CHARS) {
         Some((end, _)) => &text[..end],
         None => text,

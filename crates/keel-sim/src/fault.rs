@@ -28,7 +28,8 @@ pub const DEFAULT_STALL: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
-    /// Answer this HTTP status with an OpenAI-shaped error body.
+    /// Answer this HTTP status with an error body in the endpoint's shape (OpenAI's, or
+    /// Anthropic's on `/v1/messages`).
     #[serde(default)]
     pub status: Option<u16>,
     /// The error body's `error.code`, e.g. `context_length_exceeded`, `model_not_found`.
@@ -163,7 +164,8 @@ impl Fault {
 
     /// The error status this fault answers, if it answers an error: `status` when given,
     /// otherwise the status OpenAI uses for `error_code` (`model_not_found` 404,
-    /// `invalid_api_key` 401, `rate_limit_exceeded`/`insufficient_quota` 429, anything else 400).
+    /// `invalid_api_key` 401, `rate_limit_exceeded`/`insufficient_quota` 429, anything else 400),
+    /// and Anthropic's 529 for `overloaded_error`.
     pub fn effective_status(&self) -> Option<u16> {
         if let Some(status) = self.status {
             return Some(status);
@@ -172,6 +174,7 @@ impl Fault {
             "model_not_found" => 404,
             "invalid_api_key" => 401,
             "rate_limit_exceeded" | "insufficient_quota" => 429,
+            "overloaded_error" => 529,
             _ => 400,
         })
     }

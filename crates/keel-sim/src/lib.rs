@@ -1,4 +1,5 @@
-//! A simulated OpenAI-compatible model server with scriptable fault injection.
+//! A simulated OpenAI-compatible (and Anthropic Messages) model server with scriptable
+//! fault injection.
 //!
 //! keel's tests and benchmarks talk to it over real loopback HTTP, as to an outside
 //! provider: it depends on no keel crate. Without faults it answers deterministically:
@@ -8,6 +9,13 @@
 //!   last message is the user's, `"sim saw tool result: ..."` after a tool message, a JSON
 //!   object for `response_format` `json_object` / `json_schema`; `stream: true` answers in
 //!   OpenAI's SSE shape, with a usage chunk when `stream_options.include_usage` is set.
+//! - `POST /v1/messages`: Anthropic's Messages API with the same answers (a `tool_use`
+//!   block, `"sim saw tool result: ..."` after a `tool_result`), streamed as Anthropic's
+//!   events (`message_start`, `content_block_*`, `ping`, `message_delta`, `message_stop`).
+//!   It requires `anthropic-version` and `max_tokens`, refuses unknown fields and a
+//!   `tool_use` left without its `tool_result` as Anthropic does, honours `stop_sequences`
+//!   and cuts a text at `max_tokens` words; faults come in Anthropic's error shape (529
+//!   `overloaded_error`, ...), and [`SimHandle::last_authorization`] gives its `x-api-key`.
 //! - `POST /v1/embeddings`: unit vectors of 8 floats hashed from each input.
 //! - `GET /v1/models`: the models seen, plus `sim-model`.
 //! - `POST /tools/{name}` (or `/v1/tools/{name}`): a simulated HTTP tool answering
@@ -36,6 +44,7 @@ mod chat;
 mod embeddings;
 mod fault;
 pub mod fleet;
+mod messages;
 mod routes;
 mod server;
 mod state;
@@ -44,5 +53,7 @@ pub use fault::{DEFAULT_STALL, Fault};
 pub use server::{SimHandle, SimServer};
 pub use state::{Injector, WILDCARD};
 
+#[cfg(test)]
+mod anthropic_tests;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,9 @@
 //! Request handling: routing, fault injection, and the `/_sim` control surface.
 //!
 //! Every request is answered by [`handle`]. Model requests (`/v1/chat/completions`,
-//! `/v1/embeddings`) are counted, recorded, and matched with their fault before the answer
-//! is built by [`crate::chat`] or [`crate::embeddings`]. A fault that must close the
+//! `/v1/embeddings`, and Anthropic's `/v1/messages`) are counted, recorded, and matched with
+//! their fault before the answer is built by [`crate::chat`], [`crate::embeddings`] or
+//! [`crate::messages`]; a fault's error comes in the shape of the endpoint's API. A fault that must close the
 //! connection without a response makes [`handle`] return `Err`, which hyper answers by
 //! closing the connection; a stream that must be cut yields `Err` from its body, which makes
 //! hyper abort the chunked response without its terminating chunk.
@@ -22,13 +23,16 @@ use serde_json::{Value, json};
 
 use crate::fault::Fault;
 use crate::state::Shared;
-use crate::{chat, embeddings};
+use crate::{chat, embeddings, messages};
 
 /// The largest request body the sim reads.
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// The body the sim answers with a half-written JSON document.
 const MALFORMED: &[u8] = br#"{"id": "x", "choices": ["#;
+
+/// The same for Anthropic's Messages API.
+const MALFORMED_MESSAGE: &[u8] = br#"{"id": "msg_x", "type": "message", "content": ["#;
 
 /// A response body; it fails only when a fault cuts a stream.
 pub(crate) type SimBody = UnsyncBoxBody<Bytes, SimError>;
@@ -48,6 +52,15 @@ pub(crate) enum SimError {
 enum Endpoint {
     Chat,
     Embeddings,
+    /// Anthropic's `POST /v1/messages`.
+    Messages,
+}
+
+impl Endpoint {
+    /// Whether the endpoint speaks Anthropic's wire format (its errors included).
+    fn is_anthropic(self) -> bool {
+        self == Self::Messages
+    }
 }
 
 /// Answers one request. `Err` closes the connection without a response.
@@ -65,6 +78,7 @@ pub(crate) async fn handle(
     match (method, route) {
         (Method::POST, "/chat/completions") => model_call(&shared, req, Endpoint::Chat).await,
         (Method::POST, "/embeddings") => model_call(&shared, req, Endpoint::Embeddings).await,
+        (Method::POST, "/messages") => model_call(&shared, req, Endpoint::Messages).await,
         (Method::GET, "/models") => Ok(models(&shared)),
         (Method::POST, "/_sim/script") => Ok(control(&shared, req, Control::Script).await),
         (Method::POST, "/_sim/always") => Ok(control(&shared, req, Control::Always).await),
@@ -82,8 +96,8 @@ pub(crate) async fn handle(
         }
         (
             _,
-            "/chat/completions" | "/embeddings" | "/models" | "/_sim/script" | "/_sim/always"
-            | "/_sim/reset" | "/_sim/calls",
+            "/chat/completions" | "/embeddings" | "/messages" | "/models" | "/_sim/script"
+            | "/_sim/always" | "/_sim/reset" | "/_sim/calls",
         ) => Ok(error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("method not allowed on {path}"),
@@ -129,7 +143,7 @@ async fn tool_call(
         return Ok(response);
     }
     if let Some(fault) = fault
-        && let Some(early) = apply_fault(fault, &key, false).await
+        && let Some(early) = apply_fault(fault, &key, false, false).await
     {
         return early.map(|response| with_retry_after(response, Some(fault)));
     }
@@ -147,30 +161,50 @@ async fn model_call(
     req: Request<Incoming>,
     endpoint: Endpoint,
 ) -> Result<Response<SimBody>, SimError> {
-    let authorization = req.headers().get(AUTHORIZATION).cloned();
+    let anthropic = endpoint.is_anthropic();
+    // Anthropic's key comes in `x-api-key`; it is recorded where a bearer token would be.
+    let key_header = if anthropic {
+        http::HeaderName::from_static("x-api-key")
+    } else {
+        AUTHORIZATION
+    };
+    let authorization = req.headers().get(key_header).cloned();
+    let versioned = req.headers().contains_key("anthropic-version");
     let body = match read_body(req).await {
         Ok(body) => body,
         Err(response) => return Ok(response),
     };
+    let invalid = |message: &str| {
+        if anthropic {
+            anthropic_invalid(message)
+        } else {
+            invalid_request(message)
+        }
+    };
+    if anthropic && !versioned {
+        return Ok(invalid("anthropic-version: header is required"));
+    }
     let request: Value = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return Ok(invalid_request(&format!("invalid JSON body: {e}"))),
+        Err(e) => return Ok(invalid(&format!("invalid JSON body: {e}"))),
     };
     let Some(model) = request.get("model").and_then(Value::as_str) else {
-        return Ok(invalid_request("you must provide a model parameter"));
+        return Ok(invalid("you must provide a model parameter"));
     };
     let fault = shared
         .admit(model, body, authorization)
         .or_else(|| shared.inject(model, &request));
     let fault = fault.as_deref();
-    let stream = endpoint == Endpoint::Chat && request.get("stream") == Some(&Value::Bool(true));
+    let stream =
+        endpoint != Endpoint::Embeddings && request.get("stream") == Some(&Value::Bool(true));
     if let Some(fault) = fault
-        && let Some(early) = apply_fault(fault, model, stream).await
+        && let Some(early) = apply_fault(fault, model, stream, anthropic).await
     {
         return early.map(|response| with_retry_after(response, Some(fault)));
     }
     let response = match endpoint {
         Endpoint::Chat => chat_response(shared, &request, model, fault),
+        Endpoint::Messages => messages_response(shared, &request, model, fault),
         Endpoint::Embeddings => match embeddings::answer(&request, model) {
             Ok(body) => json_response(StatusCode::OK, body),
             Err(message) => invalid_request(&message),
@@ -179,12 +213,13 @@ async fn model_call(
     Ok(with_retry_after(response, fault))
 }
 
-/// Applies the parts of `fault` that come before (or instead of) the normal answer.
-/// `None` means: go on and answer normally.
+/// Applies the parts of `fault` that come before (or instead of) the normal answer, in
+/// Anthropic's wire shapes when `anthropic`. `None` means: go on and answer normally.
 async fn apply_fault(
     fault: &Fault,
     model: &str,
     stream: bool,
+    anthropic: bool,
 ) -> Option<Result<Response<SimBody>, SimError>> {
     if let Some(delay) = fault.delay {
         tokio::time::sleep(delay).await;
@@ -193,7 +228,26 @@ async fn apply_fault(
         return Some(Err(SimError::Dropped));
     }
     if let Some(status) = fault.effective_status() {
-        return Some(Ok(fault_error(status, fault.error_code.as_deref(), model)));
+        let code = fault.error_code.as_deref();
+        if anthropic {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let body = messages::error_body(status, code, model);
+            return Some(Ok(json_response(status, body)));
+        }
+        return Some(Ok(fault_error(status, code, model)));
+    }
+    if fault.malformed && anthropic {
+        let response = if stream {
+            let mut body = b"event: message_start\ndata: ".to_vec();
+            body.extend_from_slice(MALFORMED_MESSAGE);
+            body.extend_from_slice(
+                b"\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            );
+            sse_response(full(Bytes::from(body)))
+        } else {
+            json_response(StatusCode::OK, Bytes::from_static(MALFORMED_MESSAGE))
+        };
+        return Some(Ok(response));
     }
     if fault.malformed {
         let response = if stream {
@@ -228,6 +282,24 @@ fn chat_response(
         return json_response(StatusCode::OK, chat::completion(n, created, model, &plan));
     }
     let events = chat::stream_events(n, created, model, &plan);
+    sse_response(stream_body(events, fault))
+}
+
+fn messages_response(
+    shared: &Shared,
+    request: &Value,
+    model: &str,
+    fault: Option<&Fault>,
+) -> Response<SimBody> {
+    let plan = match messages::plan(request, fault.and_then(|f| f.reply.as_deref())) {
+        Ok(plan) => plan,
+        Err(message) => return anthropic_invalid(&message),
+    };
+    let n = shared.next_id();
+    if !plan.stream {
+        return json_response(StatusCode::OK, messages::message(n, model, &plan));
+    }
+    let events = messages::stream_events(n, model, &plan);
     sse_response(stream_body(events, fault))
 }
 
@@ -407,6 +479,14 @@ fn error_response(
 ) -> Response<SimBody> {
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     json_response(status, Bytes::from(body.to_string()))
+}
+
+/// A 400 in Anthropic's shape.
+fn anthropic_invalid(message: &str) -> Response<SimBody> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        messages::error("invalid_request_error", message),
+    )
 }
 
 fn invalid_request(message: &str) -> Response<SimBody> {
