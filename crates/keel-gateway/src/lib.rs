@@ -44,6 +44,7 @@ use crate::agents::Agents;
 use crate::chaos::Chaos;
 use crate::metrics::{Metrics, TargetLabel};
 use crate::provider::Provider;
+use crate::provider::anthropic::AnthropicProvider;
 use crate::provider::openai::OpenAiProvider;
 use crate::route::{Route, Target};
 
@@ -96,14 +97,6 @@ pub enum BuildError {
     /// A tool that cannot be built.
     #[error(transparent)]
     Tool(#[from] tools::ToolBuildError),
-    /// A provider kind this build does not support yet.
-    #[error("providers.{name}.kind: provider kind {kind:?} is not supported yet")]
-    UnsupportedKind {
-        /// Provider name.
-        name: String,
-        /// The kind.
-        kind: &'static str,
-    },
 }
 
 impl Gateway {
@@ -144,12 +137,10 @@ impl Gateway {
                         OpenAiProvider::try_new(p, r.timeouts.connect)
                             .map_err(BuildError::Provider)?,
                     ),
-                    ProviderKind::Anthropic => {
-                        return Err(BuildError::UnsupportedKind {
-                            name: t.provider.clone(),
-                            kind: "anthropic",
-                        });
-                    }
+                    ProviderKind::Anthropic => Arc::new(
+                        AnthropicProvider::try_new(p, r.timeouts.connect)
+                            .map_err(BuildError::Provider)?,
+                    ),
                 };
                 providers.insert(key, provider);
             }

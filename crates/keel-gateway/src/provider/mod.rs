@@ -8,6 +8,7 @@
 //! the gateway changes. Providers do not retry, time out or record: the route
 //! executor does that around them.
 
+pub mod anthropic;
 mod client;
 pub mod openai;
 
