@@ -74,28 +74,10 @@ fn tool_problem(file: &Path, error: &keel_gateway::tools::ToolBuildError) -> Str
 }
 
 /// What keel cannot run in a config that passed validation, each as
-/// `file:line: key: ...`: a PostgreSQL URL it cannot use, a provider kind this build
-/// lacks. `keel config check` and `keel serve` both refuse these before opening the store.
+/// `file:line: key: ...`: a PostgreSQL URL it cannot use. `keel config check` and
+/// `keel serve` both refuse these before opening the store.
 pub(crate) fn build_problems(file: &Path, settings: &Settings) -> Vec<String> {
-    let mut problems: Vec<String> = store_url_problem(file, settings).into_iter().collect();
-    for (name, provider) in &settings.providers {
-        if provider.kind == keel_config::ProviderKind::Anthropic {
-            let key = keel_config::KeyPath::root()
-                .child("providers")
-                .child(name)
-                .child("kind");
-            problems.push(
-                keel_config::error_at(
-                    file,
-                    &key,
-                    "\"anthropic\" is not supported by this build yet; for now reach Claude \
-                     through an OpenAI-compatible endpoint with kind = \"openai\"",
-                )
-                .to_string(),
-            );
-        }
-    }
-    problems
+    store_url_problem(file, settings).into_iter().collect()
 }
 
 fn init_tracing(format: keel_config::LogFormat) {

@@ -217,31 +217,38 @@ fn json_logs_are_one_object_per_line_and_carry_no_keys() {
 }
 
 #[test]
-fn a_provider_kind_this_build_lacks_is_refused_by_check_and_serve_before_the_store() {
+fn an_anthropic_provider_is_accepted_by_config_check() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keel.toml");
     std::fs::write(
         &path,
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[providers.claude]\nkind = \"anthropic\"\nbase_url = \"http://127.0.0.1:1\"\n\n[routes.smart]\ntargets = [{ provider = \"claude\", model = \"m\" }]\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[providers.claude]\nkind = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1\"\napi_key_env = \"KEEL_TEST_ANTHROPIC_KEY\"\nheaders = { \"anthropic-beta\" = \"some-feature\" }\n\n[routes.smart]\ntargets = [{ provider = \"claude\", model = \"claude-sonnet-4-5\" }]\n",
     )
     .unwrap();
-    for args in [&["config", "check"][..], &["serve", "--config"][..]] {
-        let out = keel()
-            .current_dir(dir.path())
-            .args(args)
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains("keel.toml:5: providers.claude.kind: \"anthropic\" is not supported"),
-            "{args:?}: {stderr}"
-        );
-        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
-    }
-    // serve stopped before it opened (or created) the default store.
-    assert!(!dir.path().join("keel-data").exists());
+    let out = keel()
+        .current_dir(dir.path())
+        .env("KEEL_TEST_ANTHROPIC_KEY", "sk-ant-secret")
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    // Its key is required like any provider's.
+    let out = keel()
+        .current_dir(dir.path())
+        .env_remove("KEEL_TEST_ANTHROPIC_KEY")
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("keel.toml:7: providers.claude.api_key_env"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

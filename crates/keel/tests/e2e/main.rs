@@ -9,6 +9,7 @@
     reason = "test harness: a failed setup step should fail the test loudly"
 )]
 
+mod anthropic;
 mod chaos;
 mod cli;
 mod common;

@@ -1,7 +1,10 @@
 """Drives keel with the real `openai` Python SDK and prints what the SDK saw as JSON.
 
 Usage: sdk_client.py MODE BASE_URL [--model M] [--key K] [--header NAME=VALUE ...]
-MODE: chat | stream | tools | embed | models
+                     [--no-extra-body]
+MODE: chat | stream | tools | tool_round_trip | stream_tools | embed | models
+
+`chat` sends an unknown field through `extra_body` unless --no-extra-body is given.
 
 The SDK's own retries are off (max_retries=0) so that every retry a test sees
 is keel's. Exceptions are reported by class name, never swallowed silently.
@@ -14,6 +17,20 @@ import sys
 import openai
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode")
@@ -22,6 +39,7 @@ def main() -> int:
     p.add_argument("--key", default="sk-no-key")
     p.add_argument("--header", action="append", default=[])
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--no-extra-body", action="store_true")
     a = p.parse_args()
     headers = dict(h.split("=", 1) for h in a.header)
     client = openai.OpenAI(
@@ -37,7 +55,7 @@ def main() -> int:
             raw = client.chat.completions.with_raw_response.create(
                 model=a.model,
                 messages=[{"role": "user", "content": "hello keel"}],
-                extra_body={"keel_test_unknown_field": {"kept": True}},
+                extra_body=None if a.no_extra_body else {"keel_test_unknown_field": {"kept": True}},
             )
             c = raw.parse()
             out.update(
@@ -90,6 +108,59 @@ def main() -> int:
                 tool_calls=[
                     {"id": t.id, "name": t.function.name, "arguments": json.loads(t.function.arguments)}
                     for t in (m.tool_calls or [])
+                ],
+            )
+        elif a.mode == "tool_round_trip":
+            # The agent loop: the model calls the tool, the agent runs it and sends the
+            # result back, the model answers.
+            messages = [
+                {"role": "system", "content": "use the tools"},
+                {"role": "user", "content": "what is the weather in Paris"},
+            ]
+            first = client.chat.completions.create(model=a.model, messages=messages, tools=[WEATHER])
+            m = first.choices[0].message
+            messages.append(m.model_dump(exclude_none=True))
+            for call in m.tool_calls or []:
+                args = json.loads(call.function.arguments)
+                messages.append({"role": "tool", "tool_call_id": call.id,
+                                 "content": f"sunny in {args.get('city')}"})
+            second = client.chat.completions.create(model=a.model, messages=messages, tools=[WEATHER])
+            out.update(
+                first_finish_reason=first.choices[0].finish_reason,
+                tool_calls=[
+                    {"id": t.id, "name": t.function.name, "arguments": json.loads(t.function.arguments)}
+                    for t in (m.tool_calls or [])
+                ],
+                finish_reason=second.choices[0].finish_reason,
+                content=second.choices[0].message.content,
+                usage=[first.usage.model_dump(), second.usage.model_dump()],
+            )
+        elif a.mode == "stream_tools":
+            stream = client.chat.completions.create(
+                model=a.model,
+                messages=[{"role": "user", "content": "what is the weather in Paris"}],
+                tools=[WEATHER],
+                stream=True,
+            )
+            calls = {}
+            finish = None
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                finish = chunk.choices[0].finish_reason or finish
+                for d in chunk.choices[0].delta.tool_calls or []:
+                    c = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                    if d.id:
+                        c["id"] = d.id
+                    if d.function and d.function.name:
+                        c["name"] = d.function.name
+                    if d.function and d.function.arguments:
+                        c["arguments"] += d.function.arguments
+            out.update(
+                finish_reason=finish,
+                tool_calls=[
+                    {"id": c["id"], "name": c["name"], "arguments": json.loads(c["arguments"])}
+                    for _, c in sorted(calls.items())
                 ],
             )
         elif a.mode == "embed":
