@@ -2,8 +2,8 @@
 //! clients that speak OpenAI's chat completions to keel.
 //!
 //! Everything Anthropic-specific happens here: the request is translated
-//! ([`request`]), the answer comes back as an OpenAI `chat.completion` ([`response`]) or
-//! as `chat.completion.chunk`s ([`stream`]), and Anthropic's errors come back in the
+//! (`request.rs`), the answer comes back as an OpenAI `chat.completion` (`response.rs`) or
+//! as `chat.completion.chunk`s (`stream.rs`), and Anthropic's errors come back in the
 //! OpenAI shape with what they say of their cause (context too long, model not found), so
 //! keel's classification, usage accounting, budgets and recording work as for any
 //! provider. A request the Messages API cannot express (an unsupported parameter, an

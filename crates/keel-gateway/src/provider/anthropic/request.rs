@@ -3,7 +3,9 @@
 //! Every parameter is either translated, dropped because dropping it cannot change what
 //! the client gets (`seed`, `store`, a zero penalty, `n: 1`, ...), or refused with a
 //! [`Refusal`] naming it: an unknown parameter is refused too, since keel cannot tell
-//! whether the client relies on it. Nothing is sent for a refused request.
+//! whether the client relies on it. Nothing is sent for a refused request. A function
+//! tool's `strict` flag is dropped too: the model still gets the schema, and the client
+//! reads the arguments as it would any others.
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
