@@ -90,6 +90,16 @@ async fn a_plain_call_and_a_stream_through_the_sdk_reach_an_anthropic_target() {
         ),
         "{metrics}"
     );
+    // The key went to the provider only: not into the store.
+    let needle = PROVIDER_KEY.as_bytes();
+    for file in [keel.db_path(), keel.db_path().with_extension("db-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "provider key stored in {}",
+            file.display()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

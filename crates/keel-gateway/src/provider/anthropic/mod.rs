@@ -130,7 +130,7 @@ fn unservable(target: &str, message: String, code: &str, param: &str) -> Upstrea
         "message": message,
         "type": "invalid_request_error",
         "code": code,
-        "param": param,
+        "param": (!param.is_empty()).then_some(param),
     }});
     UpstreamError::Status {
         target: target.to_owned(),
