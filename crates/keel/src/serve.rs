@@ -467,10 +467,13 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
         let row = self.0.store().task(task).await.map_err(|e| {
             keel_core::ApiError::unavailable(format!("cannot read task {task}: {e}"))
         })?;
-        // The store keeps the deadline of an unfinished task only: a finished task's calls
-        // (say, a worker's last summary) are not refused for a deadline it met.
+        // A task that succeeded met its deadline: its later calls (say, a worker's last
+        // summary) are not refused for it. One that died of it (the timer ends a task at its
+        // deadline), or otherwise, keeps it.
         Ok(row.map(|r| keel_gateway::tools::TaskFacts {
-            deadline_ms: r.deadline_at_ms,
+            deadline_ms: (r.state != "succeeded")
+                .then(|| r.snapshot["deadline_ms"].as_i64())
+                .flatten(),
             agent: r.agent,
         }))
     }

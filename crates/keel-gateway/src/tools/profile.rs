@@ -62,8 +62,8 @@ pub trait ApprovalQueue: Send + Sync {
 pub struct TaskFacts {
     /// The agent it belongs to (never changes).
     pub agent: String,
-    /// Its deadline while it is unfinished, unix milliseconds (an operator's requeue may
-    /// set a new one).
+    /// Its deadline, unix milliseconds, unless it succeeded (an operator's requeue may set
+    /// a new one).
     pub deadline_ms: Option<i64>,
 }
 
