@@ -42,6 +42,9 @@ pub enum ErrorHint {
     /// The provider's API cannot express the request (a parameter or endpoint it lacks):
     /// keel found this while translating the request for it and sent nothing.
     Unsupported,
+    /// The provider refused keel's account, not the request (Anthropic's "credit balance
+    /// is too low"): another provider may answer, and the client is not at fault.
+    AccountRefused,
     /// Nothing recognised.
     None,
 }
@@ -75,14 +78,16 @@ impl ErrorHint {
 ///
 /// Retryable: 408, 429, 500, 502, 503, 504, and 529 (Anthropic's "overloaded", its 503).
 /// Fallback-only: context too long, model not found at that provider, content filter
-/// (whatever status carries them), and a request the provider's API cannot express.
+/// (whatever status carries them), a request the provider's API cannot express, and the
+/// provider refusing keel's account.
 /// Fatal: every other status, 400, 401, 403, 404 and 422 among them.
 pub fn classify_status(status: StatusCode, hint: ErrorHint) -> ErrorClass {
     match hint {
         ErrorHint::ContextTooLong
         | ErrorHint::ModelNotFound
         | ErrorHint::ContentFilter
-        | ErrorHint::Unsupported => {
+        | ErrorHint::Unsupported
+        | ErrorHint::AccountRefused => {
             return ErrorClass::FallbackOnly;
         }
         ErrorHint::None => {}

@@ -474,8 +474,9 @@ impl Finish {
         // part of the key) is neither passed on nor recorded.
         let credentials_refused = matches!(
             &error,
-            UpstreamError::Status { status, .. }
+            UpstreamError::Status { status, hint, .. }
                 if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN
+                    || *hint == keel_core::class::ErrorHint::AccountRefused
         );
         let upstream_body = match &error {
             UpstreamError::Status { .. } if credentials_refused => None,
@@ -499,12 +500,20 @@ impl Finish {
         count_request(&self.gw, &route.name, &target, "error");
         self.observe(None, &log.who, "", None).await;
         let mut response = match error {
-            UpstreamError::Status { status, .. } if credentials_refused => {
-                let mut err = ApiError::unavailable(format!(
-                    "provider {target} refused keel's credentials (HTTP {}); check the provider's api_key_env",
-                    status.as_u16()
-                ))
-                .with_code("upstream_credentials_refused");
+            UpstreamError::Status { status, hint, .. } if credentials_refused => {
+                let mut err = if hint == keel_core::class::ErrorHint::AccountRefused {
+                    ApiError::unavailable(format!(
+                        "provider {target} refused keel's account (HTTP {}): its billing or credit; check the provider account keel's key belongs to",
+                        status.as_u16()
+                    ))
+                    .with_code("upstream_account_refused")
+                } else {
+                    ApiError::unavailable(format!(
+                        "provider {target} refused keel's credentials (HTTP {}); check the provider's api_key_env",
+                        status.as_u16()
+                    ))
+                    .with_code("upstream_credentials_refused")
+                };
                 err.status = StatusCode::BAD_GATEWAY;
                 err.into_response()
             }

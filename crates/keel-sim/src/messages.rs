@@ -75,6 +75,13 @@ pub(crate) fn plan(request: &Value, reply: Option<&str>) -> Result<MessagesPlan,
     {
         return Err("temperature: Input should be less than or equal to 1".to_owned());
     }
+    // As current Claude models do.
+    if object.contains_key("temperature") && object.contains_key("top_p") {
+        return Err(
+            "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+                .to_owned(),
+        );
+    }
     let messages = object
         .get("messages")
         .and_then(Value::as_array)
@@ -234,6 +241,16 @@ fn check_messages(messages: &[Value]) -> Result<(), String> {
                     if !block["input"].is_object() || block["name"].as_str().is_none() {
                         return Err(format!(
                             "{at}: a tool_use block needs a name and an input object"
+                        ));
+                    }
+                    let id = block["id"].as_str().unwrap_or_default();
+                    if id.is_empty()
+                        || !id
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return Err(format!(
+                            "{at}.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
                         ));
                     }
                     calls.push(block["id"].as_str().unwrap_or_default());
@@ -508,6 +525,17 @@ mod tests {
             (
                 json!({"tools": [{"name": "f", "parameters": {}}]}),
                 "input_schema",
+            ),
+            (
+                json!({"temperature": 0.2, "top_p": 0.9}),
+                "cannot both be specified",
+            ),
+            (
+                json!({"messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "functions.f:0", "name": "f", "input": {}}]},
+                ]}),
+                "messages.1.content.0.tool_use.id: String should match pattern",
             ),
         ];
         for (extra, want) in table {

@@ -80,6 +80,22 @@ pub(super) fn translate(body: &[u8]) -> Result<Translated, Refusal> {
         tool_choice,
         parallel,
     } = params;
+    // Current Claude models take `temperature` or `top_p`, not both: a `top_p` of 1 (no
+    // cut) is left out, another is refused so that the call can fall back.
+    if out.contains_key("temperature") {
+        match out.get("top_p").and_then(Value::as_f64) {
+            Some(p) if p >= 1.0 => {
+                out.remove("top_p");
+            }
+            Some(_) => {
+                return Err(Refusal::unsupported(
+                    "top_p",
+                    "Anthropic models take temperature or top_p, not both",
+                ));
+            }
+            None => {}
+        }
+    }
     let max_tokens = max_completion_tokens
         .or(max_tokens)
         .unwrap_or(DEFAULT_MAX_TOKENS);
@@ -462,7 +478,21 @@ fn tool_use(call: &Value, at: &str) -> Result<Value, Refusal> {
             }
         }
     };
-    Ok(json!({ "type": "tool_use", "id": id, "name": name, "input": input }))
+    Ok(json!({ "type": "tool_use", "id": tool_id(id), "name": name, "input": input }))
+}
+
+/// A tool call's id as Anthropic takes it (`^[a-zA-Z0-9_-]+$`): an id from another
+/// provider earlier in the conversation (`functions.get_weather:0`) has its other
+/// characters replaced, and a short hash of the original added so two ids stay two. The
+/// same id maps the same way in a `tool_use` and in its `tool_result`.
+pub(super) fn tool_id(id: &str) -> String {
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !id.is_empty() && id.chars().all(valid) {
+        return id.to_owned();
+    }
+    let kept: String = id.chars().map(|c| if valid(c) { c } else { '_' }).collect();
+    let hash = keel_store::blob_hash(id.as_bytes());
+    format!("{kept}_{}", &hash[..8])
 }
 
 /// A `role: "tool"` message as a `tool_result` block (sent in a user message).
@@ -476,7 +506,7 @@ fn tool_result(message: &Value, at: &str) -> Result<Value, Refusal> {
                 "a tool message needs 'tool_call_id'",
             )
         })?;
-    let mut block = json!({ "type": "tool_result", "tool_use_id": id });
+    let mut block = json!({ "type": "tool_result", "tool_use_id": tool_id(id) });
     match message.get("content").unwrap_or(&Value::Null) {
         Value::String(s) if s.is_empty() => {}
         Value::String(s) => block["content"] = Value::String(s.clone()),
@@ -516,10 +546,17 @@ fn function_tools(value: &Value) -> Result<Vec<Value>, Refusal> {
                     "a function tool needs a name",
                 )
             })?;
-        // Anthropic requires an object schema; a function without parameters takes none.
+        // Anthropic requires an object schema; a function without parameters takes none,
+        // and `"parameters": {}` (which OpenAI takes) is that empty object schema.
         let schema = match function.get("parameters") {
             None | Some(Value::Null) => json!({ "type": "object", "properties": {} }),
-            Some(schema @ Value::Object(_)) => schema.clone(),
+            Some(Value::Object(schema)) => {
+                let mut schema = schema.clone();
+                schema
+                    .entry("type")
+                    .or_insert_with(|| Value::String("object".into()));
+                Value::Object(schema)
+            }
             Some(_) => {
                 return Err(Refusal::new(
                     format!("{at}.function.parameters"),

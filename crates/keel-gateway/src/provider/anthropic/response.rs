@@ -185,6 +185,9 @@ pub(super) fn hint_of(error: &ErrorDetail) -> ErrorHint {
         }
         // "model: claude-x"
         "not_found_error" if message.starts_with("model:") => ErrorHint::ModelNotFound,
+        // "Your credit balance is too low to access the Anthropic API...": keel's account.
+        "billing_error" => ErrorHint::AccountRefused,
+        "invalid_request_error" if message.contains("credit balance") => ErrorHint::AccountRefused,
         _ => ErrorHint::None,
     }
 }
@@ -194,6 +197,7 @@ fn openai_kind(error: &ErrorDetail, hint: ErrorHint) -> (&'static str, String) {
     let code = match hint {
         ErrorHint::ContextTooLong => "context_length_exceeded".to_owned(),
         ErrorHint::ModelNotFound => "model_not_found".to_owned(),
+        ErrorHint::AccountRefused => "billing_error".to_owned(),
         ErrorHint::ContentFilter | ErrorHint::Unsupported | ErrorHint::None => error.kind.clone(),
     };
     let kind = match error.kind.as_str() {

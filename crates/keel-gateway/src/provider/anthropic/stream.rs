@@ -2,13 +2,14 @@
 //!
 //! | Anthropic event | OpenAI chunk |
 //! | --- | --- |
-//! | `message_start` | the role chunk, `{"role": "assistant", "content": ""}` |
+//! | `message_start` | the role chunk, `{"role": "assistant", "content": ""}`, sent with the first chunk after it, so the stream commits at its first content, not before (an `overloaded_error` right after `message_start` is retried) |
 //! | `content_block_start` (`tool_use`) | a tool call's first delta: `index`, `id`, `name`, `arguments: ""` |
 //! | `content_block_delta` (`text_delta`) | a content delta |
 //! | `content_block_delta` (`input_json_delta`) | an arguments delta of that tool call |
 //! | `message_delta` | the finish chunk, `finish_reason` from `stop_reason` |
 //! | `message_stop` | the usage-only chunk (`choices: []`) when `include_usage`; then the end |
-//! | `ping`, `content_block_stop`, thinking deltas, unknown events | nothing |
+//! | `content_block_stop` of a `tool_use` block whose input had no text | the arguments `{}` (a tool without parameters; OpenAI sends `{}` too) |
+//! | `ping`, other `content_block_stop`s, thinking deltas, unknown events | nothing |
 //! | `error` | an error: the stream failed |
 //!
 //! The stream ends cleanly only after `message_stop`, as an OpenAI stream does after
@@ -42,10 +43,13 @@ pub(super) struct Translator {
     model: String,
     created: u64,
     include_usage: bool,
-    /// Content block index → the OpenAI tool-call index of its `tool_use` block.
-    tools: HashMap<u64, u64>,
+    /// Content block index → the OpenAI tool-call index of its `tool_use` block, and
+    /// whether any of its input text has come.
+    tools: HashMap<u64, (u64, bool)>,
     usage: Usage,
     finished: bool,
+    /// `message_start` came and its role chunk waits for the first chunk after it.
+    role_pending: bool,
 }
 
 /// What one event gave: chunks to send, and whether the stream is complete.
@@ -67,6 +71,7 @@ impl Translator {
             tools: HashMap::new(),
             usage: Usage::default(),
             finished: false,
+            role_pending: false,
         }
     }
 
@@ -81,11 +86,18 @@ impl Translator {
                 self.id = message["id"].as_str().unwrap_or_default().to_owned();
                 self.model = message["model"].as_str().unwrap_or_default().to_owned();
                 self.usage.update(&message["usage"]);
-                out.chunks
-                    .push(self.chunk(json!({"role": "assistant", "content": ""}), None));
+                self.role_pending = true;
             }
             Some("content_block_start") => self.block_start(&event, &mut out),
             Some("content_block_delta") => self.block_delta(&event, &mut out)?,
+            Some("content_block_stop") => {
+                let block = event["index"].as_u64();
+                if let Some((index, false)) = block.and_then(|b| self.tools.get(&b)).copied() {
+                    let call = json!({ "index": index, "function": { "arguments": "{}" } });
+                    out.chunks
+                        .push(self.chunk(json!({ "tool_calls": [call] }), None));
+                }
+            }
             Some("message_delta") => {
                 self.usage.update(&event["usage"]);
                 let stop = event.pointer("/delta/stop_reason").and_then(Value::as_str);
@@ -112,8 +124,13 @@ impl Translator {
                     message.unwrap_or("no message")
                 )));
             }
-            // ping, content_block_stop, and event types newer than this translation.
+            // ping, and event types newer than this translation.
             _ => {}
+        }
+        if self.role_pending && !out.chunks.is_empty() {
+            self.role_pending = false;
+            let role = self.chunk(json!({"role": "assistant", "content": ""}), None);
+            out.chunks.insert(0, role);
         }
         Ok(out)
     }
@@ -130,7 +147,7 @@ impl Translator {
             Some("tool_use") => {
                 let index = u64::try_from(self.tools.len()).unwrap_or(u64::MAX);
                 if let Some(block_index) = event["index"].as_u64() {
-                    self.tools.insert(block_index, index);
+                    self.tools.insert(block_index, (index, false));
                 }
                 let call = json!({
                     "index": index,
@@ -158,12 +175,14 @@ impl Translator {
                 let Some(partial) = delta["partial_json"].as_str().filter(|p| !p.is_empty()) else {
                     return Ok(());
                 };
-                let index = event["index"]
+                let (index, got_input) = event["index"]
                     .as_u64()
-                    .and_then(|i| self.tools.get(&i))
+                    .and_then(|i| self.tools.get_mut(&i))
                     .ok_or_else(|| {
                         Broken::Malformed("tool input for a block that is not a tool_use".into())
                     })?;
+                *got_input = true;
+                let index = *index;
                 let call = json!({ "index": index, "function": { "arguments": partial } });
                 out.chunks
                     .push(self.chunk(json!({ "tool_calls": [call] }), None));

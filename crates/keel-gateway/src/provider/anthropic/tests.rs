@@ -32,7 +32,8 @@ fn system_messages_max_tokens_and_sampling_are_translated() {
             {"role": "developer", "content": [{"type": "text", "text": "and kind"}]},
             user("hi"),
         ],
-        "temperature": 0.2, "top_p": 0.9, "stop": "END", "user": "u-1",
+        // A top_p of 1 cuts nothing, and current models refuse it beside a temperature.
+        "temperature": 0.2, "top_p": 1, "stop": "END", "user": "u-1",
         // Dropped: they cannot change what the client gets.
         "seed": 7, "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": false,
         "response_format": {"type": "text"}, "store": false, "metadata": {"a": "b"},
@@ -45,7 +46,7 @@ fn system_messages_max_tokens_and_sampling_are_translated() {
             "system": [{"type": "text", "text": "be brief"}, {"type": "text", "text": "and kind"}],
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
             "max_tokens": DEFAULT_MAX_TOKENS,
-            "temperature": 0.2, "top_p": 0.9,
+            "temperature": 0.2,
             "stop_sequences": ["END"],
             "metadata": {"user_id": "u-1"},
         })
@@ -445,6 +446,81 @@ fn anthropic_errors_come_back_in_the_openai_shape_with_their_cause() {
     assert_eq!(openai_error(&page), (page.clone(), ErrorHint::None));
 }
 
+#[test]
+fn a_spent_credit_balance_is_keels_account_refused_not_the_clients_error() {
+    for kind in ["invalid_request_error", "billing_error"] {
+        let body = Bytes::from(
+            json!({"type": "error", "error": {"type": kind,
+                "message": "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing."}})
+            .to_string(),
+        );
+        let (translated, hint) = openai_error(&body);
+        assert_eq!(hint, ErrorHint::AccountRefused, "{kind}");
+        let translated: Value = serde_json::from_slice(&translated).unwrap();
+        assert_eq!(translated["error"]["code"], "billing_error");
+        // Another provider may answer: the route falls back instead of failing the call.
+        assert_eq!(
+            keel_core::class::classify_status(reqwest::StatusCode::BAD_REQUEST, hint),
+            keel_core::class::ErrorClass::FallbackOnly
+        );
+    }
+}
+
+#[test]
+fn tool_call_ids_of_other_providers_are_made_valid_the_same_way_in_use_and_result() {
+    let messages = json!([
+        user("weather?"),
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "functions.get_weather:0", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "call_ok-1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_ok-1", "content": "rainy"},
+    ]);
+    let out =
+        anthropic(json!({"model": "claude-x", "messages": messages, "tools": [weather_tool()]}));
+    let uses = &out["messages"][1]["content"];
+    let results = &out["messages"][2]["content"];
+    let id = uses[0]["id"].as_str().unwrap();
+    assert!(id.starts_with("functions_get_weather_0_"), "{id}");
+    assert!(
+        id.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+        "{id}"
+    );
+    assert_eq!(results[0]["tool_use_id"], id);
+    // A valid id is kept as it is.
+    assert_eq!(uses[1]["id"], "call_ok-1");
+    assert_eq!(results[1]["tool_use_id"], "call_ok-1");
+    // Two ids that differ only in an invalid character stay two.
+    assert_ne!(
+        super::request::tool_id("a.b"),
+        super::request::tool_id("a:b")
+    );
+}
+
+#[test]
+fn temperature_and_top_p_together_keep_one_or_are_refused() {
+    let body = |top_p: f64| json!({"model": "claude-x", "messages": [user("hi")], "temperature": 0.2, "top_p": top_p});
+    let out = anthropic(body(1.0));
+    assert_eq!(out["temperature"], 0.2);
+    assert!(out.get("top_p").is_none(), "{out}");
+    let refused = refusal(body(0.9));
+    assert_eq!(refused.param, "top_p");
+    // Alone, top_p passes.
+    let out = anthropic(json!({"model": "claude-x", "messages": [user("hi")], "top_p": 0.9}));
+    assert_eq!(out["top_p"], 0.9);
+}
+
+#[test]
+fn a_tool_whose_parameters_name_no_type_gets_an_object_schema() {
+    let tool = json!({"type": "function", "function": {"name": "now", "parameters": {}}});
+    let out = anthropic(json!({"model": "claude-x", "messages": [user("time?")], "tools": [tool]}));
+    assert_eq!(out["tools"][0]["input_schema"], json!({"type": "object"}));
+}
+
 // === streams ===
 
 /// Feeds `events` to a translator; the chunks as JSON, and whether the last event ended it.
@@ -596,6 +672,59 @@ fn tool_use_blocks_stream_as_indexed_tool_call_deltas() {
     );
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[test]
+fn a_streamed_tool_call_without_input_has_the_arguments_of_an_empty_object() {
+    let mut events = vec![
+        message_start(),
+        json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": "toolu_n", "name": "now", "input": {}}}),
+        json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": ""}}),
+        json!({"type": "content_block_stop", "index": 0}),
+    ];
+    events.extend(message_end("tool_use", 5));
+    let (chunks, _) = translate_stream(false, &events);
+    let arguments: String = chunks
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|call| call["function"]["arguments"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(arguments, "{}");
+}
+
+#[test]
+fn the_role_chunk_waits_for_the_first_content_so_an_early_overload_is_retried() {
+    let mut translator = Translator::new(0, false);
+    let out = translator
+        .event(message_start().to_string().as_bytes())
+        .unwrap();
+    assert!(
+        out.chunks.is_empty(),
+        "nothing reaches the client at message_start"
+    );
+    let ping = translator.event(br#"{"type": "ping"}"#).unwrap();
+    assert!(ping.chunks.is_empty());
+    let out = translator
+        .event(text_delta("Hi").to_string().as_bytes())
+        .unwrap();
+    let chunks: Vec<Value> = out
+        .chunks
+        .iter()
+        .map(|c| serde_json::from_slice(c).unwrap())
+        .collect();
+    assert_eq!(chunks.len(), 2);
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Hi");
 }
 
 #[test]
