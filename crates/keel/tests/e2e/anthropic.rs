@@ -73,7 +73,7 @@ async fn a_plain_call_and_a_stream_through_the_sdk_reach_an_anthropic_target() {
     assert!(out["chunks"].as_u64().unwrap() >= 5, "{out}");
 
     // Both calls are recorded with the usage Anthropic reported, the stream's included
-    // (keel asked for it; the SDK did not, and got no usage chunk).
+    // (keel asked for it; the SDK did not).
     let calls = keel.events_of("llm_call");
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0]["target"], "claude/claude-sim");
