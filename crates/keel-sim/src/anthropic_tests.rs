@@ -169,6 +169,16 @@ async fn a_tool_offer_gets_tool_use_and_a_tool_result_gets_text() {
     let answer = message(&sim, &followup).await;
     assert_eq!(answer["stop_reason"], "end_turn");
     assert_eq!(answer["content"][0]["text"], "sim saw tool result: sunny");
+    // Without tools, Anthropic refuses tool blocks in the history.
+    let mut bare = followup.clone();
+    bare.as_object_mut().unwrap().remove("tools");
+    let response = post(&sim, &bare).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(
+        error["error"]["message"],
+        "Requests which include `tool_use` or `tool_result` blocks must define tools."
+    );
 
     // Streamed, the input arrives as input_json_delta pieces of the same JSON.
     request["tool_choice"] = json!({"type": "auto"});

@@ -90,8 +90,14 @@ pub(crate) fn plan(request: &Value, reply: Option<&str>) -> Result<MessagesPlan,
         return Err("messages: at least one message is required".to_owned());
     }
     let system = system_text(object.get("system"))?;
-    check_messages(messages)?;
+    let tool_blocks = check_messages(messages)?;
     let tools = check_tools(object.get("tools"), object.get("tool_choice"))?;
+    if tool_blocks && tools.is_none() {
+        return Err(
+            "Requests which include `tool_use` or `tool_result` blocks must define tools."
+                .to_owned(),
+        );
+    }
     let stop_sequences: Vec<&str> = object
         .get("stop_sequences")
         .and_then(Value::as_array)
@@ -195,8 +201,10 @@ fn system_text(system: Option<&Value>) -> Result<String, String> {
     }
 }
 
-/// Roles, block types, and every `tool_use` answered by a `tool_result` in the next turn.
-fn check_messages(messages: &[Value]) -> Result<(), String> {
+/// Roles, block types, and every `tool_use` answered by a `tool_result` in the next turn;
+/// whether any message holds a `tool_use` or `tool_result` block.
+fn check_messages(messages: &[Value]) -> Result<bool, String> {
+    let mut tool_blocks = false;
     let mut open_calls: Vec<&str> = Vec::new();
     for (i, message) in messages.iter().enumerate() {
         let role = message["role"].as_str().unwrap_or_default();
@@ -229,6 +237,7 @@ fn check_messages(messages: &[Value]) -> Result<(), String> {
                     }
                 }
                 ("user", Some("tool_result")) => {
+                    tool_blocks = true;
                     let id = block["tool_use_id"].as_str().unwrap_or_default();
                     if !open_calls.contains(&id) {
                         return Err(format!(
@@ -238,6 +247,7 @@ fn check_messages(messages: &[Value]) -> Result<(), String> {
                     answered.push(id);
                 }
                 ("assistant", Some("tool_use")) => {
+                    tool_blocks = true;
                     if !block["input"].is_object() || block["name"].as_str().is_none() {
                         return Err(format!(
                             "{at}: a tool_use block needs a name and an input object"
@@ -275,7 +285,7 @@ fn check_messages(messages: &[Value]) -> Result<(), String> {
         }
         open_calls = calls;
     }
-    Ok(())
+    Ok(tool_blocks)
 }
 
 /// The offered tools and the `tool_choice`, if any.

@@ -105,6 +105,13 @@ pub(super) fn translate(body: &[u8]) -> Result<Translated, Refusal> {
             out.insert("tool_choice".into(), choice);
         }
         out.insert("tools".into(), Value::Array(tools));
+    } else if let Some(tools) = history_tools(out.get("messages")) {
+        // Anthropic refuses tool_use and tool_result blocks in a request without tools
+        // (a summary of a conversation that used tools, say). The tools the history
+        // called are declared with any input, and the model may call none of them: what
+        // an OpenAI model does when the request offers no tools.
+        out.insert("tools".into(), Value::Array(tools));
+        out.insert("tool_choice".into(), json!({ "type": "none" }));
     }
     let body = serde_json::to_vec(&Value::Object(out))
         .map_err(|e| Refusal::new("", format!("cannot write the request: {e}")))?;
@@ -571,6 +578,31 @@ fn function_tools(value: &Value) -> Result<Vec<Value>, Refusal> {
         tools.push(out);
     }
     Ok(tools)
+}
+
+/// The tools the `tool_use` blocks of translated `messages` call, once each and in order
+/// of first use, each taking any object; `None` when no block calls one.
+fn history_tools(messages: Option<&Value>) -> Option<Vec<Value>> {
+    let mut names: Vec<&str> = Vec::new();
+    let blocks = messages?
+        .as_array()?
+        .iter()
+        .filter_map(|m| m["content"].as_array())
+        .flatten();
+    for block in blocks {
+        if part_type(block) == Some("tool_use")
+            && let Some(name) = block["name"].as_str()
+            && !names.contains(&name)
+        {
+            names.push(name);
+        }
+    }
+    (!names.is_empty()).then(|| {
+        names
+            .into_iter()
+            .map(|name| json!({ "name": name, "input_schema": { "type": "object" } }))
+            .collect()
+    })
 }
 
 /// `tool_choice` and `parallel_tool_calls` as Anthropic's `tool_choice`, if either was set.

@@ -191,3 +191,38 @@ async fn what_anthropic_cannot_serve_is_refused_without_calling_it() {
     assert_eq!(sim.calls("*"), 0);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_conversation_that_used_tools_can_be_sent_without_tools() {
+    // A summary of a conversation with tool calls, say: OpenAI takes it without `tools`,
+    // Anthropic only with the called tools declared.
+    let sim = keel_sim::SimServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let provider = provider(&sim);
+    let history = json!({"model": "claude-sim", "messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "user", "content": "summarize this conversation"}]});
+    let Ok(ProviderReply::Json(answer)) = provider
+        .send(request(Endpoint::ChatCompletions, history))
+        .await
+    else {
+        panic!("no JSON answer");
+    };
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    let message = &answer["choices"][0]["message"];
+    // The tool result and the question go as one user turn: the sim answers the result.
+    assert_eq!(message["content"], "sim saw tool result: sunny");
+    assert!(message.get("tool_calls").is_none(), "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    let sent = sim.last_request("claude-sim").unwrap();
+    assert_eq!(
+        sent["tools"],
+        json!([{"name": "get_weather", "input_schema": {"type": "object"}}])
+    );
+    assert_eq!(sent["tool_choice"], json!({"type": "none"}));
+    sim.shutdown().await;
+}

@@ -158,6 +158,36 @@ fn tools_and_tool_choice_are_translated() {
 }
 
 #[test]
+fn tools_the_history_called_are_declared_uncallable_when_none_are_offered() {
+    let call = |id: &str, name: &str| json!({"id": id, "type": "function", "function": {"name": name, "arguments": "{}"}});
+    let messages = json!([
+        user("plan a trip"),
+        {"role": "assistant", "content": null,
+            "tool_calls": [call("c1", "get_weather"), call("c2", "book")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "booked"},
+        {"role": "assistant", "content": null, "tool_calls": [call("c3", "get_weather")]},
+        {"role": "tool", "tool_call_id": "c3", "content": "rain"},
+        user("summarize"),
+    ]);
+    for tools in [None, Some(json!([]))] {
+        let mut request = json!({"model": "m", "messages": messages});
+        if let Some(tools) = tools {
+            request["tools"] = tools;
+        }
+        let out = anthropic(request);
+        assert_eq!(
+            out["tools"],
+            json!([
+                {"name": "get_weather", "input_schema": {"type": "object"}},
+                {"name": "book", "input_schema": {"type": "object"}},
+            ])
+        );
+        assert_eq!(out["tool_choice"], json!({"type": "none"}));
+    }
+}
+
+#[test]
 fn tool_calls_and_tool_results_become_tool_use_and_tool_result_blocks() {
     let out = anthropic(json!({"model": "m", "messages": [
         user("weather in Paris and Rome?"),
