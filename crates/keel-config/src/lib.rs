@@ -85,13 +85,7 @@ use crate::locate::Locator;
 ///
 /// Errors name the file as given in `path`; an unreadable file is one error without a line.
 pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: None,
-        key: String::new(),
-        message: format!("cannot read the config file: {e}"),
-    })?;
+    let (file, text) = read(path)?;
     let mut settings = parse(&text, &file, env)?;
     // A module path is relative to the config file, as a user reading the file expects.
     let dir = path.parent().unwrap_or(Path::new(""));
@@ -103,6 +97,22 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         }
     }
     Ok(settings)
+}
+
+/// The file's name as given in `path` (what errors name) and its text; an unreadable file
+/// is one error without a line.
+fn read(path: &Path) -> Result<(String, String), ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(e) => Err(ConfigError {
+            file,
+            line: None,
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }
+        .into()),
+    }
 }
 
 /// Reads only `[server]` of the config file at `path`: what a CLI command needs to reach the
@@ -118,13 +128,7 @@ pub fn load_server(
         #[serde(default)]
         server: ServerConfig,
     }
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: None,
-        key: String::new(),
-        message: format!("cannot read the config file: {e}"),
-    })?;
+    let (file, text) = read(path)?;
     let locator = Locator::new(&text);
     let only: ServerOnly = toml::from_str(&text)
         .map_err(|e| ConfigErrors::from(locator.place_toml_error(&file, &e)))?;

@@ -59,6 +59,29 @@ fn keel_cli(keel: &Keel, args: &[&str]) -> std::process::Output {
 
 const PROMPT: &str = "Please look up the refund policy for order 1234 and tell me what it says";
 
+/// Approves `approval` with `keel approvals approve`, then worker `w2` claims the task
+/// `id` again.
+async fn approve_and_reclaim(keel: &Keel, approval: &str, id: &str) {
+    let ok = keel_cli(keel, &["approvals", "approve", approval]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let (status, claimed) = post(
+        keel,
+        "/v1/tasks/claim",
+        None,
+        json!({"agent": "looper", "worker": "w2", "lease": "30s"}),
+    )
+    .await;
+    assert_eq!(
+        (status, claimed["id"].as_str()),
+        (200, Some(id)),
+        "{claimed}"
+    );
+}
+
 async fn ask(keel: &Keel, task: &str, prompt: &str) -> (u16, Value) {
     post(
         keel,
@@ -132,24 +155,7 @@ async fn a_task_whose_answers_repeat_is_handed_off_and_its_next_call_refused() {
     // calls pass again.
     let listed = keel_cli(&keel, &["approvals", "ls"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&approval));
-    let ok = keel_cli(&keel, &["approvals", "approve", &approval]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let (status, claimed) = post(
-        &keel,
-        "/v1/tasks/claim",
-        None,
-        json!({"agent": "looper", "worker": "w2", "lease": "30s"}),
-    )
-    .await;
-    assert_eq!(
-        (status, claimed["id"].as_str()),
-        (200, Some(id.as_str())),
-        "{claimed}"
-    );
+    approve_and_reclaim(&keel, &approval, &id).await;
     let (status, answer) = ask(&keel, &id, PROMPT).await;
     assert_eq!(status, 200, "{answer}");
 }
@@ -203,24 +209,7 @@ async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
         .await
         .unwrap();
     let approval = approvals["approvals"][0]["id"].as_str().unwrap().to_owned();
-    let ok = keel_cli(&keel, &["approvals", "approve", &approval]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let (status, claimed) = post(
-        &keel,
-        "/v1/tasks/claim",
-        None,
-        json!({"agent": "looper", "worker": "w2", "lease": "30s"}),
-    )
-    .await;
-    assert_eq!(
-        (status, claimed["id"].as_str()),
-        (200, Some(id.as_str())),
-        "{claimed}"
-    );
+    approve_and_reclaim(&keel, &approval, &id).await;
     let again = json!({"task": id, "args": {"query": "refund policy"}});
     let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, again).await;
     assert_eq!(status, 200, "{answer}");
