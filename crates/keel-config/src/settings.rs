@@ -1,5 +1,6 @@
 //! The whole of keel.toml: the raw top-level table and the validated [`Settings`], plus the
-//! rules that span tables (targets name providers, agents do not share keys).
+//! rules that span tables (targets name providers, agents do not share keys, routes that share
+//! a target agree on its breaker).
 
 use std::collections::BTreeMap;
 
@@ -161,6 +162,7 @@ impl KeelConfig {
                 routes.insert(name, route);
             }
         }
+        check_shared_breakers(&routes, &mut problems);
         let mut providers = BTreeMap::new();
         for (name, provider) in self.providers {
             let at = root.child("providers").child(&name);
@@ -247,6 +249,37 @@ fn check_names(tables: [(&str, Vec<&String>); 4], root: &KeyPath, problems: &mut
         problems.push(root.child("agents").child(name).invalid(
             "an agent's name cannot contain \"/key/\": keel names the budget of one of an agent's keys AGENT/key/KEY",
         ));
+    }
+}
+
+/// A target has one circuit breaker, whichever routes reach it: routes that share a target
+/// must give it the same breaker settings (their `breaker` overrides, or `[breaker]`).
+fn check_shared_breakers(routes: &BTreeMap<String, RouteSettings>, problems: &mut Problems) {
+    // Target id -> the first route (by name) that uses it, and its breaker.
+    let mut first: BTreeMap<String, (&str, &BreakerSettings)> = BTreeMap::new();
+    for (name, route) in routes {
+        for (i, target) in route.targets.iter().enumerate() {
+            let id = format!("{}/{}", target.provider, target.model);
+            match first.get(&id) {
+                None => {
+                    first.insert(id, (name, &route.breaker));
+                }
+                Some((other, breaker)) if *other != name && **breaker != route.breaker => {
+                    let at = KeyPath::root()
+                        .child("routes")
+                        .child(name)
+                        .child("targets")
+                        .index(i);
+                    problems.push(at.invalid(format!(
+                        "target {id} is also a target of route {other:?}, with other breaker \
+                         settings; a target has one circuit breaker, so give the routes that \
+                         share it the same `breaker` (or none), or reach the model through a \
+                         provider of another name for a breaker of its own"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
     }
 }
 

@@ -160,6 +160,8 @@ impl Gateway {
                         t.provider
                     )));
                 };
+                // One breaker per target: the config refuses routes that share a target
+                // with different breaker settings, so the first route's are every route's.
                 let breaker = breakers.entry(id.clone()).or_insert_with(|| {
                     metrics
                         .breaker_state

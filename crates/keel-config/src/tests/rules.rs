@@ -435,6 +435,45 @@ breaker = { failure_rate = 2.0 }
     );
 }
 
+#[test]
+fn routes_sharing_a_target_must_agree_on_its_breaker() {
+    // "fast" comes first by name; "smart" shares gpt-5-mini with it but not its override.
+    let text = with_openai(
+        "[routes.smart]
+targets = [
+  { provider = \"openai\", model = \"gpt-5\" },
+  { provider = \"openai\", model = \"gpt-5-mini\" },
+]
+
+[routes.fast]
+targets = [{ provider = \"openai\", model = \"gpt-5-mini\" }]
+breaker = { min_calls = 10 }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:8: routes.smart.targets[1]: target openai/gpt-5-mini is also a target of \
+         route \"fast\", with other breaker settings; a target has one circuit breaker, so give \
+         the routes that share it the same `breaker` (or none), or reach the model through a \
+         provider of another name for a breaker of its own"
+    );
+    // The same override on both, or an override that changes nothing, is one breaker.
+    let same = text.replace(
+        "  { provider = \"openai\", model = \"gpt-5-mini\" },\n]\n",
+        "  { provider = \"openai\", model = \"gpt-5-mini\" },\n]\nbreaker = { min_calls = 10 }\n",
+    );
+    let shared = super::settings(&same);
+    let fast = shared.routes["fast"].breaker;
+    assert_eq!(shared.routes["smart"].breaker, fast);
+    assert_eq!(fast.min_calls, 10);
+    assert_eq!(
+        fast.failure_rate, shared.breaker.failure_rate,
+        "inherited from [breaker]"
+    );
+    let unchanged = text.replace("{ min_calls = 10 }", "{ min_calls = 20 }");
+    super::settings(&unchanged);
+}
+
 // === agents and tools ===
 
 #[test]
