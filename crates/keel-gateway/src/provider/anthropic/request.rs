@@ -105,6 +105,12 @@ pub(super) fn translate(body: &[u8]) -> Result<Translated, Refusal> {
             out.insert("tool_choice".into(), choice);
         }
         out.insert("tools".into(), Value::Array(tools));
+    } else if tool_choice.is_some_and(|c| !matches!(c.as_str(), Some("auto" | "none"))) {
+        // A tool must be called, but none is offered: OpenAI refuses this too.
+        return Err(Refusal::new(
+            "tool_choice",
+            "tool_choice 'required' or a named function needs 'tools'",
+        ));
     } else if let Some(tools) = history_tools(out.get("messages")) {
         // Anthropic refuses tool_use and tool_result blocks in a request without tools
         // (a summary of a conversation that used tools, say). The tools the history

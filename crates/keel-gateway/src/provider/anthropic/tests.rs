@@ -155,6 +155,16 @@ fn tools_and_tool_choice_are_translated() {
     // No tools: nothing to choose from, so no tool_choice either.
     let out = anthropic(json!({"model": "m", "messages": [user("hi")], "tool_choice": "auto"}));
     assert!(out.get("tool_choice").is_none() && out.get("tools").is_none());
+    // ... but a call that must be made cannot be: refused, as OpenAI refuses it.
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "get_weather"}}),
+    ] {
+        let refused = refusal(
+            json!({"model": "m", "messages": [user("hi")], "tool_choice": choice, "tools": []}),
+        );
+        assert_eq!(refused.param, "tool_choice", "{choice}");
+    }
 }
 
 #[test]
