@@ -1,20 +1,26 @@
 //! The command line: `keel config check` and what `keel serve` does with a bad config.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 fn keel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keel"))
 }
 
-#[test]
-fn config_check_names_file_line_and_key() {
+/// A temporary directory holding `keel.toml` with `text`, and the file's path; the file is
+/// gone when the directory is dropped.
+fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keel.toml");
-    std::fs::write(
-        &path,
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn config_check_names_file_line_and_key() {
+    let (_dir, path) = config_file(
         "[providers.openai]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\n[routes.smart]\ntargets = [{ provider = \"opnai\", model = \"m\" }]\nretry = { base = \"20s\", cap = \"10s\" }\n",
-    )
-    .unwrap();
+    );
     let out = keel()
         .args(["config", "check"])
         .arg(&path)
@@ -35,13 +41,9 @@ fn config_check_names_file_line_and_key() {
 
 #[test]
 fn a_malformed_postgres_url_is_named_by_file_line_and_key_by_check_and_serve() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keel.toml");
-    std::fs::write(
-        &path,
+    let (_dir, path) = config_file(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"postgres://keel:hunter2@[::1/keel\"\n",
-    )
-    .unwrap();
+    );
     for args in [&["config", "check"][..], &["serve", "--config"][..]] {
         let out = keel().args(args).arg(&path).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -100,9 +102,7 @@ fn config_check_accepts_the_example() {
 
 #[test]
 fn serve_with_a_bad_config_exits_without_listening() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keel.toml");
-    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n").unwrap();
+    let (_dir, path) = config_file("[server]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n");
     let out = keel()
         .args(["serve", "--config"])
         .arg(&path)
@@ -218,13 +218,9 @@ fn json_logs_are_one_object_per_line_and_carry_no_keys() {
 
 #[test]
 fn an_anthropic_provider_is_accepted_by_config_check() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keel.toml");
-    std::fs::write(
-        &path,
+    let (dir, path) = config_file(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[providers.claude]\nkind = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1\"\napi_key_env = \"KEEL_TEST_ANTHROPIC_KEY\"\nheaders = { \"anthropic-beta\" = \"some-feature\" }\n\n[routes.smart]\ntargets = [{ provider = \"claude\", model = \"claude-sonnet-4-5\" }]\n",
-    )
-    .unwrap();
+    );
     let out = keel()
         .current_dir(dir.path())
         .env("KEEL_TEST_ANTHROPIC_KEY", "sk-ant-secret")
