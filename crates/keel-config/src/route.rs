@@ -84,6 +84,13 @@ pub struct TargetSettings {
     pub model: String,
 }
 
+impl TargetSettings {
+    /// `PROVIDER/MODEL`: how keel names the target (breakers, metrics, `x-keel-target`).
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.provider, self.model)
+    }
+}
+
 impl RouteConfig {
     /// Checks every rule; `providers` are the names in `[providers]` (sorted), `breaker` the
     /// validated `[breaker]` the route's override inherits from.

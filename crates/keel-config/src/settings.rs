@@ -259,7 +259,7 @@ fn check_shared_breakers(routes: &BTreeMap<String, RouteSettings>, problems: &mu
     let mut first: BTreeMap<String, (&str, &BreakerSettings)> = BTreeMap::new();
     for (name, route) in routes {
         for (i, target) in route.targets.iter().enumerate() {
-            let id = format!("{}/{}", target.provider, target.model);
+            let id = target.id();
             match first.get(&id) {
                 None => {
                     first.insert(id, (name, &route.breaker));

@@ -4,7 +4,7 @@
 //! error event instead of a silent truncation.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::error::{ApiError, UpstreamError};
 use crate::guard::loops::StreamedAnswer;
-use crate::metrics::{BudgetLabels, RequestLabels, RouteLabel};
+use crate::metrics::{RequestLabels, RouteLabel};
 use crate::provider::{ChunkStream, Endpoint};
 use crate::route::{CallLog, Route, Target};
 use crate::usage::{Usage, usage_of};
@@ -169,14 +169,7 @@ impl Finish {
             u,
             crate::agents::wall_now(),
         );
-        for (unit, left) in remaining {
-            m.budget_remaining
-                .get_or_create(&BudgetLabels {
-                    agent: agent.into(),
-                    unit: unit.as_str().into(),
-                })
-                .set(left);
-        }
+        m.set_budget_remaining(agent, &remaining);
         if !warnings.is_empty() {
             let events = warnings
                 .iter()
@@ -653,17 +646,11 @@ fn sse_frame(data: &[u8]) -> Bytes {
     Bytes::from(frame)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn degraded_completion(route: &str, reply: &str) -> Value {
     json!({
         "id": format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
-        "created": unix_now(),
+        "created": crate::agents::wall_now().as_secs(),
         "model": route,
         "choices": [{
             "index": 0,
@@ -676,7 +663,7 @@ fn degraded_completion(route: &str, reply: &str) -> Value {
 
 fn degraded_chunks(route: &str, reply: &str) -> Bytes {
     let id = format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple());
-    let created = unix_now();
+    let created = crate::agents::wall_now().as_secs();
     let chunk = |delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": route,

@@ -22,6 +22,7 @@ pub mod route;
 pub mod tools;
 pub mod usage;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -117,51 +118,40 @@ impl Gateway {
     ) -> Result<Self, BuildError> {
         let metrics = Arc::new(metrics);
         // The connect timeout is a setting of a provider's client, so each route's own
-        // timeout gets a client of its own (routes with the same timeout share one).
+        // timeout gets a client of its own (routes with the same timeout share one). One
+        // breaker per target, whichever routes reach it: the config refuses routes that
+        // share a target with different breaker settings, so the first route's are every
+        // route's.
         let mut providers: HashMap<(String, std::time::Duration), Arc<dyn Provider>> =
             HashMap::new();
-        for r in settings.routes.values() {
-            for t in &r.targets {
-                let key = (t.provider.clone(), r.timeouts.connect);
-                if providers.contains_key(&key) {
-                    continue;
-                }
-                let Some(p) = settings.providers.get(&t.provider) else {
-                    return Err(BuildError::Provider(format!(
-                        "routes.{}.targets: unknown provider {:?}",
-                        r.name, t.provider
-                    )));
-                };
-                let provider: Arc<dyn Provider> = match p.kind {
-                    ProviderKind::OpenAi => Arc::new(
-                        OpenAiProvider::try_new(p, r.timeouts.connect)
-                            .map_err(BuildError::Provider)?,
-                    ),
-                    ProviderKind::Anthropic => Arc::new(
-                        AnthropicProvider::try_new(p, r.timeouts.connect)
-                            .map_err(BuildError::Provider)?,
-                    ),
-                };
-                providers.insert(key, provider);
-            }
-        }
-        // One breaker per target, whichever routes reach it, with the settings of the first
-        // of them by name; the client is the route's, for its connect timeout.
         let mut breakers: HashMap<String, Arc<Mutex<Breaker>>> = HashMap::new();
         let mut routes = BTreeMap::new();
         for (name, r) in &settings.routes {
             let mut chain = Vec::with_capacity(r.targets.len());
             for t in &r.targets {
-                let id = format!("{}/{}", t.provider, t.model);
-                let Some(provider) = providers.get(&(t.provider.clone(), r.timeouts.connect))
-                else {
-                    return Err(BuildError::Provider(format!(
-                        "routes.{name}.targets: unknown provider {:?}",
-                        t.provider
-                    )));
+                let id = t.id();
+                let provider = match providers.entry((t.provider.clone(), r.timeouts.connect)) {
+                    Entry::Occupied(built) => built.into_mut(),
+                    Entry::Vacant(slot) => {
+                        let Some(p) = settings.providers.get(&t.provider) else {
+                            return Err(BuildError::Provider(format!(
+                                "routes.{name}.targets: unknown provider {:?}",
+                                t.provider
+                            )));
+                        };
+                        let client: Arc<dyn Provider> = match p.kind {
+                            ProviderKind::OpenAi => Arc::new(
+                                OpenAiProvider::try_new(p, r.timeouts.connect)
+                                    .map_err(BuildError::Provider)?,
+                            ),
+                            ProviderKind::Anthropic => Arc::new(
+                                AnthropicProvider::try_new(p, r.timeouts.connect)
+                                    .map_err(BuildError::Provider)?,
+                            ),
+                        };
+                        slot.insert(client)
+                    }
                 };
-                // One breaker per target: the config refuses routes that share a target
-                // with different breaker settings, so the first route's are every route's.
                 let breaker = breakers.entry(id.clone()).or_insert_with(|| {
                     metrics
                         .breaker_state
@@ -307,15 +297,7 @@ impl Gateway {
         // The gauge follows the windows between calls too: from the start, after a window
         // turns over, and with the other nodes' spend merged in.
         for (agent, left) in self.agents.remaining(agents::wall_now()) {
-            for (unit, left) in left {
-                self.metrics
-                    .budget_remaining
-                    .get_or_create(&metrics::BudgetLabels {
-                        agent: agent.as_str().into(),
-                        unit: unit.as_str().into(),
-                    })
-                    .set(left);
-            }
+            self.metrics.set_budget_remaining(&agent, &left);
         }
     }
 

@@ -345,6 +345,18 @@ impl Metrics {
         }
     }
 
+    /// Sets `keel_budget_remaining` of `agent` for each unit in `left`.
+    pub fn set_budget_remaining(&self, agent: &str, left: &crate::agents::Remaining) {
+        for (unit, left) in left {
+            self.budget_remaining
+                .get_or_create(&BudgetLabels {
+                    agent: agent.into(),
+                    unit: unit.as_str().into(),
+                })
+                .set(*left);
+        }
+    }
+
     /// The registry, for other parts of keel to register their metrics in
     /// before the gateway starts serving `/metrics`.
     pub fn registry_mut(&mut self) -> &mut Registry {

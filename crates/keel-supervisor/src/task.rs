@@ -125,8 +125,7 @@ impl Task {
 /// SHA-256 (lowercase hex) of a lease token: what the log and the task's snapshot keep, so
 /// that a worker's token can be checked without either holding the token itself.
 pub fn token_hash(token: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    keel_store::blob_hash(token.as_bytes())
 }
 
 /// A worker's claim on a running task.

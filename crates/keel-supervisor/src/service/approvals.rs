@@ -67,9 +67,9 @@ fn already_decided(id: &str, task: &str, decided: &ApprovalDecided) -> String {
     )
 }
 
-/// The newest event of `kind` about approval `id`, if the log holds one.
+/// The event of `kind` about approval `id`, if the log holds one (an approval id, a fresh
+/// UUIDv7, is requested once and decided at most once, so the first found is the one).
 async fn find(sv: &Supervisor, kind: EventKind, id: &str) -> Result<Option<Event>, ApiError> {
-    let mut found = None;
     let mut after_seq = None;
     loop {
         let query = EventQuery {
@@ -81,11 +81,11 @@ async fn find(sv: &Supervisor, kind: EventKind, id: &str) -> Result<Option<Event
         let page = sv.store().events(query).await.map_err(store_error)?;
         let full = page.len() == PAGE;
         after_seq = page.last().map(|e| e.seq);
-        if let Some(event) = page.into_iter().rev().find(|e| e.data["approval_id"] == id) {
-            found = Some(event);
+        if let Some(event) = page.into_iter().find(|e| e.data["approval_id"] == id) {
+            return Ok(Some(event));
         }
         if !full {
-            return Ok(found);
+            return Ok(None);
         }
     }
 }

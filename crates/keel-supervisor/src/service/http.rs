@@ -156,7 +156,7 @@ fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {
 /// The call's `Idempotency-Key` under `scope`, with the hash of its request `body`.
 fn idem(headers: &HeaderMap, scope: String, body: &Bytes) -> Option<Idem> {
     let key = headers.get("idempotency-key")?.to_str().ok()?.trim();
-    (!key.is_empty()).then(|| Idem::new(scope, key, &request_of(body)))
+    (!key.is_empty()).then(|| Idem::new(scope, key, request_of(body)))
 }
 
 /// The request body as JSON, for its idempotency hash: `{}` when empty (as [`parse`] reads
@@ -224,7 +224,7 @@ async fn create_inner(
         b.id.unwrap_or_else(|| format!("task_{}", uuid::Uuid::now_v7().simple()));
     let scope = format!("create {}", b.agent);
     let key = match b.idempotency_key {
-        Some(key) => Some(Idem::new(scope, key, &request_of(body))),
+        Some(key) => Some(Idem::new(scope, key, request_of(body))),
         None => idem(headers, scope, body),
     };
     let command = Command::Create {

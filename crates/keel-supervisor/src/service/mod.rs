@@ -163,7 +163,7 @@ pub struct Idem {
 
 impl Idem {
     /// The client's `key` for the call `scope` whose request body is `body`.
-    pub fn new(scope: impl Into<String>, key: impl Into<String>, body: &Value) -> Self {
+    pub fn new(scope: impl Into<String>, key: impl Into<String>, body: Value) -> Self {
         Self {
             scope: scope.into(),
             key: key.into(),
@@ -173,8 +173,14 @@ impl Idem {
 
     /// SHA-256 (hex) of `body` as canonical JSON: the same JSON with other spacing or key
     /// order is the same request.
-    pub fn request_hash(body: &Value) -> String {
-        keel_store::blob_hash(keel_store::chain::canonical_json(body).as_bytes())
+    pub fn request_hash(body: Value) -> String {
+        // Sorted in place: the body is the caller's to give up, so it is not copied.
+        let sorted = keel_store::chain::canonicalize(body);
+        keel_store::blob_hash(
+            serde_json::to_string(&sorted)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
     }
 }
 

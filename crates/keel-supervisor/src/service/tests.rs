@@ -137,7 +137,7 @@ async fn a_repeated_create_with_the_same_key_returns_the_first_task() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
-    let idem = || Some(Idem::new("create a", "k1", &json!({})));
+    let idem = || Some(Idem::new("create a", "k1", json!({})));
     let first = sv.create(create("t1"), idem()).await.unwrap();
     let second = sv.create(create("t2"), idem()).await.unwrap();
     assert_eq!(first.body, second.body);
@@ -152,13 +152,13 @@ async fn a_repeated_key_with_another_request_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
-    let first = Idem::new("create a", "k1", &json!({"agent": "a", "input": {"n": 1}}));
+    let first = Idem::new("create a", "k1", json!({"agent": "a", "input": {"n": 1}}));
     sv.create(create("t1"), Some(first)).await.unwrap();
     // The same JSON with its keys in another order is the same request.
-    let same = Idem::new("create a", "k1", &json!({"input": {"n": 1}, "agent": "a"}));
+    let same = Idem::new("create a", "k1", json!({"input": {"n": 1}, "agent": "a"}));
     let again = sv.create(create("t2"), Some(same)).await.unwrap();
     assert_eq!(again.body["id"], "t1");
-    let other = Idem::new("create a", "k1", &json!({"agent": "a", "input": {"n": 2}}));
+    let other = Idem::new("create a", "k1", json!({"agent": "a", "input": {"n": 2}}));
     let err = sv.create(create("t3"), Some(other)).await.unwrap_err();
     assert_eq!(
         (err.status.as_u16(), err.code, err.param),
@@ -212,7 +212,7 @@ async fn a_key_recorded_before_request_hashes_still_returns_its_answer() {
     let repeat = Idem::new(
         "create a",
         "k1",
-        &json!({"agent": "a", "input": {"any": true}}),
+        json!({"agent": "a", "input": {"any": true}}),
     );
     let answer = sv.replay(Some(&repeat)).await.unwrap().unwrap();
     assert_eq!((answer.status, answer.body), (201, json!({"id": "old"})));
@@ -223,7 +223,7 @@ async fn retention_forgets_old_idempotency_keys() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let sv = Supervisor::new(Arc::clone(&store), SupervisorSettings::default());
-    let idem = Some(Idem::new("create a", "k1", &json!({})));
+    let idem = Some(Idem::new("create a", "k1", json!({})));
     sv.create(create("t1"), idem).await.unwrap();
     assert!(store.idempotent("create a", "k1").await.unwrap().is_some());
     let settings = SupervisorSettings {
@@ -247,7 +247,7 @@ async fn a_repeated_claim_gets_the_same_task_and_lease() {
     let sv = Supervisor::new(open(&dir), SupervisorSettings::default());
     sv.create(create("t1"), None).await.unwrap();
     sv.create(create("t2"), None).await.unwrap();
-    let idem = || Some(Idem::new("claim a", "c1", &json!({})));
+    let idem = || Some(Idem::new("claim a", "c1", json!({})));
     let first = sv
         .claim("a", "w", Duration::from_secs(30), idem())
         .await

@@ -14,9 +14,10 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    // `$KEEL_ADMIN_TOKEN` wins: with it set, the variable the config names need not be.
+    // `$KEEL_ADMIN_TOKEN` wins (below): with it set, the variable the config names need not
+    // be, so it stands in for a variable that is missing.
     let given = std::env::var("KEEL_ADMIN_TOKEN").ok();
-    let env = |name: &str| given.clone().or_else(|| std::env::var(name).ok());
+    let env = |name: &str| std::env::var(name).ok().or_else(|| given.clone());
     let configured = match &server.config {
         Some(path) => match keel_config::load_server(path, &env) {
             Ok(settings) => Some(settings),

@@ -20,7 +20,21 @@ pub struct Keel {
     pub dir: tempfile::TempDir,
 }
 
+/// Runs `keel ARGS --server URL` (an admin command against the server at `url`).
+pub fn keel_cli(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .args(["--server", url])
+        .output()
+        .unwrap()
+}
+
 impl Keel {
+    /// Runs `keel ARGS` against this server.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        keel_cli(&self.url, args)
+    }
+
     /// Writes `config` (with `{dir}` and `{sim}` substituted) and starts `keel serve`.
     pub async fn start(config: &str, sim: &SimHandle) -> Keel {
         let dir = tempfile::tempdir().unwrap();

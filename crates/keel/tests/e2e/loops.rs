@@ -49,20 +49,12 @@ async fn heartbeat(keel: &Keel, id: &str, token: &str) -> Value {
     hb
 }
 
-fn keel_cli(keel: &Keel, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
-        .args(["--server", &keel.url])
-        .output()
-        .unwrap()
-}
-
 const PROMPT: &str = "Please look up the refund policy for order 1234 and tell me what it says";
 
 /// Approves `approval` with `keel approvals approve`, then worker `w2` claims the task
 /// `id` again.
 async fn approve_and_reclaim(keel: &Keel, approval: &str, id: &str) {
-    let ok = keel_cli(keel, &["approvals", "approve", approval]);
+    let ok = keel.cli(&["approvals", "approve", approval]);
     assert!(
         ok.status.success(),
         "{}",
@@ -153,7 +145,7 @@ async fn a_task_whose_answers_repeat_is_handed_off_and_its_next_call_refused() {
 
     // A person looks and lets it go on: the task is queued, a worker claims it, and its
     // calls pass again.
-    let listed = keel_cli(&keel, &["approvals", "ls"]);
+    let listed = keel.cli(&["approvals", "ls"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&approval));
     approve_and_reclaim(&keel, &approval, &id).await;
     let (status, answer) = ask(&keel, &id, PROMPT).await;

@@ -318,12 +318,7 @@ async fn incidents_survive_a_restart_and_breaker_incidents_resolve_with_it() {
 
 /// `keel postmortem ARGS --server URL`: (exit code, stdout, stderr).
 fn postmortem(keel: &Keel, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("postmortem")
-        .args(args)
-        .args(["--server", &keel.url])
-        .output()
-        .unwrap();
+    let out = keel.cli(&[&["postmortem"], args].concat());
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::common::{Keel, get, post, python, read_events, sim};
+use crate::common::{Keel, get, keel_cli, post, python, read_events, sim};
 
 const TASKS: &str = r#"
 [server]
@@ -48,14 +48,6 @@ fn worker(url: &str, agent: &str, name: &str, extra: &[&str]) -> Child {
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .unwrap()
-}
-
-fn keel_cli(url: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
-        .args(["--server", url])
-        .output()
         .unwrap()
 }
 

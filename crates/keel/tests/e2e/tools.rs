@@ -393,14 +393,6 @@ async fn until_verdict(keel: &Keel, tool: &str, args: Value, expected: &str) -> 
     }
 }
 
-fn keel_cli(keel: &Keel, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
-        .args(["--server", &keel.url])
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_profile_learns_usual_deletes_and_sends_a_thousand_rows_for_approval() {
     let models = sim().await;
@@ -464,22 +456,19 @@ async fn the_profile_learns_usual_deletes_and_sends_a_thousand_rows_for_approval
     assert!(profile["p99"].as_f64().unwrap() < 9.0, "{context}");
 
     // The operator sees it, with the reason, and approves it.
-    let ls = keel_cli(&keel, &["approvals", "ls"]);
+    let ls = keel.cli(&["approvals", "ls"]);
     let listed = String::from_utf8_lossy(&ls.stdout);
     assert!(
         listed.contains(&approval) && listed.contains("rows = 1000"),
         "{listed}"
     );
-    let ok = keel_cli(
-        &keel,
-        &[
-            "approvals",
-            "approve",
-            &approval,
-            "--note",
-            "cleanup ticket 42",
-        ],
-    );
+    let ok = keel.cli(&[
+        "approvals",
+        "approve",
+        &approval,
+        "--note",
+        "cleanup ticket 42",
+    ]);
     assert!(
         ok.status.success(),
         "{}",

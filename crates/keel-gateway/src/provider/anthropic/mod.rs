@@ -21,7 +21,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -106,7 +106,7 @@ impl Provider for AnthropicProvider {
                 hint,
             });
         }
-        let created = unix_now();
+        let created = crate::agents::wall_now().as_secs();
         if request.stream {
             let translator = stream::Translator::new(created, translated.include_usage);
             return Ok(ProviderReply::Stream(stream::chunks(
@@ -152,10 +152,4 @@ fn no_embeddings(target: &str) -> UpstreamError {
          route embeddings to an OpenAI-compatible target"
     );
     unservable(target, message, "unsupported_endpoint", "model")
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
