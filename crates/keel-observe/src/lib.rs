@@ -283,8 +283,8 @@ async fn postmortem(
 /// The tasks an incident touched: for `dlq:AGENT` the agent's dead tasks, for
 /// `loop:AGENT` its tasks awaiting a person, last changed while the incident was open (or
 /// in the minute before it opened); the newest 100 of them. Other incidents (a breaker, an
-/// anomaly) are not about particular tasks. The store lists tasks oldest first, so every
-/// page of the agent's tasks in that state is read (up to 100,000 tasks).
+/// anomaly) are not about particular tasks. The store lists tasks oldest first and filters
+/// by the window, so only the tasks changed in it are read (up to 100,000 of them).
 async fn affected_tasks(
     tasks: &dyn TaskStore,
     incident: &incident::Incident,
@@ -314,17 +314,16 @@ async fn affected_tasks(
             .tasks(keel_store::TaskQuery {
                 state: Some(state.0.to_owned()),
                 agent: Some(state.1.to_owned()),
+                updated_ms: Some(from..=until),
                 limit: 1000,
                 cursor,
             })
             .await?;
         for task in page.tasks {
-            if (from..=until).contains(&task.updated_at_ms) {
-                if found.len() == 100 {
-                    found.pop_front();
-                }
-                found.push_back(task.id);
+            if found.len() == 100 {
+                found.pop_front();
             }
+            found.push_back(task.id);
         }
         cursor = page.next;
         if cursor.is_none() {
