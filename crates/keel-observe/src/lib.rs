@@ -294,12 +294,7 @@ async fn affected_tasks(
         Some(("loop", agent)) => ("awaiting_human", agent),
         _ => return Ok(Vec::new()),
     };
-    let ms = |at: &str| {
-        humantime::parse_rfc3339(at)
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .and_then(|d| i64::try_from(d.as_millis()).ok())
-    };
+    let ms = postmortem::unix_ms;
     // The alert comes a moment after the task's last change: a minute's grace before.
     let from = ms(&incident.opened_at).map_or(0, |at| at - 60_000);
     let until = incident

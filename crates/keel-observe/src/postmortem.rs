@@ -132,15 +132,17 @@ pub fn of_task(task: &TaskRow, events: &[Event]) -> Postmortem {
     }
 }
 
+/// An RFC 3339 time (as incidents keep them) in Unix milliseconds; `None` if it is not one.
+pub(crate) fn unix_ms(at: &str) -> Option<i64> {
+    humantime::parse_rfc3339(at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
 /// The postmortem of `incident`; `affected` are the tasks it touched.
 pub fn of_incident(incident: &Incident, affected: Vec<String>) -> Postmortem {
-    let ms = |at: &str| {
-        humantime::parse_rfc3339(at)
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .and_then(|d| i64::try_from(d.as_millis()).ok())
-            .unwrap_or(0)
-    };
+    let ms = |at: &str| unix_ms(at).unwrap_or(0);
     let first_ms = ms(&incident.opened_at);
     let timeline: Vec<Line> = incident
         .timeline
