@@ -247,6 +247,34 @@ pub struct Executor<'a> {
     pub task_deadline: Option<Instant>,
 }
 
+/// Most events of a stream held back while they say nothing (see [`says_nothing_yet`]).
+const MAX_HELD_EVENTS: usize = 8;
+
+/// Whether a stream's event carries nothing for the client yet: every choice's delta holds
+/// at most a `role` (other members absent, null or empty), no choice has finished, and there
+/// is no `usage`. OpenAI's role-only opening chunk, and Azure's chunk of prompt filter results
+/// with no choices, are such events; an error object (no `choices`) is not.
+fn says_nothing_yet(event: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    if event.get("usage").is_some_and(|u| !u.is_null()) {
+        return false;
+    }
+    let Some(choices) = event.get("choices").and_then(Value::as_array) else {
+        return false;
+    };
+    choices.iter().all(|choice| {
+        choice.get("finish_reason").is_none_or(Value::is_null)
+            && choice
+                .get("delta")
+                .and_then(Value::as_object)
+                .is_some_and(|delta| {
+                    delta.iter().all(|(key, value)| {
+                        key == "role" || value.is_null() || value.as_str() == Some("")
+                    })
+                })
+    })
+}
+
 /// The deadline of a task with `facts`, for a call made now: `Err` (504) when it has
 /// passed, since the tightest deadline wins and this one leaves no time.
 pub(crate) fn task_deadline(
@@ -657,23 +685,44 @@ impl Executor<'_> {
         match reply {
             ProviderReply::Json(body) => Ok(Reply::Json(read_json(body, &target, self.keep_tree)?)),
             ProviderReply::Stream(mut rest) => {
-                match tokio::time::timeout_at(first_deadline, rest.next()).await {
-                    // Nothing has reached the client yet: a first event that is not JSON
-                    // is the upstream's failure, retried like a malformed 200 body.
-                    Ok(Some(Ok(first))) => {
-                        match serde_json::from_slice::<serde::de::IgnoredAny>(&first) {
-                            Ok(_) => Ok(Reply::Stream(first, rest)),
-                            Err(e) => Err(UpstreamError::Malformed {
-                                target: target.clone(),
-                                detail: format!("the stream's first event is not JSON: {e}"),
-                            }),
+                // Nothing reaches the client before the first event that says something:
+                // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
+                // filter results and no choices), so a stream that breaks right after it is
+                // still the upstream's failure before the first token, retried and fallen
+                // back from like any other.
+                let mut held = Vec::new();
+                loop {
+                    match tokio::time::timeout_at(first_deadline, rest.next()).await {
+                        Ok(Some(Ok(event))) => {
+                            // An event that is not JSON is the upstream's failure, retried
+                            // like a malformed 200 body.
+                            let opening = serde_json::from_slice::<serde_json::Value>(&event)
+                                .map_err(|e| UpstreamError::Malformed {
+                                    target: target.clone(),
+                                    detail: format!(
+                                        "the stream's event {} is not JSON: {e}",
+                                        held.len() + 1
+                                    ),
+                                })?;
+                            held.push(event);
+                            if !says_nothing_yet(&opening) || held.len() >= MAX_HELD_EVENTS {
+                                break;
+                            }
                         }
+                        Ok(Some(Err(_)) | None) => {
+                            return Err(UpstreamError::StreamCut {
+                                target: target.clone(),
+                            });
+                        }
+                        Err(_) => return Err(timed_out(start.elapsed())),
                     }
-                    Ok(Some(Err(_)) | None) => Err(UpstreamError::StreamCut {
-                        target: target.clone(),
-                    }),
-                    Err(_) => Err(timed_out(start.elapsed())),
                 }
+                let mut held = held.into_iter();
+                let first = held.next().unwrap_or_default();
+                if held.len() > 0 {
+                    rest = futures::stream::iter(held.map(Ok)).chain(rest).boxed();
+                }
+                Ok(Reply::Stream(first, rest))
             }
         }
     }
@@ -882,5 +931,32 @@ mod tests {
             breaker.lock().try_acquire(later).is_ok(),
             "the trial slot leaked"
         );
+    }
+
+    #[test]
+    fn only_events_without_content_are_held_back() {
+        use serde_json::json;
+        let nothing = [
+            // OpenAI's opening chunk.
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}]}),
+            // Azure's prompt filter results.
+            json!({"id": "", "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}),
+            json!({"choices": [{"delta": {}}], "usage": null}),
+        ];
+        for event in nothing {
+            assert!(super::says_nothing_yet(&event), "{event}");
+        }
+        let something = [
+            json!({"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]}),
+            json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1"}]}}]}),
+            json!({"choices": [{"delta": {}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"total_tokens": 3}}),
+            json!({"choices": [{"delta": {"refusal": "no"}}]}),
+            json!({"error": {"message": "overloaded"}}),
+            json!({"choices": [{"index": 0}]}),
+        ];
+        for event in something {
+            assert!(!super::says_nothing_yet(&event), "{event}");
+        }
     }
 }

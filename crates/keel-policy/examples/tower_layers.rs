@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use keel_policy::{
-    Backoff, Breaker, BreakerError, BreakerLayer, BreakerSettings, Jitter, RetryLayer,
-    SystemClock, Window,
+    Backoff, Breaker, BreakerError, BreakerLayer, BreakerSettings, Jitter, RetryLayer, SystemClock,
+    Window,
 };
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -50,7 +50,11 @@ async fn main() {
             matches!(result, Err(BreakerError::Inner(ModelError::Overloaded)))
         },
         NonZeroU32::MIN.saturating_add(2), // 3 attempts in all
-        Backoff::new(Duration::from_millis(20), Duration::from_millis(200), Jitter::Full),
+        Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            Jitter::Full,
+        ),
         clock,
     );
 

@@ -265,6 +265,24 @@ async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stream_broken_right_after_its_role_chunk_is_retried() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    // The simulator, like OpenAI, opens a stream with a role-only chunk: cut after it,
+    // nothing the client could use has been said yet.
+    sim.script("primary", vec![Fault::cut_after(0)]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    assert_eq!(out["finish_reason"], "stop", "{out}");
+    assert!(!out["content"].as_str().unwrap_or("").is_empty(), "{out}");
+    assert_eq!(sim.calls("primary"), 2, "retried on the same target");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(keel.events_of("llm_call")[0]["outcome"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_stream_ends_as_a_failure_after_idle() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
