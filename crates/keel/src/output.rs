@@ -1,9 +1,18 @@
 //! The one place where the CLI prints.
 
-/// A line for the user on stdout.
-#[expect(clippy::print_stdout, reason = "CLI output")]
+use std::io::Write;
+
+/// A line for the user on stdout. When stdout is closed (`keel tasks events ID | head -1`),
+/// keel stops quietly, as `grep` or `kubectl` do, instead of panicking on the broken pipe.
 pub fn line(text: &str) {
-    println!("{text}");
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        error(&format!("cannot write to stdout: {e}"));
+        std::process::exit(1);
+    }
 }
 
 /// An error for the user on stderr, prefixed `error: `.

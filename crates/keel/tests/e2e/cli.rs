@@ -322,3 +322,22 @@ async fn admin_commands_find_the_server_and_its_token_through_its_config() {
         "{stderr}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `keel ... | head -1`: the reader is gone before keel writes its line.
+    let (dir, path) = config_file("[server]\nlisten = \"127.0.0.1:8420\"\n");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    drop(dir);
+}
