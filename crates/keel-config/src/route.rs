@@ -269,41 +269,27 @@ pub(crate) fn at_least_one(value: u32, at: &KeyPath) -> Result<NonZeroU32, Inval
 
 // === timeouts ===
 
-/// `timeouts = { ... }` as written in keel.toml. Nothing here is trusted yet.
-#[derive(Debug, Deserialize)]
+/// `timeouts = { ... }` as written in keel.toml. Nothing here is trusted yet. A timeout left
+/// out takes its default, shortened to fit the ones that hold it (`timeouts = { total = "30s" }`
+/// gives attempts of 30s, not the 60s default that would not fit).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutConfig {
     /// TCP + TLS connect.
-    #[serde(default = "defaults::connect", deserialize_with = "duration::required")]
-    pub connect: Duration,
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub connect: Option<Duration>,
     /// Request sent to first streamed chunk.
-    #[serde(
-        default = "defaults::first_token",
-        deserialize_with = "duration::required"
-    )]
-    pub first_token: Duration,
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub first_token: Option<Duration>,
     /// Longest silence between streamed chunks.
-    #[serde(default = "defaults::idle", deserialize_with = "duration::required")]
-    pub idle: Duration,
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub idle: Option<Duration>,
     /// One attempt, start to end.
-    #[serde(default = "defaults::attempt", deserialize_with = "duration::required")]
-    pub attempt: Duration,
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub attempt: Option<Duration>,
     /// The whole call: every attempt, backoff and fallback.
-    #[serde(default = "defaults::total", deserialize_with = "duration::required")]
-    pub total: Duration,
-}
-
-impl Default for TimeoutConfig {
-    fn default() -> Self {
-        let t = TimeoutSettings::default();
-        Self {
-            connect: t.connect,
-            first_token: t.first_token,
-            idle: t.idle,
-            attempt: t.attempt,
-            total: t.total,
-        }
-    }
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub total: Option<Duration>,
 }
 
 /// Validated timeouts of a route: all longer than zero, and
@@ -338,41 +324,54 @@ impl TimeoutConfig {
     /// Checks that every timeout is positive and that they nest.
     pub fn validate(self, at: &KeyPath) -> Result<TimeoutSettings, Vec<Invalid>> {
         let mut problems = Problems::default();
-        let all = [
+        // Defaults fit inside what holds them; only timeouts written down can conflict.
+        let total = self.total.unwrap_or_else(defaults::total);
+        let attempt = self
+            .attempt
+            .unwrap_or_else(|| defaults::attempt().min(total));
+        let fit = |value: Option<Duration>, default: Duration| {
+            value.unwrap_or_else(|| default.min(attempt))
+        };
+        let settings = TimeoutSettings {
+            connect: fit(self.connect, defaults::connect()),
+            first_token: fit(self.first_token, defaults::first_token()),
+            idle: self.idle.unwrap_or_else(defaults::idle),
+            attempt,
+            total,
+        };
+        let written = [
             ("connect", self.connect),
             ("first_token", self.first_token),
             ("idle", self.idle),
             ("attempt", self.attempt),
             ("total", self.total),
         ];
-        for (key, value) in all {
-            if value.is_zero() {
+        for (key, value) in written {
+            if value.is_some_and(|v| v.is_zero()) {
                 problems.push(at.child(key).invalid("must be longer than 0s"));
             }
         }
+        let s = &settings;
         let nested = [
-            ("connect", self.connect, "attempt", self.attempt),
-            ("first_token", self.first_token, "attempt", self.attempt),
-            ("attempt", self.attempt, "total", self.total),
+            ("connect", s.connect, "attempt", s.attempt, self.attempt.is_some()),
+            ("first_token", s.first_token, "attempt", s.attempt, self.attempt.is_some()),
+            ("attempt", s.attempt, "total", s.total, self.total.is_some()),
         ];
-        for (key, value, outer, limit) in nested {
+        for (key, value, outer, limit, outer_written) in nested {
             if value > limit {
+                let unset = if outer_written {
+                    String::new()
+                } else {
+                    format!(" (not set here: its default, fitted inside what holds it; set {outer} too)")
+                };
                 problems.push(at.child(key).invalid(format!(
-                    "{} is longer than {outer} {}",
+                    "{} is longer than {outer} {}{unset}",
                     show(value),
                     show(limit)
                 )));
             }
         }
-        problems.finish(at, || {
-            Some(TimeoutSettings {
-                connect: self.connect,
-                first_token: self.first_token,
-                idle: self.idle,
-                attempt: self.attempt,
-                total: self.total,
-            })
-        })
+        problems.finish(at, || Some(settings))
     }
 }
 

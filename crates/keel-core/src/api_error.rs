@@ -211,6 +211,15 @@ pub async fn openai_shaped(
     answer
 }
 
+/// The credentials of an `Authorization` header of the `Bearer` scheme, whose name is
+/// case-insensitive (RFC 9110 §11.1: `bearer` and `BEARER` are the same scheme); `None` for
+/// another scheme or no credentials.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +233,15 @@ mod tests {
         assert_eq!(body["error"]["code"], "model_not_found");
         assert_eq!(body["error"]["param"], "model");
         assert_eq!(e.status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer k1", "bearer k1", "BEARER  k1 ", " Bearer k1"] {
+            assert_eq!(super::bearer_token(header), Some("k1"), "{header:?}");
+        }
+        for header in ["Basic k1", "Bearer", "Bearer   ", "k1", "Bearerk1"] {
+            assert_eq!(super::bearer_token(header), None, "{header:?}");
+        }
     }
 }

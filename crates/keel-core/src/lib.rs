@@ -9,7 +9,7 @@ pub mod event;
 #[cfg(feature = "prometheus")]
 pub mod metric;
 
-pub use api_error::ApiError;
+pub use api_error::{ApiError, bearer_token};
 pub use class::ErrorClass;
 pub use event::{EventKind, NewEvent};
 #[cfg(feature = "prometheus")]

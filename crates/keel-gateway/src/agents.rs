@@ -440,7 +440,11 @@ impl Agents {
                 "missing agent key: send it as 'Authorization: Bearer <key>' (the OpenAI SDK's api_key)",
             ));
         };
-        let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
+        let Some(key) = keel_core::bearer_token(value) else {
+            return Err(ApiError::unauthorized(
+                "the Authorization header is not 'Bearer <key>': send the agent key that way (the OpenAI SDK's api_key)",
+            ));
+        };
         match self.by_key.get(key) {
             Some((agent, name)) => Ok((agent.clone(), Some(name.clone()))),
             None => Err(ApiError::unauthorized("incorrect agent key provided")),

@@ -1,6 +1,6 @@
 //! One test per validation rule, asserting the exact rendered message, line included.
 
-use super::errors;
+use super::{errors, secs};
 
 /// A provider on lines 1-3, so route tests can start at line 5.
 const OPENAI: &str = "[providers.openai]
@@ -355,19 +355,46 @@ timeouts = { attempt = \"90s\", total = \"60s\" }
 }
 
 #[test]
-fn default_attempt_longer_than_written_total_points_at_the_table() {
+fn unset_timeouts_fit_inside_a_shorter_total() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { total = \"30s\" }
+
+[routes.quick]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { total = \"10s\", attempt = \"1s\" }
+",
+    );
+    let settings = super::settings(&text);
+    let smart = &settings.routes["smart"].timeouts;
+    // attempt's default (60s) is cut to total; the others' still fit.
+    assert_eq!(
+        (smart.connect, smart.first_token, smart.attempt, smart.total),
+        (secs(2), secs(20), secs(30), secs(30))
+    );
+    let quick = &settings.routes["quick"].timeouts;
+    assert_eq!(
+        (quick.connect, quick.first_token, quick.idle),
+        (secs(1), secs(1), secs(15))
+    );
+}
+
+#[test]
+fn a_written_timeout_longer_than_an_unset_one_says_so() {
     let text = with_openai(
         "[routes.smart]
 targets = [{ provider = \"openai\", model = \"gpt-5\" }]
 
 [routes.smart.timeouts]
-total = \"30s\"
+total = \"10s\"
+first_token = \"20s\"
 ",
     );
-    // `attempt` is not written (default 60s): the error points at its table.
     assert_eq!(
         errors(&text),
-        "keel.toml:8: routes.smart.timeouts.attempt: 1m is longer than total 30s"
+        "keel.toml:10: routes.smart.timeouts.first_token: 20s is longer than attempt 10s \
+         (not set here: its default, fitted inside what holds it; set attempt too)"
     );
 }
 
@@ -397,6 +424,17 @@ timeouts = { idle = \"0s\" }
     assert_eq!(
         errors(&text),
         "keel.toml:7: routes.smart.timeouts.idle: must be longer than 0s"
+    );
+    // A zero total is the one problem: the unset timeouts inside it are not blamed.
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+timeouts = { total = \"0s\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.timeouts.total: must be longer than 0s"
     );
 }
 

@@ -57,14 +57,15 @@ pub fn admin(sv: &Supervisor, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized(
+        .and_then(keel_core::bearer_token);
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized(
+            "wrong admin token: it is not the one in the server's admin_token_env variable",
+        )),
+        None => Err(ApiError::unauthorized(
             "this operator call needs the admin token: send 'Authorization: Bearer <token>' (the CLI reads KEEL_ADMIN_TOKEN)",
-        ))
+        )),
     }
 }
 
@@ -75,7 +76,7 @@ fn worker(sv: &Supervisor, headers: &HeaderMap, agent: &str) -> Result<(), ApiEr
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(keel_core::bearer_token);
     match sv.agent_of_key(key) {
         KeyOwner::NoKeysConfigured => Ok(()),
         KeyOwner::Agent(owner) if owner == agent => Ok(()),

@@ -776,6 +776,29 @@ async fn operator_calls_need_the_admin_token_when_one_is_configured() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // The scheme's name is case-insensitive; a wrong token is called wrong, not missing.
+    for (authorization, status) in [
+        ("bearer admin-secret", StatusCode::OK),
+        ("Bearer not-the-token", StatusCode::UNAUTHORIZED),
+    ] {
+        let r = reqwest::Client::new()
+            .get(format!("{url}/v1/tasks/{id}"))
+            .header("authorization", authorization)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{authorization}");
+        if status == StatusCode::UNAUTHORIZED {
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("wrong admin token"),
+                "{body}"
+            );
+        }
+    }
     let denied = keel_cli(url, &["tasks", "ls"]);
     assert!(!denied.status.success());
     assert!(
