@@ -258,10 +258,20 @@ pub(super) async fn read_all(body: Body, target: &str) -> Result<Bytes, Upstream
         .to_bytes())
 }
 
-/// `Retry-After` as seconds (HTTP dates are rare from model APIs and ignored). A value
-/// too large for a `Duration` is as good as "very long": the retry policy caps it.
+/// `Retry-After` as seconds, or as an HTTP date (the wait until then; none for a date
+/// already past). A value too large for a `Duration` is as good as "very long": the retry
+/// policy caps it.
 pub(super) fn parse_retry_after(value: &str) -> Option<Duration> {
-    let secs: f64 = value.trim().parse().ok()?;
+    retry_after_at(value, std::time::SystemTime::now())
+}
+
+/// [`parse_retry_after`] at `now`.
+fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let Ok(secs) = value.parse::<f64>() else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+    };
     if secs.is_nan() || secs < 0.0 {
         return None;
     }
@@ -360,7 +370,7 @@ mod tests {
     fn retry_after_seconds() {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("soon"), None);
         assert_eq!(parse_retry_after("-1"), None);
         assert_eq!(parse_retry_after("NaN"), None);
         // Too large for a Duration: "very long", which the retry policy caps, not a panic.
@@ -369,6 +379,21 @@ mod tests {
             Some(Duration::MAX)
         );
         assert_eq!(parse_retry_after("1e300"), Some(Duration::MAX));
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date_is_the_wait_until_then() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:28:03 GMT", now),
+            Some(Duration::from_secs(3))
+        );
+        // Already past: retry at once, as for `Retry-After: 0`.
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after_at("Wed, 32 Oct 2015 07:28:00 GMT", now), None);
     }
 
     #[test]
