@@ -145,13 +145,24 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
+/// The longest lease or deadline a call may ask for: a year. Longer is a mistake (a lease
+/// that never runs out keeps a dead worker's task forever), and past it times overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {
-    humantime::parse_duration(text).map_err(|e| {
+    let parsed = humantime::parse_duration(text).map_err(|e| {
         ApiError::bad_request(format!(
             "{field}: {text:?} is not a duration like \"30s\": {e}"
         ))
         .with_param(field)
-    })
+    })?;
+    if parsed > MAX_DURATION {
+        return Err(ApiError::bad_request(format!(
+            "{field}: {text:?} is longer than the most keel takes, 366d"
+        ))
+        .with_param(field));
+    }
+    Ok(parsed)
 }
 
 /// The call's `Idempotency-Key` under `scope`, with the hash of its request `body`.

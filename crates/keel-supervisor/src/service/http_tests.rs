@@ -161,3 +161,31 @@ async fn a_repeated_idempotency_key_with_another_body_is_a_422_and_appends_nothi
     let page = sv.store().tasks(TaskQuery::default()).await.unwrap();
     assert_eq!(page.tasks.len(), 1, "the refused create made a task");
 }
+
+#[tokio::test]
+async fn leases_and_deadlines_longer_than_a_year_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    let (status, body) = post(
+        &sv,
+        "/v1/tasks",
+        &[],
+        json!({"agent": "a", "input": {}, "deadline": "100000000000d"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "deadline", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("366d"),
+        "{body}"
+    );
+    let (status, body) = post(&sv, "/v1/tasks", &[], json!({"agent": "a", "input": {}})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let claim = |lease: &str| json!({"agent": "a", "worker": "w", "lease": lease});
+    let (status, body) = post(&sv, "/v1/tasks/claim", &[], claim("200000000000d")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "lease", "{body}");
+    // A long lease within the bound is taken.
+    let (status, body) = post(&sv, "/v1/tasks/claim", &[], claim("365d")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -94,10 +94,15 @@ fn ms_to_time(v: &Value) -> String {
     v.as_i64().map_or_else(
         || "-".to_owned(),
         |ms| {
-            let secs = ms.div_euclid(1000);
-            let t = std::time::UNIX_EPOCH
-                + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-            humantime::format_rfc3339_seconds(t).to_string()
+            // RFC 3339 ends at the year 9999; a later time is shown as it came.
+            const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+            match u64::try_from(ms.div_euclid(1000)) {
+                Ok(secs) if secs <= LAST_RFC3339_SECOND => {
+                    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+                    humantime::format_rfc3339_seconds(t).to_string()
+                }
+                _ => format!("{ms} (unix ms)"),
+            }
         },
     )
 }
