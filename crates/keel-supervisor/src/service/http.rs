@@ -335,30 +335,36 @@ async fn events(State(sv): Sv, headers: HeaderMap, Path(id): Path<String>) -> Re
     if let Err(e) = admin(&sv, &headers) {
         return e.into_response();
     }
-    if let Err(e) = sv.get(&id).await {
-        return e.into_response();
-    }
+    // A task id the supervisor does not know may still be a label a client gave its model
+    // calls (`x-keel-task`): their events are that label's log.
+    let unknown = match sv.get(&id).await {
+        Ok(_) => None,
+        Err(e) if e.status == StatusCode::NOT_FOUND => Some(e),
+        Err(e) => return e.into_response(),
+    };
     let query = EventQuery {
         task_id: Some(id),
         ..EventQuery::default()
     };
-    match sv.store().events(query).await {
-        Ok(events) => {
-            let mut out = Vec::new();
-            for e in events {
-                if serde_json::to_writer(&mut out, &e).is_ok() {
-                    out.push(b'\n');
-                }
-            }
-            let mut r = Response::new(Body::from(out));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-ndjson"),
-            );
-            r
-        }
-        Err(e) => super::store_error(e).into_response(),
+    let events = match sv.store().events(query).await {
+        Ok(events) => events,
+        Err(e) => return super::store_error(e).into_response(),
+    };
+    if let (true, Some(unknown)) = (events.is_empty(), unknown) {
+        return unknown.into_response();
     }
+    let mut out = Vec::new();
+    for e in events {
+        if serde_json::to_writer(&mut out, &e).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    let mut r = Response::new(Body::from(out));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
 
 #[derive(Deserialize)]

@@ -45,6 +45,14 @@ async fn plain_call_passes_through_and_is_recorded() {
     assert_eq!(calls[0]["target"], "sim/primary");
     assert_eq!(calls[0]["step"], "plan");
     assert!(calls[0]["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    // `task-42` is the client's own label, not a supervisor task: its log still reads back.
+    let log = keel.cli(&["tasks", "events", "task-42", "--json"]);
+    let text = String::from_utf8_lossy(&log.stdout);
+    assert!(log.status.success(), "{}", String::from_utf8_lossy(&log.stderr));
+    assert!(text.contains("\"llm_call\""), "{text}");
+    let none = keel.cli(&["tasks", "events", "task-43"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("not found"));
     let db = std::fs::read(keel.db_path()).unwrap();
     let wal = std::fs::read(keel.db_path().with_extension("db-wal")).unwrap_or_default();
     let needle = PROVIDER_KEY.as_bytes();
