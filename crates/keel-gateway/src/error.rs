@@ -15,8 +15,9 @@ use keel_core::class::{ErrorHint, classify_status};
 /// One failed attempt at one target.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The TCP/TLS connection could not be made, or broke before an answer.
-    #[error("connect to {target} failed: {detail}")]
+    /// The TCP/TLS connection could not be made, or broke (before an answer, or in the
+    /// middle of a stream: `detail` says which).
+    #[error("connection to {target}: {detail}")]
     Connect {
         /// `provider/model`.
         target: String,
