@@ -353,8 +353,20 @@ impl TimeoutConfig {
         }
         let s = &settings;
         let nested = [
-            ("connect", s.connect, "attempt", s.attempt, self.attempt.is_some()),
-            ("first_token", s.first_token, "attempt", s.attempt, self.attempt.is_some()),
+            (
+                "connect",
+                s.connect,
+                "attempt",
+                s.attempt,
+                self.attempt.is_some(),
+            ),
+            (
+                "first_token",
+                s.first_token,
+                "attempt",
+                s.attempt,
+                self.attempt.is_some(),
+            ),
             ("attempt", s.attempt, "total", s.total, self.total.is_some()),
         ];
         for (key, value, outer, limit, outer_written) in nested {
@@ -362,7 +374,9 @@ impl TimeoutConfig {
                 let unset = if outer_written {
                     String::new()
                 } else {
-                    format!(" (not set here: its default, fitted inside what holds it; set {outer} too)")
+                    format!(
+                        " (not set here: its default, fitted inside what holds it; set {outer} too)"
+                    )
                 };
                 problems.push(at.child(key).invalid(format!(
                     "{} is longer than {outer} {}{unset}",

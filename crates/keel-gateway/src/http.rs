@@ -32,9 +32,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
         .route("/tasks/{task_id}/v1/chat/completions", post(task_chat))
         .route("/tasks/{task_id}/v1/embeddings", post(task_embeddings))
         .route("/tasks/{task_id}/v1/models", get(models))
+        .route("/tasks/{task_id}/v1/models/{model}", get(task_model))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -75,6 +77,26 @@ async fn models(State(gw): Gw) -> Response {
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "keel"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{model}`: one route as a model (the SDKs' `models.retrieve`).
+async fn model(State(gw): Gw, Path(model): Path<String>) -> Response {
+    if gw.routes.contains_key(&model) {
+        return axum::Json(
+            json!({"id": model, "object": "model", "created": 0, "owned_by": "keel"}),
+        )
+        .into_response();
+    }
+    ApiError::not_found(
+        format!("the model {model:?} does not exist: it is not a route of this keel"),
+        "model_not_found",
+    )
+    .with_param("model")
+    .into_response()
+}
+
+async fn task_model(State(gw): Gw, Path((_task, name)): Path<(String, String)>) -> Response {
+    model(State(gw), Path(name)).await
 }
 
 /// Prometheus text by default; OpenMetrics when the scraper asks for it.

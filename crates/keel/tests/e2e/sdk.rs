@@ -48,7 +48,11 @@ async fn plain_call_passes_through_and_is_recorded() {
     // `task-42` is the client's own label, not a supervisor task: its log still reads back.
     let log = keel.cli(&["tasks", "events", "task-42", "--json"]);
     let text = String::from_utf8_lossy(&log.stdout);
-    assert!(log.status.success(), "{}", String::from_utf8_lossy(&log.stderr));
+    assert!(
+        log.status.success(),
+        "{}",
+        String::from_utf8_lossy(&log.stderr)
+    );
     assert!(text.contains("\"llm_call\""), "{text}");
     let none = keel.cli(&["tasks", "events", "task-43"]);
     assert!(!none.status.success());
@@ -385,6 +389,11 @@ async fn embeddings_models_and_task_paths_work() {
         out["models"],
         serde_json::json!(["fragile", "hurried", "patient", "smart", "stubborn"])
     );
+    assert_eq!(out["retrieved"], "fragile", "{out}");
+    let missing = reqwest::get(format!("{}/models/no-such-route", keel.base_url()))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
     let task_url = format!("{}/tasks/task-7/v1", keel.url);
     let out = sdk("chat", &task_url, &[]).await;
     assert_eq!(out["ok"], true, "{out}");

@@ -168,6 +168,7 @@ def main() -> int:
             out.update(count=len(e.data), dim=len(e.data[0].embedding))
         elif a.mode == "models":
             out.update(models=[m.id for m in client.models.list()])
+            out.update(retrieved=client.models.retrieve(out["models"][0]).id)
         else:
             print(f"unknown mode {a.mode}", file=sys.stderr)
             return 2
