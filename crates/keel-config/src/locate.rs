@@ -81,7 +81,11 @@ impl<'a> Locator<'a> {
         let syntax = self.text.parse::<toml::Table>().is_err();
         let (key, message) = match &span {
             _ if syntax => (String::new(), self.syntax_message(message, span.clone())),
-            Some(span) => (self.path_at(span.start).to_string(), plain(message)),
+            Some(span) => {
+                let path = self.path_at(span.start);
+                let message = hint(&path, &plain(message));
+                (path.to_string(), message)
+            }
             None => (String::new(), plain(message)),
         };
         ConfigError {
@@ -119,6 +123,36 @@ fn plain(message: &str) -> String {
         }
         _ => message.to_owned(),
     }
+}
+
+/// A hint for the mistakes a serde message does not explain: a key written in the file
+/// (keel reads secrets from the environment only), and a name with dots used unquoted in a
+/// table header (`[routes.gpt-4.1]` is the table `1` inside `gpt-4`).
+fn hint(path: &KeyPath, message: &str) -> String {
+    let keys: Vec<&str> = path
+        .segments()
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Key(k) => Some(k.as_str()),
+            Segment::Index(_) => None,
+        })
+        .collect();
+    if message.starts_with("unknown field `api_key`") {
+        return format!(
+            "{message}; keel takes no key in the file: put it in an environment variable and name that with api_key_env = \"OPENAI_API_KEY\""
+        );
+    }
+    let named = ["providers", "routes", "agents", "tools"];
+    if let [section, name, field, ..] = keys.as_slice()
+        && named.contains(section)
+        && message.starts_with(&format!("unknown field `{field}`"))
+        && field.chars().next().is_some_and(|c| c.is_ascii_digit())
+    {
+        return format!(
+            "{message}; if \"{name}.{field}\" is one name, quote it: [{section}.\"{name}.{field}\"]"
+        );
+    }
+    message.to_owned()
 }
 
 // === Node ===

@@ -772,3 +772,30 @@ fn telemetry_names_a_bad_endpoint_and_defaults_to_no_traces() {
     let got = errors("[telemetry]\notlp_protocol = \"grpc\"\n");
     assert!(got.contains("http/protobuf"), "{got}");
 }
+
+#[test]
+fn a_key_in_the_file_and_an_unquoted_dotted_name_get_a_hint() {
+    assert_eq!(
+        errors(
+            "[providers.openai]
+kind = \"openai\"
+base_url = \"https://api.openai.com/v1\"
+api_key = \"sk-123\"
+"
+        ),
+        "keel.toml:4: providers.openai.api_key: unknown field `api_key`, expected one of \
+         `kind`, `base_url`, `api_key_env`, `headers`, `query`, `prices`; keel takes no key in \
+         the file: put it in an environment variable and name that with \
+         api_key_env = \"OPENAI_API_KEY\""
+    );
+    let text = with_openai(
+        "[routes.gpt-4.1]
+targets = [{ provider = \"openai\", model = \"gpt-4.1\" }]
+",
+    );
+    let got = errors(&text);
+    assert!(
+        got.ends_with("if \"gpt-4.1\" is one name, quote it: [routes.\"gpt-4.1\"]"),
+        "{got}"
+    );
+}
