@@ -64,8 +64,9 @@ pub struct Report {
     pub keel_peak_rss_mb: f64,
     /// keel's CPU time, user + system, over its processes.
     pub keel_cpu_s: f64,
-    /// `child` (`keel sim`: keel's own processes) or `in-process` (`keel demo`: the
-    /// figures cover the whole process, agents and simulated models included).
+    /// `child` (`keel sim`: keel's own processes), `in-process` (`keel demo`: the
+    /// figures cover the whole process, agents and simulated models included) or `remote`
+    /// (`keel sim --server`: not measured, the figures are 0).
     pub keel_process: String,
     /// Success rate and p99 latency by when tasks ended.
     pub timeline: Vec<Bucket>,
@@ -365,10 +366,14 @@ impl Report {
                 } else {
                     "keel peak RSS / CPU"
                 },
-                format!(
-                    "{:.1} MiB / {:.1} s",
-                    self.keel_peak_rss_mb, self.keel_cpu_s
-                ),
+                if self.keel_process == "remote" {
+                    "not measured (keel is another machine's or another user's process)".to_owned()
+                } else {
+                    format!(
+                        "{:.1} MiB / {:.1} s",
+                        self.keel_peak_rss_mb, self.keel_cpu_s
+                    )
+                },
             ),
         ];
         let _ = writeln!(out, "| figure | value |\n| --- | --- |");
@@ -683,6 +688,20 @@ mod tests {
         ] {
             assert!(md.contains(row), "{row} not in\n{md}");
         }
+    }
+
+    #[test]
+    fn resources_of_a_keel_run_elsewhere_are_not_made_up() {
+        let md = Report::build(facts(), &[]).markdown();
+        assert!(
+            md.contains("| keel peak RSS / CPU | 40.0 MiB / 3.0 s |"),
+            "{md}"
+        );
+        let mut remote = facts();
+        remote.keel_process = "remote".to_owned();
+        let md = Report::build(remote, &[]).markdown();
+        assert!(md.contains("| keel peak RSS / CPU | not measured"), "{md}");
+        assert!(!md.contains("0.0 MiB"), "{md}");
     }
 
     #[test]
