@@ -139,7 +139,7 @@ fn hint(path: &KeyPath, message: &str) -> String {
         .collect();
     if message.starts_with("unknown field `api_key`") {
         return format!(
-            "{message}; keel takes no key in the file: put it in an environment variable and name that with api_key_env = \"OPENAI_API_KEY\""
+            "{message}; keel takes no key in the file: put it in an environment variable and name the variable with api_key_env"
         );
     }
     let named = ["providers", "routes", "agents", "tools"];

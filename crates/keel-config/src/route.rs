@@ -278,7 +278,7 @@ pub struct TimeoutConfig {
     /// TCP + TLS connect.
     #[serde(default, deserialize_with = "duration::optional")]
     pub connect: Option<Duration>,
-    /// Request sent to first streamed chunk.
+    /// Request sent to the first streamed chunk.
     #[serde(default, deserialize_with = "duration::optional")]
     pub first_token: Option<Duration>,
     /// Longest silence between streamed chunks.
@@ -298,7 +298,7 @@ pub struct TimeoutConfig {
 pub struct TimeoutSettings {
     /// TCP + TLS connect (default 2s).
     pub connect: Duration,
-    /// Request sent to first streamed chunk (default 20s).
+    /// Request sent to the first streamed chunk (default 20s).
     pub first_token: Duration,
     /// Longest silence between streamed chunks (default 15s).
     pub idle: Duration,
@@ -371,12 +371,12 @@ impl TimeoutConfig {
         ];
         for (key, value, outer, limit, outer_written) in nested {
             if value > limit {
-                let unset = if outer_written {
-                    String::new()
-                } else {
-                    format!(
+                let unset = match (outer_written, outer) {
+                    (true, _) => String::new(),
+                    (false, "total") => " (not set here: its default; set total too)".to_owned(),
+                    (false, _) => format!(
                         " (not set here: its default, fitted inside what holds it; set {outer} too)"
-                    )
+                    ),
                 };
                 problems.push(at.child(key).invalid(format!(
                     "{} is longer than {outer} {}{unset}",

@@ -440,7 +440,10 @@ impl Agents {
                 "missing agent key: send it as 'Authorization: Bearer <key>' (the OpenAI SDK's api_key)",
             ));
         };
-        let Some(key) = keel_core::bearer_token(value) else {
+        // `Bearer <key>` (any case), or the bare key as keel has always taken it.
+        let bare = value.trim();
+        let Some(key) = keel_core::bearer_token(value).or((!bare.contains(' ')).then_some(bare))
+        else {
             return Err(ApiError::unauthorized(
                 "the Authorization header is not 'Bearer <key>': send the agent key that way (the OpenAI SDK's api_key)",
             ));
@@ -661,6 +664,12 @@ mod tests {
         let (_, key) = a.identify_with_key(Some("Bearer k2"), None).unwrap();
         assert_eq!(key.as_deref(), Some("KEY_TWO"));
         assert!(a.identify_with_key(Some("Bearer nope"), None).is_err());
+        // The scheme in any case, or the bare key; another scheme is refused.
+        for header in ["bearer k2", "BEARER k2", "k2"] {
+            let (_, key) = a.identify_with_key(Some(header), None).unwrap();
+            assert_eq!(key.as_deref(), Some("KEY_TWO"), "{header}");
+        }
+        assert!(a.identify_with_key(Some("Basic k2"), None).is_err());
         let now = Duration::from_secs(7200);
         a.check("a", Some("KEY_ONE"), now).unwrap();
         let (remaining, _) = a.spend("a", Some("KEY_ONE"), "p/m", usage(60, 40), now);

@@ -689,10 +689,16 @@ impl Executor<'_> {
                 // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
                 // filter results and no choices), so a stream that breaks right after it is
                 // still the upstream's failure before the first token, retried and fallen
-                // back from like any other.
+                // back from like any other. Held events are a first event all the same: when
+                // `first_token` passes or the stream ends cleanly while they are held, they
+                // go to the client, and `idle` watches the rest as before.
                 let mut held = Vec::new();
                 loop {
-                    match tokio::time::timeout_at(first_deadline, rest.next()).await {
+                    let next = tokio::time::timeout_at(first_deadline, rest.next()).await;
+                    if !held.is_empty() && matches!(next, Err(_) | Ok(None)) {
+                        break;
+                    }
+                    match next {
                         Ok(Some(Ok(event))) => {
                             // An event that is not JSON is the upstream's failure, retried
                             // like a malformed 200 body.

@@ -785,8 +785,7 @@ api_key = \"sk-123\"
         ),
         "keel.toml:4: providers.openai.api_key: unknown field `api_key`, expected one of \
          `kind`, `base_url`, `api_key_env`, `headers`, `query`, `prices`; keel takes no key in \
-         the file: put it in an environment variable and name that with \
-         api_key_env = \"OPENAI_API_KEY\""
+         the file: put it in an environment variable and name the variable with api_key_env"
     );
     let text = with_openai(
         "[routes.gpt-4.1]

@@ -367,7 +367,7 @@ impl Report {
                     "keel peak RSS / CPU"
                 },
                 if self.keel_process == "remote" {
-                    "not measured (keel is another machine's or another user's process)".to_owned()
+                    "not measured (keel is not a process of this run)".to_owned()
                 } else {
                     format!(
                         "{:.1} MiB / {:.1} s",

@@ -145,8 +145,9 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-/// The longest lease or deadline a call may ask for: a year. Longer is a mistake (a lease
-/// that never runs out keeps a dead worker's task forever), and past it times overflow.
+/// The longest lease, deadline or approval timeout a call may ask for: a year. Longer is a
+/// mistake (a lease that never runs out keeps a dead worker's task forever), and far past it
+/// times overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {

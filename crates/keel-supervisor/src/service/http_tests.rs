@@ -163,7 +163,7 @@ async fn a_repeated_idempotency_key_with_another_body_is_a_422_and_appends_nothi
 }
 
 #[tokio::test]
-async fn leases_and_deadlines_longer_than_a_year_are_refused() {
+async fn leases_deadlines_and_approval_timeouts_longer_than_a_year_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sv = supervisor(&dir);
     let (status, body) = post(
@@ -186,6 +186,11 @@ async fn leases_and_deadlines_longer_than_a_year_are_refused() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["param"], "lease", "{body}");
     // A long lease within the bound is taken.
-    let (status, body) = post(&sv, "/v1/tasks/claim", &[], claim("365d")).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, task) = post(&sv, "/v1/tasks/claim", &[], claim("365d")).await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    let path = format!("/v1/tasks/{}/approvals", task["id"].as_str().unwrap());
+    let ask = json!({"lease_token": task["lease_token"], "reason": "r", "timeout": "400d"});
+    let (status, body) = post(&sv, &path, &[], ask).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "timeout", "{body}");
 }

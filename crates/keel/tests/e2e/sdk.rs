@@ -295,6 +295,24 @@ async fn a_stream_broken_right_after_its_role_chunk_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stream_silent_after_its_role_chunk_is_watched_by_idle_not_retried() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    // The role chunk at once, then silence past `first_token` (2s): the held chunk goes to
+    // the client when `first_token` passes, and `idle` (1s) ends the stream, as it did
+    // before keel held role chunks back. No second generation is started.
+    sim.script(
+        "primary",
+        vec![Fault::stall_after(0, Duration::from_secs(30))],
+    );
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], false, "{out}");
+    assert!(out["message"].as_str().unwrap().contains("idle"), "{out}");
+    assert_eq!(out["chunks"], 1, "the role chunk reached the client: {out}");
+    assert_eq!(sim.calls("primary"), 1, "not retried after the first byte");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_stream_ends_as_a_failure_after_idle() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
@@ -394,6 +412,8 @@ async fn embeddings_models_and_task_paths_work() {
         .await
         .unwrap();
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
     let task_url = format!("{}/tasks/task-7/v1", keel.url);
     let out = sdk("chat", &task_url, &[]).await;
     assert_eq!(out["ok"], true, "{out}");
