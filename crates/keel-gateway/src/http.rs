@@ -278,6 +278,7 @@ async fn handle_inner(
         let allowed = async {
             if let Some(facts) = gw.check_owner(task, &who.agent).await? {
                 task_deadline = crate::route::task_deadline(task, &facts)?;
+                gw.restore_loop_stop(task, &facts);
             }
             gw.refuse_if_looping(task).await
         }

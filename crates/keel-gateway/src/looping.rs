@@ -129,6 +129,25 @@ impl Gateway {
         }
     }
 
+    /// Stops `task` again from what the supervisor says of it: a loop handoff still waiting
+    /// for a person, which this process has no stop for (it started after the loop was
+    /// found). [`Gateway::refuse_if_looping`] then refuses or, once the person approved,
+    /// releases it, as for a stop made here.
+    pub(crate) fn restore_loop_stop(&self, task: &str, facts: &crate::tools::TaskFacts) {
+        let Some(handoff) = &facts.loop_handoff else {
+            return;
+        };
+        if self.loops.stopped(task).is_none() {
+            self.loops.stop(
+                task,
+                Stopped {
+                    reason: handoff.reason.clone(),
+                    approval: Some(handoff.approval.clone()),
+                },
+            );
+        }
+    }
+
     /// `Err` when `task` was stopped as looping and no person has let it go on since.
     pub(crate) async fn refuse_if_looping(&self, task: &str) -> Result<(), ApiError> {
         let Some(stopped) = self.loops.stopped(task) else {

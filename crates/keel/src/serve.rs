@@ -470,11 +470,25 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
         // A task that succeeded met its deadline: its later calls (say, a worker's last
         // summary) are not refused for it. One that died of it (the timer ends a task at its
         // deadline), or otherwise, keeps it.
-        Ok(row.map(|r| keel_gateway::tools::TaskFacts {
-            deadline_ms: (r.state != "succeeded")
-                .then(|| r.snapshot["deadline_ms"].as_i64())
-                .flatten(),
-            agent: r.agent,
+        Ok(row.map(|r| {
+            let approval = &r.snapshot["approval"];
+            let loop_handoff = (r.state == "awaiting_human"
+                && approval["handoff"] == true
+                && approval["context"]["kind"] == "loop")
+                .then(|| {
+                    Some(keel_gateway::tools::LoopHandoff {
+                        approval: approval["id"].as_str()?.to_owned(),
+                        reason: approval["reason"].as_str().unwrap_or_default().to_owned(),
+                    })
+                })
+                .flatten();
+            keel_gateway::tools::TaskFacts {
+                deadline_ms: (r.state != "succeeded")
+                    .then(|| r.snapshot["deadline_ms"].as_i64())
+                    .flatten(),
+                agent: r.agent,
+                loop_handoff,
+            }
         }))
     }
 }

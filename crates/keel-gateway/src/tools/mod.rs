@@ -30,7 +30,7 @@ use serde_json::Value;
 
 pub(crate) use http::routes;
 pub(crate) use profile::approved;
-pub use profile::{ApprovalQueue, Outlier, TaskFacts};
+pub use profile::{ApprovalQueue, LoopHandoff, Outlier, TaskFacts};
 
 /// The value that stands in the log for a redacted arg.
 pub const REDACTED: &str = "[redacted]";

@@ -65,6 +65,18 @@ pub struct TaskFacts {
     /// Its deadline, unix milliseconds, unless it succeeded (an operator's requeue may set
     /// a new one).
     pub deadline_ms: Option<i64>,
+    /// The loop guard's pending handoff while the task waits for a person: the loop guard
+    /// keeps its stops in memory, so after a restart this is how it knows one.
+    pub loop_handoff: Option<LoopHandoff>,
+}
+
+/// A pending handoff of a task the loop guard stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopHandoff {
+    /// The approval a person decides on.
+    pub approval: String,
+    /// Why the task was stopped, in words.
+    pub reason: String,
 }
 
 /// A numeric arg far outside its profile.

@@ -153,6 +153,46 @@ async fn a_task_whose_answers_repeat_is_handed_off_and_its_next_call_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_task_handed_off_as_looping_stays_refused_after_a_restart() {
+    let models = sim().await;
+    let mut keel = Keel::start(LOOPS, &models).await;
+    let (id, _) = running_task(&keel).await;
+    for _ in 0..3 {
+        let (status, answer) = ask(&keel, &id, PROMPT).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, refused) = ask(&keel, &id, PROMPT).await;
+    assert_eq!(status, 409, "{refused}");
+    let approval = task_state(&keel, &id).await["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // kill -9 and start again over the same store: the stop is not in memory any more,
+    // but the task still waits for a person, so its calls are still refused.
+    keel.child.kill().await.unwrap();
+    let dir = std::mem::replace(&mut keel.dir, tempfile::tempdir().unwrap());
+    let keel = Keel::start_in(dir, LOOPS, &models).await;
+    let calls = models.calls("primary");
+    let (status, refused) = ask(&keel, &id, PROMPT).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "loop_detected", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&approval),
+        "{refused}"
+    );
+    assert_eq!(models.calls("primary"), calls, "the model was not called");
+
+    // The person approves: the calls pass again.
+    approve_and_reclaim(&keel, &approval, &id).await;
+    let (status, answer) = ask(&keel, &id, PROMPT).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
     let models = sim().await;
     let keel = Keel::start(LOOPS, &models).await;
