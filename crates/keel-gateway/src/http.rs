@@ -328,6 +328,7 @@ async fn handle_inner(
     let executor = Executor {
         route,
         metrics: &gw.metrics,
+        transitions: &gw.transitions,
         node: &gw.node,
         clock: gw.clock.as_ref(),
         chaos: gw.chaos.as_ref(),
@@ -540,7 +541,7 @@ impl Gateway {
         }
     }
 
-    /// Appends events that are not a model call's records (a tool's breaker changes) in one
+    /// Appends events that are not a model call's records (a tool call's, say) in one
     /// batch, with the store's durability; a store failure is logged, never hidden as success.
     pub(crate) async fn append(&self, events: Vec<NewEvent>) {
         if events.is_empty() {

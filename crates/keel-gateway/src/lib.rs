@@ -20,6 +20,7 @@ pub mod payload;
 pub mod provider;
 pub mod route;
 pub mod tools;
+mod transitions;
 pub mod usage;
 
 use std::collections::hash_map::Entry;
@@ -71,6 +72,8 @@ pub struct Gateway {
     node: String,
     /// Counts the calls in progress for the store's writer ([`Gateway::with_upcoming`]).
     upcoming: keel_store::Upcoming,
+    /// Where model targets' breaker transitions are appended, in order.
+    transitions: transitions::TransitionLog,
 }
 
 /// Owners remembered at once; the cache starts afresh beyond this.
@@ -230,6 +233,7 @@ impl Gateway {
             routes,
             agents: Agents::new(settings.agents.values(), settings.providers.values()),
             metrics,
+            transitions: transitions::TransitionLog::new(Arc::clone(&store)),
             store,
             clock: Arc::new(SystemClock::new()),
             tasks,

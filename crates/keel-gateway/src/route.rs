@@ -228,6 +228,8 @@ pub struct Executor<'a> {
     pub route: &'a Route,
     /// Metrics.
     pub metrics: &'a Metrics,
+    /// Where breaker transitions are appended, in the order they happen.
+    pub(crate) transitions: &'a crate::transitions::TransitionLog,
     /// This node's id, in breaker events (breakers are per node).
     pub node: &'a str,
     /// Clock for breakers and budgets.
@@ -469,14 +471,16 @@ impl Executor<'_> {
         let max_attempts = route.retry.max_attempts.get();
         let mut last = None;
         for attempt in 0..max_attempts {
-            let permit = {
+            let (permit, logged) = {
                 let mut breaker = target.breaker.lock();
                 let permit = breaker.try_acquire(self.clock.now());
-                let transitions = breaker.take_transitions();
+                let logged = self.log_transitions(target, &breaker.take_transitions());
                 drop(breaker);
-                self.note_transitions(target, &transitions, log);
-                permit
+                (permit, logged)
             };
+            if logged {
+                self.transitions.flush().await;
+            }
             let Ok(permit) = permit else {
                 let skipped = UpstreamError::BreakerOpen {
                     target: target.id.clone(),
@@ -516,7 +520,7 @@ impl Executor<'_> {
                 Err(e) if e.counts_against_target() => Some(false),
                 Err(_) => None,
             };
-            {
+            let logged = {
                 let mut breaker = target.breaker.lock();
                 match outcome_for_breaker {
                     Some(success) => breaker.record(
@@ -529,9 +533,12 @@ impl Executor<'_> {
                     ),
                     None => breaker.release(permit),
                 }
-                let transitions = breaker.take_transitions();
+                let logged = self.log_transitions(target, &breaker.take_transitions());
                 drop(breaker);
-                self.note_transitions(target, &transitions, log);
+                logged
+            };
+            if logged {
+                self.transitions.flush().await;
             }
             let error = match result {
                 Ok(reply) => {
@@ -762,18 +769,16 @@ impl Executor<'_> {
             .inc();
     }
 
-    fn note_transitions(&self, target: &Target, transitions: &[Transition], log: &mut CallLog) {
-        // Almost every call changes no breaker state: nothing to build then.
+    /// Queues the `breaker_*` events of `transitions` (call it with the breaker's lock held,
+    /// see [`crate::transitions`]); whether there were any (almost every call has none).
+    fn log_transitions(&self, target: &Target, transitions: &[Transition]) -> bool {
         if transitions.is_empty() {
-            return;
+            return false;
         }
         let extra = json!({"route": self.route.name, "node": self.node});
-        log.events.extend(breaker_events(
-            self.metrics,
-            &target.id,
-            transitions,
-            &extra,
-        ));
+        let events = breaker_events(self.metrics, &target.id, transitions, &extra);
+        self.transitions.queue(events);
+        true
     }
 }
 

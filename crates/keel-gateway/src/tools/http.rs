@@ -798,7 +798,7 @@ async fn call(
                 tool_fault: true,
             })
         });
-        let transitions = {
+        let logged = {
             let mut breaker = tool.breaker.lock();
             let took = gw.clock.now().saturating_sub(began);
             let success = match &attempt {
@@ -813,9 +813,11 @@ async fn call(
                     duration: took,
                 },
             );
-            breaker.take_transitions()
+            log_tool_transitions(gw, name, &breaker.take_transitions())
         };
-        note_tool_transitions(gw, name, &transitions).await;
+        if logged {
+            gw.transitions.flush().await;
+        }
         match attempt {
             Ok(result) => return (attempts, Ok(result)),
             Err(failed) if !failed.retryable || attempts >= max => {
@@ -980,15 +982,16 @@ fn said(tool: &Tool, stderr: &[u8]) -> String {
     )
 }
 
-/// Breaker transitions of a tool: the same metrics and events as a model target's,
-/// under the target name `tool/NAME`.
-async fn note_tool_transitions(
+/// Breaker transitions of a tool: the same metrics and events as a model target's, under
+/// the target name `tool/NAME`, queued in order (call it with the breaker's lock held, see
+/// [`crate::transitions`]); whether there were any.
+fn log_tool_transitions(
     gw: &Gateway,
     name: &str,
     transitions: &[keel_policy::breaker::Transition],
-) {
+) -> bool {
     if transitions.is_empty() {
-        return;
+        return false;
     }
     let target = format!("tool/{name}");
     let events = crate::route::breaker_events(
@@ -997,7 +1000,8 @@ async fn note_tool_transitions(
         transitions,
         &json!({"tool": name, "node": gw.node}),
     );
-    gw.append(events).await;
+    gw.transitions.queue(events);
+    true
 }
 
 #[cfg(test)]

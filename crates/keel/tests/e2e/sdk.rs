@@ -625,3 +625,66 @@ async fn a_retry_wait_longer_than_the_time_left_moves_on_to_the_next_target() {
         "keel waited for a retry that could not fit"
     );
 }
+
+/// A route whose primary's breaker opens after two failures and then takes two trial calls.
+const TRIALS: &str = r#"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+
+[routes.smart]
+targets = [
+  { provider = "sim", model = "primary" },
+  { provider = "sim", model = "secondary" },
+]
+retry = { max_attempts = 1 }
+breaker = { window = "count", window_size = 2, min_calls = 2, failure_rate = 0.5, open_for = "1s", half_open_calls = 2 }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn breaker_transitions_are_logged_in_the_order_they_happened() {
+    let sim = sim().await;
+    let keel = Keel::start(TRIALS, &sim).await;
+    let call = |keel_url: String| async move {
+        let body =
+            serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+        reqwest::Client::new()
+            .post(format!("{keel_url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    sim.script("primary", vec![Fault::status(503), Fault::status(503)]);
+    for _ in 0..2 {
+        assert!(call(keel.url.clone()).await.is_success());
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Call X takes the first trial slot (open -> half_open), fails on the primary and then
+    // waits 2s on the secondary. Call Y takes the second slot, fails, and so reopens the
+    // breaker (half_open -> open), then finishes at once: Y ends long before X.
+    sim.script("primary", vec![Fault::status(503), Fault::status(503)]);
+    sim.script("secondary", vec![Fault::delay(Duration::from_secs(2))]);
+    let x = tokio::spawn(call(keel.url.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(call(keel.url.clone()).await.is_success());
+    assert!(x.await.unwrap().is_success());
+    let transitions: Vec<String> = keel
+        .events()
+        .into_iter()
+        .filter(|(kind, _)| kind.starts_with("breaker_"))
+        .map(|(_, data)| {
+            format!(
+                "{}->{}",
+                data["from"].as_str().unwrap(),
+                data["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        ["closed->open", "open->half_open", "half_open->open"],
+        "the log's order is the breaker's"
+    );
+}
