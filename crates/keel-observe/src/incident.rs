@@ -49,6 +49,9 @@ pub struct Entry {
     pub severity: &'static str,
     /// What it said.
     pub message: String,
+    /// The task the alert was about, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Alerts of one cause.
@@ -90,6 +93,7 @@ impl Entry {
             status: "firing",
             severity: alert.severity.as_str(),
             message: alert.message.clone(),
+            task: alert.task.clone(),
         }
     }
 }
@@ -157,9 +161,10 @@ impl Incidents {
         );
     }
 
-    /// Replays one `alert_raised` event the observer recorded (`source: "observe"`), so that
-    /// the incidents of an earlier run are back after a restart, with their ids.
-    pub fn replay(&mut self, data: &Value, at_ms: i64) {
+    /// Replays one `alert_raised` event the observer recorded (`source: "observe"`, about
+    /// `task` if any), so that the incidents of an earlier run are back after a restart, with
+    /// their ids.
+    pub fn replay(&mut self, data: &Value, task: Option<&str>, at_ms: i64) {
         let text = |k: &str| data[k].as_str().unwrap_or_default().to_owned();
         let (key, id, at) = (text("key"), text("incident"), text("at"));
         if key.is_empty() || id.is_empty() {
@@ -184,7 +189,7 @@ impl Incidents {
             title: text("title"),
             message: text("message"),
             labels: data["labels"].as_object().cloned().unwrap_or_default(),
-            task: None,
+            task: task.map(str::to_owned),
             recorded: true,
         };
         if self.open.contains_key(&key) {
@@ -213,6 +218,7 @@ impl Incidents {
             status: "resolved",
             severity: incident.severity,
             message: message.to_owned(),
+            task: None,
         });
         incident.state = "resolved";
         incident.resolved_at = Some(at.to_owned());
@@ -328,7 +334,7 @@ mod tests {
         record(&mut first, "loop:b", Severity::Warning, "resolved", 5);
         let mut again = Incidents::default();
         for (data, at_ms) in &recorded {
-            again.replay(data, *at_ms);
+            again.replay(data, None, *at_ms);
         }
         let ids = |i: &Incidents| {
             let mut v: Vec<(String, String, u64)> = i

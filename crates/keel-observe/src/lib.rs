@@ -269,63 +269,33 @@ async fn postmortem(
                 .with_param("id")
                 .into_response();
             };
-            match affected_tasks(shared.tasks.as_ref(), &incident).await {
-                Ok(affected) => {
-                    axum::Json(postmortem::of_incident(&incident, affected)).into_response()
-                }
-                Err(e) => unavailable(e),
-            }
+            let affected = affected_tasks(&incident);
+            axum::Json(postmortem::of_incident(&incident, affected)).into_response()
         }
         Err(e) => unavailable(e),
     }
 }
 
-/// The tasks an incident touched: for `dlq:AGENT` the agent's dead tasks, for
-/// `loop:AGENT` its tasks awaiting a person, last changed while the incident was open (or
-/// in the minute before it opened); the newest 100 of them. Other incidents (a breaker, an
-/// anomaly) are not about particular tasks. The store lists tasks oldest first and filters
-/// by the window, so only the tasks changed in it are read (up to 100,000 of them).
-async fn affected_tasks(
-    tasks: &dyn TaskStore,
-    incident: &incident::Incident,
-) -> Result<Vec<String>, keel_store::StoreError> {
-    let state = match incident.key.split_once(':') {
-        Some(("dlq", agent)) => ("dead", agent),
-        Some(("loop", agent)) => ("awaiting_human", agent),
-        _ => return Ok(Vec::new()),
-    };
-    let ms = postmortem::unix_ms;
-    // The alert comes a moment after the task's last change: a minute's grace before.
-    let from = ms(&incident.opened_at).map_or(0, |at| at - 60_000);
-    let until = incident
-        .resolved_at
-        .as_deref()
-        .and_then(ms)
-        .unwrap_or(i64::MAX);
-    let mut found = std::collections::VecDeque::with_capacity(101);
-    let mut cursor = None;
-    for _ in 0..100 {
-        let page = tasks
-            .tasks(keel_store::TaskQuery {
-                state: Some(state.0.to_owned()),
-                agent: Some(state.1.to_owned()),
-                updated_ms: Some(from..=until),
-                limit: 1000,
-                cursor,
-            })
-            .await?;
-        for task in page.tasks {
-            if found.len() == 100 {
-                found.pop_front();
-            }
-            found.push_back(task.id);
-        }
-        cursor = page.next;
-        if cursor.is_none() {
+/// The tasks an incident touched: those its alerts named (a dead task for `dlq:AGENT`, a
+/// looping one for `loop:AGENT`), whatever became of them since (requeued, discarded), each
+/// once, the newest 100. Other incidents (a breaker, an anomaly) name no task.
+fn affected_tasks(incident: &incident::Incident) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for task in incident
+        .timeline
+        .iter()
+        .rev()
+        .filter_map(|e| e.task.as_ref())
+    {
+        if found.len() == 100 {
             break;
         }
+        if !found.contains(task) {
+            found.push(task.clone());
+        }
     }
-    Ok(found.into())
+    found.reverse();
+    found
 }
 
 #[derive(Deserialize)]
@@ -589,7 +559,7 @@ impl Observing {
             after = Some(last.seq);
             let mut incidents = self.incidents.lock();
             for event in page.iter().filter(|e| e.data["source"] == signal::SOURCE) {
-                incidents.replay(&event.data, event.at_ms);
+                incidents.replay(&event.data, event.task_id.as_deref(), event.at_ms);
             }
         }
     }

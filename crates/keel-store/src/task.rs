@@ -110,8 +110,6 @@ pub struct TaskQuery {
     pub state: Option<String>,
     /// Only tasks of this agent.
     pub agent: Option<String>,
-    /// Only tasks last written in this range of Unix ms (both ends included).
-    pub updated_ms: Option<std::ops::RangeInclusive<i64>>,
     /// Page size: 0 means 100, at most 1000.
     pub limit: usize,
     /// Where to continue: [`TaskPage::next`] of the previous page.

@@ -569,16 +569,6 @@ impl TaskStore for PgStore {
             params.push(agent);
             sql.push_str(&format!(" AND agent = ${}", params.len()));
         }
-        let updated = query
-            .updated_ms
-            .as_ref()
-            .map(|range| (*range.start(), *range.end()));
-        if let Some((from, until)) = &updated {
-            params.push(from);
-            params.push(until);
-            let (f, u) = (params.len() - 1, params.len());
-            sql.push_str(&format!(" AND updated_at_ms BETWEEN ${f} AND ${u}"));
-        }
         if let Some((created, id)) = &cursor {
             params.push(created);
             params.push(id);

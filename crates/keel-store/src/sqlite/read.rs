@@ -233,12 +233,6 @@ impl Readers {
             args.push(Value::Text(agent.clone()));
             sql.push_str(&format!(" AND agent = ?{}", args.len()));
         }
-        if let Some(updated) = &query.updated_ms {
-            args.push(Value::Integer(*updated.start()));
-            args.push(Value::Integer(*updated.end()));
-            let (from, until) = (args.len() - 1, args.len());
-            sql.push_str(&format!(" AND updated_at_ms BETWEEN ?{from} AND ?{until}"));
-        }
         if let Some((created, id)) = query.after()? {
             args.push(Value::Integer(created));
             args.push(Value::Text(id));

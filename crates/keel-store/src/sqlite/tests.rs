@@ -338,7 +338,6 @@ task_conformance! {
     conformance_same_task_concurrent_writers_one_wins: same_task_concurrent_writers_one_wins(Arc);
     conformance_blobs_are_stored_once: blobs_are_stored_once;
     conformance_task_list_pagination_visits_each_once: task_list_pagination_visits_each_once;
-    conformance_task_list_filters_by_last_write: task_list_filters_by_last_write;
     conformance_next_queued_is_fifo: next_queued_is_fifo;
     conformance_expired_leases_and_approvals_filter: expired_leases_and_approvals_filter;
     conformance_task_events_read_back_in_order: task_events_read_back_in_order;

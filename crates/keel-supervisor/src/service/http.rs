@@ -297,7 +297,6 @@ async fn page(
         agent,
         limit: limit.unwrap_or(100),
         cursor,
-        ..TaskQuery::default()
     };
     match sv.store().tasks(query).await {
         Ok(page) => {
@@ -689,9 +688,9 @@ pub(super) async fn awaiting(sv: &Supervisor) -> Result<Vec<crate::task::Task>, 
     loop {
         let query = TaskQuery {
             state: Some(TaskState::AwaitingHuman.as_str().to_owned()),
+            agent: None,
             limit: 1000,
             cursor,
-            ..TaskQuery::default()
         };
         let page = sv.store().tasks(query).await.map_err(super::store_error)?;
         tasks.extend(

@@ -301,6 +301,8 @@ async fn incidents_survive_a_restart_and_breaker_incidents_resolve_with_it() {
     assert_eq!(open.len(), 1, "{open:?}");
     assert_eq!(open[0]["id"], dlq.as_str(), "the DLQ incident keeps its id");
     assert_eq!(open[0]["timeline"].as_array().unwrap().len(), 1);
+    // Its timeline still names the dead task, so its postmortem lists it.
+    assert_eq!(open[0]["timeline"][0]["task"], dead.as_str(), "{open:?}");
     let resolved = incidents(&keel, "resolved").await;
     let gone = resolved
         .iter()
@@ -442,6 +444,16 @@ async fn a_postmortem_tells_a_dead_tasks_story_and_its_incidents() {
         md.contains("## Affected tasks\n\n") && md.contains(&format!("- {id}\n")),
         "{md}"
     );
+    // An operator deals with the task: the incident still names it.
+    let requeued = keel.cli(&["dlq", "requeue", &id]);
+    assert!(
+        requeued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeued.stderr)
+    );
+    let (code, md, stderr) = postmortem(&keel, &[incident["id"].as_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(md.contains(&format!("- {id}\n")), "{md}");
 
     let (code, _, stderr) = postmortem(&keel, &["no-such-task"]);
     assert_ne!(code, Some(0));
