@@ -145,6 +145,9 @@ pub struct Observe {
     dropped: AtomicU64,
     /// The breakers of every node, as the log tells them.
     fleet: Mutex<fleet::Breakers>,
+    /// When this observer started, Unix ms: what it counts (the finished tasks per minute)
+    /// starts there.
+    started_ms: i64,
 }
 
 /// The observer's work, run by [`Observing::run`] until keel stops.
@@ -175,6 +178,7 @@ impl Observe {
             series: Arc::clone(&series),
             dropped: AtomicU64::new(0),
             fleet: Mutex::new(fleet::Breakers::default()),
+            started_ms: now().1,
         });
         let observing = Observing {
             rx,
@@ -350,6 +354,7 @@ async fn dashboard(State(shared): State<Shared>, headers: HeaderMap) -> Response
         "incidents_open": observe.incidents.lock().list(true, false).len(),
         "node": &*shared.node,
         "breakers": breakers,
+        "started_ms": observe.started_ms,
     }))
     .into_response()
 }

@@ -219,6 +219,11 @@ async fn the_dashboard_shows_what_the_api_says_after_a_small_sim() {
     assert_eq!(figure(&dom, "approvals-pending"), "1");
     assert_eq!(figure(&dom, "incidents-open"), incidents.to_string());
     assert_eq!(figure(&dom, "success-rate"), rate);
+    // keel started minutes ago: the success rate says it counts from then.
+    assert!(
+        dom.contains("succeeded of finished, since keel started ("),
+        "the window of the success rate is not named:\n{dom}"
+    );
     assert_eq!(figure(&dom, "breaker-sim/primary"), "closed");
     assert_eq!(
         figure(&dom, "agent-tasks-fleet"),
