@@ -194,3 +194,19 @@ async fn leases_deadlines_and_approval_timeouts_longer_than_a_year_are_refused()
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["param"], "timeout", "{body}");
 }
+
+#[tokio::test]
+async fn an_invalid_field_is_named_as_the_error_s_param() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    let (status, body) = post(&sv, "/v1/tasks", &[], json!({"agent": "a", "input": {}})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let claim = json!({"agent": "a", "worker": "w", "lease": "30s"});
+    let (status, task) = post(&sv, "/v1/tasks/claim", &[], claim).await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    let path = format!("/v1/tasks/{}/steps", task["id"].as_str().unwrap());
+    let step = json!({"lease_token": task["lease_token"], "kind": "plan", "summary": "s", "progress": 1.5});
+    let (status, body) = post(&sv, &path, &[], step).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["param"], "progress", "{body}");
+}

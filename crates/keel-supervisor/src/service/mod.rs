@@ -215,9 +215,11 @@ fn store_error(e: StoreError) -> ApiError {
 /// Maps a task error to its HTTP answer (status from [`TaskError::status`]).
 pub fn task_error(e: &TaskError) -> ApiError {
     let message = e.to_string();
-    match e.status() {
-        404 => ApiError::not_found(message, "task_not_found"),
-        409 => ApiError::conflict(message, "task_conflict"),
+    match (e.status(), e) {
+        (404, _) => ApiError::not_found(message, "task_not_found"),
+        (409, _) => ApiError::conflict(message, "task_conflict"),
+        // The field at fault is the error's `param`, as in OpenAI's errors.
+        (_, TaskError::Invalid { field, .. }) => ApiError::unprocessable(message).with_param(field),
         _ => ApiError::unprocessable(message),
     }
 }
