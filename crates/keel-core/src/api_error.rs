@@ -186,13 +186,14 @@ pub async fn openai_shaped(
         .await
         .unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_owned();
-    let message = if text.is_empty() {
-        match status {
-            StatusCode::METHOD_NOT_ALLOWED => "method not allowed here".to_owned(),
-            other => other.canonical_reason().unwrap_or("error").to_lowercase(),
+    let message = match status {
+        // axum's own words ("length limit exceeded") name neither the limit nor its setting.
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "request body is larger than this server takes (its limit is server.max_body_bytes, 4 MiB unless set)".to_owned()
         }
-    } else {
-        text
+        StatusCode::METHOD_NOT_ALLOWED if text.is_empty() => "method not allowed here".to_owned(),
+        other if text.is_empty() => other.canonical_reason().unwrap_or("error").to_lowercase(),
+        _ => text,
     };
     let (kind, code) = match status {
         StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),

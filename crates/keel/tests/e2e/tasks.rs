@@ -956,6 +956,13 @@ async fn the_task_api_answers_bad_requests_in_the_openai_shape_and_takes_bodies_
         .json(&json!({"agent": "demo", "input": {"text": input}}));
     let body = openai_error(request, StatusCode::PAYLOAD_TOO_LARGE).await;
     assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_body_bytes"),
+        "the message names the setting: {body}"
+    );
 }
 
 /// Sends `request` and checks that the answer is `expected` with an OpenAI-shaped error body,
