@@ -141,6 +141,8 @@ pub enum Command {
     DlqRequeue {
         /// Who.
         by: String,
+        /// Their note.
+        note: Option<String>,
     },
     /// Operator: discard a dead task (it ends cancelled).
     DlqDiscard {

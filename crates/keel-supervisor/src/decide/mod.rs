@@ -88,7 +88,9 @@ pub fn decide(task: Option<&Task>, command: &Command, ctx: &Ctx) -> Result<Decis
         Command::CheckDeadline => Ok(lease::check_deadline(require(task)?, now)),
         Command::Requeue { reason } => operator::requeue(require(task)?, reason.as_deref(), now),
         Command::Cancel { reason } => operator::cancel(require(task)?, reason.as_deref()),
-        Command::DlqRequeue { by } => operator::dlq_requeue(require(task)?, by, now),
+        Command::DlqRequeue { by, note } => {
+            operator::dlq_requeue(require(task)?, by, note.as_deref(), now)
+        }
         Command::DlqDiscard { by, note } => {
             operator::dlq_discard(require(task)?, by, note.as_deref())
         }

@@ -109,14 +109,23 @@ pub(super) fn cancel(task: &Task, reason: Option<&str>) -> Result<Decision, Task
 
 /// `keel dlq requeue`: a dead task is queued with attempts and steps back at 0 and, when it
 /// had a deadline, a new one as far from now as the old one was from its creation.
-pub(super) fn dlq_requeue(task: &Task, by: &str, now_ms: i64) -> Result<Decision, TaskError> {
+pub(super) fn dlq_requeue(
+    task: &Task,
+    by: &str,
+    note: Option<&str>,
+    now_ms: i64,
+) -> Result<Decision, TaskError> {
     not_empty("by", by)?;
     if task.state != TaskState::Dead {
         return Err(invalid_state(task, "requeue from the dead-letter queue"));
     }
+    let reason = match note {
+        Some(note) => format!("requeued from the dead-letter queue: {note}"),
+        None => "requeued from the dead-letter queue".to_owned(),
+    };
     Ok(Decision::events(vec![TaskEvent::Requeued(Requeued {
         by: by.to_owned(),
-        reason: Some("requeued from the dead-letter queue".to_owned()),
+        reason: Some(reason),
         reset_attempts: true,
         deadline_ms: fresh_deadline(task, now_ms),
     })]))

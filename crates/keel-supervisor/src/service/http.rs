@@ -837,6 +837,7 @@ async fn dlq_requeue(
         &body,
         |b: ByBody| Command::DlqRequeue {
             by: b.by.unwrap_or_else(|| "operator".to_owned()),
+            note: b.note,
         },
     )
     .await

@@ -198,7 +198,10 @@ impl Run {
                 note: None,
             },
             Op::ExpireApproval => Command::ExpireApproval,
-            Op::DlqRequeue => Command::DlqRequeue { by: "bob".into() },
+            Op::DlqRequeue => Command::DlqRequeue {
+                by: "bob".into(),
+                note: None,
+            },
             Op::DlqDiscard => Command::DlqDiscard {
                 by: "bob".into(),
                 note: None,

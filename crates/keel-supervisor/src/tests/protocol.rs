@@ -367,7 +367,10 @@ fn dlq_requeue_resets_attempts_and_keeps_the_checkpoint() {
     world.ok(fail(&world.token(), true));
     assert_eq!(world.task().state, TaskState::Dead);
 
-    let requeued = world.ok(Command::DlqRequeue { by: "bob".into() });
+    let requeued = world.ok(Command::DlqRequeue {
+        by: "bob".into(),
+        note: None,
+    });
     assert!(
         matches!(&requeued.events[0], TaskEvent::Requeued(r) if r.by == "bob" && r.reset_attempts)
     );
@@ -514,7 +517,10 @@ fn dlq_requeue_of_a_timed_out_task_gives_it_its_time_again() {
     world.ok(create_with(Some(START + 1_000), None));
     world.advance(5_000);
     world.ok(Command::CheckDeadline);
-    world.ok(Command::DlqRequeue { by: "bob".into() });
+    world.ok(Command::DlqRequeue {
+        by: "bob".into(),
+        note: None,
+    });
     assert_eq!(world.task().deadline_ms, Some(START + 5_000 + 1_000));
     assert_eq!(kinds(&world.ok(claim("w1"))), ["task_claimed"]);
 }

@@ -64,7 +64,10 @@ fn state_table() {
         (
             Queued,
             "dlq requeue",
-            |_| Command::DlqRequeue { by: "op".into() },
+            |_| Command::DlqRequeue {
+                by: "op".into(),
+                note: None,
+            },
             Refused(409),
         ),
         (
@@ -221,7 +224,10 @@ fn state_table() {
         (
             Dead,
             "dlq requeue",
-            |_| Command::DlqRequeue { by: "op".into() },
+            |_| Command::DlqRequeue {
+                by: "op".into(),
+                note: None,
+            },
             Ok(&["task_requeued"], Queued),
         ),
         (

@@ -252,6 +252,9 @@ pub(crate) enum DlqCommand {
     Requeue {
         /// Task id.
         id: String,
+        /// Why (kept in the task's log).
+        #[arg(long)]
+        note: Option<String>,
     },
     /// Give up on a dead task (it ends cancelled).
     Discard {

@@ -196,9 +196,12 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             }
             return Ok(ExitCode::SUCCESS);
         }
-        DlqCommand::Requeue { id } => {
-            c.post(&format!("/v1/dlq/{}/requeue", urlencode(&id)), json!({}))
-                .await?
+        DlqCommand::Requeue { id, note } => {
+            c.post(
+                &format!("/v1/dlq/{}/requeue", urlencode(&id)),
+                json!({"note": note}),
+            )
+            .await?
         }
         DlqCommand::Discard { id, note } => {
             c.post(

@@ -361,7 +361,10 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     );
     let second = String::from_utf8_lossy(&second.stdout).into_owned();
     assert!(second.contains(&other) && !second.contains(&id), "{second}");
-    let rq = keel_cli(url, &["dlq", "requeue", &id]);
+    let rq = keel_cli(
+        url,
+        &["dlq", "requeue", &id, "--note", "the input is fixed"],
+    );
     assert!(
         rq.status.success(),
         "{}",
@@ -369,6 +372,13 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     );
     let (_, task) = get(url, &format!("/v1/tasks/{id}")).await;
     assert_eq!(task["state"], "queued");
+    // The note is kept in the task's log.
+    let log = keel_cli(url, &["tasks", "events", &id, "--json"]);
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(
+        log.contains("requeued from the dead-letter queue: the input is fixed"),
+        "{log}"
+    );
     let task = claim(url, "short").await;
     assert_eq!(task["attempts"], 1, "a DLQ requeue gives fresh attempts");
 }
