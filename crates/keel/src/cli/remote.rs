@@ -188,11 +188,28 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             return Ok(ExitCode::SUCCESS);
         }
         DlqCommand::Show { id } => {
-            let v = c.get(&format!("/v1/tasks/{}", urlencode(&id))).await?;
+            let mut v = c.get(&format!("/v1/tasks/{}", urlencode(&id))).await?;
+            if v["state"] != "dead" {
+                anyhow::bail!(
+                    "task {id} is not in the dead-letter queue: it is {} (`keel tasks show {id}`)",
+                    v["state"].as_str().unwrap_or("in an unknown state")
+                );
+            }
+            // Its last error and its whole log, to decide between requeue and discard.
+            let log = c
+                .get_text(&format!("/v1/tasks/{}/events", urlencode(&id)))
+                .await?;
             if json {
+                let events: Vec<Value> = log
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                v["events"] = Value::Array(events);
                 print_json(&v)
             } else {
-                admin::task_detail(&v)
+                admin::task_detail(&v);
+                output::line("");
+                admin::event_lines(&log);
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -361,6 +361,18 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     );
     let second = String::from_utf8_lossy(&second.stdout).into_owned();
     assert!(second.contains(&other) && !second.contains(&id), "{second}");
+    // `dlq show`: the task with its whole log.
+    let shown = keel_cli(url, &["dlq", "show", &id]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert!(
+        text.contains("task_created") && text.contains("task_dead"),
+        "{text}"
+    );
     let rq = keel_cli(
         url,
         &["dlq", "requeue", &id, "--note", "the input is fixed"],
@@ -378,6 +390,14 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     assert!(
         log.contains("requeued from the dead-letter queue: the input is fixed"),
         "{log}"
+    );
+    let shown = keel_cli(url, &["dlq", "show", &id]);
+    assert!(!shown.status.success());
+    assert!(
+        String::from_utf8_lossy(&shown.stderr)
+            .contains("is not in the dead-letter queue: it is queued"),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
     );
     let task = claim(url, "short").await;
     assert_eq!(task["attempts"], 1, "a DLQ requeue gives fresh attempts");
