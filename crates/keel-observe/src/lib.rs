@@ -740,7 +740,14 @@ impl Observing {
                     labels: alert.labels.clone(),
                     at,
                 };
-                let record = (!alert.recorded).then(|| (alert.task.clone(), note.clone()));
+                // An alert its producer recorded (a budget warning, an escalation) is not
+                // recorded again, except once when it opens an incident: that record keeps the
+                // incident's id for a restart. It names no task: the producer's does.
+                let record = match (alert.recorded, grouped) {
+                    (false, _) => Some((alert.task.clone(), note.clone())),
+                    (true, Grouped::Opened) => Some((None, note.clone())),
+                    (true, Grouped::Escalated | Grouped::Joined) => None,
+                };
                 // A repeat of an open incident is on its timeline; people hear of it once.
                 let notify = matches!(grouped, Grouped::Opened | Grouped::Escalated);
                 (notify.then_some(note), record)

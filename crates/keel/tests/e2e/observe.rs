@@ -462,3 +462,48 @@ async fn a_postmortem_tells_a_dead_tasks_story_and_its_incidents() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_incident_of_another_part_s_alert_survives_a_restart() {
+    let models = sim().await;
+    let config = r#"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+
+[routes.smart]
+targets = [{ provider = "sim", model = "primary" }]
+
+[agents.support]
+budget = { requests_per_minute = 2 }
+"#;
+    let keel = Keel::start(config, &models).await;
+    // The gateway's budget warning (an alert it records itself) opens an incident.
+    for _ in 0..3 {
+        ask(&keel).await;
+    }
+    let mut budget = None;
+    for _ in 0..50 {
+        budget = incidents(&keel, "open").await.into_iter().find(|i| {
+            i["key"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("budget:support")
+        });
+        if budget.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let budget = budget.expect("no budget incident");
+
+    let Keel { mut child, dir, .. } = keel;
+    child.kill().await.unwrap();
+    let keel = Keel::start_in(dir, config, &models).await;
+    let open = incidents(&keel, "open").await;
+    let back = open
+        .iter()
+        .find(|i| i["key"] == budget["key"])
+        .unwrap_or_else(|| panic!("the budget incident is gone after a restart: {open:?}"));
+    assert_eq!(back["id"], budget["id"], "{back}");
+}
