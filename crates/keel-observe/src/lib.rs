@@ -262,19 +262,30 @@ async fn postmortem(
                 .incidents(true, true)
                 .into_iter()
                 .find(|i| i.id == id);
-            let Some(incident) = incident else {
-                return ApiError::not_found(
+            if let Some(incident) = incident {
+                let affected = affected_tasks(&incident);
+                return axum::Json(postmortem::of_incident(&incident, affected)).into_response();
+            }
+            // Neither: the label a client gave its calls (`x-keel-task`), if it has events.
+            let query = keel_store::EventQuery {
+                task_id: Some(id.clone()),
+                ..keel_store::EventQuery::default()
+            };
+            match shared.tasks.events(query).await {
+                Ok(events) if !events.is_empty() => {
+                    axum::Json(postmortem::of_label(&id, &events)).into_response()
+                }
+                Ok(_) => ApiError::not_found(
                     format!(
-                        "no task or incident {id:?} (keel keeps the open incidents and the \
-                         newest 200 resolved ones)"
+                        "no task, incident or x-keel-task label {id:?} (keel keeps the open \
+                         incidents and the newest 200 resolved ones)"
                     ),
                     "not_found",
                 )
                 .with_param("id")
-                .into_response();
-            };
-            let affected = affected_tasks(&incident);
-            axum::Json(postmortem::of_incident(&incident, affected)).into_response()
+                .into_response(),
+                Err(e) => unavailable(e),
+            }
         }
         Err(e) => unavailable(e),
     }

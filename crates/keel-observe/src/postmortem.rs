@@ -77,7 +77,50 @@ pub struct Remediation {
 
 /// The postmortem of `task` from its events (its whole log, oldest first).
 pub fn of_task(task: &TaskRow, events: &[Event]) -> Postmortem {
-    let first_ms = events.first().map_or(task.created_at_ms, |e| e.at_ms);
+    let attempts = task.snapshot["attempts"].as_u64().unwrap_or(0);
+    let ended = matches!(
+        task.state.as_str(),
+        "succeeded" | "dead" | "cancelled" | "awaiting_human"
+    );
+    let title = format!(
+        "task {} of agent {:?}: {} after {attempts} attempt{}",
+        task.id,
+        task.agent,
+        task.state,
+        if attempts == 1 { "" } else { "s" }
+    );
+    of_log(
+        &task.id,
+        title,
+        &task.state,
+        ended,
+        task.created_at_ms,
+        events,
+    )
+}
+
+/// The postmortem of the model calls a client labelled `label` with `x-keel-task` (no task of
+/// keel's supervisor has that id), from their events, oldest first.
+pub fn of_label(label: &str, events: &[Event]) -> Postmortem {
+    let calls = events.iter().filter(|e| e.kind == "llm_call").count();
+    let title = format!(
+        "calls labelled {label:?} (x-keel-task; not a task of keel's supervisor): {calls} model call{}",
+        if calls == 1 { "" } else { "s" }
+    );
+    let first_ms = events.first().map_or(0, |e| e.at_ms);
+    of_log(label, title, "calls", false, first_ms, events)
+}
+
+/// What [`of_task`] and [`of_label`] share: the timeline, the root cause and the remediations.
+fn of_log(
+    id: &str,
+    title: String,
+    outcome: &str,
+    ended: bool,
+    created_at_ms: i64,
+    events: &[Event],
+) -> Postmortem {
+    let first_ms = events.first().map_or(created_at_ms, |e| e.at_ms);
     let timeline: Vec<Line> = events
         .iter()
         .map(|e| Line {
@@ -105,23 +148,11 @@ pub fn of_task(task: &TaskRow, events: &[Event]) -> Postmortem {
             }),
         }
     }
-    let attempts = task.snapshot["attempts"].as_u64().unwrap_or(0);
-    let ended = matches!(
-        task.state.as_str(),
-        "succeeded" | "dead" | "cancelled" | "awaiting_human"
-    );
-    let title = format!(
-        "task {} of agent {:?}: {} after {attempts} attempt{}",
-        task.id,
-        task.agent,
-        task.state,
-        if attempts == 1 { "" } else { "s" }
-    );
     Postmortem {
         subject: "task".to_owned(),
-        id: task.id.clone(),
+        id: id.to_owned(),
         title,
-        outcome: task.state.clone(),
+        outcome: outcome.to_owned(),
         started_at: events.first().map(|e| e.at.clone()),
         ended_at: events.last().filter(|_| ended).map(|e| e.at.clone()),
         duration_ms: events.last().map(|e| e.at_ms - first_ms),

@@ -458,7 +458,7 @@ async fn a_postmortem_tells_a_dead_tasks_story_and_its_incidents() {
     let (code, _, stderr) = postmortem(&keel, &["no-such-task"]);
     assert_ne!(code, Some(0));
     assert!(
-        stderr.contains("no task or incident \"no-such-task\""),
+        stderr.contains("no task, incident or x-keel-task label \"no-such-task\""),
         "{stderr}"
     );
 }

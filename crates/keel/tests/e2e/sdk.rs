@@ -54,6 +54,14 @@ async fn plain_call_passes_through_and_is_recorded() {
         String::from_utf8_lossy(&log.stderr)
     );
     assert!(text.contains("\"llm_call\""), "{text}");
+    let story = keel.cli(&["postmortem", "task-42"]);
+    let text = String::from_utf8_lossy(&story.stdout);
+    assert!(
+        story.status.success(),
+        "{}",
+        String::from_utf8_lossy(&story.stderr)
+    );
+    assert!(text.contains("calls labelled \"task-42\""), "{text}");
     let none = keel.cli(&["tasks", "events", "task-43"]);
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("not found"));
