@@ -233,7 +233,7 @@ impl Gateway {
             routes,
             agents: Agents::new(settings.agents.values(), settings.providers.values()),
             metrics,
-            transitions: transitions::TransitionLog::new(Arc::clone(&store)),
+            transitions: transitions::TransitionLog::new(Arc::clone(&store), tasks.clone()),
             store,
             clock: Arc::new(SystemClock::new()),
             tasks,

@@ -33,9 +33,7 @@ use tokio::time::Instant;
 use crate::body::RawObject;
 use crate::chaos::{AttemptInfo, Chaos, HeaderFault, Source};
 use crate::error::UpstreamError;
-use crate::metrics::{
-    AttemptLabels, ChaosLabels, Metrics, RouteLabel, TargetLabel, TransitionLabels,
-};
+use crate::metrics::{AttemptLabels, ChaosLabels, Metrics, RouteLabel};
 use crate::output::OutputCheck;
 use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
 use crate::usage::Usage;
@@ -474,12 +472,12 @@ impl Executor<'_> {
             let (permit, logged) = {
                 let mut breaker = target.breaker.lock();
                 let permit = breaker.try_acquire(self.clock.now());
-                let logged = self.log_transitions(target, &breaker.take_transitions());
+                let logged = self.log_transitions(target, breaker.take_transitions());
                 drop(breaker);
                 (permit, logged)
             };
-            if logged {
-                self.transitions.flush().await;
+            if let Some(ticket) = logged {
+                self.transitions.stored(ticket).await;
             }
             let Ok(permit) = permit else {
                 let skipped = UpstreamError::BreakerOpen {
@@ -533,12 +531,12 @@ impl Executor<'_> {
                     ),
                     None => breaker.release(permit),
                 }
-                let logged = self.log_transitions(target, &breaker.take_transitions());
+                let logged = self.log_transitions(target, breaker.take_transitions());
                 drop(breaker);
                 logged
             };
-            if logged {
-                self.transitions.flush().await;
+            if let Some(ticket) = logged {
+                self.transitions.stored(ticket).await;
             }
             let error = match result {
                 Ok(reply) => {
@@ -769,65 +767,16 @@ impl Executor<'_> {
             .inc();
     }
 
-    /// Queues the `breaker_*` events of `transitions` (call it with the breaker's lock held,
-    /// see [`crate::transitions`]); whether there were any (almost every call has none).
-    fn log_transitions(&self, target: &Target, transitions: &[Transition]) -> bool {
-        if transitions.is_empty() {
-            return false;
-        }
-        let extra = json!({"route": self.route.name, "node": self.node});
-        let events = breaker_events(self.metrics, &target.id, transitions, &extra);
-        self.transitions.queue(events);
-        true
+    /// Counts and queues `transitions` (call it with the breaker's lock held, see
+    /// [`crate::transitions`]); the ticket to wait for, `None` for almost every call.
+    fn log_transitions(&self, target: &Target, transitions: Vec<Transition>) -> Option<u64> {
+        self.transitions.note(
+            self.metrics,
+            &target.id,
+            transitions,
+            || json!({"route": self.route.name, "node": self.node}),
+        )
     }
-}
-
-/// Metrics (`keel_breaker_state`, `keel_breaker_transitions_total`), a log line and
-/// the `breaker_*` event of each transition of the breaker of `target` (a model target
-/// or `tool/NAME`); `extra` members are added to each event (the node's id among them:
-/// each node has its own breakers). Transitions belong to the target, not to the task that
-/// saw them.
-pub(crate) fn breaker_events(
-    metrics: &Metrics,
-    target: &str,
-    transitions: &[Transition],
-    extra: &serde_json::Value,
-) -> Vec<NewEvent> {
-    transitions
-        .iter()
-        .map(|t| {
-            let kind = match t.to.as_str() {
-                "open" => EventKind::BreakerOpened,
-                "half_open" => EventKind::BreakerHalfOpened,
-                _ => EventKind::BreakerClosed,
-            };
-            metrics
-                .breaker_state
-                .get_or_create(&TargetLabel {
-                    target: target.into(),
-                })
-                .set(t.to.gauge());
-            metrics
-                .breaker_transitions
-                .get_or_create(&TransitionLabels {
-                    target: target.into(),
-                    to: t.to.as_str().into(),
-                })
-                .inc();
-            tracing::warn!(target_id = %target, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
-            let mut data = json!({
-                "target": target,
-                "from": t.from.as_str(),
-                "to": t.to.as_str(),
-                "failure_rate": t.failure_rate,
-                "slow_call_rate": t.slow_call_rate,
-            });
-            if let (Some(data), Some(extra)) = (data.as_object_mut(), extra.as_object()) {
-                data.extend(extra.clone());
-            }
-            NewEvent::new(kind, None, data)
-        })
-        .collect()
 }
 
 /// The sum of two answers' usage.

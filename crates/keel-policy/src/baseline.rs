@@ -19,19 +19,21 @@
 //!
 //! ```text
 //! z = (m − μ) / max(σ, se, floor),    se = 1.2533²·dₓ / √recent,    floor = max(absolute, relative·|μ|)
+//! (se = 1.2533·dₓ when recent is 1)
 //! ```
 //!
 //! (`μ − m` when down is bad), judged against the baseline before `m` is learnt. The
 //! floor keeps a perfectly steady signal (`σ = 0`) from calling every small wobble an
 //! anomaly. `se` is the standard error of a median of `recent` values (`1.2533·σₓ/√recent`,
 //! `σₓ` alone when `recent` is 1), with the values' own deviation `σₓ` estimated as
-//! `1.2533·dₓ`, `dₓ` being their weighted mean absolute distance from `μ` (learnt with the
-//! same weights, each distance clipped at four deviations after the warm-up, so that one
-//! very long task does not blunt the judgement of the next ones). Medians of overlapping
+//! `1.2533·dₓ`, `dₓ` being the weighted mean distance of each value from the median of the
+//! `recent` values before it (learnt with the same weights; a lasting change moves that
+//! median along, so it does not count as spread; each distance is clipped at four
+//! deviations, so that one very long task does not blunt the judgement of the next ones). Medians of overlapping
 //! windows move together, so `σ`, learnt from them, is often far too small in a calm
 //! stretch, and a chance run of long tasks then read as an anomaly: a fleet whose tasks take
-//! 1 + Binomial(8, ½) steps raised 354 false anomalies in 120,000 tasks without `se`, 46
-//! with it, while trajectories that double are still raised within a few tasks. After `warmup` learnt values, `z ≥ k` raises the anomaly (`k` = `sigmas`); it
+//! 1 + Binomial(8, ½) steps raised 354 false anomalies in 120,000 tasks without `se`,
+//! 20 with it, while trajectories that double are still raised within a few tasks. After `warmup` learnt values, `z ≥ k` raises the anomaly (`k` = `sigmas`); it
 //! clears when `z` falls below `k / 2` (hysteresis, so that a value near the threshold does
 //! not flap).
 //!
@@ -144,6 +146,12 @@ impl Baseline {
     /// learns it.
     pub fn observe(&mut self, x: f64) -> Judgement {
         let s = self.settings;
+        // How far `x` is from what came just before it, for `dₓ`.
+        let distance = if self.recent.is_empty() {
+            0.0
+        } else {
+            (x - median(&self.recent)).abs()
+        };
         if self.recent.len() >= s.recent.max(1) {
             self.recent.pop_front();
         }
@@ -152,7 +160,7 @@ impl Baseline {
         let (mean, sd) = (self.mean, self.var.max(0.0).sqrt());
         let judged = self.learnt >= s.warmup && self.recent.len() >= s.recent.max(1);
         let z = if judged {
-            let floor = s.floor.absolute.max(s.floor.relative * mean.abs());
+            let floor = self.floor(mean);
             let n = s.recent.max(1);
             let value_sd = MEDIAN_EFFICIENCY * self.value_mad;
             let se = if n == 1 {
@@ -177,7 +185,7 @@ impl Baseline {
                 z >= s.sigmas
             };
         let alpha = if self.anomalous { ALPHA / 4.0 } else { ALPHA };
-        self.learn(recent, x, alpha);
+        self.learn(recent, distance, alpha);
         Judgement {
             change: match (was, self.anomalous) {
                 (false, true) => Change::Raised,
@@ -193,8 +201,14 @@ impl Baseline {
         }
     }
 
-    /// Learns the median `m` and the value `x` it came with.
-    fn learn(&mut self, m: f64, x: f64, alpha: f64) {
+    /// The least standard deviation judged with, around `mean`.
+    fn floor(&self, mean: f64) -> f64 {
+        let floor = self.settings.floor;
+        floor.absolute.max(floor.relative * mean.abs())
+    }
+
+    /// Learns the median `m`, and `distance`, that of the value from the median before it.
+    fn learn(&mut self, m: f64, distance: f64, alpha: f64) {
         if self.learnt == 0 {
             (self.mean, self.var, self.value_mad) = (m, 0.0, 0.0);
         } else {
@@ -205,14 +219,8 @@ impl Baseline {
             self.var = (1.0 - alpha) * (self.var + alpha * delta * delta);
             // One very long task is clipped to a few deviations, so that it does not blunt
             // the judgement of the tasks after it.
-            let mut distance = (x - self.mean).abs();
-            if self.learnt >= self.settings.warmup {
-                let floor = (self.settings.floor)
-                    .absolute
-                    .max(self.settings.floor.relative * self.mean.abs());
-                distance = distance.min(4.0 * (MEDIAN_EFFICIENCY * self.value_mad).max(floor));
-            }
-            self.value_mad += alpha * (distance - self.value_mad);
+            let most = 4.0 * (MEDIAN_EFFICIENCY * self.value_mad).max(self.floor(self.mean));
+            self.value_mad += alpha * (distance.min(most) - self.value_mad);
         }
         self.learnt += 1;
     }
@@ -325,6 +333,16 @@ mod tests {
             let first = (0..20).find(|_| b.observe(2.0 * fleet_steps(&mut rng)).anomalous);
             assert!(first.is_some_and(|n| n < 10), "seed {seed}: {first:?}");
         }
+    }
+
+    #[test]
+    fn a_very_long_task_in_the_warm_up_does_not_blunt_the_judgement() {
+        let mut b = Baseline::new(steps());
+        for i in 0..40 {
+            b.observe(if i == 5 { 300.0 } else { usual(i) });
+        }
+        let raised = (0..5).find(|&i| b.observe(2.0 * usual(i)).change == Change::Raised);
+        assert_eq!(raised, Some(2), "raised by the third doubled task");
     }
 
     #[test]

@@ -813,10 +813,16 @@ async fn call(
                     duration: took,
                 },
             );
-            log_tool_transitions(gw, name, &breaker.take_transitions())
+            // The same metrics and events as a model target's, under `tool/NAME`.
+            gw.transitions.note(
+                &gw.metrics,
+                &format!("tool/{name}"),
+                breaker.take_transitions(),
+                || json!({"tool": name, "node": gw.node}),
+            )
         };
-        if logged {
-            gw.transitions.flush().await;
+        if let Some(ticket) = logged {
+            gw.transitions.stored(ticket).await;
         }
         match attempt {
             Ok(result) => return (attempts, Ok(result)),
@@ -980,28 +986,6 @@ fn said(tool: &Tool, stderr: &[u8]) -> String {
         ": {}",
         shown.chars().take(MAX_ERROR_TEXT).collect::<String>()
     )
-}
-
-/// Breaker transitions of a tool: the same metrics and events as a model target's, under
-/// the target name `tool/NAME`, queued in order (call it with the breaker's lock held, see
-/// [`crate::transitions`]); whether there were any.
-fn log_tool_transitions(
-    gw: &Gateway,
-    name: &str,
-    transitions: &[keel_policy::breaker::Transition],
-) -> bool {
-    if transitions.is_empty() {
-        return false;
-    }
-    let target = format!("tool/{name}");
-    let events = crate::route::breaker_events(
-        &gw.metrics,
-        &target,
-        transitions,
-        &json!({"tool": name, "node": gw.node}),
-    );
-    gw.transitions.queue(events);
-    true
 }
 
 #[cfg(test)]

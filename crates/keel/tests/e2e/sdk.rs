@@ -670,12 +670,12 @@ async fn breaker_transitions_are_logged_in_the_order_they_happened() {
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Call X takes the first trial slot (open -> half_open), fails on the primary and then
-    // waits 2s on the secondary. Call Y takes the second slot, fails, and so reopens the
+    // waits 3s on the secondary. Call Y takes the second slot, fails, and so reopens the
     // breaker (half_open -> open), then finishes at once: Y ends long before X.
     sim.script("primary", vec![Fault::status(503), Fault::status(503)]);
-    sim.script("secondary", vec![Fault::delay(Duration::from_secs(2))]);
+    sim.script("secondary", vec![Fault::delay(Duration::from_secs(3))]);
     let x = tokio::spawn(call(keel.url.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(call(keel.url.clone()).await.is_success());
     assert!(x.await.unwrap().is_success());
     let transitions: Vec<String> = keel
