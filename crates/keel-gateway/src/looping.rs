@@ -92,7 +92,7 @@ impl Gateway {
         self.count_loop(&stop.data);
         let mut context = stop.data;
         context["loop"] = context["kind"].take();
-        context["kind"] = json!("loop");
+        context["kind"] = json!(crate::tools::LoopHandoff::KIND);
         for task in stop.other.iter().chain([&stop.task]) {
             let approval = self
                 .hand_off(task, stop.reason.clone(), context.clone())
@@ -158,7 +158,9 @@ impl Gateway {
                 .task_log(task)
                 .await
                 .map_err(|e| ApiError::unavailable(format!("cannot read the task's log: {e}")))?;
-            if crate::tools::approved(&log, id) {
+            // Decided either way, the person's decision stands: approved, the task goes on;
+            // denied, it is in the DLQ, and an operator who requeues it starts it afresh.
+            if crate::tools::decided(&log, id) {
                 self.loops.release(task);
                 return Ok(());
             }

@@ -200,6 +200,14 @@ impl Incidents {
         }
     }
 
+    /// Adds `alert` to its incident if that is open (a replayed alert of another part of
+    /// keel, whose incident's opening the observer recorded); nothing otherwise.
+    pub fn join(&mut self, alert: &Alert, at: &str, at_ms: i64) {
+        if self.open.contains_key(&alert.key) {
+            self.raise(alert, at, at_ms);
+        }
+    }
+
     /// The keys of open incidents of conditions (breakers, anomalies): after a restart their
     /// condition starts over (breakers closed, baselines learnt again).
     pub fn conditions(&self) -> Vec<String> {
@@ -274,6 +282,30 @@ mod tests {
             condition: true,
             recorded: false,
         }
+    }
+
+    #[test]
+    fn replayed_alerts_of_another_part_join_only_an_open_incident() {
+        let mut incidents = Incidents::default();
+        // The observer's record of the opening, then two more budget warnings.
+        let opening = serde_json::json!({"key": "budget:a:tokens", "incident": "inc_7",
+            "status": "firing", "severity": "warning", "title": "t", "message": "m", "at": "t0"});
+        incidents.replay(&opening, None, 1_000);
+        let warning = Alert {
+            recorded: true,
+            condition: false,
+            ..alert("budget:a:tokens", Severity::Warning)
+        };
+        incidents.join(&warning, "t1", 2_000);
+        incidents.join(&warning, "t2", 900_000);
+        incidents.join(&alert("budget:b:tokens", Severity::Warning), "t3", 3_000);
+        let open = incidents.list(true, false);
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!((open[0].id.as_str(), open[0].alerts), ("inc_7", 3));
+        assert_eq!(
+            open[0].last_ms, 900_000,
+            "quiet is measured from the last alert"
+        );
     }
 
     #[test]

@@ -266,9 +266,11 @@ async fn postmortem(
                 let affected = affected_tasks(&incident);
                 return axum::Json(postmortem::of_incident(&incident, affected)).into_response();
             }
-            // Neither: the label a client gave its calls (`x-keel-task`), if it has events.
+            // Neither: the label a client gave its calls (`x-keel-task`), if it has events
+            // (the first LABEL_EVENTS: a label reused for days has no end).
             let query = keel_store::EventQuery {
                 task_id: Some(id.clone()),
+                limit: Some(postmortem::LABEL_EVENTS),
                 ..keel_store::EventQuery::default()
             };
             match shared.tasks.events(query).await {
@@ -574,8 +576,25 @@ impl Observing {
             let Some(last) = page.last() else { return };
             after = Some(last.seq);
             let mut incidents = self.incidents.lock();
-            for event in page.iter().filter(|e| e.data["source"] == signal::SOURCE) {
-                incidents.replay(&event.data, event.task_id.as_deref(), event.at_ms);
+            for event in &page {
+                if event.data["source"] == signal::SOURCE {
+                    incidents.replay(&event.data, event.task_id.as_deref(), event.at_ms);
+                } else if let Some(Signal::Raised {
+                    severity,
+                    message,
+                    task,
+                    key,
+                }) = Signal::of(event)
+                {
+                    // Another part's alert: the observer recorded only the opening of its
+                    // incident; the alerts that joined it are its timeline (and keep it from
+                    // closing as quiet).
+                    incidents.join(
+                        &raised(severity, message, task, key),
+                        &event.at,
+                        event.at_ms,
+                    );
+                }
             }
         }
     }
@@ -710,16 +729,7 @@ impl Observing {
                 message,
                 task,
                 key,
-            } => vec![Found::Raise(Alert {
-                title: message.clone(),
-                key,
-                severity,
-                message,
-                labels: serde_json::Map::new(),
-                task,
-                condition: false,
-                recorded: true,
-            })],
+            } => vec![Found::Raise(raised(severity, message, task, key))],
         }
     }
 
@@ -826,6 +836,20 @@ impl Observing {
                 })
                 .set(i64::try_from(incidents.open_count(severity)).unwrap_or(i64::MAX));
         }
+    }
+}
+
+/// The alert of an `alert_raised` event another part of keel recorded.
+fn raised(severity: Severity, message: String, task: Option<String>, key: String) -> Alert {
+    Alert {
+        title: message.clone(),
+        key,
+        severity,
+        message,
+        labels: serde_json::Map::new(),
+        task,
+        condition: false,
+        recorded: true,
     }
 }
 

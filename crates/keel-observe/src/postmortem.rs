@@ -99,13 +99,21 @@ pub fn of_task(task: &TaskRow, events: &[Event]) -> Postmortem {
     )
 }
 
+/// Events a label's postmortem reads at most: the first ones.
+pub const LABEL_EVENTS: usize = 10_000;
+
 /// The postmortem of the model calls a client labelled `label` with `x-keel-task` (no task of
-/// keel's supervisor has that id), from their events, oldest first.
+/// keel's supervisor has that id), from their events, oldest first (at most [`LABEL_EVENTS`]).
 pub fn of_label(label: &str, events: &[Event]) -> Postmortem {
     let calls = events.iter().filter(|e| e.kind == "llm_call").count();
     let title = format!(
-        "calls labelled {label:?} (x-keel-task; not a task of keel's supervisor): {calls} model call{}",
-        if calls == 1 { "" } else { "s" }
+        "calls labelled {label:?} (x-keel-task; not a task of keel's supervisor): {calls} model call{}{}",
+        if calls == 1 { "" } else { "s" },
+        if events.len() >= LABEL_EVENTS {
+            format!(" in its first {LABEL_EVENTS} events")
+        } else {
+            String::new()
+        }
     );
     let first_ms = events.first().map_or(0, |e| e.at_ms);
     of_log(label, title, "calls", false, first_ms, events)

@@ -471,17 +471,7 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
         // summary) are not refused for it. One that died of it (the timer ends a task at its
         // deadline), or otherwise, keeps it.
         Ok(row.map(|r| {
-            let approval = &r.snapshot["approval"];
-            let loop_handoff = (r.state == "awaiting_human"
-                && approval["handoff"] == true
-                && approval["context"]["kind"] == "loop")
-                .then(|| {
-                    Some(keel_gateway::tools::LoopHandoff {
-                        approval: approval["id"].as_str()?.to_owned(),
-                        reason: approval["reason"].as_str().unwrap_or_default().to_owned(),
-                    })
-                })
-                .flatten();
+            let loop_handoff = keel_gateway::tools::LoopHandoff::of_task(&r.state, &r.snapshot);
             keel_gateway::tools::TaskFacts {
                 deadline_ms: (r.state != "succeeded")
                     .then(|| r.snapshot["deadline_ms"].as_i64())

@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 pub(crate) use http::routes;
-pub(crate) use profile::approved;
+pub(crate) use profile::decided;
 pub use profile::{ApprovalQueue, LoopHandoff, Outlier, TaskFacts};
 
 /// The value that stands in the log for a redacted arg.

@@ -79,6 +79,26 @@ pub struct LoopHandoff {
     pub reason: String,
 }
 
+impl LoopHandoff {
+    /// `context.kind` of the approvals the loop guard asks for.
+    pub(crate) const KIND: &'static str = "loop";
+
+    /// The loop guard's handoff a task in `state` waits on, from the supervisor's task JSON.
+    pub fn of_task(state: &str, snapshot: &serde_json::Value) -> Option<Self> {
+        let approval = &snapshot["approval"];
+        if state != "awaiting_human"
+            || approval["handoff"] != true
+            || approval["context"]["kind"] != Self::KIND
+        {
+            return None;
+        }
+        Some(Self {
+            approval: approval["id"].as_str()?.to_owned(),
+            reason: approval["reason"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+}
+
 /// A numeric arg far outside its profile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outlier {
@@ -176,6 +196,13 @@ pub(crate) fn unused_approval(events: &[Event], action: &str) -> Option<String> 
     ids.filter(|id| approved(events, id))
         .find(|id| !used(id))
         .map(str::to_owned)
+}
+
+/// Whether approval `id` was decided, either way (by a person or its timeout), in `events`.
+pub(crate) fn decided(events: &[Event], id: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e.kind == EventKind::ApprovalDecided.as_str() && e.data["approval_id"] == id)
 }
 
 /// Whether a person approved approval `id` in this task's log.

@@ -193,6 +193,53 @@ async fn a_task_handed_off_as_looping_stays_refused_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_looping_task_denied_then_requeued_from_the_dlq_may_call_again() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    let (id, _) = running_task(&keel).await;
+    for _ in 0..3 {
+        ask(&keel, &id, PROMPT).await;
+    }
+    let approval = task_state(&keel, &id).await["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let denied = keel.cli(&["approvals", "deny", &approval]);
+    assert!(
+        denied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    assert_eq!(task_state(&keel, &id).await["state"], "dead");
+    let requeued = keel.cli(&["dlq", "requeue", &id]);
+    assert!(
+        requeued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeued.stderr)
+    );
+    let (status, claimed) = post(
+        &keel,
+        "/v1/tasks/claim",
+        None,
+        json!({"agent": "looper", "worker": "w2", "lease": "30s"}),
+    )
+    .await;
+    assert_eq!(
+        (status, claimed["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{claimed}"
+    );
+    // The person decided; the requeued task starts afresh, its calls are not refused.
+    let (status, answer) = ask(
+        &keel,
+        &id,
+        "Now summarise the shipping chapter of the handbook",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
     let models = sim().await;
     let keel = Keel::start(LOOPS, &models).await;
