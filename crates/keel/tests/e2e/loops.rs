@@ -84,6 +84,18 @@ async fn ask(keel: &Keel, task: &str, prompt: &str) -> (u16, Value) {
     .await
 }
 
+/// Asks task `id`'s same question three times, so that the loop guard hands it off; the
+/// handoff's approval id.
+async fn loop_until_handed_off(keel: &Keel, id: &str) -> String {
+    for _ in 0..3 {
+        let (status, answer) = ask(keel, id, PROMPT).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let task = task_state(keel, id).await;
+    assert_eq!(task["approval"]["handoff"], true, "{task}");
+    task["approval"]["id"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_whose_answers_repeat_is_handed_off_and_its_next_call_refused() {
     let models = sim().await;
@@ -157,16 +169,9 @@ async fn a_task_handed_off_as_looping_stays_refused_after_a_restart() {
     let models = sim().await;
     let mut keel = Keel::start(LOOPS, &models).await;
     let (id, _) = running_task(&keel).await;
-    for _ in 0..3 {
-        let (status, answer) = ask(&keel, &id, PROMPT).await;
-        assert_eq!(status, 200, "{answer}");
-    }
+    let approval = loop_until_handed_off(&keel, &id).await;
     let (status, refused) = ask(&keel, &id, PROMPT).await;
     assert_eq!(status, 409, "{refused}");
-    let approval = task_state(&keel, &id).await["approval"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
 
     // kill -9 and start again over the same store: the stop is not in memory any more,
     // but the task still waits for a person, so its calls are still refused.
@@ -197,13 +202,7 @@ async fn a_looping_task_denied_then_requeued_from_the_dlq_may_call_again() {
     let models = sim().await;
     let keel = Keel::start(LOOPS, &models).await;
     let (id, _) = running_task(&keel).await;
-    for _ in 0..3 {
-        ask(&keel, &id, PROMPT).await;
-    }
-    let approval = task_state(&keel, &id).await["approval"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let approval = loop_until_handed_off(&keel, &id).await;
     let denied = keel.cli(&["approvals", "deny", &approval]);
     assert!(
         denied.status.success(),
