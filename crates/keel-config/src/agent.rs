@@ -289,6 +289,16 @@ impl AgentConfig {
                     .invalid("must be longer than 0s; leave it out for no limit"),
             );
         }
+        // The task API takes deadlines up to a year; a longer one is no limit anyway.
+        if self
+            .task_timeout
+            .is_some_and(|t| t > Duration::from_secs(366 * 24 * 3600))
+        {
+            problems.push(
+                at.child("task_timeout")
+                    .invalid("must be at most 366d; leave it out for no limit"),
+            );
+        }
         let max_attempts = problems.one(at_least_one(self.max_attempts, &at.child("max_attempts")));
         let loop_guard = self
             .loop_guard

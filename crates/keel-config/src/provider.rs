@@ -84,9 +84,16 @@ impl ProviderConfig {
             check_http_url(&self.base_url, &at.child("base_url")).and_then(|url| {
                 // keel appends `/chat/completions` and the like to the base URL; a query
                 // string in it would end up in the middle of the path.
+                let endpoint = ["/chat/completions", "/embeddings", "/messages"]
+                    .into_iter()
+                    .find(|e| url.trim_end_matches('/').ends_with(e));
                 if url.contains('?') || url.contains('#') {
                     Err(at.child("base_url").invalid(format!(
                         "{url:?} has a query string; give query parameters as `query = {{ name = \"value\" }}`"
+                    )))
+                } else if let Some(endpoint) = endpoint {
+                    Err(at.child("base_url").invalid(format!(
+                        "{url:?} names an endpoint; give the API's root, which keel appends {endpoint} and the others to (for example \"https://api.openai.com/v1\")"
                     )))
                 } else {
                     Ok(url)

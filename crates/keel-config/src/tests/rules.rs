@@ -798,3 +798,26 @@ targets = [{ provider = \"openai\", model = \"gpt-4.1\" }]
         "{got}"
     );
 }
+
+#[test]
+fn a_base_url_that_names_an_endpoint_is_refused() {
+    assert_eq!(
+        errors(
+            "[providers.openai]
+kind = \"openai\"
+base_url = \"https://api.openai.com/v1/chat/completions\"
+"
+        ),
+        "keel.toml:3: providers.openai.base_url: \"https://api.openai.com/v1/chat/completions\" \
+         names an endpoint; give the API's root, which keel appends /chat/completions and the \
+         others to (for example \"https://api.openai.com/v1\")"
+    );
+}
+
+#[test]
+fn a_task_timeout_is_at_most_a_year() {
+    assert_eq!(
+        errors("[agents.a]\ntask_timeout = \"400d\"\n"),
+        "keel.toml:2: agents.a.task_timeout: must be at most 366d; leave it out for no limit"
+    );
+}
