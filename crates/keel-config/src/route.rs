@@ -353,30 +353,20 @@ impl TimeoutConfig {
         }
         let s = &settings;
         let nested = [
-            (
-                "connect",
-                s.connect,
-                "attempt",
-                s.attempt,
-                self.attempt.is_some(),
-            ),
-            (
-                "first_token",
-                s.first_token,
-                "attempt",
-                s.attempt,
-                self.attempt.is_some(),
-            ),
-            ("attempt", s.attempt, "total", s.total, self.total.is_some()),
+            ("connect", s.connect, "attempt", s.attempt),
+            ("first_token", s.first_token, "attempt", s.attempt),
+            ("attempt", s.attempt, "total", s.total),
         ];
-        for (key, value, outer, limit, outer_written) in nested {
+        for (key, value, outer, limit) in nested {
             if value > limit {
-                let unset = match (outer_written, outer) {
-                    (true, _) => String::new(),
-                    (false, "total") => " (not set here: its default; set total too)".to_owned(),
-                    (false, _) => format!(
+                let unset = match outer {
+                    "total" if self.total.is_none() => {
+                        " (not set here: its default; set total too)".to_owned()
+                    }
+                    "attempt" if self.attempt.is_none() => format!(
                         " (not set here: its default, fitted inside what holds it; set {outer} too)"
                     ),
+                    _ => String::new(),
                 };
                 problems.push(at.child(key).invalid(format!(
                     "{} is longer than {outer} {}{unset}",

@@ -232,8 +232,12 @@ impl Gateway {
             tools,
             routes,
             agents: Agents::new(settings.agents.values(), settings.providers.values()),
+            transitions: transitions::TransitionLog::new(
+                Arc::clone(&store),
+                tasks.clone(),
+                Arc::clone(&metrics),
+            ),
             metrics,
-            transitions: transitions::TransitionLog::new(Arc::clone(&store), tasks.clone()),
             store,
             clock: Arc::new(SystemClock::new()),
             tasks,

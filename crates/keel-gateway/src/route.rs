@@ -476,9 +476,7 @@ impl Executor<'_> {
                 drop(breaker);
                 (permit, logged)
             };
-            if let Some(ticket) = logged {
-                self.transitions.stored(ticket).await;
-            }
+            self.transitions.stored(logged).await;
             let Ok(permit) = permit else {
                 let skipped = UpstreamError::BreakerOpen {
                     target: target.id.clone(),
@@ -535,9 +533,7 @@ impl Executor<'_> {
                 drop(breaker);
                 logged
             };
-            if let Some(ticket) = logged {
-                self.transitions.stored(ticket).await;
-            }
+            self.transitions.stored(logged).await;
             let error = match result {
                 Ok(reply) => {
                     self.count_attempt(target, "ok");
@@ -771,7 +767,6 @@ impl Executor<'_> {
     /// [`crate::transitions`]); the ticket to wait for, `None` for almost every call.
     fn log_transitions(&self, target: &Target, transitions: Vec<Transition>) -> Option<u64> {
         self.transitions.note(
-            self.metrics,
             &target.id,
             transitions,
             || json!({"route": self.route.name, "node": self.node}),

@@ -52,10 +52,15 @@ struct Shared {
 pub(crate) struct TransitionLog {
     shared: Arc<Shared>,
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 impl TransitionLog {
-    pub(crate) fn new(store: Arc<dyn EventStore>, tasks: TaskTracker) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn EventStore>,
+        tasks: TaskTracker,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store,
@@ -63,6 +68,7 @@ impl TransitionLog {
                 stored: watch::Sender::new(0),
             }),
             tasks,
+            metrics,
         }
     }
 
@@ -72,12 +78,12 @@ impl TransitionLog {
     /// order (and the state gauge) is the breaker's.
     pub(crate) fn note(
         &self,
-        metrics: &Metrics,
         target: &str,
         transitions: Vec<Transition>,
         extra: impl FnOnce() -> Value,
     ) -> Option<u64> {
         let last = transitions.last()?;
+        let metrics = &self.metrics;
         metrics
             .breaker_state
             .get_or_create(&TargetLabel {
@@ -106,8 +112,9 @@ impl TransitionLog {
     }
 
     /// Waits until the transitions of `ticket` (and every one before) are stored, draining
-    /// the queue on a task of its own unless one already does.
-    pub(crate) async fn stored(&self, ticket: u64) {
+    /// the queue on a task of its own unless one already does; at once without a ticket.
+    pub(crate) async fn stored(&self, ticket: Option<u64>) {
+        let Some(ticket) = ticket else { return };
         let mut stored = self.shared.stored.subscribe();
         let start = {
             let mut queue = self.shared.queue.lock();

@@ -172,7 +172,7 @@ fn of_log(
 }
 
 /// An RFC 3339 time (as incidents keep them) in Unix milliseconds; `None` if it is not one.
-pub(crate) fn unix_ms(at: &str) -> Option<i64> {
+fn unix_ms(at: &str) -> Option<i64> {
     humantime::parse_rfc3339(at)
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

@@ -173,7 +173,12 @@ pub fn canonicalize(mut value: serde_json::Value) -> serde_json::Value {
 
 /// The canonical JSON text of `value`: sorted keys, compact.
 pub fn canonical_json(value: &serde_json::Value) -> String {
-    canonical_text(&canonicalize(value.clone()))
+    into_canonical_json(value.clone())
+}
+
+/// [`canonical_json`] of a value the caller gives up (sorted in place, not copied).
+pub fn into_canonical_json(value: serde_json::Value) -> String {
+    canonical_text(&canonicalize(value))
 }
 
 /// The compact JSON text of a value whose objects are already sorted.

@@ -415,8 +415,10 @@ async fn check(State(gw): Gw, headers: HeaderMap, body: Bytes) -> Response {
 /// What a repeated check must match: its tool, task and args (the agent is in the record's key).
 fn check_id(b: &CheckBody) -> String {
     keel_store::blob_hash(
-        keel_store::chain::canonical_json(&json!({"tool": b.tool, "task": b.task, "args": b.args}))
-            .as_bytes(),
+        keel_store::chain::into_canonical_json(
+            json!({"tool": b.tool, "task": b.task, "args": b.args}),
+        )
+        .as_bytes(),
     )
 }
 
@@ -815,15 +817,12 @@ async fn call(
             );
             // The same metrics and events as a model target's, under `tool/NAME`.
             gw.transitions.note(
-                &gw.metrics,
                 &format!("tool/{name}"),
                 breaker.take_transitions(),
                 || json!({"tool": name, "node": gw.node}),
             )
         };
-        if let Some(ticket) = logged {
-            gw.transitions.stored(ticket).await;
-        }
+        gw.transitions.stored(logged).await;
         match attempt {
             Ok(result) => return (attempts, Ok(result)),
             Err(failed) if !failed.retryable || attempts >= max => {

@@ -175,7 +175,7 @@ fn profiled_values<'a>(tool_args: &'a [String], args: &Value) -> Vec<(&'a str, f
 /// The identity of an action for its approval: the tool and its args, canonical JSON.
 pub(crate) fn action_id(tool: &str, args: &Value) -> String {
     keel_store::blob_hash(
-        keel_store::chain::canonical_json(&json!({"tool": tool, "args": args})).as_bytes(),
+        keel_store::chain::into_canonical_json(json!({"tool": tool, "args": args})).as_bytes(),
     )
 }
 
@@ -206,7 +206,7 @@ pub(crate) fn decided(events: &[Event], id: &str) -> bool {
 }
 
 /// Whether a person approved approval `id` in this task's log.
-pub(crate) fn approved(events: &[Event], id: &str) -> bool {
+fn approved(events: &[Event], id: &str) -> bool {
     events.iter().any(|e| {
         e.kind == EventKind::ApprovalDecided.as_str()
             && e.data["approval_id"] == id

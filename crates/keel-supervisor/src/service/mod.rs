@@ -174,13 +174,7 @@ impl Idem {
     /// SHA-256 (hex) of `body` as canonical JSON: the same JSON with other spacing or key
     /// order is the same request.
     pub fn request_hash(body: Value) -> String {
-        // Sorted in place: the body is the caller's to give up, so it is not copied.
-        let sorted = keel_store::chain::canonicalize(body);
-        keel_store::blob_hash(
-            serde_json::to_string(&sorted)
-                .unwrap_or_default()
-                .as_bytes(),
-        )
+        keel_store::blob_hash(keel_store::chain::into_canonical_json(body).as_bytes())
     }
 }
 
