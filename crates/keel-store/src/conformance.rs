@@ -905,7 +905,8 @@ pub async fn blobs_are_stored_once<S: TaskStore>(store: &S) -> Outcome {
 }
 
 /// Paging through `tasks` (with and without filters) visits every matching
-/// task exactly once, in (`created_at_ms`, `id`) order; a bad cursor is refused.
+/// task exactly once, in (`created_at_ms`, `id`) order or its reverse; a bad cursor, or one
+/// of the other order, is refused.
 pub async fn task_list_pagination_visits_each_once<S: TaskStore>(store: &S) -> Outcome {
     // Ties on created_at_ms, so the order must fall back to the id.
     for i in 0..23i64 {
@@ -914,33 +915,63 @@ pub async fn task_list_pagination_visits_each_once<S: TaskStore>(store: &S) -> O
             .write_task(create(&format!("t{i:02}"), agent, i / 4))
             .await?;
     }
-    for (agent, limit, want) in [(None, 5, 23), (Some("a"), 4, 15), (Some("b"), 0, 8)] {
-        let mut seen = Vec::new();
-        let mut cursor = None;
-        let mut pages = 0;
-        loop {
-            let page = store
-                .tasks(TaskQuery {
-                    state: Some("queued".to_owned()),
-                    agent: agent.map(str::to_owned),
-                    limit,
-                    cursor: cursor.take(),
-                })
-                .await?;
-            pages += 1;
-            ensure!(pages < 100, "pagination does not end");
-            seen.extend(page.tasks.iter().map(|t| (t.created_at_ms, t.id.clone())));
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
+    for newest_first in [false, true] {
+        for (agent, limit, want) in [(None, 5, 23), (Some("a"), 4, 15), (Some("b"), 0, 8)] {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            let mut pages = 0;
+            loop {
+                let page = store
+                    .tasks(TaskQuery {
+                        state: Some("queued".to_owned()),
+                        agent: agent.map(str::to_owned),
+                        limit,
+                        cursor: cursor.take(),
+                        newest_first,
+                    })
+                    .await?;
+                pages += 1;
+                ensure!(pages < 100, "pagination does not end");
+                seen.extend(page.tasks.iter().map(|t| (t.created_at_ms, t.id.clone())));
+                match page.next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
             }
+            let mut sorted = seen.clone();
+            sorted.sort();
+            sorted.dedup();
+            if newest_first {
+                sorted.reverse();
+            }
+            ensure!(
+                seen == sorted && seen.len() == want,
+                "agent {agent:?} limit {limit} newest first {newest_first}: visited {seen:?}"
+            );
         }
-        let mut sorted = seen.clone();
-        sorted.sort();
-        sorted.dedup();
+    }
+    let first = |newest_first| TaskQuery {
+        limit: 3,
+        newest_first,
+        ..TaskQuery::default()
+    };
+    let newest = store.tasks(first(true)).await?;
+    ensure!(
+        newest.tasks.first().map(|t| t.id.as_str()) == Some("t22"),
+        "newest first starts at {:?}",
+        newest.tasks.first().map(|t| &t.id)
+    );
+    for newest_first in [false, true] {
+        let page = store.tasks(first(newest_first)).await?;
+        let other_order = store
+            .tasks(TaskQuery {
+                cursor: page.next,
+                ..first(!newest_first)
+            })
+            .await;
         ensure!(
-            seen == sorted && seen.len() == want,
-            "agent {agent:?} limit {limit}: visited {seen:?}"
+            matches!(other_order, Err(StoreError::InvalidCursor)),
+            "a cursor of the other order (newest first {newest_first}) answered {other_order:?}"
         );
     }
     let none = store

@@ -112,14 +112,18 @@ pub struct TaskQuery {
     pub agent: Option<String>,
     /// Page size: 0 means 100, at most 1000.
     pub limit: usize,
-    /// Where to continue: [`TaskPage::next`] of the previous page.
+    /// Where to continue: [`TaskPage::next`] of the previous page (of a query in the same
+    /// order; a cursor of the other order is [`StoreError::InvalidCursor`]).
     pub cursor: Option<String>,
+    /// Newest first (by `created_at_ms`, then `id`, both descending) instead of oldest first.
+    pub newest_first: bool,
 }
 
 /// One page of [`TaskStore::tasks`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskPage {
-    /// Tasks ordered by (`created_at_ms`, `id`).
+    /// Tasks ordered by (`created_at_ms`, `id`), or the reverse when
+    /// [`TaskQuery::newest_first`].
     pub tasks: Vec<TaskRow>,
     /// Cursor of the next page; `None` on the last one.
     pub next: Option<String>,
@@ -143,21 +147,48 @@ impl TaskQuery {
             .ok()
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .ok_or(StoreError::InvalidCursor)?;
+        // A newest-first cursor says so; one without the prefix continues oldest first.
+        let (newest_first, text) = match text.strip_prefix(NEWEST_FIRST_CURSOR) {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
+        if newest_first != self.newest_first {
+            return Err(StoreError::InvalidCursor);
+        }
         let (created, id) = text.split_once(':').ok_or(StoreError::InvalidCursor)?;
         let created = created.parse().map_err(|_| StoreError::InvalidCursor)?;
         Ok(Some((created, id.to_owned())))
     }
-}
 
-impl TaskPage {
-    /// The page of `size` from `fetched`, which was read with one row more than `size` to
-    /// tell whether a next page exists; its cursor is opaque (hex of `created_at_ms:id`).
-    pub(crate) fn of(mut fetched: Vec<TaskRow>, size: usize) -> TaskPage {
+    /// The SQL comparison a row's (`created_at_ms`, `id`) passes to come after the cursor's.
+    pub(crate) fn after_op(&self) -> &'static str {
+        if self.newest_first { "<" } else { ">" }
+    }
+
+    /// The SQL `ORDER BY` terms of the page.
+    pub(crate) fn order_by(&self) -> &'static str {
+        if self.newest_first {
+            "created_at_ms DESC, id DESC"
+        } else {
+            "created_at_ms, id"
+        }
+    }
+
+    /// The page of `fetched`, which was read with one row more than [`Self::page_size`] to
+    /// tell whether a next page exists; its cursor is opaque (hex of `created_at_ms:id`, with
+    /// a prefix when newest first).
+    pub(crate) fn page(&self, mut fetched: Vec<TaskRow>) -> TaskPage {
+        let size = self.page_size();
         let next = if fetched.len() > size {
             fetched.truncate(size);
-            fetched
-                .last()
-                .map(|t| hex::encode(format!("{}:{}", t.created_at_ms, t.id)))
+            fetched.last().map(|t| {
+                let prefix = if self.newest_first {
+                    NEWEST_FIRST_CURSOR
+                } else {
+                    ""
+                };
+                hex::encode(format!("{prefix}{}:{}", t.created_at_ms, t.id))
+            })
         } else {
             None
         };
@@ -167,6 +198,9 @@ impl TaskPage {
         }
     }
 }
+
+/// What a newest-first page's cursor starts with (before hex).
+const NEWEST_FIRST_CURSOR: &str = "desc:";
 
 /// Sizes of the store, for metrics and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

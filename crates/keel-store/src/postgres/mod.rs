@@ -573,16 +573,20 @@ impl TaskStore for PgStore {
             params.push(created);
             params.push(id);
             let (c, i) = (params.len() - 1, params.len());
-            sql.push_str(&format!(" AND (created_at_ms, id) > (${c}, ${i})"));
+            sql.push_str(&format!(
+                " AND (created_at_ms, id) {} (${c}, ${i})",
+                query.after_op()
+            ));
         }
         // One more than the page, to know whether there is a next one.
         let fetch = sql_limit(limit + 1);
         params.push(&fetch);
         sql.push_str(&format!(
-            " ORDER BY created_at_ms, id LIMIT ${}",
+            " ORDER BY {} LIMIT ${}",
+            query.order_by(),
             params.len()
         ));
-        Ok(TaskPage::of(self.task_rows(&sql, &params).await?, limit))
+        Ok(query.page(self.task_rows(&sql, &params).await?))
     }
 
     async fn next_queued(&self, agent: &str, limit: usize) -> Result<Vec<TaskRow>, StoreError> {

@@ -220,7 +220,7 @@ impl Readers {
         Ok(rows.pop())
     }
 
-    /// One page of tasks by (`created_at_ms`, `id`).
+    /// One page of tasks by (`created_at_ms`, `id`), in the query's order.
     pub(crate) fn tasks(&self, query: &TaskQuery) -> Result<TaskPage, StoreError> {
         let limit = query.page_size();
         let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
@@ -237,15 +237,19 @@ impl Readers {
             args.push(Value::Integer(created));
             args.push(Value::Text(id));
             let (c, i) = (args.len() - 1, args.len());
-            sql.push_str(&format!(" AND (created_at_ms, id) > (?{c}, ?{i})"));
+            sql.push_str(&format!(
+                " AND (created_at_ms, id) {} (?{c}, ?{i})",
+                query.after_op()
+            ));
         }
         // One more than the page, to know whether there is a next one.
         args.push(Value::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
         sql.push_str(&format!(
-            " ORDER BY created_at_ms, id LIMIT ?{}",
+            " ORDER BY {} LIMIT ?{}",
+            query.order_by(),
             args.len()
         ));
-        Ok(TaskPage::of(self.task_rows(&sql, args)?, limit))
+        Ok(query.page(self.task_rows(&sql, args)?))
     }
 
     /// The oldest `queued` tasks of `agent`.

@@ -257,22 +257,72 @@ struct ListQuery {
     agent: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
+    /// `desc` (newest first) or `asc` (oldest first), as OpenAI's list endpoints take it.
+    order: Option<String>,
 }
 
+/// Tasks per page when the query gives no `limit`.
+const LIST_PAGE: usize = 100;
+
+/// `GET /v1/tasks`: newest first unless `order=asc`.
 async fn list(State(sv): Sv, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
     if let Err(e) = admin(&sv, &headers) {
         return e.into_response();
     }
-    page(&sv, q.state, q.agent, q.limit, q.cursor).await
+    let state = q.state.clone();
+    page(&sv, state, q, true).await
 }
 
+/// Whether `order` (`desc` or `asc`; absent: `newest_first_by_default`) lists newest first.
+fn newest_first(order: Option<&str>, newest_first_by_default: bool) -> Result<bool, ApiError> {
+    match order {
+        None => Ok(newest_first_by_default),
+        Some("desc") => Ok(true),
+        Some("asc") => Ok(false),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "unknown order {other:?}: expected desc (newest first) or asc (oldest first)"
+        ))
+        .with_param("order")
+        .with_code("invalid_value")),
+    }
+}
+
+/// The page size `limit` asks for: 1 to [`keel_store::MAX_PAGE`], [`LIST_PAGE`] when absent.
+fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(LIST_PAGE),
+        Some(n) if (1..=keel_store::MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "limit {n} is out of range: a page holds 1 to {} tasks",
+            keel_store::MAX_PAGE
+        ))
+        .with_param("limit")
+        .with_code("invalid_value")),
+    }
+}
+
+/// One page of tasks in `state` per the list query `q` (its own `state` is not read).
 async fn page(
     sv: &Supervisor,
     state: Option<String>,
-    agent: Option<String>,
-    limit: Option<usize>,
-    cursor: Option<String>,
+    q: ListQuery,
+    newest_first_by_default: bool,
 ) -> Response {
+    let ListQuery {
+        agent,
+        limit,
+        cursor,
+        order,
+        ..
+    } = q;
+    let newest_first = match newest_first(order.as_deref(), newest_first_by_default) {
+        Ok(newest_first) => newest_first,
+        Err(e) => return e.into_response(),
+    };
+    let limit = match page_size(limit) {
+        Ok(limit) => limit,
+        Err(e) => return e.into_response(),
+    };
     const STATES: [&str; 6] = [
         "queued",
         "running",
@@ -295,8 +345,9 @@ async fn page(
     let query = TaskQuery {
         state,
         agent,
-        limit: limit.unwrap_or(100),
+        limit,
         cursor,
+        newest_first,
     };
     match sv.store().tasks(query).await {
         Ok(page) => {
@@ -311,7 +362,7 @@ async fn page(
             axum::Json(json!({"tasks": tasks, "next": page.next})).into_response()
         }
         Err(keel_store::StoreError::InvalidCursor) => ApiError::bad_request(
-            "invalid cursor: pass the `next` value of the previous page unchanged",
+            "invalid cursor: pass the `next` value of the previous page unchanged, with the same `order`",
         )
         .with_param("cursor")
         .with_code("invalid_value")
@@ -691,6 +742,7 @@ pub(super) async fn awaiting(sv: &Supervisor) -> Result<Vec<crate::task::Task>, 
             agent: None,
             limit: 1000,
             cursor,
+            newest_first: false,
         };
         let page = sv.store().tasks(query).await.map_err(super::store_error)?;
         tasks.extend(
@@ -804,14 +856,8 @@ async fn dlq(State(sv): Sv, headers: HeaderMap, Query(q): Query<ListQuery>) -> R
     if let Err(e) = admin(&sv, &headers) {
         return e.into_response();
     }
-    page(
-        &sv,
-        Some(TaskState::Dead.as_str().to_owned()),
-        q.agent,
-        q.limit,
-        q.cursor,
-    )
-    .await
+    // Dead letters are worked through oldest first, unless `order=desc`.
+    page(&sv, Some(TaskState::Dead.as_str().to_owned()), q, false).await
 }
 
 #[derive(Deserialize, Default)]

@@ -210,3 +210,87 @@ async fn an_invalid_field_is_named_as_the_error_s_param() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["param"], "progress", "{body}");
 }
+
+/// `GET path` as an operator (the test supervisor has no admin token): the status and the
+/// JSON answer.
+async fn get(sv: &Arc<Supervisor>, path: &str) -> (StatusCode, Value) {
+    let request = Request::get(path).body(Body::empty()).unwrap();
+    let response = super::http::router(Arc::clone(sv))
+        .oneshot(request)
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// The ids of a task page, and its `next` cursor.
+fn ids_and_next(page: &Value) -> (Vec<String>, Option<String>) {
+    let ids = page["tasks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tasks in {page}"))
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    (ids, page["next"].as_str().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn tasks_are_listed_newest_first_unless_asked_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    for id in ["t1", "t2", "t3", "t4", "t5"] {
+        let (status, task) = post(&sv, "/v1/tasks", &[], json!({"agent": "a", "id": id})).await;
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+    }
+    // Newest first, page by page, each task once.
+    let mut seen = Vec::new();
+    let mut path = "/v1/tasks?limit=2".to_owned();
+    loop {
+        let (status, page) = get(&sv, &path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let (ids, next) = ids_and_next(&page);
+        seen.extend(ids);
+        match next {
+            Some(next) => path = format!("/v1/tasks?limit=2&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["t5", "t4", "t3", "t2", "t1"]);
+    // Oldest first when asked; its cursor continues oldest first.
+    let (_, page) = get(&sv, "/v1/tasks?order=asc&limit=2").await;
+    let (ids, next) = ids_and_next(&page);
+    assert_eq!(ids, ["t1", "t2"]);
+    let next = next.unwrap();
+    let (_, page) = get(&sv, &format!("/v1/tasks?order=asc&limit=2&cursor={next}")).await;
+    assert_eq!(ids_and_next(&page).0, ["t3", "t4"]);
+    // That cursor in the other order would skip or repeat tasks: refused.
+    let (status, body) = get(&sv, &format!("/v1/tasks?order=desc&cursor={next}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "cursor", "{body}");
+    assert!(openai_error(&body, "invalid_value").contains("same `order`"));
+}
+
+#[tokio::test]
+async fn a_task_list_limit_out_of_range_or_an_unknown_order_is_a_400_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    for (query, param, says) in [
+        ("limit=0", "limit", "1 to 1000"),
+        ("limit=1001", "limit", "1 to 1000"),
+        ("order=newest", "order", "desc (newest first) or asc"),
+    ] {
+        for list in ["/v1/tasks", "/v1/dlq"] {
+            let (status, body) = get(&sv, &format!("{list}?{query}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{list}?{query}: {body}");
+            assert_eq!(body["error"]["param"], param, "{body}");
+            let message = openai_error(&body, "invalid_value");
+            assert!(message.contains(says), "{message}");
+        }
+    }
+    let (status, body) = get(&sv, "/v1/tasks?limit=1000").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

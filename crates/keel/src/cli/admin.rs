@@ -132,7 +132,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 /// A table of tasks (`GET /v1/tasks` or `/v1/dlq` answers).
-pub fn task_table(answer: &Value) {
+/// `more` is what the next page's command needs besides the cursor (an `--order` that is not
+/// the listing's default).
+pub fn task_table(answer: &Value, more: &str) {
     let rows: Vec<Vec<String>> = answer["tasks"]
         .as_array()
         .map(|tasks| {
@@ -172,7 +174,7 @@ pub fn task_table(answer: &Value) {
         &rows,
     );
     if let Some(next) = answer["next"].as_str() {
-        output::line(&format!("(more: --cursor {next})"));
+        output::line(&format!("(more: --cursor {next}{more})"));
     }
 }
 

@@ -130,6 +130,34 @@ enum Command {
     },
 }
 
+/// The order of a listing, by creation time (the API's `order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Order {
+    // Variants without doc comments keep `--help` to one line: the flag's own help names
+    // both.
+    Desc,
+    Asc,
+}
+
+impl Order {
+    /// The API's value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Order::Desc => "desc",
+            Order::Asc => "asc",
+        }
+    }
+
+    /// The flag a next page's command needs, when a listing's default is `default`.
+    pub(crate) fn more(self, default: Order) -> &'static str {
+        match (self == default, self) {
+            (true, _) => "",
+            (false, Order::Desc) => " --order desc",
+            (false, Order::Asc) => " --order asc",
+        }
+    }
+}
+
 /// How `keel postmortem` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
@@ -202,7 +230,7 @@ pub(crate) struct ServerArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum TasksCommand {
-    /// List tasks, newest last.
+    /// List tasks, newest first.
     Ls {
         /// Only tasks in this state (queued, running, succeeded, dead, awaiting_human, cancelled).
         #[arg(long)]
@@ -210,12 +238,15 @@ pub(crate) enum TasksCommand {
         /// Only tasks of this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        /// Continue from a previous page.
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
+        /// Continue from a previous page (the `--cursor` a listing ends with, in the same order).
         #[arg(long)]
         cursor: Option<String>,
+        /// desc: newest first; asc: oldest first.
+        #[arg(long, value_enum, default_value_t = Order::Desc)]
+        order: Order,
     },
     /// Show one task.
     Show {
@@ -236,12 +267,15 @@ pub(crate) enum DlqCommand {
         /// Only dead tasks of this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        /// Continue from a previous page (the `--cursor` a listing ends with).
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
+        /// Continue from a previous page (the `--cursor` a listing ends with, in the same order).
         #[arg(long)]
         cursor: Option<String>,
+        /// asc: oldest first; desc: newest first.
+        #[arg(long, value_enum, default_value_t = Order::Asc)]
+        order: Order,
     },
     /// Show a dead task with its last error.
     Show {

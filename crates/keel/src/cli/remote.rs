@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use serde_json::{Value, json};
 
 use super::admin::{self, Client};
-use super::{ApprovalsCommand, DlqCommand, ServerArgs, TasksCommand};
+use super::{ApprovalsCommand, DlqCommand, Order, ServerArgs, TasksCommand};
 use crate::output;
 
 /// Runs an admin command against the server on a small runtime.
@@ -130,18 +130,20 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
             agent,
             limit,
             cursor,
+            order,
         } => {
             let q = query(&[
                 ("state", state),
                 ("agent", agent),
                 ("limit", Some(limit.to_string())),
                 ("cursor", cursor),
+                ("order", Some(order.as_str().to_owned())),
             ]);
             let v = c.get(&format!("/v1/tasks{q}")).await?;
             if json {
                 print_json(&v)
             } else {
-                admin::task_table(&v)
+                admin::task_table(&v, order.more(Order::Desc))
             }
         }
         TasksCommand::Show { id } => {
@@ -173,17 +175,19 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             agent,
             limit,
             cursor,
+            order,
         } => {
             let q = query(&[
                 ("agent", agent),
                 ("limit", Some(limit.to_string())),
                 ("cursor", cursor),
+                ("order", Some(order.as_str().to_owned())),
             ]);
             let v = c.get(&format!("/v1/dlq{q}")).await?;
             if json {
                 print_json(&v)
             } else {
-                admin::task_table(&v)
+                admin::task_table(&v, order.more(Order::Asc))
             }
             return Ok(ExitCode::SUCCESS);
         }

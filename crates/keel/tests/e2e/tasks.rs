@@ -361,6 +361,20 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     );
     let second = String::from_utf8_lossy(&second.stdout).into_owned();
     assert!(second.contains(&other) && !second.contains(&id), "{second}");
+    // `keel tasks ls` puts the newest first; `--order asc` the oldest.
+    for (order, top) in [(None, &other), (Some("asc"), &id)] {
+        let mut args = vec!["tasks", "ls", "--state", "dead", "--limit", "1"];
+        args.extend(order.map(|o| ["--order", o]).into_iter().flatten());
+        let ls = keel_cli(url, &args);
+        let text = String::from_utf8_lossy(&ls.stdout);
+        assert!(text.contains(top.as_str()), "{args:?}:\n{text}");
+    }
+    let zero = keel_cli(url, &["tasks", "ls", "--limit", "0"]);
+    assert!(
+        !zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("1..=1000"),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
     // `dlq show`: the task with its whole log.
     let shown = keel_cli(url, &["dlq", "show", &id]);
     let text = String::from_utf8_lossy(&shown.stdout);
