@@ -65,6 +65,7 @@ fn empty(at_ms: i64) -> Task {
         confidence: None,
         approval: None,
         cancel_requested: false,
+        resumes_attempt: false,
         version: 0,
     }
 }
@@ -83,6 +84,7 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             });
             task.cancel_requested = false;
             task.approval = None;
+            task.resumes_attempt = false;
         }
         TaskEvent::LeaseExpired(_) => {
             // Only a running task goes back to the queue; elsewhere the lease is just dropped.
@@ -126,12 +128,14 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             }
             task.lease = None;
             task.approval = None;
+            task.resumes_attempt = false;
         }
         TaskEvent::Requeued(e) => {
             task.state = TaskState::Queued;
             task.lease = None;
             task.approval = None;
             task.cancel_requested = false;
+            task.resumes_attempt = false;
             if e.reset_attempts {
                 task.attempts = 0;
                 task.steps = 0;
@@ -172,6 +176,8 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             // A deny is followed by `task_dead`; an approval resumes from the queue.
             if e.decision == ApprovalDecision::Approve && !task.state.is_final() {
                 task.state = TaskState::Queued;
+                // The attempt the person let go on, if one was under way.
+                task.resumes_attempt = task.attempts > 0;
             }
         }
         TaskEvent::AlertRaised(e) => {

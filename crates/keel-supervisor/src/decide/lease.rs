@@ -17,7 +17,8 @@ use crate::event::{
 };
 use crate::task::{ApprovalDecision, Task, TaskState};
 
-/// Claims a queued task. A task whose deadline has passed dies instead: `task_failed` +
+/// Claims a queued task: a new attempt, or the current one again after a person approved
+/// (see [`Task::resumes_attempt`]). A task whose deadline has passed dies instead: `task_failed` +
 /// `task_dead`, no lease, directive `cancel` (a successful claim answers `continue`), and the
 /// I/O layer moves on to the next queued task.
 pub(super) fn claim(
@@ -43,7 +44,12 @@ pub(super) fn claim(
         token_hash: crate::task::token_hash(&ctx.new_token),
         lease_ttl_ms,
         expires_at_ms: ctx.now_ms.saturating_add_unsigned(lease_ttl_ms),
-        attempt: task.attempts.saturating_add(1),
+        // After a person's approval the claim goes on with the attempt that asked.
+        attempt: if task.resumes_attempt {
+            task.attempts
+        } else {
+            task.attempts.saturating_add(1)
+        },
     };
     Ok(Decision::events(vec![TaskEvent::Claimed(claimed)]).with_directive(Directive::Continue))
 }

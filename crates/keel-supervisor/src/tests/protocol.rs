@@ -227,6 +227,39 @@ fn approved_task_is_queued_again_and_resumes_from_its_checkpoint() {
     );
 }
 
+#[test]
+fn waiting_for_a_person_does_not_use_up_an_attempt() {
+    let mut world = World::new();
+    world.ok(create(1));
+    // Asked and approved twice, the one attempt goes on each time.
+    for _ in 0..2 {
+        world.ok(claim("w1"));
+        assert_eq!(world.task().attempts, 1);
+        world.ok(request_approval(
+            Some(&world.token()),
+            ApprovalDefault::Deny,
+        ));
+        world.ok(decide_approval("ap1", ApprovalDecision::Approve));
+        assert!(world.task().resumes_attempt);
+    }
+    world.ok(claim("w1"));
+    assert_eq!(world.task().attempts, 1, "1 of 1, not 3 of 1");
+    assert!(!world.task().resumes_attempt);
+    // A failure of that attempt is still the task's last.
+    let failed = world.ok(fail(&world.token(), true));
+    assert_eq!(kinds(&failed), ["task_failed", "task_dead"]);
+}
+
+#[test]
+fn a_task_approved_before_any_claim_starts_its_first_attempt() {
+    let mut world = World::new();
+    world.ok(create(2));
+    world.ok(request_approval(None, ApprovalDefault::Deny));
+    world.ok(decide_approval("ap1", ApprovalDecision::Approve));
+    world.ok(claim("w1"));
+    assert_eq!(world.task().attempts, 1);
+}
+
 /// keel's own approval request (a tool call through keel that needs a person).
 fn asked_by_keel() -> Command {
     Command::RequestApproval {
