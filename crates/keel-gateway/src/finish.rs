@@ -438,7 +438,8 @@ impl Finish {
             .inc();
         self.observe(None, &log.who, "", None).await;
         let mut response = if self.stream {
-            let chunks = degraded_chunks(&route.name, &reply);
+            // `hide_usage`: keel asked for the usage chunk, the client did not.
+            let chunks = degraded_chunks(&route.name, &reply, !self.hide_usage);
             let mut r = Response::new(Body::from(chunks));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -605,6 +606,17 @@ async fn pump(
                 continue;
             }
             Ok(None) => return ("ok", usage),
+            // The upstream's own error event goes to the client as it came: one error, its
+            // words, then the end.
+            Ok(Some(Err(UpstreamError::Status { body, .. }))) => {
+                keep(&body);
+                tracing::warn!(
+                    target_id = target,
+                    "the upstream reported an error inside its stream"
+                );
+                let _ = tx.send(sse_frame(&body)).await;
+                return ("stream_error", usage);
+            }
             Ok(Some(Err(e))) => e.to_string(),
             Err(_) if wait_until == deadline => {
                 format!("stream from {target} exceeded {deadline_name}")
@@ -661,7 +673,9 @@ fn degraded_completion(route: &str, reply: &str) -> Value {
     })
 }
 
-fn degraded_chunks(route: &str, reply: &str) -> Bytes {
+/// The degraded reply as a stream; `with_usage` (the client set
+/// `stream_options.include_usage`) adds OpenAI's last chunk of zero usage.
+fn degraded_chunks(route: &str, reply: &str, with_usage: bool) -> Bytes {
     let id = format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple());
     let created = crate::agents::wall_now().as_secs();
     let chunk = |delta: Value, finish: Value| {
@@ -671,10 +685,18 @@ fn degraded_chunks(route: &str, reply: &str) -> Bytes {
         })
     };
     let mut out = Vec::new();
-    for c in [
+    let mut chunks = vec![
         chunk(json!({"role": "assistant", "content": reply}), Value::Null),
         chunk(json!({}), json!("stop")),
-    ] {
+    ];
+    if with_usage {
+        chunks.push(json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": route,
+            "choices": [],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }));
+    }
+    for c in chunks {
         out.extend_from_slice(&sse_frame(c.to_string().as_bytes()));
     }
     out.extend_from_slice(b"data: [DONE]\n\n");

@@ -655,6 +655,7 @@ impl Executor<'_> {
         };
         let target = request.target.clone();
         let stream = request.stream;
+        let endpoint = request.endpoint;
         // A stream must show its first chunk within `first_token`, headers included.
         let first_deadline = if stream {
             let first = attempt_deadline.min(start + timeouts.first_token);
@@ -684,7 +685,12 @@ impl Executor<'_> {
             Err(_) => return Err(timed_out(start.elapsed())),
         };
         match reply {
-            ProviderReply::Json(body) => Ok(Reply::Json(read_json(body, &target, self.keep_tree)?)),
+            ProviderReply::Json(body) => Ok(Reply::Json(read_json(
+                body,
+                &target,
+                endpoint,
+                self.keep_tree,
+            )?)),
             ProviderReply::Stream(mut rest) => {
                 // Nothing reaches the client before the first event that says something:
                 // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
@@ -716,6 +722,8 @@ impl Executor<'_> {
                                 break;
                             }
                         }
+                        // The upstream's own error event: classified like its HTTP answer.
+                        Ok(Some(Err(e @ UpstreamError::Status { .. }))) => return Err(e),
                         Ok(Some(Err(_)) | None) => {
                             return Err(UpstreamError::StreamCut {
                                 target: target.clone(),
@@ -820,29 +828,37 @@ struct JsonReply {
     tree: Option<serde_json::Value>,
 }
 
-/// Reads `usage` from a 200 body; a body that is not JSON is the upstream's
-/// failure, and retryable. One pass: serde reads (and so checks) the whole document,
-/// into a tree when `keep_tree` (and `usage` from that), else skipping all but `usage`.
-fn read_json(body: Bytes, target: &str, keep_tree: bool) -> Result<JsonReply, UpstreamError> {
-    let malformed = |e: serde_json::Error| UpstreamError::Malformed {
+/// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (an error
+/// object, a chat completion without choices, embeddings without data), is the upstream's
+/// failure, and retryable. One pass: serde reads (and so checks) the whole document, into a
+/// tree when `keep_tree` (and `usage` from that), else skipping all but what it checks.
+fn read_json(
+    body: Bytes,
+    target: &str,
+    endpoint: Endpoint,
+    keep_tree: bool,
+) -> Result<JsonReply, UpstreamError> {
+    let malformed = |detail: String| UpstreamError::Malformed {
         target: target.to_owned(),
-        detail: e.to_string(),
+        detail,
     };
-    if !keep_tree {
-        let usage = crate::usage::usage_of(&body).map_err(malformed)?;
-        return Ok(JsonReply {
-            body,
-            usage,
-            tree: None,
-        });
+    let (usage, tree, shape) = if keep_tree {
+        let tree: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
+        let usage = crate::usage::usage_in(&tree).map_err(|e| malformed(e.to_string()))?;
+        let shape = crate::usage::Shape::of_tree(&tree);
+        (usage, Some(tree), shape)
+    } else {
+        let (usage, shape) =
+            crate::usage::read_answer(&body).map_err(|e| malformed(e.to_string()))?;
+        (usage, None, shape)
+    };
+    if let Some(missing) = shape.not_an_answer(endpoint) {
+        let text = String::from_utf8_lossy(&body);
+        let shown: String = text.chars().take(300).collect();
+        return Err(malformed(format!("a 200 answer {missing}: {shown}")));
     }
-    let tree: serde_json::Value = serde_json::from_slice(&body).map_err(malformed)?;
-    let usage = crate::usage::usage_in(&tree).map_err(malformed)?;
-    Ok(JsonReply {
-        body,
-        usage,
-        tree: Some(tree),
-    })
+    Ok(JsonReply { body, usage, tree })
 }
 
 #[cfg(test)]

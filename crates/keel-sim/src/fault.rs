@@ -68,6 +68,16 @@ pub struct Fault {
     /// idle-timeout tests).
     #[serde(with = "humantime_serde", default)]
     pub chunk_interval: Option<Duration>,
+    /// Chat: report an error the way OpenAI, vLLM and OpenRouter do once an answer has
+    /// started. Streaming: send the role chunk and N content chunks, then an event
+    /// `{"error": {...}}` (its code `error_code`, else `server_error`), and close without
+    /// `[DONE]`. Not streaming: answer 200 with that error object as the body.
+    #[serde(default)]
+    pub error_event_after_chunks: Option<u32>,
+    /// Chat streaming: leave out the final `data: [DONE]`; the stream closes cleanly after
+    /// its last chunk, as some OpenAI-compatible servers do.
+    #[serde(default)]
+    pub no_done: bool,
     /// Tools only: answer `302 Found` with this `Location` instead.
     #[serde(default)]
     pub redirect: Option<String>,
@@ -104,6 +114,16 @@ impl Fault {
     pub fn cut_after(chunks: u32) -> Self {
         Self {
             cut_after_chunks: Some(chunks),
+            ..Self::default()
+        }
+    }
+
+    /// A fault reporting an error event after `chunks` content chunks of a stream (a 200
+    /// error object for a call that does not stream); see
+    /// [`Fault::error_event_after_chunks`].
+    pub fn error_event_after(chunks: u32) -> Self {
+        Self {
+            error_event_after_chunks: Some(chunks),
             ..Self::default()
         }
     }
@@ -165,10 +185,14 @@ impl Fault {
     /// The error status this fault answers, if it answers an error: `status` when given,
     /// otherwise the status OpenAI uses for `error_code` (`model_not_found` 404,
     /// `invalid_api_key` 401, `rate_limit_exceeded`/`insufficient_quota` 429, anything else 400),
-    /// and Anthropic's 529 for `overloaded_error`.
+    /// and Anthropic's 529 for `overloaded_error`. With `error_event_after_chunks` the code is
+    /// the error event's, and only `status` answers an error status.
     pub fn effective_status(&self) -> Option<u16> {
         if let Some(status) = self.status {
             return Some(status);
+        }
+        if self.error_event_after_chunks.is_some() {
+            return None;
         }
         self.error_code.as_deref().map(|code| match code {
             "model_not_found" => 404,

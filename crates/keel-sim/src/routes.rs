@@ -278,11 +278,42 @@ fn chat_response(
     };
     let n = shared.next_id();
     let created = unix_now();
+    let error_after = fault.and_then(|f| f.error_event_after_chunks);
     if !plan.stream {
+        if error_after.is_some() {
+            return json_response(StatusCode::OK, error_event(fault));
+        }
         return json_response(StatusCode::OK, chat::completion(n, created, model, &plan));
     }
-    let events = chat::stream_events(n, created, model, &plan);
+    let mut events = chat::stream_events(n, created, model, &plan);
+    if let Some(chunks) = error_after {
+        // The role chunk and `chunks` content chunks, at most all but `[DONE]`.
+        let keep = usize::try_from(chunks)
+            .map_or(usize::MAX, |c| c.saturating_add(1))
+            .min(events.len().saturating_sub(1));
+        events.truncate(keep);
+        let mut frame = b"data: ".to_vec();
+        frame.extend_from_slice(&error_event(fault));
+        frame.extend_from_slice(b"\n\n");
+        events.push(Bytes::from(frame));
+    } else if fault.is_some_and(|f| f.no_done) {
+        events.pop();
+    }
     sse_response(stream_body(events, fault))
+}
+
+/// The error object an upstream sends with status 200 or inside a started stream.
+fn error_event(fault: Option<&Fault>) -> Bytes {
+    let code = fault
+        .and_then(|f| f.error_code.as_deref())
+        .unwrap_or("server_error");
+    let body = json!({"error": {
+        "message": format!("keel-sim: the answer failed ({code})"),
+        "type": "server_error",
+        "param": null,
+        "code": code,
+    }});
+    Bytes::from(body.to_string())
 }
 
 fn messages_response(

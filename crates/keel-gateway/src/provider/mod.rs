@@ -52,8 +52,10 @@ pub struct ProviderRequest {
 
 /// A stream of SSE `data` payloads, each one OpenAI chunk (JSON), `[DONE]` excluded.
 ///
-/// The stream ends cleanly only after the upstream sent `[DONE]`; an upstream
-/// that stops early yields an error, so truncation is never silent.
+/// The stream ends cleanly only after the upstream sent `[DONE]` (or closed cleanly right
+/// after a chunk that finished the answer); an upstream that stops early yields an error, so
+/// truncation is never silent. An error the upstream reports inside the stream is an
+/// [`UpstreamError::Status`] whose body is its error event.
 pub type ChunkStream = BoxStream<'static, Result<Bytes, UpstreamError>>;
 
 /// A successful answer from a provider.

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::http::StatusCode;
 use futures::StreamExt;
 use http_body_util::BodyExt;
 use keel_config::ProviderSettings;
@@ -92,45 +93,170 @@ impl Provider for OpenAiProvider {
     }
 }
 
-/// Turns an SSE body into its `data` payloads; ends after `[DONE]`, errors on a cut.
+/// Turns an SSE body into its `data` payloads; ends after `[DONE]`, or at a clean close
+/// after a chunk that finished the answer (some OpenAI-compatible servers leave `[DONE]`
+/// out). Errors on a cut, and on an error event (`{"error": ...}`, how OpenAI, vLLM and
+/// OpenRouter report a failure inside a started stream): [`UpstreamError::Status`] with the
+/// event as its body, so it is classified (and, before the first token, retried or fallen
+/// back from) like the same error sent as an HTTP answer.
 fn sse_chunks(body: Body, target: String) -> ChunkStream {
     let bytes = body.into_data_stream();
-    let state = (bytes, SseParser::default(), target, false);
-    futures::stream::unfold(state, |(mut bytes, mut parser, target, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            if let Some(event) = parser.next_data() {
-                if event.as_ref() == b"[DONE]" {
-                    return None;
-                }
-                return Some((Ok(event), (bytes, parser, target, false)));
+    // (body, parser, target, over, finished)
+    let state = (bytes, SseParser::default(), target, false, false);
+    futures::stream::unfold(
+        state,
+        |(mut bytes, mut parser, target, over, mut finished)| async move {
+            if over {
+                return None;
             }
-            match bytes.next().await {
-                Some(Ok(chunk)) => parser.push(&chunk),
-                Some(Err(e)) => {
-                    let err = UpstreamError::Connect {
-                        target: target.clone(),
-                        detail: format!("stream broke: {}", error_chain(e.as_ref())),
-                    };
-                    return Some((Err(err), (bytes, parser, target, true)));
+            loop {
+                if let Some(event) = parser.next_data() {
+                    if event.as_ref() == b"[DONE]" {
+                        return None;
+                    }
+                    if let Some(status) = error_event(&event) {
+                        let err = UpstreamError::Status {
+                            target: target.clone(),
+                            status,
+                            retry_after: None,
+                            hint: ErrorHint::from_body(&event),
+                            body: event,
+                        };
+                        return Some((Err(err), (bytes, parser, target, true, finished)));
+                    }
+                    finished = finished || finishes(&event);
+                    return Some((Ok(event), (bytes, parser, target, false, finished)));
                 }
-                None => {
-                    let err = UpstreamError::Malformed {
-                        target: target.clone(),
-                        detail: "stream ended without [DONE]".to_owned(),
-                    };
-                    return Some((Err(err), (bytes, parser, target, true)));
+                match bytes.next().await {
+                    Some(Ok(chunk)) => parser.push(&chunk),
+                    Some(Err(e)) => {
+                        let err = UpstreamError::Connect {
+                            target: target.clone(),
+                            detail: format!("stream broke: {}", error_chain(e.as_ref())),
+                        };
+                        return Some((Err(err), (bytes, parser, target, true, finished)));
+                    }
+                    None if finished => return None,
+                    None => {
+                        let err = UpstreamError::Malformed {
+                            target: target.clone(),
+                            detail: "stream ended without [DONE]".to_owned(),
+                        };
+                        return Some((Err(err), (bytes, parser, target, true, finished)));
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .boxed()
+}
+
+/// The status an error event stands for, when `event` is one (a JSON object with a non-null
+/// `error`): the error's numeric `code` or `status` when it is an HTTP error status (as
+/// OpenRouter sends), else 500 (the upstream failed while it answered).
+fn error_event(event: &[u8]) -> Option<StatusCode> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        error: Option<serde_json::Value>,
+    }
+    // Cheap test first: a chunk almost never holds the word.
+    if !contains(event, b"\"error\"") {
+        return None;
+    }
+    let error = serde_json::from_slice::<Probe>(event).ok()?.error?;
+    let numeric = |key: &str| {
+        error
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|code| u16::try_from(code).ok())
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .filter(|status| status.is_client_error() || status.is_server_error())
+    };
+    Some(
+        numeric("code")
+            .or_else(|| numeric("status"))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    )
+}
+
+/// Whether a chunk finishes a choice: a `finish_reason` that is not null.
+fn finishes(chunk: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"finish_reason\"";
+    let mut rest = chunk;
+    while let Some(at) = find(rest, KEY) {
+        rest = &rest[at + KEY.len()..];
+        let value = rest
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
+            .map(|start| &rest[start..]);
+        if value.is_some_and(|v| !v.starts_with(b"null")) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn error_events_are_told_from_chunks_with_their_status() {
+        use super::{StatusCode, error_event};
+        for (event, status) in [
+            (
+                &br#"{"error":{"message":"overloaded","type":"server_error"}}"#[..],
+                Some(500),
+            ),
+            (
+                br#"{"error":{"code":502,"message":"provider down"}}"#,
+                Some(502),
+            ),
+            (
+                br#"{"error":{"status":429,"message":"slow down"}}"#,
+                Some(429),
+            ),
+            (br#"{"error":{"code":200,"message":"odd"}}"#, Some(500)),
+            (br#"{ "error" : "plain words" }"#, Some(500)),
+            (br#"{"error":null,"choices":[]}"#, None),
+            (
+                br#"{"choices":[{"delta":{"content":"an \"error\" in the text"}}]}"#,
+                None,
+            ),
+            (br#"{"choices":[]}"#, None),
+        ] {
+            assert_eq!(
+                error_event(event),
+                status.map(|s| StatusCode::from_u16(s).unwrap()),
+                "{}",
+                String::from_utf8_lossy(event)
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_finishes_when_a_finish_reason_is_not_null() {
+        use super::finishes;
+        assert!(finishes(
+            br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#
+        ));
+        assert!(finishes(br#"{"choices":[{"finish_reason" : "length"}]}"#));
+        assert!(finishes(
+            br#"{"choices":[{"finish_reason":null},{"finish_reason":"tool_calls"}]}"#
+        ));
+        assert!(!finishes(
+            br#"{"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}"#
+        ));
+        assert!(!finishes(br#"{"choices":[],"usage":{"total_tokens":3}}"#));
+    }
+
     use bytes::Bytes;
     use hyper_util::client::proxy::matcher::Matcher;
 

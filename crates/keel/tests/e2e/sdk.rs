@@ -254,6 +254,29 @@ async fn all_targets_down_serves_the_degraded_reply() {
     );
     assert_eq!(out["headers"]["x-keel-degraded"], "true");
     assert_eq!(keel.events_of("degraded_reply").len(), 1);
+    // Streamed, it ends with the usage chunk only when the client asked for one.
+    for (asked, usage_chunks) in [(true, 1), (false, 0)] {
+        let mut body = serde_json::json!({"model": "fragile", "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]});
+        if asked {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let text = reqwest::Client::new()
+            .post(format!("{}/chat/completions", keel.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let usage = text
+            .lines()
+            .filter(|l| l.contains("\"choices\":[]") && l.contains("\"usage\""))
+            .count();
+        assert_eq!(usage, usage_chunks, "asked {asked}: {text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    }
     // A streaming client gets the degraded reply as a stream.
     let out = sdk("stream", &keel.base_url(), &["--model", "fragile"]).await;
     assert_eq!(out["ok"], true, "{out}");
@@ -300,6 +323,105 @@ async fn a_stream_broken_right_after_its_role_chunk_is_retried() {
     let failed = keel.events_of("llm_attempt_failed");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(keel.events_of("llm_call")[0]["outcome"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_event_before_the_first_token_is_classified_like_an_error_answer() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    // The role chunk, then `{"error": ...}` (how OpenAI reports an overload inside a
+    // stream): a failure before the first token, retried on the same target.
+    sim.script("primary", vec![Fault::error_event_after(0)]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    assert_eq!(out["headers"]["x-keel-fallback"], "false", "{out}");
+    assert_eq!(sim.calls("primary"), 2, "retried on the same target");
+    // An error event saying the prompt is too long: no retry, the next target answers.
+    let too_long = Fault {
+        error_code: Some("context_length_exceeded".to_owned()),
+        ..Fault::error_event_after(0)
+    };
+    sim.script("primary", vec![too_long]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-fallback"], "true", "{out}");
+    assert_eq!(sim.calls("primary"), 3, "not retried on the same target");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_event_mid_stream_reaches_the_client_once_as_the_upstream_said_it() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::error_event_after(2)]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], false, "the SDK must see an error: {out}");
+    assert_eq!(out["exception"], "APIError", "{out}");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("keel-sim: the answer failed"),
+        "the upstream's own words: {out}"
+    );
+    assert_eq!(sim.calls("primary"), 1, "no retry after the first byte");
+    assert_eq!(keel.events_of("llm_call")[0]["outcome"], "stream_error");
+    // On the wire: the content so far, then exactly one error event, and no `[DONE]`.
+    sim.script("primary", vec![Fault::error_event_after(2)]);
+    let body = reqwest::Client::new()
+        .post(format!("{}/chat/completions", keel.base_url()))
+        .json(&serde_json::json!({"model": "smart", "stream": true,
+            "messages": [{"role": "user", "content": "stream to me please"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors = body
+        .lines()
+        .filter(|l| l.starts_with("data: {\"error\""))
+        .count();
+    assert_eq!(errors, 1, "{body}");
+    assert!(!body.contains("[DONE]"), "{body}");
+    assert!(!body.contains("stream_interrupted"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_finishes_and_closes_without_done_is_complete() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let no_done = Fault {
+        no_done: true,
+        ..Fault::default()
+    };
+    sim.script("primary", vec![no_done]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["finish_reason"], "stop", "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "1", "{out}");
+    assert_eq!(keel.events_of("llm_call")[0]["outcome"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_200_answer_that_is_an_error_object_is_retried() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::error_event_after(0)]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert!(
+        out["content"].as_str().unwrap().contains("hello keel"),
+        "{out}"
+    );
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].to_string().contains("error object"),
+        "{}",
+        failed[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
