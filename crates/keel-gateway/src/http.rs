@@ -71,7 +71,21 @@ async fn task_embeddings(State(gw): Gw, Path(task): Path<String>, request: Reque
     handle(gw, Endpoint::Embeddings, Some(task), request).await
 }
 
-async fn models(State(gw): Gw) -> Response {
+/// The agent key check of every gateway call, for the model list too: with keys configured,
+/// a caller without one learns nothing, not even the route names.
+fn listing_allowed(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    gw.agents
+        .identify(
+            header_str(headers, "authorization"),
+            header_str(headers, "x-keel-agent"),
+        )
+        .map(|_| ())
+}
+
+async fn models(State(gw): Gw, headers: HeaderMap) -> Response {
+    if let Err(e) = listing_allowed(&gw, &headers) {
+        return e.into_response();
+    }
     let data: Vec<Value> = gw
         .route_names()
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "keel"}))
@@ -80,7 +94,10 @@ async fn models(State(gw): Gw) -> Response {
 }
 
 /// `GET /v1/models/{model}`: one route as a model (the SDKs' `models.retrieve`).
-async fn model(State(gw): Gw, Path(model): Path<String>) -> Response {
+async fn model(State(gw): Gw, headers: HeaderMap, Path(model): Path<String>) -> Response {
+    if let Err(e) = listing_allowed(&gw, &headers) {
+        return e.into_response();
+    }
     if gw.routes.contains_key(&model) {
         return axum::Json(
             json!({"id": model, "object": "model", "created": 0, "owned_by": "keel"}),
@@ -95,8 +112,12 @@ async fn model(State(gw): Gw, Path(model): Path<String>) -> Response {
     .into_response()
 }
 
-async fn task_model(State(gw): Gw, Path((_task, name)): Path<(String, String)>) -> Response {
-    model(State(gw), Path(name)).await
+async fn task_model(
+    State(gw): Gw,
+    headers: HeaderMap,
+    Path((_task, name)): Path<(String, String)>,
+) -> Response {
+    model(State(gw), headers, Path(name)).await
 }
 
 /// Prometheus text by default; OpenMetrics when the scraper asks for it.

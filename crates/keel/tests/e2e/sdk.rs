@@ -523,6 +523,11 @@ async fn agent_keys_are_required_when_configured() {
     let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(keel.events_of("llm_call")[0]["agent"], "support");
+    // The model list too: without a key, not even the route names.
+    let out = sdk("models", &keel.base_url(), &["--key", "sk-wrong"]).await;
+    assert_eq!(out["exception"], "AuthenticationError", "{out}");
+    let out = sdk("models", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["models"], serde_json::json!(["smart"]), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
