@@ -127,6 +127,15 @@ impl RouteConfig {
                 );
             }
         }
+        if self
+            .degraded_reply
+            .as_deref()
+            .is_some_and(|reply| reply.trim().is_empty())
+        {
+            problems.push(at.child("degraded_reply").invalid(
+                "is empty: clients would get a blank answer; write the text to serve, or leave degraded_reply out for a 503",
+            ));
+        }
         let retry = problems.take(self.retry.validate(&at.child("retry")));
         let timeouts = problems.take(self.timeouts.validate(&at.child("timeouts")));
         let breaker = match self.breaker {
@@ -163,12 +172,13 @@ pub struct RetryConfig {
     /// Attempts per target, the first included.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
-    /// First backoff step.
-    #[serde(default = "defaults::base", deserialize_with = "duration::required")]
-    pub base: Duration,
-    /// Largest backoff, and the most a `Retry-After` is honoured for.
-    #[serde(default = "defaults::cap", deserialize_with = "duration::required")]
-    pub cap: Duration,
+    /// First backoff step (`None`: not written, 200ms).
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub base: Option<Duration>,
+    /// Largest backoff, and the most a `Retry-After` is honoured for (`None`: not written,
+    /// 10s).
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub cap: Option<Duration>,
     /// `"none" | "full" | "equal" | "decorrelated"`.
     #[serde(default)]
     pub jitter: Jitter,
@@ -187,8 +197,8 @@ impl Default for RetryConfig {
     fn default() -> Self {
         Self {
             max_attempts: defaults::max_attempts(),
-            base: defaults::base(),
-            cap: defaults::cap(),
+            base: None,
+            cap: None,
             jitter: Jitter::default(),
             respect_retry_after: true,
             budget_ratio: defaults::budget_ratio(),
@@ -235,12 +245,28 @@ impl RetryConfig {
     pub fn validate(self, at: &KeyPath) -> Result<RetrySettings, Vec<Invalid>> {
         let mut problems = Problems::default();
         let max_attempts = problems.one(at_least_one(self.max_attempts, &at.child("max_attempts")));
-        if self.base > self.cap {
-            problems.push(at.child("base").invalid(format!(
-                "{} is larger than cap {}",
-                show(self.base),
-                show(self.cap)
-            )));
+        let base = self.base.unwrap_or_else(defaults::base);
+        let cap = self.cap.unwrap_or_else(defaults::cap);
+        if base > cap {
+            // Said of the one written (`base` when both are), with the other's default named.
+            let problem = match (self.base, self.cap) {
+                (Some(_), Some(_)) => at.child("base").invalid(format!(
+                    "{} is larger than cap {}",
+                    show(base),
+                    show(cap)
+                )),
+                (Some(_), None) => at.child("base").invalid(format!(
+                    "{} is larger than cap {} (cap not set here: its default; set cap too)",
+                    show(base),
+                    show(cap)
+                )),
+                (None, _) => at.child("cap").invalid(format!(
+                    "{} is smaller than base {} (base not set here: its default; set base too)",
+                    show(cap),
+                    show(base)
+                )),
+            };
+            problems.push(problem);
         }
         if !(0.0..=1.0).contains(&self.budget_ratio) {
             problems.push(
@@ -251,8 +277,8 @@ impl RetryConfig {
         problems.finish(at, || {
             Some(RetrySettings {
                 max_attempts: max_attempts?,
-                base: self.base,
-                cap: self.cap,
+                base,
+                cap,
                 jitter: self.jitter,
                 respect_retry_after: self.respect_retry_after,
                 budget_ratio: self.budget_ratio,

@@ -215,7 +215,18 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
             );
         }
     };
-    let stream = body.get("stream").is_some_and(|s| s.get() == "true");
+    // `true`, `false` or `null` (absent): anything else would silently answer a client that
+    // asked to stream (`"stream": "true"`) with a whole JSON body.
+    let stream = match body.get("stream").map(|s| s.get().trim()) {
+        None | Some("false" | "null") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "'stream' must be true or false, not {other}"
+            ))
+            .with_param("stream"));
+        }
+    };
     Ok(Parsed {
         body,
         route,
@@ -597,5 +608,20 @@ mod tests {
         assert_eq!(p.route, "smart");
         assert!(p.stream);
         assert_eq!(p.body.get("x-unknown").unwrap().get(), "1");
+        for off in [
+            r#"{"model":"m"}"#,
+            r#"{"model":"m","stream":false}"#,
+            r#"{"model":"m","stream":null}"#,
+        ] {
+            assert!(!parse_body(off.as_bytes()).unwrap().stream, "{off}");
+        }
+        for bad in [
+            r#"{"model":"m","stream":"true"}"#,
+            r#"{"model":"m","stream":1}"#,
+        ] {
+            let e = parse_body(bad.as_bytes()).err().unwrap();
+            assert_eq!(e.param, Some("stream"), "{bad}");
+            assert!(e.message.contains("true or false"), "{}", e.message);
+        }
     }
 }

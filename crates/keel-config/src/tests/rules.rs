@@ -308,7 +308,21 @@ base = \"1m\"
     );
     assert_eq!(
         errors(&text),
-        "keel.toml:10: routes.smart.retry.base: 1m is larger than cap 10s"
+        "keel.toml:10: routes.smart.retry.base: 1m is larger than cap 10s (cap not set here: its default; set cap too)"
+    );
+}
+
+#[test]
+fn retry_cap_alone_below_the_default_base_points_at_cap() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+retry = { cap = \"100ms\" }
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.retry.cap: 100ms is smaller than base 200ms (base not set here: its default; set base too)"
     );
 }
 
@@ -819,5 +833,19 @@ fn a_task_timeout_is_at_most_a_year() {
     assert_eq!(
         errors("[agents.a]\ntask_timeout = \"400d\"\n"),
         "keel.toml:2: agents.a.task_timeout: must be at most 366d; leave it out for no limit"
+    );
+}
+
+#[test]
+fn an_empty_degraded_reply_is_refused() {
+    let text = with_openai(
+        "[routes.smart]
+targets = [{ provider = \"openai\", model = \"gpt-5\" }]
+degraded_reply = \" \"
+",
+    );
+    assert_eq!(
+        errors(&text),
+        "keel.toml:7: routes.smart.degraded_reply: is empty: clients would get a blank answer; write the text to serve, or leave degraded_reply out for a 503"
     );
 }
