@@ -132,8 +132,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 /// A table of tasks (`GET /v1/tasks` or `/v1/dlq` answers).
-/// `more` is what the next page's command needs besides the cursor (an `--order` that is not
-/// the listing's default).
+/// `more` is what the next page's command needs besides the cursor (the listing's filters,
+/// an `--order` that is not its default).
 pub fn task_table(answer: &Value, more: &str) {
     let rows: Vec<Vec<String>> = answer["tasks"]
         .as_array()

@@ -122,6 +122,23 @@ fn state_line(v: &Value) -> String {
     )
 }
 
+/// ` NAME VALUE` for a listing's filter that is set, the value quoted for a shell when it
+/// needs it; empty when unset.
+fn flag(name: &str, value: Option<&str>) -> String {
+    let Some(value) = value else {
+        return String::new();
+    };
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'));
+    if plain {
+        format!(" {name} {value}")
+    } else {
+        format!(" {name} '{}'", value.replace('\'', r"'\''"))
+    }
+}
+
 /// `keel tasks ...`
 pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
@@ -132,6 +149,13 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
             cursor,
             order,
         } => {
+            // What the next page's command needs besides its cursor: the same filters.
+            let more = format!(
+                "{}{}{}",
+                flag("--state", state.as_deref()),
+                flag("--agent", agent.as_deref()),
+                order.more(Order::Desc)
+            );
             let q = query(&[
                 ("state", state),
                 ("agent", agent),
@@ -143,7 +167,7 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
             if json {
                 print_json(&v)
             } else {
-                admin::task_table(&v, order.more(Order::Desc))
+                admin::task_table(&v, &more)
             }
         }
         TasksCommand::Show { id } => {
@@ -177,6 +201,11 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             cursor,
             order,
         } => {
+            let more = format!(
+                "{}{}",
+                flag("--agent", agent.as_deref()),
+                order.more(Order::Asc)
+            );
             let q = query(&[
                 ("agent", agent),
                 ("limit", Some(limit.to_string())),
@@ -187,7 +216,7 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             if json {
                 print_json(&v)
             } else {
-                admin::task_table(&v, order.more(Order::Asc))
+                admin::task_table(&v, &more)
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -335,7 +364,15 @@ pub async fn audit(c: Client, json: bool) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::{base_url, reachable};
+    use super::{base_url, flag, reachable};
+
+    #[test]
+    fn a_next_page_flag_is_quoted_only_when_a_shell_needs_it() {
+        assert_eq!(flag("--agent", None), "");
+        assert_eq!(flag("--agent", Some("support-bot")), " --agent support-bot");
+        assert_eq!(flag("--agent", Some("a b")), " --agent 'a b'");
+        assert_eq!(flag("--agent", Some("it's")), r" --agent 'it'\''s'");
+    }
 
     #[test]
     fn server_without_a_scheme_is_plain_http() {

@@ -366,8 +366,20 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
         let mut args = vec!["tasks", "ls", "--state", "dead", "--limit", "1"];
         args.extend(order.map(|o| ["--order", o]).into_iter().flatten());
         let ls = keel_cli(url, &args);
-        let text = String::from_utf8_lossy(&ls.stdout);
+        let text = String::from_utf8_lossy(&ls.stdout).into_owned();
         assert!(text.contains(top.as_str()), "{args:?}:\n{text}");
+        // The next page's command, as printed, keeps the filter and the order.
+        let more = text
+            .lines()
+            .find_map(|l| l.strip_prefix("(more: ")?.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("no next page in:\n{text}"));
+        assert!(more.contains("--state dead"), "{more}");
+        let mut next = vec!["tasks", "ls", "--limit", "1"];
+        next.extend(more.split(' '));
+        let page = keel_cli(url, &next);
+        let page = String::from_utf8_lossy(&page.stdout);
+        let other_one = if top == &other { &id } else { &other };
+        assert!(page.contains(other_one.as_str()), "{next:?}:\n{page}");
     }
     let zero = keel_cli(url, &["tasks", "ls", "--limit", "0"]);
     assert!(
