@@ -30,7 +30,7 @@ pub(super) fn create(
             task: task.id.clone(),
         });
     }
-    not_empty("id", new.id)?;
+    task_id(new.id)?;
     not_empty("agent", new.agent)?;
     if new.max_attempts == 0 {
         return Err(invalid("max_attempts", "must be at least 1"));
@@ -54,6 +54,35 @@ pub(super) fn create(
         max_attempts: new.max_attempts,
         max_steps: new.max_steps,
     })]))
+}
+
+/// Most bytes a task id may have.
+pub(crate) const MAX_ID_BYTES: usize = 256;
+
+/// A task id must name the task in a URL path and a table cell: not empty, at most
+/// [`MAX_ID_BYTES`], no control characters, and not `claim`, `.` or `..` (`/v1/tasks/claim` is
+/// the claim call; HTTP clients resolve dot segments away).
+fn task_id(id: &str) -> Result<(), TaskError> {
+    not_empty("id", id)?;
+    if id.len() > MAX_ID_BYTES {
+        return Err(invalid(
+            "id",
+            format!("is {} bytes long; at most {MAX_ID_BYTES}", id.len()),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(invalid(
+            "id",
+            "must not hold control characters (a newline, a tab)",
+        ));
+    }
+    if matches!(id, "claim" | "." | "..") {
+        return Err(invalid(
+            "id",
+            format!("{id:?} is reserved: /v1/tasks/{id} would not reach the task"),
+        ));
+    }
+    Ok(())
 }
 
 /// `POST /v1/tasks/{id}/requeue`: a running task loses its lease and is queued (attempts

@@ -163,6 +163,12 @@ fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {
         ))
         .with_param(field));
     }
+    if parsed.is_zero() {
+        return Err(
+            ApiError::bad_request(format!("{field}: {text:?} must be longer than 0s"))
+                .with_param(field),
+        );
+    }
     Ok(parsed)
 }
 

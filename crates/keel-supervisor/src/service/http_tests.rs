@@ -196,6 +196,32 @@ async fn leases_deadlines_and_approval_timeouts_longer_than_a_year_are_refused()
 }
 
 #[tokio::test]
+async fn a_lease_deadline_or_approval_timeout_of_zero_is_refused_in_its_own_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let sv = supervisor(&dir);
+    let (status, body) = post(
+        &sv,
+        "/v1/tasks",
+        &[],
+        json!({"agent": "a", "input": {}, "deadline": "0s"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "deadline", "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "deadline: \"0s\" must be longer than 0s",
+        "not a time in unix ms the client never sent: {body}"
+    );
+    let (status, _) = post(&sv, "/v1/tasks", &[], json!({"agent": "a", "input": {}})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let claim = |lease: &str| json!({"agent": "a", "worker": "w", "lease": lease});
+    let (status, body) = post(&sv, "/v1/tasks/claim", &[], claim("0ms")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "lease", "{body}");
+}
+
+#[tokio::test]
 async fn an_invalid_field_is_named_as_the_error_s_param() {
     let dir = tempfile::tempdir().unwrap();
     let sv = supervisor(&dir);

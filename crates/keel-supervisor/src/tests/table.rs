@@ -402,3 +402,34 @@ fn create_refuses_limits_out_of_range() {
         }
     ));
 }
+
+#[test]
+fn create_refuses_ids_a_url_or_a_table_cannot_carry() {
+    let with_id = |id: String| Command::Create {
+        id,
+        agent: "a".into(),
+        input: Value::Null,
+        deadline_ms: None,
+        max_attempts: 1,
+        max_steps: None,
+    };
+    for id in [
+        String::new(),
+        "claim".to_owned(),
+        ".".to_owned(),
+        "..".to_owned(),
+        "two\nlines".to_owned(),
+        "x".repeat(257),
+    ] {
+        let mut world = World::new();
+        let error = world.run(with_id(id.clone())).unwrap_err();
+        assert!(
+            matches!(error, TaskError::Invalid { field: "id", .. }),
+            "{id:?}: {error:?}"
+        );
+    }
+    for id in ["ticket-1234", "a/b c", "x.y", "claims", &"x".repeat(256)] {
+        let mut world = World::new();
+        world.ok(with_id(id.to_owned()));
+    }
+}
