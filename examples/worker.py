@@ -112,6 +112,9 @@ def main():
     for i in range(a.create):
         status, task = keel.call("POST", "/v1/tasks", {"agent": a.agent, "input": {"n": i}},
                                  idempotency_key=f"create-{uuid.uuid4()}")
+        if status != 201:
+            print(f"create failed: {status} {task}", file=sys.stderr, flush=True)
+            return 1
         print(f"created {task['id']}", flush=True)
     idle_since = time.monotonic()
     saved = 0
