@@ -296,9 +296,13 @@ fn describe(kind: &str, data: &Value) -> String {
             None => format!("checkpoint {}", n("seq")),
         },
         "llm_call" => format!(
-            "model call on route {:?} via {}: {} after {} attempt{} in {} ms{}",
+            "model call on route {:?}{}: {} after {} attempt{} in {} ms{}",
             s("route"),
-            s("target"),
+            // `none` when no target answered, `degraded` for the route's degraded reply.
+            match s("target").as_str() {
+                "" | "?" | "none" | "degraded" => String::new(),
+                target => format!(" via {target}"),
+            },
             s("outcome"),
             n("attempts"),
             if n("attempts") == 1 { "" } else { "s" },

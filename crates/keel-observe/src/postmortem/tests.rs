@@ -216,3 +216,21 @@ fn a_postmortem_reads_back_from_its_json() {
     let back: super::Postmortem = serde_json::from_str(&text).unwrap();
     assert_eq!(back, report);
 }
+
+#[test]
+fn a_model_call_no_target_answered_names_none() {
+    let failed = json!({"route": "smart", "target": "none", "outcome": "unavailable", "attempts": 3, "latency_ms": 900, "fallback": false});
+    let degraded = json!({"route": "smart", "target": "degraded", "outcome": "degraded", "attempts": 1, "latency_ms": 5, "fallback": false});
+    assert_eq!(
+        super::describe("llm_call", &failed),
+        "model call on route \"smart\": unavailable after 3 attempts in 900 ms"
+    );
+    assert_eq!(
+        super::describe("llm_call", &degraded),
+        "model call on route \"smart\": degraded after 1 attempt in 5 ms"
+    );
+    assert_eq!(
+        super::describe("llm_call", &ok_call()),
+        "model call on route \"smart\" via openai/gpt-5: ok after 1 attempt in 420 ms"
+    );
+}

@@ -241,8 +241,9 @@ pub(super) fn expire(task: &Task, now_ms: i64) -> Decision {
         events.push(TaskEvent::Dead(Dead {
             reason: DeadReason::LeaseExpired,
             error: Some(Value::String(format!(
-                "lease expired after {} attempts",
-                task.attempts
+                "lease expired after {} attempt{}",
+                task.attempts,
+                if task.attempts == 1 { "" } else { "s" }
             ))),
             attempts: task.attempts,
         }));

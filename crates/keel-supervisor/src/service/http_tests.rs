@@ -209,8 +209,7 @@ async fn a_lease_deadline_or_approval_timeout_of_zero_is_refused_in_its_own_word
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["param"], "deadline", "{body}");
     assert_eq!(
-        body["error"]["message"],
-        "deadline: \"0s\" must be longer than 0s",
+        body["error"]["message"], "deadline: \"0s\" must be longer than 0s",
         "not a time in unix ms the client never sent: {body}"
     );
     let (status, _) = post(&sv, "/v1/tasks", &[], json!({"agent": "a", "input": {}})).await;

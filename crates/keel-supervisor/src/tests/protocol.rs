@@ -99,6 +99,19 @@ fn lease_lost_on_the_last_attempt_sends_the_task_to_the_dlq() {
 }
 
 #[test]
+fn a_single_attempt_s_lost_lease_says_attempt() {
+    let mut world = World::new();
+    world.ok(create(1));
+    world.ok(claim("w1"));
+    world.advance(TTL as i64);
+    world.ok(Command::ExpireLease);
+    assert_eq!(
+        world.task().last_error,
+        Some(json!("lease expired after 1 attempt"))
+    );
+}
+
+#[test]
 fn retryable_failure_out_of_attempts_is_dead_with_last_error() {
     let mut world = World::new();
     world.ok(create(2));

@@ -121,6 +121,7 @@ enum Command {
     /// to go wrong, and what keel and people did about it.
     Postmortem {
         /// A task id, or an incident id (`inc_N`, see `GET /v1/incidents`).
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
         /// Markdown for people, or the JSON of `GET /v1/postmortem/{id}`.
         #[arg(long, value_enum, default_value = "md")]
@@ -251,11 +252,13 @@ pub(crate) enum TasksCommand {
     /// Show one task.
     Show {
         /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
     },
     /// Show a task's event log.
     Events {
         /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
     },
 }
@@ -280,11 +283,13 @@ pub(crate) enum DlqCommand {
     /// Show a dead task with its last error.
     Show {
         /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
     },
     /// Put a dead task back in the queue with fresh attempts.
     Requeue {
         /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
         /// Why (kept in the task's log).
         #[arg(long)]
@@ -293,6 +298,7 @@ pub(crate) enum DlqCommand {
     /// Give up on a dead task (it ends cancelled).
     Discard {
         /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
         /// Why.
         #[arg(long)]
@@ -307,6 +313,7 @@ pub(crate) enum ApprovalsCommand {
     /// Approve: the task is queued again and resumes from its checkpoint.
     Approve {
         /// Approval id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
         /// A note for the log.
         #[arg(long)]
@@ -315,6 +322,7 @@ pub(crate) enum ApprovalsCommand {
     /// Deny: the task goes to the dead-letter queue.
     Deny {
         /// Approval id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
         /// A note for the log.
         #[arg(long)]
