@@ -261,7 +261,8 @@ async fn create_inner(
 struct ListQuery {
     state: Option<String>,
     agent: Option<String>,
-    limit: Option<usize>,
+    /// Read as text, so that `limit=abc` gets keel's message, not the query parser's.
+    limit: Option<String>,
     cursor: Option<String>,
     /// `desc` (newest first) or `asc` (oldest first), as OpenAI's list endpoints take it.
     order: Option<String>,
@@ -294,12 +295,14 @@ fn newest_first(order: Option<&str>, newest_first_by_default: bool) -> Result<bo
 }
 
 /// The page size `limit` asks for: 1 to [`keel_store::MAX_PAGE`], [`LIST_PAGE`] when absent.
-fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
-    match limit {
-        None => Ok(LIST_PAGE),
-        Some(n) if (1..=keel_store::MAX_PAGE).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_request(format!(
-            "limit {n} is out of range: a page holds 1 to {} tasks",
+fn page_size(limit: Option<&str>) -> Result<usize, ApiError> {
+    let Some(text) = limit else {
+        return Ok(LIST_PAGE);
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=keel_store::MAX_PAGE).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad_request(format!(
+            "limit {text} is not a number from 1 to {}: the tasks one page holds",
             keel_store::MAX_PAGE
         ))
         .with_param("limit")
@@ -325,7 +328,7 @@ async fn page(
         Ok(newest_first) => newest_first,
         Err(e) => return e.into_response(),
     };
-    let limit = match page_size(limit) {
+    let limit = match page_size(limit.as_deref()) {
         Ok(limit) => limit,
         Err(e) => return e.into_response(),
     };

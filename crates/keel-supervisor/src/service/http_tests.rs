@@ -304,8 +304,14 @@ async fn a_task_list_limit_out_of_range_or_an_unknown_order_is_a_400_naming_it()
     let dir = tempfile::tempdir().unwrap();
     let sv = supervisor(&dir);
     for (query, param, says) in [
-        ("limit=0", "limit", "1 to 1000"),
-        ("limit=1001", "limit", "1 to 1000"),
+        ("limit=0", "limit", "from 1 to 1000"),
+        ("limit=1001", "limit", "from 1 to 1000"),
+        (
+            "limit=abc",
+            "limit",
+            "limit abc is not a number from 1 to 1000",
+        ),
+        ("limit=-1", "limit", "from 1 to 1000"),
         ("order=newest", "order", "desc (newest first) or asc"),
     ] {
         for list in ["/v1/tasks", "/v1/dlq"] {

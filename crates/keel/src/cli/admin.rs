@@ -90,6 +90,22 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// A task's `last_error` in a table cell: a worker's error as it sent it (its `message` or
+/// `msg` when it sent an object with one), a person's decision as `denied by NAME: NOTE`.
+fn last_error(error: &Value) -> String {
+    let text = |key: &str| error.get(key).and_then(Value::as_str);
+    match (text("reason"), text("by")) {
+        (Some(reason), Some(by)) => match text("note") {
+            Some(note) => format!("{reason} by {by}: {note}"),
+            None => format!("{reason} by {by}"),
+        },
+        _ => match text("message").or_else(|| text("msg")) {
+            Some(message) => message.to_owned(),
+            None => cell(error),
+        },
+    }
+}
+
 fn ms_to_time(v: &Value) -> String {
     v.as_i64().map_or_else(
         || "-".to_owned(),
@@ -151,10 +167,7 @@ pub fn task_table(answer: &Value, more: &str) {
                             .as_u64()
                             .map_or("-".to_owned(), |s| s.to_string()),
                         ms_to_time(&t["updated_at_ms"]),
-                        t["last_error"].as_object().map_or_else(
-                            || cell(&t["last_error"]),
-                            |_| t["last_error"].to_string(),
-                        ),
+                        last_error(&t["last_error"]),
                     ]
                 })
                 .collect()
@@ -245,4 +258,34 @@ pub fn event_lines(ndjson: &str) {
         })
         .collect();
     table(&["seq", "at", "kind", "data"], &rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::last_error;
+
+    #[test]
+    fn a_last_error_reads_as_words_in_a_table() {
+        assert_eq!(last_error(&json!(null)), "-");
+        assert_eq!(
+            last_error(&json!("task_timeout exceeded")),
+            "task_timeout exceeded"
+        );
+        assert_eq!(
+            last_error(&json!({"message": "tool crashed"})),
+            "tool crashed"
+        );
+        assert_eq!(last_error(&json!({"msg": "boom 2"})), "boom 2");
+        assert_eq!(
+            last_error(&json!({"reason": "denied", "by": "alice", "note": "too risky"})),
+            "denied by alice: too risky"
+        );
+        assert_eq!(
+            last_error(&json!({"reason": "denied", "by": "timeout", "note": null})),
+            "denied by timeout"
+        );
+        assert_eq!(last_error(&json!({"code": 7})), r#"{"code":7}"#);
+    }
 }

@@ -265,7 +265,7 @@ pub(crate) enum TasksCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
-    /// List dead tasks, oldest first.
+    /// List dead tasks, the first created first.
     Ls {
         /// Only dead tasks of this agent.
         #[arg(long)]
