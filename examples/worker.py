@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from urllib.parse import quote
 
 STEPS = 3  # each task is three steps of "work"
 
@@ -70,7 +71,7 @@ def work_on(keel, task, crash_after, checkpoints_saved):
     resumed_from = done
     print(f"claimed {tid} (attempt {task['attempts']}), resuming at step {done}", flush=True)
     while done < STEPS:
-        status, answer = keel.call("POST", f"/v1/tasks/{tid}/steps",
+        status, answer = keel.call("POST", f"/v1/tasks/{quote(tid, safe='')}/steps",
                                    {"lease_token": token, "kind": "work", "summary": f"step {done + 1}",
                                     "progress": (done + 1) / STEPS},
                                    idempotency_key=f"{tid}-{token}-step-{done}")
@@ -78,7 +79,7 @@ def work_on(keel, task, crash_after, checkpoints_saved):
             print(f"  stop {tid}: {status} {answer}", flush=True)
             return checkpoints_saved
         done += 1
-        status, answer = keel.call("POST", f"/v1/tasks/{tid}/checkpoints",
+        status, answer = keel.call("POST", f"/v1/tasks/{quote(tid, safe='')}/checkpoints",
                                    {"lease_token": token, "label": f"after step {done}", "state": {"done_steps": done}},
                                    idempotency_key=f"{tid}-{token}-ckpt-{done}")
         if status != 200:
@@ -88,7 +89,7 @@ def work_on(keel, task, crash_after, checkpoints_saved):
         if crash_after is not None and checkpoints_saved >= crash_after:
             print(f"  crashing now, in the middle of {tid}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-    status, answer = keel.call("POST", f"/v1/tasks/{tid}/complete",
+    status, answer = keel.call("POST", f"/v1/tasks/{quote(tid, safe='')}/complete",
                                {"lease_token": token, "output": {"steps": done, "resumed_from": resumed_from}},
                                idempotency_key=f"{tid}-{token}-complete")
     print(f"  completed {tid}: {status} {answer.get('state') if isinstance(answer, dict) else answer}", flush=True)

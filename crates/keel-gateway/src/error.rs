@@ -72,6 +72,32 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The failure an error object sent in place of an answer stands for (a 200 body
+    /// `{"error": ...}`, or such an event in a stream): a [`UpstreamError::Status`] with
+    /// `body` as its body, the status [`status_of_error_object`] reads, and the hint of its
+    /// text, so that it is classified like the same error sent as an HTTP answer.
+    pub fn error_object(target: &str, body: Bytes, error: &serde_json::Value) -> Self {
+        let hint = ErrorHint::from_body(&body);
+        Self::Status {
+            target: target.to_owned(),
+            status: status_of_error_object(error, hint),
+            retry_after: None,
+            body,
+            hint,
+        }
+    }
+
+    /// Whether the provider refused keel's credentials or account (401, 403, or an account
+    /// hint): its words are never passed on or recorded, they may quote the key.
+    pub fn credentials_refused(&self) -> bool {
+        matches!(
+            self,
+            Self::Status { status, hint, .. }
+                if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN
+                    || *hint == ErrorHint::AccountRefused
+        )
+    }
+
     /// Classifies this error (DESIGN §5). Exhaustive on purpose: a new variant must choose.
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -118,9 +144,87 @@ impl UpstreamError {
     }
 }
 
+/// The HTTP status an error object (`error`, the value of its `error` member) stands for: its
+/// numeric `code` or `status` when that is an error status (OpenRouter's); else what it names:
+/// a prompt too long or a content filter 400, an unknown model 404 (`hint`), a `code` of
+/// `rate_limit_exceeded` or `insufficient_quota` 429, `invalid_api_key` 401, a `type` of
+/// `invalid_request_error` 400, `authentication_error` 401, `permission_error` 403,
+/// `not_found_error` 404, `rate_limit_error` 429; else 500 (the upstream failed answering).
+pub fn status_of_error_object(error: &serde_json::Value, hint: ErrorHint) -> StatusCode {
+    let numeric = |key: &str| {
+        error
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|code| u16::try_from(code).ok())
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .filter(|status| status.is_client_error() || status.is_server_error())
+    };
+    if let Some(status) = numeric("code").or_else(|| numeric("status")) {
+        return status;
+    }
+    let named = match hint {
+        ErrorHint::ContextTooLong | ErrorHint::ContentFilter | ErrorHint::Unsupported => Some(400),
+        ErrorHint::ModelNotFound => Some(404),
+        ErrorHint::AccountRefused | ErrorHint::None => None,
+    };
+    let text = |key: &str| error.get(key).and_then(serde_json::Value::as_str);
+    let by_code = match text("code") {
+        Some("rate_limit_exceeded" | "insufficient_quota") => Some(429),
+        Some("invalid_api_key") => Some(401),
+        _ => None,
+    };
+    let by_type = match text("type") {
+        Some("invalid_request_error") => Some(400),
+        Some("authentication_error") => Some(401),
+        Some("permission_error") => Some(403),
+        Some("not_found_error") => Some(404),
+        Some("rate_limit_error") => Some(429),
+        _ => None,
+    };
+    named
+        .or(by_code)
+        .or(by_type)
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_object_stands_for_the_status_it_names() {
+        let status = |error: serde_json::Value| {
+            let body = serde_json::json!({ "error": error }).to_string();
+            status_of_error_object(&error, ErrorHint::from_body(body.as_bytes())).as_u16()
+        };
+        use serde_json::json;
+        assert_eq!(
+            status(json!({"message": "overloaded", "type": "server_error"})),
+            500
+        );
+        assert_eq!(
+            status(json!({"code": 502, "message": "provider down"})),
+            502
+        );
+        assert_eq!(status(json!({"status": 429})), 429);
+        assert_eq!(status(json!({"code": 200, "message": "odd"})), 500);
+        assert_eq!(status(json!("plain words")), 500);
+        assert_eq!(status(json!({"code": "context_length_exceeded"})), 400);
+        assert_eq!(status(json!({"code": "model_not_found"})), 404);
+        assert_eq!(status(json!({"code": "rate_limit_exceeded"})), 429);
+        assert_eq!(status(json!({"code": "invalid_api_key"})), 401);
+        assert_eq!(
+            status(json!({"type": "invalid_request_error", "message": "bad"})),
+            400
+        );
+        // Classified like the same answer: a prompt too long moves to the next target.
+        let too_long = json!({"code": "context_length_exceeded"});
+        let body = Bytes::from(json!({ "error": too_long }).to_string());
+        let err = UpstreamError::error_object("p/m", body, &too_long);
+        assert_eq!(err.class(), ErrorClass::FallbackOnly);
+        assert_eq!(err.status(), Some(StatusCode::BAD_REQUEST));
+    }
 
     #[test]
     fn transport_failures_are_retryable_and_open_breaker_falls_back() {

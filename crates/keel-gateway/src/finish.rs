@@ -466,12 +466,7 @@ impl Finish {
         // A 401/403 from a provider is about keel's key for it, not the agent's:
         // the agent gets a 502, and the provider's message (which may quote
         // part of the key) is neither passed on nor recorded.
-        let credentials_refused = matches!(
-            &error,
-            UpstreamError::Status { status, hint, .. }
-                if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN
-                    || *hint == keel_core::class::ErrorHint::AccountRefused
-        );
+        let credentials_refused = error.credentials_refused();
         let upstream_body = match &error {
             UpstreamError::Status { .. } if credentials_refused => None,
             UpstreamError::Status { body, .. } => Some(body.clone()),
@@ -607,8 +602,12 @@ async fn pump(
             }
             Ok(None) => return ("ok", usage),
             // The upstream's own error event goes to the client as it came: one error, its
-            // words, then the end.
-            Ok(Some(Err(UpstreamError::Status { body, .. }))) => {
+            // words, then the end; unless it refuses keel's credentials, whose words may
+            // quote the key (keel's own error event says so instead, below).
+            Ok(Some(Err(e @ UpstreamError::Status { .. }))) if !e.credentials_refused() => {
+                let UpstreamError::Status { body, .. } = e else {
+                    unreachable!("matched as Status");
+                };
                 keep(&body);
                 tracing::warn!(
                     target_id = target,

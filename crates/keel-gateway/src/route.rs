@@ -828,9 +828,9 @@ struct JsonReply {
     tree: Option<serde_json::Value>,
 }
 
-/// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (an error
-/// object, a chat completion without choices, embeddings without data), is the upstream's
-/// failure, and retryable. One pass: serde reads (and so checks) the whole document, into a
+/// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (a chat
+/// completion without choices, embeddings without data), is the upstream's failure, and
+/// retryable; an error object is the error it names ([`UpstreamError::error_object`]). One pass: serde reads (and so checks) the whole document, into a
 /// tree when `keep_tree` (and `usage` from that), else skipping all but what it checks.
 fn read_json(
     body: Bytes,
@@ -853,6 +853,10 @@ fn read_json(
             crate::usage::read_answer(&body).map_err(|e| malformed(e.to_string()))?;
         (usage, None, shape)
     };
+    // An error object is classified like the same error sent as an HTTP answer.
+    if let Some(error) = &shape.error {
+        return Err(UpstreamError::error_object(target, body.clone(), error));
+    }
     if let Some(missing) = shape.not_an_answer(endpoint) {
         let text = String::from_utf8_lossy(&body);
         let shown: String = text.chars().take(300).collect();

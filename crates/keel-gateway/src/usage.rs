@@ -40,10 +40,10 @@ pub fn usage_of(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
 
 /// What a 200 body holds besides `usage`, to tell an answer from something else sent with
 /// status 200 (an error object, an empty answer).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Shape {
-    /// A non-null top-level `error`.
-    pub error: bool,
+    /// A non-null top-level `error`: its value.
+    pub error: Option<serde_json::Value>,
     /// How many `choices` (`None`: no array).
     pub choices: Option<usize>,
     /// A non-null `data` (embeddings).
@@ -55,7 +55,7 @@ impl Shape {
     pub fn of_tree(document: &serde_json::Value) -> Shape {
         let present = |key: &str| document.get(key).is_some_and(|v| !v.is_null());
         Shape {
-            error: present("error"),
+            error: document.get("error").filter(|v| !v.is_null()).cloned(),
             choices: document
                 .get("choices")
                 .and_then(serde_json::Value::as_array)
@@ -67,7 +67,7 @@ impl Shape {
     /// What makes a body of this shape no answer of `endpoint`, in words (`None`: it is one).
     pub fn not_an_answer(&self, endpoint: crate::provider::Endpoint) -> Option<&'static str> {
         use crate::provider::Endpoint;
-        if self.error {
+        if self.error.is_some() {
             return Some("that is an error object");
         }
         match endpoint {
@@ -86,13 +86,13 @@ pub fn read_answer(body: &[u8]) -> Result<(Option<Usage>, Shape), serde_json::Er
     #[derive(serde::Deserialize)]
     struct Probe {
         usage: Option<Usage>,
-        error: Option<serde::de::IgnoredAny>,
+        error: Option<serde_json::Value>,
         choices: Option<Length>,
         data: Option<serde::de::IgnoredAny>,
     }
     let probe: Probe = serde_json::from_slice(body)?;
     let shape = Shape {
-        error: probe.error.is_some(),
+        error: probe.error,
         choices: probe.choices.and_then(|length| length.0),
         data: probe.data.is_some(),
     };
@@ -216,6 +216,11 @@ mod tests {
             let tree: serde_json::Value = serde_json::from_str(text).unwrap();
             let (usage, shape) = read_answer(text.as_bytes()).unwrap();
             assert_eq!(shape, Shape::of_tree(&tree), "{text}");
+            assert_eq!(
+                shape.error.is_some(),
+                text.contains(r#""error":{"#),
+                "{text}"
+            );
             assert_eq!(usage, usage_in(&tree).unwrap(), "{text}");
             assert_eq!(shape.not_an_answer(ChatCompletions), chat, "{text}");
             assert_eq!(shape.not_an_answer(Embeddings), embeddings, "{text}");

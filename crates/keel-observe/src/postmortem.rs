@@ -260,6 +260,7 @@ fn remediation(kind: &str, data: &Value) -> Option<&'static str> {
         "retry_scheduled" => "keel retried a failed model call",
         "fallback_used" => "keel fell back to the next target",
         "degraded_reply" => "keel served the route's degraded reply",
+        "task_claimed" if data["resumed"] == true => "the task went on after a person's approval",
         "task_claimed" if data["attempt"].as_u64().is_some_and(|a| a > 1) => {
             "the task was dispatched again (from its newest checkpoint)"
         }

@@ -37,8 +37,8 @@ pub use error::StoreError;
 pub use postgres::{PgStore, check_url as check_postgres_url};
 pub use sqlite::SqliteStore;
 pub use task::{
-    BlobRef, IdempotencyRecord, MAX_PAGE, PrunePolicy, PruneReport, StoreStats, TaskPage,
-    TaskQuery, TaskRow, TaskStore, TaskWrite,
+    BlobRef, DEFAULT_PAGE, IdempotencyRecord, MAX_PAGE, PrunePolicy, PruneReport, StoreStats,
+    TaskPage, TaskQuery, TaskRow, TaskStore, TaskWrite,
 };
 pub use upcoming::{Upcoming, UpcomingCall};
 

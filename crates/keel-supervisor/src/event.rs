@@ -53,8 +53,12 @@ pub struct Claimed {
     pub lease_ttl_ms: u64,
     /// When the lease expires unless renewed, unix milliseconds.
     pub expires_at_ms: i64,
-    /// The attempt this claim starts (1 for the first).
+    /// The attempt this claim starts (1 for the first), or goes on with when `resumed`.
     pub attempt: u32,
+    /// The claim goes on with the attempt a person's approval let go on (it is not a new
+    /// try). Left out of the event when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 /// `task_claimed` as stored: `token_hash`, or in logs written before keel kept only the
@@ -69,6 +73,8 @@ struct ClaimedData {
     lease_ttl_ms: u64,
     expires_at_ms: i64,
     attempt: u32,
+    #[serde(default)]
+    resumed: bool,
 }
 
 impl TryFrom<ClaimedData> for Claimed {
@@ -86,6 +92,7 @@ impl TryFrom<ClaimedData> for Claimed {
             lease_ttl_ms: data.lease_ttl_ms,
             expires_at_ms: data.expires_at_ms,
             attempt: data.attempt,
+            resumed: data.resumed,
         })
     }
 }

@@ -151,6 +151,7 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             }
             task.state = TaskState::Cancelled;
             task.approval = None;
+            task.resumes_attempt = false;
         }
         TaskEvent::ApprovalRequested(e) => {
             // A handed-off task keeps its holder's lease, so that the holder's next call
@@ -158,6 +159,9 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             if !(e.handoff && task.state == TaskState::Running) {
                 task.lease = None;
             }
+            // Asked while an attempt ran, an approval lets that attempt go on; asked of a
+            // queued task (whose last attempt, if any, ended), it does not.
+            task.resumes_attempt = task.state == TaskState::Running;
             task.state = TaskState::AwaitingHuman;
             task.approval = Some(crate::task::Approval {
                 id: e.approval_id.clone(),
@@ -174,10 +178,9 @@ fn apply(task: &mut Task, event: &TaskEvent, at_ms: i64) {
             task.approval = None;
             task.lease = None;
             // A deny is followed by `task_dead`; an approval resumes from the queue.
+            // `resumes_attempt` stays as the request set it; a deny's `task_dead` clears it.
             if e.decision == ApprovalDecision::Approve && !task.state.is_final() {
                 task.state = TaskState::Queued;
-                // The attempt the person let go on, if one was under way.
-                task.resumes_attempt = task.attempts > 0;
             }
         }
         TaskEvent::AlertRaised(e) => {

@@ -100,8 +100,9 @@ pub struct Task {
     /// True when the task was cancelled while a worker held its lease: that worker's next
     /// heartbeat or step answers `cancel`.
     pub cancel_requested: bool,
-    /// True from a person's approval until the next claim, which resumes the current attempt
-    /// instead of using a new one: waiting for a person is not a failed try.
+    /// True from an approval request made while an attempt ran until the next claim, which
+    /// (the request approved) goes on with that attempt instead of using a new one: waiting
+    /// for a person is not a failed try.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resumes_attempt: bool,
     /// Number of events folded into this state.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::http::StatusCode;
+use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::BodyExt;
 use keel_config::ProviderSettings;
@@ -114,17 +114,10 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
                     if event.as_ref() == b"[DONE]" {
                         return None;
                     }
-                    if let Some(status) = error_event(&event) {
-                        let err = UpstreamError::Status {
-                            target: target.clone(),
-                            status,
-                            retry_after: None,
-                            hint: ErrorHint::from_body(&event),
-                            body: event,
-                        };
+                    if let Some(err) = error_event(&event, &target) {
                         return Some((Err(err), (bytes, parser, target, true, finished)));
                     }
-                    finished = finished || finishes(&event);
+                    finished = ends_finished(finished, &event);
                     return Some((Ok(event), (bytes, parser, target, false, finished)));
                 }
                 match bytes.next().await {
@@ -151,10 +144,9 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
     .boxed()
 }
 
-/// The status an error event stands for, when `event` is one (a JSON object with a non-null
-/// `error`): the error's numeric `code` or `status` when it is an HTTP error status (as
-/// OpenRouter sends), else 500 (the upstream failed while it answered).
-fn error_event(event: &[u8]) -> Option<StatusCode> {
+/// The error `event` reports, when it is an error event (a JSON object with a non-null
+/// `error`), as [`UpstreamError::error_object`] classifies it.
+fn error_event(event: &Bytes, target: &str) -> Option<UpstreamError> {
     #[derive(serde::Deserialize)]
     struct Probe {
         error: Option<serde_json::Value>,
@@ -164,19 +156,14 @@ fn error_event(event: &[u8]) -> Option<StatusCode> {
         return None;
     }
     let error = serde_json::from_slice::<Probe>(event).ok()?.error?;
-    let numeric = |key: &str| {
-        error
-            .get(key)
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|code| u16::try_from(code).ok())
-            .and_then(|code| StatusCode::from_u16(code).ok())
-            .filter(|status| status.is_client_error() || status.is_server_error())
-    };
-    Some(
-        numeric("code")
-            .or_else(|| numeric("status"))
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-    )
+    Some(UpstreamError::error_object(target, event.clone(), &error))
+}
+
+/// Whether a stream that closes cleanly after `event` has completed, `finished` saying so of
+/// the stream before it: when `event` finished the answer, or carried no delta after a chunk
+/// that did (the usage chunk). A delta that finishes nothing means more was to come.
+fn ends_finished(finished: bool, event: &[u8]) -> bool {
+    finishes(event) || (finished && !contains(event, b"\"delta\""))
 }
 
 /// Whether a chunk finishes a choice: a `finish_reason` that is not null.
@@ -209,7 +196,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 mod tests {
     #[test]
     fn error_events_are_told_from_chunks_with_their_status() {
-        use super::{StatusCode, error_event};
+        use super::error_event;
         for (event, status) in [
             (
                 &br#"{"error":{"message":"overloaded","type":"server_error"}}"#[..],
@@ -219,12 +206,11 @@ mod tests {
                 br#"{"error":{"code":502,"message":"provider down"}}"#,
                 Some(502),
             ),
-            (
-                br#"{"error":{"status":429,"message":"slow down"}}"#,
-                Some(429),
-            ),
-            (br#"{"error":{"code":200,"message":"odd"}}"#, Some(500)),
             (br#"{ "error" : "plain words" }"#, Some(500)),
+            (
+                br#"{"error":{"code":"context_length_exceeded"}}"#,
+                Some(400),
+            ),
             (br#"{"error":null,"choices":[]}"#, None),
             (
                 br#"{"choices":[{"delta":{"content":"an \"error\" in the text"}}]}"#,
@@ -232,9 +218,10 @@ mod tests {
             ),
             (br#"{"choices":[]}"#, None),
         ] {
+            let found = error_event(&bytes::Bytes::from_static(event), "p/m");
             assert_eq!(
-                error_event(event),
-                status.map(|s| StatusCode::from_u16(s).unwrap()),
+                found.and_then(|e| e.status()).map(|s| s.as_u16()),
+                status,
                 "{}",
                 String::from_utf8_lossy(event)
             );
@@ -255,6 +242,23 @@ mod tests {
             br#"{"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}"#
         ));
         assert!(!finishes(br#"{"choices":[],"usage":{"total_tokens":3}}"#));
+    }
+
+    #[test]
+    fn a_stream_ends_finished_only_when_nothing_was_left_to_say() {
+        use super::ends_finished;
+        let content = br#"{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#;
+        let finish = br#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        let usage = br#"{"choices":[],"usage":{"total_tokens":3}}"#;
+        let more_of_another =
+            br#"{"choices":[{"index":1,"delta":{"content":"and"},"finish_reason":null}]}"#;
+        let end = |events: &[&[u8]]| events.iter().fold(false, |f, e| ends_finished(f, e));
+        assert!(end(&[content, finish]));
+        assert!(end(&[content, finish, usage]));
+        assert!(!end(&[content]));
+        assert!(!end(&[content, usage]));
+        // Choice 0 finished, choice 1 went on and was cut: not complete.
+        assert!(!end(&[content, finish, more_of_another]));
     }
 
     use bytes::Bytes;

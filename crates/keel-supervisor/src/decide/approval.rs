@@ -21,7 +21,8 @@ pub(super) struct NewApproval<'a> {
 
 /// Puts the task in `awaiting_human`: from running, asked by the holder with its token or by
 /// keel on its behalf (the lease ends; after an approval the next claim resumes from the
-/// checkpoint and counts as a new attempt), or from queued, asked by an operator or keel.
+/// checkpoint and goes on with the same attempt), or from queued, asked by an operator or
+/// keel (after an approval the next claim is a new attempt).
 pub(super) fn request(
     task: &Task,
     asker: &Asker,

@@ -50,6 +50,7 @@ pub(super) fn claim(
         } else {
             task.attempts.saturating_add(1)
         },
+        resumed: task.resumes_attempt,
     };
     Ok(Decision::events(vec![TaskEvent::Claimed(claimed)]).with_directive(Directive::Continue))
 }

@@ -163,11 +163,18 @@ fn duration(text: &str, field: &'static str) -> Result<Duration, ApiError> {
         ))
         .with_param(field));
     }
+    // Times are kept in milliseconds: less would be 0ms.
     if parsed.is_zero() {
         return Err(
             ApiError::bad_request(format!("{field}: {text:?} must be longer than 0s"))
                 .with_param(field),
         );
+    }
+    if parsed < Duration::from_millis(1) {
+        return Err(ApiError::bad_request(format!(
+            "{field}: {text:?} is shorter than 1ms, the least keel takes"
+        ))
+        .with_param(field));
     }
     Ok(parsed)
 }
@@ -268,9 +275,6 @@ struct ListQuery {
     order: Option<String>,
 }
 
-/// Tasks per page when the query gives no `limit`.
-const LIST_PAGE: usize = 100;
-
 /// `GET /v1/tasks`: newest first unless `order=asc`.
 async fn list(State(sv): Sv, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
     if let Err(e) = admin(&sv, &headers) {
@@ -294,10 +298,11 @@ fn newest_first(order: Option<&str>, newest_first_by_default: bool) -> Result<bo
     }
 }
 
-/// The page size `limit` asks for: 1 to [`keel_store::MAX_PAGE`], [`LIST_PAGE`] when absent.
+/// The page size `limit` asks for: 1 to [`keel_store::MAX_PAGE`], [`keel_store::DEFAULT_PAGE`]
+/// when absent.
 fn page_size(limit: Option<&str>) -> Result<usize, ApiError> {
     let Some(text) = limit else {
-        return Ok(LIST_PAGE);
+        return Ok(keel_store::DEFAULT_PAGE);
     };
     match text.trim().parse::<usize>() {
         Ok(n) if (1..=keel_store::MAX_PAGE).contains(&n) => Ok(n),
@@ -440,9 +445,6 @@ async fn claim(State(sv): Sv, headers: HeaderMap, body: Bytes) -> Response {
         let b: ClaimBody = parse(&body)?;
         worker(&sv, &headers, &b.agent)?;
         let lease = duration(b.lease.as_deref().unwrap_or("30s"), "lease")?;
-        if lease.is_zero() {
-            return Err(ApiError::unprocessable("lease must be longer than 0s").with_param("lease"));
-        }
         let key = idem(&headers, format!("POST /v1/tasks/claim {}", b.agent), &body);
         sv.claim(&b.agent, &b.worker, lease, key).await
     }

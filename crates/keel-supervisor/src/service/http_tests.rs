@@ -218,6 +218,23 @@ async fn a_lease_deadline_or_approval_timeout_of_zero_is_refused_in_its_own_word
     let (status, body) = post(&sv, "/v1/tasks/claim", &[], claim("0ms")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["param"], "lease", "{body}");
+    // Under a millisecond is 0ms as keel keeps times: refused the same way.
+    let (status, body) = post(&sv, "/v1/tasks/claim", &[], claim("500us")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shorter than 1ms"),
+        "{body}"
+    );
+    let (status, task) = post(&sv, "/v1/tasks/claim", &[], claim("30s")).await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    let path = format!("/v1/tasks/{}/approvals", task["id"].as_str().unwrap());
+    let ask = json!({"lease_token": task["lease_token"], "reason": "r", "timeout": "0s"});
+    let (status, body) = post(&sv, &path, &[], ask).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "timeout", "{body}");
 }
 
 #[tokio::test]

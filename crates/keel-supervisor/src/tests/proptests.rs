@@ -286,15 +286,23 @@ fn event() -> impl Strategy<Value = TaskEvent> {
                 max_steps: None,
             })
         }),
-        (id(), any::<u32>(), any::<u64>(), any::<i64>()).prop_map(|(token, attempt, ttl, at)| {
-            TaskEvent::Claimed(Claimed {
-                worker: "w".into(),
-                token_hash: crate::token_hash(&token),
-                lease_ttl_ms: ttl,
-                expires_at_ms: at,
-                attempt,
-            })
-        }),
+        (
+            id(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<i64>(),
+            any::<bool>()
+        )
+            .prop_map(|(token, attempt, ttl, at, resumed)| {
+                TaskEvent::Claimed(Claimed {
+                    worker: "w".into(),
+                    token_hash: crate::token_hash(&token),
+                    lease_ttl_ms: ttl,
+                    expires_at_ms: at,
+                    attempt,
+                    resumed,
+                })
+            }),
         any::<u32>().prop_map(|attempt| TaskEvent::LeaseExpired(LeaseExpired {
             worker: "w".into(),
             attempt,

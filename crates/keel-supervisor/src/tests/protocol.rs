@@ -255,12 +255,34 @@ fn waiting_for_a_person_does_not_use_up_an_attempt() {
         world.ok(decide_approval("ap1", ApprovalDecision::Approve));
         assert!(world.task().resumes_attempt);
     }
-    world.ok(claim("w1"));
+    let resumed = world.ok(claim("w1"));
+    assert!(matches!(&resumed.events[0], TaskEvent::Claimed(c) if c.resumed));
     assert_eq!(world.task().attempts, 1, "1 of 1, not 3 of 1");
     assert!(!world.task().resumes_attempt);
     // A failure of that attempt is still the task's last.
     let failed = world.ok(fail(&world.token(), true));
     assert_eq!(kinds(&failed), ["task_failed", "task_dead"]);
+}
+
+#[test]
+fn an_approval_asked_of_a_queued_task_does_not_give_back_its_failed_attempt() {
+    let mut world = World::new();
+    world.ok(create(2));
+    world.ok(claim("w1"));
+    world.ok(fail(&world.token(), true));
+    assert_eq!(world.task().state, TaskState::Queued);
+    world.ok(request_approval(None, ApprovalDefault::Deny));
+    world.ok(decide_approval("ap1", ApprovalDecision::Approve));
+    let claimed = world.ok(claim("w2"));
+    assert_eq!(
+        world.task().attempts,
+        2,
+        "attempt 1 failed; this is attempt 2"
+    );
+    assert!(matches!(
+        &claimed.events[0],
+        TaskEvent::Claimed(c) if !c.resumed
+    ));
 }
 
 #[test]

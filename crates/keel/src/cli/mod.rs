@@ -131,6 +131,12 @@ enum Command {
     },
 }
 
+/// Tasks `keel tasks ls` lists by default: a screenful.
+pub(crate) const TASKS_PAGE: u64 = 50;
+
+/// Dead tasks `keel dlq ls` lists by default.
+pub(crate) const DLQ_PAGE: u64 = 100;
+
 /// The order of a listing, by creation time (the API's `order`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Order {
@@ -240,7 +246,7 @@ pub(crate) enum TasksCommand {
         #[arg(long)]
         agent: Option<String>,
         /// At most this many (1 to 1000).
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        #[arg(long, default_value_t = TASKS_PAGE, value_parser = clap::value_parser!(u64).range(1..=1000))]
         limit: u64,
         /// Continue from a previous page (the `--cursor` a listing ends with, in the same order).
         #[arg(long)]
@@ -271,7 +277,7 @@ pub(crate) enum DlqCommand {
         #[arg(long)]
         agent: Option<String>,
         /// At most this many (1 to 1000).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        #[arg(long, default_value_t = DLQ_PAGE, value_parser = clap::value_parser!(u64).range(1..=1000))]
         limit: u64,
         /// Continue from a previous page (the `--cursor` a listing ends with, in the same order).
         #[arg(long)]

@@ -139,6 +139,15 @@ fn flag(name: &str, value: Option<&str>) -> String {
     }
 }
 
+/// ` --limit N` when `limit` is not the listing's default.
+fn limit_flag(limit: u64, default: u64) -> String {
+    if limit == default {
+        String::new()
+    } else {
+        format!(" --limit {limit}")
+    }
+}
+
 /// `keel tasks ...`
 pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Result<ExitCode> {
     match command {
@@ -151,9 +160,10 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
         } => {
             // What the next page's command needs besides its cursor: the same filters.
             let more = format!(
-                "{}{}{}",
+                "{}{}{}{}",
                 flag("--state", state.as_deref()),
                 flag("--agent", agent.as_deref()),
+                limit_flag(limit, super::TASKS_PAGE),
                 order.more(Order::Desc)
             );
             let q = query(&[
@@ -202,8 +212,9 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             order,
         } => {
             let more = format!(
-                "{}{}",
+                "{}{}{}",
                 flag("--agent", agent.as_deref()),
+                limit_flag(limit, super::DLQ_PAGE),
                 order.more(Order::Asc)
             );
             let q = query(&[

@@ -349,11 +349,18 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     let first = keel_cli(url, &["dlq", "ls", "--limit", "1"]);
     let first = String::from_utf8_lossy(&first.stdout).into_owned();
     assert!(first.contains(&id) && !first.contains(&other), "{first}");
-    let cursor = first
+    // The next page's command as printed: its cursor, and the --limit given.
+    let more = first
         .lines()
-        .find_map(|l| l.strip_prefix("(more: --cursor ")?.strip_suffix(')'))
+        .find_map(|l| l.strip_prefix("(more: ")?.strip_suffix(')'))
         .unwrap_or_else(|| panic!("no cursor in:\n{first}"));
-    let second = keel_cli(url, &["dlq", "ls", "--limit", "1", "--cursor", cursor]);
+    assert!(
+        more.starts_with("--cursor ") && more.ends_with(" --limit 1"),
+        "{more}"
+    );
+    let mut next = vec!["dlq", "ls"];
+    next.extend(more.split(' '));
+    let second = keel_cli(url, &next);
     assert!(
         second.status.success(),
         "{}",
@@ -374,7 +381,8 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
             .find_map(|l| l.strip_prefix("(more: ")?.strip_suffix(')'))
             .unwrap_or_else(|| panic!("no next page in:\n{text}"));
         assert!(more.contains("--state dead"), "{more}");
-        let mut next = vec!["tasks", "ls", "--limit", "1"];
+        assert!(more.contains("--limit 1"), "{more}");
+        let mut next = vec!["tasks", "ls"];
         next.extend(more.split(' '));
         let page = keel_cli(url, &next);
         let page = String::from_utf8_lossy(&page.stdout);
