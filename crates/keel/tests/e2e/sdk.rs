@@ -2,9 +2,19 @@
 
 use std::time::{Duration, Instant};
 
-use keel_sim::Fault;
+use keel_sim::{Fault, SimHandle};
 
 use crate::common::{Keel, PROVIDER_KEY, TWO_TARGETS, sdk, sim};
+
+/// keel on [`TWO_TARGETS`] with `fault` scripted for the primary's next call, and what the
+/// SDK made of one stream through it.
+async fn stream_with(fault: Fault) -> (SimHandle, Keel, serde_json::Value) {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![fault]);
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    (sim, keel, out)
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_call_passes_through_and_is_recorded() {
@@ -295,10 +305,7 @@ async fn all_targets_down_serves_the_degraded_reply() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
-    sim.script("primary", vec![Fault::cut_after(2)]);
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (sim, keel, out) = stream_with(Fault::cut_after(2)).await;
     assert_eq!(out["ok"], false, "the SDK must see an error: {out}");
     assert_eq!(out["exception"], "APIError", "{out}");
     assert!(out["chunks"].as_u64().unwrap() >= 1, "{out}");
@@ -309,12 +316,9 @@ async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_broken_right_after_its_role_chunk_is_retried() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
     // The simulator, like OpenAI, opens a stream with a role-only chunk: cut after it,
     // nothing the client could use has been said yet.
-    sim.script("primary", vec![Fault::cut_after(0)]);
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (sim, keel, out) = stream_with(Fault::cut_after(0)).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
     assert_eq!(out["finish_reason"], "stop", "{out}");
@@ -327,12 +331,9 @@ async fn a_stream_broken_right_after_its_role_chunk_is_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_error_event_before_the_first_token_is_classified_like_an_error_answer() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
     // The role chunk, then `{"error": ...}` (how OpenAI reports an overload inside a
     // stream): a failure before the first token, retried on the same target.
-    sim.script("primary", vec![Fault::error_event_after(0)]);
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (sim, keel, out) = stream_with(Fault::error_event_after(0)).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
     assert_eq!(out["headers"]["x-keel-fallback"], "false", "{out}");
@@ -351,10 +352,7 @@ async fn an_error_event_before_the_first_token_is_classified_like_an_error_answe
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_error_event_mid_stream_reaches_the_client_once_as_the_upstream_said_it() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
-    sim.script("primary", vec![Fault::error_event_after(2)]);
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (sim, keel, out) = stream_with(Fault::error_event_after(2)).await;
     assert_eq!(out["ok"], false, "the SDK must see an error: {out}");
     assert_eq!(out["exception"], "APIError", "{out}");
     assert!(
@@ -389,14 +387,11 @@ async fn an_error_event_mid_stream_reaches_the_client_once_as_the_upstream_said_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_finishes_and_closes_without_done_is_complete() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
     let no_done = Fault {
         no_done: true,
         ..Fault::default()
     };
-    sim.script("primary", vec![no_done]);
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (_sim, keel, out) = stream_with(no_done).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["finish_reason"], "stop", "{out}");
     assert_eq!(out["headers"]["x-keel-attempts"], "1", "{out}");
@@ -423,16 +418,10 @@ async fn a_200_answer_that_is_an_error_object_is_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_silent_after_its_role_chunk_is_watched_by_idle_not_retried() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
     // The role chunk at once, then silence past `first_token` (2s): the held chunk goes to
     // the client when `first_token` passes, and `idle` (1s) ends the stream, as it did
     // before keel held role chunks back. No second generation is started.
-    sim.script(
-        "primary",
-        vec![Fault::stall_after(0, Duration::from_secs(30))],
-    );
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (sim, _keel, out) = stream_with(Fault::stall_after(0, Duration::from_secs(30))).await;
     assert_eq!(out["ok"], false, "{out}");
     assert!(out["message"].as_str().unwrap().contains("idle"), "{out}");
     assert_eq!(out["chunks"], 1, "the role chunk reached the client: {out}");
@@ -459,10 +448,7 @@ async fn a_stalled_stream_ends_as_a_failure_after_idle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_failing_before_its_first_byte_is_retried() {
-    let sim = sim().await;
-    let keel = Keel::start(TWO_TARGETS, &sim).await;
-    sim.script("primary", vec![Fault::drop_connection()]);
-    let out = sdk("stream", &keel.base_url(), &[]).await;
+    let (sim, keel, out) = stream_with(Fault::drop_connection()).await;
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["headers"]["x-keel-attempts"], "2");
     // A first token slower than `first_token` (2s) is a failed attempt, retried.
