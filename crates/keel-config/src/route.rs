@@ -249,18 +249,18 @@ impl RetryConfig {
         let cap = self.cap.unwrap_or_else(defaults::cap);
         if base > cap {
             // Said of the one written (`base` when both are), with the other's default named.
-            let problem = match (self.base, self.cap) {
-                (Some(_), Some(_)) => at.child("base").invalid(format!(
-                    "{} is larger than cap {}",
+            let problem = match self.base {
+                Some(_) => at.child("base").invalid(format!(
+                    "{} is larger than cap {}{}",
                     show(base),
-                    show(cap)
+                    show(cap),
+                    if self.cap.is_none() {
+                        " (cap not set here: its default; set cap too)"
+                    } else {
+                        ""
+                    }
                 )),
-                (Some(_), None) => at.child("base").invalid(format!(
-                    "{} is larger than cap {} (cap not set here: its default; set cap too)",
-                    show(base),
-                    show(cap)
-                )),
-                (None, _) => at.child("cap").invalid(format!(
+                None => at.child("cap").invalid(format!(
                     "{} is smaller than base {} (base not set here: its default; set base too)",
                     show(cap),
                     show(base)

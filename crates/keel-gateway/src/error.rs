@@ -90,12 +90,7 @@ impl UpstreamError {
     /// Whether the provider refused keel's credentials or account (401, 403, or an account
     /// hint): its words are never passed on or recorded, they may quote the key.
     pub fn credentials_refused(&self) -> bool {
-        matches!(
-            self,
-            Self::Status { status, hint, .. }
-                if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN
-                    || *hint == ErrorHint::AccountRefused
-        )
+        matches!(self, Self::Status { status, hint, .. } if refuses_credentials(*status, *hint))
     }
 
     /// Classifies this error (DESIGN §5). Exhaustive on purpose: a new variant must choose.
@@ -142,6 +137,14 @@ impl UpstreamError {
             ErrorClass::FallbackOnly | ErrorClass::Fatal => false,
         }
     }
+}
+
+/// Whether an error answer with `status` and `hint` refuses keel's credentials or account
+/// (401, 403, or an account hint).
+pub fn refuses_credentials(status: StatusCode, hint: ErrorHint) -> bool {
+    status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
+        || hint == ErrorHint::AccountRefused
 }
 
 /// The HTTP status an error object (`error`, the value of its `error` member) stands for: its

@@ -604,10 +604,9 @@ async fn pump(
             // The upstream's own error event goes to the client as it came: one error, its
             // words, then the end; unless it refuses keel's credentials, whose words may
             // quote the key (keel's own error event says so instead, below).
-            Ok(Some(Err(e @ UpstreamError::Status { .. }))) if !e.credentials_refused() => {
-                let UpstreamError::Status { body, .. } = e else {
-                    unreachable!("matched as Status");
-                };
+            Ok(Some(Err(UpstreamError::Status {
+                body, status, hint, ..
+            }))) if !crate::error::refuses_credentials(status, hint) => {
                 keep(&body);
                 tracing::warn!(
                     target_id = target,

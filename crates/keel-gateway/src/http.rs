@@ -82,14 +82,16 @@ fn listing_allowed(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
         .map(|_| ())
 }
 
+/// A route as OpenAI's model object.
+fn model_object(route: &str) -> Value {
+    json!({"id": route, "object": "model", "created": 0, "owned_by": "keel"})
+}
+
 async fn models(State(gw): Gw, headers: HeaderMap) -> Response {
     if let Err(e) = listing_allowed(&gw, &headers) {
         return e.into_response();
     }
-    let data: Vec<Value> = gw
-        .route_names()
-        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "keel"}))
-        .collect();
+    let data: Vec<Value> = gw.route_names().map(model_object).collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -99,10 +101,7 @@ async fn model(State(gw): Gw, headers: HeaderMap, Path(model): Path<String>) -> 
         return e.into_response();
     }
     if gw.routes.contains_key(&model) {
-        return axum::Json(
-            json!({"id": model, "object": "model", "created": 0, "owned_by": "keel"}),
-        )
-        .into_response();
+        return axum::Json(model_object(&model)).into_response();
     }
     ApiError::not_found(
         format!("the model {model:?} does not exist: it is not a route of this keel"),

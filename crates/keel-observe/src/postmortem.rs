@@ -87,7 +87,7 @@ pub fn of_task(task: &TaskRow, events: &[Event]) -> Postmortem {
         task.id,
         task.agent,
         task.state,
-        if attempts == 1 { "" } else { "s" }
+        plural(attempts)
     );
     of_log(
         &task.id,
@@ -108,7 +108,7 @@ pub fn of_label(label: &str, events: &[Event]) -> Postmortem {
     let calls = events.iter().filter(|e| e.kind == "llm_call").count();
     let title = format!(
         "calls labelled {label:?} (x-keel-task; not a task of keel's supervisor): {calls} model call{}{}",
-        if calls == 1 { "" } else { "s" },
+        plural(calls),
         if events.len() >= LABEL_EVENTS {
             format!(" in its first {LABEL_EVENTS} events")
         } else {
@@ -306,7 +306,7 @@ fn describe(kind: &str, data: &Value) -> String {
             },
             s("outcome"),
             n("attempts"),
-            if n("attempts") == 1 { "" } else { "s" },
+            plural(n("attempts")),
             n("latency_ms"),
             if data["fallback"] == true {
                 " (fallback)"
@@ -384,7 +384,7 @@ fn describe(kind: &str, data: &Value) -> String {
             "dead ({}) after {} attempt{}{}",
             compact(&data["reason"]),
             n("attempts"),
-            if n("attempts") == 1 { "" } else { "s" },
+            plural(n("attempts")),
             match &data["error"] {
                 Value::Null => String::new(),
                 error => format!(": {}", compact(error)),
@@ -464,7 +464,7 @@ impl Postmortem {
                 r.what,
                 r.kind,
                 r.count,
-                if r.count == 1 { "" } else { "s" },
+                plural(r.count),
                 r.first_at
             ));
         }
@@ -527,6 +527,15 @@ fn fold(out: &mut String, routine: &mut Vec<&Line>) {
 }
 
 /// Milliseconds as `850ms`, `12.3s` or `4m05s`.
+/// The plural ending of a count's noun: `""` for one, else `"s"`.
+fn plural(count: impl TryInto<u64>) -> &'static str {
+    if count.try_into().ok() == Some(1) {
+        ""
+    } else {
+        "s"
+    }
+}
+
 fn duration(ms: i64) -> String {
     match ms {
         ..1_000 => format!("{ms}ms"),

@@ -815,12 +815,18 @@ async fn call(
                     duration: took,
                 },
             );
-            // The same metrics and events as a model target's, under `tool/NAME`.
-            gw.transitions.note(
-                &format!("tool/{name}"),
-                breaker.take_transitions(),
-                || json!({"tool": name, "node": gw.node}),
-            )
+            // The same metrics and events as a model target's, under `tool/NAME` (named
+            // only when the breaker changed state: almost never).
+            let transitions = breaker.take_transitions();
+            if transitions.is_empty() {
+                None
+            } else {
+                gw.transitions.note(
+                    &format!("tool/{name}"),
+                    transitions,
+                    || json!({"tool": name, "node": gw.node}),
+                )
+            }
         };
         gw.transitions.stored(logged).await;
         match attempt {

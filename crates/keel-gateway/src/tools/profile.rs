@@ -198,20 +198,22 @@ pub(crate) fn unused_approval(events: &[Event], action: &str) -> Option<String> 
         .map(str::to_owned)
 }
 
-/// Whether approval `id` was decided, either way (by a person or its timeout), in `events`.
-pub(crate) fn decided(events: &[Event], id: &str) -> bool {
+/// The `approval_decided` data of approval `id` in `events`, if it was decided.
+fn decision<'a>(events: &'a [Event], id: &str) -> Option<&'a Value> {
     events
         .iter()
-        .any(|e| e.kind == EventKind::ApprovalDecided.as_str() && e.data["approval_id"] == id)
+        .find(|e| e.kind == EventKind::ApprovalDecided.as_str() && e.data["approval_id"] == id)
+        .map(|e| &e.data)
+}
+
+/// Whether approval `id` was decided, either way (by a person or its timeout), in `events`.
+pub(crate) fn decided(events: &[Event], id: &str) -> bool {
+    decision(events, id).is_some()
 }
 
 /// Whether a person approved approval `id` in this task's log.
 fn approved(events: &[Event], id: &str) -> bool {
-    events.iter().any(|e| {
-        e.kind == EventKind::ApprovalDecided.as_str()
-            && e.data["approval_id"] == id
-            && e.data["decision"] == "approve"
-    })
+    decision(events, id).is_some_and(|d| d["decision"] == "approve")
 }
 
 impl Gateway {

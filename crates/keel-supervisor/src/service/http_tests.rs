@@ -32,15 +32,22 @@ async fn post(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let request = request.body(Body::from(body.to_string())).unwrap();
+    send(sv, request.body(Body::from(body.to_string())).unwrap()).await
+}
+
+/// `request` through the supervisor's router: the status and the JSON answer (null when the
+/// answer is not JSON).
+async fn send(sv: &Arc<Supervisor>, request: Request<Body>) -> (StatusCode, Value) {
     let response = super::http::router(Arc::clone(sv))
         .oneshot(request)
         .await
         .unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, json)
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// Checks that `body` is an error in the OpenAI shape with `code`; its message.
@@ -223,17 +230,7 @@ async fn an_invalid_field_is_named_as_the_error_s_param() {
 /// `GET path` as an operator (the test supervisor has no admin token): the status and the
 /// JSON answer.
 async fn get(sv: &Arc<Supervisor>, path: &str) -> (StatusCode, Value) {
-    let request = Request::get(path).body(Body::empty()).unwrap();
-    let response = super::http::router(Arc::clone(sv))
-        .oneshot(request)
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    send(sv, Request::get(path).body(Body::empty()).unwrap()).await
 }
 
 /// The ids of a task page, and its `next` cursor.

@@ -135,7 +135,10 @@ enum Command {
 pub(crate) const TASKS_PAGE: u64 = 50;
 
 /// Dead tasks `keel dlq ls` lists by default.
-pub(crate) const DLQ_PAGE: u64 = 100;
+pub(crate) const DLQ_PAGE: u64 = keel_store::DEFAULT_PAGE as u64;
+
+/// The most a listing's `--limit` takes: a page of the store's.
+const MAX_LIMIT: u64 = keel_store::MAX_PAGE as u64;
 
 /// The order of a listing, by creation time (the API's `order`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -155,13 +158,10 @@ impl Order {
         }
     }
 
-    /// The flag a next page's command needs, when a listing's default is `default`.
-    pub(crate) fn more(self, default: Order) -> &'static str {
-        match (self == default, self) {
-            (true, _) => "",
-            (false, Order::Desc) => " --order desc",
-            (false, Order::Asc) => " --order asc",
-        }
+    /// This order as a value its listing must be told again, when its default is
+    /// `default`; `None` when it is the default.
+    pub(crate) fn unless(self, default: Order) -> Option<&'static str> {
+        (self != default).then_some(self.as_str())
     }
 }
 
@@ -246,7 +246,7 @@ pub(crate) enum TasksCommand {
         #[arg(long)]
         agent: Option<String>,
         /// At most this many (1 to 1000).
-        #[arg(long, default_value_t = TASKS_PAGE, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        #[arg(long, default_value_t = TASKS_PAGE, value_parser = clap::value_parser!(u64).range(1..=MAX_LIMIT))]
         limit: u64,
         /// Continue from a previous page (the `--cursor` a listing ends with, in the same order).
         #[arg(long)]
@@ -277,7 +277,7 @@ pub(crate) enum DlqCommand {
         #[arg(long)]
         agent: Option<String>,
         /// At most this many (1 to 1000).
-        #[arg(long, default_value_t = DLQ_PAGE, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        #[arg(long, default_value_t = DLQ_PAGE, value_parser = clap::value_parser!(u64).range(1..=MAX_LIMIT))]
         limit: u64,
         /// Continue from a previous page (the `--cursor` a listing ends with, in the same order).
         #[arg(long)]

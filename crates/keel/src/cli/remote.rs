@@ -141,11 +141,10 @@ fn flag(name: &str, value: Option<&str>) -> String {
 
 /// ` --limit N` when `limit` is not the listing's default.
 fn limit_flag(limit: u64, default: u64) -> String {
-    if limit == default {
-        String::new()
-    } else {
-        format!(" --limit {limit}")
-    }
+    flag(
+        "--limit",
+        (limit != default).then(|| limit.to_string()).as_deref(),
+    )
 }
 
 /// `keel tasks ...`
@@ -164,7 +163,7 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
                 flag("--state", state.as_deref()),
                 flag("--agent", agent.as_deref()),
                 limit_flag(limit, super::TASKS_PAGE),
-                order.more(Order::Desc)
+                flag("--order", order.unless(Order::Desc))
             );
             let q = query(&[
                 ("state", state),
@@ -215,7 +214,7 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
                 "{}{}{}",
                 flag("--agent", agent.as_deref()),
                 limit_flag(limit, super::DLQ_PAGE),
-                order.more(Order::Asc)
+                flag("--order", order.unless(Order::Asc))
             );
             let q = query(&[
                 ("agent", agent),

@@ -6,6 +6,25 @@ use keel_sim::{Fault, SimHandle};
 
 use crate::common::{Keel, PROVIDER_KEY, TWO_TARGETS, sdk, sim};
 
+/// The raw text of a chat call `body` to `keel` (with agent `key`, if any): SSE events as
+/// they went over the wire, for what the SDK does not show.
+async fn raw_chat(keel: &Keel, key: Option<&str>, body: &serde_json::Value) -> String {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/chat/completions", keel.base_url()))
+        .json(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// [`raw_chat`] of a stream on route `smart` asking `prompt`.
+async fn raw_stream(keel: &Keel, key: Option<&str>, prompt: &str) -> String {
+    let body = serde_json::json!({"model": "smart", "stream": true,
+        "messages": [{"role": "user", "content": prompt}]});
+    raw_chat(keel, key, &body).await
+}
+
 /// keel on [`TWO_TARGETS`] with `fault` scripted for the primary's next call, and what the
 /// SDK made of one stream through it.
 async fn stream_with(fault: Fault) -> (SimHandle, Keel, serde_json::Value) {
@@ -271,15 +290,7 @@ async fn all_targets_down_serves_the_degraded_reply() {
         if asked {
             body["stream_options"] = serde_json::json!({"include_usage": true});
         }
-        let text = reqwest::Client::new()
-            .post(format!("{}/chat/completions", keel.base_url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = raw_chat(&keel, None, &body).await;
         let usage = text
             .lines()
             .filter(|l| l.contains("\"choices\":[]") && l.contains("\"usage\""))
@@ -366,16 +377,7 @@ async fn an_error_event_mid_stream_reaches_the_client_once_as_the_upstream_said_
     assert_eq!(keel.events_of("llm_call")[0]["outcome"], "stream_error");
     // On the wire: the content so far, then exactly one error event, and no `[DONE]`.
     sim.script("primary", vec![Fault::error_event_after(2)]);
-    let body = reqwest::Client::new()
-        .post(format!("{}/chat/completions", keel.base_url()))
-        .json(&serde_json::json!({"model": "smart", "stream": true,
-            "messages": [{"role": "user", "content": "stream to me please"}]}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = raw_stream(&keel, None, "stream to me please").await;
     let errors = body
         .lines()
         .filter(|l| l.starts_with("data: {\"error\""))
@@ -692,17 +694,7 @@ async fn a_stream_spends_from_the_budget_even_when_the_client_did_not_ask_for_us
 
     // The usage-only chunk a client did not ask for is not forwarded.
     let keel = Keel::start(WITH_AGENT_KEYS, &sim).await;
-    let body = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", keel.url))
-        .bearer_auth("sk-agent-support")
-        .json(&serde_json::json!({"model": "smart", "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = raw_stream(&keel, Some("sk-agent-support"), "hi").await;
     assert!(body.contains("[DONE]"), "{body}");
     assert!(
         !body.contains("\"choices\":[]"),
