@@ -20,7 +20,7 @@ use crate::error::{ApiError, UpstreamError};
 use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{RequestLabels, RouteLabel};
 use crate::provider::{ChunkStream, Endpoint};
-use crate::route::{CallLog, Route, Target};
+use crate::route::{CallLog, Route, StreamAttempt, StreamEnd, Target};
 use crate::usage::{Usage, usage_of};
 use crate::{Gateway, payload};
 
@@ -251,7 +251,7 @@ impl Finish {
         route: &Route,
         mut log: CallLog,
         target: Arc<Target>,
-        (first, rest): (Bytes, ChunkStream),
+        (first, rest, attempt): (Bytes, ChunkStream, StreamAttempt),
         fallback: bool,
         task_deadline: Option<Instant>,
     ) -> Response {
@@ -271,7 +271,7 @@ impl Finish {
         gw.tasks.spawn(async move {
             let mut transcript = self.gw.record_payloads.then(Vec::new);
             let mut answer = guarded.then(StreamedAnswer::default);
-            let (outcome, usage) = pump(
+            let (end, usage) = pump(
                 first,
                 rest,
                 &tx,
@@ -281,6 +281,15 @@ impl Finish {
                 hide_usage,
             )
             .await;
+            let outcome = end.outcome();
+            let gw = &self.gw;
+            let transitions = attempt.settle(
+                end,
+                gw.clock.now(),
+                &gw.metrics,
+                &gw.transitions,
+                || json!({"route": self.route_name, "node": gw.node}),
+            );
             let transcript = transcript.map(Bytes::from);
             let event = self.llm_call(
                 &log,
@@ -315,6 +324,7 @@ impl Finish {
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
             }
+            self.gw.transitions.stored(transitions).await;
             // A client that left is neither a success nor a stream keel ended with an error.
             if outcome != "ok" || !self.route_metrics.count_ok(&target_id) {
                 count_request(&self.gw, &self.route_name, &target_id, outcome);
@@ -552,7 +562,7 @@ fn target_of(error: &UpstreamError) -> String {
 }
 
 /// Forwards chunks to the client until the upstream ends, fails, goes idle, or
-/// the client leaves. Returns the outcome (`ok`, `stream_error`, `client_gone`) and usage.
+/// the client leaves. Returns how it ended, and the usage.
 async fn pump(
     first: Bytes,
     mut rest: ChunkStream,
@@ -561,7 +571,7 @@ async fn pump(
     target: &str,
     (mut transcript, mut answer): (Option<&mut Vec<u8>>, Option<&mut StreamedAnswer>),
     hide_usage: bool,
-) -> (&'static str, Option<Usage>) {
+) -> (StreamEnd, Option<Usage>) {
     let mut usage = usage_of(&first).ok().flatten();
     // The transcript is the chunks' data, one per line: what the client received.
     let mut keep = |chunk: &[u8]| {
@@ -575,7 +585,7 @@ async fn pump(
     };
     keep(&first);
     if tx.send(sse_frame(&first)).await.is_err() {
-        return ("client_gone", usage);
+        return (StreamEnd::ClientGone, usage);
     }
     loop {
         let wait_until = deadline.min(Instant::now() + idle);
@@ -583,7 +593,7 @@ async fn pump(
         // the next chunk or the idle timeout.
         let next = tokio::select! {
             next = tokio::time::timeout_at(wait_until, rest.next()) => next,
-            () = tx.closed() => return ("client_gone", usage),
+            () = tx.closed() => return (StreamEnd::ClientGone, usage),
         };
         let failure = match next {
             Ok(Some(Ok(chunk))) => {
@@ -596,33 +606,39 @@ async fn pump(
                 keep(&chunk);
                 if tx.send(sse_frame(&chunk)).await.is_err() {
                     // Dropping `rest` closes the upstream connection: the client left.
-                    return ("client_gone", usage);
+                    return (StreamEnd::ClientGone, usage);
                 }
                 continue;
             }
-            Ok(None) => return ("ok", usage),
+            Ok(None) => return (StreamEnd::Done, usage),
             // The upstream's own error event goes to the client as it came: one error, its
             // words, then the end; unless it refuses keel's credentials, whose words may
             // quote the key (keel's own error event says so instead, below).
-            Ok(Some(Err(UpstreamError::Status {
-                body, status, hint, ..
-            }))) if !crate::error::refuses_credentials(status, hint) => {
-                keep(&body);
-                tracing::warn!(
-                    target_id = target,
-                    "the upstream reported an error inside its stream"
-                );
-                let _ = tx.send(sse_frame(&body)).await;
-                return ("stream_error", usage);
+            Ok(Some(Err(e @ UpstreamError::Status { .. }))) if !e.credentials_refused() => {
+                let against_target = e.counts_against_target();
+                if let UpstreamError::Status { body, .. } = &e {
+                    keep(body);
+                    tracing::warn!(
+                        target_id = target,
+                        "the upstream reported an error inside its stream"
+                    );
+                    let _ = tx.send(sse_frame(body)).await;
+                }
+                return (StreamEnd::Failed { against_target }, usage);
             }
-            Ok(Some(Err(e))) => e.to_string(),
-            Err(_) if wait_until == deadline => {
-                format!("stream from {target} exceeded {deadline_name}")
-            }
-            Err(_) => format!(
-                "stream from {target} was silent for longer than the idle timeout of {idle:?}"
+            Ok(Some(Err(e))) => (e.to_string(), e.counts_against_target()),
+            Err(_) if wait_until == deadline => (
+                format!("stream from {target} exceeded {deadline_name}"),
+                true,
+            ),
+            Err(_) => (
+                format!(
+                    "stream from {target} was silent for longer than the idle timeout of {idle:?}"
+                ),
+                true,
             ),
         };
+        let (failure, against_target) = failure;
         tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
         let error = json!({"error": {
             "message": format!("upstream stream failed after it started: {failure}"),
@@ -631,7 +647,7 @@ async fn pump(
             "param": null,
         }});
         let _ = tx.send(sse_frame(error.to_string().as_bytes())).await;
-        return ("stream_error", usage);
+        return (StreamEnd::Failed { against_target }, usage);
     }
 }
 

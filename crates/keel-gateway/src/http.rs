@@ -420,7 +420,15 @@ async fn handle_inner(
             first,
             rest,
             fallback,
-        } => ctx.stream(route, log, target, (first, rest), fallback, task_deadline),
+            attempt,
+        } => ctx.stream(
+            route,
+            log,
+            target,
+            (first, rest, attempt),
+            fallback,
+            task_deadline,
+        ),
         Answer::Exhausted {
             last,
             timed_out,

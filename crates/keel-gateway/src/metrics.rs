@@ -29,7 +29,8 @@ pub struct RequestLabels {
 pub struct AttemptLabels {
     /// `provider/model`.
     pub target: LabelValue,
-    /// `ok`, or the error class of the failure (`retryable`, `fallback_only`, `fatal`).
+    /// `ok`, the error class of the failure (`retryable`, `fallback_only`, `fatal`), or
+    /// `stream_error` (a stream that failed after its first byte; counted when it ends).
     pub outcome: LabelValue,
 }
 

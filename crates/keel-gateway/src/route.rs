@@ -55,6 +55,23 @@ pub struct Target {
     pub(crate) attempts_ok: prometheus_client::metrics::counter::Counter,
 }
 
+impl Target {
+    /// Counts one attempt in `keel_attempts_total{target,outcome}`.
+    fn count_attempt(&self, metrics: &Metrics, outcome: &str) {
+        if outcome == "ok" {
+            self.attempts_ok.inc();
+            return;
+        }
+        metrics
+            .attempts
+            .get_or_create(&AttemptLabels {
+                target: self.id.clone().into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
 /// A route with its live policy state.
 pub struct Route {
     /// Route name (what clients send as `model`).
@@ -200,6 +217,8 @@ pub enum Answer {
         rest: ChunkStream,
         /// Whether `target` is not the route's first.
         fallback: bool,
+        /// The attempt, settled when the stream ends.
+        attempt: StreamAttempt,
     },
     /// Every target failed or was open; the last failure, if any attempt was made.
     Exhausted {
@@ -329,34 +348,33 @@ impl Executor<'_> {
                 target: target.id.clone(),
             };
             match self.try_target(target, request, deadline, log).await {
-                TargetResult::Answered(reply) => {
-                    let fallback = index > 0;
-                    return match reply {
-                        Reply::Json(answer) => {
-                            match self
-                                .checked(target, endpoint, body, answer, deadline, log)
-                                .await
-                            {
-                                Ok(answer) => Answer::Json {
-                                    target: Arc::clone(target),
-                                    body: answer.body,
-                                    usage: answer.usage,
-                                    tree: answer.tree,
-                                    fallback,
-                                },
-                                Err(e) => {
-                                    last = Some(e);
-                                    refused = false;
-                                    continue;
-                                }
-                            }
+                TargetResult::Answered(answer) => {
+                    match self
+                        .checked(target, endpoint, body, answer, deadline, log)
+                        .await
+                    {
+                        Ok(answer) => {
+                            return Answer::Json {
+                                target: Arc::clone(target),
+                                body: answer.body,
+                                usage: answer.usage,
+                                tree: answer.tree,
+                                fallback: index > 0,
+                            };
                         }
-                        Reply::Stream(first, rest) => Answer::Stream {
-                            target: Arc::clone(target),
-                            first,
-                            rest,
-                            fallback,
-                        },
+                        Err(e) => {
+                            last = Some(e);
+                            refused = false;
+                        }
+                    }
+                }
+                TargetResult::Streaming(first, rest, attempt) => {
+                    return Answer::Stream {
+                        target: Arc::clone(target),
+                        first,
+                        rest,
+                        fallback: index > 0,
+                        attempt,
                     };
                 }
                 TargetResult::Fatal(error) => {
@@ -430,7 +448,7 @@ impl Executor<'_> {
             detail,
         };
         match self.try_target(target, request, deadline, log).await {
-            TargetResult::Answered(Reply::Json(answer)) => match check.check(&answer.body) {
+            TargetResult::Answered(answer) => match check.check(&answer.body) {
                 // Both answers were paid for.
                 Ok(()) => Ok(JsonReply {
                     usage: add_usage(first_usage, answer.usage),
@@ -447,7 +465,7 @@ impl Executor<'_> {
                     )))
                 }
             },
-            TargetResult::Answered(Reply::Stream(..)) => Err(failed(
+            TargetResult::Streaming(..) => Err(failed(
                 "a stream answered a request that was not one".to_owned(),
             )),
             TargetResult::Fatal(e) => Err(e),
@@ -511,6 +529,20 @@ impl Executor<'_> {
                 return TargetResult::OutOfTime(last);
             };
             let took = self.clock.now().saturating_sub(started);
+            // A stream's health is known only at its end: it takes its permit along, and is
+            // recorded and counted then (`StreamAttempt::settle`).
+            let result = match result {
+                Ok(Reply::Stream(first, rest)) => {
+                    let attempt = StreamAttempt {
+                        target: Arc::clone(target),
+                        permit: Some(permit),
+                        took,
+                    };
+                    return TargetResult::Streaming(first, rest, attempt);
+                }
+                Ok(Reply::Json(answer)) => Ok(answer),
+                Err(e) => Err(e),
+            };
             let outcome_for_breaker = match &result {
                 Ok(_) => Some(true),
                 Err(e) if e.counts_against_target() => Some(false),
@@ -535,14 +567,14 @@ impl Executor<'_> {
             };
             self.transitions.stored(logged).await;
             let error = match result {
-                Ok(reply) => {
-                    self.count_attempt(target, "ok");
-                    return TargetResult::Answered(reply);
+                Ok(answer) => {
+                    target.count_attempt(self.metrics, "ok");
+                    return TargetResult::Answered(answer);
                 }
                 Err(e) => e,
             };
             let class = error.class();
-            self.count_attempt(target, class.as_str());
+            target.count_attempt(self.metrics, class.as_str());
             let mut failed = json!({
                 "route": route.name,
                 "target": target.id,
@@ -757,20 +789,6 @@ impl Executor<'_> {
         backoff.delay(attempt, &mut rand::rng())
     }
 
-    fn count_attempt(&self, target: &Target, outcome: &str) {
-        if outcome == "ok" {
-            target.attempts_ok.inc();
-            return;
-        }
-        self.metrics
-            .attempts
-            .get_or_create(&AttemptLabels {
-                target: target.id.clone().into(),
-                outcome: outcome.into(),
-            })
-            .inc();
-    }
-
     /// Counts and queues `transitions` (call it with the breaker's lock held, see
     /// [`crate::transitions`]); the ticket to wait for, `None` for almost every call.
     fn log_transitions(&self, target: &Target, transitions: Vec<Transition>) -> Option<u64> {
@@ -808,13 +826,107 @@ impl Drop for PermitGuard<'_> {
     }
 }
 
+/// How a stream that reached the client ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// The upstream finished it.
+    Done,
+    /// The client left first; the upstream was answering, as far as keel saw.
+    ClientGone,
+    /// It failed after its first byte: cut, silent past `idle`, past a deadline, or ended by
+    /// the upstream's error event. `against_target` when that says something about the
+    /// target's health ([`UpstreamError::counts_against_target`]): not for a content filter's
+    /// or another 4xx error event.
+    Failed {
+        /// Whether the breaker counts it as a failure.
+        against_target: bool,
+    },
+}
+
+impl StreamEnd {
+    /// `keel_requests_total`'s and `llm_call`'s outcome.
+    pub(crate) fn outcome(self) -> &'static str {
+        match self {
+            Self::Done => "ok",
+            Self::ClientGone => "client_gone",
+            Self::Failed { .. } => "stream_error",
+        }
+    }
+}
+
+/// A stream's attempt, settled when the stream ends ([`StreamAttempt::settle`]). Its breaker
+/// permit stays taken until then, so a stream that breaks after its first byte counts
+/// against its target like any failed attempt; the slow-call check measures its time to the
+/// first event (a long answer is not a slow target). Dropped unsettled (its call went away),
+/// it gives the permit back.
+pub struct StreamAttempt {
+    target: Arc<Target>,
+    permit: Option<keel_policy::breaker::Permit>,
+    /// From the attempt's start to the stream's first event.
+    took: Duration,
+}
+
+impl StreamAttempt {
+    /// Records `end` in the target's breaker (a finished stream, or one whose client left,
+    /// succeeded; a failure counts when it is against the target, else the permit is given
+    /// back) and in `keel_attempts_total` (`ok` or `stream_error`). Queues the breaker's
+    /// transitions with `extra` (see [`crate::transitions`]); the ticket to wait for.
+    pub(crate) fn settle(
+        mut self,
+        end: StreamEnd,
+        now: Duration,
+        metrics: &Metrics,
+        transitions: &crate::transitions::TransitionLog,
+        extra: impl FnOnce() -> serde_json::Value,
+    ) -> Option<u64> {
+        let permit = self.permit.take()?;
+        let success = match end {
+            StreamEnd::Done | StreamEnd::ClientGone => Some(true),
+            StreamEnd::Failed { against_target } => against_target.then_some(false),
+        };
+        let logged = {
+            let mut breaker = self.target.breaker.lock();
+            match success {
+                Some(success) => breaker.record(
+                    permit,
+                    now,
+                    Outcome {
+                        success,
+                        duration: self.took,
+                    },
+                ),
+                None => breaker.release(permit),
+            }
+            let logged = transitions.note(&self.target.id, breaker.take_transitions(), extra);
+            drop(breaker);
+            logged
+        };
+        let outcome = match end {
+            StreamEnd::Failed { .. } => "stream_error",
+            StreamEnd::Done | StreamEnd::ClientGone => "ok",
+        };
+        self.target.count_attempt(metrics, outcome);
+        logged
+    }
+}
+
+impl Drop for StreamAttempt {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.target.breaker.lock().release(permit);
+        }
+    }
+}
+
 enum Reply {
     Json(JsonReply),
     Stream(Bytes, ChunkStream),
 }
 
 enum TargetResult {
-    Answered(Reply),
+    Answered(JsonReply),
+    /// A stream whose first event arrived; its attempt is settled when it ends.
+    Streaming(Bytes, ChunkStream, StreamAttempt),
     Fatal(UpstreamError),
     Next(Option<UpstreamError>),
     OutOfTime(Option<UpstreamError>),

@@ -326,6 +326,53 @@ async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn streams_breaking_after_their_first_byte_count_against_their_target() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let stream_errors = |metrics: &str, n: u32| {
+        let line =
+            format!("keel_attempts_total{{target=\"sim/primary\",outcome=\"stream_error\"}} {n}");
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+        assert!(
+            metrics.contains("keel_attempts_total{target=\"sim/primary\",outcome=\"ok\"} 0"),
+            "{metrics}"
+        );
+    };
+    // A content filter stopping an answer mid-way says nothing about the target's health.
+    sim.set_always(
+        "primary",
+        Some(Fault::error_event_after(1).with_error_code("content_filter")),
+    );
+    for _ in 0..4 {
+        let out = sdk("stream", &keel.base_url(), &[]).await;
+        assert_eq!(out["ok"], false, "{out}");
+    }
+    assert!(keel.events_of("breaker_opened").is_empty());
+    stream_errors(&keel.metrics().await, 4);
+    // Cut mid-way, they are failed attempts: with min_calls = 4 and failure_rate = 0.5, the
+    // fourth opens the primary's breaker.
+    sim.set_always("primary", Some(Fault::cut_after(2)));
+    for _ in 0..4 {
+        let out = sdk("stream", &keel.base_url(), &[]).await;
+        assert_eq!(out["exception"], "APIError", "{out}");
+        assert_eq!(out["headers"]["x-keel-target"], "sim/primary", "{out}");
+    }
+    assert_eq!(keel.events_of("breaker_opened").len(), 1);
+    // The next stream goes to the secondary, whole; the primary is not asked.
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
+    assert_eq!(out["headers"]["x-keel-fallback"], "true", "{out}");
+    assert_eq!(sim.calls("primary"), 8);
+    let metrics = keel.metrics().await;
+    stream_errors(&metrics, 8);
+    assert!(
+        metrics.contains("keel_breaker_state{target=\"sim/primary\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stream_broken_right_after_its_role_chunk_is_retried() {
     // The simulator, like OpenAI, opens a stream with a role-only chunk: cut after it,
     // nothing the client could use has been said yet.
