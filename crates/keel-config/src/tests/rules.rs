@@ -12,6 +12,13 @@ fn with_openai(rest: &str) -> String {
     format!("{OPENAI}\n{rest}")
 }
 
+/// Route `smart` to `openai/gpt-5` on lines 5-6, then `rest` from line 7.
+fn with_smart(rest: &str) -> String {
+    with_openai(&format!(
+        "[routes.smart]\ntargets = [{{ provider = \"openai\", model = \"gpt-5\" }}]\n{rest}"
+    ))
+}
+
 // === syntax and serde ===
 
 #[test]
@@ -25,10 +32,8 @@ fn syntax_error_names_its_line() {
 
 #[test]
 fn unknown_key_is_rejected_with_its_line() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-retry = { max_attempts = 3, bse = \"200ms\" }
+    let text = with_smart(
+        "retry = { max_attempts = 3, bse = \"200ms\" }
 ",
     );
     assert_eq!(
@@ -96,10 +101,8 @@ fn an_agent_name_cannot_look_like_a_key_budget() {
 
 #[test]
 fn duration_must_parse() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-timeouts = { connect = \"2 parsecs\" }
+    let text = with_smart(
+        "timeouts = { connect = \"2 parsecs\" }
 ",
     );
     assert_eq!(
@@ -266,10 +269,8 @@ fn target_provider_without_any_providers() {
 
 #[test]
 fn retry_base_must_not_exceed_cap() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-retry = { base = \"20s\", cap = \"10s\" }
+    let text = with_smart(
+        "retry = { base = \"20s\", cap = \"10s\" }
 ",
     );
     assert_eq!(
@@ -280,10 +281,8 @@ retry = { base = \"20s\", cap = \"10s\" }
 
 #[test]
 fn multi_line_inline_tables_keep_their_lines() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-retry = {
+    let text = with_smart(
+        "retry = {
   base = \"20s\",
   cap = \"10s\",
 }
@@ -297,10 +296,8 @@ retry = {
 
 #[test]
 fn retry_base_above_default_cap_points_at_base() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-
+    let text = with_smart(
+        "
 [routes.smart.retry]
 max_attempts = 2
 base = \"1m\"
@@ -314,10 +311,8 @@ base = \"1m\"
 
 #[test]
 fn retry_cap_alone_below_the_default_base_points_at_cap() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-retry = { cap = \"100ms\" }
+    let text = with_smart(
+        "retry = { cap = \"100ms\" }
 ",
     );
     assert_eq!(
@@ -328,10 +323,8 @@ retry = { cap = \"100ms\" }
 
 #[test]
 fn retry_max_attempts_must_be_positive() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-retry = { max_attempts = 0 }
+    let text = with_smart(
+        "retry = { max_attempts = 0 }
 ",
     );
     assert_eq!(
@@ -342,10 +335,8 @@ retry = { max_attempts = 0 }
 
 #[test]
 fn retry_budget_ratio_must_be_a_fraction() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-retry = { budget_ratio = 1.5 }
+    let text = with_smart(
+        "retry = { budget_ratio = 1.5 }
 ",
     );
     assert_eq!(
@@ -356,10 +347,8 @@ retry = { budget_ratio = 1.5 }
 
 #[test]
 fn attempt_timeout_must_fit_in_total() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-timeouts = { attempt = \"90s\", total = \"60s\" }
+    let text = with_smart(
+        "timeouts = { attempt = \"90s\", total = \"60s\" }
 ",
     );
     assert_eq!(
@@ -370,10 +359,8 @@ timeouts = { attempt = \"90s\", total = \"60s\" }
 
 #[test]
 fn unset_timeouts_fit_inside_a_shorter_total() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-timeouts = { total = \"30s\" }
+    let text = with_smart(
+        "timeouts = { total = \"30s\" }
 
 [routes.quick]
 targets = [{ provider = \"openai\", model = \"gpt-5\" }]
@@ -396,10 +383,8 @@ timeouts = { total = \"10s\", attempt = \"1s\" }
 
 #[test]
 fn a_written_timeout_longer_than_an_unset_one_says_so() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-
+    let text = with_smart(
+        "
 [routes.smart.timeouts]
 total = \"10s\"
 first_token = \"20s\"
@@ -414,10 +399,8 @@ first_token = \"20s\"
 
 #[test]
 fn first_token_and_connect_must_fit_in_attempt() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-timeouts = { connect = \"10s\", first_token = \"30s\", attempt = \"5s\" }
+    let text = with_smart(
+        "timeouts = { connect = \"10s\", first_token = \"30s\", attempt = \"5s\" }
 ",
     );
     assert_eq!(
@@ -429,10 +412,8 @@ timeouts = { connect = \"10s\", first_token = \"30s\", attempt = \"5s\" }
 
 #[test]
 fn timeouts_must_be_positive() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-timeouts = { idle = \"0s\" }
+    let text = with_smart(
+        "timeouts = { idle = \"0s\" }
 ",
     );
     assert_eq!(
@@ -440,10 +421,8 @@ timeouts = { idle = \"0s\" }
         "keel.toml:7: routes.smart.timeouts.idle: must be longer than 0s"
     );
     // A zero total is the one problem: the unset timeouts inside it are not blamed.
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-timeouts = { total = \"0s\" }
+    let text = with_smart(
+        "timeouts = { total = \"0s\" }
 ",
     );
     assert_eq!(
@@ -838,10 +817,8 @@ fn a_task_timeout_is_at_most_a_year() {
 
 #[test]
 fn an_empty_degraded_reply_is_refused() {
-    let text = with_openai(
-        "[routes.smart]
-targets = [{ provider = \"openai\", model = \"gpt-5\" }]
-degraded_reply = \" \"
+    let text = with_smart(
+        "degraded_reply = \" \"
 ",
     );
     assert_eq!(

@@ -29,10 +29,27 @@ pub fn keel_cli(url: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// [`keel_cli`], which must succeed (else the test fails with the command's stderr).
+pub fn keel_cli_ok(url: &str, args: &[&str]) -> std::process::Output {
+    let out = keel_cli(url, args);
+    assert!(
+        out.status.success(),
+        "keel {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 impl Keel {
     /// Runs `keel ARGS` against this server.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         keel_cli(&self.url, args)
+    }
+
+    /// [`Keel::cli`], which must succeed ([`keel_cli_ok`]).
+    pub fn cli_ok(&self, args: &[&str]) -> std::process::Output {
+        keel_cli_ok(&self.url, args)
     }
 
     /// Writes `config` (with `{dir}` and `{sim}` substituted) and starts `keel serve`.

@@ -54,12 +54,7 @@ const PROMPT: &str = "Please look up the refund policy for order 1234 and tell m
 /// Approves `approval` with `keel approvals approve`, then worker `w2` claims the task
 /// `id` again.
 async fn approve_and_reclaim(keel: &Keel, approval: &str, id: &str) {
-    let ok = keel.cli(&["approvals", "approve", approval]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    keel.cli_ok(&["approvals", "approve", approval]);
     let (status, claimed) = post(
         keel,
         "/v1/tasks/claim",
@@ -203,19 +198,9 @@ async fn a_looping_task_denied_then_requeued_from_the_dlq_may_call_again() {
     let keel = Keel::start(LOOPS, &models).await;
     let (id, _) = running_task(&keel).await;
     let approval = loop_until_handed_off(&keel, &id).await;
-    let denied = keel.cli(&["approvals", "deny", &approval]);
-    assert!(
-        denied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&denied.stderr)
-    );
+    keel.cli_ok(&["approvals", "deny", &approval]);
     assert_eq!(task_state(&keel, &id).await["state"], "dead");
-    let requeued = keel.cli(&["dlq", "requeue", &id]);
-    assert!(
-        requeued.status.success(),
-        "{}",
-        String::from_utf8_lossy(&requeued.stderr)
-    );
+    keel.cli_ok(&["dlq", "requeue", &id]);
     let (status, claimed) = post(
         &keel,
         "/v1/tasks/claim",

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::common::{Keel, get, keel_cli, post, python, read_events, sim};
+use crate::common::{Keel, get, keel_cli, keel_cli_ok, post, python, read_events, sim};
 
 const TASKS: &str = r#"
 [server]
@@ -360,12 +360,7 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
     );
     let mut next = vec!["dlq", "ls"];
     next.extend(more.split(' '));
-    let second = keel_cli(url, &next);
-    assert!(
-        second.status.success(),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    let second = keel_cli_ok(url, &next);
     let second = String::from_utf8_lossy(&second.stdout).into_owned();
     assert!(second.contains(&other) && !second.contains(&id), "{second}");
     // `keel tasks ls` puts the newest first; `--order asc` the oldest.
@@ -396,25 +391,15 @@ async fn out_of_attempts_goes_to_the_dlq_and_back() {
         String::from_utf8_lossy(&zero.stderr)
     );
     // `dlq show`: the task with its whole log.
-    let shown = keel_cli(url, &["dlq", "show", &id]);
+    let shown = keel_cli_ok(url, &["dlq", "show", &id]);
     let text = String::from_utf8_lossy(&shown.stdout);
-    assert!(
-        shown.status.success(),
-        "{}",
-        String::from_utf8_lossy(&shown.stderr)
-    );
     assert!(
         text.contains("task_created") && text.contains("task_dead"),
         "{text}"
     );
-    let rq = keel_cli(
+    keel_cli_ok(
         url,
         &["dlq", "requeue", &id, "--note", "the input is fixed"],
-    );
-    assert!(
-        rq.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rq.stderr)
     );
     let (_, task) = get(url, &format!("/v1/tasks/{id}")).await;
     assert_eq!(task["state"], "queued");
@@ -455,14 +440,9 @@ async fn approvals_resume_or_end_a_task_and_time_out_to_their_default() {
     let approval = a["pending_approval"].as_str().unwrap().to_owned();
     let ls = keel_cli(url, &["approvals", "ls"]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("refund 900 EUR"));
-    let ok = keel_cli(
+    keel_cli_ok(
         url,
         &["approvals", "approve", &approval, "--note", "checked"],
-    );
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
     );
     let (_, task) = get(url, &format!("/v1/tasks/{id}")).await;
     assert_eq!(task["state"], "queued");
@@ -497,12 +477,7 @@ async fn deciding_an_approval_twice_is_a_conflict_that_says_how_it_was_decided()
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{asked}");
     let approval = asked["pending_approval"].as_str().unwrap().to_owned();
-    let deny = keel_cli(url, &["approvals", "deny", &approval, "--note", "too much"]);
-    assert!(
-        deny.status.success(),
-        "{}",
-        String::from_utf8_lossy(&deny.stderr)
-    );
+    keel_cli_ok(url, &["approvals", "deny", &approval, "--note", "too much"]);
     // Again, from the CLI and over HTTP: a 409 that says who decided what.
     let again = keel_cli(url, &["approvals", "approve", &approval]);
     let stderr = String::from_utf8_lossy(&again.stderr);
@@ -621,12 +596,7 @@ async fn gateway_calls_of_a_task_land_in_its_log_and_the_chain_verifies() {
         })
         .collect();
     assert_eq!(kinds, ["task_created", "llm_call"]);
-    let verify = keel_cli(url, &["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    let verify = keel_cli_ok(url, &["audit", "verify"]);
     assert!(String::from_utf8_lossy(&verify.stdout).contains("intact"));
     // Edit one event in the database file: verification names that link.
     let db = rusqlite::Connection::open(keel.db_path()).unwrap();
@@ -801,12 +771,7 @@ async fn a_thousand_tasks_survive_worker_and_keel_kill_9() {
         .filter(|t| t["output"]["resumed_from"].as_u64().unwrap_or(0) > 0)
         .count();
     assert!(resumed >= 1, "no task resumed from a checkpoint");
-    let verify = keel_cli(&keel.url, &["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    keel_cli_ok(&keel.url, &["audit", "verify"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
