@@ -63,11 +63,17 @@ pub enum UpstreamError {
         /// `provider/model`.
         target: String,
     },
-    /// The target's circuit breaker is open.
-    #[error("circuit for {target} is open")]
+    /// The target's circuit breaker is open, or half-open with every trial slot taken.
+    #[error(
+        "circuit for {target} is {}",
+        if *half_open { "half-open and its trial calls are in flight" } else { "open" }
+    )]
     BreakerOpen {
         /// `provider/model`.
         target: String,
+        /// Whether the breaker is half-open (its trial calls, streams to their end, still
+        /// running) rather than open.
+        half_open: bool,
     },
 }
 
@@ -254,7 +260,11 @@ mod tests {
             ErrorClass::Retryable
         );
         assert_eq!(
-            UpstreamError::BreakerOpen { target: t() }.class(),
+            UpstreamError::BreakerOpen {
+                target: t(),
+                half_open: false,
+            }
+            .class(),
             ErrorClass::FallbackOnly
         );
     }

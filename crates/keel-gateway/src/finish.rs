@@ -20,7 +20,8 @@ use crate::error::{ApiError, UpstreamError};
 use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{RequestLabels, RouteLabel};
 use crate::provider::{ChunkStream, Endpoint};
-use crate::route::{CallLog, Route, StreamAttempt, StreamEnd, Target};
+use crate::route::{CallLog, Route, Target};
+use crate::stream_attempt::{StreamAttempt, StreamEnd};
 use crate::usage::{Usage, usage_of};
 use crate::{Gateway, payload};
 
@@ -250,7 +251,6 @@ impl Finish {
         mut self,
         route: &Route,
         mut log: CallLog,
-        target: Arc<Target>,
         (first, rest, attempt): (Bytes, ChunkStream, StreamAttempt),
         fallback: bool,
         task_deadline: Option<Instant>,
@@ -263,15 +263,16 @@ impl Finish {
             Some(task) if task < total => (task, "its task's deadline"),
             _ => (total, "the total deadline"),
         };
-        let gw = Arc::clone(&self.gw);
-        let target_id = target.id.clone();
+        let target_id = attempt.target().id.clone();
         let hide_usage = self.hide_usage;
         // A task's streamed answer is put together for the loop guard, as a whole one is read.
-        let guarded = log.who.task.is_some() && gw.agents.loop_guard(&log.who.agent).is_some();
-        gw.tasks.spawn(async move {
+        let guarded = log.who.task.is_some() && self.gw.agents.loop_guard(&log.who.agent).is_some();
+        let answered = Arc::clone(attempt.target());
+        let tasks = self.gw.tasks.clone();
+        tasks.spawn(async move {
             let mut transcript = self.gw.record_payloads.then(Vec::new);
             let mut answer = guarded.then(StreamedAnswer::default);
-            let (end, usage) = pump(
+            let Pumped { end, usage, last } = pump(
                 first,
                 rest,
                 &tx,
@@ -281,15 +282,16 @@ impl Finish {
                 hide_usage,
             )
             .await;
+            let gw = Arc::clone(&self.gw);
+            let ticket = attempt.settle(end, gw.clock.now(), &gw.metrics, |target, changes| {
+                gw.transitions.note(
+                    target,
+                    changes,
+                    || json!({"route": self.route_name, "node": gw.node}),
+                )
+            });
+            gw.transitions.stored(ticket).await;
             let outcome = end.outcome();
-            let gw = &self.gw;
-            let transitions = attempt.settle(
-                end,
-                gw.clock.now(),
-                &gw.metrics,
-                &gw.transitions,
-                || json!({"route": self.route_name, "node": gw.node}),
-            );
             let transcript = transcript.map(Bytes::from);
             let event = self.llm_call(
                 &log,
@@ -324,7 +326,6 @@ impl Finish {
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
             }
-            self.gw.transitions.stored(transitions).await;
             // A client that left is neither a success nor a stream keel ended with an error.
             if outcome != "ok" || !self.route_metrics.count_ok(&target_id) {
                 count_request(&self.gw, &self.route_name, &target_id, outcome);
@@ -341,10 +342,15 @@ impl Finish {
             self.count_fallback(fallback);
             self.observe(usage, &log.who, &target_id, log.who.task.clone())
                 .await;
-            // `[DONE]` only after the call is recorded: a client that saw the
-            // end of the stream can find its `llm_call`.
-            if outcome == "ok" {
-                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            // The stream's last event (`[DONE]`, or the error that ended it) only after the
+            // call is recorded: a client that saw the end of its stream can find its
+            // `llm_call`, and the breaker and metrics already count it.
+            let last = match end {
+                StreamEnd::Done => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+                StreamEnd::ClientGone | StreamEnd::Failed { .. } => last,
+            };
+            if let Some(last) = last {
+                deliver(&tx, last, deadline.0).await;
             }
         });
         let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -357,7 +363,7 @@ impl Finish {
             HeaderValue::from_static("text/event-stream"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        keel_headers(&mut response, &target.id, attempts, fallback, false);
+        keel_headers(&mut response, &answered.id, attempts, fallback, false);
         response
     }
 
@@ -557,12 +563,30 @@ fn target_of(error: &UpstreamError) -> String {
         | UpstreamError::Status { target, .. }
         | UpstreamError::Malformed { target, .. }
         | UpstreamError::StreamCut { target }
-        | UpstreamError::BreakerOpen { target } => target.clone(),
+        | UpstreamError::BreakerOpen { target, .. } => target.clone(),
     }
 }
 
+/// How [`pump`] ended a stream.
+struct Pumped {
+    end: StreamEnd,
+    usage: Option<Usage>,
+    /// The error event that ends a failed stream: sent once the call is recorded, as
+    /// `[DONE]` is, so a client that saw the end of its stream can find the call's records.
+    last: Option<Bytes>,
+}
+
+/// Sends `frame` to the client; `false` when the client left, or did not read for so long
+/// that `deadline` (the call's) passed: either way it is gone.
+async fn deliver(tx: &mpsc::Sender<Bytes>, frame: Bytes, deadline: Instant) -> bool {
+    matches!(
+        tokio::time::timeout_at(deadline, tx.send(frame)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Forwards chunks to the client until the upstream ends, fails, goes idle, or
-/// the client leaves. Returns how it ended, and the usage.
+/// the client leaves.
 async fn pump(
     first: Bytes,
     mut rest: ChunkStream,
@@ -571,7 +595,7 @@ async fn pump(
     target: &str,
     (mut transcript, mut answer): (Option<&mut Vec<u8>>, Option<&mut StreamedAnswer>),
     hide_usage: bool,
-) -> (StreamEnd, Option<Usage>) {
+) -> Pumped {
     let mut usage = usage_of(&first).ok().flatten();
     // The transcript is the chunks' data, one per line: what the client received.
     let mut keep = |chunk: &[u8]| {
@@ -583,9 +607,11 @@ async fn pump(
             a.add(chunk);
         }
     };
+    let ended =
+        |end: StreamEnd, usage: Option<Usage>, last: Option<Bytes>| Pumped { end, usage, last };
     keep(&first);
-    if tx.send(sse_frame(&first)).await.is_err() {
-        return (StreamEnd::ClientGone, usage);
+    if !deliver(tx, sse_frame(&first), deadline).await {
+        return ended(StreamEnd::ClientGone, usage, None);
     }
     loop {
         let wait_until = deadline.min(Instant::now() + idle);
@@ -593,9 +619,9 @@ async fn pump(
         // the next chunk or the idle timeout.
         let next = tokio::select! {
             next = tokio::time::timeout_at(wait_until, rest.next()) => next,
-            () = tx.closed() => return (StreamEnd::ClientGone, usage),
+            () = tx.closed() => return ended(StreamEnd::ClientGone, usage, None),
         };
-        let failure = match next {
+        let (failure, against_target) = match next {
             Ok(Some(Ok(chunk))) => {
                 if let Ok(Some(u)) = usage_of(&chunk) {
                     usage = Some(u);
@@ -604,32 +630,39 @@ async fn pump(
                     }
                 }
                 keep(&chunk);
-                if tx.send(sse_frame(&chunk)).await.is_err() {
+                if !deliver(tx, sse_frame(&chunk), deadline).await {
                     // Dropping `rest` closes the upstream connection: the client left.
-                    return (StreamEnd::ClientGone, usage);
+                    return ended(StreamEnd::ClientGone, usage, None);
                 }
                 continue;
             }
-            Ok(None) => return (StreamEnd::Done, usage),
-            // The upstream's own error event goes to the client as it came: one error, its
-            // words, then the end; unless it refuses keel's credentials, whose words may
-            // quote the key (keel's own error event says so instead, below).
-            Ok(Some(Err(e @ UpstreamError::Status { .. }))) if !e.credentials_refused() => {
+            Ok(None) => return ended(StreamEnd::Done, usage, None),
+            Ok(Some(Err(e))) => {
                 let against_target = e.counts_against_target();
-                if let UpstreamError::Status { body, .. } = &e {
-                    keep(body);
-                    tracing::warn!(
-                        target_id = target,
-                        "the upstream reported an error inside its stream"
-                    );
-                    let _ = tx.send(sse_frame(body)).await;
+                match e {
+                    // The upstream's own error event goes to the client as it came: one
+                    // error, its words, then the end; unless it refuses keel's credentials,
+                    // whose words may quote the key (keel's own error event says so
+                    // instead, below).
+                    UpstreamError::Status {
+                        body, status, hint, ..
+                    } if !crate::error::refuses_credentials(status, hint) => {
+                        keep(&body);
+                        tracing::warn!(
+                            target_id = target,
+                            "the upstream reported an error inside its stream"
+                        );
+                        let end = StreamEnd::Failed { against_target };
+                        return ended(end, usage, Some(sse_frame(&body)));
+                    }
+                    e => (e.to_string(), against_target),
                 }
-                return (StreamEnd::Failed { against_target }, usage);
             }
-            Ok(Some(Err(e))) => (e.to_string(), e.counts_against_target()),
+            // keel's own deadline ended a stream that was still coming: a long answer, not
+            // a failing target.
             Err(_) if wait_until == deadline => (
                 format!("stream from {target} exceeded {deadline_name}"),
-                true,
+                false,
             ),
             Err(_) => (
                 format!(
@@ -638,7 +671,6 @@ async fn pump(
                 true,
             ),
         };
-        let (failure, against_target) = failure;
         tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
         let error = json!({"error": {
             "message": format!("upstream stream failed after it started: {failure}"),
@@ -646,8 +678,8 @@ async fn pump(
             "code": "stream_interrupted",
             "param": null,
         }});
-        let _ = tx.send(sse_frame(error.to_string().as_bytes())).await;
-        return (StreamEnd::Failed { against_target }, usage);
+        let last = sse_frame(error.to_string().as_bytes());
+        return ended(StreamEnd::Failed { against_target }, usage, Some(last));
     }
 }
 
@@ -737,4 +769,97 @@ pub(crate) fn keel_headers(
     headers.insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
     headers.insert(FALLBACK.clone(), flag(fallback));
     headers.insert(DEGRADED.clone(), flag(degraded));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    use super::{Pumped, pump};
+    use crate::error::UpstreamError;
+    use crate::provider::ChunkStream;
+    use crate::stream_attempt::StreamEnd;
+
+    const CHUNK: &[u8] = br#"{"choices":[{"delta":{"content":"hi"}}]}"#;
+
+    /// Pumps `rest` after a first chunk into a channel (of 16, as a stream's) that is never
+    /// read, with `idle` and the call's deadline `deadline` from now.
+    async fn pumped(rest: ChunkStream, idle: Duration, deadline: Duration) -> Pumped {
+        let (tx, _rx) = mpsc::channel(16);
+        let deadline = (Instant::now() + deadline, "the total deadline");
+        pump(
+            Bytes::from_static(CHUNK),
+            rest,
+            &tx,
+            (idle, deadline),
+            "sim/m",
+            (None, None),
+            false,
+        )
+        .await
+    }
+
+    fn against(pumped: &Pumped) -> Option<bool> {
+        match pumped.end {
+            StreamEnd::Failed { against_target } => Some(against_target),
+            StreamEnd::Done | StreamEnd::ClientGone => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn silence_counts_against_the_target_and_keel_s_deadline_does_not() {
+        let short = Duration::from_millis(50);
+        let long = Duration::from_secs(30);
+        let silent = || futures::stream::pending().boxed();
+        let idle = pumped(silent(), short, long).await;
+        assert_eq!(against(&idle), Some(true));
+        let over = pumped(silent(), long, short).await;
+        assert_eq!(against(&over), Some(false));
+        // Either way the client's last event is keel's error, held back until the call is
+        // recorded.
+        let last = over.last.unwrap();
+        assert!(
+            String::from_utf8_lossy(&last).contains("exceeded the total deadline"),
+            "{last:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_event_counts_as_its_error_would() {
+        let event = |status: u16, body: &'static [u8]| {
+            let error = UpstreamError::Status {
+                target: "sim/m".into(),
+                status: axum::http::StatusCode::from_u16(status).unwrap(),
+                retry_after: None,
+                body: Bytes::from_static(body),
+                hint: keel_core::class::ErrorHint::from_body(body),
+            };
+            futures::stream::iter([Ok(Bytes::from_static(CHUNK)), Err(error)]).boxed()
+        };
+        let long = Duration::from_secs(30);
+        let overloaded = pumped(event(503, br#"{"error":{"message":"busy"}}"#), long, long).await;
+        assert_eq!(against(&overloaded), Some(true));
+        assert_eq!(
+            overloaded.last.unwrap(),
+            Bytes::from_static(b"data: {\"error\":{\"message\":\"busy\"}}\n\n"),
+            "the upstream's own event, as it came"
+        );
+        let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
+        let filtered = pumped(event(400, filtered), long, long).await;
+        assert_eq!(against(&filtered), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_gone_at_the_call_s_deadline() {
+        let endless = futures::stream::repeat_with(|| Ok(Bytes::from_static(CHUNK))).boxed();
+        let started = Instant::now();
+        let pumped = pumped(endless, Duration::from_secs(30), Duration::from_millis(200)).await;
+        assert_eq!(pumped.end, StreamEnd::ClientGone);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }

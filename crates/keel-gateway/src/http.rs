@@ -416,19 +416,11 @@ async fn handle_inner(
                 .await
         }
         Answer::Stream {
-            target,
             first,
             rest,
             fallback,
             attempt,
-        } => ctx.stream(
-            route,
-            log,
-            target,
-            (first, rest, attempt),
-            fallback,
-            task_deadline,
-        ),
+        } => ctx.stream(route, log, (first, rest, attempt), fallback, task_deadline),
         Answer::Exhausted {
             last,
             timed_out,

@@ -19,6 +19,7 @@ pub mod output;
 pub mod payload;
 pub mod provider;
 pub mod route;
+pub mod stream_attempt;
 pub mod tools;
 mod transitions;
 pub mod usage;

@@ -4,7 +4,8 @@
 //! 1. total deadline (`timeouts.total`) over everything below;
 //! 2. fallback chain: targets in order, a target whose breaker is open is skipped;
 //! 3. per target, retry with backoff and jitter, gated by the route's retry budget;
-//! 4. per attempt, the circuit breaker permit, then the attempt deadline
+//! 4. per attempt, the circuit breaker permit (a stream keeps it to its end, see
+//!    [`crate::stream_attempt`]), then the attempt deadline
 //!    (`timeouts.attempt`, and `first_token` for streams), then the provider call
 //!    (or, when `[chaos]` picked a fault for the attempt, the injected failure in its
 //!    place, under the same deadlines, so every policy above reacts to it as to a real one).
@@ -36,6 +37,7 @@ use crate::error::UpstreamError;
 use crate::metrics::{AttemptLabels, ChaosLabels, Metrics, RouteLabel};
 use crate::output::OutputCheck;
 use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
+use crate::stream_attempt::StreamAttempt;
 use crate::usage::Usage;
 
 /// How long the retry budget remembers calls (tower's `TpsBudget` default).
@@ -57,7 +59,7 @@ pub struct Target {
 
 impl Target {
     /// Counts one attempt in `keel_attempts_total{target,outcome}`.
-    fn count_attempt(&self, metrics: &Metrics, outcome: &str) {
+    pub(crate) fn count_attempt(&self, metrics: &Metrics, outcome: &str) {
         if outcome == "ok" {
             self.attempts_ok.inc();
             return;
@@ -209,15 +211,13 @@ pub enum Answer {
     },
     /// A stream whose first chunk has arrived (nothing sent to the client yet).
     Stream {
-        /// The target that answered.
-        target: Arc<Target>,
         /// The first chunk.
         first: Bytes,
         /// The rest.
         rest: ChunkStream,
         /// Whether `target` is not the route's first.
         fallback: bool,
-        /// The attempt, settled when the stream ends.
+        /// The attempt (and the target that answered), settled when the stream ends.
         attempt: StreamAttempt,
     },
     /// Every target failed or was open; the last failure, if any attempt was made.
@@ -370,7 +370,6 @@ impl Executor<'_> {
                 }
                 TargetResult::Streaming(first, rest, attempt) => {
                     return Answer::Stream {
-                        target: Arc::clone(target),
                         first,
                         rest,
                         fallback: index > 0,
@@ -495,11 +494,16 @@ impl Executor<'_> {
                 (permit, logged)
             };
             self.transitions.stored(logged).await;
-            let Ok(permit) = permit else {
-                let skipped = UpstreamError::BreakerOpen {
-                    target: target.id.clone(),
-                };
-                return TargetResult::Next(last.or(Some(skipped)));
+            let permit = match permit {
+                Ok(permit) => permit,
+                Err(rejected) => {
+                    let skipped = UpstreamError::BreakerOpen {
+                        target: target.id.clone(),
+                        // Rejected with nothing to wait for: half-open, every trial out.
+                        half_open: rejected.retry_in.is_zero(),
+                    };
+                    return TargetResult::Next(last.or(Some(skipped)));
+                }
             };
             // Held across the attempt: if the client leaves and this future is
             // dropped, the guard gives the permit back, so a half-open breaker
@@ -533,11 +537,7 @@ impl Executor<'_> {
             // recorded and counted then (`StreamAttempt::settle`).
             let result = match result {
                 Ok(Reply::Stream(first, rest)) => {
-                    let attempt = StreamAttempt {
-                        target: Arc::clone(target),
-                        permit: Some(permit),
-                        took,
-                    };
+                    let attempt = StreamAttempt::new(Arc::clone(target), permit, took);
                     return TargetResult::Streaming(first, rest, attempt);
                 }
                 Ok(Reply::Json(answer)) => Ok(answer),
@@ -822,98 +822,6 @@ impl Drop for PermitGuard<'_> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
             self.breaker.lock().release(permit);
-        }
-    }
-}
-
-/// How a stream that reached the client ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StreamEnd {
-    /// The upstream finished it.
-    Done,
-    /// The client left first; the upstream was answering, as far as keel saw.
-    ClientGone,
-    /// It failed after its first byte: cut, silent past `idle`, past a deadline, or ended by
-    /// the upstream's error event. `against_target` when that says something about the
-    /// target's health ([`UpstreamError::counts_against_target`]): not for a content filter's
-    /// or another 4xx error event.
-    Failed {
-        /// Whether the breaker counts it as a failure.
-        against_target: bool,
-    },
-}
-
-impl StreamEnd {
-    /// `keel_requests_total`'s and `llm_call`'s outcome.
-    pub(crate) fn outcome(self) -> &'static str {
-        match self {
-            Self::Done => "ok",
-            Self::ClientGone => "client_gone",
-            Self::Failed { .. } => "stream_error",
-        }
-    }
-}
-
-/// A stream's attempt, settled when the stream ends ([`StreamAttempt::settle`]). Its breaker
-/// permit stays taken until then, so a stream that breaks after its first byte counts
-/// against its target like any failed attempt; the slow-call check measures its time to the
-/// first event (a long answer is not a slow target). Dropped unsettled (its call went away),
-/// it gives the permit back.
-pub struct StreamAttempt {
-    target: Arc<Target>,
-    permit: Option<keel_policy::breaker::Permit>,
-    /// From the attempt's start to the stream's first event.
-    took: Duration,
-}
-
-impl StreamAttempt {
-    /// Records `end` in the target's breaker (a finished stream, or one whose client left,
-    /// succeeded; a failure counts when it is against the target, else the permit is given
-    /// back) and in `keel_attempts_total` (`ok` or `stream_error`). Queues the breaker's
-    /// transitions with `extra` (see [`crate::transitions`]); the ticket to wait for.
-    pub(crate) fn settle(
-        mut self,
-        end: StreamEnd,
-        now: Duration,
-        metrics: &Metrics,
-        transitions: &crate::transitions::TransitionLog,
-        extra: impl FnOnce() -> serde_json::Value,
-    ) -> Option<u64> {
-        let permit = self.permit.take()?;
-        let success = match end {
-            StreamEnd::Done | StreamEnd::ClientGone => Some(true),
-            StreamEnd::Failed { against_target } => against_target.then_some(false),
-        };
-        let logged = {
-            let mut breaker = self.target.breaker.lock();
-            match success {
-                Some(success) => breaker.record(
-                    permit,
-                    now,
-                    Outcome {
-                        success,
-                        duration: self.took,
-                    },
-                ),
-                None => breaker.release(permit),
-            }
-            let logged = transitions.note(&self.target.id, breaker.take_transitions(), extra);
-            drop(breaker);
-            logged
-        };
-        let outcome = match end {
-            StreamEnd::Failed { .. } => "stream_error",
-            StreamEnd::Done | StreamEnd::ClientGone => "ok",
-        };
-        self.target.count_attempt(metrics, outcome);
-        logged
-    }
-}
-
-impl Drop for StreamAttempt {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.target.breaker.lock().release(permit);
         }
     }
 }
