@@ -68,6 +68,9 @@ impl ErrorHint {
             || text.contains("content management policy")
         {
             Self::ContentFilter
+        } else if text.contains("insufficient_quota") {
+            // OpenAI's 429 for a spent quota or an unpaid bill: no retry brings it back.
+            Self::AccountRefused
         } else {
             Self::None
         }
@@ -109,9 +112,11 @@ mod tests {
         let too_long = br#"{"error":{"code":"context_length_exceeded","message":"maximum context length is 8192 tokens"}}"#;
         let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
         let plain = br#"{"error":{"message":"bad"}}"#;
+        let quota = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
         let table: &[(u16, &[u8], ErrorClass)] = &[
             (408, plain, ErrorClass::Retryable),
             (429, plain, ErrorClass::Retryable),
+            (429, quota, ErrorClass::FallbackOnly),
             (500, plain, ErrorClass::Retryable),
             (502, b"<html>bad gateway</html>", ErrorClass::Retryable),
             (503, b"", ErrorClass::Retryable),

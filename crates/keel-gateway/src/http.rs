@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_core::{EventKind, NewEvent};
@@ -262,11 +262,24 @@ async fn handle(
 ) -> Response {
     // Until the call's events are committed and it answers.
     let _call = gw.upcoming.call();
-    match handle_inner(&gw, endpoint, task, request).await {
+    let mut response = match handle_inner(&gw, endpoint, task, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
+    };
+    // keel has retried and fallen back already, within its retry budget (or refused the
+    // call for a reason a retry does not change): the OpenAI SDKs' own retries (two by
+    // default) would only multiply the load on an upstream in trouble.
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        response
+            .headers_mut()
+            .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
+    response
 }
+
+/// The header the OpenAI SDKs read before retrying an error answer: `false` stops them.
+const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 async fn handle_inner(
     gw: &Arc<Gateway>,

@@ -607,6 +607,18 @@ impl Executor<'_> {
                 // This target's wait does not fit the time left; the next one may.
                 return TargetResult::Next(Some(error));
             }
+            if let Some(after) = self.asked_to_wait_over_cap(target, &error) {
+                // The target will refuse until then; a later one may answer now.
+                log.push(
+                    EventKind::RetryScheduled,
+                    json!({"route": route.name, "target": target.id, "skipped": format!(
+                        "Retry-After of {}s is over the retry cap of {}",
+                        after.as_secs(),
+                        humantime::format_duration(route.retry.cap)
+                    )}),
+                );
+                return TargetResult::Next(Some(error));
+            }
             if !route.budget.lock().withdraw(self.clock.now()) {
                 log.push(
                     EventKind::RetryScheduled,
@@ -726,15 +738,14 @@ impl Executor<'_> {
             ProviderReply::Stream(mut rest) => {
                 // Nothing reaches the client before the first event that says something:
                 // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
-                // filter results and no choices), so a stream that breaks right after it is
-                // still the upstream's failure before the first token, retried and fallen
-                // back from like any other. Held events are a first event all the same: when
-                // `first_token` passes or the stream ends cleanly while they are held, they
-                // go to the client, and `idle` watches the rest as before.
+                // filter results and no choices), so a stream that breaks, or stays silent
+                // past `first_token`, right after it is still the upstream's failure before
+                // the first token, retried and fallen back from like any other. When the
+                // stream ends cleanly while events are held, they go to the client.
                 let mut held = Vec::new();
                 loop {
                     let next = tokio::time::timeout_at(first_deadline, rest.next()).await;
-                    if !held.is_empty() && matches!(next, Err(_) | Ok(None)) {
+                    if !held.is_empty() && matches!(next, Ok(None)) {
                         break;
                     }
                     match next {
@@ -772,6 +783,30 @@ impl Executor<'_> {
                 Ok(Reply::Stream(first, rest))
             }
         }
+    }
+
+    /// The `Retry-After` of `error` when it is longer than the route's `cap` (and honoured)
+    /// and `target` is not the route's last: the call moves on rather than ask again before
+    /// the target said it would answer.
+    fn asked_to_wait_over_cap(
+        &self,
+        target: &Arc<Target>,
+        error: &UpstreamError,
+    ) -> Option<Duration> {
+        let retry = &self.route.retry;
+        let UpstreamError::Status {
+            retry_after: Some(after),
+            ..
+        } = error
+        else {
+            return None;
+        };
+        let last = self
+            .route
+            .targets
+            .last()
+            .is_some_and(|t| Arc::ptr_eq(t, target));
+        (retry.respect_retry_after && *after > retry.cap && !last).then_some(*after)
     }
 
     fn retry_delay(&self, backoff: &mut Backoff, attempt: u32, error: &UpstreamError) -> Duration {

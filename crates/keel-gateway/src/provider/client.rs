@@ -91,10 +91,12 @@ impl HttpClient {
         let mut urls = Vec::with_capacity(spec.paths.len());
         for path in spec.paths {
             let text = format!("{}{path}", settings.base_url);
-            urls.push(
-                reqwest::Url::parse_with_params(&text, &settings.query)
-                    .map_err(|e| invalid(&text, &e))?,
-            );
+            let mut url = reqwest::Url::parse(&text).map_err(|e| invalid(&text, &e))?;
+            // Only when there are some: `parse_with_params` ends every URL with a bare `?`.
+            if !settings.query.is_empty() {
+                url.query_pairs_mut().extend_pairs(&settings.query);
+            }
+            urls.push(url);
         }
         let Some(first) = urls.first() else {
             return Err(format!("providers.{}: no endpoint to reach", settings.name));
@@ -188,6 +190,15 @@ impl HttpClient {
     #[cfg(test)]
     pub(super) fn is_direct(&self) -> bool {
         matches!(self.transport, Transport::Direct { .. })
+    }
+
+    /// The URLs requests go to, as text.
+    #[cfg(test)]
+    fn urls(&self) -> Vec<String> {
+        match &self.transport {
+            Transport::Direct { urls, .. } => urls.iter().map(ToString::to_string).collect(),
+            Transport::Reqwest { urls, .. } => urls.iter().map(ToString::to_string).collect(),
+        }
     }
 }
 
@@ -394,6 +405,36 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after_at("Wed, 32 Oct 2015 07:28:00 GMT", now), None);
+    }
+
+    #[test]
+    fn a_url_has_a_query_only_when_the_provider_sets_one() {
+        let spec = ClientSpec {
+            paths: &["/chat/completions"],
+            key: None,
+            fixed: &[],
+        };
+        let urls = |query: Vec<(String, String)>| {
+            let settings = ProviderSettings {
+                name: "p".to_owned(),
+                kind: keel_config::ProviderKind::OpenAi,
+                base_url: "http://127.0.0.1:9/v1".to_owned(),
+                api_key: None,
+                headers: Vec::new(),
+                query,
+                prices: std::collections::BTreeMap::new(),
+            };
+            let proxies = hyper_util::client::proxy::matcher::Matcher::builder().build();
+            HttpClient::try_new(&settings, Duration::from_secs(1), &proxies, &spec)
+                .unwrap()
+                .urls()
+        };
+        assert_eq!(urls(Vec::new()), ["http://127.0.0.1:9/v1/chat/completions"]);
+        let azure = vec![("api-version".to_owned(), "2024-10-21".to_owned())];
+        assert_eq!(
+            urls(azure),
+            ["http://127.0.0.1:9/v1/chat/completions?api-version=2024-10-21"]
+        );
     }
 
     #[test]

@@ -296,12 +296,15 @@ async fn all_targets_down_serves_the_degraded_reply() {
         "I'm busy right now; please try again shortly."
     );
     assert_eq!(out["headers"]["x-keel-degraded"], "true");
-    // Without a degraded reply, the SDK gets a 503 it understands.
+    // Without a degraded reply, the SDK gets a 503 it understands, and does not retry it
+    // (with its default of two retries): keel has retried both targets already.
     sim.set_always("primary", Some(Fault::status(503)));
     sim.set_always("secondary", Some(Fault::status(503)));
-    let out = sdk("chat", &keel.base_url(), &[]).await;
+    let out = sdk("chat", &keel.base_url(), &["--max-retries", "2"]).await;
     assert_eq!(out["exception"], "InternalServerError", "{out}");
     assert_eq!(out["status"], 503);
+    assert_eq!(out["headers"]["x-should-retry"], "false", "{out}");
+    assert_eq!(sim.calls("secondary"), 3, "one call's three attempts");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -459,15 +462,18 @@ async fn a_200_answer_that_is_an_error_object_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_stream_silent_after_its_role_chunk_is_watched_by_idle_not_retried() {
-    // The role chunk at once, then silence past `first_token` (2s): the held chunk goes to
-    // the client when `first_token` passes, and `idle` (1s) ends the stream, as it did
-    // before keel held role chunks back. No second generation is started.
-    let (sim, _keel, out) = stream_with(Fault::stall_after(0, Duration::from_secs(30))).await;
-    assert_eq!(out["ok"], false, "{out}");
-    assert!(out["message"].as_str().unwrap().contains("idle"), "{out}");
-    assert_eq!(out["chunks"], 1, "the role chunk reached the client: {out}");
-    assert_eq!(sim.calls("primary"), 1, "not retried after the first byte");
+async fn a_stream_silent_after_its_role_chunk_is_retried_at_first_token() {
+    // The role chunk at once, then silence past `first_token` (2s): no token has come, and
+    // nothing the client could use has been sent, so the attempt has timed out like one
+    // without any chunk, and is retried.
+    let (sim, keel, out) = stream_with(Fault::stall_after(0, Duration::from_secs(30))).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    assert!(!out["content"].as_str().unwrap_or("").is_empty(), "{out}");
+    assert_eq!(sim.calls("primary"), 2, "retried on the same target");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["reason"], "first_token", "{failed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -791,6 +797,18 @@ async fn a_retry_wait_longer_than_the_time_left_moves_on_to_the_next_target() {
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "keel waited for a retry that could not fit"
+    );
+    // Retry-After 5s is over route smart's 100ms cap: asking the primary again before then
+    // would be refused, so the next target answers at once.
+    sim.script("primary", vec![Fault::status(429).with_retry_after("5")]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    assert_eq!(sim.calls("primary"), 1);
+    let skipped = keel.events_of("retry_scheduled");
+    assert_eq!(
+        skipped[0]["skipped"], "Retry-After of 5s is over the retry cap of 100ms",
+        "{skipped:?}"
     );
 }
 

@@ -39,13 +39,14 @@ def main() -> int:
     p.add_argument("--key", default="sk-no-key")
     p.add_argument("--header", action="append", default=[])
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--max-retries", type=int, default=0)
     p.add_argument("--no-extra-body", action="store_true")
     a = p.parse_args()
     headers = dict(h.split("=", 1) for h in a.header)
     client = openai.OpenAI(
         base_url=a.base_url,
         api_key=a.key,
-        max_retries=0,
+        max_retries=a.max_retries,
         timeout=a.timeout,
         default_headers=headers,
     )
@@ -175,7 +176,7 @@ def main() -> int:
         out["ok"] = True
     except openai.APIStatusError as e:
         out.update(exception=type(e).__name__, status=e.status_code, message=str(e),
-                   headers={k: v for k, v in e.response.headers.items() if k.startswith("x-keel-") or k == "retry-after"})
+                   headers={k: v for k, v in e.response.headers.items() if k.startswith("x-keel-") or k in ("retry-after", "x-should-retry")})
     except openai.APIError as e:
         out.update(exception=type(e).__name__, message=str(e))
     print(json.dumps(out))
