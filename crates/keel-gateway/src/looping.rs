@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::Gateway;
 use crate::error::ApiError;
-use crate::guard::loops::Stopped;
+use crate::guard::loops::{LABEL_PAUSE, Stopped};
 use crate::route::Attribution;
 use crate::usage::Usage;
 
@@ -97,11 +97,15 @@ impl Gateway {
             let approval = self
                 .hand_off(task, stop.reason.clone(), context.clone())
                 .await;
+            let until = approval
+                .is_none()
+                .then(|| std::time::Instant::now() + LABEL_PAUSE);
             self.loops.stop(
                 task,
                 Stopped {
                     reason: stop.reason.clone(),
                     approval,
+                    until,
                 },
             );
         }
@@ -143,6 +147,7 @@ impl Gateway {
                 Stopped {
                     reason: handoff.reason.clone(),
                     approval: Some(handoff.approval.clone()),
+                    until: None,
                 },
             );
         }
@@ -165,12 +170,20 @@ impl Gateway {
                 return Ok(());
             }
         }
-        let next = match &stopped.approval {
-            Some(id) => format!(
+        let next = match (&stopped.approval, stopped.until) {
+            (Some(id), _) => format!(
                 "it waits for a person (handoff {id}: `keel approvals ls`, `keel approvals approve {id}` to let it go on)"
             ),
-            None => {
-                "keel could not hand it off (no such supervisor task): start a new task".to_owned()
+            (None, until) => {
+                let left = until.map_or(0, |until| {
+                    until
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_secs()
+                        + 1
+                });
+                format!(
+                    "there is no supervisor task by that name to hand to a person, so they go on in {left}s"
+                )
             }
         };
         Err(ApiError::new(

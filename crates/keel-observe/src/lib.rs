@@ -716,8 +716,8 @@ impl Observing {
                 severity: Severity::Warning,
                 title: format!("agent {agent}'s tasks loop"),
                 message: format!(
-                    "the loop guard stopped task {} ({kind}) and handed it to a person: `keel approvals ls`",
-                    task.as_deref().unwrap_or("?")
+                    "the loop guard stopped task {task} ({kind}): `keel postmortem {task}`; a task of keel's supervisor waits for a person (`keel approvals ls`), a label of the client's own goes on after a minute",
+                    task = task.as_deref().unwrap_or("?")
                 ),
                 labels: labels(&[("agent", json!(agent)), ("kind", json!(kind))]),
                 task,

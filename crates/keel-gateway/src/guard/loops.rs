@@ -251,7 +251,16 @@ pub struct Stopped {
     /// The approval (handoff) a person decides on; `None` when the task could not be
     /// handed off (keel's supervisor does not know it).
     pub approval: Option<String>,
+    /// When the stop ends by itself: set for a task that could not be handed off (a label
+    /// of the client's own), which no person can let go on ([`LABEL_PAUSE`] after the stop).
+    pub until: Option<Instant>,
 }
+
+/// How long the calls of a looping task keel's supervisor does not know (an `x-keel-task`
+/// label of the client's own) are refused: the loop guard's own window, so a loop that goes
+/// on is found and stopped again, and a label a client keeps (a session, a ticket) is not
+/// refused for good.
+pub const LABEL_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The span over which a task's token burn is summed.
 pub const BURN_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -384,9 +393,16 @@ impl LoopGuard {
         state.stopped = Some(stopped);
     }
 
-    /// Why `task` is stopped, if it is.
+    /// Why `task` is stopped, if it is; a stop whose `until` has passed is over (the task
+    /// goes on with a fresh window).
     pub fn stopped(&self, task: &str) -> Option<Stopped> {
-        self.tasks.lock().get(task)?.stopped.clone()
+        let mut tasks = self.tasks.lock();
+        let stopped = tasks.get(task)?.stopped.clone()?;
+        if stopped.until.is_some_and(|until| until <= Instant::now()) {
+            tasks.remove(task);
+            return None;
+        }
+        Some(stopped)
     }
 
     /// Lets `task` go on, with a fresh window (a person looked at it).
@@ -585,6 +601,7 @@ mod tests {
             Stopped {
                 reason: "loop".into(),
                 approval: Some("apr_1".into()),
+                until: None,
             },
         );
         assert_eq!(
@@ -593,5 +610,22 @@ mod tests {
         );
         guard.release("t");
         assert_eq!(guard.stopped("t"), None);
+    }
+
+    #[test]
+    fn a_stopped_label_goes_on_when_its_pause_is_over() {
+        let guard = LoopGuard::default();
+        let now = Instant::now();
+        let label = |until| Stopped {
+            reason: "loop".into(),
+            approval: None,
+            until: Some(until),
+        };
+        guard.stop("paused", label(now + LABEL_PAUSE));
+        guard.stop("over", label(now));
+        assert!(guard.stopped("paused").is_some());
+        assert_eq!(guard.stopped("over"), None);
+        // With a fresh window: the answers before the stop are forgotten.
+        assert!(!guard.tasks.lock().contains_key("over"));
     }
 }

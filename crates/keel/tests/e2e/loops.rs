@@ -325,6 +325,22 @@ async fn an_agent_cannot_act_in_another_agent_s_task() {
     assert_eq!(status, 200);
     let (status, _) = ask(&keel, "my-own-label", PROMPT).await;
     assert_eq!(status, 200);
+    // A label whose answers repeat is stopped too, but no person can let it go on: its calls
+    // are refused for the loop guard's minute, not for good.
+    for _ in 0..2 {
+        let (status, answer) = ask(&keel, "my-own-label", PROMPT).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, refused) = ask(&keel, "my-own-label", PROMPT).await;
+    assert_eq!(status, 409, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    let (_, left) = message
+        .split_once(
+            "there is no supervisor task by that name to hand to a person, so they go on in ",
+        )
+        .unwrap_or_else(|| panic!("{message}"));
+    let left: u64 = left.trim_end_matches('s').parse().unwrap();
+    assert!((50..=60).contains(&left), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
