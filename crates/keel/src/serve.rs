@@ -173,16 +173,27 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
 }
 
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
-    let interrupted = interrupted();
+    let first = interrupted();
     let mut keel = start(settings, embedded).await?;
     let failed = tokio::select! {
-        () = interrupted => {
-            tracing::info!("shutting down: finishing in-flight requests");
+        () = first => {
+            tracing::info!(
+                "shutting down: finishing in-flight requests (each within its route's total \
+                 deadline); Ctrl-C or SIGTERM again stops at once"
+            );
             None
         }
         failure = keel.failed() => Some(failure),
     };
-    keel.stop().await;
+    let again = interrupted();
+    tokio::select! {
+        () = keel.stop() => {}
+        () = again => {
+            // What was acknowledged is committed; the calls still running get no answer.
+            tracing::warn!("interrupted again: stopping without waiting for in-flight requests");
+            anyhow::bail!("stopped before the requests in flight finished");
+        }
+    }
     if let Some(failure) = failed {
         anyhow::bail!("server failed: {failure}");
     }

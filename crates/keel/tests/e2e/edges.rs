@@ -456,3 +456,65 @@ async fn a_stream_ends_at_its_tasks_deadline_when_that_comes_before_the_routes()
         "{text}"
     );
 }
+
+/// Sends SIGINT to `keel`.
+fn interrupt(keel: &Keel) {
+    let pid = keel.child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
+    let sim = sim().await;
+    let mut keel = Keel::start(TWO_TARGETS, &sim).await;
+    // A stream of about ten seconds: 20 words, half a second apart.
+    let words = (1..=20)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    sim.set_always(
+        "primary",
+        Some(Fault {
+            chunk_interval: Some(Duration::from_millis(500)),
+            reply: Some(words),
+            ..Fault::default()
+        }),
+    );
+    let url = keel.base_url();
+    let stream = tokio::spawn(async move {
+        let body = serde_json::json!({"model": "smart", "stream": true,
+            "messages": [{"role": "user", "content": "take your time"}]});
+        let response = reqwest::Client::new()
+            .post(format!("{url}/chat/completions"))
+            .json(&body)
+            .send()
+            .await;
+        match response {
+            Ok(response) => response.text().await.is_ok(),
+            Err(_) => false,
+        }
+    });
+    while sim.calls("primary") == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first interrupt drains: keel waits for the stream.
+    interrupt(&keel);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        keel.child.try_wait().unwrap().is_none(),
+        "keel did not wait for the stream in flight"
+    );
+    // The second stops it at once, saying the drain was cut short.
+    interrupt(&keel);
+    let status = tokio::time::timeout(Duration::from_secs(3), keel.child.wait())
+        .await
+        .expect("keel did not stop at the second interrupt")
+        .unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(!stream.await.unwrap(), "the stream cannot have completed");
+}
