@@ -25,7 +25,7 @@ pub enum UpstreamError {
         detail: String,
     },
     /// A deadline passed during the attempt.
-    #[error("attempt to {target} timed out after {after:?} ({phase})")]
+    #[error("attempt to {target} timed out after {}ms ({phase})", after.as_millis())]
     Timeout {
         /// `provider/model`.
         target: String,
