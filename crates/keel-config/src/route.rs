@@ -304,7 +304,7 @@ pub struct TimeoutConfig {
     /// TCP + TLS connect.
     #[serde(default, deserialize_with = "duration::optional")]
     pub connect: Option<Duration>,
-    /// Request sent to the first streamed chunk.
+    /// Request sent to the first streamed token (content, a tool call or a finish).
     #[serde(default, deserialize_with = "duration::optional")]
     pub first_token: Option<Duration>,
     /// Longest silence between streamed chunks.
@@ -324,7 +324,7 @@ pub struct TimeoutConfig {
 pub struct TimeoutSettings {
     /// TCP + TLS connect (default 2s).
     pub connect: Duration,
-    /// Request sent to the first streamed chunk (default 20s).
+    /// Request sent to the first streamed token (content, a tool call or a finish).(default 20s).
     pub first_token: Duration,
     /// Longest silence between streamed chunks (default 15s).
     pub idle: Duration,

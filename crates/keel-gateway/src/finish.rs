@@ -349,8 +349,10 @@ impl Finish {
                 StreamEnd::Done => Some(Bytes::from_static(b"data: [DONE]\n\n")),
                 StreamEnd::ClientGone | StreamEnd::Failed { .. } => last,
             };
+            // The deadline may have passed (it ended the stream): a client still reading gets
+            // the last event within `idle`, as it would any other.
             if let Some(last) = last {
-                deliver(&tx, last, deadline.0).await;
+                let _ = deliver(&tx, last, Instant::now() + idle).await;
             }
         });
         let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -576,13 +578,25 @@ struct Pumped {
     last: Option<Bytes>,
 }
 
-/// Sends `frame` to the client; `false` when the client left, or did not read for so long
-/// that `deadline` (the call's) passed: either way it is gone.
-async fn deliver(tx: &mpsc::Sender<Bytes>, frame: Bytes, deadline: Instant) -> bool {
-    matches!(
-        tokio::time::timeout_at(deadline, tx.send(frame)).await,
-        Ok(Ok(()))
-    )
+/// Why [`deliver`] could not hand a frame on.
+enum Undelivered {
+    /// The client left.
+    Gone,
+    /// The client, still there, had not read what came before when the deadline passed.
+    Late,
+}
+
+/// Sends `frame` to the client, waiting while it is behind until `deadline`.
+async fn deliver(
+    tx: &mpsc::Sender<Bytes>,
+    frame: Bytes,
+    deadline: Instant,
+) -> Result<(), Undelivered> {
+    match tokio::time::timeout_at(deadline, tx.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Undelivered::Gone),
+        Err(_) => Err(Undelivered::Late),
+    }
 }
 
 /// Forwards chunks to the client until the upstream ends, fails, goes idle, or
@@ -609,11 +623,21 @@ async fn pump(
     };
     let ended =
         |end: StreamEnd, usage: Option<Usage>, last: Option<Bytes>| Pumped { end, usage, last };
+    // keel's own deadline passed while the client was behind: a failure of neither side's
+    // health, told to the client like any other.
+    let late = || {
+        (
+            format!("the client had not read the stream from {target} when {deadline_name} passed"),
+            false,
+        )
+    };
     keep(&first);
-    if !deliver(tx, sse_frame(&first), deadline).await {
-        return ended(StreamEnd::ClientGone, usage, None);
-    }
-    loop {
+    let mut failed = match deliver(tx, sse_frame(&first), deadline).await {
+        Ok(()) => None,
+        Err(Undelivered::Gone) => return ended(StreamEnd::ClientGone, usage, None),
+        Err(Undelivered::Late) => Some(late()),
+    };
+    while failed.is_none() {
         let wait_until = deadline.min(Instant::now() + idle);
         // A client that leaves while the upstream is silent cancels the call now, not at
         // the next chunk or the idle timeout.
@@ -621,7 +645,7 @@ async fn pump(
             next = tokio::time::timeout_at(wait_until, rest.next()) => next,
             () = tx.closed() => return ended(StreamEnd::ClientGone, usage, None),
         };
-        let (failure, against_target) = match next {
+        failed = Some(match next {
             Ok(Some(Ok(chunk))) => {
                 if let Ok(Some(u)) = usage_of(&chunk) {
                     usage = Some(u);
@@ -630,11 +654,12 @@ async fn pump(
                     }
                 }
                 keep(&chunk);
-                if !deliver(tx, sse_frame(&chunk), deadline).await {
+                match deliver(tx, sse_frame(&chunk), deadline).await {
+                    Ok(()) => continue,
                     // Dropping `rest` closes the upstream connection: the client left.
-                    return ended(StreamEnd::ClientGone, usage, None);
+                    Err(Undelivered::Gone) => return ended(StreamEnd::ClientGone, usage, None),
+                    Err(Undelivered::Late) => late(),
                 }
-                continue;
             }
             Ok(None) => return ended(StreamEnd::Done, usage, None),
             Ok(Some(Err(e))) => {
@@ -670,17 +695,18 @@ async fn pump(
                 ),
                 true,
             ),
-        };
-        tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
-        let error = json!({"error": {
-            "message": format!("upstream stream failed after it started: {failure}"),
-            "type": "api_error",
-            "code": "stream_interrupted",
-            "param": null,
-        }});
-        let last = sse_frame(error.to_string().as_bytes());
-        return ended(StreamEnd::Failed { against_target }, usage, Some(last));
+        });
     }
+    let (failure, against_target) = failed.unwrap_or_default();
+    tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
+    let error = json!({"error": {
+        "message": format!("upstream stream failed after it started: {failure}"),
+        "type": "api_error",
+        "code": "stream_interrupted",
+        "param": null,
+    }});
+    let last = sse_frame(error.to_string().as_bytes());
+    ended(StreamEnd::Failed { against_target }, usage, Some(last))
 }
 
 /// A chunk that carries only `usage` (`"choices": []`), as OpenAI sends last when
@@ -855,11 +881,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_that_stops_reading_is_gone_at_the_call_s_deadline() {
-        let endless = futures::stream::repeat_with(|| Ok(Bytes::from_static(CHUNK))).boxed();
+    async fn a_client_behind_at_the_call_s_deadline_is_told_and_one_that_left_is_gone() {
+        let endless = || futures::stream::repeat_with(|| Ok(Bytes::from_static(CHUNK))).boxed();
         let started = Instant::now();
-        let pumped = pumped(endless, Duration::from_secs(30), Duration::from_millis(200)).await;
-        assert_eq!(pumped.end, StreamEnd::ClientGone);
+        let behind = pumped(
+            endless(),
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+        )
+        .await;
+        assert_eq!(against(&behind), Some(false));
+        let last = behind.last.unwrap();
+        assert!(
+            String::from_utf8_lossy(&last).contains("had not read the stream"),
+            "{last:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
+        let (tx, rx) = mpsc::channel(16);
+        drop(rx);
+        let deadline = (
+            Instant::now() + Duration::from_secs(30),
+            "the total deadline",
+        );
+        let gone = pump(
+            Bytes::from_static(CHUNK),
+            endless(),
+            &tx,
+            (Duration::from_secs(30), deadline),
+            "sim/m",
+            (None, None),
+            false,
+        )
+        .await;
+        assert_eq!(gone.end, StreamEnd::ClientGone);
+        assert!(gone.last.is_none());
     }
 }

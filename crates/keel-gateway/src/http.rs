@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_core::{EventKind, NewEvent};
@@ -266,11 +266,12 @@ async fn handle(
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
-    // keel has retried and fallen back already, within its retry budget (or refused the
-    // call for a reason a retry does not change): the OpenAI SDKs' own retries (two by
-    // default) would only multiply the load on an upstream in trouble.
+    // After an upstream failure keel has retried and fallen back already, within its retry
+    // budget, and a task the loop guard stopped stays stopped: the OpenAI SDKs' own retries
+    // (two by default) would only multiply the load on an upstream in trouble. A budget's
+    // 429 is left to the SDK, which waits for its `Retry-After`.
     let status = response.status();
-    if status.is_client_error() || status.is_server_error() {
+    if status.is_server_error() || status == StatusCode::CONFLICT {
         response
             .headers_mut()
             .insert(SHOULD_RETRY, HeaderValue::from_static("false"));

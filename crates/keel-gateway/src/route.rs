@@ -215,7 +215,7 @@ pub enum Answer {
         first: Bytes,
         /// The rest.
         rest: ChunkStream,
-        /// Whether `target` is not the route's first.
+        /// Whether the target that answered is not the route's first.
         fallback: bool,
         /// The attempt (and the target that answered), settled when the stream ends.
         attempt: StreamAttempt,
@@ -612,8 +612,10 @@ impl Executor<'_> {
                 log.push(
                     EventKind::RetryScheduled,
                     json!({"route": route.name, "target": target.id, "skipped": format!(
-                        "Retry-After of {}s is over the retry cap of {}",
-                        after.as_secs(),
+                        "Retry-After of {} is over the retry cap of {}",
+                        humantime::format_duration(Duration::from_millis(
+                            u64::try_from(after.as_millis()).unwrap_or(u64::MAX)
+                        )),
                         humantime::format_duration(route.retry.cap)
                     )}),
                 );
@@ -700,7 +702,8 @@ impl Executor<'_> {
         let target = request.target.clone();
         let stream = request.stream;
         let endpoint = request.endpoint;
-        // A stream must show its first chunk within `first_token`, headers included.
+        // A stream must show its first token (a chunk that says something) within
+        // `first_token`, headers included.
         let first_deadline = if stream {
             let first = attempt_deadline.min(start + timeouts.first_token);
             if first < attempt_deadline {

@@ -20,15 +20,15 @@ use crate::route::Target;
 pub(crate) enum StreamEnd {
     /// The upstream finished it.
     Done,
-    /// The client left first (or stopped reading until the call's deadline); the upstream
-    /// was answering, as far as keel saw.
+    /// The client left first; the upstream was answering, as far as keel saw.
     ClientGone,
     /// It failed after its first byte: cut, silent past `idle`, past the call's or its
-    /// task's deadline, or ended by the upstream's error event. `against_target` when that
-    /// says something about the target's health: a cut, a silence, and an error event keel
-    /// would retry before the first byte (5xx, 408, 429, or no status); not a deadline of
-    /// keel's (a long answer is not a failing target), a content filter's or another
-    /// request error's event, or one refusing keel's credentials.
+    /// task's deadline (the client behind, too), or ended by the upstream's error event.
+    /// `against_target` when that says something about the target's health: a cut, a
+    /// silence, and an error event keel would retry before the first byte (a retryable
+    /// status: 408, 429, 500, 502, 503, 504, 529; or none); not a deadline of keel's (a
+    /// long answer is not a failing target), a content filter's or another request error's
+    /// event, or one refusing keel's credentials.
     Failed {
         /// Whether the breaker counts it as a failure.
         against_target: bool,
