@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::Gateway;
 use crate::error::ApiError;
-use crate::guard::loops::{LABEL_PAUSE, Stopped};
+use crate::guard::loops::{PAUSE, Release, Stopped};
 use crate::route::Attribution;
 use crate::usage::Usage;
 
@@ -94,41 +94,44 @@ impl Gateway {
         context["loop"] = context["kind"].take();
         context["kind"] = json!(crate::tools::LoopHandoff::KIND);
         for task in stop.other.iter().chain([&stop.task]) {
-            let approval = self
+            let release = self
                 .hand_off(task, stop.reason.clone(), context.clone())
                 .await;
-            let until = approval
-                .is_none()
-                .then(|| std::time::Instant::now() + LABEL_PAUSE);
             self.loops.stop(
                 task,
                 Stopped {
                     reason: stop.reason.clone(),
-                    approval,
-                    until,
+                    release,
                 },
             );
         }
     }
 
     /// Hands `task` to a person with `reason` and `context` (the loop guard's directive
-    /// `handoff`); the approval's id, or `None` when there is no queue or the supervisor
-    /// refused (a task it does not know, or one already waiting).
-    pub(crate) async fn hand_off(
-        &self,
-        task: &str,
-        reason: String,
-        context: Value,
-    ) -> Option<String> {
-        let queue = self.approvals.as_ref()?;
+    /// `handoff`): what lets it go on, the person deciding on the approval, or else time,
+    /// [`PAUSE`] from now, when there is no queue or the supervisor refused (a task it does
+    /// not know, or one that cannot wait for a person now).
+    pub(crate) async fn hand_off(&self, task: &str, reason: String, context: Value) -> Release {
+        let at = std::time::Instant::now() + PAUSE;
+        let Some(queue) = self.approvals.as_ref() else {
+            return Release::At {
+                at,
+                why: "this keel has no approval queue".to_owned(),
+            };
+        };
         match queue
             .handoff(task, reason, context, keel_config::DEFAULT_APPROVAL_TIMEOUT)
             .await
         {
-            Ok(id) => Some(id),
+            Ok(id) => Release::Person(id),
             Err(e) => {
                 tracing::debug!(task, error = %e.message, "a looping task was not handed off");
-                None
+                let why = if e.status == StatusCode::NOT_FOUND {
+                    "there is no supervisor task by that name".to_owned()
+                } else {
+                    format!("the supervisor refused: {}", e.message)
+                };
+                Release::At { at, why }
             }
         }
     }
@@ -146,8 +149,7 @@ impl Gateway {
                 task,
                 Stopped {
                     reason: handoff.reason.clone(),
-                    approval: Some(handoff.approval.clone()),
-                    until: None,
+                    release: Release::Person(handoff.approval.clone()),
                 },
             );
         }
@@ -158,7 +160,7 @@ impl Gateway {
         let Some(stopped) = self.loops.stopped(task) else {
             return Ok(());
         };
-        if let Some(id) = &stopped.approval {
+        if let Release::Person(id) = &stopped.release {
             let log = self
                 .task_log(task)
                 .await
@@ -170,20 +172,16 @@ impl Gateway {
                 return Ok(());
             }
         }
-        let next = match (&stopped.approval, stopped.until) {
-            (Some(id), _) => format!(
+        let next = match &stopped.release {
+            Release::Person(id) => format!(
                 "it waits for a person (handoff {id}: `keel approvals ls`, `keel approvals approve {id}` to let it go on)"
             ),
-            (None, until) => {
-                let left = until.map_or(0, |until| {
-                    until
-                        .saturating_duration_since(std::time::Instant::now())
-                        .as_secs()
-                        + 1
-                });
-                format!(
-                    "there is no supervisor task by that name to hand to a person, so they go on in {left}s"
-                )
+            Release::At { at, why } => {
+                let left = at
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs()
+                    + 1;
+                format!("no person can let it go on ({why}), so they go on in {left}s")
             }
         };
         Err(ApiError::new(

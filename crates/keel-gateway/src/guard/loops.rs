@@ -248,19 +248,30 @@ pub struct Detected {
 pub struct Stopped {
     /// Why, in words.
     pub reason: String,
-    /// The approval (handoff) a person decides on; `None` when the task could not be
-    /// handed off (keel's supervisor does not know it).
-    pub approval: Option<String>,
-    /// When the stop ends by itself: set for a task that could not be handed off (a label
-    /// of the client's own), which no person can let go on ([`LABEL_PAUSE`] after the stop).
-    pub until: Option<Instant>,
+    /// What lets it go on.
+    pub release: Release,
 }
 
-/// How long the calls of a looping task keel's supervisor does not know (an `x-keel-task`
-/// label of the client's own) are refused: the loop guard's own window, so a loop that goes
-/// on is found and stopped again, and a label a client keeps (a session, a ticket) is not
-/// refused for good.
-pub const LABEL_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
+/// What lets a stopped task go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Release {
+    /// A person, deciding on this approval (the handoff).
+    Person(String),
+    /// Time: the task could not be handed to a person (`why`: keel's supervisor does not
+    /// know it, as for an `x-keel-task` label of the client's own), so no person can let it
+    /// go on; its calls are refused until `at` ([`PAUSE`] after the stop).
+    At {
+        /// When the stop ends.
+        at: Instant,
+        /// Why no person was asked, in words.
+        why: String,
+    },
+}
+
+/// How long the calls of a looping task no person was asked about are refused: the loop
+/// guard's own window, so a loop that goes on is found and stopped again, and a label a
+/// client keeps (a session, a ticket) is not refused for good.
+pub const PAUSE: std::time::Duration = BURN_WINDOW;
 
 /// The span over which a task's token burn is summed.
 pub const BURN_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -390,6 +401,12 @@ impl LoopGuard {
         let mut tasks = self.tasks.lock();
         let state = tasks.entry(task.to_owned()).or_default();
         state.seen = Some(Instant::now());
+        // A stop a person decides on stays: a second loop found meanwhile (a bounce's other
+        // end, an answer in flight) could not be handed off again, the task waiting already.
+        let decided_by_person = |s: &Stopped| matches!(s.release, Release::Person(_));
+        if state.stopped.as_ref().is_some_and(decided_by_person) && !decided_by_person(&stopped) {
+            return;
+        }
         state.stopped = Some(stopped);
     }
 
@@ -398,7 +415,7 @@ impl LoopGuard {
     pub fn stopped(&self, task: &str) -> Option<Stopped> {
         let mut tasks = self.tasks.lock();
         let stopped = tasks.get(task)?.stopped.clone()?;
-        if stopped.until.is_some_and(|until| until <= Instant::now()) {
+        if matches!(stopped.release, Release::At { at, .. } if at <= Instant::now()) {
             tasks.remove(task);
             return None;
         }
@@ -600,13 +617,23 @@ mod tests {
             "t",
             Stopped {
                 reason: "loop".into(),
-                approval: Some("apr_1".into()),
-                until: None,
+                release: Release::Person("apr_1".into()),
+            },
+        );
+        // A second loop that could not be handed off does not replace the person's stop.
+        guard.stop(
+            "t",
+            Stopped {
+                reason: "again".into(),
+                release: Release::At {
+                    at: Instant::now(),
+                    why: "it waits for a person already".into(),
+                },
             },
         );
         assert_eq!(
-            guard.stopped("t").unwrap().approval.as_deref(),
-            Some("apr_1")
+            guard.stopped("t").unwrap().release,
+            Release::Person("apr_1".into())
         );
         guard.release("t");
         assert_eq!(guard.stopped("t"), None);
@@ -616,12 +643,14 @@ mod tests {
     fn a_stopped_label_goes_on_when_its_pause_is_over() {
         let guard = LoopGuard::default();
         let now = Instant::now();
-        let label = |until| Stopped {
+        let label = |at| Stopped {
             reason: "loop".into(),
-            approval: None,
-            until: Some(until),
+            release: Release::At {
+                at,
+                why: "no such task".into(),
+            },
         };
-        guard.stop("paused", label(now + LABEL_PAUSE));
+        guard.stop("paused", label(now + PAUSE));
         guard.stop("over", label(now));
         assert!(guard.stopped("paused").is_some());
         assert_eq!(guard.stopped("over"), None);

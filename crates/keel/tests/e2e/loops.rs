@@ -336,7 +336,7 @@ async fn an_agent_cannot_act_in_another_agent_s_task() {
     let message = refused["error"]["message"].as_str().unwrap();
     let (_, left) = message
         .split_once(
-            "there is no supervisor task by that name to hand to a person, so they go on in ",
+            "no person can let it go on (there is no supervisor task by that name), so they go on in ",
         )
         .unwrap_or_else(|| panic!("{message}"));
     let left: u64 = left.trim_end_matches('s').parse().unwrap();
