@@ -42,8 +42,9 @@ pub enum ErrorHint {
     /// The provider's API cannot express the request (a parameter or endpoint it lacks):
     /// keel found this while translating the request for it and sent nothing.
     Unsupported,
-    /// The provider refused keel's account, not the request (Anthropic's "credit balance
-    /// is too low"): another provider may answer, and the client is not at fault.
+    /// The provider refused keel's account, not the request (OpenAI's `insufficient_quota`,
+    /// Anthropic's "credit balance is too low"): another provider may answer, and the
+    /// client is not at fault.
     AccountRefused,
     /// Nothing recognised.
     None,

@@ -116,6 +116,10 @@ impl UpstreamError {
         match self {
             Self::Connect { .. } => "connect",
             Self::Timeout { phase, .. } => phase,
+            Self::Status {
+                hint: ErrorHint::AccountRefused,
+                ..
+            } => "account_refused",
             Self::Status { .. } => "status",
             Self::Malformed { .. } => "malformed",
             Self::StreamCut { .. } => "stream_cut",
@@ -136,11 +140,16 @@ impl UpstreamError {
     }
 
     /// Whether this failure says anything about the target's health (for the breaker).
-    /// A fatal 4xx is the client's fault, so it neither trips nor heals the breaker.
+    /// A fatal 4xx is the client's fault, so it neither trips nor heals the breaker; a
+    /// provider refusing keel's account (a spent quota or credit) fails every call until
+    /// someone pays, so it counts, and the breaker keeps calls away from it.
     pub fn counts_against_target(&self) -> bool {
         match self.class() {
             ErrorClass::Retryable => true,
-            ErrorClass::FallbackOnly | ErrorClass::Fatal => false,
+            ErrorClass::FallbackOnly => {
+                matches!(self, Self::Status { hint, .. } if *hint == ErrorHint::AccountRefused)
+            }
+            ErrorClass::Fatal => false,
         }
     }
 }

@@ -380,8 +380,16 @@ impl Finish {
     ) -> Response {
         // Every target refused the request itself (context too long, content
         // filter): that is the client's to fix, not an outage to paper over.
-        // Every target was tried, so the error passed on is the last target's.
-        if refused && let Some(e @ UpstreamError::Status { .. }) = last {
+        // Every target was tried, so the error passed on is the last target's. A last
+        // target refusing keel's account is an outage of keel's: the degraded reply when
+        // there is one, else the 502 that says so.
+        let degraded = route.degraded_reply.is_some() && endpoint == Endpoint::ChatCompletions;
+        let account = last
+            .as_ref()
+            .is_some_and(UpstreamError::credentials_refused);
+        if (refused || (account && !degraded && !timed_out))
+            && let Some(e @ UpstreamError::Status { .. }) = last
+        {
             let fallback = route.targets.len() > 1;
             return self.fatal(route, log, e, fallback).await;
         }

@@ -383,8 +383,11 @@ impl Executor<'_> {
                     };
                 }
                 TargetResult::Next(e) => {
+                    // The client's to fix: every target refused the request itself (not
+                    // keel's account, which is an outage of keel's).
                     refused &= matches!(&e, Some(e @ UpstreamError::Status { .. })
-                        if e.class() == keel_core::ErrorClass::FallbackOnly);
+                        if e.class() == keel_core::ErrorClass::FallbackOnly
+                            && !e.credentials_refused());
                     if let Some(e) = e {
                         last = Some(e);
                     }

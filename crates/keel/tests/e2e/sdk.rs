@@ -785,6 +785,32 @@ async fn a_provider_refusing_keel_s_key_is_a_502_not_the_agent_s_401() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_spent_quota_falls_back_at_once_and_alone_is_a_502_or_the_degraded_reply() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let spent = || Fault::error_code("insufficient_quota");
+    // OpenAI's 429 insufficient_quota: no retry brings it back, the next target answers.
+    sim.script("primary", vec![spent()]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
+    assert_eq!(sim.calls("primary"), 1, "not retried");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed[0]["reason"], "account_refused", "{failed:?}");
+    // The only target: a 502 that says whose account it is, not the provider's words.
+    sim.script("patient", vec![spent()]);
+    let out = sdk("chat", &keel.base_url(), &["--model", "patient"]).await;
+    assert_eq!(out["status"], 502, "{out}");
+    let message = out["message"].as_str().unwrap();
+    assert!(message.contains("refused keel's account"), "{out}");
+    assert_eq!(sim.calls("patient"), 1, "not retried");
+    // Every target of a route with a degraded reply: an outage of keel's, so the reply.
+    sim.script("fragile-a", vec![spent()]);
+    sim.script("fragile-b", vec![spent()]);
+    let out = sdk("chat", &keel.base_url(), &["--model", "fragile"]).await;
+    assert_eq!(out["headers"]["x-keel-degraded"], "true", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_retry_wait_longer_than_the_time_left_moves_on_to_the_next_target() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
