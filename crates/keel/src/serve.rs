@@ -173,10 +173,10 @@ fn supervisor_settings(settings: &Settings) -> SupervisorSettings {
 }
 
 async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
-    let first = interrupted();
+    let mut interrupts = Interrupts::listen();
     let mut keel = start(settings, embedded).await?;
     let failed = tokio::select! {
-        () = first => {
+        () = interrupts.next() => {
             tracing::info!(
                 "shutting down: finishing in-flight requests (each within its route's total \
                  deadline); Ctrl-C or SIGTERM again stops at once"
@@ -185,13 +185,22 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
         }
         failure = keel.failed() => Some(failure),
     };
-    let again = interrupted();
+    let first = std::time::Instant::now();
+    let again = async {
+        loop {
+            interrupts.next().await;
+            if first.elapsed() >= SAME_INTERRUPT {
+                return;
+            }
+        }
+    };
     tokio::select! {
         () = keel.stop() => {}
         () = again => {
             // What was acknowledged is committed; the calls still running get no answer.
+            // Exit now: unwinding would wait for running Wasm tools and the store's threads.
             tracing::warn!("interrupted again: stopping without waiting for in-flight requests");
-            anyhow::bail!("stopped before the requests in flight finished");
+            std::process::exit(1);
         }
     }
     if let Some(failure) = failed {
@@ -498,21 +507,43 @@ impl keel_gateway::tools::ApprovalQueue for SupervisorApprovals {
 /// future is first polled: a signal that arrives in between (say, right after the
 /// `keel listening on` line) still stops keel cleanly.
 pub(crate) fn interrupted() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let listen = |kind: SignalKind, name: &str| {
-        signal(kind)
-            .map_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
-            .ok()
-    };
-    let mut int = listen(SignalKind::interrupt(), "Ctrl-C");
-    let mut term = listen(SignalKind::terminate(), "SIGTERM");
-    async move {
+    let mut interrupts = Interrupts::listen();
+    async move { interrupts.next().await }
+}
+
+/// The Ctrl-C and SIGTERM signals, listened for from [`Interrupts::listen`] on, each
+/// received once by [`Interrupts::next`].
+pub(crate) struct Interrupts {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupts {
+    pub(crate) fn listen() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
+                .ok()
+        };
+        Self {
+            int: listen(SignalKind::interrupt(), "Ctrl-C"),
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+        }
+    }
+
+    /// The next Ctrl-C or SIGTERM.
+    pub(crate) async fn next(&mut self) {
         tokio::select! {
-            () = received(int.as_mut()) => {},
-            () = received(term.as_mut()) => {},
+            () = received(self.int.as_mut()) => {},
+            () = received(self.term.as_mut()) => {},
         }
     }
 }
+
+/// How long after the first interrupt another one is taken as the same (a process runner
+/// that forwards Ctrl-C to a process group keel is in delivers it twice).
+const SAME_INTERRUPT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Waits for `signal`; forever when it could not be listened for.
 async fn received(signal: Option<&mut tokio::signal::unix::Signal>) {

@@ -498,13 +498,25 @@ async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
             Err(_) => false,
         }
     });
-    while sim.calls("primary") == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The first interrupt drains: keel waits for the stream.
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while sim.calls("primary") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the stream never reached the model");
+    // The first interrupt drains: keel stops accepting, and waits for the stream.
     interrupt(&keel);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let addr = keel.url.trim_start_matches("http://").to_owned();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "keel kept accepting after the interrupt");
+    // Past the second in which a repeated signal counts as the same one.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(
         keel.child.try_wait().unwrap().is_none(),
         "keel did not wait for the stream in flight"
