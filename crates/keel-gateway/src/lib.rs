@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod output;
 pub mod payload;
 pub mod provider;
+mod pump;
 pub mod route;
 pub mod stream_attempt;
 pub mod tools;

@@ -1,0 +1,293 @@
+//! A stream's way to the client: [`pump`] forwards the upstream's chunks until the
+//! upstream ends, fails, goes silent or runs past the call's deadline, or the client leaves,
+//! and says how it ended ([`Pumped`]); [`crate::finish`] records the call, settles its
+//! attempt, and sends the last event.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::UpstreamError;
+use crate::finish::sse_frame;
+use crate::guard::loops::StreamedAnswer;
+use crate::provider::ChunkStream;
+use crate::stream_attempt::StreamEnd;
+use crate::usage::{Usage, usage_of};
+
+/// How [`pump`] ended a stream.
+pub(crate) struct Pumped {
+    pub(crate) end: StreamEnd,
+    pub(crate) usage: Option<Usage>,
+    /// The error event that ends a failed stream: sent once the call is recorded, as
+    /// `[DONE]` is, so a client that saw the end of its stream can find the call's records.
+    pub(crate) last: Option<Bytes>,
+}
+
+/// Why [`deliver`] could not hand a frame on.
+pub(crate) enum Undelivered {
+    /// The client left.
+    Gone,
+    /// The client, still there, had not read what came before when the deadline passed.
+    Late,
+}
+
+/// Sends `frame` to the client, waiting while it is behind until `deadline`.
+pub(crate) async fn deliver(
+    tx: &mpsc::Sender<Bytes>,
+    frame: Bytes,
+    deadline: Instant,
+) -> Result<(), Undelivered> {
+    match tokio::time::timeout_at(deadline, tx.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Undelivered::Gone),
+        Err(_) => Err(Undelivered::Late),
+    }
+}
+
+/// Forwards chunks to the client until the upstream ends, fails, goes idle, or
+/// the client leaves.
+pub(crate) async fn pump(
+    first: Bytes,
+    mut rest: ChunkStream,
+    tx: &mpsc::Sender<Bytes>,
+    (idle, (deadline, deadline_name)): (Duration, (Instant, &str)),
+    target: &str,
+    (mut transcript, mut answer): (Option<&mut Vec<u8>>, Option<&mut StreamedAnswer>),
+    hide_usage: bool,
+) -> Pumped {
+    let mut usage = usage_of(&first).ok().flatten();
+    // The transcript is the chunks' data, one per line: what the client received.
+    let mut keep = |chunk: &[u8]| {
+        if let Some(t) = transcript.as_deref_mut() {
+            t.extend_from_slice(chunk);
+            t.push(b'\n');
+        }
+        if let Some(a) = answer.as_deref_mut() {
+            a.add(chunk);
+        }
+    };
+    let ended =
+        |end: StreamEnd, usage: Option<Usage>, last: Option<Bytes>| Pumped { end, usage, last };
+    // keel's own deadline passed while the client was behind: a failure of neither side's
+    // health, told to the client like any other.
+    let late = || {
+        (
+            format!("the client had not read the stream from {target} when {deadline_name} passed"),
+            false,
+        )
+    };
+    keep(&first);
+    let mut failed = match deliver(tx, sse_frame(&first), deadline).await {
+        Ok(()) => None,
+        Err(Undelivered::Gone) => return ended(StreamEnd::ClientGone, usage, None),
+        Err(Undelivered::Late) => Some(late()),
+    };
+    while failed.is_none() {
+        let wait_until = deadline.min(Instant::now() + idle);
+        // A client that leaves while the upstream is silent cancels the call now, not at
+        // the next chunk or the idle timeout.
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(wait_until, rest.next()) => next,
+            () = tx.closed() => return ended(StreamEnd::ClientGone, usage, None),
+        };
+        failed = Some(match next {
+            Ok(Some(Ok(chunk))) => {
+                if let Ok(Some(u)) = usage_of(&chunk) {
+                    usage = Some(u);
+                    if hide_usage && is_usage_only(&chunk) {
+                        continue;
+                    }
+                }
+                keep(&chunk);
+                match deliver(tx, sse_frame(&chunk), deadline).await {
+                    Ok(()) => continue,
+                    // Dropping `rest` closes the upstream connection: the client left.
+                    Err(Undelivered::Gone) => return ended(StreamEnd::ClientGone, usage, None),
+                    Err(Undelivered::Late) => late(),
+                }
+            }
+            Ok(None) => return ended(StreamEnd::Done, usage, None),
+            Ok(Some(Err(e))) => {
+                let against_target = e.counts_against_target();
+                match e {
+                    // The upstream's own error event goes to the client as it came: one
+                    // error, its words, then the end; unless it refuses keel's credentials,
+                    // whose words may quote the key (keel's own error event says so
+                    // instead, below).
+                    UpstreamError::Status {
+                        body, status, hint, ..
+                    } if !crate::error::refuses_credentials(status, hint) => {
+                        keep(&body);
+                        tracing::warn!(
+                            target_id = target,
+                            "the upstream reported an error inside its stream"
+                        );
+                        let end = StreamEnd::Failed { against_target };
+                        return ended(end, usage, Some(sse_frame(&body)));
+                    }
+                    e => (e.to_string(), against_target),
+                }
+            }
+            // keel's own deadline ended a stream that was still coming: a long answer, not
+            // a failing target.
+            Err(_) if wait_until == deadline => (
+                format!("stream from {target} exceeded {deadline_name}"),
+                false,
+            ),
+            Err(_) => (
+                format!(
+                    "stream from {target} was silent for longer than the idle timeout of {idle:?}"
+                ),
+                true,
+            ),
+        });
+    }
+    let (failure, against_target) = failed.unwrap_or_default();
+    tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
+    let error = json!({"error": {
+        "message": format!("upstream stream failed after it started: {failure}"),
+        "type": "api_error",
+        "code": "stream_interrupted",
+        "param": null,
+    }});
+    let last = sse_frame(error.to_string().as_bytes());
+    ended(StreamEnd::Failed { against_target }, usage, Some(last))
+}
+
+/// A chunk that carries only `usage` (`"choices": []`), as OpenAI sends last when
+/// `stream_options.include_usage` is set.
+fn is_usage_only(chunk: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(chunk)
+        .ok()
+        .and_then(|v| {
+            v.get("choices")
+                .and_then(Value::as_array)
+                .map(Vec::is_empty)
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    use super::{Pumped, pump};
+    use crate::error::UpstreamError;
+    use crate::provider::ChunkStream;
+    use crate::stream_attempt::StreamEnd;
+
+    const CHUNK: &[u8] = br#"{"choices":[{"delta":{"content":"hi"}}]}"#;
+
+    /// Pumps `rest` after a first chunk into a channel (of 16, as a stream's) that is never
+    /// read, with `idle` and the call's deadline `deadline` from now.
+    async fn pumped(rest: ChunkStream, idle: Duration, deadline: Duration) -> Pumped {
+        let (tx, _rx) = mpsc::channel(16);
+        let deadline = (Instant::now() + deadline, "the total deadline");
+        pump(
+            Bytes::from_static(CHUNK),
+            rest,
+            &tx,
+            (idle, deadline),
+            "sim/m",
+            (None, None),
+            false,
+        )
+        .await
+    }
+
+    fn against(pumped: &Pumped) -> Option<bool> {
+        match pumped.end {
+            StreamEnd::Failed { against_target } => Some(against_target),
+            StreamEnd::Done | StreamEnd::ClientGone => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn silence_counts_against_the_target_and_keel_s_deadline_does_not() {
+        let short = Duration::from_millis(50);
+        let long = Duration::from_secs(30);
+        let silent = || futures::stream::pending().boxed();
+        let idle = pumped(silent(), short, long).await;
+        assert_eq!(against(&idle), Some(true));
+        let over = pumped(silent(), long, short).await;
+        assert_eq!(against(&over), Some(false));
+        // Either way the client's last event is keel's error, held back until the call is
+        // recorded.
+        let last = over.last.unwrap();
+        assert!(
+            String::from_utf8_lossy(&last).contains("exceeded the total deadline"),
+            "{last:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_event_counts_as_its_error_would() {
+        let event = |status: u16, body: &'static [u8]| {
+            let error = UpstreamError::Status {
+                target: "sim/m".into(),
+                status: axum::http::StatusCode::from_u16(status).unwrap(),
+                retry_after: None,
+                body: Bytes::from_static(body),
+                hint: keel_core::class::ErrorHint::from_body(body),
+            };
+            futures::stream::iter([Ok(Bytes::from_static(CHUNK)), Err(error)]).boxed()
+        };
+        let long = Duration::from_secs(30);
+        let overloaded = pumped(event(503, br#"{"error":{"message":"busy"}}"#), long, long).await;
+        assert_eq!(against(&overloaded), Some(true));
+        assert_eq!(
+            overloaded.last.unwrap(),
+            Bytes::from_static(b"data: {\"error\":{\"message\":\"busy\"}}\n\n"),
+            "the upstream's own event, as it came"
+        );
+        let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
+        let filtered = pumped(event(400, filtered), long, long).await;
+        assert_eq!(against(&filtered), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_client_behind_at_the_call_s_deadline_is_told_and_one_that_left_is_gone() {
+        let endless = || futures::stream::repeat_with(|| Ok(Bytes::from_static(CHUNK))).boxed();
+        let started = Instant::now();
+        let behind = pumped(
+            endless(),
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+        )
+        .await;
+        assert_eq!(against(&behind), Some(false));
+        let last = behind.last.unwrap();
+        assert!(
+            String::from_utf8_lossy(&last).contains("had not read the stream"),
+            "{last:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let (tx, rx) = mpsc::channel(16);
+        drop(rx);
+        let deadline = (
+            Instant::now() + Duration::from_secs(30),
+            "the total deadline",
+        );
+        let gone = pump(
+            Bytes::from_static(CHUNK),
+            endless(),
+            &tx,
+            (Duration::from_secs(30), deadline),
+            "sim/m",
+            (None, None),
+            false,
+        )
+        .await;
+        assert_eq!(gone.end, StreamEnd::ClientGone);
+        assert!(gone.last.is_none());
+    }
+}
