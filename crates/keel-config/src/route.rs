@@ -324,7 +324,8 @@ pub struct TimeoutConfig {
 pub struct TimeoutSettings {
     /// TCP + TLS connect (default 2s).
     pub connect: Duration,
-    /// Request sent to the first streamed token (content, a tool call or a finish).(default 20s).
+    /// Request sent to the first streamed token (content, a tool call or a finish); default
+    /// 20s.
     pub first_token: Duration,
     /// Longest silence between streamed chunks (default 15s).
     pub idle: Duration,

@@ -211,6 +211,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_spent_quota_counts_against_its_target_and_the_request_s_own_errors_do_not() {
+        let answered = |status: u16, body: &'static [u8]| UpstreamError::Status {
+            target: "sim/m".into(),
+            status: StatusCode::from_u16(status).unwrap(),
+            retry_after: None,
+            body: Bytes::from_static(body),
+            hint: ErrorHint::from_body(body),
+        };
+        let spent = answered(429, br#"{"error":{"code":"insufficient_quota"}}"#);
+        assert_eq!(spent.class(), ErrorClass::FallbackOnly);
+        assert!(spent.counts_against_target());
+        assert_eq!(spent.reason(), "account_refused");
+        let filtered = answered(400, br#"{"error":{"code":"content_filter"}}"#);
+        assert!(!filtered.counts_against_target());
+        assert!(!answered(400, b"{}").counts_against_target());
+        assert!(answered(503, b"{}").counts_against_target());
+    }
+
+    #[test]
     fn an_error_object_stands_for_the_status_it_names() {
         let status = |error: serde_json::Value| {
             let body = serde_json::json!({ "error": error }).to_string();

@@ -348,10 +348,10 @@ impl Finish {
                 StreamEnd::Done => Some(Bytes::from_static(b"data: [DONE]\n\n")),
                 StreamEnd::ClientGone | StreamEnd::Failed { .. } => last,
             };
-            // The deadline may have passed (it ended the stream): a client still reading gets
-            // the last event within `idle`, as it would any other.
+            // A client still reading gets the last event as it would any other, until the
+            // deadline; and within `idle` when the deadline has passed (it ended the stream).
             if let Some(last) = last {
-                let _ = deliver(&tx, last, Instant::now() + idle).await;
+                let _ = deliver(&tx, last, deadline.0.max(Instant::now() + idle)).await;
             }
         });
         let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -375,18 +375,15 @@ impl Finish {
         log: CallLog,
         last: Option<UpstreamError>,
         timed_out: bool,
-        refused: bool,
+        (refused, account): (bool, bool),
     ) -> Response {
         // Every target refused the request itself (context too long, content
         // filter): that is the client's to fix, not an outage to paper over.
-        // Every target was tried, so the error passed on is the last target's. A last
-        // target refusing keel's account is an outage of keel's: the degraded reply when
-        // there is one, else the 502 that says so.
+        // Every target was tried, so the error passed on is the last target's. Every target
+        // refusing keel's account is an outage of keel's: the degraded reply when there is
+        // one, else the 502 that says so.
         let degraded = route.degraded_reply.is_some() && endpoint == Endpoint::ChatCompletions;
-        let account = last
-            .as_ref()
-            .is_some_and(UpstreamError::credentials_refused);
-        if (refused || (account && !degraded && !timed_out))
+        if (refused || (account && !degraded))
             && let Some(e @ UpstreamError::Status { .. }) = last
         {
             let fallback = route.targets.len() > 1;

@@ -269,9 +269,17 @@ async fn handle(
     // After an upstream failure keel has retried and fallen back already, within its retry
     // budget, and a task the loop guard stopped stays stopped: the OpenAI SDKs' own retries
     // (two by default) would only multiply the load on an upstream in trouble. A budget's
-    // 429 is left to the SDK, which waits for its `Retry-After`.
+    // 429 is left to the SDK, which waits for its `Retry-After` (up to a minute).
     let status = response.status();
-    if status.is_server_error() || status == StatusCode::CONFLICT {
+    // The SDKs wait for a `Retry-After` of up to a minute; a longer one they replace by
+    // their own short backoff, which a budget's window would refuse again.
+    let long_wait = status == StatusCode::TOO_MANY_REQUESTS
+        && response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|secs| secs > 60);
+    if status.is_server_error() || status == StatusCode::CONFLICT || long_wait {
         response
             .headers_mut()
             .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
@@ -439,8 +447,9 @@ async fn handle_inner(
             last,
             timed_out,
             refused,
+            account,
         } => {
-            ctx.exhausted(route, endpoint, log, last, timed_out, refused)
+            ctx.exhausted(route, endpoint, log, last, timed_out, (refused, account))
                 .await
         }
         Answer::Fatal { error, fallback } => ctx.fatal(route, log, error, fallback).await,

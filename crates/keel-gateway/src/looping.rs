@@ -144,7 +144,13 @@ impl Gateway {
         let Some(handoff) = &facts.loop_handoff else {
             return;
         };
-        if self.loops.stopped(task).is_none() {
+        // A pause keel set itself gives way to the person's handoff (made by another node,
+        // or for a loop of tool calls).
+        let decided_by_person = self
+            .loops
+            .stopped(task)
+            .is_some_and(|s| matches!(s.release, Release::Person(_)));
+        if !decided_by_person {
             self.loops.stop(
                 task,
                 Stopped {

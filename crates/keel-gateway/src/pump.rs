@@ -76,7 +76,9 @@ pub(crate) async fn pump(
     // health, told to the client like any other.
     let late = || {
         (
-            format!("the client had not read the stream from {target} when {deadline_name} passed"),
+            format!(
+                "the stream from {target} ended: the client had not read it when {deadline_name} passed"
+            ),
             false,
         )
     };
@@ -129,19 +131,19 @@ pub(crate) async fn pump(
                         let end = StreamEnd::Failed { against_target };
                         return ended(end, usage, Some(sse_frame(&body)));
                     }
-                    e => (e.to_string(), against_target),
+                    e => (upstream_failed(&e), against_target),
                 }
             }
             // keel's own deadline ended a stream that was still coming: a long answer, not
             // a failing target.
             Err(_) if wait_until == deadline => (
-                format!("stream from {target} exceeded {deadline_name}"),
+                upstream_failed(&format!("stream from {target} exceeded {deadline_name}")),
                 false,
             ),
             Err(_) => (
-                format!(
+                upstream_failed(&format!(
                     "stream from {target} was silent for longer than the idle timeout of {idle:?}"
-                ),
+                )),
                 true,
             ),
         });
@@ -149,13 +151,18 @@ pub(crate) async fn pump(
     let (failure, against_target) = failed.unwrap_or_default();
     tracing::warn!(target_id = target, error = %failure, "stream failed after the first byte");
     let error = json!({"error": {
-        "message": format!("upstream stream failed after it started: {failure}"),
+        "message": failure,
         "type": "api_error",
         "code": "stream_interrupted",
         "param": null,
     }});
     let last = sse_frame(error.to_string().as_bytes());
     ended(StreamEnd::Failed { against_target }, usage, Some(last))
+}
+
+/// The words of keel's error event for an upstream stream that failed with `failure`.
+fn upstream_failed(failure: &dyn std::fmt::Display) -> String {
+    format!("upstream stream failed after it started: {failure}")
 }
 
 /// A chunk that carries only `usage` (`"choices": []`), as OpenAI sends last when
@@ -267,7 +274,8 @@ mod tests {
         assert_eq!(against(&behind), Some(false));
         let last = behind.last.unwrap();
         assert!(
-            String::from_utf8_lossy(&last).contains("had not read the stream"),
+            String::from_utf8_lossy(&last)
+                .contains("the client had not read it when the total deadline passed"),
             "{last:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));

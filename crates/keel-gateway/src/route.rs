@@ -229,6 +229,8 @@ pub enum Answer {
         /// Whether every target was tried and refused the request itself (a fallback-only
         /// error such as context too long): the client's to fix, not an outage.
         refused: bool,
+        /// Whether every target was tried and refused keel's account (a spent quota).
+        account: bool,
     },
     /// A fatal error to return to the client unchanged.
     Fatal {
@@ -331,6 +333,7 @@ impl Executor<'_> {
         let mut last: Option<UpstreamError> = None;
         let mut previous: Option<&Arc<Target>> = None;
         let mut refused = !route.targets.is_empty();
+        let mut account = refused;
         for (index, target) in route.targets.iter().enumerate() {
             if let Some(prev) = previous {
                 let reason = last.as_ref().map_or("breaker_open", UpstreamError::reason);
@@ -365,6 +368,7 @@ impl Executor<'_> {
                         Err(e) => {
                             last = Some(e);
                             refused = false;
+                            account = false;
                         }
                     }
                 }
@@ -388,6 +392,7 @@ impl Executor<'_> {
                     refused &= matches!(&e, Some(e @ UpstreamError::Status { .. })
                         if e.class() == keel_core::ErrorClass::FallbackOnly
                             && !e.credentials_refused());
+                    account &= e.as_ref().is_some_and(UpstreamError::credentials_refused);
                     if let Some(e) = e {
                         last = Some(e);
                     }
@@ -397,6 +402,7 @@ impl Executor<'_> {
                         last: e.or(last),
                         timed_out: true,
                         refused: false,
+                        account: false,
                     };
                 }
             }
@@ -407,6 +413,7 @@ impl Executor<'_> {
             last,
             timed_out,
             refused: refused && !timed_out,
+            account: account && !timed_out,
         }
     }
 

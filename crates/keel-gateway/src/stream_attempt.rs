@@ -28,7 +28,8 @@ pub(crate) enum StreamEnd {
     /// silence, and an error event keel would retry before the first byte (a retryable
     /// status: 408, 429, 500, 502, 503, 504, 529; or none); not a deadline of keel's (a
     /// long answer is not a failing target), a content filter's or another request error's
-    /// event, or one refusing keel's credentials.
+    /// event, or one refusing keel's credentials (a 401/403; one refusing keel's account, a
+    /// spent quota, counts).
     Failed {
         /// Whether the breaker counts it as a failure.
         against_target: bool,

@@ -410,7 +410,7 @@ impl LoopGuard {
         state.stopped = Some(stopped);
     }
 
-    /// Why `task` is stopped, if it is; a stop whose `until` has passed is over (the task
+    /// Why `task` is stopped, if it is; a stop whose [`Release::At`] has passed is over (the task
     /// goes on with a fresh window).
     pub fn stopped(&self, task: &str) -> Option<Stopped> {
         let mut tasks = self.tasks.lock();

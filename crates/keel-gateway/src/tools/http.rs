@@ -249,7 +249,10 @@ impl Gateway {
             "keel detected a loop in task {task:?}: the same call of tool {tool:?} was made {repeats} times"
         );
         let context = json!({"kind": "loop", "loop": "same_tool_call", "agent": agent, "tool": tool, "repeats": repeats});
-        self.hand_off(task, reason, context).await;
+        let release = self.hand_off(task, reason.clone(), context).await;
+        // Its model calls are refused too, as for a loop in its answers.
+        self.loops
+            .stop(task, crate::guard::loops::Stopped { reason, release });
     }
 
     /// Sends an outlier call to the approval queue; the task waits there. A call without
