@@ -220,6 +220,8 @@ pub(crate) struct Running {
     tasks: TaskTracker,
     /// Says why the server stopped serving, if it stops before [`Running::stop`].
     failure: tokio::sync::oneshot::Receiver<String>,
+    /// Its budgets are saved once more when the calls in flight have finished.
+    gateway: Arc<Gateway>,
 }
 
 impl Running {
@@ -237,6 +239,8 @@ impl Running {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        // The budgets were saved when the stop began; the calls that finished since spent too.
+        self.gateway.save_budgets().await;
     }
 }
 
@@ -400,6 +404,7 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         stop,
         tasks,
         failure,
+        gateway,
     })
 }
 
