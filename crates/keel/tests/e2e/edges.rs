@@ -2,7 +2,8 @@
 //! the last target, a fatal answer from a fallback target (the same model in a later place
 //! too), a refusal from one target of
 //! an outage, a client that leaves a silent stream, an upstream error page that is not
-//! JSON, a provider that routes reach with different connect timeouts.
+//! JSON, a provider that routes reach with different connect timeouts, a stop while a stream
+//! is in flight.
 
 use std::time::Duration;
 
@@ -529,4 +530,84 @@ async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
         .unwrap();
     assert!(!status.success(), "{status}");
     assert!(!stream.await.unwrap(), "the stream cannot have completed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_ends_during_the_drain_is_spent_from_the_budget() {
+    const BUDGETED: &str = r#"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+[routes.smart]
+targets = [{ provider = "sim", model = "primary" }]
+[agents.support]
+keys_env = ["KEEL_KEY_SUPPORT"]
+budget = { tokens_per_hour = 100000 }
+"#;
+    let sim = sim().await;
+    let keel = Keel::start(BUDGETED, &sim).await;
+    // A stream of about three seconds, still running when keel is told to stop.
+    let words = (1..=10)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    sim.set_always(
+        "primary",
+        Some(Fault {
+            chunk_interval: Some(Duration::from_millis(300)),
+            reply: Some(words),
+            ..Fault::default()
+        }),
+    );
+    let url = keel.base_url();
+    let stream = tokio::spawn(async move {
+        let body = serde_json::json!({"model": "smart", "stream": true,
+            "messages": [{"role": "user", "content": "count to ten"}]});
+        let response = reqwest::Client::new()
+            .post(format!("{url}/chat/completions"))
+            .bearer_auth("sk-agent-support")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    });
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        while sim.calls("primary") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "the stream never reached the model");
+    interrupt(&keel);
+    let Keel { mut child, dir, .. } = keel;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("keel did not stop after the stream")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let text = stream.await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // Started again on the same store, keel knows what the stream spent.
+    let keel = Keel::start_in(dir, BUDGETED, &sim).await;
+    let spent = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let metrics = keel.metrics().await;
+            let left = metrics
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("keel_budget_remaining{agent=\"support\",unit=\"tokens\"} ")
+                })
+                .and_then(|v| v.parse::<f64>().ok());
+            if left.is_some_and(|left| left < 100_000.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        spent.is_ok(),
+        "the stream's tokens were not saved at the stop"
+    );
 }
