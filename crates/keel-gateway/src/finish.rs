@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::error::{ApiError, UpstreamError};
 use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{RequestLabels, RouteLabel};
-use crate::provider::{ChunkStream, Endpoint};
+use crate::provider::{ChunkStream, Endpoint, RequestId};
 use crate::pump::{Pumped, deliver, pump};
 use crate::route::{CallLog, Route, Target};
 use crate::stream_attempt::{StreamAttempt, StreamEnd};
@@ -202,7 +202,7 @@ impl Finish {
         route: &Route,
         mut log: CallLog,
         target: &Target,
-        (body, tree): (Bytes, Option<Value>),
+        (body, tree, request_id): (Bytes, Option<Value>, RequestId),
         usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
@@ -241,6 +241,7 @@ impl Finish {
             HeaderValue::from_static("application/json"),
         );
         keel_headers(&mut response, &target.id, log.attempts, fallback, false);
+        pass_request_id(&mut response, request_id);
         response
     }
 
@@ -250,7 +251,7 @@ impl Finish {
         mut self,
         route: &Route,
         mut log: CallLog,
-        (first, rest, attempt): (Bytes, ChunkStream, StreamAttempt),
+        (first, rest, request_id, attempt): (Bytes, ChunkStream, RequestId, StreamAttempt),
         fallback: bool,
         task_deadline: Option<Instant>,
     ) -> Response {
@@ -365,6 +366,7 @@ impl Finish {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         keel_headers(&mut response, &answered.id, attempts, fallback, false);
+        pass_request_id(&mut response, request_id);
         response
     }
 
@@ -598,6 +600,16 @@ fn degraded_completion(route: &str, reply: &str) -> Value {
 }
 
 /// The degraded reply as a stream; `with_usage` (the client set
+/// The provider's id of the answer, as `x-request-id` (what the OpenAI SDKs show as its
+/// `_request_id`).
+fn pass_request_id(response: &mut Response, id: RequestId) {
+    if let Some(id) = id {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), id);
+    }
+}
+
 /// `stream_options.include_usage`) adds OpenAI's last chunk of zero usage.
 fn degraded_chunks(route: &str, reply: &str, with_usage: bool) -> Bytes {
     let id = format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple());

@@ -432,17 +432,32 @@ async fn handle_inner(
             body,
             usage,
             tree,
+            request_id,
             fallback,
         } => {
-            ctx.json(route, log, &target, (body, tree), usage, fallback)
-                .await
+            ctx.json(
+                route,
+                log,
+                &target,
+                (body, tree, request_id),
+                usage,
+                fallback,
+            )
+            .await
         }
         Answer::Stream {
             first,
             rest,
+            request_id,
             fallback,
             attempt,
-        } => ctx.stream(route, log, (first, rest, attempt), fallback, task_deadline),
+        } => ctx.stream(
+            route,
+            log,
+            (first, rest, request_id, attempt),
+            fallback,
+            task_deadline,
+        ),
         Answer::Exhausted {
             last,
             timed_out,

@@ -36,7 +36,7 @@ use crate::chaos::{AttemptInfo, Chaos, HeaderFault, Source};
 use crate::error::UpstreamError;
 use crate::metrics::{AttemptLabels, ChaosLabels, Metrics, RouteLabel};
 use crate::output::OutputCheck;
-use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
+use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest, RequestId};
 use crate::stream_attempt::StreamAttempt;
 use crate::usage::Usage;
 
@@ -206,6 +206,8 @@ pub enum Answer {
         usage: Option<Usage>,
         /// The body as a tree, when [`Executor::keep_tree`] asked for it.
         tree: Option<serde_json::Value>,
+        /// The provider's id of the answer.
+        request_id: RequestId,
         /// Whether `target` is not the route's first.
         fallback: bool,
     },
@@ -215,6 +217,8 @@ pub enum Answer {
         first: Bytes,
         /// The rest.
         rest: ChunkStream,
+        /// The provider's id of the answer.
+        request_id: RequestId,
         /// Whether the target that answered is not the route's first.
         fallback: bool,
         /// The attempt (and the target that answered), settled when the stream ends.
@@ -362,6 +366,7 @@ impl Executor<'_> {
                                 body: answer.body,
                                 usage: answer.usage,
                                 tree: answer.tree,
+                                request_id: answer.request_id,
                                 fallback: index > 0,
                             };
                         }
@@ -372,10 +377,11 @@ impl Executor<'_> {
                         }
                     }
                 }
-                TargetResult::Streaming(first, rest, attempt) => {
+                TargetResult::Streaming(first, rest, request_id, attempt) => {
                     return Answer::Stream {
                         first,
                         rest,
+                        request_id,
                         fallback: index > 0,
                         attempt,
                     };
@@ -546,9 +552,9 @@ impl Executor<'_> {
             // A stream's health is known only at its end: it takes its permit along, and is
             // recorded and counted then (`StreamAttempt::settle`).
             let result = match result {
-                Ok(Reply::Stream(first, rest)) => {
+                Ok(Reply::Stream(first, rest, request_id)) => {
                     let attempt = StreamAttempt::new(Arc::clone(target), permit, took);
-                    return TargetResult::Streaming(first, rest, attempt);
+                    return TargetResult::Streaming(first, rest, request_id, attempt);
                 }
                 Ok(Reply::Json(answer)) => Ok(answer),
                 Err(e) => Err(e),
@@ -742,13 +748,11 @@ impl Executor<'_> {
             Err(_) => return Err(timed_out(start.elapsed())),
         };
         match reply {
-            ProviderReply::Json(body) => Ok(Reply::Json(read_json(
-                body,
-                &target,
-                endpoint,
-                self.keep_tree,
-            )?)),
-            ProviderReply::Stream(mut rest) => {
+            ProviderReply::Json(body, request_id) => Ok(Reply::Json(JsonReply {
+                request_id,
+                ..read_json(body, &target, endpoint, self.keep_tree)?
+            })),
+            ProviderReply::Stream(mut rest, request_id) => {
                 // Nothing reaches the client before the first event that says something:
                 // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
                 // filter results and no choices), so a stream that breaks, or stays silent
@@ -793,7 +797,7 @@ impl Executor<'_> {
                 if held.len() > 0 {
                     rest = futures::stream::iter(held.map(Ok)).chain(rest).boxed();
                 }
-                Ok(Reply::Stream(first, rest))
+                Ok(Reply::Stream(first, rest, request_id))
             }
         }
     }
@@ -876,13 +880,13 @@ impl Drop for PermitGuard<'_> {
 
 enum Reply {
     Json(JsonReply),
-    Stream(Bytes, ChunkStream),
+    Stream(Bytes, ChunkStream, RequestId),
 }
 
 enum TargetResult {
     Answered(JsonReply),
     /// A stream whose first event arrived; its attempt is settled when it ends.
-    Streaming(Bytes, ChunkStream, StreamAttempt),
+    Streaming(Bytes, ChunkStream, RequestId, StreamAttempt),
     Fatal(UpstreamError),
     Next(Option<UpstreamError>),
     OutOfTime(Option<UpstreamError>),
@@ -894,6 +898,8 @@ struct JsonReply {
     usage: Option<Usage>,
     /// The body as a tree, when kept.
     tree: Option<serde_json::Value>,
+    /// The provider's id of the answer.
+    request_id: RequestId,
 }
 
 /// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (a chat
@@ -930,7 +936,12 @@ fn read_json(
         let shown: String = text.chars().take(300).collect();
         return Err(malformed(format!("a 200 answer {missing}: {shown}")));
     }
-    Ok(JsonReply { body, usage, tree })
+    Ok(JsonReply {
+        body,
+        usage,
+        tree,
+        request_id: None,
+    })
 }
 
 #[cfg(test)]

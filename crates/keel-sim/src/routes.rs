@@ -202,7 +202,7 @@ async fn model_call(
     {
         return early.map(|response| with_retry_after(response, Some(fault)));
     }
-    let response = match endpoint {
+    let mut response = match endpoint {
         Endpoint::Chat => chat_response(shared, &request, model, fault),
         Endpoint::Messages => messages_response(shared, &request, model, fault),
         Endpoint::Embeddings => match embeddings::answer(&request, model) {
@@ -210,6 +210,18 @@ async fn model_call(
             Err(message) => invalid_request(&message),
         },
     };
+    // Every answer names its request, as OpenAI's (`x-request-id`) and Anthropic's
+    // (`request-id`) do.
+    let name = if anthropic {
+        "request-id"
+    } else {
+        "x-request-id"
+    };
+    if let Ok(id) = HeaderValue::from_str(&shared.next_request_id()) {
+        response
+            .headers_mut()
+            .insert(http::HeaderName::from_static(name), id);
+    }
     Ok(with_retry_after(response, fault))
 }
 

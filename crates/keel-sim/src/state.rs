@@ -56,6 +56,7 @@ pub(crate) struct Shared {
     wildcard: Mutex<Faults>,
     wildcard_armed: AtomicBool,
     next_id: AtomicU64,
+    next_request: AtomicU64,
     injector: RwLock<Option<Arc<dyn Injector>>>,
 }
 
@@ -128,6 +129,14 @@ impl Shared {
     /// A fresh number for response and tool-call ids.
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A fresh request id, as providers give every answer (`req_sim_N`).
+    pub(crate) fn next_request_id(&self) -> String {
+        format!(
+            "req_sim_{}",
+            self.next_request.fetch_add(1, Ordering::Relaxed) + 1
+        )
     }
 
     /// Appends `faults` to the script of `model` (or of every model, for `*`).

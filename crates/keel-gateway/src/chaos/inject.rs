@@ -75,14 +75,12 @@ pub(crate) async fn send(
         }
         Fault::StreamCut { after_chunks } => {
             match provider.send(request).await? {
-                ProviderReply::Stream(stream) => Ok(ProviderReply::Stream(cut(
-                    stream,
-                    after_chunks,
-                    target,
-                    tripped,
-                ))),
+                ProviderReply::Stream(stream, id) => Ok(ProviderReply::Stream(
+                    cut(stream, after_chunks, target, tripped),
+                    id,
+                )),
                 // Not a stream: the body is cut while it is read, a transport error.
-                ProviderReply::Json(_) => {
+                ProviderReply::Json(..) => {
                     tripped.store(true, Ordering::Relaxed);
                     Err(UpstreamError::Connect {
                         target,
@@ -98,9 +96,10 @@ pub(crate) async fn send(
                 let chunk = Ok(Bytes::from_static(MALFORMED));
                 return Ok(ProviderReply::Stream(
                     futures::stream::iter([chunk]).boxed(),
+                    None,
                 ));
             }
-            Ok(ProviderReply::Json(Bytes::from_static(MALFORMED)))
+            Ok(ProviderReply::Json(Bytes::from_static(MALFORMED), None))
         }
     }
 }
@@ -179,9 +178,15 @@ mod tests {
             *self.calls.lock() += 1;
             if request.stream {
                 let chunks = (0..5).map(|i| Ok(Bytes::from(format!("{{\"n\":{i}}}"))));
-                return Ok(ProviderReply::Stream(futures::stream::iter(chunks).boxed()));
+                return Ok(ProviderReply::Stream(
+                    futures::stream::iter(chunks).boxed(),
+                    None,
+                ));
             }
-            Ok(ProviderReply::Json(Bytes::from_static(b"{\"ok\":true}")))
+            Ok(ProviderReply::Json(
+                Bytes::from_static(b"{\"ok\":true}"),
+                None,
+            ))
         }
     }
 
@@ -247,7 +252,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let fault = Fault::Latency(Latency::Fixed(Duration::from_millis(50)));
         let (result, calls, tripped) = run(fault, false).await;
-        assert!(matches!(result, Ok(ProviderReply::Json(_))));
+        assert!(matches!(result, Ok(ProviderReply::Json(..))));
         assert_eq!((calls, tripped), (1, false), "the real call answered");
         assert!(started.elapsed() >= Duration::from_millis(50));
         let hang = tokio::time::timeout(Duration::from_millis(200), run(Fault::Hang, false)).await;
@@ -257,7 +262,7 @@ mod tests {
     #[tokio::test]
     async fn stream_cut_passes_n_chunks_then_breaks() {
         let (result, calls, _) = run(Fault::StreamCut { after_chunks: 2 }, true).await;
-        let Ok(ProviderReply::Stream(stream)) = result else {
+        let Ok(ProviderReply::Stream(stream, _)) = result else {
             panic!("a stream");
         };
         let items: Vec<_> = stream.collect().await;
@@ -273,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_is_a_200_that_is_not_json() {
         let (result, calls, tripped) = run(Fault::Malformed, false).await;
-        let Ok(ProviderReply::Json(body)) = result else {
+        let Ok(ProviderReply::Json(body, _)) = result else {
             panic!("a body");
         };
         assert!(serde_json::from_slice::<serde_json::Value>(&body).is_err());

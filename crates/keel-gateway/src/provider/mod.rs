@@ -58,12 +58,17 @@ pub struct ProviderRequest {
 /// [`UpstreamError::Status`] whose body is its error event.
 pub type ChunkStream = BoxStream<'static, Result<Bytes, UpstreamError>>;
 
+/// The provider's id of an answer (OpenAI's `x-request-id`, Anthropic's `request-id`),
+/// passed on to the client as `x-request-id`, the header the OpenAI SDKs show as the
+/// answer's `_request_id` (what a provider's support asks for).
+pub type RequestId = Option<http::HeaderValue>;
+
 /// A successful answer from a provider.
 pub enum ProviderReply {
-    /// A complete JSON body.
-    Json(Bytes),
-    /// A stream of chunks.
-    Stream(ChunkStream),
+    /// A complete JSON body, and the answer's id.
+    Json(Bytes, RequestId),
+    /// A stream of chunks, and the answer's id.
+    Stream(ChunkStream, RequestId),
 }
 
 /// One kind of upstream API.

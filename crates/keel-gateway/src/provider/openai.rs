@@ -82,14 +82,15 @@ impl Provider for OpenAiProvider {
                 hint,
             });
         }
+        let id = response.headers().get("x-request-id").cloned();
         if request.stream {
-            return Ok(ProviderReply::Stream(sse_chunks(
-                response.into_body(),
-                target,
-            )));
+            return Ok(ProviderReply::Stream(
+                sse_chunks(response.into_body(), target),
+                id,
+            ));
         }
         let body = client::read_all(response.into_body(), &target).await?;
-        Ok(ProviderReply::Json(body))
+        Ok(ProviderReply::Json(body, id))
     }
 }
 
@@ -334,9 +335,11 @@ mod tests {
         let direct = provider(&sim.base_url(), Some("sk-direct"), &no_proxies());
         assert!(direct.client.is_direct());
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
-        let Ok(ProviderReply::Json(answer)) = direct.send(chat(body)).await else {
+        let Ok(ProviderReply::Json(answer, id)) = direct.send(chat(body)).await else {
             panic!("no JSON answer");
         };
+        let id = id.expect("the simulator names every answer");
+        assert!(id.to_str().unwrap().starts_with("req_sim_"), "{id:?}");
         let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
         assert_eq!(answer["object"], "chat.completion", "{answer}");
         assert_eq!(
@@ -371,7 +374,7 @@ mod tests {
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
         let reply = proxied.send(chat(body)).await;
         assert!(
-            matches!(reply, Ok(ProviderReply::Json(_))),
+            matches!(reply, Ok(ProviderReply::Json(..))),
             "no answer through the proxy"
         );
         assert_eq!(

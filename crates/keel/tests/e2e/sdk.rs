@@ -59,6 +59,9 @@ async fn plain_call_passes_through_and_is_recorded() {
     assert_eq!(out["headers"]["x-keel-attempts"], "1");
     assert_eq!(out["headers"]["x-keel-fallback"], "false");
     assert_eq!(out["headers"]["x-keel-degraded"], "false");
+    // The provider's id of the answer, for its support (the SDK's `_request_id`).
+    let id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("req_sim_"), "{out}");
     assert!(out["usage"]["total_tokens"].as_u64().unwrap() > 0);
     // The upstream saw the target's model, the client's unknown field, and keel's provider key.
     let upstream = sim.last_request("primary").unwrap();
@@ -105,6 +108,8 @@ async fn stream_delivers_the_same_content_as_a_plain_call() {
     assert_eq!(out["ok"], true, "{out}");
     assert!(out["chunks"].as_u64().unwrap() >= 3, "{out}");
     assert_eq!(out["finish_reason"], "stop");
+    let id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("req_sim_"), "{out}");
     assert!(
         out["content"]
             .as_str()

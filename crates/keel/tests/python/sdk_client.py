@@ -63,7 +63,7 @@ def main() -> int:
                 content=c.choices[0].message.content,
                 model=c.model,
                 usage=c.usage.model_dump() if c.usage else None,
-                headers={k: v for k, v in raw.headers.items() if k.startswith("x-keel-")},
+                headers={k: v for k, v in raw.headers.items() if k.startswith("x-keel-") or k == "x-request-id"},
             )
         elif a.mode == "stream":
             raw = client.chat.completions.with_raw_response.create(
@@ -71,7 +71,7 @@ def main() -> int:
                 messages=[{"role": "user", "content": "stream to me please"}],
                 stream=True,
             )
-            out["headers"] = {k: v for k, v in raw.headers.items() if k.startswith("x-keel-")}
+            out["headers"] = {k: v for k, v in raw.headers.items() if k.startswith("x-keel-") or k == "x-request-id"}
             parts = []
             chunks = 0
             finish = None

@@ -107,18 +107,18 @@ impl Provider for AnthropicProvider {
             });
         }
         let created = crate::agents::wall_now().as_secs();
+        let id = response.headers().get("request-id").cloned();
         if request.stream {
             let translator = stream::Translator::new(created, translated.include_usage);
-            return Ok(ProviderReply::Stream(stream::chunks(
-                response.into_body(),
-                target,
-                translator,
-            )));
+            return Ok(ProviderReply::Stream(
+                stream::chunks(response.into_body(), target, translator),
+                id,
+            ));
         }
         let body = client::read_all(response.into_body(), &target).await?;
         let completion = response::chat_completion(&body, created)
             .map_err(|detail| UpstreamError::Malformed { target, detail })?;
-        Ok(ProviderReply::Json(completion))
+        Ok(ProviderReply::Json(completion, id))
     }
 }
 

@@ -59,9 +59,12 @@ async fn a_call_goes_out_as_a_message_and_comes_back_as_a_chat_completion() {
         .unwrap();
     let provider = provider(&sim);
     assert!(provider.client.is_direct());
-    let Ok(ProviderReply::Json(answer)) = provider.send(chat(json!({}))).await else {
+    let Ok(ProviderReply::Json(answer, id)) = provider.send(chat(json!({}))).await else {
         panic!("no JSON answer");
     };
+    // Anthropic's `request-id` is the answer's id.
+    let id = id.expect("the simulator names every answer");
+    assert!(id.to_str().unwrap().starts_with("req_sim_"), "{id:?}");
     let answer: Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(answer["object"], "chat.completion");
     assert_eq!(
@@ -78,7 +81,7 @@ async fn a_call_goes_out_as_a_message_and_comes_back_as_a_chat_completion() {
     assert_eq!(sent["max_tokens"], DEFAULT_MAX_TOKENS);
     assert_eq!(sent["system"][0]["text"], "be brief");
     // A short max_tokens cuts the answer: finish_reason length.
-    let Ok(ProviderReply::Json(answer)) = provider.send(chat(json!({"max_tokens": 2}))).await
+    let Ok(ProviderReply::Json(answer, _)) = provider.send(chat(json!({"max_tokens": 2}))).await
     else {
         panic!("no JSON answer");
     };
@@ -95,7 +98,7 @@ async fn a_stream_comes_back_as_chunks_ending_with_usage() {
         .unwrap();
     let provider = provider(&sim);
     let streamed = chat(json!({"stream": true, "stream_options": {"include_usage": true}}));
-    let Ok(ProviderReply::Stream(stream)) = provider.send(streamed).await else {
+    let Ok(ProviderReply::Stream(stream, _)) = provider.send(streamed).await else {
         panic!("no stream");
     };
     let chunks: Vec<Value> = stream
@@ -207,7 +210,7 @@ async fn a_conversation_that_used_tools_can_be_sent_without_tools() {
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
         {"role": "assistant", "content": "It is sunny in Paris."},
         {"role": "user", "content": "summarize this conversation"}]});
-    let Ok(ProviderReply::Json(answer)) = provider
+    let Ok(ProviderReply::Json(answer, _)) = provider
         .send(request(Endpoint::ChatCompletions, history))
         .await
     else {
