@@ -349,8 +349,8 @@ impl Finish {
                 StreamEnd::Done => Some(Bytes::from_static(b"data: [DONE]\n\n")),
                 StreamEnd::ClientGone | StreamEnd::Failed { .. } => last,
             };
-            // A client still reading gets the last event as it would any other, until the
-            // deadline; and within `idle` when the deadline has passed (it ended the stream).
+            // A client still reading gets the last event as it would any other: until the
+            // later of the deadline (which may have ended the stream) and `idle` from now.
             if let Some(last) = last {
                 let _ = deliver(&tx, last, deadline.0.max(Instant::now() + idle)).await;
             }
@@ -599,17 +599,18 @@ fn degraded_completion(route: &str, reply: &str) -> Value {
     })
 }
 
-/// The degraded reply as a stream; `with_usage` (the client set
 /// The provider's id of the answer, as `x-request-id` (what the OpenAI SDKs show as its
-/// `_request_id`).
+/// `_request_id`); only an id that reads as text and is not absurdly long (any
+/// OpenAI-compatible server may send anything there).
 fn pass_request_id(response: &mut Response, id: RequestId) {
-    if let Some(id) = id {
+    if let Some(id) = id.filter(|id| id.len() <= 256 && id.to_str().is_ok()) {
         response
             .headers_mut()
             .insert(HeaderName::from_static("x-request-id"), id);
     }
 }
 
+/// The degraded reply as a stream; `with_usage` (the client set
 /// `stream_options.include_usage`) adds OpenAI's last chunk of zero usage.
 fn degraded_chunks(route: &str, reply: &str, with_usage: bool) -> Bytes {
     let id = format!("chatcmpl-keel-degraded-{}", uuid::Uuid::new_v4().simple());

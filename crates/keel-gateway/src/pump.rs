@@ -137,7 +137,9 @@ pub(crate) async fn pump(
             // keel's own deadline ended a stream that was still coming: a long answer, not
             // a failing target.
             Err(_) if wait_until == deadline => (
-                upstream_failed(&format!("stream from {target} exceeded {deadline_name}")),
+                format!(
+                    "the stream from {target} ended: it was still coming when {deadline_name} passed"
+                ),
                 false,
             ),
             Err(_) => (
@@ -231,7 +233,8 @@ mod tests {
         // recorded.
         let last = over.last.unwrap();
         assert!(
-            String::from_utf8_lossy(&last).contains("exceeded the total deadline"),
+            String::from_utf8_lossy(&last)
+                .contains("it was still coming when the total deadline passed"),
             "{last:?}"
         );
     }

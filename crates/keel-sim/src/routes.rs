@@ -210,8 +210,8 @@ async fn model_call(
             Err(message) => invalid_request(&message),
         },
     };
-    // Every answer names its request, as OpenAI's (`x-request-id`) and Anthropic's
-    // (`request-id`) do.
+    // Every answer past the faults names its request, as OpenAI's (`x-request-id`) and
+    // Anthropic's (`request-id`) do.
     let name = if anthropic {
         "request-id"
     } else {

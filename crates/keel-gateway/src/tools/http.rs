@@ -243,7 +243,8 @@ impl Gateway {
     }
 
     /// Hands a task that repeats one tool call to a person (once: a task already waiting
-    /// is left as it is).
+    /// is left as it is), and stops its model calls meanwhile; a task no person can decide
+    /// on (a label, no approval queue) is paused for the loop guard's minute instead.
     async fn hand_off_looping_tool_calls(&self, task: &str, agent: &str, tool: &str, repeats: u64) {
         let reason = format!(
             "keel detected a loop in task {task:?}: the same call of tool {tool:?} was made {repeats} times"

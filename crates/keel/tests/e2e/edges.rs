@@ -453,7 +453,9 @@ async fn a_stream_ends_at_its_tasks_deadline_when_that_comes_before_the_routes()
         .expect("the stream outlived its task's deadline")
         .unwrap();
     assert!(
-        text.contains("stream from sim/drip exceeded its task's deadline"),
+        text.contains(
+            "the stream from sim/drip ended: it was still coming when its task's deadline passed"
+        ),
         "{text}"
     );
 }

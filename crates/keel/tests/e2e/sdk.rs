@@ -811,6 +811,16 @@ async fn a_spent_quota_falls_back_at_once_and_alone_is_a_502_or_the_degraded_rep
     assert_eq!(sim.calls("primary"), 1, "not retried");
     let failed = keel.events_of("llm_attempt_failed");
     assert_eq!(failed[0]["reason"], "account_refused", "{failed:?}");
+    // Every target refusing keel's account: the 502 that says so; a chain where another
+    // target was down is an outage like any other, a 503.
+    sim.script("primary", vec![spent()]);
+    sim.script("secondary", vec![spent()]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["status"], 502, "{out}");
+    sim.script("primary", vec![Fault::status(500); 3]);
+    sim.script("secondary", vec![spent()]);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["status"], 503, "{out}");
     // The only target: a 502 that says whose account it is, not the provider's words.
     sim.script("patient", vec![spent()]);
     let out = sdk("chat", &keel.base_url(), &["--model", "patient"]).await;
