@@ -7,11 +7,12 @@
 
 use std::time::Duration;
 
-use keel_sim::Fault;
+use keel_sim::{Fault, SimHandle};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 
 use crate::common::{Keel, TWO_TARGETS, sim};
+use crate::sdk::WITH_AGENT_KEYS;
 
 async fn chat(keel: &Keel, route: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
     let r = reqwest::Client::new()
@@ -470,20 +471,24 @@ fn interrupt(keel: &Keel) {
     assert!(sent.success());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
-    let sim = sim().await;
-    let mut keel = Keel::start(TWO_TARGETS, &sim).await;
-    // A stream of about ten seconds: 20 words, half a second apart.
-    let words = (1..=20)
+/// Starts a stream on route `smart` of `keel` whose answer is `words` words, `interval`
+/// apart, with agent key `key` if any, and waits until it reached the model. The stream's
+/// text, or `None` when it did not complete.
+async fn slow_stream(
+    keel: &Keel,
+    sim: &SimHandle,
+    (words, interval): (usize, Duration),
+    key: Option<&'static str>,
+) -> tokio::task::JoinHandle<Option<String>> {
+    let reply = (1..=words)
         .map(|i| format!("w{i}"))
         .collect::<Vec<_>>()
         .join(" ");
     sim.set_always(
         "primary",
         Some(Fault {
-            chunk_interval: Some(Duration::from_millis(500)),
-            reply: Some(words),
+            chunk_interval: Some(interval),
+            reply: Some(reply),
             ..Fault::default()
         }),
     );
@@ -491,23 +496,30 @@ async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
     let stream = tokio::spawn(async move {
         let body = serde_json::json!({"model": "smart", "stream": true,
             "messages": [{"role": "user", "content": "take your time"}]});
-        let response = reqwest::Client::new()
+        let mut request = reqwest::Client::new()
             .post(format!("{url}/chat/completions"))
-            .json(&body)
-            .send()
-            .await;
-        match response {
-            Ok(response) => response.text().await.is_ok(),
-            Err(_) => false,
+            .json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
         }
+        request.send().await.ok()?.text().await.ok()
     });
-    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
         while sim.calls("primary") == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert!(waited.is_ok(), "the stream never reached the model");
+    assert!(started.is_ok(), "the stream never reached the model");
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
+    let sim = sim().await;
+    let mut keel = Keel::start(TWO_TARGETS, &sim).await;
+    // A stream of about ten seconds.
+    let stream = slow_stream(&keel, &sim, (20, Duration::from_millis(500)), None).await;
     // The first interrupt drains: keel stops accepting, and waits for the stream.
     interrupt(&keel);
     let addr = keel.url.trim_start_matches("http://").to_owned();
@@ -531,56 +543,25 @@ async fn a_second_interrupt_stops_keel_without_waiting_for_streams_in_flight() {
         .expect("keel did not stop at the second interrupt")
         .unwrap();
     assert!(!status.success(), "{status}");
-    assert!(!stream.await.unwrap(), "the stream cannot have completed");
+    assert_eq!(
+        stream.await.unwrap(),
+        None,
+        "the stream cannot have completed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_ends_during_the_drain_is_spent_from_the_budget() {
-    const BUDGETED: &str = r#"
-[providers.sim]
-kind = "openai"
-base_url = "{sim}"
-[routes.smart]
-targets = [{ provider = "sim", model = "primary" }]
-[agents.support]
-keys_env = ["KEEL_KEY_SUPPORT"]
-budget = { tokens_per_hour = 100000 }
-"#;
     let sim = sim().await;
-    let keel = Keel::start(BUDGETED, &sim).await;
+    let keel = Keel::start(WITH_AGENT_KEYS, &sim).await;
     // A stream of about three seconds, still running when keel is told to stop.
-    let words = (1..=10)
-        .map(|i| format!("w{i}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    sim.set_always(
-        "primary",
-        Some(Fault {
-            chunk_interval: Some(Duration::from_millis(300)),
-            reply: Some(words),
-            ..Fault::default()
-        }),
-    );
-    let url = keel.base_url();
-    let stream = tokio::spawn(async move {
-        let body = serde_json::json!({"model": "smart", "stream": true,
-            "messages": [{"role": "user", "content": "count to ten"}]});
-        let response = reqwest::Client::new()
-            .post(format!("{url}/chat/completions"))
-            .bearer_auth("sk-agent-support")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        response.text().await.unwrap()
-    });
-    let started = tokio::time::timeout(Duration::from_secs(10), async {
-        while sim.calls("primary") == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let stream = slow_stream(
+        &keel,
+        &sim,
+        (10, Duration::from_millis(300)),
+        Some("sk-agent-support"),
+    )
     .await;
-    assert!(started.is_ok(), "the stream never reached the model");
     interrupt(&keel);
     let Keel { mut child, dir, .. } = keel;
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
@@ -588,10 +569,10 @@ budget = { tokens_per_hour = 100000 }
         .expect("keel did not stop after the stream")
         .unwrap();
     assert!(status.success(), "{status}");
-    let text = stream.await.unwrap();
+    let text = stream.await.unwrap().expect("the stream completed");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     // Started again on the same store, keel knows what the stream spent.
-    let keel = Keel::start_in(dir, BUDGETED, &sim).await;
+    let keel = Keel::start_in(dir, WITH_AGENT_KEYS, &sim).await;
     let spent = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let metrics = keel.metrics().await;

@@ -534,7 +534,8 @@ async fn an_unknown_route_is_not_found_for_the_sdk() {
     );
 }
 
-const WITH_AGENT_KEYS: &str = r#"
+/// One route to the simulator's `primary`, and agent `support` with a key and a budget.
+pub(crate) const WITH_AGENT_KEYS: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 [store]
