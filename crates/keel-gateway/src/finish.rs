@@ -384,8 +384,7 @@ impl Finish {
         // Every target was tried, so the error passed on is the last target's. Every target
         // refusing keel's account is an outage of keel's: the degraded reply when there is
         // one, else the 502 that says so.
-        let degraded = route.degraded_reply.is_some() && endpoint == Endpoint::ChatCompletions;
-        if (refused || (account && !degraded))
+        if (refused || (account && route.degraded_reply_for(endpoint).is_none()))
             && let Some(e @ UpstreamError::Status { .. }) = last
         {
             let fallback = route.targets.len() > 1;
@@ -408,11 +407,7 @@ impl Finish {
             || "every target's circuit is open".to_owned(),
             ToString::to_string,
         );
-        let degraded = match (&route.degraded_reply, endpoint) {
-            (Some(reply), Endpoint::ChatCompletions) => Some(reply.clone()),
-            _ => None,
-        };
-        let Some(reply) = degraded else {
+        let Some(reply) = route.degraded_reply_for(endpoint).map(str::to_owned) else {
             let event = self.llm_call(
                 &log,
                 "none",

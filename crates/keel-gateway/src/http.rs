@@ -262,23 +262,22 @@ async fn handle(
 ) -> Response {
     // Until the call's events are committed and it answers.
     let _call = gw.upcoming.call();
+    // The SDKs wait for a `Retry-After` of up to a minute; a longer one they replace by
+    // their own short backoff, which a budget's window would refuse again.
+    let mut long_wait = false;
     let mut response = match handle_inner(&gw, endpoint, task, request).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            long_wait = e.status == StatusCode::TOO_MANY_REQUESTS
+                && e.retry_after.is_some_and(|secs| secs > 60);
+            e.into_response()
+        }
     };
     // After an upstream failure keel has retried and fallen back already, within its retry
     // budget, and a task the loop guard stopped stays stopped: the OpenAI SDKs' own retries
     // (two by default) would only multiply the load on an upstream in trouble. A budget's
     // 429 is left to the SDK, which waits for its `Retry-After` (up to a minute).
     let status = response.status();
-    // The SDKs wait for a `Retry-After` of up to a minute; a longer one they replace by
-    // their own short backoff, which a budget's window would refuse again.
-    let long_wait = status == StatusCode::TOO_MANY_REQUESTS
-        && response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|secs| secs > 60);
     if status.is_server_error() || status == StatusCode::CONFLICT || long_wait {
         response
             .headers_mut()

@@ -149,7 +149,7 @@ impl Gateway {
         let decided_by_person = self
             .loops
             .stopped(task)
-            .is_some_and(|s| matches!(s.release, Release::Person(_)));
+            .is_some_and(|s| s.decided_by_person());
         if !decided_by_person {
             self.loops.stop(
                 task,

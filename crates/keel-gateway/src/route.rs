@@ -94,6 +94,13 @@ pub struct Route {
 }
 
 impl Route {
+    /// The reply served when every target failed, for a call to `endpoint`: chat only.
+    pub(crate) fn degraded_reply_for(&self, endpoint: Endpoint) -> Option<&str> {
+        self.degraded_reply
+            .as_deref()
+            .filter(|_| endpoint == Endpoint::ChatCompletions)
+    }
+
     /// Builds a route over already-built targets, with its series in `metrics`.
     pub(crate) fn new(
         settings: &RouteSettings,

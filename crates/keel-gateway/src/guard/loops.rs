@@ -252,6 +252,13 @@ pub struct Stopped {
     pub release: Release,
 }
 
+impl Stopped {
+    /// Whether a person decides when it goes on.
+    pub fn decided_by_person(&self) -> bool {
+        matches!(self.release, Release::Person(_))
+    }
+}
+
 /// What lets a stopped task go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {
@@ -403,8 +410,12 @@ impl LoopGuard {
         state.seen = Some(Instant::now());
         // A stop a person decides on stays: a second loop found meanwhile (a bounce's other
         // end, an answer in flight) could not be handed off again, the task waiting already.
-        let decided_by_person = |s: &Stopped| matches!(s.release, Release::Person(_));
-        if state.stopped.as_ref().is_some_and(decided_by_person) && !decided_by_person(&stopped) {
+        if state
+            .stopped
+            .as_ref()
+            .is_some_and(Stopped::decided_by_person)
+            && !stopped.decided_by_person()
+        {
             return;
         }
         state.stopped = Some(stopped);
