@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::error::{ApiError, UpstreamError};
 use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{RequestLabels, RouteLabel};
-use crate::provider::{ChunkStream, Endpoint, RequestId};
+use crate::provider::{ChunkStream, Endpoint, Passed};
 use crate::pump::{Pumped, deliver, pump};
 use crate::route::{CallLog, Route, Target};
 use crate::stream_attempt::{StreamAttempt, StreamEnd};
@@ -123,6 +123,9 @@ impl Finish {
         if let Some(screened) = &log.screened {
             data.insert("injection".into(), screened.clone());
         }
+        if let Some(id) = &log.request_id {
+            data.insert("request_id".into(), id.as_str().into());
+        }
         NewEvent::new(
             EventKind::LlmCall,
             log.who.task.clone(),
@@ -202,10 +205,11 @@ impl Finish {
         route: &Route,
         mut log: CallLog,
         target: &Target,
-        (body, tree, request_id): (Bytes, Option<Value>, RequestId),
+        (body, tree, passed): (Bytes, Option<Value>, Passed),
         usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
+        log.request_id = passed.request_id().map(str::to_owned);
         let event = self.llm_call(
             &log,
             &target.id,
@@ -241,7 +245,7 @@ impl Finish {
             HeaderValue::from_static("application/json"),
         );
         keel_headers(&mut response, &target.id, log.attempts, fallback, false);
-        pass_request_id(&mut response, request_id);
+        passed.apply(response.headers_mut());
         response
     }
 
@@ -251,11 +255,12 @@ impl Finish {
         mut self,
         route: &Route,
         mut log: CallLog,
-        (first, rest, request_id, attempt): (Bytes, ChunkStream, RequestId, StreamAttempt),
+        (first, rest, passed, attempt): (Bytes, ChunkStream, Passed, StreamAttempt),
         fallback: bool,
         task_deadline: Option<Instant>,
     ) -> Response {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
+        log.request_id = passed.request_id().map(str::to_owned);
         let attempts = log.attempts;
         let idle = route.timeouts.idle;
         let total = self.started + route.timeouts.total;
@@ -366,7 +371,7 @@ impl Finish {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         keel_headers(&mut response, &answered.id, attempts, fallback, false);
-        pass_request_id(&mut response, request_id);
+        passed.apply(response.headers_mut());
         response
     }
 
@@ -592,17 +597,6 @@ fn degraded_completion(route: &str, reply: &str) -> Value {
         }],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     })
-}
-
-/// The provider's id of the answer, as `x-request-id` (what the OpenAI SDKs show as its
-/// `_request_id`); only an id that reads as text and is not absurdly long (any
-/// OpenAI-compatible server may send anything there).
-fn pass_request_id(response: &mut Response, id: RequestId) {
-    if let Some(id) = id.filter(|id| id.len() <= 256 && id.to_str().is_ok()) {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static("x-request-id"), id);
-    }
 }
 
 /// The degraded reply as a stream; `with_usage` (the client set

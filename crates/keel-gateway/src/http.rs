@@ -431,29 +431,22 @@ async fn handle_inner(
             body,
             usage,
             tree,
-            request_id,
+            passed,
             fallback,
         } => {
-            ctx.json(
-                route,
-                log,
-                &target,
-                (body, tree, request_id),
-                usage,
-                fallback,
-            )
-            .await
+            ctx.json(route, log, &target, (body, tree, passed), usage, fallback)
+                .await
         }
         Answer::Stream {
             first,
             rest,
-            request_id,
+            passed,
             fallback,
             attempt,
         } => ctx.stream(
             route,
             log,
-            (first, rest, request_id, attempt),
+            (first, rest, passed, attempt),
             fallback,
             task_deadline,
         ),

@@ -36,7 +36,7 @@ use crate::chaos::{AttemptInfo, Chaos, HeaderFault, Source};
 use crate::error::UpstreamError;
 use crate::metrics::{AttemptLabels, ChaosLabels, Metrics, RouteLabel};
 use crate::output::OutputCheck;
-use crate::provider::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest, RequestId};
+use crate::provider::{ChunkStream, Endpoint, Passed, Provider, ProviderReply, ProviderRequest};
 use crate::stream_attempt::StreamAttempt;
 use crate::usage::Usage;
 
@@ -155,6 +155,8 @@ pub struct CallLog {
     pub chaos: Vec<InjectedFault>,
     /// What input screening found in the request (`llm_call.injection`).
     pub screened: Option<serde_json::Value>,
+    /// The answering provider's id of its answer (`llm_call.request_id`).
+    pub request_id: Option<String>,
 }
 
 /// One fault `[chaos]` injected into an attempt, recorded in `llm_call.chaos`.
@@ -191,6 +193,7 @@ impl CallLog {
             attempts: 0,
             chaos: Vec::new(),
             screened: None,
+            request_id: None,
         }
     }
 
@@ -214,7 +217,7 @@ pub enum Answer {
         /// The body as a tree, when [`Executor::keep_tree`] asked for it.
         tree: Option<serde_json::Value>,
         /// The provider's id of the answer.
-        request_id: RequestId,
+        passed: Passed,
         /// Whether `target` is not the route's first.
         fallback: bool,
     },
@@ -225,7 +228,7 @@ pub enum Answer {
         /// The rest.
         rest: ChunkStream,
         /// The provider's id of the answer.
-        request_id: RequestId,
+        passed: Passed,
         /// Whether the target that answered is not the route's first.
         fallback: bool,
         /// The attempt (and the target that answered), settled when the stream ends.
@@ -373,7 +376,7 @@ impl Executor<'_> {
                                 body: answer.body,
                                 usage: answer.usage,
                                 tree: answer.tree,
-                                request_id: answer.request_id,
+                                passed: answer.passed,
                                 fallback: index > 0,
                             };
                         }
@@ -384,11 +387,11 @@ impl Executor<'_> {
                         }
                     }
                 }
-                TargetResult::Streaming(first, rest, request_id, attempt) => {
+                TargetResult::Streaming(first, rest, passed, attempt) => {
                     return Answer::Stream {
                         first,
                         rest,
-                        request_id,
+                        passed,
                         fallback: index > 0,
                         attempt,
                     };
@@ -559,9 +562,9 @@ impl Executor<'_> {
             // A stream's health is known only at its end: it takes its permit along, and is
             // recorded and counted then (`StreamAttempt::settle`).
             let result = match result {
-                Ok(Reply::Stream(first, rest, request_id)) => {
+                Ok(Reply::Stream(first, rest, passed)) => {
                     let attempt = StreamAttempt::new(Arc::clone(target), permit, took);
-                    return TargetResult::Streaming(first, rest, request_id, attempt);
+                    return TargetResult::Streaming(first, rest, passed, attempt);
                 }
                 Ok(Reply::Json(answer)) => Ok(answer),
                 Err(e) => Err(e),
@@ -755,11 +758,11 @@ impl Executor<'_> {
             Err(_) => return Err(timed_out(start.elapsed())),
         };
         match reply {
-            ProviderReply::Json(body, request_id) => Ok(Reply::Json(JsonReply {
-                request_id,
+            ProviderReply::Json(body, passed) => Ok(Reply::Json(JsonReply {
+                passed,
                 ..read_json(body, &target, endpoint, self.keep_tree)?
             })),
-            ProviderReply::Stream(mut rest, request_id) => {
+            ProviderReply::Stream(mut rest, passed) => {
                 // Nothing reaches the client before the first event that says something:
                 // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
                 // filter results and no choices), so a stream that breaks, or stays silent
@@ -804,7 +807,7 @@ impl Executor<'_> {
                 if held.len() > 0 {
                     rest = futures::stream::iter(held.map(Ok)).chain(rest).boxed();
                 }
-                Ok(Reply::Stream(first, rest, request_id))
+                Ok(Reply::Stream(first, rest, passed))
             }
         }
     }
@@ -887,13 +890,13 @@ impl Drop for PermitGuard<'_> {
 
 enum Reply {
     Json(JsonReply),
-    Stream(Bytes, ChunkStream, RequestId),
+    Stream(Bytes, ChunkStream, Passed),
 }
 
 enum TargetResult {
     Answered(JsonReply),
     /// A stream whose first event arrived; its attempt is settled when it ends.
-    Streaming(Bytes, ChunkStream, RequestId, StreamAttempt),
+    Streaming(Bytes, ChunkStream, Passed, StreamAttempt),
     Fatal(UpstreamError),
     Next(Option<UpstreamError>),
     OutOfTime(Option<UpstreamError>),
@@ -906,7 +909,7 @@ struct JsonReply {
     /// The body as a tree, when kept.
     tree: Option<serde_json::Value>,
     /// The provider's id of the answer.
-    request_id: RequestId,
+    passed: Passed,
 }
 
 /// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (a chat
@@ -947,7 +950,7 @@ fn read_json(
         body,
         usage,
         tree,
-        request_id: None,
+        passed: Passed::default(),
     })
 }
 

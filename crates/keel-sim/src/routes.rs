@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::fault::Fault;
-use crate::state::Shared;
+use crate::state::{REQUESTS_PER_MINUTE, Shared};
 use crate::{chat, embeddings, messages};
 
 /// The largest request body the sim reads.
@@ -161,6 +161,7 @@ async fn model_call(
     req: Request<Incoming>,
     endpoint: Endpoint,
 ) -> Result<Response<SimBody>, SimError> {
+    let started = std::time::Instant::now();
     let anthropic = endpoint.is_anthropic();
     // Anthropic's key comes in `x-api-key`; it is recorded where a bearer token would be.
     let key_header = if anthropic {
@@ -210,19 +211,68 @@ async fn model_call(
             Err(message) => invalid_request(&message),
         },
     };
-    // Every answer past the faults names its request, as OpenAI's (`x-request-id`) and
-    // Anthropic's (`request-id`) do.
-    let name = if anthropic {
-        "request-id"
-    } else {
-        "x-request-id"
-    };
-    if let Ok(id) = HeaderValue::from_str(&shared.next_request_id()) {
-        response
-            .headers_mut()
-            .insert(http::HeaderName::from_static(name), id);
-    }
+    describe_answer(shared, &mut response, anthropic, started);
     Ok(with_retry_after(response, fault))
+}
+
+/// What a provider says of every answer past the faults, in its own headers: its id
+/// (OpenAI's `x-request-id`, Anthropic's `request-id`), where the account stands against its
+/// request limit (OpenAI's `x-ratelimit-*-requests`, Anthropic's
+/// `anthropic-ratelimit-requests-*`), and OpenAI's `openai-processing-ms`.
+fn describe_answer(
+    shared: &Shared,
+    response: &mut Response<SimBody>,
+    anthropic: bool,
+    started: std::time::Instant,
+) {
+    let now = SystemTime::now();
+    let limit = shared.count_answer(now);
+    let id = shared.next_request_id();
+    let headers: [(&'static str, String); 4] = if anthropic {
+        [
+            ("request-id", id),
+            (
+                "anthropic-ratelimit-requests-limit",
+                REQUESTS_PER_MINUTE.to_string(),
+            ),
+            (
+                "anthropic-ratelimit-requests-remaining",
+                limit.remaining.to_string(),
+            ),
+            (
+                "anthropic-ratelimit-requests-reset",
+                humantime::format_rfc3339_seconds(limit.reset_at).to_string(),
+            ),
+        ]
+    } else {
+        [
+            ("x-request-id", id),
+            (
+                "x-ratelimit-limit-requests",
+                REQUESTS_PER_MINUTE.to_string(),
+            ),
+            (
+                "x-ratelimit-remaining-requests",
+                limit.remaining.to_string(),
+            ),
+            (
+                "x-ratelimit-reset-requests",
+                format!("{}s", limit.reset_in.as_secs()),
+            ),
+        ]
+    };
+    let map = response.headers_mut();
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            map.insert(http::HeaderName::from_static(name), value);
+        }
+    }
+    if !anthropic {
+        map.insert(
+            http::HeaderName::from_static("openai-processing-ms"),
+            HeaderValue::from(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        );
+    }
 }
 
 /// Applies the parts of `fault` that come before (or instead of) the normal answer, in

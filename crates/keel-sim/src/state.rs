@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -49,6 +50,19 @@ struct ModelInner {
     last_authorization: Option<HeaderValue>,
 }
 
+/// The simulated account's request limit, per minute (answers past it are not refused).
+pub(crate) const REQUESTS_PER_MINUTE: u64 = 10_000;
+
+/// Where an answer leaves the simulated account's request limit.
+pub(crate) struct RateLimit {
+    /// Requests left in the window.
+    pub(crate) remaining: u64,
+    /// Until the window ends.
+    pub(crate) reset_in: Duration,
+    /// When it ends.
+    pub(crate) reset_at: SystemTime,
+}
+
 /// State shared by the server and its handles.
 #[derive(Default)]
 pub(crate) struct Shared {
@@ -57,6 +71,8 @@ pub(crate) struct Shared {
     wildcard_armed: AtomicBool,
     next_id: AtomicU64,
     next_request: AtomicU64,
+    /// The current minute (since the epoch) and the answers given in it.
+    rate_window: Mutex<(u64, u64)>,
     injector: RwLock<Option<Arc<dyn Injector>>>,
 }
 
@@ -137,6 +153,28 @@ impl Shared {
             "req_sim_{}",
             self.next_request.fetch_add(1, Ordering::Relaxed) + 1
         )
+    }
+
+    /// Counts an answer against the simulated account's limit of [`REQUESTS_PER_MINUTE`]
+    /// (a window per wall-clock minute, as a provider counts): what is left after it, and
+    /// when the window ends.
+    pub(crate) fn count_answer(&self, now: SystemTime) -> RateLimit {
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let minute = since.as_secs() / 60;
+        let used = {
+            let mut window = self.rate_window.lock();
+            if window.0 != minute {
+                *window = (minute, 0);
+            }
+            window.1 += 1;
+            window.1
+        };
+        let ends = UNIX_EPOCH + Duration::from_secs((minute + 1) * 60);
+        RateLimit {
+            remaining: REQUESTS_PER_MINUTE.saturating_sub(used),
+            reset_in: ends.duration_since(now).unwrap_or_default(),
+            reset_at: ends,
+        }
     }
 
     /// Appends `faults` to the script of `model` (or of every model, for `*`).

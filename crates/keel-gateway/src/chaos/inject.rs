@@ -28,7 +28,7 @@ use keel_core::class::ErrorHint;
 use serde_json::json;
 
 use crate::error::UpstreamError;
-use crate::provider::{Provider, ProviderReply, ProviderRequest};
+use crate::provider::{Passed, Provider, ProviderReply, ProviderRequest};
 
 /// A chat completion cut off mid-document: what a 200 with a truncated body looks like.
 const MALFORMED: &[u8] =
@@ -96,10 +96,13 @@ pub(crate) async fn send(
                 let chunk = Ok(Bytes::from_static(MALFORMED));
                 return Ok(ProviderReply::Stream(
                     futures::stream::iter([chunk]).boxed(),
-                    None,
+                    Passed::default(),
                 ));
             }
-            Ok(ProviderReply::Json(Bytes::from_static(MALFORMED), None))
+            Ok(ProviderReply::Json(
+                Bytes::from_static(MALFORMED),
+                Passed::default(),
+            ))
         }
     }
 }
@@ -180,12 +183,12 @@ mod tests {
                 let chunks = (0..5).map(|i| Ok(Bytes::from(format!("{{\"n\":{i}}}"))));
                 return Ok(ProviderReply::Stream(
                     futures::stream::iter(chunks).boxed(),
-                    None,
+                    Passed::default(),
                 ));
             }
             Ok(ProviderReply::Json(
                 Bytes::from_static(b"{\"ok\":true}"),
-                None,
+                Passed::default(),
             ))
         }
     }

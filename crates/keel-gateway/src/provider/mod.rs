@@ -11,6 +11,9 @@
 pub mod anthropic;
 mod client;
 pub mod openai;
+mod passed;
+
+pub use passed::Passed;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -58,17 +61,12 @@ pub struct ProviderRequest {
 /// [`UpstreamError::Status`] whose body is its error event.
 pub type ChunkStream = BoxStream<'static, Result<Bytes, UpstreamError>>;
 
-/// The provider's id of an answer (OpenAI's `x-request-id`, Anthropic's `request-id`),
-/// passed on to the client as `x-request-id`, the header the OpenAI SDKs show as the
-/// answer's `_request_id` (what a provider's support asks for).
-pub type RequestId = Option<http::HeaderValue>;
-
 /// A successful answer from a provider.
 pub enum ProviderReply {
-    /// A complete JSON body, and the answer's id.
-    Json(Bytes, RequestId),
-    /// A stream of chunks, and the answer's id.
-    Stream(ChunkStream, RequestId),
+    /// A complete JSON body, and the answer's headers to pass on.
+    Json(Bytes, Passed),
+    /// A stream of chunks, and the answer's headers to pass on.
+    Stream(ChunkStream, Passed),
 }
 
 /// One kind of upstream API.

@@ -12,7 +12,7 @@ use keel_core::class::ErrorHint;
 use reqwest::header::AUTHORIZATION;
 
 use super::client::{self, Body, ClientSpec, HttpClient, SseParser, error_chain};
-use super::{ChunkStream, Endpoint, Provider, ProviderReply, ProviderRequest};
+use super::{ChunkStream, Endpoint, Passed, Provider, ProviderReply, ProviderRequest};
 use crate::error::UpstreamError;
 
 /// An OpenAI-compatible upstream.
@@ -82,15 +82,15 @@ impl Provider for OpenAiProvider {
                 hint,
             });
         }
-        let id = response.headers().get("x-request-id").cloned();
+        let passed = Passed::openai(response.headers());
         if request.stream {
             return Ok(ProviderReply::Stream(
                 sse_chunks(response.into_body(), target),
-                id,
+                passed,
             ));
         }
         let body = client::read_all(response.into_body(), &target).await?;
-        Ok(ProviderReply::Json(body, id))
+        Ok(ProviderReply::Json(body, passed))
     }
 }
 
@@ -335,11 +335,28 @@ mod tests {
         let direct = provider(&sim.base_url(), Some("sk-direct"), &no_proxies());
         assert!(direct.client.is_direct());
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
-        let Ok(ProviderReply::Json(answer, id)) = direct.send(chat(body)).await else {
+        let Ok(ProviderReply::Json(answer, passed)) = direct.send(chat(body)).await else {
             panic!("no JSON answer");
         };
-        let id = id.expect("the simulator names every answer");
-        assert!(id.to_str().unwrap().starts_with("req_sim_"), "{id:?}");
+        let id = passed
+            .request_id()
+            .expect("the simulator names every answer");
+        assert!(id.starts_with("req_sim_"), "{id:?}");
+        // The account's limits and the provider's time pass on as OpenAI sent them.
+        let mut headers = http::HeaderMap::new();
+        passed.apply(&mut headers);
+        assert_eq!(headers["x-ratelimit-limit-requests"], "10000");
+        let remaining: u64 = headers["x-ratelimit-remaining-requests"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(remaining < 10_000, "{headers:?}");
+        assert!(
+            headers.contains_key("x-ratelimit-reset-requests"),
+            "{headers:?}"
+        );
+        assert!(headers.contains_key("openai-processing-ms"), "{headers:?}");
         let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
         assert_eq!(answer["object"], "chat.completion", "{answer}");
         assert_eq!(

@@ -45,6 +45,18 @@ async fn a_plain_call_and_a_stream_through_the_sdk_reach_an_anthropic_target() {
     assert_eq!(out["model"], "claude-sim");
     assert_eq!(out["headers"]["x-keel-target"], "claude/claude-sim");
     assert_eq!(out["headers"]["x-keel-attempts"], "1");
+    // Anthropic's `request-id` and rate limits reach the SDK under OpenAI's names.
+    let plain_id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
+    assert!(plain_id.starts_with("req_sim_"), "{out}");
+    assert_eq!(out["request_id"], plain_id, "{out}");
+    assert_eq!(
+        out["headers"]["x-ratelimit-limit-requests"], "10000",
+        "{out}"
+    );
+    let reset = out["headers"]["x-ratelimit-reset-requests"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reset.ends_with('s'), "{out}");
     // "hello keel" in, "sim reply to: hello keel" out, in the sim's words-as-tokens.
     assert_eq!(
         out["usage"]["prompt_tokens"].as_u64(),
@@ -71,6 +83,12 @@ async fn a_plain_call_and_a_stream_through_the_sdk_reach_an_anthropic_target() {
     assert_eq!(out["content"], "sim reply to: stream to me please");
     assert_eq!(out["finish_reason"], "stop");
     assert!(out["chunks"].as_u64().unwrap() >= 5, "{out}");
+    let stream_id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
+    assert!(stream_id.starts_with("req_sim_"), "{out}");
+    assert!(
+        out["headers"]["x-ratelimit-remaining-requests"].is_string(),
+        "{out}"
+    );
 
     // Both calls are recorded with the usage Anthropic reported, the stream's included
     // (keel asked for it; the SDK did not).
@@ -79,7 +97,9 @@ async fn a_plain_call_and_a_stream_through_the_sdk_reach_an_anthropic_target() {
     assert_eq!(calls[0]["target"], "claude/claude-sim");
     assert_eq!(calls[0]["outcome"], "ok");
     assert_eq!(calls[0]["usage"]["total_tokens"], 7, "{}", calls[0]);
+    assert_eq!(calls[0]["request_id"], plain_id);
     assert_eq!(calls[1]["stream"], true);
+    assert_eq!(calls[1]["request_id"], stream_id);
     assert_eq!(calls[1]["outcome"], "ok");
     assert_eq!(calls[1]["usage"]["prompt_tokens"], 4, "{}", calls[1]);
     assert_eq!(calls[1]["usage"]["completion_tokens"], 7, "{}", calls[1]);

@@ -59,9 +59,20 @@ async fn plain_call_passes_through_and_is_recorded() {
     assert_eq!(out["headers"]["x-keel-attempts"], "1");
     assert_eq!(out["headers"]["x-keel-fallback"], "false");
     assert_eq!(out["headers"]["x-keel-degraded"], "false");
-    // The provider's id of the answer, for its support (the SDK's `_request_id`).
+    // The provider's id of the answer, for its support (the SDK's `_request_id`), and where
+    // keel's account stands against the provider's rate limit.
     let id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
     assert!(id.starts_with("req_sim_"), "{out}");
+    assert_eq!(out["request_id"], id, "{out}");
+    assert_eq!(
+        out["headers"]["x-ratelimit-limit-requests"], "10000",
+        "{out}"
+    );
+    assert!(
+        out["headers"]["x-ratelimit-remaining-requests"].is_string(),
+        "{out}"
+    );
+    assert!(out["headers"]["openai-processing-ms"].is_string(), "{out}");
     assert!(out["usage"]["total_tokens"].as_u64().unwrap() > 0);
     // The upstream saw the target's model, the client's unknown field, and keel's provider key.
     let upstream = sim.last_request("primary").unwrap();
@@ -77,6 +88,7 @@ async fn plain_call_passes_through_and_is_recorded() {
     assert_eq!(calls[0]["target"], "sim/primary");
     assert_eq!(calls[0]["step"], "plan");
     assert!(calls[0]["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(calls[0]["request_id"], id);
     // `task-42` is the client's own label, not a supervisor task: its log still reads back.
     let log = keel.cli_ok(&["tasks", "events", "task-42", "--json"]);
     let text = String::from_utf8_lossy(&log.stdout);
@@ -111,6 +123,10 @@ async fn stream_delivers_the_same_content_as_a_plain_call() {
     let id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
     assert!(id.starts_with("req_sim_"), "{out}");
     assert!(
+        out["headers"]["x-ratelimit-remaining-requests"].is_string(),
+        "{out}"
+    );
+    assert!(
         out["content"]
             .as_str()
             .unwrap()
@@ -122,6 +138,7 @@ async fn stream_delivers_the_same_content_as_a_plain_call() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0]["outcome"], "ok");
     assert_eq!(calls[0]["stream"], true);
+    assert_eq!(calls[0]["request_id"], id);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -31,6 +31,15 @@ WEATHER = {
 }
 
 
+def passed_headers(raw) -> dict:
+    """keel's headers and those it passes on from the provider."""
+    return {
+        k: v
+        for k, v in raw.headers.items()
+        if k.startswith(("x-keel-", "x-ratelimit-")) or k in ("x-request-id", "openai-processing-ms")
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode")
@@ -63,7 +72,8 @@ def main() -> int:
                 content=c.choices[0].message.content,
                 model=c.model,
                 usage=c.usage.model_dump() if c.usage else None,
-                headers={k: v for k, v in raw.headers.items() if k.startswith("x-keel-") or k == "x-request-id"},
+                headers=passed_headers(raw),
+                request_id=c._request_id,
             )
         elif a.mode == "stream":
             raw = client.chat.completions.with_raw_response.create(
@@ -71,7 +81,7 @@ def main() -> int:
                 messages=[{"role": "user", "content": "stream to me please"}],
                 stream=True,
             )
-            out["headers"] = {k: v for k, v in raw.headers.items() if k.startswith("x-keel-") or k == "x-request-id"}
+            out["headers"] = passed_headers(raw)
             parts = []
             chunks = 0
             finish = None

@@ -34,7 +34,7 @@ use serde_json::json;
 pub use self::request::DEFAULT_MAX_TOKENS;
 use self::request::Refusal;
 use super::client::{self, ClientSpec, HttpClient};
-use super::{Endpoint, Provider, ProviderReply, ProviderRequest};
+use super::{Endpoint, Passed, Provider, ProviderReply, ProviderRequest};
 use crate::error::UpstreamError;
 
 /// The Messages API version keel speaks (`anthropic-version`).
@@ -107,18 +107,18 @@ impl Provider for AnthropicProvider {
             });
         }
         let created = crate::agents::wall_now().as_secs();
-        let id = response.headers().get("request-id").cloned();
+        let passed = Passed::anthropic(response.headers(), std::time::SystemTime::now());
         if request.stream {
             let translator = stream::Translator::new(created, translated.include_usage);
             return Ok(ProviderReply::Stream(
                 stream::chunks(response.into_body(), target, translator),
-                id,
+                passed,
             ));
         }
         let body = client::read_all(response.into_body(), &target).await?;
         let completion = response::chat_completion(&body, created)
             .map_err(|detail| UpstreamError::Malformed { target, detail })?;
-        Ok(ProviderReply::Json(completion, id))
+        Ok(ProviderReply::Json(completion, passed))
     }
 }
 

@@ -59,12 +59,25 @@ async fn a_call_goes_out_as_a_message_and_comes_back_as_a_chat_completion() {
         .unwrap();
     let provider = provider(&sim);
     assert!(provider.client.is_direct());
-    let Ok(ProviderReply::Json(answer, id)) = provider.send(chat(json!({}))).await else {
+    let Ok(ProviderReply::Json(answer, passed)) = provider.send(chat(json!({}))).await else {
         panic!("no JSON answer");
     };
     // Anthropic's `request-id` is the answer's id.
-    let id = id.expect("the simulator names every answer");
-    assert!(id.to_str().unwrap().starts_with("req_sim_"), "{id:?}");
+    let id = passed
+        .request_id()
+        .expect("the simulator names every answer");
+    assert!(id.starts_with("req_sim_"), "{id:?}");
+    // Its rate limits come under OpenAI's names, the reset as the time left.
+    let mut headers = http::HeaderMap::new();
+    passed.apply(&mut headers);
+    assert_eq!(headers["x-ratelimit-limit-requests"], "10000");
+    assert!(
+        headers.contains_key("x-ratelimit-remaining-requests"),
+        "{headers:?}"
+    );
+    let reset = headers["x-ratelimit-reset-requests"].to_str().unwrap();
+    assert!(reset.ends_with('s') && reset.len() <= 5, "{reset}");
+    assert!(!headers.contains_key("anthropic-ratelimit-requests-limit"));
     let answer: Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(answer["object"], "chat.completion");
     assert_eq!(
