@@ -217,7 +217,12 @@ pub(crate) struct Running {
     /// The store it writes to.
     pub(crate) store: Arc<dyn TaskStore>,
     stop: tokio_util::sync::CancellationToken,
+    /// Background work, and the work requests leave running (streams).
     tasks: TaskTracker,
+    /// Requests being answered: until their handlers return.
+    requests: TaskTracker,
+    /// The HTTP server, until its last connection closes.
+    server: TaskTracker,
     /// Says why the server stopped serving, if it stops before [`Running::stop`].
     failure: tokio::sync::oneshot::Receiver<String>,
     /// Its budgets are saved once more when the calls in flight have finished.
@@ -235,10 +240,28 @@ impl Running {
     }
 
     /// Stops accepting, finishes in-flight requests and background work, and returns.
+    ///
+    /// Each request is answered within its deadline and each stream ends by its own; what
+    /// is left after that is sending answers already made. A client that stopped reading
+    /// its answer without closing its connection gets [`FLUSH_GRACE`] more, then keel stops
+    /// without it.
     pub(crate) async fn stop(self) {
         self.stop.cancel();
+        self.requests.close();
+        self.requests.wait().await;
         self.tasks.close();
         self.tasks.wait().await;
+        self.server.close();
+        if tokio::time::timeout(FLUSH_GRACE, self.server.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a client had not read its answer {} s after the last call in flight ended; \
+                 closing its connection",
+                FLUSH_GRACE.as_secs()
+            );
+        }
         // The budgets were saved when the stop began; the calls that finished since spent too.
         self.gateway.save_budgets().await;
     }
@@ -350,10 +373,17 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         .layer(axum::middleware::from_fn(
             keel_core::api_error::openai_shaped,
         ));
+    // Every request is tracked until its handler returns, so a stop knows when the last
+    // answer has been made.
+    let requests = TaskTracker::new();
     let app = keel_gateway::router(Arc::clone(&gateway))
         .merge(tasks_api)
         .merge(observe_api)
-        .method_not_allowed_fallback(method_not_allowed);
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower::util::MapFutureLayer::new({
+            let requests = requests.clone();
+            move |answer| requests.track_future(answer)
+        }));
     // Small JSON answers must not wait for Nagle's algorithm.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -389,7 +419,8 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     );
     let shutdown = stop.clone().cancelled_owned();
     let (failed, failure) = tokio::sync::oneshot::channel();
-    tasks.spawn(async move {
+    let server = TaskTracker::new();
+    server.spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -403,6 +434,8 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         store,
         stop,
         tasks,
+        requests,
+        server,
         failure,
         gateway,
     })
@@ -545,6 +578,10 @@ impl Interrupts {
         }
     }
 }
+
+/// How long a stop waits, after the last call in flight ended, for clients to read what
+/// they were sent.
+const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long after the first interrupt another one is taken as the same (a process runner
 /// that forwards Ctrl-C to a process group keel is in delivers it twice).

@@ -594,3 +594,57 @@ async fn a_stream_that_ends_during_the_drain_is_spent_from_the_budget() {
         "the stream's tokens were not saved at the stop"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_does_not_hold_the_stop() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let sim = sim().await;
+    // A stream far longer than the sockets' buffers, on a route with a 3 s deadline.
+    let config = TWO_TARGETS.replace(
+        r#"attempt = "5s", total = "20s""#,
+        r#"attempt = "3s", total = "3s""#,
+    );
+    let mut keel = Keel::start(&config, &sim).await;
+    // 5,000 words of 2,000 letters: a chunk each, 10 MB in all.
+    let reply = vec!["w".repeat(2_000); 5_000].join(" ");
+    sim.set_always(
+        "primary",
+        Some(Fault {
+            reply: Some(reply),
+            ..Fault::default()
+        }),
+    );
+    // The client reads the answer's first bytes, then keeps its connection open without
+    // reading another.
+    let addr = keel.url.trim_start_matches("http://").to_owned();
+    let mut client = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body =
+        r#"{"model":"smart","stream":true,"messages":[{"role":"user","content":"all of it"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    let n = client.read(&mut first).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    interrupt(&keel);
+    // The stream ends at its deadline; the client gets a few seconds more to read, then
+    // keel stops without it.
+    let status = tokio::time::timeout(Duration::from_secs(20), keel.child.wait())
+        .await
+        .expect("keel waited for a client that does not read")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // The call is on record: its stream ended at the deadline with the client behind.
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["stream"], true);
+    assert_eq!(calls[0]["outcome"], "stream_error", "{}", calls[0]);
+    drop(client);
+}
