@@ -185,24 +185,7 @@ async fn serve(settings: Settings, embedded: bool) -> anyhow::Result<()> {
         }
         failure = keel.failed() => Some(failure),
     };
-    let first = std::time::Instant::now();
-    let again = async {
-        loop {
-            interrupts.next().await;
-            if first.elapsed() >= SAME_INTERRUPT {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        () = keel.stop() => {}
-        () = again => {
-            // What was acknowledged is committed; the calls still running get no answer.
-            // Exit now: unwinding would wait for running Wasm tools and the store's threads.
-            tracing::warn!("interrupted again: stopping without waiting for in-flight requests");
-            std::process::exit(1);
-        }
-    }
+    keel.stop_unless_interrupted(interrupts).await;
     if let Some(failure) = failed {
         anyhow::bail!("server failed: {failure}");
     }
@@ -236,6 +219,29 @@ impl Running {
         match (&mut self.failure).await {
             Ok(why) => why,
             Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// [`Running::stop`], called after an interrupt: another one, a second or more after
+    /// `interrupts` gave the first, ends the process at once (exit status 1).
+    pub(crate) async fn stop_unless_interrupted(self, mut interrupts: Interrupts) {
+        let first = std::time::Instant::now();
+        let again = async {
+            loop {
+                interrupts.next().await;
+                if first.elapsed() >= SAME_INTERRUPT {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = self.stop() => {}
+            () = again => {
+                // What was acknowledged is committed; the calls still running get no answer.
+                // Exit now: unwinding would wait for running Wasm tools and the store's threads.
+                tracing::warn!("interrupted again: stopping without waiting for in-flight requests");
+                std::process::exit(1);
+            }
         }
     }
 

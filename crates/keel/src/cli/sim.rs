@@ -142,12 +142,14 @@ pub(crate) fn run_demo(
             keel.stop().await;
             return Ok(verdict);
         }
+        let mut interrupts = serve::Interrupts::listen();
         output::line(&format!(
             "\nkeel is still up: open the dashboard at http://{addr}/ui, or try `curl http://{addr}/v1/incidents` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
             addr = keel.addr
         ));
-        serve::interrupted().await;
-        keel.stop().await;
+        interrupts.next().await;
+        output::line("stopping keel (Ctrl-C again stops it at once)");
+        keel.stop_unless_interrupted(interrupts).await;
         Ok(verdict)
     })
 }

@@ -248,3 +248,59 @@ async fn a_fleet_runs_against_a_keel_that_is_already_running() {
     );
     assert_eq!(keel.events_of("task_created").len(), 40);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keel_demo_stays_up_until_ctrl_c_then_stops() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    // A port nobody listens on: bound, then let go.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["demo", "--agents", "5", "--tasks", "20", "--think", "10ms"])
+        .args(["--listen", &addr, "--report"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let up = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        while !seen.contains("Press Ctrl-C to stop.") {
+            if stdout.read_line(&mut seen).await.unwrap() == 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(matches!(up, Ok(true)), "keel demo did not stay up:\n{seen}");
+    assert!(seen.contains("| success over feasible tasks |"), "{seen}");
+    let health = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(std::time::Duration::from_secs(15), child.wait())
+        .await
+        .expect("keel demo did not stop at Ctrl-C")
+        .unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).await.unwrap();
+    assert!(status.success(), "{status}\n{seen}{rest}");
+    assert!(
+        rest.contains("stopping keel (Ctrl-C again stops it at once)"),
+        "{rest}"
+    );
+}
