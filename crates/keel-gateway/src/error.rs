@@ -12,6 +12,8 @@ pub use keel_core::ApiError;
 use keel_core::ErrorClass;
 use keel_core::class::{ErrorHint, classify_status};
 
+use crate::provider::Passed;
+
 /// One failed attempt at one target.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -48,6 +50,8 @@ pub enum UpstreamError {
         body: Bytes,
         /// What the body says about the cause.
         hint: ErrorHint,
+        /// The answer's headers to pass on with it (its id, the account's rate limits).
+        passed: Passed,
     },
     /// The target answered 200 with a body that is not what the API promises.
     #[error("{target} sent a malformed answer: {detail}")]
@@ -90,6 +94,15 @@ impl UpstreamError {
             retry_after: None,
             body,
             hint,
+            passed: Passed::default(),
+        }
+    }
+
+    /// The provider's id of the error answer it sent, if it named it.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Self::Status { passed, .. } => passed.request_id(),
+            _ => None,
         }
     }
 
@@ -218,6 +231,7 @@ mod tests {
             retry_after: None,
             body: Bytes::from_static(body),
             hint: ErrorHint::from_body(body),
+            passed: Passed::default(),
         };
         let spent = answered(429, br#"{"error":{"code":"insufficient_quota"}}"#);
         assert_eq!(spent.class(), ErrorClass::FallbackOnly);

@@ -506,6 +506,7 @@ impl Finish {
             }
             Some(_) | None => Recorded::Nothing,
         };
+        log.request_id = error.request_id().map(str::to_owned);
         let event = self.llm_call(&log, &target, "fatal", fallback, None, recorded);
         log.events.push(event);
         self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
@@ -530,20 +531,30 @@ impl Finish {
                 err.status = StatusCode::BAD_GATEWAY;
                 err.into_response()
             }
-            UpstreamError::Status { status, body, .. }
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() =>
-            {
+            // The provider's error as it sent it, with its id and the account's rate limits.
+            UpstreamError::Status {
+                status,
+                body,
+                passed,
+                ..
+            } if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() => {
                 let mut r = Response::new(Body::from(body));
                 *r.status_mut() = status;
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
+                passed.apply(r.headers_mut());
                 r
             }
             // Not JSON (an HTML error page from a proxy in front of the provider): the
             // status stands, the message says what came back, in the OpenAI shape.
-            UpstreamError::Status { status, body, .. } => {
+            UpstreamError::Status {
+                status,
+                body,
+                passed,
+                ..
+            } => {
                 let mut err = ApiError::unavailable(format!(
                     "provider {target} answered HTTP {} with a body that is not JSON: {}",
                     status.as_u16(),
@@ -551,7 +562,9 @@ impl Finish {
                 ))
                 .with_code("upstream_error");
                 err.status = status;
-                err.into_response()
+                let mut r = err.into_response();
+                passed.apply(r.headers_mut());
+                r
             }
             other => {
                 let mut err = ApiError::unavailable(other.to_string());

@@ -248,6 +248,7 @@ mod tests {
                 retry_after: None,
                 body: Bytes::from_static(body),
                 hint: keel_core::class::ErrorHint::from_body(body),
+                passed: crate::provider::Passed::default(),
             };
             futures::stream::iter([Ok(Bytes::from_static(CHUNK)), Err(error)]).boxed()
         };

@@ -613,6 +613,9 @@ impl Executor<'_> {
             });
             // Only a failure the fault itself caused is `injected`; a real failure behind
             // an injected latency or stream cut is not.
+            if let (Some(id), Some(data)) = (error.request_id(), failed.as_object_mut()) {
+                data.insert("request_id".into(), id.into());
+            }
             if let (Some(fault), Some(tripped)) = (fault, &tripped)
                 && tripped.load(Ordering::Relaxed)
                 && let Some(data) = failed.as_object_mut()

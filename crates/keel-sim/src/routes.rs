@@ -201,7 +201,11 @@ async fn model_call(
     if let Some(fault) = fault
         && let Some(early) = apply_fault(fault, model, stream, anthropic).await
     {
-        return early.map(|response| with_retry_after(response, Some(fault)));
+        // An error answer is named and counted as any other.
+        return early.map(|mut response| {
+            describe_answer(shared, &mut response, anthropic, started);
+            with_retry_after(response, Some(fault))
+        });
     }
     let mut response = match endpoint {
         Endpoint::Chat => chat_response(shared, &request, model, fault),
@@ -215,7 +219,7 @@ async fn model_call(
     Ok(with_retry_after(response, fault))
 }
 
-/// What a provider says of every answer past the faults, in its own headers: its id
+/// What a provider says of every answer, an error too, in its own headers: its id
 /// (OpenAI's `x-request-id`, Anthropic's `request-id`), where the account stands against its
 /// request limit (OpenAI's `x-ratelimit-*-requests`, Anthropic's
 /// `anthropic-ratelimit-requests-*`), and OpenAI's `openai-processing-ms`.

@@ -134,6 +134,7 @@ fn status_error(
         retry_after,
         body,
         hint,
+        passed: Passed::default(),
     }
 }
 

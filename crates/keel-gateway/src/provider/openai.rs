@@ -71,6 +71,7 @@ impl Provider for OpenAiProvider {
                 target: target.clone(),
                 detail,
             })?;
+        let passed = Passed::openai(response.headers());
         if !response.status().is_success() {
             let (status, retry_after, body) = client::failure(response).await;
             let hint = ErrorHint::from_body(&body);
@@ -80,9 +81,9 @@ impl Provider for OpenAiProvider {
                 retry_after,
                 body,
                 hint,
+                passed,
             });
         }
-        let passed = Passed::openai(response.headers());
         if request.stream {
             return Ok(ProviderReply::Stream(
                 sse_chunks(response.into_body(), target),

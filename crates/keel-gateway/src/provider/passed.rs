@@ -48,24 +48,24 @@ const ANTHROPIC_LIMITS: [(&str, &str); 6] = [
     ),
 ];
 
-/// Headers of one answer to pass on to the client.
+/// Headers of one answer to pass on to the client, under the names they go out with.
 #[derive(Debug, Default, Clone)]
-pub struct Passed {
-    id: Option<HeaderValue>,
-    rest: Vec<(HeaderName, HeaderValue)>,
-}
+pub struct Passed(Vec<(HeaderName, HeaderValue)>);
+
+const REQUEST_ID: &str = "x-request-id";
 
 impl Passed {
     /// From an OpenAI-compatible answer: `x-request-id`, `x-ratelimit-*` and
     /// `openai-processing-ms` as they are.
     pub fn openai(headers: &HeaderMap) -> Self {
-        let mut passed = Self {
-            id: headers.get("x-request-id").and_then(usable),
-            rest: Vec::new(),
-        };
+        let mut passed = Self::default();
+        // The id first: no number of other headers crowds it out.
+        if let Some(id) = headers.get(REQUEST_ID).and_then(usable) {
+            passed.push(HeaderName::from_static(REQUEST_ID), id);
+        }
         for (name, value) in headers {
-            let name_text = name.as_str();
-            if (name_text.starts_with("x-ratelimit-") || name_text == "openai-processing-ms")
+            let text = name.as_str();
+            if (text.starts_with("x-ratelimit-") || text == "openai-processing-ms")
                 && let Some(value) = usable(value)
             {
                 passed.push(name.clone(), value);
@@ -77,10 +77,10 @@ impl Passed {
     /// From an Anthropic answer at wall-clock `now`: `request-id` and the rate limits, under
     /// OpenAI's names.
     pub fn anthropic(headers: &HeaderMap, now: SystemTime) -> Self {
-        let mut passed = Self {
-            id: headers.get("request-id").and_then(usable),
-            rest: Vec::new(),
-        };
+        let mut passed = Self::default();
+        if let Some(id) = headers.get("request-id").and_then(usable) {
+            passed.push(HeaderName::from_static(REQUEST_ID), id);
+        }
         for (theirs, ours) in ANTHROPIC_LIMITS {
             let Some(value) = headers.get(theirs).and_then(usable) else {
                 continue;
@@ -110,22 +110,22 @@ impl Passed {
 
     /// The answer's id, for the call's record.
     pub fn request_id(&self) -> Option<&str> {
-        self.id.as_ref().and_then(|id| id.to_str().ok())
+        self.0
+            .iter()
+            .find(|(name, _)| name == REQUEST_ID)
+            .and_then(|(_, value)| value.to_str().ok())
     }
 
     /// Adds the headers to `headers` (a client's answer).
     pub fn apply(self, headers: &mut HeaderMap) {
-        if let Some(id) = self.id {
-            headers.insert(HeaderName::from_static("x-request-id"), id);
-        }
-        for (name, value) in self.rest {
+        for (name, value) in self.0 {
             headers.insert(name, value);
         }
     }
 
     fn push(&mut self, name: HeaderName, value: HeaderValue) {
-        if self.rest.len() < MAX_HEADERS {
-            self.rest.push((name, value));
+        if self.0.len() < MAX_HEADERS {
+            self.0.push((name, value));
         }
     }
 }
@@ -220,16 +220,18 @@ mod tests {
     }
 
     #[test]
-    fn at_most_sixteen_headers_pass() {
+    fn at_most_sixteen_headers_pass_the_id_among_them() {
         let names: Vec<String> = (0..40).map(|i| format!("x-ratelimit-extra-{i}")).collect();
-        let mut map = HeaderMap::new();
+        let mut map = headers(&[("x-request-id", "req_1")]);
         for name in &names {
             map.insert(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 HeaderValue::from_static("1"),
             );
         }
-        assert_eq!(applied(Passed::openai(&map)).len(), MAX_HEADERS);
+        let passed = Passed::openai(&map);
+        assert_eq!(passed.request_id(), Some("req_1"));
+        assert_eq!(applied(passed).len(), MAX_HEADERS);
     }
 
     #[test]

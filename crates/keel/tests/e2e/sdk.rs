@@ -196,6 +196,15 @@ async fn a_400_is_not_retried_and_reaches_the_sdk() {
     sim.script("primary", vec![Fault::status(400)]);
     let out = sdk("chat", &keel.base_url(), &[]).await;
     assert_eq!(out["exception"], "BadRequestError", "{out}");
+    // The provider's id of its error reaches the SDK (`e.request_id`) and the log.
+    let id = out["request_id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("req_sim_"), "{out}");
+    assert!(
+        out["headers"]["x-ratelimit-remaining-requests"].is_string(),
+        "{out}"
+    );
+    assert_eq!(keel.events_of("llm_attempt_failed")[0]["request_id"], id);
+    assert_eq!(keel.events_of("llm_call")[0]["request_id"], id);
     assert_eq!(sim.calls("primary"), 1);
     assert_eq!(
         sim.calls("secondary"),

@@ -185,8 +185,10 @@ def main() -> int:
             return 2
         out["ok"] = True
     except openai.APIStatusError as e:
+        headers = passed_headers(e.response)
+        headers.update({k: v for k, v in e.response.headers.items() if k in ("retry-after", "x-should-retry")})
         out.update(exception=type(e).__name__, status=e.status_code, message=str(e),
-                   headers={k: v for k, v in e.response.headers.items() if k.startswith("x-keel-") or k in ("retry-after", "x-should-retry")})
+                   headers=headers, request_id=e.request_id)
     except openai.APIError as e:
         out.update(exception=type(e).__name__, message=str(e))
     print(json.dumps(out))

@@ -95,6 +95,7 @@ impl Provider for AnthropicProvider {
                 target: target.clone(),
                 detail,
             })?;
+        let passed = Passed::anthropic(response.headers(), std::time::SystemTime::now());
         if !response.status().is_success() {
             let (status, retry_after, body) = client::failure(response).await;
             let (body, hint) = response::openai_error(&body);
@@ -104,10 +105,10 @@ impl Provider for AnthropicProvider {
                 retry_after,
                 body,
                 hint,
+                passed,
             });
         }
         let created = crate::agents::wall_now().as_secs();
-        let passed = Passed::anthropic(response.headers(), std::time::SystemTime::now());
         if request.stream {
             let translator = stream::Translator::new(created, translated.include_usage);
             return Ok(ProviderReply::Stream(
@@ -138,6 +139,7 @@ fn unservable(target: &str, message: String, code: &str, param: &str) -> Upstrea
         retry_after: None,
         body: Bytes::from(body.to_string()),
         hint: ErrorHint::Unsupported,
+        passed: Passed::default(),
     }
 }
 
