@@ -179,10 +179,27 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// How long a request's body may take to arrive: a client that stops sending must not hold
+/// a handler (and keel's stop) for good.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed), ApiError> {
     let (parts, body) = request.into_parts();
     let limit = gw.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+            .with_code("request_timeout")
+        })?;
+    let bytes = read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -629,6 +646,44 @@ mod tests {
         assert_eq!(e.param, Some("model"));
         let e = parse_body(b"{\"model\": \"\xff\"}").err().unwrap();
         assert!(e.message.contains("UTF-8"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_a_408() {
+        use tower::ServiceExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let settings = keel_config::parse("", "keel.toml", &|_| None).unwrap();
+        let tools = crate::tools::Tools::build(&settings.tools, settings.breaker).unwrap();
+        let store = keel_store::SqliteStore::open(
+            &dir.path().join("keel.db"),
+            keel_store::Durability::Relaxed,
+        )
+        .unwrap();
+        let gw = Gateway::build(
+            &settings,
+            tools,
+            Arc::new(store),
+            tokio_util::task::TaskTracker::new(),
+            crate::metrics::Metrics::new(),
+        )
+        .unwrap();
+        // Headers, then nothing: a client that stopped sending its body.
+        let stalled = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+        let request = axum::http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from_stream(stalled))
+            .unwrap();
+        let response = router(Arc::new(gw)).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], "request_timeout", "{error}");
+        assert_eq!(
+            error["error"]["message"],
+            "the request body did not arrive within 60 s"
+        );
     }
 
     #[test]

@@ -216,7 +216,7 @@ pub enum Answer {
         usage: Option<Usage>,
         /// The body as a tree, when [`Executor::keep_tree`] asked for it.
         tree: Option<serde_json::Value>,
-        /// The provider's id of the answer.
+        /// The answer's headers to pass on (its id, the account's rate limits).
         passed: Passed,
         /// Whether `target` is not the route's first.
         fallback: bool,
@@ -227,7 +227,7 @@ pub enum Answer {
         first: Bytes,
         /// The rest.
         rest: ChunkStream,
-        /// The provider's id of the answer.
+        /// The answer's headers to pass on (its id, the account's rate limits).
         passed: Passed,
         /// Whether the target that answered is not the route's first.
         fallback: bool,
@@ -611,11 +611,11 @@ impl Executor<'_> {
                 "error": error.to_string(),
                 "latency_ms": took.as_millis() as u64,
             });
-            // Only a failure the fault itself caused is `injected`; a real failure behind
-            // an injected latency or stream cut is not.
             if let (Some(id), Some(data)) = (error.request_id(), failed.as_object_mut()) {
                 data.insert("request_id".into(), id.into());
             }
+            // Only a failure the fault itself caused is `injected`; a real failure behind
+            // an injected latency or stream cut is not.
             if let (Some(fault), Some(tripped)) = (fault, &tripped)
                 && tripped.load(Ordering::Relaxed)
                 && let Some(data) = failed.as_object_mut()
@@ -761,10 +761,29 @@ impl Executor<'_> {
             Err(_) => return Err(timed_out(start.elapsed())),
         };
         match reply {
-            ProviderReply::Json(body, passed) => Ok(Reply::Json(JsonReply {
-                passed,
-                ..read_json(body, &target, endpoint, self.keep_tree)?
-            })),
+            ProviderReply::Json(body, passed) => {
+                match read_json(body, &target, endpoint, self.keep_tree) {
+                    Ok(read) => Ok(Reply::Json(JsonReply { passed, ..read })),
+                    // An error object sent as a 200 is named like the same error sent as
+                    // an HTTP answer.
+                    Err(UpstreamError::Status {
+                        target,
+                        status,
+                        retry_after,
+                        body,
+                        hint,
+                        ..
+                    }) => Err(UpstreamError::Status {
+                        target,
+                        status,
+                        retry_after,
+                        body,
+                        hint,
+                        passed,
+                    }),
+                    Err(other) => Err(other),
+                }
+            }
             ProviderReply::Stream(mut rest, passed) => {
                 // Nothing reaches the client before the first event that says something:
                 // OpenAI opens every stream with a role-only chunk (Azure with a chunk of
@@ -911,7 +930,7 @@ struct JsonReply {
     usage: Option<Usage>,
     /// The body as a tree, when kept.
     tree: Option<serde_json::Value>,
-    /// The provider's id of the answer.
+    /// The answer's headers to pass on (its id, the account's rate limits).
     passed: Passed,
 }
 

@@ -254,19 +254,27 @@ impl Running {
     pub(crate) async fn stop(self) {
         self.stop.cancel();
         self.requests.close();
-        self.requests.wait().await;
         self.tasks.close();
-        self.tasks.wait().await;
         self.server.close();
-        if tokio::time::timeout(FLUSH_GRACE, self.server.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "a client had not read its answer {} s after the last call in flight ended; \
-                 closing its connection",
-                FLUSH_GRACE.as_secs()
-            );
+        loop {
+            self.requests.wait().await;
+            self.tasks.wait().await;
+            if tokio::time::timeout(FLUSH_GRACE, self.server.wait())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            // A request can still start on a connection that had not yet heard of the stop;
+            // it is waited for like the others.
+            if self.requests.is_empty() && self.tasks.is_empty() {
+                tracing::warn!(
+                    "a client had not read its answer {} s after the last call in flight \
+                     ended; closing its connection",
+                    FLUSH_GRACE.as_secs()
+                );
+                break;
+            }
         }
         // The budgets were saved when the stop began; the calls that finished since spent too.
         self.gateway.save_budgets().await;
@@ -367,15 +375,20 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // The task and operator APIs take bodies up to `server.max_body_bytes`, as the gateway
     // does, and answer axum's own rejections (a body over it, a query string that does not
     // parse) in the OpenAI shape like every other error.
+    // A body that stops arriving for a minute is refused, as the gateway's is.
+    let body_timeout =
+        || tower_http::timeout::RequestBodyTimeoutLayer::new(keel_gateway::BODY_TIMEOUT);
     let tasks_api = keel_supervisor::service::http::router(Arc::clone(&supervisor))
         .layer(axum::extract::DefaultBodyLimit::max(
             settings.server.max_body_bytes,
         ))
+        .layer(body_timeout())
         .layer(axum::middleware::from_fn(
             keel_core::api_error::openai_shaped,
         ));
     let observe_api = Arc::clone(&observe)
         .router(admin, store.clone(), gateway.node().to_owned())
+        .layer(body_timeout())
         .layer(axum::middleware::from_fn(
             keel_core::api_error::openai_shaped,
         ));

@@ -135,13 +135,18 @@ fn usable(value: &HeaderValue) -> Option<HeaderValue> {
     (value.len() <= MAX_VALUE && value.to_str().is_ok()).then(|| value.clone())
 }
 
-/// A duration as OpenAI prints a rate limit's reset: `"250ms"`, `"12s"`, `"6m0s"`,
-/// `"1h2m3s"` (Go's format, whole seconds past a second).
+/// A duration as OpenAI prints a rate limit's reset, rounded up so that a client waiting
+/// for it never asks too early: `"250ms"` under a second, else whole seconds in Go's format
+/// (`"12s"`, `"6m0s"`, `"1h2m3s"`); `"0s"` for a reset already past.
 fn time_left(left: Duration) -> String {
-    if left < Duration::from_secs(1) {
-        return format!("{}ms", left.as_millis());
+    if left.is_zero() {
+        return "0s".to_owned();
     }
-    let secs = left.as_secs();
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
     if h > 0 {
         format!("{h}h{m}m{s}s")
@@ -278,18 +283,21 @@ mod tests {
         );
         assert_eq!(
             applied(passed),
-            [("x-ratelimit-reset-requests".to_owned(), "0ms".to_owned())]
+            [("x-ratelimit-reset-requests".to_owned(), "0s".to_owned())]
         );
     }
 
     #[test]
     fn time_left_reads_as_openai_prints_it() {
         let cases = [
-            (Duration::from_millis(6), "6ms"),
+            (Duration::ZERO, "0s"),
+            (Duration::from_micros(5_200), "6ms"),
             (Duration::from_millis(999), "999ms"),
-            (Duration::from_millis(1_500), "1s"),
+            (Duration::from_micros(999_500), "1s"),
+            (Duration::from_secs(1), "1s"),
+            (Duration::from_millis(1_900), "2s"),
             (Duration::from_secs(59), "59s"),
-            (Duration::from_secs(60), "1m0s"),
+            (Duration::from_millis(59_001), "1m0s"),
             (Duration::from_secs(3_723), "1h2m3s"),
         ];
         for (left, text) in cases {

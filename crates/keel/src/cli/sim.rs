@@ -131,10 +131,12 @@ pub(crate) fn run_demo(
     let runtime = runtime()?;
     runtime.block_on(async {
         init_log(&args.report)?;
+        // Listened for from here on, so a Ctrl-C while the report prints is not lost.
+        let mut interrupts = serve::Interrupts::listen();
         // `_sim` keeps the simulated models up for as long as keel is.
         let (report, keel, _sim) = tokio::select! {
             run = simulate_in_process(args, listen) => run?,
-            () = serve::interrupted() => bail!("interrupted"),
+            () = interrupts.next() => bail!("interrupted"),
         };
         print_report(&report, &args.report);
         let verdict = verdict(&report);
@@ -142,7 +144,6 @@ pub(crate) fn run_demo(
             keel.stop().await;
             return Ok(verdict);
         }
-        let mut interrupts = serve::Interrupts::listen();
         output::line(&format!(
             "\nkeel is still up: open the dashboard at http://{addr}/ui, or try `curl http://{addr}/v1/incidents` or `keel tasks ls --server http://{addr}`.\nPress Ctrl-C to stop.",
             addr = keel.addr

@@ -605,7 +605,9 @@ async fn a_client_that_stops_reading_does_not_hold_the_stop() {
         r#"attempt = "3s", total = "3s""#,
     );
     let mut keel = Keel::start(&config, &sim).await;
-    // 5,000 words of 2,000 letters: a chunk each, 10 MB in all.
+    // 5,000 words of 2,000 letters: a chunk each, 10 MB in all, more than the loopback
+    // sockets' buffers hold (4 MB at most for keel's send buffer by Linux's default
+    // `tcp_wmem`, and the client's receive buffer does not grow while it does not read).
     let reply = vec!["w".repeat(2_000); 5_000].join(" ");
     sim.set_always(
         "primary",

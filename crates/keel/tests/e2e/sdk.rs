@@ -168,8 +168,15 @@ async fn a_503_is_retried_and_the_second_attempt_answers() {
     assert_eq!(out["headers"]["x-keel-attempts"], "2");
     assert_eq!(out["headers"]["x-keel-target"], "sim/primary");
     assert_eq!(sim.calls("primary"), 2);
-    assert_eq!(keel.events_of("llm_attempt_failed").len(), 1);
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1);
     assert_eq!(keel.events_of("retry_scheduled").len(), 1);
+    // The answer carries the id of the attempt that answered, not of the one that failed.
+    let id = out["headers"]["x-request-id"].as_str().unwrap_or_default();
+    assert_eq!(keel.events_of("llm_call")[0]["request_id"], id, "{out}");
+    let failed_id = failed[0]["request_id"].as_str().unwrap_or_default();
+    assert!(failed_id.starts_with("req_sim_"), "{:?}", failed[0]);
+    assert_ne!(failed_id, id);
 }
 
 #[tokio::test(flavor = "multi_thread")]

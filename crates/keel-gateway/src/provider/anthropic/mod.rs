@@ -95,7 +95,8 @@ impl Provider for AnthropicProvider {
                 target: target.clone(),
                 detail,
             })?;
-        let passed = Passed::anthropic(response.headers(), std::time::SystemTime::now());
+        let now = crate::agents::wall_now();
+        let passed = Passed::anthropic(response.headers(), std::time::UNIX_EPOCH + now);
         if !response.status().is_success() {
             let (status, retry_after, body) = client::failure(response).await;
             let (body, hint) = response::openai_error(&body);
@@ -108,7 +109,7 @@ impl Provider for AnthropicProvider {
                 passed,
             });
         }
-        let created = crate::agents::wall_now().as_secs();
+        let created = now.as_secs();
         if request.stream {
             let translator = stream::Translator::new(created, translated.include_usage);
             return Ok(ProviderReply::Stream(
