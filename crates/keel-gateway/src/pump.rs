@@ -189,7 +189,7 @@ mod tests {
     use tokio::sync::mpsc;
     use tokio::time::Instant;
 
-    use super::{Pumped, pump};
+    use super::{Pumped, Undelivered, deliver, pump};
     use crate::error::UpstreamError;
     use crate::provider::ChunkStream;
     use crate::stream_attempt::StreamEnd;
@@ -301,5 +301,113 @@ mod tests {
         .await;
         assert_eq!(gone.end, StreamEnd::ClientGone);
         assert!(gone.last.is_none());
+    }
+
+    /// A client behind: its channel (of one) is full with `unread`.
+    async fn behind(unread: Bytes) -> (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(unread).await.unwrap();
+        (tx, rx)
+    }
+
+    /// Every frame the client reads when it starts reading after `after`, until the
+    /// channel closes.
+    async fn read_after(after: Duration, mut rx: mpsc::Receiver<Bytes>) -> Vec<Bytes> {
+        tokio::time::sleep(after).await;
+        let mut frames = Vec::new();
+        while let Some(frame) = rx.recv().await {
+            frames.push(frame);
+        }
+        frames
+    }
+
+    // `finish` sends a stream's last event with `deliver`, until the later of the call's
+    // deadline and `idle` from then.
+    #[tokio::test]
+    async fn the_last_event_waits_for_a_client_that_is_behind_until_the_deadline() {
+        let chunk = Bytes::from_static(CHUNK);
+        let done = || Bytes::from_static(b"data: [DONE]\n\n");
+        // Behind, the client catches up before the deadline: it gets the
+        // last event after what it was behind on.
+        let (tx, rx) = behind(chunk.clone()).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (sent, read) = tokio::join!(
+            async move { deliver(&tx, done(), deadline).await },
+            read_after(Duration::from_millis(100), rx),
+        );
+        assert!(sent.is_ok());
+        assert_eq!(read, [chunk.clone(), done()]);
+
+        // Still behind when the deadline passes: it gets no last event, and keel waits no
+        // longer than the deadline.
+        let (tx, rx) = behind(chunk.clone()).await;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let sent = deliver(&tx, done(), deadline).await;
+        assert!(matches!(sent, Err(Undelivered::Late)));
+        assert!(Instant::now() >= deadline);
+        assert!(Instant::now() < deadline + Duration::from_secs(5));
+        drop(tx);
+        assert_eq!(
+            read_after(Duration::ZERO, rx).await,
+            [chunk],
+            "the last event never reached the client"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_behind_that_catches_up_before_the_deadline_gets_the_whole_stream() {
+        // More chunks than the channel holds, all there at once: the client is behind.
+        let chunks = 40;
+        let rest =
+            futures::stream::iter((0..chunks).map(|_| Ok(Bytes::from_static(CHUNK)))).boxed();
+        let (tx, rx) = mpsc::channel(16);
+        let deadline = (
+            Instant::now() + Duration::from_secs(2),
+            "the total deadline",
+        );
+        let pumping = async move {
+            pump(
+                Bytes::from_static(CHUNK),
+                rest,
+                &tx,
+                (Duration::from_secs(30), deadline),
+                "sim/m",
+                (None, None),
+                false,
+            )
+            .await
+        };
+        let (pumped, read) = tokio::join!(pumping, read_after(Duration::from_millis(200), rx));
+        assert_eq!(pumped.end, StreamEnd::Done);
+        assert!(pumped.last.is_none());
+        assert_eq!(read.len(), chunks + 1, "the first chunk and the rest");
+    }
+
+    #[tokio::test]
+    async fn a_client_still_behind_at_the_deadline_fails_the_stream_but_not_its_target() {
+        // The upstream sent its whole answer; the client never reads past what its channel
+        // holds.
+        let rest = futures::stream::iter((0..20).map(|_| Ok(Bytes::from_static(CHUNK)))).boxed();
+        let (tx, rx) = mpsc::channel(16);
+        let deadline = (
+            Instant::now() + Duration::from_millis(200),
+            "the total deadline",
+        );
+        let pumped = pump(
+            Bytes::from_static(CHUNK),
+            rest,
+            &tx,
+            (Duration::from_secs(30), deadline),
+            "sim/m",
+            (None, None),
+            false,
+        )
+        .await;
+        assert_eq!(against(&pumped), Some(false));
+        assert!(Instant::now() >= deadline.0);
+        assert!(Instant::now() < deadline.0 + Duration::from_secs(5));
+        drop(tx);
+        let read = read_after(Duration::ZERO, rx).await;
+        assert_eq!(read.len(), 16, "no more than the channel held");
     }
 }

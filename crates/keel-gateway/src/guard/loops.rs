@@ -651,6 +651,27 @@ mod tests {
     }
 
     #[test]
+    fn a_person_s_handoff_replaces_a_pause_and_a_later_pause_does_not_replace_it() {
+        let guard = LoopGuard::default();
+        let paused = Stopped {
+            reason: "loop of tool calls".into(),
+            release: Release::At {
+                at: Instant::now() + PAUSE,
+                why: "the supervisor refused".into(),
+            },
+        };
+        let handed_off = Stopped {
+            reason: "loop".into(),
+            release: Release::Person("apr_1".into()),
+        };
+        guard.stop("t", paused.clone());
+        guard.stop("t", handed_off.clone());
+        assert_eq!(guard.stopped("t"), Some(handed_off.clone()));
+        guard.stop("t", paused);
+        assert_eq!(guard.stopped("t"), Some(handed_off));
+    }
+
+    #[test]
     fn a_stopped_label_goes_on_when_its_pause_is_over() {
         let guard = LoopGuard::default();
         let now = Instant::now();

@@ -280,6 +280,86 @@ async fn the_same_tool_call_over_and_over_is_stopped_as_a_loop() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_loop_of_tool_calls_pauses_a_label_s_model_calls_too() {
+    let models = sim().await;
+    let keel = Keel::start(LOOPS, &models).await;
+    // A task id keel's supervisor does not know: the client's own label.
+    let call = json!({"task": "my-own-label", "args": {"query": "refund policy"}});
+    for _ in 0..5 {
+        let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, call.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, call).await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["rules"], json!(["loop:same_call"]));
+
+    // No person can be asked about a label: its model calls are refused for the loop
+    // guard's minute, saying which loop and for how long.
+    let (status, refused) = ask(&keel, "my-own-label", PROMPT).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "loop_detected", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    let (why, left) = message
+        .split_once(
+            "; its further model calls are refused and no person can let it go on (there is no supervisor task by that name), so they go on in ",
+        )
+        .unwrap_or_else(|| panic!("{message}"));
+    assert_eq!(
+        why,
+        "keel detected a loop in task \"my-own-label\": the same call of tool \"search\" was made 5 times"
+    );
+    let left: u64 = left.trim_end_matches('s').parse().unwrap();
+    assert!((50..=60).contains(&left), "{message}");
+    assert_eq!(models.calls("primary"), 0, "the model was not called");
+    // Only that label is paused.
+    let (status, answer) = ask(&keel, "another-label", PROMPT).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(models.calls("primary"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_s_handoff_replaces_a_pause_keel_set_itself() {
+    let models = sim().await;
+    let mut keel = Keel::start(LOOPS, &models).await;
+    let (id, _) = running_task(&keel).await;
+    let approval = loop_until_handed_off(&keel, &id).await;
+
+    // Restarted, keel no longer holds the person's stop in memory. A loop of tool calls
+    // then gets a pause of keel's own: the supervisor refuses to hand off again a task that
+    // waits for a person already.
+    keel.child.kill().await.unwrap();
+    let dir = std::mem::replace(&mut keel.dir, tempfile::tempdir().unwrap());
+    let keel = Keel::start_in(dir, LOOPS, &models).await;
+    let call = json!({"task": id, "args": {"query": "refund policy"}});
+    for _ in 0..5 {
+        let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, call.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = post(&keel, "/v1/tools/search/invoke", None, call).await;
+    assert_eq!(status, 403, "{answer}");
+
+    // The next model call learns of the person's handoff: the task waits for that person,
+    // not for the pause to run out.
+    let calls = models.calls("primary");
+    let (status, refused) = ask(&keel, &id, PROMPT).await;
+    assert_eq!(status, 409, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "it waits for a person (handoff {approval}: `keel approvals ls`, `keel approvals approve {approval}` to let it go on)"
+        )),
+        "{message}"
+    );
+    assert!(!message.contains("go on in"), "{message}");
+    assert_eq!(models.calls("primary"), calls, "the model was not called");
+
+    // So the person's approval lets it go on at once.
+    approve_and_reclaim(&keel, &approval, &id).await;
+    let (status, answer) = ask(&keel, &id, PROMPT).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_agent_cannot_act_in_another_agent_s_task() {
     let models = sim().await;
     let keel = Keel::start(LOOPS, &models).await;
