@@ -98,6 +98,15 @@ impl UpstreamError {
         }
     }
 
+    /// The error with the headers of the answer that carried it, when it is an answer's
+    /// ([`UpstreamError::Status`]).
+    pub fn with_passed(mut self, headers: Passed) -> Self {
+        if let Self::Status { passed, .. } = &mut self {
+            *passed = headers;
+        }
+        self
+    }
+
     /// The provider's id of the error answer it sent, if it named it.
     pub fn request_id(&self) -> Option<&str> {
         match self {

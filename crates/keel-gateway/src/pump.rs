@@ -200,12 +200,21 @@ mod tests {
     /// read, with `idle` and the call's deadline `deadline` from now.
     async fn pumped(rest: ChunkStream, idle: Duration, deadline: Duration) -> Pumped {
         let (tx, _rx) = mpsc::channel(16);
-        let deadline = (Instant::now() + deadline, "the total deadline");
+        pump_into(rest, &tx, idle, Instant::now() + deadline).await
+    }
+
+    /// [`pump`] of `CHUNK` then `rest` into `tx`, until `deadline` (the call's total).
+    async fn pump_into(
+        rest: ChunkStream,
+        tx: &mpsc::Sender<Bytes>,
+        idle: Duration,
+        deadline: Instant,
+    ) -> Pumped {
         pump(
             Bytes::from_static(CHUNK),
             rest,
-            &tx,
-            (idle, deadline),
+            tx,
+            (idle, (deadline, "the total deadline")),
             "sim/m",
             (None, None),
             false,
@@ -361,22 +370,8 @@ mod tests {
         let rest =
             futures::stream::iter((0..chunks).map(|_| Ok(Bytes::from_static(CHUNK)))).boxed();
         let (tx, rx) = mpsc::channel(16);
-        let deadline = (
-            Instant::now() + Duration::from_secs(2),
-            "the total deadline",
-        );
-        let pumping = async move {
-            pump(
-                Bytes::from_static(CHUNK),
-                rest,
-                &tx,
-                (Duration::from_secs(30), deadline),
-                "sim/m",
-                (None, None),
-                false,
-            )
-            .await
-        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let pumping = async move { pump_into(rest, &tx, Duration::from_secs(30), deadline).await };
         let (pumped, read) = tokio::join!(pumping, read_after(Duration::from_millis(200), rx));
         assert_eq!(pumped.end, StreamEnd::Done);
         assert!(pumped.last.is_none());
@@ -389,23 +384,11 @@ mod tests {
         // holds.
         let rest = futures::stream::iter((0..20).map(|_| Ok(Bytes::from_static(CHUNK)))).boxed();
         let (tx, rx) = mpsc::channel(16);
-        let deadline = (
-            Instant::now() + Duration::from_millis(200),
-            "the total deadline",
-        );
-        let pumped = pump(
-            Bytes::from_static(CHUNK),
-            rest,
-            &tx,
-            (Duration::from_secs(30), deadline),
-            "sim/m",
-            (None, None),
-            false,
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let pumped = pump_into(rest, &tx, Duration::from_secs(30), deadline).await;
         assert_eq!(against(&pumped), Some(false));
-        assert!(Instant::now() >= deadline.0);
-        assert!(Instant::now() < deadline.0 + Duration::from_secs(5));
+        assert!(Instant::now() >= deadline);
+        assert!(Instant::now() < deadline + Duration::from_secs(5));
         drop(tx);
         let read = read_after(Duration::ZERO, rx).await;
         assert_eq!(read.len(), 16, "no more than the channel held");

@@ -766,22 +766,7 @@ impl Executor<'_> {
                     Ok(read) => Ok(Reply::Json(JsonReply { passed, ..read })),
                     // An error object sent as a 200 is named like the same error sent as
                     // an HTTP answer.
-                    Err(UpstreamError::Status {
-                        target,
-                        status,
-                        retry_after,
-                        body,
-                        hint,
-                        ..
-                    }) => Err(UpstreamError::Status {
-                        target,
-                        status,
-                        retry_after,
-                        body,
-                        hint,
-                        passed,
-                    }),
-                    Err(other) => Err(other),
+                    Err(error) => Err(error.with_passed(passed)),
                 }
             }
             ProviderReply::Stream(mut rest, passed) => {

@@ -497,6 +497,9 @@ async fn a_200_answer_that_is_an_error_object_is_retried() {
     let failed = keel.events_of("llm_attempt_failed");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0]["status"], 500, "{}", failed[0]);
+    // Named by the answer that carried it, as an HTTP error would be.
+    let id = failed[0]["request_id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("req_sim_"), "{}", failed[0]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
