@@ -41,10 +41,13 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(
-            // The tool endpoints read their bodies with axum: the same limit as the model
-            // endpoints, and axum's rejections in the OpenAI shape.
+            // The tool endpoints read their bodies with axum: the same limit and timeout as
+            // the model endpoints, and axum's rejections in the OpenAI shape.
             crate::tools::routes()
                 .layer(axum::extract::DefaultBodyLimit::max(gateway.max_body_bytes))
+                .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                    BODY_TIMEOUT,
+                ))
                 .layer(axum::middleware::from_fn(
                     keel_core::api_error::openai_shaped,
                 )),
@@ -648,10 +651,8 @@ mod tests {
         assert!(e.message.contains("UTF-8"), "{}", e.message);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_body_that_stops_arriving_is_a_408() {
-        use tower::ServiceExt as _;
-        let dir = tempfile::tempdir().unwrap();
+    /// A gateway with no routes on a new store in `dir`.
+    fn bare_gateway(dir: &tempfile::TempDir) -> Arc<Gateway> {
         let settings = keel_config::parse("", "keel.toml", &|_| None).unwrap();
         let tools = crate::tools::Tools::build(&settings.tools, settings.breaker).unwrap();
         let store = keel_store::SqliteStore::open(
@@ -667,13 +668,24 @@ mod tests {
             crate::metrics::Metrics::new(),
         )
         .unwrap();
-        // Headers, then nothing: a client that stopped sending its body.
-        let stalled = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
-        let request = axum::http::Request::post("/v1/chat/completions")
+        Arc::new(gw)
+    }
+
+    /// `path`'s answer to a request whose headers came, then nothing of its body.
+    async fn stalled(path: &str) -> Response {
+        use tower::ServiceExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let body = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+        let request = axum::http::Request::post(path)
             .header("content-type", "application/json")
-            .body(axum::body::Body::from_stream(stalled))
+            .body(axum::body::Body::from_stream(body))
             .unwrap();
-        let response = router(Arc::new(gw)).oneshot(request).await.unwrap();
+        router(bare_gateway(&dir)).oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_a_408() {
+        let response = stalled("/v1/chat/completions").await;
         assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
         let body = axum::body::to_bytes(response.into_body(), 4096)
             .await
@@ -684,6 +696,18 @@ mod tests {
             error["error"]["message"],
             "the request body did not arrive within 60 s"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tool_call_whose_body_stops_arriving_is_refused() {
+        let response = stalled("/v1/actions/check").await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert!(error["error"]["message"].is_string(), "{error}");
     }
 
     #[test]
