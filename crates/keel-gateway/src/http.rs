@@ -651,26 +651,6 @@ mod tests {
         assert!(e.message.contains("UTF-8"), "{}", e.message);
     }
 
-    /// A gateway with no routes on a new store in `dir`.
-    fn bare_gateway(dir: &tempfile::TempDir) -> Arc<Gateway> {
-        let settings = keel_config::parse("", "keel.toml", &|_| None).unwrap();
-        let tools = crate::tools::Tools::build(&settings.tools, settings.breaker).unwrap();
-        let store = keel_store::SqliteStore::open(
-            &dir.path().join("keel.db"),
-            keel_store::Durability::Relaxed,
-        )
-        .unwrap();
-        let gw = Gateway::build(
-            &settings,
-            tools,
-            Arc::new(store),
-            tokio_util::task::TaskTracker::new(),
-            crate::metrics::Metrics::new(),
-        )
-        .unwrap();
-        Arc::new(gw)
-    }
-
     /// `path`'s answer to a request whose headers came, then nothing of its body.
     async fn stalled(path: &str) -> Response {
         use tower::ServiceExt as _;
@@ -680,7 +660,10 @@ mod tests {
             .header("content-type", "application/json")
             .body(axum::body::Body::from_stream(body))
             .unwrap();
-        router(bare_gateway(&dir)).oneshot(request).await.unwrap()
+        router(crate::test_gateway("", &dir).0)
+            .oneshot(request)
+            .await
+            .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

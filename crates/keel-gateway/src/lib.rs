@@ -508,3 +508,27 @@ impl Gateway {
         self.chaos.as_ref()
     }
 }
+
+/// A gateway built from `config` (keel.toml text) on a new SQLite store in `dir`, and the
+/// store, for the crate's in-process tests.
+#[cfg(test)]
+pub(crate) fn test_gateway(
+    config: &str,
+    dir: &tempfile::TempDir,
+) -> (Arc<Gateway>, Arc<keel_store::SqliteStore>) {
+    let settings = keel_config::parse(config, "keel.toml", &|_| None).unwrap();
+    let tools = tools::Tools::build(&settings.tools, settings.breaker).unwrap();
+    let store = Arc::new(
+        keel_store::SqliteStore::open(&dir.path().join("keel.db"), keel_store::Durability::Relaxed)
+            .unwrap(),
+    );
+    let gateway = Gateway::build(
+        &settings,
+        tools,
+        Arc::clone(&store) as Arc<dyn EventStore>,
+        tokio_util::task::TaskTracker::new(),
+        metrics::Metrics::new(),
+    )
+    .unwrap();
+    (Arc::new(gateway), store)
+}

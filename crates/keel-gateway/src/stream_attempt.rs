@@ -89,9 +89,11 @@ impl StreamAttempt {
     ) -> Option<u64> {
         // Only `settle` and `drop` take the permit, and `settle` consumes the attempt.
         let permit = self.permit.take()?;
-        let success = match end {
-            StreamEnd::Done | StreamEnd::ClientGone => Some(true),
-            StreamEnd::Failed { against_target } => against_target.then_some(false),
+        let (success, outcome) = match end {
+            StreamEnd::Done | StreamEnd::ClientGone => (Some(true), "ok"),
+            StreamEnd::Failed { against_target } => {
+                (against_target.then_some(false), "stream_error")
+            }
         };
         let ticket = {
             let mut breaker = self.target.breaker.lock();
@@ -106,13 +108,8 @@ impl StreamAttempt {
                 ),
                 None => breaker.release(permit),
             }
-            let ticket = note(&self.target.id, breaker.take_transitions());
-            drop(breaker);
-            ticket
-        };
-        let outcome = match end {
-            StreamEnd::Failed { .. } => "stream_error",
-            StreamEnd::Done | StreamEnd::ClientGone => "ok",
+            // Noted with the lock still held: the block's value is computed before it drops.
+            note(&self.target.id, breaker.take_transitions())
         };
         self.target.count_attempt(metrics, outcome);
         ticket

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
-use keel_store::{Durability, EventQuery, EventStore, SqliteStore};
+use keel_store::{EventQuery, EventStore, SqliteStore};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -21,19 +21,7 @@ rules = ["args.amount <= 500"]
 
 /// A gateway with the tool `refund` on a new store in `dir`, and the store.
 fn gateway(dir: &tempfile::TempDir) -> (Arc<Gateway>, Arc<SqliteStore>) {
-    let settings = keel_config::parse(CONFIG, "keel.toml", &|_| None).unwrap();
-    let tools = super::super::Tools::build(&settings.tools, settings.breaker).unwrap();
-    let store =
-        Arc::new(SqliteStore::open(&dir.path().join("keel.db"), Durability::Relaxed).unwrap());
-    let gateway = Gateway::build(
-        &settings,
-        tools,
-        Arc::clone(&store) as Arc<dyn EventStore>,
-        tokio_util::task::TaskTracker::new(),
-        crate::metrics::Metrics::new(),
-    )
-    .unwrap();
-    (Arc::new(gateway), store)
+    crate::test_gateway(CONFIG, dir)
 }
 
 /// `POST /v1/actions/check` with `body` and, when given, an `Idempotency-Key`: the status,
