@@ -60,12 +60,16 @@ pub enum UpstreamError {
         target: String,
         /// What was wrong.
         detail: String,
+        /// The answer's headers (its id), when they had arrived.
+        passed: Passed,
     },
     /// A stream ended or broke before its first event.
     #[error("stream from {target} ended before the first event")]
     StreamCut {
         /// `provider/model`.
         target: String,
+        /// The answer's headers (its id).
+        passed: Passed,
     },
     /// The target's circuit breaker is open, or half-open with every trial slot taken.
     #[error(
@@ -98,20 +102,34 @@ impl UpstreamError {
         }
     }
 
-    /// The error with the headers of the answer that carried it, when it is an answer's
-    /// ([`UpstreamError::Status`]).
+    /// A 200 answer (or stream event) from `target` that is not what the API promises.
+    pub fn malformed(target: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::Malformed {
+            target: target.into(),
+            detail: detail.into(),
+            passed: Passed::default(),
+        }
+    }
+
+    /// The error with the headers of the answer it came with, when an answer had arrived
+    /// (a status, a malformed answer, a stream cut before its first event).
     pub fn with_passed(mut self, headers: Passed) -> Self {
-        if let Self::Status { passed, .. } = &mut self {
+        if let Self::Status { passed, .. }
+        | Self::Malformed { passed, .. }
+        | Self::StreamCut { passed, .. } = &mut self
+        {
             *passed = headers;
         }
         self
     }
 
-    /// The provider's id of the error answer it sent, if it named it.
+    /// The provider's id of the answer this failure came with, if it named it.
     pub fn request_id(&self) -> Option<&str> {
         match self {
-            Self::Status { passed, .. } => passed.request_id(),
-            _ => None,
+            Self::Status { passed, .. }
+            | Self::Malformed { passed, .. }
+            | Self::StreamCut { passed, .. } => passed.request_id(),
+            Self::Connect { .. } | Self::Timeout { .. } | Self::BreakerOpen { .. } => None,
         }
     }
 
@@ -287,6 +305,28 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_s_failure_keeps_the_provider_s_id_and_a_connection_s_has_none() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-request-id", "req_7".parse().unwrap());
+        let passed = Passed::openai(&headers);
+        let malformed = UpstreamError::malformed("p/m", "not JSON").with_passed(passed.clone());
+        assert_eq!(malformed.request_id(), Some("req_7"));
+        assert_eq!(malformed.class(), ErrorClass::Retryable);
+        let cut = UpstreamError::StreamCut {
+            target: "p/m".to_owned(),
+            passed: Passed::default(),
+        }
+        .with_passed(passed.clone());
+        assert_eq!(cut.request_id(), Some("req_7"));
+        let broke = UpstreamError::Connect {
+            target: "p/m".to_owned(),
+            detail: "reset".to_owned(),
+        }
+        .with_passed(passed);
+        assert_eq!(broke.request_id(), None);
+    }
+
+    #[test]
     fn transport_failures_are_retryable_and_open_breaker_falls_back() {
         let t = || "p/m".to_owned();
         assert_eq!(
@@ -307,7 +347,11 @@ mod tests {
             ErrorClass::Retryable
         );
         assert_eq!(
-            UpstreamError::StreamCut { target: t() }.class(),
+            UpstreamError::StreamCut {
+                target: t(),
+                passed: Passed::default()
+            }
+            .class(),
             ErrorClass::Retryable
         );
         assert_eq!(

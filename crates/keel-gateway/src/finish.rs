@@ -583,7 +583,7 @@ fn target_of(error: &UpstreamError) -> String {
         | UpstreamError::Timeout { target, .. }
         | UpstreamError::Status { target, .. }
         | UpstreamError::Malformed { target, .. }
-        | UpstreamError::StreamCut { target }
+        | UpstreamError::StreamCut { target, .. }
         | UpstreamError::BreakerOpen { target, .. } => target.clone(),
     }
 }

@@ -468,10 +468,7 @@ impl Executor<'_> {
             stream: false,
             target: target.id.clone(),
         };
-        let failed = |detail: String| UpstreamError::Malformed {
-            target: target.id.clone(),
-            detail,
-        };
+        let failed = |detail: String| UpstreamError::malformed(target.id.as_str(), detail);
         match self.try_target(target, request, deadline, log).await {
             TargetResult::Answered(answer) => match check.check(&answer.body) {
                 // Both answers were paid for.
@@ -787,12 +784,13 @@ impl Executor<'_> {
                             // An event that is not JSON is the upstream's failure, retried
                             // like a malformed 200 body.
                             let opening = serde_json::from_slice::<serde_json::Value>(&event)
-                                .map_err(|e| UpstreamError::Malformed {
-                                    target: target.clone(),
-                                    detail: format!(
+                                .map_err(|e| {
+                                    let detail = format!(
                                         "the stream's event {} is not JSON: {e}",
                                         held.len() + 1
-                                    ),
+                                    );
+                                    UpstreamError::malformed(target.as_str(), detail)
+                                        .with_passed(passed.clone())
                                 })?;
                             held.push(event);
                             if !says_nothing_yet(&opening) || held.len() >= MAX_HELD_EVENTS {
@@ -800,10 +798,13 @@ impl Executor<'_> {
                             }
                         }
                         // The upstream's own error event: classified like its HTTP answer.
-                        Ok(Some(Err(e @ UpstreamError::Status { .. }))) => return Err(e),
+                        Ok(Some(Err(e @ UpstreamError::Status { .. }))) => {
+                            return Err(e.with_passed(passed));
+                        }
                         Ok(Some(Err(_)) | None) => {
                             return Err(UpstreamError::StreamCut {
                                 target: target.clone(),
+                                passed,
                             });
                         }
                         Err(_) => return Err(timed_out(start.elapsed())),
@@ -929,10 +930,7 @@ fn read_json(
     endpoint: Endpoint,
     keep_tree: bool,
 ) -> Result<JsonReply, UpstreamError> {
-    let malformed = |detail: String| UpstreamError::Malformed {
-        target: target.to_owned(),
-        detail,
-    };
+    let malformed = |detail: String| UpstreamError::malformed(target, detail);
     let (usage, tree, shape) = if keep_tree {
         let tree: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;

@@ -133,10 +133,10 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
                     }
                     None if finished => return None,
                     None => {
-                        let err = UpstreamError::Malformed {
-                            target: target.clone(),
-                            detail: "stream ended without [DONE]".to_owned(),
-                        };
+                        let err = UpstreamError::malformed(
+                            target.as_str(),
+                            "stream ended without [DONE]",
+                        );
                         return Some((Err(err), (bytes, parser, target, true, finished)));
                     }
                 }

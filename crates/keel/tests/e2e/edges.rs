@@ -240,6 +240,7 @@ async fn a_stream_whose_first_event_is_not_json_is_retried_before_the_client_see
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(r.headers(), "x-keel-attempts"), "2");
+    let answered = header(r.headers(), "x-request-id").to_owned();
     let text = r.text().await.unwrap();
     // Every event the client got is JSON, and the stream ends properly.
     let events: Vec<&str> = text
@@ -253,6 +254,33 @@ async fn a_stream_whose_first_event_is_not_json_is_retried_before_the_client_see
             "{text}"
         );
     }
+    // The failed attempt names the provider's id of the stream it got, for its support.
+    assert_failed_attempt_named(&keel, &answered);
+}
+
+/// The call's one failed attempt was a malformed answer, recorded with the provider's id
+/// of that answer, which is not the id of the `answered` one.
+fn assert_failed_attempt_named(keel: &Keel, answered: &str) {
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["reason"], "malformed");
+    let failed_id = failed[0]["request_id"].as_str().unwrap_or_default();
+    assert!(failed_id.starts_with("req_sim_"), "{:?}", failed[0]);
+    assert!(answered.starts_with("req_sim_"), "{answered}");
+    assert_ne!(failed_id, answered);
+    assert_eq!(keel.events_of("llm_call")[0]["request_id"], answered);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_answer_is_retried_and_its_failure_names_the_provider_s_id() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script("primary", vec![Fault::malformed()]);
+    let (status, headers, body) = chat(&keel, "smart").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&headers, "x-keel-attempts"), "2");
+    assert_eq!(header(&headers, "x-keel-target"), "sim/primary");
+    assert_failed_attempt_named(&keel, header(&headers, "x-request-id"));
 }
 
 /// `keel_budget_remaining{agent,unit}` as `keel.metrics()` shows it, if it is there.

@@ -118,9 +118,10 @@ impl Provider for AnthropicProvider {
             ));
         }
         let body = client::read_all(response.into_body(), &target).await?;
-        let completion = response::chat_completion(&body, created)
-            .map_err(|detail| UpstreamError::Malformed { target, detail })?;
-        Ok(ProviderReply::Json(completion, passed))
+        match response::chat_completion(&body, created) {
+            Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
+            Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),
+        }
     }
 }
 

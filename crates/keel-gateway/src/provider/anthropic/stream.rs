@@ -280,7 +280,7 @@ pub(super) fn chunks(body: Body, target: String, translator: Translator) -> Chun
 fn failure(target: &str, broken: Broken) -> UpstreamError {
     let target = target.to_owned();
     match broken {
-        Broken::Malformed(detail) => UpstreamError::Malformed { target, detail },
+        Broken::Malformed(detail) => UpstreamError::malformed(target, detail),
         // A connection that broke, or Anthropic saying the stream failed (overloaded,
         // an internal error): both are the upstream failing mid-answer.
         Broken::Upstream(detail) => UpstreamError::Connect { target, detail },
