@@ -22,7 +22,7 @@ pub(crate) fn optional<'de, D: Deserializer<'de>>(
 }
 
 /// Renders a duration the way it is written in keel.toml (`200ms`, `1m 30s`).
-pub(crate) fn show(duration: Duration) -> String {
+pub fn show(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
 }
 

@@ -60,6 +60,7 @@ pub use chaos::{
     ChaosConfig, ChaosSettings, Fault, FaultKind, FaultRule, FaultRuleConfig, Latency, Outage,
     OutageConfig, OutageScope, OutageStart, Scope, ScopeConfig,
 };
+pub use duration::show as show_duration;
 pub use error::{ConfigError, ConfigErrors, Invalid, KeyPath, Segment};
 pub use provider::{Price, ProviderConfig, ProviderKind, ProviderSettings};
 pub use route::{
@@ -68,8 +69,9 @@ pub use route::{
 };
 pub use secret::Secret;
 pub use server::{
-    DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE_URL, Durability,
-    MAX_COMMIT_DELAY, ServerConfig, ServerSettings, StoreBackend, StoreConfig, StoreSettings,
+    DEFAULT_BODY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_STORE_URL, Durability, MAX_BODY_TIMEOUT, MAX_COMMIT_DELAY, ServerConfig,
+    ServerSettings, StoreBackend, StoreConfig, StoreSettings,
 };
 pub use settings::{KeelConfig, Settings};
 pub use telemetry::{LogFormat, OtlpProtocol, TelemetryConfig, TelemetrySettings};

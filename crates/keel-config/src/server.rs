@@ -1,4 +1,5 @@
-//! `[server]` (listen address, admin token, body limit) and `[store]` (event store backend).
+//! `[server]` (listen address, admin token, body limit and timeout) and `[store]` (event
+//! store backend).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -18,6 +19,13 @@ pub const DEFAULT_LISTEN_ADDR: SocketAddr =
 /// Default limit on a request body: 4 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// Default time a request body may take to arrive: 60 s.
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Longest `[server] body_timeout`: a client that stops sending holds its request (and a
+/// stop of keel) this long.
+pub const MAX_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The store used when no config says otherwise.
 pub const DEFAULT_STORE_URL: &str = "sqlite://keel-data/keel.db";
 
@@ -36,6 +44,9 @@ pub struct ServerConfig {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (default 60s).
+    #[serde(default, deserialize_with = "crate::duration::optional")]
+    pub body_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +55,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             admin_token_env: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_timeout: None,
         }
     }
 }
@@ -65,6 +77,9 @@ pub struct ServerSettings {
     pub admin_token: Option<Secret>,
     /// Largest accepted request body in bytes; at least 1.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive before it is refused (a 408): a client
+    /// that stops sending cannot hold a request, or keel's stop, for good.
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for ServerSettings {
@@ -73,6 +88,7 @@ impl Default for ServerSettings {
             listen: DEFAULT_LISTEN_ADDR,
             admin_token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 }
@@ -100,11 +116,20 @@ impl ServerConfig {
         if self.max_body_bytes == 0 {
             problems.push(at.child("max_body_bytes").invalid("must be at least 1"));
         }
+        let body_timeout = self.body_timeout.unwrap_or(DEFAULT_BODY_TIMEOUT);
+        if body_timeout.is_zero() || body_timeout > MAX_BODY_TIMEOUT {
+            problems.push(at.child("body_timeout").invalid(format!(
+                "must be longer than 0s and at most {} (a client that stops sending holds its request this long; {} is the default)",
+                crate::duration::show(MAX_BODY_TIMEOUT),
+                crate::duration::show(DEFAULT_BODY_TIMEOUT)
+            )));
+        }
         problems.finish(at, || {
             Some(ServerSettings {
                 listen: listen?,
                 admin_token: admin_token?,
                 max_body_bytes: self.max_body_bytes,
+                body_timeout,
             })
         })
     }
@@ -397,6 +422,24 @@ mod retention_tests {
         );
         assert_eq!(s.store.keep_checkpoints, Some(3));
         assert_eq!(s.store.max_checkpoint_bytes, 2048);
+    }
+
+    #[test]
+    fn a_body_timeout_parses_and_one_out_of_range_is_refused_with_its_line() {
+        let s = parse("[server]\nbody_timeout = \"90s\"\n", "keel.toml", &no_env).unwrap();
+        assert_eq!(s.server.body_timeout, std::time::Duration::from_secs(90));
+        let s = parse("", "keel.toml", &no_env).unwrap();
+        assert_eq!(s.server.body_timeout, std::time::Duration::from_secs(60));
+        for bad in ["0s", "2h"] {
+            let text = format!("[server]\nlisten = \"127.0.0.1:8420\"\nbody_timeout = \"{bad}\"\n");
+            let e = parse(&text, "keel.toml", &no_env).unwrap_err().to_string();
+            assert!(
+                e.starts_with(
+                    "keel.toml:3: server.body_timeout: must be longer than 0s and at most 1h"
+                ),
+                "{e}"
+            );
+        }
     }
 
     #[test]

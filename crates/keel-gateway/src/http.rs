@@ -46,7 +46,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             crate::tools::routes()
                 .layer(axum::extract::DefaultBodyLimit::max(gateway.max_body_bytes))
                 .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-                    BODY_TIMEOUT,
+                    gateway.body_timeout,
                 ))
                 .layer(axum::middleware::from_fn(
                     keel_core::api_error::openai_shaped,
@@ -182,22 +182,21 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// How long a request's body may take to arrive: a client that stops sending must not hold
-/// a handler (and keel's stop) for good.
-pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
+/// Reads a model call's body: all of it within `server.body_timeout` of its headers (a
+/// client that stops sending must not hold a handler, and keel's stop, for good), and at
+/// most `server.max_body_bytes`.
 async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed), ApiError> {
     let (parts, body) = request.into_parts();
     let limit = gw.max_body_bytes;
-    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit))
+    let read = tokio::time::timeout(gw.body_timeout, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request_error",
                 format!(
-                    "the request body did not arrive within {} s",
-                    BODY_TIMEOUT.as_secs()
+                    "the request body did not arrive within {} (server.body_timeout)",
+                    keel_config::show_duration(gw.body_timeout)
                 ),
             )
             .with_code("request_timeout")
@@ -677,7 +676,7 @@ mod tests {
         assert_eq!(error["error"]["code"], "request_timeout", "{error}");
         assert_eq!(
             error["error"]["message"],
-            "the request body did not arrive within 60 s"
+            "the request body did not arrive within 1m (server.body_timeout)"
         );
     }
 
@@ -689,8 +688,12 @@ mod tests {
             .await
             .unwrap();
         let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
-        assert!(error["error"]["message"].is_string(), "{error}");
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{error}");
+        assert_eq!(error["error"]["code"], "request_timeout", "{error}");
+        assert_eq!(
+            error["error"]["message"],
+            "the request body stopped arriving (nothing for server.body_timeout)"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use keel_store::EventStore;
 use parking_lot::Mutex;
 use tokio_util::task::TaskTracker;
 
-pub use http::{BODY_TIMEOUT, router};
+pub use http::router;
 
 /// The store key of an agent's saved budget windows.
 fn budget_key(agent: &str) -> String {
@@ -61,6 +61,8 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     tasks: TaskTracker,
     max_body_bytes: usize,
+    /// `server.body_timeout`: how long a request body may take to arrive.
+    body_timeout: std::time::Duration,
     record_payloads: bool,
     chaos: Option<Chaos>,
     tools: tools::Tools,
@@ -244,6 +246,7 @@ impl Gateway {
             clock: Arc::new(SystemClock::new()),
             tasks,
             max_body_bytes: settings.server.max_body_bytes,
+            body_timeout: settings.server.body_timeout,
             record_payloads: settings.store.record_payloads,
             chaos,
             approvals: None,

@@ -375,9 +375,9 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // The task and operator APIs take bodies up to `server.max_body_bytes`, as the gateway
     // does, and answer axum's own rejections (a body over it, a query string that does not
     // parse) in the OpenAI shape like every other error.
-    // A body that stops arriving for a minute is refused, as the gateway's is.
+    // A body that sends nothing for `server.body_timeout` is refused, as the tool endpoints'.
     let body_timeout =
-        || tower_http::timeout::RequestBodyTimeoutLayer::new(keel_gateway::BODY_TIMEOUT);
+        || tower_http::timeout::RequestBodyTimeoutLayer::new(settings.server.body_timeout);
     let tasks_api = keel_supervisor::service::http::router(Arc::clone(&supervisor))
         .layer(axum::extract::DefaultBodyLimit::max(
             settings.server.max_body_bytes,

@@ -116,6 +116,7 @@ fn design_example_parses_to_expected_settings() {
             listen: DEFAULT_LISTEN_ADDR,
             admin_token: Some(Secret::new("admin-token".into())),
             max_body_bytes: 4 * 1024 * 1024,
+            body_timeout: std::time::Duration::from_secs(60),
         },
         store: StoreSettings {
             backend: StoreBackend::Sqlite {

@@ -678,3 +678,69 @@ async fn a_client_that_stops_reading_does_not_hold_the_stop() {
     assert_eq!(calls[0]["outcome"], "stream_error", "{}", calls[0]);
     drop(client);
 }
+
+/// The status and JSON error keel answers to a POST to `path` whose headers promise 100
+/// bytes of body, of which the client sends 10 and then nothing, with the connection open;
+/// and how long the answer took.
+async fn stalled_post(keel: &Keel, path: &str) -> (u16, serde_json::Value, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = keel.url.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":"
+    );
+    let started = std::time::Instant::now();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer))
+        .await
+        .expect("keel answers a stalled body")
+        .unwrap();
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+    (status, serde_json::from_str(json).unwrap(), took)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_stops_arriving_is_refused_after_server_body_timeout_on_every_api() {
+    let sim = sim().await;
+    let config = TWO_TARGETS.replacen(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nbody_timeout = \"1s\"\n",
+        1,
+    );
+    let keel = Keel::start(&config, &sim).await;
+    for (path, message) in [
+        (
+            "/v1/chat/completions",
+            "the request body did not arrive within 1s (server.body_timeout)",
+        ),
+        (
+            "/v1/tasks",
+            "the request body stopped arriving (nothing for server.body_timeout)",
+        ),
+        (
+            "/v1/actions/check",
+            "the request body stopped arriving (nothing for server.body_timeout)",
+        ),
+    ] {
+        let (status, error, took) = stalled_post(&keel, path).await;
+        assert_eq!(status, 408, "{path}: {error}");
+        assert_eq!(error["error"]["code"], "request_timeout", "{path}: {error}");
+        assert_eq!(error["error"]["message"], message, "{path}");
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(15),
+            "{path}: {took:?}"
+        );
+    }
+    // keel still serves.
+    let (status, _, body) = chat(&keel, "smart").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
