@@ -454,7 +454,7 @@ impl Executor<'_> {
         let first_usage = answer.usage;
         log.push(
             EventKind::LlmAttemptFailed,
-            json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again"}),
+            json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again", "request_id": answer.passed.request_id()}),
         );
         self.metrics
             .self_corrections
@@ -479,12 +479,13 @@ impl Executor<'_> {
                 Err(again) => {
                     log.push(
                         EventKind::LlmAttemptFailed,
-                        json!({"target": target.id, "reason": "schema_mismatch", "error": again.error, "correction": "failed"}),
+                        json!({"target": target.id, "reason": "schema_mismatch", "error": again.error, "correction": "failed", "request_id": answer.passed.request_id()}),
                     );
-                    Err(failed(format!(
+                    let detail = format!(
                         "the answer did not match the schema, twice: {}",
                         again.error
-                    )))
+                    );
+                    Err(failed(detail).with_passed(answer.passed))
                 }
             },
             TargetResult::Streaming(..) => Err(failed(

@@ -3,7 +3,7 @@
 //! A JSON answer's attempt is over when its body has arrived: the executor records it in the
 //! target's breaker and counts it there. A stream reaches the client once its first event
 //! has arrived, and its health is known only at its end, so its attempt goes along with it
-//! ([`StreamAttempt`]) and is settled when the stream ends ([`StreamAttempt::settle`]). That
+//! ([`StreamAttempt`]) and is settled when the stream ends (`StreamAttempt::settle`). That
 //! is resilience4j's meaning of a call: the permit is held until the call completes, and a
 //! call cancelled after it produced something counts as a success.
 

@@ -10,7 +10,7 @@
 //! circuit breaker. Each call is a `tool_invoked` event, each block an
 //! `action_blocked` event and `keel_guardrail_blocks_total{tool,rule}`.
 //!
-//! After the rules, the histogram guard ([`profile`]) compares each profiled numeric arg
+//! After the rules, the histogram guard (the `profile` module) compares each profiled numeric arg
 //! with what the agent usually sends; an outlier is blocked or waits for a person.
 //!
 //! A tool is an HTTP endpoint (`url`) or a Wasm module keel runs itself in a sandbox

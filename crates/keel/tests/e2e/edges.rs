@@ -680,7 +680,7 @@ async fn a_client_that_stops_reading_does_not_hold_the_stop() {
 }
 
 /// The status and JSON error keel answers to a POST to `path` whose headers promise 100
-/// bytes of body, of which the client sends 10 and then nothing, with the connection open;
+/// bytes of body, of which the client sends 9 and then nothing, with the connection open;
 /// and how long the answer took.
 async fn stalled_post(keel: &Keel, path: &str) -> (u16, serde_json::Value, Duration) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -62,6 +62,10 @@ async fn a_wrong_answer_is_corrected_on_the_second_try() {
     let failed = keel.events_of("llm_attempt_failed");
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["reason"], "schema_mismatch");
+    // The wrong answer's id, for the provider's support: not the right one's.
+    let wrong = failed[0]["request_id"].as_str().unwrap_or_default();
+    assert!(wrong.starts_with("req_sim_"), "{:?}", failed[0]);
+    assert_ne!(wrong, headers["x-request-id"].to_str().unwrap());
     let metrics = keel.metrics().await;
     assert!(
         metrics.contains("keel_self_corrections_total{route=\"smart\"} 1"),
@@ -86,7 +90,18 @@ async fn two_wrong_answers_fall_back_to_the_next_target() {
     assert_eq!(headers["x-keel-fallback"], "true");
     assert!(content(&answer)["age"].is_i64());
     assert_eq!(models.calls("primary"), 2);
-    assert_eq!(keel.events_of("llm_attempt_failed").len(), 2);
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 2);
+    // Each wrong answer is named by its own id.
+    let ids: Vec<&str> = failed
+        .iter()
+        .map(|f| f["request_id"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        ids.iter().all(|id| id.starts_with("req_sim_")),
+        "{failed:?}"
+    );
+    assert_ne!(ids[0], ids[1]);
 
     // A schema that is no JSON Schema is the client's mistake.
     let mut bad = request();
