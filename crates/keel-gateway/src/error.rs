@@ -25,6 +25,8 @@ pub enum UpstreamError {
         target: String,
         /// What the HTTP client said (never contains the API key).
         detail: String,
+        /// The answer's headers (its id), when the connection broke after they had arrived.
+        passed: Passed,
     },
     /// A deadline passed during the attempt.
     #[error("attempt to {target} timed out after {}ms ({phase})", after.as_millis())]
@@ -36,6 +38,9 @@ pub enum UpstreamError {
         phase: &'static str,
         /// How long was waited.
         after: Duration,
+        /// The answer's headers (its id), when the deadline passed after they had arrived
+        /// (a stream silent past `first_token`).
+        passed: Passed,
     },
     /// The target answered with a non-success status.
     #[error("{target} answered {status}")]
@@ -102,6 +107,15 @@ impl UpstreamError {
         }
     }
 
+    /// The connection to `target` could not be made, or broke; `detail` says which.
+    pub fn connect(target: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::Connect {
+            target: target.into(),
+            detail: detail.into(),
+            passed: Passed::default(),
+        }
+    }
+
     /// A 200 answer (or stream event) from `target` that is not what the API promises.
     pub fn malformed(target: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::Malformed {
@@ -111,25 +125,36 @@ impl UpstreamError {
         }
     }
 
-    /// The error with the headers of the answer it came with, when an answer had arrived
-    /// (a status, a malformed answer, a stream cut before its first event).
+    /// The error with the headers of the answer it came with, when an answer had arrived:
+    /// every failure but an open breaker's (which sent nothing) can come after them.
     pub fn with_passed(mut self, headers: Passed) -> Self {
-        if let Self::Status { passed, .. }
-        | Self::Malformed { passed, .. }
-        | Self::StreamCut { passed, .. } = &mut self
-        {
+        if let Some(passed) = self.passed_mut() {
             *passed = headers;
         }
         self
     }
 
-    /// The provider's id of the answer this failure came with, if it named it.
+    /// The provider's id of the answer this failure came with, if one had arrived and
+    /// named itself.
     pub fn request_id(&self) -> Option<&str> {
         match self {
-            Self::Status { passed, .. }
+            Self::Connect { passed, .. }
+            | Self::Timeout { passed, .. }
+            | Self::Status { passed, .. }
             | Self::Malformed { passed, .. }
             | Self::StreamCut { passed, .. } => passed.request_id(),
-            Self::Connect { .. } | Self::Timeout { .. } | Self::BreakerOpen { .. } => None,
+            Self::BreakerOpen { .. } => None,
+        }
+    }
+
+    fn passed_mut(&mut self) -> Option<&mut Passed> {
+        match self {
+            Self::Connect { passed, .. }
+            | Self::Timeout { passed, .. }
+            | Self::Status { passed, .. }
+            | Self::Malformed { passed, .. }
+            | Self::StreamCut { passed, .. } => Some(passed),
+            Self::BreakerOpen { .. } => None,
         }
     }
 
@@ -305,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_s_failure_keeps_the_provider_s_id_and_a_connection_s_has_none() {
+    fn a_failure_keeps_the_id_of_an_answer_that_had_arrived() {
         let mut headers = axum::http::HeaderMap::new();
         headers.insert("x-request-id", "req_7".parse().unwrap());
         let passed = Passed::openai(&headers);
@@ -318,30 +343,29 @@ mod tests {
         }
         .with_passed(passed.clone());
         assert_eq!(cut.request_id(), Some("req_7"));
-        let broke = UpstreamError::Connect {
+        let broke = UpstreamError::connect("p/m", "reset");
+        assert_eq!(broke.request_id(), None, "no answer had arrived");
+        assert_eq!(broke.with_passed(passed).request_id(), Some("req_7"));
+        let open = UpstreamError::BreakerOpen {
             target: "p/m".to_owned(),
-            detail: "reset".to_owned(),
-        }
-        .with_passed(passed);
-        assert_eq!(broke.request_id(), None);
+            half_open: false,
+        };
+        assert_eq!(open.with_passed(Passed::default()).request_id(), None);
     }
 
     #[test]
     fn transport_failures_are_retryable_and_open_breaker_falls_back() {
         let t = || "p/m".to_owned();
         assert_eq!(
-            UpstreamError::Connect {
-                target: t(),
-                detail: String::new()
-            }
-            .class(),
+            UpstreamError::connect(t(), "").class(),
             ErrorClass::Retryable
         );
         assert_eq!(
             UpstreamError::Timeout {
                 target: t(),
                 phase: "attempt",
-                after: Duration::from_secs(1)
+                after: Duration::from_secs(1),
+                passed: Passed::default(),
             }
             .class(),
             ErrorClass::Retryable

@@ -744,6 +744,7 @@ impl Executor<'_> {
             target: target.clone(),
             phase,
             after,
+            passed: Passed::default(),
         };
         let provider = target_ref.provider.as_ref();
         let send = async move {
@@ -808,7 +809,8 @@ impl Executor<'_> {
                                 passed,
                             });
                         }
-                        Err(_) => return Err(timed_out(start.elapsed())),
+                        // The answer's headers had come: its id names the silent stream.
+                        Err(_) => return Err(timed_out(start.elapsed()).with_passed(passed)),
                     }
                 }
                 let mut held = held.into_iter();

@@ -67,11 +67,10 @@ pub(crate) async fn send(
         }
         Fault::Drop => {
             tripped.store(true, Ordering::Relaxed);
-            Err(UpstreamError::Connect {
+            Err(UpstreamError::connect(
                 target,
-                detail: "connection reset before the first byte (injected by keel chaos)"
-                    .to_owned(),
-            })
+                "connection reset before the first byte (injected by keel chaos)",
+            ))
         }
         Fault::StreamCut { after_chunks } => {
             match provider.send(request).await? {
@@ -82,11 +81,10 @@ pub(crate) async fn send(
                 // Not a stream: the body is cut while it is read, a transport error.
                 ProviderReply::Json(..) => {
                     tripped.store(true, Ordering::Relaxed);
-                    Err(UpstreamError::Connect {
+                    Err(UpstreamError::connect(
                         target,
-                        detail: "connection closed while reading the body (injected by keel chaos)"
-                            .to_owned(),
-                    })
+                        "connection closed while reading the body (injected by keel chaos)",
+                    ))
                 }
             }
         }
@@ -148,10 +146,10 @@ fn cut(
     let tripped = Arc::clone(tripped);
     let broken = futures::stream::once(async move {
         tripped.store(true, Ordering::Relaxed);
-        Err(UpstreamError::Connect {
+        Err(UpstreamError::connect(
             target,
-            detail: format!("stream broke after {after} chunks (injected by keel chaos)"),
-        })
+            format!("stream broke after {after} chunks (injected by keel chaos)"),
+        ))
     });
     stream
         .take(usize::try_from(after).unwrap_or(usize::MAX))

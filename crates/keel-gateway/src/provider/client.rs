@@ -262,10 +262,7 @@ pub(super) async fn read_all(body: Body, target: &str) -> Result<Bytes, Upstream
     Ok(body
         .collect()
         .await
-        .map_err(|e| UpstreamError::Connect {
-            target: target.to_owned(),
-            detail: error_chain(e.as_ref()),
-        })?
+        .map_err(|e| UpstreamError::connect(target, error_chain(e.as_ref())))?
         .to_bytes())
 }
 

@@ -67,10 +67,7 @@ impl Provider for OpenAiProvider {
             .client
             .post(url_of(request.endpoint), request.body)
             .await
-            .map_err(|detail| UpstreamError::Connect {
-                target: target.clone(),
-                detail,
-            })?;
+            .map_err(|detail| UpstreamError::connect(target.as_str(), detail))?;
         let passed = Passed::openai(response.headers());
         if !response.status().is_success() {
             let (status, retry_after, body) = client::failure(response).await;
@@ -90,7 +87,10 @@ impl Provider for OpenAiProvider {
                 passed,
             ));
         }
-        let body = client::read_all(response.into_body(), &target).await?;
+        // A body that breaks off is named by the headers that came before it.
+        let body = client::read_all(response.into_body(), &target)
+            .await
+            .map_err(|e| e.with_passed(passed.clone()))?;
         Ok(ProviderReply::Json(body, passed))
     }
 }
@@ -125,10 +125,8 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
                 match bytes.next().await {
                     Some(Ok(chunk)) => parser.push(&chunk),
                     Some(Err(e)) => {
-                        let err = UpstreamError::Connect {
-                            target: target.clone(),
-                            detail: format!("stream broke: {}", error_chain(e.as_ref())),
-                        };
+                        let detail = format!("stream broke: {}", error_chain(e.as_ref()));
+                        let err = UpstreamError::connect(target.as_str(), detail);
                         return Some((Err(err), (bytes, parser, target, true, finished)));
                     }
                     None if finished => return None,

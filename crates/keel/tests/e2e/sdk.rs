@@ -515,6 +515,13 @@ async fn a_stream_silent_after_its_role_chunk_is_retried_at_first_token() {
     let failed = keel.events_of("llm_attempt_failed");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0]["reason"], "first_token", "{failed:?}");
+    // The silent stream's headers had come: its id is the one to give the provider.
+    let silent = failed[0]["request_id"].as_str().unwrap_or_default();
+    assert!(silent.starts_with("req_sim_"), "{failed:?}");
+    assert_ne!(
+        silent,
+        out["headers"]["x-request-id"].as_str().unwrap_or_default()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -554,6 +561,11 @@ async fn a_stream_failing_before_its_first_byte_is_retried() {
     assert_eq!(
         failed.last().unwrap()["reason"],
         "first_token",
+        "{failed:?}"
+    );
+    // No answer had come before either failure: nothing names them.
+    assert!(
+        failed.iter().all(|f| f.get("request_id").is_none()),
         "{failed:?}"
     );
 }

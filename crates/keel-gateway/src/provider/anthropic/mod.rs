@@ -91,10 +91,7 @@ impl Provider for AnthropicProvider {
             .client
             .post(0, translated.body)
             .await
-            .map_err(|detail| UpstreamError::Connect {
-                target: target.clone(),
-                detail,
-            })?;
+            .map_err(|detail| UpstreamError::connect(target.as_str(), detail))?;
         let now = crate::agents::wall_now();
         let passed = Passed::anthropic(response.headers(), std::time::UNIX_EPOCH + now);
         if !response.status().is_success() {
@@ -117,7 +114,10 @@ impl Provider for AnthropicProvider {
                 passed,
             ));
         }
-        let body = client::read_all(response.into_body(), &target).await?;
+        // A body that breaks off is named by the headers that came before it.
+        let body = client::read_all(response.into_body(), &target)
+            .await
+            .map_err(|e| e.with_passed(passed.clone()))?;
         match response::chat_completion(&body, created) {
             Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
             Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),

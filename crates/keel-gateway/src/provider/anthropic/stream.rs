@@ -283,6 +283,6 @@ fn failure(target: &str, broken: Broken) -> UpstreamError {
         Broken::Malformed(detail) => UpstreamError::malformed(target, detail),
         // A connection that broke, or Anthropic saying the stream failed (overloaded,
         // an internal error): both are the upstream failing mid-answer.
-        Broken::Upstream(detail) => UpstreamError::Connect { target, detail },
+        Broken::Upstream(detail) => UpstreamError::connect(target, detail),
     }
 }
