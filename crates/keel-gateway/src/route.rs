@@ -454,7 +454,10 @@ impl Executor<'_> {
         let first_usage = answer.usage;
         log.push(
             EventKind::LlmAttemptFailed,
-            json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again", "request_id": answer.passed.request_id()}),
+            named(
+                json!({"target": target.id, "reason": "schema_mismatch", "error": mismatch.error, "correction": "asking again"}),
+                answer.passed.request_id(),
+            ),
         );
         self.metrics
             .self_corrections
@@ -479,7 +482,10 @@ impl Executor<'_> {
                 Err(again) => {
                     log.push(
                         EventKind::LlmAttemptFailed,
-                        json!({"target": target.id, "reason": "schema_mismatch", "error": again.error, "correction": "failed", "request_id": answer.passed.request_id()}),
+                        named(
+                            json!({"target": target.id, "reason": "schema_mismatch", "error": again.error, "correction": "failed"}),
+                            answer.passed.request_id(),
+                        ),
                     );
                     let detail = format!(
                         "the answer did not match the schema, twice: {}",
@@ -599,19 +605,19 @@ impl Executor<'_> {
             };
             let class = error.class();
             target.count_attempt(self.metrics, class.as_str());
-            let mut failed = json!({
-                "route": route.name,
-                "target": target.id,
-                "attempt": attempt + 1,
-                "class": class.as_str(),
-                "reason": error.reason(),
-                "status": error.status().map(|s| s.as_u16()),
-                "error": error.to_string(),
-                "latency_ms": took.as_millis() as u64,
-            });
-            if let (Some(id), Some(data)) = (error.request_id(), failed.as_object_mut()) {
-                data.insert("request_id".into(), id.into());
-            }
+            let mut failed = named(
+                json!({
+                    "route": route.name,
+                    "target": target.id,
+                    "attempt": attempt + 1,
+                    "class": class.as_str(),
+                    "reason": error.reason(),
+                    "status": error.status().map(|s| s.as_u16()),
+                    "error": error.to_string(),
+                    "latency_ms": took.as_millis() as u64,
+                }),
+                error.request_id(),
+            );
             // Only a failure the fault itself caused is `injected`; a real failure behind
             // an injected latency or stream cut is not.
             if let (Some(fault), Some(tripped)) = (fault, &tripped)
@@ -921,6 +927,15 @@ struct JsonReply {
     tree: Option<serde_json::Value>,
     /// The answer's headers to pass on (its id, the account's rate limits).
     passed: Passed,
+}
+
+/// A failed attempt's event `data` with the provider's id of the answer it failed on, when
+/// one had come (the member is left out otherwise).
+fn named(mut data: serde_json::Value, request_id: Option<&str>) -> serde_json::Value {
+    if let (Some(id), Some(members)) = (request_id, data.as_object_mut()) {
+        members.insert("request_id".into(), id.into());
+    }
+    data
 }
 
 /// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (a chat

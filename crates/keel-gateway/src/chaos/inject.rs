@@ -78,13 +78,15 @@ pub(crate) async fn send(
                     cut(stream, after_chunks, target, tripped),
                     id,
                 )),
-                // Not a stream: the body is cut while it is read, a transport error.
-                ProviderReply::Json(..) => {
+                // Not a stream: the body is cut while it is read, a transport error, named
+                // by the provider's answer it cut (as a real cut would be).
+                ProviderReply::Json(_, passed) => {
                     tripped.store(true, Ordering::Relaxed);
                     Err(UpstreamError::connect(
                         target,
                         "connection closed while reading the body (injected by keel chaos)",
-                    ))
+                    )
+                    .with_passed(passed))
                 }
             }
         }
@@ -185,9 +187,11 @@ mod tests {
                     Passed::default(),
                 ));
             }
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert("x-request-id", "req_real".parse().unwrap());
             Ok(ProviderReply::Json(
                 Bytes::from_static(b"{\"ok\":true}"),
-                Passed::default(),
+                Passed::openai(&headers),
             ))
         }
     }
@@ -273,7 +277,11 @@ mod tests {
         assert!(matches!(items[2], Err(UpstreamError::Connect { .. })));
         assert_eq!(calls, 1);
         let (result, calls, tripped) = run(Fault::StreamCut { after_chunks: 2 }, false).await;
-        assert!(matches!(result, Err(UpstreamError::Connect { .. })));
+        let Err(cut @ UpstreamError::Connect { .. }) = result else {
+            panic!("a cut body");
+        };
+        // The provider had answered: the cut is named by its answer, as a real cut is.
+        assert_eq!(cut.request_id(), Some("req_real"));
         assert_eq!((calls, tripped), (1, true));
     }
 
