@@ -40,20 +40,32 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(
-            // The tool endpoints read their bodies with axum: the same limit and timeout as
-            // the model endpoints, and axum's rejections in the OpenAI shape.
-            crate::tools::routes()
-                .layer(axum::extract::DefaultBodyLimit::max(gateway.max_body_bytes))
-                .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-                    gateway.body_timeout,
-                ))
-                .layer(axum::middleware::from_fn(
-                    keel_core::api_error::openai_shaped,
-                )),
-        )
+        .merge(with_body_rules(
+            crate::tools::routes(),
+            gateway.max_body_bytes,
+            gateway.body_timeout,
+        ))
         .fallback(not_found)
         .with_state(gateway)
+}
+
+/// `api` (handlers that read their bodies with axum: the tool, task and operator APIs)
+/// under the server's body rules, as the model endpoints' `read_body` keeps them: bodies of
+/// at most `server.max_body_bytes`, refused when they send nothing for
+/// `server.body_timeout`, and axum's own rejections (a body over the limit, a query string
+/// that does not parse) in the OpenAI shape like every other error.
+pub fn with_body_rules<S: Clone + Send + Sync + 'static>(
+    api: Router<S>,
+    max_body_bytes: usize,
+    body_timeout: std::time::Duration,
+) -> Router<S> {
+    api.layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
+        .layer(axum::middleware::from_fn(
+            keel_core::api_error::openai_shaped,
+        ))
 }
 
 type Gw = State<Arc<Gateway>>;

@@ -37,7 +37,7 @@ use keel_store::EventStore;
 use parking_lot::Mutex;
 use tokio_util::task::TaskTracker;
 
-pub use http::router;
+pub use http::{router, with_body_rules};
 
 /// The store key of an agent's saved budget windows.
 fn budget_key(agent: &str) -> String {

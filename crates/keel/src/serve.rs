@@ -372,26 +372,20 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         let supervisor = Arc::clone(&supervisor);
         Arc::new(move |headers| keel_supervisor::service::http::admin(&supervisor, headers))
     };
-    // The task and operator APIs take bodies up to `server.max_body_bytes`, as the gateway
-    // does, and answer axum's own rejections (a body over it, a query string that does not
-    // parse) in the OpenAI shape like every other error.
-    // A body that sends nothing for `server.body_timeout` is refused, as the tool endpoints'.
-    let body_timeout =
-        || tower_http::timeout::RequestBodyTimeoutLayer::new(settings.server.body_timeout);
-    let tasks_api = keel_supervisor::service::http::router(Arc::clone(&supervisor))
-        .layer(axum::extract::DefaultBodyLimit::max(
+    // The task and operator APIs keep the gateway's body rules (limit, timeout, errors in
+    // the OpenAI shape).
+    let body_rules = |api| {
+        keel_gateway::with_body_rules(
+            api,
             settings.server.max_body_bytes,
-        ))
-        .layer(body_timeout())
-        .layer(axum::middleware::from_fn(
-            keel_core::api_error::openai_shaped,
-        ));
-    let observe_api = Arc::clone(&observe)
-        .router(admin, store.clone(), gateway.node().to_owned())
-        .layer(body_timeout())
-        .layer(axum::middleware::from_fn(
-            keel_core::api_error::openai_shaped,
-        ));
+            settings.server.body_timeout,
+        )
+    };
+    let tasks_api = body_rules(keel_supervisor::service::http::router(Arc::clone(
+        &supervisor,
+    )));
+    let observe_api =
+        body_rules(Arc::clone(&observe).router(admin, store.clone(), gateway.node().to_owned()));
     // Every request is tracked until its handler returns, so a stop knows when the last
     // answer has been made.
     let requests = TaskTracker::new();
