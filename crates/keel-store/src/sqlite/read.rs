@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keel_core::EventKind;
 use parking_lot::Mutex;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
@@ -111,14 +112,19 @@ impl Readers {
         }
         if let Some(kind) = &query.kind {
             args.push(Value::Text(kind.clone()));
-            // With a task, its (short) log is the way in: the unary `+` keeps SQLite
-            // from walking the kind index over every task's events instead.
-            let column = if query.task_id.is_some() {
-                "+kind"
+            let n = args.len();
+            if query.task_id.is_some() {
+                // With a task, its (short) log is the way in: the unary `+` keeps SQLite
+                // from walking the kind index over every task's events instead.
+                sql.push_str(&format!(" AND +kind = ?{n}"));
+            } else if kind == EventKind::LlmCall.as_str() {
+                // The kind index leaves these out (schema version 7): most of the log is
+                // model calls, so the walk by `seq` finds them.
+                sql.push_str(&format!(" AND kind = ?{n}"));
             } else {
-                "kind"
-            };
-            sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+                // The kind index's own condition, word for word, lets SQLite use it.
+                sql.push_str(&format!(" AND kind = ?{n} AND kind <> 'llm_call'"));
+            }
         }
         let limit = query
             .limit
