@@ -243,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut conn, path) = open(&dir);
         migrate(&mut conn, &path, &MIGRATIONS[..6]).unwrap();
-        let mut insert = |seq: i64, kind: &str| {
+        let insert = |seq: i64, kind: &str| {
             conn.execute(
                 "INSERT INTO events (seq, at, at_ms, kind, data, prev_hash, hash) VALUES (?1, 'a', 0, ?2, '{}', 'p', 'h')",
                 rusqlite::params![seq, kind],
