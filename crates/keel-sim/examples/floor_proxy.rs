@@ -10,7 +10,9 @@
 //! ```
 //!
 //! It takes keel's arguments (`serve --config FILE`) and reads two settings of that file:
-//! `listen` and the first `base_url` (a provider of kind `openai`); `GET /readyz` answers 200.
+//! `[server] listen` (default `127.0.0.1:8420`) and the `base_url` of the provider that the
+//! first target of route `bench` names (the route `bench/ab.sh` loads; set `ROUTE` for
+//! another); `GET /readyz` answers 200. The request's `model` goes to the provider unchanged.
 
 use axum::Router;
 use axum::body::Body;
@@ -63,12 +65,31 @@ async fn chat(State(up): State<Upstream>, request: Request) -> Response {
     }
 }
 
-/// The quoted value of the first line `key = "..."` of a TOML file's text.
-fn setting<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines().find_map(|line| {
-        let (name, value) = line.split_once('=')?;
-        (name.trim() == key).then(|| value.trim().trim_matches('"'))
-    })
+/// `[server] listen` and the `base_url` of the provider that route `route`'s first target
+/// names, from a keel config's text.
+fn settings(text: &str, route: &str) -> Result<(String, String), String> {
+    let config: toml::Table = text.parse().map_err(|e| format!("not TOML: {e}"))?;
+    let listen = config
+        .get("server")
+        .and_then(|server| server.get("listen"))
+        .and_then(toml::Value::as_str)
+        .unwrap_or("127.0.0.1:8420");
+    let provider = config
+        .get("routes")
+        .and_then(|routes| routes.get(route))
+        .and_then(|r| r.get("targets"))
+        .and_then(toml::Value::as_array)
+        .and_then(|targets| targets.first())
+        .and_then(|target| target.get("provider"))
+        .and_then(toml::Value::as_str)
+        .ok_or_else(|| format!("no [routes.{route}] with a target naming a provider"))?;
+    let base = config
+        .get("providers")
+        .and_then(|providers| providers.get(provider))
+        .and_then(|p| p.get("base_url"))
+        .and_then(toml::Value::as_str)
+        .ok_or_else(|| format!("[providers.{provider}] has no base_url"))?;
+    Ok((listen.to_owned(), base.to_owned()))
 }
 
 #[tokio::main]
@@ -78,9 +99,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     else {
         return Err("usage: floor_proxy serve --config FILE (keel's arguments)".into());
     };
+    let route = std::env::var("ROUTE").unwrap_or_else(|_| "bench".to_owned());
     let text = std::fs::read_to_string(config).map_err(|e| format!("{config}: {e}"))?;
-    let listen = setting(&text, "listen").unwrap_or("127.0.0.1:8420");
-    let base = setting(&text, "base_url").ok_or_else(|| format!("{config}: no base_url"))?;
+    let (listen, base) = settings(&text, &route).map_err(|e| format!("{config}: {e}"))?;
     let upstream = Upstream {
         client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         url: format!("{}/chat/completions", base.trim_end_matches('/')),
@@ -89,7 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/v1/chat/completions", post(chat))
         .route("/readyz", get(|| async { StatusCode::OK }))
         .with_state(upstream);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -278,6 +278,9 @@ fn open_writer(path: &Path, durability: Durability) -> Result<Connection, StoreE
     };
     let conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // The writer caches every statement it runs (about twenty, `BEGIN` and `COMMIT` among
+    // them): rusqlite's default cache of 16 would evict some under mixed writes.
+    conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(open_err)?;

@@ -576,9 +576,13 @@ fn write_batch(
         conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(written)
     });
-    if written.is_err() && !conn.is_autocommit() {
-        // What the batch wrote goes; the error to report is the one that stopped it.
-        let _ = conn.execute_batch("ROLLBACK");
+    if written.is_err()
+        && !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        // The batch's own error is the one its writers get; this one would fail the next
+        // `BEGIN` too, so it is worth a line of its own.
+        tracing::error!(path = %path.display(), error = %e, "event store could not roll back a failed commit");
     }
     written
 }
