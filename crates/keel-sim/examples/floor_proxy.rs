@@ -83,10 +83,18 @@ fn settings(text: &str, route: &str) -> Result<(String, String), String> {
         .and_then(|target| target.get("provider"))
         .and_then(toml::Value::as_str)
         .ok_or_else(|| format!("no [routes.{route}] with a target naming a provider"))?;
-    let base = config
+    let provider_table = config
         .get("providers")
         .and_then(|providers| providers.get(provider))
-        .and_then(|p| p.get("base_url"))
+        .ok_or_else(|| format!("no [providers.{provider}]"))?;
+    let kind = provider_table.get("kind").and_then(toml::Value::as_str);
+    if kind != Some("openai") {
+        return Err(format!(
+            "[providers.{provider}] is not of kind \"openai\" (this proxy speaks chat completions only)"
+        ));
+    }
+    let base = provider_table
+        .get("base_url")
         .and_then(toml::Value::as_str)
         .ok_or_else(|| format!("[providers.{provider}] has no base_url"))?;
     Ok((listen.to_owned(), base.to_owned()))

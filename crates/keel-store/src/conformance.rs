@@ -269,8 +269,8 @@ pub async fn filters_kind_after_seq_and_limit<S: EventStore>(store: &S) -> Outco
     };
     let cases: [(EventQuery, &[u64]); 11] = [
         (q(Some("llm_call"), None, None, None), &[1, 3, 5, 7, 9]),
-        // Every parameter with a kind other than `llm_call` (SQLite reads these through its
-        // kind index, which leaves `llm_call` out), a kind within a task, and no such kind.
+        // A kind other than `llm_call` with `after_seq` and `limit` (SQLite reads these through
+        // its kind index, which leaves `llm_call` out), a kind within a task, and no such kind.
         (q(Some("breaker_opened"), None, Some(4), Some(2)), &[6, 8]),
         (q(Some("llm_call"), Some("t"), Some(3), None), &[5, 7, 9]),
         (q(Some(""), None, None, None), &[]),

@@ -264,7 +264,7 @@ mod tests {
             insert(seq, kind);
         }
         migrate(&mut conn, &path, MIGRATIONS).unwrap();
-        // The shapes `Readers::events` builds for a kind without a task, parameters bound.
+        // The shapes `Readers::events` builds for a kind without a task, with `?N` placeholders.
         let other = "SELECT seq FROM events WHERE seq > ?1 AND kind = ?2 AND kind <> 'llm_call' ORDER BY seq LIMIT ?3";
         let calls = "SELECT seq FROM events WHERE seq > ?1 AND kind = ?2 ORDER BY seq LIMIT ?3";
         // (`COVERING` here, since these columns are in the index.)
