@@ -256,13 +256,19 @@ pub(super) async fn failure(
     (status, retry_after, body)
 }
 
-/// The whole body of a successful answer; a body that breaks while read is a connection
-/// failure of `target`.
-pub(super) async fn read_all(body: Body, target: &str) -> Result<Bytes, UpstreamError> {
+/// Reads a JSON answer's whole body; a body that breaks off is a transport failure named by
+/// the answer's headers (`passed`), which came before it.
+pub(super) async fn read_all(
+    body: Body,
+    target: &str,
+    passed: &super::Passed,
+) -> Result<Bytes, UpstreamError> {
     Ok(body
         .collect()
         .await
-        .map_err(|e| UpstreamError::connect(target, error_chain(e.as_ref())))?
+        .map_err(|e| {
+            UpstreamError::connect(target, error_chain(e.as_ref())).with_passed(passed.clone())
+        })?
         .to_bytes())
 }
 

@@ -87,10 +87,7 @@ impl Provider for OpenAiProvider {
                 passed,
             ));
         }
-        // A body that breaks off is named by the headers that came before it.
-        let body = client::read_all(response.into_body(), &target)
-            .await
-            .map_err(|e| e.with_passed(passed.clone()))?;
+        let body = client::read_all(response.into_body(), &target, &passed).await?;
         Ok(ProviderReply::Json(body, passed))
     }
 }

@@ -114,10 +114,7 @@ impl Provider for AnthropicProvider {
                 passed,
             ));
         }
-        // A body that breaks off is named by the headers that came before it.
-        let body = client::read_all(response.into_body(), &target)
-            .await
-            .map_err(|e| e.with_passed(passed.clone()))?;
+        let body = client::read_all(response.into_body(), &target, &passed).await?;
         match response::chat_completion(&body, created) {
             Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
             Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),
