@@ -82,54 +82,51 @@ impl Finish {
             Recorded::Inline(_) | Recorded::Blob(_) | Recorded::Nothing => (None, None),
         };
         // Built member by member: `json!` would deep-copy the parsed answer
-        // and the request summary through `to_value`.
+        // and the request summary through `to_value`. The members come in key order, so
+        // the map is built in one pass instead of by a search and insert for each.
         let usage = usage.map(|u| {
-            let mut m = Map::with_capacity(3);
-            m.insert("prompt_tokens".into(), u.prompt_tokens.into());
-            m.insert("completion_tokens".into(), u.completion_tokens.into());
-            m.insert("total_tokens".into(), u.total_tokens.into());
-            Value::Object(m)
+            Value::Object(Map::from_iter([
+                ("completion_tokens".to_owned(), u.completion_tokens.into()),
+                ("prompt_tokens".to_owned(), u.prompt_tokens.into()),
+                ("total_tokens".to_owned(), u.total_tokens.into()),
+            ]))
         });
-        let mut data = Map::with_capacity(13);
-        data.insert("route".into(), self.route_name.as_str().into());
-        data.insert("target".into(), target.into());
-        data.insert("agent".into(), log.who.agent.as_str().into());
-        data.insert("step".into(), log.who.step.as_deref().into());
-        data.insert("attempts".into(), log.attempts.into());
-        data.insert("fallback".into(), fallback.into());
-        data.insert("outcome".into(), outcome.into());
-        data.insert("stream".into(), self.stream.into());
-        data.insert(
-            "latency_ms".into(),
-            u64::try_from(latency.as_millis())
-                .unwrap_or(u64::MAX)
-                .into(),
-        );
-        data.insert("usage".into(), usage.into());
-        data.insert(
-            "request".into(),
-            recording
-                .then(|| std::mem::take(&mut self.recorded.summary))
-                .into(),
-        );
-        data.insert("response".into(), response.into());
-        data.insert("response_blob".into(), response_hash.into());
+        let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        let request = recording.then(|| std::mem::take(&mut self.recorded.summary));
+        let mut data: Vec<(String, Value)> = Vec::with_capacity(16);
+        data.push(("agent".into(), log.who.agent.as_str().into()));
+        data.push(("attempts".into(), log.attempts.into()));
         // Present only when `[chaos]` injected something, so a report can tell injected
         // failures (and slowness) from real ones.
         if !log.chaos.is_empty() {
             let chaos = log.chaos.iter().map(|c| c.to_json()).collect();
-            data.insert("chaos".into(), Value::Array(chaos));
+            data.push(("chaos".into(), Value::Array(chaos)));
         }
+        data.push(("fallback".into(), fallback.into()));
         if let Some(screened) = &log.screened {
-            data.insert("injection".into(), screened.clone());
+            data.push(("injection".into(), screened.clone()));
         }
+        data.push(("latency_ms".into(), latency_ms.into()));
+        data.push(("outcome".into(), outcome.into()));
+        data.push(("request".into(), request.into()));
         if let Some(id) = &log.request_id {
-            data.insert("request_id".into(), id.as_str().into());
+            data.push(("request_id".into(), id.as_str().into()));
         }
+        data.push(("response".into(), response.into()));
+        data.push(("response_blob".into(), response_hash.into()));
+        data.push(("route".into(), self.route_name.as_str().into()));
+        data.push(("step".into(), log.who.step.as_deref().into()));
+        data.push(("stream".into(), self.stream.into()));
+        data.push(("target".into(), target.into()));
+        data.push(("usage".into(), usage.into()));
+        debug_assert!(
+            data.is_sorted_by(|a, b| a.0 < b.0),
+            "llm_call members out of order"
+        );
         NewEvent::new(
             EventKind::LlmCall,
             log.who.task.clone(),
-            Value::Object(data),
+            Value::Object(data.into_iter().collect()),
         )
     }
 

@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use keel_store::Payload;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use serde_json::{Map, Value};
 
 use crate::body::RawObject;
 
@@ -41,10 +41,17 @@ pub fn request(body: &RawObject) -> Recorded {
         // `{"prev": .., "message": ..}` in this order, written directly: both
         // members are hex hashes (or null), nothing to escape. The text is hashed,
         // so it never changes.
-        let node = match &conversation {
-            Some(prev) => format!(r#"{{"prev":"{prev}","message":"{message_hash}"}}"#),
-            None => format!(r#"{{"prev":null,"message":"{message_hash}"}}"#),
-        };
+        let mut node = String::with_capacity(160);
+        match &conversation {
+            Some(prev) => {
+                node.push_str(r#"{"prev":""#);
+                node.push_str(prev);
+                node.push_str(r#"","message":""#);
+            }
+            None => node.push_str(r#"{"prev":null,"message":""#),
+        }
+        node.push_str(message_hash);
+        node.push_str(r#""}"#);
         let node = Payload::new(Bytes::from(node));
         conversation = Some(node.hash().to_owned());
         blobs.push(message);
@@ -54,8 +61,14 @@ pub fn request(body: &RawObject) -> Recorded {
     let params = Payload::new(body.without("messages"));
     let params_hash = params.hash().to_owned();
     blobs.push(params);
+    // In key order: the map is built in one pass.
+    let summary = Map::from_iter([
+        ("conversation".to_owned(), conversation.into()),
+        ("messages".to_owned(), count.into()),
+        ("params".to_owned(), params_hash.into()),
+    ]);
     Recorded {
-        summary: json!({"conversation": conversation, "messages": count, "params": params_hash}),
+        summary: Value::Object(summary),
         blobs,
     }
 }
@@ -64,6 +77,7 @@ pub fn request(body: &RawObject) -> Recorded {
 mod tests {
     use super::*;
     use keel_store::blob_hash;
+    use serde_json::json;
 
     fn body(n: usize) -> RawObject {
         let messages: Vec<Value> = (0..n)

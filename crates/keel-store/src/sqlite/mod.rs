@@ -179,20 +179,23 @@ impl SqliteStore {
         }
         // The payloads come hashed (on the caller's thread, not in the single writer);
         // leave out what an earlier commit already stored for this owner.
-        let key = owner.clone().unwrap_or_default();
-        let hashed: Vec<(String, bytes::Bytes)> =
-            payloads.into_iter().map(|p| (p.hash, p.bytes)).collect();
         let blobs: Vec<(String, bytes::Bytes)> = {
             let known = self.stored_payloads.lock();
-            hashed
+            let key = owner.as_deref().unwrap_or_default();
+            payloads
                 .into_iter()
-                .filter(|(h, _)| !known.contains(&key, h))
+                .filter(|p| !known.contains(key, &p.hash))
+                .map(|p| (p.hash, p.bytes))
                 .collect()
         };
-        let hashes: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
+        // A conversation's prefix and parameters resent: nothing new to remember.
+        let new: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
+        let key = (!new.is_empty()).then(|| owner.clone().unwrap_or_default());
         let payloads = Payloads { owner, blobs };
         let stored = self.writer.append(events, payloads, call).await?;
-        self.stored_payloads.lock().remember(key, hashes);
+        if let Some(key) = key {
+            self.stored_payloads.lock().remember(key, new);
+        }
         Ok(stored)
     }
 
