@@ -160,10 +160,8 @@ impl axum::response::IntoResponse for ApiError {
 
 /// Middleware: an error answer that is not JSON (axum's own rejections: a wrong method, a
 /// body over the limit, a query string that does not parse) is rewritten in the OpenAI
-/// shape with the same status and headers, its text as the message. A body that stopped
-/// arriving (tower-http's request body timeout, which axum answers with a 400) becomes a
-/// 408 `request_timeout`, as a model call's does. Answers keel built itself are JSON
-/// already and pass untouched.
+/// shape with the same status and headers, its text as the message. Answers keel built
+/// itself are JSON already and pass untouched.
 #[cfg(feature = "axum")]
 pub async fn openai_shaped(
     request: axum::extract::Request,
@@ -188,18 +186,6 @@ pub async fn openai_shaped(
         .await
         .unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_owned();
-    // tower-http's `TimeoutError`, in axum's "Failed to buffer the request body: ...".
-    if status == StatusCode::BAD_REQUEST
-        && text.ends_with("data was not received within the designated timeout")
-    {
-        return ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "the request body stopped arriving (nothing for server.body_timeout)",
-        )
-        .with_code("request_timeout")
-        .into_response();
-    }
     let message = match status {
         // axum's own words ("length limit exceeded") name neither the limit nor its setting.
         StatusCode::PAYLOAD_TOO_LARGE => {

@@ -51,17 +51,18 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 
 /// `api` (handlers that read their bodies with axum: the tool, task and operator APIs)
 /// under the server's body rules, as the model endpoints' `read_body` keeps them: bodies of
-/// at most `server.max_body_bytes`, refused when they send nothing for
-/// `server.body_timeout`, and axum's own rejections (a body over the limit, a query string
-/// that does not parse) in the OpenAI shape like every other error.
+/// at most `server.max_body_bytes`, arrived whole within `server.body_timeout` of their
+/// headers ([`crate::body_deadline`]), and axum's own rejections (a body over the limit, a
+/// query string that does not parse) in the OpenAI shape like every other error.
 pub fn with_body_rules<S: Clone + Send + Sync + 'static>(
     api: Router<S>,
     max_body_bytes: usize,
     body_timeout: std::time::Duration,
 ) -> Router<S> {
     api.layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        .layer(axum::middleware::from_fn_with_state(
             body_timeout,
+            crate::body_deadline::refuse_late_bodies,
         ))
         .layer(axum::middleware::from_fn(
             keel_core::api_error::openai_shaped,
@@ -202,17 +203,7 @@ async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed)
     let limit = gw.max_body_bytes;
     let read = tokio::time::timeout(gw.body_timeout, axum::body::to_bytes(body, limit))
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                format!(
-                    "the request body did not arrive within {} (server.body_timeout)",
-                    keel_config::show_duration(gw.body_timeout)
-                ),
-            )
-            .with_code("request_timeout")
-        })?;
+        .map_err(|_| crate::body_deadline::late(gw.body_timeout))?;
     let bytes = read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
@@ -664,48 +655,84 @@ mod tests {
 
     /// `path`'s answer to a request whose headers came, then nothing of its body.
     async fn stalled(path: &str) -> Response {
+        let body = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+        post_slowly(path, body).await
+    }
+
+    /// `path`'s answer to a request whose body never falls silent for 40 s, and never ends.
+    async fn trickled(path: &str) -> Response {
+        let body = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(std::time::Duration::from_secs(40)).await;
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b" ")), ()))
+        });
+        post_slowly(path, body).await
+    }
+
+    /// `path`'s answer to a JSON request whose body is `body`.
+    async fn post_slowly(
+        path: &str,
+        body: impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+    ) -> Response {
         use tower::ServiceExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let body = futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
         let request = axum::http::Request::post(path)
             .header("content-type", "application/json")
             .body(axum::body::Body::from_stream(body))
             .unwrap();
-        router(crate::test_gateway("", &dir).0)
-            .oneshot(request)
+        // (Time is paused: this waits no real time, and a keel that never answers fails.)
+        let answer = router(crate::test_gateway("", &dir).0).oneshot(request);
+        tokio::time::timeout(std::time::Duration::from_secs(600), answer)
             .await
+            .expect("keel answers within 10 minutes")
             .unwrap()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_body_that_stops_arriving_is_a_408() {
-        let response = stalled("/v1/chat/completions").await;
-        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
-        let body = axum::body::to_bytes(response.into_body(), 4096)
-            .await
-            .unwrap();
-        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(error["error"]["code"], "request_timeout", "{error}");
-        assert_eq!(
-            error["error"]["message"],
-            "the request body did not arrive within 1m (server.body_timeout)"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_tool_call_whose_body_stops_arriving_is_refused() {
-        let response = stalled("/v1/actions/check").await;
+    /// Asserts `response` is the 408 of a body not arrived within the default 60 s, and came
+    /// when the deadline passed.
+    async fn assert_late(response: Response, started: tokio::time::Instant, what: &str) {
+        let waited = started.elapsed();
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 4096)
             .await
             .unwrap();
         let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{error}");
-        assert_eq!(error["error"]["code"], "request_timeout", "{error}");
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{what}: {error}");
+        assert_eq!(error["error"]["code"], "request_timeout", "{what}: {error}");
         assert_eq!(
             error["error"]["message"],
-            "the request body stopped arriving (nothing for server.body_timeout)"
+            "the request body did not arrive within 1m (server.body_timeout)",
+            "{what}"
         );
+        let deadline = std::time::Duration::from_secs(60);
+        assert!(
+            waited >= deadline && waited < deadline + std::time::Duration::from_secs(1),
+            "{what}: answered after {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_a_408() {
+        let started = tokio::time::Instant::now();
+        let response = stalled("/v1/chat/completions").await;
+        assert_late(response, started, "model call").await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tool_call_whose_body_stops_arriving_is_refused() {
+        let started = tokio::time::Instant::now();
+        let response = stalled("/v1/actions/check").await;
+        assert_late(response, started, "tool check").await;
+    }
+
+    /// A byte every 40 s never leaves the body silent for the 60 s, but the whole body must
+    /// arrive within them, on the model endpoints and the APIs that read theirs with axum.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_trickles_in_is_refused_at_the_deadline_all_the_same() {
+        for path in ["/v1/chat/completions", "/v1/actions/check"] {
+            let started = tokio::time::Instant::now();
+            let response = trickled(path).await;
+            assert_late(response, started, path).await;
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod body;
+mod body_deadline;
 pub mod chaos;
 pub mod error;
 mod finish;

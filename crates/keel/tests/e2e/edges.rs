@@ -680,22 +680,43 @@ async fn a_client_that_stops_reading_does_not_hold_the_stop() {
 }
 
 /// The status and JSON error keel answers to a POST to `path` whose headers promise 100
-/// bytes of body, of which the client sends 9 and then nothing, with the connection open;
-/// and how long the answer took.
-async fn stalled_post(keel: &Keel, path: &str) -> (u16, serde_json::Value, Duration) {
+/// bytes of body, of which the client sends 9 and then, with the connection open, nothing
+/// (`trickle` `None`) or a space every `trickle` (never falling silent for long, never
+/// done); and how long the answer took.
+async fn stalled_post(
+    keel: &Keel,
+    path: &str,
+    trickle: Option<Duration>,
+) -> (u16, serde_json::Value, Duration) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = keel.url.trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
     let head = format!(
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":"
     );
     let started = std::time::Instant::now();
-    tcp.write_all(head.as_bytes()).await.unwrap();
+    write.write_all(head.as_bytes()).await.unwrap();
+    let sender = tokio::spawn(async move {
+        let Some(every) = trickle else {
+            // Keep the connection open, sending nothing.
+            return std::future::pending::<()>().await;
+        };
+        // 91 more bytes would complete the body; stop short of that.
+        for _ in 0..90 {
+            tokio::time::sleep(every).await;
+            if write.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    });
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer))
+    tokio::time::timeout(Duration::from_secs(30), read.read_to_end(&mut answer))
         .await
         .expect("keel answers a stalled body")
         .unwrap();
+    sender.abort();
     let took = started.elapsed();
     let text = String::from_utf8_lossy(&answer).into_owned();
     let status = text
@@ -717,28 +738,23 @@ async fn a_body_that_stops_arriving_is_refused_after_server_body_timeout_on_ever
         1,
     );
     let keel = Keel::start(&config, &sim).await;
-    for (path, message) in [
-        (
-            "/v1/chat/completions",
-            "the request body did not arrive within 1s (server.body_timeout)",
-        ),
-        (
-            "/v1/tasks",
-            "the request body stopped arriving (nothing for server.body_timeout)",
-        ),
-        (
-            "/v1/actions/check",
-            "the request body stopped arriving (nothing for server.body_timeout)",
-        ),
-    ] {
-        let (status, error, took) = stalled_post(&keel, path).await;
-        assert_eq!(status, 408, "{path}: {error}");
-        assert_eq!(error["error"]["code"], "request_timeout", "{path}: {error}");
-        assert_eq!(error["error"]["message"], message, "{path}");
-        assert!(
-            took >= Duration::from_secs(1) && took < Duration::from_secs(15),
-            "{path}: {took:?}"
-        );
+    // Silent, or a byte every 300 ms (never silent for the 1 s): either way the whole body
+    // must be there within 1 s of the headers.
+    for trickle in [None, Some(Duration::from_millis(300))] {
+        for path in ["/v1/chat/completions", "/v1/tasks", "/v1/actions/check"] {
+            let (status, error, took) = stalled_post(&keel, path, trickle).await;
+            assert_eq!(status, 408, "{path} {trickle:?}: {error}");
+            assert_eq!(error["error"]["code"], "request_timeout", "{path}: {error}");
+            assert_eq!(
+                error["error"]["message"],
+                "the request body did not arrive within 1s (server.body_timeout)",
+                "{path}"
+            );
+            assert!(
+                took >= Duration::from_secs(1) && took < Duration::from_secs(15),
+                "{path} {trickle:?}: {took:?}"
+            );
+        }
     }
     // keel still serves.
     let (status, _, body) = chat(&keel, "smart").await;
