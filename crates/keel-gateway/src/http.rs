@@ -659,7 +659,7 @@ mod tests {
         post_slowly(path, body).await
     }
 
-    /// `path`'s answer to a request whose body never falls silent for 40 s, and never ends.
+    /// `path`'s answer to a request whose body sends a byte every 40 s, and never ends.
     async fn trickled(path: &str) -> Response {
         let body = futures::stream::unfold((), |()| async {
             tokio::time::sleep(std::time::Duration::from_secs(40)).await;
