@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::canonical::CanonicalText;
+
 /// What happened. Serialized in `snake_case`, exactly the names of DESIGN §6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,8 +117,20 @@ pub struct NewEvent {
     pub task_id: Option<String>,
     /// What happened.
     pub kind: EventKind,
-    /// Facts of the event, as a JSON object.
+    /// Facts of the event, as a JSON object; without the member given as text
+    /// ([`NewEvent::with_text`]).
     pub data: serde_json::Value,
+    /// One member of `data` given as its canonical text instead of a tree.
+    text: Option<TextMember>,
+}
+
+/// A member of an event's data given as canonical JSON text ([`NewEvent::with_text`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextMember {
+    /// Its key.
+    pub key: &'static str,
+    /// Its value.
+    pub text: CanonicalText,
 }
 
 impl NewEvent {
@@ -126,7 +140,47 @@ impl NewEvent {
             task_id,
             kind,
             data,
+            text: None,
         }
+    }
+
+    /// An event whose data is `data` and the member `key`, given as canonical text (a model's
+    /// answer read as a [`Document`](crate::canonical::Document), which need not become a
+    /// tree to be stored). The store prints the member into the stored data at its place in
+    /// key order; a member `key` of `data` is left out. The events a store hands back from
+    /// an append, and to its tap, carry `data` without this member: read the event back
+    /// to have it.
+    pub fn with_text(
+        kind: EventKind,
+        task_id: Option<String>,
+        mut data: serde_json::Map<String, serde_json::Value>,
+        key: &'static str,
+        text: CanonicalText,
+    ) -> Self {
+        data.remove(key);
+        Self {
+            task_id,
+            kind,
+            data: serde_json::Value::Object(data),
+            text: Some(TextMember { key, text }),
+        }
+    }
+
+    /// The member given as text, if any.
+    pub fn text_member(&self) -> Option<&TextMember> {
+        self.text.as_ref()
+    }
+
+    /// The event's parts: its task, kind, data and the member given as text.
+    pub fn into_parts(
+        self,
+    ) -> (
+        Option<String>,
+        EventKind,
+        serde_json::Value,
+        Option<TextMember>,
+    ) {
+        (self.task_id, self.kind, self.data, self.text)
     }
 }
 

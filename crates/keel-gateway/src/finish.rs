@@ -19,7 +19,7 @@ use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{RequestLabels, RouteLabel};
 use crate::provider::{ChunkStream, Endpoint, Passed};
 use crate::pump::{Pumped, deliver, pump};
-use crate::route::{CallLog, Route, Target};
+use crate::route::{AnswerRecord, CallLog, Route, Target};
 use crate::stream_attempt::{StreamAttempt, StreamEnd};
 use crate::usage::Usage;
 use crate::{Gateway, payload};
@@ -52,7 +52,10 @@ pub(crate) struct Finish {
 
 /// How a call's answer is kept with its `llm_call`.
 pub(crate) enum Recorded<'a> {
-    /// In the event (a JSON body, parsed; `None` when it was not kept).
+    /// A JSON answer: in the event as its canonical text (when kept), with its `model` and
+    /// finish reasons.
+    Answer(AnswerRecord),
+    /// In the event (a JSON error body, parsed; `None` when it was not one).
     Inline(Option<Value>),
     /// As a content-addressed blob named in the event (a stream's chunks).
     Blob(&'a Bytes),
@@ -76,11 +79,18 @@ impl Finish {
         // A JSON answer goes into the event itself: answers are almost never
         // repeated, so content-addressing them would only scatter writes.
         // Streams are stored as a blob of their chunks, named by hash.
+        let (mut answer, mut said) = (None, None);
         let (response, response_hash) = match response {
+            Recorded::Answer(record) => {
+                answer = record.text.filter(|_| recording);
+                said = Some((record.model, record.finish_reasons));
+                (None, None)
+            }
             Recorded::Inline(tree) if recording => (tree, None),
             Recorded::Blob(body) if recording => (None, Some(keel_store::blob_hash(body))),
             Recorded::Inline(_) | Recorded::Blob(_) | Recorded::Nothing => (None, None),
         };
+        let (response_model, finish_reasons) = said.unzip();
         // Built member by member: `json!` would deep-copy the parsed answer
         // and the request summary through `to_value`. The members come in key order, so
         // the map is built in one pass instead of by a search and insert for each.
@@ -103,6 +113,9 @@ impl Finish {
             data.push(("chaos".into(), Value::Array(chaos)));
         }
         data.push(("fallback".into(), fallback.into()));
+        if let Some(reasons) = finish_reasons {
+            data.push(("finish_reasons".into(), reasons.into()));
+        }
         if let Some(screened) = &log.screened {
             data.push(("injection".into(), screened.clone()));
         }
@@ -112,8 +125,14 @@ impl Finish {
         if let Some(id) = &log.request_id {
             data.push(("request_id".into(), id.as_str().into()));
         }
-        data.push(("response".into(), response.into()));
+        // A JSON answer's text is printed into the stored event by the store, in this place.
+        if answer.is_none() {
+            data.push(("response".into(), response.into()));
+        }
         data.push(("response_blob".into(), response_hash.into()));
+        if let Some(model) = response_model {
+            data.push(("response_model".into(), model.into()));
+        }
         data.push(("route".into(), self.route_name.as_str().into()));
         data.push(("step".into(), log.who.step.as_deref().into()));
         data.push(("stream".into(), self.stream.into()));
@@ -123,11 +142,21 @@ impl Finish {
             data.is_sorted_by(|a, b| a.0 < b.0),
             "llm_call members out of order"
         );
-        NewEvent::new(
-            EventKind::LlmCall,
-            log.who.task.clone(),
-            Value::Object(data.into_iter().collect()),
-        )
+        let data: Map<String, Value> = data.into_iter().collect();
+        match answer {
+            Some(text) => NewEvent::with_text(
+                EventKind::LlmCall,
+                log.who.task.clone(),
+                data,
+                "response",
+                text,
+            ),
+            None => NewEvent::new(
+                EventKind::LlmCall,
+                log.who.task.clone(),
+                Value::Object(data),
+            ),
+        }
     }
 
     /// Appends the call's events with the request's payloads and `response`; it takes the
@@ -202,7 +231,7 @@ impl Finish {
         route: &Route,
         mut log: CallLog,
         target: &Target,
-        (body, tree, passed): (Bytes, Option<Value>, Passed),
+        (body, record, passed): (Bytes, AnswerRecord, Passed),
         usage: Option<Usage>,
         fallback: bool,
     ) -> Response {
@@ -213,7 +242,7 @@ impl Finish {
             "ok",
             fallback,
             usage,
-            Recorded::Inline(tree),
+            Recorded::Answer(record),
         );
         log.events.push(event);
         let looping = self.gw.find_loop(

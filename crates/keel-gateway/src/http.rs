@@ -408,7 +408,7 @@ async fn handle_inner(
         chaos: gw.chaos.as_ref(),
         chaos_header,
         output: output.as_ref(),
-        keep_tree: gw.record_payloads,
+        keep_text: gw.record_payloads,
         task_deadline,
     };
     let recorded = if gw.record_payloads {
@@ -452,11 +452,11 @@ async fn handle_inner(
             target,
             body,
             usage,
-            tree,
+            record,
             passed,
             fallback,
         } => {
-            ctx.json(route, log, &target, (body, tree, passed), usage, fallback)
+            ctx.json(route, log, &target, (body, record, passed), usage, fallback)
                 .await
         }
         Answer::Stream {

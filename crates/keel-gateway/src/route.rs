@@ -214,8 +214,8 @@ pub enum Answer {
         body: Bytes,
         /// Token usage the body reported.
         usage: Option<Usage>,
-        /// The body as a tree, when [`Executor::keep_tree`] asked for it.
-        tree: Option<serde_json::Value>,
+        /// What the call's record keeps of the body.
+        record: AnswerRecord,
         /// The answer's headers to pass on (its id, the account's rate limits).
         passed: Passed,
         /// Whether `target` is not the route's first.
@@ -274,9 +274,9 @@ pub struct Executor<'a> {
     /// The schema the answer must match (`response_format: json_schema`), when the
     /// route validates output.
     pub output: Option<&'a OutputCheck>,
-    /// Keep a JSON answer's parsed tree (for the call's record): the answer is read once,
-    /// its `usage` taken from the tree.
-    pub keep_tree: bool,
+    /// Keep a JSON answer's canonical text (for the call's record): the answer is read
+    /// once, its `usage` taken from that reading.
+    pub keep_text: bool,
     /// The deadline of the task the call belongs to: the call's total deadline is the
     /// tighter of it and `timeouts.total`.
     pub task_deadline: Option<Instant>,
@@ -375,7 +375,7 @@ impl Executor<'_> {
                                 target: Arc::clone(target),
                                 body: answer.body,
                                 usage: answer.usage,
-                                tree: answer.tree,
+                                record: answer.record,
                                 passed: answer.passed,
                                 fallback: index > 0,
                             };
@@ -767,7 +767,7 @@ impl Executor<'_> {
         };
         match reply {
             ProviderReply::Json(body, passed) => {
-                match read_json(body, &target, endpoint, self.keep_tree) {
+                match read_json(body, &target, endpoint, self.keep_text) {
                     Ok(read) => Ok(Reply::Json(JsonReply { passed, ..read })),
                     // An error object sent as a 200 is named like the same error sent as
                     // an HTTP answer.
@@ -919,12 +919,22 @@ enum TargetResult {
     OutOfTime(Option<UpstreamError>),
 }
 
+/// What the call's `llm_call` keeps of a JSON answer.
+#[derive(Debug, Default)]
+pub struct AnswerRecord {
+    /// Its canonical text, when [`Executor::keep_text`] asked for it.
+    pub text: Option<keel_core::CanonicalText>,
+    /// Its `model`, when a string.
+    pub model: Option<String>,
+    /// Its choices' `finish_reason`s that are strings.
+    pub finish_reasons: Vec<String>,
+}
+
 /// A complete JSON answer, read.
 struct JsonReply {
     body: Bytes,
     usage: Option<Usage>,
-    /// The body as a tree, when kept.
-    tree: Option<serde_json::Value>,
+    record: AnswerRecord,
     /// The answer's headers to pass on (its id, the account's rate limits).
     passed: Passed,
 }
@@ -940,25 +950,24 @@ fn named(mut data: serde_json::Value, request_id: Option<&str>) -> serde_json::V
 
 /// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (a chat
 /// completion without choices, embeddings without data), is the upstream's failure, and
-/// retryable; an error object is the error it names ([`UpstreamError::error_object`]). One pass: serde reads (and so checks) the whole document, into a
-/// tree when `keep_tree` (and `usage` from that), else skipping all but what it checks.
+/// retryable; an error object is the error it names ([`UpstreamError::error_object`]). One
+/// pass: serde reads (and so checks) the whole document, keeping its canonical text when
+/// `keep_text`, else skipping all but what it checks.
 fn read_json(
     body: Bytes,
     target: &str,
     endpoint: Endpoint,
-    keep_tree: bool,
+    keep_text: bool,
 ) -> Result<JsonReply, UpstreamError> {
     let malformed = |detail: String| UpstreamError::malformed(target, detail);
-    let (usage, tree, shape) = if keep_tree {
-        let tree: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
-        let usage = crate::usage::usage_in(&tree).map_err(|e| malformed(e.to_string()))?;
-        let shape = crate::usage::Shape::of_tree(&tree);
-        (usage, Some(tree), shape)
+    let (usage, shape, text) = if keep_text {
+        let (usage, shape, text) =
+            crate::usage::read_recorded(&body).map_err(|e| malformed(e.to_string()))?;
+        (usage, shape, Some(text))
     } else {
         let (usage, shape) =
             crate::usage::read_answer(&body).map_err(|e| malformed(e.to_string()))?;
-        (usage, None, shape)
+        (usage, shape, None)
     };
     // An error object is classified like the same error sent as an HTTP answer.
     if let Some(error) = &shape.error {
@@ -972,7 +981,11 @@ fn read_json(
     Ok(JsonReply {
         body,
         usage,
-        tree,
+        record: AnswerRecord {
+            text,
+            model: shape.model,
+            finish_reasons: shape.finish_reasons,
+        },
         passed: Passed::default(),
     })
 }

@@ -1,5 +1,7 @@
 //! Token usage as providers report it (`usage` in OpenAI answers and final stream chunks).
 
+use keel_core::canonical::Key;
+use keel_core::{CanonicalText, Document};
 use serde::Deserialize;
 
 /// Token counts from an OpenAI `usage` object.
@@ -39,7 +41,7 @@ pub fn usage_of(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
 }
 
 /// What a 200 body holds besides `usage`, to tell an answer from something else sent with
-/// status 200 (an error object, an empty answer).
+/// status 200 (an error object, an empty answer), and what the `llm_call` event says of it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Shape {
     /// A non-null top-level `error`: its value.
@@ -48,20 +50,56 @@ pub struct Shape {
     pub choices: Option<usize>,
     /// A non-null `data` (embeddings).
     pub data: bool,
+    /// The answer's `model`, when a string: the model version that answered.
+    pub model: Option<String>,
+    /// Each choice's `finish_reason` that is a string, in order.
+    pub finish_reasons: Vec<String>,
 }
 
 impl Shape {
     /// The shape of a parsed document.
     pub fn of_tree(document: &serde_json::Value) -> Shape {
         let present = |key: &str| document.get(key).is_some_and(|v| !v.is_null());
+        let choices = document
+            .get("choices")
+            .and_then(serde_json::Value::as_array);
         Shape {
             error: document.get("error").filter(|v| !v.is_null()).cloned(),
-            choices: document
-                .get("choices")
-                .and_then(serde_json::Value::as_array)
-                .map(Vec::len),
+            choices: choices.map(Vec::len),
             data: present("data"),
+            model: document
+                .get("model")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned),
+            finish_reasons: choices
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("finish_reason")?.as_str().map(str::to_owned))
+                .collect(),
         }
+    }
+
+    /// The shape of a document read without a tree, when it holds no error object (whose
+    /// value is kept as a tree).
+    fn of_document(document: &Document<'_>) -> Option<Shape> {
+        if document.get("error").is_some_and(|e| !e.is_null()) {
+            return None;
+        }
+        let choices = document.get("choices").and_then(Document::as_array);
+        Some(Shape {
+            error: None,
+            choices: choices.map(<[Document<'_>]>::len),
+            data: document.get("data").is_some_and(|d| !d.is_null()),
+            model: document
+                .get("model")
+                .and_then(Document::as_str)
+                .map(str::to_owned),
+            finish_reasons: choices
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("finish_reason")?.as_str().map(str::to_owned))
+                .collect(),
+        })
     }
 
     /// What makes a body of this shape no answer of `endpoint`, in words (`None`: it is one).
@@ -81,67 +119,304 @@ impl Shape {
 }
 
 /// `usage` and the [`Shape`] of an answer's text, checking the whole document on the way
-/// (nothing else is kept).
+/// (nothing else is kept). An object is read member by member: a repeated `usage`, `error`,
+/// `choices` or `data` is refused, a repeated `model` read as its last value; anything else
+/// is read by the same rules as a struct of those four members.
 pub fn read_answer(body: &[u8]) -> Result<(Option<Usage>, Shape), serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct Probe {
         usage: Option<Usage>,
         error: Option<serde_json::Value>,
-        choices: Option<Length>,
+        choices: Option<Choices>,
         data: Option<serde::de::IgnoredAny>,
     }
-    let probe: Probe = serde_json::from_slice(body)?;
-    let shape = Shape {
-        error: probe.error,
-        choices: probe.choices.and_then(|length| length.0),
-        data: probe.data.is_some(),
-    };
-    Ok((probe.usage, shape))
+    match serde_json::from_slice::<Answer>(body)? {
+        Answer::Object(usage, shape) => Ok((usage, shape)),
+        Answer::Other => {
+            let probe: Probe = serde_json::from_slice(body)?;
+            let choices = probe.choices.unwrap_or_default();
+            let shape = Shape {
+                error: probe.error,
+                choices: choices.count,
+                data: probe.data.is_some(),
+                model: None,
+                finish_reasons: choices.finish_reasons,
+            };
+            Ok((probe.usage, shape))
+        }
+    }
 }
 
-/// Any JSON value, read without keeping it: an array's length, `None` for anything else.
-struct Length(Option<usize>);
+/// `usage`, the [`Shape`] and the canonical text of an answer whose payload is recorded,
+/// from one reading of its text into a [`Document`] (no tree). An answer with an error
+/// object, a `usage` that is not an object of counts, or that is no object at all, is read
+/// again as a tree by [`usage_in`] and [`Shape::of_tree`], so it is judged as before.
+pub fn read_recorded(
+    body: &[u8],
+) -> Result<(Option<Usage>, Shape, CanonicalText), serde_json::Error> {
+    let document = Document::parse(body)?;
+    let text = document.canonical_text();
+    if let (Some(usage), Some(shape)) =
+        (usage_of_document(&document), Shape::of_document(&document))
+    {
+        return Ok((usage, shape, text));
+    }
+    let tree: serde_json::Value = serde_json::from_slice(body)?;
+    Ok((usage_in(&tree)?, Shape::of_tree(&tree), text))
+}
 
-impl<'de> serde::Deserialize<'de> for Length {
+/// What [`usage_in`] reads from an object whose `usage` is missing, null or an object of
+/// counts (`None`: anything else, left to `usage_in`).
+fn usage_of_document(document: &Document<'_>) -> Option<Option<Usage>> {
+    let Document::Object(_) = document else {
+        return None;
+    };
+    match document.get("usage") {
+        None | Some(Document::Null) => Some(None),
+        Some(usage @ Document::Object(_)) => {
+            let count = |key: &str| usage.get(key).map_or(Some(0), Document::as_u64);
+            Some(Some(Usage {
+                prompt_tokens: count("prompt_tokens")?,
+                completion_tokens: count("completion_tokens")?,
+                total_tokens: count("total_tokens")?,
+            }))
+        }
+        Some(_) => None,
+    }
+}
+
+/// An answer read by [`read_answer`]: an object's usage and shape, or anything else.
+enum Answer {
+    Object(Option<Usage>, Shape),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Answer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, IgnoredAny, MapAccess, Visitor};
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = Answer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an answer")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Answer, A::Error> {
+                let mut usage: Option<Option<Usage>> = None;
+                let mut error: Option<Option<serde_json::Value>> = None;
+                let mut choices: Option<Option<Choices>> = None;
+                let mut data: Option<Option<IgnoredAny>> = None;
+                let mut model = None;
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match key.as_str() {
+                        "usage" if usage.is_some() => {
+                            return Err(A::Error::duplicate_field("usage"));
+                        }
+                        "usage" => usage = Some(map.next_value()?),
+                        "error" if error.is_some() => {
+                            return Err(A::Error::duplicate_field("error"));
+                        }
+                        "error" => error = Some(map.next_value()?),
+                        "choices" if choices.is_some() => {
+                            return Err(A::Error::duplicate_field("choices"));
+                        }
+                        "choices" => choices = Some(map.next_value()?),
+                        "data" if data.is_some() => return Err(A::Error::duplicate_field("data")),
+                        "data" => data = Some(map.next_value()?),
+                        "model" => model = map.next_value::<Text>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                let choices = choices.flatten().unwrap_or_default();
+                let shape = Shape {
+                    error: error.flatten(),
+                    choices: choices.count,
+                    data: data.flatten().is_some(),
+                    model,
+                    finish_reasons: choices.finish_reasons,
+                };
+                Ok(Answer::Object(usage.flatten(), shape))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Answer, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Answer::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Answer, E> {
+                Ok(Answer::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Answer, E> {
+                Ok(Answer::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Answer, E> {
+                Ok(Answer::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Answer, E> {
+                Ok(Answer::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Answer, E> {
+                Ok(Answer::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Answer, E> {
+                Ok(Answer::Other)
+            }
+        }
+        deserializer.deserialize_any(Members)
+    }
+}
+
+/// `choices`, read without keeping it: an array's length (`None` for anything else) and
+/// its elements' `finish_reason`s that are strings.
+#[derive(Default)]
+struct Choices {
+    count: Option<usize>,
+    finish_reasons: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Choices {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
         struct Counting;
         impl<'de> Visitor<'de> for Counting {
-            type Value = Length;
+            type Value = Choices;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Length, A::Error> {
-                let mut n = 0;
-                while seq.next_element::<IgnoredAny>()?.is_some() {
-                    n += 1;
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let (mut count, mut finish_reasons) = (0, Vec::new());
+                while let Some(choice) = seq.next_element::<Choice>()? {
+                    count += 1;
+                    finish_reasons.extend(choice.0);
                 }
-                Ok(Length(Some(n)))
+                Ok(Choices {
+                    count: Some(count),
+                    finish_reasons,
+                })
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Length, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choices, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Length(None))
+                Ok(Choices::default())
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Length, E> {
-                Ok(Length(None))
+            fn visit_bool<E>(self, _: bool) -> Result<Choices, E> {
+                Ok(Choices::default())
             }
-            fn visit_i64<E>(self, _: i64) -> Result<Length, E> {
-                Ok(Length(None))
+            fn visit_i64<E>(self, _: i64) -> Result<Choices, E> {
+                Ok(Choices::default())
             }
-            fn visit_u64<E>(self, _: u64) -> Result<Length, E> {
-                Ok(Length(None))
+            fn visit_u64<E>(self, _: u64) -> Result<Choices, E> {
+                Ok(Choices::default())
             }
-            fn visit_f64<E>(self, _: f64) -> Result<Length, E> {
-                Ok(Length(None))
+            fn visit_f64<E>(self, _: f64) -> Result<Choices, E> {
+                Ok(Choices::default())
             }
-            fn visit_str<E>(self, _: &str) -> Result<Length, E> {
-                Ok(Length(None))
+            fn visit_str<E>(self, _: &str) -> Result<Choices, E> {
+                Ok(Choices::default())
             }
-            fn visit_unit<E>(self) -> Result<Length, E> {
-                Ok(Length(None))
+            fn visit_unit<E>(self) -> Result<Choices, E> {
+                Ok(Choices::default())
             }
         }
         deserializer.deserialize_any(Counting)
+    }
+}
+
+/// One element of `choices`: its `finish_reason` when it is an object whose last
+/// `finish_reason` is a string.
+struct Choice(Option<String>);
+
+impl<'de> Deserialize<'de> for Choice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = Choice;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choice, A::Error> {
+                let mut reason = None;
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if key.as_str() == "finish_reason" {
+                        reason = map.next_value::<Text>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Choice(reason))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choice, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Choice(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Choice, E> {
+                Ok(Choice(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Choice, E> {
+                Ok(Choice(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Choice, E> {
+                Ok(Choice(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Choice, E> {
+                Ok(Choice(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Choice, E> {
+                Ok(Choice(None))
+            }
+            fn visit_unit<E>(self) -> Result<Choice, E> {
+                Ok(Choice(None))
+            }
+        }
+        deserializer.deserialize_any(Members)
+    }
+}
+
+/// Any JSON value, kept only when it is a string.
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Strings;
+        impl<'de> Visitor<'de> for Strings {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(Some(v.to_owned())))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+        }
+        deserializer.deserialize_any(Strings)
     }
 }
 
@@ -212,10 +487,33 @@ mod tests {
                 Some("without choices"),
                 None,
             ),
+            (
+                r#"{"model":"m-1","choices":[{"finish_reason":"stop"},{"index":1},7,{"finish_reason":null},{"finish_reason":"length","finish_reason":"tool_calls"}],"usage":{"total_tokens":4}}"#,
+                None,
+                Some("without data"),
+            ),
+            (
+                r#"{"model":{"name":"m"},"choices":[{"finish_reason":["stop"]}]}"#,
+                None,
+                Some("without data"),
+            ),
+            (
+                r#"{"model":"first","model":"last","data":[{}]}"#,
+                Some("without choices"),
+                None,
+            ),
         ] {
             let tree: serde_json::Value = serde_json::from_str(text).unwrap();
             let (usage, shape) = read_answer(text.as_bytes()).unwrap();
             assert_eq!(shape, Shape::of_tree(&tree), "{text}");
+            let (recorded_usage, recorded_shape, canonical) =
+                read_recorded(text.as_bytes()).unwrap();
+            assert_eq!((recorded_usage, &recorded_shape), (usage, &shape), "{text}");
+            assert_eq!(
+                canonical.as_str(),
+                serde_json::to_string(&tree).unwrap(),
+                "{text}"
+            );
             assert_eq!(
                 shape.error.is_some(),
                 text.contains(r#""error":{"#),
@@ -226,6 +524,47 @@ mod tests {
             assert_eq!(shape.not_an_answer(Embeddings), embeddings, "{text}");
         }
         assert!(read_answer(br#"{"choices":[1,"#).is_err());
+    }
+
+    #[test]
+    fn an_answers_model_and_finish_reasons_are_read_with_its_shape() {
+        let text = br#"{"id":"c","model":"gpt-x-2026","choices":[{"index":0,"finish_reason":"length"},{"index":1,"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let (usage, shape) = read_answer(text).unwrap();
+        assert_eq!(shape.model.as_deref(), Some("gpt-x-2026"));
+        assert_eq!(shape.finish_reasons, ["length", "stop"]);
+        assert_eq!(shape.choices, Some(2));
+        assert_eq!(usage.map(|u| u.total()), Some(7));
+        let (recorded_usage, recorded_shape, _) = read_recorded(text).unwrap();
+        assert_eq!((recorded_usage, recorded_shape), (usage, shape));
+    }
+
+    #[test]
+    fn a_recorded_answer_is_judged_as_its_tree() {
+        // Usage and error objects of every odd kind take the tree's reading, errors included.
+        for text in [
+            r#"{"choices":[{}],"usage":{"prompt_tokens":2.5}}"#,
+            r#"{"choices":[{}],"usage":{"prompt_tokens":-1}}"#,
+            r#"{"choices":[{}],"usage":{"prompt_tokens":null}}"#,
+            r#"{"choices":[{}],"usage":[1,2,3]}"#,
+            r#"{"choices":[{}],"usage":"many"}"#,
+            r#"{"choices":[{}],"usage":{"prompt_tokens":1,"extra":{"a":1}}}"#,
+            r#"{"choices":[{}],"usage":{"prompt_tokens":1},"usage":{"total_tokens":9}}"#,
+            r#"{"error":{"message":"overloaded","code":529},"choices":[]}"#,
+            r#"{"error":null,"choices":[{"finish_reason":"stop"}]}"#,
+            r#"[1, 2]"#,
+            r#""text""#,
+            r#"null"#,
+        ] {
+            let tree: serde_json::Value = serde_json::from_str(text).unwrap();
+            let of_tree = usage_in(&tree).map(|usage| (usage, Shape::of_tree(&tree)));
+            let recorded = read_recorded(text.as_bytes()).map(|(usage, shape, _)| (usage, shape));
+            match (&of_tree, &recorded) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text}"),
+                _ => panic!("{text}: the tree read {of_tree:?}, the record {recorded:?}"),
+            }
+        }
+        assert!(read_recorded(br#"{"choices":[1,"#).is_err());
     }
 
     #[test]

@@ -95,9 +95,9 @@ pub struct Call {
     pub output_tokens: Option<u64>,
     /// Tokens the provider reported (`usage.total_tokens`).
     pub tokens: u64,
-    /// The answer's `model`, when the answer was recorded.
+    /// The answer's `model` (`response_model`), for a JSON answer.
     pub response_model: Option<String>,
-    /// The answer's finish reasons, when it was recorded.
+    /// The answer's finish reasons (`finish_reasons`), for a JSON answer.
     pub finish_reasons: Vec<String>,
     /// When the call ended (the event's commit), Unix ms.
     pub at_ms: i64,
@@ -172,14 +172,14 @@ impl Call {
                     call.output_tokens = value["completion_tokens"].as_u64();
                     call.tokens = value["total_tokens"].as_u64().unwrap_or(0);
                 }
-                "response" => {
-                    call.response_model = value["model"].as_str().map(str::to_owned);
-                    call.finish_reasons = value["choices"]
+                "response_model" => call.response_model = value.as_str().map(str::to_owned),
+                "finish_reasons" => {
+                    call.finish_reasons = value
                         .as_array()
-                        .map(|choices| {
-                            choices
+                        .map(|reasons| {
+                            reasons
                                 .iter()
-                                .filter_map(|c| c["finish_reason"].as_str().map(str::to_owned))
+                                .filter_map(|r| r.as_str().map(str::to_owned))
                                 .collect()
                         })
                         .unwrap_or_default();
@@ -314,9 +314,7 @@ mod tests {
             "outcome": "ok", "route": "smart", "stream": false, "target": "sim/m",
             "step": "plan", "request": {"messages": 1},
             "usage": {"prompt_tokens": 6, "completion_tokens": 9, "total_tokens": 15},
-            "response": {"model": "m-2026", "choices": [
-                {"finish_reason": "stop"}, {"finish_reason": "length"}, {"index": 2}
-            ]},
+            "response_model": "m-2026", "finish_reasons": ["stop", "length"],
         });
         let Some(Signal::Call(call)) = Signal::of(&event("llm_call", data)) else {
             panic!("an llm_call is a call");
@@ -347,8 +345,7 @@ mod tests {
 
     #[test]
     fn missing_or_mistyped_members_read_as_empty() {
-        let data =
-            json!({"outcome": "timeout", "attempts": "three", "usage": null, "response": null});
+        let data = json!({"outcome": "timeout", "attempts": "three", "usage": null, "response_model": 7, "finish_reasons": null});
         let Some(Signal::Call(call)) = Signal::of(&event("llm_call", data)) else {
             panic!("an llm_call is a call");
         };

@@ -188,6 +188,56 @@ pub(crate) fn canonical_text(sorted: &serde_json::Value) -> String {
     serde_json::to_string(sorted).unwrap_or_default()
 }
 
+/// [`canonical_text`] of `sorted` (an object) with `member` printed in at its place in key
+/// order: the canonical text of the data with that member, without building its tree (the
+/// member's text is canonical, [`keel_core::CanonicalText`]). A member of `sorted` with the
+/// same key is left out.
+pub(crate) fn canonical_text_with(
+    sorted: &serde_json::Value,
+    member: &keel_core::TextMember,
+) -> String {
+    let serde_json::Value::Object(members) = sorted else {
+        // `NewEvent::with_text` makes an object; nothing else carries a member as text.
+        return canonical_text(sorted);
+    };
+    let text = member.text.as_str();
+    let mut out = Vec::with_capacity(text.len() + 64 * members.len());
+    out.push(b'{');
+    let mut pending = Some(text);
+    let mut first = true;
+    let mut put = |out: &mut Vec<u8>, key: &str, value: Result<&serde_json::Value, &str>| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        // Writing a string or a `Value` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, key);
+        out.push(b':');
+        match value {
+            Ok(value) => {
+                let _ = serde_json::to_writer(&mut *out, value);
+            }
+            Err(text) => out.extend_from_slice(text.as_bytes()),
+        }
+    };
+    for (key, value) in members {
+        if key == member.key {
+            continue;
+        }
+        if key.as_str() > member.key
+            && let Some(text) = pending.take()
+        {
+            put(&mut out, member.key, Err(text));
+        }
+        put(&mut out, key, Ok(value));
+    }
+    if let Some(text) = pending {
+        put(&mut out, member.key, Err(text));
+    }
+    out.push(b'}');
+    // Every piece is UTF-8 text.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// The stored columns of one event row after `seq`, borrowed, as every store reads them back.
 pub(crate) struct StoredRow<'r> {
     pub(crate) task_id: Option<&'r str>,

@@ -73,6 +73,7 @@ pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     append_assigns_consecutive_seqs(&make()).await?;
     append_links_the_chain(&make()).await?;
     appended_events_read_back_unchanged(&make()).await?;
+    a_member_given_as_text_is_stored_in_its_place(&make()).await?;
     events_by_task_in_order(&make()).await?;
     filters_kind_after_seq_and_limit(&make()).await?;
     concurrent_appends_form_one_chain(Arc::new(make())).await?;
@@ -81,6 +82,73 @@ pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     ping_succeeds(&make()).await?;
     state_is_compare_and_set(&make()).await?;
     concurrent_state_saves_lose_nothing(Arc::new(make())).await?;
+    Ok(())
+}
+
+/// A member given as canonical text (a model's answer) is stored in its place in the
+/// data, as if it had been a tree: the event reads back whole, its stored text is the
+/// canonical JSON of the whole data, and the chain verifies. The appended event comes back
+/// without that member.
+pub async fn a_member_given_as_text_is_stored_in_its_place<S: EventStore>(store: &S) -> Outcome {
+    let answer = br#"{"model":"m","choices":[{"finish_reason":"stop","message":{"content":"caf\u00e9"}}],"id":"x"}"#;
+    let whole = |key: &str| {
+        let mut data = json!({"agent": "a", "outcome": "ok", "zzz": 1, "aaa": [2]});
+        data[key] = serde_json::from_slice(answer).unwrap_or_default();
+        data
+    };
+    let mut appended = Vec::new();
+    // First, between and last in key order, and a tree member of the same key left out.
+    for key in ["a", "response", "zzzz", "agent"] {
+        let data = whole(key);
+        let mut members = data.as_object().cloned().unwrap_or_default();
+        members.insert(key.to_owned(), json!("a tree member the text replaces"));
+        let document = keel_core::Document::parse(answer)
+            .map_err(|e| ConformanceError::Check(format!("the answer does not parse: {e}")))?;
+        let event = NewEvent::with_text(
+            EventKind::LlmCall,
+            Some("t-text".to_owned()),
+            members,
+            key,
+            document.canonical_text(),
+        );
+        let returned = store.append_call(vec![event], Vec::new(), None).await?;
+        let mut without = data.clone();
+        if let Some(members) = without.as_object_mut() {
+            members.remove(key);
+        }
+        ensure!(
+            returned.len() == 1 && returned[0].data == without,
+            "an append returned {returned:?}, not the data without {key}"
+        );
+        appended.push((returned[0].seq, data));
+    }
+    let stored = store.events(EventQuery::default()).await?;
+    for (seq, data) in &appended {
+        let Some(event) = stored.iter().find(|e| e.seq == *seq) else {
+            return Err(ConformanceError::Check(format!(
+                "event {seq} is not stored"
+            )));
+        };
+        ensure!(
+            event.data == *data,
+            "event {seq} read back as {}",
+            event.data
+        );
+        ensure!(
+            event.data_hash.as_deref()
+                == Some(crate::chain::data_hash(&crate::chain::canonical_json(data)).as_str()),
+            "event {seq}'s data_hash is not that of its data's canonical JSON"
+        );
+        ensure!(
+            event.data_matches_hash(),
+            "event {seq}'s data does not match its hash"
+        );
+    }
+    let verified = store.verify().await?;
+    ensure!(
+        verified == Verify::Intact { events: 4 },
+        "verify said {verified:?}"
+    );
     Ok(())
 }
 

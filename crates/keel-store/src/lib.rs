@@ -276,7 +276,9 @@ pub trait EventStore: Send + Sync + 'static {
     /// durable per the store's [`Durability`]; concurrent appends may share one
     /// commit. Events of one call get consecutive `seq`s. An empty `events`
     /// returns an empty list without writing. If the future is dropped after the
-    /// request reached the store, the events may still be written.
+    /// request reached the store, the events may still be written. An event given a
+    /// member as text ([`NewEvent::with_text`](keel_core::NewEvent::with_text)) is stored
+    /// with it and returned without it.
     async fn append(&self, events: Vec<keel_core::NewEvent>) -> Result<Vec<Event>, StoreError>;
 
     /// Like [`EventStore::append`], and in the same transaction stores
@@ -341,7 +343,8 @@ pub trait EventStore: Send + Sync + 'static {
 /// it (keel's observer learns baselines and raises alerts from the log this way, without
 /// reading it back). It must not block: hand the work to another task.
 pub trait Tap: Send + Sync + 'static {
-    /// `events` were committed, in `seq` order.
+    /// `events` were committed, in `seq` order (as appends return them: without a member
+    /// given as text).
     fn committed(&self, events: &[Event]);
 }
 

@@ -66,7 +66,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 pub(crate) struct Prepared {
     pub(crate) task_id: Option<String>,
     pub(crate) kind: &'static str,
-    /// The canonical data, handed back in the stored [`Event`].
+    /// The canonical data, handed back in the stored [`Event`] (without a member given as
+    /// text).
     pub(crate) data: serde_json::Value,
     /// `data` printed once; the stored column and the input of `data_hash`.
     pub(crate) text: String,
@@ -74,14 +75,19 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// Canonicalises, prints and hashes `event`'s data, taking it by value.
+    /// Canonicalises, prints and hashes `event`'s data, taking it by value. A member given
+    /// as text ([`NewEvent::with_text`]) is printed into `text` and is not in `data`.
     pub(crate) fn new(event: NewEvent) -> Self {
-        let data = chain::canonicalize(event.data);
-        let text = chain::canonical_text(&data);
+        let (task_id, kind, data, member) = event.into_parts();
+        let data = chain::canonicalize(data);
+        let text = match &member {
+            None => chain::canonical_text(&data),
+            Some(member) => chain::canonical_text_with(&data, member),
+        };
         let data_hash = chain::data_hash(&text);
         Self {
-            task_id: event.task_id,
-            kind: event.kind.as_str(),
+            task_id,
+            kind: kind.as_str(),
             data,
             text,
             data_hash,

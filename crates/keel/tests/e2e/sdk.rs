@@ -35,6 +35,33 @@ async fn stream_with(fault: Fault) -> (SimHandle, Keel, serde_json::Value) {
     (sim, keel, out)
 }
 
+/// With payloads not recorded (`record_payloads = false`), an `llm_call` keeps no answer but
+/// still says which model answered and why it stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_only_calls_keep_the_answering_model_and_finish_reasons() {
+    let store = "url = \"sqlite://{dir}/keel.db\"\n";
+    assert!(TWO_TARGETS.contains(store));
+    let config = TWO_TARGETS.replace(store, &format!("{store}record_payloads = false\n"));
+    let sim = sim().await;
+    let keel = Keel::start(&config, &sim).await;
+    let body =
+        serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    let answer: serde_json::Value =
+        serde_json::from_str(&raw_chat(&keel, None, &body).await).unwrap();
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls.len(), 1);
+    assert!(calls[0]["response"].is_null(), "{}", calls[0]);
+    assert!(calls[0]["request"].is_null(), "{}", calls[0]);
+    assert_eq!(calls[0]["response_model"], answer["model"], "{}", calls[0]);
+    assert!(answer["model"].is_string(), "{answer}");
+    assert_eq!(
+        calls[0]["finish_reasons"],
+        serde_json::json!([answer["choices"][0]["finish_reason"]]),
+        "{}",
+        calls[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_call_passes_through_and_is_recorded() {
     let sim = sim().await;
@@ -89,6 +116,17 @@ async fn plain_call_passes_through_and_is_recorded() {
     assert_eq!(calls[0]["step"], "plan");
     assert!(calls[0]["usage"]["total_tokens"].as_u64().unwrap() > 0);
     assert_eq!(calls[0]["request_id"], id);
+    // The answer is stored whole in its place, with the model that answered and why it
+    // stopped beside it.
+    let response = &calls[0]["response"];
+    assert_eq!(
+        response["choices"][0]["message"]["content"], out["content"],
+        "{response}"
+    );
+    assert_eq!(response["usage"], calls[0]["usage"], "{response}");
+    assert_eq!(calls[0]["response_model"], response["model"]);
+    assert!(response["model"].is_string(), "{response}");
+    assert_eq!(calls[0]["finish_reasons"], serde_json::json!(["stop"]));
     // `task-42` is the client's own label, not a supervisor task: its log still reads back.
     let log = keel.cli_ok(&["tasks", "events", "task-42", "--json"]);
     let text = String::from_utf8_lossy(&log.stdout);
