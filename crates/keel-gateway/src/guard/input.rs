@@ -6,36 +6,44 @@
 //! is resent with every call. Its `content` may be a string or a list of parts; the `text`
 //! parts are screened.
 
+use std::borrow::Cow;
+
+use keel_core::Document;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::injection::{self, Finding};
 use crate::body::RawObject;
 
-/// The newest user message of a chat request: its index in `messages`, and the message.
-fn last_user(body: &RawObject) -> Option<(usize, Vec<&RawValue>, Value)> {
+/// The newest user message of a chat request: its index in `messages`, the messages, and
+/// that one read as a [`Document`] (a repeated key read as its last value, as a `Value` and
+/// the providers read it), borrowing its text.
+fn last_user(body: &RawObject) -> Option<(usize, Vec<&RawValue>, Document<'_>)> {
     let messages: Vec<&RawValue> = serde_json::from_str(body.get("messages")?.get()).ok()?;
     let (index, message) = messages.iter().enumerate().rev().find_map(|(i, raw)| {
         // Cheap test first: most messages are not the user's.
         if !raw.get().contains("\"user\"") {
             return None;
         }
-        let message: Value = serde_json::from_str(raw.get()).ok()?;
-        (message["role"] == "user").then_some((i, message))
+        let message = Document::parse(raw.get().as_bytes()).ok()?;
+        let user = message.get("role").and_then(Document::as_str) == Some("user");
+        user.then_some((i, message))
     })?;
     Some((index, messages, message))
 }
 
 /// The text of a message's `content`: a string, or its `text` parts joined.
-fn text_of(message: &Value) -> String {
-    match &message["content"] {
-        Value::String(text) => text.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
+fn text_of<'m>(message: &'m Document<'_>) -> Cow<'m, str> {
+    match message.get("content") {
+        Some(Document::String(text)) => Cow::Borrowed(text),
+        Some(Document::Array(parts)) => Cow::Owned(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text")?.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        _ => Cow::Borrowed(""),
     }
 }
 
@@ -49,7 +57,9 @@ pub fn screen(body: &RawObject) -> Option<Finding> {
 /// `body` with the suspicious spans of its newest user message replaced; `None` when there
 /// is nothing to strip or the body cannot be rebuilt.
 pub fn strip(body: &RawObject) -> Option<RawObject> {
-    let (index, messages, mut message) = last_user(body)?;
+    let (index, messages, _) = last_user(body)?;
+    // Rewritten as a tree: its other members are printed back as they were read.
+    let mut message: Value = serde_json::from_str(messages[index].get()).ok()?;
     match &mut message["content"] {
         Value::String(text) => *text = injection::strip(text),
         Value::Array(parts) => {
