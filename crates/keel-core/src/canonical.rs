@@ -8,12 +8,13 @@
 //! string, a B-tree for each object), print it, and drop it. A [`Document`] borrows
 //! every string that holds no escape from the bytes and keeps an object as one sorted
 //! `Vec`; it prints with serde_json's own printers, so [`Document::canonical_text`] is
-//! byte for byte what `canonical_json` gives for the `Value` of the same bytes (a
-//! property test holds that).
+//! byte for byte what `canonical_json` gives for the `Value` of the same bytes, and reads
+//! back as that `Value` (a property test holds both). The one difference: a document
+//! refuses the object keys serde_json reserves for itself ([`RESERVED_KEYS`]).
 
 use std::borrow::Cow;
 
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Number;
 
@@ -39,7 +40,8 @@ pub enum Document<'a> {
 
 impl<'a> Document<'a> {
     /// Reads `bytes`: one JSON value, with nothing but whitespace after it (the same
-    /// checks and errors as `serde_json::from_slice::<Value>`).
+    /// checks and errors as `serde_json::from_slice::<Value>`, and one more: an object key
+    /// serde_json reserves for itself, [`RESERVED_KEYS`], is refused).
     pub fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -136,6 +138,15 @@ impl<'de> Deserialize<'de> for Document<'de> {
     }
 }
 
+/// Object keys serde_json gives a meaning of its own when it reads a `Value` (with the `raw_value`
+/// feature this workspace uses, or `arbitrary_precision`): an object whose first key is one
+/// reads as the JSON inside its string. A stored text holding one would not read back as
+/// what was hashed (canonical order puts `$` first), so a document refuses them.
+pub const RESERVED_KEYS: [&str; 2] = [
+    "$serde_json::private::RawValue",
+    "$serde_json::private::Number",
+];
+
 struct DocumentVisitor;
 
 impl<'de> Visitor<'de> for DocumentVisitor {
@@ -198,6 +209,11 @@ impl<'de> Visitor<'de> for DocumentVisitor {
         let mut members: Vec<(Cow<'de, str>, Document<'de>)> =
             Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
         while let Some(Key(key)) = map.next_key()? {
+            if RESERVED_KEYS.contains(&key.as_ref()) {
+                return Err(de::Error::custom(format_args!(
+                    "the object key {key:?} is reserved by serde_json"
+                )));
+            }
             members.push((key, map.next_value()?));
         }
         // A stable sort keeps a repeated key's values in the order given; folding each run
@@ -316,9 +332,37 @@ mod tests {
                 "{text:?}: {document:?}"
             );
         }
-        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert!(Document::parse(deep.as_bytes()).is_err());
-        assert!(serde_json::from_str::<Value>(&deep).is_err());
+        // The same nesting limit, at its edge, for arrays and objects.
+        for depth in [126, 127, 128, 129, 200] {
+            for (open, close) in [("[", "]"), ("{\"k\":", "}")] {
+                let deep = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+                let (document, value) = (
+                    canonical_of_document(deep.as_bytes()),
+                    canonical_of_value(deep.as_bytes()),
+                );
+                assert_eq!(document.is_ok(), value.is_ok(), "{depth} {open}");
+                assert_eq!(document.ok(), value.ok());
+            }
+        }
+    }
+
+    #[test]
+    fn serde_jsons_reserved_keys_are_refused() {
+        // As a `Value`, the first reads as `[1,2]` and the others are refused or kept under
+        // a key that canonical order puts first, where it would read back differently.
+        for key in RESERVED_KEYS {
+            for text in [
+                format!(r#"{{"{key}":"[1,2]"}}"#),
+                format!(r#"{{"a":{{"{key}":"{{"}}}}"#),
+                format!(r#"{{"z":1,"{key}":"1"}}"#),
+            ] {
+                let refused = Document::parse(text.as_bytes()).unwrap_err().to_string();
+                assert!(refused.contains("is reserved by serde_json"), "{refused}");
+            }
+        }
+        // A key that merely starts the same way is an ordinary key.
+        let text = br#"{"$serde_json::private":1,"$x":2}"#;
+        assert_eq!(canonical_of_document(text), canonical_of_value(text));
     }
 
     #[test]
@@ -354,8 +398,11 @@ mod tests {
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::vec(("[a-d\u{e9}\"]{0,3}", inner), 0..6)
-                    .prop_map(|members| Value::Object(members.into_iter().collect())),
+                prop::collection::vec(
+                    ("[a-d$\u{e9}\u{e000}\u{ffff}\u{10000}\"]{0,3}", inner),
+                    0..6
+                )
+                .prop_map(|members| Value::Object(members.into_iter().collect())),
             ]
         })
     }
@@ -429,7 +476,11 @@ mod tests {
             let mut text = String::new();
             messy(&value, &escape, &mut 0, &mut text);
             for text in [plain.as_bytes(), text.as_bytes()] {
-                prop_assert_eq!(canonical_of_document(text), canonical_of_value(text));
+                let canonical = canonical_of_document(text);
+                prop_assert_eq!(&canonical, &canonical_of_value(text));
+                // What is stored reads back as itself: the hash chain's condition.
+                let canonical = canonical.unwrap();
+                prop_assert_eq!(canonical_of_value(canonical.as_bytes()), Ok(canonical.clone()));
             }
         }
     }

@@ -118,18 +118,21 @@ pub struct NewEvent {
     /// What happened.
     pub kind: EventKind,
     /// Facts of the event, as a JSON object; without the member given as text
-    /// ([`NewEvent::with_text`]).
+    /// ([`NewEvent::with_text`]), which replaces a member of the same key added here later.
     pub data: serde_json::Value,
     /// One member of `data` given as its canonical text instead of a tree.
     text: Option<TextMember>,
 }
 
-/// A member of an event's data given as canonical JSON text ([`NewEvent::with_text`]).
+/// A member of an event's data given as canonical JSON text ([`NewEvent::with_text`]): the
+/// store prints `text` as the member's value, as it is; only a
+/// [`Document`](crate::canonical::Document) makes a [`CanonicalText`], so the stored data stays
+/// canonical and reads back as what was hashed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextMember {
-    /// Its key.
+    /// The member's key in the event's data.
     pub key: &'static str,
-    /// Its value.
+    /// The member's value, printed.
     pub text: CanonicalText,
 }
 

@@ -113,7 +113,8 @@ impl Finish {
             data.push(("chaos".into(), Value::Array(chaos)));
         }
         data.push(("fallback".into(), fallback.into()));
-        if let Some(reasons) = finish_reasons {
+        // Present when the answer gave them (an embeddings answer has none).
+        if let Some(reasons) = finish_reasons.filter(|r| !r.is_empty()) {
             data.push(("finish_reasons".into(), reasons.into()));
         }
         if let Some(screened) = &log.screened {
@@ -130,7 +131,7 @@ impl Finish {
             data.push(("response".into(), response.into()));
         }
         data.push(("response_blob".into(), response_hash.into()));
-        if let Some(model) = response_model {
+        if let Some(model) = response_model.flatten() {
             data.push(("response_model".into(), model.into()));
         }
         data.push(("route".into(), self.route_name.as_str().into()));

@@ -950,9 +950,10 @@ fn named(mut data: serde_json::Value, request_id: Option<&str>) -> serde_json::V
 
 /// Reads `usage` from a 200 body; a body that is not JSON, or not an answer (a chat
 /// completion without choices, embeddings without data), is the upstream's failure, and
-/// retryable; an error object is the error it names ([`UpstreamError::error_object`]). One
-/// pass: serde reads (and so checks) the whole document, keeping its canonical text when
-/// `keep_text`, else skipping all but what it checks.
+/// retryable; an error object is the error it names ([`UpstreamError::error_object`]). serde
+/// reads (and so checks) the whole document once, keeping its canonical text when
+/// `keep_text`, else skipping all but what it checks (an odd answer kept is read a second
+/// time as a tree, [`crate::usage::read_recorded`]).
 fn read_json(
     body: Bytes,
     target: &str,

@@ -511,7 +511,7 @@ mod tests {
             assert_eq!((recorded_usage, &recorded_shape), (usage, &shape), "{text}");
             assert_eq!(
                 canonical.as_str(),
-                serde_json::to_string(&tree).unwrap(),
+                keel_store::chain::canonical_json(&tree),
                 "{text}"
             );
             assert_eq!(
@@ -557,7 +557,14 @@ mod tests {
         ] {
             let tree: serde_json::Value = serde_json::from_str(text).unwrap();
             let of_tree = usage_in(&tree).map(|usage| (usage, Shape::of_tree(&tree)));
-            let recorded = read_recorded(text.as_bytes()).map(|(usage, shape, _)| (usage, shape));
+            let recorded = read_recorded(text.as_bytes()).map(|(usage, shape, canonical)| {
+                assert_eq!(
+                    canonical.as_str(),
+                    keel_store::chain::canonical_json(&tree),
+                    "{text}"
+                );
+                (usage, shape)
+            });
             match (&of_tree, &recorded) {
                 (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
                 (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text}"),

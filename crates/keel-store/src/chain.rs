@@ -197,7 +197,8 @@ pub(crate) fn canonical_text_with(
     member: &keel_core::TextMember,
 ) -> String {
     let serde_json::Value::Object(members) = sorted else {
-        // `NewEvent::with_text` makes an object; nothing else carries a member as text.
+        // `NewEvent::with_text` makes an object; only data changed after it is not one.
+        debug_assert!(false, "a member given as text in data that is no object");
         return canonical_text(sorted);
     };
     let text = member.text.as_str();
@@ -469,6 +470,31 @@ mod tests {
             canonical_json(&value),
             r#"{"a":{"c":null,"z":[{"x":2,"y":1}]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn a_member_given_as_text_is_printed_in_its_place() {
+        let answer = br#"{"z":[1,{"b":2,"a":"\u00e9"}],"a":null}"#;
+        let text = keel_core::Document::parse(answer).unwrap().canonical_text();
+        let tree: serde_json::Value = serde_json::from_slice(answer).unwrap();
+        for (data, key) in [
+            (json!({}), "only"),
+            (json!({"m": 1, "x": 2}), "a"),
+            (json!({"m": 1, "x": 2}), "n"),
+            (json!({"m": 1, "x": 2}), "z"),
+            (json!({"m": 1, "x": 2}), "m"),
+            (json!({"é": 1, "e": {"q": [true]}}), "f"),
+        ] {
+            let member = keel_core::TextMember {
+                key,
+                text: text.clone(),
+            };
+            let printed = canonical_text_with(&canonicalize(data.clone()), &member);
+            // A member of the data under the same key gives way to the text.
+            let mut whole = data;
+            whole[key] = tree.clone();
+            assert_eq!(printed, canonical_json(&whole), "{key}");
+        }
     }
 
     #[test]

@@ -119,7 +119,8 @@ impl Event {
     }
 
     /// Whether `data` is what `data_hash` records. True for a pruned event and
-    /// for layout 1 (whose hash covers `data` itself).
+    /// for layout 1 (whose hash covers `data` itself). An event as an append returned it
+    /// lacks a member given as text, so it is false for one of those: read it back.
     pub fn data_matches_hash(&self) -> bool {
         match (&self.data_hash, self.pruned) {
             (_, true) | (None, false) => true,
@@ -344,7 +345,8 @@ pub trait EventStore: Send + Sync + 'static {
 /// reading it back). It must not block: hand the work to another task.
 pub trait Tap: Send + Sync + 'static {
     /// `events` were committed, in `seq` order (as appends return them: without a member
-    /// given as text).
+    /// given as text, so such an event's `data` is not all its `data_hash` covers and
+    /// [`Event::data_matches_hash`] is false for it).
     fn committed(&self, events: &[Event]);
 }
 
