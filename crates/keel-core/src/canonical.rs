@@ -87,6 +87,19 @@ impl<'a> Document<'a> {
         matches!(self, Document::Null)
     }
 
+    /// How deeply arrays and objects nest: 0 for a scalar, 1 for `[]` or `{"a":1}`.
+    pub fn depth(&self) -> usize {
+        match self {
+            Document::Array(elements) => {
+                1 + elements.iter().map(Document::depth).max().unwrap_or(0)
+            }
+            Document::Object(members) => {
+                1 + members.iter().map(|(_, v)| v.depth()).max().unwrap_or(0)
+            }
+            Document::Null | Document::Bool(_) | Document::Number(_) | Document::String(_) => 0,
+        }
+    }
+
     /// The canonical JSON text: sorted keys, compact, serde_json's number and string
     /// printing.
     pub fn canonical_text(&self) -> CanonicalText {
@@ -378,6 +391,9 @@ mod tests {
             Some(3)
         );
         assert!(document.get("n").is_some_and(Document::is_null));
+        assert_eq!(document.depth(), 2);
+        assert_eq!(Document::parse(b"[[],[[1]],{}]").unwrap().depth(), 3);
+        assert_eq!(Document::parse(b"7").unwrap().depth(), 0);
         assert!(document.get("missing").is_none());
         assert!(Document::parse(b"[1]").unwrap().get("model").is_none());
     }

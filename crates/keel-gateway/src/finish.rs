@@ -21,7 +21,7 @@ use crate::provider::{ChunkStream, Endpoint, Passed};
 use crate::pump::{Pumped, deliver, pump};
 use crate::route::{AnswerRecord, CallLog, Route, Target};
 use crate::stream_attempt::{StreamAttempt, StreamEnd};
-use crate::usage::Usage;
+use crate::usage::{Kept, Usage};
 use crate::{Gateway, payload};
 
 pub(crate) fn count_request(gw: &Gateway, route: &str, target: &str, outcome: &str) {
@@ -52,11 +52,9 @@ pub(crate) struct Finish {
 
 /// How a call's answer is kept with its `llm_call`.
 pub(crate) enum Recorded<'a> {
-    /// A JSON answer: in the event as its canonical text (when kept), with its `model` and
-    /// finish reasons.
-    Answer(AnswerRecord),
-    /// In the event (a JSON error body, parsed; `None` when it was not one).
-    Inline(Option<Value>),
+    /// A JSON answer (its body): in the event as its canonical text, or as a blob when nested
+    /// too deep for it ([`Kept`]), with its `model` and finish reasons.
+    Answer(AnswerRecord, &'a Bytes),
     /// As a content-addressed blob named in the event (a stream's chunks).
     Blob(&'a Bytes),
     /// Not kept.
@@ -78,17 +76,23 @@ impl Finish {
         let recording = self.gw.record_payloads;
         // A JSON answer goes into the event itself: answers are almost never
         // repeated, so content-addressing them would only scatter writes.
-        // Streams are stored as a blob of their chunks, named by hash.
+        // Streams are stored as a blob of their chunks, named by hash, and so is an answer
+        // nested too deep to be read back inside its event.
         let (mut answer, mut said) = (None, None);
-        let (response, response_hash) = match response {
-            Recorded::Answer(record) => {
-                answer = record.text.filter(|_| recording);
+        let response_hash = match response {
+            Recorded::Answer(record, body) => {
                 said = Some((record.model, record.finish_reasons));
-                (None, None)
+                match record.text {
+                    Some(Kept::Text(text)) if recording => {
+                        answer = Some(text);
+                        None
+                    }
+                    Some(Kept::Blob) if recording => Some(keel_store::blob_hash(body)),
+                    Some(_) | None => None,
+                }
             }
-            Recorded::Inline(tree) if recording => (tree, None),
-            Recorded::Blob(body) if recording => (None, Some(keel_store::blob_hash(body))),
-            Recorded::Inline(_) | Recorded::Blob(_) | Recorded::Nothing => (None, None),
+            Recorded::Blob(body) if recording => Some(keel_store::blob_hash(body)),
+            Recorded::Blob(_) | Recorded::Nothing => None,
         };
         let (response_model, finish_reasons) = said.unzip();
         // Built member by member: `json!` would deep-copy the parsed answer
@@ -128,7 +132,7 @@ impl Finish {
         }
         // A JSON answer's text is printed into the stored event by the store, in this place.
         if answer.is_none() {
-            data.push(("response".into(), response.into()));
+            data.push(("response".into(), Value::Null));
         }
         data.push(("response_blob".into(), response_hash.into()));
         if let Some(model) = response_model.flatten() {
@@ -237,13 +241,14 @@ impl Finish {
         fallback: bool,
     ) -> Response {
         log.request_id = passed.request_id().map(str::to_owned);
+        let blob = matches!(record.text, Some(Kept::Blob)).then(|| body.clone());
         let event = self.llm_call(
             &log,
             &target.id,
             "ok",
             fallback,
             usage,
-            Recorded::Answer(record),
+            Recorded::Answer(record, &body),
         );
         log.events.push(event);
         let looping = self.gw.find_loop(
@@ -255,7 +260,7 @@ impl Finish {
         if let Some(stop) = &looping {
             log.push(EventKind::LoopDetected, stop.data.clone());
         }
-        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+        self.record(std::mem::take(&mut log.events), blob, log.who.task.clone())
             .await;
         if let Some(stop) = looping {
             self.gw.stop_loop(stop).await;
@@ -527,16 +532,29 @@ impl Finish {
             | UpstreamError::StreamCut { .. }
             | UpstreamError::BreakerOpen { .. } => None,
         };
-        let recorded = match &upstream_body {
-            Some(body) if self.gw.record_payloads => {
-                Recorded::Inline(serde_json::from_slice::<Value>(body).ok())
-            }
-            Some(_) | None => Recorded::Nothing,
+        // A JSON error body is kept like an answer (a body that is not JSON is not kept).
+        let error_body = upstream_body
+            .as_ref()
+            .filter(|_| self.gw.record_payloads)
+            .and_then(|body| Some((Kept::of(&keel_core::Document::parse(body).ok()?), body)));
+        let blob = match &error_body {
+            Some((Kept::Blob, body)) => Some(Bytes::clone(body)),
+            Some(_) | None => None,
+        };
+        let recorded = match error_body {
+            Some((kept, body)) => Recorded::Answer(
+                AnswerRecord {
+                    text: Some(kept),
+                    ..AnswerRecord::default()
+                },
+                body,
+            ),
+            None => Recorded::Nothing,
         };
         log.request_id = error.request_id().map(str::to_owned);
         let event = self.llm_call(&log, &target, "fatal", fallback, None, recorded);
         log.events.push(event);
-        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+        self.record(std::mem::take(&mut log.events), blob, log.who.task.clone())
             .await;
         count_request(&self.gw, &route.name, &target, "error");
         self.observe(None, &log.who, "", None).await;

@@ -922,8 +922,8 @@ enum TargetResult {
 /// What the call's `llm_call` keeps of a JSON answer.
 #[derive(Debug, Default)]
 pub struct AnswerRecord {
-    /// Its canonical text, when [`Executor::keep_text`] asked for it.
-    pub text: Option<keel_core::CanonicalText>,
+    /// How it is kept, when [`Executor::keep_text`] asked for it.
+    pub text: Option<crate::usage::Kept>,
     /// Its `model`, when a string.
     pub model: Option<String>,
     /// Its choices' `finish_reason`s that are strings.

@@ -147,15 +147,38 @@ pub fn read_answer(body: &[u8]) -> Result<(Option<Usage>, Shape), serde_json::Er
     }
 }
 
-/// `usage`, the [`Shape`] and the canonical text of an answer whose payload is recorded,
+/// How deeply an answer kept inside its `llm_call` may nest. Inside the event it is one level
+/// deeper, and serde_json reads back at most 127 levels: an answer nested deeper would make its
+/// event, and every read of the log that takes it, fail. Such an answer is kept as a blob.
+pub const INLINE_DEPTH: usize = 100;
+
+/// How a recorded JSON body is kept with its `llm_call`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kept {
+    /// In the event, as its canonical text.
+    Text(CanonicalText),
+    /// As a blob the event names by hash: nested deeper than [`INLINE_DEPTH`].
+    Blob,
+}
+
+impl Kept {
+    /// How `document` is kept.
+    pub fn of(document: &Document<'_>) -> Kept {
+        if document.depth() > INLINE_DEPTH {
+            Kept::Blob
+        } else {
+            Kept::Text(document.canonical_text())
+        }
+    }
+}
+
+/// `usage`, the [`Shape`] and how an answer whose payload is recorded is kept ([`Kept`]),
 /// from one reading of its text into a [`Document`] (no tree). An answer with an error
 /// object, a `usage` that is not an object of counts, or that is no object at all, is read
 /// again as a tree by [`usage_in`] and [`Shape::of_tree`], so it is judged as before.
-pub fn read_recorded(
-    body: &[u8],
-) -> Result<(Option<Usage>, Shape, CanonicalText), serde_json::Error> {
+pub fn read_recorded(body: &[u8]) -> Result<(Option<Usage>, Shape, Kept), serde_json::Error> {
     let document = Document::parse(body)?;
-    let text = document.canonical_text();
+    let text = Kept::of(&document);
     if let (Some(usage), Some(shape)) =
         (usage_of_document(&document), Shape::of_document(&document))
     {
@@ -510,6 +533,17 @@ mod tests {
                 read_recorded(text.as_bytes()).unwrap();
             assert_eq!((recorded_usage, &recorded_shape), (usage, &shape), "{text}");
             assert_eq!(
+                canonical,
+                Kept::Text(
+                    keel_core::Document::parse(text.as_bytes())
+                        .unwrap()
+                        .canonical_text()
+                )
+            );
+            let Kept::Text(canonical) = canonical else {
+                unreachable!()
+            };
+            assert_eq!(
                 canonical.as_str(),
                 keel_store::chain::canonical_json(&tree),
                 "{text}"
@@ -539,6 +573,29 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_nested_too_deep_for_its_event_is_kept_as_a_blob() {
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"model":"m","choices":[{{"finish_reason":"stop"}}],"x":{}1{}}}"#,
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        let (usage, shape, kept) = read_recorded(nested(INLINE_DEPTH).as_bytes()).unwrap();
+        assert!(matches!(kept, Kept::Text(_)));
+        assert_eq!((usage, shape.model.as_deref()), (None, Some("m")));
+        let (_, shape, kept) = read_recorded(nested(INLINE_DEPTH + 1).as_bytes()).unwrap();
+        assert_eq!(kept, Kept::Blob);
+        assert_eq!(shape.finish_reasons, ["stop"]);
+        // Kept in its event, the deepest answer still reads back.
+        let Kept::Text(text) = read_recorded(nested(INLINE_DEPTH).as_bytes()).unwrap().2 else {
+            unreachable!()
+        };
+        let event = format!(r#"{{"data":{{"response":{}}}}}"#, text.as_str());
+        assert!(serde_json::from_str::<serde_json::Value>(&event).is_ok());
+    }
+
+    #[test]
     fn a_recorded_answer_is_judged_as_its_tree() {
         // Usage and error objects of every odd kind take the tree's reading, errors included.
         for text in [
@@ -557,7 +614,10 @@ mod tests {
         ] {
             let tree: serde_json::Value = serde_json::from_str(text).unwrap();
             let of_tree = usage_in(&tree).map(|usage| (usage, Shape::of_tree(&tree)));
-            let recorded = read_recorded(text.as_bytes()).map(|(usage, shape, canonical)| {
+            let recorded = read_recorded(text.as_bytes()).map(|(usage, shape, kept)| {
+                let Kept::Text(canonical) = kept else {
+                    panic!("{text} is kept in its event")
+                };
                 assert_eq!(
                     canonical.as_str(),
                     keel_store::chain::canonical_json(&tree),

@@ -81,6 +81,10 @@ pub struct Fault {
     /// Tools only: answer `302 Found` with this `Location` instead.
     #[serde(default)]
     pub redirect: Option<String>,
+    /// Chat, not streaming: the answer carries a member `keel_sim_nested` of arrays nested
+    /// this deep (a provider's answer nesting deeper than a log can hold inside an event).
+    #[serde(default)]
+    pub nest: Option<u32>,
 }
 
 // === impl Fault ===

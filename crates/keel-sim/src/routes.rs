@@ -332,6 +332,19 @@ async fn apply_fault(
     None
 }
 
+/// `answer` with a member `keel_sim_nested` of arrays nested `depth` deep ([`Fault::nest`]).
+fn nested(answer: &Bytes, depth: u32) -> Bytes {
+    let depth = usize::try_from(depth)
+        .unwrap_or(usize::MAX)
+        .clamp(1, 10_000);
+    let text = String::from_utf8_lossy(answer);
+    let inner = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    // The answer is an object: the member goes in before its closing brace.
+    let trimmed = text.trim_end();
+    let open = trimmed.strip_suffix('}').unwrap_or(trimmed);
+    Bytes::from(format!("{open},\"keel_sim_nested\":{inner}}}"))
+}
+
 fn chat_response(
     shared: &Shared,
     request: &Value,
@@ -349,7 +362,11 @@ fn chat_response(
         if error_after.is_some() {
             return json_response(StatusCode::OK, error_event(fault));
         }
-        return json_response(StatusCode::OK, chat::completion(n, created, model, &plan));
+        let answer = chat::completion(n, created, model, &plan);
+        return match fault.and_then(|f| f.nest) {
+            Some(depth) => json_response(StatusCode::OK, nested(&answer, depth)),
+            None => json_response(StatusCode::OK, answer),
+        };
     }
     let mut events = chat::stream_events(n, created, model, &plan);
     if let Some(chunks) = error_after {

@@ -224,3 +224,43 @@ async fn a_long_conversation_is_stored_once_not_once_per_call() {
         "the conversation chain must lead back to the first message"
     );
 }
+
+/// An answer nested as deep as serde_json reads (127 levels) would be one level deeper inside
+/// its `llm_call`, past what the log could read back: keel keeps it as a blob the event names,
+/// so the task's log and the chain still read whole, and the blob is the answer as sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_nested_too_deep_for_its_event_is_kept_as_a_blob_and_the_log_reads_back() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script(
+        "primary",
+        vec![keel_sim::Fault {
+            nest: Some(126),
+            ..keel_sim::Fault::default()
+        }],
+    );
+    let body =
+        serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, answer) = keel
+        .post_json("/v1/chat/completions", &[("x-keel-task", "deep-1")], &body)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["keel_sim_nested"].is_array(), "{answer}");
+    let log = keel.cli_ok(&["tasks", "events", "deep-1", "--json"]);
+    let text = String::from_utf8_lossy(&log.stdout);
+    assert!(text.contains("\"response\":null"), "{text}");
+    let hash = text
+        .split("\"response_blob\":\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .unwrap_or_else(|| panic!("no response_blob in {text}"));
+    keel.cli_ok(&["audit", "verify"]);
+    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
+    let bytes: Vec<u8> = db
+        .query_row("SELECT bytes FROM blobs WHERE hash = ?1", [hash], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(stored, answer);
+}
