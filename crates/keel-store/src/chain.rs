@@ -164,11 +164,38 @@ fn put_str(h: &mut Sha256, s: &str) {
 /// already sorted maps and this only walks the tree; it stays so that the canonical
 /// form cannot change should a dependency ever turn that feature on (features are
 /// unified across the build, and under it objects keep insertion order).
+///
+/// An object key that serde_json reserves for itself ([`keel_core::canonical::RESERVED_KEYS`])
+/// is renamed (prefixed with `(renamed by keel) `): serde_json reads an object whose first
+/// key is one as the JSON inside its string, and canonical order puts it first, so the stored
+/// text would not read back as the data that was hashed, or not at all.
 pub fn canonicalize(mut value: serde_json::Value) -> serde_json::Value {
-    // In place: `sort_all_objects` reorders each map's entries without
-    // re-hashing or re-allocating its keys.
-    value.sort_all_objects();
+    settle(&mut value);
     value
+}
+
+/// Sorts every object's keys (in place, without re-allocating them) and renames reserved ones.
+fn settle(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(members) => {
+            for reserved in keel_core::canonical::RESERVED_KEYS {
+                if let Some(member) = members.remove(reserved) {
+                    let mut name = format!("(renamed by keel) {reserved}");
+                    while members.contains_key(&name) {
+                        name.insert(0, '_');
+                    }
+                    members.insert(name, member);
+                }
+            }
+            members.sort_keys();
+            members.values_mut().for_each(settle);
+        }
+        serde_json::Value::Array(elements) => elements.iter_mut().for_each(settle),
+        serde_json::Value::Null
+        | serde_json::Value::Bool(_)
+        | serde_json::Value::Number(_)
+        | serde_json::Value::String(_) => {}
+    }
 }
 
 /// The canonical JSON text of `value`: sorted keys, compact.
@@ -495,6 +522,27 @@ mod tests {
             whole[key] = tree.clone();
             assert_eq!(printed, canonical_json(&whole), "{key}");
         }
+    }
+
+    #[test]
+    fn serde_jsons_reserved_keys_are_renamed_so_the_text_reads_back() {
+        let value = json!({"z": 1, "$serde_json::private::RawValue": "{", "a": [{"$serde_json::private::Number": "x", "(renamed by keel) $serde_json::private::Number": 2}]});
+        let text = canonical_json(&value);
+        let read: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(canonical_json(&read), text);
+        assert_eq!(
+            read["(renamed by keel) $serde_json::private::RawValue"],
+            "{"
+        );
+        assert_eq!(
+            read["a"][0]["_(renamed by keel) $serde_json::private::Number"],
+            "x"
+        );
+        assert_eq!(
+            read["a"][0]["(renamed by keel) $serde_json::private::Number"],
+            2
+        );
+        assert_eq!(read["z"], 1);
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     append_links_the_chain(&make()).await?;
     appended_events_read_back_unchanged(&make()).await?;
     a_member_given_as_text_is_stored_in_its_place(&make()).await?;
+    reserved_keys_are_renamed_and_read_back(&make()).await?;
     events_by_task_in_order(&make()).await?;
     filters_kind_after_seq_and_limit(&make()).await?;
     concurrent_appends_form_one_chain(Arc::new(make())).await?;
@@ -82,6 +83,36 @@ pub async fn run_all<S: EventStore>(make: impl Fn() -> S) -> Outcome {
     ping_succeeds(&make()).await?;
     state_is_compare_and_set(&make()).await?;
     concurrent_state_saves_lose_nothing(Arc::new(make())).await?;
+    Ok(())
+}
+
+/// Data holding an object key serde_json reserves for itself (a client's tool arguments can)
+/// is stored with that key renamed, so the log reads back as what was hashed.
+pub async fn reserved_keys_are_renamed_and_read_back<S: EventStore>(store: &S) -> Outcome {
+    let data = json!({"args": {"z": 1, "$serde_json::private::RawValue": "{"}});
+    let appended = store
+        .append(vec![event(EventKind::ToolInvoked, None, data)])
+        .await?;
+    let expected =
+        json!({"args": {"z": 1, "(renamed by keel) $serde_json::private::RawValue": "{"}});
+    ensure!(
+        appended.len() == 1 && appended[0].data == expected,
+        "an append returned {appended:?}"
+    );
+    let stored = store.events(EventQuery::default()).await?;
+    ensure!(
+        stored == appended,
+        "read back {stored:?}, appended {appended:?}"
+    );
+    ensure!(
+        stored[0].data_matches_hash(),
+        "the data does not match its hash"
+    );
+    let verified = store.verify().await?;
+    ensure!(
+        verified == Verify::Intact { events: 1 },
+        "verify said {verified:?}"
+    );
     Ok(())
 }
 

@@ -893,7 +893,7 @@ async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, F
         }
         bytes.extend_from_slice(&chunk);
     }
-    let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+    let parsed = tool_json(&bytes);
     if !status.is_success() {
         let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
         // Only a JSON body can be redacted; other text stays out of the message.
@@ -914,6 +914,22 @@ async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, F
         });
     }
     Ok(parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
+}
+
+/// A tool's answer read as JSON, when it is JSON nested no deeper than its event can hold
+/// ([`crate::usage::INLINE_DEPTH`]: inside the `tool_invoked` event, and inside a saved
+/// idempotent answer, it sits deeper than on its own); otherwise `None`, and the answer is
+/// taken as its text, as one that is not JSON.
+fn tool_json(bytes: &[u8]) -> Option<Value> {
+    fn depth(value: &Value) -> usize {
+        match value {
+            Value::Array(elements) => 1 + elements.iter().map(depth).max().unwrap_or(0),
+            Value::Object(members) => 1 + members.values().map(depth).max().unwrap_or(0),
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => 0,
+        }
+    }
+    let value: Value = serde_json::from_slice(bytes).ok()?;
+    (depth(&value) <= crate::usage::INLINE_DEPTH).then_some(value)
 }
 
 /// How a Wasm tool's run ended, as a result or a classified failure (see [`super::wasm`]
@@ -953,8 +969,8 @@ fn wasm_answer(
         )),
         wasm::Ran::Exited {
             code: 0, stdout, ..
-        } => Ok(serde_json::from_slice::<Value>(&stdout)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&stdout).into_owned()))),
+        } => Ok(tool_json(&stdout)
+            .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&stdout).into_owned()))),
         wasm::Ran::Exited { code, stderr, .. } => {
             let (why, retryable, tool_fault) = match code {
                 wasm::EXIT_TEMPFAIL => ("failed for now", true, true),

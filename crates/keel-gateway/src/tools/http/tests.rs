@@ -81,3 +81,16 @@ async fn a_keyed_check_repeated_gets_the_first_verdict_and_is_not_counted_again(
     }
     assert_eq!(checked_events(&store).await, 3);
 }
+
+#[test]
+fn a_tool_answer_nested_deeper_than_its_event_can_hold_is_taken_as_text() {
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let limit = crate::usage::INLINE_DEPTH;
+    assert!(super::tool_json(nested(limit).as_bytes()).is_some());
+    assert!(super::tool_json(nested(limit + 1).as_bytes()).is_none());
+    assert_eq!(
+        super::tool_json(br#"{"ok":true}"#),
+        Some(json!({"ok": true}))
+    );
+    assert!(super::tool_json(b"plain text").is_none());
+}
