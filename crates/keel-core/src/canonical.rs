@@ -9,12 +9,12 @@
 //! every string that holds no escape from the bytes and keeps an object as one sorted
 //! `Vec`; it prints with serde_json's own printers, so [`Document::canonical_text`] is
 //! byte for byte what `canonical_json` gives for the `Value` of the same bytes, and reads
-//! back as that `Value` (a property test holds both). The one difference: a document
-//! refuses the object keys serde_json reserves for itself ([`RESERVED_KEYS`]).
+//! back as that `Value` (a property test holds both). An object key serde_json reserves for
+//! itself ([`RESERVED_KEYS`]) is renamed, as the store renames it in any event's data.
 
 use std::borrow::Cow;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Number;
 
@@ -40,8 +40,8 @@ pub enum Document<'a> {
 
 impl<'a> Document<'a> {
     /// Reads `bytes`: one JSON value, with nothing but whitespace after it (the same
-    /// checks and errors as `serde_json::from_slice::<Value>`, and one more: an object key
-    /// serde_json reserves for itself, [`RESERVED_KEYS`], is refused).
+    /// checks and errors as `serde_json::from_slice::<Value>`). An object key serde_json
+    /// reserves for itself ([`RESERVED_KEYS`]) is renamed ([`renamed_key`]).
     pub fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -151,14 +151,25 @@ impl<'de> Deserialize<'de> for Document<'de> {
     }
 }
 
-/// Object keys serde_json gives a meaning of its own when it reads a `Value` (with the `raw_value`
-/// feature this workspace uses, or `arbitrary_precision`): an object whose first key is one
-/// reads as the JSON inside its string. A stored text holding one would not read back as
-/// what was hashed (canonical order puts `$` first), so a document refuses them.
+/// Object keys serde_json gives a meaning of its own when it reads a `Value` (the first with
+/// the `raw_value` feature this workspace uses, the second with `arbitrary_precision`, which
+/// it does not): an object whose first key is one reads as the JSON inside its string. A
+/// stored text holding one would not read back as what was hashed (canonical order puts `$`
+/// first), so keel stores such a key renamed ([`renamed_key`]), in a document as in the log.
 pub const RESERVED_KEYS: [&str; 2] = [
     "$serde_json::private::RawValue",
     "$serde_json::private::Number",
 ];
+
+/// The name a reserved key ([`RESERVED_KEYS`]) is kept under: `(renamed by keel) KEY`, with `_`
+/// put in front while `taken` says another member of the object has that name.
+pub fn renamed_key(reserved: &str, taken: impl Fn(&str) -> bool) -> String {
+    let mut name = format!("(renamed by keel) {reserved}");
+    while taken(&name) {
+        name.insert(0, '_');
+    }
+    name
+}
 
 struct DocumentVisitor;
 
@@ -222,11 +233,6 @@ impl<'de> Visitor<'de> for DocumentVisitor {
         let mut members: Vec<(Cow<'de, str>, Document<'de>)> =
             Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
         while let Some(Key(key)) = map.next_key()? {
-            if RESERVED_KEYS.contains(&key.as_ref()) {
-                return Err(de::Error::custom(format_args!(
-                    "the object key {key:?} is reserved by serde_json"
-                )));
-            }
             members.push((key, map.next_value()?));
         }
         // A stable sort keeps a repeated key's values in the order given; folding each run
@@ -239,6 +245,18 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             }
             same
         });
+        if members
+            .iter()
+            .any(|(k, _)| RESERVED_KEYS.contains(&k.as_ref()))
+        {
+            for reserved in RESERVED_KEYS {
+                if let Some(i) = members.iter().position(|(k, _)| k == reserved) {
+                    let name = renamed_key(reserved, |n| members.iter().any(|(k, _)| k == n));
+                    members[i].0 = Cow::Owned(name);
+                }
+            }
+            members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        }
         Ok(Document::Object(members))
     }
 }
@@ -360,19 +378,38 @@ mod tests {
     }
 
     #[test]
-    fn serde_jsons_reserved_keys_are_refused() {
-        // As a `Value`, the first reads as `[1,2]` and the others are refused or kept under
-        // a key that canonical order puts first, where it would read back differently.
+    fn serde_jsons_reserved_keys_are_renamed_so_the_text_reads_back() {
+        // As a `Value`, the first object reads as `[1,2]`; the others would be refused or
+        // kept under a key that canonical order puts first, where it reads back differently.
         for key in RESERVED_KEYS {
             for text in [
                 format!(r#"{{"{key}":"[1,2]"}}"#),
                 format!(r#"{{"a":{{"{key}":"{{"}}}}"#),
-                format!(r#"{{"z":1,"{key}":"1"}}"#),
+                format!(r#"{{"z":1,"{key}":"1","(renamed by keel) {key}":2,"{key}":"last"}}"#),
             ] {
-                let refused = Document::parse(text.as_bytes()).unwrap_err().to_string();
-                assert!(refused.contains("is reserved by serde_json"), "{refused}");
+                let text = Document::parse(text.as_bytes()).unwrap().canonical_text();
+                let read: Value = serde_json::from_str(text.as_str()).unwrap();
+                assert_eq!(serde_json::to_string(&read).unwrap(), text.as_str());
+                assert!(
+                    !text.as_str().contains(&format!("\"{key}\"")),
+                    "{}",
+                    text.as_str()
+                );
             }
         }
+        let text = format!(
+            r#"{{"z":1,"{0}":"1","(renamed by keel) {0}":2,"{0}":"last"}}"#,
+            RESERVED_KEYS[0]
+        );
+        let document = Document::parse(text.as_bytes()).unwrap();
+        let renamed = format!("(renamed by keel) {}", RESERVED_KEYS[0]);
+        assert_eq!(
+            document
+                .get(&format!("_{renamed}"))
+                .and_then(Document::as_str),
+            Some("last")
+        );
+        assert_eq!(document.get(&renamed).and_then(Document::as_u64), Some(2));
         // A key that merely starts the same way is an ordinary key.
         let text = br#"{"$serde_json::private":1,"$x":2}"#;
         assert_eq!(canonical_of_document(text), canonical_of_value(text));

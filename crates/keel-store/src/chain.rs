@@ -164,33 +164,38 @@ fn put_str(h: &mut Sha256, s: &str) {
 /// already sorted maps and this only walks the tree; it stays so that the canonical
 /// form cannot change should a dependency ever turn that feature on (features are
 /// unified across the build, and under it objects keep insertion order).
-///
-/// An object key that serde_json reserves for itself ([`keel_core::canonical::RESERVED_KEYS`])
-/// is renamed (prefixed with `(renamed by keel) `): serde_json reads an object whose first
-/// key is one as the JSON inside its string, and canonical order puts it first, so the stored
-/// text would not read back as the data that was hashed, or not at all.
 pub fn canonicalize(mut value: serde_json::Value) -> serde_json::Value {
-    settle(&mut value);
+    // In place: `sort_all_objects` reorders each map's entries without
+    // re-hashing or re-allocating its keys.
+    value.sort_all_objects();
     value
 }
 
-/// Sorts every object's keys (in place, without re-allocating them) and renames reserved ones.
-fn settle(value: &mut serde_json::Value) {
+/// [`canonicalize`] of an event's data as the store keeps it: an object key serde_json
+/// reserves for itself ([`keel_core::canonical::RESERVED_KEYS`]) is renamed
+/// ([`keel_core::canonical::renamed_key`]) wherever it appears. serde_json reads an object
+/// whose first key is one as the JSON inside its string, and canonical order puts it first, so
+/// stored text holding one would not read back as the data that was hashed, or not at all.
+/// (Identities hashed from a canonical form, such as a tool call's for its approval, keep
+/// the key as given: [`canonicalize`].)
+pub fn for_storage(mut value: serde_json::Value) -> serde_json::Value {
+    rename_reserved(&mut value);
+    canonicalize(value)
+}
+
+fn rename_reserved(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(members) => {
             for reserved in keel_core::canonical::RESERVED_KEYS {
                 if let Some(member) = members.remove(reserved) {
-                    let mut name = format!("(renamed by keel) {reserved}");
-                    while members.contains_key(&name) {
-                        name.insert(0, '_');
-                    }
+                    let name =
+                        keel_core::canonical::renamed_key(reserved, |n| members.contains_key(n));
                     members.insert(name, member);
                 }
             }
-            members.sort_keys();
-            members.values_mut().for_each(settle);
+            members.values_mut().for_each(rename_reserved);
         }
-        serde_json::Value::Array(elements) => elements.iter_mut().for_each(settle),
+        serde_json::Value::Array(elements) => elements.iter_mut().for_each(rename_reserved),
         serde_json::Value::Null
         | serde_json::Value::Bool(_)
         | serde_json::Value::Number(_)
@@ -525,9 +530,11 @@ mod tests {
     }
 
     #[test]
-    fn serde_jsons_reserved_keys_are_renamed_so_the_text_reads_back() {
+    fn serde_jsons_reserved_keys_are_renamed_for_storage_so_the_text_reads_back() {
         let value = json!({"z": 1, "$serde_json::private::RawValue": "{", "a": [{"$serde_json::private::Number": "x", "(renamed by keel) $serde_json::private::Number": 2}]});
-        let text = canonical_json(&value);
+        // A canonical form for identities keeps the key as given.
+        assert!(canonical_json(&value).starts_with(r#"{"$serde_json::private::RawValue""#));
+        let text = canonical_text(&for_storage(value));
         let read: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(canonical_json(&read), text);
         assert_eq!(

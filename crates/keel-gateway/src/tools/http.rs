@@ -916,10 +916,12 @@ async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, F
     Ok(parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
 }
 
-/// A tool's answer read as JSON, when it is JSON nested no deeper than its event can hold
-/// ([`crate::usage::INLINE_DEPTH`]: inside the `tool_invoked` event, and inside a saved
-/// idempotent answer, it sits deeper than on its own); otherwise `None`, and the answer is
-/// taken as its text, as one that is not JSON.
+/// A tool's answer read as JSON, when it is JSON nested no deeper than
+/// [`crate::usage::INLINE_DEPTH`] (inside the `tool_invoked` event, and inside a saved
+/// idempotent answer, it sits deeper than on its own, and serde_json reads back 127 levels at
+/// most); otherwise `None`, and the answer is taken as its text, as one that is not JSON. A
+/// key serde_json reserves for itself is renamed, as the log renames it
+/// ([`keel_store::chain::for_storage`]), so a saved answer reads back as the one given.
 fn tool_json(bytes: &[u8]) -> Option<Value> {
     fn depth(value: &Value) -> usize {
         match value {
@@ -929,7 +931,7 @@ fn tool_json(bytes: &[u8]) -> Option<Value> {
         }
     }
     let value: Value = serde_json::from_slice(bytes).ok()?;
-    (depth(&value) <= crate::usage::INLINE_DEPTH).then_some(value)
+    (depth(&value) <= crate::usage::INLINE_DEPTH).then(|| keel_store::chain::for_storage(value))
 }
 
 /// How a Wasm tool's run ended, as a result or a classified failure (see [`super::wasm`]

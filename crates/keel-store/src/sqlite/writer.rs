@@ -79,7 +79,7 @@ impl Prepared {
     /// as text ([`NewEvent::with_text`]) is printed into `text` and is not in `data`.
     pub(crate) fn new(event: NewEvent) -> Self {
         let (task_id, kind, data, member) = event.into_parts();
-        let data = chain::canonicalize(data);
+        let data = chain::for_storage(data);
         let text = match &member {
             None => chain::canonical_text(&data),
             Some(member) => chain::canonical_text_with(&data, member),

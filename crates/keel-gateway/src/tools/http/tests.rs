@@ -93,4 +93,12 @@ fn a_tool_answer_nested_deeper_than_its_event_can_hold_is_taken_as_text() {
         Some(json!({"ok": true}))
     );
     assert!(super::tool_json(b"plain text").is_none());
+    // A key serde_json reserves would not read back from a saved answer: renamed.
+    let answer = super::tool_json(br#"{"z":1,"$serde_json::private::RawValue":"{"}"#).unwrap();
+    let saved: Value = serde_json::from_str(&answer.to_string()).unwrap();
+    assert_eq!(saved, answer);
+    assert_eq!(
+        saved["(renamed by keel) $serde_json::private::RawValue"],
+        "{"
+    );
 }
