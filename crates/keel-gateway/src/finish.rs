@@ -536,7 +536,12 @@ impl Finish {
         let error_body = upstream_body
             .as_ref()
             .filter(|_| self.gw.record_payloads)
-            .and_then(|body| Some((Kept::of(&keel_core::Document::parse(body).ok()?), body)));
+            .and_then(|body| {
+                Some((
+                    Kept::of(&keel_core::Document::parse(body).ok()?, body),
+                    body,
+                ))
+            });
         let blob = match &error_body {
             Some((Kept::Blob, body)) => Some(Bytes::clone(body)),
             Some(_) | None => None,

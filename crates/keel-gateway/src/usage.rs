@@ -162,9 +162,12 @@ pub enum Kept {
 }
 
 impl Kept {
-    /// How `document` is kept.
-    pub fn of(document: &Document<'_>) -> Kept {
-        if document.depth() > INLINE_DEPTH {
+    /// How `document`, read from `text`, is kept.
+    pub fn of(document: &Document<'_>, text: &[u8]) -> Kept {
+        // A document nests no deeper than its text has brackets: most answers have a few,
+        // and are not walked.
+        let brackets = text.iter().filter(|&&b| b == b'[' || b == b'{').count();
+        if brackets > INLINE_DEPTH && document.depth() > INLINE_DEPTH {
             Kept::Blob
         } else {
             Kept::Text(document.canonical_text())
@@ -178,7 +181,7 @@ impl Kept {
 /// again as a tree by [`usage_in`] and [`Shape::of_tree`], so it is judged as before.
 pub fn read_recorded(body: &[u8]) -> Result<(Option<Usage>, Shape, Kept), serde_json::Error> {
     let document = Document::parse(body)?;
-    let text = Kept::of(&document);
+    let text = Kept::of(&document, body);
     if let (Some(usage), Some(shape)) =
         (usage_of_document(&document), Shape::of_document(&document))
     {

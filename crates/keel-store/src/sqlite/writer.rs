@@ -79,11 +79,18 @@ impl Prepared {
     /// as text ([`NewEvent::with_text`]) is printed into `text` and is not in `data`.
     pub(crate) fn new(event: NewEvent) -> Self {
         let (task_id, kind, data, member) = event.into_parts();
-        let data = chain::for_storage(data);
-        let text = match &member {
-            None => chain::canonical_text(&data),
-            Some(member) => chain::canonical_text_with(&data, member),
+        let print = |data: &serde_json::Value| match &member {
+            None => chain::canonical_text(data),
+            Some(member) => chain::canonical_text_with(data, member),
         };
+        let mut data = chain::canonicalize(data);
+        let mut text = print(&data);
+        // A key serde_json reserves can only be in the data if its name is in the text: only
+        // then is the tree walked ([`chain::for_storage`]) and printed again.
+        if chain::may_hold_reserved_keys(&text) {
+            data = chain::for_storage(data);
+            text = print(&data);
+        }
         let data_hash = chain::data_hash(&text);
         Self {
             task_id,
