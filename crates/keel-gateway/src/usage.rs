@@ -3,6 +3,7 @@
 use keel_core::canonical::Key;
 use keel_core::{CanonicalText, Document};
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// Token counts from an OpenAI `usage` object.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -56,50 +57,77 @@ pub struct Shape {
     pub finish_reasons: Vec<String>,
 }
 
+/// A JSON document as [`Shape`] reads it: a tree (`serde_json::Value`) or a [`Document`].
+trait Node: Sized {
+    fn member(&self, key: &str) -> Option<&Self>;
+    fn text(&self) -> Option<&str>;
+    fn elements(&self) -> Option<&[Self]>;
+    fn null(&self) -> bool;
+}
+
+impl Node for serde_json::Value {
+    fn member(&self, key: &str) -> Option<&Self> {
+        self.get(key)
+    }
+    fn text(&self) -> Option<&str> {
+        self.as_str()
+    }
+    fn elements(&self) -> Option<&[Self]> {
+        self.as_array().map(Vec::as_slice)
+    }
+    fn null(&self) -> bool {
+        self.is_null()
+    }
+}
+
+impl<'a> Node for Document<'a> {
+    fn member(&self, key: &str) -> Option<&Self> {
+        self.get(key)
+    }
+    fn text(&self) -> Option<&str> {
+        self.as_str()
+    }
+    fn elements(&self) -> Option<&[Self]> {
+        self.as_array()
+    }
+    fn null(&self) -> bool {
+        self.is_null()
+    }
+}
+
 impl Shape {
     /// The shape of a parsed document.
     pub fn of_tree(document: &serde_json::Value) -> Shape {
-        let present = |key: &str| document.get(key).is_some_and(|v| !v.is_null());
-        let choices = document
-            .get("choices")
-            .and_then(serde_json::Value::as_array);
         Shape {
             error: document.get("error").filter(|v| !v.is_null()).cloned(),
-            choices: choices.map(Vec::len),
-            data: present("data"),
-            model: document
-                .get("model")
-                .and_then(|m| m.as_str())
-                .map(str::to_owned),
-            finish_reasons: choices
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c.get("finish_reason")?.as_str().map(str::to_owned))
-                .collect(),
+            ..Shape::of(document)
         }
     }
 
     /// The shape of a document read without a tree, when it holds no error object (whose
     /// value is kept as a tree).
     fn of_document(document: &Document<'_>) -> Option<Shape> {
-        if document.get("error").is_some_and(|e| !e.is_null()) {
-            return None;
-        }
-        let choices = document.get("choices").and_then(Document::as_array);
-        Some(Shape {
+        let error = document.get("error").is_some_and(|e| !e.is_null());
+        (!error).then(|| Shape::of(document))
+    }
+
+    /// Everything of the shape but `error`.
+    fn of<N: Node>(document: &N) -> Shape {
+        let choices = document.member("choices").and_then(N::elements);
+        Shape {
             error: None,
-            choices: choices.map(<[Document<'_>]>::len),
-            data: document.get("data").is_some_and(|d| !d.is_null()),
+            choices: choices.map(<[N]>::len),
+            data: document.member("data").is_some_and(|d| !d.null()),
             model: document
-                .get("model")
-                .and_then(Document::as_str)
+                .member("model")
+                .and_then(N::text)
                 .map(str::to_owned),
             finish_reasons: choices
                 .into_iter()
                 .flatten()
-                .filter_map(|c| c.get("finish_reason")?.as_str().map(str::to_owned))
+                .filter_map(|c| c.member("finish_reason")?.text().map(str::to_owned))
                 .collect(),
-        })
+        }
     }
 
     /// What makes a body of this shape no answer of `endpoint`, in words (`None`: it is one).
@@ -211,86 +239,120 @@ fn usage_of_document(document: &Document<'_>) -> Option<Option<Usage>> {
     }
 }
 
+/// A value read from any JSON value by kind: a kind left to the default is read and skipped,
+/// giving `Default`, so each reading below states only what it keeps.
+trait Skim<'de>: Default {
+    /// What the value is, for serde's messages.
+    const WHAT: &'static str = "any JSON value";
+
+    /// An object.
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+
+    /// An array.
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+
+    /// A string.
+    fn text(_: &str) -> Self {
+        Self::default()
+    }
+}
+
+/// The visitor of a [`Skim`].
+struct Skimming<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Skim<'de>> Visitor<'de> for Skimming<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(T::WHAT)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::map(map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::seq(seq)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<T, E> {
+        Ok(T::text(v))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+}
+
+/// Reads a [`Skim`] from any JSON value.
+fn skim<'de, T: Skim<'de>, D: serde::Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+    d.deserialize_any(Skimming(std::marker::PhantomData))
+}
+
 /// An answer read by [`read_answer`]: an object's usage and shape, or anything else.
+#[derive(Default)]
 enum Answer {
     Object(Option<Usage>, Shape),
+    #[default]
     Other,
 }
 
-impl<'de> Deserialize<'de> for Answer {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{Error, IgnoredAny, MapAccess, Visitor};
-        struct Members;
-        impl<'de> Visitor<'de> for Members {
-            type Value = Answer;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an answer")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Answer, A::Error> {
-                let mut usage: Option<Option<Usage>> = None;
-                let mut error: Option<Option<serde_json::Value>> = None;
-                let mut choices: Option<Option<Choices>> = None;
-                let mut data: Option<Option<IgnoredAny>> = None;
-                let mut model = None;
-                while let Some(key) = map.next_key::<Key<'de>>()? {
-                    match key.as_str() {
-                        "usage" if usage.is_some() => {
-                            return Err(A::Error::duplicate_field("usage"));
-                        }
-                        "usage" => usage = Some(map.next_value()?),
-                        "error" if error.is_some() => {
-                            return Err(A::Error::duplicate_field("error"));
-                        }
-                        "error" => error = Some(map.next_value()?),
-                        "choices" if choices.is_some() => {
-                            return Err(A::Error::duplicate_field("choices"));
-                        }
-                        "choices" => choices = Some(map.next_value()?),
-                        "data" if data.is_some() => return Err(A::Error::duplicate_field("data")),
-                        "data" => data = Some(map.next_value()?),
-                        "model" => model = map.next_value::<Text>()?.0,
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
+impl<'de> Skim<'de> for Answer {
+    const WHAT: &'static str = "an answer";
+
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Answer, A::Error> {
+        use serde::de::Error;
+        let mut usage: Option<Option<Usage>> = None;
+        let mut error: Option<Option<serde_json::Value>> = None;
+        let mut choices: Option<Option<Choices>> = None;
+        let mut data: Option<Option<IgnoredAny>> = None;
+        let mut model = None;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match key.as_str() {
+                "usage" if usage.is_some() => return Err(A::Error::duplicate_field("usage")),
+                "usage" => usage = Some(map.next_value()?),
+                "error" if error.is_some() => return Err(A::Error::duplicate_field("error")),
+                "error" => error = Some(map.next_value()?),
+                "choices" if choices.is_some() => {
+                    return Err(A::Error::duplicate_field("choices"));
                 }
-                let choices = choices.flatten().unwrap_or_default();
-                let shape = Shape {
-                    error: error.flatten(),
-                    choices: choices.count,
-                    data: data.flatten().is_some(),
-                    model,
-                    finish_reasons: choices.finish_reasons,
-                };
-                Ok(Answer::Object(usage.flatten(), shape))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Answer, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Answer::Other)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Answer, E> {
-                Ok(Answer::Other)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Answer, E> {
-                Ok(Answer::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Answer, E> {
-                Ok(Answer::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Answer, E> {
-                Ok(Answer::Other)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Answer, E> {
-                Ok(Answer::Other)
-            }
-            fn visit_unit<E>(self) -> Result<Answer, E> {
-                Ok(Answer::Other)
+                "choices" => choices = Some(map.next_value()?),
+                "data" if data.is_some() => return Err(A::Error::duplicate_field("data")),
+                "data" => data = Some(map.next_value()?),
+                "model" => model = map.next_value::<Text>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        deserializer.deserialize_any(Members)
+        let choices = choices.flatten().unwrap_or_default();
+        let shape = Shape {
+            error: error.flatten(),
+            choices: choices.count,
+            data: data.flatten().is_some(),
+            model,
+            finish_reasons: choices.finish_reasons,
+        };
+        Ok(Answer::Object(usage.flatten(), shape))
+    }
+}
+
+impl<'de> Deserialize<'de> for Answer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        skim(d)
     }
 }
 
@@ -302,147 +364,64 @@ struct Choices {
     finish_reasons: Vec<String>,
 }
 
-impl<'de> Deserialize<'de> for Choices {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
-        struct Counting;
-        impl<'de> Visitor<'de> for Counting {
-            type Value = Choices;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
-                let (mut count, mut finish_reasons) = (0, Vec::new());
-                while let Some(choice) = seq.next_element::<Choice>()? {
-                    count += 1;
-                    finish_reasons.extend(choice.0);
-                }
-                Ok(Choices {
-                    count: Some(count),
-                    finish_reasons,
-                })
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choices, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Choices::default())
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_unit<E>(self) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
+impl<'de> Skim<'de> for Choices {
+    fn seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Choices, A::Error> {
+        let (mut count, mut finish_reasons) = (0, Vec::new());
+        while let Some(choice) = seq.next_element::<Choice>()? {
+            count += 1;
+            finish_reasons.extend(choice.0);
         }
-        deserializer.deserialize_any(Counting)
+        Ok(Choices {
+            count: Some(count),
+            finish_reasons,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        skim(d)
     }
 }
 
 /// One element of `choices`: its `finish_reason` when it is an object whose last
 /// `finish_reason` is a string.
+#[derive(Default)]
 struct Choice(Option<String>);
 
-impl<'de> Deserialize<'de> for Choice {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, Visitor};
-        struct Members;
-        impl<'de> Visitor<'de> for Members {
-            type Value = Choice;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choice, A::Error> {
-                let mut reason = None;
-                while let Some(key) = map.next_key::<Key<'de>>()? {
-                    if key.as_str() == "finish_reason" {
-                        reason = map.next_value::<Text>()?.0;
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                Ok(Choice(reason))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Choice, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Choice(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Choice, E> {
-                Ok(Choice(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Choice, E> {
-                Ok(Choice(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Choice, E> {
-                Ok(Choice(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Choice, E> {
-                Ok(Choice(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Choice, E> {
-                Ok(Choice(None))
-            }
-            fn visit_unit<E>(self) -> Result<Choice, E> {
-                Ok(Choice(None))
+impl<'de> Skim<'de> for Choice {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Choice, A::Error> {
+        let mut reason = None;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if key.as_str() == "finish_reason" {
+                reason = map.next_value::<Text>()?.0;
+            } else {
+                map.next_value::<IgnoredAny>()?;
             }
         }
-        deserializer.deserialize_any(Members)
+        Ok(Choice(reason))
+    }
+}
+
+impl<'de> Deserialize<'de> for Choice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        skim(d)
     }
 }
 
 /// Any JSON value, kept only when it is a string.
+#[derive(Default)]
 struct Text(Option<String>);
 
+impl Skim<'_> for Text {
+    fn text(v: &str) -> Text {
+        Text(Some(v.to_owned()))
+    }
+}
+
 impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
-        struct Strings;
-        impl<'de> Visitor<'de> for Strings {
-            type Value = Text;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Text, E> {
-                Ok(Text(Some(v.to_owned())))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-            fn visit_unit<E>(self) -> Result<Text, E> {
-                Ok(Text(None))
-            }
-        }
-        deserializer.deserialize_any(Strings)
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        skim(d)
     }
 }
 
