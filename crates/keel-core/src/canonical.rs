@@ -461,7 +461,8 @@ mod tests {
     }
 
     /// `value` printed as a provider might: keys in any order, some repeated (an earlier
-    /// value first), strings escaped as `\uXXXX` where `escape` says, spaces between tokens.
+    /// value first), characters escaped as `\u` and four hex digits where `escape` says,
+    /// spaces between tokens.
     fn messy(value: &Value, escape: &[bool], at: &mut usize, out: &mut String) {
         let flip = |at: &mut usize| {
             *at += 1;

@@ -77,23 +77,28 @@ impl Finish {
         // A JSON answer goes into the event itself: answers are almost never
         // repeated, so content-addressing them would only scatter writes.
         // Streams are stored as a blob of their chunks, named by hash, and so is an answer
-        // nested too deep to be read back inside its event.
-        let (mut answer, mut said) = (None, None);
-        let response_hash = match response {
+        // nested too deep to be read back inside its event: the blob joins the request's,
+        // stored with the call's events.
+        let (mut answer, mut said, mut blob) = (None, None, None);
+        match response {
             Recorded::Answer(record, body) => {
                 said = Some((record.model, record.finish_reasons));
                 match record.text {
-                    Some(Kept::Text(text)) if recording => {
-                        answer = Some(text);
-                        None
-                    }
-                    Some(Kept::Blob) if recording => Some(keel_store::blob_hash(body)),
-                    Some(_) | None => None,
+                    Some(Kept::Text(text)) => answer = Some(text),
+                    Some(Kept::Blob) => blob = Some(body),
+                    None => {}
                 }
             }
-            Recorded::Blob(body) if recording => Some(keel_store::blob_hash(body)),
-            Recorded::Blob(_) | Recorded::Nothing => None,
-        };
+            Recorded::Blob(body) => blob = Some(body),
+            Recorded::Nothing => {}
+        }
+        let response_hash = blob.filter(|_| recording).map(|body| {
+            let payload = keel_store::Payload::new(body.clone());
+            let hash = payload.hash().to_owned();
+            self.recorded.blobs.push(payload);
+            hash
+        });
+        let answer = answer.filter(|_| recording);
         let (response_model, finish_reasons) = said.unzip();
         // Built member by member: `json!` would deep-copy the parsed answer
         // and the request summary through `to_value`. The members come in key order, so
@@ -164,19 +169,13 @@ impl Finish {
         }
     }
 
-    /// Appends the call's events with the request's payloads and `response`; it takes the
-    /// request's blobs (a call is recorded once).
-    async fn record(
-        &mut self,
-        events: Vec<NewEvent>,
-        response: Option<Bytes>,
-        task: Option<String>,
-    ) {
+    /// Appends the call's events with the request's payloads and the answer's blob, if its
+    /// `llm_call` named one; it takes them (a call is recorded once).
+    async fn record(&mut self, events: Vec<NewEvent>, task: Option<String>) {
         if !self.gw.record_payloads {
             return self.gw.record_call(events, Vec::new(), None).await;
         }
-        let mut blobs = std::mem::take(&mut self.recorded.blobs);
-        blobs.extend(response.map(keel_store::Payload::new));
+        let blobs = std::mem::take(&mut self.recorded.blobs);
         self.gw.record_call(events, blobs, task).await;
     }
 
@@ -241,7 +240,6 @@ impl Finish {
         fallback: bool,
     ) -> Response {
         log.request_id = passed.request_id().map(str::to_owned);
-        let blob = matches!(record.text, Some(Kept::Blob)).then(|| body.clone());
         let event = self.llm_call(
             &log,
             &target.id,
@@ -260,7 +258,7 @@ impl Finish {
         if let Some(stop) = &looping {
             log.push(EventKind::LoopDetected, stop.data.clone());
         }
-        self.record(std::mem::take(&mut log.events), blob, log.who.task.clone())
+        self.record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
         if let Some(stop) = looping {
             self.gw.stop_loop(stop).await;
@@ -354,12 +352,8 @@ impl Finish {
             if let Some(stop) = &looping {
                 log.push(EventKind::LoopDetected, stop.data.clone());
             }
-            self.record(
-                std::mem::take(&mut log.events),
-                transcript,
-                log.who.task.clone(),
-            )
-            .await;
+            self.record(std::mem::take(&mut log.events), log.who.task.clone())
+                .await;
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
             }
@@ -454,7 +448,7 @@ impl Finish {
                 Recorded::Nothing,
             );
             log.events.push(event);
-            self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+            self.record(std::mem::take(&mut log.events), log.who.task.clone())
                 .await;
             count_request(&self.gw, &route.name, "none", "error");
             self.observe(None, &log.who, "", None).await;
@@ -482,7 +476,7 @@ impl Finish {
         );
         let event = self.llm_call(&log, "degraded", "degraded", false, None, Recorded::Nothing);
         log.events.push(event);
-        self.record(std::mem::take(&mut log.events), None, log.who.task.clone())
+        self.record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
         count_request(&self.gw, &route.name, "none", "degraded");
         self.gw
@@ -533,7 +527,7 @@ impl Finish {
             | UpstreamError::BreakerOpen { .. } => None,
         };
         // A JSON error body is kept like an answer (a body that is not JSON is not kept).
-        let error_body = upstream_body
+        let kept = upstream_body
             .as_ref()
             .filter(|_| self.gw.record_payloads)
             .and_then(|body| {
@@ -542,24 +536,17 @@ impl Finish {
                     body,
                 ))
             });
-        let blob = match &error_body {
-            Some((Kept::Blob, body)) => Some(Bytes::clone(body)),
-            Some(_) | None => None,
-        };
-        let recorded = match error_body {
-            Some((kept, body)) => Recorded::Answer(
-                AnswerRecord {
-                    text: Some(kept),
-                    ..AnswerRecord::default()
-                },
-                body,
-            ),
-            None => Recorded::Nothing,
-        };
+        let recorded = kept.map_or(Recorded::Nothing, |(kept, body)| {
+            let record = AnswerRecord {
+                text: Some(kept),
+                ..AnswerRecord::default()
+            };
+            Recorded::Answer(record, body)
+        });
         log.request_id = error.request_id().map(str::to_owned);
         let event = self.llm_call(&log, &target, "fatal", fallback, None, recorded);
         log.events.push(event);
-        self.record(std::mem::take(&mut log.events), blob, log.who.task.clone())
+        self.record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
         count_request(&self.gw, &route.name, &target, "error");
         self.observe(None, &log.who, "", None).await;
