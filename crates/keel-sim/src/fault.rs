@@ -83,6 +83,7 @@ pub struct Fault {
     pub redirect: Option<String>,
     /// Chat, not streaming: the answer carries a member `keel_sim_nested` of arrays nested
     /// this deep (a provider's answer nesting deeper than a log can hold inside an event).
+    /// With `status` (or `error_code`), the OpenAI-shaped error body carries it instead.
     #[serde(default)]
     pub nest: Option<u32>,
 }

@@ -300,7 +300,12 @@ async fn apply_fault(
             let body = messages::error_body(status, code, model);
             return Some(Ok(json_response(status, body)));
         }
-        return Some(Ok(fault_error(status, code, model)));
+        let (status, body) = fault_error(status, code, model);
+        let body = match fault.nest {
+            Some(depth) => nested(&body, depth),
+            None => body,
+        };
+        return Some(Ok(json_response(status, body)));
     }
     if fault.malformed && anthropic {
         let response = if stream {
@@ -591,8 +596,13 @@ fn error_response(
     kind: &str,
     code: Option<&str>,
 ) -> Response<SimBody> {
+    json_response(status, error_body(message, kind, code))
+}
+
+/// The body of [`error_response`].
+fn error_body(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    json_response(status, Bytes::from(body.to_string()))
+    Bytes::from(body.to_string())
 }
 
 /// A 400 in Anthropic's shape.
@@ -612,8 +622,8 @@ fn invalid_request(message: &str) -> Response<SimBody> {
     )
 }
 
-/// The error a fault asks for, worded as OpenAI words it.
-fn fault_error(status: u16, code: Option<&str>, model: &str) -> Response<SimBody> {
+/// The error a fault asks for, worded as OpenAI words it: its status and body.
+fn fault_error(status: u16, code: Option<&str>, model: &str) -> (StatusCode, Bytes) {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let message = match code {
         Some("model_not_found") => {
@@ -639,7 +649,7 @@ fn fault_error(status: u16, code: Option<&str>, model: &str) -> Response<SimBody
         (500..=599, _) => "server_error",
         _ => "invalid_request_error",
     };
-    error_response(status, &message, kind, code)
+    (status, error_body(&message, kind, code))
 }
 
 fn unix_now() -> u64 {

@@ -264,3 +264,48 @@ async fn an_answer_nested_too_deep_for_its_event_is_kept_as_a_blob_and_the_log_r
     let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(stored, answer);
 }
+
+#[tokio::test]
+async fn a_fatal_error_body_nested_too_deep_reaches_the_client_and_is_kept_as_a_blob() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    // A 400 is fatal: no retry, no fallback; its JSON body goes back as the provider sent it.
+    sim.script(
+        "primary",
+        vec![keel_sim::Fault {
+            nest: Some(126),
+            ..keel_sim::Fault::status(400)
+        }],
+    );
+    let body =
+        serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, answer) = keel
+        .post_json(
+            "/v1/chat/completions",
+            &[("x-keel-task", "deep-err")],
+            &body,
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
+    assert!(answer["keel_sim_nested"].is_array(), "{answer}");
+    assert_eq!((sim.calls("primary"), sim.calls("secondary")), (1, 0));
+    let log = keel.cli_ok(&["tasks", "events", "deep-err", "--json"]);
+    let text = String::from_utf8_lossy(&log.stdout);
+    assert!(text.contains("\"outcome\":\"fatal\""), "{text}");
+    assert!(text.contains("\"response\":null"), "{text}");
+    let hash = text
+        .split("\"response_blob\":\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .unwrap_or_else(|| panic!("no response_blob in {text}"));
+    keel.cli_ok(&["audit", "verify"]);
+    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
+    let bytes: Vec<u8> = db
+        .query_row("SELECT bytes FROM blobs WHERE hash = ?1", [hash], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(stored, answer);
+}
