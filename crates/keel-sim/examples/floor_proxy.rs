@@ -1,6 +1,6 @@
 //! The floor under keel's cost per call: a proxy that forwards `POST /v1/chat/completions`
 //! to a model server with the parts keel is built on (axum's router, hyper's pooled client,
-//! mimalloc) and nothing else: no parsing, retries, breaker, budgets, metrics or records.
+//! jemalloc) and nothing else: no parsing, retries, breaker, budgets, metrics or records.
 //! `bench/ab.sh` runs it beside keel, so the difference is what keel's own work costs
 //! (DEVELOPERS.md, "Where the gateway's CPU goes"):
 //!
@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Clone)]
 struct Upstream {
