@@ -11,7 +11,7 @@ use clap::Parser;
 /// glibc's malloc spends a fifth of the gateway's time at saturation in
 /// allocation and free across threads (measured with perf). jemalloc's thread
 /// caches do not, and side by side it cost about 2-3 us less CPU per call than
-/// mimalloc, whose v3 takes its slow path for much of what a call allocates
+/// mimalloc, whose generic path (every allocation over 1 KiB) a call often takes
 /// (DEVELOPERS.md, "Where the gateway's CPU goes").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

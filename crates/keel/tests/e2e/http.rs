@@ -225,87 +225,78 @@ async fn a_long_conversation_is_stored_once_not_once_per_call() {
     );
 }
 
-/// An answer nested as deep as serde_json reads (127 levels) would be one level deeper inside
-/// its `llm_call`, past what the log could read back: keel keeps it as a blob the event names,
+/// Sends a chat call in task `task` that the route's first target answers as `fault` says,
+/// with a member nested 126 arrays deep: 127 levels, as deep as serde_json reads, and one
+/// level too deep for the answer's place inside its `llm_call`.
+async fn call_answered_too_deep(
+    keel: &Keel,
+    sim: &keel_sim::SimHandle,
+    fault: keel_sim::Fault,
+    task: &str,
+) -> (u16, serde_json::Value) {
+    sim.script(
+        "primary",
+        vec![keel_sim::Fault {
+            nest: Some(126),
+            ..fault
+        }],
+    );
+    let body =
+        serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, answer) = keel
+        .post_json("/v1/chat/completions", &[("x-keel-task", task)], &body)
+        .await;
+    assert!(answer["keel_sim_nested"].is_array(), "{answer}");
+    (status, answer)
+}
+
+/// Checks that `task`'s log reads back with its `llm_call` naming a blob that holds
+/// `answer`, and that the chain verifies; returns the log as printed.
+fn assert_log_keeps_as_blob(keel: &Keel, task: &str, answer: &serde_json::Value) -> String {
+    let log = keel.cli_ok(&["tasks", "events", task, "--json"]);
+    let text = String::from_utf8_lossy(&log.stdout).into_owned();
+    assert!(text.contains("\"response\":null"), "{text}");
+    let hash = text
+        .split("\"response_blob\":\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .unwrap_or_else(|| panic!("no response_blob in {text}"));
+    keel.cli_ok(&["audit", "verify"]);
+    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
+    let bytes: Vec<u8> = db
+        .query_row("SELECT bytes FROM blobs WHERE hash = ?1", [hash], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(&stored, answer);
+    text
+}
+
+/// An answer nested as deep as serde_json reads would be one level deeper inside its
+/// `llm_call`, past what the log could read back: keel keeps it as a blob the event names,
 /// so the task's log and the chain still read whole, and the blob is the answer as sent.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_nested_too_deep_for_its_event_is_kept_as_a_blob_and_the_log_reads_back() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
-    sim.script(
-        "primary",
-        vec![keel_sim::Fault {
-            nest: Some(126),
-            ..keel_sim::Fault::default()
-        }],
-    );
-    let body =
-        serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
-    let (status, answer) = keel
-        .post_json("/v1/chat/completions", &[("x-keel-task", "deep-1")], &body)
-        .await;
+    let (status, answer) =
+        call_answered_too_deep(&keel, &sim, keel_sim::Fault::default(), "deep-1").await;
     assert_eq!(status, 200, "{answer}");
-    assert!(answer["keel_sim_nested"].is_array(), "{answer}");
-    let log = keel.cli_ok(&["tasks", "events", "deep-1", "--json"]);
-    let text = String::from_utf8_lossy(&log.stdout);
-    assert!(text.contains("\"response\":null"), "{text}");
-    let hash = text
-        .split("\"response_blob\":\"")
-        .nth(1)
-        .and_then(|rest| rest.get(..64))
-        .unwrap_or_else(|| panic!("no response_blob in {text}"));
-    keel.cli_ok(&["audit", "verify"]);
-    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
-    let bytes: Vec<u8> = db
-        .query_row("SELECT bytes FROM blobs WHERE hash = ?1", [hash], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(stored, answer);
+    assert_log_keeps_as_blob(&keel, "deep-1", &answer);
 }
 
+/// A fatal upstream error's JSON body is kept like an answer: as deep, as a blob.
 #[tokio::test]
 async fn a_fatal_error_body_nested_too_deep_reaches_the_client_and_is_kept_as_a_blob() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
     // A 400 is fatal: no retry, no fallback; its JSON body goes back as the provider sent it.
-    sim.script(
-        "primary",
-        vec![keel_sim::Fault {
-            nest: Some(126),
-            ..keel_sim::Fault::status(400)
-        }],
-    );
-    let body =
-        serde_json::json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]});
-    let (status, answer) = keel
-        .post_json(
-            "/v1/chat/completions",
-            &[("x-keel-task", "deep-err")],
-            &body,
-        )
-        .await;
+    let (status, answer) =
+        call_answered_too_deep(&keel, &sim, keel_sim::Fault::status(400), "deep-err").await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
-    assert!(answer["keel_sim_nested"].is_array(), "{answer}");
     assert_eq!((sim.calls("primary"), sim.calls("secondary")), (1, 0));
-    let log = keel.cli_ok(&["tasks", "events", "deep-err", "--json"]);
-    let text = String::from_utf8_lossy(&log.stdout);
-    assert!(text.contains("\"outcome\":\"fatal\""), "{text}");
-    assert!(text.contains("\"response\":null"), "{text}");
-    let hash = text
-        .split("\"response_blob\":\"")
-        .nth(1)
-        .and_then(|rest| rest.get(..64))
-        .unwrap_or_else(|| panic!("no response_blob in {text}"));
-    keel.cli_ok(&["audit", "verify"]);
-    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
-    let bytes: Vec<u8> = db
-        .query_row("SELECT bytes FROM blobs WHERE hash = ?1", [hash], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(stored, answer);
+    let log = assert_log_keeps_as_blob(&keel, "deep-err", &answer);
+    assert!(log.contains("\"outcome\":\"fatal\""), "{log}");
 }
