@@ -83,7 +83,9 @@ pub struct Fault {
     pub redirect: Option<String>,
     /// Chat, not streaming: the answer carries a member `keel_sim_nested` of arrays nested
     /// this deep (a provider's answer nesting deeper than a log can hold inside an event).
-    /// With `status` (or `error_code`), the OpenAI-shaped error body carries it instead.
+    /// With an error status (`status`, or one `error_code` implies) on an OpenAI-shaped
+    /// endpoint (chat, streaming or not; embeddings; tools), the error body carries it
+    /// instead. Anthropic-shaped answers and errors ignore it.
     #[serde(default)]
     pub nest: Option<u32>,
 }

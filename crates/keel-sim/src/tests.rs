@@ -155,6 +155,29 @@ async fn error_code_fault_answers_openai_error_body() {
 }
 
 #[tokio::test]
+async fn nest_fault_nests_the_openai_error_body_it_answers_with() {
+    let sim = sim().await;
+    sim.script(
+        "m",
+        vec![Fault {
+            nest: Some(3),
+            ..Fault::status(400)
+        }],
+    );
+    let response = post(&sim, "/chat/completions", &chat_body("m", "hi"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    assert_eq!(
+        error["keel_sim_nested"],
+        serde_json::json!([[[]]]),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn drop_connection_gives_the_client_a_connection_error() {
     let sim = sim().await;
     sim.script("m", vec![Fault::drop_connection()]);
