@@ -87,25 +87,47 @@ impl<'a> Document<'a> {
         matches!(self, Document::Null)
     }
 
-    /// How deeply arrays and objects nest: 0 for a scalar, 1 for `[]` or `{"a":1}`.
-    pub fn depth(&self) -> usize {
-        match self {
-            Document::Array(elements) => {
-                1 + elements.iter().map(Document::depth).max().unwrap_or(0)
-            }
-            Document::Object(members) => {
-                1 + members.iter().map(|(_, v)| v.depth()).max().unwrap_or(0)
-            }
-            Document::Null | Document::Bool(_) | Document::Number(_) | Document::String(_) => 0,
-        }
-    }
-
     /// The canonical JSON text: sorted keys, compact, serde_json's number and string
     /// printing.
     pub fn canonical_text(&self) -> CanonicalText {
         // A document serializes infallibly to text, like a `Value`.
         CanonicalText(serde_json::to_string(self).unwrap_or_default())
     }
+}
+
+/// Whether the JSON `text` nests arrays and objects more than `limit` deep (`[]` and
+/// `{"a":1}` are 1 deep, a scalar 0). Made for text already read as JSON: what is not JSON
+/// gives no useful answer. A repeated key's earlier value counts, so a text may nest deeper
+/// than what it reads as; canonical text (a [`CanonicalText`]) nests exactly as deep. A text with no more brackets than `limit` is only counted (most
+/// are); another is scanned once, its strings skipped, no tree built.
+pub fn nests_deeper_than(text: &[u8], limit: usize) -> bool {
+    if text.iter().filter(|&&b| b == b'[' || b == b'{').count() <= limit {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in text {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The canonical JSON text of a [`Document`]; only a document makes one, so it is always
@@ -428,11 +450,44 @@ mod tests {
             Some(3)
         );
         assert!(document.get("n").is_some_and(Document::is_null));
-        assert_eq!(document.depth(), 2);
-        assert_eq!(Document::parse(b"[[],[[1]],{}]").unwrap().depth(), 3);
-        assert_eq!(Document::parse(b"7").unwrap().depth(), 0);
         assert!(document.get("missing").is_none());
         assert!(Document::parse(b"[1]").unwrap().get("model").is_none());
+    }
+
+    /// How deeply a tree nests: the reading [`nests_deeper_than`] must agree with.
+    fn depth(value: &Value) -> usize {
+        match value {
+            Value::Array(elements) => 1 + elements.iter().map(depth).max().unwrap_or(0),
+            Value::Object(members) => 1 + members.values().map(depth).max().unwrap_or(0),
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => 0,
+        }
+    }
+
+    #[test]
+    fn nesting_is_counted_from_the_text_with_strings_skipped() {
+        let cases: [(&[u8], usize); 6] = [
+            (b"7", 0),
+            (br#"{"a":1}"#, 1),
+            (b"[[],[[1]],{}]", 3),
+            (br#"{"[[[[":"{{{{","b":[{"c":"\"[["}]}"#, 3),
+            (br#"["\\",[["]"]]]"#, 3),
+            (br#"[{"k\"{":[]}]"#, 3),
+        ];
+        for (text, deep) in cases {
+            let text_str = String::from_utf8_lossy(text);
+            assert_eq!(
+                depth(&serde_json::from_slice(text).unwrap()),
+                deep,
+                "{text_str}"
+            );
+            for limit in 0..5 {
+                assert_eq!(
+                    nests_deeper_than(text, limit),
+                    deep > limit,
+                    "{text_str} {limit}"
+                );
+            }
+        }
     }
 
     /// Any JSON value (the floats finite, as JSON's are).
@@ -535,6 +590,13 @@ mod tests {
                 // What is stored reads back as itself: the hash chain's condition.
                 let canonical = canonical.unwrap();
                 prop_assert_eq!(canonical_of_value(canonical.as_bytes()), Ok(canonical.clone()));
+                // The canonical text nests as deep as the tree; a text read into it at least as
+                // deep (a repeated key's earlier value may nest deeper).
+                let deep = depth(&value);
+                for limit in [0, 1, 2, 3, deep.saturating_sub(1), deep] {
+                    prop_assert_eq!(nests_deeper_than(canonical.as_bytes(), limit), deep > limit);
+                    prop_assert!(nests_deeper_than(text, limit) || deep <= limit);
+                }
             }
         }
     }

@@ -192,13 +192,16 @@ pub enum Kept {
 impl Kept {
     /// How `document`, read from `text`, is kept.
     pub fn of(document: &Document<'_>, text: &[u8]) -> Kept {
-        // A document nests no deeper than its text has brackets: most answers have a few,
-        // and are not walked.
-        let brackets = text.iter().filter(|&&b| b == b'[' || b == b'{').count();
-        if brackets > INLINE_DEPTH && document.depth() > INLINE_DEPTH {
+        // The text read nests at least as deep as the answer (a repeated key's earlier value
+        // counts), its canonical text exactly as deep: most answers pass the first look.
+        if !keel_core::canonical::nests_deeper_than(text, INLINE_DEPTH) {
+            return Kept::Text(document.canonical_text());
+        }
+        let canonical = document.canonical_text();
+        if keel_core::canonical::nests_deeper_than(canonical.as_str().as_bytes(), INLINE_DEPTH) {
             Kept::Blob
         } else {
-            Kept::Text(document.canonical_text())
+            Kept::Text(canonical)
         }
     }
 }

@@ -923,15 +923,13 @@ async fn answer(tool: &Tool, mut response: reqwest::Response) -> Result<Value, F
 /// key serde_json reserves for itself is renamed, as the log renames it
 /// ([`keel_store::chain::for_storage`]), so a saved answer reads back as the one given.
 fn tool_json(bytes: &[u8]) -> Option<Value> {
-    fn depth(value: &Value) -> usize {
-        match value {
-            Value::Array(elements) => 1 + elements.iter().map(depth).max().unwrap_or(0),
-            Value::Object(members) => 1 + members.values().map(depth).max().unwrap_or(0),
-            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => 0,
-        }
-    }
     let value: Value = serde_json::from_slice(bytes).ok()?;
-    (depth(&value) <= crate::usage::INLINE_DEPTH).then(|| keel_store::chain::for_storage(value))
+    let limit = crate::usage::INLINE_DEPTH;
+    // The text nests at least as deep as the value (a repeated key's earlier value counts);
+    // only a text past the limit is printed again to tell.
+    let too_deep = keel_core::canonical::nests_deeper_than(bytes, limit)
+        && keel_core::canonical::nests_deeper_than(value.to_string().as_bytes(), limit);
+    (!too_deep).then(|| keel_store::chain::for_storage(value))
 }
 
 /// How a Wasm tool's run ended, as a result or a classified failure (see [`super::wasm`]
