@@ -287,7 +287,9 @@ async fn handle(
     // The SDKs wait for a `Retry-After` of up to a minute; a longer one they replace by
     // their own short backoff, which a budget's window would refuse again.
     let mut long_wait = false;
-    let mut response = match handle_inner(&gw, endpoint, task, request).await {
+    // Boxed: the call's future is some kilobytes, and axum moves the handler's future
+    // (copying it whole) before it is polled; a box moves as a pointer.
+    let mut response = match Box::pin(handle_inner(&gw, endpoint, task, request)).await {
         Ok(response) => response,
         Err(e) => {
             long_wait = e.status == StatusCode::TOO_MANY_REQUESTS
@@ -756,5 +758,28 @@ mod tests {
             assert_eq!(e.param, Some("stream"), "{bad}");
             assert!(e.message.contains("true or false"), "{}", e.message);
         }
+    }
+
+    /// axum moves a handler's future, copying it whole, before polling it; `handle` boxes
+    /// the call's own future (some kilobytes), so each move copies a few hundred bytes.
+    #[test]
+    fn a_handler_future_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "[providers.sim]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+                      [routes.bench]\ntargets = [{ provider = \"sim\", model = \"m\" }]\n";
+        let (gw, _store) = crate::test_gateway(config, &dir);
+        let request = || axum::extract::Request::new(axum::body::Body::empty());
+        let call = handle_inner(&gw, Endpoint::ChatCompletions, None, request());
+        let boxed = handle(Arc::clone(&gw), Endpoint::ChatCompletions, None, request());
+        assert!(
+            std::mem::size_of_val(&call) > 2048,
+            "the call's future is small now ({} bytes): the box may go",
+            std::mem::size_of_val(&call)
+        );
+        assert!(
+            std::mem::size_of_val(&boxed) < 1024,
+            "the handler's future is {} bytes",
+            std::mem::size_of_val(&boxed)
+        );
     }
 }
