@@ -349,7 +349,7 @@ impl Gateway {
             let bytes = serde_json::to_vec(&merged).unwrap_or_default();
             match self
                 .store
-                .save_state(&key, bytes, saved.map(|s| s.version))
+                .save_call_state(&key, bytes, saved.map(|s| s.version))
                 .await
             {
                 Ok(Some(_)) => return true,
@@ -520,12 +520,20 @@ pub(crate) fn test_gateway(
     config: &str,
     dir: &tempfile::TempDir,
 ) -> (Arc<Gateway>, Arc<keel_store::SqliteStore>) {
+    test_gateway_with(config, dir, keel_store::Durability::Relaxed.into())
+}
+
+/// [`test_gateway`] on a store opened with `options`.
+#[cfg(test)]
+pub(crate) fn test_gateway_with(
+    config: &str,
+    dir: &tempfile::TempDir,
+    options: keel_store::WriteOptions,
+) -> (Arc<Gateway>, Arc<keel_store::SqliteStore>) {
     let settings = keel_config::parse(config, "keel.toml", &|_| None).unwrap();
     let tools = tools::Tools::build(&settings.tools, settings.breaker).unwrap();
-    let store = Arc::new(
-        keel_store::SqliteStore::open(&dir.path().join("keel.db"), keel_store::Durability::Relaxed)
-            .unwrap(),
-    );
+    let store =
+        Arc::new(keel_store::SqliteStore::open(&dir.path().join("keel.db"), options).unwrap());
     let gateway = Gateway::build(
         &settings,
         tools,
@@ -535,4 +543,45 @@ pub(crate) fn test_gateway(
     )
     .unwrap();
     (Arc::new(gateway), store)
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_store::{Durability, EventStore, WriteOptions};
+
+    /// A node's share of the budgets sums up model calls, and is saved every second under
+    /// load: with `relaxed` calls it is saved without a disk sync, like the calls' own
+    /// records, so the store's writer does not hold up the calls queued behind it for a
+    /// sync every second. Other state (and, with `fsync` calls, the share) is synced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn budget_shares_are_saved_with_the_calls_durability() {
+        let config = "[providers.sim]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+                      [routes.bench]\ntargets = [{ provider = \"sim\", model = \"m\" }]\n\
+                      [agents.support]\nbudget = { tokens_per_hour = 1000 }\n";
+        let spent = crate::usage::Usage {
+            prompt_tokens: 30,
+            completion_tokens: 12,
+            total_tokens: 42,
+        };
+        for (calls, synced) in [(Durability::Relaxed, 0), (Durability::Fsync, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let options = WriteOptions {
+                call_durability: calls,
+                ..WriteOptions::from(Durability::Fsync)
+            };
+            let (gw, store) = super::test_gateway_with(config, &dir, options);
+            let before = (store.commits(), store.synced_commits());
+            gw.agents
+                .spend("support", None, "sim/m", spent, crate::agents::wall_now());
+            gw.save_budgets().await;
+            let share = store.load_state("budget/support").await.unwrap();
+            let share = String::from_utf8(share.expect("the share was saved").value).unwrap();
+            assert!(share.contains("42"), "{share}");
+            assert_eq!(
+                (store.commits(), store.synced_commits()),
+                (before.0 + 1, before.1 + synced),
+                "calls {calls:?}"
+            );
+        }
+    }
 }

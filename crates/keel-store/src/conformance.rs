@@ -588,6 +588,21 @@ pub async fn state_is_compare_and_set<S: EventStore>(store: &S) -> Outcome {
         store.load_state("other").await?.is_none(),
         "keys are not apart"
     );
+    // State that sums up calls (saved with the calls' durability) is the same state.
+    let v3 = store
+        .save_call_state("k", b"three".to_vec(), Some(2))
+        .await?;
+    ensure!(
+        v3 == Some(3),
+        "a call state's save over version 2 gave {v3:?}"
+    );
+    let stale = store.save_call_state("k", b"old".to_vec(), Some(2)).await?;
+    ensure!(
+        stale.is_none(),
+        "a call state's save over a stale version was accepted"
+    );
+    let read = store.load_state("k").await?.map(|v| (v.value, v.version));
+    ensure!(read == Some((b"three".to_vec(), 3)), "read back {read:?}");
     Ok(())
 }
 

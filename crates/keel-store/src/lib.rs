@@ -335,6 +335,20 @@ pub trait EventStore: Send + Sync + 'static {
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError>;
 
+    /// [`EventStore::save_state`] for state that sums up model calls (a node's share of the
+    /// budgets): durable like the calls' own records ([`WriteOptions::call_durability`]),
+    /// so that with `relaxed` calls, saving it every second does not make the store's
+    /// writer sync the disk, and hold up the calls queued behind it, every second. A store
+    /// without a durability of its own for calls saves it like any state.
+    async fn save_call_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.save_state(key, value, expected).await
+    }
+
     /// Sets the [`Tap`] told of every commit made through this store handle from now on
     /// (with several nodes: this node's commits); `false` if one is already set.
     fn set_tap(&self, tap: Arc<dyn Tap>) -> bool;
@@ -434,6 +448,15 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
         (**self).save_state(key, value, expected).await
+    }
+
+    async fn save_call_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        (**self).save_call_state(key, value, expected).await
     }
 
     fn set_tap(&self, tap: Arc<dyn Tap>) -> bool {

@@ -537,7 +537,16 @@ impl EventStore for PgStore {
         value: Vec<u8>,
         expected: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
-        self.writer.save_state(key, value, expected).await
+        self.writer.save_state(key, value, expected, false).await
+    }
+
+    async fn save_call_state(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.writer.save_state(key, value, expected, true).await
     }
 
     fn set_tap(&self, tap: Arc<dyn crate::Tap>) -> bool {

@@ -198,6 +198,15 @@ fn a_commit_is_synced_when_any_write_in_it_must_be() {
     let d = calls_relaxed().durabilities();
     let call = || writer::Request::Append(Vec::new(), writer::Payloads::default(), reply(), true);
     let plain = || writer::Request::Append(Vec::new(), writer::Payloads::default(), reply(), false);
+    let state = |call: bool| {
+        let write = writer::StateWrite {
+            key: "budget/a".to_owned(),
+            value: Vec::new(),
+            expected: None,
+            call,
+        };
+        writer::Request::State(write, tokio::sync::oneshot::channel().0)
+    };
     assert_eq!(
         writer::commit_durability(&[call(), call()], d),
         Durability::Relaxed
@@ -207,6 +216,16 @@ fn a_commit_is_synced_when_any_write_in_it_must_be() {
         Durability::Fsync
     );
     assert_eq!(writer::commit_durability(&[plain()], d), Durability::Fsync);
+    // State that sums up calls (budget shares) takes the calls' durability; other state
+    // the store's.
+    assert_eq!(
+        writer::commit_durability(&[call(), state(true)], d),
+        Durability::Relaxed
+    );
+    assert_eq!(
+        writer::commit_durability(&[state(true), state(false)], d),
+        Durability::Fsync
+    );
     // Both relaxed: nothing syncs; calls at fsync: a call's commit syncs.
     let relaxed = WriteOptions::from(Durability::Relaxed).durabilities();
     assert_eq!(
@@ -253,11 +272,46 @@ async fn call_records_are_committed_without_a_sync_and_other_writes_with_one() {
     assert_eq!((store.commits(), store.synced_commits()), (22, 1));
     // Every event is there, in one intact chain.
     assert_eq!(store.verify().await.unwrap(), Verify::Intact { events: 22 });
+    // A budget share sums up calls: saved without a sync, like them (the gateway saves one
+    // every second under load); other state is synced.
+    let share = b"[1]".to_vec();
+    let v = store
+        .save_call_state("budget/a", share.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!((store.commits(), store.synced_commits()), (23, 1));
+    assert_eq!(
+        store.load_state("budget/a").await.unwrap().unwrap().value,
+        share
+    );
+    store
+        .save_state("profile/b", Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!((store.commits(), store.synced_commits()), (24, 2));
+    // A stale version is refused as for any state.
+    assert_eq!(
+        store
+            .save_call_state("budget/a", Vec::new(), None)
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .save_call_state("budget/a", Vec::new(), v)
+        .await
+        .unwrap()
+        .unwrap();
 
     // Opened with one durability for everything, every commit is synced.
     let strict = SqliteStore::open(&dir.path().join("strict.db"), Durability::Fsync).unwrap();
     strict.append_call(call(0), Vec::new(), None).await.unwrap();
     assert_eq!((strict.commits(), strict.synced_commits()), (1, 1));
+    strict
+        .save_call_state("budget/a", Vec::new(), None)
+        .await
+        .unwrap();
+    assert_eq!((strict.commits(), strict.synced_commits()), (2, 2));
 }
 
 #[test]
@@ -269,6 +323,7 @@ fn the_writer_waits_only_when_writes_queue_behind_the_first() {
             key: "k".to_owned(),
             value: Vec::new(),
             expected: None,
+            call: false,
         };
         Request::State(write, reply)
     };

@@ -195,16 +195,19 @@ impl WriterHandle {
     }
 
     /// `EventStore::save_state`.
+    /// `EventStore::save_state`, or `save_call_state` when `call`.
     pub(crate) async fn save_state(
         &self,
         key: &str,
         value: Vec<u8>,
         expected: Option<u64>,
+        call: bool,
     ) -> Result<Option<u64>, StoreError> {
         let write = StateWrite {
             key: key.to_owned(),
             value,
             expected,
+            call,
         };
         self.submit(|reply| Request::State(write, reply)).await
     }
@@ -266,7 +269,7 @@ pub(crate) enum Request {
     Task(Box<TaskWrite>, Vec<Prepared>, Reply<Vec<Event>>),
     /// `TaskStore::prune`.
     Prune(PrunePolicy, Reply<PruneReport>),
-    /// `EventStore::save_state`.
+    /// `EventStore::save_state` and `save_call_state`.
     State(StateWrite, Reply<Option<u64>>),
 }
 
@@ -276,6 +279,9 @@ pub(crate) struct StateWrite {
     pub(crate) value: Vec<u8>,
     /// The version the caller read (`None`: it read no value).
     pub(crate) expected: Option<u64>,
+    /// State that sums up model calls (`EventStore::save_call_state`): committed with the
+    /// calls' durability, not the store's.
+    pub(crate) call: bool,
 }
 
 impl Request {
@@ -290,7 +296,10 @@ impl Request {
 
     /// The durability the request must be acknowledged with.
     pub(crate) fn durability(&self, durabilities: Durabilities) -> Durability {
-        let call = matches!(self, Self::Append(.., true));
+        let call = matches!(
+            self,
+            Self::Append(.., true) | Self::State(StateWrite { call: true, .. }, _)
+        );
         durabilities.of(call)
     }
 }
