@@ -194,7 +194,6 @@ impl WriterHandle {
         self.tapped(committed)
     }
 
-    /// `EventStore::save_state`.
     /// `EventStore::save_state`, or `save_call_state` when `call`.
     pub(crate) async fn save_state(
         &self,
