@@ -29,6 +29,10 @@ pub struct ProviderConfig {
     /// Environment variable holding the API key; none for keyless local servers.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// The header the key goes in, as it is (`"api-key"` for Azure OpenAI); unset:
+    /// `Authorization: Bearer KEY`. Only for `kind = "openai"`.
+    #[serde(default)]
+    pub api_key_header: Option<String>,
     /// Extra headers sent with every request.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -62,6 +66,9 @@ pub struct ProviderSettings {
     pub base_url: String,
     /// The API key, read from the environment.
     pub api_key: Option<Secret>,
+    /// The header the key is sent in as it is, lowercase (`api-key` for Azure OpenAI);
+    /// `None`: `Authorization: Bearer KEY`. Set only with a key, for `kind = "openai"`.
+    pub api_key_header: Option<String>,
     /// Extra headers, sorted by name; names are valid HTTP tokens, values have no control
     /// characters.
     pub headers: Vec<(String, String)>,
@@ -106,6 +113,31 @@ impl ProviderConfig {
                 .map(Some),
             None => Some(None),
         };
+        let api_key_header = self.api_key_header.as_deref().and_then(|header| {
+            let key = at.child("api_key_header");
+            let problem = if !is_token(header) {
+                format!("{header:?} is not a valid header name")
+            } else if self.kind == ProviderKind::Anthropic {
+                "kind = \"anthropic\" always sends the key as x-api-key; api_key_header is for \
+                 kind = \"openai\""
+                    .to_owned()
+            } else if self.api_key_env.is_none() {
+                format!(
+                    "{header:?} would carry the key, but there is none: name the variable that \
+                     holds it with api_key_env"
+                )
+            } else if let Some(same) = self
+                .headers
+                .keys()
+                .find(|name| name.eq_ignore_ascii_case(header))
+            {
+                format!("headers.{same:?} would replace the key sent in {header:?}; leave one out")
+            } else {
+                return Some(header.to_ascii_lowercase());
+            };
+            problems.push(key.invalid(problem));
+            None
+        });
         for (header, value) in &self.headers {
             let key = at.child("headers").child(header);
             if !is_token(header) {
@@ -136,6 +168,7 @@ impl ProviderConfig {
                 kind: self.kind,
                 base_url: base_url?,
                 api_key: api_key?,
+                api_key_header,
                 headers: self.headers.into_iter().collect(),
                 query: self.query.into_iter().collect(),
                 prices: self.prices,

@@ -610,6 +610,7 @@ mod tests {
             kind: ProviderKind::OpenAi,
             base_url: "http://x".into(),
             api_key: None,
+            api_key_header: None,
             headers: Vec::new(),
             query: Vec::new(),
             prices: BTreeMap::from([(

@@ -163,13 +163,16 @@ async fn model_call(
 ) -> Result<Response<SimBody>, SimError> {
     let started = std::time::Instant::now();
     let anthropic = endpoint.is_anthropic();
-    // Anthropic's key comes in `x-api-key`; it is recorded where a bearer token would be.
-    let key_header = if anthropic {
-        http::HeaderName::from_static("x-api-key")
+    // Anthropic's key comes in `x-api-key`, and Azure OpenAI's in `api-key`: each is
+    // recorded where a bearer token would be.
+    let authorization = if anthropic {
+        req.headers().get("x-api-key")
     } else {
-        AUTHORIZATION
-    };
-    let authorization = req.headers().get(key_header).cloned();
+        req.headers()
+            .get(AUTHORIZATION)
+            .or_else(|| req.headers().get("api-key"))
+    }
+    .cloned();
     let versioned = req.headers().contains_key("anthropic-version");
     let body = match read_body(req).await {
         Ok(body) => body,

@@ -165,8 +165,9 @@ impl SimHandle {
         self.shared.calls(model)
     }
 
-    /// The `Authorization` header of the last request for `model` (for Anthropic's
-    /// `/v1/messages`, its `x-api-key`), if it had one.
+    /// The `Authorization` header of the last request for `model` (without one, its
+    /// `api-key`, as Azure OpenAI takes a key; for Anthropic's `/v1/messages`, its
+    /// `x-api-key`), if it had one.
     pub fn last_authorization(&self, model: &str) -> Option<String> {
         self.shared.last_authorization(model)
     }

@@ -507,6 +507,15 @@ async fn records_authorization_and_request_body_per_model() {
     );
     assert_eq!(sim.last_request("m"), Some(request));
     assert_eq!(sim.last_request("other"), None);
+    // Azure OpenAI's key header, recorded when no bearer token came.
+    client()
+        .post(format!("{}/chat/completions", sim.base_url()))
+        .header("api-key", "azure-key")
+        .json(&chat_body("m", "hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sim.last_authorization("m").as_deref(), Some("azure-key"));
 }
 
 #[tokio::test]

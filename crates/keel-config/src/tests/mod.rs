@@ -132,6 +132,7 @@ fn design_example_parses_to_expected_settings() {
                 kind: ProviderKind::OpenAi,
                 base_url: "https://api.openai.com/v1".into(),
                 api_key: Some(Secret::new("sk-openai".into())),
+                api_key_header: None,
                 headers: vec![],
                 query: vec![],
                 prices: BTreeMap::new(),
@@ -370,6 +371,54 @@ base_url = "https://api.anthropic.com"
         vec![("api-version".to_owned(), "2024-06-01".to_owned())]
     );
     assert_eq!(s.providers["claude"].kind, ProviderKind::Anthropic);
+}
+
+#[test]
+fn an_azure_provider_sends_its_key_in_the_header_it_names() {
+    let s = settings(
+        r#"
+[providers.azure]
+kind = "openai"
+base_url = "https://x.openai.azure.com/openai/v1"
+api_key_env = "OPENAI_API_KEY"
+api_key_header = "Api-Key"
+
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+"#,
+    );
+    // Header names are case-insensitive; the settings keep the lowercase form.
+    assert_eq!(
+        s.providers["azure"].api_key_header.as_deref(),
+        Some("api-key")
+    );
+    assert_eq!(s.providers["openai"].api_key_header, None);
+}
+
+/// The example file's commented-out Azure provider, uncommented, is a valid provider that
+/// sends its key in `api-key`.
+#[test]
+fn the_example_s_azure_provider_is_valid_when_uncommented() {
+    let block: String = EXAMPLE
+        .lines()
+        .skip_while(|line| *line != "# [providers.azure]")
+        .take_while(|line| line.starts_with("# "))
+        .map(|line| format!("{}\n", &line[2..]))
+        .collect();
+    assert!(block.starts_with("[providers.azure]\n"), "{block}");
+    let env = |name: &str| (name == "AZURE_OPENAI_API_KEY").then(|| "azure-key".to_owned());
+    let settings = match parse(&block, "keel.toml", &env) {
+        Ok(settings) => settings,
+        Err(e) => panic!("{block}\n{e}"),
+    };
+    let azure = &settings.providers["azure"];
+    assert_eq!(azure.api_key_header.as_deref(), Some("api-key"));
+    assert_eq!(
+        azure.query,
+        vec![("api-version".to_owned(), "2024-06-01".to_owned())]
+    );
 }
 
 #[test]

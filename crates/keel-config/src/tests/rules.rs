@@ -220,6 +220,42 @@ headers = { \"x foo\" = \"bar\" }
     );
 }
 
+#[test]
+fn an_api_key_header_needs_a_valid_name_a_key_and_an_openai_kind() {
+    let provider = |kind: &str, rest: &str| {
+        format!("[providers.x]\nkind = \"{kind}\"\nbase_url = \"http://x\"\n{rest}")
+    };
+    assert_eq!(
+        errors(&provider(
+            "openai",
+            "api_key_env = \"OPENAI_API_KEY\"\napi_key_header = \"api key\"\n"
+        )),
+        "keel.toml:5: providers.x.api_key_header: \"api key\" is not a valid header name"
+    );
+    assert_eq!(
+        errors(&provider("openai", "api_key_header = \"api-key\"\n")),
+        "keel.toml:4: providers.x.api_key_header: \"api-key\" would carry the key, but there \
+         is none: name the variable that holds it with api_key_env"
+    );
+    assert_eq!(
+        errors(&provider(
+            "anthropic",
+            "api_key_env = \"OPENAI_API_KEY\"\napi_key_header = \"api-key\"\n"
+        )),
+        "keel.toml:5: providers.x.api_key_header: kind = \"anthropic\" always sends the key as \
+         x-api-key; api_key_header is for kind = \"openai\""
+    );
+    // A header of the provider's own by the same name would replace the key.
+    assert_eq!(
+        errors(&provider(
+            "openai",
+            "api_key_env = \"OPENAI_API_KEY\"\napi_key_header = \"api-key\"\nheaders = { \"Api-Key\" = \"x\" }\n"
+        )),
+        "keel.toml:5: providers.x.api_key_header: headers.\"Api-Key\" would replace the key \
+         sent in \"api-key\"; leave one out"
+    );
+}
+
 // === routes ===
 
 #[test]
@@ -777,8 +813,8 @@ api_key = \"sk-123\"
 "
         ),
         "keel.toml:4: providers.openai.api_key: unknown field `api_key`, expected one of \
-         `kind`, `base_url`, `api_key_env`, `headers`, `query`, `prices`; keel takes no key in \
-         the file: put it in an environment variable and name the variable with api_key_env"
+         `kind`, `base_url`, `api_key_env`, `api_key_header`, `headers`, `query`, `prices`; keel \
+         takes no key in the file: put it in an environment variable and name the variable with api_key_env"
     );
     let text = with_openai(
         "[routes.gpt-4.1]

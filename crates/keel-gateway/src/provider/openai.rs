@@ -9,7 +9,7 @@ use futures::StreamExt;
 use http_body_util::BodyExt;
 use keel_config::ProviderSettings;
 use keel_core::class::ErrorHint;
-use reqwest::header::AUTHORIZATION;
+use reqwest::header::{AUTHORIZATION, HeaderName};
 
 use super::client::{self, Body, ClientSpec, HttpClient, SseParser, error_chain};
 use super::{ChunkStream, Endpoint, Passed, Provider, ProviderReply, ProviderRequest};
@@ -29,8 +29,9 @@ fn url_of(endpoint: Endpoint) -> usize {
 }
 
 impl OpenAiProvider {
-    /// Builds the client: provider headers and the API key (as `Authorization:
-    /// Bearer`) are set once here, marked sensitive so they are never logged.
+    /// Builds the client: provider headers and the API key (as `Authorization: Bearer`,
+    /// or as it is in `api_key_header`) are set once here, marked sensitive so they are
+    /// never logged.
     pub fn try_new(settings: &ProviderSettings, connect: Duration) -> Result<Self, String> {
         let proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
         Self::with_proxies(settings, connect, &proxies)
@@ -48,10 +49,20 @@ impl OpenAiProvider {
                 Endpoint::ChatCompletions.path(),
                 Endpoint::Embeddings.path(),
             ],
-            key: settings
-                .api_key
-                .as_ref()
-                .map(|key| (AUTHORIZATION, format!("Bearer {}", key.expose()))),
+            key: match (&settings.api_key, &settings.api_key_header) {
+                (None, _) => None,
+                (Some(key), None) => Some((AUTHORIZATION, format!("Bearer {}", key.expose()))),
+                // Azure OpenAI's `api-key`, or another API's own header: the key as it is.
+                (Some(key), Some(header)) => Some((
+                    HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+                        format!(
+                            "providers.{}.api_key_header: {header:?} is not a header name",
+                            settings.name
+                        )
+                    })?,
+                    key.expose().to_owned(),
+                )),
+            },
             fixed: &[],
         };
         let client = HttpClient::try_new(settings, connect, proxies, &spec)?;
@@ -269,6 +280,7 @@ mod tests {
             kind: keel_config::ProviderKind::OpenAi,
             base_url: base_url.to_owned(),
             api_key: api_key.map(|k| keel_config::Secret::new(k.to_owned())),
+            api_key_header: None,
             headers: vec![("x-team".to_owned(), "blue".to_owned())],
             query: vec![("key".to_owned(), "query-secret".to_owned())],
             prices: std::collections::BTreeMap::new(),
@@ -369,6 +381,31 @@ mod tests {
             Err(other) => panic!("not a status error: {other:?}"),
             Ok(_) => panic!("the 503 was not reported"),
         }
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_key_header_carries_the_key_as_it_is_and_no_bearer_token_goes() {
+        let sim = keel_sim::SimServer::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let azure = ProviderSettings {
+            api_key_header: Some("api-key".to_owned()),
+            ..settings(&sim.base_url(), Some("azure-key-1"))
+        };
+        let provider =
+            OpenAiProvider::with_proxies(&azure, Duration::from_secs(2), &no_proxies()).unwrap();
+        let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(matches!(
+            provider.send(chat(body)).await,
+            Ok(ProviderReply::Json(..))
+        ));
+        // The simulator records `Authorization` first and `api-key` only without one: the
+        // bare key here says that no bearer token was sent.
+        assert_eq!(
+            sim.last_authorization("sim-model").as_deref(),
+            Some("azure-key-1")
+        );
         sim.shutdown().await;
     }
 

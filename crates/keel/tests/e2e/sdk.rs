@@ -62,6 +62,28 @@ async fn events_only_calls_keep_the_answering_model_and_finish_reasons() {
     );
 }
 
+/// A provider that takes its key in a header of its own (Azure OpenAI's `api-key`) gets the
+/// key there, as it is, and no bearer token; the agent's call is answered as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_with_api_key_header_gets_the_key_in_that_header() {
+    let key_line = "api_key_env = \"KEEL_TEST_PROVIDER_KEY\"\n";
+    assert!(TWO_TARGETS.contains(key_line));
+    let config = TWO_TARGETS.replace(
+        key_line,
+        &format!("{key_line}api_key_header = \"api-key\"\n"),
+    );
+    let sim = sim().await;
+    let keel = Keel::start(&config, &sim).await;
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/primary", "{out}");
+    // The simulator records a bearer token first and `api-key` only without one.
+    assert_eq!(
+        sim.last_authorization("primary").as_deref(),
+        Some(PROVIDER_KEY)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_call_passes_through_and_is_recorded() {
     let sim = sim().await;

@@ -19,6 +19,7 @@ fn provider(sim: &keel_sim::SimHandle) -> AnthropicProvider {
         kind: keel_config::ProviderKind::Anthropic,
         base_url: sim.base_url(),
         api_key: Some(keel_config::Secret::new("sk-ant-direct".to_owned())),
+        api_key_header: None,
         headers: Vec::new(),
         query: Vec::new(),
         prices: std::collections::BTreeMap::new(),
