@@ -44,6 +44,17 @@ impl RawObject {
             .map(|(_, v)| v.as_ref())
     }
 
+    /// A copy without member `key`.
+    pub fn without_member(&self, key: &str) -> Self {
+        Self(
+            self.0
+                .iter()
+                .filter(|(k, _)| k != key)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
     /// The body as JSON with `model` set to `model` (added if absent).
     pub fn with_model(&self, model: &str) -> Bytes {
         let size: usize = self
@@ -167,6 +178,20 @@ mod tests {
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"gpt-5","messages":[{"role":"user","content":"hi \u00e9"}],"x":{"a":1.50}}"#
         );
+    }
+
+    #[test]
+    fn a_member_is_left_out_and_the_rest_kept_in_order() {
+        let body = RawObject::parse(
+            br#"{"model":"m","stream_options":{"include_usage":true},"stream":true}"#,
+        )
+        .unwrap();
+        let without = body.without_member("stream_options");
+        assert_eq!(
+            &without.with_model("x")[..],
+            br#"{"model":"x","stream":true}"#
+        );
+        assert!(body.get("stream_options").is_some());
     }
 
     #[test]

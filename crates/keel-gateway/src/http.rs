@@ -401,6 +401,17 @@ async fn handle_inner(
     } else {
         None
     };
+    let recorded = if gw.record_payloads {
+        payload::request(&parsed.body)
+    } else {
+        payload::Recorded::default()
+    };
+    // A stream reports its tokens only when asked to; keel asks (budgets and metrics
+    // need them) and keeps the extra usage chunk from a client that did not.
+    let client_stream_options = parsed.body.get("stream_options").is_some();
+    let hide_usage = parsed.stream
+        && endpoint == Endpoint::ChatCompletions
+        && parsed.body.ask_for_stream_usage();
     let executor = Executor {
         route,
         metrics: &gw.metrics,
@@ -412,17 +423,9 @@ async fn handle_inner(
         output: output.as_ref(),
         keep_text: gw.record_payloads,
         task_deadline,
+        // Only a member wholly keel's is left out again for a target that refuses it.
+        asked_stream_usage: hide_usage && !client_stream_options,
     };
-    let recorded = if gw.record_payloads {
-        payload::request(&parsed.body)
-    } else {
-        payload::Recorded::default()
-    };
-    // A stream reports its tokens only when asked to; keel asks (budgets and metrics
-    // need them) and keeps the extra usage chunk from a client that did not.
-    let hide_usage = parsed.stream
-        && endpoint == Endpoint::ChatCompletions
-        && parsed.body.ask_for_stream_usage();
     let mut guard = CallGuard {
         gw: Arc::clone(gw),
         route: route.name.clone(),

@@ -181,6 +181,7 @@ impl Gateway {
                             outcome: "ok".into(),
                         })
                         .clone(),
+                    refuses_stream_options: std::sync::atomic::AtomicBool::new(false),
                 }));
             }
             routes.insert(name.clone(), Route::new(r, chain, &metrics));

@@ -55,6 +55,10 @@ pub struct Target {
     pub breaker: Arc<Mutex<Breaker>>,
     /// `keel_attempts_total{target,outcome="ok"}`, resolved once.
     pub(crate) attempts_ok: prometheus_client::metrics::counter::Counter,
+    /// Set once the target refused the `stream_options` keel adds to a stream (Azure
+    /// OpenAI before api-version 2024-10-21, servers that refuse unknown members): keel's
+    /// later streams to it go without, as the client sent them.
+    pub(crate) refuses_stream_options: AtomicBool,
 }
 
 impl Target {
@@ -280,6 +284,9 @@ pub struct Executor<'a> {
     /// The deadline of the task the call belongs to: the call's total deadline is the
     /// tighter of it and `timeouts.total`.
     pub task_deadline: Option<Instant>,
+    /// keel added `stream_options.include_usage` to this stream's body (the client had not
+    /// asked): a target that refuses the member gets the body again without it.
+    pub asked_stream_usage: bool,
 }
 
 /// Most events of a stream held back while they say nothing (see [`says_nothing_yet`]).
@@ -357,14 +364,21 @@ impl Executor<'_> {
                 );
             }
             previous = Some(target);
-            let request_body = body.with_model(&target.model);
+            let request_body = if self.asked_stream_usage
+                && target.refuses_stream_options.load(Ordering::Relaxed)
+            {
+                body.without_member("stream_options")
+                    .with_model(&target.model)
+            } else {
+                body.with_model(&target.model)
+            };
             let request = ProviderRequest {
                 endpoint,
                 body: request_body,
                 stream,
                 target: target.id.clone(),
             };
-            match self.try_target(target, request, deadline, log).await {
+            match self.try_target(target, request, body, deadline, log).await {
                 TargetResult::Answered(answer) => {
                     match self
                         .checked(target, endpoint, body, answer, deadline, log)
@@ -472,7 +486,8 @@ impl Executor<'_> {
             target: target.id.clone(),
         };
         let failed = |detail: String| UpstreamError::malformed(target.id.as_str(), detail);
-        match self.try_target(target, request, deadline, log).await {
+        // Not a stream: `body` is never sent again as it is here.
+        match self.try_target(target, request, body, deadline, log).await {
             TargetResult::Answered(answer) => match check.check(&answer.body) {
                 // Both answers were paid for.
                 Ok(()) => Ok(JsonReply {
@@ -507,15 +522,19 @@ impl Executor<'_> {
     async fn try_target(
         &self,
         target: &Arc<Target>,
-        request: ProviderRequest,
+        mut request: ProviderRequest,
+        body: &RawObject,
         deadline: Instant,
         log: &mut CallLog,
     ) -> TargetResult {
         let route = self.route;
         let mut backoff = Backoff::new(route.retry.base, route.retry.cap, route.retry.jitter);
-        let max_attempts = route.retry.max_attempts.get();
+        let mut max_attempts = route.retry.max_attempts.get();
         let mut last = None;
-        for attempt in 0..max_attempts {
+        let mut attempt = 0;
+        while attempt < max_attempts {
+            attempt += 1;
+            let attempt = attempt - 1;
             let (permit, logged) = {
                 let mut breaker = target.breaker.lock();
                 let permit = breaker.try_acquire(self.clock.now());
@@ -625,6 +644,20 @@ impl Executor<'_> {
                 && let Some(data) = failed.as_object_mut()
             {
                 data.insert("injected".into(), fault.kind().as_str().into());
+            }
+            if self.refused_stream_options(target, &request.body, &error) {
+                // Sent again at once without the member, as the client sent the body; the
+                // resend does not take one of the route's retries.
+                if let Some(data) = failed.as_object_mut() {
+                    data.insert("resent".into(), "without stream_options".into());
+                }
+                log.push(EventKind::LlmAttemptFailed, failed);
+                request.body = body
+                    .without_member("stream_options")
+                    .with_model(&target.model);
+                max_attempts += 1;
+                last = Some(error);
+                continue;
             }
             log.push(EventKind::LlmAttemptFailed, failed);
             match class {
@@ -866,6 +899,26 @@ impl Executor<'_> {
             return retry_after_delay(*after, retry.cap);
         }
         backoff.delay(attempt, &mut rand::rng())
+    }
+
+    /// Whether `error` is `target` refusing the `stream_options` keel added to the body it
+    /// was `sent`: a 400 or 422 naming the member, as Azure OpenAI before api-version
+    /// 2024-10-21 and servers that refuse unknown members answer. If so, the target is
+    /// marked, so that keel's later streams to it go without.
+    fn refused_stream_options(&self, target: &Target, sent: &[u8], error: &UpstreamError) -> bool {
+        const MEMBER: &[u8] = b"stream_options";
+        let names = |text: &[u8]| text.windows(MEMBER.len()).any(|w| w == MEMBER);
+        let refused = self.asked_stream_usage
+            && names(sent)
+            && matches!(error, UpstreamError::Status { status, body, .. }
+                if matches!(status.as_u16(), 400 | 422) && names(body));
+        if refused && !target.refuses_stream_options.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target = %target.id,
+                "the provider refuses stream_options; keel's streams to it go without, so their tokens are not counted"
+            );
+        }
+        refused
     }
 
     /// Counts and queues `transitions` (call it with the breaker's lock held, see

@@ -173,6 +173,7 @@ mod tests {
                     outcome: "ok".into(),
                 })
                 .clone(),
+            refuses_stream_options: std::sync::atomic::AtomicBool::new(false),
         });
         for _ in 0..2 {
             let mut breaker = target.breaker.lock();

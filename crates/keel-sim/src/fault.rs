@@ -88,6 +88,11 @@ pub struct Fault {
     /// instead. Anthropic-shaped answers and errors ignore it.
     #[serde(default)]
     pub nest: Option<u32>,
+    /// The error body's `error.message` on an OpenAI-shaped endpoint, for a provider's own
+    /// wording (`"Unrecognized request argument supplied: stream_options"`); by default the
+    /// message OpenAI gives for `error_code`, or one naming the status.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 // === impl Fault ===

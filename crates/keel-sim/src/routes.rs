@@ -303,7 +303,7 @@ async fn apply_fault(
             let body = messages::error_body(status, code, model);
             return Some(Ok(json_response(status, body)));
         }
-        let (status, body) = fault_error(status, code, model);
+        let (status, body) = fault_error(status, code, fault.message.as_deref(), model);
         let body = match fault.nest {
             Some(depth) => nested(&body, depth),
             None => body,
@@ -626,9 +626,30 @@ fn invalid_request(message: &str) -> Response<SimBody> {
 }
 
 /// The error a fault asks for, worded as OpenAI words it: its status and body.
-fn fault_error(status: u16, code: Option<&str>, model: &str) -> (StatusCode, Bytes) {
+fn fault_error(
+    status: u16,
+    code: Option<&str>,
+    message: Option<&str>,
+    model: &str,
+) -> (StatusCode, Bytes) {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let message = match code {
+    let message = match (message, code) {
+        (Some(message), _) => message.to_owned(),
+        (None, code) => fault_message(status, code, model),
+    };
+    let kind = match (status.as_u16(), code) {
+        (429, Some("insufficient_quota")) => "insufficient_quota",
+        (429, _) => "requests",
+        (403, _) => "permission_error",
+        (500..=599, _) => "server_error",
+        _ => "invalid_request_error",
+    };
+    (status, error_body(&message, kind, code))
+}
+
+/// How OpenAI words the error `code` (or, for another, the `status`) from `model`.
+fn fault_message(status: StatusCode, code: Option<&str>, model: &str) -> String {
+    match code {
         Some("model_not_found") => {
             format!("The model `{model}` does not exist or you do not have access to it.")
         }
@@ -644,15 +665,7 @@ fn fault_error(status: u16, code: Option<&str>, model: &str) -> (StatusCode, Byt
             status.as_u16(),
             status.canonical_reason().unwrap_or("error")
         ),
-    };
-    let kind = match (status.as_u16(), code) {
-        (429, Some("insufficient_quota")) => "insufficient_quota",
-        (429, _) => "requests",
-        (403, _) => "permission_error",
-        (500..=599, _) => "server_error",
-        _ => "invalid_request_error",
-    };
-    (status, error_body(&message, kind, code))
+    }
 }
 
 fn unix_now() -> u64 {

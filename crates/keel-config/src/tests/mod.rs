@@ -417,7 +417,7 @@ fn the_example_s_azure_provider_is_valid_when_uncommented() {
     assert_eq!(azure.api_key_header.as_deref(), Some("api-key"));
     assert_eq!(
         azure.query,
-        vec![("api-version".to_owned(), "2024-06-01".to_owned())]
+        vec![("api-version".to_owned(), "2024-10-21".to_owned())]
     );
 }
 

@@ -62,6 +62,65 @@ async fn events_only_calls_keep_the_answering_model_and_finish_reasons() {
     );
 }
 
+/// A model server that refuses `stream_options` (Azure OpenAI before api-version
+/// 2024-10-21; servers that refuse unknown members).
+struct RefusesStreamOptions;
+
+impl keel_sim::Injector for RefusesStreamOptions {
+    fn fault_for(&self, _model: &str, request: &serde_json::Value) -> Option<Fault> {
+        request.get("stream_options").map(|_| Fault {
+            status: Some(400),
+            message: Some("Unrecognized request argument supplied: stream_options".to_owned()),
+            ..Fault::default()
+        })
+    }
+}
+
+/// keel asks every stream for its usage (`stream_options.include_usage`); a provider that
+/// refuses the member gets the stream again without it, at once, and keel remembers: the
+/// agent's stream works as it would straight to the provider. A client that sent
+/// `stream_options` itself gets the provider's refusal, as it would without keel.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_that_refuses_stream_options_still_streams() {
+    let sim = sim().await;
+    sim.set_injector(Some(std::sync::Arc::new(RefusesStreamOptions)));
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let out = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["finish_reason"], "stop", "{out}");
+    assert!(!out["content"].as_str().unwrap().is_empty(), "{out}");
+    assert_eq!(out["headers"]["x-keel-target"], "sim/primary", "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    assert_eq!(sim.calls("primary"), 2);
+    assert!(
+        sim.last_request("primary")
+            .unwrap()
+            .get("stream_options")
+            .is_none()
+    );
+    let failed = keel.events_of("llm_attempt_failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["status"], 400, "{failed:?}");
+    assert_eq!(failed[0]["resent"], "without stream_options", "{failed:?}");
+    // The next stream goes without at once.
+    let again = sdk("stream", &keel.base_url(), &[]).await;
+    assert_eq!(again["ok"], true, "{again}");
+    assert_eq!(again["headers"]["x-keel-attempts"], "1", "{again}");
+    assert_eq!(sim.calls("primary"), 3);
+    assert_eq!(keel.events_of("llm_attempt_failed").len(), 1);
+    assert_eq!(keel.events_of("llm_call").len(), 2);
+    // The client's own stream_options are its own: the refusal comes back to it.
+    let body = serde_json::json!({"model": "smart", "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}]});
+    let refused = raw_chat(&keel, None, &body).await;
+    assert!(
+        refused.contains("Unrecognized request argument supplied: stream_options"),
+        "{refused}"
+    );
+    assert_eq!(sim.calls("primary"), 4);
+}
+
 /// A provider that takes its key in a header of its own (Azure OpenAI's `api-key`) gets the
 /// key there, as it is, and no bearer token; the agent's call is answered as usual.
 #[tokio::test(flavor = "multi_thread")]
