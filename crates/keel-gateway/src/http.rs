@@ -408,7 +408,7 @@ async fn handle_inner(
     };
     // A stream reports its tokens only when asked to; keel asks (budgets and metrics
     // need them) and keeps the extra usage chunk from a client that did not.
-    let client_stream_options = parsed.body.get("stream_options").is_some();
+    let client_stream_options = parsed.stream && parsed.body.get("stream_options").is_some();
     let hide_usage = parsed.stream
         && endpoint == Endpoint::ChatCompletions
         && parsed.body.ask_for_stream_usage();
