@@ -117,6 +117,11 @@ impl ProviderConfig {
             let key = at.child("api_key_header");
             let problem = if !is_token(header) {
                 format!("{header:?} is not a valid header name")
+            } else if HTTP_OWN.iter().any(|own| own.eq_ignore_ascii_case(header)) {
+                format!(
+                    "{header:?} belongs to HTTP itself, not to a key; name the header the \
+                     provider reads its key from, such as \"api-key\""
+                )
             } else if self.kind == ProviderKind::Anthropic {
                 "kind = \"anthropic\" always sends the key as x-api-key; api_key_header is for \
                  kind = \"openai\""
@@ -190,6 +195,18 @@ pub(crate) fn check_http_url(url: &str, at: &KeyPath) -> Result<String, Invalid>
         Err(e) => Err(at.invalid(format!("{url:?} is not a valid URL ({e}); {LIKE}"))),
     }
 }
+
+/// Headers HTTP and keel's client set themselves, which cannot carry a key.
+const HTTP_OWN: [&str; 8] = [
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "keep-alive",
+];
 
 /// RFC 9110 token: the characters allowed in a header name.
 fn is_token(name: &str) -> bool {

@@ -364,9 +364,10 @@ impl Executor<'_> {
                 );
             }
             previous = Some(target);
-            let request_body = if self.asked_stream_usage
-                && target.refuses_stream_options.load(Ordering::Relaxed)
-            {
+            // keel's `stream_options`, unless this target refused it before.
+            let with_member =
+                self.asked_stream_usage && !target.refuses_stream_options.load(Ordering::Relaxed);
+            let request_body = if self.asked_stream_usage && !with_member {
                 body.without_member("stream_options")
                     .with_model(&target.model)
             } else {
@@ -378,7 +379,10 @@ impl Executor<'_> {
                 stream,
                 target: target.id.clone(),
             };
-            match self.try_target(target, request, body, deadline, log).await {
+            match self
+                .try_target(target, request, (body, with_member), deadline, log)
+                .await
+            {
                 TargetResult::Answered(answer) => {
                     match self
                         .checked(target, endpoint, body, answer, deadline, log)
@@ -486,8 +490,11 @@ impl Executor<'_> {
             target: target.id.clone(),
         };
         let failed = |detail: String| UpstreamError::malformed(target.id.as_str(), detail);
-        // Not a stream: `body` is never sent again as it is here.
-        match self.try_target(target, request, body, deadline, log).await {
+        // Not a stream: no `stream_options` of keel's to leave out.
+        match self
+            .try_target(target, request, (body, false), deadline, log)
+            .await
+        {
             TargetResult::Answered(answer) => match check.check(&answer.body) {
                 // Both answers were paid for.
                 Ok(()) => Ok(JsonReply {
@@ -523,7 +530,7 @@ impl Executor<'_> {
         &self,
         target: &Arc<Target>,
         mut request: ProviderRequest,
-        body: &RawObject,
+        (body, mut with_member): (&RawObject, bool),
         deadline: Instant,
         log: &mut CallLog,
     ) -> TargetResult {
@@ -531,7 +538,12 @@ impl Executor<'_> {
         let mut backoff = Backoff::new(route.retry.base, route.retry.cap, route.retry.jitter);
         let mut max_attempts = route.retry.max_attempts.get();
         let mut last = None;
+        // Attempts made, and those of them that were resends without keel's `stream_options`
+        // (which take none of the route's retries, nor a step of its backoff).
         let mut attempt = 0;
+        let mut resends = 0;
+        // A resend's outcome decides whether the target is marked as refusing the member.
+        let mut resent = false;
         while attempt < max_attempts {
             attempt += 1;
             let attempt = attempt - 1;
@@ -578,6 +590,9 @@ impl Executor<'_> {
                     fault.zip(tripped.as_ref()),
                 )
                 .await;
+            if std::mem::take(&mut resent) {
+                self.settle_resend(target, &result);
+            }
             let Some(permit) = permit.permit.take() else {
                 return TargetResult::OutOfTime(last);
             };
@@ -645,9 +660,9 @@ impl Executor<'_> {
             {
                 data.insert("injected".into(), fault.kind().as_str().into());
             }
-            if self.refused_stream_options(target, &request.body, &error) {
-                // Sent again at once without the member, as the client sent the body; the
-                // resend does not take one of the route's retries.
+            if with_member && names_stream_options(&error) {
+                // Sent again at once without keel's member, as the client sent the body; the
+                // refusal is keel's own, so it is not kept as the target's last error.
                 if let Some(data) = failed.as_object_mut() {
                     data.insert("resent".into(), "without stream_options".into());
                 }
@@ -655,8 +670,10 @@ impl Executor<'_> {
                 request.body = body
                     .without_member("stream_options")
                     .with_model(&target.model);
+                with_member = false;
+                resent = true;
+                resends += 1;
                 max_attempts += 1;
-                last = Some(error);
                 continue;
             }
             log.push(EventKind::LlmAttemptFailed, failed);
@@ -668,7 +685,7 @@ impl Executor<'_> {
             if attempt + 1 >= max_attempts {
                 return TargetResult::Next(Some(error));
             }
-            let delay = self.retry_delay(&mut backoff, attempt, &error);
+            let delay = self.retry_delay(&mut backoff, attempt - resends, &error);
             if Instant::now() + delay >= deadline {
                 // This target's wait does not fit the time left; the next one may.
                 return TargetResult::Next(Some(error));
@@ -901,24 +918,19 @@ impl Executor<'_> {
         backoff.delay(attempt, &mut rand::rng())
     }
 
-    /// Whether `error` is `target` refusing the `stream_options` keel added to the body it
-    /// was `sent`: a 400 or 422 naming the member, as Azure OpenAI before api-version
-    /// 2024-10-21 and servers that refuse unknown members answer. If so, the target is
-    /// marked, so that keel's later streams to it go without.
-    fn refused_stream_options(&self, target: &Target, sent: &[u8], error: &UpstreamError) -> bool {
-        const MEMBER: &[u8] = b"stream_options";
-        let names = |text: &[u8]| text.windows(MEMBER.len()).any(|w| w == MEMBER);
-        let refused = self.asked_stream_usage
-            && names(sent)
-            && matches!(error, UpstreamError::Status { status, body, .. }
-                if matches!(status.as_u16(), 400 | 422) && names(body));
-        if refused && !target.refuses_stream_options.swap(true, Ordering::Relaxed) {
+    /// After a resend without keel's `stream_options`: unless the target refused the member
+    /// again (then it was not the member it refused: a body that names it in its text,
+    /// echoed back), marks the target so that keel's later streams to it go without.
+    fn settle_resend(&self, target: &Target, result: &Result<Reply, UpstreamError>) {
+        if matches!(result, Err(error) if names_stream_options(error)) {
+            return;
+        }
+        if !target.refuses_stream_options.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target = %target.id,
                 "the provider refuses stream_options; keel's streams to it go without, so their tokens are not counted"
             );
         }
-        refused
     }
 
     /// Counts and queues `transitions` (call it with the breaker's lock held, see
@@ -1042,6 +1054,16 @@ fn read_json(
         },
         passed: Passed::default(),
     })
+}
+
+/// Whether `error` refuses `stream_options`: a 400 or 422 that names the member, as Azure
+/// OpenAI before api-version 2024-10-21 and servers that refuse members they do not know
+/// answer a stream that carries it.
+fn names_stream_options(error: &UpstreamError) -> bool {
+    const MEMBER: &[u8] = b"stream_options";
+    matches!(error, UpstreamError::Status { status, body, .. }
+        if matches!(status.as_u16(), 400 | 422)
+            && body.windows(MEMBER.len()).any(|w| w == MEMBER))
 }
 
 #[cfg(test)]

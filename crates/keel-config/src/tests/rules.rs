@@ -233,6 +233,14 @@ fn an_api_key_header_needs_a_valid_name_a_key_and_an_openai_kind() {
         "keel.toml:5: providers.x.api_key_header: \"api key\" is not a valid header name"
     );
     assert_eq!(
+        errors(&provider(
+            "openai",
+            "api_key_env = \"OPENAI_API_KEY\"\napi_key_header = \"Content-Type\"\n"
+        )),
+        "keel.toml:5: providers.x.api_key_header: \"Content-Type\" belongs to HTTP itself, not \
+         to a key; name the header the provider reads its key from, such as \"api-key\""
+    );
+    assert_eq!(
         errors(&provider("openai", "api_key_header = \"api-key\"\n")),
         "keel.toml:4: providers.x.api_key_header: \"api-key\" would carry the key, but there \
          is none: name the variable that holds it with api_key_env"

@@ -68,6 +68,12 @@ enum Transport {
 // === impl HttpClient ===
 
 impl HttpClient {
+    /// The headers every request carries.
+    #[cfg(test)]
+    pub(super) fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
     /// Builds the client for `settings` with the connect timeout `connect`, through the
     /// proxies `proxies` names. Errors name the provider's key at fault.
     pub(super) fn try_new(

@@ -395,6 +395,10 @@ mod tests {
         };
         let provider =
             OpenAiProvider::with_proxies(&azure, Duration::from_secs(2), &no_proxies()).unwrap();
+        let headers = provider.client.headers();
+        assert_eq!(headers["api-key"], "azure-key-1");
+        assert!(headers["api-key"].is_sensitive());
+        assert!(!headers.contains_key(AUTHORIZATION), "{headers:?}");
         let body = r#"{"model":"sim-model","messages":[{"role":"user","content":"hi"}]}"#;
         assert!(matches!(
             provider.send(chat(body)).await,

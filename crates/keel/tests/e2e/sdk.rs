@@ -121,6 +121,45 @@ async fn a_provider_that_refuses_stream_options_still_streams() {
     assert_eq!(sim.calls("primary"), 4);
 }
 
+/// A model server that refuses any request whose text names `stream_options` (so also a
+/// prompt about it: an error that echoes the request, as validation errors can).
+struct RefusesTheWord;
+
+impl keel_sim::Injector for RefusesTheWord {
+    fn fault_for(&self, _model: &str, request: &serde_json::Value) -> Option<Fault> {
+        request
+            .to_string()
+            .contains("stream_options")
+            .then(|| Fault {
+                status: Some(422),
+                message: Some(format!("unexpected input: {request}")),
+                ..Fault::default()
+            })
+    }
+}
+
+/// keel leaves its `stream_options` out once and no more: when the resend is refused too
+/// (the client's own text names the member), the refusal goes to the client, and the target
+/// is not marked, since leaving the member out did not help.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_that_is_not_about_keel_s_member_is_resent_once_and_passed_on() {
+    let sim = sim().await;
+    sim.set_injector(Some(std::sync::Arc::new(RefusesTheWord)));
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let refused = raw_stream(&keel, None, "what does stream_options do?").await;
+    assert!(refused.contains("unexpected input"), "{refused}");
+    assert_eq!(sim.calls("primary"), 2);
+    assert_eq!(sim.calls("secondary"), 0);
+    // Not marked: the next stream carries keel's member again, is refused for it, and
+    // goes through without it.
+    let streamed = raw_stream(&keel, None, "hello").await;
+    assert!(streamed.contains("[DONE]"), "{streamed}");
+    assert_eq!(sim.calls("primary"), 4);
+    let failed = keel.events_of("llm_attempt_failed");
+    let resent = failed.iter().filter(|e| e["resent"].is_string()).count();
+    assert_eq!((failed.len(), resent), (3, 2), "{failed:?}");
+}
+
 /// A provider that takes its key in a header of its own (Azure OpenAI's `api-key`) gets the
 /// key there, as it is, and no bearer token; the agent's call is answered as usual.
 #[tokio::test(flavor = "multi_thread")]
