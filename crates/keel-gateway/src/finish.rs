@@ -625,12 +625,16 @@ fn target_of(error: &UpstreamError) -> String {
     }
 }
 
-/// `data` as one server-sent event.
+/// `data` as one server-sent event: a `data:` line for each of its lines (an upstream's
+/// event may have come in several, which the parser joined with `\n`).
 pub(crate) fn sse_frame(data: &[u8]) -> Bytes {
     let mut frame = Vec::with_capacity(data.len() + 8);
-    frame.extend_from_slice(b"data: ");
-    frame.extend_from_slice(data);
-    frame.extend_from_slice(b"\n\n");
+    for line in data.split(|b| *b == b'\n') {
+        frame.extend_from_slice(b"data: ");
+        frame.extend_from_slice(line);
+        frame.push(b'\n');
+    }
+    frame.push(b'\n');
     Bytes::from(frame)
 }
 

@@ -379,6 +379,23 @@ mod tests {
     }
 
     #[test]
+    fn an_event_is_sent_on_as_the_data_it_came_with() {
+        // One line, as nearly every provider sends: byte for byte as before.
+        assert_eq!(
+            &crate::finish::sse_frame(b"{\"a\":1}")[..],
+            b"data: {\"a\":1}\n\n"
+        );
+        // Several lines (valid SSE, joined with `\n` by the parser): a `data:` line each, so
+        // the client's parser joins them back into the same JSON.
+        let joined = b"{\"a\":\n1}";
+        let frame = crate::finish::sse_frame(joined);
+        assert_eq!(&frame[..], b"data: {\"a\":\ndata: 1}\n\n");
+        let mut p = SseParser::default();
+        p.push(&frame);
+        assert_eq!(&p.next_data().unwrap()[..], joined);
+    }
+
+    #[test]
     fn sse_parser_handles_crlf_multiline_and_event_names() {
         let mut p = SseParser::default();
         p.push(b"data: one\r\ndata: two\r\n\r\nevent: ping\ndata: {\"type\":\"ping\"}\n\n");
