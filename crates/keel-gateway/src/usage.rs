@@ -5,18 +5,57 @@ use keel_core::{CanonicalText, Document};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// Token counts from an OpenAI `usage` object.
+/// Token counts from an OpenAI `usage` object. A count may also be written as a float
+/// without a fraction (`12.0`), and `null` reads as 0 (a count the provider did not make),
+/// as the OpenAI SDKs take them; a negative or fractional count is not a count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct Usage {
     /// Tokens of the prompt.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     pub prompt_tokens: u64,
     /// Tokens generated.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     pub completion_tokens: u64,
     /// Their sum, as the provider counted it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     pub total_tokens: u64,
+}
+
+/// One token count of a [`Usage`].
+fn count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct Count;
+    impl Visitor<'_> for Count {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a token count")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<u64, E> {
+            // Exactly an integer in u64's range: `as` cannot round or saturate it.
+            if n.fract() == 0.0 && (0.0..1.8e19).contains(&n) {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "checked just above: a whole number in range"
+                )]
+                Ok(n as u64)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(n), &self))
+            }
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<u64, E> {
+            Ok(0)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<u64, E> {
+            Ok(0)
+        }
+    }
+    deserializer.deserialize_any(Count)
 }
 
 impl Usage {
@@ -617,6 +656,41 @@ mod tests {
             }
         }
         assert!(read_recorded(br#"{"choices":[1,"#).is_err());
+    }
+
+    #[test]
+    fn a_count_may_be_null_or_a_whole_float_but_not_a_fraction_or_negative() {
+        let every_reading = |text: &str| {
+            let tree: serde_json::Value = serde_json::from_str(text).unwrap();
+            [
+                usage_of(text.as_bytes()).map_err(|e| e.to_string()),
+                usage_in(&tree).map_err(|e| e.to_string()),
+                read_answer(text.as_bytes())
+                    .map(|(usage, _)| usage)
+                    .map_err(|e| e.to_string()),
+                read_recorded(text.as_bytes())
+                    .map(|(usage, ..)| usage)
+                    .map_err(|e| e.to_string()),
+            ]
+        };
+        let counted = Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 0,
+            total_tokens: 12,
+        });
+        let text = r#"{"choices":[{}],"usage":{"prompt_tokens":12.0,"completion_tokens":null,"total_tokens":12}}"#;
+        for reading in every_reading(text) {
+            assert_eq!(reading, Ok(counted), "{text}");
+        }
+        for text in [
+            r#"{"choices":[{}],"usage":{"prompt_tokens":2.5}}"#,
+            r#"{"choices":[{}],"usage":{"prompt_tokens":-1}}"#,
+            r#"{"choices":[{}],"usage":{"prompt_tokens":"12"}}"#,
+        ] {
+            for reading in every_reading(text) {
+                assert!(reading.is_err(), "{text}: {reading:?}");
+            }
+        }
     }
 
     #[test]
