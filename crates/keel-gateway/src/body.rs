@@ -96,25 +96,41 @@ impl RawObject {
     }
 }
 
+/// What [`RawObject::ask_for_stream_usage`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// The client had asked for the usage itself: nothing changed.
+    Asked,
+    /// `include_usage` set inside the client's own `stream_options`.
+    Merged,
+    /// `stream_options` added: the member is wholly keel's.
+    Added,
+}
+
 impl RawObject {
-    /// Sets `stream_options.include_usage` to true, keeping other stream options;
-    /// returns whether it changed anything (the client had not asked).
-    pub fn ask_for_stream_usage(&mut self) -> bool {
-        let mut options = self
-            .get("stream_options")
+    /// Sets `stream_options.include_usage` to true, keeping other stream options; says
+    /// whether it changed anything, and whether the member was the client's.
+    pub fn ask_for_stream_usage(&mut self) -> StreamUsage {
+        let own = self.get("stream_options");
+        let changed = if own.is_some() {
+            StreamUsage::Merged
+        } else {
+            StreamUsage::Added
+        };
+        let mut options = own
             .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
             .filter(serde_json::Value::is_object)
             .unwrap_or_else(|| serde_json::json!({}));
         if options["include_usage"] == true {
-            return false;
+            return StreamUsage::Asked;
         }
         options["include_usage"] = serde_json::Value::Bool(true);
         let Ok(raw) = RawValue::from_string(options.to_string()) else {
-            return false;
+            return StreamUsage::Asked;
         };
         self.0.retain(|(k, _)| k != "stream_options");
         self.0.push(("stream_options".to_owned(), raw));
-        true
+        changed
     }
 
     /// The body as JSON without member `key`.

@@ -16,7 +16,7 @@ use keel_core::{EventKind, NewEvent};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::body::RawObject;
+use crate::body::{RawObject, StreamUsage};
 use crate::chaos::{HeaderFault, header as chaos_header};
 use crate::error::ApiError;
 use crate::finish::{Finish, count_request};
@@ -408,10 +408,9 @@ async fn handle_inner(
     };
     // A stream reports its tokens only when asked to; keel asks (budgets and metrics
     // need them) and keeps the extra usage chunk from a client that did not.
-    let client_stream_options = parsed.stream && parsed.body.get("stream_options").is_some();
-    let hide_usage = parsed.stream
-        && endpoint == Endpoint::ChatCompletions
-        && parsed.body.ask_for_stream_usage();
+    let asked = (parsed.stream && endpoint == Endpoint::ChatCompletions)
+        .then(|| parsed.body.ask_for_stream_usage());
+    let hide_usage = matches!(asked, Some(StreamUsage::Merged | StreamUsage::Added));
     let executor = Executor {
         route,
         metrics: &gw.metrics,
@@ -424,7 +423,7 @@ async fn handle_inner(
         keep_text: gw.record_payloads,
         task_deadline,
         // Only a member wholly keel's is left out again for a target that refuses it.
-        asked_stream_usage: hide_usage && !client_stream_options,
+        asked_stream_usage: asked == Some(StreamUsage::Added),
     };
     let mut guard = CallGuard {
         gw: Arc::clone(gw),
