@@ -36,6 +36,9 @@ pub(crate) struct ChatPlan {
     pub answer: Answer,
     /// Whitespace words over all message contents, at least 1.
     pub prompt_tokens: u64,
+    /// The text answer was cut at the request's `max_tokens` (or `max_completion_tokens`):
+    /// `finish_reason: "length"`.
+    pub cut: bool,
 }
 
 impl ChatPlan {
@@ -66,16 +69,57 @@ pub(crate) fn plan(request: &Value, reply: Option<&str>) -> Result<ChatPlan, Str
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         == Some(true);
-    let answer = match reply {
+    let mut answer = match reply {
         Some(text) => Answer::Text(text.to_owned()),
         None => decide(request, messages),
     };
+    // A text longer than the request allows is cut there, as a model's is.
+    let limit = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|key| request.get(*key).and_then(Value::as_u64));
+    let mut cut = false;
+    if let (Some(limit), Answer::Text(text)) = (limit, &mut answer) {
+        cut = cut_words(text, limit.max(1));
+    }
     Ok(ChatPlan {
         stream,
         include_usage,
         answer,
         prompt_tokens,
+        cut,
     })
+}
+
+/// Cuts `text` after its first `n` words (the sim's tokens) when it has more; whether it did.
+pub(crate) fn cut_words(text: &mut String, n: u64) -> bool {
+    match end_of_words(text, n) {
+        Some(end) => {
+            text.truncate(end);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Where `text`'s first `n` words end, when it has more than `n`.
+fn end_of_words(text: &str, n: u64) -> Option<usize> {
+    let mut words = 0;
+    let mut in_word = false;
+    for (at, c) in text.char_indices() {
+        if c.is_whitespace() {
+            if in_word {
+                words += 1;
+                if words == n {
+                    // Only when another word follows.
+                    return text[at..].split_whitespace().next().map(|_| at);
+                }
+            }
+            in_word = false;
+        } else {
+            in_word = true;
+        }
+    }
+    None
 }
 
 fn decide(request: &Value, messages: &[Value]) -> Answer {
@@ -318,7 +362,11 @@ fn tool_call_id(n: u64) -> String {
 /// The non-streaming `chat.completion` body.
 pub(crate) fn completion(n: u64, created: u64, model: &str, plan: &ChatPlan) -> Bytes {
     let (content, tool_calls, finish_reason) = match &plan.answer {
-        Answer::Text(text) => (Some(text.as_str()), None, "stop"),
+        Answer::Text(text) => (
+            Some(text.as_str()),
+            None,
+            if plan.cut { "length" } else { "stop" },
+        ),
         Answer::ToolCall { name, arguments } => {
             let call = ToolCall {
                 index: None,
@@ -394,7 +442,7 @@ pub(crate) fn stream_events(n: u64, created: u64, model: &str, plan: &ChatPlan) 
                 };
                 events.push(event(delta, None));
             }
-            "stop"
+            if plan.cut { "length" } else { "stop" }
         }
         Answer::ToolCall { name, arguments } => {
             let head = ToolCall {
@@ -519,6 +567,25 @@ mod tests {
             if text.chars().count() >= 3 {
                 assert!(pieces.len() >= 3, "{text}: {pieces:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_text_over_max_tokens_is_cut_there() {
+        let request = serde_json::json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+        });
+        let p = plan(&request, Some("{\"name\": \"Ada\",  \"age\": 36}")).unwrap();
+        assert_eq!(p.answer, Answer::Text("{\"name\": \"Ada\",".to_owned()));
+        assert!(p.cut);
+        let body: Value = serde_json::from_slice(&completion(1, 0, "m", &p)).unwrap();
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+        assert_eq!(body["usage"]["completion_tokens"], 2);
+        // Exactly at the limit, or under it: whole.
+        for text in ["one two", "one two ", "one"] {
+            let p = plan(&request, Some(text)).unwrap();
+            assert!(!p.cut, "{text}");
         }
     }
 

@@ -167,10 +167,7 @@ fn cut_text(
         stop_reason = Some("stop_sequence");
         stop_sequence = Some(stop.to_owned());
     }
-    let pieces: Vec<&str> = text.split_inclusive(char::is_whitespace).collect();
-    let limit = usize::try_from(max_tokens).unwrap_or(usize::MAX);
-    if words(text) > max_tokens && pieces.len() > limit {
-        *text = pieces[..limit].concat().trim_end().to_owned();
+    if crate::chat::cut_words(text, max_tokens) {
         stop_reason = Some("max_tokens");
         stop_sequence = None;
     }
