@@ -257,6 +257,9 @@ fn is_progress(kind: &str, data: &Value) -> bool {
 /// What a remediation event did, in words; `None` for other events.
 fn remediation(kind: &str, data: &Value) -> Option<&'static str> {
     Some(match kind {
+        // A retry keel did not make (its budget spent, a `Retry-After` over the cap) is no
+        // remediation: its event says why the call moved on instead.
+        "retry_scheduled" if data.get("skipped").is_some() => return None,
         "retry_scheduled" => "keel retried a failed model call",
         "fallback_used" => "keel fell back to the next target",
         "degraded_reply" => "keel served the route's degraded reply",
@@ -321,6 +324,9 @@ fn describe(kind: &str, data: &Value) -> String {
             s("reason"),
             s("error")
         ),
+        "retry_scheduled" if data.get("skipped").is_some() => {
+            format!("no retry on {}: {}", s("target"), s("skipped"))
+        }
         "retry_scheduled" => format!(
             "retry {} on {} in {} ms (after {})",
             n("attempt"),

@@ -3,7 +3,7 @@
 use keel_store::{Event, TaskRow};
 use serde_json::{Value, json};
 
-use super::{of_task, root_cause};
+use super::{describe, of_task, root_cause};
 
 /// A task's log: `(seconds since the start, kind, data)` each.
 fn log(entries: &[(i64, &str, Value)]) -> Vec<Event> {
@@ -232,5 +232,38 @@ fn a_model_call_no_target_answered_names_none() {
     assert_eq!(
         super::describe("llm_call", &ok_call()),
         "model call on route \"smart\" via openai/gpt-5: ok after 1 attempt in 420 ms"
+    );
+}
+
+#[test]
+fn a_retry_keel_did_not_make_is_no_remediation() {
+    let skipped =
+        json!({"route": "smart", "target": "openai/gpt-5", "skipped": "retry budget exhausted"});
+    let events = log(&[
+        (0, "task_created", json!({})),
+        (
+            1,
+            "llm_attempt_failed",
+            json!({"target": "openai/gpt-5", "attempt": 1, "reason": "status", "error": "HTTP 503"}),
+        ),
+        (1, "retry_scheduled", skipped.clone()),
+        (
+            1,
+            "fallback_used",
+            json!({"from": "openai/gpt-5", "to": "local/llama"}),
+        ),
+        (2, "llm_call", ok_call()),
+        (3, "task_succeeded", json!({})),
+    ]);
+    let report = of_task(&row("succeeded", 1), &events);
+    let kinds: Vec<&str> = report
+        .remediations
+        .iter()
+        .map(|r| r.kind.as_str())
+        .collect();
+    assert_eq!(kinds, ["fallback_used"]);
+    assert_eq!(
+        describe("retry_scheduled", &skipped),
+        "no retry on openai/gpt-5: retry budget exhausted"
     );
 }
