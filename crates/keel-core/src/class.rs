@@ -80,10 +80,13 @@ impl ErrorHint {
 
 /// Classifies an upstream HTTP answer that was not a success.
 ///
-/// Retryable: 408, 429, 500, 502, 503, 504, and 529 (Anthropic's "overloaded", its 503).
+/// Retryable: 408, 429, 500, 502, 503, 504, and every other 5xx but 501 (529, Anthropic's
+/// "overloaded"; the 520-524 a CDN in front of a provider answers when the provider failed
+/// it; the OpenAI SDKs retry every 5xx too).
 /// Fallback-only: context too long, model not found at that provider, content filter
-/// (whatever status carries them), a request the provider's API cannot express, and the
-/// provider refusing keel's account.
+/// (whatever status carries them), a request the provider's API cannot express, the
+/// provider refusing keel's account, and 501 (the server does not implement what was asked:
+/// asking it again cannot help, another provider may).
 /// Fatal: every other status, 400, 401, 403, 404 and 422 among them.
 pub fn classify_status(status: StatusCode, hint: ErrorHint) -> ErrorClass {
     match hint {
@@ -97,7 +100,8 @@ pub fn classify_status(status: StatusCode, hint: ErrorHint) -> ErrorClass {
         ErrorHint::None => {}
     }
     match status.as_u16() {
-        408 | 429 | 500 | 502 | 503 | 504 | 529 => ErrorClass::Retryable,
+        501 => ErrorClass::FallbackOnly,
+        408 | 429 | 500..=599 => ErrorClass::Retryable,
         _ => ErrorClass::Fatal,
     }
 }
@@ -131,7 +135,16 @@ mod tests {
             (403, plain, ErrorClass::Fatal),
             (404, plain, ErrorClass::Fatal),
             (422, plain, ErrorClass::Fatal),
-            (501, plain, ErrorClass::Fatal),
+            (501, plain, ErrorClass::FallbackOnly),
+            (505, plain, ErrorClass::Retryable),
+            (520, b"<html>origin error</html>", ErrorClass::Retryable),
+            (
+                524,
+                b"<html>a timeout occurred</html>",
+                ErrorClass::Retryable,
+            ),
+            (409, plain, ErrorClass::Fatal),
+            (413, plain, ErrorClass::Fatal),
         ];
         for (status, body, want) in table {
             let status = StatusCode::from_u16(*status).unwrap();

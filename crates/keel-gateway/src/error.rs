@@ -79,14 +79,14 @@ pub enum UpstreamError {
     /// The target's circuit breaker is open, or half-open with every trial slot taken.
     #[error(
         "circuit for {target} is {}",
-        if *half_open { "half-open and its trial calls are in flight" } else { "open" }
+        if retry_in.is_zero() { "half-open and its trial calls are in flight" } else { "open" }
     )]
     BreakerOpen {
         /// `provider/model`.
         target: String,
-        /// Whether the breaker is half-open (its trial calls, streams to their end, still
-        /// running) rather than open.
-        half_open: bool,
+        /// How long until the breaker lets a trial call through; zero when it is half-open
+        /// (its trial calls, streams to their end, still running) rather than open.
+        retry_in: Duration,
     },
 }
 
@@ -208,7 +208,16 @@ impl UpstreamError {
     /// A fatal 4xx is the client's fault, so it neither trips nor heals the breaker; a
     /// provider refusing keel's account (a spent quota or credit) fails every call until
     /// someone pays, so it counts, and the breaker keeps calls away from it.
+    ///
+    /// keel's own deadline (the call's `total`, or its task's) is not the target's failure
+    /// either: the time may have gone to earlier targets or the task's earlier steps, and a
+    /// long answer is not a failing target (a stream after its first byte is judged alike).
     pub fn counts_against_target(&self) -> bool {
+        if let Self::Timeout { phase, .. } = self
+            && matches!(*phase, "total" | "task")
+        {
+            return false;
+        }
         match self.class() {
             ErrorClass::Retryable => true,
             ErrorClass::FallbackOnly => {
@@ -348,7 +357,7 @@ mod tests {
         assert_eq!(broke.with_passed(passed).request_id(), Some("req_7"));
         let open = UpstreamError::BreakerOpen {
             target: "p/m".to_owned(),
-            half_open: false,
+            retry_in: Duration::from_secs(3),
         };
         assert_eq!(open.with_passed(Passed::default()).request_id(), None);
     }
@@ -381,10 +390,28 @@ mod tests {
         assert_eq!(
             UpstreamError::BreakerOpen {
                 target: t(),
-                half_open: false,
+                retry_in: Duration::from_secs(3),
             }
             .class(),
             ErrorClass::FallbackOnly
         );
+    }
+
+    #[test]
+    fn keel_s_own_deadline_is_not_the_target_s_failure() {
+        let cut = |phase| UpstreamError::Timeout {
+            target: "p/m".to_owned(),
+            phase,
+            after: Duration::from_secs(1),
+            passed: Passed::default(),
+        };
+        // The attempt's own allowance, or a stream's first token: the target was too slow.
+        assert!(cut("attempt").counts_against_target());
+        assert!(cut("first_token").counts_against_target());
+        // The call's total or its task's deadline: the time may have gone elsewhere.
+        assert!(!cut("total").counts_against_target());
+        assert!(!cut("task").counts_against_target());
+        // Still retryable at the next target, had it time.
+        assert_eq!(cut("total").class(), ErrorClass::Retryable);
     }
 }

@@ -19,7 +19,7 @@ use crate::guard::loops::StreamedAnswer;
 use crate::metrics::{RequestLabels, RouteLabel};
 use crate::provider::{ChunkStream, Endpoint, Passed};
 use crate::pump::{Pumped, deliver, pump};
-use crate::route::{AnswerRecord, CallLog, Route, Target};
+use crate::route::{AnswerRecord, CallLog, Route, Target, add_usage};
 use crate::stream_attempt::{StreamAttempt, StreamEnd};
 use crate::usage::{Kept, Usage};
 use crate::{Gateway, payload};
@@ -33,6 +33,45 @@ pub(crate) fn count_request(gw: &Gateway, route: &str, target: &str, outcome: &s
             outcome: outcome.into(),
         })
         .inc();
+}
+
+/// Charges a call's spend to the agent's budgets: `answered`, the usage of the answer the
+/// client gets with the target that gave it, and the answers keel paid for and did not pass
+/// on (`log.spent`, taken). A budget that crosses its warning share adds its `alert_raised`
+/// to the log's events, recorded with the call's. The total, when there was any usage.
+pub(crate) fn charge(
+    gw: &Gateway,
+    log: &mut CallLog,
+    answered: Option<(&str, Usage)>,
+) -> Option<Usage> {
+    let spent = std::mem::take(&mut log.spent);
+    let each = || {
+        spent
+            .iter()
+            .map(|(target, u)| (target.as_str(), *u))
+            .chain(answered)
+    };
+    let total = each().map(|(_, u)| Some(u)).reduce(add_usage).flatten()?;
+    let agent = log.who.agent.clone();
+    let mut warnings = Vec::new();
+    for (target, u) in each() {
+        let (remaining, crossed) = gw.agents.spend(
+            &agent,
+            log.who.key.as_deref(),
+            target,
+            u,
+            crate::agents::wall_now(),
+        );
+        gw.metrics.set_budget_remaining(&agent, &remaining);
+        warnings.extend(crossed);
+    }
+    for w in &warnings {
+        log.push(
+            EventKind::AlertRaised,
+            crate::http::budget_warning(&agent, w),
+        );
+    }
+    Some(total)
 }
 
 /// What is needed to finish a call after the executor answered.
@@ -121,6 +160,9 @@ impl Finish {
             let chaos = log.chaos.iter().map(|c| c.to_json()).collect();
             data.push(("chaos".into(), Value::Array(chaos)));
         }
+        if let Some(failure) = &log.failure {
+            data.push(("error".into(), failure.as_str().into()));
+        }
         data.push(("fallback".into(), fallback.into()));
         // Present when the answer gave them (an embeddings answer has none).
         if let Some(reasons) = finish_reasons.filter(|r| !r.is_empty()) {
@@ -179,43 +221,22 @@ impl Finish {
         self.gw.record_call(events, blobs, task).await;
     }
 
-    /// Metrics of a finished call, and its spend against the agent's budgets (an
-    /// `alert_raised` warning when one crosses its warning share).
-    async fn observe(
-        &self,
-        usage: Option<Usage>,
-        who: &crate::route::Attribution,
-        target: &str,
-        task: Option<String>,
-    ) {
-        let agent = who.agent.as_str();
-        let m = &self.gw.metrics;
-        let route = &self.route_metrics;
-        route.duration.observe(self.started.elapsed().as_secs_f64());
-        let Some(u) = usage else { return };
-        route.input_tokens.observe(u.prompt_tokens as f64);
-        route.output_tokens.observe(u.completion_tokens as f64);
-        let (remaining, warnings) = self.gw.agents.spend(
-            agent,
-            who.key.as_deref(),
-            target,
-            u,
-            crate::agents::wall_now(),
-        );
-        m.set_budget_remaining(agent, &remaining);
-        if !warnings.is_empty() {
-            let events = warnings
-                .iter()
-                .map(|w| {
-                    NewEvent::new(
-                        EventKind::AlertRaised,
-                        task.clone(),
-                        crate::http::budget_warning(agent, w),
-                    )
-                })
-                .collect();
-            self.gw.record_call(events, Vec::new(), None).await;
+    /// The call's spend against the agent's budgets ([`charge`]), and its token metrics.
+    /// Called before the call's events are recorded: a client that leaves while they are
+    /// cannot take the spend with it.
+    fn spend(&self, log: &mut CallLog, answered: Option<(&str, Usage)>) {
+        if let Some(total) = charge(&self.gw, log, answered) {
+            let route = &self.route_metrics;
+            route.input_tokens.observe(total.prompt_tokens as f64);
+            route.output_tokens.observe(total.completion_tokens as f64);
         }
+    }
+
+    /// The call's duration, once its events are recorded.
+    fn observe_duration(&self) {
+        self.route_metrics
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
     }
 
     fn count_fallback(&self, fallback: bool) {
@@ -240,12 +261,14 @@ impl Finish {
         fallback: bool,
     ) -> Response {
         log.request_id = passed.request_id().map(str::to_owned);
+        // What the call cost: this answer and any keel did not pass on.
+        let paid = add_usage(usage, log.spent_usage());
         let event = self.llm_call(
             &log,
             &target.id,
             "ok",
             fallback,
-            usage,
+            paid,
             Recorded::Answer(record, &body),
         );
         log.events.push(event);
@@ -253,22 +276,23 @@ impl Finish {
             &log.who,
             &route.name,
             || crate::guard::loops::answer_text(&body),
-            usage,
+            paid,
         );
         if let Some(stop) = &looping {
             log.push(EventKind::LoopDetected, stop.data.clone());
         }
+        // Spent and counted before the wait for the store, which a client that leaves ends.
+        self.spend(&mut log, usage.map(|u| (target.id.as_str(), u)));
+        if !self.route_metrics.count_ok(&target.id) {
+            count_request(&self.gw, &route.name, &target.id, "ok");
+        }
+        self.count_fallback(fallback);
         self.record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
         if let Some(stop) = looping {
             self.gw.stop_loop(stop).await;
         }
-        if !self.route_metrics.count_ok(&target.id) {
-            count_request(&self.gw, &route.name, &target.id, "ok");
-        }
-        self.count_fallback(fallback);
-        self.observe(usage, &log.who, &target.id, log.who.task.clone())
-            .await;
+        self.observe_duration();
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -307,7 +331,12 @@ impl Finish {
         tasks.spawn(async move {
             let mut transcript = self.gw.record_payloads.then(Vec::new);
             let mut answer = guarded.then(StreamedAnswer::default);
-            let Pumped { end, usage, last } = pump(
+            let Pumped {
+                end,
+                usage,
+                last,
+                error,
+            } = pump(
                 first,
                 rest,
                 &tx,
@@ -327,6 +356,7 @@ impl Finish {
             });
             gw.transitions.stored(ticket).await;
             let outcome = end.outcome();
+            log.failure = error;
             let transcript = transcript.map(Bytes::from);
             let event = self.llm_call(
                 &log,
@@ -352,6 +382,7 @@ impl Finish {
             if let Some(stop) = &looping {
                 log.push(EventKind::LoopDetected, stop.data.clone());
             }
+            self.spend(&mut log, usage.map(|u| (target_id.as_str(), u)));
             self.record(std::mem::take(&mut log.events), log.who.task.clone())
                 .await;
             if let Some(stop) = looping {
@@ -371,8 +402,7 @@ impl Finish {
                     .inc();
             }
             self.count_fallback(fallback);
-            self.observe(usage, &log.who, &target_id, log.who.task.clone())
-                .await;
+            self.observe_duration();
             // The stream's last event (`[DONE]`, or the error that ended it) only after the
             // call is recorded: a client that saw the end of its stream can find its
             // `llm_call`, and the breaker and metrics already count it.
@@ -444,27 +474,43 @@ impl Finish {
                 "none",
                 if timed_out { "timeout" } else { "unavailable" },
                 false,
-                None,
+                log.spent_usage(),
                 Recorded::Nothing,
             );
             log.events.push(event);
+            self.spend(&mut log, None);
+            count_request(&self.gw, &route.name, "none", "error");
             self.record(std::mem::take(&mut log.events), log.who.task.clone())
                 .await;
-            count_request(&self.gw, &route.name, "none", "error");
-            self.observe(None, &log.who, "", None).await;
+            self.observe_duration();
             let message = format!("route {:?} could not be served: {why}", route.name);
+            // A 429 that refuses keel's account (a spent quota) is no rate limit to wait out.
+            let rate_limited = matches!(&last, Some(e @ UpstreamError::Status { status, .. })
+                if *status == StatusCode::TOO_MANY_REQUESTS && !e.credentials_refused());
             let mut err = if timed_out {
                 ApiError::timeout(message)
+            } else if rate_limited {
+                // The provider's rate limit outlasted keel's retries: the client's SDK sees
+                // the rate limit it would have seen calling the provider itself.
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+                    .with_code("rate_limit_exceeded")
             } else {
                 ApiError::unavailable(message)
             };
-            if let Some(UpstreamError::Status {
-                retry_after: Some(after),
-                ..
-            }) = &last
-            {
-                // The upstream's wait, within reason (a day at most).
-                err.retry_after = Some(after.as_secs().clamp(1, 86_400));
+            match &last {
+                Some(UpstreamError::Status {
+                    retry_after: Some(after),
+                    ..
+                }) => {
+                    // The upstream's wait, within reason (a day at most).
+                    err.retry_after = Some(after.as_secs().clamp(1, 86_400));
+                }
+                Some(UpstreamError::BreakerOpen { retry_in, .. }) => {
+                    // Every circuit is open: until the soonest lets a trial call through.
+                    let secs = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
+                    err.retry_after = Some(secs.clamp(1, 86_400));
+                }
+                _ => {}
             }
             let mut response = err.into_response();
             keel_headers(&mut response, "none", log.attempts, false, false);
@@ -474,10 +520,16 @@ impl Finish {
             EventKind::DegradedReply,
             json!({"route": route.name, "agent": log.who.agent, "reason": why}),
         );
-        let event = self.llm_call(&log, "degraded", "degraded", false, None, Recorded::Nothing);
+        let event = self.llm_call(
+            &log,
+            "degraded",
+            "degraded",
+            false,
+            log.spent_usage(),
+            Recorded::Nothing,
+        );
         log.events.push(event);
-        self.record(std::mem::take(&mut log.events), log.who.task.clone())
-            .await;
+        self.spend(&mut log, None);
         count_request(&self.gw, &route.name, "none", "degraded");
         self.gw
             .metrics
@@ -486,7 +538,9 @@ impl Finish {
                 route: route.name.clone().into(),
             })
             .inc();
-        self.observe(None, &log.who, "", None).await;
+        self.record(std::mem::take(&mut log.events), log.who.task.clone())
+            .await;
+        self.observe_duration();
         let mut response = if self.stream {
             // `hide_usage`: keel asked for the usage chunk, the client did not.
             let chunks = degraded_chunks(&route.name, &reply, !self.hide_usage);
@@ -544,12 +598,20 @@ impl Finish {
             Recorded::Answer(record, body)
         });
         log.request_id = error.request_id().map(str::to_owned);
-        let event = self.llm_call(&log, &target, "fatal", fallback, None, recorded);
+        let event = self.llm_call(
+            &log,
+            &target,
+            "fatal",
+            fallback,
+            log.spent_usage(),
+            recorded,
+        );
         log.events.push(event);
+        self.spend(&mut log, None);
+        count_request(&self.gw, &route.name, &target, "error");
         self.record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
-        count_request(&self.gw, &route.name, &target, "error");
-        self.observe(None, &log.who, "", None).await;
+        self.observe_duration();
         let mut response = match error {
             UpstreamError::Status { status, hint, .. } if credentials_refused => {
                 let mut err = if hint == keel_core::class::ErrorHint::AccountRefused {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -79,12 +80,39 @@ async fn embeddings(State(gw): Gw, request: Request) -> Response {
     handle(gw, Endpoint::Embeddings, None, request).await
 }
 
-async fn task_chat(State(gw): Gw, Path(task): Path<String>, request: Request) -> Response {
-    handle(gw, Endpoint::ChatCompletions, Some(task), request).await
+/// A path's parameters, or the client's 400 in the OpenAI shape (axum's own refusal of a
+/// path that is not UTF-8 once decoded, `/tasks/%FF/v1/...`, is plain text the SDKs
+/// cannot read).
+fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(value)| value).map_err(|rejection| {
+        ApiError::bad_request(format!(
+            "the URL's path is not valid: {}",
+            rejection.body_text()
+        ))
+        .with_code("invalid_path")
+    })
 }
 
-async fn task_embeddings(State(gw): Gw, Path(task): Path<String>, request: Request) -> Response {
-    handle(gw, Endpoint::Embeddings, Some(task), request).await
+async fn task_chat(
+    State(gw): Gw,
+    task: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    match path_of(task) {
+        Ok(task) => handle(gw, Endpoint::ChatCompletions, Some(task), request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn task_embeddings(
+    State(gw): Gw,
+    task: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    match path_of(task) {
+        Ok(task) => handle(gw, Endpoint::Embeddings, Some(task), request).await,
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// The agent key check of every gateway call, for the model list too: with keys configured,
@@ -112,12 +140,23 @@ async fn models(State(gw): Gw, headers: HeaderMap) -> Response {
 }
 
 /// `GET /v1/models/{model}`: one route as a model (the SDKs' `models.retrieve`).
-async fn model(State(gw): Gw, headers: HeaderMap, Path(model): Path<String>) -> Response {
-    if let Err(e) = listing_allowed(&gw, &headers) {
+async fn model(
+    State(gw): Gw,
+    headers: HeaderMap,
+    model: Result<Path<String>, PathRejection>,
+) -> Response {
+    match path_of(model) {
+        Ok(model) => one_model(&gw, &headers, &model),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+fn one_model(gw: &Gateway, headers: &HeaderMap, model: &str) -> Response {
+    if let Err(e) = listing_allowed(gw, headers) {
         return e.into_response();
     }
-    if gw.routes.contains_key(&model) {
-        return axum::Json(model_object(&model)).into_response();
+    if gw.routes.contains_key(model) {
+        return axum::Json(model_object(model)).into_response();
     }
     ApiError::not_found(
         format!("the model {model:?} does not exist: it is not a route of this keel"),
@@ -130,9 +169,12 @@ async fn model(State(gw): Gw, headers: HeaderMap, Path(model): Path<String>) -> 
 async fn task_model(
     State(gw): Gw,
     headers: HeaderMap,
-    Path((_task, name)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
-    model(State(gw), headers, Path(name)).await
+    match path_of(path) {
+        Ok((_task, name)) => one_model(&gw, &headers, &name),
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// Prometheus text by default; OpenMetrics when the scraper asks for it.
@@ -364,6 +406,20 @@ async fn handle_inner(
             return Err(e);
         }
     }
+    // Streams are not checked: their bytes reach the client as they come. A schema that is
+    // none is refused before the call counts against the agent's budget.
+    let output = if route.validate_output && !parsed.stream && endpoint == Endpoint::ChatCompletions
+    {
+        match OutputCheck::from_request(&parsed.body) {
+            Ok(check) => check,
+            Err(e) => {
+                count_request(gw, &route.name, "none", "rejected");
+                return Err(ApiError::bad_request(e).with_param("response_format"));
+            }
+        }
+    } else {
+        None
+    };
     let mut log = CallLog::new(who);
     let mut parsed = parsed;
     if endpoint == Endpoint::ChatCompletions {
@@ -393,14 +449,6 @@ async fn handle_inner(
             ));
         }
     }
-    // Streams are not checked: their bytes reach the client as they come.
-    let output = if route.validate_output && !parsed.stream && endpoint == Endpoint::ChatCompletions
-    {
-        OutputCheck::from_request(&parsed.body)
-            .map_err(|e| ApiError::bad_request(e).with_param("response_format"))?
-    } else {
-        None
-    };
     let recorded = if gw.record_payloads {
         payload::request(&parsed.body)
     } else {
@@ -567,6 +615,10 @@ impl Drop for CallGuard {
         let Some(mut log) = self.log.take() else {
             return;
         };
+        // Answers keel paid for before the client left (ones that did not match the
+        // request's schema) are spent all the same.
+        let usage = crate::finish::charge(&self.gw, &mut log, None);
+        let fallback = log.events.iter().any(|e| e.kind == EventKind::FallbackUsed);
         log.push(
             EventKind::LlmCall,
             json!({
@@ -575,12 +627,13 @@ impl Drop for CallGuard {
                 "agent": log.who.agent,
                 "step": log.who.step,
                 "attempts": log.attempts,
-                "fallback": false,
+                "fallback": fallback,
                 "outcome": "client_gone",
                 "latency_ms": self.started.elapsed().as_millis() as u64,
-                "usage": null,
+                "usage": usage,
             }),
         );
+        crate::finish::count_request(&self.gw, &self.route, "none", "client_gone");
         if !log.chaos.is_empty() {
             let chaos: Vec<Value> = log.chaos.iter().map(|c| c.to_json()).collect();
             if let Some(data) = log.events.last_mut().and_then(|e| e.data.as_object_mut()) {

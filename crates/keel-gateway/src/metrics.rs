@@ -105,8 +105,9 @@ pub struct ChaosLabels {
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
-    // 1 ms .. ~65 s: model calls are slow, the gateway's own work is not.
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+    // 1 ms .. ~262 s: model calls are slow (the default total deadline is 120 s, and a
+    // stream lasts until its end), the gateway's own work is not.
+    Histogram::new(exponential_buckets(0.001, 2.0, 19))
 }
 
 fn token_histogram() -> Histogram {

@@ -47,11 +47,23 @@ impl OutputCheck {
     /// `Ok` when the answer's message content is JSON that matches the schema (or
     /// there is no text content to check, as with tool calls); otherwise why not,
     /// with the content.
+    ///
+    /// Only an answer the model finished (`finish_reason` `"stop"`, or none given) is
+    /// checked: one cut at the client's `max_tokens` (`"length"`) or by a content filter is
+    /// passed on as the provider gave it, as OpenAI does (the SDK's `parse()` raises its own
+    /// error for it); asking again with the same limit would only be cut again.
     pub fn check(&self, answer: &[u8]) -> Result<(), Mismatch> {
         let Ok(answer) = serde_json::from_slice::<Value>(answer) else {
             return Ok(());
         };
-        let Some(content) = answer["choices"][0]["message"]["content"].as_str() else {
+        let choice = &answer["choices"][0];
+        if choice["finish_reason"]
+            .as_str()
+            .is_some_and(|reason| reason != "stop")
+        {
+            return Ok(());
+        }
+        let Some(content) = choice["message"]["content"].as_str() else {
             return Ok(());
         };
         let instance: Value = serde_json::from_str(content).map_err(|e| Mismatch {
@@ -146,6 +158,22 @@ mod tests {
         assert!(m.error.contains("/age"), "{}", m.error);
         let m = check.check(&answer("Sure! Here it is")).unwrap_err();
         assert!(m.error.starts_with("the answer is not JSON"), "{}", m.error);
+    }
+
+    #[test]
+    fn only_an_answer_the_model_finished_is_checked() {
+        let check = OutputCheck::from_request(&request()).unwrap().unwrap();
+        let with = |reason: Value| {
+            json!({"choices": [{"message": {"role": "assistant", "content": r#"{"name": "A"#}, "finish_reason": reason}]})
+                .to_string()
+                .into_bytes()
+        };
+        // Cut at the client's max_tokens, or by a filter: passed on as it came.
+        assert!(check.check(&with(json!("length"))).is_ok());
+        assert!(check.check(&with(json!("content_filter"))).is_ok());
+        // Finished, or not saying: checked.
+        assert!(check.check(&with(json!("stop"))).is_err());
+        assert!(check.check(&with(Value::Null)).is_err());
     }
 
     #[test]

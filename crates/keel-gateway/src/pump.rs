@@ -25,6 +25,8 @@ pub(crate) struct Pumped {
     /// The error event that ends a failed stream: sent once the call is recorded, as
     /// `[DONE]` is, so a client that saw the end of its stream can find the call's records.
     pub(crate) last: Option<Bytes>,
+    /// Why a failed stream failed, in words (`llm_call.error`).
+    pub(crate) error: Option<String>,
 }
 
 /// Why [`deliver`] could not hand a frame on.
@@ -70,8 +72,12 @@ pub(crate) async fn pump(
             a.add(chunk);
         }
     };
-    let ended =
-        |end: StreamEnd, usage: Option<Usage>, last: Option<Bytes>| Pumped { end, usage, last };
+    let ended = |end: StreamEnd, usage: Option<Usage>, last: Option<Bytes>| Pumped {
+        end,
+        usage,
+        last,
+        error: None,
+    };
     // keel's own deadline passed while the client was behind: a failure of neither side's
     // health, told to the client like any other.
     let late = || {
@@ -115,6 +121,7 @@ pub(crate) async fn pump(
             Ok(None) => return ended(StreamEnd::Done, usage, None),
             Ok(Some(Err(e))) => {
                 let against_target = e.counts_against_target();
+                let why = e.to_string();
                 match e {
                     // The upstream's own error event goes to the client as it came: one
                     // error, its words, then the end; unless it refuses keel's credentials,
@@ -129,7 +136,10 @@ pub(crate) async fn pump(
                             "the upstream reported an error inside its stream"
                         );
                         let end = StreamEnd::Failed { against_target };
-                        return ended(end, usage, Some(sse_frame(&body)));
+                        return Pumped {
+                            error: Some(format!("the upstream's error event: {why}")),
+                            ..ended(end, usage, Some(sse_frame(&body)))
+                        };
                     }
                     e => (upstream_failed(&e), against_target),
                 }
@@ -159,7 +169,10 @@ pub(crate) async fn pump(
         "param": null,
     }});
     let last = sse_frame(error.to_string().as_bytes());
-    ended(StreamEnd::Failed { against_target }, usage, Some(last))
+    Pumped {
+        error: Some(failure),
+        ..ended(StreamEnd::Failed { against_target }, usage, Some(last))
+    }
 }
 
 /// The words of keel's error event for an upstream stream that failed with `failure`.

@@ -161,6 +161,11 @@ pub struct CallLog {
     pub screened: Option<serde_json::Value>,
     /// The answering provider's id of its answer (`llm_call.request_id`).
     pub request_id: Option<String>,
+    /// The usage of answers keel paid for and did not pass on (those that did not match the
+    /// request's schema), with the target that gave each: the call's spend includes them.
+    pub spent: Vec<(String, Usage)>,
+    /// Why a stream failed after its first byte (`llm_call.error`).
+    pub failure: Option<String>,
 }
 
 /// One fault `[chaos]` injected into an attempt, recorded in `llm_call.chaos`.
@@ -198,7 +203,14 @@ impl CallLog {
             chaos: Vec::new(),
             screened: None,
             request_id: None,
+            spent: Vec::new(),
+            failure: None,
         }
+    }
+
+    /// The usage of the answers keel paid for and did not pass on, summed.
+    pub fn spent_usage(&self) -> Option<Usage> {
+        self.spent.iter().map(|(_, u)| *u).reduce(sum_usage)
     }
 
     /// Appends an event of this call's task.
@@ -427,8 +439,21 @@ impl Executor<'_> {
                         if e.class() == keel_core::ErrorClass::FallbackOnly
                             && !e.credentials_refused());
                     account &= e.as_ref().is_some_and(UpstreamError::credentials_refused);
-                    if let Some(e) = e {
-                        last = Some(e);
+                    // A later target's open circuit does not hide what an earlier one
+                    // answered (its status and `Retry-After` are what the client gets).
+                    match (e, &mut last) {
+                        (
+                            Some(UpstreamError::BreakerOpen { retry_in, .. }),
+                            Some(UpstreamError::BreakerOpen {
+                                retry_in: soonest, ..
+                            }),
+                        ) => {
+                            // Every circuit so far is open: the soonest to let a call
+                            // through (a half-open one's trials may end any moment).
+                            *soonest = retry_in.min(*soonest);
+                        }
+                        (Some(UpstreamError::BreakerOpen { .. }), Some(_)) | (None, _) => {}
+                        (Some(e), _) => last = Some(e),
                     }
                 }
                 TargetResult::OutOfTime(e) => {
@@ -470,6 +495,12 @@ impl Executor<'_> {
             return Ok(answer);
         };
         let first_usage = answer.usage;
+        // Paid for, and not passed on unless the second try matches.
+        let spent = |usage: Option<Usage>, log: &mut CallLog| {
+            if let Some(usage) = usage {
+                log.spent.push((target.id.clone(), usage));
+            }
+        };
         log.push(
             EventKind::LlmAttemptFailed,
             named(
@@ -502,6 +533,8 @@ impl Executor<'_> {
                     ..answer
                 }),
                 Err(again) => {
+                    spent(first_usage, log);
+                    spent(answer.usage, log);
                     log.push(
                         EventKind::LlmAttemptFailed,
                         named(
@@ -516,11 +549,18 @@ impl Executor<'_> {
                     Err(failed(detail).with_passed(answer.passed))
                 }
             },
-            TargetResult::Streaming(..) => Err(failed(
-                "a stream answered a request that was not one".to_owned(),
-            )),
-            TargetResult::Fatal(e) => Err(e),
+            TargetResult::Streaming(..) => {
+                spent(first_usage, log);
+                Err(failed(
+                    "a stream answered a request that was not one".to_owned(),
+                ))
+            }
+            TargetResult::Fatal(e) => {
+                spent(first_usage, log);
+                Err(e)
+            }
             TargetResult::Next(e) | TargetResult::OutOfTime(e) => {
+                spent(first_usage, log);
                 Err(e.unwrap_or_else(|| failed(mismatch.error)))
             }
         }
@@ -560,8 +600,8 @@ impl Executor<'_> {
                 Err(rejected) => {
                     let skipped = UpstreamError::BreakerOpen {
                         target: target.id.clone(),
-                        // Rejected with nothing to wait for: half-open, every trial out.
-                        half_open: rejected.retry_in.is_zero(),
+                        // Zero when half-open with every trial out.
+                        retry_in: rejected.retry_in,
                     };
                     return TargetResult::Next(last.or(Some(skipped)));
                 }
@@ -569,9 +609,12 @@ impl Executor<'_> {
             // Held across the attempt: if the client leaves and this future is
             // dropped, the guard gives the permit back, so a half-open breaker
             // never loses a trial slot.
+            let started = self.clock.now();
             let mut permit = PermitGuard {
                 breaker: &target.breaker,
                 permit: Some(permit),
+                clock: self.clock,
+                started,
             };
             let now = Instant::now();
             if now >= deadline {
@@ -581,7 +624,6 @@ impl Executor<'_> {
             let fault = self.inject(target, log);
             // Set by the injection when the failure is its own (only allocated for a fault).
             let tripped = fault.map(|_| Arc::new(AtomicBool::new(false)));
-            let started = self.clock.now();
             let result = self
                 .attempt(
                     target,
@@ -607,13 +649,18 @@ impl Executor<'_> {
                 Ok(Reply::Json(answer)) => Ok(answer),
                 Err(e) => Err(e),
             };
-            let outcome_for_breaker = match &result {
-                Ok(_) => Some(true),
-                Err(e) if e.counts_against_target() => Some(false),
-                Err(_) => None,
-            };
             let logged = {
                 let mut breaker = target.breaker.lock();
+                let outcome_for_breaker = match &result {
+                    Ok(_) => Some(true),
+                    Err(e) if e.counts_against_target() => Some(false),
+                    // Cut by keel's own deadline: not a failure, but a call that ran past
+                    // `slow_call` was slow, as resilience4j counts it.
+                    Err(UpstreamError::Timeout { .. }) if took >= breaker.settings().slow_call => {
+                        Some(true)
+                    }
+                    Err(_) => None,
+                };
                 match outcome_for_breaker {
                     Some(success) => breaker.record(
                         permit,
@@ -626,9 +673,12 @@ impl Executor<'_> {
                     None => breaker.release(permit),
                 }
                 let logged = self.log_transitions(target, breaker.take_transitions());
+                // Open now (this failure opened it, or a trial failed): no retry can pass.
+                let open = breaker.state() == keel_policy::breaker::BreakerState::Open;
                 drop(breaker);
-                logged
+                (logged, open)
             };
+            let (logged, open) = logged;
             self.transitions.stored(logged).await;
             let error = match result {
                 Ok(answer) => {
@@ -682,7 +732,7 @@ impl Executor<'_> {
                 ErrorClass::FallbackOnly => return TargetResult::Next(Some(error)),
                 ErrorClass::Retryable => {}
             }
-            if attempt + 1 >= max_attempts {
+            if attempt + 1 >= max_attempts || open {
                 return TargetResult::Next(Some(error));
             }
             let delay = self.retry_delay(&mut backoff, attempt - resends, &error);
@@ -944,28 +994,44 @@ impl Executor<'_> {
     }
 }
 
-/// The sum of two answers' usage.
-fn add_usage(a: Option<Usage>, b: Option<Usage>) -> Option<Usage> {
+/// The sum of two answers' usage, when either has one.
+pub(crate) fn add_usage(a: Option<Usage>, b: Option<Usage>) -> Option<Usage> {
     match (a, b) {
-        (Some(a), Some(b)) => Some(Usage {
-            prompt_tokens: a.prompt_tokens + b.prompt_tokens,
-            completion_tokens: a.completion_tokens + b.completion_tokens,
-            total_tokens: a.total_tokens + b.total_tokens,
-        }),
+        (Some(a), Some(b)) => Some(sum_usage(a, b)),
         (a, b) => a.or(b),
     }
 }
 
-/// A breaker permit that is released if it is dropped unrecorded.
+fn sum_usage(a: Usage, b: Usage) -> Usage {
+    Usage {
+        prompt_tokens: a.prompt_tokens.saturating_add(b.prompt_tokens),
+        completion_tokens: a.completion_tokens.saturating_add(b.completion_tokens),
+        total_tokens: a.total_tokens.saturating_add(b.total_tokens),
+    }
+}
+
+/// A breaker permit that is released if it is dropped unrecorded (the client left): the
+/// call ended by the client tells nothing of the target, unless it had already run past
+/// `slow_call`, which is recorded as the slow call it was (a target that hangs longer than
+/// its clients wait is then still found slow).
 struct PermitGuard<'a> {
     breaker: &'a Mutex<Breaker>,
     permit: Option<keel_policy::breaker::Permit>,
+    clock: &'a dyn Clock,
+    started: Duration,
 }
 
 impl Drop for PermitGuard<'_> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.breaker.lock().release(permit);
+            let now = self.clock.now();
+            let took = now.saturating_sub(self.started);
+            let mut breaker = self.breaker.lock();
+            if took >= breaker.settings().slow_call {
+                breaker.record(permit, now, Outcome::success(took));
+            } else {
+                breaker.release(permit);
+            }
         }
     }
 }
@@ -1071,6 +1137,7 @@ mod tests {
     use std::time::Duration;
 
     use keel_policy::breaker::{Breaker, BreakerSettings, BreakerState, Outcome, Window};
+    use keel_policy::{Clock, ManualClock};
     use parking_lot::Mutex;
 
     use super::PermitGuard;
@@ -1096,17 +1163,50 @@ mod tests {
             breaker.lock().record(p, Duration::ZERO, failed);
         }
         let later = Duration::from_secs(2);
+        let clock = ManualClock::at(later);
         let trial = breaker.lock().try_acquire(later).unwrap();
         assert_eq!(breaker.lock().state(), BreakerState::HalfOpen);
         // The client leaves mid-attempt: the guard is dropped unrecorded.
+        clock.advance(Duration::from_secs(1));
         drop(PermitGuard {
             breaker: &breaker,
             permit: Some(trial),
+            clock: &clock,
+            started: later,
         });
         assert!(
             breaker.lock().try_acquire(later).is_ok(),
             "the trial slot leaked"
         );
+    }
+
+    #[test]
+    fn a_client_that_leaves_after_slow_call_leaves_a_slow_call_recorded() {
+        let settings = BreakerSettings {
+            window: Window::Count(2),
+            min_calls: 2,
+            failure_rate: 1.0,
+            slow_call_rate: 1.0,
+            slow_call: Duration::from_secs(10),
+            open_for: Duration::from_secs(30),
+            half_open_calls: 1,
+        };
+        let breaker = Mutex::new(Breaker::new(settings));
+        let clock = ManualClock::new();
+        // Clients that give up after 15 s on a target that hangs: each attempt is dropped,
+        // having run past `slow_call`, so the breaker sees two slow calls and opens.
+        for _ in 0..2 {
+            let started = clock.now();
+            let permit = breaker.lock().try_acquire(started).unwrap();
+            clock.advance(Duration::from_secs(15));
+            drop(PermitGuard {
+                breaker: &breaker,
+                permit: Some(permit),
+                clock: &clock,
+                started,
+            });
+        }
+        assert_eq!(breaker.lock().state(), BreakerState::Open);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 /// Token counts from an OpenAI `usage` object. A count may also be written as a float
 /// without a fraction (`12.0`), and `null` reads as 0 (a count the provider did not make),
 /// as the OpenAI SDKs take them; a negative or fractional count is not a count.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub struct Usage {
     /// Tokens of the prompt.
     #[serde(default, deserialize_with = "count")]

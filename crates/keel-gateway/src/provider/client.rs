@@ -53,7 +53,7 @@ enum Transport {
     /// a fraction of reqwest's work per request, which parses and prints the URL several
     /// times over for its redirect and proxy layers even when neither has work to do.
     Direct {
-        client: Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>>,
+        client: Box<Client<Bounded, Full<Bytes>>>,
         urls: Vec<http::Uri>,
     },
     /// reqwest, for what the direct client does not do: a proxy from `HTTPS_PROXY`,
@@ -63,6 +63,45 @@ enum Transport {
         client: reqwest::Client,
         urls: Vec<reqwest::Url>,
     },
+}
+
+/// The direct client's connector, with `timeouts.connect` over the whole connection: the TCP
+/// connect and the TLS handshake (hyper's own connect timeout covers the TCP connect only, so
+/// a server that accepts and then says nothing would hold the attempt until `attempt`).
+#[derive(Clone)]
+struct Bounded {
+    inner: hyper_rustls::HttpsConnector<HttpConnector>,
+    limit: Duration,
+}
+
+impl tower::Service<http::Uri> for Bounded {
+    type Response = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+    type Error = tower::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        // Boxed once per new connection; pooled connections skip this.
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(format!(
+                    "no connection within the connect timeout of {limit:?} (TCP and TLS)"
+                )
+                .into()),
+            }
+        })
+    }
 }
 
 // === impl HttpClient ===
@@ -136,7 +175,6 @@ impl HttpClient {
             Transport::Reqwest { client, urls }
         } else {
             let mut http = HttpConnector::new();
-            http.set_connect_timeout(Some(connect));
             http.set_nodelay(true);
             // `https://` URLs pass through to the TLS layer.
             http.enforce_http(false);
@@ -145,6 +183,10 @@ impl HttpClient {
                 .https_or_http()
                 .enable_all_versions()
                 .wrap_connector(http);
+            let https = Bounded {
+                inner: https,
+                limit: connect,
+            };
             // No redirects and no retries: the direct client does neither, and keel's own
             // policies decide retries.
             let client = Client::builder(TokioExecutor::new())
@@ -462,6 +504,49 @@ mod tests {
             urls(azure),
             ["http://127.0.0.1:9/v1/chat/completions?api-version=2024-10-21"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_shakes_hands_is_a_connect_failure() {
+        // A TCP connect that succeeds, and a TLS handshake that never comes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let held = tasks.spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let settings = ProviderSettings {
+            name: "p".to_owned(),
+            kind: keel_config::ProviderKind::OpenAi,
+            base_url: format!("https://127.0.0.1:{port}/v1"),
+            api_key: None,
+            api_key_header: None,
+            headers: Vec::new(),
+            query: Vec::new(),
+            prices: std::collections::BTreeMap::new(),
+        };
+        let spec = ClientSpec {
+            paths: &["/chat/completions"],
+            key: None,
+            fixed: &[],
+        };
+        let proxies = hyper_util::client::proxy::matcher::Matcher::builder().build();
+        let client =
+            HttpClient::try_new(&settings, Duration::from_millis(200), &proxies, &spec).unwrap();
+        // Without a bound on the handshake the post would wait for ever (the attempt's
+        // deadline is the caller's); the outer minute only keeps a broken build from hanging.
+        let posted = tokio::time::timeout(
+            Duration::from_secs(60),
+            client.post(0, Bytes::from_static(b"{}")),
+        )
+        .await
+        .expect("the handshake was not bounded by the connect timeout");
+        let error = posted.err().unwrap_or_default();
+        assert!(error.contains("connect timeout"), "{error}");
+        held.abort();
     }
 
     #[test]

@@ -54,6 +54,32 @@ async fn bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving() {
         assert!(message.contains(needle), "{message}");
         assert!(json["error"]["type"].is_string());
     }
+    // A task id or model name that is not UTF-8 once decoded: the client's 400, in the
+    // OpenAI shape like every other.
+    let client = reqwest::Client::new();
+    for (method, path) in [
+        ("POST", "/tasks/%FF/v1/chat/completions"),
+        ("POST", "/tasks/%FF/v1/embeddings"),
+        ("GET", "/v1/models/%FF"),
+        ("GET", "/tasks/%FF/v1/models/smart"),
+    ] {
+        let url = format!("{}{path}", keel.url);
+        let request = match method {
+            "POST" => client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(r#"{"model":"smart","messages":[{"role":"user","content":"hi"}]}"#),
+            _ => client.get(url),
+        };
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let json: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(json["error"]["code"], "invalid_path", "{path}: {json}");
+        assert!(
+            json["error"]["message"].as_str().unwrap().contains("UTF-8"),
+            "{json}"
+        );
+    }
     let (got, json) = post(
         &keel,
         br#"{"model":"smart","messages":[{"role":"user","content":"still here?"}]}"#.to_vec(),

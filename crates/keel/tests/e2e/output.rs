@@ -102,6 +102,20 @@ async fn two_wrong_answers_fall_back_to_the_next_target() {
         "{failed:?}"
     );
     assert_ne!(ids[0], ids[1]);
+    // Both wrong answers were paid for: the call's usage holds them with the right one's.
+    let calls = keel.events_of("llm_call");
+    let usage = &calls[0]["usage"];
+    let answered = answer["usage"]["prompt_tokens"].as_u64().unwrap();
+    // The secondary's prompt is the first wrong answer's; the correction's is longer.
+    assert!(
+        usage["prompt_tokens"].as_u64().unwrap() > 3 * answered,
+        "{usage} against the answer's {}",
+        answer["usage"]
+    );
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
 
     // A schema that is no JSON Schema is the client's mistake.
     let mut bad = request();
@@ -109,4 +123,29 @@ async fn two_wrong_answers_fall_back_to_the_next_target() {
     let (status, _, answer) = chat(&keel, &bad).await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["error"]["param"], "response_format");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_cut_at_max_tokens_is_passed_on_as_it_came() {
+    let models = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &models).await;
+    models.script(
+        "primary",
+        vec![Fault::reply("{\"name\": \"Ada\", \"age\": 36}")],
+    );
+    let mut body = request();
+    body["max_tokens"] = json!(2);
+    let (status, headers, answer) = chat(&keel, &body).await;
+    // As OpenAI answers it: the cut JSON with finish_reason "length", for the client's SDK
+    // to judge; asking again with the same limit would only be cut again.
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(headers["x-keel-target"], "sim/primary");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "{\"name\": \"Ada\","
+    );
+    assert_eq!(models.calls("primary"), 1);
+    assert_eq!(models.calls("secondary"), 0);
+    assert!(keel.events_of("llm_attempt_failed").is_empty());
 }

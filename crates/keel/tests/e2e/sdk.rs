@@ -352,6 +352,14 @@ async fn a_429_retry_after_is_honoured() {
     assert_eq!(out["headers"]["x-keel-attempts"], "2");
     let retries = keel.events_of("retry_scheduled");
     assert_eq!(retries[0]["delay_ms"], 1000, "{retries:?}");
+    // A rate limit that outlasts keel's retries reaches the SDK as the rate limit it is,
+    // with the provider's wait, as it would calling the provider itself.
+    sim.set_always("patient", Some(Fault::status(429).with_retry_after("1")));
+    let out = sdk("chat", &keel.base_url(), &["--model", "patient"]).await;
+    assert_eq!(out["exception"], "RateLimitError", "{out}");
+    assert_eq!(out["status"], 429, "{out}");
+    assert_eq!(out["headers"]["retry-after"], "1", "{out}");
+    assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -420,6 +428,14 @@ async fn breaker_opens_skips_the_primary_then_half_opens() {
     let opened = Instant::now();
     assert_eq!(sim.calls("primary"), 4);
     assert_eq!(keel.events_of("breaker_opened").len(), 1);
+    // Call 2's failure opened the breaker: it went on to the secondary at once, with no
+    // retry scheduled (and waited for) that the open breaker would refuse.
+    assert_eq!(
+        keel.events_of("retry_scheduled").len(),
+        2,
+        "{:?}",
+        keel.events_of("retry_scheduled")
+    );
     // While open (open_for = 6s), the primary is not called at all.
     for _ in 0..2 {
         let out = sdk("chat", &keel.base_url(), &[]).await;
@@ -501,6 +517,24 @@ async fn all_targets_down_serves_the_degraded_reply() {
     assert_eq!(out["status"], 503);
     assert_eq!(out["headers"]["x-should-retry"], "false", "{out}");
     assert_eq!(sim.calls("secondary"), 3, "one call's three attempts");
+    // A second such call opens both circuits (each target's fourth failure, not retried
+    // into the circuit it opened); the next call finds both open, calls neither, and says
+    // when the first lets a trial call through (open_for = 6s).
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["status"], 503, "{out}");
+    let opened: Vec<String> = keel
+        .events_of("breaker_opened")
+        .iter()
+        .map(|e| e["target"].as_str().unwrap_or_default().to_owned())
+        .filter(|t| !t.starts_with("sim/fragile"))
+        .collect();
+    assert_eq!(opened, ["sim/primary", "sim/secondary"]);
+    assert_eq!(sim.calls("secondary"), 4);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["status"], 503, "{out}");
+    assert_eq!(out["headers"]["retry-after"], "6", "{out}");
+    assert_eq!(sim.calls("primary"), 4);
+    assert_eq!(sim.calls("secondary"), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -511,6 +545,13 @@ async fn a_stream_cut_midway_is_an_error_not_a_short_success() {
     assert!(out["chunks"].as_u64().unwrap() >= 1, "{out}");
     let calls = keel.events_of("llm_call");
     assert_eq!(calls[0]["outcome"], "stream_error");
+    // Why, in the call's record: no attempt failed before the first byte to say it.
+    let why = calls[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("upstream stream failed after it started"),
+        "{:?}",
+        calls[0]
+    );
     assert_eq!(sim.calls("primary"), 1, "no retry after the first byte");
 }
 
@@ -1130,4 +1171,53 @@ async fn breaker_transitions_are_logged_in_the_order_they_happened() {
         ["closed->open", "open->half_open", "half_open->open"],
         "the log's order is the breaker's"
     );
+}
+
+/// The primary eats most of the call's time; the secondary gets what is left of it.
+const EATEN: &str = r#"
+[providers.sim]
+kind = "openai"
+base_url = "{sim}"
+
+[routes.smart]
+targets = [
+  { provider = "sim", model = "primary" },
+  { provider = "sim", model = "secondary" },
+]
+retry = { max_attempts = 1 }
+timeouts = { connect = "200ms", first_token = "400ms", idle = "400ms", attempt = "400ms", total = "600ms" }
+breaker = { window = "count", window_size = 2, min_calls = 2, failure_rate = 0.5, open_for = "30s", half_open_calls = 1 }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keel_s_own_deadline_is_not_held_against_the_target_it_cut() {
+    let sim = sim().await;
+    let keel = Keel::start(EATEN, &sim).await;
+    sim.set_always("primary", Some(Fault::delay(Duration::from_secs(2))));
+    sim.set_always("secondary", Some(Fault::delay(Duration::from_secs(2))));
+    // Each call: the primary times out at its attempt's 400ms (its failure), the secondary
+    // at the call's total, 200ms later: keel's deadline, not the secondary's failure.
+    for _ in 0..2 {
+        let out = sdk("chat", &keel.base_url(), &[]).await;
+        assert_eq!(out["ok"], false, "{out}");
+        assert_eq!(out["status"], 504, "{out}");
+    }
+    let opened: Vec<String> = keel
+        .events_of("breaker_opened")
+        .iter()
+        .map(|e| e["target"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(opened, ["sim/primary"], "only the primary failed");
+    let failed = keel.events_of("llm_attempt_failed");
+    assert!(
+        failed
+            .iter()
+            .any(|f| f["target"] == "sim/secondary" && f["reason"] == "total"),
+        "{failed:?}"
+    );
+    // The secondary's breaker is closed: the next call reaches it, now with the whole time.
+    sim.set_always("secondary", None);
+    let out = sdk("chat", &keel.base_url(), &[]).await;
+    assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
+    assert_eq!(sim.calls("primary"), 2);
 }
