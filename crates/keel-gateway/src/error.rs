@@ -208,16 +208,8 @@ impl UpstreamError {
     /// A fatal 4xx is the client's fault, so it neither trips nor heals the breaker; a
     /// provider refusing keel's account (a spent quota or credit) fails every call until
     /// someone pays, so it counts, and the breaker keeps calls away from it.
-    ///
-    /// keel's own deadline (the call's `total`, or its task's) is not the target's failure
-    /// either: the time may have gone to earlier targets or the task's earlier steps, and a
-    /// long answer is not a failing target (a stream after its first byte is judged alike).
+    /// (A cut by keel's own deadline is judged by the caller, who knows where the time went.)
     pub fn counts_against_target(&self) -> bool {
-        if let Self::Timeout { phase, .. } = self
-            && matches!(*phase, "total" | "task")
-        {
-            return false;
-        }
         match self.class() {
             ErrorClass::Retryable => true,
             ErrorClass::FallbackOnly => {
@@ -395,23 +387,5 @@ mod tests {
             .class(),
             ErrorClass::FallbackOnly
         );
-    }
-
-    #[test]
-    fn keel_s_own_deadline_is_not_the_target_s_failure() {
-        let cut = |phase| UpstreamError::Timeout {
-            target: "p/m".to_owned(),
-            phase,
-            after: Duration::from_secs(1),
-            passed: Passed::default(),
-        };
-        // The attempt's own allowance, or a stream's first token: the target was too slow.
-        assert!(cut("attempt").counts_against_target());
-        assert!(cut("first_token").counts_against_target());
-        // The call's total or its task's deadline: the time may have gone elsewhere.
-        assert!(!cut("total").counts_against_target());
-        assert!(!cut("task").counts_against_target());
-        // Still retryable at the next target, had it time.
-        assert_eq!(cut("total").class(), ErrorClass::Retryable);
     }
 }

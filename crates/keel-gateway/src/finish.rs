@@ -513,6 +513,13 @@ impl Finish {
                 _ => {}
             }
             let mut response = err.into_response();
+            if rate_limited {
+                // keel retried the rate limit already: the SDK's own retries (two by default)
+                // would only multiply the calls on a provider that is refusing them.
+                response
+                    .headers_mut()
+                    .insert(crate::http::SHOULD_RETRY, HeaderValue::from_static("false"));
+            }
             keel_headers(&mut response, "none", log.attempts, false, false);
             return response;
         };

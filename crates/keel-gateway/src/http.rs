@@ -353,7 +353,7 @@ async fn handle(
 }
 
 /// The header the OpenAI SDKs read before retrying an error answer: `false` stops them.
-const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+pub(crate) const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 async fn handle_inner(
     gw: &Arc<Gateway>,

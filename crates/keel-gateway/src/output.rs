@@ -48,19 +48,20 @@ impl OutputCheck {
     /// there is no text content to check, as with tool calls); otherwise why not,
     /// with the content.
     ///
-    /// Only an answer the model finished (`finish_reason` `"stop"`, or none given) is
-    /// checked: one cut at the client's `max_tokens` (`"length"`) or by a content filter is
-    /// passed on as the provider gave it, as OpenAI does (the SDK's `parse()` raises its own
-    /// error for it); asking again with the same limit would only be cut again.
+    /// An answer cut at the client's `max_tokens` (`finish_reason` `"length"`) or by a
+    /// content filter (`"content_filter"`) is not checked: it is passed on as the provider
+    /// gave it, as OpenAI does (the SDK's `parse()` raises its own error for it); asking
+    /// again with the same limit would only be cut again. Any other finish (`"stop"`, none,
+    /// or a server's own word for it, such as `"eos"`) is checked.
     pub fn check(&self, answer: &[u8]) -> Result<(), Mismatch> {
         let Ok(answer) = serde_json::from_slice::<Value>(answer) else {
             return Ok(());
         };
         let choice = &answer["choices"][0];
-        if choice["finish_reason"]
-            .as_str()
-            .is_some_and(|reason| reason != "stop")
-        {
+        if matches!(
+            choice["finish_reason"].as_str(),
+            Some("length" | "content_filter")
+        ) {
             return Ok(());
         }
         let Some(content) = choice["message"]["content"].as_str() else {
@@ -171,8 +172,9 @@ mod tests {
         // Cut at the client's max_tokens, or by a filter: passed on as it came.
         assert!(check.check(&with(json!("length"))).is_ok());
         assert!(check.check(&with(json!("content_filter"))).is_ok());
-        // Finished, or not saying: checked.
+        // Finished, in any words, or not saying: checked.
         assert!(check.check(&with(json!("stop"))).is_err());
+        assert!(check.check(&with(json!("eos"))).is_err());
         assert!(check.check(&with(Value::Null)).is_err());
     }
 

@@ -367,9 +367,11 @@ impl Executor<'_> {
         let mut previous: Option<&Arc<Target>> = None;
         let mut refused = !route.targets.is_empty();
         let mut account = refused;
+        // Why the call left the target before this one.
+        let mut moved_on = "breaker_open";
         for (index, target) in route.targets.iter().enumerate() {
             if let Some(prev) = previous {
-                let reason = last.as_ref().map_or("breaker_open", UpstreamError::reason);
+                let reason = moved_on;
                 log.push(
                     EventKind::FallbackUsed,
                     json!({"route": route.name, "from": prev.id, "to": target.id, "reason": reason}),
@@ -411,6 +413,7 @@ impl Executor<'_> {
                             };
                         }
                         Err(e) => {
+                            moved_on = e.reason();
                             last = Some(e);
                             refused = false;
                             account = false;
@@ -439,6 +442,7 @@ impl Executor<'_> {
                         if e.class() == keel_core::ErrorClass::FallbackOnly
                             && !e.credentials_refused());
                     account &= e.as_ref().is_some_and(UpstreamError::credentials_refused);
+                    moved_on = e.as_ref().map_or("breaker_open", UpstreamError::reason);
                     // A later target's open circuit does not hide what an earlier one
                     // answered (its status and `Retry-After` are what the client gets).
                     match (e, &mut last) {
@@ -578,6 +582,13 @@ impl Executor<'_> {
         let mut backoff = Backoff::new(route.retry.base, route.retry.cap, route.retry.jitter);
         let mut max_attempts = route.retry.max_attempts.get();
         let mut last = None;
+        // Whether the call tried other targets first: then a cut at its total deadline is
+        // keel's, since they used part of the time.
+        let others_first = log.attempts > 0;
+        // A slow call recorded when the client leaves is counted and logged like any other.
+        let note = |changes: Vec<Transition>| {
+            self.log_transitions(target, changes);
+        };
         // Attempts made, and those of them that were resends without keel's `stream_options`
         // (which take none of the route's retries, nor a step of its backoff).
         let mut attempt = 0;
@@ -615,6 +626,7 @@ impl Executor<'_> {
                 permit: Some(permit),
                 clock: self.clock,
                 started,
+                note: Some(&note),
             };
             let now = Instant::now();
             if now >= deadline {
@@ -653,12 +665,15 @@ impl Executor<'_> {
                 let mut breaker = target.breaker.lock();
                 let outcome_for_breaker = match &result {
                     Ok(_) => Some(true),
-                    Err(e) if e.counts_against_target() => Some(false),
-                    // Cut by keel's own deadline: not a failure, but a call that ran past
-                    // `slow_call` was slow, as resilience4j counts it.
-                    Err(UpstreamError::Timeout { .. }) if took >= breaker.settings().slow_call => {
-                        Some(true)
+                    // Cut by keel's own deadline, its time having gone elsewhere (the task's
+                    // earlier steps, or the targets tried first): not the target's failure, but
+                    // an attempt that ran past `slow_call` was slow, as resilience4j counts it.
+                    Err(UpstreamError::Timeout { phase, .. })
+                        if *phase == "task" || (*phase == "total" && others_first) =>
+                    {
+                        (took >= breaker.settings().slow_call).then_some(true)
                     }
+                    Err(e) if e.counts_against_target() => Some(false),
                     Err(_) => None,
                 };
                 match outcome_for_breaker {
@@ -673,8 +688,9 @@ impl Executor<'_> {
                     None => breaker.release(permit),
                 }
                 let logged = self.log_transitions(target, breaker.take_transitions());
-                // Open now (this failure opened it, or a trial failed): no retry can pass.
-                let open = breaker.state() == keel_policy::breaker::BreakerState::Open;
+                // Open now (this failure opened it, or a trial failed), or half-open with
+                // every trial out: no retry can pass.
+                let open = !breaker.would_admit(self.clock.now());
                 drop(breaker);
                 (logged, open)
             };
@@ -1019,6 +1035,8 @@ struct PermitGuard<'a> {
     permit: Option<keel_policy::breaker::Permit>,
     clock: &'a dyn Clock,
     started: Duration,
+    /// Counts and queues the transitions the slow call made (with the breaker's lock held).
+    note: Option<&'a (dyn Fn(Vec<Transition>) + Sync)>,
 }
 
 impl Drop for PermitGuard<'_> {
@@ -1029,6 +1047,9 @@ impl Drop for PermitGuard<'_> {
             let mut breaker = self.breaker.lock();
             if took >= breaker.settings().slow_call {
                 breaker.record(permit, now, Outcome::success(took));
+                if let Some(note) = self.note {
+                    note(breaker.take_transitions());
+                }
             } else {
                 breaker.release(permit);
             }
@@ -1173,6 +1194,7 @@ mod tests {
             permit: Some(trial),
             clock: &clock,
             started: later,
+            note: None,
         });
         assert!(
             breaker.lock().try_acquire(later).is_ok(),
@@ -1204,6 +1226,7 @@ mod tests {
                 permit: Some(permit),
                 clock: &clock,
                 started,
+                note: None,
             });
         }
         assert_eq!(breaker.lock().state(), BreakerState::Open);

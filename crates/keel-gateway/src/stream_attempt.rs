@@ -26,7 +26,7 @@ pub(crate) enum StreamEnd {
     /// task's deadline (the client behind, too), or ended by the upstream's error event.
     /// `against_target` when that says something about the target's health: a cut, a
     /// silence, and an error event keel would retry before the first byte (a retryable
-    /// status: 408, 429, 500, 502, 503, 504, 529; or none); not a deadline of keel's (a
+    /// status: 408, 429, every 5xx but 501; or none); not a deadline of keel's (a
     /// long answer is not a failing target), a content filter's or another request error's
     /// event, or one refusing keel's credentials (a 401/403; one refusing keel's account, a
     /// spent quota, counts).

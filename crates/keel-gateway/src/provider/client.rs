@@ -175,6 +175,9 @@ impl HttpClient {
             Transport::Reqwest { client, urls }
         } else {
             let mut http = HttpConnector::new();
+            // Per address tried (a host with several), beside the bound on the whole
+            // connection below.
+            http.set_connect_timeout(Some(connect));
             http.set_nodelay(true);
             // `https://` URLs pass through to the TLS layer.
             http.enforce_http(false);

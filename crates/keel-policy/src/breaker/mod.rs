@@ -266,6 +266,16 @@ impl Breaker {
         }
     }
 
+    /// Whether [`Breaker::try_acquire`] at `now` would let a call through, without asking:
+    /// closed, open with `open_for` passed, or half-open with a trial slot free.
+    pub fn would_admit(&self, now: Duration) -> bool {
+        match &self.state {
+            State::Closed { .. } => true,
+            State::Open { until } => now >= *until,
+            State::HalfOpen { issued, .. } => *issued < self.settings.half_open_calls,
+        }
+    }
+
     /// Asks to make a call at `now`.
     ///
     /// Closed: always permitted. Open: rejected until `open_for` has passed, then the breaker

@@ -525,8 +525,11 @@ proptest! {
             let before = breaker.state();
             match op {
                 Op::Advance(millis) => clock.advance(ms(millis)),
-                Op::Acquire => match breaker.try_acquire(clock.now()) {
-                    Ok(permit) => {
+                Op::Acquire => match (breaker.would_admit(clock.now()), breaker.try_acquire(clock.now())) {
+                    (admits, result) if admits != result.is_ok() => {
+                        prop_assert!(false, "would_admit said {} before {:?}", admits, result.map(|_| ()));
+                    }
+                    (_, Ok(permit)) => {
                         prop_assert!(
                             before != Open || clock.now() >= opened_at + settings.open_for,
                             "permitted a call {:?} after opening", clock.now() - opened_at
@@ -535,7 +538,7 @@ proptest! {
                         prop_assert_eq!(permit.state(), breaker.state());
                         outstanding.push(permit);
                     }
-                    Err(rejected) => {
+                    (_, Err(rejected)) => {
                         prop_assert_ne!(breaker.state(), Closed);
                         let expected = match breaker.state() {
                             Open => opened_at + settings.open_for - clock.now(),

@@ -360,6 +360,8 @@ async fn a_429_retry_after_is_honoured() {
     assert_eq!(out["status"], 429, "{out}");
     assert_eq!(out["headers"]["retry-after"], "1", "{out}");
     assert_eq!(out["headers"]["x-keel-attempts"], "2", "{out}");
+    // keel retried it already: the SDK's own retries would only add calls.
+    assert_eq!(out["headers"]["x-should-retry"], "false", "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1187,6 +1189,12 @@ targets = [
 retry = { max_attempts = 1 }
 timeouts = { connect = "200ms", first_token = "400ms", idle = "400ms", attempt = "400ms", total = "600ms" }
 breaker = { window = "count", window_size = 2, min_calls = 2, failure_rate = 0.5, open_for = "30s", half_open_calls = 1 }
+
+[routes.alone]
+targets = [{ provider = "sim", model = "alone" }]
+retry = { max_attempts = 1 }
+timeouts = { connect = "200ms", first_token = "300ms", idle = "300ms", attempt = "300ms", total = "300ms" }
+breaker = { window = "count", window_size = 2, min_calls = 2, failure_rate = 0.5, open_for = "30s", half_open_calls = 1 }
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1220,4 +1228,19 @@ async fn keel_s_own_deadline_is_not_held_against_the_target_it_cut() {
     let out = sdk("chat", &keel.base_url(), &[]).await;
     assert_eq!(out["headers"]["x-keel-target"], "sim/secondary", "{out}");
     assert_eq!(sim.calls("primary"), 2);
+    // A target that had the call's whole time (its attempt's as long as the total) and
+    // hung through it did fail: its breaker opens, and the third call does not reach it.
+    sim.set_always("alone", Some(Fault::delay(Duration::from_secs(2))));
+    for _ in 0..3 {
+        let out = sdk("chat", &keel.base_url(), &["--model", "alone"]).await;
+        assert_eq!(out["ok"], false, "{out}");
+    }
+    assert!(
+        keel.events_of("breaker_opened")
+            .iter()
+            .any(|e| e["target"] == "sim/alone"),
+        "{:?}",
+        keel.events_of("breaker_opened")
+    );
+    assert_eq!(sim.calls("alone"), 2);
 }
