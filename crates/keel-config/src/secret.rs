@@ -51,7 +51,8 @@ impl fmt::Display for Secret {
 }
 
 /// Reads the secret named by the `*_env` key at `at` from `env`; unset or empty is an error
-/// at that key.
+/// at that key, and so is a value no HTTP header can carry (every secret is sent in or
+/// compared with one).
 pub(crate) fn from_env(
     var: &str,
     at: &KeyPath,
@@ -60,7 +61,19 @@ pub(crate) fn from_env(
     if var.is_empty() {
         return Err(at.invalid("must name an environment variable"));
     }
+    let is_name = var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !var.starts_with(|c: char| c.is_ascii_digit());
+    if !is_name {
+        // Most likely the key itself, pasted in: not repeated here, where it would reach a
+        // terminal or a CI log.
+        return Err(at.invalid(
+            "must name an environment variable (letters, digits and _), not hold a key: put the key in an environment variable and name that variable here",
+        ));
+    }
     match env(var) {
+        Some(value) if value.chars().any(char::is_control) => Err(at.invalid(format!(
+            "environment variable {var} holds a line break or another control character, which no HTTP header can carry (a file of variables with Windows line endings?)"
+        ))),
         Some(value) if !value.is_empty() => Ok(Secret::new(value)),
         Some(_) => Err(at.invalid(format!("environment variable {var} is empty"))),
         None => Err(at.invalid(format!("environment variable {var} is not set"))),
@@ -78,6 +91,27 @@ mod tests {
         assert_eq!(format!("{secret}"), "[redacted]");
         assert_eq!(format!("{:?}", Some(secret.clone())), "Some([redacted])");
         assert_eq!(secret.expose(), "sk-very-secret");
+    }
+
+    #[test]
+    fn a_value_that_is_no_variable_name_is_not_repeated_and_a_control_character_is_refused() {
+        let at = KeyPath::root()
+            .child("providers")
+            .child("openai")
+            .child("api_key_env");
+        let env = |var: &str| match var {
+            "CRLF" => Some("sk-abc\r".to_owned()),
+            "GOOD" => Some("sk-abc".to_owned()),
+            _ => None,
+        };
+        let pasted = from_env("sk-proj-abc123", &at, &env).unwrap_err().message;
+        assert!(!pasted.contains("sk-proj"), "{pasted}");
+        assert!(pasted.contains("not hold a key"), "{pasted}");
+        let crlf = from_env("CRLF", &at, &env).unwrap_err().message;
+        assert!(crlf.contains("line break"), "{crlf}");
+        assert!(!crlf.contains("sk-abc"), "{crlf}");
+        assert_eq!(from_env("GOOD", &at, &env).unwrap().expose(), "sk-abc");
+        assert!(from_env("1ST", &at, &env).is_err());
     }
 
     #[test]

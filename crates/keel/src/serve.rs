@@ -342,7 +342,8 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // before it says it is listening.
     let traces = keel_observe::trace::Traces::new(&settings.telemetry)
         .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
-    // Bind before anything runs in the background, so a failed bind leaves nothing behind.
+    // Bind before anything runs in the background, so that a failed bind leaves no task
+    // running (the store is open, and its files made, already).
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| {
@@ -355,9 +356,16 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
         .local_addr()
         .context("listener has no local address")?;
     if embedded {
-        tracing::info!(
-            "no --config given: using the embedded default (no routes; see examples/keel.toml)"
-        );
+        if std::path::Path::new("keel.toml").is_file() {
+            // `keel config check` reads ./keel.toml by default; serve does not.
+            tracing::warn!(
+                "./keel.toml is not read: with no --config, keel serves the embedded default (no routes); run `keel serve --config keel.toml`"
+            );
+        } else {
+            tracing::info!(
+                "no --config given: using the embedded default (no routes; see examples/keel.toml)"
+            );
+        }
     }
     let routes: Vec<&str> = gateway.route_names().collect();
     output::line(&format!(

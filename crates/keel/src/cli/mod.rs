@@ -22,9 +22,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway (and, as they land, supervisor and observe) until Ctrl-C.
+    /// Run the gateway, the task supervisor and the observer until Ctrl-C or SIGTERM.
     ///
-    /// With no --config, an embedded default: SQLite under ./keel-data, listen 127.0.0.1:8420.
+    /// With no --config, an embedded default: SQLite under ./keel-data, listen 127.0.0.1:8420,
+    /// and no routes (./keel.toml is not read: pass it with --config).
     Serve {
         /// Path to keel.toml.
         #[arg(long, short = 'c', value_name = "FILE")]

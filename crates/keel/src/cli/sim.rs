@@ -940,8 +940,10 @@ fn from_user_config(
     sim_base_url: &str,
 ) -> anyhow::Result<(String, String)> {
     // Check it as keel would first, so problems are reported with file, line and key.
-    // Secrets need not be set: keys and tokens do not reach the simulation.
-    if let Err(errors) = keel_config::load(user, &|_| Some("keel-sim-placeholder".to_owned())) {
+    // Secrets need not be set: keys and tokens do not reach the simulation. Each variable gets
+    // a placeholder of its own, since two agent keys may not be the same.
+    if let Err(errors) = keel_config::load(user, &|var| Some(format!("keel-sim-placeholder-{var}")))
+    {
         let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
         bail!("{}", lines.join("\n"));
     }
@@ -1242,8 +1244,11 @@ targets = [{ provider = "openai", model = "x" }]
 min_calls = 7
 
 [agents.support]
-keys_env = ["NOT_SET_EITHER"]
+keys_env = ["NOT_SET_EITHER", "NOR_THIS_ONE"]
 max_attempts = 4
+
+[agents.billing]
+keys_env = ["NOT_SET_AT_ALL"]
 "#,
         )
         .unwrap();
