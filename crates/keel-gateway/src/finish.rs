@@ -212,13 +212,13 @@ impl Finish {
     }
 
     /// Appends the call's events with the request's payloads and the answer's blob, if its
-    /// `llm_call` named one; it takes them (a call is recorded once).
-    async fn record(&mut self, events: Vec<NewEvent>, task: Option<String>) {
+    /// `llm_call` named one; it takes them (a call is recorded once). Whether they are stored.
+    async fn record(&mut self, events: Vec<NewEvent>, task: Option<String>) -> bool {
         if !self.gw.record_payloads {
             return self.gw.record_call(events, Vec::new(), None).await;
         }
         let blobs = std::mem::take(&mut self.recorded.blobs);
-        self.gw.record_call(events, blobs, task).await;
+        self.gw.record_call(events, blobs, task).await
     }
 
     /// The call's spend against the agent's budgets ([`charge`]), and its token metrics.
@@ -287,12 +287,18 @@ impl Finish {
             count_request(&self.gw, &route.name, &target.id, "ok");
         }
         self.count_fallback(fallback);
-        self.record(std::mem::take(&mut log.events), log.who.task.clone())
+        let stored = self
+            .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
         if let Some(stop) = looping {
             self.gw.stop_loop(stop).await;
         }
         self.observe_duration();
+        if !stored {
+            let mut response = crate::http::store_unavailable().into_response();
+            keel_headers(&mut response, &target.id, log.attempts, fallback, false);
+            return response;
+        }
         let mut response = Response::new(Body::from(body));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -383,7 +389,8 @@ impl Finish {
                 log.push(EventKind::LoopDetected, stop.data.clone());
             }
             self.spend(&mut log, usage.map(|u| (target_id.as_str(), u)));
-            self.record(std::mem::take(&mut log.events), log.who.task.clone())
+            let stored = self
+                .record(std::mem::take(&mut log.events), log.who.task.clone())
                 .await;
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
@@ -407,6 +414,11 @@ impl Finish {
             // call is recorded: a client that saw the end of its stream can find its
             // `llm_call`, and the breaker and metrics already count it.
             let last = match end {
+                // Not stored: the client is not told the stream completed.
+                StreamEnd::Done if !stored => {
+                    let error = crate::http::store_unavailable().body();
+                    Some(sse_frame(error.to_string().as_bytes()))
+                }
                 StreamEnd::Done => Some(Bytes::from_static(b"data: [DONE]\n\n")),
                 StreamEnd::ClientGone | StreamEnd::Failed { .. } => last,
             };
@@ -545,9 +557,15 @@ impl Finish {
                 route: route.name.clone().into(),
             })
             .inc();
-        self.record(std::mem::take(&mut log.events), log.who.task.clone())
+        let stored = self
+            .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
         self.observe_duration();
+        if !stored {
+            let mut response = crate::http::store_unavailable().into_response();
+            keel_headers(&mut response, "none", log.attempts, false, false);
+            return response;
+        }
         let mut response = if self.stream {
             // `hide_usage`: keel asked for the usage chunk, the client did not.
             let chunks = degraded_chunks(&route.name, &reply, !self.hide_usage);

@@ -440,7 +440,8 @@ async fn handle_inner(
                 EventKind::BudgetExceeded,
                 json!({"agent": log.who.agent, "key": over.key, "unit": over.unit.as_str(), "limit": over.limit, "used": over.used, "route": route.name}),
             );
-            gw.record_call(std::mem::take(&mut log.events), Vec::new(), None)
+            let _ = gw
+                .record_call(std::mem::take(&mut log.events), Vec::new(), None)
                 .await;
             count_request(gw, &route.name, "none", "rejected");
             return Err(ApiError::budget(
@@ -579,7 +580,8 @@ async fn screen_input(
                 EventKind::ActionBlocked,
                 json!({"route": route, "agent": log.who.agent, "rules": ["injection"], "reasons": [reason], "stage": "input", "score": found.score}),
             );
-            gw.record_call(std::mem::take(&mut log.events), Vec::new(), None)
+            let _ = gw
+                .record_call(std::mem::take(&mut log.events), Vec::new(), None)
                 .await;
             count_request(gw, route, "none", "rejected");
             Err(ApiError::bad_request(reason)
@@ -642,10 +644,19 @@ impl Drop for CallGuard {
         }
         let gw = Arc::clone(&self.gw);
         let events = std::mem::take(&mut log.events);
-        self.gw
-            .tasks
-            .spawn(async move { gw.record_call(events, Vec::new(), None).await });
+        self.gw.tasks.spawn(async move {
+            let _ = gw.record_call(events, Vec::new(), None).await;
+        });
     }
+}
+
+/// The error that takes the place of an answer keel could not record: nothing is acknowledged
+/// that is not stored (the provider answered, so a retry may be billed again).
+pub(crate) fn store_unavailable() -> ApiError {
+    ApiError::unavailable(
+        "keel could not record this call in its store, so its answer is withheld (the provider answered it: a retry may be billed again); keel's log says why",
+    )
+    .with_code("store_unavailable")
 }
 
 /// The `alert_raised` data of a budget that crossed its warning share.
@@ -665,19 +676,24 @@ pub(crate) fn budget_warning(agent: &str, w: &crate::agents::Warning) -> Value {
 
 impl Gateway {
     /// Records a model call's events with its payloads (owned by `task`) in one batch, with
-    /// the store's call durability (`[store] call_durability`); a store failure is logged,
-    /// never hidden as success.
+    /// the store's call durability (`[store] call_durability`); whether they are stored. A
+    /// store failure is logged, and never hidden as success: a caller with an answer to give
+    /// withholds it ([`store_unavailable`]).
     pub(crate) async fn record_call(
         &self,
         events: Vec<NewEvent>,
         payloads: Vec<keel_store::Payload>,
         task: Option<String>,
-    ) {
+    ) -> bool {
         if events.is_empty() && payloads.is_empty() {
-            return;
+            return true;
         }
-        if let Err(e) = self.store.append_call(events, payloads, task).await {
-            tracing::error!(error = %e, "could not record gateway events");
+        match self.store.append_call(events, payloads, task).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "could not record gateway events");
+                false
+            }
         }
     }
 

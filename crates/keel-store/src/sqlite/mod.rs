@@ -95,6 +95,9 @@ impl PayloadCache {
 /// Entries of the stored-payload cache before it starts over.
 const PAYLOAD_CACHE_LIMIT: usize = 100_000;
 
+/// The state key `ping` writes to prove the store after a failed commit.
+const READY_PROBE: &str = "keel/ready_probe";
+
 // === impl SqliteStore ===
 
 impl SqliteStore {
@@ -349,6 +352,15 @@ impl EventStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         if !self.writer.is_running() {
             return Err(self.stopped());
+        }
+        if self.stats.failing.load(Ordering::Relaxed) {
+            // The latest commit failed: ready only once a write commits again (the disk has
+            // room, the lock is free), not merely because reads still work.
+            let stamp = Vec::from(crate::chain::now_ms().to_string());
+            let version = self.load_state(READY_PROBE).await?.map(|v| v.version);
+            self.writer
+                .save_state(READY_PROBE, stamp, version, false)
+                .await?;
         }
         self.read(Readers::ping).await
     }

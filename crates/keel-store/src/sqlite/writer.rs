@@ -370,6 +370,9 @@ pub(crate) struct WriterStats {
     pub(crate) commits: AtomicU64,
     /// Those of them made with `synchronous=FULL`.
     pub(crate) synced: AtomicU64,
+    /// Whether the latest commit failed (a full disk, an I/O error, a lock held too long):
+    /// `ping` then proves the store with a write of its own before it says it is ready.
+    pub(crate) failing: std::sync::atomic::AtomicBool,
 }
 
 /// How long a busy writer waits for more writes: `delay`
@@ -414,6 +417,7 @@ pub(crate) fn run(
         match written {
             Ok((stamp, results)) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.failing.store(false, Ordering::Relaxed);
                 if durability == Durability::Fsync {
                     stats.synced.fetch_add(1, Ordering::Relaxed);
                 }
@@ -422,6 +426,7 @@ pub(crate) fn run(
                 }
             }
             Err(source) => {
+                stats.failing.store(true, Ordering::Relaxed);
                 tracing::error!(path = %path.display(), events = pending, error = %source, "event store commit failed");
                 let source = Arc::new(source);
                 for request in batch {
@@ -592,6 +597,11 @@ fn write_batch(
     path: &Path,
     batch: &[Request],
 ) -> rusqlite::Result<(Stamp, Vec<Result<Done, StoreError>>)> {
+    if !conn.is_autocommit() {
+        // A failed batch whose rollback failed left its transaction open, which would fail
+        // every `BEGIN` from now on: roll it back before this batch starts.
+        conn.execute_batch("ROLLBACK")?;
+    }
     conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     let written = apply_batch(conn, path, batch).and_then(|written| {
         conn.prepare_cached("COMMIT")?.execute([])?;

@@ -333,3 +333,67 @@ async fn a_fatal_error_body_nested_too_deep_reaches_the_client_and_is_kept_as_a_
     let log = assert_log_keeps_as_blob(&keel, "deep-err", &answer);
     assert!(log.contains("\"outcome\":\"fatal\""), "{log}");
 }
+
+/// Whether `/readyz` says ready.
+async fn ready(keel: &Keel) -> StatusCode {
+    reqwest::get(format!("{}/readyz", keel.url))
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_keel_cannot_record_is_withheld_and_readyz_says_so() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let chat = br#"{"model":"smart","messages":[{"role":"user","content":"hi"}]}"#;
+    // The store refuses every write, as a full disk would.
+    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER full_events BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;
+         CREATE TRIGGER full_state BEFORE INSERT ON state BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;
+         CREATE TRIGGER full_state_again BEFORE UPDATE ON state BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+    )
+    .unwrap();
+    // The provider answered, but keel could not record it: no answer is acknowledged.
+    let (status, json) = post(&keel, chat.to_vec()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(json["error"]["code"], "store_unavailable", "{json}");
+    // A stream's content has gone out already; its end says it was not recorded, not
+    // [DONE].
+    let body = br#"{"model":"smart","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let text = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", keel.url))
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(
+        text.trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("store_unavailable")),
+        "{text}"
+    );
+    // Reads still work, but the store is not ready: a write must commit first.
+    assert_eq!(ready(&keel).await, StatusCode::SERVICE_UNAVAILABLE);
+    // Room again: ready, and answers are given and recorded.
+    db.execute_batch(
+        "DROP TRIGGER full_events; DROP TRIGGER full_state; DROP TRIGGER full_state_again;",
+    )
+    .unwrap();
+    assert_eq!(ready(&keel).await, StatusCode::OK);
+    let (status, json) = post(&keel, chat.to_vec()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(
+        calls.len(),
+        1,
+        "only the answer given is recorded: {calls:?}"
+    );
+}
