@@ -174,11 +174,22 @@ impl<'a> Params<'a> {
                 out.insert(key.into(), value.clone());
             }
             "stop" => {
-                let stops = match value {
+                let mut stops = match value {
                     Value::String(s) => vec![Value::String(s.clone())],
                     Value::Array(items) if items.iter().all(Value::is_string) => items.clone(),
                     _ => return Err(Refusal::new(key, "'stop' must be a string or strings")),
                 };
+                // An empty one stops nothing; Anthropic refuses it.
+                stops.retain(|s| s.as_str().is_some_and(|s| !s.is_empty()));
+                if stops
+                    .iter()
+                    .any(|s| s.as_str().is_some_and(|s| s.trim().is_empty()))
+                {
+                    return Err(Refusal::unsupported(
+                        key,
+                        "it takes no stop sequence that is only whitespace (such as \"\\n\")",
+                    ));
+                }
                 if !stops.is_empty() {
                     out.insert("stop_sequences".into(), Value::Array(stops));
                 }
@@ -279,6 +290,21 @@ fn messages(value: &Value) -> Result<(Vec<Value>, Vec<Value>), Refusal> {
             }
         }
     }
+    // A conversation that ends with the assistant's words is, to Anthropic, an answer to
+    // continue, and it refuses one that ends in whitespace.
+    if let Some(last) = out.last_mut()
+        && last["role"] == "assistant"
+        && let Some(content) = last.get_mut("content").and_then(Value::as_array_mut)
+    {
+        if let Some(Value::String(text)) = content.last_mut().and_then(|b| b.get_mut("text")) {
+            let end = text.trim_end().len();
+            text.truncate(end);
+        }
+        content.retain(|block| block.get("text").is_none_or(|t| t != ""));
+        if content.is_empty() {
+            out.pop();
+        }
+    }
     Ok((system, out))
 }
 
@@ -303,16 +329,18 @@ fn text_block(text: &str) -> Value {
     json!({ "type": "text", "text": text })
 }
 
-/// A text-only content (a string or `text` parts) as non-empty text blocks.
+/// A text-only content (a string or `text` parts) as text blocks, leaving out those that are
+/// empty or only whitespace (Anthropic refuses them; they say nothing: a model's answer is
+/// often `"\n\n"` before its tool calls, and comes back so in the history).
 fn text_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Refusal> {
     match content {
-        Value::String(s) if s.is_empty() => Ok(Vec::new()),
+        Value::String(s) if s.trim().is_empty() => Ok(Vec::new()),
         Value::String(s) => Ok(vec![text_block(s)]),
         Value::Array(parts) => {
             let mut blocks = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {
                 match (part_type(part), part.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some("")) => {}
+                    (Some("text"), Some(text)) if text.trim().is_empty() => {}
                     (Some("text"), Some(text)) => blocks.push(text_block(text)),
                     (kind, _) => {
                         return Err(Refusal::new(
@@ -428,7 +456,7 @@ fn assistant_blocks(message: &Value, at: &str) -> Result<Vec<Value>, Refusal> {
                     _ => None,
                 };
                 match text.and_then(Value::as_str) {
-                    Some("") => {}
+                    Some(text) if text.trim().is_empty() => {}
                     Some(text) => blocks.push(text_block(text)),
                     None => {
                         return Err(Refusal::new(

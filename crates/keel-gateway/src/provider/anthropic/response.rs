@@ -2,6 +2,7 @@
 //! body as an OpenAI error body.
 
 use bytes::Bytes;
+use http::StatusCode;
 use keel_core::class::ErrorHint;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -170,6 +171,25 @@ pub(super) fn openai_error(body: &Bytes) -> (Bytes, ErrorHint) {
     (Bytes::from(translated.to_string()), hint)
 }
 
+/// The HTTP status Anthropic answers an error of the type an error event (or body) names
+/// with; 500 for a type it does not list.
+pub(super) fn status_of_kind(event: &[u8]) -> StatusCode {
+    let kind = serde_json::from_slice::<ErrorBody>(event).map(|b| b.error.kind);
+    let code = match kind.as_deref() {
+        Ok("invalid_request_error") => 400,
+        Ok("authentication_error") => 401,
+        Ok("billing_error") => 402,
+        Ok("permission_error") => 403,
+        Ok("not_found_error") => 404,
+        Ok("request_too_large") => 413,
+        Ok("rate_limit_error") => 429,
+        Ok("timeout_error") => 504,
+        Ok("overloaded_error") => 529,
+        _ => 500,
+    };
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 /// What an Anthropic error says of its cause.
 pub(super) fn hint_of(error: &ErrorDetail) -> ErrorHint {
     let message = error.message.to_ascii_lowercase();
@@ -198,13 +218,15 @@ fn openai_kind(error: &ErrorDetail, hint: ErrorHint) -> (&'static str, String) {
         ErrorHint::ContextTooLong => "context_length_exceeded".to_owned(),
         ErrorHint::ModelNotFound => "model_not_found".to_owned(),
         ErrorHint::AccountRefused => "billing_error".to_owned(),
+        // OpenAI's code for it.
+        ErrorHint::None if error.kind == "rate_limit_error" => "rate_limit_exceeded".to_owned(),
         ErrorHint::ContentFilter | ErrorHint::Unsupported | ErrorHint::None => error.kind.clone(),
     };
     let kind = match error.kind.as_str() {
         "authentication_error" => "authentication_error",
         "permission_error" => "permission_error",
         "rate_limit_error" => "rate_limit_error",
-        "api_error" | "overloaded_error" => "server_error",
+        "api_error" | "overloaded_error" | "timeout_error" => "server_error",
         _ => "invalid_request_error",
     };
     (kind, code)

@@ -24,16 +24,19 @@ use serde_json::{Value, json};
 
 use super::response::{Usage, finish_reason};
 use crate::error::UpstreamError;
-use crate::provider::ChunkStream;
 use crate::provider::client::{Body, SseParser, error_chain};
+use crate::provider::{ChunkStream, Passed};
 
 /// Why an event cannot be translated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Broken {
     /// The event is not what the protocol promises.
     Malformed(String),
-    /// Anthropic reported an error in the stream (`overloaded_error: Overloaded`).
+    /// The connection broke.
     Upstream(String),
+    /// Anthropic reported an error in the stream (`{"type": "error", "error": {"type":
+    /// "overloaded_error", ...}}`): the event as it came.
+    Reported(Bytes),
 }
 
 /// The state of one stream's translation.
@@ -115,15 +118,7 @@ impl Translator {
                 }
                 out.end = true;
             }
-            Some("error") => {
-                let kind = event.pointer("/error/type").and_then(Value::as_str);
-                let message = event.pointer("/error/message").and_then(Value::as_str);
-                return Err(Broken::Upstream(format!(
-                    "the stream reported {}: {}",
-                    kind.unwrap_or("error"),
-                    message.unwrap_or("no message")
-                )));
-            }
+            Some("error") => return Err(Broken::Reported(Bytes::from(event.to_string()))),
             // ping, and event types newer than this translation.
             _ => {}
         }
@@ -281,8 +276,20 @@ fn failure(target: &str, broken: Broken) -> UpstreamError {
     let target = target.to_owned();
     match broken {
         Broken::Malformed(detail) => UpstreamError::malformed(target, detail),
-        // A connection that broke, or Anthropic saying the stream failed (overloaded,
-        // an internal error): both are the upstream failing mid-answer.
+        // A connection that broke: the upstream failing mid-answer.
         Broken::Upstream(detail) => UpstreamError::connect(target, detail),
+        // Anthropic's own error event, classified like the same error sent as an HTTP
+        // answer (an overload retried, a prompt too long sent on to the next target).
+        Broken::Reported(event) => {
+            let (body, hint) = super::response::openai_error(&event);
+            UpstreamError::Status {
+                target,
+                status: super::response::status_of_kind(&event),
+                retry_after: None,
+                body,
+                hint,
+                passed: Passed::default(),
+            }
+        }
     }
 }

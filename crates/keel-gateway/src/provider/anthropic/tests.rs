@@ -438,7 +438,14 @@ fn anthropic_errors_come_back_in_the_openai_shape_with_their_cause() {
         (
             error("rate_limit_error", "slow down"),
             "rate_limit_error",
-            "rate_limit_error",
+            // OpenAI's code for it.
+            "rate_limit_exceeded",
+            ErrorHint::None,
+        ),
+        (
+            error("timeout_error", "Request timed out"),
+            "server_error",
+            "timeout_error",
             ErrorHint::None,
         ),
         (
@@ -776,9 +783,30 @@ fn an_error_event_or_a_broken_event_fails_the_stream() {
     let error =
         json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
     match translator.event(error.to_string().as_bytes()) {
-        Err(Broken::Upstream(detail)) => assert!(detail.contains("overloaded_error"), "{detail}"),
-        other => panic!("not an upstream failure: {other:?}"),
+        Err(Broken::Reported(event)) => {
+            // Classified like the same error answered over HTTP: an overload is a 529,
+            // retried, and its words reach the client in the OpenAI shape.
+            assert_eq!(super::response::status_of_kind(&event).as_u16(), 529);
+            let (body, hint) = openai_error(&event);
+            assert_eq!(hint, ErrorHint::None);
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"]["message"], "Overloaded");
+            assert_eq!(body["error"]["type"], "server_error");
+        }
+        other => panic!("not the upstream's error: {other:?}"),
     }
+    // A prompt too long, reported in the stream: the next target's to try.
+    let long = json!({"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 208310 tokens > 200000 maximum"}});
+    let long = Bytes::from(long.to_string());
+    assert_eq!(super::response::status_of_kind(&long).as_u16(), 400);
+    assert_eq!(openai_error(&long).1, ErrorHint::ContextTooLong);
+    let limited = Bytes::from(
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}})
+            .to_string(),
+    );
+    assert_eq!(super::response::status_of_kind(&limited).as_u16(), 429);
+    let limited: Value = serde_json::from_slice(&openai_error(&limited).0).unwrap();
+    assert_eq!(limited["error"]["code"], "rate_limit_exceeded");
     assert!(matches!(
         translator.event(b"{\"type\": \"content_"),
         Err(Broken::Malformed(_))
@@ -816,4 +844,44 @@ async fn a_body_that_ends_before_message_stop_is_an_error_not_a_short_success() 
         other => panic!("not a malformed-stream error: {other:?}"),
     }
     assert!(stream.next().await.is_none());
+}
+
+#[test]
+fn whitespace_anthropic_refuses_is_left_out_or_refused_before_sending() {
+    // A model's "\n\n" before its tool call comes back in the history: left out, as is a
+    // whitespace-only system message; the final assistant words lose trailing whitespace.
+    let body = anthropic(json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "  "},
+            user("weather?"),
+            {"role": "assistant", "content": "\n\n", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "assistant", "content": "It is "},
+        ],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        "stop": ["", "END"],
+    }));
+    assert!(
+        body.get("system")
+            .is_none_or(|s| s.as_array().is_some_and(Vec::is_empty)),
+        "{body}"
+    );
+    let messages = body["messages"].as_array().unwrap();
+    let with_call = &messages[1]["content"];
+    assert_eq!(with_call.as_array().unwrap().len(), 1, "{with_call}");
+    assert_eq!(with_call[0]["type"], "tool_use");
+    let last = messages.last().unwrap();
+    assert_eq!(last["role"], "assistant");
+    assert_eq!(last["content"][0]["text"], "It is");
+    assert_eq!(body["stop_sequences"], json!(["END"]));
+    // A stop sequence of whitespace alone cannot be sent: refused, so another target may
+    // take the request.
+    let refused = refusal(json!({"model": "m", "messages": [user("hi")], "stop": "\n"}));
+    assert_eq!(refused.param, "stop");
+    assert!(
+        refused.message.contains("whitespace"),
+        "{}",
+        refused.message
+    );
 }
