@@ -12,6 +12,12 @@ use serde::Deserialize;
 use crate::duration;
 use crate::error::{Invalid, KeyPath, Problems};
 
+/// The largest count window, in calls.
+const MAX_COUNT_WINDOW: u32 = 1_000_000;
+
+/// The largest time window, in seconds: a day.
+const MAX_TIME_WINDOW: u32 = 86_400;
+
 /// The breaker used when `[breaker]` is absent: count window of 100 calls, 20 calls before
 /// rates count, opens at 50% failures, slow calls (60s) only open it when every call is slow,
 /// stays open 30s, then lets 5 trial calls through.
@@ -98,6 +104,16 @@ impl BreakerConfig {
             if value == 0 {
                 problems.push(at.child(key).invalid("must be at least 1"));
             }
+        }
+        // The window keeps one entry per call (count) or per second (time), in memory.
+        let (largest, unit) = match window {
+            Window::Count(_) => (MAX_COUNT_WINDOW, "calls"),
+            Window::Time(_) => (MAX_TIME_WINDOW, "seconds (a day)"),
+        };
+        if size > largest {
+            problems.push(at.child("window_size").invalid(format!(
+                "{size} is over the largest window, {largest} {unit}"
+            )));
         }
         let failure_rate = self.failure_rate.unwrap_or(parent.failure_rate);
         let slow_call_rate = self.slow_call_rate.unwrap_or(parent.slow_call_rate);

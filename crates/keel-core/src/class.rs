@@ -39,8 +39,10 @@ pub enum ErrorHint {
     ModelNotFound,
     /// The provider's content filter refused the request.
     ContentFilter,
-    /// The provider's API cannot express the request (a parameter or endpoint it lacks):
-    /// keel found this while translating the request for it and sent nothing.
+    /// The target cannot serve the request as asked: its API lacks a parameter or endpoint
+    /// (keel found this while translating the request for it and sent nothing), or the
+    /// model writes fewer tokens than the request's `max_tokens` asks for (OpenAI's "max_tokens
+    /// is too large", Anthropic's "the maximum allowed number of output tokens").
     Unsupported,
     /// The provider refused keel's account, not the request (OpenAI's `insufficient_quota`,
     /// Anthropic's "credit balance is too low"): another provider may answer, and the
@@ -69,6 +71,11 @@ impl ErrorHint {
             || text.contains("content management policy")
         {
             Self::ContentFilter
+        } else if text.contains("max_tokens is too large")
+            || text.contains("maximum allowed number of output tokens")
+        {
+            // Another model may write that many.
+            Self::Unsupported
         } else if text.contains("insufficient_quota") {
             // OpenAI's 429 for a spent quota or an unpaid bill: no retry brings it back.
             Self::AccountRefused
@@ -117,6 +124,7 @@ mod tests {
         let too_long = br#"{"error":{"code":"context_length_exceeded","message":"maximum context length is 8192 tokens"}}"#;
         let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
         let plain = br#"{"error":{"message":"bad"}}"#;
+        let too_many_out = br#"{"error":{"message":"max_tokens is too large: 100000. This model supports at most 16384 completion tokens, whereas you provided 100000.","type":"invalid_request_error","param":"max_tokens","code":null}}"#;
         let quota = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
         let table: &[(u16, &[u8], ErrorClass)] = &[
             (408, plain, ErrorClass::Retryable),
@@ -136,6 +144,7 @@ mod tests {
             (404, plain, ErrorClass::Fatal),
             (422, plain, ErrorClass::Fatal),
             (501, plain, ErrorClass::FallbackOnly),
+            (400, too_many_out, ErrorClass::FallbackOnly),
             (505, plain, ErrorClass::Retryable),
             (520, b"<html>origin error</html>", ErrorClass::Retryable),
             (

@@ -81,6 +81,8 @@ pub(crate) struct Finish {
     /// The route's series every answered call updates.
     pub(crate) route_metrics: Arc<crate::metrics::RouteMetrics>,
     pub(crate) started: Instant,
+    /// When the executor started on the call (its body read): where `total` counts from.
+    pub(crate) call_started: Instant,
     pub(crate) stream: bool,
     /// keel asked the stream for usage the client did not ask for: its usage-only
     /// chunk is not forwarded.
@@ -323,7 +325,7 @@ impl Finish {
         log.request_id = passed.request_id().map(str::to_owned);
         let attempts = log.attempts;
         let idle = route.timeouts.idle;
-        let total = self.started + route.timeouts.total;
+        let total = self.call_started + route.timeouts.total;
         let deadline = match task_deadline {
             Some(task) if task < total => (task, "its task's deadline"),
             _ => (total, "the total deadline"),

@@ -480,6 +480,9 @@ async fn handle_inner(
         started,
         log: Some(log),
     };
+    // The call's `total` runs from here (the body is read): the executor's and, for a
+    // stream, its pump's.
+    let call_started = Instant::now();
     let answer = match guard.log.as_mut() {
         Some(log) => {
             executor
@@ -497,6 +500,7 @@ async fn handle_inner(
         route_name: route.name.clone(),
         route_metrics: Arc::clone(&route.metrics),
         started,
+        call_started,
         stream: parsed.stream,
         hide_usage,
     };

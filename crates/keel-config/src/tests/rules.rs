@@ -1,6 +1,6 @@
 //! One test per validation rule, asserting the exact rendered message, line included.
 
-use super::{errors, secs};
+use super::{env, errors, parse, secs};
 
 /// A provider on lines 1-3, so route tests can start at line 5.
 const OPENAI: &str = "[providers.openai]
@@ -494,6 +494,19 @@ fn breaker_counts_must_be_positive() {
          keel.toml:3: breaker.min_calls: must be at least 1\n\
          keel.toml:4: breaker.half_open_calls: must be at least 1"
     );
+}
+
+#[test]
+fn a_breaker_window_is_bounded_since_it_is_kept_in_memory() {
+    assert_eq!(
+        errors("[breaker]\nwindow_size = 4000000000\n"),
+        "keel.toml:2: breaker.window_size: 4000000000 is over the largest window, 1000000 calls"
+    );
+    assert_eq!(
+        errors("[breaker]\nwindow = \"time\"\nwindow_size = 604800\n"),
+        "keel.toml:3: breaker.window_size: 604800 is over the largest window, 86400 seconds (a day)"
+    );
+    assert!(parse("[breaker]\nwindow_size = 1000000\n", "keel.toml", &env).is_ok());
 }
 
 #[test]

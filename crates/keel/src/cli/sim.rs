@@ -883,8 +883,8 @@ preflight = ["input.needs.all(t, t == '{ACT}')"]
 targets = [{{ provider = "sim", model = "{LARGE}" }}]
 retry = {{ max_attempts = 1 }}
 timeouts = {{ connect = "10s", first_token = "30s", idle = "30s", attempt = "30s", total = "30s" }}
-# No breaker: a verdict needs a billion calls in the window, far more than any run makes.
-breaker = {{ window = "count", window_size = 1000000000, min_calls = 1000000000, failure_rate = 1.0, slow_call_rate = 1.0, slow_call = "30s", open_for = "1s", half_open_calls = 1 }}
+# No breaker: a verdict needs a million calls in the window, far more than any run makes.
+breaker = {{ window = "count", window_size = 1000000, min_calls = 1000000, failure_rate = 1.0, slow_call_rate = 1.0, slow_call = "30s", open_for = "1s", half_open_calls = 1 }}
 
 [agents.{AGENT}]
 max_attempts = 1

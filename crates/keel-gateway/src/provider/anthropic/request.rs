@@ -305,6 +305,12 @@ fn messages(value: &Value) -> Result<(Vec<Value>, Vec<Value>), Refusal> {
             out.pop();
         }
     }
+    if out.is_empty() {
+        return Err(Refusal::unsupported(
+            "messages",
+            "it needs a user or assistant message to answer, not system messages alone",
+        ));
+    }
     Ok((system, out))
 }
 

@@ -205,6 +205,11 @@ pub(super) fn hint_of(error: &ErrorDetail) -> ErrorHint {
         }
         // "model: claude-x"
         "not_found_error" if message.starts_with("model:") => ErrorHint::ModelNotFound,
+        // "max_tokens: 32768 > 8192, which is the maximum allowed number of output tokens for
+        // claude-...": another model may write that many.
+        "invalid_request_error" if message.contains("maximum allowed number of output tokens") => {
+            ErrorHint::Unsupported
+        }
         // "Your credit balance is too low to access the Anthropic API...": keel's account.
         "billing_error" => ErrorHint::AccountRefused,
         "invalid_request_error" if message.contains("credit balance") => ErrorHint::AccountRefused,

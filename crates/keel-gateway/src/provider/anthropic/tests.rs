@@ -443,6 +443,15 @@ fn anthropic_errors_come_back_in_the_openai_shape_with_their_cause() {
             ErrorHint::None,
         ),
         (
+            error(
+                "invalid_request_error",
+                "max_tokens: 32768 > 8192, which is the maximum allowed number of output tokens for claude-3-5-haiku-20241022",
+            ),
+            "invalid_request_error",
+            "invalid_request_error",
+            ErrorHint::Unsupported,
+        ),
+        (
             error("timeout_error", "Request timed out"),
             "server_error",
             "timeout_error",
@@ -884,4 +893,8 @@ fn whitespace_anthropic_refuses_is_left_out_or_refused_before_sending() {
         "{}",
         refused.message
     );
+    // Only system messages: OpenAI answers them, Anthropic needs a turn to answer.
+    let refused =
+        refusal(json!({"model": "m", "messages": [{"role": "system", "content": "say hi"}]}));
+    assert_eq!(refused.param, "messages");
 }
