@@ -61,16 +61,14 @@ pub(crate) fn from_env(
     if var.is_empty() {
         return Err(at.invalid("must name an environment variable"));
     }
-    let is_name = var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    // A name as shells write them; another (with `-` or `.`, as containers allow) is read
+    // all the same, but not repeated in an error, since it may be the key itself pasted in.
+    let plain = var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !var.starts_with(|c: char| c.is_ascii_digit());
-    if !is_name {
-        // Most likely the key itself, pasted in: not repeated here, where it would reach a
-        // terminal or a CI log.
-        return Err(at.invalid(
-            "must name an environment variable (letters, digits and _), not hold a key: put the key in an environment variable and name that variable here",
-        ));
-    }
     match env(var) {
+        None if !plain => Err(at.invalid(
+            "the environment variable it names is not set (the name is not repeated here: it does not look like a variable's name; is it the key itself? put the key in an environment variable and name that variable here)",
+        )),
         Some(value) if value.chars().any(char::is_control) => Err(at.invalid(format!(
             "environment variable {var} holds a line break or another control character, which no HTTP header can carry (a file of variables with Windows line endings?)"
         ))),
@@ -106,12 +104,17 @@ mod tests {
         };
         let pasted = from_env("sk-proj-abc123", &at, &env).unwrap_err().message;
         assert!(!pasted.contains("sk-proj"), "{pasted}");
-        assert!(pasted.contains("not hold a key"), "{pasted}");
+        assert!(pasted.contains("is it the key itself"), "{pasted}");
         let crlf = from_env("CRLF", &at, &env).unwrap_err().message;
         assert!(crlf.contains("line break"), "{crlf}");
         assert!(!crlf.contains("sk-abc"), "{crlf}");
         assert_eq!(from_env("GOOD", &at, &env).unwrap().expose(), "sk-abc");
-        assert!(from_env("1ST", &at, &env).is_err());
+        // A name containers allow is read like any other.
+        let dotted = |var: &str| (var == "openai.key").then(|| "sk-abc".to_owned());
+        assert_eq!(
+            from_env("openai.key", &at, &dotted).unwrap().expose(),
+            "sk-abc"
+        );
     }
 
     #[test]

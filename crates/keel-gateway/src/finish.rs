@@ -297,7 +297,7 @@ impl Finish {
         }
         self.observe_duration();
         if !stored {
-            let mut response = crate::http::store_unavailable().into_response();
+            let mut response = crate::http::store_unavailable(true).into_response();
             keel_headers(&mut response, &target.id, log.attempts, fallback, false);
             return response;
         }
@@ -418,7 +418,7 @@ impl Finish {
             let last = match end {
                 // Not stored: the client is not told the stream completed.
                 StreamEnd::Done if !stored => {
-                    let error = crate::http::store_unavailable().body();
+                    let error = crate::http::store_unavailable(true).body();
                     Some(sse_frame(error.to_string().as_bytes()))
                 }
                 StreamEnd::Done => Some(Bytes::from_static(b"data: [DONE]\n\n")),
@@ -564,7 +564,7 @@ impl Finish {
             .await;
         self.observe_duration();
         if !stored {
-            let mut response = crate::http::store_unavailable().into_response();
+            let mut response = crate::http::store_unavailable(false).into_response();
             keel_headers(&mut response, "none", log.attempts, false, false);
             return response;
         }

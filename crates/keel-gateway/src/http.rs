@@ -655,12 +655,15 @@ impl Drop for CallGuard {
 }
 
 /// The error that takes the place of an answer keel could not record: nothing is acknowledged
-/// that is not stored (the provider answered, so a retry may be billed again).
-pub(crate) fn store_unavailable() -> ApiError {
-    ApiError::unavailable(
-        "keel could not record this call in its store, so its answer is withheld (the provider answered it: a retry may be billed again); keel's log says why",
-    )
-    .with_code("store_unavailable")
+/// that is not stored. `answered`: a provider answered (a retry may be billed again); else
+/// the answer withheld is the route's degraded reply.
+pub(crate) fn store_unavailable(answered: bool) -> ApiError {
+    let message = if answered {
+        "keel could not record this call in its store, so its answer is withheld (the provider answered it: a retry may be billed again); keel's log says why"
+    } else {
+        "keel could not record this call in its store, so the route's degraded reply (every target had failed) is withheld; keel's log says why"
+    };
+    ApiError::unavailable(message).with_code("store_unavailable")
 }
 
 /// The `alert_raised` data of a budget that crossed its warning share.

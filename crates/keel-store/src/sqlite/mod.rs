@@ -358,9 +358,15 @@ impl EventStore for SqliteStore {
             // room, the lock is free), not merely because reads still work.
             let stamp = Vec::from(crate::chain::now_ms().to_string());
             let version = self.load_state(READY_PROBE).await?.map(|v| v.version);
-            self.writer
+            let probed = self
+                .writer
                 .save_state(READY_PROBE, stamp, version, false)
-                .await?;
+                .await;
+            if let Err(e) = probed {
+                // Its own write failed inside a batch that committed: still failing.
+                self.stats.failing.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
         }
         self.read(Readers::ping).await
     }

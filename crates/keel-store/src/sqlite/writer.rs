@@ -412,7 +412,15 @@ pub(crate) fn run(
         }
         linger.upcoming.taken(batch.len());
         let durability = commit_durability(&batch, durabilities);
-        let written = set_synchronous(&conn, &mut synchronous, durability)
+        // A failed batch whose rollback failed left its transaction open, which would fail
+        // every `BEGIN` (and a change of `synchronous`) from now on: rolled back first.
+        let reopened = if conn.is_autocommit() {
+            Ok(())
+        } else {
+            conn.execute_batch("ROLLBACK")
+        };
+        let written = reopened
+            .and_then(|()| set_synchronous(&conn, &mut synchronous, durability))
             .and_then(|()| write_batch(&mut conn, &path, &batch));
         match written {
             Ok((stamp, results)) => {
@@ -597,11 +605,6 @@ fn write_batch(
     path: &Path,
     batch: &[Request],
 ) -> rusqlite::Result<(Stamp, Vec<Result<Done, StoreError>>)> {
-    if !conn.is_autocommit() {
-        // A failed batch whose rollback failed left its transaction open, which would fail
-        // every `BEGIN` from now on: roll it back before this batch starts.
-        conn.execute_batch("ROLLBACK")?;
-    }
     conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     let written = apply_batch(conn, path, batch).and_then(|written| {
         conn.prepare_cached("COMMIT")?.execute([])?;

@@ -380,7 +380,9 @@ async fn an_answer_keel_cannot_record_is_withheld_and_readyz_says_so() {
             .is_some_and(|l| l.contains("store_unavailable")),
         "{text}"
     );
-    // Reads still work, but the store is not ready: a write must commit first.
+    // Reads still work, but the store is not ready: a write must commit first, and every
+    // probe until one does says so.
+    assert_eq!(ready(&keel).await, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready(&keel).await, StatusCode::SERVICE_UNAVAILABLE);
     // Room again: ready, and answers are given and recorded.
     db.execute_batch(

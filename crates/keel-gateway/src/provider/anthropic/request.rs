@@ -308,7 +308,7 @@ fn messages(value: &Value) -> Result<(Vec<Value>, Vec<Value>), Refusal> {
     if out.is_empty() {
         return Err(Refusal::unsupported(
             "messages",
-            "it needs a user or assistant message to answer, not system messages alone",
+            "it needs a user or assistant message with something in it to answer; system messages alone, or messages of whitespace alone, cannot be sent",
         ));
     }
     Ok((system, out))
@@ -399,6 +399,14 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Refusal> {
                 ));
             }
         }
+    }
+    // Beside something else (an image with a blank caption), text of whitespace alone says
+    // nothing, and Anthropic refuses it. Alone, it is the client's to send.
+    let blank = |block: &Value| {
+        block["type"] == "text" && block["text"].as_str().is_some_and(|t| t.trim().is_empty())
+    };
+    if blocks.iter().any(|b| !blank(b)) {
+        blocks.retain(|b| !blank(b));
     }
     Ok(blocks)
 }
@@ -555,7 +563,8 @@ fn tool_result(message: &Value, at: &str) -> Result<Value, Refusal> {
         })?;
     let mut block = json!({ "type": "tool_result", "tool_use_id": tool_id(id) });
     match message.get("content").unwrap_or(&Value::Null) {
-        Value::String(s) if s.is_empty() => {}
+        // Whitespace alone, which Anthropic refuses as text, is no result to give.
+        Value::String(s) if s.trim().is_empty() => {}
         Value::String(s) => block["content"] = Value::String(s.clone()),
         other => {
             let blocks = text_blocks(other, at)?;

@@ -893,6 +893,16 @@ fn whitespace_anthropic_refuses_is_left_out_or_refused_before_sending() {
         "{}",
         refused.message
     );
+    // An image with a blank caption: the caption is left out.
+    let body = anthropic(
+        json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "\n"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        ]}]}),
+    );
+    let content = body["messages"][0]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 1, "{body}");
+    assert_eq!(content[0]["type"], "image");
     // Only system messages: OpenAI answers them, Anthropic needs a turn to answer.
     let refused =
         refusal(json!({"model": "m", "messages": [{"role": "system", "content": "say hi"}]}));
