@@ -78,6 +78,10 @@ pub struct Fault {
     /// its last chunk, as some OpenAI-compatible servers do.
     #[serde(default)]
     pub no_done: bool,
+    /// Chat: answer a streaming request with the whole completion as JSON
+    /// (`application/json`), as a server or proxy that ignores `stream` does.
+    #[serde(default)]
+    pub ignore_stream: bool,
     /// Tools only: answer `302 Found` with this `Location` instead.
     #[serde(default)]
     pub redirect: Option<String>,

@@ -359,10 +359,13 @@ fn chat_response(
     model: &str,
     fault: Option<&Fault>,
 ) -> Response<SimBody> {
-    let plan = match chat::plan(request, fault.and_then(|f| f.reply.as_deref())) {
+    let mut plan = match chat::plan(request, fault.and_then(|f| f.reply.as_deref())) {
         Ok(plan) => plan,
         Err(message) => return invalid_request(&message),
     };
+    if fault.is_some_and(|f| f.ignore_stream) {
+        plan.stream = false;
+    }
     let n = shared.next_id();
     let created = unix_now();
     let error_after = fault.and_then(|f| f.error_event_after_chunks);

@@ -300,6 +300,65 @@ async fn stream_delivers_the_same_content_as_a_plain_call() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_ignores_stream_true_still_streams_to_the_client() {
+    let (sim, keel, out) = stream_with(Fault {
+        ignore_stream: true,
+        ..Fault::default()
+    })
+    .await;
+    // The whole JSON answer, sent on as the chunks of a stream: the SDK reads a stream.
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["finish_reason"], "stop", "{out}");
+    assert!(
+        out["content"]
+            .as_str()
+            .unwrap()
+            .contains("stream to me please"),
+        "{out}"
+    );
+    assert_eq!(out["headers"]["x-keel-attempts"], "1", "{out}");
+    assert_eq!(sim.calls("primary"), 1);
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls[0]["outcome"], "ok");
+    // Its usage was counted, as a stream's is.
+    assert!(
+        calls[0]["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{:?}",
+        calls[0]
+    );
+    // Tool calls too, with the index a stream's deltas carry.
+    sim.script(
+        "primary",
+        vec![Fault {
+            ignore_stream: true,
+            ..Fault::default()
+        }],
+    );
+    let body = serde_json::json!({"model": "smart", "stream": true,
+        "messages": [{"role": "user", "content": "weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]});
+    let text = raw_chat(&keel, None, &body).await;
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let call = &events[0]["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["index"], 0, "{text}");
+    assert_eq!(call["function"]["name"], "get_weather", "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // No usage chunk: the client did not ask for one.
+    assert!(
+        events
+            .iter()
+            .all(|e| e.get("usage").is_none_or(serde_json::Value::is_null)),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tool_calls_and_response_format_pass_through() {
     let sim = sim().await;
     let keel = Keel::start(TWO_TARGETS, &sim).await;
