@@ -480,15 +480,14 @@ async fn handle_inner(
         started,
         log: Some(log),
     };
+    // Only a chat completion streams: `stream` in an embeddings request is passed on, and
+    // the answer read as the JSON it is.
+    let stream = parsed.stream && endpoint == Endpoint::ChatCompletions;
     // The call's `total` runs from here (the body is read): the executor's and, for a
     // stream, its pump's.
     let call_started = Instant::now();
     let answer = match guard.log.as_mut() {
-        Some(log) => {
-            executor
-                .run(endpoint, &parsed.body, parsed.stream, log)
-                .await
-        }
+        Some(log) => executor.run(endpoint, &parsed.body, stream, log).await,
         None => return Err(ApiError::internal("call log missing")),
     };
     let Some(log) = guard.log.take() else {
@@ -501,7 +500,7 @@ async fn handle_inner(
         route_metrics: Arc::clone(&route.metrics),
         started,
         call_started,
-        stream: parsed.stream,
+        stream,
         hide_usage,
     };
     Ok(match answer {

@@ -884,6 +884,19 @@ impl Executor<'_> {
         match reply {
             ProviderReply::Json(body, passed) => {
                 match read_json(body, &target, endpoint, self.keep_text) {
+                    // A server that ignored `stream: true`: its whole answer, read and judged
+                    // like any JSON answer, goes on as the chunks a stream of it would have sent.
+                    Ok(read) if stream => {
+                        let Some(chunks) = crate::provider::completion_chunks(&read.body) else {
+                            let detail = "a stream was asked for, and the JSON answer that came has no choices to send";
+                            return Err(UpstreamError::malformed(target.as_str(), detail)
+                                .with_passed(passed));
+                        };
+                        let mut chunks = chunks.into_iter();
+                        let first = chunks.next().unwrap_or_default();
+                        let rest = futures::stream::iter(chunks.map(Ok)).boxed();
+                        Ok(Reply::Stream(first, rest, passed))
+                    }
                     Ok(read) => Ok(Reply::Json(JsonReply { passed, ..read })),
                     // An error object sent as a 200 is named like the same error sent as
                     // an HTTP answer.

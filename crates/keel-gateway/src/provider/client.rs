@@ -307,6 +307,49 @@ pub(super) async fn failure(
     (status, retry_after, body)
 }
 
+/// Whether a successful answer to a stream request is a whole JSON document instead (a
+/// server or proxy that ignores `stream: true`), and its body, whole again: told by its first
+/// byte that is not whitespace (`{`), not by its `content-type`, which some servers set to
+/// `application/json` over SSE frames. Only an answer that says it is JSON is looked into;
+/// a body that breaks off before saying anything is left to the stream's reading.
+pub(super) async fn whole_json(
+    response: http::Response<Body>,
+    target: &str,
+) -> Result<(bool, Body), UpstreamError> {
+    use futures::StreamExt;
+    use http_body_util::{BodyStream, StreamBody};
+    let says_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    let mut body = response.into_body();
+    if !says_json {
+        return Ok((false, body));
+    }
+    let mut head = BytesMut::new();
+    let first = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    head.extend_from_slice(&data);
+                    if let Some(b) = head.iter().find(|b| !b.is_ascii_whitespace()) {
+                        break Some(*b);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                return Err(UpstreamError::connect(target, error_chain(e.as_ref())));
+            }
+            None => break None,
+        }
+    };
+    let head = http_body::Frame::data(head.freeze());
+    let whole = StreamBody::new(futures::stream::iter([Ok(head)]).chain(BodyStream::new(body)));
+    Ok((first == Some(b'{'), BodyExt::boxed(whole)))
+}
+
 /// Reads a JSON answer's whole body; a body that breaks off is a transport failure named by
 /// the answer's headers (`passed`), which came before it.
 pub(super) async fn read_all(
@@ -507,6 +550,49 @@ mod tests {
             urls(azure),
             ["http://127.0.0.1:9/v1/chat/completions?api-version=2024-10-21"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_whole_json_answer_is_told_from_sse_by_its_first_byte_and_kept_whole() {
+        let answer = |content_type: &str, pieces: &[&'static [u8]]| {
+            let frames = pieces
+                .iter()
+                .map(|p| Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(p))))
+                .collect::<Vec<_>>();
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            let mut response = http::Response::new(BodyExt::boxed(body));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+            response
+        };
+        let whole = |body: Body| async move { body.collect().await.unwrap().to_bytes() };
+        // JSON, in pieces, after a blank first piece: read as JSON, every byte kept.
+        let (json, body) = whole_json(
+            answer(
+                "application/json; charset=utf-8",
+                &[b"\n ", b"{\"choices\"", b": []}"],
+            ),
+            "p/m",
+        )
+        .await
+        .unwrap();
+        assert!(json);
+        assert_eq!(whole(body).await, "\n {\"choices\": []}");
+        // SSE frames under a JSON content type (some servers send them so): a stream.
+        let (json, body) = whole_json(
+            answer("Application/JSON", &[b"data: {}\n\n", b"data: [DONE]\n\n"]),
+            "p/m",
+        )
+        .await
+        .unwrap();
+        assert!(!json);
+        assert_eq!(whole(body).await, "data: {}\n\ndata: [DONE]\n\n");
+        // The stream's own type is not looked into.
+        let (json, _) = whole_json(answer("text/event-stream", &[b"{}"]), "p/m")
+            .await
+            .unwrap();
+        assert!(!json);
     }
 
     #[tokio::test]

@@ -93,16 +93,15 @@ impl Provider for OpenAiProvider {
             });
         }
         if request.stream {
-            if is_json(response.headers()) {
-                // A server or proxy that ignores `stream: true` answered the whole completion:
-                // it goes on as the chunks a stream of it would have been.
-                let body = client::read_all(response.into_body(), &target, &passed).await?;
-                return Ok(ProviderReply::Stream(as_chunks(&body, target), passed));
-            }
-            return Ok(ProviderReply::Stream(
-                sse_chunks(response.into_body(), target),
-                passed,
-            ));
+            // A server or proxy that ignores `stream: true` answers the whole completion as
+            // JSON: the executor reads it as such and sends it on as a stream's chunks.
+            return match client::whole_json(response, &target).await? {
+                (true, body) => {
+                    let body = client::read_all(body, &target, &passed).await?;
+                    Ok(ProviderReply::Json(body, passed))
+                }
+                (false, body) => Ok(ProviderReply::Stream(sse_chunks(body, target), passed)),
+            };
         }
         let body = client::read_all(response.into_body(), &target, &passed).await?;
         Ok(ProviderReply::Json(body, passed))
@@ -158,102 +157,6 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
     .boxed()
 }
 
-/// Whether an answer's `content-type` is JSON (`application/json`, with or without
-/// parameters), not the `text/event-stream` a stream is sent as.
-fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
-}
-
-/// A whole `chat.completion` as the events a stream of it would have sent: per choice, one
-/// chunk with the role, the content (and refusal) and the tool calls (each with its
-/// `index`); then one chunk of every choice's `finish_reason`; then the usage, if the answer
-/// has one, in a chunk of its own. An error object is the error it names, and anything else
-/// a malformed answer.
-fn as_chunks(body: &Bytes, target: String) -> ChunkStream {
-    if let Some(error) = error_event(body, &target) {
-        return futures::stream::iter([Err(error)]).boxed();
-    }
-    let chunks = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|answer| completion_chunks(&answer));
-    match chunks {
-        Some(chunks) => futures::stream::iter(chunks.into_iter().map(Ok)).boxed(),
-        None => {
-            let detail =
-                "a stream was asked for, and the JSON answer that came is not a chat completion";
-            futures::stream::iter([Err(UpstreamError::malformed(target, detail))]).boxed()
-        }
-    }
-}
-
-/// The chunks of [`as_chunks`]; `None` when `answer` has no `choices` to send.
-fn completion_chunks(answer: &serde_json::Value) -> Option<Vec<Bytes>> {
-    use serde_json::{Value, json};
-    let choices = answer.get("choices")?.as_array()?;
-    let chunk = |choices: Value, usage: Option<&Value>| {
-        let mut chunk = json!({
-            "id": answer.get("id").cloned().unwrap_or(Value::Null),
-            "object": "chat.completion.chunk",
-            "created": answer.get("created").cloned().unwrap_or(Value::Null),
-            "model": answer.get("model").cloned().unwrap_or(Value::Null),
-            "choices": choices,
-        });
-        if let Some(fingerprint) = answer.get("system_fingerprint") {
-            chunk["system_fingerprint"] = fingerprint.clone();
-        }
-        if let Some(usage) = usage {
-            chunk["usage"] = usage.clone();
-        }
-        Bytes::from(chunk.to_string())
-    };
-    let mut chunks = Vec::with_capacity(choices.len() + 2);
-    let mut finishes = Vec::with_capacity(choices.len());
-    for (i, choice) in choices.iter().enumerate() {
-        let index = choice.get("index").cloned().unwrap_or_else(|| json!(i));
-        let message = choice.get("message").cloned().unwrap_or_else(|| json!({}));
-        let mut delta = json!({
-            "role": message.get("role").cloned().unwrap_or_else(|| json!("assistant")),
-            "content": message.get("content").cloned().unwrap_or(Value::Null),
-        });
-        for key in ["refusal", "reasoning_content"] {
-            if let Some(value) = message.get(key).filter(|v| !v.is_null()) {
-                delta[key] = value.clone();
-            }
-        }
-        if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
-            let calls: Vec<Value> = calls
-                .iter()
-                .enumerate()
-                .map(|(k, call)| {
-                    let mut call = call.clone();
-                    call["index"] = json!(k);
-                    call
-                })
-                .collect();
-            delta["tool_calls"] = Value::Array(calls);
-        }
-        let mut said = json!({"index": index, "delta": delta, "finish_reason": null});
-        if let Some(logprobs) = choice.get("logprobs").filter(|v| !v.is_null()) {
-            said["logprobs"] = logprobs.clone();
-        }
-        chunks.push(chunk(json!([said]), None));
-        finishes.push(json!({
-            "index": index,
-            "delta": {},
-            "finish_reason": choice.get("finish_reason").cloned().unwrap_or_else(|| json!("stop")),
-        }));
-    }
-    chunks.push(chunk(Value::Array(finishes), None));
-    if let Some(usage) = answer.get("usage").filter(|u| !u.is_null()) {
-        chunks.push(chunk(json!([]), Some(usage)));
-    }
-    Some(chunks)
-}
-
 /// The error `event` reports, when it is an error event (a JSON object with a non-null
 /// `error`), as [`UpstreamError::error_object`] classifies it.
 fn error_event(event: &Bytes, target: &str) -> Option<UpstreamError> {
@@ -304,61 +207,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_whole_completion_becomes_the_chunks_of_its_stream() {
-        use serde_json::{Value, json};
-        let answer = json!({
-            "id": "c1", "object": "chat.completion", "created": 7, "model": "m",
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"},
-                {"index": 1, "message": {"role": "assistant", "content": null, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
-                ]}, "finish_reason": "tool_calls"},
-            ],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-        });
-        let chunks: Vec<Value> = super::completion_chunks(&answer)
-            .unwrap()
-            .iter()
-            .map(|c| serde_json::from_slice(c).unwrap())
-            .collect();
-        assert_eq!(chunks.len(), 4);
-        assert!(
-            chunks
-                .iter()
-                .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == "c1")
-        );
-        assert_eq!(chunks[0]["choices"][0]["delta"]["content"], "hi");
-        assert!(chunks[0]["choices"][0]["finish_reason"].is_null());
-        let call = &chunks[1]["choices"][0]["delta"]["tool_calls"][0];
-        assert_eq!(
-            (call["index"].clone(), call["id"].clone()),
-            (json!(0), json!("call_1"))
-        );
-        let reasons: Vec<&Value> = chunks[2]["choices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| &c["finish_reason"])
-            .collect();
-        assert_eq!(reasons, [&json!("stop"), &json!("tool_calls")]);
-        assert_eq!(chunks[3]["choices"], json!([]));
-        assert_eq!(chunks[3]["usage"]["total_tokens"], 5);
-        // Not a completion: nothing to send.
-        assert!(super::completion_chunks(&json!({"data": []})).is_none());
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        assert!(super::is_json(&headers));
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/event-stream"),
-        );
-        assert!(!super::is_json(&headers));
-    }
-
     #[test]
     fn error_events_are_told_from_chunks_with_their_status() {
         use super::error_event;

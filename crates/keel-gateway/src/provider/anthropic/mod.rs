@@ -107,14 +107,22 @@ impl Provider for AnthropicProvider {
             });
         }
         let created = now.as_secs();
-        if request.stream {
-            let translator = stream::Translator::new(created, translated.include_usage);
-            return Ok(ProviderReply::Stream(
-                stream::chunks(response.into_body(), target, translator),
-                passed,
-            ));
-        }
-        let body = client::read_all(response.into_body(), &target, &passed).await?;
+        let body = if request.stream {
+            // A proxy that ignores `stream: true` answers the whole message as JSON: read as
+            // such, and sent on as a stream's chunks by the executor.
+            let (json, body) = client::whole_json(response, &target).await?;
+            if !json {
+                let translator = stream::Translator::new(created, translated.include_usage);
+                return Ok(ProviderReply::Stream(
+                    stream::chunks(body, target, translator),
+                    passed,
+                ));
+            }
+            body
+        } else {
+            response.into_body()
+        };
+        let body = client::read_all(body, &target, &passed).await?;
         match response::chat_completion(&body, created) {
             Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
             Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),
