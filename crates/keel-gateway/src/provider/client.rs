@@ -310,22 +310,23 @@ pub(super) async fn failure(
 /// Whether a successful answer to a stream request is a whole JSON document instead (a
 /// server or proxy that ignores `stream: true`), and its body, whole again: told by its first
 /// byte that is not whitespace (`{`), not by its `content-type`, which some servers set to
-/// `application/json` over SSE frames. Only an answer that says it is JSON is looked into;
-/// a body that breaks off before saying anything is left to the stream's reading.
+/// `application/json` over SSE frames (or leave out). An answer that says it is
+/// `text/event-stream` is not looked into; one that ends before saying anything is left to
+/// the stream's reading, and one that breaks off is a transport failure.
 pub(super) async fn whole_json(
     response: http::Response<Body>,
     target: &str,
 ) -> Result<(bool, Body), UpstreamError> {
     use futures::StreamExt;
     use http_body_util::{BodyStream, StreamBody};
-    let says_json = response
+    let says_sse = response
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"));
     let mut body = response.into_body();
-    if !says_json {
+    if says_sse {
         return Ok((false, body));
     }
     let mut head = BytesMut::new();
@@ -588,11 +589,15 @@ mod tests {
         .unwrap();
         assert!(!json);
         assert_eq!(whole(body).await, "data: {}\n\ndata: [DONE]\n\n");
-        // The stream's own type is not looked into.
+        // The stream's own type is not looked into; text said to be plain is.
         let (json, _) = whole_json(answer("text/event-stream", &[b"{}"]), "p/m")
             .await
             .unwrap();
         assert!(!json);
+        let (json, _) = whole_json(answer("text/plain", &[b"{}"]), "p/m")
+            .await
+            .unwrap();
+        assert!(json);
     }
 
     #[tokio::test]

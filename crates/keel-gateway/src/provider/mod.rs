@@ -74,6 +74,8 @@ pub(crate) fn completion_chunks(answer: &[u8]) -> Option<Vec<Bytes>> {
         delta.insert("content".to_owned(), Value::Null);
         for (key, value) in message {
             match key.as_str() {
+                // `"tool_calls": null` and the like: nothing to send (servers write them).
+                _ if value.is_null() => {}
                 "tool_calls" => {
                     let calls = value.as_array()?;
                     let mut indexed = Vec::with_capacity(calls.len());
@@ -84,7 +86,6 @@ pub(crate) fn completion_chunks(answer: &[u8]) -> Option<Vec<Bytes>> {
                     }
                     delta.insert(key.clone(), Value::Array(indexed));
                 }
-                _ if value.is_null() => {}
                 _ => {
                     delta.insert(key.clone(), value.clone());
                 }
@@ -195,5 +196,15 @@ mod chunk_tests {
         assert!(super::completion_chunks(br#"{"choices": []}"#).is_none());
         let odd = br#"{"choices": [{"message": {"role": "assistant", "tool_calls": ["x"]}}]}"#;
         assert!(super::completion_chunks(odd).is_none());
+        // Members written as null, as some servers do, are left out, not refused.
+        let nulls = br#"{"choices": [{"message": {"role": "assistant", "content": "ok", "tool_calls": null, "refusal": null}, "finish_reason": null}]}"#;
+        let chunks: Vec<Value> = super::completion_chunks(nulls)
+            .unwrap()
+            .iter()
+            .map(|c| serde_json::from_slice(c).unwrap())
+            .collect();
+        let delta = &chunks[0]["choices"][0]["delta"];
+        assert_eq!(delta, &json!({"role": "assistant", "content": "ok"}));
+        assert_eq!(chunks[1]["choices"][0]["finish_reason"], "stop");
     }
 }

@@ -95,7 +95,10 @@ impl Provider for OpenAiProvider {
         if request.stream {
             // A server or proxy that ignores `stream: true` answers the whole completion as
             // JSON: the executor reads it as such and sends it on as a stream's chunks.
-            return match client::whole_json(response, &target).await? {
+            let peeked = client::whole_json(response, &target)
+                .await
+                .map_err(|e| e.with_passed(passed.clone()))?;
+            return match peeked {
                 (true, body) => {
                     let body = client::read_all(body, &target, &passed).await?;
                     Ok(ProviderReply::Json(body, passed))

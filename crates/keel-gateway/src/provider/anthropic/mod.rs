@@ -110,7 +110,9 @@ impl Provider for AnthropicProvider {
         let body = if request.stream {
             // A proxy that ignores `stream: true` answers the whole message as JSON: read as
             // such, and sent on as a stream's chunks by the executor.
-            let (json, body) = client::whole_json(response, &target).await?;
+            let (json, body) = client::whole_json(response, &target)
+                .await
+                .map_err(|e| e.with_passed(passed.clone()))?;
             if !json {
                 let translator = stream::Translator::new(created, translated.include_usage);
                 return Ok(ProviderReply::Stream(
@@ -125,6 +127,18 @@ impl Provider for AnthropicProvider {
         let body = client::read_all(body, &target, &passed).await?;
         match response::chat_completion(&body, created) {
             Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
+            // An error sent as a 200 body: classified like the same error over HTTP.
+            Err(_) if let Some(status) = response::error_in_place_of_answer(&body) => {
+                let (translated, hint) = response::openai_error(&body);
+                Err(UpstreamError::Status {
+                    target,
+                    status,
+                    retry_after: None,
+                    body: translated,
+                    hint,
+                    passed,
+                })
+            }
             Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),
         }
     }

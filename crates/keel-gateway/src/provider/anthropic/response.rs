@@ -171,6 +171,18 @@ pub(super) fn openai_error(body: &Bytes) -> (Bytes, ErrorHint) {
     (Bytes::from(translated.to_string()), hint)
 }
 
+/// When `body` is Anthropic's error object (`{"type": "error", ...}`) in place of a message,
+/// the status Anthropic answers that error with.
+pub(super) fn error_in_place_of_answer(body: &[u8]) -> Option<StatusCode> {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<&'a str>,
+    }
+    let kind = serde_json::from_slice::<Kind<'_>>(body).ok()?.kind?;
+    (kind == "error").then(|| status_of_kind(body))
+}
+
 /// The HTTP status Anthropic answers an error of the type an error event (or body) names
 /// with; 500 for a type it does not list.
 pub(super) fn status_of_kind(event: &[u8]) -> StatusCode {

@@ -856,6 +856,20 @@ async fn a_body_that_ends_before_message_stop_is_an_error_not_a_short_success() 
 }
 
 #[test]
+fn an_error_object_in_place_of_a_message_is_told_by_its_type() {
+    use super::response::error_in_place_of_answer;
+    let overloaded =
+        br#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#;
+    assert_eq!(
+        error_in_place_of_answer(overloaded).map(|s| s.as_u16()),
+        Some(529)
+    );
+    let message = br#"{"id": "msg_1", "type": "message", "role": "assistant", "content": []}"#;
+    assert_eq!(error_in_place_of_answer(message), None);
+    assert_eq!(error_in_place_of_answer(b"not json"), None);
+}
+
+#[test]
 fn whitespace_anthropic_refuses_is_left_out_or_refused_before_sending() {
     // A model's "\n\n" before its tool call comes back in the history: left out, as is a
     // whitespace-only system message; the final assistant words lose trailing whitespace.
