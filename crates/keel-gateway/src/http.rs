@@ -406,10 +406,12 @@ async fn handle_inner(
             return Err(e);
         }
     }
+    // Only a chat completion streams: `stream` in an embeddings request is passed on, and
+    // the answer read as the JSON it is.
+    let stream = parsed.stream && endpoint == Endpoint::ChatCompletions;
     // Streams are not checked: their bytes reach the client as they come. A schema that is
     // none is refused before the call counts against the agent's budget.
-    let output = if route.validate_output && !parsed.stream && endpoint == Endpoint::ChatCompletions
-    {
+    let output = if route.validate_output && !stream && endpoint == Endpoint::ChatCompletions {
         match OutputCheck::from_request(&parsed.body) {
             Ok(check) => check,
             Err(e) => {
@@ -457,8 +459,7 @@ async fn handle_inner(
     };
     // A stream reports its tokens only when asked to; keel asks (budgets and metrics
     // need them) and keeps the extra usage chunk from a client that did not.
-    let asked = (parsed.stream && endpoint == Endpoint::ChatCompletions)
-        .then(|| parsed.body.ask_for_stream_usage());
+    let asked = stream.then(|| parsed.body.ask_for_stream_usage());
     let hide_usage = matches!(asked, Some(StreamUsage::Merged | StreamUsage::Added));
     let executor = Executor {
         route,
@@ -480,9 +481,6 @@ async fn handle_inner(
         started,
         log: Some(log),
     };
-    // Only a chat completion streams: `stream` in an embeddings request is passed on, and
-    // the answer read as the JSON it is.
-    let stream = parsed.stream && endpoint == Endpoint::ChatCompletions;
     // The call's `total` runs from here (the body is read): the executor's and, for a
     // stream, its pump's.
     let call_started = Instant::now();

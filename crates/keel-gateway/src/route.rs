@@ -498,13 +498,10 @@ impl Executor<'_> {
         let Err(mismatch) = check.check(&answer.body) else {
             return Ok(answer);
         };
-        let first_usage = answer.usage;
-        // Paid for, and not passed on unless the second try matches.
-        let spent = |usage: Option<Usage>, log: &mut CallLog| {
-            if let Some(usage) = usage {
-                log.spent.push((target.id.clone(), usage));
-            }
-        };
+        // Paid for and not passed on, whatever the second try brings.
+        if let Some(usage) = answer.usage {
+            log.spent.push((target.id.clone(), usage));
+        }
         log.push(
             EventKind::LlmAttemptFailed,
             named(
@@ -531,14 +528,11 @@ impl Executor<'_> {
             .await
         {
             TargetResult::Answered(answer) => match check.check(&answer.body) {
-                // Both answers were paid for.
-                Ok(()) => Ok(JsonReply {
-                    usage: add_usage(first_usage, answer.usage),
-                    ..answer
-                }),
+                Ok(()) => Ok(answer),
                 Err(again) => {
-                    spent(first_usage, log);
-                    spent(answer.usage, log);
+                    if let Some(usage) = answer.usage {
+                        log.spent.push((target.id.clone(), usage));
+                    }
                     log.push(
                         EventKind::LlmAttemptFailed,
                         named(
@@ -553,18 +547,11 @@ impl Executor<'_> {
                     Err(failed(detail).with_passed(answer.passed))
                 }
             },
-            TargetResult::Streaming(..) => {
-                spent(first_usage, log);
-                Err(failed(
-                    "a stream answered a request that was not one".to_owned(),
-                ))
-            }
-            TargetResult::Fatal(e) => {
-                spent(first_usage, log);
-                Err(e)
-            }
+            TargetResult::Streaming(..) => Err(failed(
+                "a stream answered a request that was not one".to_owned(),
+            )),
+            TargetResult::Fatal(e) => Err(e),
             TargetResult::Next(e) | TargetResult::OutOfTime(e) => {
-                spent(first_usage, log);
                 Err(e.unwrap_or_else(|| failed(mismatch.error)))
             }
         }
@@ -661,7 +648,7 @@ impl Executor<'_> {
                 Ok(Reply::Json(answer)) => Ok(answer),
                 Err(e) => Err(e),
             };
-            let logged = {
+            let (logged, open) = {
                 let mut breaker = target.breaker.lock();
                 let outcome_for_breaker = match &result {
                     Ok(_) => Some(true),
@@ -694,7 +681,6 @@ impl Executor<'_> {
                 drop(breaker);
                 (logged, open)
             };
-            let (logged, open) = logged;
             self.transitions.stored(logged).await;
             let error = match result {
                 Ok(answer) => {
@@ -883,7 +869,8 @@ impl Executor<'_> {
         };
         match reply {
             ProviderReply::Json(body, passed) => {
-                match read_json(body, &target, endpoint, self.keep_text) {
+                // A stream's chunks are kept as its transcript, not as an answer's text.
+                match read_json(body, &target, endpoint, self.keep_text && !stream) {
                     // A server that ignored `stream: true`: its whole answer, read and judged
                     // like any JSON answer, goes on as the chunks a stream of it would have sent.
                     Ok(read) if stream => {

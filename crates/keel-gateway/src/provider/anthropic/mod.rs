@@ -128,16 +128,8 @@ impl Provider for AnthropicProvider {
         match response::chat_completion(&body, created) {
             Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
             // An error sent as a 200 body: classified like the same error over HTTP.
-            Err(_) if let Some(status) = response::error_in_place_of_answer(&body) => {
-                let (translated, hint) = response::openai_error(&body);
-                Err(UpstreamError::Status {
-                    target,
-                    status,
-                    retry_after: None,
-                    body: translated,
-                    hint,
-                    passed,
-                })
+            Err(_) if response::error_in_place_of_answer(&body).is_some() => {
+                Err(response::reported_error(target, &body, passed))
             }
             Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),
         }

@@ -4,6 +4,9 @@
 use bytes::Bytes;
 use http::StatusCode;
 use keel_core::class::ErrorHint;
+
+use crate::error::UpstreamError;
+use crate::provider::Passed;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -181,6 +184,21 @@ pub(super) fn error_in_place_of_answer(body: &[u8]) -> Option<StatusCode> {
     }
     let kind = serde_json::from_slice::<Kind<'_>>(body).ok()?.kind?;
     (kind == "error").then(|| status_of_kind(body))
+}
+
+/// Anthropic's error object `body` (a stream's `error` event, or a 200 body in place of a
+/// message) as the error the same error answered over HTTP is: its status from its type,
+/// its body in the OpenAI shape.
+pub(super) fn reported_error(target: String, body: &Bytes, passed: Passed) -> UpstreamError {
+    let (translated, hint) = openai_error(body);
+    UpstreamError::Status {
+        target,
+        status: status_of_kind(body),
+        retry_after: None,
+        body: translated,
+        hint,
+        passed,
+    }
 }
 
 /// The HTTP status Anthropic answers an error of the type an error event (or body) names

@@ -281,15 +281,7 @@ fn failure(target: &str, broken: Broken) -> UpstreamError {
         // Anthropic's own error event, classified like the same error sent as an HTTP
         // answer (an overload retried, a prompt too long sent on to the next target).
         Broken::Reported(event) => {
-            let (body, hint) = super::response::openai_error(&event);
-            UpstreamError::Status {
-                target,
-                status: super::response::status_of_kind(&event),
-                retry_after: None,
-                body,
-                hint,
-                passed: Passed::default(),
-            }
+            super::response::reported_error(target, &event, Passed::default())
         }
     }
 }
