@@ -248,8 +248,11 @@ fn a_commit_is_synced_when_any_write_in_it_must_be() {
 }
 
 /// A reply channel nobody listens to: the requests built here are never answered.
-fn reply() -> writer::Reply<Vec<crate::Event>> {
-    tokio::sync::oneshot::channel().0
+fn reply() -> writer::EventsReply {
+    writer::EventsReply {
+        reply: tokio::sync::oneshot::channel().0,
+        tap: None,
+    }
 }
 
 /// The writer commits model-call records without a sync and syncs every other commit
@@ -1053,4 +1056,29 @@ async fn a_tap_is_told_of_every_commit_and_of_nothing_else() {
         vec![2, 3, 4],
         "only what was committed after the tap"
     );
+}
+
+/// A caller that leaves while its events commit (a client gone mid-call) does not keep them
+/// from the tap: told once, whether the writer answered before the caller left or after.
+#[tokio::test]
+async fn a_tap_is_told_of_events_whose_caller_left() {
+    use futures::FutureExt;
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let seen = Arc::new(Seen::default());
+    assert!(store.set_tap(seen.clone()));
+    // Left after the answer was sent: the caller's end takes it as it drops.
+    let mut answered = Box::pin(store.append(vec![step("t", 0)]));
+    assert!(
+        (&mut answered).now_or_never().is_none(),
+        "queued, not committed"
+    );
+    store.append(vec![step("t", 1)]).await.unwrap();
+    drop(answered);
+    // Left right after queueing (the writer most likely answers no one).
+    assert!(store.append(vec![step("t", 2)]).now_or_never().is_none());
+    store.append(vec![step("t", 3)]).await.unwrap();
+    let mut seqs = seen.0.lock().clone();
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "every committed event, once");
 }

@@ -60,6 +60,63 @@ pub(crate) const QUEUE_CAPACITY: usize = 4096;
 /// Where the answer of one request goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// Where the answer of a write that appends events goes, and the tap its caller would tell of
+/// them: when the caller has gone (a client that left while its call's records committed),
+/// the writer tells the tap itself, so the observer still sees every committed event.
+pub(crate) struct EventsReply {
+    pub(crate) reply: Reply<Vec<Event>>,
+    pub(crate) tap: Option<Arc<dyn crate::Tap>>,
+}
+
+impl EventsReply {
+    /// Sends `result`; committed events nobody waits for any more go to the tap.
+    fn send(self, result: Result<Vec<Event>, StoreError>) {
+        if let Err(Ok(events)) = self.reply.send(result)
+            && let Some(tap) = self.tap
+            && !events.is_empty()
+        {
+            tap.committed(&events);
+        }
+    }
+}
+
+/// The caller's end of an [`EventsReply`]. Dropped before its answer was read (its caller
+/// gone), it closes the channel, so that either the writer finds no one to answer and tells
+/// the tap itself, or the answer already sent is taken here and the tap told of it.
+struct EventsAnswer {
+    answer: oneshot::Receiver<Result<Vec<Event>, StoreError>>,
+    tap: Option<Arc<dyn crate::Tap>>,
+    read: bool,
+}
+
+impl EventsAnswer {
+    /// The answer, its events told to the tap; `None` when the writer dropped the request.
+    async fn read(&mut self) -> Option<Result<Vec<Event>, StoreError>> {
+        let answer = (&mut self.answer).await.ok();
+        self.read = true;
+        if let (Some(Ok(events)), Some(tap)) = (&answer, &self.tap)
+            && !events.is_empty()
+        {
+            tap.committed(events);
+        }
+        answer
+    }
+}
+
+impl Drop for EventsAnswer {
+    fn drop(&mut self) {
+        if self.read {
+            return;
+        }
+        self.answer.close();
+        if let (Ok(Ok(events)), Some(tap)) = (self.answer.try_recv(), &self.tap)
+            && !events.is_empty()
+        {
+            tap.committed(&events);
+        }
+    }
+}
+
 /// One event with everything that does not depend on the chain head
 /// computed: its canonical data, that data's canonical JSON text (what is
 /// stored) and [`chain::data_hash`] of that text.
@@ -154,19 +211,40 @@ impl WriterHandle {
         (self.stopped)()
     }
 
-    /// Queues a write and waits for its answer.
-    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+    /// Queues a write.
+    async fn enqueue(&self, request: Request) -> Result<(), StoreError> {
         let queue = self.queue.as_ref().ok_or_else(|| self.stopped())?;
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send(request(reply))
-            .await
-            .map_err(|_| self.stopped())?;
+        queue.send(request).await.map_err(|_| self.stopped())?;
         if let Some(upcoming) = &self.upcoming {
             upcoming.queued();
         }
+        Ok(())
+    }
+
+    /// Queues a write and waits for its answer.
+    async fn submit<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(request(reply)).await?;
         // A writer that dies drops `reply`, so this never hangs.
         answer.await.map_err(|_| self.stopped())?
+    }
+
+    /// Queues a write that appends events and waits for them; the tap, if any, is told of
+    /// them once committed, whether or not this caller is still waiting ([`EventsReply`]).
+    async fn submit_events(
+        &self,
+        request: impl FnOnce(EventsReply) -> Request,
+    ) -> Result<Vec<Event>, StoreError> {
+        let tap = self.tap.get().cloned();
+        let (reply, answer) = oneshot::channel();
+        let mut answer = EventsAnswer {
+            answer,
+            tap: tap.clone(),
+            read: false,
+        };
+        self.enqueue(request(EventsReply { reply, tap })).await?;
+        // A writer that dies drops the reply, so this never hangs.
+        answer.read().await.unwrap_or_else(|| Err(self.stopped()))
     }
 
     /// `EventStore::append`, `append_with_payloads` and (`call`) `append_call`: the events
@@ -179,19 +257,15 @@ impl WriterHandle {
         call: bool,
     ) -> Result<Vec<Event>, StoreError> {
         let events = Prepared::all(events);
-        let committed = self
-            .submit(|reply| Request::Append(events, payloads, reply, call))
-            .await;
-        self.tapped(committed)
+        self.submit_events(|reply| Request::Append(events, payloads, reply, call))
+            .await
     }
 
     /// `TaskStore::write_task`.
     pub(crate) async fn write_task(&self, mut write: TaskWrite) -> Result<Vec<Event>, StoreError> {
         let events = Prepared::all(std::mem::take(&mut write.events));
-        let committed = self
-            .submit(|reply| Request::Task(Box::new(write), events, reply))
-            .await;
-        self.tapped(committed)
+        self.submit_events(|reply| Request::Task(Box::new(write), events, reply))
+            .await
     }
 
     /// `EventStore::save_state`, or `save_call_state` when `call`.
@@ -226,16 +300,6 @@ impl WriterHandle {
         self.tap.set(tap).is_ok()
     }
 
-    /// Tells the tap, if any, of committed `events`, and hands them on.
-    fn tapped(&self, events: Result<Vec<Event>, StoreError>) -> Result<Vec<Event>, StoreError> {
-        if let (Ok(events), Some(tap)) = (&events, self.tap.get())
-            && !events.is_empty()
-        {
-            tap.committed(events);
-        }
-        events
-    }
-
     /// Closes the queue and waits, off the async threads, for the writer to commit what is
     /// queued: `Ok(false)` when the writer had panicked.
     pub(crate) async fn close(&mut self) -> Result<bool, tokio::task::JoinError> {
@@ -263,9 +327,9 @@ impl Drop for WriterHandle {
 pub(crate) enum Request {
     /// `EventStore::append`: the events, in order, payloads to store with them, and whether
     /// they are a model call's records (`append_call`: acknowledged with the call durability).
-    Append(Vec<Prepared>, Payloads, Reply<Vec<Event>>, bool),
+    Append(Vec<Prepared>, Payloads, EventsReply, bool),
     /// `TaskStore::write_task`: the write (its `events` moved out) and its events.
-    Task(Box<TaskWrite>, Vec<Prepared>, Reply<Vec<Event>>),
+    Task(Box<TaskWrite>, Vec<Prepared>, EventsReply),
     /// `TaskStore::prune`.
     Prune(PrunePolicy, Reply<PruneReport>),
     /// `EventStore::save_state` and `save_call_state`.
@@ -494,7 +558,7 @@ pub(crate) fn drain(
 pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
     match request {
         Request::Append(events, _, reply, _) | Request::Task(_, events, reply) => {
-            let _ = reply.send(result.map(|done| {
+            reply.send(result.map(|done| {
                 match done {
                     Done::Events(links) => links
                         .into_iter()
@@ -524,7 +588,7 @@ pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: 
 pub(crate) fn answer_err(request: Request, err: StoreError) {
     match request {
         Request::Append(_, _, reply, _) | Request::Task(_, _, reply) => {
-            let _ = reply.send(Err(err));
+            reply.send(Err(err));
         }
         Request::Prune(_, reply) => {
             let _ = reply.send(Err(err));
