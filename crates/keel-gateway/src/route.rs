@@ -572,9 +572,12 @@ impl Executor<'_> {
         // Whether the call tried other targets first: then a cut at its total deadline is
         // keel's, since they used part of the time.
         let others_first = log.attempts > 0;
-        // A slow call recorded when the client leaves is counted and logged like any other.
+        // A slow call recorded when the client leaves is counted and logged like any other,
+        // and stored with no call to wait for it.
         let note = |changes: Vec<Transition>| {
-            self.log_transitions(target, changes);
+            if self.log_transitions(target, changes).is_some() {
+                self.transitions.drain();
+            }
         };
         // Attempts made, and those of them that were resends without keel's `stream_options`
         // (which take none of the route's retries, nor a step of its backoff).
@@ -898,9 +901,12 @@ impl Executor<'_> {
                 // the first token, retried and fallen back from like any other. When the
                 // stream ends cleanly while events are held, they go to the client.
                 let mut held = Vec::new();
+                // Whether the upstream's stream has ended (it must not be polled again).
+                let mut ended = false;
                 loop {
                     let next = tokio::time::timeout_at(first_deadline, rest.next()).await;
                     if !held.is_empty() && matches!(next, Ok(None)) {
+                        ended = true;
                         break;
                     }
                     match next {
@@ -937,7 +943,9 @@ impl Executor<'_> {
                 }
                 let mut held = held.into_iter();
                 let first = held.next().unwrap_or_default();
-                if held.len() > 0 {
+                if ended {
+                    rest = futures::stream::iter(held.map(Ok)).boxed();
+                } else if held.len() > 0 {
                     rest = futures::stream::iter(held.map(Ok)).chain(rest).boxed();
                 }
                 Ok(Reply::Stream(first, rest, passed))

@@ -82,6 +82,10 @@ pub struct Fault {
     /// (`application/json`), as a server or proxy that ignores `stream` does.
     #[serde(default)]
     pub ignore_stream: bool,
+    /// Chat streaming: send only the opening role chunk, then `[DONE]`: an empty answer with
+    /// no finish chunk, as some servers and proxies end a stream that produced nothing.
+    #[serde(default)]
+    pub only_opening: bool,
     /// Tools only: answer `302 Found` with this `Location` instead.
     #[serde(default)]
     pub redirect: Option<String>,

@@ -392,6 +392,9 @@ fn chat_response(
         events.push(Bytes::from(frame));
     } else if fault.is_some_and(|f| f.no_done) {
         events.pop();
+    } else if fault.is_some_and(|f| f.only_opening) && events.len() > 2 {
+        // The role chunk and `[DONE]`.
+        events.drain(1..events.len() - 1);
     }
     sse_response(stream_body(events, fault))
 }

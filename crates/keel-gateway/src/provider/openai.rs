@@ -157,6 +157,8 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
             }
         },
     )
+    // Ended, it stays ended: an unfold polled again after its end panics.
+    .fuse()
     .boxed()
 }
 

@@ -299,6 +299,40 @@ async fn stream_delivers_the_same_content_as_a_plain_call() {
     assert_eq!(calls[0]["request_id"], id);
 }
 
+/// A stream whose only event is the opening role chunk, then `[DONE]` (an empty answer):
+/// the held opening goes to the client with the stream's end, and the call is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_of_only_its_opening_chunk_ends_cleanly_and_is_recorded() {
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    sim.script(
+        "primary",
+        vec![Fault {
+            only_opening: true,
+            ..Fault::default()
+        }],
+    );
+    let text = raw_stream(&keel, None, "say nothing").await;
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 2, "{text}");
+    let opening: serde_json::Value = serde_json::from_str(data[0]).unwrap();
+    assert_eq!(
+        opening["choices"][0]["delta"]["role"], "assistant",
+        "{text}"
+    );
+    assert_eq!(data[1], "[DONE]", "{text}");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["outcome"], "ok", "{:?}", calls[0]);
+    assert_eq!(sim.calls("primary"), 1);
+    // keel is still serving.
+    let text = raw_stream(&keel, None, "and now?").await;
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_ignores_stream_true_still_streams_to_the_client() {
     let (sim, keel, out) = stream_with(Fault {

@@ -269,6 +269,8 @@ pub(super) fn chunks(body: Body, target: String, translator: Translator) -> Chun
             return Some((Err(failure(&s.target, broken)), s));
         }
     })
+    // Ended, it stays ended: an unfold polled again after its end panics.
+    .fuse()
     .boxed()
 }
 
