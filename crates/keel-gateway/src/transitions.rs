@@ -116,6 +116,17 @@ impl TransitionLog {
     pub(crate) async fn stored(&self, ticket: Option<u64>) {
         let Some(ticket) = ticket else { return };
         let mut stored = self.shared.stored.subscribe();
+        self.drain();
+        // The drain marks every ticket it took as stored, failed appends included (logged).
+        let _ = stored.wait_for(|done| *done >= ticket).await;
+    }
+}
+
+impl TransitionLog {
+    /// Starts storing what is queued, on a task of its own, unless one already does: for a
+    /// transition no call waits for (made as a call's client left), which would otherwise
+    /// wait in the queue for the next call that makes one.
+    pub(crate) fn drain(&self) {
         let start = {
             let mut queue = self.shared.queue.lock();
             !std::mem::replace(&mut queue.draining, true)
@@ -123,8 +134,6 @@ impl TransitionLog {
         if start {
             self.tasks.spawn(Arc::clone(&self.shared).drain());
         }
-        // The drain marks every ticket it took as stored, failed appends included (logged).
-        let _ = stored.wait_for(|done| *done >= ticket).await;
     }
 }
 

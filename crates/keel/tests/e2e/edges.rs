@@ -774,3 +774,52 @@ async fn a_body_that_stops_arriving_is_refused_after_server_body_timeout_on_ever
     let (status, _, body) = chat(&keel, "smart").await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+/// Clients that give up on a target hanging past `slow_call` leave slow calls recorded; the
+/// breaker they open is logged and stored at once, with no later call to carry it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breaker_opened_by_clients_that_left_is_stored_at_once() {
+    let breaker = "half_open_calls = 1\n";
+    assert!(TWO_TARGETS.contains(breaker));
+    let config = TWO_TARGETS.replace(
+        breaker,
+        &format!("{breaker}slow_call = \"300ms\"\nslow_call_rate = 0.5\n"),
+    );
+    let sim = sim().await;
+    let keel = Keel::start(&config, &sim).await;
+    sim.set_always(
+        "patient",
+        Some(Fault {
+            delay: Some(Duration::from_secs(10)),
+            ..Fault::default()
+        }),
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let calls = (0..4).map(|_| {
+        client
+            .post(format!("{}/v1/chat/completions", keel.url))
+            .json(&serde_json::json!({"model": "patient", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    });
+    for left in futures::future::join_all(calls).await {
+        assert!(left.unwrap_err().is_timeout());
+    }
+    let mut opened = Vec::new();
+    for _ in 0..30 {
+        opened = keel.events_of("breaker_opened");
+        if !opened.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        opened.len(),
+        1,
+        "no breaker_opened within 3s of the fourth slow call"
+    );
+    assert_eq!(opened[0]["target"], "sim/patient", "{opened:?}");
+    assert_eq!(opened[0]["slow_call_rate"], 1.0, "{opened:?}");
+}
