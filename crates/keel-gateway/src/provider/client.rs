@@ -289,8 +289,13 @@ fn headers(settings: &ProviderSettings, spec: &ClientSpec<'_>) -> Result<HeaderM
     Ok(headers)
 }
 
+/// The most of an error answer's body keel reads: a provider's error object is well under a
+/// kilobyte; a proxy's error page may not be, and a server that keeps sending must not grow
+/// keel's memory.
+pub(super) const ERROR_BODY_LIMIT: usize = 256 * 1024;
+
 /// A non-success answer, read: its status, the `Retry-After` it asked for, and its body
-/// (empty when it could not be read).
+/// (empty when it could not be read; its first [`ERROR_BODY_LIMIT`] bytes when longer).
 pub(super) async fn failure(
     response: http::Response<Body>,
 ) -> (http::StatusCode, Option<Duration>, Bytes) {
@@ -300,11 +305,21 @@ pub(super) async fn failure(
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
-    let body = match response.into_body().collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
-    (status, retry_after, body)
+    let mut body = response.into_body();
+    let mut read = BytesMut::new();
+    while read.len() < ERROR_BODY_LIMIT {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    read.extend_from_slice(&data);
+                }
+            }
+            Some(Err(_)) => return (status, retry_after, Bytes::new()),
+            None => break,
+        }
+    }
+    read.truncate(ERROR_BODY_LIMIT);
+    (status, retry_after, read.freeze())
 }
 
 /// Whether a successful answer to a stream request is a whole JSON document instead (a
@@ -551,6 +566,35 @@ mod tests {
             urls(azure),
             ["http://127.0.0.1:9/v1/chat/completions?api-version=2024-10-21"]
         );
+    }
+
+    /// An error answer's body is read up to its limit, and no further: a server that keeps
+    /// sending (here, an endless body) cannot hold the attempt or grow keel's memory.
+    #[tokio::test]
+    async fn an_error_body_is_read_up_to_its_limit() {
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        let endless = futures::stream::repeat_with(move || {
+            Ok::<_, BoxError>(http_body::Frame::data(chunk.clone()))
+        });
+        let mut response =
+            http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(endless)));
+        *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        let (status, retry_after, body) = failure(response).await;
+        assert_eq!(status, http::StatusCode::BAD_GATEWAY);
+        assert_eq!(retry_after, Some(Duration::from_secs(3)));
+        assert_eq!(body.len(), ERROR_BODY_LIMIT);
+        // A short body is read whole.
+        let mut response = http::Response::new(BodyExt::boxed(
+            Full::new(Bytes::from_static(br#"{"error":{"message":"overloaded"}}"#))
+                .map_err(|never| match never {}),
+        ));
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        let (_, retry_after, body) = failure(response).await;
+        assert_eq!(retry_after, None);
+        assert_eq!(body, r#"{"error":{"message":"overloaded"}}"#);
     }
 
     #[tokio::test]
