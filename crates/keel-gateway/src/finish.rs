@@ -253,6 +253,22 @@ impl Finish {
         }
     }
 
+    /// What is left to do once the call's events are recorded ([`Ending`]): counting the
+    /// request as `outcome` by `target`, with `fallback`.
+    fn ending(&self, target: &str, outcome: &'static str, fallback: bool) -> Ending {
+        Ending {
+            gw: Arc::clone(&self.gw),
+            route_name: self.route_name.clone(),
+            route_metrics: Arc::clone(&self.route_metrics),
+            started: self.started,
+            target: target.to_owned(),
+            outcome,
+            fallback,
+            looping: None,
+            ended: false,
+        }
+    }
+
     pub(crate) async fn json(
         mut self,
         route: &Route,
@@ -283,19 +299,15 @@ impl Finish {
         if let Some(stop) = &looping {
             log.push(EventKind::LoopDetected, stop.data.clone());
         }
-        // Spent and counted before the wait for the store, which a client that leaves ends.
+        // Spent before the wait for the store, which a client that leaves ends; counted
+        // after it, or as the client leaves ([`Ending`]).
         self.spend(&mut log, usage.map(|u| (target.id.as_str(), u)));
-        if !self.route_metrics.count_ok(&target.id) {
-            count_request(&self.gw, &route.name, &target.id, "ok");
-        }
-        self.count_fallback(fallback);
+        let mut ending = self.ending(&target.id, "ok", fallback);
+        ending.looping = looping;
         let stored = self
             .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
-        if let Some(stop) = looping {
-            self.gw.stop_loop(stop).await;
-        }
-        self.observe_duration();
+        ending.end(stored).await;
         if !stored {
             let mut response = crate::http::store_unavailable(true).into_response();
             keel_headers(&mut response, &target.id, log.attempts, fallback, false);
@@ -397,7 +409,13 @@ impl Finish {
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
             }
-            // A client that left is neither a success nor a stream keel ended with an error.
+            // A client that left is neither a success nor a stream keel ended with an error;
+            // a stream whose record failed ends with an error instead of `[DONE]`.
+            let outcome = if outcome == "ok" && !stored {
+                "error"
+            } else {
+                outcome
+            };
             if outcome != "ok" || !self.route_metrics.count_ok(&target_id) {
                 count_request(&self.gw, &self.route_name, &target_id, outcome);
             }
@@ -463,7 +481,7 @@ impl Finish {
             && let Some(e @ UpstreamError::Status { .. }) = last
         {
             let fallback = route.targets.len() > 1;
-            return self.fatal(route, log, e, fallback).await;
+            return self.fatal(log, e, fallback).await;
         }
         self.unavailable(route, endpoint, log, last, timed_out)
             .await
@@ -493,10 +511,11 @@ impl Finish {
             );
             log.events.push(event);
             self.spend(&mut log, None);
-            count_request(&self.gw, &route.name, "none", "error");
-            self.record(std::mem::take(&mut log.events), log.who.task.clone())
+            let ending = self.ending("none", "error", false);
+            let stored = self
+                .record(std::mem::take(&mut log.events), log.who.task.clone())
                 .await;
-            self.observe_duration();
+            ending.end(stored).await;
             let message = format!("route {:?} could not be served: {why}", route.name);
             // A 429 that refuses keel's account (a spent quota) is no rate limit to wait out.
             let rate_limited = matches!(&last, Some(e @ UpstreamError::Status { status, .. })
@@ -551,18 +570,11 @@ impl Finish {
         );
         log.events.push(event);
         self.spend(&mut log, None);
-        count_request(&self.gw, &route.name, "none", "degraded");
-        self.gw
-            .metrics
-            .degraded
-            .get_or_create(&RouteLabel {
-                route: route.name.clone().into(),
-            })
-            .inc();
+        let ending = self.ending("none", "degraded", false);
         let stored = self
             .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
-        self.observe_duration();
+        ending.end(stored).await;
         if !stored {
             let mut response = crate::http::store_unavailable(false).into_response();
             keel_headers(&mut response, "none", log.attempts, false, false);
@@ -588,7 +600,6 @@ impl Finish {
     /// when a target after the route's first gave it.
     pub(crate) async fn fatal(
         mut self,
-        route: &Route,
         mut log: CallLog,
         error: UpstreamError,
         fallback: bool,
@@ -635,10 +646,11 @@ impl Finish {
         );
         log.events.push(event);
         self.spend(&mut log, None);
-        count_request(&self.gw, &route.name, &target, "error");
-        self.record(std::mem::take(&mut log.events), log.who.task.clone())
+        let ending = self.ending(&target, "error", false);
+        let stored = self
+            .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
-        self.observe_duration();
+        ending.end(stored).await;
         let mut response = match error {
             UpstreamError::Status { status, hint, .. } if credentials_refused => {
                 let mut err = if hint == keel_core::class::ErrorHint::AccountRefused {
@@ -700,6 +712,77 @@ impl Finish {
         };
         keel_headers(&mut response, &target, log.attempts, fallback, false);
         response
+    }
+}
+
+/// The counting of a call that waits for its events to be recorded. Ended with the record's
+/// result ([`Ending::end`]): the request counted as its outcome, or as an `error` when its
+/// answer is withheld (nothing is acknowledged that is not stored); its fallback, degraded
+/// reply, loop stop and duration. Dropped instead (the client left during the wait, which
+/// ends the handler's future; the events are queued and commit all the same), it counts the
+/// call as its outcome and hands the loop stop to a background task.
+pub(crate) struct Ending {
+    gw: Arc<Gateway>,
+    route_name: String,
+    route_metrics: Arc<crate::metrics::RouteMetrics>,
+    started: Instant,
+    target: String,
+    outcome: &'static str,
+    fallback: bool,
+    /// A loop found in the call's task: it is stopped whether or not the client waits.
+    looping: Option<crate::looping::LoopStop>,
+    ended: bool,
+}
+
+impl Ending {
+    /// Counts the call (`stored`: whether its events were recorded) and stops its loop.
+    async fn end(mut self, stored: bool) {
+        self.ended = true;
+        self.count(stored);
+        if let Some(stop) = self.looping.take() {
+            self.gw.stop_loop(stop).await;
+        }
+    }
+
+    fn count(&self, stored: bool) {
+        let outcome = if stored { self.outcome } else { "error" };
+        if outcome != "ok" || !self.route_metrics.count_ok(&self.target) {
+            count_request(&self.gw, &self.route_name, &self.target, outcome);
+        }
+        if self.fallback {
+            self.gw
+                .metrics
+                .fallbacks
+                .get_or_create(&RouteLabel {
+                    route: self.route_name.clone().into(),
+                })
+                .inc();
+        }
+        if stored && outcome == "degraded" {
+            self.gw
+                .metrics
+                .degraded
+                .get_or_create(&RouteLabel {
+                    route: self.route_name.clone().into(),
+                })
+                .inc();
+        }
+        self.route_metrics
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.count(true);
+        if let Some(stop) = self.looping.take() {
+            let gw = Arc::clone(&self.gw);
+            self.gw.tasks.spawn(async move { gw.stop_loop(stop).await });
+        }
     }
 }
 

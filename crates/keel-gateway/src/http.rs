@@ -535,7 +535,7 @@ async fn handle_inner(
             ctx.exhausted(route, endpoint, log, last, timed_out, (refused, account))
                 .await
         }
-        Answer::Fatal { error, fallback } => ctx.fatal(route, log, error, fallback).await,
+        Answer::Fatal { error, fallback } => ctx.fatal(log, error, fallback).await,
     })
 }
 

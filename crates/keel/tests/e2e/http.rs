@@ -398,4 +398,12 @@ async fn an_answer_keel_cannot_record_is_withheld_and_readyz_says_so() {
         1,
         "only the answer given is recorded: {calls:?}"
     );
+    // The two answers withheld are errors in the request count, not successes.
+    let metrics = keel.metrics().await;
+    for line in [
+        "keel_requests_total{route=\"smart\",target=\"sim/primary\",outcome=\"error\"} 2",
+        "keel_requests_total{route=\"smart\",target=\"sim/primary\",outcome=\"ok\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
