@@ -416,54 +416,109 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     detail
 }
 
-/// Incremental parser of `text/event-stream`, keeping only `data` fields (the wire formats
-/// keel speaks repeat the event's name inside its data).
+/// The most an event of a stream may hold before it ends (its data and the line being read):
+/// far above any provider's chunk, and a bound on what a server that never ends an event
+/// can make keel keep.
+pub(super) const MAX_SSE_EVENT: usize = 8 * 1024 * 1024;
+
+/// Incremental parser of `text/event-stream` (the WHATWG rules: lines end with `\r\n`, `\n`
+/// or `\r`; a blank line ends an event; `:` starts a comment; a leading BOM is skipped),
+/// keeping only `data` fields (the wire formats keel speaks repeat the event's name inside
+/// its data). Each byte is looked at once, however the stream is cut into reads.
 #[derive(Default)]
 pub(super) struct SseParser {
+    /// What came and is not read yet: the start of a line at most, between calls.
     buf: BytesMut,
+    /// How much of `buf` is known to hold no line end.
+    scanned: usize,
+    /// The event being read: each of its data lines followed by `\n`.
+    data: BytesMut,
+    /// The last line ended with a `\r` that ended what had come: a `\n` next is its end too.
+    after_cr: bool,
+    /// Whether the stream's first bytes (where a BOM may be) have been read.
+    started: bool,
 }
+
+/// The UTF-8 byte order mark a stream may start with.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl SseParser {
-    /// Adds bytes as they arrived.
-    pub(super) fn push(&mut self, chunk: &[u8]) {
+    /// Adds bytes as they arrived; an error when the event being read has grown past
+    /// [`MAX_SSE_EVENT`] with no end in sight.
+    pub(super) fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.buf.extend_from_slice(chunk);
-    }
-
-    /// The next complete event's data (multi-line data joined by `\n`), if any.
-    pub(super) fn next_data(&mut self) -> Option<Bytes> {
-        loop {
-            let (end, sep) = find_event_end(&self.buf)?;
-            let block = self.buf.split_to(end + sep).freeze();
-            let block = &block[..end];
-            let mut data = BytesMut::new();
-            for line in block.split(|b| *b == b'\n') {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if let Some(rest) = line.strip_prefix(b"data:") {
-                    let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-                    if !data.is_empty() {
-                        data.extend_from_slice(b"\n");
-                    }
-                    data.extend_from_slice(rest);
-                }
-            }
-            // Comment-only or field-less blocks (keep-alives) carry no data.
-            if !data.is_empty() {
-                return Some(data.freeze());
-            }
+        if self.buf.len() + self.data.len() > MAX_SSE_EVENT {
+            return Err(format!(
+                "an event of the stream grew past {} MiB without ending",
+                MAX_SSE_EVENT / (1024 * 1024)
+            ));
         }
+        Ok(())
     }
-}
 
-/// Position and length of the first blank-line separator.
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
+    /// The next complete event's data (multi-line data joined by `\n`), if any. Events
+    /// with no data, or only empty data (keep-alives), are skipped.
+    pub(super) fn next_data(&mut self) -> Option<Bytes> {
+        use bytes::Buf;
+        if !self.started {
+            if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
+                return None;
+            }
+            if self.buf.starts_with(BOM) {
+                self.buf.advance(BOM.len());
+            }
+            self.started = true;
+        }
+        loop {
+            if self.after_cr && !self.buf.is_empty() {
+                if self.buf[0] == b'\n' {
+                    self.buf.advance(1);
+                }
+                self.after_cr = false;
+            }
+            let Some(found) = self.buf[self.scanned..]
+                .iter()
+                .position(|b| *b == b'\n' || *b == b'\r')
+            else {
+                self.scanned = self.buf.len();
+                return None;
+            };
+            let end = self.scanned + found;
+            self.scanned = 0;
+            let ending = match (self.buf[end], self.buf.get(end + 1)) {
+                (b'\r', Some(b'\n')) => 2,
+                (b'\r', None) => {
+                    self.after_cr = true;
+                    1
+                }
+                _ => 1,
+            };
+            let line = &self.buf[..end];
+            if line.is_empty() {
+                self.buf.advance(ending);
+                // The event's end: its data without the last line's `\n`.
+                let mut data = self.data.split();
+                data.truncate(data.len().saturating_sub(1));
+                if !data.is_empty() {
+                    return Some(data.freeze());
+                }
+                continue;
+            }
+            let (field, value) = match line.iter().position(|b| *b == b':') {
+                Some(colon) => {
+                    let value = &line[colon + 1..];
+                    (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                }
+                // A field alone (`data`): its value is empty.
+                None => (line, &b""[..]),
+            };
+            // A comment's field is empty (the line starts with `:`).
+            if field == b"data" {
+                self.data.extend_from_slice(value);
+                self.data.extend_from_slice(b"\n");
+            }
+            self.buf.advance(end + ending);
+        }
     }
 }
 
@@ -474,9 +529,9 @@ mod tests {
     #[test]
     fn sse_parser_splits_across_chunks() {
         let mut p = SseParser::default();
-        p.push(b"data: {\"a\"");
+        p.push(b"data: {\"a\"").unwrap();
         assert!(p.next_data().is_none());
-        p.push(b":1}\n\n: keep-alive\n\ndata: [DONE]\n\n");
+        p.push(b":1}\n\n: keep-alive\n\ndata: [DONE]\n\n").unwrap();
         assert_eq!(p.next_data().unwrap().as_ref(), b"{\"a\":1}");
         assert_eq!(p.next_data().unwrap().as_ref(), b"[DONE]");
         assert!(p.next_data().is_none());
@@ -495,16 +550,96 @@ mod tests {
         let frame = crate::finish::sse_frame(joined);
         assert_eq!(&frame[..], b"data: {\"a\":\ndata: 1}\n\n");
         let mut p = SseParser::default();
-        p.push(&frame);
+        p.push(&frame).unwrap();
         assert_eq!(&p.next_data().unwrap()[..], joined);
     }
 
     #[test]
     fn sse_parser_handles_crlf_multiline_and_event_names() {
         let mut p = SseParser::default();
-        p.push(b"data: one\r\ndata: two\r\n\r\nevent: ping\ndata: {\"type\":\"ping\"}\n\n");
+        p.push(b"data: one\r\ndata: two\r\n\r\nevent: ping\ndata: {\"type\":\"ping\"}\n\n")
+            .unwrap();
         assert_eq!(p.next_data().unwrap().as_ref(), b"one\ntwo");
         assert_eq!(p.next_data().unwrap().as_ref(), b"{\"type\":\"ping\"}");
+    }
+
+    /// Every line ending the SSE standard allows, cut at every byte: the same events.
+    #[test]
+    fn sse_parser_reads_every_line_ending_however_the_stream_is_cut() {
+        let streams: [&[u8]; 4] = [
+            b"\xEF\xBB\xBFdata: {\"a\":1}\n\n: ping\n\ndata:x\ndata\ndata: y\n\ndata: [DONE]\n\n",
+            b"data: {\"a\":1}\r\n\r\n: ping\r\n\r\ndata:x\r\ndata\r\ndata: y\r\n\r\ndata: [DONE]\r\n\r\n",
+            b"data: {\"a\":1}\r\r: ping\r\rdata:x\rdata\rdata: y\r\rdata: [DONE]\r\r",
+            b"data: {\"a\":1}\n\r\n: ping\r\rdata:x\r\ndata\ndata: y\r\n\ndata: [DONE]\r\n\r",
+        ];
+        let want: Vec<&[u8]> = vec![b"{\"a\":1}", b"x\n\ny", b"[DONE]"];
+        for stream in streams {
+            for cut in 0..=stream.len() {
+                let mut p = SseParser::default();
+                let mut got = Vec::new();
+                for piece in [&stream[..cut], &stream[cut..]] {
+                    p.push(piece).unwrap();
+                    while let Some(data) = p.next_data() {
+                        got.push(data);
+                    }
+                }
+                assert_eq!(
+                    got,
+                    want,
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(stream)
+                );
+            }
+            // One byte at a time.
+            let mut p = SseParser::default();
+            let mut got = Vec::new();
+            for byte in stream {
+                p.push(&[*byte]).unwrap();
+                while let Some(data) = p.next_data() {
+                    got.push(data);
+                }
+            }
+            assert_eq!(
+                got,
+                want,
+                "{:?} byte by byte",
+                String::from_utf8_lossy(stream)
+            );
+        }
+    }
+
+    /// An event that never ends stops growing at its bound; one just under it is read.
+    #[test]
+    fn sse_parser_bounds_an_event_that_never_ends() {
+        let mut p = SseParser::default();
+        let piece = vec![b'x'; 64 * 1024];
+        p.push(b"data: ").unwrap();
+        let mut pushed = 6;
+        let err = loop {
+            match p.push(&piece) {
+                Ok(()) => {
+                    assert!(p.next_data().is_none());
+                    pushed += piece.len();
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(pushed <= MAX_SSE_EVENT, "{pushed}");
+        assert!(err.contains("8 MiB"), "{err}");
+        // Many data lines with no blank line count too.
+        let mut p = SseParser::default();
+        let line = [b"data: ".as_slice(), &piece, b"\n"].concat();
+        let failed = (0..200).any(|_| {
+            let pushed = p.push(&line);
+            assert!(p.next_data().is_none());
+            pushed.is_err()
+        });
+        assert!(failed);
+        let mut p = SseParser::default();
+        let big = vec![b'y'; MAX_SSE_EVENT - 64];
+        p.push(&[b"data: ".as_slice(), &big, b"\n\n"].concat())
+            .unwrap();
+        assert_eq!(p.next_data().unwrap().len(), big.len());
     }
 
     #[test]

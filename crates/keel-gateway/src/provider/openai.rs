@@ -139,7 +139,12 @@ fn sse_chunks(body: Body, target: String) -> ChunkStream {
                     return Some((Ok(event), (bytes, parser, target, false, finished)));
                 }
                 match bytes.next().await {
-                    Some(Ok(chunk)) => parser.push(&chunk),
+                    Some(Ok(chunk)) => {
+                        if let Err(detail) = parser.push(&chunk) {
+                            let err = UpstreamError::malformed(target.as_str(), detail);
+                            return Some((Err(err), (bytes, parser, target, true, finished)));
+                        }
+                    }
                     Some(Err(e)) => {
                         let detail = format!("stream broke: {}", error_chain(e.as_ref()));
                         let err = UpstreamError::connect(target.as_str(), detail);

@@ -256,10 +256,10 @@ pub(super) fn chunks(body: Body, target: String, translator: Translator) -> Chun
                 continue;
             }
             let broken = match s.bytes.next().await {
-                Some(Ok(bytes)) => {
-                    s.parser.push(&bytes);
-                    continue;
-                }
+                Some(Ok(bytes)) => match s.parser.push(&bytes) {
+                    Ok(()) => continue,
+                    Err(detail) => Broken::Malformed(detail),
+                },
                 Some(Err(e)) => {
                     Broken::Upstream(format!("stream broke: {}", error_chain(e.as_ref())))
                 }
