@@ -310,7 +310,7 @@ pub struct TimeoutConfig {
     /// Longest silence between streamed chunks.
     #[serde(default, deserialize_with = "duration::optional")]
     pub idle: Option<Duration>,
-    /// One attempt, start to end.
+    /// One attempt, start to end (a stream's attempt ends with the stream).
     #[serde(default, deserialize_with = "duration::optional")]
     pub attempt: Option<Duration>,
     /// The whole call: every attempt, backoff and fallback.

@@ -338,10 +338,14 @@ impl Finish {
         let attempts = log.attempts;
         let idle = route.timeouts.idle;
         let total = self.call_started + route.timeouts.total;
-        let deadline = match task_deadline {
+        let mut deadline = match task_deadline {
             Some(task) if task < total => (task, "its task's deadline"),
             _ => (total, "the total deadline"),
         };
+        // The tightest deadline wins: the attempt's own, from the attempt's start.
+        if let Some(until) = attempt.deadline().filter(|until| *until < deadline.0) {
+            deadline = (until, "the attempt deadline");
+        }
         let target_id = attempt.target().id.clone();
         let hide_usage = self.hide_usage;
         // A task's streamed answer is put together for the loop guard, as a whole one is read.

@@ -57,6 +57,8 @@ pub struct StreamAttempt {
     permit: Option<Permit>,
     /// From the attempt's start to the stream's first event.
     took: Duration,
+    /// When the route's `attempt` timeout, counted from the attempt's start, ends it.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl StreamAttempt {
@@ -66,7 +68,19 @@ impl StreamAttempt {
             target,
             permit: Some(permit),
             took,
+            deadline: None,
         }
+    }
+
+    /// The attempt, ended by its `attempt` timeout at `deadline` at the latest.
+    pub(crate) fn until(mut self, deadline: tokio::time::Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// When the attempt's own timeout ends it, if it has one.
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
     }
 
     /// The target that answered.

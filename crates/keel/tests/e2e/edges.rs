@@ -823,3 +823,51 @@ async fn a_breaker_opened_by_clients_that_left_is_stored_at_once() {
     assert_eq!(opened[0]["target"], "sim/patient", "{opened:?}");
     assert_eq!(opened[0]["slow_call_rate"], 1.0, "{opened:?}");
 }
+
+/// A stream's attempt lasts as long as the stream: `timeouts.attempt` ends a stream still
+/// coming with an error event, well before `total`, and the cut is not the target's failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_attempt_timeout_ends_a_stream_that_outlasts_it() {
+    let config = format!(
+        "{TWO_TARGETS}\n[routes.long]\ntargets = [{{ provider = \"sim\", model = \"long\" }}]\n\
+         timeouts = {{ first_token = \"800ms\", idle = \"800ms\", attempt = \"1s\", total = \"30s\" }}\n"
+    );
+    let sim = sim().await;
+    let keel = Keel::start(&config, &sim).await;
+    let words = vec!["word"; 60].join(" ");
+    sim.script(
+        "long",
+        vec![Fault {
+            reply: Some(words),
+            chunk_interval: Some(Duration::from_millis(100)),
+            ..Fault::default()
+        }],
+    );
+    let started = std::time::Instant::now();
+    let text = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", keel.url))
+        .json(&serde_json::json!({"model": "long", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let last = text.trim_end().lines().last().unwrap();
+    assert!(
+        last.contains("error") && last.contains("the attempt deadline"),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls[0]["outcome"], "stream_error", "{calls:?}");
+    // A long answer is not a failing target.
+    let metrics = keel.metrics().await;
+    assert!(
+        metrics.contains("keel_attempts_total{target=\"sim/long\",outcome=\"stream_error\"} 1"),
+        "{metrics}"
+    );
+    assert!(keel.events_of("breaker_opened").is_empty());
+}
