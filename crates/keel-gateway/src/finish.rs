@@ -352,6 +352,9 @@ impl Finish {
         let guarded = log.who.task.is_some() && self.gw.agents.loop_guard(&log.who.agent).is_some();
         let answered = Arc::clone(attempt.target());
         let tasks = self.gw.tasks.clone();
+        // Set once the stream's last event (`[DONE]` or its error) is on its way.
+        let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended = Arc::clone(&told);
         tasks.spawn(async move {
             let mut transcript = self.gw.record_payloads.then(Vec::new);
             let mut answer = guarded.then(StreamedAnswer::default);
@@ -448,14 +451,15 @@ impl Finish {
             };
             // A client still reading gets the last event as it would any other: until the
             // later of the deadline (which may have ended the stream) and `idle` from now.
-            if let Some(last) = last {
-                let _ = deliver(&tx, last, deadline.0.max(Instant::now() + idle)).await;
+            if let Some(last) = last
+                && deliver(&tx, last, deadline.0.max(Instant::now() + idle))
+                    .await
+                    .is_ok()
+            {
+                ended.store(true, std::sync::atomic::Ordering::Release);
             }
         });
-        let body = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-        });
-        let mut response = Response::new(Body::from_stream(body));
+        let mut response = Response::new(stream_body(rx, told));
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -801,6 +805,30 @@ fn target_of(error: &UpstreamError) -> String {
     }
 }
 
+/// A stream's body: the frames `rx` gets. When they stop before the stream's last event was
+/// sent (`told`: the client fell too far behind to take it, or the pump failed), the body
+/// ends with an error, so the connection is broken off (an HTTP/1 chunked body without its
+/// end): the client's SDK raises an error, not a stream that looks complete.
+fn stream_body(rx: mpsc::Receiver<Bytes>, told: Arc<std::sync::atomic::AtomicBool>) -> Body {
+    let frames = futures::stream::unfold(Some(rx), move |rx| {
+        let told = Arc::clone(&told);
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(frame) => Some((Ok(frame), Some(rx))),
+                None if told.load(std::sync::atomic::Ordering::Acquire) => None,
+                None => Some((
+                    Err(std::io::Error::other(
+                        "the stream ended before its last event could be sent",
+                    )),
+                    None,
+                )),
+            }
+        }
+    });
+    Body::from_stream(frames)
+}
+
 /// `data` as one server-sent event: a `data:` line for each of its lines (an upstream's
 /// event may have come in several, which the parser joined with `\n`).
 pub(crate) fn sse_frame(data: &[u8]) -> Bytes {
@@ -879,4 +907,33 @@ pub(crate) fn keel_headers(
     headers.insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
     headers.insert(FALLBACK.clone(), flag(fallback));
     headers.insert(DEGRADED.clone(), flag(degraded));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A stream whose last event was sent ends cleanly; one whose frames stop before it
+    /// ends with an error (the connection broken off), after the frames that came.
+    #[tokio::test]
+    async fn a_stream_body_ends_cleanly_only_after_its_last_event() {
+        for told in [true, false] {
+            let (tx, rx) = mpsc::channel(4);
+            let flag = Arc::new(std::sync::atomic::AtomicBool::new(told));
+            tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+            drop(tx);
+            let mut body = stream_body(rx, flag);
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(first, "data: {}\n\n");
+            match body.frame().await {
+                None => assert!(told, "ended cleanly without its last event"),
+                Some(Err(e)) => {
+                    assert!(!told, "{e}");
+                    assert!(e.to_string().contains("before its last event"), "{e}");
+                }
+                Some(Ok(frame)) => panic!("unexpected {frame:?}"),
+            }
+        }
+    }
 }
