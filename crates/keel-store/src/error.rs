@@ -149,7 +149,7 @@ pub enum StoreError {
     },
     /// A statement on the PostgreSQL store failed. For a write, nothing of it was
     /// acknowledged (it may have committed if the connection broke during `COMMIT`).
-    #[error("{what} on the PostgreSQL store {store} failed: {source}")]
+    #[error("{what} on the PostgreSQL store {store} failed: {}", pg_detail(source))]
     Postgres {
         /// The database, without its password.
         store: String,
@@ -189,4 +189,13 @@ pub enum StoreError {
 /// `version 3` or `no task`, for [`StoreError::Conflict`].
 fn show_version(version: &Option<u64>) -> String {
     version.map_or_else(|| "no task".to_owned(), |v| format!("version {v}"))
+}
+
+/// What PostgreSQL said: the server's own message and SQLSTATE for an error it reported
+/// (`tokio_postgres` shows only "db error" for those), else the client's error.
+fn pg_detail(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }

@@ -354,9 +354,13 @@ pub trait EventStore: Send + Sync + 'static {
     fn set_tap(&self, tap: Arc<dyn Tap>) -> bool;
 }
 
+/// The state key `ping` writes to prove the store after a failed commit.
+pub(crate) const READY_PROBE: &str = "keel/ready_probe";
+
 /// Sees every event a store commits, right after the commit, on the task that appended
-/// it (keel's observer learns baselines and raises alerts from the log this way, without
-/// reading it back). It must not block: hand the work to another task.
+/// it, or on the store's writer thread when that task has gone (keel's observer learns
+/// baselines and raises alerts from the log this way, without reading it back). It must not
+/// block: hand the work to another task.
 pub trait Tap: Send + Sync + 'static {
     /// `events` were committed, in `seq` order (as appends return them: without a member
     /// given as text, so such an event's `data` is not all its `data_hash` covers and

@@ -98,6 +98,8 @@ pub struct PgStore {
     /// This node's writer thread.
     writer: WriterHandle,
     pool: Pool,
+    /// Whether this node's latest commit failed: `ping` then proves a write.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PgStore {
@@ -133,12 +135,20 @@ impl PgStore {
 
         let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
         let (ready, is_ready) = oneshot::channel();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
             let (config, for_writer) = (config.clone(), store.clone());
+            let failing = Arc::clone(&failing);
             std::thread::Builder::new()
                 .name("keel-pg-writer".to_owned())
                 .spawn(move || {
-                    writer_thread(config, for_writer, (durabilities, commit_delay), rx, ready)
+                    writer_thread(
+                        config,
+                        for_writer,
+                        (durabilities, commit_delay),
+                        (rx, failing),
+                        ready,
+                    )
                 })
                 .map_err(|e| StoreError::Unreachable {
                     store: store.clone(),
@@ -188,6 +198,7 @@ impl PgStore {
             store,
             durability,
             pool,
+            failing,
         })
     }
 
@@ -320,12 +331,16 @@ impl PgStore {
     }
 }
 
+/// How long `ping`'s write after a failed commit may take before the node says it is not
+/// ready (a load balancer's probe should not hang on a stalled database).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The writer thread: its own single-threaded runtime, so closing the store can join it.
 fn writer_thread(
     config: Config,
     store: String,
     (durabilities, commit_delay): (crate::Durabilities, Option<std::time::Duration>),
-    rx: mpsc::Receiver<Request>,
+    (rx, failing): (mpsc::Receiver<Request>, Arc<std::sync::atomic::AtomicBool>),
     ready: oneshot::Sender<Result<(), StoreError>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -359,7 +374,7 @@ fn writer_thread(
         if ready.send(Ok(())).is_err() {
             return;
         }
-        writer::run(conn, rx, commit_delay, durabilities).await;
+        writer::run(conn, rx, commit_delay, durabilities, failing).await;
     });
 }
 
@@ -513,6 +528,38 @@ impl EventStore for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         if !self.writer.is_running() {
             return Err(self.stopped());
+        }
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            // This node's latest commit failed (a read-only standby after a failover, a full
+            // disk, a lock held past `lock_timeout`): ready only once a write of its own
+            // commits, not merely because reads still work.
+            let probe = async {
+                let stamp = Vec::from(crate::chain::now_ms().to_string());
+                let version = self
+                    .load_state(crate::READY_PROBE)
+                    .await?
+                    .map(|v| v.version);
+                // Another node's probe may win the compare-and-set: the commit is the proof.
+                self.writer
+                    .save_state(crate::READY_PROBE, stamp, version, false)
+                    .await
+            };
+            match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    self.failing
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
+                Err(_) => {
+                    return Err(StoreError::Unreachable {
+                        store: self.store.clone(),
+                        reason: format!(
+                            "a write did not commit within {PROBE_TIMEOUT:?} after a failed commit"
+                        ),
+                    });
+                }
+            }
         }
         self.query("ping", "SELECT 1", &[]).await.map(|_| ())
     }

@@ -383,3 +383,41 @@ async fn the_store_reconnects_after_the_server_restarts_and_loses_nothing_acknow
         }
     );
 }
+
+/// A node whose commits fail (a full disk, a standby after failover; here a trigger that
+/// refuses every insert and update) is not ready while reads still work, until a write of
+/// its own commits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_commits_fail_is_not_ready_until_a_write_commits() {
+    let server = server();
+    let (url, store) = fresh(&server, "failing").await;
+    store.append(vec![event("t", 0)]).await.unwrap();
+    store.ping().await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    let driver = tokio::runtime::Handle::current().spawn(connection);
+    client
+        .batch_execute(
+            "CREATE FUNCTION keel_test_full() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$;
+             CREATE TRIGGER full_events BEFORE INSERT ON events
+               FOR EACH ROW EXECUTE FUNCTION keel_test_full();
+             CREATE TRIGGER full_state BEFORE INSERT OR UPDATE ON state
+               FOR EACH ROW EXECUTE FUNCTION keel_test_full();",
+        )
+        .await
+        .unwrap();
+    let err = store.append(vec![event("t", 1)]).await.unwrap_err();
+    assert!(err.to_string().contains("No space left"), "{err}");
+    // Reads work, but every probe until a write commits says the node is not ready.
+    assert_eq!(store.events(EventQuery::default()).await.unwrap().len(), 1);
+    assert!(store.ping().await.is_err());
+    assert!(store.ping().await.is_err());
+    client
+        .batch_execute("DROP TRIGGER full_events ON events; DROP TRIGGER full_state ON state;")
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+    store.append(vec![event("t", 1)]).await.unwrap();
+    drop(client);
+    let _ = driver.await;
+}

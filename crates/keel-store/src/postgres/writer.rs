@@ -19,6 +19,8 @@
 //! rather than held: callers (a gateway call, a worker's claim) get their error promptly.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -142,8 +144,19 @@ pub(crate) async fn connect(
         .batch_execute(set_synchronous_commit(durability, false))
         .await
         .map_err(|e| PgFail::Sql(e).into_store(store, "setting synchronous_commit"))?;
+    // A node that stalls holding the chain's head (a partition, a paused VM) fails the other
+    // nodes' commits after this wait, which `/readyz` and the log then show, instead of
+    // holding every write (and every answer waiting for its record) for as long as it stalls.
+    client
+        .batch_execute(LOCK_TIMEOUT_SQL)
+        .await
+        .map_err(|e| PgFail::Sql(e).into_store(store, "setting lock_timeout"))?;
     Ok(client)
 }
+
+/// The writer's session's `lock_timeout` (see [`connect`]): far past any commit's wait for
+/// another node's.
+pub(crate) const LOCK_TIMEOUT_SQL: &str = "SET lock_timeout = '10s'";
 
 /// The statement that sets PostgreSQL's `synchronous_commit` for a durability: for the
 /// session, or (`local`) for the current transaction only. Constant text, so a commit that
@@ -175,11 +188,13 @@ pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
 /// The writer loop; returns when the queue is closed and drained. The connection's session
 /// has `synchronous_commit` set for `durabilities.writes`; a commit made with the other
 /// durability sets it for its own transaction.
+/// `failing` is set while the latest batch failed (the store's `ping` then proves a write).
 pub(crate) async fn run(
     mut conn: Connection,
     mut queue: mpsc::Receiver<Request>,
     commit_delay: Option<Duration>,
     durabilities: Durabilities,
+    failing: Arc<AtomicBool>,
 ) {
     while let Some(first) = queue.recv().await {
         let mut pending = first.weight();
@@ -197,6 +212,7 @@ pub(crate) async fn run(
         let client = match conn.client().await {
             Ok(client) => client,
             Err(err) => {
+                failing.store(true, Ordering::Relaxed);
                 for request in batch {
                     answer_err(request, clone_err(&err));
                 }
@@ -205,11 +221,13 @@ pub(crate) async fn run(
         };
         match write_batch(client, &batch, &store, own).await {
             Ok((stamp, results)) => {
+                failing.store(false, Ordering::Relaxed);
                 for (request, result) in batch.into_iter().zip(results) {
                     answer(request, result, &stamp);
                 }
             }
             Err(source) => {
+                failing.store(true, Ordering::Relaxed);
                 tracing::error!(%store, events = pending, error = %source, "PostgreSQL store commit failed");
                 let err =
                     PgFail::Sql(source).into_store(&store, &format!("commit of {pending} events"));

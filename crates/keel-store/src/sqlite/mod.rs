@@ -95,9 +95,6 @@ impl PayloadCache {
 /// Entries of the stored-payload cache before it starts over.
 const PAYLOAD_CACHE_LIMIT: usize = 100_000;
 
-/// The state key `ping` writes to prove the store after a failed commit.
-const READY_PROBE: &str = "keel/ready_probe";
-
 // === impl SqliteStore ===
 
 impl SqliteStore {
@@ -357,10 +354,13 @@ impl EventStore for SqliteStore {
             // The latest commit failed: ready only once a write commits again (the disk has
             // room, the lock is free), not merely because reads still work.
             let stamp = Vec::from(crate::chain::now_ms().to_string());
-            let version = self.load_state(READY_PROBE).await?.map(|v| v.version);
+            let version = self
+                .load_state(crate::READY_PROBE)
+                .await?
+                .map(|v| v.version);
             let probed = self
                 .writer
-                .save_state(READY_PROBE, stamp, version, false)
+                .save_state(crate::READY_PROBE, stamp, version, false)
                 .await;
             if let Err(e) = probed {
                 // Its own write failed inside a batch that committed: still failing.
