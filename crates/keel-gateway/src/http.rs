@@ -362,28 +362,39 @@ async fn handle_inner(
     request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    // Refused before a route is known (a wrong key, a bad body, an unknown model): counted
+    // under route "none", never under the client's own `model`.
+    let rejected = |e: ApiError| {
+        crate::finish::count_request(gw, "none", "none", "rejected");
+        e
+    };
     // Authenticate before reading the body, so an unauthenticated client cannot make us buffer 4 MiB.
-    let (agent, key) = gw.agents.identify_with_key(
-        header_str(request.headers(), "authorization"),
-        header_str(request.headers(), "x-keel-agent"),
-    )?;
-    let chaos_header = chaos_fault(gw, request.headers())?;
-    let (headers, parsed) = read_body(gw, request).await?;
+    let (agent, key) = gw
+        .agents
+        .identify_with_key(
+            header_str(request.headers(), "authorization"),
+            header_str(request.headers(), "x-keel-agent"),
+        )
+        .map_err(rejected)?;
+    let chaos_header = chaos_fault(gw, request.headers()).map_err(rejected)?;
+    let (headers, parsed) = read_body(gw, request).await.map_err(rejected)?;
     let Some(route) = gw.routes.get(&parsed.route) else {
         let known: Vec<&str> = gw.route_names().collect();
-        return Err(ApiError::not_found(
-            format!(
-                "the model {:?} does not exist: it is not a route of this keel (routes: {})",
-                parsed.route,
-                if known.is_empty() {
-                    "none configured".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            ),
-            "model_not_found",
-        )
-        .with_param("model"));
+        return Err(rejected(
+            ApiError::not_found(
+                format!(
+                    "the model {:?} does not exist: it is not a route of this keel (routes: {})",
+                    parsed.route,
+                    if known.is_empty() {
+                        "none configured".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+                "model_not_found",
+            )
+            .with_param("model"),
+        ));
     };
     let who = Attribution {
         agent,

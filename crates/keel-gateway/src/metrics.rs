@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 /// Labels of `keel_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// Route the client named.
+    /// Route the client named; `none` for a request refused before its route was known.
     pub route: LabelValue,
     /// `provider/model` that answered, or `none`.
     pub target: LabelValue,

@@ -103,6 +103,15 @@ async fn metrics_pass_promtool_and_name_design_families() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    // Refused before a route is known: counted, under route "none", not the client's model.
+    let (status, _) = post(
+        &keel,
+        br#"{"model":"no-such-route","messages":[{"role":"user","content":"hi"}]}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = post(&keel, b"{not json".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     // A label value a client chose (an agent name with a quote, a backslash and a newline)
     // is escaped, or the whole scrape would be unreadable.
     let agent = "say \"hi\" \\ then\nbye";
@@ -122,6 +131,7 @@ async fn metrics_pass_promtool_and_name_design_families() {
     for family in [
         r#"keel_tasks_total{agent="say \"hi\" \\ then\nbye",outcome="succeeded"} 1"#,
         "keel_requests_total{route=\"smart\",target=\"sim/primary\",outcome=\"ok\"} 1",
+        "keel_requests_total{route=\"none\",target=\"none\",outcome=\"rejected\"} 2",
         "keel_attempts_total{target=\"sim/primary\",outcome=\"retryable\"} 1",
         "keel_retries_total{route=\"smart\"} 1",
         "keel_request_duration_seconds_bucket",
