@@ -489,6 +489,7 @@ async fn handle_inner(
     let mut guard = CallGuard {
         gw: Arc::clone(gw),
         route: route.name.clone(),
+        metrics: Arc::clone(&route.metrics),
         started,
         log: Some(log),
     };
@@ -620,6 +621,8 @@ async fn screen_input(
 struct CallGuard {
     gw: Arc<Gateway>,
     route: String,
+    /// The route's duration and token series.
+    metrics: Arc<crate::metrics::RouteMetrics>,
     started: Instant,
     log: Option<CallLog>,
 }
@@ -648,6 +651,18 @@ impl Drop for CallGuard {
             }),
         );
         crate::finish::count_request(&self.gw, &self.route, "none", "client_gone");
+        // Its time and what keel paid for are observed like any call's.
+        self.metrics
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(total) = usage {
+            self.metrics
+                .input_tokens
+                .observe(total.prompt_tokens as f64);
+            self.metrics
+                .output_tokens
+                .observe(total.completion_tokens as f64);
+        }
         if !log.chaos.is_empty() {
             let chaos: Vec<Value> = log.chaos.iter().map(|c| c.to_json()).collect();
             if let Some(data) = log.events.last_mut().and_then(|e| e.data.as_object_mut()) {

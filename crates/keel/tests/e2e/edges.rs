@@ -180,6 +180,11 @@ async fn a_client_leaving_a_silent_stream_cancels_it_at_once_and_is_not_a_stream
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(metrics.contains(counted), "{metrics}");
+    // Its time is in the route's duration histogram like any call's.
+    assert!(
+        metrics.contains("keel_request_duration_seconds_count{route=\"patient\"} 1"),
+        "{metrics}"
+    );
     assert!(
         !metrics.contains("keel_stream_errors_total{route=\"patient\"}"),
         "{metrics}"
@@ -822,6 +827,14 @@ async fn a_breaker_opened_by_clients_that_left_is_stored_at_once() {
     );
     assert_eq!(opened[0]["target"], "sim/patient", "{opened:?}");
     assert_eq!(opened[0]["slow_call_rate"], 1.0, "{opened:?}");
+    // The calls whose clients left are counted, and timed like any call.
+    let metrics = keel.metrics().await;
+    for line in [
+        "keel_requests_total{route=\"patient\",target=\"none\",outcome=\"client_gone\"} 4",
+        "keel_request_duration_seconds_count{route=\"patient\"} 4",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 }
 
 /// A stream's attempt lasts as long as the stream: `timeouts.attempt` ends a stream still
