@@ -15,4 +15,4 @@ pub use canonical::{CanonicalText, Document};
 pub use class::ErrorClass;
 pub use event::{EventKind, NewEvent, TextMember};
 #[cfg(feature = "prometheus")]
-pub use metric::LabelValue;
+pub use metric::{AgentLabels, LabelValue};

@@ -60,6 +60,35 @@ impl EncodeLabelValue for LabelValue {
     }
 }
 
+/// Label values chosen outside keel's config (an agent name a client sent), bounded: the
+/// first [`AgentLabels::LIMIT`] distinct values are kept as they came, any later one is
+/// [`AgentLabels::OTHER`], so clients that name an agent per user cannot grow `/metrics`
+/// (and Prometheus's series) without end.
+#[derive(Debug, Default)]
+pub struct AgentLabels {
+    seen: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+impl AgentLabels {
+    /// Distinct values kept before the rest are counted together.
+    pub const LIMIT: usize = 100;
+    /// The value every agent past the limit is counted under.
+    pub const OTHER: &'static str = "other";
+
+    /// The label for `agent`.
+    pub fn of(&self, agent: &str) -> LabelValue {
+        let mut seen = self.seen.lock();
+        if seen.contains(agent) {
+            return agent.into();
+        }
+        if seen.len() < Self::LIMIT {
+            seen.insert(agent.to_owned());
+            return agent.into();
+        }
+        Self::OTHER.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prometheus_client::encoding::EncodeLabelSet;
@@ -90,5 +119,20 @@ mod tests {
             text.contains(r#"blocks_total{rule="args.currency == \"USD\" \\ x\ny é"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn agent_labels_past_the_limit_are_counted_together() {
+        let labels = super::AgentLabels::default();
+        for i in 0..super::AgentLabels::LIMIT {
+            assert_eq!(
+                labels.of(&format!("agent-{i}")).as_str(),
+                format!("agent-{i}")
+            );
+        }
+        assert_eq!(labels.of("one-too-many").as_str(), "other");
+        assert_eq!(labels.of("another").as_str(), "other");
+        // Those seen first keep their own.
+        assert_eq!(labels.of("agent-0").as_str(), "agent-0");
     }
 }

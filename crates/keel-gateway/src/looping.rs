@@ -27,7 +27,10 @@ impl Gateway {
         self.metrics
             .loops_detected
             .get_or_create(&crate::metrics::LoopLabels {
-                agent: data["agent"].as_str().unwrap_or_default().into(),
+                agent: self
+                    .metrics
+                    .agents
+                    .of(data["agent"].as_str().unwrap_or_default()),
                 kind: data["kind"].as_str().unwrap_or_default().into(),
             })
             .inc();

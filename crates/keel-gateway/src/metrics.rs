@@ -221,6 +221,8 @@ pub struct Metrics {
     pub loops_detected: Family<LoopLabels, Counter>,
     /// `keel_chaos_injected_total{target,fault}`: faults `[chaos]` injected into attempts.
     pub chaos_injected: Family<ChaosLabels, Counter>,
+    /// Agent names as labels, bounded (with no agent keys, `x-keel-agent` is any name).
+    pub agents: keel_core::AgentLabels,
 }
 
 impl Metrics {
@@ -343,6 +345,7 @@ impl Metrics {
             budget_remaining,
             budget_limit,
             loops_detected,
+            agents: keel_core::AgentLabels::default(),
             chaos_injected,
         }
     }

@@ -1,7 +1,9 @@
 //! The supervisor's Prometheus metrics (DESIGN §7): task outcomes, trajectory
 //! length and confidence per agent, DLQ depth and pending approvals.
 
-use keel_core::LabelValue;
+use std::sync::Arc;
+
+use keel_core::{AgentLabels, LabelValue};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -55,6 +57,8 @@ pub struct SupervisorMetrics {
     pub dlq_depth: Gauge,
     /// `keel_approvals_pending`: tasks waiting for a human.
     pub approvals_pending: Gauge,
+    /// The agent names used as labels (bounded: any name a client sends can create a task).
+    pub agents: Arc<AgentLabels>,
 }
 
 impl SupervisorMetrics {
@@ -67,6 +71,7 @@ impl SupervisorMetrics {
             backtracks: Family::default(),
             dlq_depth: Gauge::default(),
             approvals_pending: Gauge::default(),
+            agents: Arc::new(AgentLabels::default()),
         };
         registry.register(
             "keel_tasks",
@@ -103,15 +108,14 @@ impl SupervisorMetrics {
 
     /// Counts a task that just reached a final state.
     pub fn finished(&self, task: &Task) {
+        let label = self.agents.of(&task.agent);
         self.tasks
             .get_or_create(&TaskLabels {
-                agent: task.agent.clone().into(),
+                agent: label.clone(),
                 outcome: task.state.as_str().into(),
             })
             .inc();
-        let agent = AgentLabel {
-            agent: task.agent.clone().into(),
-        };
+        let agent = AgentLabel { agent: label };
         self.steps
             .get_or_create(&agent)
             .observe(f64::from(task.steps));
