@@ -62,7 +62,8 @@ pub(crate) async fn pump(
     hide_usage: bool,
 ) -> Pumped {
     let mut usage = usage_of(&first).ok().flatten();
-    // The transcript is the chunks' data, one per line: what the client received.
+    // The transcript is the chunks' data, one per line: what the client received (with the
+    // upstream's own error event, when one ended the stream).
     let mut keep = |chunk: &[u8]| {
         if let Some(t) = transcript.as_deref_mut() {
             t.extend_from_slice(chunk);
@@ -88,9 +89,11 @@ pub(crate) async fn pump(
             false,
         )
     };
-    keep(&first);
     let mut failed = match deliver(tx, sse_frame(&first), deadline).await {
-        Ok(()) => None,
+        Ok(()) => {
+            keep(&first);
+            None
+        }
         Err(Undelivered::Gone) => return ended(StreamEnd::ClientGone, usage, None),
         Err(Undelivered::Late) => Some(late()),
     };
@@ -110,9 +113,12 @@ pub(crate) async fn pump(
                         continue;
                     }
                 }
-                keep(&chunk);
+                // Kept once the client has it: a chunk it never got is not in the record.
                 match deliver(tx, sse_frame(&chunk), deadline).await {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        keep(&chunk);
+                        continue;
+                    }
                     // Dropping `rest` closes the upstream connection: the client left.
                     Err(Undelivered::Gone) => return ended(StreamEnd::ClientGone, usage, None),
                     Err(Undelivered::Late) => late(),
@@ -285,6 +291,35 @@ mod tests {
         let filtered = br#"{"error":{"code":"content_filter","message":"filtered"}}"#;
         let filtered = pumped(event(400, filtered), long, long).await;
         assert_eq!(against(&filtered), Some(false));
+    }
+
+    /// The transcript holds what the client received: not the chunk it was too far behind
+    /// to take when the deadline passed.
+    #[tokio::test]
+    async fn the_transcript_holds_only_what_the_client_got() {
+        let endless = futures::stream::repeat_with(|| Ok(Bytes::from_static(CHUNK))).boxed();
+        let (tx, _rx) = mpsc::channel(16);
+        let mut transcript = Vec::new();
+        let behind = pump(
+            Bytes::from_static(CHUNK),
+            endless,
+            &tx,
+            (
+                Duration::from_secs(30),
+                (
+                    Instant::now() + Duration::from_millis(100),
+                    "the total deadline",
+                ),
+            ),
+            "sim/m",
+            (Some(&mut transcript), None),
+            false,
+        )
+        .await;
+        assert_eq!(against(&behind), Some(false));
+        // The first chunk and fifteen more fill the channel of sixteen the client never read.
+        let lines = transcript.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        assert_eq!(lines.count(), 16);
     }
 
     #[tokio::test]
