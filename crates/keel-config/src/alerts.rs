@@ -170,8 +170,11 @@ impl AlertsConfig {
     pub fn validate(self, at: &KeyPath) -> Result<AlertsSettings, Vec<Invalid>> {
         let mut problems = Problems::default();
         let digest_every = self.digest_every.unwrap_or(DEFAULT_DIGEST_EVERY);
-        if digest_every.is_zero() {
-            problems.push(at.child("digest_every").invalid("must be longer than 0s"));
+        if digest_every < Duration::from_secs(1) {
+            problems.push(at.child("digest_every").invalid(format!(
+                "{} is shorter than 1s: a digest is sent this often",
+                crate::duration::show(digest_every)
+            )));
         }
         let webhooks: Vec<Option<Webhook>> = self
             .webhooks

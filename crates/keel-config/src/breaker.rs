@@ -18,6 +18,9 @@ const MAX_COUNT_WINDOW: u32 = 1_000_000;
 /// The largest time window, in seconds: a day.
 const MAX_TIME_WINDOW: u32 = 86_400;
 
+/// The longest `open_for`: a day.
+const MAX_OPEN_FOR: Duration = Duration::from_secs(86_400);
+
 /// The breaker used when `[breaker]` is absent: count window of 100 calls, 20 calls before
 /// rates count, opens at 50% failures, slow calls (60s) only open it when every call is slow,
 /// stays open 30s, then lets 5 trial calls through.
@@ -127,10 +130,18 @@ impl BreakerConfig {
         }
         let slow_call = self.slow_call.unwrap_or(parent.slow_call);
         let open_for = self.open_for.unwrap_or(parent.open_for);
-        for (key, value) in [("slow_call", slow_call), ("open_for", open_for)] {
-            if value.is_zero() {
-                problems.push(at.child(key).invalid("must be longer than 0s"));
-            }
+        if slow_call < Duration::from_millis(1) {
+            problems.push(at.child("slow_call").invalid(format!(
+                "{} is shorter than 1ms: every call would be slow",
+                crate::duration::show(slow_call)
+            )));
+        }
+        if open_for.is_zero() || open_for > MAX_OPEN_FOR {
+            problems.push(at.child("open_for").invalid(format!(
+                "{} is outside (0s, {}]: an open circuit lets no call through for that long",
+                crate::duration::show(open_for),
+                crate::duration::show(MAX_OPEN_FOR)
+            )));
         }
         problems.finish(at, || {
             Some(BreakerSettings {

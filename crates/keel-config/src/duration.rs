@@ -26,6 +26,10 @@ pub fn show(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
 }
 
+/// The longest duration any key takes (a retention of decades is still a duration keel can
+/// add to a time); each key has its own, tighter, bounds where one makes sense.
+const LONGEST: Duration = Duration::from_secs(100 * 31_557_600);
+
 struct DurationVisitor;
 
 impl Visitor<'_> for DurationVisitor {
@@ -36,11 +40,18 @@ impl Visitor<'_> for DurationVisitor {
     }
 
     fn visit_str<E: Error>(self, text: &str) -> Result<Duration, E> {
-        humantime::parse_duration(text).map_err(|e| {
+        let duration = humantime::parse_duration(text).map_err(|e| {
             E::custom(format!(
                 r#"invalid duration {text:?}: {e}; write durations like "250ms", "30s" or "10m""#
             ))
-        })
+        })?;
+        if duration > LONGEST {
+            return Err(E::custom(format!(
+                "duration {text:?} is longer than any keel takes ({}); far past it, times overflow",
+                show(LONGEST)
+            )));
+        }
+        Ok(duration)
     }
 }
 

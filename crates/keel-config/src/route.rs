@@ -274,6 +274,19 @@ impl RetryConfig {
                     .invalid(format!("{} is outside [0, 1]", self.budget_ratio)),
             );
         }
+        if self.max_attempts > MAX_ATTEMPTS {
+            problems.push(at.child("max_attempts").invalid(format!(
+                "{} is over {MAX_ATTEMPTS}, the most attempts keel makes on one target",
+                self.max_attempts
+            )));
+        }
+        if cap > MAX_BACKOFF {
+            problems.push(at.child("cap").invalid(format!(
+                "{} is longer than {}, the longest keel waits between attempts",
+                show(cap),
+                show(MAX_BACKOFF)
+            )));
+        }
         problems.finish(at, || {
             Some(RetrySettings {
                 max_attempts: max_attempts?,
@@ -288,12 +301,21 @@ impl RetryConfig {
     }
 }
 
+/// The most attempts a route makes on one target.
+pub const MAX_ATTEMPTS: u32 = 100;
+
+/// The longest wait between two attempts (`cap`).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
 /// A count that must be at least 1.
 pub(crate) fn at_least_one(value: u32, at: &KeyPath) -> Result<NonZeroU32, Invalid> {
     NonZeroU32::new(value).ok_or_else(|| at.invalid("must be at least 1"))
 }
 
 // === timeouts ===
+
+/// The longest any of a route's timeouts may be.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// `timeouts = { ... }` as written in keel.toml. Nothing here is trusted yet. A timeout left
 /// out takes its default, shortened to fit the ones that hold it (`timeouts = { total = "30s" }`
@@ -376,6 +398,13 @@ impl TimeoutConfig {
         for (key, value) in written {
             if value.is_some_and(|v| v.is_zero()) {
                 problems.push(at.child(key).invalid("must be longer than 0s"));
+            }
+            if let Some(v) = value.filter(|v| *v > MAX_TIMEOUT) {
+                problems.push(at.child(key).invalid(format!(
+                    "{} is longer than {}, the longest a model call may take",
+                    show(v),
+                    show(MAX_TIMEOUT)
+                )));
             }
         }
         let s = &settings;

@@ -26,6 +26,13 @@ pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// stop of keel) this long.
 pub const MAX_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The shortest `body_timeout`: under a second is a typo (`"1ms"` for `"1m"`) more likely
+/// than a choice, and would refuse every large request.
+pub const MIN_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The largest `max_body_bytes`: a request's body is held in memory.
+pub const MAX_BODY_BYTES: usize = 1 << 30;
+
 /// The store used when no config says otherwise.
 pub const DEFAULT_STORE_URL: &str = "sqlite://keel-data/keel.db";
 
@@ -113,13 +120,18 @@ impl ServerConfig {
                 .map(Some),
             None => Some(None),
         };
-        if self.max_body_bytes == 0 {
-            problems.push(at.child("max_body_bytes").invalid("must be at least 1"));
+        if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY_BYTES {
+            problems.push(at.child("max_body_bytes").invalid(format!(
+                "{} is outside 1 to {MAX_BODY_BYTES} (1 GiB): keel holds a request's body in memory",
+                self.max_body_bytes
+            )));
         }
         let body_timeout = self.body_timeout.unwrap_or(DEFAULT_BODY_TIMEOUT);
-        if body_timeout.is_zero() || body_timeout > MAX_BODY_TIMEOUT {
+        if body_timeout < MIN_BODY_TIMEOUT || body_timeout > MAX_BODY_TIMEOUT {
             problems.push(at.child("body_timeout").invalid(format!(
-                "must be longer than 0s and at most {} (a client that stops sending holds its request this long; {} is the default)",
+                "{} is outside {} to {} (a client that stops sending holds its request this long; {} is the default)",
+                crate::duration::show(body_timeout),
+                crate::duration::show(MIN_BODY_TIMEOUT),
                 crate::duration::show(MAX_BODY_TIMEOUT),
                 crate::duration::show(DEFAULT_BODY_TIMEOUT)
             )));
@@ -430,13 +442,14 @@ mod retention_tests {
         assert_eq!(s.server.body_timeout, std::time::Duration::from_secs(90));
         let s = parse("", "keel.toml", &no_env).unwrap();
         assert_eq!(s.server.body_timeout, std::time::Duration::from_secs(60));
-        for bad in ["0s", "2h"] {
+        // Too short (`"1ms"` written for `"1m"`) or too long.
+        for bad in ["0s", "1ms", "2h"] {
             let text = format!("[server]\nlisten = \"127.0.0.1:8420\"\nbody_timeout = \"{bad}\"\n");
             let e = parse(&text, "keel.toml", &no_env).unwrap_err().to_string();
             assert!(
-                e.starts_with(
-                    "keel.toml:3: server.body_timeout: must be longer than 0s and at most 1h"
-                ),
+                e.starts_with(&format!(
+                    "keel.toml:3: server.body_timeout: {bad} is outside 1s to 1h"
+                )),
                 "{e}"
             );
         }

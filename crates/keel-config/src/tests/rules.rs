@@ -167,11 +167,57 @@ fn empty_env_var_counts_as_missing() {
 }
 
 #[test]
-fn max_body_bytes_must_be_positive() {
+fn max_body_bytes_must_be_positive_and_at_most_a_gibibyte() {
     assert_eq!(
         errors("[server]\nmax_body_bytes = 0\n"),
-        "keel.toml:2: server.max_body_bytes: must be at least 1"
+        "keel.toml:2: server.max_body_bytes: 0 is outside 1 to 1073741824 (1 GiB): keel holds a request's body in memory"
     );
+    assert!(
+        errors("[server]\nmax_body_bytes = 99999999999999\n")
+            .starts_with("keel.toml:2: server.max_body_bytes: 99999999999999 is outside 1 to")
+    );
+}
+
+/// Durations and counts that would break keel (a panic, a route down for a century) are
+/// refused with their line, as a user who typed `"1ns"` or `"100years"` would want.
+#[test]
+fn durations_and_counts_out_of_their_range_are_refused() {
+    let cases = [
+        (
+            "[routes.r]\ntargets = [{ provider = \"p\", model = \"m\" }]\ntimeouts = { total = \"500000000000years\" }\n",
+            "keel.toml:3: routes.r.timeouts.total: duration \"500000000000years\" is longer than any keel takes (100years)",
+        ),
+        (
+            "[routes.r]\ntargets = [{ provider = \"p\", model = \"m\" }]\ntimeouts = { total = \"2days\" }\n",
+            "keel.toml:3: routes.r.timeouts.total: 2days is longer than 1day, the longest a model call may take",
+        ),
+        (
+            "[routes.r]\ntargets = [{ provider = \"p\", model = \"m\" }]\nretry = { max_attempts = 1000000 }\n",
+            "keel.toml:3: routes.r.retry.max_attempts: 1000000 is over 100, the most attempts keel makes on one target",
+        ),
+        (
+            "[routes.r]\ntargets = [{ provider = \"p\", model = \"m\" }]\nretry = { cap = \"100years\" }\n",
+            "keel.toml:3: routes.r.retry.cap: 100years is longer than 1h, the longest keel waits between attempts",
+        ),
+        (
+            "[breaker]\nslow_call = \"1ns\"\n",
+            "keel.toml:2: breaker.slow_call: 1ns is shorter than 1ms: every call would be slow",
+        ),
+        (
+            "[breaker]\nopen_for = \"3days\"\n",
+            "keel.toml:2: breaker.open_for: 3days is outside (0s, 1day]: an open circuit lets no call through for that long",
+        ),
+        (
+            "[alerts]\ndigest_every = \"1ns\"\n",
+            "keel.toml:2: alerts.digest_every: 1ns is shorter than 1s: a digest is sent this often",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = errors(&format!(
+            "{text}[providers.p]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n"
+        ));
+        assert!(got.starts_with(want), "{got}\nwanted {want}");
+    }
 }
 
 #[test]
@@ -780,7 +826,7 @@ fn alerts_name_their_webhooks_and_detector_settings() {
     assert_eq!(lines.len(), 5, "{got}");
     assert_eq!(
         lines[0],
-        "keel.toml:2: alerts.digest_every: must be longer than 0s"
+        "keel.toml:2: alerts.digest_every: 0s is shorter than 1s: a digest is sent this often"
     );
     assert!(
         lines[1].starts_with("keel.toml:3: alerts.webhooks[0].url: "),

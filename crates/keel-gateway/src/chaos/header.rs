@@ -156,13 +156,23 @@ fn example(name: &str) -> &'static str {
     }
 }
 
+/// The longest a fault's duration may be: an attempt's own timeouts end it well before.
+const LONGEST_FAULT: Duration = Duration::from_secs(3600);
+
 fn duration(name: &str, text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
         format!(
             "{name}: {:?} is not a duration ({e}); write it like 300ms or 2s",
             text.trim()
         )
-    })
+    })?;
+    if duration > LONGEST_FAULT {
+        return Err(format!(
+            "{name}: {:?} is longer than 1h, the longest a fault takes",
+            text.trim()
+        ));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -238,6 +248,10 @@ mod tests {
             ),
             ("status=abc", "status=abc is not an HTTP error status"),
             ("latency=soon", "latency: \"soon\" is not a duration"),
+            (
+                "latency=500000000000years",
+                "latency: \"500000000000years\" is longer than 1h",
+            ),
             (
                 "latency=2s..1s",
                 "latency=2s..1s: the minimum is above the maximum",
