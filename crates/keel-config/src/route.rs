@@ -355,6 +355,10 @@ pub struct TimeoutSettings {
     pub attempt: Duration,
     /// The whole call including retries and fallbacks (default 120s).
     pub total: Duration,
+    /// `attempt` when written: a stream's attempt lasts as long as the stream, so it bounds
+    /// the whole stream too. Unwritten, a stream runs to `total` (the 60s default is for an
+    /// attempt's answer, not for a long stream).
+    pub stream_attempt: Option<Duration>,
 }
 
 impl Default for TimeoutSettings {
@@ -365,6 +369,7 @@ impl Default for TimeoutSettings {
             idle: defaults::idle(),
             attempt: defaults::attempt(),
             total: defaults::total(),
+            stream_attempt: None,
         }
     }
 }
@@ -387,6 +392,7 @@ impl TimeoutConfig {
             idle: self.idle.unwrap_or_else(defaults::idle),
             attempt,
             total,
+            stream_attempt: self.attempt,
         };
         let written = [
             ("connect", self.connect),

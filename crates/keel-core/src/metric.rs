@@ -66,7 +66,15 @@ impl EncodeLabelValue for LabelValue {
 /// (and Prometheus's series) without end.
 #[derive(Debug, Default)]
 pub struct AgentLabels {
-    seen: parking_lot::Mutex<std::collections::HashSet<String>>,
+    names: parking_lot::Mutex<Names>,
+}
+
+#[derive(Debug, Default)]
+struct Names {
+    /// The agents of keel's config: always labels of their own.
+    known: std::collections::HashSet<String>,
+    /// Other names, up to the limit.
+    seen: std::collections::HashSet<String>,
 }
 
 impl AgentLabels {
@@ -75,14 +83,20 @@ impl AgentLabels {
     /// The value every agent past the limit is counted under.
     pub const OTHER: &'static str = "other";
 
+    /// Names that are always labels of their own (the agents keel's config names), outside
+    /// the limit.
+    pub fn know(&self, agents: impl IntoIterator<Item = String>) {
+        self.names.lock().known.extend(agents);
+    }
+
     /// The label for `agent`.
     pub fn of(&self, agent: &str) -> LabelValue {
-        let mut seen = self.seen.lock();
-        if seen.contains(agent) {
+        let mut names = self.names.lock();
+        if names.known.contains(agent) || names.seen.contains(agent) {
             return agent.into();
         }
-        if seen.len() < Self::LIMIT {
-            seen.insert(agent.to_owned());
+        if names.seen.len() < Self::LIMIT {
+            names.seen.insert(agent.to_owned());
             return agent.into();
         }
         Self::OTHER.into()
@@ -132,7 +146,9 @@ mod tests {
         }
         assert_eq!(labels.of("one-too-many").as_str(), "other");
         assert_eq!(labels.of("another").as_str(), "other");
-        // Those seen first keep their own.
+        // Those seen first keep their own, and the config's agents always do.
         assert_eq!(labels.of("agent-0").as_str(), "agent-0");
+        labels.know(["support".to_owned()]);
+        assert_eq!(labels.of("support").as_str(), "support");
     }
 }

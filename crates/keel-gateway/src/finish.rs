@@ -748,7 +748,13 @@ impl Ending {
         self.ended = true;
         self.count(stored);
         if let Some(stop) = self.looping.take() {
-            self.gw.stop_loop(stop).await;
+            // On a task of its own, so a client that leaves meanwhile cannot cut it short.
+            let gw = Arc::clone(&self.gw);
+            let _ = self
+                .gw
+                .tasks
+                .spawn(async move { gw.stop_loop(stop).await })
+                .await;
         }
     }
 

@@ -222,7 +222,7 @@ pub struct Metrics {
     /// `keel_chaos_injected_total{target,fault}`: faults `[chaos]` injected into attempts.
     pub chaos_injected: Family<ChaosLabels, Counter>,
     /// Agent names as labels, bounded (with no agent keys, `x-keel-agent` is any name).
-    pub agents: keel_core::AgentLabels,
+    pub agents: std::sync::Arc<keel_core::AgentLabels>,
 }
 
 impl Metrics {
@@ -345,7 +345,7 @@ impl Metrics {
             budget_remaining,
             budget_limit,
             loops_detected,
-            agents: keel_core::AgentLabels::default(),
+            agents: std::sync::Arc::default(),
             chaos_injected,
         }
     }

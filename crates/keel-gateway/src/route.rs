@@ -623,8 +623,9 @@ impl Executor<'_> {
                 return TargetResult::OutOfTime(last);
             }
             log.attempts += 1;
-            // A stream's attempt lasts as long as the stream: its `attempt` timeout too.
-            let attempt_deadline = now + route.timeouts.attempt;
+            // A stream's attempt lasts as long as the stream: its `attempt` timeout, when
+            // written, too.
+            let stream_deadline = route.timeouts.stream_attempt.map(|a| now + a);
             let fault = self.inject(target, log);
             // Set by the injection when the failure is its own (only allocated for a fault).
             let tripped = fault.map(|_| Arc::new(AtomicBool::new(false)));
@@ -647,8 +648,10 @@ impl Executor<'_> {
             // recorded and counted then (`StreamAttempt::settle`).
             let result = match result {
                 Ok(Reply::Stream(first, rest, passed)) => {
-                    let attempt = StreamAttempt::new(Arc::clone(target), permit, took)
-                        .until(attempt_deadline);
+                    let mut attempt = StreamAttempt::new(Arc::clone(target), permit, took);
+                    if let Some(until) = stream_deadline {
+                        attempt = attempt.until(until);
+                    }
                     return TargetResult::Streaming(first, rest, passed, attempt);
                 }
                 Ok(Reply::Json(answer)) => Ok(answer),

@@ -193,7 +193,7 @@ fn show_version(version: &Option<u64>) -> String {
 
 /// What PostgreSQL said: the server's own message and SQLSTATE for an error it reported
 /// (`tokio_postgres` shows only "db error" for those), else the client's error.
-fn pg_detail(error: &tokio_postgres::Error) -> String {
+pub(crate) fn pg_detail(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => error.to_string(),

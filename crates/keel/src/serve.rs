@@ -304,7 +304,10 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     let store = open_store(&settings, &upcoming).await?;
     let tasks = TaskTracker::new();
     let mut metrics = keel_gateway::metrics::Metrics::new();
-    let supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
+    let mut supervisor_metrics = SupervisorMetrics::register(metrics.registry_mut());
+    // One set of agent labels for every family, the config's agents always among them.
+    metrics.agents.know(settings.agents.keys().cloned());
+    supervisor_metrics.agents = Arc::clone(&metrics.agents);
     // The observer sees every commit through the store's tap (alerts, anomaly baselines).
     let observe_metrics = keel_observe::ObserveMetrics::register(metrics.registry_mut());
     let (observe, mut observing) =

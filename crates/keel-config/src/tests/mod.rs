@@ -168,6 +168,8 @@ fn design_example_parses_to_expected_settings() {
                     idle: secs(15),
                     attempt: secs(60),
                     total: secs(120),
+                    // Written in the file: it bounds a stream too.
+                    stream_attempt: Some(secs(60)),
                 },
                 breaker,
                 validate_output: true,

@@ -447,7 +447,13 @@ impl SseParser {
     /// [`MAX_SSE_EVENT`] with no end in sight.
     pub(super) fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
         self.buf.extend_from_slice(chunk);
-        if self.buf.len() + self.data.len() > MAX_SSE_EVENT {
+        // What came may hold many whole events (one large read): only the event still open
+        // counts, the part of it already read (`data`) and a line that has not ended.
+        let open_line = !self.buf[self.scanned..]
+            .iter()
+            .any(|b| *b == b'\n' || *b == b'\r');
+        let open = self.data.len() + if open_line { self.buf.len() } else { 0 };
+        if open > MAX_SSE_EVENT {
             return Err(format!(
                 "an event of the stream grew past {} MiB without ending",
                 MAX_SSE_EVENT / (1024 * 1024)
@@ -635,6 +641,16 @@ mod tests {
             pushed.is_err()
         });
         assert!(failed);
+        // One read of many whole events, more than the bound in all, is read.
+        let mut p = SseParser::default();
+        let event = [b"data: ".as_slice(), &piece, b"\n\n"].concat();
+        p.push(&event.repeat(MAX_SSE_EVENT / event.len() + 2))
+            .unwrap();
+        let mut read = 0;
+        while p.next_data().is_some() {
+            read += 1;
+        }
+        assert_eq!(read, MAX_SSE_EVENT / event.len() + 2);
         let mut p = SseParser::default();
         let big = vec![b'y'; MAX_SSE_EVENT - 64];
         p.push(&[b"data: ".as_slice(), &big, b"\n\n"].concat())

@@ -531,8 +531,8 @@ impl EventStore for PgStore {
         }
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             // This node's latest commit failed (a read-only standby after a failover, a full
-            // disk, a lock held past `lock_timeout`): ready only once a write of its own
-            // commits, not merely because reads still work.
+            // disk): ready only once a write of its own commits, not merely because reads
+            // still work.
             let probe = async {
                 let stamp = Vec::from(crate::chain::now_ms().to_string());
                 let version = self

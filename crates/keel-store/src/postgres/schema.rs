@@ -158,11 +158,6 @@ pub(crate) async fn migrate(
         .transaction()
         .await
         .map_err(failed("starting the schema migration"))?;
-    // Nodes starting together wait for each other's migration, however long it takes (the
-    // session's `lock_timeout` is for the writer's commits).
-    tx.batch_execute("SET LOCAL lock_timeout = 0")
-        .await
-        .map_err(failed("starting the schema migration"))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
         .map_err(failed("taking the schema lock"))?;

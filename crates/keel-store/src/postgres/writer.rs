@@ -144,19 +144,21 @@ pub(crate) async fn connect(
         .batch_execute(set_synchronous_commit(durability, false))
         .await
         .map_err(|e| PgFail::Sql(e).into_store(store, "setting synchronous_commit"))?;
-    // A node that stalls holding the chain's head (a partition, a paused VM) fails the other
-    // nodes' commits after this wait, which `/readyz` and the log then show, instead of
-    // holding every write (and every answer waiting for its record) for as long as it stalls.
+    // A node that stalls mid-commit holding the chain's head (a partition, a paused VM) has
+    // its session ended by the server after this long, so the other nodes' writes go on
+    // instead of waiting for as long as it stalls. Its commit never sits idle otherwise (its
+    // statements are sent back to back), and a long one that is working (a prune) is not idle.
     client
-        .batch_execute(LOCK_TIMEOUT_SQL)
+        .batch_execute(IDLE_IN_TRANSACTION_SQL)
         .await
-        .map_err(|e| PgFail::Sql(e).into_store(store, "setting lock_timeout"))?;
+        .map_err(|e| {
+            PgFail::Sql(e).into_store(store, "setting idle_in_transaction_session_timeout")
+        })?;
     Ok(client)
 }
 
-/// The writer's session's `lock_timeout` (see [`connect`]): far past any commit's wait for
-/// another node's.
-pub(crate) const LOCK_TIMEOUT_SQL: &str = "SET lock_timeout = '10s'";
+/// The writer's session's `idle_in_transaction_session_timeout` (see [`connect`]).
+pub(crate) const IDLE_IN_TRANSACTION_SQL: &str = "SET idle_in_transaction_session_timeout = '30s'";
 
 /// The statement that sets PostgreSQL's `synchronous_commit` for a durability: for the
 /// session, or (`local`) for the current transaction only. Constant text, so a commit that
@@ -228,7 +230,7 @@ pub(crate) async fn run(
             }
             Err(source) => {
                 failing.store(true, Ordering::Relaxed);
-                tracing::error!(%store, events = pending, error = %source, "PostgreSQL store commit failed");
+                tracing::error!(%store, events = pending, error = %crate::error::pg_detail(&source), "PostgreSQL store commit failed");
                 let err =
                     PgFail::Sql(source).into_store(&store, &format!("commit of {pending} events"));
                 for request in batch {
@@ -465,7 +467,7 @@ async fn write_batch(
                 results.push(Err(match fail {
                     PgFail::Store(err) => err,
                     PgFail::Sql(source) => {
-                        tracing::error!(%store, error = %source, "PostgreSQL store write failed");
+                        tracing::error!(%store, error = %crate::error::pg_detail(&source), "PostgreSQL store write failed");
                         PgFail::Sql(source).into_store(store, "a task write")
                     }
                 }));
