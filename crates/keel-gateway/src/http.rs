@@ -240,7 +240,11 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// Reads a model call's body: all of it within `server.body_timeout` of its headers (a
 /// client that stops sending must not hold a handler, and keel's stop, for good), and at
 /// most `server.max_body_bytes`.
-async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed), ApiError> {
+async fn read_body(
+    gw: &Gateway,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<(HeaderMap, Parsed), ApiError> {
     let (parts, body) = request.into_parts();
     let limit = gw.max_body_bytes;
     let read = tokio::time::timeout(gw.body_timeout, axum::body::to_bytes(body, limit))
@@ -256,7 +260,32 @@ async fn read_body(gw: &Gateway, request: Request) -> Result<(HeaderMap, Parsed)
         }
     })?;
     let parsed = parse_body(&bytes)?;
+    check_required(endpoint, &parsed.body)?;
     Ok((parts.headers, parsed))
+}
+
+/// The endpoint's required parameter (`messages`, an array; `input`), as OpenAI checks it:
+/// a request without it is the client's to fix, refused before it can spend a budget, be
+/// retried, or get a route's degraded reply. Its members are the provider's to judge.
+fn check_required(endpoint: Endpoint, body: &RawObject) -> Result<(), ApiError> {
+    let (name, array) = match endpoint {
+        Endpoint::ChatCompletions => ("messages", true),
+        Endpoint::Embeddings => ("input", false),
+    };
+    let value = body.get(name).map(|v| v.get().trim_start());
+    match value {
+        None | Some("null") => Err(ApiError::bad_request(format!(
+            "missing required parameter: '{name}'"
+        ))
+        .with_param(name)
+        .with_code("missing_required_parameter")),
+        Some(v) if array && !v.starts_with('[') => Err(ApiError::bad_request(format!(
+            "invalid type for '{name}': expected an array of messages"
+        ))
+        .with_param(name)
+        .with_code("invalid_type")),
+        Some(_) => Ok(()),
+    }
 }
 
 fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
@@ -377,7 +406,7 @@ async fn handle_inner(
         )
         .map_err(rejected)?;
     let chaos_header = chaos_fault(gw, request.headers()).map_err(rejected)?;
-    let (headers, parsed) = read_body(gw, request).await.map_err(rejected)?;
+    let (headers, parsed) = read_body(gw, endpoint, request).await.map_err(rejected)?;
     let Some(route) = gw.routes.get(&parsed.route) else {
         let known: Vec<&str> = gw.route_names().collect();
         return Err(rejected(
@@ -836,6 +865,32 @@ mod tests {
             let response = trickled(path).await;
             assert_late(response, started, path).await;
         }
+    }
+
+    #[test]
+    fn a_chat_needs_its_messages_and_embeddings_their_input() {
+        let check = |endpoint, body: &str| {
+            check_required(endpoint, &RawObject::parse(body.as_bytes()).unwrap())
+        };
+        assert!(check(Endpoint::ChatCompletions, r#"{"model":"m","messages":[]}"#).is_ok());
+        for (body, code) in [
+            (r#"{"model":"m"}"#, "missing_required_parameter"),
+            (
+                r#"{"model":"m","messages":null}"#,
+                "missing_required_parameter",
+            ),
+            (r#"{"model":"m","messages":42}"#, "invalid_type"),
+            (r#"{"model":"m","messages":"hi"}"#, "invalid_type"),
+        ] {
+            let e = check(Endpoint::ChatCompletions, body).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param, Some("messages"), "{body}");
+            assert_eq!(e.code, Some(code), "{body}");
+        }
+        assert!(check(Endpoint::Embeddings, r#"{"model":"m","input":"hi"}"#).is_ok());
+        assert!(check(Endpoint::Embeddings, r#"{"model":"m","input":[1,2]}"#).is_ok());
+        let e = check(Endpoint::Embeddings, r#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.param, Some("input"));
     }
 
     #[test]
