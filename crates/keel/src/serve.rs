@@ -49,17 +49,29 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     match runtime.block_on(serve(settings, config.is_none())) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // A tool module that does not load is the config's problem: placed at its key.
-        Err(e) => match (
-            config,
-            e.downcast_ref::<keel_gateway::tools::ToolBuildError>(),
-        ) {
-            (Some(file), Some(tool)) => {
+        Err(e) => {
+            let Some(file) = config else { return Err(e) };
+            if let Some(tool) = e.downcast_ref::<keel_gateway::tools::ToolBuildError>() {
                 output::error(&tool_problem(file, tool));
-                Ok(ExitCode::from(2))
+                return Ok(ExitCode::from(2));
             }
-            _ => Err(e),
-        },
+            // So is an address keel cannot listen on (taken, or not this machine's).
+            if let Some(listen) = e.downcast_ref::<ListenError>() {
+                let key = keel_config::KeyPath::root().child("server").child("listen");
+                output::error(&keel_config::error_at(file, &key, listen).to_string());
+                return Ok(ExitCode::from(2));
+            }
+            Err(e)
+        }
     }
+}
+
+/// `server.listen` could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub(crate) struct ListenError {
+    addr: std::net::SocketAddr,
+    source: std::io::Error,
 }
 
 /// A tool that cannot be built, as `file:line: tools.NAME.KEY: ...`.
@@ -297,7 +309,16 @@ async fn method_not_allowed(
 /// Builds every part, binds `server.listen`, prints the `keel listening on` line and
 /// serves in the background until [`Running::stop`].
 pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<Running> {
-    // Tools first: a Wasm module that cannot run stops keel before it opens (or creates)
+    // The address first: one taken (another keel, perhaps on the same store) or not this
+    // machine's stops keel before it opens, creates or migrates anything. Connections that
+    // come meanwhile wait in the listen queue until keel serves them.
+    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+        .await
+        .map_err(|source| ListenError {
+            addr: settings.server.listen,
+            source,
+        })?;
+    // Tools next: a Wasm module that cannot run stops keel before it opens (or creates)
     // the store.
     let tools = keel_gateway::tools::Tools::build(&settings.tools, settings.breaker)?;
     let upcoming = keel_store::Upcoming::default();
@@ -345,16 +366,6 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // before it says it is listening.
     let traces = keel_observe::trace::Traces::new(&settings.telemetry)
         .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
-    // Bind before anything runs in the background, so that a failed bind leaves no task
-    // running (the store is open, and its files made, already).
-    let listener = tokio::net::TcpListener::bind(settings.server.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (server.listen)",
-                settings.server.listen
-            )
-        })?;
     let addr = listener
         .local_addr()
         .context("listener has no local address")?;

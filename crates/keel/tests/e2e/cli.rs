@@ -115,6 +115,37 @@ fn serve_with_a_bad_config_exits_without_listening() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
 
+/// An address keel cannot listen on (here, one another process holds) is the config's
+/// problem: named at its line, before any store is created or migrated.
+#[test]
+fn serve_on_an_address_in_use_names_server_listen_and_creates_no_store() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"{addr}\"\n\n[store]\nurl = \"sqlite://data/keel.db\"\n"),
+    )
+    .unwrap();
+    let out = keel()
+        .current_dir(dir.path())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "keel.toml:2: server.listen: cannot listen on {addr}"
+        )),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "a store was created");
+    drop(held);
+}
+
 #[test]
 fn a_wasm_tool_that_cannot_run_is_named_by_config_check_and_serve() {
     let dir = tempfile::tempdir().unwrap();
