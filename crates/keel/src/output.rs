@@ -15,6 +15,12 @@ pub fn line(text: &str) {
     }
 }
 
+/// A warning for the user on stderr, prefixed `warning: `.
+#[expect(clippy::print_stderr, reason = "CLI output")]
+pub fn warning(text: &str) {
+    eprintln!("warning: {text}");
+}
+
 /// An error for the user on stderr, prefixed `error: `.
 #[expect(clippy::print_stderr, reason = "CLI output")]
 pub fn error(text: &str) {

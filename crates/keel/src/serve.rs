@@ -40,6 +40,9 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         if !problems.is_empty() {
             return Ok(ExitCode::from(2));
         }
+        if let Some(warning) = exposure_warning(file, &settings) {
+            output::warning(&warning);
+        }
     }
     init_tracing(settings.telemetry.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -83,6 +86,32 @@ fn tool_problem(file: &Path, error: &keel_gateway::tools::ToolBuildError) -> Str
         ToolBuildError::Invalid { name, detail } => (tools.child(name), detail),
     };
     keel_config::error_at(file, &key, detail).to_string()
+}
+
+/// What a config that passed validation leaves open, as `file:line: key: ...`: an address
+/// other machines can reach with no admin token (the operator API answers anyone) and, with
+/// no agent keys either, the gateway spending keel's provider keys for anyone.
+pub(crate) fn exposure_warning(file: &Path, settings: &Settings) -> Option<String> {
+    let listen = settings.server.listen;
+    if listen.ip().is_loopback() || settings.server.admin_token.is_some() {
+        return None;
+    }
+    let open_gateway = settings.agents.values().all(|a| a.keys.is_empty());
+    let key = keel_config::KeyPath::root().child("server").child("listen");
+    let problem = format!(
+        "{listen} is not a loopback address and no admin_token_env is set: anyone who reaches it can use the operator API (tasks, the DLQ, approvals){}; set server.admin_token_env{}",
+        if open_gateway {
+            ", and, with no agent keys, call models with keel's provider keys"
+        } else {
+            ""
+        },
+        if open_gateway {
+            " and agent keys (keys_env)"
+        } else {
+            ""
+        }
+    );
+    Some(keel_config::error_at(file, &key, problem).to_string())
 }
 
 /// What keel cannot run in a config that passed validation, each as

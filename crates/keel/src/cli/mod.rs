@@ -435,6 +435,9 @@ fn check(file: &std::path::Path) -> ExitCode {
                 }
                 return ExitCode::from(2);
             }
+            if let Some(warning) = crate::serve::exposure_warning(file, &settings) {
+                output::warning(&warning);
+            }
             // A config that injects faults must not pass a check unnoticed.
             let chaos = if settings.chaos.enabled {
                 format!(

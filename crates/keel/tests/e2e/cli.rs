@@ -372,3 +372,34 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     drop(dir);
 }
+
+/// A config that opens keel to other machines with no admin token passes its check, with a
+/// warning that says what is open and what to set.
+#[test]
+fn config_check_warns_of_a_public_address_without_an_admin_token() {
+    let (_dir, path) = config_file("[server]\nlisten = \"0.0.0.0:8420\"\n");
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: ")
+            && stderr.contains("keel.toml:2: server.listen: 0.0.0.0:8420 is not a loopback address and no admin_token_env is set")
+            && stderr.contains("with no agent keys"),
+        "{stderr}"
+    );
+    let (_dir, path) = config_file("[server]\nlisten = \"127.0.0.1:8420\"\n");
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
