@@ -989,8 +989,8 @@ async fn the_task_api_answers_bad_requests_in_the_openai_shape_and_takes_bodies_
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("server.max_body_bytes"),
-        "the message names the setting: {body}"
+            .contains("limit of 4194304 bytes (server.max_body_bytes)"),
+        "the message names the limit in force and its setting: {body}"
     );
 }
 
