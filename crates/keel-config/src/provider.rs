@@ -88,7 +88,11 @@ impl ProviderConfig {
     ) -> Result<ProviderSettings, Vec<Invalid>> {
         let mut problems = Problems::default();
         let base_url = problems.one(
-            check_http_url(&self.base_url, &at.child("base_url")).and_then(|url| {
+            check_http_url(
+                &self.base_url,
+                &at.child("base_url"),
+                "https://api.openai.com/v1",
+            ).and_then(|url| {
                 // keel appends `/chat/completions` and the like to the base URL; a query
                 // string in it would end up in the middle of the path.
                 let endpoint = ["/chat/completions", "/embeddings", "/messages"]
@@ -184,15 +188,17 @@ impl ProviderConfig {
 
 /// Checks an `http(s)://host...` URL (a host, a port in range, nothing a client would
 /// refuse later) and returns it without trailing slashes.
-pub(crate) fn check_http_url(url: &str, at: &KeyPath) -> Result<String, Invalid> {
-    const LIKE: &str = "write it like \"https://api.openai.com/v1\"";
+/// `url` as an http(s) URL with a host, without trailing slashes; the error names `like`, a
+/// URL of the kind the key takes.
+pub(crate) fn check_http_url(url: &str, at: &KeyPath, like: &str) -> Result<String, Invalid> {
+    let like = format!("write it like {like:?}");
     if !(url.starts_with("https://") || url.starts_with("http://")) {
-        return Err(at.invalid(format!("{url:?} is not an http(s) URL; {LIKE}")));
+        return Err(at.invalid(format!("{url:?} is not an http(s) URL; {like}")));
     }
     match url::Url::parse(url) {
         Ok(parsed) if parsed.host().is_some() => Ok(url.trim_end_matches('/').to_owned()),
-        Ok(_) => Err(at.invalid(format!("{url:?} has no host; {LIKE}"))),
-        Err(e) => Err(at.invalid(format!("{url:?} is not a valid URL ({e}); {LIKE}"))),
+        Ok(_) => Err(at.invalid(format!("{url:?} has no host; {like}"))),
+        Err(e) => Err(at.invalid(format!("{url:?} is not a valid URL ({e}); {like}"))),
     }
 }
 
@@ -224,25 +230,36 @@ mod tests {
     fn http_url_loses_trailing_slashes() {
         let at = KeyPath::root();
         assert_eq!(
-            check_http_url("http://127.0.0.1:8000/v1//", &at),
+            check_http_url(
+                "http://127.0.0.1:8000/v1//",
+                &at,
+                "https://api.openai.com/v1"
+            ),
             Ok("http://127.0.0.1:8000/v1".into())
         );
-        assert!(check_http_url("api.openai.com/v1", &at).is_err());
-        assert!(check_http_url("https://", &at).is_err());
+        assert!(check_http_url("api.openai.com/v1", &at, "https://api.openai.com/v1").is_err());
+        assert!(check_http_url("https://", &at, "https://api.openai.com/v1").is_err());
         // Not URLs a client could use: a space in the host, no host, a port out of range.
         for bad in [
             "http://exa mple.com/v1",
             "http://:80/v1",
             "http://127.0.0.1:99999/v1",
         ] {
-            let err = check_http_url(bad, &at).unwrap_err();
+            let err = check_http_url(bad, &at, "https://api.openai.com/v1").unwrap_err();
             assert!(
                 err.message.contains("not a valid URL"),
                 "{bad}: {}",
                 err.message
             );
         }
-        assert!(check_http_url("http://localhost:11434/v1", &at).is_ok());
+        assert!(
+            check_http_url(
+                "http://localhost:11434/v1",
+                &at,
+                "https://api.openai.com/v1"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

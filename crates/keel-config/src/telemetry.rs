@@ -84,7 +84,11 @@ impl TelemetryConfig {
         let mut problems = Problems::default();
         let endpoint = match self.otlp_endpoint {
             Some(url) => problems
-                .one(check_http_url(&url, &at.child("otlp_endpoint")))
+                .one(check_http_url(
+                    &url,
+                    &at.child("otlp_endpoint"),
+                    "http://127.0.0.1:4318",
+                ))
                 .map(Some),
             None => Some(None),
         };

@@ -180,7 +180,11 @@ impl ToolConfig {
         let mut problems = Problems::default();
         let endpoint = match (self.url, self.wasm) {
             (Some(url), None) => problems
-                .one(check_http_url(&url, &at.child("url")))
+                .one(check_http_url(
+                    &url,
+                    &at.child("url"),
+                    "http://127.0.0.1:9001/refund",
+                ))
                 .map(|url| ToolEndpoint::Http { url }),
             (None, Some(path)) => Some(ToolEndpoint::Wasm { path }),
             (Some(_), Some(_)) => {

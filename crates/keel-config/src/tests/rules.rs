@@ -865,6 +865,12 @@ fn telemetry_names_a_bad_endpoint_and_defaults_to_no_traces() {
         got.starts_with("keel.toml:2: telemetry.otlp_endpoint: "),
         "{got}"
     );
+    // The example is a collector's URL, not a model provider's.
+    let got = errors("[telemetry]\notlp_endpoint = \"localhost:4318\"\n");
+    assert!(
+        got.ends_with("is not an http(s) URL; write it like \"http://127.0.0.1:4318\""),
+        "{got}"
+    );
     let got = errors("[telemetry]\notlp_protocol = \"grpc\"\n");
     assert!(got.contains("http/protobuf"), "{got}");
 }
