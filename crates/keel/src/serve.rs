@@ -40,11 +40,12 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         if !problems.is_empty() {
             return Ok(ExitCode::from(2));
         }
-        if let Some(warning) = exposure_warning(file, &settings) {
-            output::warning(&warning);
-        }
     }
     init_tracing(settings.telemetry.log_format);
+    // A log line, in the log's own format (one JSON object per line when asked).
+    if let Some(warning) = config.and_then(|file| exposure_warning(file, &settings)) {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,10 +72,11 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 /// `server.listen` could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
+#[error("cannot listen on {addr}: {reason}")]
 pub(crate) struct ListenError {
     addr: std::net::SocketAddr,
-    source: std::io::Error,
+    /// In the message, not a source: `{e:#}` would print it twice.
+    reason: std::io::Error,
 }
 
 /// A tool that cannot be built, as `file:line: tools.NAME.KEY: ...`.
@@ -93,7 +95,7 @@ fn tool_problem(file: &Path, error: &keel_gateway::tools::ToolBuildError) -> Str
 /// no agent keys either, the gateway spending keel's provider keys for anyone.
 pub(crate) fn exposure_warning(file: &Path, settings: &Settings) -> Option<String> {
     let listen = settings.server.listen;
-    if listen.ip().is_loopback() || settings.server.admin_token.is_some() {
+    if listen.ip().to_canonical().is_loopback() || settings.server.admin_token.is_some() {
         return None;
     }
     let open_gateway = settings.agents.values().all(|a| a.keys.is_empty());
@@ -343,9 +345,9 @@ pub(crate) async fn start(settings: Settings, embedded: bool) -> anyhow::Result<
     // come meanwhile wait in the listen queue until keel serves them.
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
-        .map_err(|source| ListenError {
+        .map_err(|reason| ListenError {
             addr: settings.server.listen,
-            source,
+            reason,
         })?;
     // Tools next: a Wasm module that cannot run stops keel before it opens (or creates)
     // the store.

@@ -391,15 +391,17 @@ fn config_check_warns_of_a_public_address_without_an_admin_token() {
             && stderr.contains("with no agent keys"),
         "{stderr}"
     );
-    let (_dir, path) = config_file("[server]\nlisten = \"127.0.0.1:8420\"\n");
-    let out = keel()
-        .args(["config", "check"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for loopback in ["127.0.0.1:8420", "[::1]:8420", "[::ffff:127.0.0.1]:8420"] {
+        let (_dir, path) = config_file(&format!("[server]\nlisten = \"{loopback}\"\n"));
+        let out = keel()
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.stderr.is_empty(),
+            "{loopback}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
