@@ -35,6 +35,22 @@ pub(crate) fn count_request(gw: &Gateway, route: &str, target: &str, outcome: &s
         .inc();
 }
 
+/// Counts one of `route`'s calls in `family` (`keel_fallbacks_total`, `keel_degraded_total`,
+/// `keel_stream_errors_total`).
+fn count_route(
+    family: &prometheus_client::metrics::family::Family<
+        RouteLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    route: &str,
+) {
+    family
+        .get_or_create(&RouteLabel {
+            route: route.into(),
+        })
+        .inc();
+}
+
 /// Charges a call's spend to the agent's budgets: `answered`, the usage of the answer the
 /// client gets with the target that gave it, and the answers keel paid for and did not pass
 /// on (`log.spent`, taken). A budget that crosses its warning share adds its `alert_raised`
@@ -241,18 +257,6 @@ impl Finish {
             .observe(self.started.elapsed().as_secs_f64());
     }
 
-    fn count_fallback(&self, fallback: bool) {
-        if fallback {
-            self.gw
-                .metrics
-                .fallbacks
-                .get_or_create(&RouteLabel {
-                    route: self.route_name.clone().into(),
-                })
-                .inc();
-        }
-    }
-
     /// What is left to do once the call's events are recorded ([`Ending`]): counting the
     /// request as `outcome` by `target`, with `fallback`.
     fn ending(&self, target: &str, outcome: &'static str, fallback: bool) -> Ending {
@@ -427,15 +431,11 @@ impl Finish {
                 count_request(&self.gw, &self.route_name, &target_id, outcome);
             }
             if outcome == "stream_error" {
-                self.gw
-                    .metrics
-                    .stream_errors
-                    .get_or_create(&RouteLabel {
-                        route: self.route_name.clone().into(),
-                    })
-                    .inc();
+                count_route(&self.gw.metrics.stream_errors, &self.route_name);
             }
-            self.count_fallback(fallback);
+            if fallback {
+                count_route(&self.gw.metrics.fallbacks, &self.route_name);
+            }
             self.observe_duration();
             // The stream's last event (`[DONE]`, or the error that ended it) only after the
             // call is recorded: a client that saw the end of its stream can find its
@@ -764,22 +764,10 @@ impl Ending {
             count_request(&self.gw, &self.route_name, &self.target, outcome);
         }
         if self.fallback {
-            self.gw
-                .metrics
-                .fallbacks
-                .get_or_create(&RouteLabel {
-                    route: self.route_name.clone().into(),
-                })
-                .inc();
+            count_route(&self.gw.metrics.fallbacks, &self.route_name);
         }
         if stored && outcome == "degraded" {
-            self.gw
-                .metrics
-                .degraded
-                .get_or_create(&RouteLabel {
-                    route: self.route_name.clone().into(),
-                })
-                .inc();
+            count_route(&self.gw.metrics.degraded, &self.route_name);
         }
         self.route_metrics
             .duration
