@@ -53,7 +53,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 /// `api` (handlers that read their bodies with axum: the tool, task and operator APIs)
 /// under the server's body rules, as the model endpoints' `read_body` keeps them: bodies of
 /// at most `server.max_body_bytes`, arrived whole within `server.body_timeout` of their
-/// headers ([`crate::body_deadline`]), and axum's own rejections (a body over the limit, a
+/// headers (see the `body_deadline` module), and axum's own rejections (a body over the limit, a
 /// query string that does not parse) in the OpenAI shape like every other error.
 pub fn with_body_rules<S: Clone + Send + Sync + 'static>(
     api: Router<S>,
