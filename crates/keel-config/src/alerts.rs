@@ -184,7 +184,7 @@ impl AlertsConfig {
                 let url = problems.one(check_http_url(
                     &w.url,
                     &at.child("webhooks").index(i).child("url"),
-                    "https://hooks.slack.com/services/T000/B000/XXXX",
+                    "https://hooks.example.com/keel/alerts",
                 ))?;
                 Some(Webhook {
                     url,

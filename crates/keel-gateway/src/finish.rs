@@ -259,13 +259,18 @@ impl Finish {
 
     /// What is left to do once the call's events are recorded ([`Ending`]): counting the
     /// request as `outcome` by `target`, with `fallback`.
-    fn ending(&self, target: &str, outcome: &'static str, fallback: bool) -> Ending {
+    fn ending<'a>(
+        &self,
+        (route_name, target): (&'a str, &'a str),
+        outcome: &'static str,
+        fallback: bool,
+    ) -> Ending<'a> {
         Ending {
             gw: Arc::clone(&self.gw),
-            route_name: self.route_name.clone(),
+            route_name,
             route_metrics: Arc::clone(&self.route_metrics),
             started: self.started,
-            target: target.to_owned(),
+            target,
             outcome,
             fallback,
             looping: None,
@@ -306,7 +311,7 @@ impl Finish {
         // Spent before the wait for the store, which a client that leaves ends; counted
         // after it, or as the client leaves ([`Ending`]).
         self.spend(&mut log, usage.map(|u| (target.id.as_str(), u)));
-        let mut ending = self.ending(&target.id, "ok", fallback);
+        let mut ending = self.ending((&route.name, &target.id), "ok", fallback);
         ending.looping = looping;
         let stored = self
             .record(std::mem::take(&mut log.events), log.who.task.clone())
@@ -489,7 +494,7 @@ impl Finish {
             && let Some(e @ UpstreamError::Status { .. }) = last
         {
             let fallback = route.targets.len() > 1;
-            return self.fatal(log, e, fallback).await;
+            return self.fatal(route, log, e, fallback).await;
         }
         self.unavailable(route, endpoint, log, last, timed_out)
             .await
@@ -519,7 +524,7 @@ impl Finish {
             );
             log.events.push(event);
             self.spend(&mut log, None);
-            let ending = self.ending("none", "error", false);
+            let ending = self.ending((&route.name, "none"), "error", false);
             let stored = self
                 .record(std::mem::take(&mut log.events), log.who.task.clone())
                 .await;
@@ -578,7 +583,7 @@ impl Finish {
         );
         log.events.push(event);
         self.spend(&mut log, None);
-        let ending = self.ending("none", "degraded", false);
+        let ending = self.ending((&route.name, "none"), "degraded", false);
         let stored = self
             .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
@@ -608,6 +613,7 @@ impl Finish {
     /// when a target after the route's first gave it.
     pub(crate) async fn fatal(
         mut self,
+        route: &Route,
         mut log: CallLog,
         error: UpstreamError,
         fallback: bool,
@@ -654,7 +660,7 @@ impl Finish {
         );
         log.events.push(event);
         self.spend(&mut log, None);
-        let ending = self.ending(&target, "error", false);
+        let ending = self.ending((&route.name, &target), "error", false);
         let stored = self
             .record(std::mem::take(&mut log.events), log.who.task.clone())
             .await;
@@ -729,12 +735,12 @@ impl Finish {
 /// reply, loop stop and duration. Dropped instead (the client left during the wait, which
 /// ends the handler's future; the events are queued and commit all the same), it counts the
 /// call as its outcome and hands the loop stop to a background task.
-pub(crate) struct Ending {
+pub(crate) struct Ending<'a> {
     gw: Arc<Gateway>,
-    route_name: String,
+    route_name: &'a str,
     route_metrics: Arc<crate::metrics::RouteMetrics>,
     started: Instant,
-    target: String,
+    target: &'a str,
     outcome: &'static str,
     fallback: bool,
     /// A loop found in the call's task: it is stopped whether or not the client waits.
@@ -742,7 +748,7 @@ pub(crate) struct Ending {
     ended: bool,
 }
 
-impl Ending {
+impl Ending<'_> {
     /// Counts the call (`stored`: whether its events were recorded) and stops its loop.
     async fn end(mut self, stored: bool) {
         self.ended = true;
@@ -760,14 +766,14 @@ impl Ending {
 
     fn count(&self, stored: bool) {
         let outcome = if stored { self.outcome } else { "error" };
-        if outcome != "ok" || !self.route_metrics.count_ok(&self.target) {
-            count_request(&self.gw, &self.route_name, &self.target, outcome);
+        if outcome != "ok" || !self.route_metrics.count_ok(self.target) {
+            count_request(&self.gw, self.route_name, self.target, outcome);
         }
         if self.fallback {
-            count_route(&self.gw.metrics.fallbacks, &self.route_name);
+            count_route(&self.gw.metrics.fallbacks, self.route_name);
         }
         if stored && outcome == "degraded" {
-            count_route(&self.gw.metrics.degraded, &self.route_name);
+            count_route(&self.gw.metrics.degraded, self.route_name);
         }
         self.route_metrics
             .duration
@@ -775,7 +781,7 @@ impl Ending {
     }
 }
 
-impl Drop for Ending {
+impl Drop for Ending<'_> {
     fn drop(&mut self) {
         if self.ended {
             return;

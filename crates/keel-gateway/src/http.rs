@@ -120,10 +120,7 @@ async fn task_chat(
     task: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    match path_of(task) {
-        Ok(task) => handle(gw, Endpoint::ChatCompletions, Some(task), request).await,
-        Err(refused) => refused.into_response(),
-    }
+    task_call(gw, Endpoint::ChatCompletions, task, request).await
 }
 
 async fn task_embeddings(
@@ -131,8 +128,18 @@ async fn task_embeddings(
     task: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
+    task_call(gw, Endpoint::Embeddings, task, request).await
+}
+
+/// A model call under `/tasks/{task_id}/v1/...`, once its task id is read.
+async fn task_call(
+    gw: Arc<Gateway>,
+    endpoint: Endpoint,
+    task: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
     match path_of(task) {
-        Ok(task) => handle(gw, Endpoint::Embeddings, Some(task), request).await,
+        Ok(task) => handle(gw, endpoint, Some(task), request).await,
         Err(refused) => refused.into_response(),
     }
 }
@@ -540,7 +547,6 @@ async fn handle_inner(
     let mut guard = CallGuard {
         gw: Arc::clone(gw),
         route: route.name.clone(),
-        metrics: Arc::clone(&route.metrics),
         started,
         log: Some(log),
     };
@@ -598,7 +604,7 @@ async fn handle_inner(
             ctx.exhausted(route, endpoint, log, last, timed_out, (refused, account))
                 .await
         }
-        Answer::Fatal { error, fallback } => ctx.fatal(log, error, fallback).await,
+        Answer::Fatal { error, fallback } => ctx.fatal(route, log, error, fallback).await,
     })
 }
 
@@ -672,8 +678,6 @@ async fn screen_input(
 struct CallGuard {
     gw: Arc<Gateway>,
     route: String,
-    /// The route's duration and token series.
-    metrics: Arc<crate::metrics::RouteMetrics>,
     started: Instant,
     log: Option<CallLog>,
 }
@@ -702,17 +706,18 @@ impl Drop for CallGuard {
             }),
         );
         crate::finish::count_request(&self.gw, &self.route, "none", "client_gone");
-        // Its time and what keel paid for are observed like any call's.
-        self.metrics
-            .duration
-            .observe(self.started.elapsed().as_secs_f64());
-        if let Some(total) = usage {
-            self.metrics
-                .input_tokens
-                .observe(total.prompt_tokens as f64);
-            self.metrics
-                .output_tokens
-                .observe(total.completion_tokens as f64);
+        // Its time and what keel paid for are observed like any call's (the route's series
+        // looked up here, not held by every call for this rare end).
+        if let Some(metrics) = self.gw.routes.get(&self.route).map(|r| &r.metrics) {
+            metrics
+                .duration
+                .observe(self.started.elapsed().as_secs_f64());
+            if let Some(total) = usage {
+                metrics.input_tokens.observe(total.prompt_tokens as f64);
+                metrics
+                    .output_tokens
+                    .observe(total.completion_tokens as f64);
+            }
         }
         if !log.chaos.is_empty() {
             let chaos: Vec<Value> = log.chaos.iter().map(|c| c.to_json()).collect();

@@ -100,18 +100,16 @@ pub(crate) fn exposure_warning(file: &Path, settings: &Settings) -> Option<Strin
     }
     let open_gateway = settings.agents.values().all(|a| a.keys.is_empty());
     let key = keel_config::KeyPath::root().child("server").child("listen");
+    let (models, keys) = if open_gateway {
+        (
+            ", and, with no agent keys, call models with keel's provider keys",
+            " and agent keys (keys_env)",
+        )
+    } else {
+        ("", "")
+    };
     let problem = format!(
-        "{listen} is not a loopback address and no admin_token_env is set: anyone who reaches it can use the operator API (tasks, the DLQ, approvals){}; set server.admin_token_env{}",
-        if open_gateway {
-            ", and, with no agent keys, call models with keel's provider keys"
-        } else {
-            ""
-        },
-        if open_gateway {
-            " and agent keys (keys_env)"
-        } else {
-            ""
-        }
+        "{listen} is not a loopback address and no admin_token_env is set: anyone who reaches it can use the operator API (tasks, the DLQ, approvals){models}; set server.admin_token_env{keys}"
     );
     Some(keel_config::error_at(file, &key, problem).to_string())
 }

@@ -83,13 +83,13 @@ impl EventsReply {
 /// The caller's end of an [`EventsReply`]. Dropped before its answer was read (its caller
 /// gone), it closes the channel, so that either the writer finds no one to answer and tells
 /// the tap itself, or the answer already sent is taken here and the tap told of it.
-struct EventsAnswer {
+struct EventsAnswer<'a> {
     answer: oneshot::Receiver<Result<Vec<Event>, StoreError>>,
-    tap: Option<Arc<dyn crate::Tap>>,
+    tap: Option<&'a Arc<dyn crate::Tap>>,
     read: bool,
 }
 
-impl EventsAnswer {
+impl EventsAnswer<'_> {
     /// The answer, its events told to the tap; `None` when the writer dropped the request.
     async fn read(&mut self) -> Option<Result<Vec<Event>, StoreError>> {
         let answer = (&mut self.answer).await.ok();
@@ -103,7 +103,7 @@ impl EventsAnswer {
     }
 }
 
-impl Drop for EventsAnswer {
+impl Drop for EventsAnswer<'_> {
     fn drop(&mut self) {
         if self.read {
             return;
@@ -235,14 +235,18 @@ impl WriterHandle {
         &self,
         request: impl FnOnce(EventsReply) -> Request,
     ) -> Result<Vec<Event>, StoreError> {
-        let tap = self.tap.get().cloned();
+        let tap = self.tap.get();
         let (reply, answer) = oneshot::channel();
         let mut answer = EventsAnswer {
             answer,
-            tap: tap.clone(),
+            tap,
             read: false,
         };
-        self.enqueue(request(EventsReply { reply, tap })).await?;
+        let reply = EventsReply {
+            reply,
+            tap: tap.cloned(),
+        };
+        self.enqueue(request(reply)).await?;
         // A writer that dies drops the reply, so this never hangs.
         answer.read().await.unwrap_or_else(|| Err(self.stopped()))
     }
