@@ -160,10 +160,12 @@ impl axum::response::IntoResponse for ApiError {
 
 /// Middleware: an error answer that is not JSON (axum's own rejections: a wrong method, a
 /// body over the limit, a query string that does not parse) is rewritten in the OpenAI
-/// shape with the same status and headers, its text as the message. Answers keel built
+/// shape with the same status and headers, its text as the message (a body over the limit
+/// names the limit in force, `max_body_bytes`, the middleware's state). Answers keel built
 /// itself are JSON already and pass untouched.
 #[cfg(feature = "axum")]
 pub async fn openai_shaped(
+    axum::extract::State(max_body_bytes): axum::extract::State<usize>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -188,9 +190,7 @@ pub async fn openai_shaped(
     let text = String::from_utf8_lossy(&text).trim().to_owned();
     let message = match status {
         // axum's own words ("length limit exceeded") name neither the limit nor its setting.
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            "request body is larger than this server takes (its limit is server.max_body_bytes, 4 MiB unless set)".to_owned()
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(max_body_bytes).message,
         StatusCode::METHOD_NOT_ALLOWED if text.is_empty() => "method not allowed here".to_owned(),
         other if text.is_empty() => other.canonical_reason().unwrap_or("error").to_lowercase(),
         _ => text,

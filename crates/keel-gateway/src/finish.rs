@@ -67,25 +67,22 @@ pub(crate) fn charge(
             .map(|(target, u)| (target.as_str(), *u))
             .chain(answered)
     };
-    let total = each().map(|(_, u)| Some(u)).reduce(add_usage).flatten()?;
-    let agent = log.who.agent.clone();
-    let mut warnings = Vec::new();
+    let total = each().map(|(_, u)| u).reduce(crate::route::sum_usage)?;
     for (target, u) in each() {
         let (remaining, crossed) = gw.agents.spend(
-            &agent,
+            &log.who.agent,
             log.who.key.as_deref(),
             target,
             u,
             crate::agents::wall_now(),
         );
-        gw.metrics.set_budget_remaining(&agent, &remaining);
-        warnings.extend(crossed);
-    }
-    for w in &warnings {
-        log.push(
-            EventKind::AlertRaised,
-            crate::http::budget_warning(&agent, w),
-        );
+        gw.metrics.set_budget_remaining(&log.who.agent, &remaining);
+        for w in &crossed {
+            log.push(
+                EventKind::AlertRaised,
+                crate::http::budget_warning(&log.who.agent, w),
+            );
+        }
     }
     Some(total)
 }
@@ -229,13 +226,23 @@ impl Finish {
         }
     }
 
-    /// Appends the call's events with the request's payloads and the answer's blob, if its
-    /// `llm_call` named one; it takes them (a call is recorded once). Whether they are stored.
-    async fn record(&mut self, events: Vec<NewEvent>, task: Option<String>) -> bool {
+    /// The request's payloads and the answer's blob, if its `llm_call` named one, taken to be
+    /// recorded with the call's events (a call is recorded once).
+    fn take_blobs(&mut self) -> Vec<keel_store::Payload> {
+        std::mem::take(&mut self.recorded.blobs)
+    }
+
+    /// Appends the call's events with `blobs` ([`Finish::take_blobs`]). Whether they are
+    /// stored.
+    async fn record(
+        &self,
+        events: Vec<NewEvent>,
+        blobs: Vec<keel_store::Payload>,
+        task: Option<String>,
+    ) -> bool {
         if !self.gw.record_payloads {
             return self.gw.record_call(events, Vec::new(), None).await;
         }
-        let blobs = std::mem::take(&mut self.recorded.blobs);
         self.gw.record_call(events, blobs, task).await
     }
 
@@ -260,15 +267,15 @@ impl Finish {
     /// What is left to do once the call's events are recorded ([`Ending`]): counting the
     /// request as `outcome` by `target`, with `fallback`.
     fn ending<'a>(
-        &self,
+        &'a self,
         (route_name, target): (&'a str, &'a str),
         outcome: &'static str,
         fallback: bool,
     ) -> Ending<'a> {
         Ending {
-            gw: Arc::clone(&self.gw),
+            gw: &self.gw,
             route_name,
-            route_metrics: Arc::clone(&self.route_metrics),
+            route_metrics: &self.route_metrics,
             started: self.started,
             target,
             outcome,
@@ -311,10 +318,11 @@ impl Finish {
         // Spent before the wait for the store, which a client that leaves ends; counted
         // after it, or as the client leaves ([`Ending`]).
         self.spend(&mut log, usage.map(|u| (target.id.as_str(), u)));
+        let blobs = self.take_blobs();
         let mut ending = self.ending((&route.name, &target.id), "ok", fallback);
         ending.looping = looping;
         let stored = self
-            .record(std::mem::take(&mut log.events), log.who.task.clone())
+            .record(std::mem::take(&mut log.events), blobs, log.who.task.clone())
             .await;
         ending.end(stored).await;
         if !stored {
@@ -419,8 +427,9 @@ impl Finish {
                 log.push(EventKind::LoopDetected, stop.data.clone());
             }
             self.spend(&mut log, usage.map(|u| (target_id.as_str(), u)));
+            let blobs = self.take_blobs();
             let stored = self
-                .record(std::mem::take(&mut log.events), log.who.task.clone())
+                .record(std::mem::take(&mut log.events), blobs, log.who.task.clone())
                 .await;
             if let Some(stop) = looping {
                 self.gw.stop_loop(stop).await;
@@ -524,9 +533,10 @@ impl Finish {
             );
             log.events.push(event);
             self.spend(&mut log, None);
+            let blobs = self.take_blobs();
             let ending = self.ending((&route.name, "none"), "error", false);
             let stored = self
-                .record(std::mem::take(&mut log.events), log.who.task.clone())
+                .record(std::mem::take(&mut log.events), blobs, log.who.task.clone())
                 .await;
             ending.end(stored).await;
             let message = format!("route {:?} could not be served: {why}", route.name);
@@ -583,9 +593,10 @@ impl Finish {
         );
         log.events.push(event);
         self.spend(&mut log, None);
+        let blobs = self.take_blobs();
         let ending = self.ending((&route.name, "none"), "degraded", false);
         let stored = self
-            .record(std::mem::take(&mut log.events), log.who.task.clone())
+            .record(std::mem::take(&mut log.events), blobs, log.who.task.clone())
             .await;
         ending.end(stored).await;
         if !stored {
@@ -660,9 +671,10 @@ impl Finish {
         );
         log.events.push(event);
         self.spend(&mut log, None);
+        let blobs = self.take_blobs();
         let ending = self.ending((&route.name, &target), "error", false);
         let stored = self
-            .record(std::mem::take(&mut log.events), log.who.task.clone())
+            .record(std::mem::take(&mut log.events), blobs, log.who.task.clone())
             .await;
         ending.end(stored).await;
         let mut response = match error {
@@ -736,9 +748,9 @@ impl Finish {
 /// ends the handler's future; the events are queued and commit all the same), it counts the
 /// call as its outcome and hands the loop stop to a background task.
 pub(crate) struct Ending<'a> {
-    gw: Arc<Gateway>,
+    gw: &'a Arc<Gateway>,
     route_name: &'a str,
-    route_metrics: Arc<crate::metrics::RouteMetrics>,
+    route_metrics: &'a crate::metrics::RouteMetrics,
     started: Instant,
     target: &'a str,
     outcome: &'static str,
@@ -755,7 +767,7 @@ impl Ending<'_> {
         self.count(stored);
         if let Some(stop) = self.looping.take() {
             // On a task of its own, so a client that leaves meanwhile cannot cut it short.
-            let gw = Arc::clone(&self.gw);
+            let gw = Arc::clone(self.gw);
             let _ = self
                 .gw
                 .tasks
@@ -767,7 +779,7 @@ impl Ending<'_> {
     fn count(&self, stored: bool) {
         let outcome = if stored { self.outcome } else { "error" };
         if outcome != "ok" || !self.route_metrics.count_ok(self.target) {
-            count_request(&self.gw, self.route_name, self.target, outcome);
+            count_request(self.gw, self.route_name, self.target, outcome);
         }
         if self.fallback {
             count_route(&self.gw.metrics.fallbacks, self.route_name);
@@ -788,7 +800,7 @@ impl Drop for Ending<'_> {
         }
         self.count(true);
         if let Some(stop) = self.looping.take() {
-            let gw = Arc::clone(&self.gw);
+            let gw = Arc::clone(self.gw);
             self.gw.tasks.spawn(async move { gw.stop_loop(stop).await });
         }
     }

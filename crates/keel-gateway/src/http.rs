@@ -62,34 +62,13 @@ pub fn with_body_rules<S: Clone + Send + Sync + 'static>(
 ) -> Router<S> {
     api.layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
-            max_body_bytes,
-            name_the_body_limit,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
             body_timeout,
             crate::body_deadline::refuse_late_bodies,
         ))
-        .layer(axum::middleware::from_fn(
+        .layer(axum::middleware::from_fn_with_state(
+            max_body_bytes,
             keel_core::api_error::openai_shaped,
         ))
-}
-
-/// axum's own 413 (a body over the limit, refused by an extractor) as keel's, which names
-/// the limit in force.
-async fn name_the_body_limit(
-    State(limit): State<usize>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let response = next.run(request).await;
-    let json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
-        return ApiError::too_large(limit).into_response();
-    }
-    response
 }
 
 type Gw = State<Arc<Gateway>>;

@@ -672,10 +672,11 @@ impl Executor<'_> {
                     Err(e) if e.counts_against_target() => Some(false),
                     Err(_) => None,
                 };
+                let now = self.clock.now();
                 match outcome_for_breaker {
                     Some(success) => breaker.record(
                         permit,
-                        self.clock.now(),
+                        now,
                         Outcome {
                             success,
                             duration: took,
@@ -684,9 +685,9 @@ impl Executor<'_> {
                     None => breaker.release(permit),
                 }
                 let logged = self.log_transitions(target, breaker.take_transitions());
-                // Open now (this failure opened it, or a trial failed), or half-open with
-                // every trial out: no retry can pass.
-                let open = !breaker.would_admit(self.clock.now());
+                // After a failure: open now (this failure opened it, or a trial failed), or
+                // half-open with every trial out, so no retry can pass.
+                let open = result.is_err() && !breaker.would_admit(now);
                 drop(breaker);
                 (logged, open)
             };
@@ -1032,7 +1033,7 @@ pub(crate) fn add_usage(a: Option<Usage>, b: Option<Usage>) -> Option<Usage> {
     }
 }
 
-fn sum_usage(a: Usage, b: Usage) -> Usage {
+pub(crate) fn sum_usage(a: Usage, b: Usage) -> Usage {
     Usage {
         prompt_tokens: a.prompt_tokens.saturating_add(b.prompt_tokens),
         completion_tokens: a.completion_tokens.saturating_add(b.completion_tokens),

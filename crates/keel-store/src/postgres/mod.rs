@@ -136,9 +136,11 @@ impl PgStore {
         let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
         let (ready, is_ready) = oneshot::channel();
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tap = crate::sqlite::writer::TapCell::default();
         let writer = {
             let (config, for_writer) = (config.clone(), store.clone());
             let failing = Arc::clone(&failing);
+            let tap = Arc::clone(&tap);
             std::thread::Builder::new()
                 .name("keel-pg-writer".to_owned())
                 .spawn(move || {
@@ -146,7 +148,7 @@ impl PgStore {
                         config,
                         for_writer,
                         (durabilities, commit_delay),
-                        (rx, failing),
+                        (rx, failing, tap),
                         ready,
                     )
                 })
@@ -188,7 +190,7 @@ impl PgStore {
         Ok(Self {
             writer: {
                 let stopped_store = store.clone();
-                WriterHandle::new(queue, writer, store.clone(), move || {
+                WriterHandle::new((queue, tap), writer, store.clone(), move || {
                     StoreError::Unreachable {
                         store: stopped_store.clone(),
                         reason: "this node's writer has stopped".to_owned(),
@@ -340,7 +342,11 @@ fn writer_thread(
     config: Config,
     store: String,
     (durabilities, commit_delay): (crate::Durabilities, Option<std::time::Duration>),
-    (rx, failing): (mpsc::Receiver<Request>, Arc<std::sync::atomic::AtomicBool>),
+    (rx, failing, tap): (
+        mpsc::Receiver<Request>,
+        Arc<std::sync::atomic::AtomicBool>,
+        crate::sqlite::writer::TapCell,
+    ),
     ready: oneshot::Sender<Result<(), StoreError>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -374,7 +380,7 @@ fn writer_thread(
         if ready.send(Ok(())).is_err() {
             return;
         }
-        writer::run(conn, rx, commit_delay, durabilities, failing).await;
+        writer::run(conn, rx, commit_delay, durabilities, (failing, tap)).await;
     });
 }
 

@@ -190,13 +190,14 @@ pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
 /// The writer loop; returns when the queue is closed and drained. The connection's session
 /// has `synchronous_commit` set for `durabilities.writes`; a commit made with the other
 /// durability sets it for its own transaction.
-/// `failing` is set while the latest batch failed (the store's `ping` then proves a write).
+/// `failing` is set while the latest batch failed (the store's `ping` then proves a write);
+/// `tap` is told of committed events whose caller has gone.
 pub(crate) async fn run(
     mut conn: Connection,
     mut queue: mpsc::Receiver<Request>,
     commit_delay: Option<Duration>,
     durabilities: Durabilities,
-    failing: Arc<AtomicBool>,
+    (failing, tap): (Arc<AtomicBool>, crate::sqlite::writer::TapCell),
 ) {
     while let Some(first) = queue.recv().await {
         let mut pending = first.weight();
@@ -225,7 +226,7 @@ pub(crate) async fn run(
             Ok((stamp, results)) => {
                 failing.store(false, Ordering::Relaxed);
                 for (request, result) in batch.into_iter().zip(results) {
-                    answer(request, result, &stamp);
+                    answer(request, result, &stamp, &tap);
                 }
             }
             Err(source) => {

@@ -126,6 +126,7 @@ impl SqliteStore {
         let checkpointer = checkpoint::Checkpointer::start(path, synchronous(durability))?;
         let stats = Arc::new(WriterStats::default());
         let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let tap = writer::TapCell::default();
         let writer = {
             let writer_path = path.to_owned();
             let stats = Arc::clone(&stats);
@@ -133,9 +134,12 @@ impl SqliteStore {
                 delay: commit_delay,
                 upcoming: upcoming.clone(),
             };
+            let tap = Arc::clone(&tap);
             std::thread::Builder::new()
                 .name("keel-store-writer".to_owned())
-                .spawn(move || writer::run(conn, writer_path, rx, stats, linger, durabilities))
+                .spawn(move || {
+                    writer::run(conn, writer_path, rx, stats, (linger, durabilities), tap)
+                })
                 .map_err(|source| StoreError::SpawnWriter {
                     path: path.to_owned(),
                     source,
@@ -148,11 +152,14 @@ impl SqliteStore {
             durability,
             writer: {
                 let stopped_path = path.to_owned();
-                WriterHandle::new(queue, writer, path.display().to_string(), move || {
-                    StoreError::WriterStopped {
+                WriterHandle::new(
+                    (queue, tap),
+                    writer,
+                    path.display().to_string(),
+                    move || StoreError::WriterStopped {
                         path: stopped_path.clone(),
-                    }
-                })
+                    },
+                )
                 .counting(upcoming)
             },
             readers,

@@ -249,10 +249,7 @@ fn a_commit_is_synced_when_any_write_in_it_must_be() {
 
 /// A reply channel nobody listens to: the requests built here are never answered.
 fn reply() -> writer::EventsReply {
-    writer::EventsReply {
-        reply: tokio::sync::oneshot::channel().0,
-        tap: None,
-    }
+    tokio::sync::oneshot::channel().0
 }
 
 /// The writer commits model-call records without a sync and syncs every other commit

@@ -60,25 +60,14 @@ pub(crate) const QUEUE_CAPACITY: usize = 4096;
 /// Where the answer of one request goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// Where the answer of a write that appends events goes, and the tap its caller would tell of
-/// them: when the caller has gone (a client that left while its call's records committed),
-/// the writer tells the tap itself, so the observer still sees every committed event.
-pub(crate) struct EventsReply {
-    pub(crate) reply: Reply<Vec<Event>>,
-    pub(crate) tap: Option<Arc<dyn crate::Tap>>,
-}
+/// The tap told of a store's commits, set once after the store opens; the writer holds it
+/// too, to tell it of committed events whose caller has gone ([`answer`]).
+pub(crate) type TapCell = Arc<std::sync::OnceLock<Arc<dyn crate::Tap>>>;
 
-impl EventsReply {
-    /// Sends `result`; committed events nobody waits for any more go to the tap.
-    fn send(self, result: Result<Vec<Event>, StoreError>) {
-        if let Err(Ok(events)) = self.reply.send(result)
-            && let Some(tap) = self.tap
-            && !events.is_empty()
-        {
-            tap.committed(&events);
-        }
-    }
-}
+/// Where the answer of a write that appends events goes. When the caller has gone (a client
+/// that left while its call's records committed), the writer tells the tap itself, so the
+/// observer still sees every committed event.
+pub(crate) type EventsReply = Reply<Vec<Event>>;
 
 /// The caller's end of an [`EventsReply`]. Dropped before its answer was read (its caller
 /// gone), it closes the channel, so that either the writer finds no one to answer and tells
@@ -172,7 +161,7 @@ pub(crate) struct WriterHandle {
     queue: Option<mpsc::Sender<Request>>,
     /// `None` once joined.
     thread: Option<std::thread::JoinHandle<()>>,
-    tap: std::sync::OnceLock<Arc<dyn crate::Tap>>,
+    tap: TapCell,
     /// The store, for the log line of a writer that panicked.
     store: String,
     /// The error of a write the writer can no longer take.
@@ -184,7 +173,7 @@ pub(crate) struct WriterHandle {
 impl WriterHandle {
     /// `stopped` makes the error of a write once the writer is gone.
     pub(crate) fn new(
-        queue: mpsc::Sender<Request>,
+        (queue, tap): (mpsc::Sender<Request>, TapCell),
         thread: std::thread::JoinHandle<()>,
         store: String,
         stopped: impl Fn() -> StoreError + Send + Sync + 'static,
@@ -192,7 +181,7 @@ impl WriterHandle {
         Self {
             queue: Some(queue),
             thread: Some(thread),
-            tap: std::sync::OnceLock::new(),
+            tap,
             store,
             stopped: Box::new(stopped),
             upcoming: None,
@@ -235,16 +224,11 @@ impl WriterHandle {
         &self,
         request: impl FnOnce(EventsReply) -> Request,
     ) -> Result<Vec<Event>, StoreError> {
-        let tap = self.tap.get();
         let (reply, answer) = oneshot::channel();
         let mut answer = EventsAnswer {
             answer,
-            tap,
+            tap: self.tap.get(),
             read: false,
-        };
-        let reply = EventsReply {
-            reply,
-            tap: tap.cloned(),
         };
         self.enqueue(request(reply)).await?;
         // A writer that dies drops the reply, so this never hangs.
@@ -465,8 +449,8 @@ pub(crate) fn run(
     path: PathBuf,
     mut queue: mpsc::Receiver<Request>,
     stats: Arc<WriterStats>,
-    linger: Linger,
-    durabilities: Durabilities,
+    (linger, durabilities): (Linger, Durabilities),
+    tap: TapCell,
 ) {
     let mut synchronous = durabilities.writes;
     while let Some(first) = queue.blocking_recv() {
@@ -498,7 +482,7 @@ pub(crate) fn run(
                     stats.synced.fetch_add(1, Ordering::Relaxed);
                 }
                 for (request, result) in batch.into_iter().zip(results) {
-                    answer(request, result, &stamp);
+                    answer(request, result, &stamp, &tap);
                 }
             }
             Err(source) => {
@@ -558,11 +542,16 @@ pub(crate) fn drain(
 }
 
 /// Sends a request of a committed batch its answer. The caller may have gone
-/// away; what was committed stays committed regardless.
-pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: &Stamp) {
+/// away; what was committed stays committed regardless, and `tap` is told of it.
+pub(crate) fn answer(
+    request: Request,
+    result: Result<Done, StoreError>,
+    stamp: &Stamp,
+    tap: &TapCell,
+) {
     match request {
         Request::Append(events, _, reply, _) | Request::Task(_, events, reply) => {
-            reply.send(result.map(|done| {
+            let sent = reply.send(result.map(|done| {
                 match done {
                     Done::Events(links) => links
                         .into_iter()
@@ -572,6 +561,11 @@ pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: 
                     Done::Pruned(_) | Done::Saved(_) => Vec::new(),
                 }
             }));
+            if let (Err(Ok(events)), Some(tap)) = (sent, tap.get())
+                && !events.is_empty()
+            {
+                tap.committed(&events);
+            }
         }
         Request::Prune(_, reply) => {
             let _ = reply.send(result.map(|done| match done {
@@ -592,7 +586,7 @@ pub(crate) fn answer(request: Request, result: Result<Done, StoreError>, stamp: 
 pub(crate) fn answer_err(request: Request, err: StoreError) {
     match request {
         Request::Append(_, _, reply, _) | Request::Task(_, _, reply) => {
-            reply.send(Err(err));
+            let _ = reply.send(Err(err));
         }
         Request::Prune(_, reply) => {
             let _ = reply.send(Err(err));
