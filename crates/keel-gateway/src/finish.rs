@@ -102,6 +102,9 @@ pub(crate) struct Finish {
     pub(crate) hide_usage: bool,
     /// The request's payload summary and blobs (empty when payloads are not recorded).
     pub(crate) recorded: payload::Recorded,
+    /// The provider reported no usage for the answer: the call's is keel's estimate
+    /// ([`crate::usage::estimate`]).
+    pub(crate) usage_estimated: bool,
 }
 
 /// How a call's answer is kept with its `llm_call`.
@@ -205,6 +208,9 @@ impl Finish {
         data.push(("stream".into(), self.stream.into()));
         data.push(("target".into(), target.into()));
         data.push(("usage".into(), usage.into()));
+        if self.usage_estimated {
+            data.push(("usage_estimated".into(), true.into()));
+        }
         debug_assert!(
             data.is_sorted_by(|a, b| a.0 < b.0),
             "llm_call members out of order"
@@ -349,6 +355,7 @@ impl Finish {
         (first, rest, passed, attempt): (Bytes, ChunkStream, Passed, StreamAttempt),
         fallback: bool,
         task_deadline: Option<Instant>,
+        prompt: u64,
     ) -> Response {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         log.request_id = passed.request_id().map(str::to_owned);
@@ -378,6 +385,7 @@ impl Finish {
             let Pumped {
                 end,
                 usage,
+                generated,
                 last,
                 error,
             } = pump(
@@ -390,6 +398,9 @@ impl Finish {
                 hide_usage,
             )
             .await;
+            // The provider bills a stream that ended before its usage chunk all the same.
+            self.usage_estimated = usage.is_none();
+            let usage = Some(usage.unwrap_or_else(|| generated.usage(prompt)));
             let gw = Arc::clone(&self.gw);
             let ticket = attempt.settle(end, gw.clock.now(), &gw.metrics, |target, changes| {
                 gw.transitions.note(

@@ -548,6 +548,7 @@ async fn handle_inner(
         call_started,
         stream,
         hide_usage,
+        usage_estimated: false,
     };
     Ok(match answer {
         Answer::Json {
@@ -558,6 +559,15 @@ async fn handle_inner(
             passed,
             fallback,
         } => {
+            let mut ctx = ctx;
+            // An answer without `usage` is billed all the same: a chat's is estimated.
+            let usage = match usage {
+                None if endpoint == Endpoint::ChatCompletions => {
+                    ctx.usage_estimated = true;
+                    Some(crate::usage::estimate::answer(&parsed.body, &body))
+                }
+                usage => usage,
+            };
             ctx.json(route, log, &target, (body, record, passed), usage, fallback)
                 .await
         }
@@ -573,6 +583,7 @@ async fn handle_inner(
             (first, rest, passed, attempt),
             fallback,
             task_deadline,
+            crate::usage::estimate::prompt(&parsed.body),
         ),
         Answer::Exhausted {
             last,

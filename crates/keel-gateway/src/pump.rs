@@ -16,17 +16,42 @@ use crate::finish::sse_frame;
 use crate::guard::loops::StreamedAnswer;
 use crate::provider::ChunkStream;
 use crate::stream_attempt::StreamEnd;
-use crate::usage::{Usage, usage_of};
+use crate::usage::Usage;
+use crate::usage::estimate::{self, Generation};
 
 /// How [`pump`] ended a stream.
 pub(crate) struct Pumped {
     pub(crate) end: StreamEnd,
     pub(crate) usage: Option<Usage>,
+    /// The text of the chunks read, for an estimate of the tokens when no usage came.
+    pub(crate) generated: Generation,
     /// The error event that ends a failed stream: sent once the call is recorded, as
     /// `[DONE]` is, so a client that saw the end of its stream can find the call's records.
     pub(crate) last: Option<Bytes>,
     /// Why a failed stream failed, in words (`llm_call.error`).
     pub(crate) error: Option<String>,
+}
+
+/// What the chunks read so far said of the call's tokens.
+#[derive(Clone, Copy, Default)]
+struct Tally {
+    /// The last usage a chunk reported.
+    usage: Option<Usage>,
+    generated: Generation,
+}
+
+impl Tally {
+    /// Reads a chunk's data; whether it reported usage.
+    fn read(&mut self, chunk: &[u8]) -> bool {
+        let Ok(reading) = estimate::read(chunk) else {
+            return false;
+        };
+        self.generated.add(&reading);
+        if reading.usage.is_some() {
+            self.usage = reading.usage;
+        }
+        reading.usage.is_some()
+    }
 }
 
 /// Why [`deliver`] could not hand a frame on.
@@ -61,7 +86,8 @@ pub(crate) async fn pump(
     (mut transcript, mut answer): (Option<&mut Vec<u8>>, Option<&mut StreamedAnswer>),
     hide_usage: bool,
 ) -> Pumped {
-    let mut usage = usage_of(&first).ok().flatten();
+    let mut usage = Tally::default();
+    usage.read(&first);
     // The transcript is the chunks' data, one per line: what the client received (with the
     // upstream's own error event, when one ended the stream).
     let mut keep = |chunk: &[u8]| {
@@ -73,9 +99,10 @@ pub(crate) async fn pump(
             a.add(chunk);
         }
     };
-    let ended = |end: StreamEnd, usage: Option<Usage>, last: Option<Bytes>| Pumped {
+    let ended = |end: StreamEnd, tally: Tally, last: Option<Bytes>| Pumped {
         end,
-        usage,
+        usage: tally.usage,
+        generated: tally.generated,
         last,
         error: None,
     };
@@ -107,11 +134,8 @@ pub(crate) async fn pump(
         };
         failed = Some(match next {
             Ok(Some(Ok(chunk))) => {
-                if let Ok(Some(u)) = usage_of(&chunk) {
-                    usage = Some(u);
-                    if hide_usage && is_usage_only(&chunk) {
-                        continue;
-                    }
+                if usage.read(&chunk) && hide_usage && is_usage_only(&chunk) {
+                    continue;
                 }
                 // Kept once the client has it: a chunk it never got is not in the record.
                 match deliver(tx, sse_frame(&chunk), deadline).await {

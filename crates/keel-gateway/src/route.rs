@@ -1009,7 +1009,7 @@ impl Executor<'_> {
         if !target.refuses_stream_options.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target = %target.id,
-                "the provider refuses stream_options; keel's streams to it go without, so their tokens are not counted"
+                "the provider refuses stream_options; keel's streams to it go without, and their tokens are estimated"
             );
         }
     }

@@ -5,6 +5,8 @@ use keel_core::{CanonicalText, Document};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+pub mod estimate;
+
 /// Token counts from an OpenAI `usage` object. A count may also be written as a float
 /// without a fraction (`12.0`), and `null` reads as 0 (a count the provider did not make),
 /// as the OpenAI SDKs take them; a negative or fractional count is not a count.

@@ -32,6 +32,8 @@ pub(crate) struct ChatPlan {
     pub stream: bool,
     /// `stream_options.include_usage: true` was asked.
     pub include_usage: bool,
+    /// A whole answer carries `usage` (false: [`crate::Fault::no_usage`]).
+    pub report_usage: bool,
     /// What to answer.
     pub answer: Answer,
     /// Whitespace words over all message contents, at least 1.
@@ -84,6 +86,7 @@ pub(crate) fn plan(request: &Value, reply: Option<&str>) -> Result<ChatPlan, Str
     Ok(ChatPlan {
         stream,
         include_usage,
+        report_usage: true,
         answer,
         prompt_tokens,
         cut,
@@ -279,7 +282,8 @@ struct Completion<'a> {
     created: u64,
     model: &'a str,
     choices: [Choice<'a>; 1],
-    usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
     system_fingerprint: &'static str,
 }
 
@@ -396,7 +400,7 @@ pub(crate) fn completion(n: u64, created: u64, model: &str, plan: &ChatPlan) -> 
             logprobs: None,
             finish_reason,
         }],
-        usage: Usage::of(plan),
+        usage: plan.report_usage.then(|| Usage::of(plan)),
         system_fingerprint: FINGERPRINT,
     };
     to_bytes(&body)

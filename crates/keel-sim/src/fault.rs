@@ -86,6 +86,11 @@ pub struct Fault {
     /// no finish chunk, as some servers and proxies end a stream that produced nothing.
     #[serde(default)]
     pub only_opening: bool,
+    /// Chat: report no token usage: no `usage` in the answer, and no usage chunk at the end
+    /// of a stream even when `stream_options.include_usage` asks for one, as some
+    /// OpenAI-compatible servers do.
+    #[serde(default)]
+    pub no_usage: bool,
     /// Tools only: answer `302 Found` with this `Location` instead.
     #[serde(default)]
     pub redirect: Option<String>,

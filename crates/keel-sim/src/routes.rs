@@ -366,6 +366,10 @@ fn chat_response(
     if fault.is_some_and(|f| f.ignore_stream) {
         plan.stream = false;
     }
+    if fault.is_some_and(|f| f.no_usage) {
+        plan.report_usage = false;
+        plan.include_usage = false;
+    }
     let n = shared.next_id();
     let created = unix_now();
     let error_after = fault.and_then(|f| f.error_event_after_chunks);

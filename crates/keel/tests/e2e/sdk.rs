@@ -1105,6 +1105,105 @@ async fn a_stream_spends_from_the_budget_even_when_the_client_did_not_ask_for_us
     );
 }
 
+/// A stream that ends before its usage chunk (cut, or left by its client) was billed by the
+/// provider all the same: keel charges the agent an estimate, says so in the `llm_call`, and
+/// an agent cannot spend past its budget by breaking its streams off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_ends_before_its_usage_is_charged_an_estimate() {
+    let sim = sim().await;
+    let config = WITH_AGENT_KEYS.replace("tokens_per_hour = 100000", "tokens_per_hour = 5");
+    let keel = Keel::start(&config, &sim).await;
+    sim.script("primary", vec![Fault::cut_after(2)]);
+    let out = sdk("stream", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["exception"], "APIError", "{out}");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls[0]["outcome"], "stream_error", "{}", calls[0]);
+    assert_eq!(calls[0]["usage_estimated"], true, "{}", calls[0]);
+    // "stream to me please": 19 characters, 5 tokens; 3 for its message and 3 for the reply.
+    assert_eq!(calls[0]["usage"]["prompt_tokens"], 11, "{}", calls[0]);
+    let completion = calls[0]["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion > 0, "{}", calls[0]);
+    assert_eq!(
+        calls[0]["usage"]["total_tokens"].as_u64(),
+        Some(11 + completion)
+    );
+    let out = sdk("chat", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["exception"], "RateLimitError", "{out}");
+    assert_eq!(sim.calls("primary"), 1);
+
+    // A client that leaves mid-stream is charged for what it asked and what it was sent.
+    let keel = Keel::start(WITH_AGENT_KEYS, &sim).await;
+    sim.script(
+        "primary",
+        vec![Fault::stall_after(2, std::time::Duration::from_secs(30))],
+    );
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", keel.base_url()))
+        .bearer_auth("sk-agent-support")
+        .json(&serde_json::json!({"model": "smart", "stream": true,
+            "messages": [{"role": "user", "content": "0123456789abcdef"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut read = String::new();
+    while !read.contains("sim") {
+        let chunk = response.chunk().await.unwrap().unwrap();
+        read.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+    let mut calls = Vec::new();
+    for _ in 0..40 {
+        calls = keel.events_of("llm_call");
+        if !calls.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(calls.len(), 1, "the call was not recorded within 4s");
+    assert_eq!(calls[0]["outcome"], "client_gone", "{}", calls[0]);
+    assert_eq!(calls[0]["usage_estimated"], true, "{}", calls[0]);
+    assert_eq!(calls[0]["usage"]["prompt_tokens"], 4 + 6, "{}", calls[0]);
+    assert!(
+        calls[0]["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{read}: {}",
+        calls[0]
+    );
+    // A stream that reports its usage is charged that, not an estimate.
+    let out = sdk("stream", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let calls = keel.events_of("llm_call");
+    assert!(calls[1].get("usage_estimated").is_none(), "{}", calls[1]);
+    assert_eq!(calls[1]["outcome"], "ok", "{}", calls[1]);
+    // A server that reports no usage at all: a whole answer, and a whole stream.
+    let no_usage = || Fault {
+        no_usage: true,
+        ..Fault::default()
+    };
+    sim.script("primary", vec![no_usage(), no_usage()]);
+    let body = serde_json::json!({"model": "smart",
+        "messages": [{"role": "user", "content": "0123456789abcdef"}]});
+    let answer: serde_json::Value =
+        serde_json::from_str(&raw_chat(&keel, Some("sk-agent-support"), &body).await).unwrap();
+    assert!(answer.get("usage").is_none(), "{answer}");
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    let out = sdk("stream", &keel.base_url(), &["--key", "sk-agent-support"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let calls = keel.events_of("llm_call");
+    for call in &calls[2..] {
+        assert_eq!(call["outcome"], "ok", "{call}");
+        assert_eq!(call["usage_estimated"], true, "{call}");
+    }
+    assert_eq!(calls[2]["usage"]["prompt_tokens"], 10, "{}", calls[2]);
+    // The answer's text, a token per four ASCII characters.
+    assert_eq!(
+        calls[2]["usage"]["completion_tokens"].as_u64(),
+        Some(u64::try_from(text.len().div_ceil(4)).unwrap()),
+        "{text}: {}",
+        calls[2]
+    );
+    assert_eq!(calls[3]["usage"]["prompt_tokens"], 11, "{}", calls[3]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prompt_too_long_for_every_target_is_the_client_s_error_not_an_outage() {
     let sim = sim().await;
