@@ -95,22 +95,29 @@ fn tool_problem(file: &Path, error: &keel_gateway::tools::ToolBuildError) -> Str
 /// no agent keys either, the gateway spending keel's provider keys for anyone.
 pub(crate) fn exposure_warning(file: &Path, settings: &Settings) -> Option<String> {
     let listen = settings.server.listen;
-    if listen.ip().to_canonical().is_loopback() || settings.server.admin_token.is_some() {
+    let open_gateway = settings.agents.values().all(|a| a.keys.is_empty());
+    let open_operator = settings.server.admin_token.is_none();
+    if listen.ip().to_canonical().is_loopback() || !(open_gateway || open_operator) {
         return None;
     }
-    let open_gateway = settings.agents.values().all(|a| a.keys.is_empty());
     let key = keel_config::KeyPath::root().child("server").child("listen");
-    let (models, keys) = if open_gateway {
-        (
-            ", and, with no agent keys, call models with keel's provider keys",
-            " and agent keys (keys_env)",
+    let problem = if open_operator {
+        let (models, keys) = if open_gateway {
+            (
+                ", and, with no agent keys, call models with keel's provider keys",
+                " and agent keys (keys_env)",
+            )
+        } else {
+            ("", "")
+        };
+        format!(
+            "{listen} is not a loopback address and no admin_token_env is set: anyone who reaches it can use the operator API (tasks, the DLQ, approvals){models}; set server.admin_token_env{keys}"
         )
     } else {
-        ("", "")
+        format!(
+            "{listen} is not a loopback address and no agent has keys: anyone who reaches it can call models with keel's provider keys; set keys_env on the agents"
+        )
     };
-    let problem = format!(
-        "{listen} is not a loopback address and no admin_token_env is set: anyone who reaches it can use the operator API (tasks, the DLQ, approvals){models}; set server.admin_token_env{keys}"
-    );
     Some(keel_config::error_at(file, &key, problem).to_string())
 }
 

@@ -391,6 +391,45 @@ fn config_check_warns_of_a_public_address_without_an_admin_token() {
             && stderr.contains("with no agent keys"),
         "{stderr}"
     );
+    // An admin token guards the operator API, not the models: without agent keys, anyone
+    // who reaches keel can still spend its provider keys.
+    let guarded = "[server]\nlisten = \"0.0.0.0:8420\"\nadmin_token_env = \"KEEL_TEST_ADMIN\"\n";
+    let (_dir, path) = config_file(guarded);
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .env("KEEL_TEST_ADMIN", "admin-secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("keel.toml:2: server.listen: 0.0.0.0:8420 is not a loopback address and no agent has keys: anyone who reaches it can call models with keel's provider keys")
+            && !stderr.contains("admin_token_env is set"),
+        "{stderr}"
+    );
+    // With agent keys too, nothing is open.
+    let (_dir, path) = config_file(&format!(
+        "{guarded}[agents.a]\nkeys_env = [\"KEEL_TEST_AGENT_KEY\"]\n"
+    ));
+    let out = keel()
+        .args(["config", "check"])
+        .arg(&path)
+        .env("KEEL_TEST_ADMIN", "admin-secret")
+        .env("KEEL_TEST_AGENT_KEY", "sk-agent")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for loopback in ["127.0.0.1:8420", "[::1]:8420", "[::ffff:127.0.0.1]:8420"] {
         let (_dir, path) = config_file(&format!("[server]\nlisten = \"{loopback}\"\n"));
         let out = keel()
