@@ -116,6 +116,28 @@ struct Period {
     answered: u64,
 }
 
+/// How a model call ended, for the route's error rate and latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Answered (`outcome: ok`).
+    Answered,
+    /// Failed, degraded or refused: the route did not answer.
+    Failed,
+    /// The client left before the end (`outcome: client_gone`): counted in neither.
+    ClientLeft,
+}
+
+impl Ended {
+    /// Answered or failed.
+    pub fn of(answered: bool) -> Ended {
+        if answered {
+            Ended::Answered
+        } else {
+            Ended::Failed
+        }
+    }
+}
+
 /// Every baseline, and the period being counted.
 pub struct Detector {
     settings: AnomalySettings,
@@ -194,16 +216,20 @@ impl Detector {
     }
 
     /// A call on `route` by `agent` ended.
-    pub fn call(&mut self, route: &str, agent: &str, ok: bool, latency_ms: u64, tokens: u64) {
+    pub fn call(&mut self, route: &str, agent: &str, ended: Ended, latency_ms: u64, tokens: u64) {
+        *self.tokens.entry(agent.to_owned()).or_default() += tokens;
+        // A client that left says nothing of the route's errors or its speed.
+        if ended == Ended::ClientLeft {
+            return;
+        }
         let p = self.routes.entry(route.to_owned()).or_default();
         p.calls += 1;
-        if ok {
+        if ended == Ended::Answered {
             p.answered += 1;
             p.latency_ms += latency_ms;
         } else {
             p.failed += 1;
         }
-        *self.tokens.entry(agent.to_owned()).or_default() += tokens;
     }
 
     /// Ends a period: judges each route's error rate and latency and each agent's spend.
@@ -282,19 +308,52 @@ mod tests {
     }
 
     #[test]
-    fn a_route_that_starts_failing_raises_per_period() {
+    fn clients_that_leave_are_not_the_route_s_errors() {
         let mut d = Detector::new(AnomalySettings::default());
         for period in 0..30 {
-            for i in 0..20 {
-                // About 1 in 20 fails, as usual.
-                d.call("smart", "a", !(i == 0 && period % 2 == 0), 100, 10);
+            for _ in 0..20 {
+                d.call("smart", "a", Ended::Answered, 100, 10);
             }
             assert!(d.tick().is_empty(), "period {period}");
         }
         let mut found = Vec::new();
         for _ in 0..3 {
             for i in 0..20 {
-                d.call("smart", "a", i % 2 == 0, 100, 10);
+                let ended = if i % 2 == 0 {
+                    Ended::ClientLeft
+                } else {
+                    Ended::Answered
+                };
+                d.call("smart", "a", ended, 100, 10);
+            }
+            found.extend(d.tick());
+        }
+        assert!(
+            !found.iter().any(|f| matches!(f, Found::Raise(_))),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_route_that_starts_failing_raises_per_period() {
+        let mut d = Detector::new(AnomalySettings::default());
+        for period in 0..30 {
+            for i in 0..20 {
+                // About 1 in 20 fails, as usual.
+                d.call(
+                    "smart",
+                    "a",
+                    Ended::of(!(i == 0 && period % 2 == 0)),
+                    100,
+                    10,
+                );
+            }
+            assert!(d.tick().is_empty(), "period {period}");
+        }
+        let mut found = Vec::new();
+        for _ in 0..3 {
+            for i in 0..20 {
+                d.call("smart", "a", Ended::of(i % 2 == 0), 100, 10);
             }
             found.extend(d.tick());
         }

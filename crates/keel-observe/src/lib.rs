@@ -608,10 +608,15 @@ impl Observing {
     ) -> Vec<Found> {
         match signal {
             Signal::Call(call) => {
+                let ended = if call.outcome == "client_gone" {
+                    detect::Ended::ClientLeft
+                } else {
+                    detect::Ended::of(call.ok)
+                };
                 detector.call(
                     &call.route,
                     &call.agent,
-                    call.ok,
+                    ended,
                     call.latency_ms,
                     call.tokens,
                 );
