@@ -617,12 +617,14 @@ impl Executor<'_> {
                 clock: self.clock,
                 started,
                 note: Some(&note),
+                attempt: None,
             };
             let now = Instant::now();
             if now >= deadline {
                 return TargetResult::OutOfTime(last);
             }
             log.attempts += 1;
+            permit.attempt = Some((target, self.metrics));
             // A stream's attempt lasts as long as the stream: its `attempt` timeout, when
             // written, too.
             let stream_deadline = route.timeouts.stream_attempt.map(|a| now + a);
@@ -1052,6 +1054,9 @@ struct PermitGuard<'a> {
     started: Duration,
     /// Counts and queues the transitions the slow call made (with the breaker's lock held).
     note: Option<&'a (dyn Fn(Vec<Transition>) + Sync)>,
+    /// Set once the attempt is under way: dropped unrecorded, it is counted in
+    /// `keel_attempts_total` as `client_gone`.
+    attempt: Option<(&'a Target, &'a Metrics)>,
 }
 
 impl Drop for PermitGuard<'_> {
@@ -1067,6 +1072,10 @@ impl Drop for PermitGuard<'_> {
                 }
             } else {
                 breaker.release(permit);
+            }
+            drop(breaker);
+            if let Some((target, metrics)) = self.attempt {
+                target.count_attempt(metrics, "client_gone");
             }
         }
     }
@@ -1210,6 +1219,7 @@ mod tests {
             clock: &clock,
             started: later,
             note: None,
+            attempt: None,
         });
         assert!(
             breaker.lock().try_acquire(later).is_ok(),
@@ -1242,6 +1252,7 @@ mod tests {
                 clock: &clock,
                 started,
                 note: None,
+                attempt: None,
             });
         }
         assert_eq!(breaker.lock().state(), BreakerState::Open);

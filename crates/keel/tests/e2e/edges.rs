@@ -832,6 +832,7 @@ async fn a_breaker_opened_by_clients_that_left_is_stored_at_once() {
     for line in [
         "keel_requests_total{route=\"patient\",target=\"none\",outcome=\"client_gone\"} 4",
         "keel_request_duration_seconds_count{route=\"patient\"} 4",
+        "keel_attempts_total{target=\"sim/patient\",outcome=\"client_gone\"} 4",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
