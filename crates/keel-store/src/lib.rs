@@ -355,7 +355,19 @@ pub trait EventStore: Send + Sync + 'static {
 }
 
 /// The state key `ping` writes to prove the store after a failed commit.
-pub(crate) const READY_PROBE: &str = "keel/ready_probe";
+const READY_PROBE: &str = "keel/ready_probe";
+
+/// `ping`'s proof that commits work again after one failed (a full disk, a held lock, a
+/// read-only standby after a failover): a write of its own commits, not merely a read.
+/// Another node's probe may win the compare-and-set: the commit is the proof.
+pub(crate) async fn probe_write<S: EventStore + ?Sized>(store: &S) -> Result<(), StoreError> {
+    let stamp = Vec::from(chain::now_ms().to_string());
+    let version = store.load_state(READY_PROBE).await?.map(|v| v.version);
+    store
+        .save_state(READY_PROBE, stamp, version)
+        .await
+        .map(|_| ())
+}
 
 /// Sees every event a store commits, right after the commit, on the task that appended
 /// it, or on the store's writer thread when that task has gone (keel's observer learns

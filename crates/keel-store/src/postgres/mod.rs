@@ -539,19 +539,8 @@ impl EventStore for PgStore {
             // This node's latest commit failed (a read-only standby after a failover, a full
             // disk): ready only once a write of its own commits, not merely because reads
             // still work.
-            let probe = async {
-                let stamp = Vec::from(crate::chain::now_ms().to_string());
-                let version = self
-                    .load_state(crate::READY_PROBE)
-                    .await?
-                    .map(|v| v.version);
-                // Another node's probe may win the compare-and-set: the commit is the proof.
-                self.writer
-                    .save_state(crate::READY_PROBE, stamp, version, false)
-                    .await
-            };
-            match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-                Ok(Ok(_)) => {}
+            match tokio::time::timeout(PROBE_TIMEOUT, crate::probe_write(self)).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     self.failing
                         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -360,16 +360,7 @@ impl EventStore for SqliteStore {
         if self.stats.failing.load(Ordering::Relaxed) {
             // The latest commit failed: ready only once a write commits again (the disk has
             // room, the lock is free), not merely because reads still work.
-            let stamp = Vec::from(crate::chain::now_ms().to_string());
-            let version = self
-                .load_state(crate::READY_PROBE)
-                .await?
-                .map(|v| v.version);
-            let probed = self
-                .writer
-                .save_state(crate::READY_PROBE, stamp, version, false)
-                .await;
-            if let Err(e) = probed {
+            if let Err(e) = crate::probe_write(self).await {
                 // Its own write failed inside a batch that committed: still failing.
                 self.stats.failing.store(true, Ordering::Relaxed);
                 return Err(e);
