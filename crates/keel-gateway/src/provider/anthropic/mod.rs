@@ -128,7 +128,7 @@ impl Provider for AnthropicProvider {
         match response::chat_completion(&body, created) {
             Ok(completion) => Ok(ProviderReply::Json(completion, passed)),
             // An error sent as a 200 body: classified like the same error over HTTP.
-            Err(_) if response::error_in_place_of_answer(&body).is_some() => {
+            Err(_) if response::is_error_object(&body) => {
                 Err(response::reported_error(target, &body, passed))
             }
             Err(detail) => Err(UpstreamError::malformed(target, detail).with_passed(passed)),

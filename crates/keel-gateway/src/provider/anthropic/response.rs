@@ -174,16 +174,15 @@ pub(super) fn openai_error(body: &Bytes) -> (Bytes, ErrorHint) {
     (Bytes::from(translated.to_string()), hint)
 }
 
-/// When `body` is Anthropic's error object (`{"type": "error", ...}`) in place of a message,
-/// the status Anthropic answers that error with.
-pub(super) fn error_in_place_of_answer(body: &[u8]) -> Option<StatusCode> {
+/// Whether `body` is Anthropic's error object (`{"type": "error", ...}`), sent in place of a
+/// message.
+pub(super) fn is_error_object(body: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Kind<'a> {
         #[serde(rename = "type", borrow)]
         kind: Option<&'a str>,
     }
-    let kind = serde_json::from_slice::<Kind<'_>>(body).ok()?.kind?;
-    (kind == "error").then(|| status_of_kind(body))
+    serde_json::from_slice::<Kind<'_>>(body).is_ok_and(|k| k.kind == Some("error"))
 }
 
 /// Anthropic's error object `body` (a stream's `error` event, or a 200 body in place of a

@@ -857,16 +857,23 @@ async fn a_body_that_ends_before_message_stop_is_an_error_not_a_short_success() 
 
 #[test]
 fn an_error_object_in_place_of_a_message_is_told_by_its_type() {
-    use super::response::error_in_place_of_answer;
+    use super::response::{is_error_object, reported_error};
     let overloaded =
         br#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#;
-    assert_eq!(
-        error_in_place_of_answer(overloaded).map(|s| s.as_u16()),
-        Some(529)
+    assert!(is_error_object(overloaded));
+    // Classified as the same error over HTTP: Anthropic answers an overload with 529.
+    let error = reported_error(
+        "anthropic/m".to_owned(),
+        &Bytes::from_static(overloaded),
+        crate::provider::Passed::default(),
+    );
+    assert!(
+        matches!(&error, crate::provider::UpstreamError::Status { status, .. } if status.as_u16() == 529),
+        "{error:?}"
     );
     let message = br#"{"id": "msg_1", "type": "message", "role": "assistant", "content": []}"#;
-    assert_eq!(error_in_place_of_answer(message), None);
-    assert_eq!(error_in_place_of_answer(b"not json"), None);
+    assert!(!is_error_object(message));
+    assert!(!is_error_object(b"not json"));
 }
 
 #[test]
