@@ -102,9 +102,6 @@ pub(crate) struct Finish {
     pub(crate) hide_usage: bool,
     /// The request's payload summary and blobs (empty when payloads are not recorded).
     pub(crate) recorded: payload::Recorded,
-    /// The provider reported no usage for the answer: the call's is keel's estimate
-    /// ([`crate::usage::estimate`]).
-    pub(crate) usage_estimated: bool,
 }
 
 /// How a call's answer is kept with its `llm_call`.
@@ -208,7 +205,7 @@ impl Finish {
         data.push(("stream".into(), self.stream.into()));
         data.push(("target".into(), target.into()));
         data.push(("usage".into(), usage.into()));
-        if self.usage_estimated {
+        if log.usage_estimated {
             data.push(("usage_estimated".into(), true.into()));
         }
         debug_assert!(
@@ -355,7 +352,7 @@ impl Finish {
         (first, rest, passed, attempt): (Bytes, ChunkStream, Passed, StreamAttempt),
         fallback: bool,
         task_deadline: Option<Instant>,
-        prompt: u64,
+        request: crate::body::RawObject,
     ) -> Response {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         log.request_id = passed.request_id().map(str::to_owned);
@@ -399,8 +396,10 @@ impl Finish {
             )
             .await;
             // The provider bills a stream that ended before its usage chunk all the same.
-            self.usage_estimated = usage.is_none();
-            let usage = Some(usage.unwrap_or_else(|| generated.usage(prompt)));
+            let usage = Some(usage.unwrap_or_else(|| {
+                log.usage_estimated = true;
+                generated.usage(crate::usage::estimate::prompt(&request))
+            }));
             let gw = Arc::clone(&self.gw);
             let ticket = attempt.settle(end, gw.clock.now(), &gw.metrics, |target, changes| {
                 gw.transitions.note(
@@ -529,10 +528,21 @@ impl Finish {
         last: Option<UpstreamError>,
         timed_out: bool,
     ) -> Response {
-        let why = last.as_ref().map_or_else(
-            || "every target's circuit is open".to_owned(),
-            ToString::to_string,
-        );
+        let why = match &last {
+            // No target was called: each circuit is open (or busy with its trial calls), and
+            // the message names them all, not only the one that lets a trial through first.
+            Some(UpstreamError::BreakerOpen { .. })
+                if log.attempts == 0 && route.targets.len() > 1 =>
+            {
+                let targets: Vec<&str> = route.targets.iter().map(|t| t.id.as_str()).collect();
+                format!(
+                    "no target's circuit lets a call through now ({}); Retry-After says when the first will",
+                    targets.join(", ")
+                )
+            }
+            Some(e) => e.to_string(),
+            None => "every target's circuit is open".to_owned(),
+        };
         let Some(reply) = route.degraded_reply_for(endpoint).map(str::to_owned) else {
             let event = self.llm_call(
                 &log,

@@ -164,6 +164,9 @@ pub struct CallLog {
     /// The usage of answers keel paid for and did not pass on (those that did not match the
     /// request's schema), with the target that gave each: the call's spend includes them.
     pub spent: Vec<(String, Usage)>,
+    /// A provider reported no usage for an answer of this call: its spend holds keel's
+    /// estimate ([`crate::usage::estimate`]; `llm_call.usage_estimated`).
+    pub usage_estimated: bool,
     /// Why a stream failed after its first byte (`llm_call.error`).
     pub failure: Option<String>,
 }
@@ -204,8 +207,19 @@ impl CallLog {
             screened: None,
             request_id: None,
             spent: Vec::new(),
+            usage_estimated: false,
             failure: None,
         }
+    }
+
+    /// Adds `answer`, paid for and not passed on, to the call's spend: its usage, or
+    /// keel's estimate when it reported none.
+    fn spend_on(&mut self, target: &str, request: &RawObject, answer: &JsonReply) {
+        let usage = answer.usage.unwrap_or_else(|| {
+            self.usage_estimated = true;
+            crate::usage::estimate::answer(request, &answer.body)
+        });
+        self.spent.push((target.to_owned(), usage));
     }
 
     /// The usage of the answers keel paid for and did not pass on, summed.
@@ -499,9 +513,7 @@ impl Executor<'_> {
             return Ok(answer);
         };
         // Paid for and not passed on, whatever the second try brings.
-        if let Some(usage) = answer.usage {
-            log.spent.push((target.id.clone(), usage));
-        }
+        log.spend_on(&target.id, body, &answer);
         log.push(
             EventKind::LlmAttemptFailed,
             named(
@@ -530,9 +542,7 @@ impl Executor<'_> {
             TargetResult::Answered(answer) => match check.check(&answer.body) {
                 Ok(()) => Ok(answer),
                 Err(again) => {
-                    if let Some(usage) = answer.usage {
-                        log.spent.push((target.id.clone(), usage));
-                    }
+                    log.spend_on(&target.id, body, &answer);
                     log.push(
                         EventKind::LlmAttemptFailed,
                         named(
@@ -693,16 +703,18 @@ impl Executor<'_> {
                 drop(breaker);
                 (logged, open)
             };
+            // Counted before the wait for the transitions' record, which a client that
+            // leaves ends.
+            match &result {
+                Ok(_) => target.count_attempt(self.metrics, "ok"),
+                Err(e) => target.count_attempt(self.metrics, e.class().as_str()),
+            }
             self.transitions.stored(logged).await;
             let error = match result {
-                Ok(answer) => {
-                    target.count_attempt(self.metrics, "ok");
-                    return TargetResult::Answered(answer);
-                }
+                Ok(answer) => return TargetResult::Answered(answer),
                 Err(e) => e,
             };
             let class = error.class();
-            target.count_attempt(self.metrics, class.as_str());
             let mut failed = named(
                 json!({
                     "route": route.name,

@@ -608,15 +608,10 @@ impl Observing {
     ) -> Vec<Found> {
         match signal {
             Signal::Call(call) => {
-                let ended = if call.outcome == "client_gone" {
-                    detect::Ended::ClientLeft
-                } else {
-                    detect::Ended::of(call.ok)
-                };
                 detector.call(
                     &call.route,
                     &call.agent,
-                    ended,
+                    call.ended(),
                     call.latency_ms,
                     call.tokens,
                 );
@@ -812,7 +807,12 @@ impl Observing {
         }
         let Some(note) = note else { return };
         if self.settings.log {
-            let line = format!("{} ({}): {}", note.title, note.incident, note.message);
+            // An alert whose message is its title (a budget warning) says it once.
+            let line = if note.message == note.title {
+                format!("{} ({})", note.title, note.incident)
+            } else {
+                format!("{} ({}): {}", note.title, note.incident, note.message)
+            };
             match (note.status, note.severity) {
                 ("resolved", _) => {
                     tracing::info!(severity = note.severity.as_str(), "alert resolved: {line}")

@@ -105,6 +105,18 @@ pub struct Call {
     pub hash: String,
 }
 
+impl Call {
+    /// How the call ended, for its route's error rate and latency: a call whose client left
+    /// (`client_gone`) is neither answered nor failed.
+    pub fn ended(&self) -> crate::detect::Ended {
+        if self.outcome == "client_gone" {
+            crate::detect::Ended::ClientLeft
+        } else {
+            crate::detect::Ended::of(self.ok)
+        }
+    }
+}
+
 /// One tool call, as `tool_invoked` or `action_blocked` tells it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
@@ -344,6 +356,22 @@ mod tests {
     }
 
     #[test]
+    fn a_call_whose_client_left_is_neither_answered_nor_failed() {
+        let ended = |outcome: &str| {
+            let data = json!({"outcome": outcome, "route": "smart"});
+            let Some(Signal::Call(call)) = Signal::of(&event("llm_call", data)) else {
+                panic!("an llm_call is a call");
+            };
+            call.ended()
+        };
+        use crate::detect::Ended;
+        assert_eq!(ended("client_gone"), Ended::ClientLeft);
+        assert_eq!(ended("ok"), Ended::Answered);
+        assert_eq!(ended("stream_error"), Ended::Failed);
+        assert_eq!(ended("degraded"), Ended::Failed);
+    }
+
+    #[test]
     fn missing_or_mistyped_members_read_as_empty() {
         let data = json!({"outcome": "timeout", "attempts": "three", "usage": null, "response_model": 7, "finish_reasons": null});
         let Some(Signal::Call(call)) = Signal::of(&event("llm_call", data)) else {
@@ -351,6 +379,7 @@ mod tests {
         };
         assert!(!call.ok);
         assert_eq!(call.outcome, "timeout");
+        assert_eq!(call.ended(), crate::detect::Ended::Failed);
         assert_eq!(
             (call.route.as_str(), call.attempts, call.tokens),
             ("", 0, 0)

@@ -90,9 +90,9 @@ fn tool_problem(file: &Path, error: &keel_gateway::tools::ToolBuildError) -> Str
     keel_config::error_at(file, &key, detail).to_string()
 }
 
-/// What a config that passed validation leaves open, as `file:line: key: ...`: an address
-/// other machines can reach with no admin token (the operator API answers anyone) and, with
-/// no agent keys either, the gateway spending keel's provider keys for anyone.
+/// What a config that passed validation leaves open, as `file:line: key: ...`, on an address
+/// other machines can reach: with no admin token, the operator API answers anyone; with no
+/// agent keys (admin token or not), the gateway spends keel's provider keys for anyone.
 pub(crate) fn exposure_warning(file: &Path, settings: &Settings) -> Option<String> {
     let listen = settings.server.listen;
     let open_gateway = settings.agents.values().all(|a| a.keys.is_empty());

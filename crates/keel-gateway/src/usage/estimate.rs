@@ -7,9 +7,11 @@
 //! The estimate is OpenAI's rule of thumb, without a tokenizer (keel does not know every
 //! provider's): about four characters of ASCII text to a token, and four other characters
 //! (accented letters, CJK, emoji) to three; 3 tokens more per message and 3 for the reply, as
-//! OpenAI counts a chat; 765 tokens per image (a 1024×1024 image at high detail); tool
+//! OpenAI counts a chat; 765 tokens per image (a 1024×1024 image at high detail; 85 at
+//! `"detail": "low"`), and nothing for other media sent inline (a data URL is no text); tool
 //! definitions a token per four characters of their JSON. The answer's text is counted from
-//! every chunk read from the provider, delivered to the client or not: it was generated.
+//! every chunk read from the provider, delivered to the client or not: it was generated. It
+//! may count high or low: it is a rule of thumb, not the provider's tokenizer.
 
 use keel_core::canonical::Key;
 use serde::Deserialize;
@@ -20,11 +22,17 @@ use crate::body::RawObject;
 
 /// Tokens counted for each message, and once for the reply.
 const PER_MESSAGE: u64 = 3;
-/// Tokens counted for each image of a prompt.
+/// Tokens counted for each image of a prompt (a 1024×1024 image at high detail).
 const PER_IMAGE: u64 = 765;
+/// Tokens counted for an image at `"detail": "low"`.
+const PER_LOW_IMAGE: u64 = 85;
 
-/// Quarters of a token in `text`: one per ASCII character, three per other character.
+/// Quarters of a token in `text`: one per ASCII character, three per other character. A
+/// data URL (`data:...;base64,...`: an image, audio or video sent inline) is no text.
 fn quarters(text: &str) -> u64 {
+    if text.starts_with("data:") {
+        return 0;
+    }
     text.bytes()
         .map(|b| match b {
             0..0x80 => 1,
@@ -35,7 +43,8 @@ fn quarters(text: &str) -> u64 {
         .sum()
 }
 
-/// The text of a part of a message or an answer, in quarters of a token, and its images.
+/// The text of a part of a message or an answer, in quarters of a token, and the tokens of
+/// its images.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Text {
     quarters: u64,
@@ -49,14 +58,44 @@ impl std::ops::AddAssign for Text {
     }
 }
 
+/// An `image_url` part's value: its tokens by its `detail`.
+#[derive(Default)]
+struct Image(u64);
+
+impl<'de> Skim<'de> for Image {
+    fn map<A: MapAccess<'de>>(mut map: A) -> Result<Image, A::Error> {
+        let mut tokens = PER_IMAGE;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if key.as_str() == "detail" {
+                if map.next_value::<super::Text>()?.0.as_deref() == Some("low") {
+                    tokens = PER_LOW_IMAGE;
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Image(tokens))
+    }
+
+    fn text(_: &str) -> Image {
+        Image(PER_IMAGE)
+    }
+}
+
+impl<'de> Deserialize<'de> for Image {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        skim(d)
+    }
+}
+
 impl<'de> Skim<'de> for Text {
     fn map<A: MapAccess<'de>>(mut map: A) -> Result<Text, A::Error> {
         let mut text = Text::default();
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match key.as_str() {
                 "image_url" => {
-                    map.next_value::<IgnoredAny>()?;
-                    text.images += 1;
+                    let image = map.next_value::<Image>()?;
+                    text.images = text.images.saturating_add(image.0);
                 }
                 // The message's frame, ids, and data that is not text (base64 audio, files).
                 "role" | "type" | "id" | "tool_call_id" | "index" | "data" | "file_data"
@@ -131,7 +170,7 @@ pub fn prompt(body: &RawObject) -> u64 {
         .quarters
         .saturating_add(tools)
         .div_ceil(4)
-        .saturating_add(messages.text.images.saturating_mul(PER_IMAGE))
+        .saturating_add(messages.text.images)
         .saturating_add(PER_MESSAGE.saturating_mul(messages.count + 1))
 }
 
@@ -263,6 +302,7 @@ mod tests {
         assert_eq!(quarters("abcd"), 4);
         // é (2 bytes), 漢 (3 bytes), 🙂 (4 bytes): three quarters each.
         assert_eq!(quarters("é漢🙂"), 9);
+        assert_eq!(quarters("data:image/png;base64,iVBORw0KGgo="), 0);
     }
 
     #[test]
@@ -281,6 +321,13 @@ mod tests {
                 {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA","detail":"high"}}]}]}"#,
         );
         assert_eq!(prompt(&parts), 2 + 765 + 6);
+        // At low detail an image costs less; inline media of other kinds (a data URL) nothing.
+        let low = body(
+            r#"{"messages":[{"role":"user","content":[
+                {"type":"image_url","image_url":{"url":"https://example.com/cat.png","detail":"low"}},
+                {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}}]}]}"#,
+        );
+        assert_eq!(prompt(&low), 85 + 6);
         // Tool calls' names and arguments are text; ids are not.
         let calls = body(
             r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[

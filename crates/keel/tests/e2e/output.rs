@@ -149,3 +149,37 @@ async fn an_answer_cut_at_max_tokens_is_passed_on_as_it_came() {
     assert_eq!(models.calls("secondary"), 0);
     assert!(keel.events_of("llm_attempt_failed").is_empty());
 }
+
+/// A wrong answer that reported no usage was paid for all the same: the call's spend holds
+/// keel's estimate of it beside the right answer's reported usage.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_answer_without_usage_is_charged_an_estimate() {
+    let models = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &models).await;
+    models.script(
+        "primary",
+        vec![Fault {
+            no_usage: true,
+            ..Fault::reply("Sure! I'm Ada, 36.")
+        }],
+    );
+    let (status, _, answer) = chat(&keel, &request()).await;
+    assert_eq!(status, 200, "{answer}");
+    let calls = keel.events_of("llm_call");
+    assert_eq!(calls[0]["usage_estimated"], true, "{}", calls[0]);
+    // "who are you?": 12 characters, 3 tokens, and 3 for the message and 3 for the reply;
+    // "Sure! I'm Ada, 36.": 18 characters, 5 tokens.
+    let reported = |key: &str| answer["usage"][key].as_u64().unwrap();
+    assert_eq!(
+        calls[0]["usage"]["prompt_tokens"].as_u64(),
+        Some(9 + reported("prompt_tokens")),
+        "{}",
+        calls[0]
+    );
+    assert_eq!(
+        calls[0]["usage"]["completion_tokens"].as_u64(),
+        Some(5 + reported("completion_tokens")),
+        "{}",
+        calls[0]
+    );
+}
