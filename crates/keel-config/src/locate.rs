@@ -114,9 +114,25 @@ impl Locator<'_> {
     }
 }
 
-/// serde's message with the raw struct names (`expected struct RouteConfig`) in the words
-/// of the file: `expected a table`.
+/// serde's message with Rust's names (`expected struct RouteConfig`, `expected u64`) in the
+/// words of the file: `expected a table`, `expected a whole number, 0 or more`.
 fn plain(message: &str) -> String {
+    const NUMBERS: [(&str, &str); 9] = [
+        ("usize", "a whole number, 0 or more"),
+        ("u64", "a whole number, 0 or more"),
+        ("u32", "a whole number, 0 or more"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+    ];
+    if let Some((before, after)) = message.rsplit_once("expected ")
+        && let Some((_, words)) = NUMBERS.iter().find(|(rust, _)| *rust == after)
+    {
+        return format!("{before}expected {words}");
+    }
     match message.split_once("expected struct ") {
         Some((before, after)) if after.ends_with("Config") || after.ends_with("Table") => {
             format!("{before}expected a table")

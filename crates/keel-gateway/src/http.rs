@@ -303,16 +303,24 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
         .map(|m| serde_json::from_str::<String>(m.get()))
     {
         Some(Ok(m)) if !m.is_empty() => m,
-        Some(_) => {
+        Some(Ok(_)) => {
             return Err(
                 ApiError::bad_request("'model' must be a non-empty string naming a route")
-                    .with_param("model"),
+                    .with_param("model")
+                    .with_code("invalid_value"),
+            );
+        }
+        Some(Err(_)) => {
+            return Err(
+                ApiError::bad_request("'model' must be a non-empty string naming a route")
+                    .with_param("model")
+                    .with_code("invalid_type"),
             );
         }
         None => {
-            return Err(
-                ApiError::bad_request("missing required parameter: 'model'").with_param("model")
-            );
+            return Err(ApiError::bad_request("missing required parameter: 'model'")
+                .with_param("model")
+                .with_code("missing_required_parameter"));
         }
     };
     // `true`, `false` or `null` (absent): anything else would silently answer a client that
@@ -324,7 +332,8 @@ fn parse_body(bytes: &[u8]) -> Result<Parsed, ApiError> {
             return Err(ApiError::bad_request(format!(
                 "'stream' must be true or false, not {other}"
             ))
-            .with_param("stream"));
+            .with_param("stream")
+            .with_code("invalid_type"));
         }
     };
     Ok(Parsed {
@@ -548,7 +557,6 @@ async fn handle_inner(
         call_started,
         stream,
         hide_usage,
-        usage_estimated: false,
     };
     Ok(match answer {
         Answer::Json {
@@ -559,11 +567,11 @@ async fn handle_inner(
             passed,
             fallback,
         } => {
-            let mut ctx = ctx;
+            let mut log = log;
             // An answer without `usage` is billed all the same: a chat's is estimated.
             let usage = match usage {
                 None if endpoint == Endpoint::ChatCompletions => {
-                    ctx.usage_estimated = true;
+                    log.usage_estimated = true;
                     Some(crate::usage::estimate::answer(&parsed.body, &body))
                 }
                 usage => usage,
@@ -583,7 +591,7 @@ async fn handle_inner(
             (first, rest, passed, attempt),
             fallback,
             task_deadline,
-            crate::usage::estimate::prompt(&parsed.body),
+            parsed.body,
         ),
         Answer::Exhausted {
             last,
@@ -929,7 +937,19 @@ mod tests {
         ] {
             let e = parse_body(bad.as_bytes()).err().unwrap();
             assert_eq!(e.param, Some("stream"), "{bad}");
+            assert_eq!(e.code, Some("invalid_type"), "{bad}");
             assert!(e.message.contains("true or false"), "{}", e.message);
+        }
+        // `model` is checked like the endpoint's other required parameters.
+        for (bad, code) in [
+            (r#"{"messages":[]}"#, "missing_required_parameter"),
+            (r#"{"model":42,"messages":[]}"#, "invalid_type"),
+            (r#"{"model":"","messages":[]}"#, "invalid_value"),
+        ] {
+            let e = parse_body(bad.as_bytes()).err().unwrap();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(e.param, Some("model"), "{bad}");
+            assert_eq!(e.code, Some(code), "{bad}");
         }
     }
 

@@ -71,6 +71,24 @@ fn a_value_where_a_table_belongs_says_a_table_is_expected() {
 }
 
 #[test]
+fn a_number_of_the_wrong_kind_says_what_number_is_expected() {
+    assert_eq!(
+        errors("[server]\nmax_body_bytes = \"4MiB\"\n"),
+        "keel.toml:2: server.max_body_bytes: invalid type: string \"4MiB\", expected a whole \
+         number, 0 or more"
+    );
+    let budget = with_openai("[agents.support]\nbudget = { tokens_per_hour = -5 }\n");
+    let message = errors(&budget);
+    assert!(
+        message.ends_with(
+            "agents.support.budget.tokens_per_hour: invalid value: integer `-5`, expected a \
+             whole number, 0 or more"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
 fn names_and_models_cannot_be_empty() {
     let text = with_openai(
         "[routes.\"\"]

@@ -438,23 +438,25 @@ fn check(file: &std::path::Path) -> ExitCode {
             if let Some(warning) = crate::serve::exposure_warning(file, &settings) {
                 output::warning(&warning);
             }
+            let count =
+                |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
             // A config that injects faults must not pass a check unnoticed.
             let chaos = if settings.chaos.enabled {
                 format!(
-                    "; chaos ENABLED: {} fault rules, {} outages",
-                    settings.chaos.faults.len(),
-                    settings.chaos.outages.len()
+                    "; chaos ENABLED: {}, {}",
+                    count(settings.chaos.faults.len(), "fault rule"),
+                    count(settings.chaos.outages.len(), "outage")
                 )
             } else {
                 String::new()
             };
             output::line(&format!(
-                "{}: ok ({} providers, {} routes, {} agents, {} tools){chaos}",
+                "{}: ok ({}, {}, {}, {}){chaos}",
                 file.display(),
-                settings.providers.len(),
-                settings.routes.len(),
-                settings.agents.len(),
-                settings.tools.len()
+                count(settings.providers.len(), "provider"),
+                count(settings.routes.len(), "route"),
+                count(settings.agents.len(), "agent"),
+                count(settings.tools.len(), "tool")
             ));
             ExitCode::SUCCESS
         }

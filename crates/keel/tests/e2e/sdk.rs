@@ -628,6 +628,13 @@ async fn all_targets_down_serves_the_degraded_reply() {
     let out = sdk("chat", &keel.base_url(), &[]).await;
     assert_eq!(out["status"], 503, "{out}");
     assert_eq!(out["headers"]["retry-after"], "6", "{out}");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("no target's circuit lets a call through now (sim/primary, sim/secondary)"),
+        "{out}"
+    );
     assert_eq!(sim.calls("primary"), 4);
     assert_eq!(sim.calls("secondary"), 4);
 }
