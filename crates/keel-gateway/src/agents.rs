@@ -478,9 +478,13 @@ impl Agents {
         key: Option<&str>,
         now: Duration,
     ) -> Result<Vec<Warning>, OverBudget> {
-        let budgets: Vec<_> = self.budgets_of(agent, key).collect();
-        for (key, budget) in &budgets {
-            let mut b = budget.lock();
+        // Both budgets held (the agent's, then the key's: always in that order) from the
+        // check to the count, so concurrent requests cannot all pass the last request left.
+        let mut budgets: Vec<_> = self
+            .budgets_of(agent, key)
+            .map(|(key, budget)| (key, budget.lock()))
+            .collect();
+        for (key, b) in &mut budgets {
             for w in &mut b.windows {
                 w.roll(now);
                 if w.used >= w.limit {
@@ -499,8 +503,8 @@ impl Agents {
             }
         }
         let mut warnings = Vec::new();
-        for (key, budget) in budgets {
-            warnings.extend(budget.lock().add(Unit::Requests, 1.0, key));
+        for (key, b) in &mut budgets {
+            warnings.extend(b.add(Unit::Requests, 1.0, *key));
         }
         Ok(warnings)
     }
@@ -796,6 +800,32 @@ mod tests {
             a.check("other", None, t).is_ok(),
             "agents without budgets are not limited"
         );
+    }
+
+    /// Requests that arrive together get no more of a per-minute budget than its limit.
+    #[test]
+    fn concurrent_requests_share_the_last_requests_of_a_budget() {
+        for _ in 0..20 {
+            let a = agents(BudgetSettings {
+                requests_per_minute: Some(5),
+                ..BudgetSettings::default()
+            });
+            let start = std::sync::Barrier::new(8);
+            let admitted: usize = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            (0..4)
+                                .filter(|_| a.check("a", None, Duration::from_secs(10)).is_ok())
+                                .count()
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).sum()
+            });
+            assert_eq!(admitted, 5);
+        }
     }
 
     #[test]

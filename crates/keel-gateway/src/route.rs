@@ -598,37 +598,40 @@ impl Executor<'_> {
         while attempt < max_attempts {
             attempt += 1;
             let attempt = attempt - 1;
-            let (permit, logged) = {
+            let (acquired, logged) = {
                 let mut breaker = target.breaker.lock();
-                let permit = breaker.try_acquire(self.clock.now());
+                let acquired = breaker.try_acquire(self.clock.now());
                 let logged = self.log_transitions(target, breaker.take_transitions());
                 drop(breaker);
-                (permit, logged)
+                (acquired, logged)
             };
-            self.transitions.stored(logged).await;
-            let permit = match permit {
-                Ok(permit) => permit,
-                Err(rejected) => {
-                    let skipped = UpstreamError::BreakerOpen {
-                        target: target.id.clone(),
-                        // Zero when half-open with every trial out.
-                        retry_in: rejected.retry_in,
-                    };
-                    return TargetResult::Next(last.or(Some(skipped)));
-                }
+            // Held from here across the attempt: if the client leaves and this future is
+            // dropped (while the transition its permit made is stored, or during the
+            // attempt), the guard gives the permit back, so a half-open breaker never loses
+            // a trial slot.
+            let (acquired, rejected) = match acquired {
+                Ok(permit) => (Some(permit), None),
+                Err(rejected) => (None, Some(rejected)),
             };
-            // Held across the attempt: if the client leaves and this future is
-            // dropped, the guard gives the permit back, so a half-open breaker
-            // never loses a trial slot.
-            let started = self.clock.now();
             let mut permit = PermitGuard {
                 breaker: &target.breaker,
-                permit: Some(permit),
+                permit: acquired,
                 clock: self.clock,
-                started,
+                started: self.clock.now(),
                 note: Some(&note),
                 attempt: None,
             };
+            self.transitions.stored(logged).await;
+            if let Some(rejected) = rejected {
+                let skipped = UpstreamError::BreakerOpen {
+                    target: target.id.clone(),
+                    // Zero when half-open with every trial out.
+                    retry_in: rejected.retry_in,
+                };
+                return TargetResult::Next(last.or(Some(skipped)));
+            }
+            let started = self.clock.now();
+            permit.started = started;
             let now = Instant::now();
             if now >= deadline {
                 return TargetResult::OutOfTime(last);
@@ -674,10 +677,12 @@ impl Executor<'_> {
                 let outcome_for_breaker = match &result {
                     Ok(_) => Some(true),
                     // Cut by keel's own deadline, its time having gone elsewhere (the task's
-                    // earlier steps, or the targets tried first): not the target's failure, but
-                    // an attempt that ran past `slow_call` was slow, as resilience4j counts it.
+                    // earlier steps, the targets tried first, or this target's earlier
+                    // attempts and the backoff after them): not the target's failure, but an
+                    // attempt that ran past `slow_call` was slow, as resilience4j counts it.
                     Err(UpstreamError::Timeout { phase, .. })
-                        if *phase == "task" || (*phase == "total" && others_first) =>
+                        if *phase == "task"
+                            || (*phase == "total" && (others_first || attempt > 0)) =>
                     {
                         (took >= breaker.settings().slow_call).then_some(true)
                     }
@@ -1198,6 +1203,66 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::PermitGuard;
+
+    /// The call that half-opens a breaker waits for that transition to be stored before its
+    /// attempt: a client that leaves during that wait gives the trial slot back, or the
+    /// breaker would stay half-open, refusing every call, for good.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_leaving_while_the_half_open_transition_is_stored_gives_the_slot_back() {
+        use futures::FutureExt;
+        let config = "[providers.sim]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+                      [routes.r]\ntargets = [{ provider = \"sim\", model = \"m\" }]\n\
+                      breaker = { window_size = 2, min_calls = 1, open_for = \"100ms\", half_open_calls = 1 }\n";
+        let dir = tempfile::tempdir().unwrap();
+        let (gw, _store) = crate::test_gateway(config, &dir);
+        let route = &gw.routes["r"];
+        let target = &route.targets[0];
+        {
+            let mut breaker = target.breaker.lock();
+            let now = gw.clock.now();
+            let permit = breaker.try_acquire(now).unwrap();
+            breaker.record(permit, now, Outcome::failure(Duration::from_millis(5)));
+            assert_eq!(breaker.state(), BreakerState::Open);
+            // Stored before the call: the only transition left to wait for is its own.
+            drop(breaker.take_transitions());
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let executor = super::Executor {
+            route,
+            metrics: &gw.metrics,
+            transitions: &gw.transitions,
+            node: &gw.node,
+            clock: gw.clock.as_ref(),
+            chaos: None,
+            chaos_header: None,
+            output: None,
+            keep_text: false,
+            task_deadline: None,
+            asked_stream_usage: false,
+        };
+        let body = crate::body::RawObject::parse(br#"{"model":"r","messages":[]}"#).unwrap();
+        let mut log = super::CallLog::new(super::Attribution {
+            agent: "a".into(),
+            task: None,
+            step: None,
+            key: None,
+        });
+        // Polled once: the breaker half-opens for this call, which then waits for the
+        // transition's record (the drain task has not run); the client leaves there.
+        let call = executor.run(
+            crate::provider::Endpoint::ChatCompletions,
+            &body,
+            false,
+            &mut log,
+        );
+        assert!(call.now_or_never().is_none(), "the call did not wait");
+        let mut breaker = target.breaker.lock();
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        assert!(
+            breaker.try_acquire(gw.clock.now()).is_ok(),
+            "the trial slot leaked: the breaker refuses every call"
+        );
+    }
 
     #[test]
     fn a_dropped_attempt_gives_its_half_open_slot_back() {

@@ -885,3 +885,41 @@ async fn the_attempt_timeout_ends_a_stream_that_outlasts_it() {
     );
     assert!(keel.events_of("breaker_opened").is_empty());
 }
+
+/// A retry cut by the call's total deadline had only what its earlier attempt and the
+/// backoff left of it: keel's cut, not the target's failure. Only the first attempt, which
+/// ran to its own `attempt` timeout, counts against the target's breaker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_cut_by_the_total_deadline_is_not_the_target_s_failure() {
+    let config = format!(
+        "{TWO_TARGETS}\n[routes.late]\ntargets = [{{ provider = \"sim\", model = \"late\" }}]\n\
+         retry = {{ max_attempts = 2, base = \"10ms\", cap = \"10ms\" }}\n\
+         timeouts = {{ attempt = \"1s\", total = \"1500ms\" }}\n\
+         breaker = {{ window_size = 2, min_calls = 2, failure_rate = 1.0 }}\n"
+    );
+    let sim = sim().await;
+    let keel = Keel::start(&config, &sim).await;
+    sim.set_always(
+        "late",
+        Some(Fault {
+            delay: Some(Duration::from_secs(5)),
+            ..Fault::default()
+        }),
+    );
+    let (status, headers, body) = chat(&keel, "late").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(header(&headers, "x-keel-attempts"), "2");
+    // One failure of two needed: the circuit stays closed.
+    assert!(keel.events_of("breaker_opened").is_empty());
+    let metrics = keel.metrics().await;
+    assert!(
+        metrics.contains("keel_breaker_state{target=\"sim/late\"} 0"),
+        "{metrics}"
+    );
+    // The next call's first attempt is the second failure: it opens the circuit, and is
+    // not retried into it.
+    let (status, headers, body) = chat(&keel, "late").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(header(&headers, "x-keel-attempts"), "1");
+    assert_eq!(keel.events_of("breaker_opened").len(), 1);
+}
