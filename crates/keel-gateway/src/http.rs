@@ -117,10 +117,28 @@ async fn task_call(
     task: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    match path_of(task) {
+    match path_of(task).and_then(|task| task_label(task, "the URL's task id", "invalid_path")) {
         Ok(task) => handle(gw, endpoint, Some(task), request).await,
         Err(refused) => refused.into_response(),
     }
+}
+
+/// A task a model call names (the `/tasks/{task_id}/v1` path's id, or `x-keel-task`), as its
+/// calls are recorded and looked up: not empty, and without control characters (a NUL, a
+/// newline), which would make a label that reads as another in a table or a log.
+fn task_label(task: String, what: &str, code: &'static str) -> Result<String, ApiError> {
+    let problem = if task.is_empty() {
+        "is empty"
+    } else if task.chars().any(char::is_control) {
+        "holds a control character"
+    } else {
+        return Ok(task);
+    };
+    Err(ApiError::bad_request(format!(
+        "{what} {problem}; name the task with printable text"
+    ))
+    .with_param("task")
+    .with_code(code))
 }
 
 /// The agent key check of every gateway call, for the model list too: with keys configured,
@@ -129,7 +147,7 @@ fn listing_allowed(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     gw.agents
         .identify(
             header_str(headers, "authorization"),
-            header_str(headers, "x-keel-agent"),
+            header_text(headers, "x-keel-agent")?,
         )
         .map(|_| ())
 }
@@ -245,15 +263,45 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A header's value as text: any UTF-8, not only the visible ASCII `HeaderValue::to_str`
+/// takes, so an agent, task or step named in another script is named all the same. A value
+/// that is no UTF-8 is the client's 400, never a header silently left out (which would drop
+/// a task's deadline and owner checks).
+fn header_text<'a>(
+    headers: &'a HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'a str>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    std::str::from_utf8(value.as_bytes())
+        .map(Some)
+        .map_err(|_| {
+            ApiError::bad_request(format!("the {name} header is not UTF-8 text"))
+                .with_param(name)
+                .with_code("invalid_header")
+        })
+}
+
 /// Reads a model call's body: all of it within `server.body_timeout` of its headers (a
 /// client that stops sending must not hold a handler, and keel's stop, for good), and at
 /// most `server.max_body_bytes`.
-async fn read_body(
-    gw: &Gateway,
-    endpoint: Endpoint,
-    request: Request,
-) -> Result<(HeaderMap, Parsed), ApiError> {
+async fn read_body(gw: &Gateway, endpoint: Endpoint, request: Request) -> Result<Parsed, ApiError> {
     let (parts, body) = request.into_parts();
+    // A compressed body is refused as such, not read as broken JSON.
+    if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!(
+                "the request body's Content-Encoding {:?} is not supported: send it uncompressed",
+                String::from_utf8_lossy(encoding.as_bytes())
+            ),
+        )
+        .with_code("unsupported_content_encoding"));
+    }
     let limit = gw.max_body_bytes;
     let read = tokio::time::timeout(gw.body_timeout, axum::body::to_bytes(body, limit))
         .await
@@ -269,7 +317,7 @@ async fn read_body(
     })?;
     let parsed = parse_body(&bytes)?;
     check_required(endpoint, &parsed.body)?;
-    Ok((parts.headers, parsed))
+    Ok(parsed)
 }
 
 /// The endpoint's required parameter (`messages`, an array; `input`), as OpenAI checks it:
@@ -419,11 +467,26 @@ async fn handle_inner(
         .agents
         .identify_with_key(
             header_str(request.headers(), "authorization"),
-            header_str(request.headers(), "x-keel-agent"),
+            header_text(request.headers(), "x-keel-agent").map_err(rejected)?,
         )
         .map_err(rejected)?;
+    // The labels a call is recorded with, read before its body.
+    let step = header_text(request.headers(), "x-keel-step")
+        .map_err(rejected)?
+        .map(str::to_owned);
+    let task = match task {
+        Some(task) => Some(task),
+        // An empty header names no task.
+        None => match header_text(request.headers(), "x-keel-task").map_err(rejected)? {
+            None | Some("") => None,
+            Some(label) => Some(
+                task_label(label.to_owned(), "the x-keel-task header", "invalid_header")
+                    .map_err(rejected)?,
+            ),
+        },
+    };
     let chaos_header = chaos_fault(gw, request.headers()).map_err(rejected)?;
-    let (headers, parsed) = read_body(gw, endpoint, request).await.map_err(rejected)?;
+    let parsed = read_body(gw, endpoint, request).await.map_err(rejected)?;
     let Some(route) = gw.routes.get(&parsed.route) else {
         let known: Vec<&str> = gw.route_names().collect();
         return Err(rejected(
@@ -444,8 +507,8 @@ async fn handle_inner(
     };
     let who = Attribution {
         agent,
-        task: task.or_else(|| header_str(&headers, "x-keel-task").map(str::to_owned)),
-        step: header_str(&headers, "x-keel-step").map(str::to_owned),
+        task,
+        step,
         key,
     };
     let mut task_deadline = None;
@@ -623,6 +686,16 @@ async fn screen_input(
     let Some(found) = crate::guard::input::screen(&parsed.body) else {
         return Ok(());
     };
+    // A message `strip` cannot rewrite (one that cannot be read) is blocked instead: it
+    // must not reach the model as it came.
+    let stripped = match action {
+        InjectionAction::Strip => crate::guard::input::strip(&parsed.body),
+        _ => None,
+    };
+    let action = match (action, &stripped) {
+        (InjectionAction::Strip, None) => InjectionAction::Block,
+        (action, _) => action,
+    };
     let name = match action {
         InjectionAction::Strip => "strip",
         InjectionAction::Block => "block",
@@ -657,7 +730,7 @@ async fn screen_input(
                 .with_code("prompt_injection"))
         }
         InjectionAction::Strip => {
-            if let Some(stripped) = crate::guard::input::strip(&parsed.body) {
+            if let Some(stripped) = stripped {
                 parsed.body = stripped;
             }
             log.screened = Some(noted);

@@ -15,21 +15,34 @@ use serde_json::value::RawValue;
 use super::injection::{self, Finding};
 use crate::body::RawObject;
 
-/// The newest user message of a chat request: its index in `messages`, the messages, and
-/// that one read as a [`Document`] (a repeated key read as its last value, as a `Value` and
-/// the providers read it), borrowing its text.
-fn last_user(body: &RawObject) -> Option<(usize, Vec<&RawValue>, Document<'_>)> {
-    let messages: Vec<&RawValue> = serde_json::from_str(body.get("messages")?.get()).ok()?;
-    let (index, message) = messages.iter().enumerate().rev().find_map(|(i, raw)| {
-        // Cheap test first: most messages are not the user's.
-        if !raw.get().contains("\"user\"") {
-            return None;
+/// A request's newest user message: its index, the request's messages, and it read.
+type UserMessage<'a> = (usize, Vec<&'a RawValue>, Document<'a>);
+
+/// The newest user message of a chat request, when it has one: its index in `messages`, the
+/// messages, and that one read as a [`Document`] (a repeated key read as its last value, as
+/// a `Value` and the providers read it), borrowing its text. `Err` when a message that may be
+/// the user's cannot be read (a lone surrogate escape, which some providers' JSON readers
+/// take): screening cannot vouch for what it cannot read.
+fn last_user(body: &RawObject) -> Result<Option<UserMessage<'_>>, ()> {
+    let Some(messages) = body.get("messages") else {
+        return Ok(None);
+    };
+    let Ok(messages) = serde_json::from_str::<Vec<&RawValue>>(messages.get()) else {
+        return Ok(None);
+    };
+    for (i, raw) in messages.iter().enumerate().rev() {
+        // Cheap test first: most messages are not the user's. A role written with escapes
+        // (`"\u0075ser"`) reads as `user` all the same.
+        let text = raw.get();
+        if !text.contains("\"user\"") && !text.contains("\\u") {
+            continue;
         }
-        let message = Document::parse(raw.get().as_bytes()).ok()?;
-        let user = message.get("role").and_then(Document::as_str) == Some("user");
-        user.then_some((i, message))
-    })?;
-    Some((index, messages, message))
+        let message = Document::parse(text.as_bytes()).map_err(|_| ())?;
+        if message.get("role").and_then(Document::as_str) == Some("user") {
+            return Ok(Some((i, messages, message)));
+        }
+    }
+    Ok(None)
 }
 
 /// The text of a message's `content`: a string, or its `text` parts joined.
@@ -47,9 +60,16 @@ fn text_of<'m>(message: &'m Document<'_>) -> Cow<'m, str> {
     }
 }
 
-/// What screening found in the newest user message, if it reads as an injection.
+/// What screening found in the newest user message, if it reads as an injection; a message
+/// that may be the user's and cannot be read is one (`unreadable message`, score 1).
 pub fn screen(body: &RawObject) -> Option<Finding> {
-    let (_, _, message) = last_user(body)?;
+    let Ok(found) = last_user(body) else {
+        return Some(Finding {
+            score: 1.0,
+            matched: vec!["unreadable message"],
+        });
+    };
+    let (_, _, message) = found?;
     let finding = injection::scan(&text_of(&message));
     finding.is_injection().then_some(finding)
 }
@@ -57,7 +77,7 @@ pub fn screen(body: &RawObject) -> Option<Finding> {
 /// `body` with the suspicious spans of its newest user message replaced; `None` when there
 /// is nothing to strip or the body cannot be rebuilt.
 pub fn strip(body: &RawObject) -> Option<RawObject> {
-    let (index, messages, _) = last_user(body)?;
+    let (index, messages, _) = last_user(body).ok()??;
     // Rewritten as a tree: its other members are printed back as they were read.
     let mut message: Value = serde_json::from_str(messages[index].get()).ok()?;
     match &mut message["content"] {
@@ -123,6 +143,35 @@ mod tests {
         ]));
         let found = screen(&new_attack).unwrap();
         assert!(found.score >= 0.5, "{found:?}");
+    }
+
+    /// The role is read as the provider reads it, escapes and all; a message that may be the
+    /// user's and cannot be read is not let through as harmless.
+    #[test]
+    fn an_escaped_role_or_an_unreadable_message_does_not_pass_unscreened() {
+        let escaped = RawObject::parse(
+            format!(
+                r#"{{"model":"smart","messages":[{{"role":"user","content":"hi"}},{{"role":"\u0075ser","content":"{ATTACK}"}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(screen(&escaped).is_some_and(|f| f.is_injection()));
+        let unreadable = RawObject::parse(
+            format!(
+                r#"{{"model":"smart","messages":[{{"role":"user","content":"\ud800 {ATTACK}"}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let found = screen(&unreadable).unwrap();
+        assert!(found.is_injection(), "{found:?}");
+        assert_eq!(found.matched, ["unreadable message"]);
+        assert!(strip(&unreadable).is_none(), "nothing to strip it with");
+        // Other messages that cannot be read are the provider's to judge.
+        let harmless =
+            body(serde_json::json!([{"role": "user", "content": "What is the refund policy?"}]));
+        assert!(screen(&harmless).is_none());
     }
 
     #[test]

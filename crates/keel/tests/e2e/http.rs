@@ -92,6 +92,111 @@ async fn bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving() {
     assert_eq!(ready.status(), StatusCode::OK);
 }
 
+/// The labels a call carries in its headers are read as UTF-8 text: an agent or task named in
+/// another script is named all the same (not silently dropped, which skipped a task's
+/// deadline and owner checks); a value that is no text, a task label with a control
+/// character, and a compressed body are the client's 4xx.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_labels_are_utf_8_and_odd_ones_are_refused() {
+    use reqwest::header::HeaderValue;
+    let sim = sim().await;
+    let keel = Keel::start(TWO_TARGETS, &sim).await;
+    let body = r#"{"model":"smart","messages":[{"role":"user","content":"hi"}]}"#;
+    let send = |path: &'static str, headers: Vec<(&'static str, HeaderValue)>| {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}{path}", keel.url))
+            .header("content-type", "application/json")
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let json: serde_json::Value = response.json().await.unwrap();
+            (status, json)
+        }
+    };
+    let utf8 = |text: &str| HeaderValue::from_bytes(text.as_bytes()).unwrap();
+    let (status, json) = send(
+        "/v1/chat/completions",
+        vec![
+            ("x-keel-agent", utf8("agént")),
+            ("x-keel-task", utf8("café")),
+            ("x-keel-step", utf8("étape")),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let db = rusqlite::Connection::open(keel.db_path()).unwrap();
+    let (task, data): (Option<String>, String) = db
+        .query_row(
+            "SELECT task_id, data FROM events WHERE kind = 'llm_call'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let data: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(task.as_deref(), Some("café"));
+    assert_eq!(data["agent"], "agént", "{data}");
+    assert_eq!(data["step"], "étape", "{data}");
+    // An empty task header names no task.
+    let (status, json) = send("/v1/chat/completions", vec![("x-keel-task", utf8(""))]).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let untasked: i64 = db
+        .query_row(
+            "SELECT count(*) FROM events WHERE kind = 'llm_call' AND task_id IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(untasked, 1);
+    // Refused: no UTF-8, a control character in a task label, a compressed body.
+    let not_utf8 = HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    for (path, headers, param, code) in [
+        (
+            "/v1/chat/completions",
+            vec![("x-keel-task", not_utf8.clone())],
+            "x-keel-task",
+            "invalid_header",
+        ),
+        (
+            "/v1/chat/completions",
+            vec![("x-keel-agent", not_utf8)],
+            "x-keel-agent",
+            "invalid_header",
+        ),
+        (
+            "/tasks/victim%00evil/v1/chat/completions",
+            vec![],
+            "task",
+            "invalid_path",
+        ),
+        (
+            "/tasks/victim%0Aevil/v1/chat/completions",
+            vec![],
+            "task",
+            "invalid_path",
+        ),
+    ] {
+        let (status, json) = send(path, headers).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {json}");
+        assert_eq!(json["error"]["code"], code, "{path}: {json}");
+        assert_eq!(json["error"]["param"], param, "{path}: {json}");
+    }
+    let (status, json) = send(
+        "/v1/chat/completions",
+        vec![("content-encoding", utf8("gzip"))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{json}");
+    assert_eq!(
+        json["error"]["code"], "unsupported_content_encoding",
+        "{json}"
+    );
+    assert_eq!(sim.calls("primary"), 2, "no refused call reached the model");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_pass_promtool_and_name_design_families() {
     let sim = sim().await;
