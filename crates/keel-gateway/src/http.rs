@@ -126,7 +126,7 @@ async fn task_call(
 /// A task a model call names (the `/tasks/{task_id}/v1` path's id, or `x-keel-task`), as its
 /// calls are recorded and looked up: not empty, and without control characters (a NUL, a
 /// newline), which would make a label that reads as another in a table or a log.
-fn task_label(task: String, what: &str, code: &'static str) -> Result<String, ApiError> {
+pub(crate) fn task_label(task: String, what: &str, code: &'static str) -> Result<String, ApiError> {
     let problem = if task.is_empty() {
         "is empty"
     } else if task.chars().any(char::is_control) {
@@ -263,11 +263,21 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The task `x-keel-task` names ([`task_label`]); an empty header names none.
+pub(crate) fn task_header(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match header_text(headers, "x-keel-task")? {
+        None | Some("") => Ok(None),
+        Some(label) => {
+            task_label(label.to_owned(), "the x-keel-task header", "invalid_header").map(Some)
+        }
+    }
+}
+
 /// A header's value as text: any UTF-8, not only the visible ASCII `HeaderValue::to_str`
 /// takes, so an agent, task or step named in another script is named all the same. A value
 /// that is no UTF-8 is the client's 400, never a header silently left out (which would drop
 /// a task's deadline and owner checks).
-fn header_text<'a>(
+pub(crate) fn header_text<'a>(
     headers: &'a HeaderMap,
     name: &'static str,
 ) -> Result<Option<&'a str>, ApiError> {
@@ -476,14 +486,7 @@ async fn handle_inner(
         .map(str::to_owned);
     let task = match task {
         Some(task) => Some(task),
-        // An empty header names no task.
-        None => match header_text(request.headers(), "x-keel-task").map_err(rejected)? {
-            None | Some("") => None,
-            Some(label) => Some(
-                task_label(label.to_owned(), "the x-keel-task header", "invalid_header")
-                    .map_err(rejected)?,
-            ),
-        },
+        None => task_header(request.headers()).map_err(rejected)?,
     };
     let chaos_header = chaos_fault(gw, request.headers()).map_err(rejected)?;
     let parsed = read_body(gw, endpoint, request).await.map_err(rejected)?;

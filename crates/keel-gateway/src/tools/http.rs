@@ -494,12 +494,17 @@ async fn invoke_inner(
     let started = Instant::now();
     let agent = gw.agents.identify(
         header(headers, "authorization"),
-        header(headers, "x-keel-agent"),
+        crate::http::header_text(headers, "x-keel-agent")?,
     )?;
     let b: InvokeBody = parse(body)?;
-    let task = b
-        .task
-        .or_else(|| header(headers, "x-keel-task").map(str::to_owned));
+    let task = match b.task {
+        Some(task) => Some(crate::http::task_label(
+            task,
+            "the body's task",
+            "invalid_value",
+        )?),
+        None => crate::http::task_header(headers)?,
+    };
     let key = b
         .idempotency_key
         .or_else(|| header(headers, "idempotency-key").map(str::to_owned));
