@@ -714,7 +714,19 @@ impl Executor<'_> {
                 Ok(_) => target.count_attempt(self.metrics, "ok"),
                 Err(e) => target.count_attempt(self.metrics, e.class().as_str()),
             }
+            // An answer is paid for: a client that leaves during that wait is charged it
+            // with the call's other spend (taken back out once the wait is over).
+            let paid = match (&result, logged) {
+                (Ok(answer), Some(_)) => answer.usage,
+                _ => None,
+            };
+            if let Some(usage) = paid {
+                log.spent.push((target.id.clone(), usage));
+            }
             self.transitions.stored(logged).await;
+            if paid.is_some() {
+                log.spent.pop();
+            }
             let error = match result {
                 Ok(answer) => return TargetResult::Answered(answer),
                 Err(e) => e,
