@@ -105,11 +105,15 @@ pub(super) fn translate(body: &[u8]) -> Result<Translated, Refusal> {
             out.insert("tool_choice".into(), choice);
         }
         out.insert("tools".into(), Value::Array(tools));
-    } else if tool_choice.is_some_and(|c| !matches!(c.as_str(), Some("auto" | "none"))) {
+    } else if let Some(choice) =
+        tool_choice.filter(|c| !matches!(c.as_str(), Some("auto" | "none")))
+    {
         // A tool must be called, but none is offered: OpenAI refuses this too.
         return Err(Refusal::new(
             "tool_choice",
-            "tool_choice 'required' or a named function needs 'tools'",
+            format!(
+                "tool_choice {choice} needs 'tools' (with none offered, only \"auto\" or \"none\" can be)"
+            ),
         ));
     } else if let Some(tools) = history_tools(out.get("messages")) {
         // Anthropic refuses tool_use and tool_result blocks in a request without tools
@@ -326,6 +330,11 @@ fn push(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
         && let Some(content) = last.get_mut("content").and_then(Value::as_array_mut)
     {
         content.extend(blocks);
+        // Merged with other blocks (a blank user turn after tool results), text of
+        // whitespace alone says nothing, and Anthropic refuses it.
+        if content.iter().any(|b| !blank_text(b)) {
+            content.retain(|b| !blank_text(b));
+        }
         return;
     }
     out.push(json!({ "role": role, "content": blocks }));
@@ -402,13 +411,15 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Refusal> {
     }
     // Beside something else (an image with a blank caption), text of whitespace alone says
     // nothing, and Anthropic refuses it. Alone, it is the client's to send.
-    let blank = |block: &Value| {
-        block["type"] == "text" && block["text"].as_str().is_some_and(|t| t.trim().is_empty())
-    };
-    if blocks.iter().any(|b| !blank(b)) {
-        blocks.retain(|b| !blank(b));
+    if blocks.iter().any(|b| !blank_text(b)) {
+        blocks.retain(|b| !blank_text(b));
     }
     Ok(blocks)
+}
+
+/// A text block of whitespace alone.
+fn blank_text(block: &Value) -> bool {
+    block["type"] == "text" && block["text"].as_str().is_some_and(|t| t.trim().is_empty())
 }
 
 /// The media types Anthropic takes for images.
@@ -428,6 +439,12 @@ fn image(part: &Value, param: &str) -> Result<Value, Refusal> {
                 "a data: image URL must be base64 (data:image/png;base64,...)",
             ));
         };
+        // As browsers and image libraries also write them: `image/JPEG`, `image/jpg`.
+        let media_type = match media_type.to_ascii_lowercase().as_str() {
+            "image/jpg" => "image/jpeg".to_owned(),
+            other => other.to_owned(),
+        };
+        let media_type = media_type.as_str();
         if !IMAGE_TYPES.contains(&media_type) {
             return Err(Refusal::new(
                 param,
@@ -520,17 +537,15 @@ fn tool_use(call: &Value, at: &str) -> Result<Value, Refusal> {
         .pointer("/function/arguments")
         .and_then(Value::as_str)
         .unwrap_or("");
+    // Anthropic takes a tool call's input as an object. Arguments that are none (an answer
+    // cut at `max_tokens` mid-call, a model that wrote broken JSON) stay in the history as
+    // they were written, wrapped, rather than refusing every later turn of the conversation.
     let input = if arguments.trim().is_empty() {
         json!({})
     } else {
         match serde_json::from_str::<Value>(arguments) {
             Ok(input @ Value::Object(_)) => input,
-            _ => {
-                return Err(Refusal::new(
-                    format!("{at}.function.arguments"),
-                    "tool call arguments must be a JSON object for an Anthropic target",
-                ));
-            }
+            _ => json!({ "raw_arguments": arguments }),
         }
     };
     Ok(json!({ "type": "tool_use", "id": tool_id(id), "name": name, "input": input }))
