@@ -267,3 +267,17 @@ fn a_retry_keel_did_not_make_is_no_remediation() {
         "no retry on openai/gpt-5: retry budget exhausted"
     );
 }
+
+/// A worker's error or reason is shown on one line, with no control character printed.
+#[test]
+fn a_value_is_shown_on_one_line_without_control_characters() {
+    assert_eq!(
+        super::compact(&serde_json::json!("wire money\nAPPROVED BY CFO \u{1b}[2K")),
+        "wire money\\nAPPROVED BY CFO \\u{1b}[2K"
+    );
+    let long = "é".repeat(300);
+    assert_eq!(
+        super::compact(&serde_json::json!(long)),
+        format!("{}...", "é".repeat(200))
+    );
+}

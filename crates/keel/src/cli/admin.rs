@@ -123,10 +123,37 @@ fn ms_to_time(v: &Value) -> String {
     )
 }
 
+/// The longest cell of a table, in characters; a longer one ends in `...`.
+const MAX_CELL: usize = 80;
+
+/// A cell's text on one line, as a terminal shows it: control characters (a newline, an
+/// escape sequence a worker or an agent put in its error or reason) escaped, never
+/// printed, so a row stays one row and no text can pass for what it is not; cut at
+/// [`MAX_CELL`] characters.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_CELL + 3));
+    for (n, c) in text.chars().enumerate() {
+        if n == MAX_CELL {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Prints rows as a left-aligned table with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| one_line(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, c) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(c.chars().count());
@@ -143,7 +170,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     };
     line(header.iter().map(|h| h.to_uppercase()).collect());
     for row in rows {
-        line(row.clone());
+        line(row);
     }
 }
 
@@ -264,7 +291,18 @@ pub fn event_lines(ndjson: &str) {
 mod tests {
     use serde_json::json;
 
-    use super::last_error;
+    use super::{MAX_CELL, last_error, one_line};
+
+    #[test]
+    fn a_cell_stays_on_one_line_and_prints_no_control_character() {
+        assert_eq!(
+            one_line("wire money\nAPPROVED BY CFO \u{1b}[2K"),
+            "wire money\\nAPPROVED BY CFO \\u{1b}[2K"
+        );
+        let long = "x".repeat(200);
+        assert_eq!(one_line(&long), format!("{}...", "x".repeat(MAX_CELL)));
+        assert_eq!(one_line("café"), "café");
+    }
 
     #[test]
     fn a_last_error_reads_as_words_in_a_table() {

@@ -268,6 +268,25 @@ pub(crate) enum TasksCommand {
         #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
     },
+    /// Put a running, awaiting or dead task back in the queue (a running one loses its
+    /// lease: its worker gets 409 from then on).
+    Requeue {
+        /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        id: String,
+        /// Why (kept in the task's log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Stop a task that has not ended (it ends cancelled; its worker gets 409).
+    Cancel {
+        /// Task id.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        id: String,
+        /// Why (kept in the task's log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -30,7 +30,12 @@ where
         },
         None => None,
     };
-    let base = match &server.server {
+    // An empty `$KEEL_SERVER` is no address, as an empty `$KEEL_ADMIN_TOKEN` is no token.
+    let base = match server
+        .server
+        .as_deref()
+        .filter(|url| !url.trim().is_empty())
+    {
         Some(url) => base_url(url)?,
         None => {
             let listen = configured
@@ -54,6 +59,8 @@ where
 /// `--server` as a base URL; `IP:PORT` or `HOST:PORT` alone means plain HTTP.
 pub(crate) fn base_url(given: &str) -> anyhow::Result<String> {
     let given = given.trim().trim_end_matches('/');
+    // The SDKs' base URL (`http://127.0.0.1:8420/v1`) names the same keel.
+    let given = given.strip_suffix("/v1").unwrap_or(given);
     let url = if given.contains("://") {
         given.to_owned()
     } else {
@@ -64,11 +71,11 @@ pub(crate) fn base_url(given: &str) -> anyhow::Result<String> {
             Ok(url)
         }
         Ok(parsed) => anyhow::bail!(
-            "--server {given:?}: keel speaks http or https, not {:?}; write a URL like http://127.0.0.1:8420",
+            "--server (or $KEEL_SERVER) {given:?}: keel speaks http or https, not {:?}; write a URL like http://127.0.0.1:8420",
             parsed.scheme()
         ),
         Err(e) => anyhow::bail!(
-            "--server {given:?} is not a URL ({e}); write a URL like http://127.0.0.1:8420"
+            "--server (or $KEEL_SERVER) {given:?} is not a URL ({e}); write a URL like http://127.0.0.1:8420"
         ),
     }
 }
@@ -197,8 +204,35 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
                 admin::event_lines(&text)
             }
         }
+        TasksCommand::Requeue { id, reason } => {
+            let v = c
+                .post(
+                    &format!("/v1/tasks/{}/requeue", urlencode(&id)),
+                    json!({"reason": reason}),
+                )
+                .await?;
+            print_state(&v, json);
+        }
+        TasksCommand::Cancel { id, reason } => {
+            let v = c
+                .post(
+                    &format!("/v1/tasks/{}/cancel", urlencode(&id)),
+                    json!({"reason": reason}),
+                )
+                .await?;
+            print_state(&v, json);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A task an operator call changed: its JSON, or its state in a line.
+fn print_state(v: &Value, json: bool) {
+    if json {
+        print_json(v)
+    } else {
+        output::line(&state_line(v))
+    }
 }
 
 /// `keel dlq ...`
@@ -271,11 +305,7 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             .await?
         }
     };
-    if json {
-        print_json(&v)
-    } else {
-        output::line(&state_line(&v))
-    }
+    print_state(&v, json);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -395,6 +425,11 @@ mod tests {
             base_url("https://keel.example.com/").unwrap(),
             "https://keel.example.com"
         );
+        // The SDKs' base URL names the same keel.
+        assert_eq!(
+            base_url("http://127.0.0.1:8420/v1/").unwrap(),
+            "http://127.0.0.1:8420"
+        );
     }
 
     #[test]
@@ -403,7 +438,7 @@ mod tests {
         assert!(e.contains("keel speaks http or https, not \"ftp\""), "{e}");
         let e = base_url("127.0.0.1:99999").unwrap_err().to_string();
         assert!(
-            e.starts_with("--server \"127.0.0.1:99999\" is not a URL (")
+            e.starts_with("--server (or $KEEL_SERVER) \"127.0.0.1:99999\" is not a URL (")
                 && e.ends_with("write a URL like http://127.0.0.1:8420"),
             "{e}"
         );

@@ -450,3 +450,37 @@ fn config_check_warns_of_a_public_address_without_an_admin_token() {
         );
     }
 }
+
+/// `keel tasks requeue` and `keel tasks cancel` call the operator API an operator would
+/// otherwise reach with curl.
+#[tokio::test]
+async fn tasks_are_requeued_and_cancelled_from_the_cli() {
+    let sim = crate::common::sim().await;
+    let running = crate::common::Keel::start(crate::common::TWO_TARGETS, &sim).await;
+    // A running task: requeued, it loses its lease.
+    let (id, _lease) = running.claimed_task("demo").await;
+    let text = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    // The SDKs' base URL names the same keel.
+    let out = keel()
+        .args(["tasks", "requeue", &id, "--reason", "stuck\nworker"])
+        .args(["--server", &format!("{}/v1", running.url)])
+        .env_remove("KEEL_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text(out).trim(), format!("{id} is now queued"));
+    let out = running.cli_ok(&["tasks", "cancel", &id, "--reason", "not needed"]);
+    assert_eq!(text(out).trim(), format!("{id} is now cancelled"));
+    let log = text(running.cli_ok(&["tasks", "events", &id, "--json"]));
+    assert!(log.contains("\"task_requeued\""), "{log}");
+    assert!(log.contains("\"task_cancelled\""), "{log}");
+    // An ended task cannot be cancelled again: the API's refusal, and a failing exit.
+    let out = running.cli(&["tasks", "cancel", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cancelled"), "{stderr}");
+}
