@@ -82,7 +82,11 @@ pub(crate) fn run_sim(args: &SimArgs, remote: Option<&Remote>) -> anyhow::Result
         };
         let report = tokio::select! {
             report = run => report?,
-            () = serve::interrupted() => bail!("interrupted; keel was stopped"),
+            () = serve::interrupted() => match remote {
+                // Not this run's keel: it runs on, with the tasks made so far.
+                Some(remote) => bail!("interrupted; the keel at {} keeps running", remote.url),
+                None => bail!("interrupted; keel was stopped"),
+            },
         };
         print_report(&report, &args.report);
         Ok(verdict(&report))
@@ -320,6 +324,7 @@ async fn simulate_remote(args: &SimArgs, remote: &Remote) -> anyhow::Result<Repo
         remote.url
     ));
     let client = reqwest::Client::new();
+    preflight(&client, remote).await?;
     let before = breaker_trips(&client, &remote.url).await;
     let prepared = Prepared {
         route: remote.route.clone(),
@@ -349,6 +354,64 @@ async fn simulate_remote(args: &SimArgs, remote: &Remote) -> anyhow::Result<Repo
     );
     write_report(&report, &args.report)?;
     Ok(report)
+}
+
+/// What a run against a running keel needs, checked before any task is made: keel answers,
+/// knows the route, takes the agent's key (`$KEEL_AGENT_KEY`) and the admin token
+/// (`$KEEL_ADMIN_TOKEN`) the run's reads need. Each mistake said at once, not as a run of
+/// tasks that never complete.
+async fn preflight(client: &reqwest::Client, remote: &Remote) -> anyhow::Result<()> {
+    let url = &remote.url;
+    let send = |path: &str, token: Option<String>| {
+        let mut request = client
+            .get(format!("{url}{path}"))
+            .timeout(Duration::from_secs(10));
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let models = send("/v1/models", std::env::var("KEEL_AGENT_KEY").ok())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach keel at {url} (is keel serve running?): {e}"))?;
+    match models.status() {
+        reqwest::StatusCode::UNAUTHORIZED => anyhow::bail!(
+            "keel at {url} needs an agent key: set KEEL_AGENT_KEY to a key of agent {:?}",
+            remote.agent
+        ),
+        status if !status.is_success() => {
+            anyhow::bail!("keel at {url} answered GET /v1/models with HTTP {status}: is it keel?")
+        }
+        _ => {}
+    }
+    let models: serde_json::Value = models
+        .json()
+        .await
+        .with_context(|| format!("keel at {url}: its model list is not JSON"))?;
+    let routes: Vec<&str> = models["data"]
+        .as_array()
+        .map(|data| data.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    if !routes.contains(&remote.route.as_str()) {
+        anyhow::bail!(
+            "keel at {url} has no route {:?} (its routes: {}); pass one with --route",
+            remote.route,
+            if routes.is_empty() {
+                "none".to_owned()
+            } else {
+                routes.join(", ")
+            }
+        );
+    }
+    let tasks = send("/v1/tasks?limit=1", std::env::var("KEEL_ADMIN_TOKEN").ok())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach keel at {url}: {e}"))?;
+    if tasks.status() == reqwest::StatusCode::UNAUTHORIZED {
+        anyhow::bail!(
+            "keel at {url} needs its admin token to read the run's tasks: set KEEL_ADMIN_TOKEN"
+        );
+    }
+    Ok(())
 }
 
 /// `keel_breaker_transitions_total{to="open"}` summed over targets (0 if unreadable).

@@ -247,6 +247,35 @@ async fn a_fleet_runs_against_a_keel_that_is_already_running() {
         String::from_utf8_lossy(&again.stdout)
     );
     assert_eq!(keel.events_of("task_created").len(), 40);
+
+    // A mistake is said at once, before any task is made: a route keel does not have, a
+    // keel that does not answer.
+    let refused = |server: String, route: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_keel"))
+                .args(["sim", "--server", &server, "--route", route])
+                .args(["--agents", "1", "--tasks", "2", "--report"])
+                .arg(std::env::temp_dir().join("keel-sim-refused"))
+                .output()
+                .unwrap()
+        })
+    };
+    let out = refused(keel.url.clone(), "smrt").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("has no route \"smrt\" (its routes: fragile, hurried, patient, smart, stubborn); pass one with --route"),
+        "{stderr}"
+    );
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = refused(format!("http://{nobody}"), "smart").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot reach keel at"), "{stderr}");
+    assert_eq!(keel.events_of("task_created").len(), 40);
 }
 
 #[tokio::test(flavor = "multi_thread")]
