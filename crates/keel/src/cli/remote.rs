@@ -110,6 +110,15 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
 
 /// Percent-encodes everything but RFC 3986's unreserved characters: right in a path
 /// segment and in a query value alike.
+/// A task id as a path segment. `claim`, `.` and `..` are no task's id (keel refuses them at
+/// creation): as a path they would reach another endpoint, or none.
+fn task_segment(id: &str) -> anyhow::Result<String> {
+    if matches!(id, "claim" | "." | "..") {
+        anyhow::bail!("{id:?} is not a task id: claim, . and .. are reserved");
+    }
+    Ok(urlencode(id))
+}
+
 fn urlencode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
@@ -187,7 +196,7 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
             }
         }
         TasksCommand::Show { id } => {
-            let v = c.get(&format!("/v1/tasks/{}", urlencode(&id))).await?;
+            let v = c.get(&format!("/v1/tasks/{}", task_segment(&id)?)).await?;
             if json {
                 print_json(&v)
             } else {
@@ -196,7 +205,7 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
         }
         TasksCommand::Events { id } => {
             let text = c
-                .get_text(&format!("/v1/tasks/{}/events", urlencode(&id)))
+                .get_text(&format!("/v1/tasks/{}/events", task_segment(&id)?))
                 .await?;
             if json {
                 output::line(text.trim_end())
@@ -207,7 +216,7 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
         TasksCommand::Requeue { id, reason } => {
             let v = c
                 .post(
-                    &format!("/v1/tasks/{}/requeue", urlencode(&id)),
+                    &format!("/v1/tasks/{}/requeue", task_segment(&id)?),
                     json!({"reason": reason}),
                 )
                 .await?;
@@ -216,7 +225,7 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
         TasksCommand::Cancel { id, reason } => {
             let v = c
                 .post(
-                    &format!("/v1/tasks/{}/cancel", urlencode(&id)),
+                    &format!("/v1/tasks/{}/cancel", task_segment(&id)?),
                     json!({"reason": reason}),
                 )
                 .await?;
@@ -265,7 +274,7 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             return Ok(ExitCode::SUCCESS);
         }
         DlqCommand::Show { id } => {
-            let mut v = c.get(&format!("/v1/tasks/{}", urlencode(&id))).await?;
+            let mut v = c.get(&format!("/v1/tasks/{}", task_segment(&id)?)).await?;
             if v["state"] != "dead" {
                 anyhow::bail!(
                     "task {id} is not in the dead-letter queue: it is {} (`keel tasks show {id}`)",
@@ -274,7 +283,7 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
             }
             // Its last error and its whole log, to decide between requeue and discard.
             let log = c
-                .get_text(&format!("/v1/tasks/{}/events", urlencode(&id)))
+                .get_text(&format!("/v1/tasks/{}/events", task_segment(&id)?))
                 .await?;
             if json {
                 let events: Vec<Value> = log
@@ -292,14 +301,14 @@ pub async fn dlq(c: Client, command: DlqCommand, json: bool) -> anyhow::Result<E
         }
         DlqCommand::Requeue { id, note } => {
             c.post(
-                &format!("/v1/dlq/{}/requeue", urlencode(&id)),
+                &format!("/v1/dlq/{}/requeue", task_segment(&id)?),
                 json!({"note": note}),
             )
             .await?
         }
         DlqCommand::Discard { id, note } => {
             c.post(
-                &format!("/v1/dlq/{}/discard", urlencode(&id)),
+                &format!("/v1/dlq/{}/discard", task_segment(&id)?),
                 json!({"note": note}),
             )
             .await?
@@ -412,6 +421,15 @@ mod tests {
         assert_eq!(flag("--agent", Some("support-bot")), " --agent support-bot");
         assert_eq!(flag("--agent", Some("a b")), " --agent 'a b'");
         assert_eq!(flag("--agent", Some("it's")), r" --agent 'it'\''s'");
+    }
+
+    #[test]
+    fn a_reserved_word_is_no_task_id() {
+        for id in ["claim", ".", ".."] {
+            let e = super::task_segment(id).unwrap_err().to_string();
+            assert!(e.contains("is not a task id"), "{e}");
+        }
+        assert_eq!(super::task_segment("a b/c").unwrap(), "a%20b%2Fc");
     }
 
     #[test]
