@@ -120,7 +120,7 @@ fn plain(message: &str) -> String {
     const NUMBERS: [(&str, &str); 9] = [
         ("usize", "a whole number, 0 or more"),
         ("u64", "a whole number, 0 or more"),
-        ("u32", "a whole number, 0 or more"),
+        ("u32", "a whole number from 0 to 4294967295"),
         ("u16", "a whole number from 0 to 65535"),
         ("u8", "a whole number from 0 to 255"),
         ("i64", "a whole number"),

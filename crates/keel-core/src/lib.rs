@@ -9,6 +9,7 @@ pub mod class;
 pub mod event;
 #[cfg(feature = "prometheus")]
 pub mod metric;
+pub mod text;
 
 pub use api_error::{ApiError, bearer_token};
 pub use canonical::{CanonicalText, Document};

@@ -657,7 +657,15 @@ async fn handle_inner(
             (first, rest, passed, attempt),
             fallback,
             task_deadline,
-            parsed.body,
+            // What an estimate of the prompt reads, should no usage come: not the whole body.
+            crate::body::RawObject(
+                parsed
+                    .body
+                    .0
+                    .into_iter()
+                    .filter(|(key, _)| matches!(key.as_str(), "messages" | "tools" | "functions"))
+                    .collect(),
+            ),
         ),
         Answer::Exhausted {
             last,
@@ -793,10 +801,13 @@ impl Drop for CallGuard {
                     .observe(total.completion_tokens as f64);
             }
         }
-        if !log.chaos.is_empty() {
-            let chaos: Vec<Value> = log.chaos.iter().map(|c| c.to_json()).collect();
-            if let Some(data) = log.events.last_mut().and_then(|e| e.data.as_object_mut()) {
+        if let Some(data) = log.events.last_mut().and_then(|e| e.data.as_object_mut()) {
+            if !log.chaos.is_empty() {
+                let chaos: Vec<Value> = log.chaos.iter().map(|c| c.to_json()).collect();
                 data.insert("chaos".into(), Value::Array(chaos));
+            }
+            if log.usage_estimated {
+                data.insert("usage_estimated".into(), true.into());
             }
         }
         let gw = Arc::clone(&self.gw);

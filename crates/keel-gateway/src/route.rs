@@ -617,7 +617,7 @@ impl Executor<'_> {
                 breaker: &target.breaker,
                 permit: acquired,
                 clock: self.clock,
-                started: self.clock.now(),
+                started: None,
                 note: Some(&note),
                 attempt: None,
             };
@@ -631,7 +631,7 @@ impl Executor<'_> {
                 return TargetResult::Next(last.or(Some(skipped)));
             }
             let started = self.clock.now();
-            permit.started = started;
+            permit.started = Some(started);
             let now = Instant::now();
             if now >= deadline {
                 return TargetResult::OutOfTime(last);
@@ -717,7 +717,14 @@ impl Executor<'_> {
             // An answer is paid for: a client that leaves during that wait is charged it
             // with the call's other spend (taken back out once the wait is over).
             let paid = match (&result, logged) {
-                (Ok(answer), Some(_)) => answer.usage,
+                (Ok(answer), Some(_)) => match answer.usage {
+                    // A chat answer without usage is charged keel's estimate, as at its end.
+                    None if request.endpoint == Endpoint::ChatCompletions => {
+                        log.usage_estimated = true;
+                        Some(crate::usage::estimate::answer(body, &answer.body))
+                    }
+                    usage => usage,
+                },
                 _ => None,
             };
             if let Some(usage) = paid {
@@ -1080,7 +1087,8 @@ struct PermitGuard<'a> {
     breaker: &'a Mutex<Breaker>,
     permit: Option<keel_policy::breaker::Permit>,
     clock: &'a dyn Clock,
-    started: Duration,
+    /// When the attempt started (`None` until it does).
+    started: Option<Duration>,
     /// Counts and queues the transitions the slow call made (with the breaker's lock held).
     note: Option<&'a (dyn Fn(Vec<Transition>) + Sync)>,
     /// Set once the attempt is under way: dropped unrecorded, it is counted in
@@ -1092,9 +1100,11 @@ impl Drop for PermitGuard<'_> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
             let now = self.clock.now();
-            let took = now.saturating_sub(self.started);
+            // Only an attempt under way can have been slow: a permit dropped before its
+            // attempt started (during the wait for its transition's record) is given back.
+            let took = self.started.map(|started| now.saturating_sub(started));
             let mut breaker = self.breaker.lock();
-            if took >= breaker.settings().slow_call {
+            if let Some(took) = took.filter(|took| *took >= breaker.settings().slow_call) {
                 breaker.record(permit, now, Outcome::success(took));
                 if let Some(note) = self.note {
                     note(breaker.take_transitions());
@@ -1306,7 +1316,7 @@ mod tests {
             breaker: &breaker,
             permit: Some(trial),
             clock: &clock,
-            started: later,
+            started: Some(later),
             note: None,
             attempt: None,
         });
@@ -1339,7 +1349,7 @@ mod tests {
                 breaker: &breaker,
                 permit: Some(permit),
                 clock: &clock,
-                started,
+                started: Some(started),
                 note: None,
                 attempt: None,
             });

@@ -77,8 +77,10 @@ struct WithUsage {
 }
 
 /// Reads `usage` from a JSON document, checking the whole document on the way
-/// (other members are skipped without building a tree).
-pub fn usage_of(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+/// (other members are skipped without building a tree): what [`usage_in`] must give for the
+/// same text.
+#[cfg(test)]
+fn usage_of(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     serde_json::from_slice::<WithUsage>(body).map(|w| w.usage)
 }
 
@@ -469,7 +471,8 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
-/// [`usage_of`] a document already parsed: the same answer for the same text.
+/// `usage` of a document already parsed: what reading it from the document's text gives
+/// (a test holds the two readings to one answer).
 pub fn usage_in(document: &serde_json::Value) -> Result<Option<Usage>, serde_json::Error> {
     if !document.is_object() {
         // What `usage_of` says of a document that is not an object.

@@ -417,27 +417,13 @@ fn describe(kind: &str, data: &Value) -> String {
     }
 }
 
-/// A value on one line, strings without quotes, at most 200 characters: a control
-/// character (a newline, a terminal's escape sequence a worker put in its error) is
-/// escaped, so a line stays a line and prints nothing but text.
+/// A value on one line, strings without quotes, at most 200 characters, no control
+/// character printed ([`keel_core::text::one_line`]).
 fn compact(value: &Value) -> String {
-    let text = match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut out = String::with_capacity(text.len().min(203));
-    for (n, c) in text.chars().enumerate() {
-        if n == 200 {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+    match value {
+        Value::String(s) => keel_core::text::one_line(s, 200),
+        other => keel_core::text::one_line(&other.to_string(), 200),
     }
-    out
 }
 
 impl Postmortem {

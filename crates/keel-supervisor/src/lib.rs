@@ -49,5 +49,9 @@ pub use task::{
     Approval, ApprovalDecision, ApprovalDefault, CheckpointRef, Lease, Task, TaskState, token_hash,
 };
 
+/// Words that are no task's id: `/v1/tasks/claim` is the claim call, and HTTP clients resolve
+/// `.` and `..` away.
+pub const RESERVED_TASK_IDS: [&str; 3] = ["claim", ".", ".."];
+
 #[cfg(test)]
 mod tests;

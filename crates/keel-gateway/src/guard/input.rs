@@ -37,12 +37,48 @@ fn last_user(body: &RawObject) -> Result<Option<UserMessage<'_>>, ()> {
         if !text.contains("\"user\"") && !text.contains("\\u") {
             continue;
         }
-        let message = Document::parse(text.as_bytes()).map_err(|_| ())?;
-        if message.get("role").and_then(Document::as_str) == Some("user") {
-            return Ok(Some((i, messages, message)));
+        // The role alone first: another message that cannot be read whole is the
+        // provider's to judge; a user message, or one whose role cannot be read, is not.
+        let role = serde_json::from_str::<Role<'_>>(text).map_err(|_| ())?;
+        if role.0.as_deref() != Some("user") {
+            continue;
         }
+        let message = Document::parse(text.as_bytes()).map_err(|_| ())?;
+        return Ok(Some((i, messages, message)));
     }
     Ok(None)
+}
+
+/// A message's `role` (its last, when repeated, as the providers read it), the rest of the
+/// message skipped.
+struct Role<'a>(Option<Cow<'a, str>>);
+
+impl<'de> serde::Deserialize<'de> for Role<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use keel_core::canonical::Key;
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Role<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Role<'de>, A::Error> {
+                let mut role = None;
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    if key.as_str() == "role" {
+                        role = map.next_value::<Option<Key<'de>>>()?.map(|k| k.0);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Role(role))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// The text of a message's `content`: a string, or its `text` parts joined.
@@ -168,10 +204,12 @@ mod tests {
         assert!(found.is_injection(), "{found:?}");
         assert_eq!(found.matched, ["unreadable message"]);
         assert!(strip(&unreadable).is_none(), "nothing to strip it with");
-        // Other messages that cannot be read are the provider's to judge.
-        let harmless =
-            body(serde_json::json!([{"role": "user", "content": "What is the refund policy?"}]));
-        assert!(screen(&harmless).is_none());
+        // Another message that cannot be read is the provider's to judge.
+        let other = RawObject::parse(
+            br#"{"model":"smart","messages":[{"role":"user","content":"What is the refund policy?"},{"role":"assistant","content":"\udc80"}]}"#,
+        )
+        .unwrap();
+        assert!(screen(&other).is_none());
     }
 
     #[test]

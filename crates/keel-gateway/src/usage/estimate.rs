@@ -28,9 +28,14 @@ const PER_IMAGE: u64 = 765;
 const PER_LOW_IMAGE: u64 = 85;
 
 /// Quarters of a token in `text`: one per ASCII character, three per other character. A
-/// data URL (`data:...;base64,...`: an image, audio or video sent inline) is no text.
+/// base64 data URL (`data:image/png;base64,...`: an image, audio or video sent inline) is no
+/// text.
 fn quarters(text: &str) -> u64 {
-    if text.starts_with("data:") {
+    let media = text.strip_prefix("data:").is_some_and(|rest| {
+        rest.split_once(";base64,")
+            .is_some_and(|(kind, _)| kind.len() < 200)
+    });
+    if media {
         return 0;
     }
     text.bytes()
@@ -303,6 +308,8 @@ mod tests {
         // é (2 bytes), 漢 (3 bytes), 🙂 (4 bytes): three quarters each.
         assert_eq!(quarters("é漢🙂"), 9);
         assert_eq!(quarters("data:image/png;base64,iVBORw0KGgo="), 0);
+        // Text that starts like one is text.
+        assert_eq!(quarters("data: 1,2,3"), 11);
     }
 
     #[test]

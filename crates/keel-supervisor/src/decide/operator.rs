@@ -76,7 +76,7 @@ fn task_id(id: &str) -> Result<(), TaskError> {
             "must not hold control characters (a newline, a tab)",
         ));
     }
-    if matches!(id, "claim" | "." | "..") {
+    if crate::RESERVED_TASK_IDS.contains(&id) {
         return Err(invalid(
             "id",
             format!("{id:?} is reserved: /v1/tasks/{id} would not reach the task"),

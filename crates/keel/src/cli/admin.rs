@@ -4,6 +4,7 @@
 //! Tables for people; `--json` prints the server's JSON for scripts.
 
 use anyhow::{Context, bail};
+use keel_core::text::one_line;
 use serde_json::Value;
 
 use crate::output;
@@ -85,7 +86,7 @@ impl Client {
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => one_line(s, usize::MAX),
         other => other.to_string(),
     }
 }
@@ -123,34 +124,15 @@ fn ms_to_time(v: &Value) -> String {
     )
 }
 
-/// The longest cell of a table, in characters; a longer one ends in `...`.
-const MAX_CELL: usize = 80;
-
-/// A cell's text on one line, as a terminal shows it: control characters (a newline, an
-/// escape sequence a worker or an agent put in its error or reason) escaped, never
-/// printed, so a row stays one row and no text can pass for what it is not; cut at
-/// [`MAX_CELL`] characters.
-fn one_line(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_CELL + 3));
-    for (n, c) in text.chars().enumerate() {
-        if n == MAX_CELL {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+/// The longest free text (a last error, an approval's reason) shown in a table cell.
+pub(crate) const MAX_TEXT: usize = 80;
 
 /// Prints rows as a left-aligned table with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    // Each cell on one line; ids and data whole, to be copied into the next command.
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|row| row.iter().map(|c| one_line(c)).collect())
+        .map(|row| row.iter().map(|c| one_line(c, usize::MAX)).collect())
         .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -194,7 +176,7 @@ pub fn task_table(answer: &Value, more: &str) {
                             .as_u64()
                             .map_or("-".to_owned(), |s| s.to_string()),
                         ms_to_time(&t["updated_at_ms"]),
-                        last_error(&t["last_error"]),
+                        one_line(&last_error(&t["last_error"]), MAX_TEXT),
                     ]
                 })
                 .collect()
@@ -291,17 +273,21 @@ pub fn event_lines(ndjson: &str) {
 mod tests {
     use serde_json::json;
 
-    use super::{MAX_CELL, last_error, one_line};
+    use super::{MAX_TEXT, cell, last_error, one_line};
 
     #[test]
     fn a_cell_stays_on_one_line_and_prints_no_control_character() {
-        assert_eq!(
-            one_line("wire money\nAPPROVED BY CFO \u{1b}[2K"),
-            "wire money\\nAPPROVED BY CFO \\u{1b}[2K"
-        );
+        let task = json!({"tasks": [{"id": "t-1", "last_error": {"message": "wire money\nAPPROVED BY CFO \u{1b}[2K"}}]});
+        let error = one_line(&last_error(&task["tasks"][0]["last_error"]), MAX_TEXT);
+        assert_eq!(error, "wire money\\nAPPROVED BY CFO \\u{1b}[2K");
+        // Free text is cut; an id is shown whole, to be copied into the next command.
         let long = "x".repeat(200);
-        assert_eq!(one_line(&long), format!("{}...", "x".repeat(MAX_CELL)));
-        assert_eq!(one_line("café"), "café");
+        assert_eq!(
+            one_line(&last_error(&json!(long)), MAX_TEXT),
+            format!("{}...", "x".repeat(MAX_TEXT))
+        );
+        assert_eq!(cell(&json!("t-\u{7}bell")), "t-\\u{7}bell");
+        assert_eq!(cell(&json!(long)), long);
     }
 
     #[test]

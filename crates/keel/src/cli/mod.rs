@@ -268,8 +268,8 @@ pub(crate) enum TasksCommand {
         #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         id: String,
     },
-    /// Put a running, awaiting or dead task back in the queue (a running one loses its
-    /// lease: its worker gets 409 from then on).
+    /// Put a running or dead task back in the queue (a running one loses its lease: its
+    /// worker gets 409 from then on).
     Requeue {
         /// Task id.
         #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
@@ -278,7 +278,8 @@ pub(crate) enum TasksCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Stop a task that has not ended (it ends cancelled; its worker gets 409).
+    /// Stop a task that has not ended (it ends cancelled; a worker holding it is told to
+    /// stop on its next heartbeat or step).
     Cancel {
         /// Task id.
         #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]

@@ -108,17 +108,17 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters: right in a path
-/// segment and in a query value alike.
 /// A task id as a path segment. `claim`, `.` and `..` are no task's id (keel refuses them at
 /// creation): as a path they would reach another endpoint, or none.
 fn task_segment(id: &str) -> anyhow::Result<String> {
-    if matches!(id, "claim" | "." | "..") {
+    if keel_supervisor::RESERVED_TASK_IDS.contains(&id) {
         anyhow::bail!("{id:?} is not a task id: claim, . and .. are reserved");
     }
     Ok(urlencode(id))
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters: right in a path
+/// segment and in a query value alike.
 fn urlencode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
@@ -337,7 +337,12 @@ pub async fn approvals(
                         list.iter()
                             .map(|a| {
                                 keys.iter()
-                                    .map(|k| a[*k].as_str().unwrap_or("-").to_owned())
+                                    .map(|k| match (*k, a[*k].as_str()) {
+                                        ("reason", Some(reason)) => {
+                                            keel_core::text::one_line(reason, admin::MAX_TEXT)
+                                        }
+                                        (_, text) => text.unwrap_or("-").to_owned(),
+                                    })
                                     .collect()
                             })
                             .collect()

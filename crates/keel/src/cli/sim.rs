@@ -362,21 +362,29 @@ async fn simulate_remote(args: &SimArgs, remote: &Remote) -> anyhow::Result<Repo
 /// tasks that never complete.
 async fn preflight(client: &reqwest::Client, remote: &Remote) -> anyhow::Result<()> {
     let url = &remote.url;
-    let send = |path: &str, token: Option<String>| {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (agent_key, admin_token) = (set("KEEL_AGENT_KEY"), set("KEEL_ADMIN_TOKEN"));
+    let send = |path: &str, token: Option<&String>| {
         let mut request = client
             .get(format!("{url}{path}"))
+            .header("x-keel-agent", &remote.agent)
             .timeout(Duration::from_secs(10));
-        if let Some(token) = token.filter(|t| !t.is_empty()) {
+        if let Some(token) = token {
             request = request.bearer_auth(token);
         }
         request.send()
     };
-    let models = send("/v1/models", std::env::var("KEEL_AGENT_KEY").ok())
+    let models = send("/v1/models", agent_key.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach keel at {url} (is keel serve running?): {e}"))?;
     match models.status() {
         reqwest::StatusCode::UNAUTHORIZED => anyhow::bail!(
-            "keel at {url} needs an agent key: set KEEL_AGENT_KEY to a key of agent {:?}",
+            "keel at {url} refused {}: set KEEL_AGENT_KEY to a key of agent {:?}",
+            if agent_key.is_some() {
+                "the key in KEEL_AGENT_KEY (is it right?)"
+            } else {
+                "the run without an agent key"
+            },
             remote.agent
         ),
         status if !status.is_success() => {
@@ -403,12 +411,17 @@ async fn preflight(client: &reqwest::Client, remote: &Remote) -> anyhow::Result<
             }
         );
     }
-    let tasks = send("/v1/tasks?limit=1", std::env::var("KEEL_ADMIN_TOKEN").ok())
+    let tasks = send("/v1/tasks?limit=1", admin_token.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach keel at {url}: {e}"))?;
     if tasks.status() == reqwest::StatusCode::UNAUTHORIZED {
         anyhow::bail!(
-            "keel at {url} needs its admin token to read the run's tasks: set KEEL_ADMIN_TOKEN"
+            "keel at {url} needs its admin token to read the run's tasks: {}",
+            if admin_token.is_some() {
+                "the one in KEEL_ADMIN_TOKEN is not it"
+            } else {
+                "set KEEL_ADMIN_TOKEN"
+            }
         );
     }
     Ok(())

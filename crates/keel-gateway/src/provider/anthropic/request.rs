@@ -440,19 +440,22 @@ fn image(part: &Value, param: &str) -> Result<Value, Refusal> {
             ));
         };
         // As browsers and image libraries also write them: `image/JPEG`, `image/jpg`.
-        let media_type = match media_type.to_ascii_lowercase().as_str() {
-            "image/jpg" => "image/jpeg".to_owned(),
-            other => other.to_owned(),
+        let named = if media_type.eq_ignore_ascii_case("image/jpg") {
+            Some("image/jpeg")
+        } else {
+            IMAGE_TYPES
+                .iter()
+                .copied()
+                .find(|known| known.eq_ignore_ascii_case(media_type))
         };
-        let media_type = media_type.as_str();
-        if !IMAGE_TYPES.contains(&media_type) {
+        let Some(media_type) = named else {
             return Err(Refusal::new(
                 param,
                 format!(
                     "image type {media_type:?} is not supported by an Anthropic target (jpeg, png, gif, webp are)"
                 ),
             ));
-        }
+        };
         return Ok(json!({
             "type": "image",
             "source": { "type": "base64", "media_type": media_type, "data": data },
