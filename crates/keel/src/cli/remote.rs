@@ -165,6 +165,7 @@ fn limit_flag(limit: u64, default: u64) -> String {
 
 /// `keel tasks ...`
 pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let is_requeue = matches!(command, TasksCommand::Requeue { .. });
     match command {
         TasksCommand::Ls {
             state,
@@ -213,19 +214,11 @@ pub async fn tasks(c: Client, command: TasksCommand, json: bool) -> anyhow::Resu
                 admin::event_lines(&text)
             }
         }
-        TasksCommand::Requeue { id, reason } => {
+        TasksCommand::Requeue { id, reason } | TasksCommand::Cancel { id, reason } => {
+            let call = if is_requeue { "requeue" } else { "cancel" };
             let v = c
                 .post(
-                    &format!("/v1/tasks/{}/requeue", task_segment(&id)?),
-                    json!({"reason": reason}),
-                )
-                .await?;
-            print_state(&v, json);
-        }
-        TasksCommand::Cancel { id, reason } => {
-            let v = c
-                .post(
-                    &format!("/v1/tasks/{}/cancel", task_segment(&id)?),
+                    &format!("/v1/tasks/{}/{call}", task_segment(&id)?),
                     json!({"reason": reason}),
                 )
                 .await?;
