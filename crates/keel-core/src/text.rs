@@ -11,13 +11,20 @@ pub fn one_line(text: &str, max_chars: usize) -> String {
             out.push_str("...");
             break;
         }
-        if c.is_control() {
+        if c.is_control() || invisible(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// A format character that changes how the text around it shows without showing itself:
+/// zero-width characters and the bidirectional overrides and isolates (which can make text
+/// read backwards, as in "Trojan Source").
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 #[cfg(test)]
@@ -32,5 +39,10 @@ mod tests {
         );
         assert_eq!(one_line(&"é".repeat(10), 4), "éééé...");
         assert_eq!(one_line("café", 4), "café");
+        // Text that would show other than it reads.
+        assert_eq!(
+            one_line("approve\u{202E}txt.exe", usize::MAX),
+            "approve\\u{202e}txt.exe"
+        );
     }
 }

@@ -69,15 +69,95 @@ impl<'de> serde::Deserialize<'de> for Role<'de> {
                 let mut role = None;
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     if key.as_str() == "role" {
-                        role = map.next_value::<Option<Key<'de>>>()?.map(|k| k.0);
+                        role = map.next_value::<RoleText<'de>>()?.0;
                     } else {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
                 }
                 Ok(Role(role))
             }
+            // Not an object: no role, a message for the provider to judge.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Role<'de>, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Role(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Role<'de>, E> {
+                Ok(Role(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Role<'de>, E> {
+                Ok(Role(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Role<'de>, E> {
+                Ok(Role(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Role<'de>, E> {
+                Ok(Role(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Role<'de>, E> {
+                Ok(Role(None))
+            }
+            fn visit_unit<E>(self) -> Result<Role<'de>, E> {
+                Ok(Role(None))
+            }
         }
-        deserializer.deserialize_map(Visit)
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+/// A `role` value: its text when it is a string (escapes read), `None` for any other value.
+struct RoleText<'a>(Option<Cow<'a, str>>);
+
+impl<'de> serde::Deserialize<'de> for RoleText<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RoleText<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a role")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RoleText<'de>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(RoleText(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RoleText<'de>, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RoleText(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(None))
+            }
+            fn visit_unit<E>(self) -> Result<RoleText<'de>, E> {
+                Ok(RoleText(None))
+            }
+        }
+        deserializer.deserialize_any(Visit)
     }
 }
 
@@ -210,6 +290,12 @@ mod tests {
         )
         .unwrap();
         assert!(screen(&other).is_none());
+        // A role that is no string, or a message that is no object, is no user's message.
+        let odd = RawObject::parse(
+            br#"{"model":"smart","messages":[{"role":"user","content":"hi"},{"role":5,"content":"caf\u00e9"},["\u00e9"]]}"#,
+        )
+        .unwrap();
+        assert!(screen(&odd).is_none());
     }
 
     #[test]
