@@ -5,6 +5,17 @@ use keel_core::{CanonicalText, Document};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+/// Reads a [`Skim`] type from any JSON value as its `Deserialize`.
+macro_rules! skimmed {
+    ($name:ident) => {
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                skim(d)
+            }
+        }
+    };
+}
+
 pub mod estimate;
 
 /// Token counts from an OpenAI `usage` object. A count may also be written as a float
@@ -396,11 +407,7 @@ impl<'de> Skim<'de> for Answer {
     }
 }
 
-impl<'de> Deserialize<'de> for Answer {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Answer);
 
 /// `choices`, read without keeping it: an array's length (`None` for anything else) and
 /// its elements' `finish_reason`s that are strings.
@@ -424,11 +431,7 @@ impl<'de> Skim<'de> for Choices {
     }
 }
 
-impl<'de> Deserialize<'de> for Choices {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Choices);
 
 /// One element of `choices`: its `finish_reason` when it is an object whose last
 /// `finish_reason` is a string.
@@ -449,11 +452,7 @@ impl<'de> Skim<'de> for Choice {
     }
 }
 
-impl<'de> Deserialize<'de> for Choice {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Choice);
 
 /// Any JSON value, kept only when it is a string.
 #[derive(Default)]
@@ -465,11 +464,7 @@ impl Skim<'_> for Text {
     }
 }
 
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Text);
 
 /// `usage` of a document already parsed: what reading it from the document's text gives
 /// (a test holds the two readings to one answer).

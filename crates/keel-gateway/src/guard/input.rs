@@ -37,20 +37,24 @@ fn last_user(body: &RawObject) -> Result<Option<UserMessage<'_>>, ()> {
         if !text.contains("\"user\"") && !text.contains("\\u") {
             continue;
         }
-        // The role alone first: another message that cannot be read whole is the
-        // provider's to judge; a user message, or one whose role cannot be read, is not.
-        let role = serde_json::from_str::<Role<'_>>(text).map_err(|_| ())?;
-        if role.0.as_deref() != Some("user") {
-            continue;
+        match Document::parse(text.as_bytes()) {
+            Ok(message) if message.get("role").and_then(Document::as_str) == Some("user") => {
+                return Ok(Some((i, messages, message)));
+            }
+            Ok(_) => {}
+            // A message that cannot be read whole: its role alone decides. Another's is the
+            // provider's to judge; a user message, or one whose role cannot be read, is not.
+            Err(_) => match serde_json::from_str::<Role<'_>>(text) {
+                Ok(role) if role.0.as_deref() != Some("user") => {}
+                _ => return Err(()),
+            },
         }
-        let message = Document::parse(text.as_bytes()).map_err(|_| ())?;
-        return Ok(Some((i, messages, message)));
     }
     Ok(None)
 }
 
 /// A message's `role` (its last, when repeated, as the providers read it), the rest of the
-/// message skipped.
+/// message skipped without being read: for a message that cannot be read whole.
 struct Role<'a>(Option<Cow<'a, str>>);
 
 impl<'de> serde::Deserialize<'de> for Role<'de> {
@@ -69,95 +73,15 @@ impl<'de> serde::Deserialize<'de> for Role<'de> {
                 let mut role = None;
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     if key.as_str() == "role" {
-                        role = map.next_value::<RoleText<'de>>()?.0;
+                        role = map.next_value::<Option<Key<'de>>>()?.map(|k| k.0);
                     } else {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
                 }
                 Ok(Role(role))
             }
-            // Not an object: no role, a message for the provider to judge.
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Role<'de>, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Role(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Role<'de>, E> {
-                Ok(Role(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Role<'de>, E> {
-                Ok(Role(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Role<'de>, E> {
-                Ok(Role(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Role<'de>, E> {
-                Ok(Role(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Role<'de>, E> {
-                Ok(Role(None))
-            }
-            fn visit_unit<E>(self) -> Result<Role<'de>, E> {
-                Ok(Role(None))
-            }
         }
-        deserializer.deserialize_any(Visit)
-    }
-}
-
-/// A `role` value: its text when it is a string (escapes read), `None` for any other value.
-struct RoleText<'a>(Option<Cow<'a, str>>);
-
-impl<'de> serde::Deserialize<'de> for RoleText<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = RoleText<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a role")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(Some(Cow::Borrowed(v))))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(Some(Cow::Owned(v.to_owned()))))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<RoleText<'de>, A::Error> {
-                while map
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(RoleText(None))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<RoleText<'de>, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(RoleText(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(None))
-            }
-            fn visit_unit<E>(self) -> Result<RoleText<'de>, E> {
-                Ok(RoleText(None))
-            }
-        }
-        deserializer.deserialize_any(Visit)
+        deserializer.deserialize_map(Visit)
     }
 }
 

@@ -87,11 +87,7 @@ impl<'de> Skim<'de> for Image {
     }
 }
 
-impl<'de> Deserialize<'de> for Image {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Image);
 
 impl<'de> Skim<'de> for Text {
     fn map<A: MapAccess<'de>>(mut map: A) -> Result<Text, A::Error> {
@@ -129,11 +125,7 @@ impl<'de> Skim<'de> for Text {
     }
 }
 
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Text);
 
 /// A request's `messages`: how many, and their text.
 #[derive(Default)]
@@ -153,11 +145,7 @@ impl<'de> Skim<'de> for Messages {
     }
 }
 
-impl<'de> Deserialize<'de> for Messages {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Messages);
 
 /// The estimated prompt tokens of a chat request.
 pub fn prompt(body: &RawObject) -> u64 {
@@ -206,11 +194,7 @@ impl<'de> Skim<'de> for Reading {
     }
 }
 
-impl<'de> Deserialize<'de> for Reading {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Reading);
 
 /// The text of every choice's `delta` (a chunk) or `message` (an answer), in quarters.
 #[derive(Default)]
@@ -226,11 +210,7 @@ impl<'de> Skim<'de> for Generated {
     }
 }
 
-impl<'de> Deserialize<'de> for Generated {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Generated);
 
 /// One choice's text.
 #[derive(Default)]
@@ -250,11 +230,7 @@ impl<'de> Skim<'de> for Choice {
     }
 }
 
-impl<'de> Deserialize<'de> for Choice {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        skim(d)
-    }
-}
+skimmed!(Choice);
 
 /// Reads a stream chunk's data, or a whole answer.
 pub fn read(chunk: &[u8]) -> Result<Reading, serde_json::Error> {
